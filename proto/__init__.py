@@ -1,0 +1,1 @@
+"""The wire contract between monitor clients and the server (protobuf/gRPC)."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny causal LMs, a local tokenizer and a reasoning corpus."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from inversion_monitor.toy.corpus import ArithmeticProblem, arithmetic_problems, reasoning_corpus
+from inversion_monitor.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():  # type: ignore[no-untyped-def]
+    """A character-level ``PreTrainedTokenizerFast`` (pad 0, bos 1, eos 2)."""
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    """256 multi-step arithmetic problems with worked steps (fixed seed)."""
+    return reasoning_corpus(256, seed=1234)
+
+
+@pytest.fixture(scope="session")
+def problems() -> list[ArithmeticProblem]:
+    """64 prompt/completion/answer triples for reward-based tests."""
+    return arithmetic_problems(64, seed=4321)
+
+
+@pytest.fixture
+def make_model() -> Callable[..., object]:
+    """Factory: ``make_model("gpt2", num_layers=3, seed=1)`` -> a fresh tiny model."""
+    return tiny_causal_lm
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request: pytest.FixtureRequest) -> Architecture:
+    """Each supported toy architecture in turn: llama, qwen2, gpt2, gpt_neox."""
+    value: Architecture = request.param
+    return value
+
+
+@pytest.fixture
+def tiny_model(arch: Architecture):  # type: ignore[no-untyped-def]
+    """A fresh tiny model of each architecture (3 layers, so first/middle/last differ)."""
+    return tiny_causal_lm(arch, num_layers=3, seed=0)
