@@ -8,13 +8,23 @@ import pkgutil
 
 import pytest
 
-import inversion_monitor
+PACKAGES = (
+    "inversion_monitor",
+    "inversion_monitor.callbacks",
+    "inversion_monitor.server",
+    "inversion_monitor.proto",
+)
 
-MODULES = ["inversion_monitor"] + [
-    m.name
-    for m in pkgutil.walk_packages(inversion_monitor.__path__, "inversion_monitor.")
-    if not m.name.endswith(("_pb2", "_pb2_grpc"))
-]
+
+def _modules() -> list[str]:
+    names = set(PACKAGES)
+    for package in PACKAGES:
+        path = importlib.import_module(package).__path__
+        names.update(m.name for m in pkgutil.walk_packages(path, package + "."))
+    return sorted(n for n in names if not n.endswith(("_pb2", "_pb2_grpc")))
+
+
+MODULES = _modules()
 
 
 @pytest.mark.parametrize("name", MODULES)
