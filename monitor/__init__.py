@@ -17,12 +17,38 @@ from typing import TYPE_CHECKING, Any
 from inversion_monitor._version import __version__
 
 # public name -> module (relative to this package) that defines it
-_LAZY_EXPORTS: dict[str, str] = {}
+_LAZY_EXPORTS: dict[str, str] = {
+    "ArchitectureAdapter": ".architectures",
+    "ProbeResult": ".probe",
+    "ProjectionSite": ".architectures",
+    "entropy_from_hidden": ".entropy",
+    "logit_gradient_norms": ".probe",
+    "reference_norms": ".reference",
+    "register_adapter": ".architectures",
+    "token_entropy": ".entropy",
+}
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
-    pass
+    from inversion_monitor.architectures import (
+        ArchitectureAdapter,
+        ProjectionSite,
+        register_adapter,
+    )
+    from inversion_monitor.entropy import entropy_from_hidden, token_entropy
+    from inversion_monitor.probe import ProbeResult, logit_gradient_norms
+    from inversion_monitor.reference import reference_norms
 
-__all__ = ["__version__"]  # plus sorted(_LAZY_EXPORTS), checked by a test
+__all__ = [  # "__version__" and every key of _LAZY_EXPORTS, checked by a test
+    "ArchitectureAdapter",
+    "ProbeResult",
+    "ProjectionSite",
+    "__version__",
+    "entropy_from_hidden",
+    "logit_gradient_norms",
+    "reference_norms",
+    "register_adapter",
+    "token_entropy",
+]
 
 
 def __getattr__(name: str) -> Any:

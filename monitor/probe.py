@@ -1,0 +1,481 @@
+"""Per-token entropy and logit-gradient strength: the measurement itself.
+
+For a position t of sequence b, the target is the raw logit of the actual
+next token, ``z = logits[b, t, input_ids[b, t + 1]]`` (after the model's own
+logit scaling/soft-capping; not the loss, not the log-prob). For each
+requested decoder block l and projection X in {q, k, v, o}, the gradient
+strength is a norm of ``G = dz / dW_X^(l)``.
+
+How it is computed, exactly (see ``docs``: science.md 1.2):
+
+- ``G = sum_s g_s x_s^T`` over the positions s <= t of sequence b, where
+  ``x_s`` is the projection's input and ``g_s = dz / dy_s`` the gradient at
+  its output. Hooks capture ``x``; ``torch.autograd.grad`` on the captured
+  outputs gives ``g``; no weight gradient is ever formed, ``.grad`` is never
+  touched, and the backward stops at the lowest requested block.
+- Last block, Q and O: ``y_t`` reaches only ``z_t``, so G is rank one,
+  ``||G|| = ||g_t|| ||x_t||``, and one backward of ``sum_t z_t`` gives every
+  token at once (the fast path, used when only such components are asked).
+- Anything else: each sampled token gets its own row, its sequence cut right
+  after t (later positions cannot reach z_t); rows are sorted by length and
+  batched under a token budget, one forward and one backward per chunk, and
+  the norm comes from small factors (:mod:`inversion_monitor.norms`).
+
+The model is left as found: modes, RNG state, ``.grad``, hooks.
+
+>>> import torch
+>>> from inversion_monitor.toy.models import tiny_causal_lm
+>>> model = tiny_causal_lm("llama", num_layers=2)
+>>> ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+>>> result = logit_gradient_norms(model, ids, layers=[0, -1], projections=("q", "v"))
+>>> result.positions.shape, result.entropy.shape, sorted(result.norms)
+(torch.Size([22, 2]), torch.Size([22]), [(0, 'q'), (0, 'v'), (1, 'q'), (1, 'v')])
+>>> bool((result.score > 0).all())
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from inversion_monitor.architectures import PROJECTIONS, ResolvedModel, resolve_model
+from inversion_monitor.entropy import apply_logit_transform, token_entropy
+from inversion_monitor.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
+
+Component = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe measured, one entry per target token.
+
+    Attributes:
+        positions: ``[N, 2]`` (batch index, t) of each target.
+        entropy: ``[N]`` predictive entropy at t, nats (fp32).
+        norms: ``{(layer, projection): [N]}`` gradient strengths (fp32);
+            layer indices are non-negative.
+        score: ``[N]`` mean of ``norms`` over its entries.
+        tokens: ``[N]`` the target token ids ``input_ids[b, t + 1]``.
+
+    >>> r = ProbeResult(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), {}, torch.zeros(0),
+    ...                 torch.zeros(0, dtype=torch.long))
+    >>> len(r)
+    0
+    """
+
+    positions: torch.Tensor
+    entropy: torch.Tensor
+    norms: dict[Component, torch.Tensor]
+    score: torch.Tensor
+    tokens: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def valid_target_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, T]`` bool: t can be a target (t + 1 < T, and t, t + 1 are real tokens).
+
+    >>> valid_target_mask(torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 0]]))
+    tensor([[ True,  True, False, False]])
+    """
+    batch, length = input_ids.shape
+    valid = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+    if attention_mask is None:
+        valid[:, :-1] = True
+    else:
+        real = attention_mask.bool()
+        valid[:, :-1] = real[:, :-1] & real[:, 1:]
+    return valid
+
+
+def _check_inputs(
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    projections: Sequence[str],
+    norm: str,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """Validate everything; returns the ``[N, 2]`` target positions."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
+        raise TypeError("input_ids must be a LongTensor [batch, seq_len]")
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(
+            f"input_ids must be [batch, seq_len] with seq_len >= 2, got {tuple(input_ids.shape)}"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if not projections or any(p not in PROJECTIONS for p in projections):
+        raise ValueError(
+            f"projections must be a non-empty subset of {PROJECTIONS}, got {projections!r}"
+        )
+    if len(set(projections)) != len(projections):
+        raise ValueError(f"projections contains duplicates: {projections!r}")
+    check_norm(norm)
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    valid = valid_target_mask(input_ids, attention_mask)
+    if positions is None:
+        return valid.nonzero()
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.long:
+        raise TypeError("positions must be a LongTensor [N, 2] of (batch index, t)")
+    if positions.ndim != 2 or positions.shape[1] != 2:
+        raise ValueError(f"positions must be [N, 2], got {tuple(positions.shape)}")
+    positions = positions.to(input_ids.device)
+    batch, length = input_ids.shape
+    in_range = (
+        (positions[:, 0] >= 0)
+        & (positions[:, 0] < batch)
+        & (positions[:, 1] >= 0)
+        & (positions[:, 1] < length)
+    )
+    ok = in_range.clone()
+    ok[in_range] = valid[positions[in_range, 0], positions[in_range, 1]]
+    if not bool(ok.all()):
+        bad = positions[~ok][:5].tolist()
+        raise ValueError(
+            f"positions {bad} cannot be targets: each (b, t) needs t + 1 < seq_len "
+            f"({length}) and real (non-padding) tokens at t and t + 1"
+        )
+    return positions
+
+
+class _Captures:
+    """Forward hooks that keep each hooked module's input and output of one forward."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if module in self.outputs:
+            raise RuntimeError(
+                f"{type(module).__name__} ran twice in one forward; the probe supports "
+                "projections applied once per forward"
+            )
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            raise RuntimeError(f"{type(module).__name__}'s output is not a differentiable tensor")
+        self.inputs[module] = args[0].detach()
+        self.outputs[module] = output
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.inputs.clear()
+        self.outputs.clear()
+
+
+@contextmanager
+def _grad_from(block: nn.Module) -> Iterator[None]:
+    """Run the forward without autograd until ``block``, then with it.
+
+    The block's incoming hidden state becomes a fresh leaf, so the graph (and
+    any backward) starts there; nothing below it is recorded. Works even when
+    no parameter requires grad.
+    """
+
+    def pre_hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        torch.set_grad_enabled(True)
+        if args and isinstance(args[0], torch.Tensor):
+            args = (args[0].detach().requires_grad_(True), *args[1:])
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        else:
+            raise RuntimeError(f"cannot find the hidden states entering {type(module).__name__}")
+        return args, kwargs
+
+    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():  # restores the caller's grad mode on exit
+            yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _model_left_as_found(model: nn.Module) -> Iterator[None]:
+    """Eval mode and forked RNG inside; every module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _target_logits(
+    resolved: ResolvedModel, hidden: torch.Tensor, rows: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """``[K, V]`` logits at (row, t), with the model's logit transform, in fp32."""
+    selected = hidden[rows, t]
+    logits = resolved.head(selected).float()
+    return apply_logit_transform(logits, logit_scale=resolved.logit_scale, softcap=resolved.softcap)
+
+
+def _forward(
+    resolved: ResolvedModel,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    lowest_block: int,
+    modules: Sequence[nn.Module],
+    rows: torch.Tensor,
+    t: torch.Tensor,
+) -> tuple[torch.Tensor, _Captures]:
+    """Forward ``input_ids``; returns target logits ``[K, V]`` and the captures."""
+    captures = _Captures(modules)
+    try:
+        with _grad_from(resolved.blocks[lowest_block]):
+            out = resolved.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            with torch.enable_grad():
+                logits = _target_logits(resolved, hidden, rows, t)
+    except BaseException:
+        captures.remove()
+        raise
+    return logits, captures
+
+
+def _sites(
+    resolved: ResolvedModel, layers: Sequence[int], projections: Sequence[str]
+) -> dict[Component, tuple[nn.Module, torch.Tensor | None]]:
+    sites: dict[Component, tuple[nn.Module, torch.Tensor | None]] = {}
+    for layer in layers:
+        available = resolved.projections(layer)
+        for proj in projections:
+            site = available[proj]
+            sites[(layer, proj)] = (site.module, site.columns)
+    return sites
+
+
+def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    return tensor if columns is None else tensor.index_select(-1, columns.to(tensor.device))
+
+
+def _chunks(lengths: torch.Tensor, chunk_tokens: int) -> Iterator[torch.Tensor]:
+    """Indices of targets grouped so each group's rows x max length fits the budget."""
+    order = torch.argsort(lengths, stable=True).tolist()
+    group: list[int] = []
+    for index in order:
+        longest = int(lengths[index])  # ascending, so the newest is the longest
+        if group and (len(group) + 1) * longest > chunk_tokens:
+            yield torch.tensor(group, dtype=torch.long)
+            group = []
+        group.append(index)
+    if group:
+        yield torch.tensor(group, dtype=torch.long)
+
+
+def logit_gradient_norms(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    layers: Sequence[int] | None = None,
+    projections: Sequence[str] = PROJECTIONS,
+    norm: Norm = "nuclear",
+    chunk_tokens: int = 8192,
+) -> ProbeResult:
+    """Entropy and logit-gradient strength at each target token.
+
+    Args:
+        model: a Hugging Face causal LM (possibly wrapped by DDP, PEFT or
+            ``torch.compile``); see :mod:`inversion_monitor.architectures`.
+        input_ids: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` 1 for real tokens (right or left padding).
+        positions: ``[N, 2]`` (batch index, t) targets; None = every valid t.
+        layers: decoder-block indices, negative from the end; default ``[-1]``.
+        projections: subset of ``("q", "k", "v", "o")``.
+        norm: ``"nuclear"`` (default), ``"frobenius"`` or ``"l1"``.
+        chunk_tokens: token budget of one forward/backward of the general path
+            (bounds memory: rows x length <= chunk_tokens, at least one row).
+
+    Returns:
+        A :class:`ProbeResult` with one entry per target, in ``positions`` order.
+    """
+    with torch.inference_mode(False):  # a caller inside inference_mode still gets results
+        input_ids = input_ids.clone() if input_ids.is_inference() else input_ids
+        if attention_mask is not None and attention_mask.is_inference():
+            attention_mask = attention_mask.clone()
+        if positions is not None and positions.is_inference():
+            positions = positions.clone()
+        return _probe(
+            model,
+            input_ids,
+            attention_mask=attention_mask,
+            positions=positions,
+            layers=layers,
+            projections=projections,
+            norm=norm,
+            chunk_tokens=chunk_tokens,
+        )
+
+
+@dataclass
+class _Plan:
+    """Everything one probe call works from, and the buffers it fills."""
+
+    resolved: ResolvedModel
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    targets: torch.Tensor  # [N, 2]
+    tokens: torch.Tensor  # [N]
+    sites: dict[Component, tuple[nn.Module, torch.Tensor | None]]
+    rank_one: set[Component]
+    lowest_block: int
+    norm: Norm
+    norms: dict[Component, torch.Tensor]
+    entropy: torch.Tensor
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The hooked modules, each once (fused Q/K/V share one)."""
+        unique: dict[int, nn.Module] = {}
+        for module, _ in self.sites.values():
+            unique.setdefault(id(module), module)
+        return list(unique.values())
+
+    def gradients(
+        self, logits: torch.Tensor, tokens: torch.Tensor, captures: _Captures
+    ) -> dict[int, torch.Tensor]:
+        """d(sum of target logits)/d(output) of every hooked module, by module id."""
+        z = logits.gather(1, tokens[:, None]).sum()
+        modules = self.modules
+        grads = torch.autograd.grad(z, [captures.outputs[m] for m in modules])
+        return dict(zip((id(m) for m in modules), grads, strict=True))
+
+
+def _probe(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    layers: Sequence[int] | None,
+    projections: Sequence[str],
+    norm: Norm,
+    chunk_tokens: int,
+) -> ProbeResult:
+    targets = _check_inputs(
+        input_ids,
+        attention_mask=attention_mask,
+        positions=positions,
+        projections=projections,
+        norm=norm,
+        chunk_tokens=chunk_tokens,
+    )
+    resolved = resolve_model(model)
+    layer_ids = sorted({resolved.layer_index(layer) for layer in (layers or [-1])})
+    sites = _sites(resolved, layer_ids, list(projections))
+    last = resolved.num_layers - 1
+    count = targets.shape[0]
+    device = input_ids.device
+    plan = _Plan(
+        resolved=resolved,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        targets=targets,
+        tokens=input_ids[targets[:, 0], targets[:, 1] + 1],
+        sites=sites,
+        rank_one={c for c in sites if c[0] == last and c[1] in ("q", "o")},
+        lowest_block=layer_ids[0],
+        norm=norm,
+        norms={c: torch.zeros(count, dtype=torch.float32, device=device) for c in sites},
+        entropy=torch.zeros(count, dtype=torch.float32, device=device),
+    )
+    if count:
+        with _model_left_as_found(resolved.model):
+            if plan.rank_one == set(sites):
+                _probe_rank_one(plan)
+            else:
+                for group in _chunks(targets[:, 1] + 1, chunk_tokens):
+                    _probe_rows(plan, group.to(device))
+    norms = dict(sorted(plan.norms.items()))
+    score = (
+        torch.stack(list(norms.values())).mean(0)
+        if count
+        else torch.zeros(0, dtype=torch.float32, device=device)
+    )
+    return ProbeResult(
+        positions=targets, entropy=plan.entropy, norms=norms, score=score, tokens=plan.tokens
+    )
+
+
+def _probe_rank_one(plan: _Plan) -> None:
+    """Last-block Q/O only: one forward and one backward over the sequences with targets."""
+    sequences, rows = torch.unique(plan.targets[:, 0], return_inverse=True)
+    t = plan.targets[:, 1]
+    length = int(t.max()) + 1
+    ids = plan.input_ids[sequences, :length]
+    mask = None if plan.attention_mask is None else plan.attention_mask[sequences, :length]
+    logits, captures = _forward(
+        plan.resolved,
+        ids,
+        attention_mask=mask,
+        lowest_block=plan.lowest_block,
+        modules=plan.modules,
+        rows=rows,
+        t=t,
+    )
+    try:
+        plan.entropy.copy_(token_entropy(logits.detach()))
+        grads = plan.gradients(logits, plan.tokens, captures)
+        for component, (module, columns) in plan.sites.items():
+            g = _select(grads[id(module)][rows, t], columns)
+            x = captures.inputs[module][rows, t]
+            plan.norms[component].copy_(rank_one_norm(g, x, plan.norm))
+    finally:
+        captures.remove()
+
+
+def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
+    """General path: one row per target (its sequence cut after t), one backward for all."""
+    seq, t = plan.targets[group, 0], plan.targets[group, 1]
+    length = int(t.max()) + 1
+    ids = plan.input_ids[seq, :length]
+    mask = None if plan.attention_mask is None else plan.attention_mask[seq, :length]
+    rows = torch.arange(group.shape[0], device=group.device)
+    logits, captures = _forward(
+        plan.resolved,
+        ids,
+        attention_mask=mask,
+        lowest_block=plan.lowest_block,
+        modules=plan.modules,
+        rows=rows,
+        t=t,
+    )
+    try:
+        plan.entropy[group] = token_entropy(logits.detach())
+        grads = plan.gradients(logits, plan.tokens[group], captures)
+        for component, (module, columns) in plan.sites.items():
+            g = _select(grads[id(module)], columns)
+            x = captures.inputs[module]
+            if component in plan.rank_one:
+                values = rank_one_norm(g[rows, t], x[rows, t], plan.norm)
+            else:
+                values = outer_sum_norm(g, x, plan.norm)
+            plan.norms[component][group] = values
+    finally:
+        captures.remove()
