@@ -10,6 +10,9 @@ gradients) and ``X`` ``[L, b]`` (inputs). Its rank is at most L, so
 - L1 (sum of |entries|) needs the entries, so G is formed in chunks.
 
 When L >= min(a, b) the small factors are no smaller than G, so G is formed.
+Singular values come from the eigenvalues of the smaller Gram matrix in
+float64 (``sigma = sqrt(eig(M M^T))``): several times faster than a batched
+SVD on CPU, and exact to ~1e-7 relative for the sum.
 
 >>> import torch
 >>> g = torch.tensor([[[3.0, 0.0]]]); x = torch.tensor([[[0.0, 4.0]]])
@@ -50,6 +53,19 @@ def rank_one_norm(g: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:
     return out
 
 
+def nuclear_norm(matrices: torch.Tensor) -> torch.Tensor:
+    """Nuclear norm of each ``[p, q]`` matrix of a ``[K, p, q]`` batch, as fp32.
+
+    >>> nuclear_norm(torch.diag(torch.tensor([3.0, -4.0]))[None])
+    tensor([7.])
+    """
+    m = matrices.double()
+    if m.shape[-2] > m.shape[-1]:
+        m = m.transpose(-2, -1)
+    eigenvalues = torch.linalg.eigvalsh(m @ m.transpose(-2, -1))
+    return eigenvalues.clamp_min(0).sqrt().sum(-1).float()
+
+
 def _dense(gamma: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:
     """Form G per row (in chunks bounded by ``_MAX_DENSE_ELEMENTS``) and take its norm."""
     rows, a, b = gamma.shape[0], gamma.shape[-1], x.shape[-1]
@@ -58,7 +74,7 @@ def _dense(gamma: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:
     for start in range(0, rows, per_chunk):
         grad = gamma[start : start + per_chunk].transpose(1, 2) @ x[start : start + per_chunk]
         if norm == "nuclear":
-            out.append(torch.linalg.svdvals(grad).sum(-1))
+            out.append(nuclear_norm(grad))
         elif norm == "frobenius":
             out.append(torch.linalg.matrix_norm(grad, ord="fro"))
         else:
@@ -87,5 +103,4 @@ def outer_sum_norm(gamma: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Te
         return gram.sum((-2, -1)).clamp_min(0).sqrt()
     r1 = torch.linalg.qr(gamma.transpose(1, 2), mode="r").R  # [K, L, L]
     r2 = torch.linalg.qr(x.transpose(1, 2), mode="r").R
-    nuclear: torch.Tensor = torch.linalg.svdvals(r1 @ r2.transpose(1, 2)).sum(-1)
-    return nuclear
+    return nuclear_norm(r1 @ r2.transpose(1, 2))

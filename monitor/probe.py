@@ -222,13 +222,36 @@ def _model_left_as_found(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _target_logits(
-    resolved: ResolvedModel, hidden: torch.Tensor, rows: torch.Tensor, t: torch.Tensor
+def _transform(resolved: ResolvedModel, logits: torch.Tensor) -> torch.Tensor:
+    return apply_logit_transform(
+        logits.float(), logit_scale=resolved.logit_scale, softcap=resolved.softcap
+    )
+
+
+def _target_logit(
+    resolved: ResolvedModel, selected: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """``[K, V]`` logits at (row, t), with the model's logit transform, in fp32."""
-    selected = hidden[rows, t]
-    logits = resolved.head(selected).float()
-    return apply_logit_transform(logits, logit_scale=resolved.logit_scale, softcap=resolved.softcap)
+    """``[K]`` differentiable logits of ``tokens`` from hidden states ``[K, d]``.
+
+    A plain linear head is evaluated on the target rows only, so the backward
+    never touches the ``[K, V]`` logits.
+    """
+    head = resolved.head
+    if type(head) is nn.Linear:
+        raw = (selected.float() * head.weight[tokens].float()).sum(-1)
+        if head.bias is not None:
+            raw = raw + head.bias[tokens].float()
+        return _transform(resolved, raw)
+    return _transform(resolved, head(selected)).gather(1, tokens[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """One forward's results: entropy and target logit per row, and the captures."""
+
+    entropy: torch.Tensor
+    target_logits: torch.Tensor
+    captures: _Captures
 
 
 def _forward(
@@ -240,8 +263,9 @@ def _forward(
     modules: Sequence[nn.Module],
     rows: torch.Tensor,
     t: torch.Tensor,
-) -> tuple[torch.Tensor, _Captures]:
-    """Forward ``input_ids``; returns target logits ``[K, V]`` and the captures."""
+    tokens: torch.Tensor,
+) -> _Forward:
+    """Forward ``input_ids``; entropy and target logit at each (row, t), and the captures."""
     captures = _Captures(modules)
     try:
         with _grad_from(resolved.blocks[lowest_block]):
@@ -249,12 +273,15 @@ def _forward(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             )
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            selected = hidden[rows, t]
+            with torch.no_grad():
+                entropy = token_entropy(_transform(resolved, resolved.head(selected.detach())))
             with torch.enable_grad():
-                logits = _target_logits(resolved, hidden, rows, t)
+                z = _target_logit(resolved, selected, tokens)
     except BaseException:
         captures.remove()
         raise
-    return logits, captures
+    return _Forward(entropy=entropy, target_logits=z, captures=captures)
 
 
 def _sites(
@@ -357,13 +384,11 @@ class _Plan:
             unique.setdefault(id(module), module)
         return list(unique.values())
 
-    def gradients(
-        self, logits: torch.Tensor, tokens: torch.Tensor, captures: _Captures
-    ) -> dict[int, torch.Tensor]:
+    def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
         """d(sum of target logits)/d(output) of every hooked module, by module id."""
-        z = logits.gather(1, tokens[:, None]).sum()
         modules = self.modules
-        grads = torch.autograd.grad(z, [captures.outputs[m] for m in modules])
+        outputs = [forward.captures.outputs[m] for m in modules]
+        grads = torch.autograd.grad(forward.target_logits.sum(), outputs)
         return dict(zip((id(m) for m in modules), grads, strict=True))
 
 
@@ -426,38 +451,31 @@ def _probe(
 def _probe_rank_one(plan: _Plan) -> None:
     """Last-block Q/O only: one forward and one backward over the sequences with targets."""
     sequences, rows = torch.unique(plan.targets[:, 0], return_inverse=True)
-    t = plan.targets[:, 1]
-    length = int(t.max()) + 1
-    ids = plan.input_ids[sequences, :length]
+    length = int(plan.targets[:, 1].max()) + 1
     mask = None if plan.attention_mask is None else plan.attention_mask[sequences, :length]
-    logits, captures = _forward(
-        plan.resolved,
-        ids,
-        attention_mask=mask,
-        lowest_block=plan.lowest_block,
-        modules=plan.modules,
-        rows=rows,
-        t=t,
-    )
-    try:
-        plan.entropy.copy_(token_entropy(logits.detach()))
-        grads = plan.gradients(logits, plan.tokens, captures)
-        for component, (module, columns) in plan.sites.items():
-            g = _select(grads[id(module)][rows, t], columns)
-            x = captures.inputs[module][rows, t]
-            plan.norms[component].copy_(rank_one_norm(g, x, plan.norm))
-    finally:
-        captures.remove()
+    everything = torch.arange(plan.targets.shape[0], device=rows.device)
+    _measure(plan, everything, plan.input_ids[sequences, :length], mask, rows)
 
 
 def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
     """General path: one row per target (its sequence cut after t), one backward for all."""
-    seq, t = plan.targets[group, 0], plan.targets[group, 1]
-    length = int(t.max()) + 1
-    ids = plan.input_ids[seq, :length]
+    seq = plan.targets[group, 0]
+    length = int(plan.targets[group, 1].max()) + 1
     mask = None if plan.attention_mask is None else plan.attention_mask[seq, :length]
     rows = torch.arange(group.shape[0], device=group.device)
-    logits, captures = _forward(
+    _measure(plan, group, plan.input_ids[seq, :length], mask, rows)
+
+
+def _measure(
+    plan: _Plan,
+    index: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    rows: torch.Tensor,
+) -> None:
+    """Forward ``ids``; fill entropy and norms of targets ``index`` (found at ``rows``)."""
+    t = plan.targets[index, 1]
+    forward = _forward(
         plan.resolved,
         ids,
         attention_mask=mask,
@@ -465,17 +483,17 @@ def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
         modules=plan.modules,
         rows=rows,
         t=t,
+        tokens=plan.tokens[index],
     )
     try:
-        plan.entropy[group] = token_entropy(logits.detach())
-        grads = plan.gradients(logits, plan.tokens[group], captures)
+        plan.entropy[index] = forward.entropy
+        grads = plan.gradients(forward)
         for component, (module, columns) in plan.sites.items():
-            g = _select(grads[id(module)], columns)
-            x = captures.inputs[module]
-            if component in plan.rank_one:
-                values = rank_one_norm(g[rows, t], x[rows, t], plan.norm)
+            g, x = grads[id(module)], forward.captures.inputs[module]
+            if component in plan.rank_one:  # y_t reaches only z_t: G = g_t x_t^T
+                values = rank_one_norm(_select(g[rows, t], columns), x[rows, t], plan.norm)
             else:
-                values = outer_sum_norm(g, x, plan.norm)
-            plan.norms[component][group] = values
+                values = outer_sum_norm(_select(g, columns), x, plan.norm)
+            plan.norms[component][index] = values
     finally:
-        captures.remove()
+        forward.captures.remove()
