@@ -17,12 +17,51 @@ from typing import TYPE_CHECKING, Any
 from inversion_monitor._version import __version__
 
 # public name -> module (relative to this package) that defines it
-_LAZY_EXPORTS: dict[str, str] = {}
+_LAZY_EXPORTS: dict[str, str] = {
+    "DegenerateInputWarning": ".stats",
+    "InversionAccumulator": ".stats",
+    "InversionStats": ".stats",
+    "TokenSampler": ".sampling",
+    "entropy_covariance": ".covariance",
+    "entropy_covariance_per_token": ".covariance",
+    "fisher_ci": ".stats",
+    "inversion_stats": ".stats",
+    "pearson": ".stats",
+    "rank_average": ".stats",
+    "spearman": ".stats",
+    "valid_positions": ".sampling",
+}
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
-    pass
+    from inversion_monitor.covariance import entropy_covariance, entropy_covariance_per_token
+    from inversion_monitor.sampling import TokenSampler, valid_positions
+    from inversion_monitor.stats import (
+        DegenerateInputWarning,
+        InversionAccumulator,
+        InversionStats,
+        fisher_ci,
+        inversion_stats,
+        pearson,
+        rank_average,
+        spearman,
+    )
 
-__all__ = ["__version__"]  # plus sorted(_LAZY_EXPORTS), checked by a test
+# "__version__" first, then sorted(_LAZY_EXPORTS): checked by tests/test_exports.py
+__all__ = [  # noqa: RUF022 - the order above is the contract
+    "__version__",
+    "DegenerateInputWarning",
+    "InversionAccumulator",
+    "InversionStats",
+    "TokenSampler",
+    "entropy_covariance",
+    "entropy_covariance_per_token",
+    "fisher_ci",
+    "inversion_stats",
+    "pearson",
+    "rank_average",
+    "spearman",
+    "valid_positions",
+]
 
 
 def __getattr__(name: str) -> Any:
