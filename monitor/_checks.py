@@ -11,6 +11,7 @@ TypeError: entropy: expected a floating-point tensor (...), got torch.int64; con
 
 from __future__ import annotations
 
+import numbers
 import operator
 import warnings
 
@@ -123,7 +124,7 @@ def check_int(value: object, name: str, *, minimum: int) -> int:
 
 def check_confidence(value: object, name: str = "confidence") -> float:
     """``value`` must be a real number strictly between 0 and 1."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{name}: expected a float in (0, 1), e.g. 0.95, got {type(value).__name__} {value!r}"
         )

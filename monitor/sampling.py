@@ -93,7 +93,8 @@ class TokenSampler:
       draw equally from each (strata too small to fill their share give the
       rest to the others; ties in the share are broken at random).
     - Output ``LongTensor [N, 2]`` of (batch index, t), sorted by batch then t,
-      on the mask's device.
+      on the mask's device (the draw itself runs on the CPU: a CUDA mask is
+      copied over, one small device sync).
 
     Randomness: a private CPU ``torch.Generator`` reseeded for each call from
     (seed, call number), so call k draws the same whatever earlier calls

@@ -28,6 +28,7 @@ tensor(-0.9856, dtype=torch.float64)
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -73,6 +74,8 @@ class InversionStats:
     computed. When the sample cannot support a correlation (fewer than 4
     tokens, constant or non-finite values) ``insufficient`` is True,
     ``reason`` says why, and the coefficients and intervals are NaN.
+    ``extra`` holds counts: ``n_nonfinite_dropped`` (pairs dropped by
+    :func:`inversion_stats`) and ``n_evicted`` (:class:`InversionAccumulator`).
 
     >>> s = InversionStats.insufficient_sample(n=2, reason="n < 4")
     >>> s.insufficient, s.n, math.isnan(s.rho)
@@ -313,7 +316,7 @@ def _fisher_ci_update(
         if r.numel() != 1:
             raise ValueError(f"r: expected a scalar, got a tensor of shape {tuple(r.shape)}")
         r_value = float(r)
-    elif isinstance(r, int | float) and not isinstance(r, bool):
+    elif isinstance(r, numbers.Real) and not isinstance(r, bool):
         r_value = float(r)
     else:
         raise TypeError(f"r: expected a float in [-1, 1], got {type(r).__name__} {r!r}")
@@ -467,7 +470,7 @@ def _inversion_stats_compute(
     n_types: int | None = None
     if per_token_type:
         assert tokens is not None
-        tok = tokens.detach().to(device=e.device)[keep.to(tokens.device)]
+        tok = tokens.detach().to(device=e.device)[keep]
         mean_e, mean_s = _per_type_means(e, s, tok)
         n_types = mean_e.numel()
         type_reason = _degenerate_reason(mean_e, mean_s, min_n=min_tokens)

@@ -604,3 +604,18 @@ def test_accumulator_validates_each_update() -> None:
     with pytest.raises(TypeError, match=_re("score: expected a floating-point tensor")):
         acc.update(torch.rand(3), torch.arange(3), torch.arange(3))
     assert acc.n_buffered == 0  # a rejected batch adds nothing
+
+
+def test_inputs_on_different_devices_are_rejected() -> None:
+    with pytest.raises(
+        ValueError, match=_re("x and y: expected the same device, got cpu and meta")
+    ):
+        spearman(torch.ones(3), torch.ones(3, device="meta"))
+
+
+def test_numpy_scalars_are_accepted_by_fisher_ci() -> None:
+    assert fisher_ci(
+        np.float32(0.5), np.int64(20), method="pearson", confidence=np.float32(0.9)
+    ) == (
+        fisher_ci(float(np.float32(0.5)), 20, method="pearson", confidence=float(np.float32(0.9)))
+    )
