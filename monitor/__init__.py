@@ -19,13 +19,25 @@ from inversion_monitor._version import __version__
 # public name -> module (relative to this package) that defines it
 _LAZY_EXPORTS: dict[str, str] = {
     "ArchitectureAdapter": ".architectures",
+    "DegenerateInputWarning": ".stats",
+    "InversionAccumulator": ".stats",
+    "InversionStats": ".stats",
     "ProbeResult": ".probe",
     "ProjectionSite": ".architectures",
+    "TokenSampler": ".sampling",
+    "entropy_covariance": ".covariance",
+    "entropy_covariance_per_token": ".covariance",
     "entropy_from_hidden": ".entropy",
+    "fisher_ci": ".stats",
+    "inversion_stats": ".stats",
     "logit_gradient_norms": ".probe",
+    "pearson": ".stats",
+    "rank_average": ".stats",
     "reference_norms": ".reference",
     "register_adapter": ".architectures",
+    "spearman": ".stats",
     "token_entropy": ".entropy",
+    "valid_positions": ".sampling",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
@@ -34,20 +46,45 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
         ProjectionSite,
         register_adapter,
     )
+    from inversion_monitor.covariance import entropy_covariance, entropy_covariance_per_token
     from inversion_monitor.entropy import entropy_from_hidden, token_entropy
     from inversion_monitor.probe import ProbeResult, logit_gradient_norms
     from inversion_monitor.reference import reference_norms
+    from inversion_monitor.sampling import TokenSampler, valid_positions
+    from inversion_monitor.stats import (
+        DegenerateInputWarning,
+        InversionAccumulator,
+        InversionStats,
+        fisher_ci,
+        inversion_stats,
+        pearson,
+        rank_average,
+        spearman,
+    )
 
-__all__ = [  # "__version__" and every key of _LAZY_EXPORTS, checked by a test
+# "__version__" first, then sorted(_LAZY_EXPORTS): checked by tests/test_exports.py
+__all__ = [  # noqa: RUF022 - the order above is the contract
+    "__version__",
     "ArchitectureAdapter",
+    "DegenerateInputWarning",
+    "InversionAccumulator",
+    "InversionStats",
     "ProbeResult",
     "ProjectionSite",
-    "__version__",
+    "TokenSampler",
+    "entropy_covariance",
+    "entropy_covariance_per_token",
     "entropy_from_hidden",
+    "fisher_ci",
+    "inversion_stats",
     "logit_gradient_norms",
+    "pearson",
+    "rank_average",
     "reference_norms",
     "register_adapter",
+    "spearman",
     "token_entropy",
+    "valid_positions",
 ]
 
 
