@@ -47,6 +47,7 @@ from torch import nn
 from inversion_monitor.architectures import PROJECTIONS, ResolvedModel, resolve_model
 from inversion_monitor.entropy import apply_logit_transform, token_entropy
 from inversion_monitor.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
+from inversion_monitor.sampling import valid_positions
 
 Component = tuple[int, str]
 
@@ -79,24 +80,6 @@ class ProbeResult:
         return int(self.positions.shape[0])
 
 
-def valid_target_mask(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[B, T]`` bool: t can be a target (t + 1 < T, and t, t + 1 are real tokens).
-
-    >>> valid_target_mask(torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 0]]))
-    tensor([[ True,  True, False, False]])
-    """
-    batch, length = input_ids.shape
-    valid = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
-    if attention_mask is None:
-        valid[:, :-1] = True
-    else:
-        real = attention_mask.bool()
-        valid[:, :-1] = real[:, :-1] & real[:, 1:]
-    return valid
-
-
 def _check_inputs(
     input_ids: torch.Tensor,
     *,
@@ -127,7 +110,7 @@ def _check_inputs(
     check_norm(norm)
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    valid = valid_target_mask(input_ids, attention_mask)
+    valid = valid_positions(input_ids, attention_mask)
     if positions is None:
         return valid.nonzero()
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.long:

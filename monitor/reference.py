@@ -22,7 +22,8 @@ import torch
 
 from inversion_monitor.architectures import PROJECTIONS, resolve_model
 from inversion_monitor.norms import Norm, check_norm
-from inversion_monitor.probe import ProbeResult, valid_target_mask
+from inversion_monitor.probe import ProbeResult
+from inversion_monitor.sampling import valid_positions
 
 
 def _weight_block_gradient(
@@ -63,7 +64,7 @@ def reference_norms(
     resolved = resolve_model(model)
     layer_ids = sorted({resolved.layer_index(layer) for layer in (layers or [-1])})
     targets = (
-        valid_target_mask(input_ids, attention_mask).nonzero() if positions is None else positions
+        valid_positions(input_ids, attention_mask).nonzero() if positions is None else positions
     )
     sites = {
         (layer, proj): resolved.projections(layer)[proj]

@@ -15,8 +15,9 @@ from inversion_monitor.architectures import (
     resolve_model,
     unregister_adapter,
 )
-from inversion_monitor.probe import logit_gradient_norms, valid_target_mask
+from inversion_monitor.probe import logit_gradient_norms
 from inversion_monitor.reference import reference_norms
+from inversion_monitor.sampling import valid_positions
 from inversion_monitor.toy.models import tiny_causal_lm
 
 RTOL = 1e-4
@@ -59,7 +60,7 @@ def test_every_projection_equals_brute_force(tiny_model, layer):
     ids, mask = batch()
     fast = logit_gradient_norms(tiny_model, ids, attention_mask=mask, layers=[layer])
     ref = reference_norms(tiny_model, ids, attention_mask=mask, layers=[layer])
-    assert len(fast) == int(valid_target_mask(ids, mask).sum())
+    assert len(fast) == int(valid_positions(ids, mask).sum())
     assert_matches_reference(fast, ref)
 
 

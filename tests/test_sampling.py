@@ -126,9 +126,9 @@ def test_call_k_does_not_depend_on_earlier_inputs() -> None:
 
 def test_global_rng_states_are_untouched() -> None:
     torch.manual_seed(123)
-    np.random.seed(123)  # noqa: NPY002 - the legacy global state is what must stay put
+    np.random.seed(123)
     random.seed(123)
-    before = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    before = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     valid = _ragged_mask(3, batch=16, steps=64)
     entropy = torch.linspace(0, 1, valid.numel()).reshape(valid.shape)
     for sampler in (
@@ -140,7 +140,7 @@ def test_global_rng_states_are_untouched() -> None:
             sampler.sample(valid, entropy=entropy if sampler.stratify_by_entropy else None)
         sampler.load_state_dict(sampler.state_dict())
     valid_positions(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
-    after = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    after = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     assert torch.equal(before[0], after[0])
     assert before[1][0] == after[1][0] and np.array_equal(before[1][1], after[1][1])
     assert before[1][2:] == after[1][2:]
