@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY_EXPORTS: dict[str, str] = {}
+_LAZY_EXPORTS: dict[str, str] = {
+    "InversionTrainerCallback": ".hf",
+}
 
-__all__: list[str] = []  # kept equal to sorted(_LAZY_EXPORTS) by a test
+__all__ = ["InversionTrainerCallback"]  # sorted(_LAZY_EXPORTS), checked by a test
 
 
 def __getattr__(name: str) -> Any:

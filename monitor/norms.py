@@ -63,7 +63,8 @@ def nuclear_norm(matrices: torch.Tensor) -> torch.Tensor:
     if m.shape[-2] > m.shape[-1]:
         m = m.transpose(-2, -1)
     eigenvalues = torch.linalg.eigvalsh(m @ m.transpose(-2, -1))
-    return eigenvalues.clamp_min(0).sqrt().sum(-1).float()
+    nuclear: torch.Tensor = eigenvalues.clamp_min(0).sqrt().sum(-1).float()
+    return nuclear
 
 
 def _dense(gamma: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:

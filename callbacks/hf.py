@@ -1,0 +1,147 @@
+"""``InversionTrainerCallback``: the monitor in a Hugging Face ``Trainer`` (TRL included).
+
+>>> from inversion_monitor.callbacks import InversionTrainerCallback
+>>> callback = InversionTrainerCallback(every_n_steps=10, tokens_per_probe=32)
+>>> callback.config.every_n_steps
+10
+
+Add it to any trainer::
+
+    Trainer(..., callbacks=[InversionTrainerCallback(endpoint="localhost:50051")])
+
+It probes after optimizer steps (so gradient accumulation is respected) and
+logs ``inversion/...`` values through ``Trainer.log``, so they reach
+``log_history`` and every ``report_to`` integration (TensorBoard, W&B, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from types import FrameType
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from inversion_monitor.config import MonitorConfig
+from inversion_monitor.monitor import InversionMonitor
+
+
+def _find_trainer(max_depth: int = 16) -> Trainer | None:
+    """The ``Trainer`` whose callback handler is calling us (it passes no reference)."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
+    """Measures Entropy-Gradient Inversion during ``Trainer.train()``.
+
+    Args:
+        config: a :class:`~inversion_monitor.config.MonitorConfig`; default
+            from ``INVERSION_MONITOR_*`` environment variables.
+        **overrides: any ``MonitorConfig`` field, e.g. ``endpoint="host:50051"``.
+
+    The bearer token is never written to checkpoints: on resume it comes
+    from ``INVERSION_MONITOR_TOKEN`` or the arguments again.
+    """
+
+    def __init__(self, config: MonitorConfig | None = None, **overrides: Any) -> None:
+        base = config if config is not None else MonitorConfig.from_env()
+        self.config = base.with_overrides(**overrides) if overrides else base
+        self.monitor: InversionMonitor | None = None
+        self.resume_state: dict[str, Any] | None = None
+        self._trainer: weakref.ref[Trainer] | None = None
+        self._pending: dict[str, float] | None = None
+
+    # ---------------------------------------------------------------- events
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.monitor is None:
+            self.monitor = InversionMonitor(
+                self.config,
+                rank=int(args.process_index),
+                world_size=int(args.world_size),
+                framework="transformers",
+                default_run_name=args.run_name or None,
+            )
+            if self.resume_state:
+                self.monitor.load_state_dict(self.resume_state)
+        trainer = _find_trainer()
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
+        if model is not None:
+            self.monitor.attach(model)
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.monitor is None:
+            return
+        scheduler = kwargs.get("lr_scheduler")
+        learning_rate = None
+        if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+            learning_rate = float(scheduler.get_last_lr()[0])
+        metrics = self.monitor.step_end(state.global_step, model, learning_rate=learning_rate)
+        if metrics is None or not self.config.log_to_trainer:
+            return
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            trainer.log(dict(metrics))
+        else:  # no trainer reference: merge into the next regular log
+            self._pending = metrics
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self._pending and logs is not None:
+            logs.update(self._pending)
+            if state.log_history:
+                state.log_history[-1].update(self._pending)
+            self._pending = None
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        if self.monitor is not None:
+            self.resume_state = self.monitor.state_dict()
+            self.monitor.close()
+            self.monitor = None
+        self._trainer = None
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """Constructor arguments (no secrets) and the monitor's resumable state."""
+        monitor_state = self.monitor.state_dict() if self.monitor else self.resume_state
+        return {
+            "args": self.config.public_dict(),
+            "attributes": {"resume_state": monitor_state},
+        }

@@ -1,0 +1,99 @@
+"""When to probe: every N optimizer steps, or within a fraction of wall time.
+
+With a budget b, each step earns ``b / (1 - b) x (its wall time without
+probing)`` of credit; a probe runs when the credit is not negative and spends
+what it actually cost. Probe time P and the rest R then satisfy
+``P = b / (1 - b) x R``, i.e. ``P / (P + R) = b``, whatever the model, batch
+or machine. Credit is capped at one probe's cost, so a long pause
+(evaluation, checkpointing) does not cause a burst.
+
+>>> schedule = ProbeSchedule(every_n_steps=3)
+>>> [step for step in range(1, 10) if schedule.should_probe(step)]
+[3, 6, 9]
+>>> budget, clock, probed = ProbeSchedule(overhead_budget=0.1), 0.0, []
+>>> for step in range(1, 40):           # steps of 0.9 s, probes of 1 s
+...     clock += 0.9
+...     if budget.should_probe(step):
+...         probed.append(step); clock += 1.0; budget.probe_done(seconds=1.0)
+...     budget.step_ended(now=clock)
+>>> probed, round(budget.overhead, 3)
+([1, 12, 23, 33], 0.108)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class ProbeSchedule:
+    """Decides, step by step, whether to probe (see the module docstring).
+
+    Args:
+        every_n_steps: probe at steps divisible by N (overrides the budget).
+        overhead_budget: fraction of wall time the probes may take.
+        first_step: no probe before this step.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        overhead_budget: float = 0.03,
+        first_step: int = 1,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        if not 0.0 < overhead_budget < 1.0:
+            raise ValueError(f"overhead_budget must be in (0, 1), got {overhead_budget}")
+        self.every_n_steps = every_n_steps
+        self.overhead_budget = overhead_budget
+        self.first_step = first_step
+        self.credit_s = 0.0
+        self.expected_cost_s: float | None = None
+        self.probe_s = 0.0  # probe time since the last step end
+        self.last_step_end: float | None = None
+        self.total_probe_s = 0.0
+        self.total_wall_s = 0.0
+
+    def should_probe(self, step: int) -> bool:
+        """True when ``step`` (an optimizer step just completed) should be probed."""
+        if step < self.first_step:
+            return False
+        if self.every_n_steps is not None:
+            return step % self.every_n_steps == 0
+        return self.credit_s >= 0.0
+
+    def probe_done(self, *, seconds: float) -> None:
+        """Account for a probe that took ``seconds``."""
+        self.probe_s += seconds
+        self.total_probe_s += seconds
+        self.credit_s -= seconds
+        previous = self.expected_cost_s
+        self.expected_cost_s = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+    def step_ended(self, *, now: float) -> None:
+        """Call once per optimizer step, after any probe, with a monotonic clock."""
+        if self.last_step_end is not None:
+            wall = max(0.0, now - self.last_step_end)
+            self.total_wall_s += wall
+            rate = self.overhead_budget / (1.0 - self.overhead_budget)
+            self.credit_s += rate * max(0.0, wall - self.probe_s)
+            self.credit_s = min(self.credit_s, self.expected_cost_s or 0.0)
+        self.last_step_end = now
+        self.probe_s = 0.0
+
+    @property
+    def overhead(self) -> float:
+        """Measured fraction of wall time spent probing so far (NaN before two steps)."""
+        return self.total_probe_s / self.total_wall_s if self.total_wall_s > 0 else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values to checkpoint (timers restart on resume)."""
+        return {"credit_s": self.credit_s, "expected_cost_s": self.expected_cost_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.credit_s = float(state.get("credit_s", 0.0))
+        cost = state.get("expected_cost_s")
+        self.expected_cost_s = None if cost is None else float(cost)
