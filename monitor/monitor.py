@@ -158,6 +158,7 @@ class InversionMonitor:
             self.detach()
             self._model = model
             self._capture = BatchCapture(model)
+            self.schedule.start(now=time.monotonic())
         except Exception as exc:  # never break training
             self._fail("attach", exc)
 
@@ -397,6 +398,7 @@ class InversionMonitor:
             "run_id": self.run_id,
             "run_name": self.run_name,
             "probes": self.probes,
+            "measured_overhead": self.schedule.overhead,
             "sampler": self.sampler.state_dict(),
             "schedule": self.schedule.state_dict(),
         }
