@@ -1,0 +1,193 @@
+"""InversionMonitor in a custom loop: capture, probe, sinks, failure policy, state."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from inversion_monitor.config import MonitorConfig
+from inversion_monitor.monitor import InversionMonitor, MonitorWarning
+from inversion_monitor.probe import logit_gradient_norms
+from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+
+
+@pytest.fixture
+def batch(tokenizer):
+    rows = tokenized_corpus(tokenizer, 4, seed=3, max_length=48)
+    return causal_lm_collator(tokenizer)(rows)
+
+
+def train_steps(model, monitor, batch, steps, *, lr=1e-2):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=lr) if trainable else None
+    out = []
+    for step in range(1, steps + 1):
+        loss = model(**batch).loss
+        if optimizer is not None:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        out.append(monitor.step_end(step, model, loss=loss.item()))
+    return out
+
+
+def test_probes_the_captured_batch_and_matches_the_core_api(make_model, batch):
+    model = make_model("llama", num_layers=2).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1, layers=[0, -1]))
+    monitor.attach(model)
+    metrics = train_steps(model, monitor, batch, 1)[0]
+    result = monitor.last_result
+    expected = logit_gradient_norms(
+        model,
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        positions=result.positions,
+        layers=[0, -1],
+    )
+    torch.testing.assert_close(result.score, expected.score)
+    assert metrics["inversion/n"] == len(result) == 64
+    assert set(result.positions[:, 0].tolist()) <= {0, 1, 2, 3}
+    monitor.close()
+
+
+def test_eval_and_no_grad_forwards_are_not_captured(make_model, batch):
+    model = make_model("gpt2", num_layers=1)
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1))
+    monitor.attach(model)
+    model.eval()
+    model(**batch)
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    with pytest.warns(MonitorWarning, match="no training batch to probe yet"):
+        assert monitor.step_end(1, model) is None
+    assert monitor.enabled  # nothing failed: it just had nothing to probe
+
+
+def test_logits_to_keep_restricts_probed_positions(make_model, tokenizer):
+    model = make_model("qwen2", num_layers=1).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=200))
+    monitor.attach(model)
+    ids = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, logits_to_keep=6)
+    monitor.step_end(1, model)
+    t = monitor.last_result.positions[:, 1]
+    assert sorted(set(t.tolist())) == [14, 15, 16, 17, 18]  # t >= 20 - 6, t + 1 < 20
+
+
+def test_lora_and_frozen_models_match_the_core_api(make_model, batch):
+    peft = pytest.importorskip("peft")  # always present in the test env
+    lora = peft.get_peft_model(
+        make_model("llama", num_layers=2),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ).train()
+    frozen = make_model("gpt_neox", num_layers=2).train().requires_grad_(False)
+    for model in (lora, frozen):
+        monitor = InversionMonitor(MonitorConfig(every_n_steps=1, layers=[0, 1]))
+        monitor.attach(model)
+        train_steps(model, monitor, batch, 2)
+        unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+        expected = logit_gradient_norms(
+            unwrapped,
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            positions=monitor.last_result.positions,
+            layers=[0, 1],
+        )
+        torch.testing.assert_close(monitor.last_result.score, expected.score)
+        assert monitor.errors == 0
+
+
+def test_probe_leaves_rng_and_grads_untouched(make_model, batch):
+    model = make_model("llama", num_layers=2).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1))
+    monitor.attach(model)
+    model(**batch).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    states = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    assert monitor.step_end(1, model) is not None
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+
+
+def test_failure_warns_once_and_disables(make_model, batch):
+    model = make_model("llama", num_layers=2).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1, layers=[5]))
+    monitor.attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = train_steps(model, monitor, batch, 3)
+    assert results == [None, None, None]
+    failures = [w for w in caught if issubclass(w.category, MonitorWarning)]
+    assert len(failures) == 1 and "layer 5 is out of range" in str(failures[0].message)
+    assert not monitor.enabled and monitor.errors == 1
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())  # hook removed
+
+
+def test_continue_policy_keeps_trying(make_model, batch):
+    model = make_model("llama", num_layers=2).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1, layers=[5], on_error="continue"))
+    monitor.attach(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_steps(model, monitor, batch, 3)
+    assert monitor.enabled and monitor.errors == 3
+
+
+def test_jsonl_records_are_strict_json(make_model, batch, tmp_path):
+    path = tmp_path / "out" / "r.jsonl"
+    model = make_model("gpt2", num_layers=1).train()
+    monitor = InversionMonitor(
+        MonitorConfig(every_n_steps=2, jsonl_path=str(path), token_samples=5, per_token_type=True),
+        rank=1,
+        world_size=2,
+    )
+    monitor.attach(model)
+    train_steps(model, monitor, batch, 4)
+    monitor.close()
+    lines = (tmp_path / "out" / "r.rank1.jsonl").read_text().splitlines()
+    records = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON {c}")) for line in lines
+    ]
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[0]["rank"] == 1 and len(records[0]["samples"]) == 5
+    assert records[0]["spearman_per_token_type"] is not None
+
+
+def test_disabled_config_does_nothing(make_model, batch):
+    model = make_model("gpt2", num_layers=1).train()
+    monitor = InversionMonitor(MonitorConfig.from_env({"INVERSION_MONITOR_DISABLED": "1"}))
+    monitor.attach(model)
+    assert train_steps(model, monitor, batch, 2) == [None, None]
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+
+
+def test_state_dict_resumes_run_and_sampler(make_model, batch):
+    model = make_model("llama", num_layers=1).train()
+    first = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=8))
+    first.attach(model)
+    train_steps(model, first, batch, 2)
+    state = first.state_dict()
+    resumed = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=8))
+    resumed.load_state_dict(state)
+    resumed.attach(model)
+    model(**batch)  # both monitors capture this training forward
+    first.step_end(3, model)
+    resumed.step_end(3, model)
+    assert resumed.run_id == first.run_id
+    assert torch.equal(resumed.last_result.positions, first.last_result.positions)
+
+
+def test_rank_validation():
+    with pytest.raises(ValueError, match="rank < world_size"):
+        InversionMonitor(MonitorConfig(), rank=2, world_size=2)
