@@ -145,6 +145,7 @@ class InversionMonitor:
         self._client: MonitorClient | None = None
         self._jsonl: Any = None
         self._warned: set[str] = set()
+        self._agreed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,6 +153,7 @@ class InversionMonitor:
         """Start capturing ``model``'s training batches (idempotent per model)."""
         if not self.enabled:
             return
+        self._agree_on_run_id()
         try:
             if self._model is model and self._capture is not None:
                 return
@@ -161,6 +163,22 @@ class InversionMonitor:
             self.schedule.start(now=time.monotonic())
         except Exception as exc:  # never break training
             self._fail("attach", exc)
+
+    def _agree_on_run_id(self) -> None:
+        """Every rank of a distributed job reports under rank 0's run id.
+
+        A collective: the adapters call :meth:`attach` on every rank. Skipped
+        when the run id was configured (then it is already the same).
+        """
+        if self.world_size < 2 or self.config.run_id or self._agreed:
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            shared = [self.run_id, self.run_name]
+            dist.broadcast_object_list(shared, src=0)
+            self.run_id, self.run_name = str(shared[0]), str(shared[1])
+        self._agreed = True
 
     def detach(self) -> None:
         """Remove the capture hook (sinks stay open)."""
