@@ -12,6 +12,14 @@ Add it to any trainer::
 It probes after optimizer steps (so gradient accumulation is respected) and
 logs ``inversion/...`` values through ``Trainer.log``, so they reach
 ``log_history`` and every ``report_to`` integration (TensorBoard, W&B, ...).
+It calls the base ``transformers.Trainer.log``, not a subclass's override:
+TRL's ``SFTTrainer.log`` and ``GRPOTrainer.log`` average and clear their own
+metrics (reward, entropy, ...) on every call, so logging through them at probe
+steps would change when those metrics are reported.
+
+With TRL, only the positions the trainer scores are probed: GRPO's completion
+tokens, SFT's completion tokens under ``completion_only_loss``, each packed
+document on its own (see :mod:`inversion_monitor.capture`).
 """
 
 from __future__ import annotations
@@ -105,7 +113,10 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
             return
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is not None:
-            trainer.log(dict(metrics))
+            should_log = control.should_log
+            Trainer.log(trainer, dict(metrics))  # not the subclass's: see the module doc
+            # the handler's on_log clears should_log: keep the trainer's own log of this step
+            control.should_log = control.should_log or should_log
         else:  # no trainer reference: merge into the next regular log
             self._pending = metrics
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from inversion_monitor._version import __version__
-from inversion_monitor.capture import BatchCapture
+from inversion_monitor.capture import BatchCapture, CapturedBatch
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.probe import ProbeResult, logit_gradient_norms
 from inversion_monitor.sampling import TokenSampler
@@ -138,6 +138,8 @@ class InversionMonitor:
         )
         self.last_stats: InversionStats | None = None
         self.last_result: ProbeResult | None = None
+        # the batch the last probe measured: last_result.positions index into it
+        self.last_batch: CapturedBatch | None = None
         self.probes = 0
         self.errors = 0
         self._capture: BatchCapture | None = None
@@ -249,6 +251,7 @@ class InversionMonitor:
             )
             return None
         start = time.perf_counter()
+        batch = batch.unpacked()  # packed documents probed as separate rows
         positions = self.sampler.sample(batch.target_mask())
         result = logit_gradient_norms(
             model,
@@ -271,7 +274,7 @@ class InversionMonitor:
         seconds = time.perf_counter() - start
         self.schedule.probe_done(seconds=seconds)
         self.probes += 1
-        self.last_stats, self.last_result = stats, result
+        self.last_stats, self.last_result, self.last_batch = stats, result, batch
         self._emit(
             step,
             stats=stats,

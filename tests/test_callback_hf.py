@@ -18,6 +18,9 @@ def test_logs_reach_history_every_probed_step(tmp_path):
     trainer.train()
     probed = [e for e in trainer.state.log_history if "inversion/spearman" in e]
     assert [e["step"] for e in probed] == [5, 10, 15, 20, 25, 30]
+    # the trainer's own logs survive at the steps where a probe is logged too
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [10, 20, 30]
+    assert not any("loss" in e for e in probed)
     for entry in probed:
         assert entry["inversion/n"] == 32
         assert -1.0 <= entry["inversion/spearman"] <= 1.0
