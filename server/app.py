@@ -19,13 +19,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from inversion_monitor.proto.v1 import monitor_pb2_grpc
 from inversion_monitor.server.config import ServerConfig, join_address
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.listeners import IngestListener
 from inversion_monitor.server.metrics import MonitorCollector, build_registry
-from inversion_monitor.server.service import SERVICE_NAME, BearerTokenInterceptor, MonitorServicer
+from inversion_monitor.server.service import (
+    SERVICE_NAME,
+    BearerTokenInterceptor,
+    MonitorServicer,
+    add_monitor_service,
+)
 from inversion_monitor.server.store import Store, connect
 
 log = logging.getLogger("inversion_monitor.server")
@@ -121,9 +125,7 @@ class AsyncMonitorServer:
                 ("grpc.so_reuseport", 0),
             ]
             self._server = grpc.aio.server(interceptors=interceptors, options=options)
-            monitor_pb2_grpc.add_MonitorServiceServicer_to_server(  # type: ignore[no-untyped-call]
-                self._servicer, self._server
-            )
+            add_monitor_service(self._servicer, self._server)
             self._health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
             reflection.enable_server_reflection(

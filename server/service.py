@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from prometheus_client import Histogram
 
@@ -113,9 +114,14 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             self._pending -= 1
 
     async def _guard(
-        self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[_T]]
+        self,
+        context: grpc.aio.ServicerContext,
+        request: object,
+        call: Callable[[], Awaitable[_T]],
     ) -> _T:
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidArgument(request.message)
             return await call()
         except RequestError as exc:
             await abort(context, exc)
@@ -129,19 +135,25 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
     async def OpenRun(
         self, request: monitor_pb2.OpenRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.OpenRunResponse:
-        return await self._guard(context, lambda: self._write(self._ingestor.open_run, request))
+        return await self._guard(
+            context, request, lambda: self._write(self._ingestor.open_run, request)
+        )
 
     async def CloseRun(
         self, request: monitor_pb2.CloseRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.CloseRunResponse:
-        return await self._guard(context, lambda: self._write(self._ingestor.close_run, request))
+        return await self._guard(
+            context, request, lambda: self._write(self._ingestor.close_run, request)
+        )
 
     async def Push(
         self, request: monitor_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.PushResponse:
         start = time.perf_counter()
         try:
-            return await self._guard(context, lambda: self._write(self._ingestor.push, request))
+            return await self._guard(
+                context, request, lambda: self._write(self._ingestor.push, request)
+            )
         finally:
             self._push_latency.observe(time.perf_counter() - start)
 
@@ -163,7 +175,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 fill_summary(response.runs.add(), view)
             return response
 
-        return await self._guard(context, call)
+        return await self._guard(context, request, call)
 
     async def GetRun(
         self, request: monitor_pb2.GetRunRequest, context: grpc.aio.ServicerContext
@@ -194,7 +206,51 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             response.history.extend(monitor_pb2.StepRecord.FromString(p) for p in payloads)
             return response
 
-        return await self._guard(context, call)
+        return await self._guard(context, request, call)
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse; the method answers INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(
+                f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {exc}"
+            )
+
+    return parse
+
+
+def add_monitor_service(servicer: MonitorServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated code does, but parse requests leniently.
+
+    A request that is not valid protobuf gets INVALID_ARGUMENT from the method
+    instead of an UNKNOWN status and a logged traceback from gRPC.
+    """
+    methods: dict[str, tuple[Any, Any]] = {
+        "OpenRun": (monitor_pb2.OpenRunRequest, monitor_pb2.OpenRunResponse),
+        "Push": (monitor_pb2.PushRequest, monitor_pb2.PushResponse),
+        "CloseRun": (monitor_pb2.CloseRunRequest, monitor_pb2.CloseRunResponse),
+        "ListRuns": (monitor_pb2.ListRunsRequest, monitor_pb2.ListRunsResponse),
+        "GetRun": (monitor_pb2.GetRunRequest, monitor_pb2.GetRunResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=_lenient(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type) in methods.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def fill_summary(out: monitor_pb2.RunSummary, view: RunView) -> None:
