@@ -191,7 +191,8 @@ class ServerConfig(BaseModel):
         for field, env_name in _ENV_FIELDS.items():
             given = arguments.get(field)
             if given is not None and given not in ([], ()):
-                value, source = given, f"--{field.replace('_', '-')}"
+                flag = "--token" if field == "tokens" else f"--{field.replace('_', '-')}"
+                value, source = given, flag
             elif ENV_PREFIX + env_name in environ:
                 value, source = environ[ENV_PREFIX + env_name], ENV_PREFIX + env_name
             else:
