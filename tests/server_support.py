@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
@@ -156,3 +158,93 @@ def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
     except grpc.RpcError as exc:
         return exc
     raise AssertionError(f"{call} did not fail")
+
+
+# ---------------------------------------------------------------- hypothesis
+
+RUN_IDS = ["fuzz-a", "fuzz-b"]
+floats = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [0.0, -0.0, 1.0, -1.0, 1 + 1e-12, -1.5, 1e308, -1e-300]
+)
+f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+u32 = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def step_records(draw: Any) -> monitor_pb2.StepRecord:
+    rec = monitor_pb2.StepRecord(
+        run_id=draw(st.sampled_from(RUN_IDS) | st.text(max_size=70)),
+        rank=draw(st.integers(0, 6) | u32),
+        sequence=draw(st.integers(0, 40) | st.integers(0, 2**64 - 1)),
+        step=draw(st.integers(-(2**63), 2**63 - 1)),
+        wall_time=draw(floats),
+    )
+    if draw(st.booleans()):
+        for corr in (rec.inversion.spearman, rec.inversion.pearson):
+            for name in ("value", "ci_low", "ci_high"):
+                if draw(st.booleans()):
+                    setattr(corr, name, draw(floats))
+        rec.inversion.n = draw(u32)
+        rec.inversion.confidence = draw(floats)
+        rec.inversion.insufficient_reason = draw(st.text(max_size=300))
+    for summary in (rec.entropy, rec.score):
+        for name in ("mean", "p10", "p50", "p90"):
+            if draw(st.booleans()):
+                setattr(summary, name, draw(floats))
+    for name in ("loss", "learning_rate", "probe_seconds", "spearman_per_token_type"):
+        if draw(st.booleans()):
+            setattr(rec, name, draw(floats))
+    for _ in range(draw(st.integers(0, 10))):
+        rec.components.add(
+            layer=draw(u32),
+            projection=draw(st.sampled_from(["q", "k", "v", "o", "", "qq"])),
+            spearman=draw(floats),
+            score_mean=draw(floats),
+        )
+    for _ in range(draw(st.integers(0, 10))):
+        rec.samples.add(entropy=draw(f32), score=draw(f32), token_id=draw(u32))
+    return rec
+
+
+@st.composite
+def plausible_records(draw: Any) -> monitor_pb2.StepRecord:
+    """Records a real client sends: clean half of the time, else with some odd values."""
+    nan, inf = math.nan, math.inf
+    clean = draw(st.booleans())
+
+    def _mostly(good: Any, *bad: Any) -> Any:
+        return good if clean else st.one_of(good, good, good, good, st.sampled_from(bad))
+
+    corr = _mostly(st.floats(-1.0, 1.0), nan, inf, 1 + 1e-9, -1 - 1e-9, -1.5)
+    nonneg = _mostly(st.floats(0.0, 1e9), nan, -inf, -1e-9, -2.0, inf)
+    rec = monitor_pb2.StepRecord(
+        run_id=RUN_IDS[0],
+        sequence=draw(st.integers(1, 100)),
+        step=draw(_mostly(st.integers(0, 10**9), -1)),
+        wall_time=draw(_mostly(st.floats(1.0, 2e9), 0.0, nan, -1.0)),
+    )
+    for msg in (rec.inversion.spearman, rec.inversion.pearson):
+        for name in ("value", "ci_low", "ci_high"):
+            if draw(st.booleans()):
+                setattr(msg, name, draw(corr))
+    rec.inversion.confidence = draw(_mostly(st.sampled_from([0.0, 0.9, 0.95]), 1.0, nan))
+    for msg in (rec.entropy, rec.score):
+        for name in ("mean", "p10", "p50", "p90"):
+            if draw(st.booleans()):
+                setattr(msg, name, draw(nonneg))
+    if draw(st.booleans()):
+        rec.loss = draw(_mostly(st.floats(-1e3, 1e3), nan, inf))
+    if draw(st.booleans()):
+        rec.learning_rate = draw(nonneg)
+    if draw(st.booleans()):
+        rec.spearman_per_token_type = draw(corr)
+    for _ in range(draw(st.integers(0, 4 if clean else 6))):
+        rec.components.add(
+            layer=draw(st.integers(0, 40)),
+            projection=draw(_mostly(st.sampled_from("qkvo"), "x")),
+            spearman=draw(corr),
+            score_mean=draw(nonneg),
+        )
+    for _ in range(draw(st.sampled_from([0] if clean else [0, 2, 5]))):
+        rec.samples.add(entropy=draw(nonneg), score=draw(nonneg), token_id=7)
+    return rec

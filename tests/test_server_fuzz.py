@@ -9,12 +9,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_support import TIMEOUT, config, promtool_check, samples, scrape_text
+from server_support import (
+    RUN_IDS,
+    TIMEOUT,
+    config,
+    promtool_check,
+    samples,
+    scrape_text,
+    step_records,
+    u32,
+)
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server import Limits, MonitorServer
 
-RUN_IDS = ["fuzz-a", "fuzz-b"]
 METHODS = ("OpenRun", "Push", "CloseRun", "ListRuns", "GetRun")
 # what a well-formed but hostile message may get; never INTERNAL or UNKNOWN
 CLIENT_ERRORS = {
@@ -55,49 +63,6 @@ def _assert_healthy(server, channel):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     text = scrape_text(server)
     assert not any(math.isnan(v) or math.isinf(v) for v in samples(text).values())
-
-
-floats = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
-    [0.0, -0.0, 1.0, -1.0, 1 + 1e-12, -1.5, 1e308, -1e-300]
-)
-f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
-u32 = st.integers(0, 2**32 - 1)
-
-
-@st.composite
-def step_records(draw):
-    rec = monitor_pb2.StepRecord(
-        run_id=draw(st.sampled_from(RUN_IDS) | st.text(max_size=70)),
-        rank=draw(st.integers(0, 6) | u32),
-        sequence=draw(st.integers(0, 40) | st.integers(0, 2**64 - 1)),
-        step=draw(st.integers(-(2**63), 2**63 - 1)),
-        wall_time=draw(floats),
-    )
-    if draw(st.booleans()):
-        for corr in (rec.inversion.spearman, rec.inversion.pearson):
-            for name in ("value", "ci_low", "ci_high"):
-                if draw(st.booleans()):
-                    setattr(corr, name, draw(floats))
-        rec.inversion.n = draw(u32)
-        rec.inversion.confidence = draw(floats)
-        rec.inversion.insufficient_reason = draw(st.text(max_size=300))
-    for summary in (rec.entropy, rec.score):
-        for name in ("mean", "p10", "p50", "p90"):
-            if draw(st.booleans()):
-                setattr(summary, name, draw(floats))
-    for name in ("loss", "learning_rate", "probe_seconds", "spearman_per_token_type"):
-        if draw(st.booleans()):
-            setattr(rec, name, draw(floats))
-    for _ in range(draw(st.integers(0, 10))):
-        rec.components.add(
-            layer=draw(u32),
-            projection=draw(st.sampled_from(["q", "k", "v", "o", "", "qq"])),
-            spearman=draw(floats),
-            score_mean=draw(floats),
-        )
-    for _ in range(draw(st.integers(0, 10))):
-        rec.samples.add(entropy=draw(f32), score=draw(f32), token_id=draw(u32))
-    return rec
 
 
 @SETTINGS

@@ -9,11 +9,13 @@ import threading
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from hypothesis import given, settings
 from server_support import (
     TIMEOUT,
     acks,
     config,
     open_run,
+    plausible_records,
     push,
     record,
     rpc_error,
@@ -21,11 +23,13 @@ from server_support import (
     running,
     samples,
     scrape_text,
+    step_records,
     stub_for,
 )
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import Limits, MonitorServer
+from inversion_monitor.server.validate import RecordProblem, check_record, check_record_slow
 
 
 def _retry_delay(err: grpc.RpcError) -> float:
@@ -210,3 +214,20 @@ def test_listeners_see_stored_records_and_overload_is_shed_with_retry_info(tmp_p
         assert gate.steps == [7, 8]
         s = samples(scrape_text(server))
         assert s[("inversion_monitor_listener_errors_total", ())] == 2
+
+
+@settings(max_examples=400, deadline=None)
+@given(rec=plausible_records() | step_records())
+def test_fast_path_agrees_with_field_by_field_reference(rec):
+    """``check_record`` (fast path first) and ``check_record_slow`` give identical results."""
+    limits = Limits(max_components=4, max_samples=4)
+    results = []
+    for check in (check_record, check_record_slow):
+        copy = monitor_pb2.StepRecord()
+        copy.CopyFrom(rec)
+        try:
+            outcome: object = check(copy, limits, 123.0)
+        except RecordProblem as exc:
+            outcome = (exc.field, exc.reason, exc.message)
+        results.append((outcome, copy.SerializeToString(deterministic=True)))
+    assert results[0] == results[1]
