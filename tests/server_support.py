@@ -206,45 +206,82 @@ def step_records(draw: Any) -> monitor_pb2.StepRecord:
     return rec
 
 
+_CORR_ODD = [math.nan, math.inf, -math.inf, 1 + 1e-9, -1 - 1e-9, 1 + 1e-3, -1.5]
+_NONNEG_ODD = [math.nan, math.inf, -math.inf, -1e-9, -2.0]
+# (path to the message, field, odd values) for one injected fault
+ODD_TARGETS: list[tuple[str, str, list[Any]]] = [
+    ("", "step", [-1]),
+    ("", "wall_time", [0.0, math.nan, -1.0, math.inf]),
+    *(
+        ("inversion." + c, f, _CORR_ODD)
+        for c in ("spearman", "pearson")
+        for f in ("value", "ci_low", "ci_high")
+    ),
+    ("inversion", "confidence", [1.0, math.nan, -0.1]),
+    ("inversion", "insufficient_reason", ["x" * 300]),
+    *((m, f, _NONNEG_ODD) for m in ("entropy", "score") for f in ("mean", "p10", "p50", "p90")),
+    ("", "entropy_covariance", [math.nan, math.inf]),
+    ("", "loss", [math.nan, -math.inf]),
+    ("", "learning_rate", _NONNEG_ODD),
+    ("", "probe_seconds", _NONNEG_ODD),
+    ("", "spearman_per_token_type", _CORR_ODD),
+    ("components.0", "spearman", _CORR_ODD),
+    ("components.0", "score_mean", _NONNEG_ODD),
+    ("components.0", "projection", ["x", ""]),
+    ("samples.0", "entropy", [math.nan, -1.0]),
+    ("samples.0", "score", [math.inf, -1.0]),
+]
+
+
 @st.composite
 def plausible_records(draw: Any) -> monitor_pb2.StepRecord:
-    """Records a real client sends: clean half of the time, else with some odd values."""
-    nan, inf = math.nan, math.inf
-    clean = draw(st.booleans())
-
-    def _mostly(good: Any, *bad: Any) -> Any:
-        return good if clean else st.one_of(good, good, good, good, st.sampled_from(bad))
-
-    corr = _mostly(st.floats(-1.0, 1.0), nan, inf, 1 + 1e-9, -1 - 1e-9, -1.5)
-    nonneg = _mostly(st.floats(0.0, 1e9), nan, -inf, -1e-9, -2.0, inf)
+    """A record a real client sends, usually with one odd value injected somewhere."""
+    corr, nonneg = st.floats(-1.0, 1.0), st.floats(0.0, 1e9)
     rec = monitor_pb2.StepRecord(
         run_id=RUN_IDS[0],
         sequence=draw(st.integers(1, 100)),
-        step=draw(_mostly(st.integers(0, 10**9), -1)),
-        wall_time=draw(_mostly(st.floats(1.0, 2e9), 0.0, nan, -1.0)),
+        step=draw(st.integers(0, 10**9)),
+        wall_time=draw(st.floats(1.0, 2e9)),
     )
     for msg in (rec.inversion.spearman, rec.inversion.pearson):
         for name in ("value", "ci_low", "ci_high"):
             if draw(st.booleans()):
                 setattr(msg, name, draw(corr))
-    rec.inversion.confidence = draw(_mostly(st.sampled_from([0.0, 0.9, 0.95]), 1.0, nan))
+    rec.inversion.confidence = draw(st.sampled_from([0.0, 0.9, 0.95]))
     for msg in (rec.entropy, rec.score):
         for name in ("mean", "p10", "p50", "p90"):
             if draw(st.booleans()):
                 setattr(msg, name, draw(nonneg))
     if draw(st.booleans()):
-        rec.loss = draw(_mostly(st.floats(-1e3, 1e3), nan, inf))
+        rec.loss = draw(st.floats(-1e3, 1e3))
     if draw(st.booleans()):
         rec.learning_rate = draw(nonneg)
     if draw(st.booleans()):
         rec.spearman_per_token_type = draw(corr)
-    for _ in range(draw(st.integers(0, 4 if clean else 6))):
+    for _ in range(draw(st.integers(0, 4))):
         rec.components.add(
             layer=draw(st.integers(0, 40)),
-            projection=draw(_mostly(st.sampled_from("qkvo"), "x")),
+            projection=draw(st.sampled_from("qkvo")),
             spearman=draw(corr),
             score_mean=draw(nonneg),
         )
-    for _ in range(draw(st.sampled_from([0] if clean else [0, 2, 5]))):
-        rec.samples.add(entropy=draw(nonneg), score=draw(nonneg), token_id=7)
+    if draw(st.booleans()):
+        for _ in range(draw(st.integers(1, 4))):
+            rec.samples.add(entropy=draw(nonneg), score=draw(nonneg), token_id=7)
+    if draw(st.integers(0, 3)):  # three times out of four: one odd value
+        path, field, odd = draw(st.sampled_from(ODD_TARGETS))
+        inject(rec, path, field, draw(st.sampled_from(odd)))
     return rec
+
+
+def inject(rec: monitor_pb2.StepRecord, path: str, field: str, value: Any) -> None:
+    """Set ``path.field`` of ``rec`` (``components.0``: the first element, made if needed)."""
+    msg: Any = rec
+    for part in path.split(".") if path else ():
+        if part.isdigit():
+            msg = msg[0] if len(msg) else msg.add()
+            if msg.DESCRIPTOR.name == "ComponentStats" and not msg.projection:
+                msg.projection = "q"
+        else:
+            msg = getattr(msg, part)
+    setattr(msg, field, value)

@@ -7,13 +7,16 @@ import sqlite3
 import threading
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import given, settings
 from server_support import (
+    ODD_TARGETS,
     TIMEOUT,
     acks,
     config,
+    inject,
     open_run,
     plausible_records,
     push,
@@ -221,13 +224,30 @@ def test_listeners_see_stored_records_and_overload_is_shed_with_retry_info(tmp_p
 def test_fast_path_agrees_with_field_by_field_reference(rec):
     """``check_record`` (fast path first) and ``check_record_slow`` give identical results."""
     limits = Limits(max_components=4, max_samples=4)
-    results = []
-    for check in (check_record, check_record_slow):
-        copy = monitor_pb2.StepRecord()
-        copy.CopyFrom(rec)
-        try:
-            outcome: object = check(copy, limits, 123.0)
-        except RecordProblem as exc:
-            outcome = (exc.field, exc.reason, exc.message)
-        results.append((outcome, copy.SerializeToString(deterministic=True)))
-    assert results[0] == results[1]
+    assert _outcome(check_record, rec, limits) == _outcome(check_record_slow, rec, limits)
+
+
+def _outcome(check, rec, limits):
+    copy = monitor_pb2.StepRecord()
+    copy.CopyFrom(rec)
+    try:
+        result: object = check(copy, limits, 123.0)
+    except RecordProblem as exc:
+        result = (exc.field, exc.reason, exc.message)
+    return result, copy.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [(path, field, value) for path, field, odd in ODD_TARGETS for value in odd],
+)
+def test_fast_path_agrees_with_reference_for_every_single_fault(path, field, value):
+    """Exhaustive: a clean, fully populated record with one odd value, both paths agree."""
+    limits = Limits()
+    rec = record("fuzz-a", 3, spearman=-0.5, entropy=2.0, loss=1.0, learning_rate=1e-4)
+    rec.components.add(layer=1, projection="k", spearman=0.2, score_mean=0.1)
+    rec.entropy_covariance, rec.probe_seconds, rec.spearman_per_token_type = -0.1, 0.5, -0.4
+    clean = _outcome(check_record, rec, limits)
+    assert clean == _outcome(check_record_slow, rec, limits) and clean[0] == 0
+    inject(rec, path, field, value)
+    assert _outcome(check_record, rec, limits) == _outcome(check_record_slow, rec, limits)
