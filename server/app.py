@@ -105,7 +105,10 @@ class AsyncMonitorServer:
             else:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="inversion-monitor-reader")
             collector = MonitorCollector(
-                lambda: self.ingestor.views, lambda: self.ingestor.counters, cfg.retention_s
+                lambda: self.ingestor.views,
+                lambda: self.ingestor.counters,
+                cfg.retention_s,
+                extended=cfg.extended_metrics,
             )
             self.registry, push_latency = build_registry(collector)
             limits = cfg.limits

@@ -64,6 +64,12 @@ def add_server_commands(subparsers: Any) -> None:
         metavar="DURATION",
         help="how long an idle run stays on /metrics: seconds or 90s/15m/1h/2d (default 1h)",
     )
+    serve.add_argument(
+        "--extended-metrics",
+        action="store_true",
+        default=None,
+        help="also export Spearman CI bounds, entropy p10/p50/p90, loss and run_info per run",
+    )
     serve.add_argument("--max-message-bytes", type=int, metavar="N", help="default 4 MiB")
     serve.add_argument("--max-records-per-push", type=int, metavar="N", help="default 1000")
     serve.add_argument("--max-active-runs", type=int, metavar="N", help="default 10000")
@@ -108,6 +114,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         "tls_cert",
         "tls_key",
         "retention",
+        "extended_metrics",
         "max_message_bytes",
         "max_records_per_push",
         "max_active_runs",

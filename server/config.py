@@ -119,6 +119,8 @@ class ServerConfig(BaseModel):
     # seconds a run stays on /metrics after its last activity
     retention_s: float = Field(default=3600.0, alias="retention")
     limits: Limits = Limits()
+    # adds CI bounds, entropy percentiles, loss and run_info per run to /metrics
+    extended_metrics: bool = False
     # grace period for in-flight calls on shutdown
     shutdown_grace_s: float = Field(default=5.0, ge=0)
 
@@ -221,6 +223,7 @@ _ENV_FIELDS: dict[str, str] = {
     "tls_cert": "TLS_CERT",
     "tls_key": "TLS_KEY",
     "retention": "RETENTION",
+    "extended_metrics": "EXTENDED_METRICS",
     "max_message_bytes": "MAX_MESSAGE_BYTES",
     "max_records_per_push": "MAX_RECORDS_PER_PUSH",
     "max_active_runs": "MAX_ACTIVE_RUNS",

@@ -21,6 +21,7 @@ from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from inversion_monitor.server.listeners import IngestListener
 from inversion_monitor.server.names import LABEL_KEY_RE, unique_display_name, valid_run_id
+from inversion_monitor.server.series import gauge_values
 from inversion_monitor.server.store import RecordRow, RejectedRow, Store
 from inversion_monitor.server.validate import RecordProblem, RejectReason, check_record
 
@@ -80,6 +81,8 @@ class RunView:
     metrics_record: monitor_pb2.StepRecord | None
     # the most recent record of any rank (highest step, then lowest rank)
     latest: monitor_pb2.StepRecord | None
+    # series.ALL_GAUGES read from metrics_record
+    values: tuple[float | None, ...]
 
 
 @dataclass
@@ -200,6 +203,7 @@ class Ingestor:
             records=run.records,
             metrics_record=metrics_record,
             latest=latest,
+            values=gauge_values(metrics_record),
         )
         self.by_name[run.display_name] = run.run_id
 

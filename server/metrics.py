@@ -1,9 +1,10 @@
 """Prometheus exposition: a collector over the in-memory snapshot, never SQLite.
 
 Per run (label ``run``: the display name), the values of the latest record of
-the run's lowest rank; a statistic that is missing (or was non-finite) gives
-no sample. Runs idle for longer than the retention window leave /metrics
-(they stay in the database).
+the run's lowest rank (see :mod:`.series`); a statistic that is missing (or
+was non-finite) gives no sample. Runs idle for longer than the retention
+window leave /metrics (they stay in the database). ``extended=True`` adds
+confidence bounds, entropy percentiles, loss and a ``run_info`` series.
 """
 
 from __future__ import annotations
@@ -15,78 +16,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
-from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.ingest import Counters, RunView
 from inversion_monitor.server.names import clean_label_value
+from inversion_monitor.server.series import ALL_GAUGES, BASE_GAUGES
 
 PREFIX = "inversion_monitor_"
-
-
-def _opt(msg: Any, name: str) -> float | None:
-    return float(getattr(msg, name)) if msg.HasField(name) else None
-
-
-def _spearman(r: monitor_pb2.StepRecord) -> float | None:
-    return _opt(r.inversion.spearman, "value")
-
-
-# name (without prefix), help, extractor: the per-run gauges
-RUN_GAUGES: tuple[tuple[str, str, Callable[[monitor_pb2.StepRecord], float | None]], ...] = (
-    (
-        "spearman",
-        "Spearman correlation of per-token entropy and logit-gradient strength "
-        "(negative: the entropy-gradient inversion holds).",
-        _spearman,
-    ),
-    (
-        "spearman_ci_lower",
-        "Lower bound of the Spearman confidence interval.",
-        lambda r: _opt(r.inversion.spearman, "ci_low"),
-    ),
-    (
-        "spearman_ci_upper",
-        "Upper bound of the Spearman confidence interval.",
-        lambda r: _opt(r.inversion.spearman, "ci_high"),
-    ),
-    (
-        "pearson",
-        "Pearson correlation of per-token entropy and logit-gradient strength.",
-        lambda r: _opt(r.inversion.pearson, "value"),
-    ),
-    (
-        "tokens_sampled",
-        "Tokens the latest statistics were computed over.",
-        lambda r: float(r.inversion.n) if r.HasField("inversion") else None,
-    ),
-    (
-        "entropy_mean_nats",
-        "Mean per-token predictive entropy, nats.",
-        lambda r: _opt(r.entropy, "mean"),
-    ),
-    (
-        "entropy_p10_nats",
-        "10th percentile of per-token predictive entropy, nats.",
-        lambda r: _opt(r.entropy, "p10"),
-    ),
-    (
-        "entropy_p50_nats",
-        "Median per-token predictive entropy, nats.",
-        lambda r: _opt(r.entropy, "p50"),
-    ),
-    (
-        "entropy_p90_nats",
-        "90th percentile of per-token predictive entropy, nats.",
-        lambda r: _opt(r.entropy, "p90"),
-    ),
-    (
-        "logit_grad_norm_mean",
-        "Mean per-token logit-gradient strength.",
-        lambda r: _opt(r.score, "mean"),
-    ),
-    ("step", "Trainer global step of the latest record.", lambda r: float(r.step)),
-    ("loss", "Training loss reported with the latest record.", lambda r: _opt(r, "loss")),
-)
 
 
 class MonitorCollector(Collector):
@@ -105,11 +41,15 @@ class MonitorCollector(Collector):
         counters: Callable[[], Counters],
         retention_s: float,
         clock: Callable[[], float] = time.time,
+        *,
+        extended: bool = False,
     ) -> None:
         self._views = views
         self._counters = counters
         self._retention_s = retention_s
         self._clock = clock
+        self._extended = extended
+        self._gauges = ALL_GAUGES if extended else BASE_GAUGES
 
     def describe(self) -> Iterable[Any]:
         return self._families()
@@ -117,18 +57,13 @@ class MonitorCollector(Collector):
     def _families(self) -> list[Any]:
         run = ["run"]
         families: list[Any] = [
-            GaugeMetricFamily(PREFIX + name, doc, labels=run) for name, doc, _ in RUN_GAUGES
+            GaugeMetricFamily(PREFIX + name, doc, labels=run) for name, doc, _ in self._gauges
         ]
         families += [
             GaugeMetricFamily(
                 PREFIX + "last_update_timestamp_seconds",
                 "Unix time the server last stored a record of the run.",
                 labels=run,
-            ),
-            GaugeMetricFamily(
-                PREFIX + "run_info",
-                "Run metadata (value 1).",
-                labels=["run", "run_id", "project", "framework", "model_type", "status"],
             ),
             GaugeMetricFamily(
                 PREFIX + "active_runs",
@@ -154,15 +89,28 @@ class MonitorCollector(Collector):
                 PREFIX + "listener_errors", "Exceptions raised by ingest listeners."
             ),
         ]
+        if self._extended:
+            families.append(
+                GaugeMetricFamily(
+                    PREFIX + "run_info",
+                    "Run metadata (value 1).",
+                    labels=["run", "run_id", "project", "framework", "model_type", "status"],
+                )
+            )
         return families
 
     def collect(self) -> Iterable[Any]:
         families = self._families()
-        gauges = families[: len(RUN_GAUGES)]
-        last_update, run_info, active, ingested, rejected, dup, nonfinite, lerr = families[
-            len(RUN_GAUGES) :
+        n_gauges = len(self._gauges)
+        gauges = families[:n_gauges]
+        last_update, active, ingested, rejected, dup, nonfinite, lerr = families[
+            n_gauges : n_gauges + 7
         ]
-        extractors = [extract for _, _, extract in RUN_GAUGES]
+        run_info = families[-1]
+        # (samples list, sample name) per gauge, in the order of view.values
+        targets = [(family.samples, family.name) for family in gauges]
+        last_samples, last_name = last_update.samples, last_update.name
+        extended = self._extended
         now = self._clock()
         retention = self._retention_s
         n_active = 0
@@ -171,28 +119,25 @@ class MonitorCollector(Collector):
                 continue
             if view.status == "running":
                 n_active += 1
-            labels = [view.display_name]
-            info = view.info
-            run_info.add_metric(
-                [
-                    view.display_name,
-                    view.run_id,
-                    clean_label_value(info.project),
-                    clean_label_value(info.framework),
-                    clean_label_value(info.model_type),
-                    view.status,
-                ],
-                1.0,
-            )
+            labels = {"run": view.display_name}  # shared by the run's samples (read-only)
             if view.last_update_time is not None:
-                last_update.add_metric(labels, view.last_update_time)
-            record = view.metrics_record
-            if record is None:
-                continue
-            for family, extract in zip(gauges, extractors, strict=True):
-                value = extract(record)
+                last_samples.append(Sample(last_name, labels, view.last_update_time))
+            for (samples, name), value in zip(targets, view.values, strict=False):
                 if value is not None:
-                    family.add_metric(labels, value)
+                    samples.append(Sample(name, labels, value))
+            if extended:
+                info = view.info
+                run_info.add_metric(
+                    [
+                        view.display_name,
+                        view.run_id,
+                        clean_label_value(info.project),
+                        clean_label_value(info.framework),
+                        clean_label_value(info.model_type),
+                        view.status,
+                    ],
+                    1.0,
+                )
         counters = self._counters()
         active.add_metric([], n_active)
         ingested.add_metric([], counters.ingested)

@@ -30,7 +30,7 @@ from inversion_monitor.server.cli import runs_table
 
 
 def test_round_trip_getrun_listruns_and_metrics(tmp_path):
-    with running(tmp_path) as server, stub_for(server) as stub:
+    with running(tmp_path, extended_metrics=True) as server, stub_for(server) as stub:
         opened = open_run(stub, "run1", name="GPT-2 small / lr=3e-4")
         assert opened.display_name == "GPT-2-small-lr-3e-4"
         assert opened.acked_sequence == 0
@@ -77,6 +77,8 @@ def test_round_trip_getrun_listruns_and_metrics(tmp_path):
         )
         p90 = run_sample(text, "inversion_monitor_entropy_p90_nats", run)
         assert p90 == pytest.approx(2.7 * 1.5)
+        info = [k for k in all_samples if k[0] == "inversion_monitor_run_info"]
+        assert dict(info[0][1])["project"] == "proj"
         assert all_samples[("inversion_monitor_push_duration_seconds_count", ())] == 1
 
         checked = promtool_check(text)
@@ -97,6 +99,9 @@ def test_metrics_follow_the_lowest_rank_and_skip_missing_values(tmp_path):
         assert run_sample(text, "inversion_monitor_step", "demo-run") == 40
         assert run_sample(text, "inversion_monitor_spearman", "demo-run") is None
         assert run_sample(text, "inversion_monitor_pearson", "demo-run") is None
+        # without --extended-metrics: only the basic per-run series
+        assert "inversion_monitor_entropy_p90_nats" not in text
+        assert "inversion_monitor_run_info" not in text
         assert not any(math.isnan(v) for v in samples(text).values())
         # spearman.value and pearson.value were NaN
         assert samples(text)[("inversion_monitor_nonfinite_values_total", ())] == 2
@@ -107,7 +112,7 @@ def test_metrics_follow_the_lowest_rank_and_skip_missing_values(tmp_path):
 
 
 def test_display_names_are_sanitised_and_unique(tmp_path):
-    with running(tmp_path) as server, stub_for(server) as stub:
+    with running(tmp_path, extended_metrics=True) as server, stub_for(server) as stub:
         names = [
             open_run(stub, f"id{i}", name=name).display_name
             for i, name in enumerate(["exp", "exp", 'we"ird\n{name}', "", "exp"])
