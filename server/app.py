@@ -11,9 +11,10 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,8 +32,10 @@ from inversion_monitor.server.service import (
     add_monitor_service,
 )
 from inversion_monitor.server.store import Store, connect
+from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
+_T = TypeVar("_T")
 
 
 class AsyncMonitorServer:
@@ -56,7 +59,7 @@ class AsyncMonitorServer:
         self._listeners = listeners
         self._server: grpc.aio.Server | None = None
         self._http: HttpEndpoint | None = None
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer: WriterThread | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._servicer: MonitorServicer | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -83,6 +86,13 @@ class AsyncMonitorServer:
             raise RuntimeError("the server is not started")
         return self._ingestor
 
+    async def _read(self, fn: Callable[[], _T]) -> _T:
+        """Run a database read on the reader thread (the writer's, for ``:memory:``)."""
+        if self._reader is None:
+            assert self._writer is not None
+            return await self._writer.call(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
+
     def _read_connection(self) -> sqlite3.Connection:
         # called on the reader thread only
         if self._read_conn is None:
@@ -92,15 +102,14 @@ class AsyncMonitorServer:
     async def start(self) -> None:
         """Open the database, restore state, bind the ports and start serving."""
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="inversion-monitor-writer")
+        self._writer = writer = WriterThread()
         memory = str(cfg.db) == ":memory:"
         try:
-            self._ingestor = await loop.run_in_executor(
-                self._writer, lambda: Ingestor(Store(cfg.db), cfg, self._listeners)
+            self._ingestor = await writer.call(
+                lambda: Ingestor(Store(cfg.db), cfg, self._listeners)
             )
+            writer.ingestor = self._ingestor
             if memory:  # one connection only: reads share the writer thread
-                self._reader = self._writer
                 self._read_conn = self._ingestor._store._conn
             else:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="inversion-monitor-reader")
@@ -114,8 +123,8 @@ class AsyncMonitorServer:
             limits = cfg.limits
             self._servicer = MonitorServicer(
                 self._ingestor,
-                writer=self._writer,
-                reader=self._reader,
+                writer=writer,
+                reader=self._read,
                 read_connection=self._read_connection,
                 push_latency=push_latency,
                 max_pending=limits.max_pending_pushes,
@@ -175,14 +184,14 @@ class AsyncMonitorServer:
             await asyncio.get_running_loop().run_in_executor(None, self._http.stop)
             self._http = None
         loop = asyncio.get_running_loop()
-        if self._reader is not None and self._reader is not self._writer:
+        if self._reader is not None:
             await loop.run_in_executor(self._reader, self._close_reader)
             self._reader.shutdown(wait=True)
-        self._reader = None
+            self._reader = None
         if self._writer is not None:
             if self._ingestor is not None:
-                await loop.run_in_executor(self._writer, self._ingestor.close)
-            self._writer.shutdown(wait=True)
+                await self._writer.call(self._ingestor.close)
+            await loop.run_in_executor(None, self._writer.stop)
             self._writer = None
         self._stopped.set()
 

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.config import ServerConfig
-from inversion_monitor.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from inversion_monitor.server.errors import (
+    InvalidArgument,
+    NotFound,
+    RequestError,
+    ResourceExhausted,
+)
 from inversion_monitor.server.listeners import IngestListener
 from inversion_monitor.server.names import LABEL_KEY_RE, unique_display_name, valid_run_id
 from inversion_monitor.server.series import gauge_values
@@ -94,6 +99,26 @@ class Counters:
     nonfinite: int = 0
     listener_errors: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in RejectReason})
+
+
+@dataclass
+class _Group:
+    """What a group of pushes writes in its one transaction, and what to publish after."""
+
+    rows: list[RecordRow] = field(default_factory=list)
+    rejected_rows: list[RejectedRow] = field(default_factory=list)
+    # (run_pk, rank) -> (run_pk, rank, acked, status)
+    ranks: dict[tuple[int, int], tuple[int, int, int, str]] = field(default_factory=dict)
+    # run_pk -> records added
+    added: dict[int, int] = field(default_factory=dict)
+    touched: set[str] = field(default_factory=set)
+    stored: list[tuple[RunState, int, int, monitor_pb2.StepRecord]] = field(default_factory=list)
+    duplicates: int = 0
+    nonfinite: int = 0
+    reject_counts: dict[str, int] = field(default_factory=dict)
+
+    def run_rows(self, now: float) -> list[tuple[int, float | None, float, int]]:
+        return [(pk, now if added else None, now, added) for pk, added in self.added.items()]
 
 
 def _stripped(record: monitor_pb2.StepRecord) -> monitor_pb2.StepRecord:
@@ -374,7 +399,60 @@ class Ingestor:
         self, request: monitor_pb2.PushRequest, now: float | None = None
     ) -> monitor_pb2.PushResponse:
         """Store a batch in one transaction; answer acks, rejections and counts."""
+        (result,) = self.push_many([request], now)
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def push_many(
+        self, requests: Sequence[monitor_pb2.PushRequest], now: float | None = None
+    ) -> list[monitor_pb2.PushResponse | RequestError]:
+        """Several pushes in one transaction (group commit), each answered on its own.
+
+        A request that fails as a whole (unknown run, malformed) gets its
+        :class:`RequestError` in the list and changes nothing. If the
+        transaction fails, memory is reloaded from the database and the
+        exception propagates: nothing of the group was stored or acknowledged.
+        """
         now = time.time() if now is None else now
+        group = _Group()
+        results: list[monitor_pb2.PushResponse | RequestError] = []
+        try:
+            for request in requests:
+                try:
+                    results.append(self._push_one(request, now, group))
+                except RequestError as exc:
+                    results.append(exc)
+            if group.ranks:
+                self._store.write_push(
+                    group.rows, group.rejected_rows, group.ranks.values(), group.run_rows(now)
+                )
+        except BaseException:
+            self._reload()
+            raise
+        # committed: make it visible
+        counters = self.counters
+        counters.ingested += len(group.stored)
+        counters.duplicates += group.duplicates
+        counters.nonfinite += group.nonfinite
+        for reason, count in group.reject_counts.items():
+            counters.rejected[reason] += count
+        for run_id in group.touched:
+            self._publish(self._runs[run_id])
+        if self._listeners:
+            self._notify(group.stored)
+        return results
+
+    def _reload(self) -> None:
+        log.warning("reloading the in-memory state from the database after a failed write")
+        self._runs = {}
+        self._names = set()
+        self._load()
+
+    def _push_one(
+        self, request: monitor_pb2.PushRequest, now: float, group: _Group
+    ) -> monitor_pb2.PushResponse:
+        """Validate, queue the rows into ``group`` and update acks in memory (not views)."""
         records = request.records
         limits = self._limits
         if len(records) > limits.max_records_per_push:
@@ -504,10 +582,20 @@ class Ingestor:
             )
             for run_id in touched
         ]
-        if rank_rows:
-            self._store.write_push(rows, rejected_rows, rank_rows, run_rows)
+        group.rows.extend(rows)
+        group.rejected_rows.extend(rejected_rows)
+        for row in rank_rows:
+            group.ranks[row[0], row[1]] = row
+        for pk, _, _, added in run_rows:
+            group.added[pk] = group.added.get(pk, 0) + added
+        group.touched.update(touched)
+        group.stored.extend(stored)
+        group.duplicates += duplicates
+        group.nonfinite += nonfinite
+        for reason, count in reject_counts.items():
+            group.reject_counts[reason] = group.reject_counts.get(reason, 0) + count
 
-        # committed: apply to memory
+        # apply to memory (the caller reloads it if the transaction fails)
         for (run_id, rank_no), (acked, pending) in new_state.items():
             run = runs[run_id]
             rank = run.ranks.get(rank_no)
@@ -533,15 +621,6 @@ class Ingestor:
                 run.records += added
                 run.last_update_time = now
             run.last_activity = now
-            self._publish(run)
-        counters = self.counters
-        counters.ingested += len(stored)
-        counters.duplicates += duplicates
-        counters.nonfinite += nonfinite
-        for reason, count in reject_counts.items():
-            counters.rejected[reason] += count
-        if self._listeners:
-            self._notify(stored)
 
         for run_id, rank_no in done:
             rank = runs[run_id].ranks.get(rank_no)

@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -33,6 +33,7 @@ from inversion_monitor.server.errors import (
 )
 from inversion_monitor.server.ingest import Ingestor, RunView
 from inversion_monitor.server.store import StoreError, read_history
+from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
 
@@ -77,8 +78,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self,
         ingestor: Ingestor,
         *,
-        writer: ThreadPoolExecutor,
-        reader: ThreadPoolExecutor,
+        writer: WriterThread,
+        reader: Callable[[Callable[[], Any]], Awaitable[Any]],
         read_connection: Callable[[], sqlite3.Connection],
         push_latency: Histogram,
         max_pending: int,
@@ -94,7 +95,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self._pending = 0
         self.stopping = False
 
-    async def _write(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _write(self, job: Callable[[], Awaitable[_T]]) -> _T:
         if self.stopping:
             raise Unavailable("the server is shutting down; retry", retry_after_s=1.0)
         if self._pending >= self._max_pending:
@@ -105,8 +106,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             )
         self._pending += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._writer, fn, *args)
+            return await job()
         except StoreError as exc:
             log.error("database error: %s", exc)
             raise Unavailable(f"database error, nothing was stored: {exc}") from exc
@@ -136,14 +136,22 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self, request: monitor_pb2.OpenRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.OpenRunResponse:
         return await self._guard(
-            context, request, lambda: self._write(self._ingestor.open_run, request)
+            context,
+            request,
+            lambda: self._write(
+                lambda: self._writer.call(partial(self._ingestor.open_run, request))
+            ),
         )
 
     async def CloseRun(
         self, request: monitor_pb2.CloseRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.CloseRunResponse:
         return await self._guard(
-            context, request, lambda: self._write(self._ingestor.close_run, request)
+            context,
+            request,
+            lambda: self._write(
+                lambda: self._writer.call(partial(self._ingestor.close_run, request))
+            ),
         )
 
     async def Push(
@@ -152,7 +160,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         start = time.perf_counter()
         try:
             return await self._guard(
-                context, request, lambda: self._write(self._ingestor.push, request)
+                context, request, lambda: self._write(lambda: self._writer.push(request))
             )
         finally:
             self._push_latency.observe(time.perf_counter() - start)
@@ -193,11 +201,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 raise InvalidArgument(
                     f"history_limit is {limit}; max_history is {self._max_history}"
                 )
-            loop = asyncio.get_running_loop()
             try:
-                payloads = await loop.run_in_executor(
-                    self._reader,
-                    lambda: read_history(self._read_connection(), view.pk, limit),
+                payloads = await self._reader(
+                    lambda: read_history(self._read_connection(), view.pk, limit)
                 )
             except sqlite3.Error as exc:
                 raise Unavailable(f"database read failed: {exc}") from exc

@@ -106,10 +106,10 @@ class StoreError(RuntimeError):
     """The database refused an operation (disk full, locked, corrupt)."""
 
 
-def connect(path: Path | str) -> sqlite3.Connection:
-    """A connection in autocommit mode with WAL journaling and the schema in place."""
+def connect(path: Path | str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A connection in autocommit mode with WAL journaling."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     if str(path) != ":memory:":
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -130,10 +130,10 @@ class Store:
     >>> store.close()
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, busy_timeout_ms: int = 5000) -> None:
         self.path = str(path)
         try:
-            self._conn = connect(self.path)
+            self._conn = connect(self.path, busy_timeout_ms)
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(

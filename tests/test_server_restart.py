@@ -6,6 +6,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import (
@@ -24,7 +25,7 @@ from server_support import (
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.config import Limits, ServerConfig
 from inversion_monitor.server.ingest import Ingestor
-from inversion_monitor.server.store import Store
+from inversion_monitor.server.store import Store, StoreError
 
 
 def test_restart_restores_runs_state_and_acks(tmp_path):
@@ -132,3 +133,48 @@ def test_acks_match_a_brute_force_reference(batches, restart_after):
         with sqlite3.connect(cfg.db) as conn:
             rows = set(conn.execute("SELECT rank, sequence FROM records").fetchall())
         assert rows == stored
+
+
+def test_a_failed_commit_stores_and_acknowledges_nothing(tmp_path):
+    cfg = ServerConfig(db=tmp_path / "m.db")
+    ing = Ingestor(Store(cfg.db, busy_timeout_ms=50), cfg)
+    info = monitor_pb2.RunInfo(run_id="r", world_size=1)
+    ing.open_run(monitor_pb2.OpenRunRequest(run=info), now=1.0)
+    ok = monitor_pb2.PushRequest(records=[monitor_pb2.StepRecord(run_id="r", sequence=1)])
+    assert ing.push(ok).acks[0].acked_sequence == 1
+    blocker = sqlite3.connect(cfg.db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+    group = [
+        monitor_pb2.PushRequest(records=[monitor_pb2.StepRecord(run_id="r", sequence=s)])
+        for s in (2, 3)
+    ]
+    with pytest.raises(StoreError, match="locked"):
+        ing.push_many(group)
+    # memory was reloaded from the database: nothing of the group counts as stored
+    assert ing.views["r"].records == 1 and ing.counters.ingested == 1
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    results = ing.push_many(group)
+    assert [r.acks[0].acked_sequence for r in results] == [2, 3]
+    assert [r.accepted for r in results] == [1, 1]
+    ing.close()
+
+
+def test_concurrent_pushes_are_grouped_and_each_acknowledged(tmp_path):
+    with running(tmp_path) as server, stub_for(server) as stub:
+        for run in range(4):
+            open_run(stub, f"run{run}", name=f"n{run}")
+        futures = [
+            stub.Push.future(
+                monitor_pb2.PushRequest(records=[record(f"run{run}", seq)]), timeout=TIMEOUT
+            )
+            for seq in range(1, 26)
+            for run in range(4)
+        ]
+        results = [f.result() for f in futures]
+        assert all(r.accepted == 1 for r in results)
+        final = push(stub, *(record(f"run{run}", 25) for run in range(4)))
+        assert final.duplicates == 4
+        assert acks(final) == {(f"run{run}", 0): 25 for run in range(4)}
+    with sqlite3.connect(tmp_path / "monitor.db") as conn:
+        assert conn.execute("SELECT count(*) FROM records").fetchone() == (100,)
