@@ -276,6 +276,7 @@ def phase_latency(args: argparse.Namespace, tmp: Path, per_push: int) -> float:
         latencies = sorted(x for _ in procs for x in q.get(timeout=args.duration + 120))
         cpu = server.cpu_seconds() - cpu0
         server_p50, server_p99 = server.push_quantiles(0.5, 0.99)
+        commits = server.metric("inversion_monitor_push_commits_total")
         for p in procs:
             p.join(60)
         p50 = latencies[len(latencies) // 2] * 1e3
@@ -286,7 +287,8 @@ def phase_latency(args: argparse.Namespace, tmp: Path, per_push: int) -> float:
             f"{len(latencies):,} pushes, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
             f"max {latencies[-1] * 1e3:.1f} ms (client side); server side p50 "
             f"{server_p50 * 1e3:.1f} ms, p99 {server_p99 * 1e3:.1f} ms; server used "
-            f"{cpu / args.duration:.2f} cores"
+            f"{cpu / args.duration:.2f} cores; {len(latencies) / max(commits, 1):.1f} pushes "
+            "per commit"
         )
         return p99
     finally:

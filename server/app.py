@@ -130,7 +130,7 @@ class AsyncMonitorServer:
                 max_pending=limits.max_pending_pushes,
                 max_history=limits.max_history,
             )
-            interceptors = [BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else []
+            interceptors = [BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else None
             options = [
                 ("grpc.max_receive_message_length", limits.max_message_bytes),
                 ("grpc.max_send_message_length", max(limits.max_message_bytes, 64 << 20)),

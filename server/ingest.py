@@ -95,6 +95,8 @@ class Counters:
     """Server-wide totals since start; plain ints written by the writer thread only."""
 
     ingested: int = 0
+    # push transactions committed (several pushes may share one: group commit)
+    commits: int = 0
     duplicates: int = 0
     nonfinite: int = 0
     listener_errors: int = 0
@@ -432,6 +434,7 @@ class Ingestor:
             raise
         # committed: make it visible
         counters = self.counters
+        counters.commits += 1 if group.ranks else 0
         counters.ingested += len(group.stored)
         counters.duplicates += group.duplicates
         counters.nonfinite += group.nonfinite

@@ -88,6 +88,10 @@ class MonitorCollector(Collector):
             CounterMetricFamily(
                 PREFIX + "listener_errors", "Exceptions raised by ingest listeners."
             ),
+            CounterMetricFamily(
+                PREFIX + "push_commits",
+                "Database transactions that stored pushes (one may hold several pushes).",
+            ),
         ]
         if self._extended:
             families.append(
@@ -103,8 +107,8 @@ class MonitorCollector(Collector):
         families = self._families()
         n_gauges = len(self._gauges)
         gauges = families[:n_gauges]
-        last_update, active, ingested, rejected, dup, nonfinite, lerr = families[
-            n_gauges : n_gauges + 7
+        last_update, active, ingested, rejected, dup, nonfinite, lerr, commits = families[
+            n_gauges : n_gauges + 8
         ]
         run_info = families[-1]
         # (samples list, sample name) per gauge, in the order of view.values
@@ -146,6 +150,7 @@ class MonitorCollector(Collector):
         dup.add_metric([], counters.duplicates)
         nonfinite.add_metric([], counters.nonfinite)
         lerr.add_metric([], counters.listener_errors)
+        commits.add_metric([], counters.commits)
         return families
 
 
