@@ -19,6 +19,7 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
 
 from inversion_monitor.server.config import ServerConfig, join_address
 from inversion_monitor.server.http import HttpEndpoint
@@ -130,6 +131,12 @@ class AsyncMonitorServer:
                 max_pending=limits.max_pending_pushes,
                 max_history=limits.max_history,
             )
+            servicer = self._servicer
+            Gauge(
+                "inversion_monitor_writer_queue_depth",
+                "Writes queued for or running on the writer thread.",
+                registry=self.registry,
+            ).set_function(lambda: servicer.pending)
             interceptors = [BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else None
             options = [
                 ("grpc.max_receive_message_length", limits.max_message_bytes),

@@ -95,6 +95,11 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self._pending = 0
         self.stopping = False
 
+    @property
+    def pending(self) -> int:
+        """Writes queued for or running on the writer thread."""
+        return self._pending
+
     async def _write(self, job: Callable[[], Awaitable[_T]]) -> _T:
         if self.stopping:
             raise Unavailable("the server is shutting down; retry", retry_after_s=1.0)

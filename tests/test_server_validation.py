@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
+import time
 
 import grpc
 import pytest
@@ -251,3 +252,31 @@ def test_fast_path_agrees_with_reference_for_every_single_fault(path, field, val
     assert clean == _outcome(check_record_slow, rec, limits) and clean[0] == 0
     inject(rec, path, field, value)
     assert _outcome(check_record, rec, limits) == _outcome(check_record_slow, rec, limits)
+
+
+def test_pushes_queued_behind_a_busy_writer_share_one_commit(tmp_path):
+    gate = _Gate()
+    with MonitorServer(config(tmp_path), listeners=[gate]) as server, stub_for(server) as stub:
+        open_run(stub, "run1")
+        first = stub.Push.future(
+            monitor_pb2.PushRequest(records=[record("run1", 1)]), timeout=TIMEOUT
+        )
+        assert gate.entered.wait(TIMEOUT)  # the writer is busy with the first push
+        queued = [
+            stub.Push.future(
+                monitor_pb2.PushRequest(records=[record("run1", seq)]), timeout=TIMEOUT
+            )
+            for seq in range(2, 12)
+        ]
+        depth = ("inversion_monitor_writer_queue_depth", ())
+        deadline = time.monotonic() + TIMEOUT
+        while samples(scrape_text(server))[depth] < 11 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert samples(scrape_text(server))[depth] == 11
+        gate.release.set()
+        results = [first.result(), *(f.result() for f in queued)]
+        assert results[0].acks[0].acked_sequence == 1
+        assert max(r.acks[0].acked_sequence for r in results) == 11
+        s = samples(scrape_text(server))
+        assert s[("inversion_monitor_push_commits_total", ())] == 2
+        assert s[("inversion_monitor_records_ingested_total", ())] == 11
