@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_support import TIMEOUT, open_run, push, record, rpc_error, running, stub_for
 
+from inversion_monitor.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 
 
@@ -96,7 +97,7 @@ def _self_signed(tmp_path):
     return cert_path, key_path
 
 
-def test_tls_with_a_self_signed_certificate_and_a_token(tmp_path):
+def test_tls_with_a_self_signed_certificate_and_a_token(tmp_path, capsys):
     cert, key = _self_signed(tmp_path)
     with running(tmp_path, tls_cert=cert, tls_key=key, tokens=["t0k"]) as server:
         creds = grpc.ssl_channel_credentials(cert.read_bytes())
@@ -111,6 +112,11 @@ def test_tls_with_a_self_signed_certificate_and_a_token(tmp_path):
             assert reply.display_name == "tls"
         with grpc.secure_channel(server.grpc_target, creds) as ch:
             assert _health(server.grpc_target, ch) == health_pb2.HealthCheckResponse.SERVING
+        args = ["runs", "--endpoint", server.grpc_target, "--tls-ca", str(cert)]
+        assert main([*args, "--token", "t0k"]) == 0
+        assert "tls" in capsys.readouterr().out
+        assert main(args) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
         # a plaintext client cannot talk to the TLS port
         with grpc.insecure_channel(server.grpc_target) as ch:
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
