@@ -1,0 +1,396 @@
+"""Monitor server throughput, latency and scrape-time benchmark (loopback only).
+
+Each phase starts a fresh ``inversion-monitor serve`` subprocess on a
+temporary database and drives it with client processes that use the raw
+generated stubs:
+
+1. ingest: ``--clients`` processes push batches of ``--batch`` records as fast
+   as the server acknowledges them; records/s committed (the server's own
+   ``records_ingested_total`` over wall time).
+2. latency: ``--runs`` runs each send ``--rate`` records/s (spread over
+   ``--latency-procs`` processes, grpc.aio), first one record per push, then
+   ``--per-push`` records per push (a client that flushes once a second);
+   p50/p99 Push round trip, client side and server side.
+3. scrape: ``--scrape-runs`` active runs with one record each; time of a full
+   ``GET /metrics``.
+
+Usage: ``python benchmarks/bench_server.py [--duration 15]``. Goals (2 cores):
+>= 20,000 records/s, p99 <= 50 ms, scrape <= 200 ms. Client processes share the
+machine with the server, so the figures are a lower bound for a server with
+its cores to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+GOALS = {"ingest": 20_000.0, "p99_ms": 50.0, "scrape_ms": 200.0}
+
+
+# ---------------------------------------------------------------- server
+
+
+class Server:
+    """``inversion-monitor serve`` in a subprocess on free ports."""
+
+    def __init__(self, db: Path) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "inversion_monitor.cli",
+                "serve",
+                "--grpc-address",
+                "127.0.0.1:0",
+                "--http-address",
+                "127.0.0.1:0",
+                "--db",
+                str(db),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        grpc_line = self.proc.stdout.readline().split()
+        http_line = self.proc.stdout.readline().split()
+        if not grpc_line or not http_line:
+            raise RuntimeError("the server did not start")
+        self.target, self.http = grpc_line[-1], http_line[-1]
+
+    def metric(self, name: str) -> float:
+        for line in self.scrape().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(self.http + "/metrics", timeout=30) as resp:
+            text: str = resp.read().decode()
+        return text
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def push_quantiles(self, *qs: float) -> list[float]:
+        """Server-side Push duration quantiles (s), interpolated in the histogram buckets."""
+        buckets = []
+        for line in self.scrape().splitlines():
+            if line.startswith("inversion_monitor_push_duration_seconds_bucket{"):
+                le = line.split('le="')[1].split('"')[0]
+                buckets.append((float(le), float(line.split()[-1])))
+        total = buckets[-1][1]
+        out = []
+        for q in qs:
+            target, lo, below = q * total, 0.0, 0.0
+            for le, count in buckets:
+                if count >= target:
+                    if le == float("inf"):
+                        out.append(lo)
+                    else:
+                        share = (target - below) / max(count - below, 1e-9)
+                        out.append(lo + (le - lo) * share)
+                    break
+                lo, below = le, count
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _record(monitor_pb2: Any, run_id: str, components: int) -> Any:
+    rec = monitor_pb2.StepRecord(run_id=run_id, wall_time=time.time(), loss=2.5)
+    rec.learning_rate = 3e-4
+    rec.probe_seconds = 0.01
+    inv = rec.inversion
+    inv.spearman.value, inv.spearman.ci_low, inv.spearman.ci_high = -0.4, -0.45, -0.35
+    inv.pearson.value, inv.pearson.ci_low, inv.pearson.ci_high = -0.3, -0.35, -0.25
+    inv.n, inv.confidence = 2048, 0.95
+    rec.entropy.mean, rec.entropy.p10, rec.entropy.p50, rec.entropy.p90 = 2.1, 0.3, 1.9, 4.0
+    rec.score.mean, rec.score.p10, rec.score.p50, rec.score.p90 = 0.5, 0.1, 0.4, 1.2
+    for layer in range(components):
+        rec.components.add(layer=layer // 4, projection="qkvo"[layer % 4], spearman=-0.3)
+    return rec
+
+
+def _open(stub: Any, monitor_pb2: Any, run_id: str) -> None:
+    info = monitor_pb2.RunInfo(run_id=run_id, name=run_id, project="bench", world_size=1)
+    stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=30)
+
+
+# ---------------------------------------------------------------- phase 1: ingest
+
+
+def ingest_worker(target: str, run_id: str, args: dict[str, Any], start_at: float, q: Any) -> None:
+    import grpc
+
+    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+        _open(stub, monitor_pb2, run_id)
+        template = _record(monitor_pb2, run_id, args["components"])
+        seq = accepted = 0
+        time.sleep(max(0.0, start_at - time.time()))
+        end = start_at + args["duration"]
+        while time.time() < end:
+            request = monitor_pb2.PushRequest()
+            for _ in range(args["batch"]):
+                seq += 1
+                rec = request.records.add()
+                rec.CopyFrom(template)
+                rec.sequence = seq
+                rec.step = seq
+            accepted += stub.Push(request, timeout=30).accepted
+        q.put(accepted)
+
+
+def phase_ingest(args: argparse.Namespace, tmp: Path) -> float:
+    server = Server(tmp / "ingest.db")
+    try:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        start_at = time.time() + 3.0  # let every worker import and open its run
+        params = {"duration": args.duration, "batch": args.batch, "components": args.components}
+        procs = [
+            ctx.Process(
+                target=ingest_worker, args=(server.target, f"ingest-{i}", params, start_at, q)
+            )
+            for i in range(args.clients)
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(max(0.0, start_at - time.time()))
+        before, t0 = server.metric("inversion_monitor_records_ingested_total"), time.time()
+        cpu0 = server.cpu_seconds()
+        time.sleep(args.duration)
+        after, t1 = server.metric("inversion_monitor_records_ingested_total"), time.time()
+        cpu = server.cpu_seconds() - cpu0
+        accepted = sum(q.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(60)
+        rate = (after - before) / (t1 - t0)
+        print(
+            f"  ingest: {args.clients} clients x batches of {args.batch}: {accepted:,} records "
+            f"accepted in ~{args.duration:.0f} s; committed rate {rate:,.0f} records/s; "
+            f"server used {cpu / (t1 - t0):.2f} cores ({(after - before) / cpu:,.0f} records per "
+            "server CPU-second)"
+        )
+        return rate
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- phase 2: latency
+
+
+async def _latency_main(
+    target: str, run_ids: list[str], params: dict[str, Any], start_at: float
+) -> list[float]:
+    import grpc
+
+    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+
+    rate, duration, components = params["rate"], params["duration"], params["components"]
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+        for run_id in run_ids:
+            info = monitor_pb2.RunInfo(run_id=run_id, name=run_id, world_size=1)
+            await stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=30)
+        per_push = params["per_push"]
+        pushes = int(duration * rate / per_push) + 1
+        # built before the clock starts, so the loop only sends
+        prepared: dict[str, list[Any]] = {}
+        for run_id in run_ids:
+            template = _record(monitor_pb2, run_id, components)
+            requests = []
+            for n in range(pushes):
+                request = monitor_pb2.PushRequest()
+                for k in range(per_push):
+                    rec = request.records.add()
+                    rec.CopyFrom(template)
+                    rec.sequence = rec.step = n * per_push + k + 1
+                requests.append(request)
+            prepared[run_id] = requests
+
+        async def one_run(index: int, run_id: str) -> None:
+            period = per_push / rate
+            next_t = start_at + period * index / len(run_ids)
+            for request in prepared[run_id]:
+                if next_t >= start_at + duration:
+                    break
+                await asyncio.sleep(max(0.0, next_t - time.time()))
+                t0 = time.perf_counter()
+                await stub.Push(request, timeout=30)
+                latencies.append(time.perf_counter() - t0)
+                next_t += period
+
+        await asyncio.gather(*(one_run(i, r) for i, r in enumerate(run_ids)))
+    return latencies
+
+
+def latency_worker(
+    target: str, run_ids: list[str], params: dict[str, Any], start_at: float, q: Any
+) -> None:
+    q.put(asyncio.run(_latency_main(target, run_ids, params, start_at)))
+
+
+def phase_latency(args: argparse.Namespace, tmp: Path, per_push: int) -> float:
+    server = Server(tmp / f"latency-{per_push}.db")
+    try:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        start_at = time.time() + 5.0
+        params = {
+            "rate": args.rate,
+            "duration": args.duration,
+            "components": args.components,
+            "per_push": per_push,
+        }
+        runs = [f"lat-{i}" for i in range(args.runs)]
+        chunks = [runs[i :: args.latency_procs] for i in range(args.latency_procs)]
+        procs = [
+            ctx.Process(target=latency_worker, args=(server.target, chunk, params, start_at, q))
+            for chunk in chunks
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = server.cpu_seconds()
+        latencies = sorted(x for _ in procs for x in q.get(timeout=args.duration + 120))
+        cpu = server.cpu_seconds() - cpu0
+        server_p50, server_p99 = server.push_quantiles(0.5, 0.99)
+        commits = server.metric("inversion_monitor_push_commits_total")
+        for p in procs:
+            p.join(60)
+        p50 = latencies[len(latencies) // 2] * 1e3
+        p99 = latencies[int(len(latencies) * 0.99)] * 1e3
+        print(
+            f"  latency: {args.runs} runs x {args.rate:g} records/s, {per_push} per push, "
+            f"for {args.duration:.0f} s: "
+            f"{len(latencies):,} pushes, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+            f"max {latencies[-1] * 1e3:.1f} ms (client side); server side p50 "
+            f"{server_p50 * 1e3:.1f} ms, p99 {server_p99 * 1e3:.1f} ms; server used "
+            f"{cpu / args.duration:.2f} cores; {len(latencies) / max(commits, 1):.1f} pushes "
+            "per commit"
+        )
+        return p99
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- phase 3: scrape
+
+
+def phase_scrape(args: argparse.Namespace, tmp: Path) -> float:
+    import grpc
+
+    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+
+    server = Server(tmp / "scrape.db")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+            run_ids = [f"scrape-{i}" for i in range(args.scrape_runs)]
+            for run_id in run_ids:
+                _open(stub, monitor_pb2, run_id)
+            for i in range(0, len(run_ids), 500):
+                request = monitor_pb2.PushRequest()
+                for run_id in run_ids[i : i + 500]:
+                    rec = request.records.add()
+                    rec.CopyFrom(_record(monitor_pb2, run_id, args.components))
+                    rec.sequence, rec.step = 1, 100
+                stub.Push(request, timeout=60)
+        times, size = [], 0
+        for _ in range(args.scrapes):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(server.http + "/metrics", timeout=30) as resp:
+                size = len(resp.read())
+            times.append(time.perf_counter() - t0)
+        active = server.metric("inversion_monitor_active_runs")
+        median, worst = statistics.median(times) * 1e3, max(times) * 1e3
+        print(
+            f"  scrape: {active:.0f} active runs, {size / 1024:.0f} KiB: median {median:.1f} ms, "
+            f"max {worst:.1f} ms over {args.scrapes} scrapes"
+        )
+        return median
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per timed phase")
+    parser.add_argument("--clients", type=int, default=4, help="ingest client processes")
+    parser.add_argument("--batch", type=int, default=500, help="records per ingest push")
+    parser.add_argument("--components", type=int, default=8, help="component stats per record")
+    parser.add_argument("--runs", type=int, default=100, help="runs in the latency phase")
+    parser.add_argument("--rate", type=float, default=10.0, help="records/s per run (latency)")
+    parser.add_argument("--latency-procs", type=int, default=4, help="latency client processes")
+    parser.add_argument(
+        "--per-push",
+        type=int,
+        default=10,
+        help="records per push in the second latency run (a client flushing once a second)",
+    )
+    parser.add_argument("--scrape-runs", type=int, default=1000)
+    parser.add_argument("--scrapes", type=int, default=20)
+    args = parser.parse_args(argv)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    python = sys.version.split()[0]
+    print(f"bench_server: {os.cpu_count()} CPUs (load average {load}), Python {python}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ingest = phase_ingest(args, Path(tmp))
+        p99 = phase_latency(args, Path(tmp), per_push=1)
+        p99_batched = phase_latency(args, Path(tmp), per_push=args.per_push)
+        scrape = phase_scrape(args, Path(tmp))
+    rows = [
+        (
+            "ingest (records/s committed)",
+            f"{ingest:,.0f}",
+            f">= {GOALS['ingest']:,.0f}",
+            ingest >= GOALS["ingest"],
+        ),
+        (
+            "Push p99, 1 record/push (ms)",
+            f"{p99:.1f}",
+            f"<= {GOALS['p99_ms']:.0f}",
+            p99 <= GOALS["p99_ms"],
+        ),
+        (
+            f"Push p99, {args.per_push} records/push (ms)",
+            f"{p99_batched:.1f}",
+            f"<= {GOALS['p99_ms']:.0f}",
+            p99_batched <= GOALS["p99_ms"],
+        ),
+        (
+            "/metrics scrape, median (ms)",
+            f"{scrape:.1f}",
+            f"<= {GOALS['scrape_ms']:.0f}",
+            scrape <= GOALS["scrape_ms"],
+        ),
+    ]
+    print(f"\n{'figure':<34} {'measured':>10} {'goal':>10}  met")
+    for name, value, goal, ok in rows:
+        print(f"{name:<34} {value:>10} {goal:>10}  {'yes' if ok else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

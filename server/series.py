@@ -1,0 +1,95 @@
+"""The per-run gauges: name, help and how each is read from a run's latest record.
+
+Computed once per change of a run (on the writer thread), so a scrape only
+copies numbers. ``None`` means the record has no such value: no sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from inversion_monitor.proto.v1 import monitor_pb2
+
+Extractor = Callable[[monitor_pb2.StepRecord], "float | None"]
+
+
+def _opt(msg: Any, name: str) -> float | None:
+    return float(getattr(msg, name)) if msg.HasField(name) else None
+
+
+# (name without the inversion_monitor_ prefix, help, extractor)
+BASE_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
+    (
+        "spearman",
+        "Spearman correlation of per-token entropy and logit-gradient strength "
+        "(negative: the entropy-gradient inversion holds).",
+        lambda r: _opt(r.inversion.spearman, "value"),
+    ),
+    (
+        "pearson",
+        "Pearson correlation of per-token entropy and logit-gradient strength.",
+        lambda r: _opt(r.inversion.pearson, "value"),
+    ),
+    (
+        "tokens_sampled",
+        "Tokens the latest statistics were computed over.",
+        lambda r: float(r.inversion.n) if r.HasField("inversion") else None,
+    ),
+    (
+        "entropy_mean_nats",
+        "Mean per-token predictive entropy, nats.",
+        lambda r: _opt(r.entropy, "mean"),
+    ),
+    (
+        "logit_grad_norm_mean",
+        "Mean per-token logit-gradient strength.",
+        lambda r: _opt(r.score, "mean"),
+    ),
+    ("step", "Trainer global step of the latest record.", lambda r: float(r.step)),
+)
+
+# with --extended-metrics (each costs one sample per run per scrape)
+EXTENDED_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
+    (
+        "spearman_ci_lower",
+        "Lower bound of the Spearman confidence interval.",
+        lambda r: _opt(r.inversion.spearman, "ci_low"),
+    ),
+    (
+        "spearman_ci_upper",
+        "Upper bound of the Spearman confidence interval.",
+        lambda r: _opt(r.inversion.spearman, "ci_high"),
+    ),
+    (
+        "entropy_p10_nats",
+        "10th percentile of per-token predictive entropy, nats.",
+        lambda r: _opt(r.entropy, "p10"),
+    ),
+    (
+        "entropy_p50_nats",
+        "Median per-token predictive entropy, nats.",
+        lambda r: _opt(r.entropy, "p50"),
+    ),
+    (
+        "entropy_p90_nats",
+        "90th percentile of per-token predictive entropy, nats.",
+        lambda r: _opt(r.entropy, "p90"),
+    ),
+    ("loss", "Training loss reported with the latest record.", lambda r: _opt(r, "loss")),
+)
+
+ALL_GAUGES = BASE_GAUGES + EXTENDED_GAUGES
+
+
+def gauge_values(record: monitor_pb2.StepRecord | None) -> tuple[float | None, ...]:
+    """Values of :data:`ALL_GAUGES` for ``record`` (all None without a record).
+
+    >>> rec = monitor_pb2.StepRecord(step=7)
+    >>> rec.entropy.mean = 2.5
+    >>> dict(zip([g[0] for g in ALL_GAUGES], gauge_values(rec)))["entropy_mean_nats"]
+    2.5
+    """
+    if record is None:
+        return (None,) * len(ALL_GAUGES)
+    return tuple(extract(record) for _, _, extract in ALL_GAUGES)
