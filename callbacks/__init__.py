@@ -11,10 +11,14 @@ import importlib
 from typing import Any
 
 _LAZY_EXPORTS: dict[str, str] = {
+    "InversionLightningCallback": ".lightning",
     "InversionTrainerCallback": ".hf",
 }
 
-__all__ = ["InversionTrainerCallback"]  # sorted(_LAZY_EXPORTS), checked by a test
+__all__ = [
+    "InversionLightningCallback",
+    "InversionTrainerCallback",
+]  # sorted(_LAZY_EXPORTS), checked by a test
 
 
 def __getattr__(name: str) -> Any:

@@ -213,16 +213,19 @@ class InversionMonitor:
         *,
         loss: float | None = None,
         learning_rate: float | None = None,
+        probe: bool | None = None,
     ) -> dict[str, float] | None:
         """Call after each optimizer step; probes when scheduled.
 
+        ``probe`` overrides the schedule's decision for this step (a distributed
+        adapter passes one agreed across ranks); None asks the schedule.
         Returns the ``inversion/...`` metrics when it probed, else None.
         """
         if not self.enabled:
             return None
         try:
             metrics = None
-            if self.schedule.should_probe(step):
+            if self.schedule.should_probe(step) if probe is None else probe:
                 metrics = self.probe(step, model, loss=loss, learning_rate=learning_rate)
             self.schedule.step_ended(now=time.monotonic())
             return metrics
