@@ -17,12 +17,21 @@ from typing import TYPE_CHECKING, Any
 from inversion_monitor._version import __version__
 
 # public name -> module (relative to this package) that defines it
-_LAZY_EXPORTS: dict[str, str] = {}
+_LAZY_EXPORTS: dict[str, str] = {
+    "DeliveryReport": ".client",
+    "MonitorClient": ".client",
+    "TelemetryWarning": ".client",
+}
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
-    pass
+    from inversion_monitor.client import DeliveryReport, MonitorClient, TelemetryWarning
 
-__all__ = ["__version__"]  # plus sorted(_LAZY_EXPORTS), checked by a test
+__all__ = [
+    "DeliveryReport",
+    "MonitorClient",
+    "TelemetryWarning",
+    "__version__",
+]  # plus sorted(_LAZY_EXPORTS), checked by a test
 
 
 def __getattr__(name: str) -> Any:
