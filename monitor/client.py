@@ -112,6 +112,24 @@ RETRYABLE_CODES = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+Action = Literal["retry", "reopen", "stop"]
+
+
+def classify(code: grpc.StatusCode) -> Action:
+    """What the client does after a call failed with ``code``.
+
+    >>> classify(grpc.StatusCode.UNAVAILABLE), classify(grpc.StatusCode.NOT_FOUND)
+    ('retry', 'reopen')
+    >>> classify(grpc.StatusCode.UNAUTHENTICATED)
+    'stop'
+    """
+    if code in RETRYABLE_CODES:
+        return "retry"
+    if code == grpc.StatusCode.NOT_FOUND:
+        return "reopen"
+    return "stop"
+
+
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_RETRY_DELAY_S = 300.0
 
@@ -933,13 +951,14 @@ class MonitorClient:
     def _handle_failure(self, failure: _Failure) -> float | None:
         """The delay before the next attempt, or None when this client stops sending."""
         code = failure.code
-        if code == grpc.StatusCode.NOT_FOUND:
+        action = classify(code)
+        if action == "reopen":
             self._run_open = False
             self._not_found_in_a_row += 1
             if self._not_found_in_a_row == 1:
                 logger.info("monitor server does not know run %s: re-opening it", self.run_id)
                 return 0.0
-        elif code not in RETRYABLE_CODES:
+        elif action == "stop":
             self._halt(failure)
             return None
         if code == grpc.StatusCode.UNAVAILABLE:

@@ -98,8 +98,6 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
 
     def _gate(self, method: str, context: grpc.ServicerContext, records: int = 0) -> None:
         """Apply auth, delay and the failure script; abort the call when scripted."""
-        if self.delay_s and self.delay_method in (None, method):
-            time.sleep(self.delay_s)
         failure: Failure | None = None
         with self.lock:
             if self.token is not None:
@@ -116,6 +114,8 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
                         break
             code = grpc.StatusCode.OK if failure is None else failure.code
             self.calls.append(Call(method, time.monotonic(), code, records))
+        if self.delay_s and self.delay_method in (None, method):
+            time.sleep(self.delay_s)
         if failure is not None:
             _abort(context, failure)
 
