@@ -48,8 +48,9 @@ Policies, in one place:
   then, with ``spool_dir``, writes everything still unacknowledged to the
   spool (fsynced). A later ``MonitorClient`` with the same ``run_id``, ``rank``
   and ``spool_dir`` replays it first (counted in ``DeliveryReport.replayed``).
-  Without ``spool_dir`` what is left is reported as dropped. Clients still
-  open at interpreter exit are closed with ``exit_timeout_s``.
+  Without ``spool_dir`` what is left is reported as dropped. A ``with``
+  block, and interpreter exit for clients still open, close with
+  ``close_timeout_s``.
 * **Fork.** A client is bound to the process that made it. In a forked child
   the inherited copy gets fresh locks and buffers, never touches the parent's
   channel, spool or thread, and drops what is logged to it (one warning):
@@ -57,7 +58,7 @@ Policies, in one place:
   the parent's sequence numbers. Create a new client in the child (its own
   rank or run_id).
 
->>> client = MonitorClient("127.0.0.1:9", "doc-run", run_id="doc1", exit_timeout_s=0.1)
+>>> client = MonitorClient("127.0.0.1:9", "doc-run", run_id="doc1", close_timeout_s=0.1)
 >>> client.log(1, {"spearman": -0.5, "pearson": -0.4, "n": 64,
 ...                "entropy_mean": 1.2, "score_mean": 3.4}, loss=2.0)
 >>> report = client.close(timeout_s=0.1)  # nothing listens on port 9: dropped, no exception
@@ -255,7 +256,7 @@ def _close_all_at_exit() -> None:
     status: RunStatus = "failed" if getattr(sys, "last_value", None) is not None else "completed"
     for client in list(_LIVE):
         try:
-            client.close(timeout_s=client.exit_timeout_s, status=status)
+            client.close(timeout_s=client.close_timeout_s, status=status)
         except Exception:  # pragma: no cover - never fail interpreter exit
             logger.debug("closing a telemetry client at exit failed", exc_info=True)
 
@@ -287,12 +288,13 @@ class MonitorClient:
             a batch is full).
         rpc_timeout_s: deadline of each call.
         backoff_initial_s, backoff_max_s: retry backoff bounds.
-        exit_timeout_s: ``close`` timeout used at interpreter exit.
+        close_timeout_s: timeout of the implicit ``close`` at the end of a ``with``
+            block and at interpreter exit.
 
     Bad arguments raise ``ValueError``/``TypeError``; nothing else does.
 
     >>> stats = {"spearman": -0.5, "pearson": -0.4, "n": 64, "entropy_mean": 1.2, "score_mean": 3.4}
-    >>> with MonitorClient("127.0.0.1:9", "doc", exit_timeout_s=0.1) as client:
+    >>> with MonitorClient("127.0.0.1:9", "doc", close_timeout_s=0.1) as client:
     ...     client.log(1, stats)
     ...     client.flush(timeout_s=0.05)  # no server: not acknowledged
     False
@@ -322,7 +324,7 @@ class MonitorClient:
         rpc_timeout_s: float = 10.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
-        exit_timeout_s: float = 2.0,
+        close_timeout_s: float = 5.0,
     ) -> None:
         self.endpoint = _normalise_endpoint(endpoint)
         self.run_id = uuid.uuid4().hex if run_id is None else run_id
@@ -347,8 +349,8 @@ class MonitorClient:
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}={value} must be a positive number of seconds")
-        if exit_timeout_s < 0:
-            raise ValueError(f"exit_timeout_s={exit_timeout_s} must be >= 0")
+        if close_timeout_s < 0:
+            raise ValueError(f"close_timeout_s={close_timeout_s} must be >= 0")
         labels = dict(labels or {})
         for key, label in labels.items():
             if not isinstance(key, str) or not isinstance(label, str):
@@ -361,7 +363,7 @@ class MonitorClient:
             ) from None
 
         self.rank = rank
-        self.exit_timeout_s = exit_timeout_s
+        self.close_timeout_s = close_timeout_s
         self._run_info = monitor_pb2.RunInfo(
             run_id=self.run_id,
             name=run_name,
@@ -629,7 +631,7 @@ class MonitorClient:
         status: RunStatus = "completed"
         if exc_type is not None:
             status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
-        self.close(status=status)
+        self.close(timeout_s=self.close_timeout_s, status=status)
 
     # ------------------------------------------------------------ bookkeeping
 

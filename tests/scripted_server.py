@@ -264,5 +264,5 @@ FAST = {
     "backoff_initial_s": 0.02,
     "backoff_max_s": 0.2,
     "rpc_timeout_s": 2.0,
-    "exit_timeout_s": 0.5,
+    "close_timeout_s": 0.5,
 }
