@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     demo.set_defaults(handler=_run_demo)
+    from inversion_monitor.server.cli import add_server_commands  # argparse only
+
+    add_server_commands(sub)
     return parser
 
 

@@ -1,0 +1,299 @@
+"""Assembles the monitor server: gRPC (service, health, reflection), HTTP and the store.
+
+:class:`AsyncMonitorServer` runs on the caller's asyncio loop (the ``serve``
+command); :class:`MonitorServer` runs the same on a background thread for
+code that is not async (tests, notebooks, an embedding application).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from inversion_monitor.server.config import ServerConfig, join_address
+from inversion_monitor.server.http import HttpEndpoint
+from inversion_monitor.server.ingest import Ingestor
+from inversion_monitor.server.listeners import IngestListener
+from inversion_monitor.server.metrics import MonitorCollector, build_registry
+from inversion_monitor.server.service import (
+    SERVICE_NAME,
+    BearerTokenInterceptor,
+    MonitorServicer,
+    add_monitor_service,
+)
+from inversion_monitor.server.store import Store, connect
+
+log = logging.getLogger("inversion_monitor.server")
+
+
+class AsyncMonitorServer:
+    """The monitor server on the running asyncio loop.
+
+    >>> async def main() -> int:
+    ...     server = AsyncMonitorServer(ServerConfig(grpc_address="127.0.0.1:0",
+    ...                                             http_address=None, db=":memory:"))
+    ...     await server.start()
+    ...     port = server.grpc_port
+    ...     await server.stop()
+    ...     return port
+    >>> asyncio.run(main()) > 0
+    True
+    """
+
+    def __init__(
+        self, config: ServerConfig | None = None, *, listeners: Sequence[IngestListener] = ()
+    ) -> None:
+        self.config = config or ServerConfig()
+        self._listeners = listeners
+        self._server: grpc.aio.Server | None = None
+        self._http: HttpEndpoint | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._servicer: MonitorServicer | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._ingestor: Ingestor | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._stopped = asyncio.Event()
+        self.grpc_port = 0
+        self.http_port = 0
+        self.serving = False
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` for ``grpc.insecure_channel`` / ``secure_channel``."""
+        return join_address(self.config.grpc_host_port[0], self.grpc_port)
+
+    @property
+    def http_url(self) -> str | None:
+        """``http://host:port`` of /metrics and /healthz, or None without HTTP."""
+        return None if self._http is None else self._http.url
+
+    @property
+    def ingestor(self) -> Ingestor:
+        if self._ingestor is None:
+            raise RuntimeError("the server is not started")
+        return self._ingestor
+
+    def _read_connection(self) -> sqlite3.Connection:
+        # called on the reader thread only
+        if self._read_conn is None:
+            self._read_conn = connect(self.config.db)
+        return self._read_conn
+
+    async def start(self) -> None:
+        """Open the database, restore state, bind the ports and start serving."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="inversion-monitor-writer")
+        memory = str(cfg.db) == ":memory:"
+        try:
+            self._ingestor = await loop.run_in_executor(
+                self._writer, lambda: Ingestor(Store(cfg.db), cfg, self._listeners)
+            )
+            if memory:  # one connection only: reads share the writer thread
+                self._reader = self._writer
+                self._read_conn = self._ingestor._store._conn
+            else:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="inversion-monitor-reader")
+            collector = MonitorCollector(
+                lambda: self.ingestor.views, lambda: self.ingestor.counters, cfg.retention_s
+            )
+            self.registry, push_latency = build_registry(collector)
+            limits = cfg.limits
+            self._servicer = MonitorServicer(
+                self._ingestor,
+                writer=self._writer,
+                reader=self._reader,
+                read_connection=self._read_connection,
+                push_latency=push_latency,
+                max_pending=limits.max_pending_pushes,
+                max_history=limits.max_history,
+            )
+            interceptors = [BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else []
+            options = [
+                ("grpc.max_receive_message_length", limits.max_message_bytes),
+                ("grpc.max_send_message_length", max(limits.max_message_bytes, 64 << 20)),
+                ("grpc.so_reuseport", 0),
+            ]
+            self._server = grpc.aio.server(interceptors=interceptors, options=options)
+            add_monitor_service(self._servicer, self._server)
+            self._health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
+            address = cfg.grpc_address
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())]
+                )
+                self.grpc_port = self._server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = self._server.add_insecure_port(address)
+            if not self.grpc_port:
+                raise OSError(f"could not bind gRPC address {address}")
+            await self._server.start()
+            http = cfg.http_host_port
+            if http is not None:
+                self._http = HttpEndpoint(self.registry, lambda: self.serving, *http)
+                self.http_port = self._http.port
+            for service in ("", SERVICE_NAME):
+                await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.serving = True
+        except BaseException:
+            await self._cleanup(grace_s=0)
+            raise
+        log.info("serving gRPC on %s, HTTP on %s", self.grpc_target, self.http_url)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop serving: health NOT_SERVING, finish in-flight calls, close the database."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        await self._cleanup(grace)
+
+    async def _cleanup(self, grace_s: float) -> None:
+        self.serving = False
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._servicer is not None:
+            self._servicer.stopping = True
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        if self._http is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._http.stop)
+            self._http = None
+        loop = asyncio.get_running_loop()
+        if self._reader is not None and self._reader is not self._writer:
+            await loop.run_in_executor(self._reader, self._close_reader)
+            self._reader.shutdown(wait=True)
+        self._reader = None
+        if self._writer is not None:
+            if self._ingestor is not None:
+                await loop.run_in_executor(self._writer, self._ingestor.close)
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._stopped.set()
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`stop` has finished."""
+        await self._stopped.wait()
+
+
+class MonitorServer:
+    """:class:`AsyncMonitorServer` on a background thread with its own event loop.
+
+    >>> import grpc
+    >>> from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+    >>> cfg = ServerConfig(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0",
+    ...                    db=":memory:")
+    >>> with MonitorServer(cfg) as server, grpc.insecure_channel(server.grpc_target) as ch:
+    ...     stub = monitor_pb2_grpc.MonitorServiceStub(ch)
+    ...     run = monitor_pb2.RunInfo(run_id="r1", name="my run", world_size=1)
+    ...     stub.OpenRun(monitor_pb2.OpenRunRequest(run=run), timeout=5).display_name
+    'my-run'
+    """
+
+    def __init__(
+        self, config: ServerConfig | None = None, *, listeners: Sequence[IngestListener] = ()
+    ) -> None:
+        self.config = config or ServerConfig()
+        self._listeners = listeners
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: AsyncMonitorServer | None = None
+
+    @property
+    def server(self) -> AsyncMonitorServer:
+        if self._server is None:
+            raise RuntimeError("the server is not started: call start() first")
+        return self._server
+
+    @property
+    def grpc_port(self) -> int:
+        return self.server.grpc_port
+
+    @property
+    def http_port(self) -> int:
+        return self.server.http_port
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` to dial."""
+        return self.server.grpc_target
+
+    @property
+    def http_url(self) -> str | None:
+        """``http://host:port`` (append ``/metrics`` or ``/healthz``), or None."""
+        return self.server.http_url
+
+    @property
+    def ingestor(self) -> Ingestor:
+        return self.server.ingestor
+
+    def start(self, timeout_s: float = 30.0) -> MonitorServer:
+        """Start and return once the ports are bound; re-raises a start-up error."""
+        if self._thread is not None:
+            raise RuntimeError("the server is already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        loop = asyncio.new_event_loop()
+        server = AsyncMonitorServer(self.config, listeners=self._listeners)
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(server.start())
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_until_complete(server.wait_closed())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._loop, self._server = loop, server
+        self._thread = threading.Thread(target=run, name="inversion-monitor-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout_s):
+            raise TimeoutError(f"the monitor server did not start within {timeout_s} s")
+        if failure:
+            self._thread.join()
+            self._thread = self._server = self._loop = None
+            raise failure[0]
+        return self
+
+    def stop(self, grace_s: float | None = 1.0, timeout_s: float = 30.0) -> None:
+        """Stop and wait for the thread (idempotent)."""
+        if self._thread is None or self._loop is None or self._server is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop)
+        future.result(timeout_s)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    def __enter__(self) -> MonitorServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,259 @@
+"""The ``serve`` and ``runs`` sub-commands of ``inversion-monitor``.
+
+Only argparse is imported here; each handler imports gRPC and the server
+when it runs, so ``inversion-monitor --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inversion_monitor.proto.v1 import monitor_pb2
+    from inversion_monitor.server.config import ServerConfig
+
+ENDPOINT_ENV = "INVERSION_MONITOR_ENDPOINT"
+TOKEN_ENV = "INVERSION_MONITOR_TOKEN"
+
+
+def add_server_commands(subparsers: Any) -> None:
+    """Add ``serve`` and ``runs`` to an ``argparse`` sub-parsers object."""
+    env = "INVERSION_MONITOR_SERVER_"
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the monitor server (gRPC ingest, SQLite, Prometheus /metrics)",
+        description=(
+            "Run the monitor server. Every flag can also be set with an environment variable "
+            f"{env}<FLAG> (e.g. {env}GRPC_ADDRESS); a flag wins over the variable. With port 0 "
+            "the server picks a free port; it prints the bound addresses on start-up."
+        ),
+    )
+    serve.add_argument(
+        "--grpc-address",
+        metavar="HOST:PORT",
+        help="gRPC listen address (default 127.0.0.1:50051)",
+    )
+    serve.add_argument(
+        "--http-address",
+        metavar="HOST:PORT",
+        help="HTTP address of /metrics and /healthz (default 127.0.0.1:9464; 'off' disables)",
+    )
+    serve.add_argument(
+        "--db", metavar="PATH", help="SQLite database file (default ./inversion-monitor.db)"
+    )
+    serve.add_argument(
+        "--token",
+        dest="tokens",
+        action="append",
+        metavar="TOKEN",
+        help="accept clients sending 'authorization: Bearer TOKEN' (repeatable; the "
+        f"variable {env}TOKEN takes a comma-separated list); without one, no authentication",
+    )
+    serve.add_argument(
+        "--tls-cert", metavar="PEM", help="server certificate chain (with --tls-key)"
+    )
+    serve.add_argument("--tls-key", metavar="PEM", help="server private key (with --tls-cert)")
+    serve.add_argument(
+        "--retention",
+        metavar="DURATION",
+        help="how long an idle run stays on /metrics: seconds or 90s/15m/1h/2d (default 1h)",
+    )
+    serve.add_argument("--max-message-bytes", type=int, metavar="N", help="default 4 MiB")
+    serve.add_argument("--max-records-per-push", type=int, metavar="N", help="default 1000")
+    serve.add_argument("--max-active-runs", type=int, metavar="N", help="default 10000")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(handler=run_serve)
+
+    runs = subparsers.add_parser(
+        "runs",
+        help="list the runs a monitor server knows",
+        description="List runs (newest activity first) through the server's ListRuns call.",
+    )
+    runs.add_argument(
+        "--endpoint",
+        default=os.environ.get(ENDPOINT_ENV, "127.0.0.1:50051"),
+        metavar="HOST:PORT",
+        help=f"server address (default ${ENDPOINT_ENV} or 127.0.0.1:50051)",
+    )
+    runs.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default ${TOKEN_ENV})"
+    )
+    runs.add_argument(
+        "--tls-ca", metavar="PEM", help="use TLS, trusting this CA or self-signed certificate"
+    )
+    runs.add_argument("--project", default="", help="only runs of this project")
+    runs.add_argument("--limit", type=int, default=100, help="at most this many runs (100)")
+    runs.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
+    runs.set_defaults(handler=run_runs)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
+    """The :class:`ServerConfig` from parsed ``serve`` arguments over the environment."""
+    from inversion_monitor.server.config import ServerConfig
+
+    names = (
+        "grpc_address",
+        "http_address",
+        "db",
+        "tokens",
+        "tls_cert",
+        "tls_key",
+        "retention",
+        "max_message_bytes",
+        "max_records_per_push",
+        "max_active_runs",
+    )
+    return ServerConfig.from_sources({n: getattr(args, n, None) for n in names}, environ)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of ``inversion-monitor serve``: runs until SIGTERM or SIGINT."""
+    import asyncio
+    import logging
+
+    from inversion_monitor.server.config import ConfigError
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = serve_config(args, os.environ)
+    except ConfigError as exc:
+        print(f"inversion-monitor serve: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> int:
+    import asyncio
+    import signal
+
+    from inversion_monitor.server.app import AsyncMonitorServer
+    from inversion_monitor.server.store import StoreError
+
+    server = AsyncMonitorServer(config)
+    try:
+        await server.start()
+    except (OSError, RuntimeError, StoreError) as exc:
+        print(f"inversion-monitor serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    print(f"grpc listening on {server.grpc_target}", flush=True)
+    if server.http_url is not None:
+        print(f"http listening on {server.http_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("inversion-monitor serve: shutting down", file=sys.stderr, flush=True)
+    await server.stop()
+    print("inversion-monitor serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- runs
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces.
+
+    >>> print(format_table(["NAME", "STEP"], [["demo", "12"], ["longer-name", "3"]]))
+    NAME         STEP
+    demo         12
+    longer-name  3
+    """
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in [list(headers), *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _age(then: float, now: float) -> str:
+    if not then:
+        return "-"
+    seconds = max(0.0, now - then)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def runs_table(runs: Sequence[monitor_pb2.RunSummary], now: float) -> str:
+    """The ``runs`` table: one line per run summary."""
+    headers = ["NAME", "PROJECT", "STATUS", "STEP", "RHO", "ENTROPY", "RECORDS", "UPDATED"]
+    rows = []
+    for run in runs:
+        latest = run.latest if run.HasField("latest") else None
+        rho = entropy = None
+        if latest is not None:
+            if latest.inversion.spearman.HasField("value"):
+                rho = latest.inversion.spearman.value
+            if latest.entropy.HasField("mean"):
+                entropy = latest.entropy.mean
+        rows.append(
+            [
+                run.display_name,
+                run.run.project or "-",
+                run.status,
+                str(latest.step) if latest is not None else "-",
+                _number(rho, 3),
+                _number(entropy, 3),
+                str(run.records),
+                _age(run.last_update_time, now),
+            ]
+        )
+    return format_table(headers, rows)
+
+
+def run_runs(args: argparse.Namespace) -> int:
+    """Handler of ``inversion-monitor runs``."""
+    from pathlib import Path
+
+    import grpc
+
+    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+
+    if args.tls_ca:
+        creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        channel = grpc.secure_channel(args.endpoint, creds)
+    else:
+        channel = grpc.insecure_channel(args.endpoint)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    with channel:
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            response = stub.ListRuns(
+                monitor_pb2.ListRunsRequest(project=args.project, limit=args.limit),
+                timeout=args.timeout,
+                metadata=metadata,
+            )
+        except grpc.RpcError as exc:
+            code = exc.code()
+            print(
+                f"inversion-monitor runs: {args.endpoint}: {code.name if code else '?'}: "
+                f"{exc.details()}",
+                file=sys.stderr,
+            )
+            return 1
+    if not response.runs:
+        print("no runs")
+        return 0
+    print(runs_table(response.runs, time.time()))
+    return 0

@@ -1,0 +1,240 @@
+"""Server configuration: one validated pydantic model, from flags, environment or code.
+
+Precedence: command-line argument > environment variable
+(``INVERSION_MONITOR_SERVER_<FIELD>``) > default. A bad value from either
+source raises :class:`ConfigError` naming the flag or variable and what it
+expects; the server never starts with a configuration it did not understand.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "INVERSION_MONITOR_SERVER_"
+DEFAULT_DB = "inversion-monitor.db"
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names its source."""
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from a number or a duration string (``90``, ``90s``, ``15m``, ``1h``, ``2d``).
+
+    >>> parse_duration("15m"), parse_duration(30), parse_duration("1.5h")
+    (900.0, 30.0, 5400.0)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if match is None:
+            raise ValueError(
+                f"expected seconds or a duration such as 90s, 15m, 1h, 2d; got {value!r}"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"expected a positive duration; got {value!r}")
+    return seconds
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``(host, port)`` from ``HOST:PORT`` or ``[IPv6]:PORT``; port 0 means any free port.
+
+    >>> split_address("127.0.0.1:0"), split_address("[::1]:50051")
+    (('127.0.0.1', 0), ('::1', 50051))
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:50051); got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be 0..65535; got {port} in {address!r}")
+    return host, port
+
+
+def join_address(host: str, port: int) -> str:
+    """The inverse of :func:`split_address` (brackets IPv6 hosts)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Limits(BaseModel):
+    """Bounds on what one client may send; each is named in the error that enforces it.
+
+    >>> Limits().max_records_per_push
+    1000
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_records_per_push: int = Field(default=1000, ge=1)
+    max_active_runs: int = Field(default=10_000, ge=1)
+    max_labels: int = Field(default=32, ge=0)
+    max_label_key_length: int = Field(default=64, ge=1)
+    max_label_value_length: int = Field(default=256, ge=1)
+    max_components: int = Field(default=1024, ge=0)
+    max_samples: int = Field(default=4096, ge=0)
+    max_ranks_per_run: int = Field(default=65_536, ge=1)
+    # a sequence number further than this ahead of the acknowledged one is refused
+    max_sequence_gap: int = Field(default=100_000, ge=1)
+    # pushes waiting for the writer before new ones are shed with RESOURCE_EXHAUSTED
+    max_pending_pushes: int = Field(default=512, ge=1)
+    max_history: int = Field(default=10_000, ge=1)
+
+
+class ServerConfig(BaseModel):
+    """Everything the server needs; validated on construction.
+
+    >>> cfg = ServerConfig(grpc_address="127.0.0.1:0", retention="15m", tokens=["s3cret"])
+    >>> cfg.retention_s, cfg.grpc_host_port, cfg.tls
+    (900.0, ('127.0.0.1', 0), False)
+    >>> ServerConfig(grpc_address="nope")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    pydantic_core._pydantic_core.ValidationError: ...
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    grpc_address: str = "127.0.0.1:50051"
+    # None: no HTTP endpoint (no /metrics, no /healthz)
+    http_address: str | None = "127.0.0.1:9464"
+    # SQLite database file (created if missing); ":memory:" keeps nothing across restarts
+    db: Path = Path(DEFAULT_DB)
+    tokens: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # seconds a run stays on /metrics after its last activity
+    retention_s: float = Field(default=3600.0, alias="retention")
+    limits: Limits = Limits()
+    # grace period for in-flight calls on shutdown
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _check_grpc_address(cls, value: str) -> str:
+        split_address(value)
+        return value
+
+    @field_validator("http_address")
+    @classmethod
+    def _check_http_address(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "off", "none"):
+            return None
+        split_address(value)
+        return value
+
+    @field_validator("retention_s", mode="before")
+    @classmethod
+    def _check_retention(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _check_tokens(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [t for t in value.split(",") if t.strip()]
+        tokens = tuple(str(t).strip() for t in value)
+        for token in tokens:
+            if not _TOKEN_RE.match(token):
+                raise ValueError(
+                    "a token must be non-empty printable ASCII without spaces or commas"
+                )
+        return tokens
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {str(path)!r} does not exist")
+        return self
+
+    @property
+    def grpc_host_port(self) -> tuple[str, int]:
+        return split_address(self.grpc_address)
+
+    @property
+    def http_host_port(self) -> tuple[str, int] | None:
+        return None if self.http_address is None else split_address(self.http_address)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @classmethod
+    def from_sources(cls, arguments: Mapping[str, Any], environ: Mapping[str, str]) -> ServerConfig:
+        """Merge ``arguments`` (None = not given) over ``INVERSION_MONITOR_SERVER_*`` variables.
+
+        >>> env = {"INVERSION_MONITOR_SERVER_RETENTION": "2h",
+        ...        "INVERSION_MONITOR_SERVER_TOKEN": "a,b"}
+        >>> cfg = ServerConfig.from_sources({"grpc_address": "127.0.0.1:0"}, env)
+        >>> cfg.retention_s, cfg.tokens
+        (7200.0, ('a', 'b'))
+        """
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        limit_values: dict[str, Any] = {}
+        for field, env_name in _ENV_FIELDS.items():
+            given = arguments.get(field)
+            if given is not None and given not in ([], ()):
+                flag = "--token" if field == "tokens" else f"--{field.replace('_', '-')}"
+                value, source = given, flag
+            elif ENV_PREFIX + env_name in environ:
+                value, source = environ[ENV_PREFIX + env_name], ENV_PREFIX + env_name
+            else:
+                continue
+            if field in Limits.model_fields:
+                limit_values[field] = value
+            else:
+                values[field] = value
+            sources[field] = source
+        if "tokens" in values and isinstance(values["tokens"], (list, tuple)):
+            values["tokens"] = [t for item in values["tokens"] for t in str(item).split(",")]
+        try:
+            if limit_values:
+                values["limits"] = Limits(**limit_values)
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, sources)) from None
+
+
+# config field -> environment variable suffix
+_ENV_FIELDS: dict[str, str] = {
+    "grpc_address": "GRPC_ADDRESS",
+    "http_address": "HTTP_ADDRESS",
+    "db": "DB",
+    "tokens": "TOKEN",
+    "tls_cert": "TLS_CERT",
+    "tls_key": "TLS_KEY",
+    "retention": "RETENTION",
+    "max_message_bytes": "MAX_MESSAGE_BYTES",
+    "max_records_per_push": "MAX_RECORDS_PER_PUSH",
+    "max_active_runs": "MAX_ACTIVE_RUNS",
+}
+
+
+def _explain(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"] if part != "limits"]
+        field = loc[0] if loc else "config"
+        if field == "retention_s":
+            field = "retention"
+        where = sources.get(field, field)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {message} (got {error.get('input')!r})")
+    return "invalid server configuration: " + "; ".join(lines)

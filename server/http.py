@@ -1,0 +1,112 @@
+"""The HTTP side: ``/metrics`` (prometheus_client's own exposition) and ``/healthz``.
+
+A small threaded WSGI server on its own daemon thread, so a scrape never
+waits for the gRPC event loop nor delays it beyond the GIL.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+StartResponse = Callable[..., Any]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log."""
+
+
+class _Server4(ThreadingWSGIServer):
+    address_family = socket.AF_INET
+    allow_reuse_address = True
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+
+
+def make_app(registry: CollectorRegistry, healthy: Callable[[], bool]) -> Callable[..., Any]:
+    """WSGI app: ``/metrics`` -> exposition, ``/healthz`` -> 200 ``ok`` or 503, else 404.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> app = make_app(CollectorRegistry(), lambda: True)
+    >>> seen = []
+    >>> app({"PATH_INFO": "/healthz", "REQUEST_METHOD": "GET"}, lambda s, h: seen.append(s))
+    [b'ok\\n']
+    >>> seen
+    ['200 OK']
+    """
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            result: Iterable[bytes] = metrics(environ, start_response)
+            return result
+        if path == "/healthz":
+            ok = healthy()
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable",
+                [("Content-Type", "text/plain; charset=utf-8")],
+            )
+            return [b"ok\n" if ok else b"unavailable\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: try /metrics or /healthz\n"]
+
+    return app
+
+
+class HttpEndpoint:
+    """Serves :func:`make_app` on ``host:port`` (0: a free port) from a daemon thread.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> ep = HttpEndpoint(CollectorRegistry(), lambda: True, "127.0.0.1", 0)
+    >>> ep.port > 0
+    True
+    >>> ep.stop()
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        healthy: Callable[[], bool],
+        host: str,
+        port: int,
+    ) -> None:
+        server_class = _Server6 if ":" in host else _Server4
+        self._server = make_server(
+            host,
+            port,
+            make_app(registry, healthy),
+            server_class=server_class,
+            handler_class=_QuietHandler,
+        )
+        self.host = host
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="inversion-monitor-http",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop accepting, wait for the serving thread, close the socket (idempotent)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5.0)
+        self._server.server_close()

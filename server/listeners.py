@@ -1,0 +1,31 @@
+"""The extension point for what reacts to stored records (detectors and alerts, later).
+
+A listener is called on the writer thread after each push's transaction has
+committed, once per stored record, in arrival order. It must be quick (it
+delays the acknowledgement of later pushes) and must not keep a reference to
+the record past the call (copy what it needs). An exception in a listener is
+logged and counted; it never fails the push nor stops the server.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from inversion_monitor.proto.v1 import monitor_pb2
+
+
+@runtime_checkable
+class IngestListener(Protocol):
+    """Receives every stored record.
+
+    >>> class CountSteps:
+    ...     def __init__(self) -> None:
+    ...         self.seen: dict[str, int] = {}
+    ...     def on_record(self, run_id: str, display_name: str, record) -> None:
+    ...         self.seen[display_name] = record.step
+    >>> isinstance(CountSteps(), IngestListener)
+    True
+    """
+
+    def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
+        """Called once per stored (accepted, sanitised) record."""

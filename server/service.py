@@ -1,0 +1,320 @@
+"""The ``MonitorService`` gRPC servicer (grpc.aio) and the bearer-token interceptor.
+
+State changes run on the single writer thread (:class:`~.ingest.Ingestor`);
+history reads on a reader thread with its own SQLite connection; the event
+loop only parses, dispatches and answers. Every failure becomes a gRPC status:
+the service never lets an exception escape into the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from prometheus_client import Histogram
+
+from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.server.errors import (
+    InvalidArgument,
+    NotFound,
+    RequestError,
+    ResourceExhausted,
+    Unavailable,
+)
+from inversion_monitor.server.ingest import Ingestor, RunView
+from inversion_monitor.server.store import StoreError, read_history
+
+log = logging.getLogger("inversion_monitor.server")
+
+SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 10_000
+DEFAULT_HISTORY = 100
+_T = TypeVar("_T")
+
+
+def status_details(code: str, message: str, retry_after_s: float | None) -> bytes:
+    """``grpc-status-details-bin``: a ``google.rpc.Status``, with ``RetryInfo`` if given."""
+    status = status_pb2.Status(code=code_pb2.Code.Value(code), message=message)
+    if retry_after_s is not None:
+        info = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(
+                seconds=int(retry_after_s), nanos=int((retry_after_s % 1) * 1e9)
+            )
+        )
+        status.details.add().Pack(info)
+    data: bytes = status.SerializeToString()
+    return data
+
+
+async def abort(context: grpc.aio.ServicerContext, error: RequestError) -> None:
+    """End the call with the error's status code and message (and RetryInfo)."""
+    trailing: tuple[tuple[str, bytes], ...] = ()
+    if error.retry_after_s is not None:
+        trailing = (
+            (
+                "grpc-status-details-bin",
+                status_details(error.code, error.message, error.retry_after_s),
+            ),
+        )
+    await context.abort(getattr(grpc.StatusCode, error.code), error.message, trailing)
+
+
+class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
+    """Answers the five RPCs of ``inversion_monitor.v1.MonitorService``."""
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        *,
+        writer: ThreadPoolExecutor,
+        reader: ThreadPoolExecutor,
+        read_connection: Callable[[], sqlite3.Connection],
+        push_latency: Histogram,
+        max_pending: int,
+        max_history: int,
+    ) -> None:
+        self._ingestor = ingestor
+        self._writer = writer
+        self._reader = reader
+        self._read_connection = read_connection
+        self._push_latency = push_latency
+        self._max_pending = max_pending
+        self._max_history = max_history
+        self._pending = 0
+        self.stopping = False
+
+    async def _write(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self.stopping:
+            raise Unavailable("the server is shutting down; retry", retry_after_s=1.0)
+        if self._pending >= self._max_pending:
+            raise ResourceExhausted(
+                f"server busy: {self._pending} requests queued for the writer "
+                f"(max_pending_pushes={self._max_pending}); retry shortly",
+                retry_after_s=0.25,
+            )
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._writer, fn, *args)
+        except StoreError as exc:
+            log.error("database error: %s", exc)
+            raise Unavailable(f"database error, nothing was stored: {exc}") from exc
+        finally:
+            self._pending -= 1
+
+    async def _guard(
+        self,
+        context: grpc.aio.ServicerContext,
+        request: object,
+        call: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidArgument(request.message)
+            return await call()
+        except RequestError as exc:
+            await abort(context, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error while serving a request")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the log")
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    async def OpenRun(
+        self, request: monitor_pb2.OpenRunRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.OpenRunResponse:
+        return await self._guard(
+            context, request, lambda: self._write(self._ingestor.open_run, request)
+        )
+
+    async def CloseRun(
+        self, request: monitor_pb2.CloseRunRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.CloseRunResponse:
+        return await self._guard(
+            context, request, lambda: self._write(self._ingestor.close_run, request)
+        )
+
+    async def Push(
+        self, request: monitor_pb2.PushRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.PushResponse:
+        start = time.perf_counter()
+        try:
+            return await self._guard(
+                context, request, lambda: self._write(self._ingestor.push, request)
+            )
+        finally:
+            self._push_latency.observe(time.perf_counter() - start)
+
+    async def ListRuns(
+        self, request: monitor_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.ListRunsResponse:
+        async def call() -> monitor_pb2.ListRunsResponse:
+            limit = request.limit or DEFAULT_LIST_LIMIT
+            if limit > MAX_LIST_LIMIT:
+                raise InvalidArgument(f"limit is {limit}; the maximum is {MAX_LIST_LIMIT}")
+            views = [
+                v
+                for v in list(self._ingestor.views.values())
+                if not request.project or v.info.project == request.project
+            ]
+            views.sort(key=lambda v: v.last_activity, reverse=True)
+            response = monitor_pb2.ListRunsResponse()
+            for view in views[:limit]:
+                fill_summary(response.runs.add(), view)
+            return response
+
+        return await self._guard(context, request, call)
+
+    async def GetRun(
+        self, request: monitor_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.GetRunResponse:
+        async def call() -> monitor_pb2.GetRunResponse:
+            views = self._ingestor.views
+            view = views.get(request.run)
+            if view is None:
+                run_id = self._ingestor.by_name.get(request.run)
+                view = views.get(run_id) if run_id is not None else None
+            if view is None:
+                raise NotFound(f"no run with id or display name {request.run[:80]!r}")
+            limit = request.history_limit or DEFAULT_HISTORY
+            if limit > self._max_history:
+                raise InvalidArgument(
+                    f"history_limit is {limit}; max_history is {self._max_history}"
+                )
+            loop = asyncio.get_running_loop()
+            try:
+                payloads = await loop.run_in_executor(
+                    self._reader,
+                    lambda: read_history(self._read_connection(), view.pk, limit),
+                )
+            except sqlite3.Error as exc:
+                raise Unavailable(f"database read failed: {exc}") from exc
+            response = monitor_pb2.GetRunResponse()
+            fill_summary(response.summary, view)
+            response.history.extend(monitor_pb2.StepRecord.FromString(p) for p in payloads)
+            return response
+
+        return await self._guard(context, request, call)
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse; the method answers INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(
+                f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {exc}"
+            )
+
+    return parse
+
+
+def add_monitor_service(servicer: MonitorServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated code does, but parse requests leniently.
+
+    A request that is not valid protobuf gets INVALID_ARGUMENT from the method
+    instead of an UNKNOWN status and a logged traceback from gRPC.
+    """
+    methods: dict[str, tuple[Any, Any]] = {
+        "OpenRun": (monitor_pb2.OpenRunRequest, monitor_pb2.OpenRunResponse),
+        "Push": (monitor_pb2.PushRequest, monitor_pb2.PushResponse),
+        "CloseRun": (monitor_pb2.CloseRunRequest, monitor_pb2.CloseRunResponse),
+        "ListRuns": (monitor_pb2.ListRunsRequest, monitor_pb2.ListRunsResponse),
+        "GetRun": (monitor_pb2.GetRunRequest, monitor_pb2.GetRunResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=_lenient(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type) in methods.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def fill_summary(out: monitor_pb2.RunSummary, view: RunView) -> None:
+    """Copy a run's snapshot into a ``RunSummary`` (``latest`` carries no token samples)."""
+    out.run.CopyFrom(view.info)
+    out.display_name = view.display_name
+    out.opened_time = view.opened_time
+    out.last_update_time = view.last_update_time or 0.0
+    out.status = view.status
+    out.records = view.records
+    if view.latest is not None:
+        out.latest.CopyFrom(view.latest)
+
+
+# ---------------------------------------------------------------- auth
+
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Lets a call through when ``authorization: Bearer <token>`` matches a configured token.
+
+    Health checking and reflection stay open. Others get ``UNAUTHENTICATED``.
+
+    >>> BearerTokenInterceptor(["s3cret"]).allowed((("authorization", "Bearer s3cret"),))
+    True
+    >>> BearerTokenInterceptor(["s3cret"]).allowed((("authorization", "Bearer nope"),))
+    False
+    """
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        if not tokens:
+            raise ValueError("BearerTokenInterceptor needs at least one token")
+        self._tokens = [t.encode() for t in tokens]
+
+        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>' "
+                "with a token the server was started with (--token)",
+            )
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        for key, value in metadata or ():
+            if key != "authorization":
+                continue
+            raw = value.encode() if isinstance(value, str) else value
+            scheme, _, token = raw.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return False
+            token = token.strip()
+            # compare against every token, so timing does not tell which one matched
+            return sum(hmac.compare_digest(token, t) for t in self._tokens) > 0
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if handler_call_details.method.startswith(_OPEN_PREFIXES) or self.allowed(
+            handler_call_details.invocation_metadata
+        ):
+            return await continuation(handler_call_details)
+        return self._deny

@@ -1,0 +1,210 @@
+"""Checks and sanitises one ``StepRecord`` before it is stored.
+
+Non-finite statistics (NaN, +-Inf) are cleared, so they are stored as missing
+and never reach /metrics; the caller counts them. A value outside its range,
+or a list over its limit, rejects the record with the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.config import Limits
+
+# absolute slack for float round-off at a range boundary; such values are clamped
+_TOL = 1e-6
+_INF = math.inf
+_isfinite = math.isfinite
+PROJECTIONS = frozenset({"q", "k", "v", "o"})
+MAX_REASON_LENGTH = 256
+
+
+class RejectReason(str, Enum):
+    """Why a record was rejected; the ``reason`` label of ``records_rejected_total``.
+
+    >>> RejectReason.OUT_OF_RANGE.value
+    'out_of_range'
+    """
+
+    OUT_OF_RANGE = "out_of_range"
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    BAD_SEQUENCE = "bad_sequence"
+    BAD_RANK = "bad_rank"
+
+
+class RecordProblem(Exception):
+    """A field of a record that makes it unusable (``field`` is relative to the record).
+
+    >>> p = RecordProblem("step", RejectReason.OUT_OF_RANGE, "step is -1; it must be >= 0")
+    >>> p.field, p.reason.value
+    ('step', 'out_of_range')
+    """
+
+    def __init__(self, field: str, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason
+        self.message = message
+
+
+def _bounded(msg: Any, name: str, lo: float, hi: float, path: str) -> int:
+    """Check an ``optional double``; clear it if non-finite (returns 1), else range-check."""
+    if not msg.HasField(name):
+        return 0
+    value = getattr(msg, name)
+    if not _isfinite(value):
+        msg.ClearField(name)
+        return 1
+    if value < lo:
+        if value < lo - _TOL:
+            raise RecordProblem(
+                path, RejectReason.OUT_OF_RANGE, f"{path} is {value!r}; it must be >= {lo}"
+            )
+        setattr(msg, name, lo)
+    elif value > hi:
+        if value > hi + _TOL:
+            raise RecordProblem(
+                path, RejectReason.OUT_OF_RANGE, f"{path} is {value!r}; it must be <= {hi}"
+            )
+        setattr(msg, name, hi)
+    return 0
+
+
+def _correlation(msg: Any, path: str) -> int:
+    bad = _bounded(msg, "value", -1.0, 1.0, path + ".value")
+    bad += _bounded(msg, "ci_low", -1.0, 1.0, path + ".ci_low")
+    bad += _bounded(msg, "ci_high", -1.0, 1.0, path + ".ci_high")
+    return bad
+
+
+def _summary(msg: Any, path: str) -> int:
+    bad = 0
+    for name in ("mean", "p10", "p50", "p90"):
+        bad += _bounded(msg, name, 0.0, _INF, f"{path}.{name}")
+    return bad
+
+
+def _samples(record: monitor_pb2.StepRecord, limits: Limits) -> int:
+    samples = record.samples
+    count = len(samples)
+    if count > limits.max_samples:
+        raise RecordProblem(
+            "samples",
+            RejectReason.TOO_LARGE,
+            f"samples has {count} entries; max_samples is {limits.max_samples}",
+        )
+    if not count:
+        return 0
+    entropies = [s.entropy for s in samples]
+    scores = [s.score for s in samples]
+    if _isfinite(sum(entropies) + sum(scores)) and min(entropies) >= 0 and min(scores) >= 0:
+        return 0
+    kept: list[tuple[float, float, int]] = []
+    dropped = 0
+    for j, (entropy, score) in enumerate(zip(entropies, scores, strict=True)):
+        if not (_isfinite(entropy) and _isfinite(score)):
+            dropped += 1
+            continue
+        for name, value in (("entropy", entropy), ("score", score)):
+            if value < 0:
+                raise RecordProblem(
+                    f"samples[{j}].{name}",
+                    RejectReason.OUT_OF_RANGE,
+                    f"samples[{j}].{name} is {value!r}; it must be >= 0",
+                )
+        kept.append((entropy, score, samples[j].token_id))
+    del samples[:]
+    for entropy, score, token_id in kept:
+        samples.add(entropy=entropy, score=score, token_id=token_id)
+    return dropped
+
+
+def _components(record: monitor_pb2.StepRecord, limits: Limits) -> int:
+    components = record.components
+    if len(components) > limits.max_components:
+        raise RecordProblem(
+            "components",
+            RejectReason.TOO_LARGE,
+            f"components has {len(components)} entries; max_components is {limits.max_components}",
+        )
+    bad = 0
+    for j, comp in enumerate(components):
+        if comp.projection not in PROJECTIONS:
+            raise RecordProblem(
+                f"components[{j}].projection",
+                RejectReason.MALFORMED,
+                f"components[{j}].projection is {comp.projection[:16]!r}; "
+                "expected one of 'q', 'k', 'v', 'o'",
+            )
+        bad += _bounded(comp, "spearman", -1.0, 1.0, f"components[{j}].spearman")
+        bad += _bounded(comp, "score_mean", 0.0, _INF, f"components[{j}].score_mean")
+    return bad
+
+
+def check_record(record: monitor_pb2.StepRecord, limits: Limits, now: float) -> int:
+    """Validate and sanitise ``record`` in place; returns how many non-finite values it cleared.
+
+    A ``wall_time`` of 0 (unset) becomes ``now``. Raises :class:`RecordProblem`
+    for the first field that makes the record unusable.
+
+    >>> rec = monitor_pb2.StepRecord(run_id="r", sequence=1, step=3)
+    >>> rec.inversion.spearman.value = float("nan")
+    >>> rec.entropy.mean = 2.5
+    >>> check_record(rec, Limits(), now=100.0), rec.inversion.spearman.HasField("value")
+    (1, False)
+    >>> rec.step = -1
+    >>> check_record(rec, Limits(), now=100.0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    inversion_monitor.server.validate.RecordProblem: step is -1; it must be >= 0 ...
+    """
+    if record.step < 0:
+        raise RecordProblem(
+            "step",
+            RejectReason.OUT_OF_RANGE,
+            f"step is {record.step}; it must be >= 0 (the trainer's global step)",
+        )
+    wall_time = record.wall_time
+    if wall_time == 0.0:
+        record.wall_time = now
+    elif not _isfinite(wall_time) or wall_time < 0:
+        raise RecordProblem(
+            "wall_time",
+            RejectReason.OUT_OF_RANGE,
+            f"wall_time is {wall_time!r}; expected Unix seconds (>= 0), or 0 for the server's time",
+        )
+    bad = 0
+    if record.HasField("inversion"):
+        inv = record.inversion
+        bad += _correlation(inv.spearman, "inversion.spearman") if inv.HasField("spearman") else 0
+        bad += _correlation(inv.pearson, "inversion.pearson") if inv.HasField("pearson") else 0
+        confidence = inv.confidence
+        if not _isfinite(confidence):
+            inv.confidence = 0.0
+            bad += 1
+        elif not 0.0 <= confidence < 1.0:
+            raise RecordProblem(
+                "inversion.confidence",
+                RejectReason.OUT_OF_RANGE,
+                f"inversion.confidence is {confidence!r}; expected 0 <= confidence < 1",
+            )
+        if len(inv.insufficient_reason) > MAX_REASON_LENGTH:
+            inv.insufficient_reason = inv.insufficient_reason[:MAX_REASON_LENGTH]
+    if record.HasField("entropy"):
+        bad += _summary(record.entropy, "entropy")
+    if record.HasField("score"):
+        bad += _summary(record.score, "score")
+    bad += _bounded(record, "entropy_covariance", -_INF, _INF, "entropy_covariance")
+    bad += _bounded(record, "loss", -_INF, _INF, "loss")
+    bad += _bounded(record, "learning_rate", 0.0, _INF, "learning_rate")
+    bad += _bounded(record, "probe_seconds", 0.0, _INF, "probe_seconds")
+    bad += _bounded(record, "spearman_per_token_type", -1.0, 1.0, "spearman_per_token_type")
+    if record.components:
+        bad += _components(record, limits)
+    if record.samples:
+        bad += _samples(record, limits)
+    return bad

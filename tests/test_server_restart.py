@@ -1,0 +1,134 @@
+"""Restarting on the same database restores runs, latest state and acknowledgements."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_support import (
+    TIMEOUT,
+    acks,
+    open_run,
+    push,
+    record,
+    run_sample,
+    running,
+    samples,
+    scrape_text,
+    stub_for,
+)
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.config import Limits, ServerConfig
+from inversion_monitor.server.ingest import Ingestor
+from inversion_monitor.server.store import Store
+
+
+def test_restart_restores_runs_state_and_acks(tmp_path):
+    with running(tmp_path) as server, stub_for(server) as stub:
+        open_run(stub, "run1", rank=0, name="alpha")
+        open_run(stub, "run1", rank=1)
+        open_run(stub, "run2", name="beta")
+        push(stub, *(record("run1", s, spearman=-0.2) for s in (1, 2, 3)))
+        # rank 1: 1, 2 and 4 arrive, 3 is still in flight; 2 is rejected (negative step)
+        resp = push(
+            stub,
+            record("run1", 1, rank=1),
+            record("run1", 2, rank=1, step=-1),
+            record("run1", 4, rank=1),
+        )
+        assert acks(resp)[("run1", 1)] == 2 and len(resp.rejected) == 1
+        stub.CloseRun(
+            monitor_pb2.CloseRunRequest(run_id="run2", status="interrupted"), timeout=TIMEOUT
+        )
+
+    with running(tmp_path) as server, stub_for(server) as stub:
+        assert open_run(stub, "run1", rank=0).acked_sequence == 3
+        assert open_run(stub, "run1", rank=1, name="renamed").display_name == "alpha"
+        text = scrape_text(server)
+        assert run_sample(text, "inversion_monitor_step", "alpha") == 30
+        assert run_sample(text, "inversion_monitor_spearman", "alpha") == -0.2
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="beta"), timeout=TIMEOUT)
+        assert got.summary.status == "interrupted"
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="alpha"), timeout=TIMEOUT)
+        assert got.summary.records == 5 and len(got.history) == 5
+
+        # the client resends everything it had not seen acknowledged, plus the missing one
+        resp = push(
+            stub,
+            *(record("run1", s, spearman=-0.2) for s in (1, 2, 3)),
+            record("run1", 3, rank=1),
+            record("run1", 4, rank=1),
+            record("run1", 2, rank=1, step=-1),
+        )
+        assert (resp.accepted, resp.duplicates, len(resp.rejected)) == (1, 5, 0)
+        assert acks(resp) == {("run1", 0): 3, ("run1", 1): 4}
+        assert samples(scrape_text(server))[("inversion_monitor_records_duplicate_total", ())] == 5
+        # a brand-new run after the restart does not collide with restored names
+        assert open_run(stub, "run3", name="alpha").display_name == "alpha-2"
+
+    with sqlite3.connect(tmp_path / "monitor.db") as conn:
+        rows = conn.execute("SELECT rank, sequence FROM records ORDER BY rank, sequence")
+        assert rows.fetchall() == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 3), (1, 4)]
+        assert conn.execute("SELECT rank, sequence FROM rejected").fetchall() == [(1, 2)]
+
+
+def _contiguous(done: set[int]) -> int:
+    """Brute-force reference: the highest n with 1..n all done."""
+    n = 0
+    while n + 1 in done:
+        n += 1
+    return n
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.integers(0, 1), st.integers(0, 14), st.booleans()), max_size=12),
+        max_size=8,
+    ),
+    restart_after=st.integers(0, 8),
+)
+def test_acks_match_a_brute_force_reference(batches, restart_after):
+    """Random pushes (dups, gaps, out of order, bad records, a restart) vs a set model."""
+    limits = Limits(max_sequence_gap=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ServerConfig(db=Path(tmp) / "m.db", limits=limits)
+        ing = Ingestor(Store(cfg.db), cfg)
+        info = monitor_pb2.RunInfo(run_id="r", world_size=2)
+        ing.open_run(monitor_pb2.OpenRunRequest(run=info, rank=0), now=1.0)
+        done: dict[int, set[int]] = {0: set(), 1: set()}
+        stored: set[tuple[int, int]] = set()
+        for b, batch in enumerate(batches):
+            if b == restart_after:
+                ing.close()
+                ing = Ingestor(Store(cfg.db), cfg)
+            request = monitor_pb2.PushRequest()
+            expected_dups = expected_accepted = 0
+            # the window for sequence numbers is measured from the ack before the push
+            acked_before = {rank: _contiguous(seqs) for rank, seqs in done.items()}
+            for rank, seq, good in batch:
+                rec = request.records.add(run_id="r", rank=rank, sequence=seq, step=seq)
+                if not good:
+                    rec.step = -1
+                if seq == 0 or seq > acked_before[rank] + limits.max_sequence_gap:
+                    continue  # rejected without being recorded
+                if seq in done[rank]:
+                    expected_dups += 1
+                    continue
+                done[rank].add(seq)
+                if good:
+                    expected_accepted += 1
+                    stored.add((rank, seq))
+            resp = ing.push(request, now=2.0 + b)
+            assert resp.duplicates == expected_dups
+            assert resp.accepted == expected_accepted
+            for ack in resp.acks:
+                assert ack.acked_sequence == _contiguous(done[ack.rank])
+        ing.close()
+        with sqlite3.connect(cfg.db) as conn:
+            rows = set(conn.execute("SELECT rank, sequence FROM records").fetchall())
+        assert rows == stored
