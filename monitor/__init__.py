@@ -20,10 +20,16 @@ from inversion_monitor._version import __version__
 _LAZY_EXPORTS: dict[str, str] = {
     "ArchitectureAdapter": ".architectures",
     "DegenerateInputWarning": ".stats",
+    "DeliveryReport": ".client",
     "InversionAccumulator": ".stats",
+    "InversionMonitor": ".monitor",
     "InversionStats": ".stats",
+    "MonitorClient": ".client",
+    "MonitorConfig": ".config",
+    "MonitorWarning": ".monitor",
     "ProbeResult": ".probe",
     "ProjectionSite": ".architectures",
+    "TelemetryWarning": ".client",
     "TokenSampler": ".sampling",
     "entropy_covariance": ".covariance",
     "entropy_covariance_per_token": ".covariance",
@@ -46,8 +52,11 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
         ProjectionSite,
         register_adapter,
     )
+    from inversion_monitor.client import DeliveryReport, MonitorClient, TelemetryWarning
+    from inversion_monitor.config import MonitorConfig
     from inversion_monitor.covariance import entropy_covariance, entropy_covariance_per_token
     from inversion_monitor.entropy import entropy_from_hidden, token_entropy
+    from inversion_monitor.monitor import InversionMonitor, MonitorWarning
     from inversion_monitor.probe import ProbeResult, logit_gradient_norms
     from inversion_monitor.reference import reference_norms
     from inversion_monitor.sampling import TokenSampler, valid_positions
@@ -67,10 +76,16 @@ __all__ = [  # noqa: RUF022 - the order above is the contract
     "__version__",
     "ArchitectureAdapter",
     "DegenerateInputWarning",
+    "DeliveryReport",
     "InversionAccumulator",
+    "InversionMonitor",
     "InversionStats",
+    "MonitorClient",
+    "MonitorConfig",
+    "MonitorWarning",
     "ProbeResult",
     "ProjectionSite",
+    "TelemetryWarning",
     "TokenSampler",
     "entropy_covariance",
     "entropy_covariance_per_token",

@@ -1,0 +1,241 @@
+"""The one translation from domain objects to wire messages.
+
+:func:`step_record` turns an :class:`~inversion_monitor.stats.InversionStats`
+(or a plain mapping, validated by :class:`StatsMapping`) plus the optional
+training values into a ``StepRecord``. Non-finite numbers travel as unset
+optional fields. The record's ``sequence`` is left at 0: the client numbers
+records when it first sends them (see :mod:`inversion_monitor.client`).
+
+>>> from inversion_monitor.stats import InversionStats
+>>> stats = stats_from_mapping(
+...     {"spearman": -0.6, "pearson": -0.5, "n": 64, "entropy_mean": 1.2, "score_mean": 3.4}
+... )
+>>> record = step_record(run_id="r1", rank=0, step=10, wall_time=1.0, stats=stats, loss=2.5)
+>>> record.inversion.spearman.value, record.inversion.n, record.loss
+(-0.6, 64, 2.5)
+>>> record.inversion.spearman.HasField("ci_low")  # NaN interval -> unset
+False
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.stats import InversionStats
+
+_NAN = math.nan
+_REQUIRED = ("spearman", "pearson", "n", "entropy_mean", "score_mean")
+
+
+class StatsMapping(BaseModel):
+    """A plain mapping accepted in place of an ``InversionStats``.
+
+    ``spearman``, ``pearson``, ``n``, ``entropy_mean`` and ``score_mean`` are
+    required; every other field of ``InversionStats`` is optional (NaN or
+    unset when absent). Unknown keys are an error, so a typo never loses a
+    value silently.
+
+    >>> StatsMapping.model_validate(
+    ...     {"spearman": -0.6, "pearson": -0.5, "n": 64, "entropy_mean": 1.2, "score_mean": 3.4}
+    ... ).n
+    64
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spearman: float
+    pearson: float
+    n: NonNegativeInt
+    entropy_mean: float
+    score_mean: float
+    method: Literal["spearman", "pearson"] = "spearman"
+    spearman_ci: tuple[float, float] = (_NAN, _NAN)
+    pearson_ci: tuple[float, float] = (_NAN, _NAN)
+    confidence: float = _NAN
+    insufficient: bool = False
+    reason: str | None = None
+    entropy_p10: float = _NAN
+    entropy_p50: float = _NAN
+    entropy_p90: float = _NAN
+    score_p50: float = _NAN
+    score_p90: float = _NAN
+    spearman_per_token_type: float | None = None
+    n_token_types: NonNegativeInt | None = None
+    extra: dict[str, float] = {}
+
+
+def stats_from_mapping(mapping: Mapping[str, Any]) -> InversionStats:
+    """Validate a plain mapping and build the ``InversionStats`` it describes.
+
+    Raises ``ValueError`` naming the missing or bad field and the fix.
+
+    >>> stats_from_mapping({"spearman": -0.6, "pearson": -0.5, "n": 64, "entropy_mean": 1.2})
+    Traceback (most recent call last):
+    ...
+    ValueError: stats['score_mean'] is missing. Pass an InversionStats, or a mapping with
+    at least spearman, pearson, n, entropy_mean and score_mean (numbers; n a non-negative int).
+    """
+    try:
+        model = StatsMapping.model_validate(dict(mapping))
+    except ValidationError as exc:
+        raise ValueError(_explain(exc)) from None
+    return InversionStats(**model.model_dump())
+
+
+def _explain(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = "".join(f"[{part!r}]" for part in error["loc"])
+        if error["type"] == "missing":
+            problems.append(f"stats{where} is missing")
+        elif error["type"] == "extra_forbidden":
+            known = ", ".join(StatsMapping.model_fields)
+            problems.append(f"stats{where} is not a known field (known: {known})")
+        else:
+            problems.append(f"stats{where} = {error['input']!r} is invalid: {error['msg']}")
+    return (
+        "; ".join(problems)
+        + ". Pass an InversionStats, or a mapping with at least "
+        + ", ".join(_REQUIRED[:-1])
+        + f" and {_REQUIRED[-1]} (numbers; n a non-negative int)."
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    """``value`` as a float, or None when it is None or not finite."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _set(message: Any, name: str, value: float | None) -> None:
+    finite = _finite(value)
+    if finite is not None:
+        setattr(message, name, finite)
+
+
+def _check_number(name: str, value: Any) -> None:
+    if value is None:
+        return
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name}={value!r} ({type(value).__name__}) is not a number: pass a float or None"
+        ) from None
+
+
+def step_record(
+    *,
+    run_id: str,
+    rank: int,
+    step: int,
+    wall_time: float,
+    stats: InversionStats,
+    loss: float | None = None,
+    learning_rate: float | None = None,
+    entropy_covariance: float | None = None,
+    components: Iterable[Mapping[str, Any]] | None = None,
+    samples: Iterable[tuple[float, float, int]] | None = None,
+    probe_seconds: float | None = None,
+) -> monitor_pb2.StepRecord:
+    """Build the ``StepRecord`` of one step (``sequence`` left at 0).
+
+    ``components`` are mappings with ``layer`` (int), ``projection``
+    (``"q"``, ``"k"``, ``"v"`` or ``"o"``) and optional ``spearman`` and
+    ``score_mean``; ``samples`` are ``(entropy, score, token_id)`` triples.
+    Non-finite numbers are left unset. Raises ``TypeError``/``ValueError``
+    naming the bad argument.
+
+    >>> from inversion_monitor.stats import InversionStats
+    >>> s = InversionStats.insufficient_sample(n=2, reason="n < 4")
+    >>> r = step_record(
+    ...     run_id="r", rank=1, step=3, wall_time=0.0, stats=s,
+    ...     components=[{"layer": 0, "projection": "q", "spearman": -0.5}],
+    ...     samples=[(1.5, 0.25, 7)],
+    ... )
+    >>> r.inversion.insufficient, r.inversion.insufficient_reason, r.components[0].layer
+    (True, 'n < 4', 0)
+    >>> r.inversion.spearman.HasField("value"), r.samples[0].token_id
+    (False, 7)
+    """
+    for name, value in (
+        ("loss", loss),
+        ("learning_rate", learning_rate),
+        ("entropy_covariance", entropy_covariance),
+        ("probe_seconds", probe_seconds),
+    ):
+        _check_number(name, value)
+    record = monitor_pb2.StepRecord(run_id=run_id, rank=rank, step=int(step), wall_time=wall_time)
+    inversion = record.inversion
+    inversion.n = int(stats.n)
+    inversion.insufficient = bool(stats.insufficient)
+    if stats.reason:
+        inversion.insufficient_reason = stats.reason
+    confidence = _finite(stats.confidence)
+    if confidence is not None:
+        inversion.confidence = confidence
+    for correlation, value, ci in (
+        (inversion.spearman, stats.spearman, stats.spearman_ci),
+        (inversion.pearson, stats.pearson, stats.pearson_ci),
+    ):
+        _set(correlation, "value", value)
+        _set(correlation, "ci_low", ci[0])
+        _set(correlation, "ci_high", ci[1])
+    entropy = record.entropy
+    _set(entropy, "mean", stats.entropy_mean)
+    _set(entropy, "p10", stats.entropy_p10)
+    _set(entropy, "p50", stats.entropy_p50)
+    _set(entropy, "p90", stats.entropy_p90)
+    score = record.score
+    _set(score, "mean", stats.score_mean)
+    _set(score, "p50", stats.score_p50)
+    _set(score, "p90", stats.score_p90)
+    _set(record, "spearman_per_token_type", stats.spearman_per_token_type)
+    _set(record, "loss", loss)
+    _set(record, "learning_rate", learning_rate)
+    _set(record, "entropy_covariance", entropy_covariance)
+    _set(record, "probe_seconds", probe_seconds)
+    if components is not None:
+        _add_components(record, components)
+    if samples is not None:
+        _add_samples(record, samples)
+    return record
+
+
+def _add_components(
+    record: monitor_pb2.StepRecord, components: Iterable[Mapping[str, Any]]
+) -> None:
+    for i, item in enumerate(components):
+        try:
+            component = record.components.add(
+                layer=int(item["layer"]), projection=str(item["projection"])
+            )
+            _set(component, "spearman", item.get("spearman"))
+            _set(component, "score_mean", item.get("score_mean"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(
+                f"components[{i}] = {item!r} is invalid ({exc!r}): pass mappings with "
+                "'layer' (int >= 0), 'projection' ('q', 'k', 'v' or 'o') and optional "
+                "'spearman' and 'score_mean' (floats)"
+            ) from None
+
+
+def _add_samples(
+    record: monitor_pb2.StepRecord, samples: Iterable[tuple[float, float, int]]
+) -> None:
+    for i, item in enumerate(samples):
+        try:
+            entropy, score, token_id = item
+            record.samples.add(entropy=float(entropy), score=float(score), token_id=int(token_id))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"samples[{i}] = {item!r} is invalid ({exc!r}): pass (entropy, score, token_id) "
+                "triples of float, float, int >= 0"
+            ) from None
