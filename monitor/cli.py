@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from inversion_monitor.server.cli import add_server_commands  # argparse only
 
     add_server_commands(sub)
+    from inversion_monitor.run_command import add_run_command  # argparse only
+
+    add_run_command(sub)
     return parser
 
 
