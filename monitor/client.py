@@ -103,7 +103,7 @@ from inversion_monitor._version import __version__
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.spool import Spool
 from inversion_monitor.stats import InversionStats
-from inversion_monitor.wire import stats_from_mapping, step_record
+from inversion_monitor.wire import StatsMapping, step_record, validate_stats
 
 logger = logging.getLogger(__name__)
 
@@ -504,18 +504,21 @@ class MonitorClient:
         in :func:`~inversion_monitor.wire.step_record`. ``wall_time`` defaults
         to now. Never raises for network reasons and never blocks on the network.
         """
-        if not isinstance(stats, InversionStats):
-            if not isinstance(stats, Mapping):
-                raise TypeError(
-                    f"stats must be an InversionStats or a mapping, got {type(stats).__name__}"
-                )
-            stats = stats_from_mapping(stats)
+        checked: InversionStats | StatsMapping
+        if isinstance(stats, InversionStats):
+            checked = stats
+        elif isinstance(stats, Mapping):
+            checked = validate_stats(stats)
+        else:
+            raise TypeError(
+                f"stats must be an InversionStats or a mapping, got {type(stats).__name__}"
+            )
         record = step_record(
             run_id=self.run_id,
             rank=self.rank,
             step=step,
             wall_time=time.time() if wall_time is None else float(wall_time),
-            stats=stats,
+            stats=checked,
             loss=loss,
             learning_rate=learning_rate,
             entropy_covariance=entropy_covariance,
