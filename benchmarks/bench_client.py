@@ -1,8 +1,9 @@
 """Cost of ``MonitorClient.log`` per call, in microseconds (goal: <= 50 us).
 
-Cases: a live loopback server (stats as ``InversionStats`` and as a mapping),
-a dead endpoint with a full queue (every call drops the oldest record), and a
-dead endpoint with a spool (every call spills to disk).
+Cases: a live loopback server (``inversion-monitor serve`` in a subprocess;
+stats as ``InversionStats`` and as a mapping), a dead endpoint with a full
+queue (every call drops the oldest record), and a dead endpoint with a spool
+(every call spills to disk).
 
     .venv/bin/python benchmarks/bench_client.py [--calls 20000]
 """
@@ -10,46 +11,44 @@ dead endpoint with a spool (every call spills to disk).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from concurrent import futures
-from typing import Any
-
-import grpc
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from inversion_monitor import MonitorClient, TelemetryWarning
-from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.stats import InversionStats
 
 GOAL_US = 50.0
 
 
-class _AckingServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore[misc]
-    """Acknowledges every record (the cost of storing is the server's business)."""
-
-    def __init__(self) -> None:
-        self.acked: dict[tuple[str, int], int] = {}
-
-    def OpenRun(self, request: Any, context: Any) -> monitor_pb2.OpenRunResponse:
-        key = (request.run.run_id, request.rank)
-        return monitor_pb2.OpenRunResponse(
-            run_id=request.run.run_id, acked_sequence=self.acked.get(key, 0)
-        )
-
-    def Push(self, request: Any, context: Any) -> monitor_pb2.PushResponse:
-        response = monitor_pb2.PushResponse(accepted=len(request.records))
-        last = request.records[-1]
-        self.acked[(last.run_id, last.rank)] = last.sequence
-        response.acks.add(run_id=last.run_id, rank=last.rank, acked_sequence=last.sequence)
-        return response
-
-    def CloseRun(self, request: Any, context: Any) -> monitor_pb2.CloseRunResponse:
-        return monitor_pb2.CloseRunResponse()
+@contextlib.contextmanager
+def _serve(db: Path) -> Iterator[str]:
+    """``inversion-monitor serve`` in a subprocess (its own GIL); yields its address."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "inversion_monitor.cli", "serve", "--db", str(db),
+         "--grpc-address", "127.0.0.1:0", "--http-address", "off", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("grpc listening on "):
+                yield line.split()[-1]
+                break
+        else:
+            raise RuntimeError("inversion-monitor serve did not start")
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def _stats() -> InversionStats:
@@ -113,13 +112,9 @@ def main() -> None:
     }
     warnings.simplefilter("ignore", TelemetryWarning)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    monitor_pb2_grpc.add_MonitorServiceServicer_to_server(_AckingServicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     rows = []
-    try:
-        live = MonitorClient(f"127.0.0.1:{port}", "bench", run_id="bench-live")
+    with tempfile.TemporaryDirectory() as tmp, _serve(Path(tmp) / "bench.db") as endpoint:
+        live = MonitorClient(endpoint, "bench", run_id="bench-live", max_buffer=100_000)
         rows.append(
             _row(
                 "live server, InversionStats",
@@ -132,8 +127,6 @@ def main() -> None:
         flushed = live.flush(timeout_s=60)
         report = live.close(timeout_s=10)
         delivered = f"(flush {flushed}, delivered {report.delivered}/{report.logged})"
-    finally:
-        server.stop(grace=None)
 
     dead = MonitorClient(_dead_endpoint(), "bench", run_id="bench-dead", max_buffer=1000)
     rows.append(

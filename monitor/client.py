@@ -56,7 +56,14 @@ Policies, in one place:
   channel, spool or thread, and drops what is logged to it (one warning):
   sending from the child under the parent's run and rank would collide with
   the parent's sequence numbers. Create a new client in the child (its own
-  rank or run_id).
+  rank or run_id). gRPC itself is only partly fork-safe: forking while a
+  channel is busy in another thread occasionally crashes the child inside
+  gRPC's fork handlers, even a child that never uses gRPC and with or without
+  this client (measured with grpcio 1.85: about 1 fork in 150 in a stress
+  loop; none when the channel was idle, e.g. right after ``flush()``). For
+  children that never use gRPC (DataLoader workers), ``GRPC_ENABLE_FORK_SUPPORT=0``
+  in the environment before Python starts avoided it (0 in 400); children
+  that use gRPC are safest started with ``spawn`` or ``forkserver``.
 
 >>> client = MonitorClient("127.0.0.1:9", "doc-run", run_id="doc1", close_timeout_s=0.1)
 >>> client.log(1, {"spearman": -0.5, "pearson": -0.4, "n": 64,
@@ -73,7 +80,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 import threading
@@ -90,46 +96,17 @@ from typing import Any, Literal
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
 
 from inversion_monitor._version import __version__
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.retry import CallFailure, backoff_s, classify, retry_delay_s
 from inversion_monitor.spool import Spool
 from inversion_monitor.stats import InversionStats
-from inversion_monitor.wire import stats_from_mapping, step_record
+from inversion_monitor.wire import StatsMapping, step_record, validate_stats
 
 logger = logging.getLogger(__name__)
 
 RunStatus = Literal["completed", "failed", "interrupted"]
-
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-Action = Literal["retry", "reopen", "stop"]
-
-
-def classify(code: grpc.StatusCode) -> Action:
-    """What the client does after a call failed with ``code``.
-
-    >>> classify(grpc.StatusCode.UNAVAILABLE), classify(grpc.StatusCode.NOT_FOUND)
-    ('retry', 'reopen')
-    >>> classify(grpc.StatusCode.UNAUTHENTICATED)
-    'stop'
-    """
-    if code in RETRYABLE_CODES:
-        return "retry"
-    if code == grpc.StatusCode.NOT_FOUND:
-        return "reopen"
-    return "stop"
-
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_RETRY_DELAY_S = 300.0
@@ -197,41 +174,8 @@ class _Entry:
         self.seq = 0  # 0: not numbered in the current epoch yet
 
 
-class _Failure:
-    """A failed call: its status code, details and the server's RetryInfo delay."""
-
-    __slots__ = ("code", "details", "retry_delay_s")
-
-    def __init__(self, code: grpc.StatusCode, details: str, retry_delay_s: float | None) -> None:
-        self.code = code
-        self.details = details
-        self.retry_delay_s = retry_delay_s
-
-
 class _Aborted(Exception):
     """The client is shutting down; the call was cancelled."""
-
-
-def _retry_delay(call: Any) -> float | None:
-    """The delay of a ``google.rpc.RetryInfo`` in the call's trailing metadata."""
-    try:
-        metadata = call.trailing_metadata() or ()
-    except Exception:  # pragma: no cover - defensive: a broken call object
-        return None
-    for key, value in metadata:
-        if key != "grpc-status-details-bin":
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except DecodeError:
-            return None
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                delay = float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-                return min(max(delay, 0.0), _MAX_RETRY_DELAY_S)
-    return None
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -497,18 +441,21 @@ class MonitorClient:
         in :func:`~inversion_monitor.wire.step_record`. ``wall_time`` defaults
         to now. Never raises for network reasons and never blocks on the network.
         """
-        if not isinstance(stats, InversionStats):
-            if not isinstance(stats, Mapping):
-                raise TypeError(
-                    f"stats must be an InversionStats or a mapping, got {type(stats).__name__}"
-                )
-            stats = stats_from_mapping(stats)
+        checked: InversionStats | StatsMapping
+        if isinstance(stats, InversionStats):
+            checked = stats
+        elif isinstance(stats, Mapping):
+            checked = validate_stats(stats)
+        else:
+            raise TypeError(
+                f"stats must be an InversionStats or a mapping, got {type(stats).__name__}"
+            )
         record = step_record(
             run_id=self.run_id,
             rank=self.rank,
             step=step,
             wall_time=time.time() if wall_time is None else float(wall_time),
-            stats=stats,
+            stats=checked,
             loss=loss,
             learning_rate=learning_rate,
             entropy_covariance=entropy_covariance,
@@ -797,7 +744,8 @@ class MonitorClient:
             if remaining <= 0:
                 return True
             event = self._abort if self._closing_evt.is_set() else self._closing_evt
-            event.wait(remaining)
+            if not event.wait(min(remaining, self._flush_interval_s)):
+                self._sync_spool()  # long outages still fsync the spool each interval
 
     def _sync_spool(self) -> None:
         with self._lock:
@@ -807,7 +755,7 @@ class MonitorClient:
                 except OSError as exc:
                     self._warn_once("spool_io", f"cannot write the telemetry spool: {exc}")
 
-    def _drain(self) -> _Failure | None:
+    def _drain(self) -> CallFailure | None:
         """Open the run if needed and push until nothing is pending; a failure stops it."""
         while not self._abort.is_set():
             if not self._run_open:
@@ -818,18 +766,18 @@ class MonitorClient:
             if not batch:
                 return None
             result = self._call("Push", monitor_pb2.PushRequest(records=batch))
-            if isinstance(result, _Failure):
+            if isinstance(result, CallFailure):
                 return result
             assert isinstance(result, monitor_pb2.PushResponse)
             if not self._on_push_response(result, batch[0].sequence):
-                return _Failure(grpc.StatusCode.ABORTED, "the server acknowledged nothing", None)
+                return CallFailure(grpc.StatusCode.ABORTED, "the server acknowledged nothing", None)
             self._on_success()
         return None
 
-    def _open_run(self) -> _Failure | None:
+    def _open_run(self) -> CallFailure | None:
         request = monitor_pb2.OpenRunRequest(run=self._run_info, rank=self.rank)
         result = self._call("OpenRun", request)
-        if isinstance(result, _Failure):
+        if isinstance(result, CallFailure):
             return result
         assert isinstance(result, monitor_pb2.OpenRunResponse)
         acked = result.acked_sequence
@@ -950,7 +898,7 @@ class MonitorClient:
             self._outage = False
             logger.info("monitor server at %s reachable again", self.endpoint)
 
-    def _handle_failure(self, failure: _Failure) -> float | None:
+    def _handle_failure(self, failure: CallFailure) -> float | None:
         """The delay before the next attempt, or None when this client stops sending."""
         code = failure.code
         action = classify(code)
@@ -967,9 +915,10 @@ class MonitorClient:
             self._reset_channel()
         delay = failure.retry_delay_s
         if delay is None:
-            base = min(self._backoff_max_s, self._backoff_initial_s * 2.0**self._attempt)
-            delay = base * random.uniform(0.8, 1.2)
-            self._attempt = min(self._attempt + 1, 62)
+            delay = backoff_s(
+                self._attempt, initial_s=self._backoff_initial_s, max_s=self._backoff_max_s
+            )
+            self._attempt += 1
         if not self._outage:
             self._outage = True
             message = (
@@ -987,7 +936,7 @@ class MonitorClient:
             logger.debug("telemetry retry in %.2fs after %s", delay, code.name)
         return delay
 
-    def _halt(self, failure: _Failure) -> None:
+    def _halt(self, failure: CallFailure) -> None:
         fixes = {
             grpc.StatusCode.UNAUTHENTICATED: "check the token",
             grpc.StatusCode.PERMISSION_DENIED: "check the token's permissions",
@@ -1019,7 +968,7 @@ class MonitorClient:
             run_id=self.run_id, rank=self.rank, status=self._close_status
         )
         result = self._call("CloseRun", request)
-        if isinstance(result, _Failure):
+        if isinstance(result, CallFailure):
             logger.debug("CloseRun failed: %s %s", result.code.name, result.details)
 
     # ------------------------------------------------------------ transport
@@ -1051,7 +1000,7 @@ class MonitorClient:
             done.set()
 
     def _call(self, method: str, request: Any) -> Any:
-        """One unary call, cancelled when the client aborts; returns the reply or a _Failure."""
+        """One unary call, cancelled when the client aborts; returns the reply or a CallFailure."""
         timeout = self._rpc_timeout_s
         deadline = self._close_deadline
         if deadline is not None:
@@ -1073,7 +1022,7 @@ class MonitorClient:
         try:
             return future.result()
         except grpc.RpcError as err:
-            return _Failure(err.code(), err.details() or "", _retry_delay(err))
+            return CallFailure(err.code(), err.details() or "", retry_delay_s(err))
 
 
 def _call_weak(weak: weakref.WeakMethod[Callable[[], None]]) -> None:

@@ -69,6 +69,18 @@ class StatsMapping(BaseModel):
     extra: dict[str, float] = {}
 
 
+def validate_stats(mapping: Mapping[str, Any]) -> StatsMapping:
+    """Validate a plain stats mapping; raises ``ValueError`` naming the field and the fix.
+
+    The result has the attributes of ``InversionStats`` that
+    :func:`step_record` reads, so it can be translated without building one.
+    """
+    try:
+        return StatsMapping.model_validate(mapping)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc)) from None
+
+
 def stats_from_mapping(mapping: Mapping[str, Any]) -> InversionStats:
     """Validate a plain mapping and build the ``InversionStats`` it describes.
 
@@ -80,11 +92,7 @@ def stats_from_mapping(mapping: Mapping[str, Any]) -> InversionStats:
     ValueError: stats['score_mean'] is missing. Pass an InversionStats, or a mapping with
     at least spearman, pearson, n, entropy_mean and score_mean (numbers; n a non-negative int).
     """
-    try:
-        model = StatsMapping.model_validate(dict(mapping))
-    except ValidationError as exc:
-        raise ValueError(_explain(exc)) from None
-    return InversionStats(**model.model_dump())
+    return InversionStats(**dict(validate_stats(mapping).__dict__))
 
 
 def _explain(exc: ValidationError) -> str:
@@ -137,7 +145,7 @@ def step_record(
     rank: int,
     step: int,
     wall_time: float,
-    stats: InversionStats,
+    stats: InversionStats | StatsMapping,
     loss: float | None = None,
     learning_rate: float | None = None,
     entropy_covariance: float | None = None,
@@ -146,6 +154,8 @@ def step_record(
     probe_seconds: float | None = None,
 ) -> monitor_pb2.StepRecord:
     """Build the ``StepRecord`` of one step (``sequence`` left at 0).
+
+    ``stats`` is an ``InversionStats`` or a validated :class:`StatsMapping`.
 
     ``components`` are mappings with ``layer`` (int), ``projection``
     (``"q"``, ``"k"``, ``"v"`` or ``"o"``) and optional ``spearman`` and

@@ -93,6 +93,8 @@ def test_child_at_fork_does_not_deadlock_on_a_held_lock() -> None:
     handle = ServerHandle().start()
     try:
         client = MonitorClient(handle.endpoint, "lock", run_id="lock", **FAST)
+        client.log(0, stats(0))
+        assert client.flush(timeout_s=10)  # gRPC idle at the fork (see the client docstring)
         with client._lock:  # fork while the lock is held (as by the sender thread)
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child

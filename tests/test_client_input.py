@@ -16,7 +16,7 @@ from scripted_server import FAST, ScriptedServicer, stats
 from inversion_monitor import MonitorClient
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.stats import InversionStats
-from inversion_monitor.wire import StatsMapping, stats_from_mapping, step_record
+from inversion_monitor.wire import StatsMapping, stats_from_mapping, step_record, validate_stats
 
 NAN = math.nan
 
@@ -249,6 +249,8 @@ def test_minimal_mapping_equals_the_dataclass_with_nan_defaults() -> None:
         score_p90=NAN,
     )
     assert minimal == step_record(run_id="r", rank=0, step=1, wall_time=0.0, stats=explicit)
+    validated = validate_stats(stats(3))  # what log() translates, without an InversionStats
+    assert minimal == step_record(run_id="r", rank=0, step=1, wall_time=0.0, stats=validated)
     assert minimal.inversion.confidence == 0.0  # NaN confidence: the proto3 default
     assert not minimal.entropy.HasField("p50")
 

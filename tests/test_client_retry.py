@@ -13,7 +13,7 @@ import pytest
 from scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 from inversion_monitor import MonitorClient, TelemetryWarning
-from inversion_monitor.client import RETRYABLE_CODES, classify
+from inversion_monitor.retry import RETRYABLE_CODES, classify
 
 STOPPING = [
     grpc.StatusCode.UNAUTHENTICATED,
