@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.spool import Spool
+from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 DOWN = Failure(grpc.StatusCode.UNAVAILABLE, "down")
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 from inversion_monitor import MonitorClient, TelemetryWarning
+from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 
 @pytest.fixture

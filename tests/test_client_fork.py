@@ -11,9 +11,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-from scripted_server import FAST, ServerHandle, stats, wait_for
 
 from inversion_monitor import MonitorClient, TelemetryWarning
+from tests.scripted_server import FAST, ServerHandle, stats, wait_for
 
 
 def _wait_child(pid: int, timeout_s: float = 60.0) -> int:

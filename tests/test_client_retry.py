@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.retry import RETRYABLE_CODES, classify
+from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 STOPPING = [
     grpc.StatusCode.UNAUTHENTICATED,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_support import TIMEOUT, open_run, push, record, running, stub_for
 
 from inversion_monitor.cli import main
 from inversion_monitor.server.config import ConfigError, ServerConfig
+from tests.server_support import TIMEOUT, open_run, push, record, running, stub_for
 
 EXE = Path(sys.executable).parent / "inversion-monitor"
 ADDRESS_LINE = re.compile(r"^(grpc|http) listening on (\S+)$")

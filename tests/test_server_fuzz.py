@@ -9,7 +9,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_support import (
+
+from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.server import Limits, MonitorServer
+from tests.server_support import (
     RUN_IDS,
     TIMEOUT,
     config,
@@ -19,9 +22,6 @@ from server_support import (
     step_records,
     u32,
 )
-
-from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-from inversion_monitor.server import Limits, MonitorServer
 
 METHODS = ("OpenRun", "Push", "CloseRun", "ListRuns", "GetRun")
 # what a well-formed but hostile message may get; never INTERNAL or UNKNOWN

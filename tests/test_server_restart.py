@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_support import (
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.config import Limits, ServerConfig
+from inversion_monitor.server.ingest import Ingestor
+from inversion_monitor.server.store import Store, StoreError
+from tests.server_support import (
     TIMEOUT,
     acks,
     open_run,
@@ -21,11 +26,6 @@ from server_support import (
     scrape_text,
     stub_for,
 )
-
-from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.config import Limits, ServerConfig
-from inversion_monitor.server.ingest import Ingestor
-from inversion_monitor.server.store import Store, StoreError
 
 
 def test_restart_restores_runs_state_and_acks(tmp_path):

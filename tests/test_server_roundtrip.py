@@ -10,7 +10,10 @@ import urllib.request
 
 import grpc
 import pytest
-from server_support import (
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.cli import runs_table
+from tests.server_support import (
     TIMEOUT,
     acks,
     open_run,
@@ -24,9 +27,6 @@ from server_support import (
     scrape_text,
     stub_for,
 )
-
-from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.cli import runs_table
 
 
 def test_round_trip_getrun_listruns_and_metrics(tmp_path):

@@ -12,7 +12,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import given, settings
-from server_support import (
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server import Limits, MonitorServer
+from inversion_monitor.server.validate import RecordProblem, check_record, check_record_slow
+from tests.server_support import (
     ODD_TARGETS,
     TIMEOUT,
     acks,
@@ -30,10 +34,6 @@ from server_support import (
     step_records,
     stub_for,
 )
-
-from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server import Limits, MonitorServer
-from inversion_monitor.server.validate import RecordProblem, check_record, check_record_slow
 
 
 def _retry_delay(err: grpc.RpcError) -> float:

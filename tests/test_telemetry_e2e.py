@@ -24,10 +24,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from scripted_server import FAST, stats
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from tests.scripted_server import FAST, stats
 
 START_TIMEOUT_S = 30.0
 
