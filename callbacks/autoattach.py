@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.abc
 import importlib.machinery
 import os
@@ -56,45 +57,58 @@ def _announce(trainer_type: type) -> None:
     )
 
 
-def _patch_hf(module: ModuleType) -> None:
-    trainer_cls = getattr(module, "Trainer", None)
-    if trainer_cls is None or getattr(trainer_cls.__init__, "_inversion_monitor", False):
-        return
-    original = trainer_cls.__init__
-
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        from inversion_monitor.callbacks.hf import InversionTrainerCallback
-
-        if not any(
-            isinstance(cb, InversionTrainerCallback) for cb in self.callback_handler.callbacks
-        ):
-            self.add_callback(InversionTrainerCallback())
-            _announce(type(self))
-
-    __init__._inversion_monitor = True  # type: ignore[attr-defined]
-    trainer_cls.__init__ = __init__
+def _hf_callbacks(trainer: Any) -> list[Any]:
+    return list(trainer.callback_handler.callbacks)
 
 
-def _patch_lightning(module: ModuleType) -> None:
-    trainer_cls = getattr(module, "Trainer", None)
-    if trainer_cls is None or getattr(trainer_cls.__init__, "_inversion_monitor", False):
-        return
-    original = trainer_cls.__init__
+def _hf_add(trainer: Any, callback: Any) -> None:
+    trainer.add_callback(callback)
 
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        from inversion_monitor.callbacks.lightning import InversionLightningCallback
 
-        if not any(isinstance(cb, InversionLightningCallback) for cb in self.callbacks):
-            self.callbacks.append(InversionLightningCallback())
-            _announce(type(self))
+def _lightning_callbacks(trainer: Any) -> list[Any]:
+    return list(trainer.callbacks)
 
-    __init__._inversion_monitor = True  # type: ignore[attr-defined]
-    trainer_cls.__init__ = __init__
 
+def _lightning_add(trainer: Any, callback: Any) -> None:
+    trainer.callbacks.append(callback)
+
+
+def _patcher(
+    callback_path: str,
+    callbacks_of: Callable[[Any], list[Any]],
+    add: Callable[[Any, Any], None],
+) -> Callable[[ModuleType], None]:
+    """A patch for a module defining ``Trainer``: new trainers get the callback once."""
+    module_name, class_name = callback_path.rsplit(".", 1)
+
+    def patch(module: ModuleType) -> None:
+        trainer_cls = getattr(module, "Trainer", None)
+        if trainer_cls is None or getattr(trainer_cls.__init__, "_inversion_monitor", False):
+            return
+        original = trainer_cls.__init__
+
+        @functools.wraps(original)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            callback_cls = getattr(importlib.import_module(module_name), class_name)
+            if not any(isinstance(cb, callback_cls) for cb in callbacks_of(self)):
+                add(self, callback_cls())
+                _announce(type(self))
+
+        __init__._inversion_monitor = True  # type: ignore[attr-defined]
+        trainer_cls.__init__ = __init__
+
+    return patch
+
+
+_patch_hf = _patcher(
+    "inversion_monitor.callbacks.hf.InversionTrainerCallback", _hf_callbacks, _hf_add
+)
+_patch_lightning = _patcher(
+    "inversion_monitor.callbacks.lightning.InversionLightningCallback",
+    _lightning_callbacks,
+    _lightning_add,
+)
 
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     _HF_MODULE: _patch_hf,

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from inversion_monitor.proto.v1 import monitor_pb2
+from tests.server_support import free_port, running, stub_for
+
 SCRIPT = Path(__file__).parent / "fixtures" / "hf_ddp_train.py"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def torchrun(tmp_path: Path, steps: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -44,15 +40,24 @@ def torchrun(tmp_path: Path, steps: int, env: dict[str, str]) -> subprocess.Comp
 
 @pytest.mark.slow
 def test_both_ranks_report_under_one_run_id(tmp_path):
-    proc = torchrun(
-        tmp_path,
-        4,
-        {
-            "INVERSION_MONITOR_JSONL_PATH": str(tmp_path / "r.jsonl"),
-            "INVERSION_MONITOR_RUN_NAME": "ddp-test",
-        },
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with running(tmp_path) as server:
+        proc = torchrun(
+            tmp_path,
+            4,
+            {
+                "INVERSION_MONITOR_JSONL_PATH": str(tmp_path / "r.jsonl"),
+                "INVERSION_MONITOR_RUN_NAME": "ddp-test",
+                "INVERSION_MONITOR_ENDPOINT": server.grpc_target,
+            },
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with stub_for(server) as stub:
+            reply = stub.GetRun(
+                monitor_pb2.GetRunRequest(run="ddp-test", history_limit=100), timeout=10
+            )
+    by_rank = {rank: sorted(r.step for r in reply.history if r.rank == rank) for rank in (0, 1)}
+    assert by_rank == {0: [1, 2, 3, 4], 1: [1, 2, 3, 4]}
+    assert reply.summary.run.world_size == 2
     records = {
         rank: [json.loads(line) for line in (tmp_path / f"r.rank{rank}.jsonl").open()]
         for rank in (0, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from tests.server_support import running, stub_for
+from tests.server_support import free_port, running, stub_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_torchrun_workers_are_all_instrumented(tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     with running(tmp_path) as server:
         proc = run(
@@ -196,11 +196,3 @@ def test_missing_command_and_unknown_program():
     proc = run(["--", "no-such-program-xyz"], timeout=30)
     assert proc.returncode == 127 and "command not found" in proc.stderr
     assert shutil.which(EXE)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
