@@ -60,7 +60,9 @@ Policies, in one place:
   channel is busy in another thread occasionally crashes the child inside
   gRPC's fork handlers, even a child that never uses gRPC and with or without
   this client (measured with grpcio 1.85: about 1 fork in 150 in a stress
-  loop; none when the channel was idle, e.g. right after ``flush()``). For
+  loop; none when the channel was idle, e.g. right after ``flush()``). So a
+  fork made while this client has a call in flight waits for that call to
+  finish (at most ``_FORK_WAIT_S`` = 2 s) and new calls wait for the fork. For
   children that never use gRPC (DataLoader workers), ``GRPC_ENABLE_FORK_SUPPORT=0``
   in the environment before Python starts avoided it (0 in 400); children
   that use gRPC are safest started with ``spawn`` or ``forkserver``.
@@ -194,6 +196,8 @@ _LIVE: weakref.WeakSet[MonitorClient] = weakref.WeakSet()
 # Channels and spools inherited by a forked child: kept referenced so that
 # their finalizers never run there (they belong to the parent).
 _FORK_ORPHANS: list[object] = []
+# how long a fork waits for an in-flight RPC to finish
+_FORK_WAIT_S = 2.0
 
 
 def _close_all_at_exit() -> None:
@@ -355,7 +359,13 @@ class MonitorClient:
         self._thread.start()
         _LIVE.add(self)
         weak_reinit = weakref.WeakMethod(self._at_fork_reinit)
-        os.register_at_fork(after_in_child=lambda: _call_weak(weak_reinit))
+        weak_before = weakref.WeakMethod(self._before_fork)
+        weak_parent = weakref.WeakMethod(self._after_fork_in_parent)
+        os.register_at_fork(
+            before=lambda: _call_weak(weak_before),
+            after_in_parent=lambda: _call_weak(weak_parent),
+            after_in_child=lambda: _call_weak(weak_reinit),
+        )
 
     @staticmethod
     def _channel_credentials(
@@ -379,6 +389,10 @@ class MonitorClient:
         """Locks, events, buffers and counters (also the fresh state of a fork child)."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # held for the duration of each RPC; a fork waits (bounded) until no call is in
+        # flight, since forking while gRPC is mid-call can crash the child
+        self._fork_gate = threading.Lock()
+        self._fork_gate_held = False
         self._close_lock = threading.Lock()
         self._wake = threading.Event()
         self._closing_evt = threading.Event()
@@ -677,6 +691,16 @@ class MonitorClient:
         warnings.warn(message, TelemetryWarning, stacklevel=3)
 
     # ------------------------------------------------------------ fork
+
+    def _before_fork(self) -> None:
+        """Let an in-flight RPC finish (at most ``_FORK_WAIT_S``) and hold new ones."""
+        if not self._forked:
+            self._fork_gate_held = self._fork_gate.acquire(timeout=_FORK_WAIT_S)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._fork_gate_held:
+            self._fork_gate_held = False
+            self._fork_gate.release()
 
     def _at_fork_reinit(self) -> None:
         """In a forked child: fresh state; never touch the parent's channel, spool, thread."""
@@ -1008,21 +1032,22 @@ class MonitorClient:
             if timeout <= 0:
                 raise _Aborted
         stub = self._ensure_stub()
-        done = threading.Event()
-        self._call_done = done
-        future = getattr(stub, method).future(request, timeout=timeout, metadata=self._metadata)
-        future.add_done_callback(lambda _f: done.set())
-        if self._abort.is_set():
-            done.set()
-        done.wait()
-        self._call_done = None
-        if not future.done():
-            future.cancel()
-            raise _Aborted
-        try:
-            return future.result()
-        except grpc.RpcError as err:
-            return CallFailure(err.code(), err.details() or "", retry_delay_s(err))
+        with self._fork_gate:
+            done = threading.Event()
+            self._call_done = done
+            future = getattr(stub, method).future(request, timeout=timeout, metadata=self._metadata)
+            future.add_done_callback(lambda _f: done.set())
+            if self._abort.is_set():
+                done.set()
+            done.wait()
+            self._call_done = None
+            if not future.done():
+                future.cancel()
+                raise _Aborted
+            try:
+                return future.result()
+            except grpc.RpcError as err:
+                return CallFailure(err.code(), err.details() or "", retry_delay_s(err))
 
 
 def _call_weak(weak: weakref.WeakMethod[Callable[[], None]]) -> None:
