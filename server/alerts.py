@@ -4,7 +4,9 @@ Records of a run's lowest rank drive its detectors (see :mod:`.detectors`);
 each transition opens or closes an :class:`~monitor_pb2.Alert`, kept in memory
 (for ``GetRun``, ``/metrics``) and written to the ``alerts`` table of the
 server's database (its own connection, used on the writer thread only).
-Alerts in the table are a history: after a restart the detectors start afresh.
+After a restart the table's alerts are loaded back as history (the last 200 per
+run); detectors start afresh, so alerts left active are closed with end reason
+``server_restart`` and fire again if the condition persists.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
+    display_name TEXT NOT NULL,
     name TEXT NOT NULL,
     severity TEXT NOT NULL,
     active INTEGER NOT NULL,
@@ -130,6 +133,56 @@ class AlertEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, _RunAlerts] = {}
+        if self._db is not None:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            conn = self._connection()
+            assert conn is not None
+            conn.execute(
+                "UPDATE alerts SET active = 0, end_time = ?, end_reason = 'server_restart'"
+                " WHERE active = 1",
+                (self._clock(),),
+            )
+            rows = conn.execute(
+                "SELECT run_id, display_name, name, severity, start_step, end_step, start_time,"
+                " end_time, summary, description, trigger_values FROM alerts ORDER BY id"
+            ).fetchall()
+        except sqlite3.Error:
+            log.exception("could not load the stored alerts")
+            return
+        for (
+            run_id,
+            display,
+            name,
+            severity,
+            s_step,
+            e_step,
+            s_time,
+            e_time,
+            summ,
+            desc,
+            vals,
+        ) in rows:
+            state = self._runs.get(run_id)
+            if state is None:
+                state = self._runs[run_id] = _RunAlerts(display, RunDetectors(self.config), 1 << 30)
+            alert = monitor_pb2.Alert(
+                name=name,
+                severity=severity,
+                active=False,
+                start_step=s_step,
+                end_step=e_step or 0,
+                start_time=s_time,
+                end_time=e_time or 0.0,
+                summary=summ,
+                description=desc,
+            )
+            for key, value in json.loads(vals).items():
+                alert.values[key] = float(value)
+            state.history.append(alert)
+            del state.history[:-MAX_ALERTS_PER_RUN]
 
     # ---------------------------------------------------------------- writer thread
 
@@ -177,7 +230,7 @@ class AlertEngine:
             )
             for key, value in t.values.items():
                 alert.values[key] = value
-            row = self._write_start(run_id, alert, t)
+            row = self._write_start(run_id, state.display_name, alert, t)
             with self._lock:
                 state.history.append(alert)
                 del state.history[:-MAX_ALERTS_PER_RUN]
@@ -214,16 +267,20 @@ class AlertEngine:
             self._conn.executescript(_SCHEMA)
         return self._conn
 
-    def _write_start(self, run_id: str, alert: monitor_pb2.Alert, t: Transition) -> int | None:
+    def _write_start(
+        self, run_id: str, display_name: str, alert: monitor_pb2.Alert, t: Transition
+    ) -> int | None:
         try:
             conn = self._connection()
             if conn is None:
                 return None
             cur = conn.execute(
-                "INSERT INTO alerts (run_id, name, severity, active, start_step, start_time,"
-                " reason, summary, description, trigger_values) VALUES (?,?,?,1,?,?,?,?,?,?)",
+                "INSERT INTO alerts (run_id, display_name, name, severity, active, start_step,"
+                " start_time, reason, summary, description, trigger_values)"
+                " VALUES (?,?,?,?,1,?,?,?,?,?,?)",
                 (
                     run_id,
+                    display_name,
                     alert.name,
                     alert.severity,
                     t.step,

@@ -9,8 +9,12 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
+from inversion_monitor.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.cli import runs_table
+from inversion_monitor.server.config import ConfigError, ServerConfig
 from tests.server_support import (
     TIMEOUT,
     open_run,
@@ -147,3 +151,47 @@ def test_alerts_disabled(tmp_path: Path) -> None:
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="off"), timeout=TIMEOUT)
         assert list(got.alerts) == []
         assert "inversion_monitor_alert_active" not in scrape_text(server)
+
+
+def test_serve_flags_are_checked_before_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "alerts.yaml"
+    bad.write_text("weakening:\n  threshold: -1\n")
+    code = main(["serve", "--alerts-config", str(bad), "--db", str(tmp_path / "m.db")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "weakening.threshold: Input should be greater than 0" in err and str(bad) in err
+    with pytest.raises(ConfigError, match="--alertmanager-url: the Alertmanager URL must start"):
+        ServerConfig.from_sources({"alertmanager_url": "localhost:9093"}, {})
+    env = {"INVERSION_MONITOR_SERVER_ALERTMANAGER_URL": "http://127.0.0.1:9093/"}
+    assert ServerConfig.from_sources({}, env).alertmanager_url == "http://127.0.0.1:9093"
+
+
+def test_alerts_survive_a_restart_as_history(tmp_path: Path) -> None:
+    with running(tmp_path) as server, stub_for(server) as stub:
+        open_run(stub, "run1", name="again")
+        push(stub, *stream("run1", [-0.5] * 60 + [0.2] * 40))
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="again"), timeout=TIMEOUT)
+        before = {a.name: a for a in got.alerts}
+        assert set(before) == {"InversionWeakening", "InversionLost"}
+        assert all(a.active for a in before.values())
+    with running(tmp_path) as server, stub_for(server) as stub:
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="again"), timeout=TIMEOUT)
+        assert not got.summary.active_alerts
+        after = {a.name: a for a in got.alerts}
+        assert set(after) == set(before)
+        for name, alert in after.items():
+            assert not alert.active and alert.end_time > 0
+            assert alert.start_step == before[name].start_step
+            assert dict(alert.values) == dict(before[name].values)
+        assert alert_gauges(scrape_text(server)) == {
+            ("again", "InversionLost", "critical"): 0.0,
+            ("again", "InversionWeakening", "warning"): 0.0,
+        }
+        row = (
+            sqlite3.connect(tmp_path / "monitor.db")
+            .execute("SELECT DISTINCT end_reason FROM alerts")
+            .fetchall()
+        )
+        assert row == [("server_restart",)]
