@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -77,6 +78,8 @@ class ViewLike(Protocol):
     def last_update_time(self) -> float | None: ...
     @property
     def opened_time(self) -> float: ...
+    @property
+    def last_activity(self) -> float: ...
 
 
 def observation(record: monitor_pb2.StepRecord) -> Observation:
@@ -199,8 +202,17 @@ class AlertEngine:
         for transition in state.detectors.update(observation(record)):
             self._apply(run_id, state, transition)
 
-    def check_stale(self, views: Mapping[str, ViewLike], now: float | None = None) -> None:
-        """Evaluate :class:`MonitorStale` for every known run (call on a timer)."""
+    def check_stale(
+        self,
+        views: Mapping[str, ViewLike],
+        now: float | None = None,
+        retention_s: float = math.inf,
+    ) -> None:
+        """Evaluate :class:`MonitorStale` for every known run (call on a timer).
+
+        A run idle for longer than ``retention_s`` (it has left /metrics) counts as
+        no longer open: its stale alert ends (reason ``run_closed``).
+        """
         now = self._clock() if now is None else now
         for run_id, view in list(views.items()):
             state = self._runs.get(run_id)
@@ -212,7 +224,8 @@ class AlertEngine:
             if stale is None:
                 continue
             last = view.last_update_time if view.last_update_time is not None else view.opened_time
-            transition = stale.check(now, last, state.last_step, view.status == "running")
+            is_open = view.status == "running" and now - view.last_activity <= retention_s
+            transition = stale.check(now, last, state.last_step, is_open)
             if transition is not None:
                 self._apply(run_id, state, transition)
 
@@ -328,11 +341,15 @@ class AlertEngine:
             state = self._runs.get(run_id)
             return [_copy(a) for a, _ in state.open.values()] if state else []
 
-    def gauge_samples(self) -> list[tuple[str, str, str, float]]:
+    def gauge_samples(
+        self, include: Callable[[str], bool] = lambda run_id: True
+    ) -> list[tuple[str, str, str, float]]:
         """``(run, alertname, severity, 0|1)`` for every alert a run has had."""
         out: dict[tuple[str, str, str], float] = {}
         with self._lock:
-            for state in self._runs.values():
+            for run_id, state in self._runs.items():
+                if not include(run_id):
+                    continue
                 for alert in state.history:
                     key = (state.display_name, alert.name, alert.severity)
                     out[key] = max(out.get(key, 0.0), 1.0 if alert.active else 0.0)
@@ -355,8 +372,29 @@ class AlertCollector(Collector):
     True
     """
 
-    def __init__(self, engine: AlertEngine) -> None:
+    def __init__(
+        self,
+        engine: AlertEngine,
+        views: Callable[[], Mapping[str, ViewLike]] | None = None,
+        retention_s: float = math.inf,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._engine = engine
+        self._views = views
+        self._retention_s = retention_s
+        self._clock = clock
+
+    def _include(self) -> Callable[[str], bool]:
+        if self._views is None:
+            return lambda run_id: True
+        views = self._views()
+        cutoff = self._clock() - self._retention_s
+
+        def include(run_id: str) -> bool:
+            view = views.get(run_id)
+            return view is not None and view.last_activity >= cutoff
+
+        return include
 
     def describe(self) -> Iterable[Any]:
         return [self._family()]
@@ -371,6 +409,6 @@ class AlertCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         family = self._family()
-        for run, name, severity, value in self._engine.gauge_samples():
+        for run, name, severity, value in self._engine.gauge_samples(self._include()):
             family.add_metric([run, name, severity], value)
         return [family]

@@ -139,7 +139,9 @@ class AsyncMonitorServer:
             )
             self.registry, push_latency = build_registry(collector)
             if self.alerts is not None:
-                self.registry.register(AlertCollector(self.alerts))
+                self.registry.register(
+                    AlertCollector(self.alerts, lambda: self.ingestor.views, cfg.retention_s)
+                )
             limits = cfg.limits
             self._servicer = MonitorServicer(
                 self._ingestor,
@@ -206,7 +208,11 @@ class AsyncMonitorServer:
             if writer is None:
                 return
             try:
-                await writer.call(lambda: engine.check_stale(self.ingestor.views))
+                await writer.call(
+                    lambda: engine.check_stale(
+                        self.ingestor.views, retention_s=self.config.retention_s
+                    )
+                )
             except Exception:
                 log.exception("stale check failed")
 

@@ -147,6 +147,17 @@ def test_firing_then_resolved_through_alertmanager(
         assert annotations["runbook_url"] == "https://example.invalid/runbook#InversionWeakening"
         assert "cusum=" in annotations["description"] and "threshold" in annotations["description"]
         assert "paged" in annotations["summary"]
+        # re-sent while active (resend_s = 1), and still active in Alertmanager
+        sink = server._server.alertmanager  # type: ignore[attr-defined]
+        assert sink is not None
+        sent = sink.sent
+        deadline = time.monotonic() + 15
+        while sink.sent < sent + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sink.sent >= sent + 2
+        with urllib.request.urlopen(url + "/api/v2/alerts?active=true", timeout=5) as r:
+            listed = json.loads(r.read())
+        assert [a["labels"]["alertname"] for a in listed] == ["InversionWeakening"]
 
         for rec in weakening_stream([-0.5] * 150, 121, seed=4):
             push(stub, rec)
