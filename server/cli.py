@@ -79,6 +79,13 @@ def add_server_commands(subparsers: Any) -> None:
         help="detector settings, YAML or TOML (default: built-in defaults)",
     )
     serve.add_argument(
+        "--no-alerts",
+        dest="alerts",
+        action="store_false",
+        default=None,
+        help="run no server-side detectors (no alerts, no alert_active series)",
+    )
+    serve.add_argument(
         "--alertmanager-url",
         metavar="URL",
         help="post alerts to this Alertmanager (e.g. http://127.0.0.1:9093)",
@@ -130,6 +137,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         "max_active_runs",
         "alerts_config",
         "alertmanager_url",
+        "alerts",
     )
     return ServerConfig.from_sources({n: getattr(args, n, None) for n in names}, environ)
 

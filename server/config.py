@@ -244,6 +244,7 @@ _ENV_FIELDS: dict[str, str] = {
     "max_active_runs": "MAX_ACTIVE_RUNS",
     "alerts_config": "ALERTS_CONFIG",
     "alertmanager_url": "ALERTMANAGER_URL",
+    "alerts": "ALERTS",
 }
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from inversion_monitor.cli import main
+from inversion_monitor.cli import build_parser, main
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.cli import runs_table
+from inversion_monitor.server.cli import runs_table, serve_config
 from inversion_monitor.server.config import ConfigError, ServerConfig
 from tests.server_support import (
     TIMEOUT,
@@ -166,6 +166,11 @@ def test_serve_flags_are_checked_before_start(
         ServerConfig.from_sources({"alertmanager_url": "localhost:9093"}, {})
     env = {"INVERSION_MONITOR_SERVER_ALERTMANAGER_URL": "http://127.0.0.1:9093/"}
     assert ServerConfig.from_sources({}, env).alertmanager_url == "http://127.0.0.1:9093"
+    parser = build_parser()
+    assert serve_config(parser.parse_args(["serve", "--no-alerts"]), {}).alerts is False
+    assert serve_config(parser.parse_args(["serve"]), {}).alerts is True
+    off = {"INVERSION_MONITOR_SERVER_ALERTS": "false"}
+    assert serve_config(parser.parse_args(["serve"]), off).alerts is False
 
 
 def test_alerts_survive_a_restart_as_history(tmp_path: Path) -> None:
