@@ -24,20 +24,32 @@ _LAZY_EXPORTS: dict[str, str] = {
     "Limits": ".config",
     "ConfigError": ".config",
     "IngestListener": ".listeners",
+    "AlertEngine": ".alerts",
+    "AlertmanagerSink": ".alertmanager",
+    "AlertsConfig": ".detectors",
+    "load_alerts_config": ".alert_config",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from inversion_monitor.server.alert_config import load_alerts_config
+    from inversion_monitor.server.alertmanager import AlertmanagerSink
+    from inversion_monitor.server.alerts import AlertEngine
     from inversion_monitor.server.app import AsyncMonitorServer, MonitorServer
     from inversion_monitor.server.config import ConfigError, Limits, ServerConfig
+    from inversion_monitor.server.detectors import AlertsConfig
     from inversion_monitor.server.listeners import IngestListener
 
 __all__ = [
+    "AlertEngine",
+    "AlertmanagerSink",
+    "AlertsConfig",
     "AsyncMonitorServer",
     "ConfigError",
     "IngestListener",
     "Limits",
     "MonitorServer",
     "ServerConfig",
+    "load_alerts_config",
 ]
 
 

@@ -21,6 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
 
+from inversion_monitor.server.alert_config import load_alerts_config
+from inversion_monitor.server.alertmanager import AlertmanagerSink
+from inversion_monitor.server.alerts import AlertCollector, AlertEngine, AlertSink
 from inversion_monitor.server.config import ServerConfig, join_address
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
@@ -67,6 +70,10 @@ class AsyncMonitorServer:
         self._ingestor: Ingestor | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._stopped = asyncio.Event()
+        self.alerts: AlertEngine | None = None
+        self._stale_task: asyncio.Task[None] | None = None
+        self._sinks: list[AlertSink] = []
+        self.alertmanager: AlertmanagerSink | None = None
         self.grpc_port = 0
         self.http_port = 0
         self.serving = False
@@ -105,10 +112,20 @@ class AsyncMonitorServer:
         cfg = self.config
         self._writer = writer = WriterThread()
         memory = str(cfg.db) == ":memory:"
+        listeners = list(self._listeners)
         try:
-            self._ingestor = await writer.call(
-                lambda: Ingestor(Store(cfg.db), cfg, self._listeners)
-            )
+            if cfg.alerts:
+                alerts_config = load_alerts_config(cfg.alerts_config)
+                if cfg.alertmanager_url is not None:
+                    self.alertmanager = AlertmanagerSink(
+                        cfg.alertmanager_url,
+                        resend_s=alerts_config.resend_s,
+                        runbook_url=alerts_config.runbook_url,
+                    )
+                    self._sinks.append(self.alertmanager)
+                self.alerts = AlertEngine(alerts_config, cfg.db, sinks=self._sinks)
+                listeners.append(self.alerts)
+            self._ingestor = await writer.call(lambda: Ingestor(Store(cfg.db), cfg, listeners))
             writer.ingestor = self._ingestor
             if memory:  # one connection only: reads share the writer thread
                 self._read_conn = self._ingestor._store._conn
@@ -121,6 +138,10 @@ class AsyncMonitorServer:
                 extended=cfg.extended_metrics,
             )
             self.registry, push_latency = build_registry(collector)
+            if self.alerts is not None:
+                self.registry.register(
+                    AlertCollector(self.alerts, lambda: self.ingestor.views, cfg.retention_s)
+                )
             limits = cfg.limits
             self._servicer = MonitorServicer(
                 self._ingestor,
@@ -130,6 +151,7 @@ class AsyncMonitorServer:
                 push_latency=push_latency,
                 max_pending=limits.max_pending_pushes,
                 max_history=limits.max_history,
+                alerts=self.alerts,
             )
             servicer = self._servicer
             Gauge(
@@ -168,10 +190,31 @@ class AsyncMonitorServer:
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self.serving = True
+            if self.alerts is not None and self.alerts.config.stale.enabled:
+                period = min(5.0, self.alerts.config.stale.after_s / 4.0)
+                self._stale_task = asyncio.get_running_loop().create_task(
+                    self._check_stale(self.alerts, period)
+                )
         except BaseException:
             await self._cleanup(grace_s=0)
             raise
         log.info("serving gRPC on %s, HTTP on %s", self.grpc_target, self.http_url)
+
+    async def _check_stale(self, engine: AlertEngine, period: float) -> None:
+        """Evaluate MonitorStale every ``period`` seconds on the writer thread."""
+        while True:
+            await asyncio.sleep(period)
+            writer = self._writer
+            if writer is None:
+                return
+            try:
+                await writer.call(
+                    lambda: engine.check_stale(
+                        self.ingestor.views, retention_s=self.config.retention_s
+                    )
+                )
+            except Exception:
+                log.exception("stale check failed")
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop serving: health NOT_SERVING, finish in-flight calls, close the database."""
@@ -180,6 +223,9 @@ class AsyncMonitorServer:
 
     async def _cleanup(self, grace_s: float) -> None:
         self.serving = False
+        if self._stale_task is not None:
+            self._stale_task.cancel()
+            self._stale_task = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:
@@ -196,10 +242,15 @@ class AsyncMonitorServer:
             self._reader.shutdown(wait=True)
             self._reader = None
         if self._writer is not None:
+            if self.alerts is not None:
+                await self._writer.call(self.alerts.close)
             if self._ingestor is not None:
                 await self._writer.call(self._ingestor.close)
             await loop.run_in_executor(None, self._writer.stop)
             self._writer = None
+        if self.alertmanager is not None:
+            await loop.run_in_executor(None, self.alertmanager.close)
+            self.alertmanager = None
         self._stopped.set()
 
     def _close_reader(self) -> None:

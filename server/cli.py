@@ -73,6 +73,23 @@ def add_server_commands(subparsers: Any) -> None:
     serve.add_argument("--max-message-bytes", type=int, metavar="N", help="default 4 MiB")
     serve.add_argument("--max-records-per-push", type=int, metavar="N", help="default 1000")
     serve.add_argument("--max-active-runs", type=int, metavar="N", help="default 10000")
+    serve.add_argument(
+        "--alerts-config",
+        metavar="FILE",
+        help="detector settings, YAML or TOML (default: built-in defaults)",
+    )
+    serve.add_argument(
+        "--no-alerts",
+        dest="alerts",
+        action="store_false",
+        default=None,
+        help="run no server-side detectors (no alerts, no alert_active series)",
+    )
+    serve.add_argument(
+        "--alertmanager-url",
+        metavar="URL",
+        help="post alerts to this Alertmanager (e.g. http://127.0.0.1:9093)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(handler=run_serve)
 
@@ -118,6 +135,9 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         "max_message_bytes",
         "max_records_per_push",
         "max_active_runs",
+        "alerts_config",
+        "alertmanager_url",
+        "alerts",
     )
     return ServerConfig.from_sources({n: getattr(args, n, None) for n in names}, environ)
 
@@ -134,6 +154,10 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:
         config = serve_config(args, os.environ)
+        if config.alerts:
+            from inversion_monitor.server.alert_config import load_alerts_config
+
+            load_alerts_config(config.alerts_config)
     except ConfigError as exc:
         print(f"inversion-monitor serve: {exc}", file=sys.stderr)
         return 2
@@ -208,7 +232,17 @@ def _age(then: float, now: float) -> str:
 
 def runs_table(runs: Sequence[monitor_pb2.RunSummary], now: float) -> str:
     """The ``runs`` table: one line per run summary."""
-    headers = ["NAME", "PROJECT", "STATUS", "STEP", "RHO", "ENTROPY", "RECORDS", "UPDATED"]
+    headers = [
+        "NAME",
+        "PROJECT",
+        "STATUS",
+        "STEP",
+        "RHO",
+        "ENTROPY",
+        "RECORDS",
+        "UPDATED",
+        "ALERTS",
+    ]
     rows = []
     for run in runs:
         latest = run.latest if run.HasField("latest") else None
@@ -228,6 +262,7 @@ def runs_table(runs: Sequence[monitor_pb2.RunSummary], now: float) -> str:
                 _number(entropy, 3),
                 str(run.records),
                 _age(run.last_update_time, now),
+                ",".join(f"{a.name}({a.severity})" for a in run.active_alerts) or "-",
             ]
         )
     return format_table(headers, rows)

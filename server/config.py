@@ -121,6 +121,12 @@ class ServerConfig(BaseModel):
     limits: Limits = Limits()
     # adds CI bounds, entropy percentiles, loss and run_info per run to /metrics
     extended_metrics: bool = False
+    # detector settings file (YAML or TOML); None: the defaults
+    alerts_config: Path | None = None
+    # False: no server-side detectors (no alerts)
+    alerts: bool = True
+    # base URL of an Alertmanager (e.g. http://127.0.0.1:9093) to post alerts to
+    alertmanager_url: str | None = None
     # grace period for in-flight calls on shutdown
     shutdown_grace_s: float = Field(default=5.0, ge=0)
 
@@ -155,6 +161,15 @@ class ServerConfig(BaseModel):
                     "a token must be non-empty printable ASCII without spaces or commas"
                 )
         return tokens
+
+    @field_validator("alertmanager_url")
+    @classmethod
+    def _check_alertmanager_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("the Alertmanager URL must start with http:// or https://")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServerConfig:
@@ -227,6 +242,9 @@ _ENV_FIELDS: dict[str, str] = {
     "max_message_bytes": "MAX_MESSAGE_BYTES",
     "max_records_per_push": "MAX_RECORDS_PER_PUSH",
     "max_active_runs": "MAX_ACTIVE_RUNS",
+    "alerts_config": "ALERTS_CONFIG",
+    "alertmanager_url": "ALERTMANAGER_URL",
+    "alerts": "ALERTS",
 }
 
 

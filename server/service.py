@@ -24,6 +24,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from prometheus_client import Histogram
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.server.alerts import AlertEngine
 from inversion_monitor.server.errors import (
     InvalidArgument,
     NotFound,
@@ -84,8 +85,10 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         push_latency: Histogram,
         max_pending: int,
         max_history: int,
+        alerts: AlertEngine | None = None,
     ) -> None:
         self._ingestor = ingestor
+        self._alerts = alerts
         self._writer = writer
         self._reader = reader
         self._read_connection = read_connection
@@ -185,7 +188,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             views.sort(key=lambda v: v.last_activity, reverse=True)
             response = monitor_pb2.ListRunsResponse()
             for view in views[:limit]:
-                fill_summary(response.runs.add(), view)
+                fill_summary(response.runs.add(), view, self._alerts)
             return response
 
         return await self._guard(context, request, call)
@@ -213,7 +216,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             except sqlite3.Error as exc:
                 raise Unavailable(f"database read failed: {exc}") from exc
             response = monitor_pb2.GetRunResponse()
-            fill_summary(response.summary, view)
+            fill_summary(response.summary, view, self._alerts)
+            if self._alerts is not None:
+                response.alerts.extend(self._alerts.alerts(view.run_id))
             response.history.extend(monitor_pb2.StepRecord.FromString(p) for p in payloads)
             return response
 
@@ -264,8 +269,10 @@ def add_monitor_service(servicer: MonitorServicer, server: grpc.aio.Server) -> N
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def fill_summary(out: monitor_pb2.RunSummary, view: RunView) -> None:
-    """Copy a run's snapshot into a ``RunSummary`` (``latest`` carries no token samples)."""
+def fill_summary(
+    out: monitor_pb2.RunSummary, view: RunView, alerts: AlertEngine | None = None
+) -> None:
+    """Copy a run's snapshot (and active alerts) into a ``RunSummary`` (no token samples)."""
     out.run.CopyFrom(view.info)
     out.display_name = view.display_name
     out.opened_time = view.opened_time
@@ -274,6 +281,8 @@ def fill_summary(out: monitor_pb2.RunSummary, view: RunView) -> None:
     out.records = view.records
     if view.latest is not None:
         out.latest.CopyFrom(view.latest)
+    if alerts is not None:
+        out.active_alerts.extend(alerts.active(view.run_id))
 
 
 # ---------------------------------------------------------------- auth

@@ -85,6 +85,7 @@ def test_serve_prints_bound_addresses_and_stops_cleanly_on_signal(tmp_path, sig)
             "ENTROPY",
             "RECORDS",
             "UPDATED",
+            "ALERTS",
         ]
         assert runs.stdout.splitlines()[1].split()[:3] == ["via-cli", "p", "running"]
         denied = subprocess.run(

@@ -1,0 +1,414 @@
+"""The alert engine: detectors per run as an ingest listener, alert state and storage.
+
+Records of a run's lowest rank drive its detectors (see :mod:`.detectors`);
+each transition opens or closes an :class:`~monitor_pb2.Alert`, kept in memory
+(for ``GetRun``, ``/metrics``) and written to the ``alerts`` table of the
+server's database (its own connection, used on the writer thread only).
+After a restart the table's alerts are loaded back as history (the last 200 per
+run); detectors start afresh, so alerts left active are closed with end reason
+``server_restart`` and fire again if the condition persists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.detectors import (
+    AlertsConfig,
+    Observation,
+    RunDetectors,
+    Transition,
+)
+from inversion_monitor.server.store import connect
+
+log = logging.getLogger(__name__)
+
+MAX_ALERTS_PER_RUN = 200
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    display_name TEXT NOT NULL,
+    name TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    active INTEGER NOT NULL,
+    start_step INTEGER NOT NULL,
+    end_step INTEGER,
+    start_time REAL NOT NULL,
+    end_time REAL,
+    reason TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    description TEXT NOT NULL,
+    trigger_values TEXT NOT NULL,
+    end_reason TEXT,
+    end_values TEXT
+);
+CREATE INDEX IF NOT EXISTS alerts_by_run ON alerts (run_id, id);
+"""
+
+
+class AlertSink(Protocol):
+    """Something told about every alert that starts or ends (e.g. Alertmanager)."""
+
+    def notify(self, display_name: str, alert: monitor_pb2.Alert) -> None: ...
+
+
+class ViewLike(Protocol):
+    """What the stale check reads of a run (an ingest ``RunView``)."""
+
+    @property
+    def display_name(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def last_update_time(self) -> float | None: ...
+    @property
+    def opened_time(self) -> float: ...
+    @property
+    def last_activity(self) -> float: ...
+
+
+def observation(record: monitor_pb2.StepRecord) -> Observation:
+    """The detector inputs of a record (missing statistics stay None).
+
+    >>> rec = monitor_pb2.StepRecord(step=3, wall_time=1.5)
+    >>> rec.inversion.spearman.value = -0.4; rec.inversion.n = 64; rec.entropy.mean = 2.0
+    >>> observation(rec)
+    Observation(step=3, wall_time=1.5, rho=-0.4, n=64, entropy_mean=2.0)
+    """
+    inv = record.inversion
+    rho = (
+        inv.spearman.value
+        if record.HasField("inversion") and inv.spearman.HasField("value") and not inv.insufficient
+        else None
+    )
+    entropy = record.entropy.mean if record.entropy.HasField("mean") else None
+    return Observation(record.step, record.wall_time, rho, int(inv.n), entropy)
+
+
+@dataclass
+class _RunAlerts:
+    display_name: str
+    detectors: RunDetectors
+    rank: int
+    last_step: int = 0
+    history: list[monitor_pb2.Alert] = field(default_factory=list)
+    # alert name -> (its proto in history, its row id)
+    open: dict[str, tuple[monitor_pb2.Alert, int | None]] = field(default_factory=dict)
+
+
+class AlertEngine:
+    """Runs the detectors on every stored record; keeps and stores the alerts.
+
+    >>> engine = AlertEngine(AlertsConfig())
+    >>> rec = monitor_pb2.StepRecord(run_id="r1", step=1)
+    >>> engine.on_record("r1", "demo", rec)
+    >>> engine.alerts("r1"), engine.active("r1")
+    ([], [])
+    """
+
+    def __init__(
+        self,
+        config: AlertsConfig | None = None,
+        db: Path | str | None = None,
+        *,
+        sinks: Iterable[AlertSink] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or AlertsConfig()
+        self._db = None if db is None or str(db) == ":memory:" else str(db)
+        self._conn: sqlite3.Connection | None = None
+        self._sinks = list(sinks)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._runs: dict[str, _RunAlerts] = {}
+        if self._db is not None:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            conn = self._connection()
+            assert conn is not None
+            conn.execute(
+                "UPDATE alerts SET active = 0, end_time = ?, end_reason = 'server_restart'"
+                " WHERE active = 1",
+                (self._clock(),),
+            )
+            rows = conn.execute(
+                "SELECT run_id, display_name, name, severity, start_step, end_step, start_time,"
+                " end_time, summary, description, trigger_values FROM alerts ORDER BY id"
+            ).fetchall()
+        except sqlite3.Error:
+            log.exception("could not load the stored alerts")
+            return
+        for (
+            run_id,
+            display,
+            name,
+            severity,
+            s_step,
+            e_step,
+            s_time,
+            e_time,
+            summ,
+            desc,
+            vals,
+        ) in rows:
+            state = self._runs.get(run_id)
+            if state is None:
+                state = self._runs[run_id] = _RunAlerts(display, RunDetectors(self.config), 1 << 30)
+            alert = monitor_pb2.Alert(
+                name=name,
+                severity=severity,
+                active=False,
+                start_step=s_step,
+                end_step=e_step or 0,
+                start_time=s_time,
+                end_time=e_time or 0.0,
+                summary=summ,
+                description=desc,
+            )
+            for key, value in json.loads(vals).items():
+                alert.values[key] = float(value)
+            state.history.append(alert)
+            del state.history[:-MAX_ALERTS_PER_RUN]
+
+    # ---------------------------------------------------------------- writer thread
+
+    def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
+        state = self._runs.get(run_id)
+        if state is None:
+            state = _RunAlerts(display_name, RunDetectors(self.config), record.rank)
+            with self._lock:
+                self._runs[run_id] = state
+        if record.rank > state.rank:
+            return
+        state.rank = record.rank
+        state.last_step = max(state.last_step, record.step)
+        for transition in state.detectors.update(observation(record)):
+            self._apply(run_id, state, transition)
+
+    def check_stale(
+        self,
+        views: Mapping[str, ViewLike],
+        now: float | None = None,
+        retention_s: float = math.inf,
+    ) -> None:
+        """Evaluate :class:`MonitorStale` for every known run (call on a timer).
+
+        A run idle for longer than ``retention_s`` (it has left /metrics) counts as
+        no longer open: its stale alert ends (reason ``run_closed``).
+        """
+        now = self._clock() if now is None else now
+        for run_id, view in list(views.items()):
+            state = self._runs.get(run_id)
+            if state is None:
+                state = _RunAlerts(view.display_name, RunDetectors(self.config), 1 << 30)
+                with self._lock:
+                    self._runs[run_id] = state
+            stale = state.detectors.stale
+            if stale is None:
+                continue
+            last = view.last_update_time if view.last_update_time is not None else view.opened_time
+            is_open = view.status == "running" and now - view.last_activity <= retention_s
+            transition = stale.check(now, last, state.last_step, is_open)
+            if transition is not None:
+                self._apply(run_id, state, transition)
+
+    def _apply(self, run_id: str, state: _RunAlerts, t: Transition) -> None:
+        name = t.name.value
+        if t.firing:
+            alert = monitor_pb2.Alert(
+                name=name,
+                severity=t.severity.value,
+                active=True,
+                start_step=t.step,
+                start_time=t.time,
+                summary=t.summary,
+                description=t.message,
+            )
+            for key, value in t.values.items():
+                alert.values[key] = value
+            row = self._write_start(run_id, state.display_name, alert, t)
+            with self._lock:
+                state.history.append(alert)
+                del state.history[:-MAX_ALERTS_PER_RUN]
+                state.open[name] = (alert, row)
+        else:
+            found = state.open.get(name)
+            if found is None:
+                return
+            alert, row = found
+            with self._lock:
+                alert.active = False
+                alert.end_step = t.step
+                alert.end_time = t.time
+                del state.open[name]
+            self._write_end(row, t)
+        log.info(
+            "alert %s %s for run %s: %s",
+            name,
+            "firing" if t.firing else "resolved",
+            state.display_name,
+            t.message,
+        )
+        for sink in self._sinks:
+            try:
+                sink.notify(state.display_name, alert)
+            except Exception:
+                log.exception("alert sink %r failed", sink)
+
+    def _connection(self) -> sqlite3.Connection | None:
+        if self._db is None:
+            return None
+        if self._conn is None:
+            self._conn = connect(self._db)
+            self._conn.executescript(_SCHEMA)
+        return self._conn
+
+    def _write_start(
+        self, run_id: str, display_name: str, alert: monitor_pb2.Alert, t: Transition
+    ) -> int | None:
+        try:
+            conn = self._connection()
+            if conn is None:
+                return None
+            cur = conn.execute(
+                "INSERT INTO alerts (run_id, display_name, name, severity, active, start_step,"
+                " start_time, reason, summary, description, trigger_values)"
+                " VALUES (?,?,?,?,1,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    display_name,
+                    alert.name,
+                    alert.severity,
+                    t.step,
+                    t.time,
+                    t.reason.value,
+                    t.summary,
+                    t.message,
+                    json.dumps(t.values),
+                ),
+            )
+            return cur.lastrowid
+        except sqlite3.Error:
+            log.exception("could not store alert %s of run %s", alert.name, run_id)
+            return None
+
+    def _write_end(self, row: int | None, t: Transition) -> None:
+        if row is None:
+            return
+        try:
+            conn = self._connection()
+            if conn is not None:
+                conn.execute(
+                    "UPDATE alerts SET active = 0, end_step = ?, end_time = ?, end_reason = ?,"
+                    " end_values = ? WHERE id = ?",
+                    (t.step, t.time, t.reason.value, json.dumps(t.values), row),
+                )
+        except sqlite3.Error:
+            log.exception("could not store the end of alert %s", t.name.value)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ---------------------------------------------------------------- any thread
+
+    def alerts(self, run_id: str) -> list[monitor_pb2.Alert]:
+        """Copies of the run's alerts, oldest first (at most the last 200)."""
+        with self._lock:
+            state = self._runs.get(run_id)
+            return [_copy(a) for a in state.history] if state else []
+
+    def active(self, run_id: str) -> list[monitor_pb2.Alert]:
+        with self._lock:
+            state = self._runs.get(run_id)
+            return [_copy(a) for a, _ in state.open.values()] if state else []
+
+    def gauge_samples(
+        self, include: Callable[[str], bool] = lambda run_id: True
+    ) -> list[tuple[str, str, str, float]]:
+        """``(run, alertname, severity, 0|1)`` for every alert a run has had."""
+        out: dict[tuple[str, str, str], float] = {}
+        with self._lock:
+            for run_id, state in self._runs.items():
+                if not include(run_id):
+                    continue
+                for alert in state.history:
+                    key = (state.display_name, alert.name, alert.severity)
+                    out[key] = max(out.get(key, 0.0), 1.0 if alert.active else 0.0)
+        return [(*key, value) for key, value in sorted(out.items())]
+
+
+def _copy(alert: monitor_pb2.Alert) -> monitor_pb2.Alert:
+    out = monitor_pb2.Alert()
+    out.CopyFrom(alert)
+    return out
+
+
+class AlertCollector(Collector):
+    """``inversion_monitor_alert_active{run, alertname, severity}``.
+
+    >>> from prometheus_client import CollectorRegistry, generate_latest
+    >>> reg = CollectorRegistry()
+    >>> reg.register(AlertCollector(AlertEngine()))
+    >>> b"inversion_monitor_alert_active" in generate_latest(reg)
+    True
+    """
+
+    def __init__(
+        self,
+        engine: AlertEngine,
+        views: Callable[[], Mapping[str, ViewLike]] | None = None,
+        retention_s: float = math.inf,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._engine = engine
+        self._views = views
+        self._retention_s = retention_s
+        self._clock = clock
+
+    def _include(self) -> Callable[[str], bool]:
+        if self._views is None:
+            return lambda run_id: True
+        views = self._views()
+        cutoff = self._clock() - self._retention_s
+
+        def include(run_id: str) -> bool:
+            view = views.get(run_id)
+            return view is not None and view.last_activity >= cutoff
+
+        return include
+
+    def describe(self) -> Iterable[Any]:
+        return [self._family()]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "inversion_monitor_alert_active",
+            "1 while the server's detector alert is active for the run, 0 after it resolved.",
+            labels=["run", "alertname", "severity"],
+        )
+
+    def collect(self) -> Iterable[Any]:
+        family = self._family()
+        for run, name, severity, value in self._engine.gauge_samples(self._include()):
+            family.add_metric([run, name, severity], value)
+        return [family]

@@ -1,0 +1,160 @@
+"""A real Prometheus scrapes a live server; every Grafana panel query returns data."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from tests.server_support import open_run, push, record, running, stub_for
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS = Path("/usr/bin/prometheus")
+DASHBOARD = ROOT / "deploy" / "grafana" / "inversion-monitor.json"
+RUN = "dash-run"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def api(base: str, path: str, **params: str) -> Any:
+    url = f"{base}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def records(first: int, count: int, rho: float, rng: random.Random) -> list[monitor_pb2.StepRecord]:
+    out = []
+    for seq in range(first, first + count):
+        value = math.tanh(rng.gauss(math.atanh(rho), math.sqrt(1.06 / 61)))
+        rec = record("run1", seq, spearman=value, entropy=2.0 + rng.random() * 0.1)
+        rec.inversion.n = 64
+        rec.wall_time = time.time()
+        out.append(rec)
+    return out
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """Yields (Prometheus URL, a function pushing n more records)."""
+    with running(tmp_path, extended_metrics=True) as server, stub_for(server) as stub:
+        open_run(stub, "run1", name=RUN)
+        rng = random.Random(5)
+        # a weakening run: the alert panel has a series
+        push(stub, *records(1, 60, -0.5, rng))
+        push(stub, *records(61, 40, -0.1, rng))
+        state = {"next": 101}
+
+        def more(n: int = 5) -> None:
+            push(stub, *records(state["next"], n, -0.1, rng))
+            state["next"] += n
+
+        assert server.http_url is not None
+        target = server.http_url.removeprefix("http://")
+        text = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
+        assert '"127.0.0.1:9464"' in text and "scrape_interval: 15s" in text
+        text = (
+            text.replace('"127.0.0.1:9464"', f'"{target}"')
+            .replace("scrape_interval: 15s", "scrape_interval: 1s")
+            .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+        )
+        config = tmp_path / "prometheus.yml"
+        config.write_text(text)
+        (tmp_path / "rules.yml").write_text((ROOT / "deploy/prometheus/rules.yml").read_text())
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                str(PROMETHEUS),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(base + "/-/ready", timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "prometheus did not become ready"
+                time.sleep(0.2)
+            yield base, more
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    ]
+
+
+def test_dashboard_shape() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "inversion-monitor"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["run"]["definition"] == "label_values(inversion_monitor_step, run)"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}"
+    assert len(panel_queries()) >= 15
+
+
+def test_every_panel_query_returns_data(prometheus: tuple[str, Any]) -> None:
+    base, more = prometheus
+    # wait until Prometheus has several scrapes of the run (rates need two)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        more()
+        got = api(
+            base, "query", query=f'count_over_time(inversion_monitor_step{{run="{RUN}"}}[1m])'
+        )
+        if got["result"] and float(got["result"][0]["value"][1]) >= 4:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("Prometheus did not scrape the server")
+    runs = api(base, "label/run/values", **{"match[]": "inversion_monitor_step"})
+    assert RUN in runs
+    empty = []
+    for title, expr in panel_queries():
+        query = expr.replace("$run", RUN)
+        result = api(base, "query", query=query)["result"]
+        if not result:
+            empty.append(f"{title}: {query}")
+    assert empty == []
+    alerts = api(base, "query", query=f'inversion_monitor_alert_active{{run="{RUN}"}}')["result"]
+    assert {r["metric"]["alertname"] for r in alerts} >= {"InversionWeakening"}
+    rules = api(base, "rules")
+    assert sum(len(g["rules"]) for g in rules["groups"]) == 11
