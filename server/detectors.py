@@ -167,7 +167,7 @@ class AlertsConfig(_Strict):
     entropy: EntropyConfig = EntropyConfig()
     stale: StaleConfig = StaleConfig()
     # annotation runbook_url of Alertmanager alerts; {alertname} is substituted
-    runbook_url: str = "https://github.com/inversion-monitor/inversion-monitor/blob/main/docs/runbook.md#{alertname}"
+    runbook_url: str = "https://github.com/inversion-monitor/inversion-monitor/blob/main/deploy/runbook.md#{alertname}"
     # seconds between re-sends of active alerts to Alertmanager
     resend_s: float = Field(default=30.0, gt=0.0)
 
