@@ -11,11 +11,15 @@ import importlib
 from typing import Any
 
 _LAZY_EXPORTS: dict[str, str] = {
+    "CorrPOConfig": ".trl_corrpo",
+    "CorrPOGRPOTrainer": ".trl_corrpo",
     "InversionLightningCallback": ".lightning",
     "InversionTrainerCallback": ".hf",
 }
 
 __all__ = [
+    "CorrPOConfig",
+    "CorrPOGRPOTrainer",
     "InversionLightningCallback",
     "InversionTrainerCallback",
 ]  # sorted(_LAZY_EXPORTS), checked by a test

@@ -29,18 +29,22 @@ _LAZY_EXPORTS: dict[str, str] = {
     "MonitorWarning": ".monitor",
     "ProbeResult": ".probe",
     "ProjectionSite": ".architectures",
+    "SequenceInversion": ".corrpo",
     "TelemetryWarning": ".client",
     "TokenSampler": ".sampling",
+    "corrpo_rewards": ".corrpo",
     "entropy_covariance": ".covariance",
     "entropy_covariance_per_token": ".covariance",
     "entropy_from_hidden": ".entropy",
     "fisher_ci": ".stats",
+    "group_advantages": ".corrpo",
     "inversion_stats": ".stats",
     "logit_gradient_norms": ".probe",
     "pearson": ".stats",
     "rank_average": ".stats",
     "reference_norms": ".reference",
     "register_adapter": ".architectures",
+    "sequence_inversion": ".corrpo",
     "spearman": ".stats",
     "token_entropy": ".entropy",
     "valid_positions": ".sampling",
@@ -54,6 +58,12 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
     )
     from inversion_monitor.client import DeliveryReport, MonitorClient, TelemetryWarning
     from inversion_monitor.config import MonitorConfig
+    from inversion_monitor.corrpo import (
+        SequenceInversion,
+        corrpo_rewards,
+        group_advantages,
+        sequence_inversion,
+    )
     from inversion_monitor.covariance import entropy_covariance, entropy_covariance_per_token
     from inversion_monitor.entropy import entropy_from_hidden, token_entropy
     from inversion_monitor.monitor import InversionMonitor, MonitorWarning
@@ -85,18 +95,22 @@ __all__ = [  # noqa: RUF022 - the order above is the contract
     "MonitorWarning",
     "ProbeResult",
     "ProjectionSite",
+    "SequenceInversion",
     "TelemetryWarning",
     "TokenSampler",
+    "corrpo_rewards",
     "entropy_covariance",
     "entropy_covariance_per_token",
     "entropy_from_hidden",
     "fisher_ci",
+    "group_advantages",
     "inversion_stats",
     "logit_gradient_norms",
     "pearson",
     "rank_average",
     "reference_norms",
     "register_adapter",
+    "sequence_inversion",
     "spearman",
     "token_entropy",
     "valid_positions",

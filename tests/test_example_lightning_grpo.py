@@ -1,0 +1,46 @@
+"""The Lightning GRPO + CorR-PO example runs end to end (a few steps, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lightning_grpo_corrpo.py"
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lightning_grpo_corrpo", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_trains_with_corrpo_and_the_monitor(tmp_path):
+    example = load_example()
+    path = tmp_path / "inversion.jsonl"
+    history = example.main(3, coef=0.1, jsonl_path=str(path))
+    assert [row["step"] for row in history] == [0.0, 1.0, 2.0]
+    for row in history:
+        assert math.isfinite(row["loss"]) and 0 <= row["reward"] <= 1
+        assert 0 <= row["unshaped_fraction"] <= 1
+    assert any(math.isfinite(row["rho_mean"]) for row in history)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]  # the monitor probed every optimizer step
+    assert all(r["n"] > 0 for r in records)
+
+
+def test_task_reward_is_verifiable():
+    example = load_example()
+    assert example.task_reward("3+4=7.\nA: 7\n", 7) == 1.0
+    assert example.task_reward("A: 8", 7) == 0.1
+    assert example.task_reward("abc", 7) == 0.0
