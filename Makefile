@@ -28,8 +28,8 @@ system-deps:
 	@command -v promtool >/dev/null 2>&1 || sh .ci/install-system-deps
 
 lint: $(STAMP)
-	$(BIN)/ruff check monitor callbacks server proto tests benchmarks examples
-	$(BIN)/ruff format --check monitor callbacks server proto tests benchmarks examples
+	$(BIN)/ruff check monitor callbacks server proto tests benchmarks
+	$(BIN)/ruff format --check monitor callbacks server proto tests benchmarks
 
 # mypy maps files to modules by folder, so type-check a link tree that has
 # the import layout (inversion_monitor/ with its sub-packages inside).

@@ -5,24 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lightning_grpo_corrpo.py"
-
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lightning_grpo_corrpo", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("inversion_monitor.callbacks.examples.lightning_grpo_corrpo")
 
 
 def test_example_trains_with_corrpo_and_the_monitor(tmp_path):

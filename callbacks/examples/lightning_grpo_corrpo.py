@@ -17,7 +17,7 @@ forwards; the labels mark the completion tokens, so it probes those only.
 
 Run it::
 
-    python examples/lightning_grpo_corrpo.py --steps 20 --coef 0.1
+    python -m inversion_monitor.callbacks.examples.lightning_grpo_corrpo --steps 20 --coef 0.1
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def task_reward(completion: str, answer: int) -> float:
     return 0.1 if any(c.isdigit() for c in completion) else 0.0
 
 
-class GRPOCorrPO(pl.LightningModule):
+class GRPOCorrPO(pl.LightningModule):  # type: ignore[misc]
     """A policy (tiny Hugging Face causal LM in ``self.model``) trained with GRPO + CorR-PO."""
 
     def __init__(
