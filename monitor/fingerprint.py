@@ -327,6 +327,8 @@ def run_fingerprint(
     """The ``fingerprint`` command; returns the exit code."""
     import torch
 
+    from inversion_monitor.architectures import resolve_model
+
     if max_tokens < 4:
         raise UserError(f"--max-tokens must be at least 4, got {max_tokens}: raise it")
     examples = read_examples(data)
@@ -334,12 +336,15 @@ def run_fingerprint(
     results: dict[str, tuple[Measurement, dict[str, Any]]] = {}
     for directory in [model, *([compare] if compare is not None else [])]:
         net, tokenizer = load_checkpoint(directory, device)
-        try:
-            m = measure(
-                net, tokenizer, examples, layers=layers, max_tokens=max_tokens, desc=directory.name
-            )
-        except ValueError as exc:  # e.g. a layer out of range
-            raise UserError(f"{exc}: fix --layers") from None
+        resolved = resolve_model(net)
+        for layer in layers:
+            try:
+                resolved.layer_index(layer)
+            except ValueError as exc:
+                raise UserError(f"{exc}: fix --layers") from None
+        m = measure(
+            net, tokenizer, examples, layers=layers, max_tokens=max_tokens, desc=directory.name
+        )
         results[str(directory)] = (m, fingerprint_stats(m, per_token_type=per_token_type))
         del net
     if out is not None:

@@ -171,6 +171,12 @@ def test_model_type_without_adapter(tmp_path, texts, capsys) -> None:
     assert "'bert' has no architecture adapter" in message and "register_adapter" in message
 
 
+def test_layer_out_of_range(checkpoints, texts, capsys) -> None:
+    argv = ["fingerprint", "--model", str(checkpoints[0]), "--data", str(texts), "--layers", "7"]
+    message = _fails(argv, capsys)
+    assert "layer 7 is out of range" in message and "--layers" in message
+
+
 def test_debug_shows_the_traceback(tmp_path, texts) -> None:
     from inversion_monitor.errors import UserError
 
