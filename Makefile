@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt torch==2.13.0 -e ".[dev]"
 	touch $(STAMP)
 
-# Debian's prometheus package provides promtool and prometheus for the tests.
+# Debian's prometheus package provides promtool and prometheus for the tests;
+# chromium renders the demo's HTML report in tests/test_demo.py.
 system-deps:
-	@command -v promtool >/dev/null 2>&1 || sh .ci/install-system-deps
+	@(command -v promtool && command -v chromium) >/dev/null 2>&1 || sh .ci/install-system-deps
 
 lint: $(STAMP)
 	$(BIN)/ruff check monitor callbacks server proto tests benchmarks

@@ -7,8 +7,10 @@ Sub-commands import what they need when they run, so ``--help`` and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from inversion_monitor._version import __version__
 
@@ -28,8 +30,82 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train a tiny model with the monitor attached and report what it saw"
     )
-    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    demo.add_argument("--steps", type=int, default=250, help="training steps (default 250)")
+    demo.add_argument(
+        "--framework",
+        choices=["transformers", "lightning"],
+        default="transformers",
+        help="train with the Hugging Face Trainer (default) or Lightning",
+    )
+    demo.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="leave the server up after training (curl /metrics, point Prometheus at it)",
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("inversion-monitor-demo"),
+        metavar="DIR",
+        help="where report.html goes (default ./inversion-monitor-demo)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(handler=_run_demo)
+
+    fp = sub.add_parser(
+        "fingerprint",
+        help="measure the entropy-gradient correlation of a saved checkpoint on your texts",
+        description=(
+            "Load a local Hugging Face checkpoint directory (no downloads), probe the tokens of "
+            "a .txt (one text per line) or .jsonl file ('text', or 'prompt'/'completion' where "
+            "only completion tokens are measured) and report Spearman and Pearson with "
+            "confidence intervals, overall and per layer and projection."
+        ),
+    )
+    fp.add_argument("--model", type=Path, required=True, metavar="DIR", help="checkpoint directory")
+    fp.add_argument("--data", type=Path, required=True, metavar="FILE", help=".txt or .jsonl")
+    fp.add_argument(
+        "--compare", type=Path, metavar="DIR2", help="a second checkpoint, side by side"
+    )
+    fp.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[-1],
+        metavar="L",
+        help="decoder blocks to probe, negative from the end (default -1)",
+    )
+    fp.add_argument(
+        "--per-token-type",
+        action="store_true",
+        help="also the Spearman over per-token-type averages",
+    )
+    fp.add_argument(
+        "--max-tokens", type=int, default=4096, metavar="N", help="tokens to measure (4096)"
+    )
+    fp.add_argument(
+        "--out", type=Path, metavar="FILE", help="write an HTML report with the scatter"
+    )
+    fp.add_argument("--json", action="store_true", help="print JSON for scripts")
+    fp.set_defaults(handler=_run_fingerprint)
+
+    show = sub.add_parser("show", help="one run's recent history and alerts")
+    show.add_argument("run", metavar="RUN", help="run id or display name")
+    show.add_argument(
+        "--endpoint",
+        default=os.environ.get("INVERSION_MONITOR_ENDPOINT", "127.0.0.1:50051"),
+        metavar="HOST:PORT",
+        help="server address (default $INVERSION_MONITOR_ENDPOINT or 127.0.0.1:50051)",
+    )
+    show.add_argument(
+        "--token",
+        default=os.environ.get("INVERSION_MONITOR_TOKEN"),
+        help="bearer token (default $INVERSION_MONITOR_TOKEN)",
+    )
+    show.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS, trusting this CA")
+    show.add_argument("--limit", type=int, default=20, help="recent records to show (20)")
+    show.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
+    show.set_defaults(handler=_run_show)
     from inversion_monitor.server.cli import add_server_commands  # argparse only
 
     add_server_commands(sub)
@@ -40,9 +116,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from inversion_monitor.demo import run_demo
+    from inversion_monitor.demo import DemoOptions, run_demo
 
-    return run_demo(steps=args.steps)
+    return run_demo(
+        DemoOptions(
+            steps=args.steps,
+            framework=args.framework,
+            keep_serving=args.keep_serving,
+            out=args.out,
+            seed=args.seed,
+        )
+    )
+
+
+def _run_fingerprint(args: argparse.Namespace) -> int:
+    from inversion_monitor.fingerprint import run_fingerprint
+
+    return run_fingerprint(
+        model=args.model,
+        data=args.data,
+        compare=args.compare,
+        layers=args.layers,
+        per_token_type=args.per_token_type,
+        max_tokens=args.max_tokens,
+        out=args.out,
+        as_json=args.json,
+    )
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from inversion_monitor.show import format_run, get_run
+
+    response = get_run(
+        args.endpoint,
+        args.run,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        limit=args.limit,
+        timeout=args.timeout,
+    )
+    print(format_run(response))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,11 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
+    from inversion_monitor.errors import UserError
+
     try:
         code: int = handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"inversion-monitor {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     return code
 
 

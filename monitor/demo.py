@@ -1,43 +1,278 @@
 """``inversion-monitor demo``: the whole system on a laptop, from one command.
 
-For now it trains a tiny Llama-style model on the synthetic reasoning corpus
-with a plain PyTorch loop and prints the loss; later releases attach the
-monitor, an embedded server and the HTML report.
+It starts an embedded server (temporary SQLite database, free loopback
+ports), trains a tiny Llama-style model on the synthetic reasoning corpus with
+the Hugging Face ``Trainer`` (or Lightning) and the monitor's callback, shows
+a progress bar with a live rho / entropy line, then prints a summary read back
+from the server (``GetRun``) and writes a self-contained HTML report.
+
+>>> DemoOptions(steps=30).probe_every
+1
+>>> DemoOptions().probe_every
+8
 """
 
 from __future__ import annotations
 
+import math
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-def run_demo(*, steps: int = 200, seed: int = 0, batch_size: int = 8) -> int:
-    """Train for ``steps`` steps and print the loss trajectory; returns an exit code."""
-    import torch
-    from tqdm.auto import tqdm
+if TYPE_CHECKING:  # pragma: no cover
+    from inversion_monitor.monitor import InversionMonitor
+    from inversion_monitor.proto.v1 import monitor_pb2
 
-    from inversion_monitor.toy.corpus import reasoning_corpus
+RUN_NAME = "demo"
+BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``inversion-monitor demo`` does (the command's flags).
+
+    >>> DemoOptions(framework="lightning").framework
+    'lightning'
+    """
+
+    steps: int = 250
+    framework: Literal["transformers", "lightning"] = "transformers"
+    keep_serving: bool = False
+    out: Path = field(default_factory=lambda: Path("inversion-monitor-demo"))
+    seed: int = 0
+
+    @property
+    def probe_every(self) -> int:
+        """Probe about 30 times over the run (every step for short runs)."""
+        return max(1, self.steps // 30)
+
+
+def _monitor_settings(options: DemoOptions, endpoint: str, run_id: str) -> dict[str, Any]:
+    return {
+        "endpoint": endpoint,
+        "run_id": run_id,
+        "run_name": RUN_NAME,
+        "project": "demo",
+        "every_n_steps": options.probe_every,
+        "tokens_per_probe": 256,
+        "sequences_per_probe": 8,
+        "token_samples": 256,
+        # the last block's Q and O: the probe's exact one-backward fast path
+        "projections": ["q", "o"],
+        "seed": options.seed,
+    }
+
+
+class _LiveLine:
+    """A tqdm bar over the steps and, under it, the latest step / rho (CI) / entropy."""
+
+    def __init__(self, steps: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=steps, desc="training", unit="step", position=0)
+        self.line = tqdm(
+            total=0, position=1, bar_format="{desc}", desc="waiting for the first probe"
+        )
+        self._seen = 0
+
+    def update(self, step: int, monitor: InversionMonitor | None) -> None:
+        self.bar.update(max(0, step - self.bar.n))
+        if monitor is None or monitor.last_stats is None or monitor.probes == self._seen:
+            return
+        self._seen = monitor.probes
+        stats = monitor.last_stats
+        low, high = stats.ci
+        if math.isfinite(stats.rho):
+            text = f"step {step}  rho {stats.rho:+.3f} [{low:+.2f}, {high:+.2f}]"
+        else:
+            text = f"step {step}  rho n/a"
+        self.line.set_description_str(f"{text}  entropy {stats.entropy_mean:.3f}")
+
+    def close(self) -> None:
+        self.line.close()
+        self.bar.close()
+
+
+def train_transformers(options: DemoOptions, settings: dict[str, Any], workdir: Path) -> None:
+    """Train with the HF ``Trainer`` and :class:`InversionTrainerCallback`."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from inversion_monitor.callbacks import InversionTrainerCallback
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
     from inversion_monitor.toy.models import tiny_causal_lm
     from inversion_monitor.toy.tokenizer import char_tokenizer
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     tokenizer = char_tokenizer()
-    model = tiny_causal_lm("llama", seed=seed)
-    model.train()
-    texts = reasoning_corpus(steps * batch_size, seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="demo", unit="step")
-    for step in bar:
-        batch = tokenizer(
-            texts[step * batch_size : (step + 1) * batch_size],
-            return_tensors="pt",
-            padding=True,
+    model = tiny_causal_lm("llama", seed=options.seed).train()
+    inversion = InversionTrainerCallback(**settings)
+    live = _LiveLine(options.steps)
+
+    class Progress(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            live.update(int(state.global_step), inversion.monitor)
+
+    args = TrainingArguments(
+        output_dir=str(workdir / "trainer"),
+        max_steps=options.steps,
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=3e-3,
+        warmup_steps=min(20, options.steps // 10),
+        logging_steps=max(10, options.probe_every),
+        report_to=[],
+        save_strategy="no",
+        seed=options.seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_level="error",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized_corpus(
+            tokenizer, BATCH_SIZE * options.steps, seed=options.seed, max_length=96
+        ),
+        data_collator=causal_lm_collator(tokenizer),
+        callbacks=[inversion, Progress()],
+    )
+    trainer.remove_callback(PrinterCallback)  # the live line replaces its printed dicts
+    try:
+        trainer.train()
+    finally:
+        live.close()
+
+
+def train_lightning(options: DemoOptions, settings: dict[str, Any], workdir: Path) -> None:
+    """Train with Lightning and :class:`InversionLightningCallback`."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from inversion_monitor.callbacks import InversionLightningCallback
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.toy.models import tiny_causal_lm
+    from inversion_monitor.toy.tokenizer import char_tokenizer
+
+    class TinyLM(pl.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_causal_lm("llama", seed=options.seed).train()
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+            return self.model(**batch).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    tokenizer = char_tokenizer()
+    collate = causal_lm_collator(tokenizer)
+    rows = tokenized_corpus(tokenizer, BATCH_SIZE * options.steps, seed=options.seed, max_length=96)
+    loader: DataLoader[Any] = DataLoader(
+        rows,  # type: ignore[arg-type]
+        batch_size=BATCH_SIZE,
+        shuffle=False,
+        collate_fn=lambda items: dict(collate(items)),
+    )
+    inversion = InversionLightningCallback(**settings)
+    live = _LiveLine(options.steps)
+
+    class Progress(pl.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+            live.update(int(trainer.global_step), inversion.monitor)
+
+    pl.seed_everything(options.seed, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=options.steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[inversion, Progress()],
+        default_root_dir=str(workdir),
+    )
+    try:
+        trainer.fit(TinyLM(), loader)
+    finally:
+        live.close()
+
+
+def fetch_run(
+    target: str, run: str, *, limit: int, timeout: float = 10.0
+) -> monitor_pb2.GetRunResponse:
+    """``GetRun`` of ``run`` from the server at ``target``."""
+    import grpc
+
+    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)  # type: ignore[no-untyped-call]
+        response: monitor_pb2.GetRunResponse = stub.GetRun(
+            monitor_pb2.GetRunRequest(run=run, history_limit=limit), timeout=timeout
         )
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    print(f"loss: first {losses[0]:.3f}  last {losses[-1]:.3f}  ({steps} steps)")
+    return response
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        print("\nstopping the server")
+
+
+def run_demo(options: DemoOptions) -> int:
+    """Run the demo; returns the process exit code."""
+    import logging
+    import warnings
+
+    from inversion_monitor.report import format_summary, write_run_report
+    from inversion_monitor.server import MonitorServer, ServerConfig
+
+    if options.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {options.steps}")
+    logging.getLogger("inversion_monitor").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    with tempfile.TemporaryDirectory(prefix="inversion-monitor-demo-") as tmp:
+        workdir = Path(tmp)
+        server = MonitorServer(
+            ServerConfig(
+                grpc_address="127.0.0.1:0",
+                http_address="127.0.0.1:0",
+                db=workdir / "monitor.db",
+            )
+        ).start()
+        try:
+            metrics_url = f"{server.http_url}/metrics"
+            database = workdir / "monitor.db"
+            print(f"server: gRPC {server.grpc_target}, metrics {metrics_url}, database {database}")
+            print(
+                f"training a tiny Llama for {options.steps} steps with {options.framework}, "
+                f"probing every {options.probe_every} steps",
+                flush=True,
+            )
+            train = train_lightning if options.framework == "lightning" else train_transformers
+            run_id = uuid.uuid4().hex
+            train(options, _monitor_settings(options, server.grpc_target, run_id), workdir)
+            response = fetch_run(server.grpc_target, run_id, limit=options.steps + 10)
+            print()
+            print(format_summary(response))
+            print(f"metrics were served at {metrics_url}")
+            report = write_run_report(
+                response,
+                options.out / "report.html",
+                notes=[f"{options.steps} steps with {options.framework}, seed {options.seed}"],
+            )
+            print(f"report: {report.resolve()}")
+            if options.keep_serving:
+                print(f"the server stays up: curl {metrics_url}  (Ctrl-C to stop)", flush=True)
+                _wait_for_interrupt()
+        finally:
+            server.stop()
     return 0

@@ -179,7 +179,8 @@ async def _serve(config: ServerConfig) -> int:
     try:
         await server.start()
     except (OSError, RuntimeError, StoreError) as exc:
-        print(f"inversion-monitor serve: cannot start: {exc}", file=sys.stderr)
+        reason = explain_start_error(exc, _addresses(config))
+        print(f"inversion-monitor serve: cannot start: {reason}", file=sys.stderr)
         return 1
     print(f"grpc listening on {server.grpc_target}", flush=True)
     if server.http_url is not None:
@@ -193,6 +194,34 @@ async def _serve(config: ServerConfig) -> int:
     await server.stop()
     print("inversion-monitor serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _addresses(config: ServerConfig) -> list[str]:
+    return [a for a in (config.grpc_address, config.http_address) if a]
+
+
+def explain_start_error(exc: BaseException, addresses: Sequence[str] = ()) -> str:
+    """One sentence for a server that did not start; a busy port names the fix.
+
+    >>> explain_start_error(RuntimeError("Failed to bind to address 127.0.0.1:50051; set ..."))
+    'address 127.0.0.1:50051 is already in use: stop the process using it, or pass another \
+address (--grpc-address / --http-address; port 0 picks a free one)'
+    """
+    text = str(exc)
+    lowered = text.lower()
+    if "failed to bind" in lowered or "address already in use" in lowered:
+        address = ""
+        if "address " in text:
+            address = text.split("address ", 1)[1].split(";", maxsplit=1)[0].strip()
+        if address:
+            where = f"address {address}"
+        else:
+            where = "one of the addresses " + ", ".join(addresses) if addresses else "an address"
+        return (
+            f"{where} is already in use: stop the process using it, or pass another address "
+            "(--grpc-address / --http-address; port 0 picks a free one)"
+        )
+    return text
 
 
 # ---------------------------------------------------------------- runs

@@ -1,0 +1,239 @@
+"""What a run's stored records say: a terminal summary and a self-contained HTML report.
+
+Everything here reads the server's records (``GetRunResponse``), so the
+numbers printed and plotted are the ones the server stored.
+
+>>> from inversion_monitor.proto.v1 import monitor_pb2
+>>> rec = monitor_pb2.StepRecord(step=10)
+>>> rec.inversion.spearman.value = -0.4
+>>> rec.entropy.mean = 1.5
+>>> [(p.step, p.rho, p.entropy_mean) for p in trajectory([rec])]
+[(10, -0.4, 1.5)]
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inversion_monitor.proto.v1 import monitor_pb2
+
+
+@dataclass(frozen=True)
+class TrajectoryPoint:
+    """One stored record reduced to what the summary shows.
+
+    >>> TrajectoryPoint(1, -0.5, -0.6, -0.4, 2.0, 1.0, 2.0, 3.0, 0.1).rho
+    -0.5
+    """
+
+    step: int
+    rho: float
+    ci_low: float
+    ci_high: float
+    entropy_mean: float
+    entropy_p10: float
+    entropy_p50: float
+    entropy_p90: float
+    score_mean: float
+
+
+def _opt(message: Any, field: str) -> float:
+    return float(getattr(message, field)) if message.HasField(field) else math.nan
+
+
+def trajectory(records: Sequence[monitor_pb2.StepRecord]) -> list[TrajectoryPoint]:
+    """One point per record, in step order (rank 0's records when several ranks sent)."""
+    points = []
+    for rec in sorted(records, key=lambda r: (r.step, r.rank)):
+        if rec.rank != 0:
+            continue
+        sp = rec.inversion.spearman
+        points.append(
+            TrajectoryPoint(
+                step=int(rec.step),
+                rho=_opt(sp, "value"),
+                ci_low=_opt(sp, "ci_low"),
+                ci_high=_opt(sp, "ci_high"),
+                entropy_mean=_opt(rec.entropy, "mean"),
+                entropy_p10=_opt(rec.entropy, "p10"),
+                entropy_p50=_opt(rec.entropy, "p50"),
+                entropy_p90=_opt(rec.entropy, "p90"),
+                score_mean=_opt(rec.score, "mean"),
+            )
+        )
+    return points
+
+
+def last_samples(
+    records: Sequence[monitor_pb2.StepRecord],
+) -> tuple[int, list[float], list[float]] | None:
+    """``(step, entropies, scores)`` of the latest record that carries token samples."""
+    for rec in sorted(records, key=lambda r: r.step, reverse=True):
+        if len(rec.samples):
+            return (
+                int(rec.step),
+                [float(s.entropy) for s in rec.samples],
+                [float(s.score) for s in rec.samples],
+            )
+    return None
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return f"{value:+.{digits}f}" if math.isfinite(value) else "n/a"
+
+
+def _pos(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+
+
+def format_point(point: TrajectoryPoint) -> str:
+    """``step 40  rho -0.412 [-0.55, -0.25]  entropy 1.234``."""
+    return (
+        f"step {point.step:>5}  rho {_num(point.rho)} "
+        f"[{_num(point.ci_low, 2)}, {_num(point.ci_high, 2)}]  "
+        f"entropy {_pos(point.entropy_mean)}"
+    )
+
+
+def pick(points: Sequence[TrajectoryPoint], count: int) -> list[TrajectoryPoint]:
+    """At most ``count`` points spread evenly, always the first and the last."""
+    if len(points) <= count:
+        return list(points)
+    idx = sorted({round(i * (len(points) - 1) / (count - 1)) for i in range(count)})
+    return [points[i] for i in idx]
+
+
+def format_alerts(alerts: Sequence[monitor_pb2.Alert]) -> list[str]:
+    """One line per alert: state, name, severity, steps, summary."""
+    lines = []
+    for alert in alerts:
+        state = "ACTIVE  " if alert.active else "resolved"
+        end = "" if alert.active else f"-{alert.end_step}"
+        lines.append(
+            f"{state} {alert.name} ({alert.severity}) steps {alert.start_step}{end}: "
+            f"{alert.summary}"
+        )
+    return lines
+
+
+def format_summary(response: monitor_pb2.GetRunResponse, *, rows: int = 8) -> str:
+    """The terminal summary of one run: trajectory, entropy change and alerts."""
+    points = trajectory(response.history)
+    run = response.summary
+    lines = [
+        f"run {run.display_name} ({run.run.run_id}), {run.status}, {run.records} records stored"
+    ]
+    if not points:
+        lines.append("no records stored")
+    else:
+        lines.append("rho (Spearman of entropy vs gradient strength) over training:")
+        lines.extend("  " + format_point(p) for p in pick(points, rows))
+        first, last = points[0], points[-1]
+        lines.append(
+            f"entropy mean: {_pos(first.entropy_mean)} at step {first.step} -> "
+            f"{_pos(last.entropy_mean)} at step {last.step}"
+        )
+    alerts = format_alerts(response.alerts)
+    lines.append(f"alerts: {len(alerts)}" + ("" if alerts else " (none raised)"))
+    lines.extend("  " + a for a in alerts)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_images(records: Sequence[monitor_pb2.StepRecord]) -> dict[str, str]:
+    """Title -> base64 PNG of each plot (rho with CI, entropy, scatter at the last probe)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = trajectory(records)
+    steps = [p.step for p in points]
+    images: dict[str, str] = {}
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.fill_between(
+        steps, [p.ci_low for p in points], [p.ci_high for p in points], alpha=0.3, label="CI"
+    )
+    ax.plot(steps, [p.rho for p in points], marker=".", label="Spearman rho")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set(xlabel="step", ylabel="rho", ylim=(-1.05, 1.05))
+    ax.legend(loc="best")
+    images["rho with its confidence band"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.fill_between(
+        steps,
+        [p.entropy_p10 for p in points],
+        [p.entropy_p90 for p in points],
+        alpha=0.25,
+        label="p10-p90",
+    )
+    ax.plot(steps, [p.entropy_p50 for p in points], linestyle="--", label="median")
+    ax.plot(steps, [p.entropy_mean for p in points], label="mean")
+    ax.set(xlabel="step", ylabel="entropy (nats)")
+    ax.legend(loc="best")
+    images["per-token entropy"] = _png(fig)
+    plt.close(fig)
+
+    scatter = last_samples(records)
+    if scatter is not None:
+        step, entropy, score = scatter
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter(entropy, score, s=8, alpha=0.6)
+        ax.set(xlabel="entropy (nats)", ylabel="logit-gradient strength")
+        images[f"entropy vs gradient strength at step {step}"] = _png(fig)
+        plt.close(fig)
+    return images
+
+
+def html_report(
+    title: str, summary_text: str, images: dict[str, str], notes: Sequence[str] = ()
+) -> str:
+    """A self-contained HTML page: the summary as text and each plot as an inline PNG."""
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, data in images.items()
+    )
+    extra = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        "pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
+        "figure{display:inline-block;margin:1em}img{max-width:100%}"
+        "</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{extra}<pre>{html.escape(summary_text)}</pre>"
+        f"{figures}</body></html>\n"
+    )
+
+
+def write_run_report(
+    response: monitor_pb2.GetRunResponse, path: Path, *, notes: Sequence[str] = ()
+) -> Path:
+    """Write the HTML report of one run to ``path``; returns ``path``."""
+    title = f"inversion-monitor: {response.summary.display_name}"
+    page = html_report(
+        title, format_summary(response, rows=20), plot_images(response.history), notes
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
