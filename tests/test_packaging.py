@@ -48,6 +48,8 @@ def _source_module_names() -> set[str]:
     names = set()
     for folder, package in FOLDERS.items():
         for path in (ROOT / folder).rglob("*.py"):
+            if not (path.parent / "__init__.py").exists():
+                continue  # package data, e.g. callbacks/_bootstrap/sitecustomize.py
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
@@ -119,6 +121,8 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_every_module(tmp_path):
     ).stdout.split()
     assert Path(out[0]).is_relative_to(env_dir), f"imported from {out[0]}, not the wheel"
     assert set(out[1].split(",")) == _source_module_names()
+    bootstrap = env_dir.glob("lib/python*/site-packages/inversion_monitor/callbacks/_bootstrap")
+    assert next(p / "sitecustomize.py" for p in bootstrap).is_file()
     console = env_dir / "bin" / "inversion-monitor"
     version = subprocess.run(
         [str(console), "--version"], check=True, capture_output=True, text=True, env=env
