@@ -10,7 +10,8 @@ Prints, for a tiny Llama (hidden 256, 4 layers, 8 heads, vocab 8192):
    batched small-factor path vs brute force (goal >= 4x on CPU);
 3. entropy of [8, 1024, 32000] bf16 logits: peak extra memory of
    ``token_entropy`` vs the naive ``log_softmax`` path (goal <= 25%); each
-   variant runs in a fresh subprocess so peak RSS is its own.
+   variant runs in a fresh subprocess; on CPU the peak RSS (VmHWM) is reset
+   just before the call, on GPU the allocator's peak statistics.
 
 Also checks that fast and brute-force values agree (max relative error).
 """
@@ -99,7 +100,7 @@ def probe_cases(device: torch.device, repeats: int) -> list[dict[str, Any]]:
 
 
 _MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from inversion_monitor.entropy import token_entropy
 variant, device = sys.argv[1], torch.device(sys.argv[2])
 logits = torch.empty(8, 1024, 32000, dtype=torch.bfloat16, device=device).normal_()
@@ -113,9 +114,14 @@ if device.type == "cuda":
     out = fn(logits); torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    base = status("VmRSS")
     out = fn(logits)
-    extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    extra = status("VmHWM") - base
 print(json.dumps({"extra_bytes": extra, "logits_bytes": logits.numel() * 2}))
 """
 
