@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -19,16 +17,19 @@ import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.alertmanager import AlertmanagerSink
-from tests.server_support import TIMEOUT, open_run, push, record, running, stub_for
+from tests.server_support import (
+    TIMEOUT,
+    free_port,
+    open_run,
+    push,
+    ready_process,
+    record,
+    running,
+    stub_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 AM = Path("/usr/bin/prometheus-alertmanager")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Receiver:
@@ -76,38 +77,18 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, Receiver]]:
     config = tmp_path / "alertmanager.yml"
     config.write_text(text.replace("http://127.0.0.1:5001/alerts", receiver.url))
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(AM),
-            f"--config.file={config}",
-            f"--storage.path={tmp_path / 'am-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    command = [
+        str(AM),
+        f"--config.file={config}",
+        f"--storage.path={tmp_path / 'am-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+    ]
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "alertmanager did not become ready"
-            time.sleep(0.1)
-        yield url, receiver
+        with ready_process(command, url, "alertmanager"):
+            yield url, receiver
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
         receiver.close()
 
 

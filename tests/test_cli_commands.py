@@ -18,7 +18,7 @@ from inversion_monitor.stats import inversion_stats
 from inversion_monitor.toy.corpus import reasoning_corpus
 from inversion_monitor.toy.models import tiny_causal_lm
 from inversion_monitor.toy.tokenizer import char_tokenizer
-from tests.server_support import open_run, push, record, running, stub_for
+from tests.server_support import free_port, open_run, push, record, running, stub_for
 
 
 def _save(directory: Path, seed: int) -> Path:
@@ -184,14 +184,8 @@ def test_debug_shows_the_traceback(tmp_path, texts) -> None:
         main(["--debug", "fingerprint", "--model", str(tmp_path), "--data", str(texts)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_no_server_at_endpoint(capsys) -> None:
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     message = _fails(["show", "r", "--endpoint", endpoint, "--timeout", "2"], capsys)
     assert f"no monitor server answers at {endpoint}" in message and "--endpoint" in message
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.retry import RETRYABLE_CODES, classify
 from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
+from tests.server_support import free_port
 
 STOPPING = [
     grpc.StatusCode.UNAUTHENTICATED,
@@ -29,13 +29,6 @@ def server() -> Iterator[ServerHandle]:
     handle = ServerHandle().start()
     yield handle
     handle.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_every_status_code_is_classified() -> None:
@@ -222,7 +215,7 @@ def test_close_cancels_a_slow_call() -> None:
 
 
 def test_absent_server_never_raises_and_warns_once() -> None:
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     client = MonitorClient(endpoint, "absent", run_id="absent", **FAST)
     with pytest.warns(TelemetryWarning, match="cannot deliver telemetry") as caught:
         for step in range(200):
@@ -235,7 +228,7 @@ def test_absent_server_never_raises_and_warns_once() -> None:
 
 def test_server_appearing_later_receives_everything() -> None:
     handle = ServerHandle()
-    handle.port = _free_port()
+    handle.port = free_port()
     client = MonitorClient(handle.endpoint, "late", run_id="late", **FAST)
     with pytest.warns(TelemetryWarning, match="cannot deliver"):
         for step in range(100):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import socket
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -17,18 +15,12 @@ from typing import Any
 import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from tests.server_support import open_run, push, record, running, stub_for
+from tests.server_support import free_port, open_run, push, ready_process, record, running, stub_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = Path("/usr/bin/prometheus")
 DASHBOARD = ROOT / "deploy" / "grafana" / "inversion-monitor.json"
 RUN = "dash-run"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def api(base: str, path: str, **params: str) -> Any:
@@ -78,37 +70,15 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, Any]]:
         config.write_text(text)
         (tmp_path / "rules.yml").write_text((ROOT / "deploy/prometheus/rules.yml").read_text())
         port = free_port()
-        proc = subprocess.Popen(
-            [
-                str(PROMETHEUS),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        command = [
+            str(PROMETHEUS),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
         base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with urllib.request.urlopen(base + "/-/ready", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                assert time.monotonic() < deadline, "prometheus did not become ready"
-                time.sleep(0.2)
+        with ready_process(command, base, "prometheus"):
             yield base, more
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 def panel_queries() -> list[tuple[str, str]]:

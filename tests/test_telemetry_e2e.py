@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from tests.scripted_server import FAST, stats
+from tests.server_support import free_port
 
 START_TIMEOUT_S = 30.0
 
@@ -119,13 +119,6 @@ def _read_address(process: subprocess.Popen[str], deadline: float) -> str | None
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _stored(db: Path, run_id: str, rank: int = 0) -> list[tuple[int, int]]:
     """(sequence, step) of every stored record of the run's rank, by sequence."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
@@ -186,7 +179,7 @@ def test_sigkill_mid_stream_and_restart_store_every_record_once(db: Path) -> Non
 def test_server_appearing_later_receives_everything(
     db: Path, tmp_path: Path, small_buffer_with_spool: bool
 ) -> None:
-    server = ServeProcess(db, port=_free_port())
+    server = ServeProcess(db, port=free_port())
     options = (
         {"max_buffer": 100, "batch_size": 20, "spool_dir": tmp_path / "spool"}
         if small_buffer_with_spool
