@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from inversion_monitor import MonitorClient, TelemetryWarning
-from inversion_monitor.stats import InversionStats
+from inversion_monitor.metrics.stats import InversionStats
 
 GOAL_US = 50.0
 
@@ -33,7 +33,7 @@ GOAL_US = 50.0
 def _serve(db: Path) -> Iterator[str]:
     """``inversion-monitor serve`` in a subprocess (its own GIL); yields its address."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "inversion_monitor.cli", "serve", "--db", str(db),
+        [sys.executable, "-m", "inversion_monitor.app.cli", "serve", "--db", str(db),
          "--grpc-address", "127.0.0.1:0", "--http-address", "off", "--log-level", "WARNING"],
         stdout=subprocess.PIPE,
         text=True,

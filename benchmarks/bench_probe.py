@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from inversion_monitor.probe import ProbeResult, logit_gradient_norms
-from inversion_monitor.reference import reference_norms
-from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
+from inversion_monitor.probe.reference import reference_norms
 
 
 def _sync(device: torch.device) -> None:
@@ -101,7 +101,7 @@ def probe_cases(device: torch.device, repeats: int) -> list[dict[str, Any]]:
 
 _MEMORY_CHILD = r"""
 import json, sys, torch
-from inversion_monitor.entropy import token_entropy
+from inversion_monitor.metrics.entropy import token_entropy
 variant, device = sys.argv[1], torch.device(sys.argv[2])
 logits = torch.empty(8, 1024, 32000, dtype=torch.bfloat16, device=device).normal_()
 def naive(x):

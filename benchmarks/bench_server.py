@@ -49,7 +49,7 @@ class Server:
             [
                 sys.executable,
                 "-m",
-                "inversion_monitor.cli",
+                "inversion_monitor.app.cli",
                 "serve",
                 "--grpc-address",
                 "127.0.0.1:0",

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from inversion_monitor.covariance import entropy_covariance
-from inversion_monitor.sampling import TokenSampler, valid_positions
-from inversion_monitor.stats import inversion_stats, pearson, spearman
+from inversion_monitor.metrics.covariance import entropy_covariance
+from inversion_monitor.metrics.stats import inversion_stats, pearson, spearman
+from inversion_monitor.probe.sampling import TokenSampler, valid_positions
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:

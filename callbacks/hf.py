@@ -19,7 +19,7 @@ steps would change when those metrics are reported.
 
 With TRL, only the positions the trainer scores are probed: GRPO's completion
 tokens, SFT's completion tokens under ``completion_only_loss``, each packed
-document on its own (see :mod:`inversion_monitor.capture`).
+document on its own (see :mod:`inversion_monitor.probe.capture`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 
 from inversion_monitor.config import MonitorConfig
-from inversion_monitor.monitor import InversionMonitor
+from inversion_monitor.engine.training_monitor import InversionMonitor
 
 
 def _find_trainer(max_depth: int = 16) -> Trainer | None:

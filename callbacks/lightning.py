@@ -33,9 +33,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from inversion_monitor.architectures import resolve_model
 from inversion_monitor.config import MonitorConfig
-from inversion_monitor.monitor import InversionMonitor, MonitorWarning
+from inversion_monitor.engine.training_monitor import InversionMonitor, MonitorWarning
+from inversion_monitor.probe.architectures import resolve_model
 
 _ATTR_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -45,11 +45,11 @@ def find_causal_lm(module: nn.Module, model_attr: str | None = None) -> nn.Modul
 
     With ``model_attr`` (a dotted attribute path such as ``"policy.model"``), that
     module; otherwise ``module`` itself or the first submodule (in registration
-    order) that :func:`~inversion_monitor.architectures.resolve_model` accepts,
+    order) that :func:`~inversion_monitor.probe.architectures.resolve_model` accepts,
     preferring one with trainable parameters (so a frozen reference model
     registered first is skipped). Raises LookupError saying what was tried.
 
-    >>> from inversion_monitor.toy.models import tiny_causal_lm
+    >>> from inversion_monitor.app.toy.models import tiny_causal_lm
     >>> holder = nn.Module()
     >>> holder.reference = tiny_causal_lm("gpt2").requires_grad_(False)
     >>> holder.policy = tiny_causal_lm("llama")

@@ -44,7 +44,7 @@ import torch
 from packaging.version import Version
 from pydantic import BaseModel, ConfigDict, Field
 
-from inversion_monitor.corrpo import corrpo_rewards, sequence_inversion
+from inversion_monitor.rl.corrpo import corrpo_rewards, sequence_inversion
 
 SUPPORTED_TRL = (Version("1.16"), Version("2"))
 """TRL versions this integration supports: ``>= 1.16, < 2`` (tested with 1.16.0)."""

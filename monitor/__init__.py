@@ -18,59 +18,47 @@ from inversion_monitor._version import __version__
 
 # public name -> module (relative to this package) that defines it
 _LAZY_EXPORTS: dict[str, str] = {
-    "ArchitectureAdapter": ".architectures",
-    "DegenerateInputWarning": ".stats",
-    "DeliveryReport": ".client",
-    "InversionAccumulator": ".stats",
-    "InversionMonitor": ".monitor",
-    "InversionStats": ".stats",
-    "MonitorClient": ".client",
+    "ArchitectureAdapter": ".probe.architectures",
+    "DegenerateInputWarning": ".metrics.stats",
+    "DeliveryReport": ".telemetry.client",
+    "InversionAccumulator": ".metrics.stats",
+    "InversionMonitor": ".engine.training_monitor",
+    "InversionStats": ".metrics.stats",
+    "MonitorClient": ".telemetry.client",
     "MonitorConfig": ".config",
-    "MonitorWarning": ".monitor",
-    "ProbeResult": ".probe",
-    "ProjectionSite": ".architectures",
-    "SequenceInversion": ".corrpo",
-    "TelemetryWarning": ".client",
-    "TokenSampler": ".sampling",
-    "corrpo_rewards": ".corrpo",
-    "entropy_covariance": ".covariance",
-    "entropy_covariance_per_token": ".covariance",
-    "entropy_from_hidden": ".entropy",
-    "fisher_ci": ".stats",
-    "group_advantages": ".corrpo",
-    "inversion_stats": ".stats",
-    "logit_gradient_norms": ".probe",
-    "pearson": ".stats",
-    "rank_average": ".stats",
-    "reference_norms": ".reference",
-    "register_adapter": ".architectures",
-    "sequence_inversion": ".corrpo",
-    "spearman": ".stats",
-    "token_entropy": ".entropy",
-    "valid_positions": ".sampling",
+    "MonitorWarning": ".engine.training_monitor",
+    "ProbeResult": ".probe.gradients",
+    "ProjectionSite": ".probe.architectures",
+    "SequenceInversion": ".rl.corrpo",
+    "TelemetryWarning": ".telemetry.client",
+    "TokenSampler": ".probe.sampling",
+    "corrpo_rewards": ".rl.corrpo",
+    "entropy_covariance": ".metrics.covariance",
+    "entropy_covariance_per_token": ".metrics.covariance",
+    "entropy_from_hidden": ".metrics.entropy",
+    "fisher_ci": ".metrics.stats",
+    "group_advantages": ".rl.corrpo",
+    "inversion_stats": ".metrics.stats",
+    "logit_gradient_norms": ".probe.gradients",
+    "pearson": ".metrics.stats",
+    "rank_average": ".metrics.stats",
+    "reference_norms": ".probe.reference",
+    "register_adapter": ".probe.architectures",
+    "sequence_inversion": ".rl.corrpo",
+    "spearman": ".metrics.stats",
+    "token_entropy": ".metrics.entropy",
+    "valid_positions": ".probe.sampling",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
-    from inversion_monitor.architectures import (
-        ArchitectureAdapter,
-        ProjectionSite,
-        register_adapter,
-    )
-    from inversion_monitor.client import DeliveryReport, MonitorClient, TelemetryWarning
     from inversion_monitor.config import MonitorConfig
-    from inversion_monitor.corrpo import (
-        SequenceInversion,
-        corrpo_rewards,
-        group_advantages,
-        sequence_inversion,
+    from inversion_monitor.engine.training_monitor import InversionMonitor, MonitorWarning
+    from inversion_monitor.metrics.covariance import (
+        entropy_covariance,
+        entropy_covariance_per_token,
     )
-    from inversion_monitor.covariance import entropy_covariance, entropy_covariance_per_token
-    from inversion_monitor.entropy import entropy_from_hidden, token_entropy
-    from inversion_monitor.monitor import InversionMonitor, MonitorWarning
-    from inversion_monitor.probe import ProbeResult, logit_gradient_norms
-    from inversion_monitor.reference import reference_norms
-    from inversion_monitor.sampling import TokenSampler, valid_positions
-    from inversion_monitor.stats import (
+    from inversion_monitor.metrics.entropy import entropy_from_hidden, token_entropy
+    from inversion_monitor.metrics.stats import (
         DegenerateInputWarning,
         InversionAccumulator,
         InversionStats,
@@ -80,6 +68,21 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
         rank_average,
         spearman,
     )
+    from inversion_monitor.probe.architectures import (
+        ArchitectureAdapter,
+        ProjectionSite,
+        register_adapter,
+    )
+    from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
+    from inversion_monitor.probe.reference import reference_norms
+    from inversion_monitor.probe.sampling import TokenSampler, valid_positions
+    from inversion_monitor.rl.corrpo import (
+        SequenceInversion,
+        corrpo_rewards,
+        group_advantages,
+        sequence_inversion,
+    )
+    from inversion_monitor.telemetry.client import DeliveryReport, MonitorClient, TelemetryWarning
 
 # "__version__" first, then sorted(_LAZY_EXPORTS): checked by tests/test_exports.py
 __all__ = [  # noqa: RUF022 - the order above is the contract

@@ -6,9 +6,13 @@ from collections.abc import Callable
 
 import pytest
 
-from inversion_monitor.toy.corpus import ArithmeticProblem, arithmetic_problems, reasoning_corpus
-from inversion_monitor.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
-from inversion_monitor.toy.tokenizer import char_tokenizer
+from inversion_monitor.app.toy.corpus import (
+    ArithmeticProblem,
+    arithmetic_problems,
+    reasoning_corpus,
+)
+from inversion_monitor.app.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
+from inversion_monitor.app.toy.tokenizer import char_tokenizer
 
 
 @pytest.fixture(scope="session")

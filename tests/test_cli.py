@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import inversion_monitor
-from inversion_monitor.cli import main
+from inversion_monitor.app.cli import main
 
 
 def test_version_flag(capsys):

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from inversion_monitor.cli import main
-from inversion_monitor.probe import logit_gradient_norms
-from inversion_monitor.stats import inversion_stats
-from inversion_monitor.toy.corpus import reasoning_corpus
-from inversion_monitor.toy.models import tiny_causal_lm
-from inversion_monitor.toy.tokenizer import char_tokenizer
+from inversion_monitor.app.cli import main
+from inversion_monitor.app.toy.corpus import reasoning_corpus
+from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.app.toy.tokenizer import char_tokenizer
+from inversion_monitor.metrics.stats import inversion_stats
+from inversion_monitor.probe.gradients import logit_gradient_norms
 from tests.server_support import free_port, open_run, push, record, running, stub_for
 
 
@@ -178,7 +178,7 @@ def test_layer_out_of_range(checkpoints, texts, capsys) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path, texts) -> None:
-    from inversion_monitor.errors import UserError
+    from inversion_monitor.app.errors import UserError
 
     with pytest.raises(UserError):
         main(["--debug", "fingerprint", "--model", str(tmp_path), "--data", str(texts)])

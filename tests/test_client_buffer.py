@@ -12,7 +12,7 @@ import pytest
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.spool import Spool
+from inversion_monitor.telemetry.spool import Spool
 from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 DOWN = Failure(grpc.StatusCode.UNAVAILABLE, "down")

@@ -13,9 +13,14 @@ import grpc
 import pytest
 
 from inversion_monitor import MonitorClient
+from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-from inversion_monitor.stats import InversionStats
-from inversion_monitor.wire import StatsMapping, stats_from_mapping, step_record, validate_stats
+from inversion_monitor.telemetry.wire import (
+    StatsMapping,
+    stats_from_mapping,
+    step_record,
+    validate_stats,
+)
 from tests.scripted_server import FAST, ScriptedServicer, stats
 
 NAN = math.nan

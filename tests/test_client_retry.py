@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from inversion_monitor import MonitorClient, TelemetryWarning
-from inversion_monitor.retry import RETRYABLE_CODES, classify
+from inversion_monitor.telemetry.retry import RETRYABLE_CODES, classify
 from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 from tests.server_support import free_port
 

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from inversion_monitor.covariance import entropy_covariance, entropy_covariance_per_token
-from inversion_monitor.stats import DegenerateInputWarning
+from inversion_monitor.metrics.covariance import entropy_covariance, entropy_covariance_per_token
+from inversion_monitor.metrics.stats import DegenerateInputWarning
 
 
 def _loop_reference(

@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
-from inversion_monitor.entropy import apply_logit_transform, entropy_from_hidden, token_entropy
+from inversion_monitor.metrics.entropy import (
+    apply_logit_transform,
+    entropy_from_hidden,
+    token_entropy,
+)
 
 
 def naive_entropy(logits: torch.Tensor) -> torch.Tensor:

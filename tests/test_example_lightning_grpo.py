@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def load_example() -> ModuleType:
-    return importlib.import_module("inversion_monitor.callbacks.examples.lightning_grpo_corrpo")
+    return importlib.import_module("inversion_monitor.app.examples.lightning_grpo_corrpo")
 
 
 def test_example_trains_with_corrpo_and_the_monitor(tmp_path):

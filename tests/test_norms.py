@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inversion_monitor.norms import outer_sum_norm, rank_one_norm
+from inversion_monitor.metrics.norms import outer_sum_norm, rank_one_norm
 
 
 def dense_reference(gamma: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:

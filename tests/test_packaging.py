@@ -132,7 +132,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_every_module(tmp_path):
 
 def test_server_and_proto_do_not_import_torch():
     code = (
-        "import sys, inversion_monitor.server, inversion_monitor.proto, inversion_monitor.cli\n"
+        "import sys, inversion_monitor.server, inversion_monitor.proto, inversion_monitor.app.cli\n"
         "bad = [m for m in ('torch', 'transformers', 'lightning') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

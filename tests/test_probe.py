@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from inversion_monitor.architectures import (
+from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.probe.architectures import (
     ArchitectureAdapter,
     ProjectionSite,
     register_adapter,
     resolve_model,
     unregister_adapter,
 )
-from inversion_monitor.probe import logit_gradient_norms
-from inversion_monitor.reference import reference_norms
-from inversion_monitor.sampling import valid_positions
-from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.probe.reference import reference_norms
+from inversion_monitor.probe.sampling import valid_positions
 
 RTOL = 1e-4
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from inversion_monitor.sampling import TokenSampler, valid_positions
+from inversion_monitor.probe.sampling import TokenSampler, valid_positions
 
 # --------------------------------------------------------------------------- valid_positions
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from inversion_monitor.schedule import ProbeSchedule
+from inversion_monitor.engine.schedule import ProbeSchedule
 
 
 def simulate(budget: float, step_s: float, probe_s: float, steps: int) -> ProbeSchedule:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from inversion_monitor.cli import build_parser, main
+from inversion_monitor.app.cli import build_parser, main
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.cli import runs_table, serve_config
 from inversion_monitor.server.config import ConfigError, ServerConfig

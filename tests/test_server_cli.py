@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from inversion_monitor.cli import main
+from inversion_monitor.app.cli import main
 from inversion_monitor.server.config import ConfigError, ServerConfig
 from tests.server_support import TIMEOUT, open_run, push, record, running, stub_for
 
@@ -161,7 +161,7 @@ def test_runs_lists_runs_in_process(tmp_path, capsys):
 def test_help_does_not_import_grpc():
     code = (
         "import sys\n"
-        "from inversion_monitor.cli import build_parser\n"
+        "from inversion_monitor.app.cli import build_parser\n"
         "build_parser().format_help()\n"
         "bad = [m for m in ('grpc', 'torch', 'pydantic') if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from inversion_monitor.cli import main
+from inversion_monitor.app.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from tests.server_support import TIMEOUT, open_run, push, record, rpc_error, running, stub_for
 

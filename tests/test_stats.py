@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from inversion_monitor.stats import (
+from inversion_monitor.metrics.stats import (
     DegenerateInputWarning,
     InversionAccumulator,
     InversionStats,

@@ -48,7 +48,7 @@ class ServeProcess:
         command = [
             sys.executable,
             "-m",
-            "inversion_monitor.cli",
+            "inversion_monitor.app.cli",
             "serve",
             "--db",
             str(self.db),

@@ -40,7 +40,7 @@ Policies, in one place:
   reason) and never resent.
 * **Memory.** At most ``max_buffer`` unacknowledged records are held in memory.
   Beyond that, with ``spool_dir``, records go to an append-only spool file
-  (``<spool_dir>/<run_id>.rank<rank>.spool``, see :mod:`inversion_monitor.spool`;
+  (``<spool_dir>/<run_id>.rank<rank>.spool``, see :mod:`inversion_monitor.telemetry.spool`;
   written every 64 KiB, fsynced once per ``flush_interval_s`` and on close)
   and are replayed in order; without it the oldest unsent records are dropped,
   with one warning and a counter.
@@ -100,11 +100,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from inversion_monitor._version import __version__
+from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-from inversion_monitor.retry import CallFailure, backoff_s, classify, retry_delay_s
-from inversion_monitor.spool import Spool
-from inversion_monitor.stats import InversionStats
-from inversion_monitor.wire import StatsMapping, step_record, validate_stats
+from inversion_monitor.telemetry.retry import CallFailure, backoff_s, classify, retry_delay_s
+from inversion_monitor.telemetry.spool import Spool
+from inversion_monitor.telemetry.wire import StatsMapping, step_record, validate_stats
 
 logger = logging.getLogger(__name__)
 
@@ -450,9 +450,9 @@ class MonitorClient:
 
         ``stats`` is an ``InversionStats`` or a mapping with at least
         ``spearman``, ``pearson``, ``n``, ``entropy_mean`` and ``score_mean``
-        (see :class:`~inversion_monitor.wire.StatsMapping`); a bad one raises
+        (see :class:`~inversion_monitor.telemetry.wire.StatsMapping`); a bad one raises
         ``ValueError`` naming the field. ``components`` and ``samples`` are as
-        in :func:`~inversion_monitor.wire.step_record`. ``wall_time`` defaults
+        in :func:`~inversion_monitor.telemetry.wire.step_record`. ``wall_time`` defaults
         to now. Never raises for network reasons and never blocks on the network.
         """
         checked: InversionStats | StatsMapping

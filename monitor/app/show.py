@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inversion_monitor.errors import UserError
+from inversion_monitor.app.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.proto.v1 import monitor_pb2
@@ -81,7 +81,7 @@ def _n(value: float, digits: int = 3, sign: bool = False) -> str:
 
 def format_run(response: monitor_pb2.GetRunResponse) -> str:
     """The run header, a table of its recent records, and its alerts."""
-    from inversion_monitor.report import format_alerts
+    from inversion_monitor.app.report import format_alerts
     from inversion_monitor.server.cli import format_table
 
     run = response.summary

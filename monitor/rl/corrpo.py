@@ -14,7 +14,7 @@ normalisation:
    ``group_size`` consecutive completions, as GRPO does.
 
 >>> import torch
->>> from inversion_monitor.toy.models import tiny_causal_lm
+>>> from inversion_monitor.app.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama", num_layers=2)
 >>> ids = torch.randint(4, 100, (4, 20), generator=torch.Generator().manual_seed(0))
 >>> completion = torch.zeros_like(ids, dtype=torch.bool)
@@ -40,9 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from inversion_monitor._checks import check_choice, check_int, check_mask, check_tensor
-from inversion_monitor.probe import logit_gradient_norms
-from inversion_monitor.sampling import valid_positions
-from inversion_monitor.stats import inversion_stats
+from inversion_monitor.metrics.stats import inversion_stats
+from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.probe.sampling import valid_positions
 
 __all__ = ["SequenceInversion", "corrpo_rewards", "group_advantages", "sequence_inversion"]
 
@@ -123,7 +123,7 @@ def sequence_inversion(
         layers: decoder blocks; default the last one.
         projections: default ``("q", "o")``, the last-block fast path (one
             forward and one backward for the batch); other choices cost one
-            row per token (see :mod:`inversion_monitor.probe`).
+            row per token (see :mod:`inversion_monitor.probe.gradients`).
         min_tokens: fewest completion tokens for a rho (at least 4).
 
     Returns:

@@ -19,12 +19,12 @@ How it is computed, exactly (see ``docs``: science.md 1.2):
 - Anything else: each sampled token gets its own row, its sequence cut right
   after t (later positions cannot reach z_t); rows are sorted by length and
   batched under a token budget, one forward and one backward per chunk, and
-  the norm comes from small factors (:mod:`inversion_monitor.norms`).
+  the norm comes from small factors (:mod:`inversion_monitor.metrics.norms`).
 
 The model is left as found: modes, RNG state, ``.grad``, hooks.
 
 >>> import torch
->>> from inversion_monitor.toy.models import tiny_causal_lm
+>>> from inversion_monitor.app.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama", num_layers=2)
 >>> ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 >>> result = logit_gradient_norms(model, ids, layers=[0, -1], projections=("q", "v"))
@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from inversion_monitor.architectures import PROJECTIONS, ResolvedModel, resolve_model
-from inversion_monitor.entropy import apply_logit_transform, token_entropy
-from inversion_monitor.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
-from inversion_monitor.sampling import valid_positions
+from inversion_monitor.metrics.entropy import apply_logit_transform, token_entropy
+from inversion_monitor.metrics.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
+from inversion_monitor.probe.architectures import PROJECTIONS, ResolvedModel, resolve_model
+from inversion_monitor.probe.sampling import valid_positions
 
 Component = tuple[int, str]
 
@@ -312,7 +312,7 @@ def logit_gradient_norms(
 
     Args:
         model: a Hugging Face causal LM (possibly wrapped by DDP, PEFT or
-            ``torch.compile``); see :mod:`inversion_monitor.architectures`.
+            ``torch.compile``); see :mod:`inversion_monitor.probe.architectures`.
         input_ids: ``[B, T]`` token ids.
         attention_mask: ``[B, T]`` 1 for real tokens (right or left padding).
         positions: ``[N, 2]`` (batch index, t) targets; None = every valid t.

@@ -2,7 +2,7 @@
 
 Reads texts (``.txt``: one per non-empty line; ``.jsonl``: a ``text`` field,
 or ``prompt``/``completion`` where only completion tokens are measured), runs
-the core probe (:func:`~inversion_monitor.probe.logit_gradient_norms`) on
+the core probe (:func:`~inversion_monitor.probe.gradients.logit_gradient_norms`) on
 each, and reports Spearman and Pearson with confidence intervals overall, per
 layer and projection, and over per-token-type averages.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inversion_monitor.errors import UserError
+from inversion_monitor.app.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -110,7 +110,7 @@ def load_checkpoint(directory: Path, device: str) -> tuple[nn.Module, Any]:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from inversion_monitor.architectures import resolve_model
+    from inversion_monitor.probe.architectures import resolve_model
 
     transformers.logging.set_verbosity_error()  # our own progress bar and errors only
     transformers.logging.disable_progress_bar()
@@ -171,7 +171,7 @@ def measure(
     import torch
     from tqdm.auto import tqdm
 
-    from inversion_monitor.probe import logit_gradient_norms
+    from inversion_monitor.probe.gradients import logit_gradient_norms
 
     device = next(model.parameters()).device
     parts: list[Any] = []
@@ -210,7 +210,7 @@ def measure(
 
 
 def _corr(x: Any, y: Any) -> dict[str, Any]:
-    from inversion_monitor.stats import fisher_ci, pearson, spearman
+    from inversion_monitor.metrics.stats import fisher_ci, pearson, spearman
 
     n = int(x.numel())
     out: dict[str, Any] = {"n": n}
@@ -229,7 +229,7 @@ def fingerprint_stats(m: Measurement, *, per_token_type: bool) -> dict[str, Any]
     """JSON-ready statistics of one measurement."""
     import warnings
 
-    from inversion_monitor.stats import inversion_stats
+    from inversion_monitor.metrics.stats import inversion_stats
 
     stats = inversion_stats(
         m.entropy,
@@ -296,7 +296,7 @@ def scatter_html(title: str, results: dict[str, tuple[Measurement, dict[str, Any
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from inversion_monitor.report import _png, html_report
+    from inversion_monitor.app.report import _png, html_report
 
     images = {}
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
@@ -327,7 +327,7 @@ def run_fingerprint(
     """The ``fingerprint`` command; returns the exit code."""
     import torch
 
-    from inversion_monitor.architectures import resolve_model
+    from inversion_monitor.probe.architectures import resolve_model
 
     if max_tokens < 4:
         raise UserError(f"--max-tokens must be at least 4, got {max_tokens}: raise it")

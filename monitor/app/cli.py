@@ -109,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     from inversion_monitor.server.cli import add_server_commands  # argparse only
 
     add_server_commands(sub)
-    from inversion_monitor.run_command import add_run_command  # argparse only
+    from inversion_monitor.app.run_command import add_run_command  # argparse only
 
     add_run_command(sub)
     return parser
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from inversion_monitor.demo import DemoOptions, run_demo
+    from inversion_monitor.app.demo import DemoOptions, run_demo
 
     return run_demo(
         DemoOptions(
@@ -130,7 +130,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_fingerprint(args: argparse.Namespace) -> int:
-    from inversion_monitor.fingerprint import run_fingerprint
+    from inversion_monitor.app.fingerprint import run_fingerprint
 
     return run_fingerprint(
         model=args.model,
@@ -145,7 +145,7 @@ def _run_fingerprint(args: argparse.Namespace) -> int:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from inversion_monitor.show import format_run, get_run
+    from inversion_monitor.app.show import format_run, get_run
 
     response = get_run(
         args.endpoint,
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
-    from inversion_monitor.errors import UserError
+    from inversion_monitor.app.errors import UserError
 
     try:
         code: int = handler(args)

@@ -17,7 +17,7 @@ forwards; the labels mark the completion tokens, so it probes those only.
 
 Run it::
 
-    python -m inversion_monitor.callbacks.examples.lightning_grpo_corrpo --steps 20 --coef 0.1
+    python -m inversion_monitor.app.examples.lightning_grpo_corrpo --steps 20 --coef 0.1
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from inversion_monitor import corrpo_rewards, group_advantages, sequence_inversion
+from inversion_monitor.app.toy.corpus import arithmetic_problems
+from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionLightningCallback
-from inversion_monitor.toy.corpus import arithmetic_problems
-from inversion_monitor.toy.models import tiny_causal_lm
-from inversion_monitor.toy.tokenizer import char_tokenizer
 
 PAD, EOS = 0, 2
 

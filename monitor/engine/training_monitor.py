@@ -9,10 +9,10 @@ starts, :meth:`InversionMonitor.step_end` after every optimizer step, and
 It never breaks training: any error inside is caught, reported once with a
 clear warning, and the monitor disables itself (``on_error="disable"``) or
 keeps trying (``"continue"``). It leaves gradients, RNG streams and modes as
-it found them (see :mod:`inversion_monitor.probe`).
+it found them (see :mod:`inversion_monitor.probe.gradients`).
 
 >>> import torch
->>> from inversion_monitor.toy.models import tiny_causal_lm
+>>> from inversion_monitor.app.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama").train()
 >>> monitor = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=16))
 >>> monitor.attach(model)
@@ -41,15 +41,15 @@ import torch
 from torch import nn
 
 from inversion_monitor._version import __version__
-from inversion_monitor.capture import BatchCapture, CapturedBatch
 from inversion_monitor.config import MonitorConfig
-from inversion_monitor.probe import ProbeResult, logit_gradient_norms
-from inversion_monitor.sampling import TokenSampler
-from inversion_monitor.schedule import ProbeSchedule
-from inversion_monitor.stats import InversionStats, inversion_stats, spearman
+from inversion_monitor.engine.schedule import ProbeSchedule
+from inversion_monitor.metrics.stats import InversionStats, inversion_stats, spearman
+from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
+from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
+from inversion_monitor.probe.sampling import TokenSampler
 
 if TYPE_CHECKING:
-    from inversion_monitor.client import DeliveryReport, MonitorClient
+    from inversion_monitor.telemetry.client import DeliveryReport, MonitorClient
 
 logger = logging.getLogger("inversion_monitor")
 
@@ -368,7 +368,7 @@ class InversionMonitor:
 
     def _ensure_client(self, result: ProbeResult) -> MonitorClient:
         if self._client is None:
-            from inversion_monitor.client import MonitorClient
+            from inversion_monitor.telemetry.client import MonitorClient
 
             model_type = ""
             config = getattr(self._model, "config", None)

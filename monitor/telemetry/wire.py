@@ -1,12 +1,12 @@
 """The one translation from domain objects to wire messages.
 
-:func:`step_record` turns an :class:`~inversion_monitor.stats.InversionStats`
+:func:`step_record` turns an :class:`~inversion_monitor.metrics.stats.InversionStats`
 (or a plain mapping, validated by :class:`StatsMapping`) plus the optional
 training values into a ``StepRecord``. Non-finite numbers travel as unset
 optional fields. The record's ``sequence`` is left at 0: the client numbers
-records when it first sends them (see :mod:`inversion_monitor.client`).
+records when it first sends them (see :mod:`inversion_monitor.telemetry.client`).
 
->>> from inversion_monitor.stats import InversionStats
+>>> from inversion_monitor.metrics.stats import InversionStats
 >>> stats = stats_from_mapping(
 ...     {"spearman": -0.6, "pearson": -0.5, "n": 64, "entropy_mean": 1.2, "score_mean": 3.4}
 ... )
@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
+from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.stats import InversionStats
 
 _NAN = math.nan
 _REQUIRED = ("spearman", "pearson", "n", "entropy_mean", "score_mean")
@@ -163,7 +163,7 @@ def step_record(
     Non-finite numbers are left unset. Raises ``TypeError``/``ValueError``
     naming the bad argument.
 
-    >>> from inversion_monitor.stats import InversionStats
+    >>> from inversion_monitor.metrics.stats import InversionStats
     >>> s = InversionStats.insufficient_sample(n=2, reason="n < 4")
     >>> r = step_record(
     ...     run_id="r", rank=1, step=3, wall_time=0.0, stats=s,

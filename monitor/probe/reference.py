@@ -1,4 +1,4 @@
-"""Brute-force reference for :func:`~inversion_monitor.probe.logit_gradient_norms`.
+"""Brute-force reference for :func:`~inversion_monitor.probe.gradients.logit_gradient_norms`.
 
 One full forward of the batch, then for every target token one backward of
 its raw logit to the projection weights, the weight gradient formed in full,
@@ -7,7 +7,7 @@ Slow on purpose: it is the ground truth that the fast paths are tested
 against, and the baseline of ``benchmarks/bench_probe.py``.
 
 >>> import torch
->>> from inversion_monitor.toy.models import tiny_causal_lm
+>>> from inversion_monitor.app.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("gpt2", num_layers=1)
 >>> ids = torch.randint(4, 100, (1, 6), generator=torch.Generator().manual_seed(0))
 >>> reference_norms(model, ids, projections=("q",)).score.shape
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from inversion_monitor.architectures import PROJECTIONS, resolve_model
-from inversion_monitor.norms import Norm, check_norm
-from inversion_monitor.probe import ProbeResult
-from inversion_monitor.sampling import valid_positions
+from inversion_monitor.metrics.norms import Norm, check_norm
+from inversion_monitor.probe.architectures import PROJECTIONS, resolve_model
+from inversion_monitor.probe.gradients import ProbeResult
+from inversion_monitor.probe.sampling import valid_positions
 
 
 def _weight_block_gradient(

@@ -113,7 +113,7 @@ class CapturedBatch:
 
     def target_mask(self) -> torch.Tensor:
         """``[B, T]`` bool: positions whose next token is real and scored by the trainer."""
-        from inversion_monitor.sampling import valid_positions
+        from inversion_monitor.probe.sampling import valid_positions
 
         valid = valid_positions(self.input_ids, self.attention_mask)
         if self.logits_to_keep is not None:

@@ -107,7 +107,7 @@ def entropy_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Te
 
     Returns:
         0-dim float64 tensor: the mean of cov_i over the masked tokens; NaN
-        with a :class:`~inversion_monitor.stats.DegenerateInputWarning` when
+        with a :class:`~inversion_monitor.metrics.stats.DegenerateInputWarning` when
         fewer than 2 tokens are masked in (one point has no covariance).
 
     >>> entropy_covariance(

@@ -5,6 +5,10 @@ synthetic multi-step arithmetic corpus with worked steps, and tiny randomly
 initialised causal LMs built from configs. Nothing is downloaded.
 """
 
-from inversion_monitor.toy.corpus import ArithmeticProblem, arithmetic_problems, reasoning_corpus
+from inversion_monitor.app.toy.corpus import (
+    ArithmeticProblem,
+    arithmetic_problems,
+    reasoning_corpus,
+)
 
 __all__ = ["ArithmeticProblem", "arithmetic_problems", "reasoning_corpus"]

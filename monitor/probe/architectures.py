@@ -11,7 +11,7 @@ Mixtral, Qwen2/2.5/3, Gemma 1-3, OLMo, Phi, StarCoder2, ...), GPT-2 (fused
 ``c_attn`` Conv1D), GPT-NeoX (per-head interleaved ``query_key_value``) and
 Phi-3 (fused ``qkv_proj``). Others: :func:`register_adapter`.
 
->>> from inversion_monitor.toy.models import tiny_causal_lm
+>>> from inversion_monitor.app.toy.models import tiny_causal_lm
 >>> resolved = resolve_model(tiny_causal_lm("gpt_neox", num_layers=2))
 >>> resolved.num_layers, sorted(resolved.projections(1))
 (2, ['k', 'o', 'q', 'v'])

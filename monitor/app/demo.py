@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inversion_monitor.monitor import InversionMonitor
+    from inversion_monitor.engine.training_monitor import InversionMonitor
     from inversion_monitor.proto.v1 import monitor_pb2
 
 RUN_NAME = "demo"
@@ -101,10 +101,10 @@ def train_transformers(options: DemoOptions, settings: dict[str, Any], workdir: 
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
+    from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.app.toy.models import tiny_causal_lm
+    from inversion_monitor.app.toy.tokenizer import char_tokenizer
     from inversion_monitor.callbacks import InversionTrainerCallback
-    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
-    from inversion_monitor.toy.models import tiny_causal_lm
-    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     tokenizer = char_tokenizer()
     model = tiny_causal_lm("llama", seed=options.seed).train()
@@ -152,10 +152,10 @@ def train_lightning(options: DemoOptions, settings: dict[str, Any], workdir: Pat
     import torch
     from torch.utils.data import DataLoader
 
+    from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.app.toy.models import tiny_causal_lm
+    from inversion_monitor.app.toy.tokenizer import char_tokenizer
     from inversion_monitor.callbacks import InversionLightningCallback
-    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
-    from inversion_monitor.toy.models import tiny_causal_lm
-    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     class TinyLM(pl.LightningModule):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -232,7 +232,7 @@ def run_demo(options: DemoOptions) -> int:
     import logging
     import warnings
 
-    from inversion_monitor.report import format_summary, write_run_report
+    from inversion_monitor.app.report import format_summary, write_run_report
     from inversion_monitor.server import MonitorServer, ServerConfig
 
     if options.steps < 1:

@@ -1,0 +1,199 @@
+"""The dependency direction of the tree: callbacks -> core -> proto <- server.
+
+Static: every import statement (module level or not) of every source file.
+Dynamic: importing each module in a fresh interpreter loads nothing it must not.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import inversion_monitor
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {
+    "monitor": "inversion_monitor",
+    "callbacks": "inversion_monitor.callbacks",
+    "server": "inversion_monitor.server",
+    "proto": "inversion_monitor.proto",
+}
+PUBLIC = set(inversion_monitor.__all__)  # the root's public API, open to every layer but server
+CORE_PACKAGES = ("metrics", "probe", "engine", "telemetry", "rl")
+# what each layer may import from the project (prefixes); anything else of ours is a violation
+ALLOWED = {
+    "app": ("inversion_monitor",),
+    "core": (
+        "inversion_monitor._checks",
+        "inversion_monitor._version",
+        "inversion_monitor.config",
+        "inversion_monitor.proto",
+        *(f"inversion_monitor.{p}" for p in CORE_PACKAGES),
+    ),
+    "callbacks": (
+        "inversion_monitor._checks",
+        "inversion_monitor._version",
+        "inversion_monitor.config",
+        "inversion_monitor.callbacks",
+        *(f"inversion_monitor.{p}" for p in CORE_PACKAGES),
+    ),
+    "server": ("inversion_monitor.server", "inversion_monitor.proto"),
+    "proto": ("inversion_monitor.proto",),
+}
+# third-party packages a layer must never import, even lazily
+FORBIDDEN_THIRD_PARTY = {
+    "core": ("lightning", "pytorch_lightning"),
+    "server": ("torch", "transformers", "lightning"),
+    "proto": ("torch", "transformers", "lightning"),
+}
+
+
+def _module_name(path: Path) -> str:
+    folder = path.relative_to(ROOT).parts[0]
+    rest = path.relative_to(ROOT / folder).with_suffix("").parts
+    parts = [FOLDERS[folder], *rest]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _layer(module: str) -> str:
+    for layer in ("callbacks", "server", "proto"):
+        if module.startswith(f"inversion_monitor.{layer}"):
+            return layer
+    return "app" if module.startswith("inversion_monitor.app") else "core"
+
+
+def _sources() -> list[Path]:
+    files = []
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")) or "_bootstrap" in path.parts:
+                continue
+            files.append(path)
+    return files
+
+
+def _imports(source: str, module: str, *, is_package: bool) -> list[str]:
+    tree = ast.parse(source)
+    names: list[str] = []
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            if target == "inversion_monitor":  # from inversion_monitor import x
+                names.extend(
+                    "inversion_monitor"
+                    if alias.name in PUBLIC
+                    else f"inversion_monitor.{alias.name}"
+                    for alias in node.names
+                )
+            else:
+                names.append(target)
+    return names
+
+
+def _violations(path: Path) -> list[str]:
+    module = _module_name(path)
+    return _check(module, path.read_text(), is_package=path.name == "__init__.py")
+
+
+def _check(module: str, source: str, *, is_package: bool) -> list[str]:
+    layer = _layer(module)
+    found = []
+    for name in _imports(source, module, is_package=is_package):
+        if name.startswith("inversion_monitor"):
+            if name == "inversion_monitor" and layer in ("server", "proto"):
+                found.append(f"{module} ({layer}) imports the root package")
+            elif name != "inversion_monitor" and not name.startswith(ALLOWED[layer]):
+                found.append(f"{module} ({layer}) imports {name}")
+        elif name.split(".")[0] in FORBIDDEN_THIRD_PARTY.get(layer, ()):
+            found.append(f"{module} ({layer}) imports {name}")
+    return found
+
+
+def test_the_checker_reports_each_kind_of_violation() -> None:
+    assert _module_name(ROOT / "monitor" / "probe" / "gradients.py") == (
+        "inversion_monitor.probe.gradients"
+    )
+    core = "def f():\n    from inversion_monitor.server import app\n    import lightning\n"
+    assert _check("inversion_monitor.probe.gradients", core, is_package=False) == [
+        "inversion_monitor.probe.gradients (core) imports inversion_monitor.server",
+        "inversion_monitor.probe.gradients (core) imports lightning",
+    ]
+    relative = "from ..app import demo\nfrom . import stats\n"
+    assert _check("inversion_monitor.metrics.norms", relative, is_package=False) == [
+        "inversion_monitor.metrics.norms (core) imports inversion_monitor.app"
+    ]
+    server = "import torch\nfrom inversion_monitor.probe import gradients\n"
+    assert len(_check("inversion_monitor.server.store", server, is_package=False)) == 2
+    assert (
+        _check("inversion_monitor.app.demo", "import inversion_monitor.server\n", is_package=False)
+        == []
+    )
+
+
+def test_imports_point_one_way() -> None:
+    violations = [v for path in _sources() for v in _violations(path)]
+    assert violations == []
+
+
+_PROBE = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in
+    ('torch', 'transformers', 'lightning', 'pytorch_lightning')
+    or m.startswith(('inversion_monitor.server', 'inversion_monitor.callbacks',
+                     'inversion_monitor.app')))))
+"""
+
+
+def _loaded_by(module: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, module], capture_output=True, text=True, check=True
+    )
+    return {
+        name.split(".")[0] if "inversion" not in name else name for name in json.loads(out.stdout)
+    }
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "inversion_monitor",
+        "inversion_monitor.config",
+        *(f"inversion_monitor.{p}" for p in CORE_PACKAGES),
+        "inversion_monitor.engine.training_monitor",
+        "inversion_monitor.telemetry.client",
+        "inversion_monitor.rl.corrpo",
+    ],
+)
+def test_core_loads_no_framework_server_or_app(module: str) -> None:
+    loaded = _loaded_by(module)
+    assert not loaded & {"transformers", "lightning", "pytorch_lightning"}, loaded
+    assert not {m for m in loaded if m.startswith("inversion_monitor.")}, loaded
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["inversion_monitor.server", "inversion_monitor.server.app", "inversion_monitor.proto"],
+)
+def test_server_loads_no_torch(module: str) -> None:
+    assert not _loaded_by(module) & {"torch", "transformers", "lightning"}
+
+
+def test_callbacks_package_loads_no_framework() -> None:
+    loaded = _loaded_by("inversion_monitor.callbacks")
+    assert not loaded & {"transformers", "lightning", "torch"}, loaded
