@@ -31,8 +31,9 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from typing_extensions import Unpack
 
-from inversion_monitor.config import MonitorConfig
+from inversion_monitor.config import MonitorConfig, MonitorOverrides
 from inversion_monitor.engine.training_monitor import InversionMonitor
 
 
@@ -61,7 +62,9 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
     from ``INVERSION_MONITOR_TOKEN`` or the arguments again.
     """
 
-    def __init__(self, config: MonitorConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, config: MonitorConfig | None = None, **overrides: Unpack[MonitorOverrides]
+    ) -> None:
         base = config if config is not None else MonitorConfig.from_env()
         self.config = base.with_overrides(**overrides) if overrides else base
         self.monitor: InversionMonitor | None = None

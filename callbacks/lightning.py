@@ -32,8 +32,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from typing_extensions import Unpack
 
-from inversion_monitor.config import MonitorConfig
+from inversion_monitor.config import MonitorConfig, MonitorOverrides
 from inversion_monitor.engine.training_monitor import InversionMonitor, MonitorWarning
 from inversion_monitor.probe.architectures import resolve_model
 
@@ -112,10 +113,11 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
     bearer token is never written to checkpoints: on resume it comes from
     ``INVERSION_MONITOR_TOKEN`` or the arguments again.
 
-    >>> InversionLightningCallback(overhead_budget=2.0)
-    Traceback (most recent call last):
-    ...
-    ValueError: invalid MonitorConfig: overhead_budget: Input should be less than 1...
+    >>> try:
+    ...     InversionLightningCallback(overhead_budget=2.0)
+    ... except ValueError as exc:
+    ...     print(exc)
+    invalid MonitorConfig: overhead_budget: Input should be less than 1 (got 2.0)
     """
 
     def __init__(
@@ -123,7 +125,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         config: MonitorConfig | None = None,
         *,
         model_attr: str | None = None,
-        **overrides: Any,
+        **overrides: Unpack[MonitorOverrides],
     ) -> None:
         base = config if config is not None else MonitorConfig.from_env()
         self.config = base.with_overrides(**overrides) if overrides else base

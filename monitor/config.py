@@ -10,10 +10,11 @@ variables > defaults. Lists and mappings in the environment are JSON
 ([-1], ('q', 'k', 'v', 'o'), 64)
 >>> MonitorConfig.from_env({"INVERSION_MONITOR_LAYERS": "0,-1"}, norm="frobenius").layers
 [0, -1]
->>> MonitorConfig(tokens_per_probe=2)
-Traceback (most recent call last):
-...
-ValueError: invalid MonitorConfig: tokens_per_probe: Input should be greater than or equal to 4...
+>>> try:
+...     MonitorConfig(tokens_per_probe=2)
+... except ValueError as exc:  # a ConfigError, with .problems for programs
+...     print(exc)
+invalid MonitorConfig: tokens_per_probe: Input should be greater than or equal to 4 (got 2)
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from typing_extensions import TypedDict, Unpack
+
+from inversion_monitor.metrics import MIN_CORRELATION_PAIRS
 
 ENV_PREFIX = "INVERSION_MONITOR_"
 _FLAGS = {
@@ -38,6 +42,21 @@ _FLAGS = {
     "": False,
 }
 Projection = Literal["q", "k", "v", "o"]
+
+
+class ConfigError(ValueError):
+    """An invalid :class:`MonitorConfig`; ``problems`` holds ``(field, message, value)``.
+
+    >>> try:
+    ...     MonitorConfig(norm="spectral")
+    ... except ConfigError as exc:
+    ...     exc.problems[0][:2]
+    ('norm', "Input should be 'nuclear', 'frobenius' or 'l1'")
+    """
+
+    def __init__(self, message: str, problems: list[tuple[str, str, Any]]) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 def explain_validation_error(model: str, exc: ValidationError) -> str:
@@ -64,8 +83,8 @@ class MonitorConfig(BaseModel):
     endpoint: str | None = Field(None, description="gRPC server 'host:port'; None = local only")
     run_name: str | None = Field(None, description="human run name; default from the trainer")
     run_id: str | None = Field(None, description="reuse to resume a run; default a new id")
-    project: str = ""
-    labels: dict[str, str] = Field(default_factory=dict)
+    project: str = Field("", description="project the run belongs to")
+    labels: dict[str, str] = Field(default_factory=dict, description="free-form run labels")
     token: str | None = Field(None, description="bearer token for the server", repr=False)
     tls: bool | str = Field(False, description="False, True (system roots) or a CA file path")
     spool_dir: str | None = Field(None, description="spill records here when the server is away")
@@ -73,26 +92,42 @@ class MonitorConfig(BaseModel):
     log_to_trainer: bool = Field(True, description="add inversion/... keys to the trainer logs")
 
     # what is measured
-    layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)
-    projections: tuple[Projection, ...] = ("q", "k", "v", "o")
-    norm: Literal["nuclear", "frobenius", "l1"] = "nuclear"
-    method: Literal["spearman", "pearson"] = "spearman"
-    tokens_per_probe: int = Field(64, ge=4, le=65_536)
-    sequences_per_probe: int = Field(4, ge=1)
-    per_token_type: bool = False
+    layers: list[int] = Field(
+        default_factory=lambda: [-1],
+        min_length=1,
+        description="decoder blocks to probe, negative from the end",
+    )
+    projections: tuple[Projection, ...] = Field(
+        ("q", "k", "v", "o"), description="attention projections (subset of q, k, v, o)"
+    )
+    norm: Literal["nuclear", "frobenius", "l1"] = Field(
+        "nuclear", description="matrix norm of d logit / d W"
+    )
+    method: Literal["spearman", "pearson"] = Field(
+        "spearman", description="correlation reported as rho"
+    )
+    tokens_per_probe: int = Field(
+        64, ge=MIN_CORRELATION_PAIRS, le=65_536, description="tokens sampled per probe"
+    )
+    sequences_per_probe: int = Field(4, ge=1, description="sequences the tokens come from")
+    per_token_type: bool = Field(False, description="also the per-unique-token Spearman")
     token_samples: int = Field(0, ge=0, le=4096, description="raw (entropy, score) pairs sent")
-    per_component_stats: bool = True
-    chunk_tokens: int = Field(8192, ge=1)
-    seed: int = 0
+    per_component_stats: bool = Field(True, description="statistics per layer and projection")
+    chunk_tokens: int = Field(8192, ge=1, description="token budget of one probe forward")
+    seed: int = Field(0, ge=0, description="seed of the token sampler (plus the rank)")
 
     # when it is measured
     every_n_steps: int | None = Field(None, ge=1, description="fixed schedule; None = budget")
-    overhead_budget: float = Field(0.03, gt=0.0, lt=1.0, description="fraction of wall time")
+    overhead_budget: float = Field(
+        0.03, gt=0.0, lt=1.0, description="fraction of wall time probes may take"
+    )
     first_step: int = Field(1, ge=0, description="no probe before this optimizer step")
 
     # failure policy
-    on_error: Literal["disable", "continue"] = "disable"
-    disabled: bool = False
+    on_error: Literal["disable", "continue"] = Field(
+        "disable", description="on an internal error: warn once and disable, or continue"
+    )
+    disabled: bool = Field(False, description="switch the monitor off")
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -121,22 +156,30 @@ class MonitorConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ValueError(explain_validation_error("MonitorConfig", exc)) from None
+            problems = [
+                (".".join(str(p) for p in e["loc"]), e["msg"], e.get("input")) for e in exc.errors()
+            ]
+            message = explain_validation_error("MonitorConfig", exc)
+            raise ConfigError(message, problems) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MonitorConfig:
         """Defaults, then ``INVERSION_MONITOR_*`` variables, then ``overrides``."""
         environ = os.environ if environ is None else environ
+        return cls(**{**cls.env_values(environ), **overrides})
+
+    @classmethod
+    def env_values(cls, environ: Mapping[str, str]) -> dict[str, Any]:
+        """The raw field values the ``INVERSION_MONITOR_*`` variables of ``environ`` set."""
         values: dict[str, Any] = {}
         for name, info in cls.model_fields.items():
             raw = environ.get(ENV_PREFIX + name.upper())
             if raw is None or raw == "":
                 continue
             values[name] = _parse_env(raw, list_like=_is_list_like(info.annotation))
-        values.update(overrides)
-        return cls(**values)
+        return values
 
-    def with_overrides(self, **overrides: Any) -> MonitorConfig:
+    def with_overrides(self, **overrides: Unpack[MonitorOverrides]) -> MonitorConfig:
         """A copy with ``overrides`` applied and validated."""
         return type(self)(**{**self.model_dump(), **overrides})
 
@@ -160,3 +203,71 @@ def _parse_env(raw: str, *, list_like: bool) -> Any:
     if list_like:
         return [part.strip() for part in text.split(",") if part.strip()]
     return raw
+
+
+class MonitorOverrides(TypedDict, total=False):
+    """Keyword arguments the callbacks accept: any :class:`MonitorConfig` field.
+
+    Kept equal to the model's fields by ``tests/test_config.py``, so IDEs and
+    type checkers see every knob:
+
+    >>> sorted(MonitorOverrides.__annotations__) == sorted(MonitorConfig.model_fields)
+    True
+    """
+
+    endpoint: str | None
+    run_name: str | None
+    run_id: str | None
+    project: str
+    labels: dict[str, str]
+    token: str | None
+    tls: bool | str
+    spool_dir: str | None
+    jsonl_path: str | None
+    log_to_trainer: bool
+    layers: list[int]
+    projections: tuple[Projection, ...] | list[Projection]
+    norm: Literal["nuclear", "frobenius", "l1"]
+    method: Literal["spearman", "pearson"]
+    tokens_per_probe: int
+    sequences_per_probe: int
+    per_token_type: bool
+    token_samples: int
+    per_component_stats: bool
+    chunk_tokens: int
+    seed: int
+    every_n_steps: int | None
+    overhead_budget: float
+    first_step: int
+    on_error: Literal["disable", "continue"]
+    disabled: bool
+
+
+def default(name: str) -> Any:
+    """The default of :class:`MonitorConfig` field ``name``.
+
+    >>> default("overhead_budget"), default("layers")
+    (0.03, [-1])
+    """
+    return MonitorConfig.model_fields[name].get_default(call_default_factory=True)
+
+
+def validate_field(name: str, value: Any) -> Any:
+    """``value`` checked (and coerced) against field ``name``'s type and bounds.
+
+    The one place a bound lives is the field; components that take a single
+    setting (the schedule, the sampler) check it here.
+
+    >>> validate_field("overhead_budget", 2.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: overhead_budget: Input should be less than 1 (got 2.0)
+    """
+    info = MonitorConfig.model_fields[name]
+    annotated: Any = Annotated[(info.annotation, *info.metadata)]  # the field's type and bounds
+    adapter: TypeAdapter[Any] = TypeAdapter(annotated)
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise ValueError(f"{name}: {problem['msg']} (got {value!r})") from None

@@ -62,3 +62,40 @@ def test_token_is_neither_shown_nor_exported():
     assert "s3cret" not in repr(config)
     assert "token" not in config.public_dict()
     assert config.with_overrides(every_n_steps=2).token == "s3cret"
+
+
+def test_overrides_typed_dict_lists_every_field_with_its_type():
+    """The callbacks' typed keyword arguments stay equal to the config's fields."""
+    import typing
+
+    from inversion_monitor.config import MonitorOverrides
+
+    hints = typing.get_type_hints(MonitorOverrides)
+    fields = MonitorConfig.model_fields
+    assert set(hints) == set(fields)
+    for name, info in fields.items():
+        if name == "projections":  # a list is accepted and coerced to the tuple
+            continue
+        assert hints[name] == info.annotation, name
+
+
+def test_components_take_defaults_and_bounds_from_the_config():
+    from inversion_monitor.config import default, validate_field
+    from inversion_monitor.engine.schedule import ProbeSchedule
+    from inversion_monitor.probe.sampling import TokenSampler
+
+    schedule = ProbeSchedule()
+    assert schedule.overhead_budget == default("overhead_budget") == MonitorConfig().overhead_budget
+    assert schedule.first_step == MonitorConfig().first_step
+    with pytest.raises(ValueError, match=r"overhead_budget: Input should be less than 1 \(got 2\)"):
+        ProbeSchedule(overhead_budget=2)
+    with pytest.raises(ValueError, match="every_n_steps: Input should be greater than or equal"):
+        ProbeSchedule(every_n_steps=0)
+    config = MonitorConfig(tokens_per_probe=8, sequences_per_probe=2, seed=3, every_n_steps=7)
+    sampler = TokenSampler.from_config(config, rank=2)
+    assert (sampler.max_tokens, sampler.max_sequences, sampler.seed) == (8, 2, 5)
+    assert ProbeSchedule.from_config(config).every_n_steps == 7
+    with pytest.raises(
+        ValueError, match="tokens_per_probe: Input should be greater than or equal to 4"
+    ):
+        validate_field("tokens_per_probe", 3)

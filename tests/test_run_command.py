@@ -196,3 +196,57 @@ def test_missing_command_and_unknown_program():
     proc = run(["--", "no-such-program-xyz"], timeout=30)
     assert proc.returncode == 127 and "command not found" in proc.stderr
     assert shutil.which(EXE)
+
+
+def test_options_are_generated_from_every_config_field():
+    from inversion_monitor.app.cli import main  # noqa: F401 - the parser is built there
+    from inversion_monitor.config import MonitorConfig
+
+    proc = subprocess.run(
+        [EXE, "run", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0
+    for field in MonitorConfig.model_fields:
+        if field != "disabled":
+            assert "--" + field.replace("_", "-") in proc.stdout, field
+    assert "(default: 0.03)" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--overhead-budget", "2"],
+            {},
+            "--overhead-budget: Input should be less than 1 (got '2')",
+        ),
+        (["--tokens-per-probe", "many"], {}, "--tokens-per-probe: Input should be a valid integer"),
+        (["--norm", "spectral"], {}, "--norm: Input should be 'nuclear', 'frobenius' or 'l1'"),
+        (
+            [],
+            {"INVERSION_MONITOR_EVERY_N_STEPS": "0"},
+            "the variable INVERSION_MONITOR_EVERY_N_STEPS",
+        ),
+    ],
+)
+def test_bad_options_are_refused_before_the_child_starts(tmp_path, args, env, message):
+    marker = tmp_path / "child-ran"
+    proc = run(
+        [*args, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
+        timeout=60,
+        **env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one sentence, no traceback
+    assert not marker.exists()
+
+
+def test_boolean_options_reach_the_child_as_flags(tmp_path):
+    from inversion_monitor.app.cli import build_parser
+    from inversion_monitor.app.run_command import child_environment
+
+    args = build_parser().parse_args(["run", "--per-token-type", "--no-log-to-trainer", "--", "x"])
+    env = child_environment(args, {})
+    assert env["INVERSION_MONITOR_PER_TOKEN_TYPE"] == "1"
+    assert env["INVERSION_MONITOR_LOG_TO_TRAINER"] == "0"

@@ -58,9 +58,9 @@ def test_state_round_trip():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"every_n_steps": 0}, "every_n_steps must be >= 1"),
-        ({"overhead_budget": 0.0}, r"overhead_budget must be in \(0, 1\)"),
-        ({"overhead_budget": 1.5}, r"overhead_budget must be in \(0, 1\)"),
+        ({"every_n_steps": 0}, r"every_n_steps: Input should be greater than or equal to 1"),
+        ({"overhead_budget": 0.0}, r"overhead_budget: Input should be greater than 0 \(got 0.0\)"),
+        ({"overhead_budget": 1.5}, r"overhead_budget: Input should be less than 1 \(got 1.5\)"),
     ],
 )
 def test_validation(kwargs, message):

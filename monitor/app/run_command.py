@@ -20,20 +20,28 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-# option -> MonitorConfig field (validated by MonitorConfig in the child)
-_OPTIONS = {
-    "endpoint": "server 'host:port' (default: local only)",
-    "run_name": "run name",
-    "project": "project name",
-    "token": "bearer token for the server",
-    "every_n_steps": "probe every N optimizer steps (default: adaptive budget)",
-    "overhead_budget": "fraction of wall time probes may take (default 0.03)",
-    "layers": "decoder blocks, comma-separated (default -1)",
-    "projections": "q,k,v,o subset (default all)",
-    "tokens_per_probe": "tokens sampled per probe (default 64)",
-    "jsonl_path": "also write records to this JSON-lines file",
-    "spool_dir": "spill records here while the server is away",
-}
+from inversion_monitor.config import ENV_PREFIX, ConfigError, MonitorConfig
+
+# every MonitorConfig field is an option, except the switch that would make `run` pointless
+_EXCLUDED = frozenset({"disabled"})
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _help(field: str) -> str:
+    info = MonitorConfig.model_fields[field]
+    value = info.get_default(call_default_factory=True)
+    if field == "token":
+        return f"{info.description}"
+    shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+    return f"{info.description} (default: {shown})"
+
+
+def _options() -> dict[str, str]:
+    """option field -> help, generated from :class:`MonitorConfig` (one source of truth)."""
+    return {name: _help(name) for name in MonitorConfig.model_fields if name not in _EXCLUDED}
 
 
 def add_run_command(sub: Any) -> None:
@@ -44,19 +52,53 @@ def add_run_command(sub: Any) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         usage="inversion-monitor run [options] -- COMMAND [ARGS...]",
     )
-    for name, text in _OPTIONS.items():
-        run.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text)
+    for name, text in _options().items():
+        if MonitorConfig.model_fields[name].annotation is bool:
+            run.add_argument(
+                _option(name),
+                dest=name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=text,
+            )
+        else:
+            run.add_argument(_option(name), dest=name, default=None, help=text)
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     run.set_defaults(handler=run_with_monitor)
 
 
+def _option_environment(args: argparse.Namespace) -> dict[str, str]:
+    env = {}
+    for name in _options():
+        value = getattr(args, name, None)
+        if isinstance(value, bool):
+            env[ENV_PREFIX + name.upper()] = "1" if value else "0"
+        elif value is not None:
+            env[ENV_PREFIX + name.upper()] = str(value)
+    return env
+
+
+def check_settings(args: argparse.Namespace, environ: dict[str, str]) -> str | None:
+    """None when the options and ``INVERSION_MONITOR_*`` variables form a valid config,
+    else one sentence naming the option (or variable), the problem and the fix."""
+    given = _option_environment(args)
+    try:
+        MonitorConfig.from_env({**environ, **given})
+    except ConfigError as exc:
+        problems = []
+        for field, message, value in exc.problems:
+            variable = ENV_PREFIX + field.split(".")[0].upper()
+            where = (
+                _option(field.split(".")[0]) if variable in given else f"the variable {variable}"
+            )
+            problems.append(f"{where}: {message} (got {value!r})")
+        return "; ".join(problems) + "; fix it and run again (see inversion-monitor run --help)"
+    return None
+
+
 def child_environment(args: argparse.Namespace, base: dict[str, str]) -> dict[str, str]:
     """The child's environment: options as variables, the bootstrap on PYTHONPATH."""
-    env = dict(base)
-    for name in _OPTIONS:
-        value = getattr(args, name, None)
-        if value is not None:
-            env["INVERSION_MONITOR_" + name.upper()] = str(value)
+    env = {**base, **_option_environment(args)}
     paths = [_bootstrap_dir(), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
@@ -81,6 +123,10 @@ def run_with_monitor(args: argparse.Namespace) -> int:
             "inversion-monitor run [options] -- python train.py",
             file=sys.stderr,
         )
+        return 2
+    problem = check_settings(args, dict(os.environ))
+    if problem is not None:
+        print(f"inversion-monitor run: {problem}", file=sys.stderr)
         return 2
     env = child_environment(args, dict(os.environ))
     try:

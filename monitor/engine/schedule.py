@@ -26,9 +26,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from inversion_monitor.config import MonitorConfig, default, validate_field
+
 
 class ProbeSchedule:
     """Decides, step by step, whether to probe (see the module docstring).
+
+    Defaults and bounds are those of the :class:`~inversion_monitor.config.MonitorConfig`
+    fields of the same names; :meth:`from_config` builds one from a config.
 
     Args:
         every_n_steps: probe at steps divisible by N (overrides the budget).
@@ -39,23 +44,32 @@ class ProbeSchedule:
     def __init__(
         self,
         *,
-        every_n_steps: int | None = None,
-        overhead_budget: float = 0.03,
-        first_step: int = 1,
+        every_n_steps: int | None = default("every_n_steps"),
+        overhead_budget: float = default("overhead_budget"),
+        first_step: int = default("first_step"),
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
-        if not 0.0 < overhead_budget < 1.0:
-            raise ValueError(f"overhead_budget must be in (0, 1), got {overhead_budget}")
-        self.every_n_steps = every_n_steps
-        self.overhead_budget = overhead_budget
-        self.first_step = first_step
+        self.every_n_steps: int | None = validate_field("every_n_steps", every_n_steps)
+        self.overhead_budget: float = validate_field("overhead_budget", overhead_budget)
+        self.first_step: int = validate_field("first_step", first_step)
         self.credit_s = 0.0
         self.expected_cost_s: float | None = None
         self.probe_s = 0.0  # probe time since the last step end
         self.last_step_end: float | None = None
         self.total_probe_s = 0.0
         self.total_wall_s = 0.0
+
+    @classmethod
+    def from_config(cls, config: MonitorConfig) -> ProbeSchedule:
+        """The schedule ``config`` asks for.
+
+        >>> ProbeSchedule.from_config(MonitorConfig(every_n_steps=5)).every_n_steps
+        5
+        """
+        return cls(
+            every_n_steps=config.every_n_steps,
+            overhead_budget=config.overhead_budget,
+            first_step=config.first_step,
+        )
 
     def start(self, *, now: float) -> None:
         """Start the clock (training begins): the first step's time then counts too."""

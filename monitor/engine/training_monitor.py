@@ -126,16 +126,8 @@ class InversionMonitor:
         self.run_id = self.config.run_id or uuid.uuid4().hex
         self.run_name = self.config.run_name or default_run_name or f"run-{self.run_id[:8]}"
         self.enabled = not self.config.disabled
-        self.schedule = ProbeSchedule(
-            every_n_steps=self.config.every_n_steps,
-            overhead_budget=self.config.overhead_budget,
-            first_step=self.config.first_step,
-        )
-        self.sampler = TokenSampler(
-            self.config.tokens_per_probe,
-            max_sequences=self.config.sequences_per_probe,
-            seed=self.config.seed + rank,
-        )
+        self.schedule = ProbeSchedule.from_config(self.config)
+        self.sampler = TokenSampler.from_config(self.config, rank=rank)
         self.last_stats: InversionStats | None = None
         self.last_result: ProbeResult | None = None
         # the batch the last probe measured: last_result.positions index into it

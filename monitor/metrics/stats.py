@@ -51,6 +51,7 @@ from inversion_monitor._checks import (
     check_tensor,
     warn_degenerate,
 )
+from inversion_monitor.metrics import MIN_CORRELATION_PAIRS
 
 __all__ = [
     "DegenerateInputWarning",
@@ -405,7 +406,7 @@ def _check_options(
             f"{per_token_type!r}"
         )
     check_confidence(confidence)
-    check_int(min_tokens, "min_tokens", minimum=4)
+    check_int(min_tokens, "min_tokens", minimum=MIN_CORRELATION_PAIRS)
 
 
 def _quantiles(values: Tensor, qs: tuple[float, ...]) -> list[float]:
@@ -510,7 +511,7 @@ def inversion_stats(
     per_token_type: bool = False,
     tokens: Tensor | None = None,
     confidence: float = 0.95,
-    min_tokens: int = 4,
+    min_tokens: int = MIN_CORRELATION_PAIRS,
 ) -> InversionStats:
     """The inversion statistic of one set of tokens: both coefficients, CIs and summaries.
 
@@ -607,7 +608,7 @@ class InversionAccumulator:
         *,
         per_token_type: bool = False,
         confidence: float = 0.95,
-        min_tokens: int = 4,
+        min_tokens: int = MIN_CORRELATION_PAIRS,
         max_tokens: int = 65_536,
     ) -> None:
         _check_options(method, per_token_type, confidence, min_tokens)

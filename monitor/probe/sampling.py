@@ -33,6 +33,7 @@ from inversion_monitor._checks import (
     check_same_shape,
     check_tensor,
 )
+from inversion_monitor.config import MonitorConfig
 
 __all__ = ["TokenSampler", "valid_positions"]
 
@@ -141,6 +142,19 @@ class TokenSampler:
         self.seed = check_int(seed, "seed", minimum=0)
         self._calls = 0
         self._generator = torch.Generator(device="cpu")
+
+    @classmethod
+    def from_config(cls, config: MonitorConfig, *, rank: int = 0) -> TokenSampler:
+        """The sampler ``config`` asks for; each rank draws its own stream (seed + rank).
+
+        >>> TokenSampler.from_config(MonitorConfig(tokens_per_probe=8), rank=1).seed
+        1
+        """
+        return cls(
+            config.tokens_per_probe,
+            max_sequences=config.sequences_per_probe,
+            seed=config.seed + rank,
+        )
 
     @property
     def calls(self) -> int:
