@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import torch
 
+from inversion_monitor.metrics.correlation import pearson, spearman
 from inversion_monitor.metrics.covariance import entropy_covariance
-from inversion_monitor.metrics.stats import inversion_stats, pearson, spearman
+from inversion_monitor.metrics.stats import inversion_stats
 from inversion_monitor.probe.sampling import TokenSampler, valid_positions
 
 

@@ -36,16 +36,16 @@ _LAZY_EXPORTS: dict[str, str] = {
     "entropy_covariance": ".metrics.covariance",
     "entropy_covariance_per_token": ".metrics.covariance",
     "entropy_from_hidden": ".metrics.entropy",
-    "fisher_ci": ".metrics.stats",
+    "fisher_ci": ".metrics.correlation",
     "group_advantages": ".rl.corrpo",
     "inversion_stats": ".metrics.stats",
     "logit_gradient_norms": ".probe.gradients",
-    "pearson": ".metrics.stats",
-    "rank_average": ".metrics.stats",
+    "pearson": ".metrics.correlation",
+    "rank_average": ".metrics.correlation",
     "reference_norms": ".probe.reference",
     "register_adapter": ".probe.architectures",
     "sequence_inversion": ".rl.corrpo",
-    "spearman": ".metrics.stats",
+    "spearman": ".metrics.correlation",
     "token_entropy": ".metrics.entropy",
     "valid_positions": ".probe.sampling",
 }
@@ -53,6 +53,7 @@ _LAZY_EXPORTS: dict[str, str] = {
 if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
     from inversion_monitor.config import MonitorConfig
     from inversion_monitor.engine.training_monitor import InversionMonitor, MonitorWarning
+    from inversion_monitor.metrics.correlation import fisher_ci, pearson, rank_average, spearman
     from inversion_monitor.metrics.covariance import (
         entropy_covariance,
         entropy_covariance_per_token,
@@ -62,11 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
         DegenerateInputWarning,
         InversionAccumulator,
         InversionStats,
-        fisher_ci,
         inversion_stats,
-        pearson,
-        rank_average,
-        spearman,
     )
     from inversion_monitor.probe.architectures import (
         ArchitectureAdapter,

@@ -13,15 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
+from inversion_monitor.metrics.correlation import fisher_ci, pearson, rank_average, spearman
 from inversion_monitor.metrics.stats import (
     DegenerateInputWarning,
     InversionAccumulator,
     InversionStats,
-    fisher_ci,
     inversion_stats,
-    pearson,
-    rank_average,
-    spearman,
 )
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -210,7 +210,7 @@ def measure(
 
 
 def _corr(x: Any, y: Any) -> dict[str, Any]:
-    from inversion_monitor.metrics.stats import fisher_ci, pearson, spearman
+    from inversion_monitor.metrics.correlation import fisher_ci, pearson, spearman
 
     n = int(x.numel())
     out: dict[str, Any] = {"n": n}

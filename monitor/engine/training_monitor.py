@@ -43,7 +43,8 @@ from torch import nn
 from inversion_monitor._version import __version__
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.schedule import ProbeSchedule
-from inversion_monitor.metrics.stats import InversionStats, inversion_stats, spearman
+from inversion_monitor.metrics.correlation import spearman
+from inversion_monitor.metrics.stats import InversionStats, inversion_stats
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.sampling import TokenSampler
