@@ -46,6 +46,8 @@ def _start_serve(tmp_path: Path, *extra: str, env: dict[str, str] | None = None)
         match = ADDRESS_LINE.match(line)
         assert match, f"unexpected line {line!r}; stderr: {proc.stderr.read() if not line else ''}"
         addresses[match.group(1)] = match.group(2)
+    page = proc.stdout.readline().strip()
+    assert page.startswith(f"live page: {addresses['http']}/"), page
     return proc, addresses
 
 
@@ -58,6 +60,8 @@ def test_serve_prints_bound_addresses_and_stops_cleanly_on_signal(tmp_path, sig)
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", addresses["http"])
         with urllib.request.urlopen(addresses["http"] + "/healthz", timeout=TIMEOUT) as resp:
             assert resp.read() == b"ok\n"
+        with urllib.request.urlopen(addresses["http"] + "/", timeout=TIMEOUT) as resp:
+            assert b"<title>inversion-monitor</title>" in resp.read()
         with grpc.insecure_channel(addresses["grpc"]) as ch:
             from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 
