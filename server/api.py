@@ -6,7 +6,9 @@
 field names (64-bit integers such as ``step`` are strings, as that mapping
 says). Both run the gRPC service's own methods on the server's event loop, so
 the numbers are those of the RPCs. ``samples=0`` leaves out the raw token
-samples of the history records (the page does not draw them).
+samples of the history records (the page does not draw them). Every answer
+carries ``X-Max-History``, the most ``history`` the server gives (its
+``max_history``), so a client can ask for no more.
 
 When the server has tokens, every ``/api/`` request needs
 ``Authorization: Bearer <token>`` with a token the gRPC calls would accept
@@ -92,6 +94,7 @@ class RunsApi:
         loop: the event loop they run on (the gRPC server's).
         authorize: None when the server has no tokens; else a check of the
             ``Authorization`` header.
+        max_history: the server's ``max_history`` (sent as ``X-Max-History``).
         timeout_s: how long one request waits for the service.
     """
 
@@ -102,8 +105,10 @@ class RunsApi:
         loop: asyncio.AbstractEventLoop | None,
         *,
         authorize: Authorize | None = None,
+        max_history: int | None = None,
         timeout_s: float = 10.0,
     ) -> None:
+        self._max_history = max_history
         self._list_runs = list_runs
         self._get_run = get_run
         self._loop = loop
@@ -118,6 +123,8 @@ class RunsApi:
             status = _HTTP_STATUS.get(exc.code, "500 Internal Server Error")
             body = {"error": {"code": exc.code, "message": exc.message}}
         headers = list(_JSON_HEADERS)
+        if self._max_history is not None:
+            headers.append(("X-Max-History", str(self._max_history)))
         if status.startswith("401"):
             headers.append(("WWW-Authenticate", 'Bearer realm="inversion-monitor"'))
         if status.startswith("405"):

@@ -199,6 +199,7 @@ class AsyncMonitorServer:
                     asyncio.get_running_loop(),
                     # the API reads only: any token the gRPC calls accept will do
                     authorize=None if auth is None else _header_check(auth),
+                    max_history=limits.max_history,
                 )
                 self._http = HttpEndpoint(
                     self.registry, lambda: self.serving, *http, other=make_page_app(api)

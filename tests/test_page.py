@@ -27,6 +27,7 @@ from inversion_monitor.client import MonitorClient
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import MonitorServer
 from inversion_monitor.server.api import to_json
+from inversion_monitor.server.config import Limits
 from tests.server_support import TIMEOUT, running, stub_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,7 @@ def test_api_answers_what_grpc_answers(streamed: tuple[MonitorServer, MonitorCli
     status, _, body = _get(server.http_url + "/api/runs/page-demo?history=5&samples=0")
     got = json.loads(body)
     assert status == 200 and [r["step"] for r in got["history"]] == ["20", "21", "22", "23", "24"]
+    assert _get(server.http_url + "/api/runs")[1]["X-Max-History"] == "10000"
     assert all(r["samples"] == [] for r in got["history"])
     assert got["summary"] == expected["summary"]
 
@@ -239,8 +241,17 @@ def _wait(what: str, condition: Callable[[], Any], timeout_s: float = 30.0) -> A
 
 
 def _row(driver: webdriver.Chrome, run_id: str) -> dict[str, str]:
-    cells = driver.find_elements(By.CSS_SELECTOR, f'tr[data-run-id="{run_id}"] td')
-    return {c.get_attribute("data-field") or "": c.text for c in cells}
+    """The run's table row as ``field -> shown text``, read at once (the table is redrawn)."""
+    row: dict[str, str] = driver.execute_script(
+        """
+        const row = [...document.querySelectorAll("tr[data-run-id]")]
+          .find((tr) => tr.dataset.runId === arguments[0]);
+        if (!row) return {};
+        return Object.fromEntries([...row.cells].map((td) => [td.dataset.field, td.innerText]));
+        """,
+        run_id,
+    )
+    return row
 
 
 def _severe(driver: webdriver.Chrome) -> list[str]:
@@ -364,4 +375,19 @@ def test_page_asks_for_a_token_and_takes_one_from_the_fragment(
         _wait("the run from the fragment's token", lambda: _row(browser, "tokrun").get("step"))
         assert TOKEN not in browser.current_url  # kept out of the address bar
         assert browser.current_url.endswith("#run=tokrun")
+        assert _severe(browser) == []
+
+
+def test_page_asks_for_no_more_history_than_the_server_gives(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    with running(tmp_path, limits=Limits(max_history=20)) as server:
+        assert server.page_url is not None
+        with MonitorClient(server.grpc_target, "long run", run_id="longrun") as client:
+            _log(client, range(1, 31))
+        browser.get(server.page_url)
+        _wait("the run at step 30", lambda: _row(browser, "longrun").get("step") == "30")
+        charts = _wait("the charts", lambda: browser.execute_script(_CHARTS_JS))
+        assert charts["rho"]["data"][0] == list(range(11, 31))  # the latest 20
+        assert browser.execute_script("return window.inversionMonitorPage.error") is None
         assert _severe(browser) == []

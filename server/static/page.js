@@ -6,7 +6,7 @@
 
 (() => {
   const REFRESH_MS = 2000;
-  const HISTORY = 2000; // records per chart; the server's max_history bounds it
+  const HISTORY = 2000; // records per chart, at most the server's X-Max-History
   const TOKEN_KEY = "inversion-monitor-token";
   // x-axis tick spacings: whole steps only
   const STEP_INCREMENTS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2500, 5e3,
@@ -21,6 +21,7 @@
     charts: {},
     refreshes: 0,
     error: null,
+    maxHistory: null,
   };
   window.inversionMonitorPage = state;
 
@@ -90,6 +91,8 @@
     } catch (_) {
       body = null;
     }
+    const maxHistory = Number(response.headers.get("X-Max-History"));
+    if (maxHistory > 0) state.maxHistory = maxHistory;
     if (response.status === 401) throw new AuthError(body?.error?.message || "token needed");
     if (!response.ok) {
       throw new Error(body?.error?.message || `${path}: HTTP ${response.status}`);
@@ -359,8 +362,12 @@
 
   async function refresh() {
     if (running) return;
-    running = true;
     clearTimeout(timer);
+    if (document.hidden) { // a background tab asks again when shown
+      timer = setTimeout(refresh, REFRESH_MS);
+      return;
+    }
+    running = true;
     try {
       const list = await getJson("api/runs");
       state.runs = list.runs;
@@ -370,7 +377,8 @@
       }
       renderRuns();
       state.detail = state.selected
-        ? await getJson(`api/runs/${encodeURIComponent(state.selected)}?history=${HISTORY}&samples=0`)
+        ? await getJson(`api/runs/${encodeURIComponent(state.selected)}`
+          + `?history=${Math.min(HISTORY, state.maxHistory || HISTORY)}&samples=0`)
         : null;
       renderRun();
       state.error = null;
@@ -390,6 +398,7 @@
   }
 
   window.addEventListener("hashchange", () => { readFragment(); refresh(); });
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
   window.addEventListener("resize", () => {
     for (const chart of Object.values(state.charts)) chart.plot.setSize({ width: chartWidth(), height: 200 });
   });
