@@ -28,7 +28,7 @@ from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import MonitorServer
 from inversion_monitor.server.api import to_json
 from inversion_monitor.server.config import Limits
-from tests.server_support import TIMEOUT, running, stub_for
+from tests.server_support import TIMEOUT, open_run, running, stub_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -389,5 +389,22 @@ def test_page_asks_for_no_more_history_than_the_server_gives(
         _wait("the run at step 30", lambda: _row(browser, "longrun").get("step") == "30")
         charts = _wait("the charts", lambda: browser.execute_script(_CHARTS_JS))
         assert charts["rho"]["data"][0] == list(range(11, 31))  # the latest 20
+        assert browser.execute_script("return window.inversionMonitorPage.error") is None
+        assert _severe(browser) == []
+
+
+def test_page_shows_a_run_without_records_yet(tmp_path: Path, browser: webdriver.Chrome) -> None:
+    with running(tmp_path) as server, stub_for(server) as stub:
+        assert server.page_url is not None
+        open_run(stub, "emptyrun", name="just opened")
+        browser.get(server.page_url)
+        _wait("the empty run", lambda: _row(browser, "emptyrun").get("status") == "running")
+        row = _row(browser, "emptyrun")
+        assert (row["step"], row["rho"], row["records"]) == ("–", "–", "0")
+        _wait(
+            "a refresh",
+            lambda: browser.execute_script("return window.inversionMonitorPage.refreshes") >= 2,
+        )
+        assert browser.find_element(By.ID, "run-title").text == "just-opened"
         assert browser.execute_script("return window.inversionMonitorPage.error") is None
         assert _severe(browser) == []

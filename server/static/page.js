@@ -44,17 +44,19 @@
   }
 
   // Where each quantity lives in a record or summary (protobuf JSON, proto
-  // field names). Reward and run kind are read from where the RL signals put
-  // them; a run without them simply shows no reward chart and no kind.
+  // field names). A run without RL signals (reward, policy entropy,
+  // covariance) or without a kind simply shows no such chart and no kind.
   const field = {
-    kind: (summary) => summary.run?.kind || summary.kind || "",
+    kind: (summary) => summary.run?.kind || "",
     rho: (rec) => num(rec.inversion?.spearman?.value),
     ciLow: (rec) => num(rec.inversion?.spearman?.ci_low),
     ciHigh: (rec) => num(rec.inversion?.spearman?.ci_high),
     confidence: (rec) => num(rec.inversion?.confidence),
     entropy: (rec, q) => num(rec.entropy?.[q]),
-    rewardMean: (rec) => num(rec.reward_mean ?? rec.reward?.mean),
-    rewardStd: (rec) => num(rec.reward_std ?? rec.reward?.std),
+    rewardMean: (rec) => num(rec.reward_mean),
+    rewardStd: (rec) => num(rec.reward_std),
+    policyEntropy: (rec, q) => num(q === "mean"
+      ? rec.policy_entropy_mean ?? rec.policy_entropy?.mean : rec.policy_entropy?.[q]),
     covariance: (rec) => num(rec.entropy_covariance),
     loss: (rec) => num(rec.loss),
   };
@@ -232,6 +234,24 @@
         columns: std ? [mean, hi, lo] : [mean],
       });
     }
+    if (has((r) => field.policyEntropy(r, "mean"))) {
+      const quantiles = has((r) => field.policyEntropy(r, "p10"));
+      const qs = quantiles ? ["mean", "p90", "p50", "p10"] : ["mean"];
+      specs.push({
+        key: "policy-entropy",
+        title: "policy entropy over completion tokens (nats)" + (quantiles ? ": mean, p10 / p50 / p90" : ""),
+        series: [
+          { label: "mean", stroke: COLORS.mean, width: 2 },
+          ...(quantiles ? [
+            { label: "p90", stroke: COLORS.quant, width: 1 },
+            { label: "p50", stroke: COLORS.p50, width: 1, dash: [4, 3] },
+            { label: "p10", stroke: COLORS.quant, width: 1 },
+          ] : []),
+        ],
+        bands: quantiles ? [{ series: [2, 4], fill: COLORS.qband }] : [],
+        columns: qs.map((q) => col((r) => field.policyEntropy(r, q))),
+      });
+    }
     if (has(field.covariance)) {
       specs.push({
         key: "covariance",
@@ -359,9 +379,13 @@
 
   let timer = null;
   let running = false;
+  let again = false; // asked for while a refresh was running: do one more at once
 
   async function refresh() {
-    if (running) return;
+    if (running) {
+      again = true;
+      return;
+    }
     clearTimeout(timer);
     if (document.hidden) { // a background tab asks again when shown
       timer = setTimeout(refresh, REFRESH_MS);
@@ -393,7 +417,8 @@
       $("status").className = "error";
     } finally {
       running = false;
-      timer = setTimeout(refresh, REFRESH_MS);
+      timer = setTimeout(refresh, again ? 0 : REFRESH_MS);
+      again = false;
     }
   }
 
