@@ -4,8 +4,10 @@
 ``GET /api/runs/<run id or display name>[?history=N&samples=0]`` the
 ``GetRunResponse``, each in the protobuf JSON mapping with the proto's own
 field names (64-bit integers such as ``step`` are strings, as that mapping
-says). Both run the gRPC service's own methods on the server's event loop, so
-the numbers are those of the RPCs. ``samples=0`` leaves out the raw token
+says). Both call the gRPC servicer's own ``ListRuns`` and ``GetRun`` on the
+server's event loop, with an :class:`HttpCallContext` in place of the gRPC
+context, so the answers (and any per-token scoping the servicer applies to
+the call's ``authorization`` metadata) are those of the RPCs. ``samples=0`` leaves out the raw token
 samples of the history records (the page does not draw them). Every answer
 carries ``X-Max-History``, the most ``history`` the server gives (its
 ``max_history``), so a client can ask for no more.
@@ -14,7 +16,7 @@ When the server has tokens, every ``/api/`` request needs
 ``Authorization: Bearer <token>`` with a token the gRPC calls would accept
 (a read-only one suffices: the API only reads); otherwise it answers 401.
 
->>> api = RunsApi(None, None, None, authorize=lambda header: header == "Bearer s3cret")
+>>> api = RunsApi(None, None, authorize=lambda header: header == "Bearer s3cret")
 >>> seen = []
 >>> body = api({"PATH_INFO": "/api/runs", "REQUEST_METHOD": "GET"},
 ...            lambda status, headers: seen.append(status))
@@ -28,23 +30,21 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qs
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.errors import RequestError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inversion_monitor.server.service import MonitorServicer
 
 log = logging.getLogger("inversion_monitor.server")
 
 StartResponse = Callable[..., Any]
-ListRuns = Callable[
-    [monitor_pb2.ListRunsRequest], Coroutine[Any, Any, monitor_pb2.ListRunsResponse]
-]
-GetRun = Callable[[monitor_pb2.GetRunRequest], Coroutine[Any, Any, monitor_pb2.GetRunResponse]]
 # the Authorization header (None: absent) -> may this caller read runs?
 Authorize = Callable[[str | None], bool]
 
@@ -86,12 +86,36 @@ class ApiError(Exception):
         self.message = message
 
 
+class HttpCallContext:
+    """The part of a ``grpc.aio.ServicerContext`` the servicer's reads use, for an HTTP call.
+
+    It hands the request's ``Authorization`` header to the servicer as the
+    call's ``authorization`` metadata, and turns ``abort`` into :class:`ApiError`.
+
+    >>> HttpCallContext("Bearer t").invocation_metadata()
+    (('authorization', 'Bearer t'),)
+    """
+
+    def __init__(self, authorization: str | None) -> None:
+        self._metadata: tuple[tuple[str, str], ...] = (
+            () if authorization is None else (("authorization", authorization),)
+        )
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    async def abort(
+        self, code: Any, details: str = "", trailing_metadata: Sequence[Any] = ()
+    ) -> NoReturn:
+        raise ApiError(str(getattr(code, "name", code)), details)
+
+
 class RunsApi:
     """WSGI app of ``/api/runs`` and ``/api/runs/<run>`` (GET only).
 
     Args:
-        list_runs, get_run: the servicer's ``list_runs`` and ``get_run`` coroutines.
-        loop: the event loop they run on (the gRPC server's).
+        servicer: the server's :class:`~.service.MonitorServicer`.
+        loop: the event loop it serves on (the gRPC server's).
         authorize: None when the server has no tokens; else a check of the
             ``Authorization`` header.
         max_history: the server's ``max_history`` (sent as ``X-Max-History``).
@@ -100,19 +124,17 @@ class RunsApi:
 
     def __init__(
         self,
-        list_runs: ListRuns | None,
-        get_run: GetRun | None,
+        servicer: MonitorServicer | None,
         loop: asyncio.AbstractEventLoop | None,
         *,
         authorize: Authorize | None = None,
         max_history: int | None = None,
         timeout_s: float = 10.0,
     ) -> None:
-        self._max_history = max_history
-        self._list_runs = list_runs
-        self._get_run = get_run
+        self._servicer = servicer
         self._loop = loop
         self._authorize = authorize
+        self._max_history = max_history
         self._timeout_s = timeout_s
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -135,7 +157,8 @@ class RunsApi:
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [data]
 
     def _answer(self, environ: dict[str, Any]) -> dict[str, Any]:
-        if self._authorize is not None and not self._authorize(environ.get("HTTP_AUTHORIZATION")):
+        header = environ.get("HTTP_AUTHORIZATION")
+        if self._authorize is not None and not self._authorize(header):
             raise ApiError(
                 "UNAUTHENTICATED",
                 "missing or invalid bearer token: send 'Authorization: Bearer <token>' with a "
@@ -145,34 +168,38 @@ class RunsApi:
             raise ApiError("METHOD_NOT_ALLOWED", "the API is read-only: use GET")
         path = environ.get("PATH_INFO", "")
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        context = HttpCallContext(header)
         if path in (PREFIX, PREFIX + "/"):
-            request = monitor_pb2.ListRunsRequest(
+            listed = monitor_pb2.ListRunsRequest(
                 project=_text(query, "project"), limit=_count(query, "limit")
             )
-            return to_json(self._run(self._list_runs, request))
+            return to_json(self._call("ListRuns", listed, context))
         if path.startswith(PREFIX + "/"):
             run = path[len(PREFIX) + 1 :]
             get = monitor_pb2.GetRunRequest(run=run, history_limit=_count(query, "history"))
-            response = self._run(self._get_run, get)
+            response = self._call("GetRun", get, context)
             if _text(query, "samples") in ("0", "false", "no"):
                 for record in response.history:
                     del record.samples[:]
             return to_json(response)
         raise ApiError("NOT_FOUND", f"no API at {path[:80]!r}: try {PREFIX} or {PREFIX}/<run>")
 
-    def _run(self, method: Callable[[Any], Coroutine[Any, Any, Any]] | None, request: Any) -> Any:
-        if method is None or self._loop is None or self._loop.is_closed():
+    def _call(self, method: str, request: Any, context: HttpCallContext) -> Any:
+        """Run the servicer's RPC method on its loop and wait for the answer."""
+        if self._servicer is None or self._loop is None or self._loop.is_closed():
             raise ApiError("UNAVAILABLE", "the server is not serving; retry")
+        call = getattr(self._servicer, method)(request, context)
         try:
             future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
-                method(request), self._loop
+                call, self._loop
             )
         except RuntimeError as exc:  # the loop stopped
+            call.close()
             raise ApiError("UNAVAILABLE", f"the server is stopping: {exc}") from exc
         try:
             return future.result(self._timeout_s)
-        except RequestError as exc:
-            raise ApiError(exc.code, exc.message) from exc
+        except ApiError:
+            raise
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
             raise ApiError("UNAVAILABLE", f"no answer within {self._timeout_s:g} s; retry") from exc

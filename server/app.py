@@ -194,8 +194,7 @@ class AsyncMonitorServer:
             http = cfg.http_host_port
             if http is not None:
                 api = RunsApi(
-                    servicer.list_runs,
-                    servicer.get_run,
+                    servicer,
                     asyncio.get_running_loop(),
                     # the API reads only: any token the gRPC calls accept will do
                     authorize=None if auth is None else _header_check(auth),

@@ -173,56 +173,56 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         finally:
             self._push_latency.observe(time.perf_counter() - start)
 
-    async def list_runs(self, request: monitor_pb2.ListRunsRequest) -> monitor_pb2.ListRunsResponse:
-        """ListRuns without the gRPC context (raises :class:`RequestError`); HTTP uses it too."""
-        limit = request.limit or DEFAULT_LIST_LIMIT
-        if limit > MAX_LIST_LIMIT:
-            raise InvalidArgument(f"limit is {limit}; the maximum is {MAX_LIST_LIMIT}")
-        views = [
-            v
-            for v in list(self._ingestor.views.values())
-            if not request.project or v.info.project == request.project
-        ]
-        views.sort(key=lambda v: v.last_activity, reverse=True)
-        response = monitor_pb2.ListRunsResponse()
-        for view in views[:limit]:
-            fill_summary(response.runs.add(), view, self._alerts)
-        return response
-
     async def ListRuns(
         self, request: monitor_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.ListRunsResponse:
-        return await self._guard(context, request, lambda: self.list_runs(request))
+        async def call() -> monitor_pb2.ListRunsResponse:
+            limit = request.limit or DEFAULT_LIST_LIMIT
+            if limit > MAX_LIST_LIMIT:
+                raise InvalidArgument(f"limit is {limit}; the maximum is {MAX_LIST_LIMIT}")
+            views = [
+                v
+                for v in list(self._ingestor.views.values())
+                if not request.project or v.info.project == request.project
+            ]
+            views.sort(key=lambda v: v.last_activity, reverse=True)
+            response = monitor_pb2.ListRunsResponse()
+            for view in views[:limit]:
+                fill_summary(response.runs.add(), view, self._alerts)
+            return response
 
-    async def get_run(self, request: monitor_pb2.GetRunRequest) -> monitor_pb2.GetRunResponse:
-        """GetRun without the gRPC context (raises :class:`RequestError`); HTTP uses it too."""
-        views = self._ingestor.views
-        view = views.get(request.run)
-        if view is None:
-            run_id = self._ingestor.by_name.get(request.run)
-            view = views.get(run_id) if run_id is not None else None
-        if view is None:
-            raise NotFound(f"no run with id or display name {request.run[:80]!r}")
-        limit = request.history_limit or DEFAULT_HISTORY
-        if limit > self._max_history:
-            raise InvalidArgument(f"history_limit is {limit}; max_history is {self._max_history}")
-        try:
-            payloads = await self._reader(
-                lambda: read_history(self._read_connection(), view.pk, limit)
-            )
-        except sqlite3.Error as exc:
-            raise Unavailable(f"database read failed: {exc}") from exc
-        response = monitor_pb2.GetRunResponse()
-        fill_summary(response.summary, view, self._alerts)
-        if self._alerts is not None:
-            response.alerts.extend(self._alerts.alerts(view.run_id))
-        response.history.extend(monitor_pb2.StepRecord.FromString(p) for p in payloads)
-        return response
+        return await self._guard(context, request, call)
 
     async def GetRun(
         self, request: monitor_pb2.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.GetRunResponse:
-        return await self._guard(context, request, lambda: self.get_run(request))
+        async def call() -> monitor_pb2.GetRunResponse:
+            views = self._ingestor.views
+            view = views.get(request.run)
+            if view is None:
+                run_id = self._ingestor.by_name.get(request.run)
+                view = views.get(run_id) if run_id is not None else None
+            if view is None:
+                raise NotFound(f"no run with id or display name {request.run[:80]!r}")
+            limit = request.history_limit or DEFAULT_HISTORY
+            if limit > self._max_history:
+                raise InvalidArgument(
+                    f"history_limit is {limit}; max_history is {self._max_history}"
+                )
+            try:
+                payloads = await self._reader(
+                    lambda: read_history(self._read_connection(), view.pk, limit)
+                )
+            except sqlite3.Error as exc:
+                raise Unavailable(f"database read failed: {exc}") from exc
+            response = monitor_pb2.GetRunResponse()
+            fill_summary(response.summary, view, self._alerts)
+            if self._alerts is not None:
+                response.alerts.extend(self._alerts.alerts(view.run_id))
+            response.history.extend(monitor_pb2.StepRecord.FromString(p) for p in payloads)
+            return response
+
+        return await self._guard(context, request, call)
 
 
 class MalformedRequest:
