@@ -272,6 +272,31 @@ return out;
 """
 
 
+def _assert_charts_show(charts: dict[str, Any], response: monitor_pb2.GetRunResponse) -> None:
+    """The charts hold exactly the history of ``GetRun``: steps, rho and CI, entropy, ..."""
+    assert set(charts) == {"rho", "entropy", "covariance", "loss"}
+    history = list(response.history)
+    steps = [float(r.step) for r in history]
+    expected = {
+        "rho": [
+            [r.inversion.spearman.value for r in history],
+            [r.inversion.spearman.ci_high for r in history],
+            [r.inversion.spearman.ci_low for r in history],
+        ],
+        "entropy": [
+            [getattr(r.entropy, q) for r in history] for q in ("mean", "p90", "p50", "p10")
+        ],
+        "covariance": [[r.entropy_covariance for r in history]],
+        "loss": [[r.loss for r in history]],
+    }
+    for key, columns in expected.items():
+        data = charts[key]["data"]
+        assert data[0] == steps, key
+        assert len(data) == len(columns) + 1, key
+        for got, want in zip(data[1:], columns, strict=True):
+            assert got == pytest.approx(want), key
+
+
 def _sign(value: float, digits: int) -> str:
     return f"{value:+.{digits}f}"
 
@@ -309,37 +334,23 @@ def test_page_lists_the_streamed_run_draws_it_live_and_matches_getrun(
     assert f"EntropyCollapse (warning) since step {response.alerts[0].start_step}" in alert_lines
 
     charts = browser.execute_script(_CHARTS_JS)
-    assert set(charts) == {"rho", "entropy", "covariance", "loss"}
-    history = list(response.history)
-    steps = [float(r.step) for r in history]
-    expected = {
-        "rho": [
-            [r.inversion.spearman.value for r in history],
-            [r.inversion.spearman.ci_high for r in history],
-            [r.inversion.spearman.ci_low for r in history],
-        ],
-        "entropy": [
-            [getattr(r.entropy, q) for r in history] for q in ("mean", "p90", "p50", "p10")
-        ],
-        "covariance": [[r.entropy_covariance for r in history]],
-        "loss": [[r.loss for r in history]],
-    }
-    for key, columns in expected.items():
-        chart = charts[key]
-        assert chart["data"][0] == steps, key
-        assert len(chart["data"]) == len(columns) + 1, key
-        for got, want in zip(chart["data"][1:], columns, strict=True):
-            assert got == pytest.approx(want), key
+    _assert_charts_show(charts, response)
+    for chart in charts.values():
         # lines, bands and axes drawn: a blank canvas has no opaque pixel
-        assert chart["width"] > 300 and chart["drawn"] > chart["width"] * 5, key
+        assert chart["width"] > 300 and chart["drawn"] > chart["width"] * 5
 
-    # live: more records appear without a reload
+    # live: more records appear without a reload, fetched alone (5 new + a margin of 10)
     _log(client, range(41, 46))
     _wait("step 45 on the page", lambda: _row(browser, RUN_ID).get("step") == "45")
     _wait(
         "45 points in the rho chart",
         lambda: len(browser.execute_script(_CHARTS_JS)["rho"]["data"][0]) == 45,
     )
+    _assert_charts_show(browser.execute_script(_CHARTS_JS), _get_run(server, RUN_ID))
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)"
+    )
+    assert any(url.endswith(f"/api/runs/{RUN_ID}?history=15&samples=0") for url in fetched)
     assert browser.execute_script("return window.inversionMonitorPage.error") is None
     assert _severe(browser) == []
     shot = Path(server.config.db).parent / "page.png"  # for a person to look at

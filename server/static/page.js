@@ -375,6 +375,40 @@
     renderCharts(byStep(detail.history));
   }
 
+  // ------------------------------------------------------------ history cache
+
+  // The selected run's records, kept between refreshes so that a refresh
+  // fetches only what arrived since (the server sends the records with the
+  // highest steps). A full fetch when the run changes, when the count does
+  // not add up, and every FULL_EVERY refreshes (records that arrive late with
+  // lower steps than the newest ones).
+  const FULL_EVERY = 15;
+  const cache = { runId: null, records: new Map(), seen: 0, fetches: 0 };
+
+  async function loadRun(listed) {
+    const runId = listed.run.run_id;
+    const total = Number(listed.records); // all stored before the GetRun below
+    const limit = Math.min(HISTORY, state.maxHistory || HISTORY);
+    const full = cache.runId !== runId || total < cache.seen || cache.fetches % FULL_EVERY === 0;
+    if (cache.runId !== runId) cache.fetches = 0;
+    const want = full ? limit : Math.max(1, Math.min(limit, total - cache.seen + 10));
+    const detail = await getJson(`api/runs/${encodeURIComponent(runId)}?history=${want}&samples=0`);
+    if (full) cache.records = new Map();
+    for (const rec of detail.history) cache.records.set(`${rec.rank}/${rec.sequence}`, rec);
+    let records = [...cache.records.values()].sort(
+      (a, b) => Number(a.step) - Number(b.step) || a.rank - b.rank || Number(a.sequence) - Number(b.sequence));
+    if (records.length > limit) records = records.slice(records.length - limit);
+    if (!full && records.length < Math.min(limit, total)) {
+      cache.runId = null; // missed some: fetch everything
+      return loadRun(listed);
+    }
+    cache.records = new Map(records.map((rec) => [`${rec.rank}/${rec.sequence}`, rec]));
+    cache.runId = runId;
+    cache.seen = total;
+    cache.fetches += 1;
+    return { ...detail, history: records };
+  }
+
   // ------------------------------------------------------------ refresh loop
 
   let timer = null;
@@ -400,10 +434,8 @@
         state.selected = state.runs.length ? state.runs[0].run.run_id : null;
       }
       renderRuns();
-      state.detail = state.selected
-        ? await getJson(`api/runs/${encodeURIComponent(state.selected)}`
-          + `?history=${Math.min(HISTORY, state.maxHistory || HISTORY)}&samples=0`)
-        : null;
+      const listed = state.runs.find((s) => s.run.run_id === state.selected);
+      state.detail = listed ? await loadRun(listed) : null;
       renderRun();
       state.error = null;
       state.refreshes += 1;
