@@ -31,7 +31,7 @@ _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
-    ".md": "text/markdown; charset=utf-8",
+    ".md": "text/plain; charset=utf-8",
     ".LICENSE": "text/plain; charset=utf-8",
 }
 # scripts and styles from this server only; uPlot sets element styles from script

@@ -404,9 +404,13 @@ def test_page_asks_for_no_more_history_than_the_server_gives(
         assert _severe(browser) == []
 
 
-def test_page_shows_a_run_without_records_yet(tmp_path: Path, browser: webdriver.Chrome) -> None:
+def test_page_shows_a_run_without_records_yet_and_switches_runs_on_a_click(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
     with running(tmp_path) as server, stub_for(server) as stub:
         assert server.page_url is not None
+        with MonitorClient(server.grpc_target, "older run", run_id="olderrun") as client:
+            _log(client, range(1, 6))
         open_run(stub, "emptyrun", name="just opened")
         browser.get(server.page_url)
         _wait("the empty run", lambda: _row(browser, "emptyrun").get("status") == "running")
@@ -416,6 +420,16 @@ def test_page_shows_a_run_without_records_yet(tmp_path: Path, browser: webdriver
             "a refresh",
             lambda: browser.execute_script("return window.inversionMonitorPage.refreshes") >= 2,
         )
-        assert browser.find_element(By.ID, "run-title").text == "just-opened"
+        assert browser.find_element(By.ID, "run-title").text == "just-opened"  # the newest
+        # found and clicked at once: the table is redrawn every refresh
+        browser.execute_script("document.querySelector('tr[data-run-id=\"olderrun\"]').click()")
+        _wait(
+            "the clicked run's charts",
+            lambda: (
+                len(browser.execute_script(_CHARTS_JS).get("rho", {}).get("data", [[]])[0]) == 5
+            ),
+        )
+        assert browser.find_element(By.ID, "run-title").text == "older-run"
+        assert browser.current_url.endswith("#run=olderrun")
         assert browser.execute_script("return window.inversionMonitorPage.error") is None
         assert _severe(browser) == []
