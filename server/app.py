@@ -24,11 +24,13 @@ from prometheus_client import Gauge
 from inversion_monitor.server.alert_config import load_alerts_config
 from inversion_monitor.server.alertmanager import AlertmanagerSink
 from inversion_monitor.server.alerts import AlertCollector, AlertEngine, AlertSink
+from inversion_monitor.server.api import RunsApi
 from inversion_monitor.server.config import ServerConfig, join_address
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.listeners import IngestListener
 from inversion_monitor.server.metrics import MonitorCollector, build_registry
+from inversion_monitor.server.page import make_page_app
 from inversion_monitor.server.service import (
     SERVICE_NAME,
     BearerTokenInterceptor,
@@ -87,6 +89,11 @@ class AsyncMonitorServer:
     def http_url(self) -> str | None:
         """``http://host:port`` of /metrics and /healthz, or None without HTTP."""
         return None if self._http is None else self._http.url
+
+    @property
+    def page_url(self) -> str | None:
+        """``http://host:port/``: the live page, or None without HTTP."""
+        return None if self._http is None else self._http.url + "/"
 
     @property
     def ingestor(self) -> Ingestor:
@@ -159,7 +166,8 @@ class AsyncMonitorServer:
                 "Writes queued for or running on the writer thread.",
                 registry=self.registry,
             ).set_function(lambda: servicer.pending)
-            interceptors = [BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else None
+            auth = BearerTokenInterceptor(cfg.tokens) if cfg.tokens else None
+            interceptors = [auth] if auth is not None else None
             options = [
                 ("grpc.max_receive_message_length", limits.max_message_bytes),
                 ("grpc.max_send_message_length", max(limits.max_message_bytes, 64 << 20)),
@@ -185,7 +193,16 @@ class AsyncMonitorServer:
             await self._server.start()
             http = cfg.http_host_port
             if http is not None:
-                self._http = HttpEndpoint(self.registry, lambda: self.serving, *http)
+                api = RunsApi(
+                    servicer,
+                    asyncio.get_running_loop(),
+                    # the API reads only: any token the gRPC calls accept will do
+                    authorize=None if auth is None else _header_check(auth),
+                    max_history=limits.max_history,
+                )
+                self._http = HttpEndpoint(
+                    self.registry, lambda: self.serving, *http, other=make_page_app(api)
+                )
                 self.http_port = self._http.port
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -263,6 +280,11 @@ class AsyncMonitorServer:
         await self._stopped.wait()
 
 
+def _header_check(auth: BearerTokenInterceptor) -> Callable[[str | None], bool]:
+    """The gRPC token check applied to an HTTP ``Authorization`` header."""
+    return lambda header: header is not None and auth.allowed((("authorization", header),))
+
+
 class MonitorServer:
     """:class:`AsyncMonitorServer` on a background thread with its own event loop.
 
@@ -309,6 +331,11 @@ class MonitorServer:
     def http_url(self) -> str | None:
         """``http://host:port`` (append ``/metrics`` or ``/healthz``), or None."""
         return self.server.http_url
+
+    @property
+    def page_url(self) -> str | None:
+        """``http://host:port/``: the live page, or None without HTTP."""
+        return self.server.page_url
 
     @property
     def ingestor(self) -> Ingestor:

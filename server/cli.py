@@ -42,7 +42,8 @@ def add_server_commands(subparsers: Any) -> None:
     serve.add_argument(
         "--http-address",
         metavar="HOST:PORT",
-        help="HTTP address of /metrics and /healthz (default 127.0.0.1:9464; 'off' disables)",
+        help="HTTP address of the live page (/), /api/runs, /metrics and /healthz "
+        "(default 127.0.0.1:9464; 'off' disables)",
     )
     serve.add_argument(
         "--db", metavar="PATH", help="SQLite database file (default ./inversion-monitor.db)"
@@ -185,6 +186,8 @@ async def _serve(config: ServerConfig) -> int:
     print(f"grpc listening on {server.grpc_target}", flush=True)
     if server.http_url is not None:
         print(f"http listening on {server.http_url}", flush=True)
+        hint = "  (it asks for a token, or add #token=<token> to the URL)" if config.tokens else ""
+        print(f"live page: {server.page_url}{hint}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

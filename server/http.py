@@ -1,4 +1,4 @@
-"""The HTTP side: ``/metrics`` (prometheus_client's own exposition) and ``/healthz``.
+"""The HTTP side: ``/metrics`` (prometheus_client's own exposition), ``/healthz``, the page.
 
 A small threaded WSGI server on its own daemon thread, so a scrape never
 waits for the gRPC event loop nor delays it beyond the GIL.
@@ -33,8 +33,15 @@ class _Server6(ThreadingWSGIServer):
     allow_reuse_address = True
 
 
-def make_app(registry: CollectorRegistry, healthy: Callable[[], bool]) -> Callable[..., Any]:
-    """WSGI app: ``/metrics`` -> exposition, ``/healthz`` -> 200 ``ok`` or 503, else 404.
+def make_app(
+    registry: CollectorRegistry,
+    healthy: Callable[[], bool],
+    other: Callable[..., Iterable[bytes]] | None = None,
+) -> Callable[..., Any]:
+    """WSGI app: ``/metrics`` -> exposition, ``/healthz`` -> 200 ``ok`` or 503, else ``other``.
+
+    ``other`` (the live page and its API, :mod:`.page`) answers every other
+    path; without it they get 404.
 
     >>> from prometheus_client import CollectorRegistry
     >>> app = make_app(CollectorRegistry(), lambda: True)
@@ -58,6 +65,8 @@ def make_app(registry: CollectorRegistry, healthy: Callable[[], bool]) -> Callab
                 [("Content-Type", "text/plain; charset=utf-8")],
             )
             return [b"ok\n" if ok else b"unavailable\n"]
+        if other is not None:
+            return other(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"not found: try /metrics or /healthz\n"]
 
@@ -80,12 +89,13 @@ class HttpEndpoint:
         healthy: Callable[[], bool],
         host: str,
         port: int,
+        other: Callable[..., Iterable[bytes]] | None = None,
     ) -> None:
         server_class = _Server6 if ":" in host else _Server4
         self._server = make_server(
             host,
             port,
-            make_app(registry, healthy),
+            make_app(registry, healthy, other),
             server_class=server_class,
             handler_class=_QuietHandler,
         )

@@ -137,7 +137,7 @@ def test_the_checker_reports_each_kind_of_violation() -> None:
     assert _check("inversion_monitor.metrics.norms", relative, is_package=False) == [
         "inversion_monitor.metrics.norms (core) imports inversion_monitor.app"
     ]
-    server = "import torch\nfrom inversion_monitor.probe import gradients\n"
+    server = "import torch\nfrom inversion_monitor.probe.sampling import TokenSampler\n"
     assert len(_check("inversion_monitor.server.store", server, is_package=False)) == 2
     assert (
         _check("inversion_monitor.app.demo", "import inversion_monitor.server\n", is_package=False)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import grpc
 import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.server.api import to_json
 
 STEPS = 30
 CHROMIUM = "/usr/bin/chromium"
@@ -36,6 +39,9 @@ class DemoRun:
     history: list[monitor_pb2.StepRecord]
     response: monitor_pb2.GetRunResponse
     returncode: int
+    page_url: str
+    page_html: bytes | None
+    api_run: dict[str, object]
 
 
 def _console_script() -> str:
@@ -66,15 +72,31 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         target = re.search(r"gRPC (\S+),", "\n".join(lines))
         run_id = re.search(r"^run \S+ \(([0-9a-f]+)\)", "\n".join(lines), re.M)
         assert target and run_id, "\n".join(lines)
+        page = re.search(r"^live page: (\S+)", "\n".join(lines), re.M)
+        assert page, "\n".join(lines)
         with grpc.insecure_channel(target.group(1)) as channel:
             stub = monitor_pb2_grpc.MonitorServiceStub(channel)
             response = stub.GetRun(
                 monitor_pb2.GetRunRequest(run=run_id.group(1), history_limit=1000), timeout=10
             )
+        with urllib.request.urlopen(page.group(1), timeout=10) as answer:
+            page_html = answer.read()
+        api_url = f"{page.group(1)}api/runs/{run_id.group(1)}?history=1000"
+        with urllib.request.urlopen(api_url, timeout=10) as answer:
+            api_run = json.loads(answer.read())
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
         lines.extend(rest.splitlines())
-        yield DemoRun(out_dir, lines, list(response.history), response, proc.returncode)
+        yield DemoRun(
+            out_dir,
+            lines,
+            list(response.history),
+            response,
+            proc.returncode,
+            page.group(1),
+            page_html,
+            api_run,
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -84,6 +106,19 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
 def test_demo_exits_cleanly_after_ctrl_c(demo: DemoRun) -> None:
     assert demo.returncode == 0, "\n".join(demo.stdout)
     assert any("/metrics" in line for line in demo.stdout)
+
+
+def test_output_in_a_pipe_is_plain_periodic_lines(demo: DemoRun) -> None:
+    assert not any("\x1b" in line for line in demo.stdout)
+    progress = [line for line in demo.stdout if line.startswith("training: step ")]
+    assert 3 <= len(progress) <= 11, progress  # a line per tenth of the run, not per frame
+    assert progress[-1].startswith(f"training: step {STEPS}/{STEPS} (100%)  rho ")
+
+
+def test_the_live_page_url_is_printed_and_serves_the_run(demo: DemoRun) -> None:
+    assert demo.page_url == demo.page_url.split("#")[0] and demo.page_url.endswith("/")
+    assert demo.page_html is not None and b"<title>inversion-monitor</title>" in demo.page_html
+    assert demo.api_run == to_json(demo.response)
 
 
 def test_summary_numbers_are_the_stored_records(demo: DemoRun) -> None:

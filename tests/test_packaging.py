@@ -123,6 +123,11 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_every_module(tmp_path):
     assert set(out[1].split(",")) == _source_module_names()
     bootstrap = env_dir.glob("lib/python*/site-packages/inversion_monitor/callbacks/_bootstrap")
     assert next(p / "sitecustomize.py" for p in bootstrap).is_file()
+    # the live page's files (server/page.py serves them from the package)
+    static = next(env_dir.glob("lib/python*/site-packages/inversion_monitor/server/static"))
+    shipped = {str(p.relative_to(static)) for p in static.rglob("*") if p.is_file()}
+    source = ROOT / "server" / "static"
+    assert shipped == {str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()}
     console = env_dir / "bin" / "inversion-monitor"
     version = subprocess.run(
         [str(console), "--version"], check=True, capture_output=True, text=True, env=env

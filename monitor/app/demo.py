@@ -3,7 +3,9 @@
 It starts an embedded server (temporary SQLite database, free loopback
 ports), trains a tiny Llama-style model on the synthetic reasoning corpus with
 the Hugging Face ``Trainer`` (or Lightning) and the monitor's callback, shows
-a progress bar with a live rho / entropy line, then prints a summary read back
+its progress with the latest rho / entropy (one updating line on a
+terminal, a plain line every tenth of the run otherwise) and the URL of the
+server's live page, then prints a summary read back
 from the server (``GetRun``) and writes a self-contained HTML report.
 
 >>> DemoOptions(steps=30).probe_every
@@ -67,33 +69,31 @@ def _monitor_settings(options: DemoOptions, endpoint: str, run_id: str) -> dict[
 
 
 class _LiveLine:
-    """A tqdm bar over the steps and, under it, the latest step / rho (CI) / entropy."""
+    """The training progress with the latest step / rho (CI) / entropy (see :mod:`.progress`)."""
 
     def __init__(self, steps: int) -> None:
-        from tqdm.auto import tqdm
+        from inversion_monitor.app.progress import ProgressLine
 
-        self.bar = tqdm(total=steps, desc="training", unit="step", position=0)
-        self.line = tqdm(
-            total=0, position=1, bar_format="{desc}", desc="waiting for the first probe"
-        )
+        self.progress = ProgressLine(steps, label="training")
         self._seen = 0
 
     def update(self, step: int, monitor: InversionMonitor | None) -> None:
-        self.bar.update(max(0, step - self.bar.n))
         if monitor is None or monitor.last_stats is None or monitor.probes == self._seen:
+            self.progress.update(step)
             return
         self._seen = monitor.probes
         stats = monitor.last_stats
         low, high = stats.ci
         if math.isfinite(stats.rho):
-            text = f"step {step}  rho {stats.rho:+.3f} [{low:+.2f}, {high:+.2f}]"
+            text = f"rho {stats.rho:+.3f} [{low:+.2f}, {high:+.2f}]"
         else:
-            text = f"step {step}  rho n/a"
-        self.line.set_description_str(f"{text}  entropy {stats.entropy_mean:.3f}")
+            text = "rho n/a"
+        self.progress.update(
+            step, f"{text}  entropy {stats.entropy_mean:.3f}  (probe at step {step})"
+        )
 
     def close(self) -> None:
-        self.line.close()
-        self.bar.close()
+        self.progress.close()
 
 
 def train_transformers(options: DemoOptions, settings: dict[str, Any], workdir: Path) -> None:
@@ -252,6 +252,7 @@ def run_demo(options: DemoOptions) -> int:
             metrics_url = f"{server.http_url}/metrics"
             database = workdir / "monitor.db"
             print(f"server: gRPC {server.grpc_target}, metrics {metrics_url}, database {database}")
+            print(f"live page: {server.page_url}  (open it in a browser to watch the run)")
             print(
                 f"training a tiny Llama for {options.steps} steps with {options.framework}, "
                 f"probing every {options.probe_every} steps",
@@ -271,7 +272,11 @@ def run_demo(options: DemoOptions) -> int:
             )
             print(f"report: {report.resolve()}")
             if options.keep_serving:
-                print(f"the server stays up: curl {metrics_url}  (Ctrl-C to stop)", flush=True)
+                print(
+                    f"the server stays up: live page {server.page_url}, metrics {metrics_url}  "
+                    "(Ctrl-C to stop)",
+                    flush=True,
+                )
                 _wait_for_interrupt()
         finally:
             server.stop()
