@@ -17,6 +17,7 @@ from inversion_monitor.server.cli import runs_table, serve_config
 from inversion_monitor.server.config import ConfigError, ServerConfig
 from tests.server_support import (
     TIMEOUT,
+    close_run,
     open_run,
     promtool_check,
     push,
@@ -57,6 +58,7 @@ def test_weakening_fires_is_stored_exported_and_resolves(tmp_path: Path) -> None
     db = tmp_path / "monitor.db"
     with running(tmp_path) as server, stub_for(server) as stub:
         open_run(stub, "run1", name="weak")
+        open_run(stub, "run1", rank=1)
         recs = stream("run1", [-0.5] * 80 + [-0.2] * 40)
         # a higher rank saying something else does not drive the detectors
         other = stream("run1", [-0.5] * 120, rank=1, seed=9)
@@ -133,9 +135,7 @@ def test_stale_run_alert_on_timer(tmp_path: Path) -> None:
             active = [a.name for a in got.summary.active_alerts]
         assert active == ["MonitorStale"]
         assert got.summary.active_alerts[0].values["silent_seconds"] >= 0.4
-        stub.CloseRun(
-            monitor_pb2.CloseRunRequest(run_id="run1", status="completed"), timeout=TIMEOUT
-        )
+        close_run(stub, "run1", status="completed")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and active:
             time.sleep(0.1)
