@@ -103,9 +103,7 @@ def run_info(run_id: str = "run1", name: str = "demo run", **kw: Any) -> monitor
 
 
 # stub -> (run_id, rank) -> the writer session its last OpenRun granted
-_SESSIONS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], str]] = (
-    weakref.WeakKeyDictionary()
-)
+_SESSIONS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], str]] = weakref.WeakKeyDictionary()
 
 
 def open_run(

@@ -132,9 +132,7 @@ def test_structured_open_close_fuzz(server, channel, call, info):
     # reopen the fixed runs in case the example closed them
     if run_id in RUN_IDS:
         info = monitor_pb2.RunInfo(run_id=run_id, world_size=4)
-        opened = stub.OpenRun(
-            monitor_pb2.OpenRunRequest(run=info, takeover=True), timeout=TIMEOUT
-        )
+        opened = stub.OpenRun(monitor_pb2.OpenRunRequest(run=info, takeover=True), timeout=TIMEOUT)
         SESSIONS[run_id] = opened.writer_session
 
 
