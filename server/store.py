@@ -227,7 +227,10 @@ class _FileLock:
 
     def __init__(self, db: Path) -> None:
         self.path = db.with_name(db.name + ".lock")
-        self._file: IO[str] | None = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            self._file: IO[str] | None = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise store_error(exc, f"cannot open database {db}") from None
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
