@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+log = logging.getLogger("inversion_monitor.server")
+
 SCHEMA_VERSION = 2
 MAX_ALERTS_PER_RUN = 200
-_CLEAN = "clean"
+# same length, so marking overwrites the file's bytes in place (no allocation on a full disk)
+_CLEAN = "clean  "
 _RUNNING = "running"
 
 _SCHEMA = """
@@ -228,7 +232,8 @@ class _FileLock:
     def __init__(self, db: Path) -> None:
         self.path = db.with_name(db.name + ".lock")
         try:
-            self._file: IO[str] | None = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._file: IO[str] | None = os.fdopen(fd, "r+", encoding="utf-8")
         except OSError as exc:
             raise store_error(exc, f"cannot open database {db}") from None
         try:
@@ -246,11 +251,14 @@ class _FileLock:
     def mark(self, state: str) -> None:
         if self._file is None:
             return
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(state + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.seek(0)
+            self._file.write(state + "\n")
+            self._file.truncate()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            log.warning("could not mark %s as %s: %s", self.path, state.strip(), exc)
 
     def release(self) -> None:
         if self._file is not None:
@@ -309,7 +317,7 @@ class Store:
 
     def _check_wal(self, db: Path, previous_state: str) -> None:
         wal = db.with_name(db.name + "-wal")
-        if previous_state == _RUNNING and db.exists() and not wal.exists():
+        if previous_state == _RUNNING.strip() and db.exists() and not wal.exists():
             raise StoreError(
                 f"database {db} was not closed cleanly and its write-ahead log {wal} is "
                 "missing, so acknowledged records may be lost: put the -wal file back "
