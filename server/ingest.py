@@ -36,7 +36,7 @@ from inversion_monitor.server.errors import (
 from inversion_monitor.server.listeners import IngestListener
 from inversion_monitor.server.names import LABEL_KEY_RE, base_display_name, valid_run_id
 from inversion_monitor.server.redact import redact_config_json, redact_labels
-from inversion_monitor.server.series import gauge_values
+from inversion_monitor.server.series import gauge_values, run_lines
 from inversion_monitor.server.sessions import (
     missing_session,
     new_session,
@@ -110,6 +110,8 @@ class RunView:
     latest: monitor_pb2.StepRecord | None
     # series.ALL_GAUGES read from metrics_record
     values: tuple[float | None, ...]
+    # the run's /metrics lines (series.run_lines), made on the writer thread
+    lines: tuple[str, ...] = ()
 
 
 @dataclass
@@ -301,6 +303,7 @@ class Ingestor:
                 metrics_record = rec
             if latest is None or rec.step > latest.step:
                 latest = rec
+        values = gauge_values(metrics_record)
         self.views[run.run_id] = RunView(
             run_id=run.run_id,
             pk=run.pk,
@@ -313,7 +316,16 @@ class Ingestor:
             records=run.records,
             metrics_record=metrics_record,
             latest=latest,
-            values=gauge_values(metrics_record),
+            values=values,
+            lines=run_lines(
+                run.display_name,
+                run.run_id,
+                run.info,
+                run.status,
+                values,
+                run.last_update_time,
+                self._config.extended_metrics,
+            ),
         )
         self.by_name[run.display_name] = run.run_id
 

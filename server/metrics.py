@@ -23,18 +23,21 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client import utils as _prometheus_utils
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from inversion_monitor.server.ingest import Counters, RunView
 from inversion_monitor.server.names import clean_label_value
-from inversion_monitor.server.series import ALL_GAUGES, BASE_GAUGES
+from inversion_monitor.server.series import (
+    ALL_GAUGES,
+    BASE_GAUGES,
+    escape_label,
+    format_value,
+    run_lines,
+)
 
 PREFIX = "inversion_monitor_"
-# prometheus_client's own number formatting (untyped there), so values read the same
-floatToGoString: Callable[[float], str] = _prometheus_utils.floatToGoString
 
 
 class AlertSource(Protocol):
@@ -45,8 +48,7 @@ class AlertSource(Protocol):
     ) -> list[tuple[str, str, str, float]]: ...
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+_escape = escape_label
 
 
 def _header(name: str, doc: str, kind: str) -> str:
@@ -81,6 +83,7 @@ class MonitorCollector(Collector):
         self._gauges = ALL_GAUGES if extended else BASE_GAUGES
         # run_id -> (the view the lines were made from, one line or "" per per-run family)
         self._lines: dict[str, tuple[RunView, tuple[str, ...]]] = {}
+        self._n_lines = len(self._gauges) + (2 if extended else 1)
         self._lock = threading.Lock()
 
     def describe(self) -> Iterable[Any]:
@@ -188,38 +191,29 @@ class MonitorCollector(Collector):
     # ------------------------------------------------------------ fast text rendering
 
     def _run_lines(self, view: RunView) -> tuple[str, ...]:
-        """The run's line in each per-run family ("" where it has no sample)."""
-        label = '{run="' + _escape(view.display_name) + '"} '
-        lines = [
-            "" if value is None else f"{PREFIX}{name}{label}{floatToGoString(value)}\n"
-            for (name, _, _), value in zip(self._gauges, view.values, strict=False)
-        ]
-        last = view.last_update_time
-        lines.append(
-            ""
-            if last is None
-            else f"{PREFIX}last_update_timestamp_seconds{label}{floatToGoString(last)}\n"
-        )
-        if self._extended:
-            info = view.info
-            pairs = (
-                ("run", view.display_name),
-                ("run_id", view.run_id),
-                ("project", clean_label_value(info.project)),
-                ("framework", clean_label_value(info.framework)),
-                ("model_type", clean_label_value(info.model_type)),
-                ("status", view.status),
+        """The run's lines: made by the writer thread, or here for a view without them."""
+        if len(view.lines) == self._n_lines:
+            return view.lines
+        cached = self._lines.get(view.run_id)
+        if cached is None or cached[0] is not view:
+            lines = run_lines(
+                view.display_name,
+                view.run_id,
+                view.info,
+                view.status,
+                view.values,
+                view.last_update_time,
+                self._extended,
             )
-            text = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
-            lines.append(f"{PREFIX}run_info{{{text}}} 1.0\n")
-        return tuple(lines)
+            cached = (view, lines)
+            self._lines[view.run_id] = cached
+        return cached[1]
 
     def render(self) -> str:
         """The per-run families and the server totals in the text format (0.0.4)."""
         now = self._clock()
         retention = self._retention_s
         views = list(self._views().values())
-        cache = self._lines
         per_family: list[list[str]] = [[] for _ in range(len(self._gauges) + 2)]
         n_active = 0
         with self._lock:
@@ -228,11 +222,7 @@ class MonitorCollector(Collector):
                     continue
                 if view.status == "running":
                     n_active += 1
-                cached = cache.get(view.run_id)
-                if cached is None or cached[0] is not view:
-                    cached = (view, self._run_lines(view))
-                    cache[view.run_id] = cached
-                for family, line in zip(per_family, cached[1], strict=False):
+                for family, line in zip(per_family, self._run_lines(view), strict=False):
                     if line:
                         family.append(line)
         docs = [(PREFIX + name, doc) for name, doc, _ in self._gauges]
@@ -257,12 +247,12 @@ class MonitorCollector(Collector):
                 "gauge",
             )
         )
-        parts.append(f"{PREFIX}active_runs {floatToGoString(n_active)}\n")
+        parts.append(f"{PREFIX}active_runs {format_value(n_active)}\n")
         for name, doc, value in (
             ("records_ingested", "Records stored since the server started.", counters.ingested),
         ):
             parts.append(_header(PREFIX + name + "_total", doc, "counter"))
-            parts.append(f"{PREFIX}{name}_total {floatToGoString(value)}\n")
+            parts.append(f"{PREFIX}{name}_total {format_value(value)}\n")
         parts.append(
             _header(
                 PREFIX + "records_rejected_total",
@@ -273,7 +263,7 @@ class MonitorCollector(Collector):
         for reason, count in sorted(counters.rejected.items()):
             parts.append(
                 f'{PREFIX}records_rejected_total{{reason="{_escape(reason)}"}} '
-                f"{floatToGoString(count)}\n"
+                f"{format_value(count)}\n"
             )
         for name, doc, value in (
             (
@@ -294,7 +284,7 @@ class MonitorCollector(Collector):
             ),
         ):
             parts.append(_header(PREFIX + name + "_total", doc, "counter"))
-            parts.append(f"{PREFIX}{name}_total {floatToGoString(value)}\n")
+            parts.append(f"{PREFIX}{name}_total {format_value(value)}\n")
         return "".join(parts)
 
 
@@ -356,7 +346,7 @@ class AlertCollector(Collector):
         for run, name, severity, value in self._engine.gauge_samples(self._include()):
             parts.append(
                 f'inversion_monitor_alert_active{{alertname="{_escape(name)}",run="{_escape(run)}",'
-                f'severity="{_escape(severity)}"}} {floatToGoString(value)}\n'
+                f'severity="{_escape(severity)}"}} {format_value(value)}\n'
             )
         return "".join(parts)
 
