@@ -19,7 +19,6 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Gauge
 
 from inversion_monitor.server.alert_config import load_alerts_config
 from inversion_monitor.server.alertmanager import AlertmanagerSink
@@ -33,6 +32,7 @@ from inversion_monitor.server.metrics import (
     AlertCollector,
     Exposition,
     MonitorCollector,
+    add_queue_depth,
     build_registry,
 )
 from inversion_monitor.server.service import (
@@ -177,11 +177,7 @@ class AsyncMonitorServer:
                 storage=self.storage,
             )
             servicer = self._servicer
-            Gauge(
-                "inversion_monitor_writer_queue_depth",
-                "Writes queued for or running on the writer thread.",
-                registry=self.registry,
-            ).set_function(lambda: servicer.pending)
+            add_queue_depth(self.registry, lambda: servicer.pending)
             interceptors = [BearerTokenInterceptor(authorizer)] if authorizer.enabled else None
             options = [
                 ("grpc.max_receive_message_length", limits.max_message_bytes),

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -213,18 +213,15 @@ class MonitorCollector(Collector):
         """The per-run families and the server totals in the text format (0.0.4)."""
         now = self._clock()
         retention = self._retention_s
-        views = list(self._views().values())
-        per_family: list[list[str]] = [[] for _ in range(len(self._gauges) + 2)]
-        n_active = 0
+        cutoff = now - retention
+        shown = [v for v in list(self._views().values()) if v.last_activity >= cutoff]
+        n_active = sum(1 for v in shown if v.status == "running")
         with self._lock:
-            for view in views:
-                if now - view.last_activity > retention:
-                    continue
-                if view.status == "running":
-                    n_active += 1
-                for family, line in zip(per_family, self._run_lines(view), strict=False):
-                    if line:
-                        family.append(line)
+            rows = [self._run_lines(v) for v in shown]
+        # one column of lines per family ("" where a run has no sample joins to nothing)
+        per_family: list[tuple[str, ...]] = (
+            list(zip(*rows, strict=True)) if rows else [() for _ in range(self._n_lines)]
+        )
         docs = [(PREFIX + name, doc) for name, doc, _ in self._gauges]
         docs.append(
             (
@@ -236,9 +233,9 @@ class MonitorCollector(Collector):
         parts: list[str] = []
         if not self._extended:
             docs.pop()  # no run_info family
-        for (name, doc), lines in zip(docs, per_family, strict=False):
+        for (name, doc), lines in zip(docs, per_family, strict=True):
             parts.append(_header(name, doc, "gauge"))
-            parts.extend(lines)
+            parts.append("".join(lines))
         counters = self._counters()
         parts.append(
             _header(
@@ -392,3 +389,12 @@ def build_registry(*, process_metrics: bool = True) -> tuple[CollectorRegistry, 
 
         ProcessCollector(registry=registry)
     return registry, push_latency
+
+
+def add_queue_depth(registry: CollectorRegistry, depth: Callable[[], int]) -> None:
+    """``inversion_monitor_writer_queue_depth``: writes queued for or on the writer thread."""
+    Gauge(
+        PREFIX + "writer_queue_depth",
+        "Writes queued for or running on the writer thread.",
+        registry=registry,
+    ).set_function(depth)
