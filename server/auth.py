@@ -121,6 +121,20 @@ class Grant:
             return "every project"
         return "project(s) " + ", ".join(sorted(repr(p) for p in self.projects))
 
+    def check_write(self, project: str) -> None:
+        """Raise PERMISSION_DENIED unless this grant may write to ``project``."""
+        from inversion_monitor.server.errors import PermissionDenied
+
+        if not self.write:
+            raise PermissionDenied(
+                "this token is read-only: OpenRun, Push and CloseRun need a read-write token"
+            )
+        if not self.allows(project):
+            raise PermissionDenied(
+                f"this token may not write to project {project[:128]!r}; it reaches "
+                f"{self.describe()}"
+            )
+
 
 FULL_ACCESS = Grant(None, True)
 

@@ -8,189 +8,42 @@ and a failed write (a full disk) leaves nothing to undo. Readers on other
 threads use :attr:`Ingestor.views` (immutable :class:`RunView` objects,
 replaced whole) and :attr:`Ingestor.counters`.
 
-A push goes through three steps: :meth:`Ingestor._classify` (the writer
-session, then each record: store, reject or duplicate), :meth:`Ingestor._rows`
-(the SQL rows) and :meth:`Ingestor._acks` (the acknowledgement state after the
-push, applied to memory once the group's transaction has committed).
+A push goes through the three steps of :mod:`.push` (classify -> rows ->
+acks); what they produce is applied to memory by :meth:`Ingestor._apply` once
+the group's transaction has committed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server import push as steps
 from inversion_monitor.server.auth import FULL_ACCESS, Grant
 from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.errors import (
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     RequestError,
     ResourceExhausted,
 )
 from inversion_monitor.server.listeners import IngestListener
-from inversion_monitor.server.names import LABEL_KEY_RE, base_display_name, valid_run_id
-from inversion_monitor.server.redact import redact_config_json, redact_labels
+from inversion_monitor.server.names import base_display_name
+from inversion_monitor.server.redact import redact_run_info
 from inversion_monitor.server.series import gauge_values, run_lines
-from inversion_monitor.server.sessions import (
-    missing_session,
-    new_session,
-    session_digest,
-    stream_taken,
-    taken_over,
-    unknown_session,
-)
-from inversion_monitor.server.store import RecordRow, RejectedRow, Store
-from inversion_monitor.server.validate import RecordProblem, RejectReason, check_record
+from inversion_monitor.server.sessions import check_session, new_session, stream_taken
+from inversion_monitor.server.state import Counters, RankState, RunState, RunView, stripped
+from inversion_monitor.server.store import Store
+from inversion_monitor.server.validate import check_run_info
+
+__all__ = ["CLOSE_STATUSES", "Counters", "Ingestor", "RankState", "RunState", "RunView"]
 
 log = logging.getLogger("inversion_monitor.server")
 
 CLOSE_STATUSES = ("completed", "interrupted", "failed")  # by increasing severity
-_RUN_INFO_MAX_LENGTHS = {
-    "name": 256,
-    "project": 128,
-    "framework": 64,
-    "model_type": 64,
-    "client_version": 64,
-}
-
-
-@dataclass(slots=True)
-class RankState:
-    acked: int = 0
-    # sequences persisted or rejected for good above ``acked``
-    pending: set[int] = field(default_factory=set)
-    latest_sequence: int = 0
-    # the record with the highest sequence, without token samples; never mutated
-    latest: monitor_pb2.StepRecord | None = None
-    status: str = "running"
-    # SHA-256 digests of the writer session and of the one it replaced
-    session: str | None = None
-    previous_session: str | None = None
-    # Unix time of the session's last OpenRun or Push
-    session_time: float = 0.0
-
-
-@dataclass(slots=True)
-class RunState:
-    pk: int
-    run_id: str
-    display_name: str
-    info: monitor_pb2.RunInfo
-    world_size: int
-    opened_time: float
-    last_update_time: float | None
-    last_activity: float
-    status: str
-    records: int
-    ranks: dict[int, RankState] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class RunView:
-    """An immutable snapshot of one run, safe to read from any thread."""
-
-    run_id: str
-    pk: int
-    display_name: str
-    info: monitor_pb2.RunInfo
-    opened_time: float
-    last_update_time: float | None
-    last_activity: float
-    status: str
-    records: int
-    # latest record of the lowest rank that has one: what /metrics shows
-    metrics_record: monitor_pb2.StepRecord | None
-    # the most recent record of any rank (highest step, then lowest rank)
-    latest: monitor_pb2.StepRecord | None
-    # series.ALL_GAUGES read from metrics_record
-    values: tuple[float | None, ...]
-    # the run's /metrics lines (series.run_lines), made on the writer thread
-    lines: tuple[str, ...] = ()
-
-
-@dataclass
-class Counters:
-    """Server-wide totals since start; plain ints written by the writer thread only."""
-
-    ingested: int = 0
-    # push transactions committed (several pushes may share one: group commit)
-    commits: int = 0
-    duplicates: int = 0
-    nonfinite: int = 0
-    listener_errors: int = 0
-    rejected: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in RejectReason})
-
-
-@dataclass(slots=True)
-class _Batch:
-    """One push after :meth:`Ingestor._classify`: its stream and each record's verdict."""
-
-    run: RunState
-    rank_no: int
-    rank: RankState
-    # (index in the push, record) to store
-    store: list[tuple[int, monitor_pb2.StepRecord]] = field(default_factory=list)
-    # (index, record, problem, keep): keep=True records the sequence as rejected for good
-    reject: list[tuple[int, monitor_pb2.StepRecord, RecordProblem, bool]] = field(
-        default_factory=list
-    )
-    # sequences stored or rejected for good by this push
-    done: set[int] = field(default_factory=set)
-    duplicates: int = 0
-    nonfinite: int = 0
-
-
-@dataclass
-class _Group:
-    """What a group of pushes writes in its one transaction, and what to apply after."""
-
-    rows: list[RecordRow] = field(default_factory=list)
-    rejected_rows: list[RejectedRow] = field(default_factory=list)
-    # (run_id, rank) -> acknowledgement state (acked, pending) after the group
-    state: dict[tuple[str, int], tuple[int, set[int]]] = field(default_factory=dict)
-    # (run_id, rank) -> the newest stored (sequence, record)
-    newest: dict[tuple[str, int], tuple[int, monitor_pb2.StepRecord]] = field(default_factory=dict)
-    # run_id -> records added
-    added: dict[str, int] = field(default_factory=dict)
-    # (run_id, rank) of every valid session that pushed (its activity time moves)
-    streams: set[tuple[str, int]] = field(default_factory=set)
-    stored: list[tuple[RunState, monitor_pb2.StepRecord]] = field(default_factory=list)
-    duplicates: int = 0
-    nonfinite: int = 0
-    reject_counts: dict[str, int] = field(default_factory=dict)
-
-    def rank_rows(self, runs: dict[str, RunState], now: float) -> list[tuple[int, int, int, float]]:
-        return [
-            (runs[run_id].pk, rank_no, acked, now)
-            for (run_id, rank_no), (acked, _) in self.state.items()
-        ]
-
-    def run_rows(
-        self, runs: dict[str, RunState], now: float
-    ) -> list[tuple[int, float | None, float, int]]:
-        touched = {run_id for run_id, _ in self.state}
-        return [
-            (
-                runs[run_id].pk,
-                now if self.added.get(run_id) else None,
-                now,
-                self.added.get(run_id, 0),
-            )
-            for run_id in touched
-        ]
-
-
-def _stripped(record: monitor_pb2.StepRecord) -> monitor_pb2.StepRecord:
-    copy = monitor_pb2.StepRecord()
-    copy.CopyFrom(record)
-    copy.ClearField("samples")
-    return copy
 
 
 class Ingestor:
@@ -249,7 +102,7 @@ class Ingestor:
         for row in self._store.load_runs():
             info = monitor_pb2.RunInfo.FromString(row.info)
             info.DiscardUnknownFields()
-            self._redact(info)  # rows stored before redaction existed
+            redact_run_info(info)  # rows stored before redaction existed
             run = RunState(
                 pk=row.pk,
                 run_id=row.run_id,
@@ -280,7 +133,7 @@ class Ingestor:
                 rank.pending.discard(rank.acked + 1)
                 rank.acked += 1
             if stored.latest_payload is not None:
-                rank.latest = _stripped(monitor_pb2.StepRecord.FromString(stored.latest_payload))
+                rank.latest = stripped(monitor_pb2.StepRecord.FromString(stored.latest_payload))
             run.ranks[stored.rank] = rank
             for digest in (rank.session, rank.previous_session):
                 if digest is not None:
@@ -365,80 +218,7 @@ class Ingestor:
         self._name_next[base] = n + 1
         return candidate
 
-    # ---------------------------------------------------------------- authorisation
-
-    @staticmethod
-    def _check_write(grant: Grant, project: str) -> None:
-        if not grant.write:
-            raise PermissionDenied(
-                "this token is read-only: OpenRun, Push and CloseRun need a read-write token"
-            )
-        if not grant.allows(project):
-            raise PermissionDenied(
-                f"this token may not write to project {project[:128]!r}; it reaches "
-                f"{grant.describe()}"
-            )
-
     # ---------------------------------------------------------------- OpenRun
-
-    def _check_run_info(self, info: monitor_pb2.RunInfo, rank: int) -> None:
-        limits = self._limits
-        if not valid_run_id(info.run_id):
-            raise InvalidArgument(
-                f"run.run_id is {info.run_id[:80]!r}; expected 1..64 characters of "
-                "[A-Za-z0-9_.-] (e.g. uuid4().hex)"
-            )
-        for name, max_length in _RUN_INFO_MAX_LENGTHS.items():
-            length = len(getattr(info, name))
-            if length > max_length:
-                raise InvalidArgument(
-                    f"run.{name} has {length} characters; the limit is {max_length}"
-                )
-        if len(info.config_json) > limits.max_config_json_length:
-            raise InvalidArgument(
-                f"run.config_json has {len(info.config_json)} characters; "
-                f"max_config_json_length is {limits.max_config_json_length}"
-            )
-        if info.config_json:
-            try:
-                parsed = json.loads(info.config_json)
-            except ValueError as exc:
-                raise InvalidArgument(f"run.config_json is not valid JSON: {exc}") from None
-            if not isinstance(parsed, dict):
-                raise InvalidArgument("run.config_json must be a JSON object")
-        if len(info.labels) > limits.max_labels:
-            raise InvalidArgument(
-                f"run.labels has {len(info.labels)} entries; max_labels is {limits.max_labels}"
-            )
-        for key, value in info.labels.items():
-            if len(key) > limits.max_label_key_length or not LABEL_KEY_RE.match(key):
-                raise InvalidArgument(
-                    f"run.labels key {key[:80]!r} is invalid: expected [A-Za-z_][A-Za-z0-9_]* of "
-                    f"at most max_label_key_length={limits.max_label_key_length} characters"
-                )
-            if len(value) > limits.max_label_value_length:
-                raise InvalidArgument(
-                    f"run.labels[{key!r}] has {len(value)} characters; "
-                    f"max_label_value_length is {limits.max_label_value_length}"
-                )
-        if rank >= limits.max_ranks_per_run:
-            raise InvalidArgument(
-                f"rank is {rank}; max_ranks_per_run is {limits.max_ranks_per_run}"
-            )
-        if info.world_size and rank >= info.world_size:
-            raise InvalidArgument(
-                f"rank is {rank} but run.world_size is {info.world_size}; ranks are 0..world_size-1"
-            )
-
-    @staticmethod
-    def _redact(info: monitor_pb2.RunInfo) -> None:
-        labels = redact_labels(dict(info.labels))
-        if labels != dict(info.labels):
-            info.labels.clear()
-            info.labels.update(labels)
-        config_json = redact_config_json(info.config_json)
-        if config_json != info.config_json:
-            info.config_json = config_json
 
     def open_run(
         self,
@@ -455,10 +235,10 @@ class Ingestor:
         if not request.HasField("run"):
             raise InvalidArgument("run is missing: OpenRunRequest.run must carry the RunInfo")
         info, rank_no = request.run, request.rank
-        self._check_run_info(info, rank_no)
+        check_run_info(info, rank_no, self._limits)
         run = self._runs.get(info.run_id)
         # an existing run keeps the project it was opened with
-        self._check_write(grant, run.info.project if run is not None else info.project)
+        grant.check_write(run.info.project if run is not None else info.project)
         session, digest = new_session()
         if run is None:
             limit = self._limits.max_active_runs
@@ -472,7 +252,7 @@ class Ingestor:
             stored_info = monitor_pb2.RunInfo()
             stored_info.CopyFrom(info)
             stored_info.DiscardUnknownFields()
-            self._redact(stored_info)
+            redact_run_info(stored_info)
             display = self._unique_name(info.name, info.run_id)
             with self._store.transaction():
                 pk = self._store.insert_run(
@@ -563,7 +343,7 @@ class Ingestor:
         run = self._runs.get(request.run_id)
         if run is None:
             raise NotFound(f"run {request.run_id[:80]!r} is not known to this server")
-        self._check_write(grant, run.info.project)
+        grant.check_write(run.info.project)
         status = request.status or "completed"
         if status not in CLOSE_STATUSES:
             raise InvalidArgument(
@@ -574,7 +354,14 @@ class Ingestor:
             raise NotFound(
                 f"rank {request.rank} never opened run {run.run_id!r}; call OpenRun first"
             )
-        self._check_session(request.writer_session, run.run_id, request.rank, rank, "CloseRun")
+        check_session(
+            request.writer_session,
+            run.run_id,
+            request.rank,
+            rank.session,
+            rank.previous_session,
+            "CloseRun",
+        )
         statuses = [status if n == request.rank else r.status for n, r in run.ranks.items()]
         run_status = "running" if "running" in statuses else max(statuses, key=CLOSE_STATUSES.index)
         with self._store.transaction():
@@ -596,17 +383,6 @@ class Ingestor:
         self._touch(run, now)
         self._publish(run)
         return monitor_pb2.CloseRunResponse(acked_sequence=rank.acked)
-
-    @staticmethod
-    def _check_session(session: str, run_id: str, rank_no: int, rank: RankState, call: str) -> None:
-        if not session:
-            raise missing_session(run_id, rank_no, call)
-        digest = session_digest(session)
-        if digest == rank.session:
-            return
-        if digest == rank.previous_session:
-            raise taken_over(run_id, rank_no)
-        raise unknown_session(run_id, rank_no, call)
 
     # ---------------------------------------------------------------- Push
 
@@ -637,11 +413,19 @@ class Ingestor:
         """
         now = time.time() if now is None else now
         grants = grants if grants is not None else [FULL_ACCESS] * len(requests)
-        group = _Group()
+        group = steps.Group()
         results: list[monitor_pb2.PushResponse | RequestError] = []
         for request, grant in zip(requests, grants, strict=True):
             try:
-                batch = self._classify(request, grant, group, now)
+                batch = steps.classify(
+                    request,
+                    runs=self._runs,
+                    sessions=self._sessions,
+                    limits=self._limits,
+                    grant=grant,
+                    group=group,
+                    now=now,
+                )
             except RequestError as exc:
                 results.append(exc)
                 continue
@@ -649,8 +433,8 @@ class Ingestor:
                 results.append(monitor_pb2.PushResponse())
                 continue
             response = monitor_pb2.PushResponse()
-            self._rows(batch, now, group, response)
-            self._acks(batch, group, response)
+            steps.rows(batch, now, group, response)
+            steps.acks(batch, group, response)
             results.append(response)
         if group.state:
             self._store.write_push(
@@ -662,138 +446,7 @@ class Ingestor:
         self._apply(group, now)
         return results
 
-    def _classify(
-        self, request: monitor_pb2.PushRequest, grant: Grant, group: _Group, now: float
-    ) -> _Batch | None:
-        """The push's stream (from its writer session) and each record's verdict."""
-        records = request.records
-        limits = self._limits
-        if len(records) > limits.max_records_per_push:
-            raise InvalidArgument(
-                f"records has {len(records)} entries; max_records_per_push is "
-                f"{limits.max_records_per_push}: send smaller batches"
-            )
-        session = request.writer_session
-        if not session:
-            if not records:
-                return None
-            first = records[0]
-            raise missing_session(first.run_id, first.rank, "Push")
-        stream = self._sessions.get(session_digest(session))
-        if stream is None:
-            first = records[0] if records else monitor_pb2.StepRecord(run_id="?")
-            raise unknown_session(first.run_id, first.rank, "Push")
-        run = self._runs[stream[0]]
-        rank_no = stream[1]
-        rank = run.ranks[rank_no]
-        self._check_session(session, run.run_id, rank_no, rank, "Push")
-        self._check_write(grant, run.info.project)
-        for i, rec in enumerate(records):
-            if rec.run_id != run.run_id or rec.rank != rank_no:
-                raise PermissionDenied(
-                    f"records[{i}] is for run {rec.run_id[:80]!r} rank {rec.rank}, but the "
-                    f"writer_session is for run {run.run_id!r} rank {rank_no}: a session writes "
-                    "only its own stream (one Push per (run, rank))"
-                )
-        batch = _Batch(run, rank_no, rank)
-        key = (run.run_id, rank_no)
-        group.streams.add(key)
-        acked, pending = group.state.get(key) or (rank.acked, rank.pending)
-        max_gap = limits.max_sequence_gap
-        done = batch.done
-        for i, rec in enumerate(records):
-            seq = rec.sequence
-            if seq == 0 or seq > acked + max_gap:
-                problem = RecordProblem(
-                    "sequence",
-                    RejectReason.BAD_SEQUENCE,
-                    f"sequence is {seq}; sequences start at 1 per (run, rank) without gaps and "
-                    f"may run at most max_sequence_gap={max_gap} ahead of the acknowledged "
-                    f"{acked}",
-                )
-                # cannot be recorded against (run, rank, sequence)
-                batch.reject.append((i, rec, problem, False))
-                continue
-            if seq <= acked or seq in done or seq in pending:
-                batch.duplicates += 1
-                continue
-            done.add(seq)
-            try:
-                batch.nonfinite += check_record(rec, limits, now)
-            except RecordProblem as problem:
-                batch.reject.append((i, rec, problem, True))
-                continue
-            batch.store.append((i, rec))
-        return batch
-
-    def _rows(
-        self, batch: _Batch, now: float, group: _Group, response: monitor_pb2.PushResponse
-    ) -> None:
-        """The SQL rows of a classified push, and its rejections in the response."""
-        run, rank_no = batch.run, batch.rank_no
-        for i, rec, problem, keep in sorted(batch.reject, key=lambda item: item[0]):
-            message = f"{problem.reason.value}: {problem.message}"
-            response.rejected.add(
-                run_id=rec.run_id,
-                rank=rec.rank,
-                sequence=rec.sequence,
-                field=f"records[{i}].{problem.field}",
-                reason=message,
-            )
-            reason = problem.reason.value
-            group.reject_counts[reason] = group.reject_counts.get(reason, 0) + 1
-            if keep:
-                group.rejected_rows.append(
-                    (run.pk, rank_no, rec.sequence, f"records[{i}].{problem.field}", message, now)
-                )
-        rows = group.rows
-        for _, rec in batch.store:
-            inv = rec.inversion
-            spearman = inv.spearman
-            pearson = inv.pearson
-            rows.append(
-                (
-                    run.pk,
-                    rank_no,
-                    rec.sequence,
-                    rec.step,
-                    rec.wall_time,
-                    now,
-                    spearman.value if spearman.HasField("value") else None,
-                    pearson.value if pearson.HasField("value") else None,
-                    rec.entropy.mean if rec.entropy.HasField("mean") else None,
-                    rec.score.mean if rec.score.HasField("mean") else None,
-                    rec.SerializeToString(),
-                )
-            )
-            group.stored.append((run, rec))
-        if batch.store:
-            group.added[run.run_id] = group.added.get(run.run_id, 0) + len(batch.store)
-            key = (run.run_id, rank_no)
-            seq, rec = max(((r.sequence, r) for _, r in batch.store), key=lambda item: item[0])
-            best = group.newest.get(key)
-            if best is None or seq > best[0]:
-                group.newest[key] = (seq, rec)
-        response.accepted = len(batch.store)
-        response.duplicates = batch.duplicates
-        group.duplicates += batch.duplicates
-        group.nonfinite += batch.nonfinite
-
-    def _acks(self, batch: _Batch, group: _Group, response: monitor_pb2.PushResponse) -> None:
-        """The stream's acknowledgement state after the push (applied after the commit)."""
-        run, rank_no, rank = batch.run, batch.rank_no, batch.rank
-        key = (run.run_id, rank_no)
-        acked, pending = group.state.get(key) or (rank.acked, rank.pending)
-        if batch.done:
-            pending = pending | batch.done
-            while acked + 1 in pending:
-                pending.discard(acked + 1)
-                acked += 1
-            group.state[key] = (acked, pending)
-        if batch.done or batch.duplicates or batch.reject:
-            response.acks.add(run_id=run.run_id, rank=rank_no, acked_sequence=acked)
-
-    def _apply(self, group: _Group, now: float) -> None:
+    def _apply(self, group: steps.Group, now: float) -> None:
         """Make a committed group visible: acks, latest records, counters, views, listeners."""
         runs = self._runs
         for (run_id, rank_no), (acked, pending) in group.state.items():
@@ -804,7 +457,7 @@ class Ingestor:
             rank = runs[run_id].ranks[rank_no]
             if seq > rank.latest_sequence:
                 rank.latest_sequence = seq
-                rank.latest = _stripped(rec)
+                rank.latest = stripped(rec)
         for run_id, rank_no in group.streams:
             runs[run_id].ranks[rank_no].session_time = now
         touched = {run_id for run_id, _ in group.state}

@@ -27,7 +27,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from inversion_monitor.server.ingest import Counters, RunView
 from inversion_monitor.server.names import clean_label_value
 from inversion_monitor.server.series import (
     ALL_GAUGES,
@@ -36,6 +35,7 @@ from inversion_monitor.server.series import (
     format_value,
     run_lines,
 )
+from inversion_monitor.server.state import Counters, RunView
 
 PREFIX = "inversion_monitor_"
 

@@ -15,6 +15,8 @@ import json
 import re
 from typing import Any
 
+from inversion_monitor.proto.v1 import monitor_pb2
+
 REDACTED = "[redacted]"
 
 # key words (after splitting on _ - . space and camelCase) that name a secret
@@ -123,3 +125,14 @@ def redact_config_json(text: str) -> str:
         return redact_text(text)
     redacted = _redact_json(parsed, None)
     return text if redacted == parsed else json.dumps(redacted)
+
+
+def redact_run_info(info: monitor_pb2.RunInfo) -> None:
+    """Redact ``info``'s labels and ``config_json`` in place."""
+    labels = redact_labels(dict(info.labels))
+    if labels != dict(info.labels):
+        info.labels.clear()
+        info.labels.update(labels)
+    config_json = redact_config_json(info.config_json)
+    if config_json != info.config_json:
+        info.config_json = config_json

@@ -65,3 +65,26 @@ def unknown_session(run_id: str, rank: int, call: str) -> FailedPrecondition:
 def taken_over(run_id: str, rank: int) -> FailedPrecondition:
     """The error for a session another writer replaced with ``takeover``."""
     return FailedPrecondition(f"run {run_id} rank {rank} was taken over by another writer")
+
+
+def check_session(  # noqa: PLR0917
+    session: str,
+    run_id: str,
+    rank: int,
+    current: str | None,
+    previous: str | None,
+    call: str,
+) -> None:
+    """Raise FAILED_PRECONDITION unless ``session`` is the stream's current one.
+
+    ``current`` and ``previous`` are the digests of the stream's session and
+    of the one it replaced.
+    """
+    if not session:
+        raise missing_session(run_id, rank, call)
+    digest = session_digest(session)
+    if digest == current:
+        return
+    if digest == previous:
+        raise taken_over(run_id, rank)
+    raise unknown_session(run_id, rank, call)
