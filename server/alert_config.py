@@ -26,26 +26,27 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _parse(path: Path) -> Any:
+def parse_settings_file(path: Path, flag: str) -> Any:
+    """The contents of a YAML or TOML settings file; errors name ``flag`` and the file."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".toml":
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"--alerts-config {path}: invalid TOML: {exc}") from exc
+            raise ConfigError(f"{flag} {path}: invalid TOML: {exc}") from exc
     if path.suffix.lower() in {".yaml", ".yml"}:
         try:
             import yaml
         except ImportError as exc:  # pragma: no cover
             raise ConfigError(
-                f"--alerts-config {path}: YAML needs PyYAML (pip install "
+                f"{flag} {path}: YAML needs PyYAML (pip install "
                 "'inversion-monitor[server]') or use a .toml file"
             ) from exc
         try:
             return yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--alerts-config {path}: invalid YAML: {exc}") from exc
-    raise ConfigError(f"--alerts-config {path}: use a .yaml, .yml or .toml file")
+            raise ConfigError(f"{flag} {path}: invalid YAML: {exc}") from exc
+    raise ConfigError(f"{flag} {path}: use a .yaml, .yml or .toml file")
 
 
 def load_alerts_config(path: Path | str | None) -> AlertsConfig:
@@ -54,7 +55,7 @@ def load_alerts_config(path: Path | str | None) -> AlertsConfig:
         return AlertsConfig()
     path = Path(path)
     try:
-        data = _parse(path)
+        data = parse_settings_file(path, "--alerts-config")
     except OSError as exc:
         raise ConfigError(f"--alerts-config {path}: cannot read: {exc}") from exc
     if not isinstance(data, dict):

@@ -2,8 +2,8 @@
 
 Records of a run's lowest rank drive its detectors (see :mod:`.detectors`);
 each transition opens or closes an :class:`~monitor_pb2.Alert`, kept in memory
-(for ``GetRun``, ``/metrics``) and written to the ``alerts`` table of the
-server's database (its own connection, used on the writer thread only).
+(for ``GetRun``, ``/metrics``) and written to the ``alerts`` table through the
+server's :class:`~.store.Store` (on the writer thread only).
 After a restart the table's alerts are loaded back as history (the last 200 per
 run); detectors start afresh, so alerts left active are closed with end reason
 ``server_restart`` and fire again if the condition persists.
@@ -11,19 +11,13 @@ run); detectors start afresh, so alerts left active are closed with end reason
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
-
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from typing import Protocol
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.detectors import (
@@ -32,33 +26,9 @@ from inversion_monitor.server.detectors import (
     RunDetectors,
     Transition,
 )
-from inversion_monitor.server.store import connect
+from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store, StoreError
 
 log = logging.getLogger(__name__)
-
-MAX_ALERTS_PER_RUN = 200
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS alerts (
-    id INTEGER PRIMARY KEY,
-    run_id TEXT NOT NULL,
-    display_name TEXT NOT NULL,
-    name TEXT NOT NULL,
-    severity TEXT NOT NULL,
-    active INTEGER NOT NULL,
-    start_step INTEGER NOT NULL,
-    end_step INTEGER,
-    start_time REAL NOT NULL,
-    end_time REAL,
-    reason TEXT NOT NULL,
-    summary TEXT NOT NULL,
-    description TEXT NOT NULL,
-    trigger_values TEXT NOT NULL,
-    end_reason TEXT,
-    end_values TEXT
-);
-CREATE INDEX IF NOT EXISTS alerts_by_run ON alerts (run_id, id);
-"""
 
 
 class AlertSink(Protocol):
@@ -109,6 +79,8 @@ class _RunAlerts:
     history: list[monitor_pb2.Alert] = field(default_factory=list)
     # alert name -> (its proto in history, its row id)
     open: dict[str, tuple[monitor_pb2.Alert, int | None]] = field(default_factory=dict)
+    # (alertname, severity) -> 1.0 while active, 0.0 after: the alert_active gauge
+    gauges: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class AlertEngine:
@@ -124,68 +96,49 @@ class AlertEngine:
     def __init__(
         self,
         config: AlertsConfig | None = None,
-        db: Path | str | None = None,
+        store: Store | None = None,
         *,
         sinks: Iterable[AlertSink] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or AlertsConfig()
-        self._db = None if db is None or str(db) == ":memory:" else str(db)
-        self._conn: sqlite3.Connection | None = None
+        self._store = store
         self._sinks = list(sinks)
         self._clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, _RunAlerts] = {}
-        if self._db is not None:
-            self._load()
+        self._store_failing = False
+        if store is not None:
+            self._load(store)
 
-    def _load(self) -> None:
+    def _load(self, store: Store) -> None:
         try:
-            conn = self._connection()
-            assert conn is not None
-            conn.execute(
-                "UPDATE alerts SET active = 0, end_time = ?, end_reason = 'server_restart'"
-                " WHERE active = 1",
-                (self._clock(),),
-            )
-            rows = conn.execute(
-                "SELECT run_id, display_name, name, severity, start_step, end_step, start_time,"
-                " end_time, summary, description, trigger_values FROM alerts ORDER BY id"
-            ).fetchall()
-        except sqlite3.Error:
-            log.exception("could not load the stored alerts")
+            stored = store.load_alerts(self._clock())
+        except StoreError as exc:
+            log.warning("could not load the stored alerts: %s", exc)
             return
-        for (
-            run_id,
-            display,
-            name,
-            severity,
-            s_step,
-            e_step,
-            s_time,
-            e_time,
-            summ,
-            desc,
-            vals,
-        ) in rows:
-            state = self._runs.get(run_id)
+        for row in stored:
+            state = self._runs.get(row.run_id)
             if state is None:
-                state = self._runs[run_id] = _RunAlerts(display, RunDetectors(self.config), 1 << 30)
+                state = self._runs[row.run_id] = _RunAlerts(
+                    row.display_name, RunDetectors(self.config), 1 << 30
+                )
             alert = monitor_pb2.Alert(
-                name=name,
-                severity=severity,
+                name=row.name,
+                severity=row.severity,
                 active=False,
-                start_step=s_step,
-                end_step=e_step or 0,
-                start_time=s_time,
-                end_time=e_time or 0.0,
-                summary=summ,
-                description=desc,
+                start_step=row.start_step,
+                end_step=row.end_step or 0,
+                start_time=row.start_time,
+                end_time=row.end_time or 0.0,
+                summary=row.summary,
+                description=row.description,
             )
-            for key, value in json.loads(vals).items():
-                alert.values[key] = float(value)
+            for key, value in row.values.items():
+                alert.values[key] = value
             state.history.append(alert)
             del state.history[:-MAX_ALERTS_PER_RUN]
+            state.gauges[(row.name, row.severity)] = 0.0
 
     # ---------------------------------------------------------------- writer thread
 
@@ -248,6 +201,7 @@ class AlertEngine:
                 state.history.append(alert)
                 del state.history[:-MAX_ALERTS_PER_RUN]
                 state.open[name] = (alert, row)
+                state.gauges[(name, alert.severity)] = 1.0
         else:
             found = state.open.get(name)
             if found is None:
@@ -258,6 +212,7 @@ class AlertEngine:
                 alert.end_step = t.step
                 alert.end_time = t.time
                 del state.open[name]
+                state.gauges[(name, alert.severity)] = 0.0
             self._write_end(row, t)
         log.info(
             "alert %s %s for run %s: %s",
@@ -272,61 +227,50 @@ class AlertEngine:
             except Exception:
                 log.exception("alert sink %r failed", sink)
 
-    def _connection(self) -> sqlite3.Connection | None:
-        if self._db is None:
-            return None
-        if self._conn is None:
-            self._conn = connect(self._db)
-            self._conn.executescript(_SCHEMA)
-        return self._conn
+    def _stored(self, ok: bool, what: str, exc: StoreError | None = None) -> None:
+        """One log line per change between storing alerts and failing to."""
+        if not ok and not self._store_failing:
+            log.warning("could not store %s (alerts stay in memory): %s", what, exc)
+        elif ok and self._store_failing:
+            log.info("storing alerts again")
+        self._store_failing = not ok
 
     def _write_start(
         self, run_id: str, display_name: str, alert: monitor_pb2.Alert, t: Transition
     ) -> int | None:
-        try:
-            conn = self._connection()
-            if conn is None:
-                return None
-            cur = conn.execute(
-                "INSERT INTO alerts (run_id, display_name, name, severity, active, start_step,"
-                " start_time, reason, summary, description, trigger_values)"
-                " VALUES (?,?,?,?,1,?,?,?,?,?,?)",
-                (
-                    run_id,
-                    display_name,
-                    alert.name,
-                    alert.severity,
-                    t.step,
-                    t.time,
-                    t.reason.value,
-                    t.summary,
-                    t.message,
-                    json.dumps(t.values),
-                ),
-            )
-            return cur.lastrowid
-        except sqlite3.Error:
-            log.exception("could not store alert %s of run %s", alert.name, run_id)
+        if self._store is None:
             return None
+        try:
+            row = self._store.insert_alert(
+                run_id,
+                display_name,
+                alert.name,
+                alert.severity,
+                t.step,
+                t.time,
+                t.reason.value,
+                t.summary,
+                t.message,
+                dict(t.values),
+            )
+        except StoreError as exc:
+            self._stored(False, f"alert {alert.name} of run {display_name}", exc)
+            return None
+        self._stored(True, "")
+        return row
 
     def _write_end(self, row: int | None, t: Transition) -> None:
-        if row is None:
+        if row is None or self._store is None:
             return
         try:
-            conn = self._connection()
-            if conn is not None:
-                conn.execute(
-                    "UPDATE alerts SET active = 0, end_step = ?, end_time = ?, end_reason = ?,"
-                    " end_values = ? WHERE id = ?",
-                    (t.step, t.time, t.reason.value, json.dumps(t.values), row),
-                )
-        except sqlite3.Error:
-            log.exception("could not store the end of alert %s", t.name.value)
+            self._store.end_alert(row, t.step, t.time, t.reason.value, dict(t.values))
+        except StoreError as exc:
+            self._stored(False, f"the end of alert {t.name.value}", exc)
+            return
+        self._stored(True, "")
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Nothing to release: the store belongs to the server."""
 
     # ---------------------------------------------------------------- any thread
 
@@ -345,70 +289,21 @@ class AlertEngine:
         self, include: Callable[[str], bool] = lambda run_id: True
     ) -> list[tuple[str, str, str, float]]:
         """``(run, alertname, severity, 0|1)`` for every alert a run has had."""
-        out: dict[tuple[str, str, str], float] = {}
+        out: list[tuple[str, str, str, float]] = []
         with self._lock:
-            for run_id, state in self._runs.items():
-                if not include(run_id):
-                    continue
-                for alert in state.history:
-                    key = (state.display_name, alert.name, alert.severity)
-                    out[key] = max(out.get(key, 0.0), 1.0 if alert.active else 0.0)
-        return [(*key, value) for key, value in sorted(out.items())]
+            items = [
+                (run_id, s.display_name, dict(s.gauges))
+                for run_id, s in self._runs.items()
+                if s.gauges
+            ]
+        for run_id, display_name, gauges in items:
+            if gauges and include(run_id):
+                out.extend((display_name, n, sev, v) for (n, sev), v in gauges.items())
+        out.sort()
+        return out
 
 
 def _copy(alert: monitor_pb2.Alert) -> monitor_pb2.Alert:
     out = monitor_pb2.Alert()
     out.CopyFrom(alert)
     return out
-
-
-class AlertCollector(Collector):
-    """``inversion_monitor_alert_active{run, alertname, severity}``.
-
-    >>> from prometheus_client import CollectorRegistry, generate_latest
-    >>> reg = CollectorRegistry()
-    >>> reg.register(AlertCollector(AlertEngine()))
-    >>> b"inversion_monitor_alert_active" in generate_latest(reg)
-    True
-    """
-
-    def __init__(
-        self,
-        engine: AlertEngine,
-        views: Callable[[], Mapping[str, ViewLike]] | None = None,
-        retention_s: float = math.inf,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._engine = engine
-        self._views = views
-        self._retention_s = retention_s
-        self._clock = clock
-
-    def _include(self) -> Callable[[str], bool]:
-        if self._views is None:
-            return lambda run_id: True
-        views = self._views()
-        cutoff = self._clock() - self._retention_s
-
-        def include(run_id: str) -> bool:
-            view = views.get(run_id)
-            return view is not None and view.last_activity >= cutoff
-
-        return include
-
-    def describe(self) -> Iterable[Any]:
-        return [self._family()]
-
-    @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "inversion_monitor_alert_active",
-            "1 while the server's detector alert is active for the run, 0 after it resolved.",
-            labels=["run", "alertname", "severity"],
-        )
-
-    def collect(self) -> Iterable[Any]:
-        family = self._family()
-        for run, name, severity, value in self._engine.gauge_samples(self._include()):
-            family.add_metric([run, name, severity], value)
-        return [family]

@@ -19,17 +19,23 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Gauge
 
 from inversion_monitor.server.alert_config import load_alerts_config
 from inversion_monitor.server.alertmanager import AlertmanagerSink
-from inversion_monitor.server.alerts import AlertCollector, AlertEngine, AlertSink
+from inversion_monitor.server.alerts import AlertEngine, AlertSink
 from inversion_monitor.server.api import RunsApi
+from inversion_monitor.server.auth import Authorizer
 from inversion_monitor.server.config import ServerConfig, join_address
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.listeners import IngestListener
-from inversion_monitor.server.metrics import MonitorCollector, build_registry
+from inversion_monitor.server.metrics import (
+    AlertCollector,
+    Exposition,
+    MonitorCollector,
+    add_queue_depth,
+    build_registry,
+)
 from inversion_monitor.server.page import make_page_app
 from inversion_monitor.server.service import (
     SERVICE_NAME,
@@ -37,7 +43,8 @@ from inversion_monitor.server.service import (
     MonitorServicer,
     add_monitor_service,
 )
-from inversion_monitor.server.store import Store, connect
+from inversion_monitor.server.storage_state import StorageState
+from inversion_monitor.server.store import Store, StoreError, connect
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
@@ -74,6 +81,8 @@ class AsyncMonitorServer:
         self._stopped = asyncio.Event()
         self.alerts: AlertEngine | None = None
         self._stale_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self.storage = StorageState()
         self._sinks: list[AlertSink] = []
         self.alertmanager: AlertmanagerSink | None = None
         self.grpc_port = 0
@@ -130,9 +139,18 @@ class AsyncMonitorServer:
                         runbook_url=alerts_config.runbook_url,
                     )
                     self._sinks.append(self.alertmanager)
-                self.alerts = AlertEngine(alerts_config, cfg.db, sinks=self._sinks)
-                listeners.append(self.alerts)
-            self._ingestor = await writer.call(lambda: Ingestor(Store(cfg.db), cfg, listeners))
+            store = await writer.call(lambda: Store(cfg.db))
+            try:
+                if cfg.alerts:
+                    sinks = self._sinks
+                    self.alerts = await writer.call(
+                        lambda: AlertEngine(alerts_config, store, sinks=sinks)
+                    )
+                    listeners.append(self.alerts)
+                self._ingestor = await writer.call(lambda: Ingestor(store, cfg, listeners))
+            except BaseException:
+                await writer.call(store.close)
+                raise
             writer.ingestor = self._ingestor
             if memory:  # one connection only: reads share the writer thread
                 self._read_conn = self._ingestor._store._conn
@@ -144,12 +162,15 @@ class AsyncMonitorServer:
                 cfg.retention_s,
                 extended=cfg.extended_metrics,
             )
-            self.registry, push_latency = build_registry(collector)
+            self.registry, push_latency = build_registry()
+            alert_collector = None
             if self.alerts is not None:
-                self.registry.register(
-                    AlertCollector(self.alerts, lambda: self.ingestor.views, cfg.retention_s)
+                alert_collector = AlertCollector(
+                    self.alerts, lambda: self.ingestor.views, cfg.retention_s
                 )
+            self.exposition = Exposition(collector, self.registry, alert_collector)
             limits = cfg.limits
+            authorizer = Authorizer(cfg.tokens, cfg.scoped_tokens)
             self._servicer = MonitorServicer(
                 self._ingestor,
                 writer=writer,
@@ -159,14 +180,12 @@ class AsyncMonitorServer:
                 max_pending=limits.max_pending_pushes,
                 max_history=limits.max_history,
                 alerts=self.alerts,
+                authorizer=authorizer,
+                storage=self.storage,
             )
             servicer = self._servicer
-            Gauge(
-                "inversion_monitor_writer_queue_depth",
-                "Writes queued for or running on the writer thread.",
-                registry=self.registry,
-            ).set_function(lambda: servicer.pending)
-            auth = BearerTokenInterceptor(cfg.tokens) if cfg.tokens else None
+            add_queue_depth(self.registry, lambda: servicer.pending)
+            auth = BearerTokenInterceptor(authorizer) if authorizer.enabled else None
             interceptors = [auth] if auth is not None else None
             options = [
                 ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -196,17 +215,18 @@ class AsyncMonitorServer:
                 api = RunsApi(
                     servicer,
                     asyncio.get_running_loop(),
-                    # the API reads only: any token the gRPC calls accept will do
+                    # the API reads only; the interceptor's token scopes apply to its calls
                     authorize=None if auth is None else _header_check(auth),
                     max_history=limits.max_history,
                 )
                 self._http = HttpEndpoint(
-                    self.registry, lambda: self.serving, *http, other=make_page_app(api)
+                    self.exposition.render, self.health, *http, other=make_page_app(api)
                 )
                 self.http_port = self._http.port
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self.serving = True
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_storage())
             if self.alerts is not None and self.alerts.config.stale.enabled:
                 period = min(5.0, self.alerts.config.stale.after_s / 4.0)
                 self._stale_task = asyncio.get_running_loop().create_task(
@@ -216,6 +236,30 @@ class AsyncMonitorServer:
             await self._cleanup(grace_s=0)
             raise
         log.info("serving gRPC on %s, HTTP on %s", self.grpc_target, self.http_url)
+
+    def health(self) -> str:
+        """``ok``, ``degraded: <why>`` (the database takes no writes) or ``unavailable``."""
+        if not self.serving:
+            return "unavailable"
+        return self.storage.health()
+
+    async def _probe_storage(self, period: float = 1.0) -> None:
+        """While degraded, try a tiny write every ``period`` s: recover without a request."""
+        while True:
+            await asyncio.sleep(period)
+            writer = self._writer
+            if writer is None:
+                return
+            if self.storage.problem is None:
+                continue
+            try:
+                await writer.call(self.ingestor.store.probe_write)
+            except StoreError:
+                continue
+            except Exception:
+                log.exception("storage probe failed")
+                continue
+            self.storage.recovered()
 
     async def _check_stale(self, engine: AlertEngine, period: float) -> None:
         """Evaluate MonitorStale every ``period`` seconds on the writer thread."""
@@ -240,9 +284,10 @@ class AsyncMonitorServer:
 
     async def _cleanup(self, grace_s: float) -> None:
         self.serving = False
-        if self._stale_task is not None:
-            self._stale_task.cancel()
-            self._stale_task = None
+        for task in (self._stale_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+        self._stale_task = self._probe_task = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:

@@ -57,6 +57,18 @@ def add_server_commands(subparsers: Any) -> None:
         f"variable {env}TOKEN takes a comma-separated list); without one, no authentication",
     )
     serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="YAML/TOML file of tokens scoped to projects, read-only or read-write "
+        "([[tokens]] token=..., projects=[...], access='read-only'|'read-write')",
+    )
+    serve.add_argument(
+        "--writer-idle-timeout",
+        metavar="DURATION",
+        help="a (run, rank) stream whose writer was idle this long may be opened by another "
+        "writer without takeover (default 5m)",
+    )
+    serve.add_argument(
         "--tls-cert", metavar="PEM", help="server certificate chain (with --tls-key)"
     )
     serve.add_argument("--tls-key", metavar="PEM", help="server private key (with --tls-cert)")
@@ -129,6 +141,8 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         "http_address",
         "db",
         "tokens",
+        "token_file",
+        "writer_idle_timeout",
         "tls_cert",
         "tls_key",
         "retention",
@@ -186,7 +200,11 @@ async def _serve(config: ServerConfig) -> int:
     print(f"grpc listening on {server.grpc_target}", flush=True)
     if server.http_url is not None:
         print(f"http listening on {server.http_url}", flush=True)
-        hint = "  (it asks for a token, or add #token=<token> to the URL)" if config.tokens else ""
+        hint = (
+            "  (it asks for a token, or add #token=<token> to the URL)"
+            if config.tokens or config.scoped_tokens
+            else ""
+        )
         print(f"live page: {server.page_url}{hint}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -16,12 +16,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inversion_monitor.server.auth import TokenScope, check_token, load_token_file
+
 ENV_PREFIX = "INVERSION_MONITOR_SERVER_"
 DEFAULT_DB = "inversion-monitor.db"
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 
 
 class ConfigError(ValueError):
@@ -93,6 +94,8 @@ class Limits(BaseModel):
     # pushes waiting for the writer before new ones are shed with RESOURCE_EXHAUSTED
     max_pending_pushes: int = Field(default=512, ge=1)
     max_history: int = Field(default=10_000, ge=1)
+    # per-run metadata kept in memory: RunInfo.config_json characters
+    max_config_json_length: int = Field(default=65_536, ge=2)
 
 
 class ServerConfig(BaseModel):
@@ -113,7 +116,14 @@ class ServerConfig(BaseModel):
     http_address: str | None = "127.0.0.1:9464"
     # SQLite database file (created if missing); ":memory:" keeps nothing across restarts
     db: Path = Path(DEFAULT_DB)
+    # full-access tokens (every project, read-write)
     tokens: tuple[str, ...] = ()
+    # YAML/TOML file of tokens scoped to projects, read-only or read-write (see .auth)
+    token_file: Path | None = None
+    # the scopes read from token_file (or given in code)
+    scoped_tokens: tuple[TokenScope, ...] = ()
+    # a writer session idle (no OpenRun/Push) this long may be replaced without takeover
+    writer_idle_timeout_s: float = Field(default=300.0, alias="writer_idle_timeout")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # seconds a run stays on /metrics after its last activity
@@ -154,13 +164,25 @@ class ServerConfig(BaseModel):
     def _check_tokens(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [t for t in value.split(",") if t.strip()]
-        tokens = tuple(str(t).strip() for t in value)
-        for token in tokens:
-            if not _TOKEN_RE.match(token):
-                raise ValueError(
-                    "a token must be non-empty printable ASCII without spaces or commas"
-                )
-        return tokens
+        return tuple(check_token(t) for t in value)
+
+    @field_validator("writer_idle_timeout_s", mode="before")
+    @classmethod
+    def _check_idle_timeout(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_token_file(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("token_file") is not None
+            and "scoped_tokens" not in data
+        ):
+            path = Path(data["token_file"])
+            scopes = load_token_file(path)
+            data = {**data, "scoped_tokens": scopes}
+        return data
 
     @field_validator("alertmanager_url")
     @classmethod
@@ -219,6 +241,13 @@ class ServerConfig(BaseModel):
             else:
                 values[field] = value
             sources[field] = source
+        if values.get("token_file") is not None:
+            try:
+                values["scoped_tokens"] = load_token_file(Path(values["token_file"]))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"invalid server configuration: {sources['token_file']}: {exc}"
+                ) from None
         if "tokens" in values and isinstance(values["tokens"], (list, tuple)):
             values["tokens"] = [t for item in values["tokens"] for t in str(item).split(",")]
         try:
@@ -235,6 +264,8 @@ _ENV_FIELDS: dict[str, str] = {
     "http_address": "HTTP_ADDRESS",
     "db": "DB",
     "tokens": "TOKEN",
+    "token_file": "TOKEN_FILE",
+    "writer_idle_timeout": "WRITER_IDLE_TIMEOUT",
     "tls_cert": "TLS_CERT",
     "tls_key": "TLS_KEY",
     "retention": "RETENTION",
@@ -253,8 +284,8 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> str:
     for error in exc.errors():
         loc = [str(part) for part in error["loc"] if part != "limits"]
         field = loc[0] if loc else "config"
-        if field == "retention_s":
-            field = "retention"
+        if field in ("retention_s", "writer_idle_timeout_s"):
+            field = field.removesuffix("_s")
         where = sources.get(field, field)
         message = str(error["msg"]).removeprefix("Value error, ")
         lines.append(f"{where}: {message} (got {error.get('input')!r})")

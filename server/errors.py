@@ -41,3 +41,21 @@ class Unavailable(RequestError):
     """The server cannot serve right now (database error, shutting down); retry later."""
 
     code = "UNAVAILABLE"
+
+
+class AlreadyExists(RequestError):
+    """Another writer holds the (run, rank) stream the request wants to open."""
+
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(RequestError):
+    """The request needs state it does not have (a valid writer session); re-open first."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class PermissionDenied(RequestError):
+    """The caller's token does not allow this (read-only, or another project's run)."""
+
+    code = "PERMISSION_DENIED"

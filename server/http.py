@@ -1,4 +1,4 @@
-"""The HTTP side: ``/metrics`` (prometheus_client's own exposition), ``/healthz``, the page.
+"""The HTTP side: ``/metrics``, ``/healthz`` and the live page.
 
 A small threaded WSGI server on its own daemon thread, so a scrape never
 waits for the gRPC event loop nor delays it beyond the GIL.
@@ -14,6 +14,9 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+
+# the text exposition format /metrics answers with when given a render function
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 StartResponse = Callable[..., Any]
 
@@ -34,8 +37,8 @@ class _Server6(ThreadingWSGIServer):
 
 
 def make_app(
-    registry: CollectorRegistry,
-    healthy: Callable[[], bool],
+    registry: CollectorRegistry | Callable[[], bytes],
+    health: Callable[[], str],
     other: Callable[..., Iterable[bytes]] | None = None,
 ) -> Callable[..., Any]:
     """WSGI app: ``/metrics`` -> exposition, ``/healthz`` -> 200 ``ok`` or 503, else ``other``.
@@ -43,15 +46,31 @@ def make_app(
     ``other`` (the live page and its API, :mod:`.page`) answers every other
     path; without it they get 404.
 
+    ``registry`` is a prometheus_client registry or a function that renders the
+    whole text exposition. ``health()`` says ``ok``, or why not (``degraded:
+    ...``, ``unavailable``): anything but ``ok`` answers 503 with that text.
+
     >>> from prometheus_client import CollectorRegistry
-    >>> app = make_app(CollectorRegistry(), lambda: True)
+    >>> app = make_app(CollectorRegistry(), lambda: "ok")
     >>> seen = []
     >>> app({"PATH_INFO": "/healthz", "REQUEST_METHOD": "GET"}, lambda s, h: seen.append(s))
     [b'ok\\n']
     >>> seen
     ['200 OK']
     """
-    metrics = make_wsgi_app(registry)
+    metrics: Callable[..., Iterable[bytes]]
+    if isinstance(registry, CollectorRegistry):
+        metrics = make_wsgi_app(registry)
+    else:
+        render = registry
+
+        def metrics(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            body = render()
+            start_response(
+                "200 OK",
+                [("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(body)))],
+            )
+            return [body]
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -59,12 +78,12 @@ def make_app(
             result: Iterable[bytes] = metrics(environ, start_response)
             return result
         if path == "/healthz":
-            ok = healthy()
+            state = health()
             start_response(
-                "200 OK" if ok else "503 Service Unavailable",
+                "200 OK" if state == "ok" else "503 Service Unavailable",
                 [("Content-Type", "text/plain; charset=utf-8")],
             )
-            return [b"ok\n" if ok else b"unavailable\n"]
+            return [state.encode() + b"\n"]
         if other is not None:
             return other(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
@@ -77,7 +96,7 @@ class HttpEndpoint:
     """Serves :func:`make_app` on ``host:port`` (0: a free port) from a daemon thread.
 
     >>> from prometheus_client import CollectorRegistry
-    >>> ep = HttpEndpoint(CollectorRegistry(), lambda: True, "127.0.0.1", 0)
+    >>> ep = HttpEndpoint(CollectorRegistry(), lambda: "ok", "127.0.0.1", 0)
     >>> ep.port > 0
     True
     >>> ep.stop()
@@ -85,8 +104,8 @@ class HttpEndpoint:
 
     def __init__(
         self,
-        registry: CollectorRegistry,
-        healthy: Callable[[], bool],
+        registry: CollectorRegistry | Callable[[], bytes],
+        health: Callable[[], str],
         host: str,
         port: int,
         other: Callable[..., Iterable[bytes]] | None = None,
@@ -95,7 +114,7 @@ class HttpEndpoint:
         self._server = make_server(
             host,
             port,
-            make_app(registry, healthy, other),
+            make_app(registry, health, other),
             server_class=server_class,
             handler_class=_QuietHandler,
         )

@@ -1,15 +1,19 @@
-"""The per-run gauges: name, help and how each is read from a run's latest record.
+"""The per-run gauges: name, help, how each is read from a run's latest record, and its text.
 
 Computed once per change of a run (on the writer thread), so a scrape only
-copies numbers. ``None`` means the record has no such value: no sample.
+joins lines. ``None`` means the record has no such value: no sample.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.names import clean_label_value
+
+PREFIX = "inversion_monitor_"
 
 Extractor = Callable[[monitor_pb2.StepRecord], "float | None"]
 
@@ -93,3 +97,66 @@ def gauge_values(record: monitor_pb2.StepRecord | None) -> tuple[float | None, .
     if record is None:
         return (None,) * len(ALL_GAUGES)
     return tuple(extract(record) for _, _, extract in ALL_GAUGES)
+
+
+def escape_label(value: str) -> str:
+    """A label value for the text exposition format (backslash, newline, quote escaped)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_value(value: float) -> str:
+    """A sample value as the text format writes it (``+Inf``, ``-Inf``, ``NaN``, else repr).
+
+    >>> format_value(0.25), format_value(float("inf")), format_value(3)
+    ('0.25', '+Inf', '3.0')
+    """
+    value = float(value)
+    if math.isfinite(value):
+        return repr(value)
+    if math.isnan(value):
+        return "NaN"
+    return "+Inf" if value > 0 else "-Inf"
+
+
+def run_lines(  # noqa: PLR0917
+    display_name: str,
+    run_id: str,
+    info: monitor_pb2.RunInfo,
+    status: str,
+    values: tuple[float | None, ...],
+    last_update_time: float | None,
+    extended: bool,
+) -> tuple[str, ...]:
+    """A run's line in each per-run family of /metrics, ``""`` where it has no sample.
+
+    The families: the gauges (:data:`BASE_GAUGES`, or :data:`ALL_GAUGES` when
+    ``extended``), ``last_update_timestamp_seconds``, and ``run_info`` when
+    ``extended``.
+
+    >>> run_lines("demo", "r1", monitor_pb2.RunInfo(), "running", (0.5,) + (None,) * 11, 9.0,
+    ...           False)[:2]
+    ('inversion_monitor_spearman{run="demo"} 0.5\\n', '')
+    """
+    gauges = ALL_GAUGES if extended else BASE_GAUGES
+    label = '{run="' + escape_label(display_name) + '"} '
+    lines = [
+        "" if value is None else f"{PREFIX}{name}{label}{format_value(value)}\n"
+        for (name, _, _), value in zip(gauges, values, strict=False)
+    ]
+    lines.append(
+        ""
+        if last_update_time is None
+        else f"{PREFIX}last_update_timestamp_seconds{label}{format_value(last_update_time)}\n"
+    )
+    if extended:
+        pairs = (
+            ("run", display_name),
+            ("run_id", run_id),
+            ("project", clean_label_value(info.project)),
+            ("framework", clean_label_value(info.framework)),
+            ("model_type", clean_label_value(info.model_type)),
+            ("status", status),
+        )
+        text = ",".join(f'{k}="{escape_label(v)}"' for k, v in pairs)
+        lines.append(f"{PREFIX}run_info{{{text}}} 1.0\n")
+    return tuple(lines)

@@ -3,13 +3,15 @@
 State changes run on the single writer thread (:class:`~.ingest.Ingestor`);
 history reads on a reader thread with its own SQLite connection; the event
 loop only parses, dispatches and answers. Every failure becomes a gRPC status:
-the service never lets an exception escape into the server.
+the service never lets an exception escape into the server. Requests are
+parsed with unknown fields discarded, so nothing the schema does not know is
+stored or kept in memory. Each call's token gives its :class:`~.auth.Grant`:
+the projects it reads and whether it may write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import sqlite3
 import time
@@ -25,6 +27,7 @@ from prometheus_client import Histogram
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.alerts import AlertEngine
+from inversion_monitor.server.auth import FULL_ACCESS, Authorizer, Grant
 from inversion_monitor.server.errors import (
     InvalidArgument,
     NotFound,
@@ -33,6 +36,7 @@ from inversion_monitor.server.errors import (
     Unavailable,
 )
 from inversion_monitor.server.ingest import Ingestor, RunView
+from inversion_monitor.server.storage_state import StorageState
 from inversion_monitor.server.store import StoreError, read_history
 from inversion_monitor.server.writer import WriterThread
 
@@ -86,8 +90,12 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         max_pending: int,
         max_history: int,
         alerts: AlertEngine | None = None,
+        authorizer: Authorizer | None = None,
+        storage: StorageState | None = None,
     ) -> None:
         self._ingestor = ingestor
+        self._authorizer = authorizer or Authorizer()
+        self.storage = storage or StorageState()
         self._alerts = alerts
         self._writer = writer
         self._reader = reader
@@ -114,12 +122,21 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             )
         self._pending += 1
         try:
-            return await job()
+            result = await job()
         except StoreError as exc:
-            log.error("database error: %s", exc)
-            raise Unavailable(f"database error, nothing was stored: {exc}") from exc
+            raise self.storage.failed(exc) from None
         finally:
             self._pending -= 1
+        if self.storage.problem is not None:
+            self.storage.recovered()
+        return result
+
+    def _grant(self, context: grpc.aio.ServicerContext) -> Grant:
+        if not self._authorizer.enabled:
+            return FULL_ACCESS
+        grant = self._authorizer.grant(context.invocation_metadata())
+        # the interceptor already turned away unknown tokens
+        return grant if grant is not None else Grant(frozenset(), write=False)
 
     async def _guard(
         self,
@@ -143,22 +160,24 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
     async def OpenRun(
         self, request: monitor_pb2.OpenRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.OpenRunResponse:
+        grant = self._grant(context)
         return await self._guard(
             context,
             request,
             lambda: self._write(
-                lambda: self._writer.call(partial(self._ingestor.open_run, request))
+                lambda: self._writer.call(partial(self._ingestor.open_run, request, grant=grant))
             ),
         )
 
     async def CloseRun(
         self, request: monitor_pb2.CloseRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.CloseRunResponse:
+        grant = self._grant(context)
         return await self._guard(
             context,
             request,
             lambda: self._write(
-                lambda: self._writer.call(partial(self._ingestor.close_run, request))
+                lambda: self._writer.call(partial(self._ingestor.close_run, request, grant=grant))
             ),
         )
 
@@ -166,9 +185,10 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self, request: monitor_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.PushResponse:
         start = time.perf_counter()
+        grant = self._grant(context)
         try:
             return await self._guard(
-                context, request, lambda: self._write(lambda: self._writer.push(request))
+                context, request, lambda: self._write(lambda: self._writer.push(request, grant))
             )
         finally:
             self._push_latency.observe(time.perf_counter() - start)
@@ -176,6 +196,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
     async def ListRuns(
         self, request: monitor_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.ListRunsResponse:
+        grant = self._grant(context)
+
         async def call() -> monitor_pb2.ListRunsResponse:
             limit = request.limit or DEFAULT_LIST_LIMIT
             if limit > MAX_LIST_LIMIT:
@@ -183,7 +205,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             views = [
                 v
                 for v in list(self._ingestor.views.values())
-                if not request.project or v.info.project == request.project
+                if (not request.project or v.info.project == request.project)
+                and grant.allows(v.info.project)
             ]
             views.sort(key=lambda v: v.last_activity, reverse=True)
             response = monitor_pb2.ListRunsResponse()
@@ -196,13 +219,15 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
     async def GetRun(
         self, request: monitor_pb2.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.GetRunResponse:
+        grant = self._grant(context)
+
         async def call() -> monitor_pb2.GetRunResponse:
             views = self._ingestor.views
             view = views.get(request.run)
             if view is None:
                 run_id = self._ingestor.by_name.get(request.run)
                 view = views.get(run_id) if run_id is not None else None
-            if view is None:
+            if view is None or not grant.allows(view.info.project):  # others' runs: not found
                 raise NotFound(f"no run with id or display name {request.run[:80]!r}")
             limit = request.history_limit or DEFAULT_HISTORY
             if limit > self._max_history:
@@ -235,11 +260,14 @@ class MalformedRequest:
 def _lenient(message_type: Any) -> Callable[[bytes], object]:
     def parse(data: bytes) -> object:
         try:
-            return message_type.FromString(data)
+            message = message_type.FromString(data)
         except DecodeError as exc:
             return MalformedRequest(
                 f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {exc}"
             )
+        # fields this schema does not know are neither stored nor kept in memory
+        message.DiscardUnknownFields()
+        return message
 
     return parse
 
@@ -291,9 +319,10 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Lets a call through when ``authorization: Bearer <token>`` matches a configured token.
+    """Lets a call through when ``authorization: Bearer <token>`` names a configured token.
 
     Health checking and reflection stay open. Others get ``UNAUTHENTICATED``.
+    What a known token may do is the servicer's business (:class:`~.auth.Grant`).
 
     >>> BearerTokenInterceptor(["s3cret"]).allowed((("authorization", "Bearer s3cret"),))
     True
@@ -301,32 +330,22 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     False
     """
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        if not tokens:
+    def __init__(self, tokens: Sequence[str] | Authorizer) -> None:
+        self._authorizer = tokens if isinstance(tokens, Authorizer) else Authorizer(tokens)
+        if not self._authorizer.enabled:
             raise ValueError("BearerTokenInterceptor needs at least one token")
-        self._tokens = [t.encode() for t in tokens]
 
         async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or invalid bearer token: send metadata 'authorization: Bearer <token>' "
-                "with a token the server was started with (--token)",
+                "with a token the server was started with (--token or --token-file)",
             )
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        for key, value in metadata or ():
-            if key != "authorization":
-                continue
-            raw = value.encode() if isinstance(value, str) else value
-            scheme, _, token = raw.partition(b" ")
-            if scheme.lower() != b"bearer":
-                return False
-            token = token.strip()
-            # compare against every token, so timing does not tell which one matched
-            return sum(hmac.compare_digest(token, t) for t in self._tokens) > 0
-        return False
+        return self._authorizer.grant(metadata) is not None
 
     async def intercept_service(
         self,

@@ -1,4 +1,4 @@
-"""Checks and sanitises one ``StepRecord`` before it is stored.
+"""Checks and sanitises one ``StepRecord`` before it is stored, and checks a ``RunInfo``.
 
 Non-finite statistics (NaN, +-Inf) are cleared, so they are stored as missing
 and never reach /metrics; the caller counts them. A value outside its range,
@@ -7,6 +7,7 @@ or a list over its limit, rejects the record with the field that is wrong.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from enum import Enum
@@ -14,6 +15,8 @@ from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.config import Limits
+from inversion_monitor.server.errors import InvalidArgument
+from inversion_monitor.server.names import LABEL_KEY_RE, valid_run_id
 
 # absolute slack for float round-off at a range boundary; such values are clamped
 _TOL = 1e-6
@@ -22,6 +25,13 @@ _isfinite = math.isfinite
 _MAX = sys.float_info.max
 PROJECTIONS = frozenset({"q", "k", "v", "o"})
 MAX_REASON_LENGTH = 256
+RUN_INFO_MAX_LENGTHS = {
+    "name": 256,
+    "project": 128,
+    "framework": 64,
+    "model_type": 64,
+    "client_version": 64,
+}
 
 
 class RejectReason(str, Enum):
@@ -270,3 +280,49 @@ def check_record_slow(record: monitor_pb2.StepRecord, limits: Limits, now: float
     if record.samples:
         bad += _samples(record, limits)
     return bad
+
+
+def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None:
+    """Raise :class:`~.errors.InvalidArgument` naming the first field of ``info`` that is wrong."""
+    if not valid_run_id(info.run_id):
+        raise InvalidArgument(
+            f"run.run_id is {info.run_id[:80]!r}; expected 1..64 characters of "
+            "[A-Za-z0-9_.-] (e.g. uuid4().hex)"
+        )
+    for name, max_length in RUN_INFO_MAX_LENGTHS.items():
+        length = len(getattr(info, name))
+        if length > max_length:
+            raise InvalidArgument(f"run.{name} has {length} characters; the limit is {max_length}")
+    if len(info.config_json) > limits.max_config_json_length:
+        raise InvalidArgument(
+            f"run.config_json has {len(info.config_json)} characters; "
+            f"max_config_json_length is {limits.max_config_json_length}"
+        )
+    if info.config_json:
+        try:
+            parsed = json.loads(info.config_json)
+        except ValueError as exc:
+            raise InvalidArgument(f"run.config_json is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidArgument("run.config_json must be a JSON object")
+    if len(info.labels) > limits.max_labels:
+        raise InvalidArgument(
+            f"run.labels has {len(info.labels)} entries; max_labels is {limits.max_labels}"
+        )
+    for key, value in info.labels.items():
+        if len(key) > limits.max_label_key_length or not LABEL_KEY_RE.match(key):
+            raise InvalidArgument(
+                f"run.labels key {key[:80]!r} is invalid: expected [A-Za-z_][A-Za-z0-9_]* of "
+                f"at most max_label_key_length={limits.max_label_key_length} characters"
+            )
+        if len(value) > limits.max_label_value_length:
+            raise InvalidArgument(
+                f"run.labels[{key!r}] has {len(value)} characters; "
+                f"max_label_value_length is {limits.max_label_value_length}"
+            )
+    if rank >= limits.max_ranks_per_run:
+        raise InvalidArgument(f"rank is {rank}; max_ranks_per_run is {limits.max_ranks_per_run}")
+    if info.world_size and rank >= info.world_size:
+        raise InvalidArgument(
+            f"rank is {rank} but run.world_size is {info.world_size}; ranks are 0..world_size-1"
+        )

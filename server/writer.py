@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.auth import FULL_ACCESS, Grant
 from inversion_monitor.server.errors import RequestError
 from inversion_monitor.server.ingest import Ingestor
 
@@ -32,6 +33,7 @@ class _Job:
     call: Callable[[], Any] | None
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    grant: Grant = FULL_ACCESS
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -67,11 +69,14 @@ class WriterThread:
         self._thread.start()
 
     def _submit(
-        self, push: monitor_pb2.PushRequest | None, call: Callable[[], Any] | None
+        self,
+        push: monitor_pb2.PushRequest | None,
+        call: Callable[[], Any] | None,
+        grant: Grant = FULL_ACCESS,
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(push, call, future, loop))
+        self._queue.put(_Job(push, call, future, loop, grant))
         return future
 
     async def call(self, fn: Callable[[], _T]) -> _T:
@@ -79,9 +84,11 @@ class WriterThread:
         result: _T = await self._submit(None, fn)
         return result
 
-    async def push(self, request: monitor_pb2.PushRequest) -> monitor_pb2.PushResponse:
+    async def push(
+        self, request: monitor_pb2.PushRequest, grant: Grant = FULL_ACCESS
+    ) -> monitor_pb2.PushResponse:
         """Ingest one push (possibly in a group with others); raises its RequestError."""
-        result: monitor_pb2.PushResponse = await self._submit(request, None)
+        result: monitor_pb2.PushResponse = await self._submit(request, None, grant)
         return result
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -131,7 +138,7 @@ class WriterThread:
             if self.ingestor is None:
                 raise RuntimeError("the writer has no ingestor yet")
             requests = [job.push for job in group if job.push is not None]
-            results = self.ingestor.push_many(requests)
+            results = self.ingestor.push_many(requests, grants=[job.grant for job in group])
             outcomes = [
                 (job.future, not isinstance(result, RequestError), result)
                 for job, result in zip(group, results, strict=True)

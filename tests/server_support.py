@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import socket
 import subprocess
 import time
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,11 +102,47 @@ def run_info(run_id: str = "run1", name: str = "demo run", **kw: Any) -> monitor
     return monitor_pb2.RunInfo(run_id=run_id, name=name, **values)
 
 
+# stub -> (run_id, rank) -> the writer session its last OpenRun granted
+_SESSIONS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], str]] = weakref.WeakKeyDictionary()
+
+
 def open_run(
-    stub: monitor_pb2_grpc.MonitorServiceStub, run_id: str = "run1", rank: int = 0, **kw: Any
+    stub: monitor_pb2_grpc.MonitorServiceStub,
+    run_id: str = "run1",
+    rank: int = 0,
+    *,
+    takeover: bool = True,
+    **kw: Any,
 ) -> monitor_pb2.OpenRunResponse:
-    request = monitor_pb2.OpenRunRequest(run=run_info(run_id, **kw), rank=rank)
+    """OpenRun as the stream's (resuming) writer: ``takeover`` by default; keeps the session."""
+    request = monitor_pb2.OpenRunRequest(run=run_info(run_id, **kw), rank=rank, takeover=takeover)
     response: monitor_pb2.OpenRunResponse = stub.OpenRun(request, timeout=TIMEOUT)
+    _SESSIONS.setdefault(stub, {})[(run_id, rank)] = response.writer_session
+    return response
+
+
+def session(stub: monitor_pb2_grpc.MonitorServiceStub, run_id: str = "run1", rank: int = 0) -> str:
+    """The writer session ``open_run`` got for (run_id, rank) on this stub ("" if none)."""
+    return _SESSIONS.get(stub, {}).get((run_id, rank), "")
+
+
+def push_request(
+    stub: monitor_pb2_grpc.MonitorServiceStub, *records: monitor_pb2.StepRecord
+) -> monitor_pb2.PushRequest:
+    """A PushRequest of one (run, rank) with the session ``open_run`` got for it."""
+    first = records[0] if records else None
+    token = session(stub, first.run_id, first.rank) if first is not None else ""
+    return monitor_pb2.PushRequest(records=list(records), writer_session=token)
+
+
+def close_run(
+    stub: monitor_pb2_grpc.MonitorServiceStub, run_id: str = "run1", rank: int = 0, status: str = ""
+) -> monitor_pb2.CloseRunResponse:
+    """CloseRun with the session ``open_run`` got for (run_id, rank)."""
+    request = monitor_pb2.CloseRunRequest(
+        run_id=run_id, rank=rank, status=status, writer_session=session(stub, run_id, rank)
+    )
+    response: monitor_pb2.CloseRunResponse = stub.CloseRun(request, timeout=TIMEOUT)
     return response
 
 
@@ -142,13 +180,37 @@ def record(
     return rec
 
 
+_FIELD_INDEX = re.compile(r"^records\[(\d+)\]")
+
+
 def push(
     stub: monitor_pb2_grpc.MonitorServiceStub, *records: monitor_pb2.StepRecord
 ) -> monitor_pb2.PushResponse:
-    response: monitor_pb2.PushResponse = stub.Push(
-        monitor_pb2.PushRequest(records=list(records)), timeout=TIMEOUT
-    )
-    return response
+    """Push ``records`` with the sessions ``open_run`` got: one Push per (run, rank), merged.
+
+    The merged response names rejected fields by their index in ``records``.
+    """
+    streams: dict[tuple[str, int], list[int]] = {}
+    for i, rec in enumerate(records):
+        streams.setdefault((rec.run_id, rec.rank), []).append(i)
+    if len(streams) <= 1:
+        one: monitor_pb2.PushResponse = stub.Push(push_request(stub, *records), timeout=TIMEOUT)
+        return one
+    merged = monitor_pb2.PushResponse()
+    for indices in streams.values():
+        part: monitor_pb2.PushResponse = stub.Push(
+            push_request(stub, *(records[i] for i in indices)), timeout=TIMEOUT
+        )
+        merged.acks.extend(part.acks)
+        for rejected in part.rejected:
+            rejected.field = _FIELD_INDEX.sub(
+                lambda m, idx=indices: f"records[{idx[int(m.group(1))]}]",  # type: ignore[misc]
+                rejected.field,
+            )
+            merged.rejected.append(rejected)
+        merged.accepted += part.accepted
+        merged.duplicates += part.duplicates
+    return merged
 
 
 def acks(response: monitor_pb2.PushResponse) -> dict[tuple[str, int], int]:

@@ -29,7 +29,12 @@ CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
 }
+# run_id -> the writer session of its rank 0 (the fixture's, renewed by takeover)
+SESSIONS: dict[str, str] = {}
 SETTINGS = settings(
     max_examples=60,
     deadline=None,
@@ -46,7 +51,8 @@ def server(tmp_path_factory):
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
             for run_id in RUN_IDS:
                 info = monitor_pb2.RunInfo(run_id=run_id, name=run_id, world_size=4)
-                stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT)
+                opened = stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT)
+                SESSIONS[run_id] = opened.writer_session
         yield srv
 
 
@@ -66,11 +72,21 @@ def _assert_healthy(server, channel):
 
 
 @SETTINGS
-@given(records=st.lists(step_records(), max_size=24))
-def test_structured_push_fuzz(server, channel, records):
+@given(
+    records=st.lists(step_records(), max_size=24),
+    own_stream=st.integers(0, 3),
+    session=st.sampled_from(RUN_IDS) | st.text(max_size=40),
+)
+def test_structured_push_fuzz(server, channel, records, own_stream, session):
     stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+    token = SESSIONS.get(session, session)
+    if own_stream and session in SESSIONS:  # mostly records of the session's own stream
+        for rec in records:
+            rec.run_id, rec.rank = session, 0
     try:
-        resp = stub.Push(monitor_pb2.PushRequest(records=records), timeout=TIMEOUT)
+        resp = stub.Push(
+            monitor_pb2.PushRequest(records=records, writer_session=token), timeout=TIMEOUT
+        )
     except grpc.RpcError as exc:
         assert exc.code() in CLIENT_ERRORS, (exc.code(), exc.details())
         return
@@ -116,7 +132,8 @@ def test_structured_open_close_fuzz(server, channel, call, info):
     # reopen the fixed runs in case the example closed them
     if run_id in RUN_IDS:
         info = monitor_pb2.RunInfo(run_id=run_id, world_size=4)
-        stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT)
+        opened = stub.OpenRun(monitor_pb2.OpenRunRequest(run=info, takeover=True), timeout=TIMEOUT)
+        SESSIONS[run_id] = opened.writer_session
 
 
 @SETTINGS

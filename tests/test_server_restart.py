@@ -17,8 +17,10 @@ from inversion_monitor.server.store import Store, StoreError
 from tests.server_support import (
     TIMEOUT,
     acks,
+    close_run,
     open_run,
     push,
+    push_request,
     record,
     run_sample,
     running,
@@ -42,9 +44,7 @@ def test_restart_restores_runs_state_and_acks(tmp_path):
             record("run1", 4, rank=1),
         )
         assert acks(resp)[("run1", 1)] == 2 and len(resp.rejected) == 1
-        stub.CloseRun(
-            monitor_pb2.CloseRunRequest(run_id="run2", status="interrupted"), timeout=TIMEOUT
-        )
+        close_run(stub, "run2", status="interrupted")
 
     with running(tmp_path) as server, stub_for(server) as stub:
         assert open_run(stub, "run1", rank=0).acked_sequence == 3
@@ -100,19 +100,26 @@ def test_acks_match_a_brute_force_reference(batches, restart_after):
         cfg = ServerConfig(db=Path(tmp) / "m.db", limits=limits)
         ing = Ingestor(Store(cfg.db), cfg)
         info = monitor_pb2.RunInfo(run_id="r", world_size=2)
-        ing.open_run(monitor_pb2.OpenRunRequest(run=info, rank=0), now=1.0)
+        # the writer sessions outlive the restart (they are stored)
+        sessions = {
+            rank: ing.open_run(monitor_pb2.OpenRunRequest(run=info, rank=rank), now=1.0)
+            for rank in (0, 1)
+        }
         done: dict[int, set[int]] = {0: set(), 1: set()}
         stored: set[tuple[int, int]] = set()
         for b, batch in enumerate(batches):
             if b == restart_after:
                 ing.close()
                 ing = Ingestor(Store(cfg.db), cfg)
-            request = monitor_pb2.PushRequest()
+            requests = {
+                rank: monitor_pb2.PushRequest(writer_session=sessions[rank].writer_session)
+                for rank in (0, 1)
+            }
             expected_dups = expected_accepted = 0
             # the window for sequence numbers is measured from the ack before the push
             acked_before = {rank: _contiguous(seqs) for rank, seqs in done.items()}
             for rank, seq, good in batch:
-                rec = request.records.add(run_id="r", rank=rank, sequence=seq, step=seq)
+                rec = requests[rank].records.add(run_id="r", rank=rank, sequence=seq, step=seq)
                 if not good:
                     rec.step = -1
                 if seq == 0 or seq > acked_before[rank] + limits.max_sequence_gap:
@@ -124,11 +131,14 @@ def test_acks_match_a_brute_force_reference(batches, restart_after):
                 if good:
                     expected_accepted += 1
                     stored.add((rank, seq))
-            resp = ing.push(request, now=2.0 + b)
-            assert resp.duplicates == expected_dups
-            assert resp.accepted == expected_accepted
-            for ack in resp.acks:
-                assert ack.acked_sequence == _contiguous(done[ack.rank])
+            # both ranks in one group commit
+            results = ing.push_many([requests[0], requests[1]], now=2.0 + b)
+            assert all(isinstance(r, monitor_pb2.PushResponse) for r in results)
+            assert sum(r.duplicates for r in results) == expected_dups  # type: ignore[union-attr]
+            assert sum(r.accepted for r in results) == expected_accepted  # type: ignore[union-attr]
+            for resp in results:
+                for ack in resp.acks:  # type: ignore[union-attr]
+                    assert ack.acked_sequence == _contiguous(done[ack.rank])
         ing.close()
         with sqlite3.connect(cfg.db) as conn:
             rows = set(conn.execute("SELECT rank, sequence FROM records").fetchall())
@@ -139,18 +149,22 @@ def test_a_failed_commit_stores_and_acknowledges_nothing(tmp_path):
     cfg = ServerConfig(db=tmp_path / "m.db")
     ing = Ingestor(Store(cfg.db, busy_timeout_ms=50), cfg)
     info = monitor_pb2.RunInfo(run_id="r", world_size=1)
-    ing.open_run(monitor_pb2.OpenRunRequest(run=info), now=1.0)
-    ok = monitor_pb2.PushRequest(records=[monitor_pb2.StepRecord(run_id="r", sequence=1)])
+    token = ing.open_run(monitor_pb2.OpenRunRequest(run=info), now=1.0).writer_session
+    ok = monitor_pb2.PushRequest(
+        records=[monitor_pb2.StepRecord(run_id="r", sequence=1)], writer_session=token
+    )
     assert ing.push(ok).acks[0].acked_sequence == 1
     blocker = sqlite3.connect(cfg.db, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
     group = [
-        monitor_pb2.PushRequest(records=[monitor_pb2.StepRecord(run_id="r", sequence=s)])
+        monitor_pb2.PushRequest(
+            records=[monitor_pb2.StepRecord(run_id="r", sequence=s)], writer_session=token
+        )
         for s in (2, 3)
     ]
     with pytest.raises(StoreError, match="locked"):
         ing.push_many(group)
-    # memory was reloaded from the database: nothing of the group counts as stored
+    # memory changes only after a commit: nothing of the group counts as stored
     assert ing.views["r"].records == 1 and ing.counters.ingested == 1
     blocker.execute("ROLLBACK")
     blocker.close()
@@ -165,9 +179,7 @@ def test_concurrent_pushes_are_grouped_and_each_acknowledged(tmp_path):
         for run in range(4):
             open_run(stub, f"run{run}", name=f"n{run}")
         futures = [
-            stub.Push.future(
-                monitor_pb2.PushRequest(records=[record(f"run{run}", seq)]), timeout=TIMEOUT
-            )
+            stub.Push.future(push_request(stub, record(f"run{run}", seq)), timeout=TIMEOUT)
             for seq in range(1, 26)
             for run in range(4)
         ]

@@ -16,6 +16,7 @@ from inversion_monitor.server.cli import runs_table
 from tests.server_support import (
     TIMEOUT,
     acks,
+    close_run,
     open_run,
     promtool_check,
     push,
@@ -25,6 +26,7 @@ from tests.server_support import (
     running,
     samples,
     scrape_text,
+    session,
     stub_for,
 )
 
@@ -132,22 +134,20 @@ def test_open_run_is_idempotent_and_close_sets_status(tmp_path):
         assert (again.display_name, again.acked_sequence) == (first.display_name, 2)
         assert open_run(stub, "run1", rank=1).acked_sequence == 0
 
-        closed = stub.CloseRun(
-            monitor_pb2.CloseRunRequest(run_id="run1", rank=0, status="completed"),
-            timeout=TIMEOUT,
-        )
+        closed = close_run(stub, "run1", rank=0, status="completed")
         assert closed.acked_sequence == 2
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="run1"), timeout=TIMEOUT)
         assert got.summary.status == "running"  # rank 1 is still running
-        stub.CloseRun(
-            monitor_pb2.CloseRunRequest(run_id="run1", rank=1, status="failed"), timeout=TIMEOUT
-        )
+        close_run(stub, "run1", rank=1, status="failed")
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="run1"), timeout=TIMEOUT)
         assert got.summary.status == "failed"
         assert samples(scrape_text(server))[("inversion_monitor_active_runs", ())] == 0
 
         bad = rpc_error(
-            stub.CloseRun, monitor_pb2.CloseRunRequest(run_id="run1", rank=0, status="done")
+            stub.CloseRun,
+            monitor_pb2.CloseRunRequest(
+                run_id="run1", rank=0, status="done", writer_session=session(stub, "run1", 0)
+            ),
         )
         assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "completed, interrupted, failed" in bad.details()

@@ -20,17 +20,20 @@ from tests.server_support import (
     ODD_TARGETS,
     TIMEOUT,
     acks,
+    close_run,
     config,
     inject,
     open_run,
     plausible_records,
     push,
+    push_request,
     record,
     rpc_error,
     run_info,
     running,
     samples,
     scrape_text,
+    session,
     step_records,
     stub_for,
 )
@@ -47,6 +50,7 @@ def _retry_delay(err: grpc.RpcError) -> float:
 def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
     with running(tmp_path, limits=Limits(max_samples=4)) as server, stub_for(server) as stub:
         open_run(stub, "run1")
+        open_run(stub, "run1", rank=1)
         batch = [record("run1", s) for s in range(1, 12)]
         batch[1].inversion.spearman.value = math.nan  # stored as missing
         batch[1].loss = math.inf  # stored as missing
@@ -60,7 +64,6 @@ def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
         batch[7].samples.add(entropy=1.0, score=2.0, token_id=9)
         batch[8].wall_time = -3.0
         batch[9].inversion.spearman.value = 1.0 + 1e-9  # round-off: clamped to 1
-        batch.append(record("run1", 1, rank=5))  # world_size is 2
         batch.append(record("run1", 0, rank=1))  # sequences start at 1
         resp = push(stub, *batch)
 
@@ -72,14 +75,13 @@ def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
             ("records[5].components[0].projection", 0, 6),
             ("records[6].samples", 0, 7),
             ("records[8].wall_time", 0, 9),
-            ("records[11].rank", 5, 1),
-            ("records[12].sequence", 1, 0),
+            ("records[11].sequence", 1, 0),
         }
         assert rejected["records[2].step", 0, 3].startswith("out_of_range: step is -5")
         assert "max_samples is 4" in rejected["records[6].samples", 0, 7]
         assert resp.accepted == 5 and resp.duplicates == 0
         # rejected sequences count as done: the ack passes them, nothing is resent
-        assert acks(resp) == {("run1", 0): 11, ("run1", 5): 1, ("run1", 1): 0}
+        assert acks(resp) == {("run1", 0): 11, ("run1", 1): 0}
 
         history = stub.GetRun(monitor_pb2.GetRunRequest(run="run1"), timeout=TIMEOUT).history
         by_seq = {r.sequence: r for r in history if r.rank == 0}
@@ -94,27 +96,31 @@ def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
         assert s[(rejected_total, (("reason", "out_of_range"),))] == 4
         assert s[(rejected_total, (("reason", "malformed"),))] == 1
         assert s[(rejected_total, (("reason", "too_large"),))] == 1
-        assert s[(rejected_total, (("reason", "bad_rank"),))] == 1
+        # a rank outside world_size cannot open a stream, so no record is rejected for it
+        assert s[(rejected_total, (("reason", "bad_rank"),))] == 0
         assert s[(rejected_total, (("reason", "bad_sequence"),))] == 1
         assert s[("inversion_monitor_nonfinite_values_total", ())] == 3
         # a resend of a rejected record is a duplicate, never stored
         again = push(stub, batch[2])
         assert (again.accepted, again.duplicates, len(again.rejected)) == (0, 1, 0)
     with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        assert conn.execute("SELECT count(*) FROM rejected").fetchone() == (7,)
+        assert conn.execute("SELECT count(*) FROM rejected").fetchone() == (6,)
 
 
-def test_push_for_unknown_or_malformed_run_fails_as_a_whole(tmp_path):
+def test_push_outside_its_session_stream_fails_as_a_whole(tmp_path):
     with running(tmp_path) as server, stub_for(server) as stub:
         open_run(stub, "run1")
-        request = monitor_pb2.PushRequest(records=[record("run1", 1), record("ghost", 1)])
-        err = rpc_error(stub.Push, request)
-        assert err.code() == grpc.StatusCode.NOT_FOUND
-        assert "records[1].run_id" in err.details() and "call OpenRun first" in err.details()
-        request = monitor_pb2.PushRequest(records=[record("bad id!", 1)])
-        err = rpc_error(stub.Push, request)
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "records[0].run_id" in err.details()
+        token = session(stub, "run1", 0)
+        for other in (record("ghost", 1), record("run1", 1, rank=1)):
+            request = monitor_pb2.PushRequest(
+                records=[record("run1", 1), other], writer_session=token
+            )
+            err = rpc_error(stub.Push, request)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "records[1]" in err.details() and "'run1' rank 0" in err.details()
+        err = rpc_error(stub.Push, monitor_pb2.PushRequest(records=[record("bad id!", 1)]))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no writer_session" in err.details() and "re-opened" in err.details()
         # nothing of the failed pushes was stored
         assert acks(push(stub, record("run1", 1))) == {("run1", 0): 1}
         assert push(stub).acks == []  # an empty push is fine
@@ -175,8 +181,10 @@ def test_limits_answer_with_the_right_status_and_name_the_limit(tmp_path):
         assert _retry_delay(err) == 30.0
         open_run(stub, "run1", rank=1)  # existing runs may still open more ranks
         for rank in (0, 1):
-            stub.CloseRun(monitor_pb2.CloseRunRequest(run_id="run1", rank=rank), timeout=TIMEOUT)
-        assert open_run(stub, "run3").display_name == "demo-run-3"
+            close_run(stub, "run1", rank=rank)
+        # a closed run still counts until it leaves the retention window
+        err = open_err(run_info("run3"))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class _Gate:
@@ -203,11 +211,9 @@ def test_listeners_see_stored_records_and_overload_is_shed_with_retry_info(tmp_p
     cfg = config(tmp_path, limits=Limits(max_pending_pushes=1))
     with MonitorServer(cfg, listeners=[_Broken(), gate]) as server, stub_for(server) as stub:
         open_run(stub, "run1")
-        first = stub.Push.future(
-            monitor_pb2.PushRequest(records=[record("run1", 1, step=7)]), timeout=TIMEOUT
-        )
+        first = stub.Push.future(push_request(stub, record("run1", 1, step=7)), timeout=TIMEOUT)
         assert gate.entered.wait(TIMEOUT)
-        err = rpc_error(stub.Push, monitor_pb2.PushRequest(records=[record("run1", 2)]))
+        err = rpc_error(stub.Push, push_request(stub, record("run1", 2)))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_pending_pushes=1" in err.details()
         assert _retry_delay(err) == 0.25
@@ -258,14 +264,10 @@ def test_pushes_queued_behind_a_busy_writer_share_one_commit(tmp_path):
     gate = _Gate()
     with MonitorServer(config(tmp_path), listeners=[gate]) as server, stub_for(server) as stub:
         open_run(stub, "run1")
-        first = stub.Push.future(
-            monitor_pb2.PushRequest(records=[record("run1", 1)]), timeout=TIMEOUT
-        )
+        first = stub.Push.future(push_request(stub, record("run1", 1)), timeout=TIMEOUT)
         assert gate.entered.wait(TIMEOUT)  # the writer is busy with the first push
         queued = [
-            stub.Push.future(
-                monitor_pb2.PushRequest(records=[record("run1", seq)]), timeout=TIMEOUT
-            )
+            stub.Push.future(push_request(stub, record("run1", seq)), timeout=TIMEOUT)
             for seq in range(2, 12)
         ]
         depth = ("inversion_monitor_writer_queue_depth", ())

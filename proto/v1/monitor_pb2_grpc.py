@@ -65,25 +65,31 @@ class MonitorServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def OpenRun(self, request, context):
-        """Registers a run (idempotent: the same run_id from several ranks, or again
-        after a reconnect, returns the existing run). Tells the caller the highest
-        contiguous sequence number already persisted for its rank.
+        """Registers a run (idempotent: the same run_id from several ranks returns
+        the existing run) and grants the caller a writer session for its
+        (run, rank) stream: one owner per stream. While another session holds the
+        stream (active within the server's writer_idle_timeout_s and not closed)
+        the call fails with ALREADY_EXISTS, unless `takeover` is set. Tells the
+        caller the highest contiguous sequence number already persisted for its
+        rank.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request, context):
-        """Stores a batch of records. Answers with the acknowledged sequence per
-        (run, rank) and the records rejected for good, with reasons (partial
-        success). A push for a run that was never opened fails with NOT_FOUND.
+        """Stores a batch of records of the session's (run, rank). Answers with the
+        acknowledged sequence and the records rejected for good, with reasons
+        (partial success). A missing, unknown or superseded writer session fails
+        with FAILED_PRECONDITION (re-open the stream); a push for a run that was
+        never opened fails with NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseRun(self, request, context):
-        """Marks a rank's part of a run as finished.
+        """Marks a rank's part of a run as finished (with the stream's writer session).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
