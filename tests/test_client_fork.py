@@ -30,8 +30,8 @@ def _wait_child(pid: int, timeout_s: float = 60.0) -> int:
 
 def _child(parent: MonitorClient, endpoint: str, spool: Path) -> None:
     """Runs in the child; any failure becomes a non-zero exit code."""
-    assert parent._channel is None and parent._stub is None
-    assert parent._thread is None and parent._spool is None
+    assert parent._sender._channel is None and parent._sender._stub is None
+    assert parent._thread is None and parent._window.spool is None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         parent.log(999, stats(999))  # inert in the child: dropped, never sent
@@ -95,7 +95,7 @@ def test_child_at_fork_does_not_deadlock_on_a_held_lock() -> None:
         client = MonitorClient(handle.endpoint, "lock", run_id="lock", **FAST)
         client.log(0, stats(0))
         assert client.flush(timeout_s=10)  # gRPC idle at the fork (see the client docstring)
-        with client._lock:  # fork while the lock is held (as by the sender thread)
+        with client._window.lock:  # fork while the lock is held (as by the sender thread)
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
                 signal.alarm(20)

@@ -13,8 +13,9 @@ import pytest
 
 from inversion_monitor.cli import build_parser, main
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.cli import runs_table, serve_config
+from inversion_monitor.server.cli import serve_config
 from inversion_monitor.server.config import ConfigError, ServerConfig
+from inversion_monitor.tables import runs_table
 from tests.server_support import (
     TIMEOUT,
     open_run,

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.cli import runs_table
+from inversion_monitor.tables import runs_table
 from tests.server_support import (
     TIMEOUT,
     acks,

@@ -36,32 +36,38 @@ class RunInfo(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., project: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., framework: _Optional[str] = ..., model_type: _Optional[str] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class OpenRunRequest(_message.Message):
-    __slots__ = ("run", "rank")
+    __slots__ = ("run", "rank", "takeover")
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    TAKEOVER_FIELD_NUMBER: _ClassVar[int]
     run: RunInfo
     rank: int
-    def __init__(self, run: _Optional[_Union[RunInfo, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
+    takeover: bool
+    def __init__(self, run: _Optional[_Union[RunInfo, _Mapping]] = ..., rank: _Optional[int] = ..., takeover: _Optional[bool] = ...) -> None: ...
 
 class OpenRunResponse(_message.Message):
-    __slots__ = ("run_id", "display_name", "acked_sequence")
+    __slots__ = ("run_id", "display_name", "acked_sequence", "writer_session")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     ACKED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WRITER_SESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     display_name: str
     acked_sequence: int
-    def __init__(self, run_id: _Optional[str] = ..., display_name: _Optional[str] = ..., acked_sequence: _Optional[int] = ...) -> None: ...
+    writer_session: str
+    def __init__(self, run_id: _Optional[str] = ..., display_name: _Optional[str] = ..., acked_sequence: _Optional[int] = ..., writer_session: _Optional[str] = ...) -> None: ...
 
 class CloseRunRequest(_message.Message):
-    __slots__ = ("run_id", "rank", "status")
+    __slots__ = ("run_id", "rank", "status", "writer_session")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    WRITER_SESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     status: str
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ...) -> None: ...
+    writer_session: str
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ..., writer_session: _Optional[str] = ...) -> None: ...
 
 class CloseRunResponse(_message.Message):
     __slots__ = ("acked_sequence",)
@@ -164,10 +170,12 @@ class StepRecord(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., sequence: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., inversion: _Optional[_Union[InversionStats, _Mapping]] = ..., entropy: _Optional[_Union[Summary, _Mapping]] = ..., score: _Optional[_Union[Summary, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStats, _Mapping]]] = ..., entropy_covariance: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., samples: _Optional[_Iterable[_Union[TokenSample, _Mapping]]] = ..., probe_seconds: _Optional[float] = ..., spearman_per_token_type: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "writer_session")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    WRITER_SESSION_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[StepRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ...) -> None: ...
+    writer_session: str
+    def __init__(self, records: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., writer_session: _Optional[str] = ...) -> None: ...
 
 class RankAck(_message.Message):
     __slots__ = ("run_id", "rank", "acked_sequence")
