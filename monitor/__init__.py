@@ -20,7 +20,7 @@ from inversion_monitor._version import __version__
 _LAZY_EXPORTS: dict[str, str] = {
     "ArchitectureAdapter": ".architectures",
     "DegenerateInputWarning": ".stats",
-    "DeliveryReport": ".client",
+    "DeliveryReport": ".window",
     "InversionAccumulator": ".stats",
     "InversionMonitor": ".monitor",
     "InversionStats": ".stats",
@@ -30,7 +30,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "ProbeResult": ".probe",
     "ProjectionSite": ".architectures",
     "SequenceInversion": ".corrpo",
-    "TelemetryWarning": ".client",
+    "TelemetryWarning": ".sender",
     "TokenSampler": ".sampling",
     "corrpo_rewards": ".corrpo",
     "entropy_covariance": ".covariance",
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
         ProjectionSite,
         register_adapter,
     )
-    from inversion_monitor.client import DeliveryReport, MonitorClient, TelemetryWarning
+    from inversion_monitor.client import MonitorClient
     from inversion_monitor.config import MonitorConfig
     from inversion_monitor.corrpo import (
         SequenceInversion,
@@ -70,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
     from inversion_monitor.probe import ProbeResult, logit_gradient_norms
     from inversion_monitor.reference import reference_norms
     from inversion_monitor.sampling import TokenSampler, valid_positions
+    from inversion_monitor.sender import TelemetryWarning
     from inversion_monitor.stats import (
         DegenerateInputWarning,
         InversionAccumulator,
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
         rank_average,
         spearman,
     )
+    from inversion_monitor.window import DeliveryReport
 
 # "__version__" first, then sorted(_LAZY_EXPORTS): checked by tests/test_exports.py
 __all__ = [  # noqa: RUF022 - the order above is the contract
