@@ -108,6 +108,7 @@ from types import TracebackType
 from typing import Any
 
 from inversion_monitor._version import __version__
+from inversion_monitor.config import MonitorConfig
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.sender import (
     RunStatus,
@@ -127,6 +128,12 @@ __all__ = ["DeliveryReport", "MonitorClient", "RunStatus", "TelemetryWarning"]
 logger = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _default(name: str) -> Any:
+    """The default of a delivery knob: MonitorConfig is its single source."""
+    return MonitorConfig.model_fields[name].default
+
 
 _LIVE: weakref.WeakSet[MonitorClient] = weakref.WeakSet()
 # Channels and spools inherited by a forked child: kept referenced so that
@@ -199,13 +206,13 @@ class MonitorClient:
         token: str | None = None,
         tls: TlsSetting = False,
         spool_dir: str | os.PathLike[str] | None = None,
-        max_buffer: int = 10_000,
-        batch_size: int = 500,
-        flush_interval_s: float = 1.0,
-        rpc_timeout_s: float = 10.0,
-        backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 30.0,
-        close_timeout_s: float = 5.0,
+        max_buffer: int = _default("max_buffer"),
+        batch_size: int = _default("batch_size"),
+        flush_interval_s: float = _default("flush_interval_s"),
+        rpc_timeout_s: float = _default("rpc_timeout_s"),
+        backoff_initial_s: float = _default("backoff_initial_s"),
+        backoff_max_s: float = _default("backoff_max_s"),
+        close_timeout_s: float = _default("close_timeout_s"),
     ) -> None:
         transport = Transport.create(endpoint, tls=tls, token=token)
         self.endpoint = transport.endpoint
