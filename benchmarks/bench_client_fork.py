@@ -10,7 +10,10 @@ Two measurements, side by side in one run:
    client logs without pause, so a call is almost always in flight; the
    parent forks ``--forks`` short-lived children (they never use gRPC) and
    counts those killed by a signal, once with the client's fork handling and
-   once with it switched off (the baseline gRPC hazard).
+   once with it switched off (the baseline gRPC hazard). It also counts the
+   forks gRPC itself saw with a call in flight (its log line "Other threads
+   are currently calling into gRPC, skipping fork() handlers", read from the
+   process's stderr): the state in which children can crash.
 
     .venv/bin/python -m benchmarks.bench_client_fork [--forks 600]
 """
@@ -24,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -92,8 +96,25 @@ def measure_wait(hang_s: float, forks: int) -> dict[str, float]:
     }
 
 
-def measure_crashes(delay_ms: float, forks: int, *, handling: bool) -> tuple[int, int]:
-    """(children killed by a signal, children that exited non-zero)."""
+@contextlib.contextmanager
+def _stderr_lines() -> Iterator[list[str]]:
+    """Capture what the process (gRPC's C core included) writes to file descriptor 2."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines.extend(capture.read().decode(errors="replace").splitlines())
+
+
+def measure_crashes(delay_ms: float, forks: int, *, handling: bool) -> tuple[int, int, int]:
+    """(children killed by a signal, exited non-zero, forks gRPC saw mid-call)."""
     original = Sender.before_fork
     if not handling:
         Sender.before_fork = lambda self: None  # type: ignore[method-assign]
@@ -114,18 +135,20 @@ def measure_crashes(delay_ms: float, forks: int, *, handling: bool) -> tuple[int
             logger = threading.Thread(target=keep_logging, daemon=True)
             logger.start()
             signalled = failed = 0
-            for _ in range(forks):
-                _, status = _fork_and_reap(work=True)
-                if os.WIFSIGNALED(status):
-                    signalled += 1
-                elif os.waitstatus_to_exitcode(status) != 0:
-                    failed += 1
+            with _stderr_lines() as lines:
+                for _ in range(forks):
+                    _, status = _fork_and_reap(work=True)
+                    if os.WIFSIGNALED(status):
+                        signalled += 1
+                    elif os.waitstatus_to_exitcode(status) != 0:
+                        failed += 1
+            busy = sum("skipping fork() handlers" in line for line in lines)
             stop.set()
             logger.join()
             client.close(timeout_s=1)
     finally:
         Sender.before_fork = original  # type: ignore[method-assign]
-    return signalled, failed
+    return signalled, failed, busy
 
 
 def main() -> None:
@@ -147,12 +170,12 @@ def main() -> None:
         f"ms (goal <= 100 ms); without a client max {wait['no_client_max_ms']:.1f} ms"
     )
     for handling in (True, False):
-        signalled, failed = measure_crashes(args.delay_ms, args.forks, handling=handling)
+        signalled, failed, busy = measure_crashes(args.delay_ms, args.forks, handling=handling)
         name = "with fork handling" if handling else "handling switched off"
         print(
-            f"children crashed {name}: {signalled} of {args.forks} killed by a signal, "
-            f"{failed} exited non-zero (calls in flight, Push answered after "
-            f"{args.delay_ms:g} ms)"
+            f"{name}: {busy} of {args.forks} forks made while gRPC had a call in flight; "
+            f"children: {signalled} killed by a signal, {failed} exited non-zero "
+            f"(Push answered after {args.delay_ms:g} ms, logging without pause)"
         )
 
 
