@@ -352,13 +352,13 @@ class Sender:
             else f"up to max_buffer={self.window.max_buffer} records are kept, older ones "
             "dropped, none counted as delivered"
         )
-        self._stop(failure.code.name)
-        self.warner.once(
+        self.warner.once(  # before stopping: whoever waits on the stop sees the warning
             "halted",
             f"the monitor server at {self.transport.endpoint} refused run {self.run_id} "
             f"({failure.code.name}: {failure.details}) for rank {self.rank}: {fix}. This "
             f"client sends nothing more; {keep}. Training continues.",
         )
+        self._stop(failure.code.name)
 
     def _stop(self, reason: str) -> None:
         with self.window.lock:
