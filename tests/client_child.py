@@ -19,20 +19,20 @@ from tests.scripted_server import stats
 
 def main(argv: list[str]) -> int:
     endpoint, spool_dir, run_id, count, max_buffer = argv
-    client = MonitorClient(
-        endpoint,
-        run_id,
-        run_id=run_id,
-        spool_dir=spool_dir,
-        max_buffer=int(max_buffer),
-        batch_size=min(100, int(max_buffer)),
-        flush_interval_s=0.05,
-        backoff_initial_s=0.02,
-        backoff_max_s=0.2,
-        rpc_timeout_s=2.0,
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TelemetryWarning)
+        client = MonitorClient(
+            endpoint,
+            run_id,
+            run_id=run_id,
+            spool_dir=spool_dir,
+            max_buffer=int(max_buffer),
+            batch_size=min(100, int(max_buffer)),
+            flush_interval_s=0.05,
+            backoff_initial_s=0.02,
+            backoff_max_s=0.2,
+            rpc_timeout_s=2.0,
+        )
         for step in range(int(count)):
             try:
                 client.log(step, stats(step))

@@ -1,8 +1,8 @@
 """The spool under hostile conditions, against ``inversion-monitor serve``.
 
 A client process SIGKILLed right after ``log()`` returned loses nothing (the
-next client with that spool sends everything, exactly once), and a full disk
-never raises into ``log()``. The full disk is a small tmpfs mounted inside
+next client with that spool sends everything, exactly once), and a full or
+read-only disk never raises into ``log()``. The disk is a small tmpfs mounted inside
 a user and mount namespace (``unshare -rm``): no root needed where
 unprivileged user namespaces are enabled (most Linux distributions).
 """
@@ -127,6 +127,31 @@ def test_a_full_disk_never_raises_and_loses_nothing_written(
         else:  # the disk held what memory could not: all of it arrived
             assert final["dropped"] == count - len(stored) > 0
             assert steps[: len(steps) - max_buffer] == list(range(len(steps) - max_buffer))
+    finally:
+        child.kill()
+        server.stop()
+
+
+def test_a_read_only_spool_folder_never_raises_and_delivers_from_memory(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    port = free_port()
+    mount = f'mount -t tmpfs tmpfs {spool} && mount -o remount,ro {spool} && exec "$@"'
+    wrap = [*_unshare(), "sh", "-c", mount, "sh"]
+    child = _child(f"127.0.0.1:{port}", spool, "ro", 300, 1000, wrap)
+    server = ServeProcess(tmp_path / "monitor.db", port=port)
+    try:
+        first = _line(child)
+        (warning,) = [m for m in first["warnings"] if "no telemetry spool" in m]
+        assert "Read-only file system" in warning
+        server.start()
+        assert child.stdin is not None
+        child.stdin.write("flush\n")
+        child.stdin.flush()
+        final = _line(child)
+        assert final["flushed"] and final["report"]["delivered"] == 300
+        assert child.wait(30) == 0
+        assert _stored(tmp_path / "monitor.db", "ro") == [(s, s - 1) for s in range(1, 301)]
     finally:
         child.kill()
         server.stop()
