@@ -27,9 +27,8 @@ Policies, in one place:
   the server de-duplicates), forever, with exponential backoff
   (``backoff_initial_s * 2**n``, at most ``backoff_max_s``, times a jitter of
   0.8-1.2) or exactly the delay of a ``google.rpc.RetryInfo`` the server sent.
-  ``UNAVAILABLE`` also rebuilds the channel, and the run is re-opened after a
-  reconnect to skip what the server already stored. ``NOT_FOUND`` re-opens
-  the run and resends.
+  ``UNAVAILABLE`` also rebuilds the channel (an older server without writer
+  sessions re-opens the run then). ``NOT_FOUND`` re-opens the run and resends.
 * **Stop.** Any other code (``UNAUTHENTICATED``, ``PERMISSION_DENIED``,
   ``INVALID_ARGUMENT``, ``UNIMPLEMENTED``, ...) means this client's
   configuration is wrong: it warns once with the code and the fix, sends
@@ -69,17 +68,11 @@ Policies, in one place:
   channel, spool or thread, and drops what is logged to it (one warning):
   sending from the child under the parent's run and rank would collide with
   the parent's sequence numbers. Create a new client in the child (its own
-  rank or run_id). gRPC itself is only partly fork-safe: forking while a
-  channel is busy in another thread occasionally crashes the child inside
-  gRPC's fork handlers, even a child that never uses gRPC and with or without
-  this client (measured with grpcio 1.85: about 1 fork in 150 in a stress
-  loop; none when the channel was idle, e.g. right after ``flush()``). So a
-  fork made while this client has a call in flight cancels that call, waits
-  (at most 100 ms) until gRPC finished it and resends it after the fork; new
-  calls wait for the fork. For
-  children that never use gRPC (DataLoader workers), ``GRPC_ENABLE_FORK_SUPPORT=0``
-  in the environment before Python starts avoided it (0 in 400); children
-  that use gRPC are safest started with ``spawn`` or ``forkserver``.
+  rank or run_id). gRPC can crash a child forked while a call is in flight,
+  so a fork cancels this client's call in flight, waits (at most 100 ms)
+  until gRPC finished it and resends it afterwards (see
+  :mod:`inversion_monitor.sender` and ``benchmarks/bench_client_fork.py``).
+  Children that use gRPC are safest started with ``spawn`` or ``forkserver``.
 
 >>> client = MonitorClient("127.0.0.1:9", "doc-run", run_id="doc1", close_timeout_s=0.1)
 >>> client.log(1, {"spearman": -0.5, "pearson": -0.4, "n": 64,
