@@ -1,7 +1,8 @@
 """Cost of ``MonitorClient.log`` per call, in microseconds (goal: <= 50 us).
 
 Cases: a live loopback server (``inversion-monitor serve`` in a subprocess;
-stats as ``InversionStats`` and as a mapping), a dead endpoint with a full
+stats as ``InversionStats`` and as a mapping; with a write-ahead spool, where
+every call also writes the record to the spool file), a dead endpoint with a full
 queue (every call drops the oldest record), and a dead endpoint with a spool
 (every call spills to disk).
 
@@ -127,6 +128,19 @@ def main() -> None:
         flushed = live.flush(timeout_s=60)
         report = live.close(timeout_s=10)
         delivered = f"(flush {flushed}, delivered {report.delivered}/{report.logged})"
+        with tempfile.TemporaryDirectory() as spool_dir:
+            ahead = MonitorClient(
+                endpoint, "bench", run_id="bench-ahead", max_buffer=100_000, spool_dir=spool_dir
+            )
+            rows.append(
+                _row(
+                    "live server, write-ahead spool",
+                    _time_calls(lambda i: ahead.log(i, stats, loss=2.0), args.calls),
+                )
+            )
+            ahead.flush(timeout_s=60)
+            report = ahead.close(timeout_s=10)
+            delivered += f" (spool: delivered {report.delivered}/{report.logged})"
 
     dead = MonitorClient(_dead_endpoint(), "bench", run_id="bench-dead", max_buffer=1000)
     rows.append(

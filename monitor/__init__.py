@@ -20,7 +20,7 @@ from inversion_monitor._version import __version__
 _LAZY_EXPORTS: dict[str, str] = {
     "ArchitectureAdapter": ".probe.architectures",
     "DegenerateInputWarning": ".metrics.stats",
-    "DeliveryReport": ".telemetry.client",
+    "DeliveryReport": ".telemetry.window",
     "InversionAccumulator": ".metrics.stats",
     "InversionMonitor": ".engine.training_monitor",
     "InversionStats": ".metrics.stats",
@@ -30,7 +30,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "ProbeResult": ".probe.gradients",
     "ProjectionSite": ".probe.architectures",
     "SequenceInversion": ".rl.corrpo",
-    "TelemetryWarning": ".telemetry.client",
+    "TelemetryWarning": ".telemetry.sender",
     "TokenSampler": ".probe.sampling",
     "corrpo_rewards": ".rl.corrpo",
     "entropy_covariance": ".metrics.covariance",
@@ -79,7 +79,9 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers and IDEs only
         group_advantages,
         sequence_inversion,
     )
-    from inversion_monitor.telemetry.client import DeliveryReport, MonitorClient, TelemetryWarning
+    from inversion_monitor.telemetry.client import MonitorClient
+    from inversion_monitor.telemetry.sender import TelemetryWarning
+    from inversion_monitor.telemetry.window import DeliveryReport
 
 # "__version__" first, then sorted(_LAZY_EXPORTS): checked by tests/test_exports.py
 __all__ = [  # noqa: RUF022 - the order above is the contract

@@ -24,7 +24,15 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import TypedDict, Unpack
 
 from inversion_monitor.metrics import MIN_CORRELATION_PAIRS
@@ -42,6 +50,16 @@ _FLAGS = {
     "": False,
 }
 Projection = Literal["q", "k", "v", "o"]
+# the fields MonitorClient takes as keyword arguments of the same name
+DELIVERY_FIELDS = (
+    "max_buffer",
+    "batch_size",
+    "flush_interval_s",
+    "rpc_timeout_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "close_timeout_s",
+)
 
 
 class ConfigError(ValueError):
@@ -90,6 +108,19 @@ class MonitorConfig(BaseModel):
     spool_dir: str | None = Field(None, description="spill records here when the server is away")
     jsonl_path: str | None = Field(None, description="also append every record to this file")
     log_to_trainer: bool = Field(True, description="add inversion/... keys to the trainer logs")
+
+    # how records are delivered to the server (MonitorClient)
+    max_buffer: int = Field(10_000, ge=1, description="unacknowledged records held in memory")
+    batch_size: int = Field(500, ge=1, description="records per Push")
+    flush_interval_s: float = Field(
+        1.0, gt=0.0, allow_inf_nan=False, description="send (and fsync the spool) this often"
+    )
+    rpc_timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False, description="per call")
+    backoff_initial_s: float = Field(0.5, gt=0.0, allow_inf_nan=False, description="first retry")
+    backoff_max_s: float = Field(30.0, gt=0.0, allow_inf_nan=False, description="longest retry")
+    close_timeout_s: float = Field(
+        5.0, ge=0.0, allow_inf_nan=False, description="delivery wait at close and exit"
+    )
 
     # what is measured
     layers: list[int] = Field(
@@ -152,6 +183,14 @@ class MonitorConfig(BaseModel):
             raise ValueError(f"contains duplicates: {value}")
         return value
 
+    @model_validator(mode="after")
+    def _buffer_holds_a_batch(self) -> MonitorConfig:
+        if self.max_buffer < self.batch_size:
+            raise ValueError(
+                f"max_buffer={self.max_buffer} must be >= batch_size={self.batch_size}"
+            )
+        return self
+
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
@@ -182,6 +221,14 @@ class MonitorConfig(BaseModel):
     def with_overrides(self, **overrides: Unpack[MonitorOverrides]) -> MonitorConfig:
         """A copy with ``overrides`` applied and validated."""
         return type(self)(**{**self.model_dump(), **overrides})
+
+    def delivery_options(self) -> dict[str, Any]:
+        """The delivery keyword arguments of :class:`~inversion_monitor.MonitorClient`.
+
+        >>> MonitorConfig(batch_size=50).delivery_options()["batch_size"]
+        50
+        """
+        return {name: getattr(self, name) for name in DELIVERY_FIELDS}
 
     def public_dict(self) -> dict[str, Any]:
         """The settings as plain JSON values, without secrets (sent to the server)."""
@@ -225,6 +272,13 @@ class MonitorOverrides(TypedDict, total=False):
     spool_dir: str | None
     jsonl_path: str | None
     log_to_trainer: bool
+    max_buffer: int
+    batch_size: int
+    flush_interval_s: float
+    rpc_timeout_s: float
+    backoff_initial_s: float
+    backoff_max_s: float
+    close_timeout_s: float
     layers: list[int]
     projections: tuple[Projection, ...] | list[Projection]
     norm: Literal["nuclear", "frobenius", "l1"]

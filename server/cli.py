@@ -1,4 +1,4 @@
-"""The ``serve`` and ``runs`` sub-commands of ``inversion-monitor``.
+"""The ``serve`` sub-command of ``inversion-monitor``.
 
 Only argparse is imported here; each handler imports gRPC and the server
 when it runs, so ``inversion-monitor --help`` stays instant.
@@ -7,23 +7,17 @@ when it runs, so ``inversion-monitor --help`` stays instant.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inversion_monitor.proto.v1 import monitor_pb2
     from inversion_monitor.server.config import ServerConfig
 
-ENDPOINT_ENV = "INVERSION_MONITOR_ENDPOINT"
-TOKEN_ENV = "INVERSION_MONITOR_TOKEN"
 
-
-def add_server_commands(subparsers: Any) -> None:
-    """Add ``serve`` and ``runs`` to an ``argparse`` sub-parsers object."""
+def add_serve_command(subparsers: Any) -> None:
+    """Add ``serve`` to an ``argparse`` sub-parsers object."""
     env = "INVERSION_MONITOR_SERVER_"
     serve = subparsers.add_parser(
         "serve",
@@ -105,28 +99,6 @@ def add_server_commands(subparsers: Any) -> None:
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(handler=run_serve)
-
-    runs = subparsers.add_parser(
-        "runs",
-        help="list the runs a monitor server knows",
-        description="List runs (newest activity first) through the server's ListRuns call.",
-    )
-    runs.add_argument(
-        "--endpoint",
-        default=os.environ.get(ENDPOINT_ENV, "127.0.0.1:50051"),
-        metavar="HOST:PORT",
-        help=f"server address (default ${ENDPOINT_ENV} or 127.0.0.1:50051)",
-    )
-    runs.add_argument(
-        "--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default ${TOKEN_ENV})"
-    )
-    runs.add_argument(
-        "--tls-ca", metavar="PEM", help="use TLS, trusting this CA or self-signed certificate"
-    )
-    runs.add_argument("--project", default="", help="only runs of this project")
-    runs.add_argument("--limit", type=int, default=100, help="at most this many runs (100)")
-    runs.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
-    runs.set_defaults(handler=run_runs)
 
 
 # ---------------------------------------------------------------- serve
@@ -243,113 +215,3 @@ address (--grpc-address / --http-address; port 0 picks a free one)'
             "(--grpc-address / --http-address; port 0 picks a free one)"
         )
     return text
-
-
-# ---------------------------------------------------------------- runs
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces.
-
-    >>> print(format_table(["NAME", "STEP"], [["demo", "12"], ["longer-name", "3"]]))
-    NAME         STEP
-    demo         12
-    longer-name  3
-    """
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in [list(headers), *rows]
-    ]
-    return "\n".join(lines)
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _age(then: float, now: float) -> str:
-    if not then:
-        return "-"
-    seconds = max(0.0, now - then)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
-
-
-def runs_table(runs: Sequence[monitor_pb2.RunSummary], now: float) -> str:
-    """The ``runs`` table: one line per run summary."""
-    headers = [
-        "NAME",
-        "PROJECT",
-        "STATUS",
-        "STEP",
-        "RHO",
-        "ENTROPY",
-        "RECORDS",
-        "UPDATED",
-        "ALERTS",
-    ]
-    rows = []
-    for run in runs:
-        latest = run.latest if run.HasField("latest") else None
-        rho = entropy = None
-        if latest is not None:
-            if latest.inversion.spearman.HasField("value"):
-                rho = latest.inversion.spearman.value
-            if latest.entropy.HasField("mean"):
-                entropy = latest.entropy.mean
-        rows.append(
-            [
-                run.display_name,
-                run.run.project or "-",
-                run.status,
-                str(latest.step) if latest is not None else "-",
-                _number(rho, 3),
-                _number(entropy, 3),
-                str(run.records),
-                _age(run.last_update_time, now),
-                ",".join(f"{a.name}({a.severity})" for a in run.active_alerts) or "-",
-            ]
-        )
-    return format_table(headers, rows)
-
-
-def run_runs(args: argparse.Namespace) -> int:
-    """Handler of ``inversion-monitor runs``."""
-    from pathlib import Path
-
-    import grpc
-
-    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-
-    if args.tls_ca:
-        creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
-        channel = grpc.secure_channel(args.endpoint, creds)
-    else:
-        channel = grpc.insecure_channel(args.endpoint)
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
-    with channel:
-        stub = monitor_pb2_grpc.MonitorServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            response = stub.ListRuns(
-                monitor_pb2.ListRunsRequest(project=args.project, limit=args.limit),
-                timeout=args.timeout,
-                metadata=metadata,
-            )
-        except grpc.RpcError as exc:
-            code = exc.code()
-            print(
-                f"inversion-monitor runs: {args.endpoint}: {code.name if code else '?'}: "
-                f"{exc.details()}",
-                file=sys.stderr,
-            )
-            return 1
-    if not response.runs:
-        print("no runs")
-        return 0
-    print(runs_table(response.runs, time.time()))
-    return 0

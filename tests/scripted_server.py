@@ -4,13 +4,17 @@ It implements the wire contract (idempotent OpenRun, per-(run, rank)
 contiguous acks, rejections, NOT_FOUND for unknown runs) in memory, and can be
 told to fail calls with any status code (optionally with a RetryInfo), to
 delay replies, to reject records, to lose its state, to stop and to restart
-on the same port.
+on the same port. With ``sessions=True`` it plays the server side of writer
+sessions: OpenRun grants one per (run, rank) (ALREADY_EXISTS while another
+is live, unless ``takeover``), Push and CloseRun must carry the current one
+(FAILED_PRECONDITION otherwise), CloseRun ends it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
@@ -57,6 +61,12 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
     received: Counter[tuple[str, int, int]] = field(default_factory=Counter)
     calls: list[Call] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # writer sessions (off by default: the older wire contract)
+    sessions: bool = False
+    keep_sessions: bool = True  # False: forget each session as soon as it is granted
+    writers: dict[tuple[str, int], str] = field(default_factory=dict)
+    opens: list[monitor_pb2.OpenRunRequest] = field(default_factory=list)
+    sessions_seen: list[tuple[str, str]] = field(default_factory=list)  # (method, session)
 
     # ------------------------------------------------------------ scripting
 
@@ -69,6 +79,18 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
             self.runs.clear()
             self.stored.clear()
             self.rejected.clear()
+
+    def take_over(self, run_id: str, rank: int = 0) -> str:
+        """Another writer takes the stream over; returns its session."""
+        with self.lock:
+            session = uuid.uuid4().hex
+            self.writers[(run_id, rank)] = session
+            return session
+
+    def forget_sessions(self) -> None:
+        """What a restart of a server holding sessions in memory does."""
+        with self.lock:
+            self.writers.clear()
 
     def sequences(self, run_id: str, rank: int = 0) -> list[int]:
         with self.lock:
@@ -125,19 +147,48 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
         self, request: monitor_pb2.OpenRunRequest, context: grpc.ServicerContext
     ) -> monitor_pb2.OpenRunResponse:
         self._gate("OpenRun", context)
+        session = ""
         with self.lock:
             run = request.run
+            key = (run.run_id, request.rank)
+            self.opens.append(request)
+            if self.sessions:
+                if key in self.writers and not request.takeover:
+                    busy = f"run {run.run_id!r} rank {request.rank} has a live writer"
+                else:
+                    busy = ""
+                    session = self.writers[key] = uuid.uuid4().hex
+                    if not self.keep_sessions:
+                        del self.writers[key]
             self.runs.setdefault(run.run_id, run)
-            acked = self._acked((run.run_id, request.rank))
+            acked = self._acked(key)
+        if session == "" and self.sessions:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, busy)
         return monitor_pb2.OpenRunResponse(
-            run_id=run.run_id, display_name=f"{run.name}-shown", acked_sequence=acked
+            run_id=run.run_id,
+            display_name=f"{run.name}-shown",
+            acked_sequence=acked,
+            writer_session=session,
         )
+
+    def _session_refused(self, method: str, key: tuple[str, int], session: str) -> str | None:
+        """Why ``session`` may not write ``key`` (None: it may); lock held."""
+        self.sessions_seen.append((method, session))
+        if not self.sessions:
+            return None
+        current = self.writers.get(key)
+        if current is None:
+            return f"unknown writer session for run {key[0]!r} rank {key[1]}: call OpenRun"
+        if current != session:
+            return f"run {key[0]!r} rank {key[1]} was taken over by another writer"
+        return None
 
     def Push(
         self, request: monitor_pb2.PushRequest, context: grpc.ServicerContext
     ) -> monitor_pb2.PushResponse:
         self._gate("Push", context, len(request.records))
         response = monitor_pb2.PushResponse()
+        refusal: str | None = None
         with self.lock:
             for record in request.records:
                 if record.run_id not in self.runs:
@@ -145,7 +196,12 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
                     break
             else:
                 unknown = None
-            if unknown is None:
+            if unknown is None and request.records:
+                first = request.records[0]
+                refusal = self._session_refused(
+                    "Push", (first.run_id, first.rank), request.writer_session
+                )
+            if unknown is None and refusal is None:
                 keys: set[tuple[str, int]] = set()
                 for record in request.records:
                     key = (record.run_id, record.rank)
@@ -175,15 +231,23 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
                     )
         if unknown is not None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown run {unknown!r}: call OpenRun")
+        if refusal is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         return response
 
     def CloseRun(
         self, request: monitor_pb2.CloseRunRequest, context: grpc.ServicerContext
     ) -> monitor_pb2.CloseRunResponse:
         self._gate("CloseRun", context)
+        key = (request.run_id, request.rank)
         with self.lock:
-            self.closed[(request.run_id, request.rank)] = request.status
-            acked = self._acked((request.run_id, request.rank))
+            refused = self._session_refused("CloseRun", key, request.writer_session)
+            if refused is None:
+                self.closed[key] = request.status
+                self.writers.pop(key, None)
+            acked = self._acked(key)
+        if refused is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused)
         return monitor_pb2.CloseRunResponse(acked_sequence=acked)
 
 

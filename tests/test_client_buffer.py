@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.telemetry.spool import Spool
+from inversion_monitor.telemetry.spool import Spool, SpoolBusy
 from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
 
 DOWN = Failure(grpc.StatusCode.UNAVAILABLE, "down")
@@ -215,21 +216,36 @@ def _entries(n: int) -> list[bytes]:
     return [monitor_pb2.StepRecord(step=i).SerializeToString() for i in range(n)]
 
 
+def _data(loaded: list[tuple[bytes, int, int]]) -> list[bytes]:
+    return [data for data, _, _ in loaded]
+
+
 def test_spool_fifo_across_reopen_and_large_backlog(tmp_path: Path) -> None:
     path = tmp_path / "x.spool"
     spool = Spool(path)
-    data = _entries(5000)  # several 64 KiB buffer writes
-    for d in data:
-        spool.append(d)
-    assert spool.read(3) == data[:3]
-    spool.sync()
-    del spool  # a crash: no close
+    data = _entries(5000)
+    ends = [spool.append(d) for d in data]
+    assert _data(spool.load(3)) == data[:3]
+    spool.consume(ends[2], 3)  # the first three were acknowledged
+    spool.set_seq(ends[3], 7, length=len(data[3]))  # the fourth was sent as 7
+    del spool  # a crash: no close, no fsync (the kernel has every append)
     again = Spool(path)
-    assert len(again) == 4997  # what was read before the crash is not replayed
-    assert again.read(10_000) == data[3:]
+    assert len(again) == 4997  # what was acknowledged before the crash is not replayed
+    loaded = again.load(10_000)
+    assert _data(loaded) == data[3:]
+    assert [seq for _, seq, _ in loaded[:2]] == [7, 0]
+    again.consume(loaded[-1][2], len(loaded))
     assert len(again) == 0 and path.stat().st_size == 16  # truncated to the header
     again.close()
     assert not path.exists()
+
+
+def test_spool_is_held_by_one_client(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "one.spool")
+    with pytest.raises(SpoolBusy, match="in use by another telemetry client"):
+        Spool(tmp_path / "one.spool")
+    first.close()
+    Spool(tmp_path / "one.spool").close()
 
 
 def test_spool_cuts_a_torn_last_entry(tmp_path: Path) -> None:
@@ -237,11 +253,11 @@ def test_spool_cuts_a_torn_last_entry(tmp_path: Path) -> None:
     spool = Spool(path)
     for d in _entries(3):
         spool.append(d)
-    spool.sync()
+    spool.close()
     with open(path, "ab") as f:
-        f.write(b"\x40\x00\x00\x00abc")  # a length of 64 but only 3 bytes
+        f.write(b"\x40\x00\x00\x00" + bytes(8) + b"abc")  # a length of 64 but only 3 bytes
     reopened = Spool(path)
-    assert reopened.read(10) == _entries(3)
+    assert _data(reopened.load(10)) == _entries(3)
 
 
 def test_spool_moves_a_foreign_file_aside(tmp_path: Path) -> None:
@@ -251,16 +267,26 @@ def test_spool_moves_a_foreign_file_aside(tmp_path: Path) -> None:
     assert len(spool) == 0
     assert (tmp_path / "foreign.spool.corrupt").read_bytes() == b"not a spool at all"
     spool.append(b"x")
-    assert spool.read(1) == [b"x"]
+    assert _data(spool.load(1)) == [b"x"]
 
 
-def test_spool_replace_all_puts_head_first(tmp_path: Path) -> None:
+def test_spool_of_the_previous_format_is_converted(tmp_path: Path) -> None:
+    path = tmp_path / "v1.spool"
+    entries = _entries(4)
+    body = b"".join(struct.pack("<I", len(d)) + d for d in entries)
+    first = 16 + 4 + len(entries[0])  # the first entry was read already
+    path.write_bytes(b"IMSPOOL1" + struct.pack("<Q", first) + body)
+    spool = Spool(path)
+    assert len(spool) == 3 and _data(spool.load(10)) == entries[1:]
+
+
+def test_spool_rewrite_puts_records_in_order(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "r.spool")
     for d in (b"c", b"d", b"e"):
         spool.append(d)
-    assert spool.read(1) == [b"c"]
-    spool.replace_all([b"a", b"b"])
-    assert len(spool) == 4
+    spool.rewrite([(b"a", 3), (b"b", 0)])
+    assert len(spool) == 2
     spool.close()
-    assert Spool(tmp_path / "r.spool").read(10) == [b"a", b"b", b"d", b"e"]
+    loaded = Spool(tmp_path / "r.spool").load(10)
+    assert [(d, seq) for d, seq, _ in loaded] == [(b"a", 3), (b"b", 0)]
     assert not os.path.exists(tmp_path / "r.spool.tmp")

@@ -30,8 +30,8 @@ def _wait_child(pid: int, timeout_s: float = 60.0) -> int:
 
 def _child(parent: MonitorClient, endpoint: str, spool: Path) -> None:
     """Runs in the child; any failure becomes a non-zero exit code."""
-    assert parent._channel is None and parent._stub is None
-    assert parent._thread is None and parent._spool is None
+    assert parent._sender._channel is None and parent._sender._stub is None
+    assert parent._thread is None and parent._window.spool is None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         parent.log(999, stats(999))  # inert in the child: dropped, never sent
@@ -95,7 +95,7 @@ def test_child_at_fork_does_not_deadlock_on_a_held_lock() -> None:
         client = MonitorClient(handle.endpoint, "lock", run_id="lock", **FAST)
         client.log(0, stats(0))
         assert client.flush(timeout_s=10)  # gRPC idle at the fork (see the client docstring)
-        with client._lock:  # fork while the lock is held (as by the sender thread)
+        with client._window.lock:  # fork while the lock is held (as by the sender thread)
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
                 signal.alarm(20)
@@ -107,5 +107,36 @@ def test_child_at_fork_does_not_deadlock_on_a_held_lock() -> None:
                 os._exit(0)
         assert _wait_child(pid, timeout_s=30) == 0
         client.close(timeout_s=5)
+    finally:
+        handle.stop()
+
+
+def test_a_fork_during_a_hanging_call_does_not_wait_for_it_and_loses_nothing() -> None:
+    """The call in flight is cancelled for the fork and resent after it."""
+    handle = ServerHandle().start()
+    servicer = handle.servicer
+    try:
+        client = MonitorClient(
+            handle.endpoint, "hang", run_id="hang", **{**FAST, "rpc_timeout_s": 30.0}
+        )
+        client.log(0, stats(0))
+        assert client.flush(timeout_s=10)  # the run is open
+        servicer.delay_s, servicer.delay_method = 3.0, "Push"  # the server hangs
+        for step in range(1, 10):
+            client.log(step, stats(step))
+        assert not client.flush(timeout_s=0.01)
+        assert wait_for(lambda: len(servicer.call_log("Push")) == 2)  # in flight now
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os._exit(0)
+        took = time.monotonic() - started  # before: until the call ended (capped at 2 s)
+        assert _wait_child(pid) == 0
+        assert took < 1.5
+        assert wait_for(lambda: len(servicer.call_log("Push")) == 3)  # resent after the fork
+        servicer.delay_s = 0.0
+        assert client.flush(timeout_s=30)  # once the hanging handlers return
+        assert client.close(timeout_s=5).delivered == 10
+        assert servicer.steps("hang") == list(range(10))
     finally:
         handle.stop()

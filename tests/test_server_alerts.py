@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from inversion_monitor.app.cli import build_parser, main
+from inversion_monitor.app.tables import runs_table
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.cli import runs_table, serve_config
+from inversion_monitor.server.cli import serve_config
 from inversion_monitor.server.config import ConfigError, ServerConfig
 from tests.server_support import (
     TIMEOUT,

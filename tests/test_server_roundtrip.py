@@ -11,8 +11,8 @@ import urllib.request
 import grpc
 import pytest
 
+from inversion_monitor.app.tables import runs_table
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.cli import runs_table
 from tests.server_support import (
     TIMEOUT,
     acks,

@@ -7,12 +7,12 @@ Sub-commands import what they need when they run, so ``--help`` and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from inversion_monitor._version import __version__
+from inversion_monitor.app.remote import add_read_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,24 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="one run's recent history and alerts")
     show.add_argument("run", metavar="RUN", help="run id or display name")
-    show.add_argument(
-        "--endpoint",
-        default=os.environ.get("INVERSION_MONITOR_ENDPOINT", "127.0.0.1:50051"),
-        metavar="HOST:PORT",
-        help="server address (default $INVERSION_MONITOR_ENDPOINT or 127.0.0.1:50051)",
-    )
-    show.add_argument(
-        "--token",
-        default=os.environ.get("INVERSION_MONITOR_TOKEN"),
-        help="bearer token (default $INVERSION_MONITOR_TOKEN)",
-    )
-    show.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS, trusting this CA")
+    add_read_options(show)
     show.add_argument("--limit", type=int, default=20, help="recent records to show (20)")
-    show.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
     show.set_defaults(handler=_run_show)
-    from inversion_monitor.server.cli import add_server_commands  # argparse only
+    from inversion_monitor.app.runs import add_runs_command  # argparse only
 
-    add_server_commands(sub)
+    add_runs_command(sub)
+    from inversion_monitor.server.cli import add_serve_command  # argparse only
+
+    add_serve_command(sub)
     from inversion_monitor.app.run_command import add_run_command  # argparse only
 
     add_run_command(sub)
@@ -145,18 +136,9 @@ def _run_fingerprint(args: argparse.Namespace) -> int:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from inversion_monitor.app.show import format_run, get_run
+    from inversion_monitor.app.show import run_show
 
-    response = get_run(
-        args.endpoint,
-        args.run,
-        token=args.token,
-        tls_ca=args.tls_ca,
-        limit=args.limit,
-        timeout=args.timeout,
-    )
-    print(format_run(response))
-    return 0
+    return run_show(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -206,16 +206,11 @@ def fetch_run(
     target: str, run: str, *, limit: int, timeout: float = 10.0
 ) -> monitor_pb2.GetRunResponse:
     """``GetRun`` of ``run`` from the server at ``target``."""
-    import grpc
+    from inversion_monitor.telemetry.reader import RunReader
+    from inversion_monitor.telemetry.transport import Transport
 
-    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-
-    with grpc.insecure_channel(target) as channel:
-        stub = monitor_pb2_grpc.MonitorServiceStub(channel)  # type: ignore[no-untyped-call]
-        response: monitor_pb2.GetRunResponse = stub.GetRun(
-            monitor_pb2.GetRunRequest(run=run, history_limit=limit), timeout=timeout
-        )
-    return response
+    with RunReader(Transport.create(target), timeout_s=timeout) as reader:
+        return reader.get_run(run, history_limit=limit)
 
 
 def _wait_for_interrupt() -> None:

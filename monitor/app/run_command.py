@@ -87,10 +87,14 @@ def check_settings(args: argparse.Namespace, environ: dict[str, str]) -> str | N
     except ConfigError as exc:
         problems = []
         for field, message, value in exc.problems:
-            variable = ENV_PREFIX + field.split(".")[0].upper()
-            where = (
-                _option(field.split(".")[0]) if variable in given else f"the variable {variable}"
-            )
+            name = field.split(".")[0]
+            variable = ENV_PREFIX + name.upper()
+            if not name:  # a rule across fields, e.g. max_buffer >= batch_size
+                where = "the settings"
+            elif variable in given:
+                where = _option(name)
+            else:
+                where = f"the variable {variable}"
             problems.append(f"{where}: {message} (got {value!r})")
         return "; ".join(problems) + "; fix it and run again (see inversion-monitor run --help)"
     return None

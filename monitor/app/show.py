@@ -1,76 +1,34 @@
 """``inversion-monitor show RUN``: one run's recent history and alerts in the terminal.
 
->>> explain_rpc_error("UNAVAILABLE", "connection refused", "127.0.0.1:1", "r")[:40]
-'no monitor server answers at 127.0.0.1:1'
+Reads through :class:`~inversion_monitor.telemetry.reader.RunReader`; options and error
+sentences are shared with ``runs`` (:mod:`inversion_monitor.app.remote`).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-from inversion_monitor.app.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.proto.v1 import monitor_pb2
 
 
-def explain_rpc_error(code: str, details: str, endpoint: str, run: str) -> str:
-    """One sentence naming the cause of a failed call and the fix."""
-    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-        return (
-            f"no monitor server answers at {endpoint} ({details}): start one with "
-            "'inversion-monitor serve' or pass --endpoint HOST:PORT"
-        )
-    if code == "NOT_FOUND":
-        return (
-            f"the server at {endpoint} has no run {run!r}: list the runs with "
-            f"'inversion-monitor runs --endpoint {endpoint}'"
-        )
-    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        return (
-            f"the server at {endpoint} refused the request ({details}): pass its token with "
-            "--token or INVERSION_MONITOR_TOKEN"
-        )
-    return f"the server at {endpoint} answered {code} ({details}): see its log"
+def run_show(args: argparse.Namespace) -> int:
+    """Handler of ``inversion-monitor show``; failures raise a one-sentence UserError."""
+    from inversion_monitor.app.errors import UserError
+    from inversion_monitor.app.remote import explain_read_error, open_reader
+    from inversion_monitor.telemetry.reader import ReadError
 
-
-def get_run(
-    endpoint: str,
-    run: str,
-    *,
-    token: str | None = None,
-    tls_ca: Path | None = None,
-    limit: int = 20,
-    timeout: float = 10.0,
-) -> monitor_pb2.GetRunResponse:
-    """``GetRun`` from the server at ``endpoint``; failures become :class:`UserError`."""
-    import grpc
-
-    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-
-    if tls_ca is not None:
-        if not tls_ca.is_file():
-            raise UserError(f"--tls-ca file {tls_ca} does not exist: pass the server's CA file")
-        creds = grpc.ssl_channel_credentials(tls_ca.read_bytes())
-        channel = grpc.secure_channel(endpoint, creds)
-    else:
-        channel = grpc.insecure_channel(endpoint)
-    metadata = [("authorization", f"Bearer {token}")] if token else None
-    with channel:
-        stub = monitor_pb2_grpc.MonitorServiceStub(channel)  # type: ignore[no-untyped-call]
+    with open_reader(args) as reader:
         try:
-            response: monitor_pb2.GetRunResponse = stub.GetRun(
-                monitor_pb2.GetRunRequest(run=run, history_limit=limit),
-                timeout=timeout,
-                metadata=metadata,
-            )
-        except grpc.RpcError as exc:
-            code = exc.code()
-            name = code.name if code is not None else "UNKNOWN"
-            raise UserError(explain_rpc_error(name, str(exc.details()), endpoint, run)) from None
-    return response
+            response = reader.get_run(args.run, history_limit=args.limit)
+        except ReadError as exc:
+            raise UserError(
+                explain_read_error(exc.code, exc.details, args.endpoint, args.run)
+            ) from None
+    print(format_run(response))
+    return 0
 
 
 def _n(value: float, digits: int = 3, sign: bool = False) -> str:
@@ -82,7 +40,7 @@ def _n(value: float, digits: int = 3, sign: bool = False) -> str:
 def format_run(response: monitor_pb2.GetRunResponse) -> str:
     """The run header, a table of its recent records, and its alerts."""
     from inversion_monitor.app.report import format_alerts
-    from inversion_monitor.server.cli import format_table
+    from inversion_monitor.app.tables import format_table
 
     run = response.summary
     lines = [

@@ -1,7 +1,8 @@
 """``InversionMonitor``: the framework-free engine behind every callback.
 
 It owns the configuration, the batch capture, the schedule, the probe, the
-statistics and the sinks (the gRPC client, a JSONL file, the trainer's logs).
+statistics and the sinks (the trainer's logs, a JSONL file, the gRPC client; see
+:mod:`inversion_monitor.engine.sinks`).
 A framework adapter only calls :meth:`InversionMonitor.attach` when training
 starts, :meth:`InversionMonitor.step_end` after every optimizer step, and
 :meth:`InversionMonitor.close` at the end.
@@ -26,23 +27,27 @@ it found them (see :mod:`inversion_monitor.probe.gradients`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 import uuid
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from inversion_monitor._version import __version__
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.schedule import ProbeSchedule
+from inversion_monitor.engine.sinks import (
+    GrpcSink,
+    JsonlSink,
+    ProbeRecord,
+    Sink,
+    TrainerLogSink,
+    trainer_metrics,
+)
 from inversion_monitor.metrics.correlation import spearman
 from inversion_monitor.metrics.stats import InversionStats, inversion_stats
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
@@ -50,42 +55,15 @@ from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.sampling import TokenSampler
 
 if TYPE_CHECKING:
-    from inversion_monitor.telemetry.client import DeliveryReport, MonitorClient
+    from inversion_monitor.telemetry.window import DeliveryReport
+
+__all__ = ["InversionMonitor", "MonitorWarning", "trainer_metrics"]
 
 logger = logging.getLogger("inversion_monitor")
 
 
 class MonitorWarning(RuntimeWarning):
     """Something kept the monitor from measuring; training goes on."""
-
-
-def trainer_metrics(stats: InversionStats, *, probe_seconds: float) -> dict[str, float]:
-    """The flat ``inversion/...`` values added to a trainer's logs.
-
-    >>> s = InversionStats.insufficient_sample(n=3, reason="n < 4")
-    >>> trainer_metrics(s, probe_seconds=0.5)["inversion/insufficient"]
-    1.0
-    """
-    low, high = stats.ci
-    metrics = {
-        "inversion/rho": stats.rho,
-        "inversion/spearman": stats.spearman,
-        "inversion/pearson": stats.pearson,
-        "inversion/ci_low": low,
-        "inversion/ci_high": high,
-        "inversion/n": float(stats.n),
-        "inversion/insufficient": float(stats.insufficient),
-        "inversion/entropy_mean": stats.entropy_mean,
-        "inversion/entropy_p10": stats.entropy_p10,
-        "inversion/entropy_p50": stats.entropy_p50,
-        "inversion/entropy_p90": stats.entropy_p90,
-        "inversion/score_mean": stats.score_mean,
-        "inversion/score_p50": stats.score_p50,
-        "inversion/probe_seconds": probe_seconds,
-    }
-    if stats.spearman_per_token_type is not None:
-        metrics["inversion/spearman_per_token_type"] = stats.spearman_per_token_type
-    return {key: float(value) for key, value in metrics.items()}
 
 
 class InversionMonitor:
@@ -137,8 +115,20 @@ class InversionMonitor:
         self.errors = 0
         self._capture: BatchCapture | None = None
         self._model: nn.Module | None = None
-        self._client: MonitorClient | None = None
-        self._jsonl: Any = None
+        self._trainer_log = TrainerLogSink()
+        self.sinks: list[Sink] = [self._trainer_log]
+        if self.config.jsonl_path:
+            self.sinks.append(JsonlSink(self.config.jsonl_path, rank=rank, world_size=world_size))
+        if self.config.endpoint:
+            self.sinks.append(
+                GrpcSink(
+                    self.config,
+                    rank=rank,
+                    world_size=world_size,
+                    framework=framework,
+                    model_type=self._model_type,
+                )
+            )
         self._warned: set[str] = set()
         self._agreed = False
 
@@ -186,15 +176,11 @@ class InversionMonitor:
         """Detach, flush and close the sinks; returns the client's delivery report."""
         self.detach()
         report = None
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._client is not None:
+        for sink in self.sinks:
             try:
-                report = self._client.close(timeout_s=timeout_s)
+                report = sink.close(timeout_s=timeout_s) or report
             except Exception as exc:
                 self._fail("close", exc)
-            self._client = None
         return report
 
     # ------------------------------------------------------------------ per step
@@ -271,16 +257,21 @@ class InversionMonitor:
         self.schedule.probe_done(seconds=seconds)
         self.probes += 1
         self.last_stats, self.last_result, self.last_batch = stats, result, batch
-        self._emit(
-            step,
+        record = ProbeRecord(
+            run_id=self.run_id,
+            run_name=self.run_name,
+            rank=self.rank,
+            step=step,
             stats=stats,
-            result=result,
-            components=components,
-            seconds=seconds,
+            probe_seconds=seconds,
             loss=loss,
             learning_rate=learning_rate,
+            components=components,
+            samples=self._samples(result),
         )
-        return trainer_metrics(stats, probe_seconds=seconds)
+        for sink in self.sinks:
+            sink.emit(record)
+        return self._trainer_log.take()
 
     # ------------------------------------------------------------------ sinks
 
@@ -309,80 +300,9 @@ class InversionMonitor:
             for i in range(count)
         ]
 
-    def _emit(
-        self,
-        step: int,
-        *,
-        stats: InversionStats,
-        result: ProbeResult,
-        components: list[dict[str, Any]] | None,
-        seconds: float,
-        loss: float | None,
-        learning_rate: float | None,
-    ) -> None:
-        samples = self._samples(result)
-        if self.config.endpoint:
-            client = self._ensure_client(result)
-            client.log(
-                step,
-                stats,
-                loss=loss,
-                learning_rate=learning_rate,
-                components=components,
-                samples=samples,
-                probe_seconds=seconds,
-            )
-        if self.config.jsonl_path:
-            record = {
-                "run_id": self.run_id,
-                "run_name": self.run_name,
-                "rank": self.rank,
-                "step": step,
-                "wall_time": time.time(),
-                "probe_seconds": seconds,
-                "loss": loss,
-                "learning_rate": learning_rate,
-                **{k: v for k, v in stats.to_dict().items() if k != "extra"},
-                "components": components,
-                "samples": samples,
-            }
-            line = json.dumps(_json_safe(record), allow_nan=False)
-            self._jsonl_file().write(line + "\n")
-            self._jsonl_file().flush()
-
-    def _jsonl_file(self) -> Any:
-        if self._jsonl is None:
-            path = Path(str(self.config.jsonl_path))
-            if self.world_size > 1:
-                path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = path.open("a", encoding="utf-8")
-        return self._jsonl
-
-    def _ensure_client(self, result: ProbeResult) -> MonitorClient:
-        if self._client is None:
-            from inversion_monitor.telemetry.client import MonitorClient
-
-            model_type = ""
-            config = getattr(self._model, "config", None)
-            if config is not None:
-                model_type = str(getattr(config, "model_type", ""))
-            self._client = MonitorClient(
-                str(self.config.endpoint),
-                self.run_name,
-                project=self.config.project,
-                labels=self.config.labels,
-                run_id=self.run_id,
-                rank=self.rank,
-                world_size=self.world_size,
-                framework=self.framework,
-                model_type=model_type,
-                config=self.config.public_dict(),
-                token=self.config.token,
-                tls=self.config.tls,
-                spool_dir=self.config.spool_dir,
-            )
-        return self._client
+    def _model_type(self) -> str:
+        config = getattr(self._model, "config", None)
+        return str(getattr(config, "model_type", "")) if config is not None else ""
 
     # ------------------------------------------------------------------ failure policy
 
@@ -429,18 +349,3 @@ class InversionMonitor:
             self.sampler.load_state_dict(state["sampler"])
         if "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values: NaN/inf become null, tuples lists, tensors lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value

@@ -27,9 +27,8 @@ Policies, in one place:
   the server de-duplicates), forever, with exponential backoff
   (``backoff_initial_s * 2**n``, at most ``backoff_max_s``, times a jitter of
   0.8-1.2) or exactly the delay of a ``google.rpc.RetryInfo`` the server sent.
-  ``UNAVAILABLE`` also rebuilds the channel, and the run is re-opened after a
-  reconnect to skip what the server already stored. ``NOT_FOUND`` re-opens
-  the run and resends.
+  ``UNAVAILABLE`` also rebuilds the channel (an older server without writer
+  sessions re-opens the run then). ``NOT_FOUND`` re-opens the run and resends.
 * **Stop.** Any other code (``UNAUTHENTICATED``, ``PERMISSION_DENIED``,
   ``INVALID_ARGUMENT``, ``UNIMPLEMENTED``, ...) means this client's
   configuration is wrong: it warns once with the code and the fix, sends
@@ -38,15 +37,28 @@ Policies, in one place:
 * **Rejections.** Records the server rejects for good (``PushResponse.rejected``)
   are counted in ``DeliveryReport.rejected``, warned about once (field and
   reason) and never resent.
-* **Memory.** At most ``max_buffer`` unacknowledged records are held in memory.
-  Beyond that, with ``spool_dir``, records go to an append-only spool file
-  (``<spool_dir>/<run_id>.rank<rank>.spool``, see :mod:`inversion_monitor.telemetry.spool`;
-  written every 64 KiB, fsynced once per ``flush_interval_s`` and on close)
-  and are replayed in order; without it the oldest unsent records are dropped,
-  with one warning and a counter.
-* **Close.** ``close(timeout_s)`` sends what it can within ``timeout_s`` and
-  then, with ``spool_dir``, writes everything still unacknowledged to the
-  spool (fsynced). A later ``MonitorClient`` with the same ``run_id``, ``rank``
+* **Writer sessions.** ``OpenRun`` grants a session for the (run, rank)
+  stream, carried by every ``Push`` and ``CloseRun``. A second live client on
+  the same run and rank is refused (``ALREADY_EXISTS``); a client resuming a
+  non-empty spool takes the stream over explicitly (``takeover``); a client
+  whose stream was taken over (``FAILED_PRECONDITION`` again after one
+  re-open) stops. A stopped client never counts records as delivered: they
+  stay in the spool (or are dropped at close without one) and
+  ``DeliveryReport.stopped`` names the reason (see :mod:`inversion_monitor.telemetry.sender`).
+* **Memory and disk.** At most ``max_buffer`` unacknowledged records are held
+  in memory. With ``spool_dir`` every record is also written to the spool file
+  ``<spool_dir>/<run_id>.rank<rank>.spool`` before ``log()`` returns
+  (write-ahead, see :mod:`inversion_monitor.telemetry.spool`; fsynced once per
+  ``flush_interval_s`` and on close) and stays there until acknowledged, so a
+  killed process loses nothing; records beyond ``max_buffer`` live only on
+  disk and are replayed in order. A disk that refuses a write (full, I/O
+  error) never raises into ``log()``: one warning, the record is kept in
+  memory when there is room, and ``DeliveryReport.spool_errors`` counts it.
+  Without a spool the oldest unsent records are dropped, with one warning and
+  a counter.
+* **Close.** ``close(timeout_s)`` sends what it can within ``timeout_s``;
+  with ``spool_dir`` everything still unacknowledged stays in the spool
+  (fsynced). A later ``MonitorClient`` with the same ``run_id``, ``rank``
   and ``spool_dir`` replays it first (counted in ``DeliveryReport.replayed``).
   Without ``spool_dir`` what is left is reported as dropped. A ``with``
   block, and interpreter exit for clients still open, close with
@@ -56,16 +68,11 @@ Policies, in one place:
   channel, spool or thread, and drops what is logged to it (one warning):
   sending from the child under the parent's run and rank would collide with
   the parent's sequence numbers. Create a new client in the child (its own
-  rank or run_id). gRPC itself is only partly fork-safe: forking while a
-  channel is busy in another thread occasionally crashes the child inside
-  gRPC's fork handlers, even a child that never uses gRPC and with or without
-  this client (measured with grpcio 1.85: about 1 fork in 150 in a stress
-  loop; none when the channel was idle, e.g. right after ``flush()``). So a
-  fork made while this client has a call in flight waits for that call to
-  finish (at most ``_FORK_WAIT_S`` = 2 s) and new calls wait for the fork. For
-  children that never use gRPC (DataLoader workers), ``GRPC_ENABLE_FORK_SUPPORT=0``
-  in the environment before Python starts avoided it (0 in 400); children
-  that use gRPC are safest started with ``spawn`` or ``forkserver``.
+  rank or run_id). gRPC can crash a child forked while a call is in flight,
+  so a fork cancels this client's call in flight, waits (at most 100 ms)
+  until gRPC finished it and resends it afterwards (see
+  :mod:`inversion_monitor.telemetry.sender` and ``benchmarks/bench_client_fork.py``).
+  Children that use gRPC are safest started with ``spawn`` or ``forkserver``.
 
 >>> client = MonitorClient("127.0.0.1:9", "doc-run", run_id="doc1", close_timeout_s=0.1)
 >>> client.log(1, {"spearman": -0.5, "pearson": -0.4, "n": 64,
@@ -87,117 +94,44 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
-
-import grpc
-from google.protobuf.message import DecodeError
+from typing import Any
 
 from inversion_monitor._version import __version__
+from inversion_monitor.config import MonitorConfig
 from inversion_monitor.metrics.stats import InversionStats
-from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-from inversion_monitor.telemetry.retry import CallFailure, backoff_s, classify, retry_delay_s
-from inversion_monitor.telemetry.spool import Spool
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.telemetry.sender import (
+    RunStatus,
+    Sender,
+    SenderSettings,
+    TelemetryWarning,
+    Warner,
+)
+from inversion_monitor.telemetry.spool import Spool, SpoolBusy
+from inversion_monitor.telemetry.transport import TlsSetting, Transport
+from inversion_monitor.telemetry.window import DeliveryReport, SendWindow
 from inversion_monitor.telemetry.wire import StatsMapping, step_record, validate_stats
+
+__all__ = ["DeliveryReport", "MonitorClient", "RunStatus", "TelemetryWarning"]
 
 logger = logging.getLogger(__name__)
 
-RunStatus = Literal["completed", "failed", "interrupted"]
-
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_MAX_RETRY_DELAY_S = 300.0
 
 
-class TelemetryWarning(RuntimeWarning):
-    """Telemetry is degraded (server unreachable, records dropped or refused).
-
-    Training is never interrupted; the warning says what happened and the fix.
-
-    >>> issubclass(TelemetryWarning, RuntimeWarning)
-    True
-    """
-
-
-@dataclass(frozen=True)
-class DeliveryReport:
-    """What became of the records a client handled.
-
-    ``logged`` records were passed to ``log()``; ``replayed`` were found in the
-    spool of an earlier client. Each of them was ``delivered`` (stored by the
-    server), ``rejected`` (refused for good by the server), ``spooled`` (left
-    on disk for a later client), ``dropped`` (lost: buffer full without a
-    spool, or still unsent at close without a spool), or is still pending
-    (only while the client is open).
-
-    >>> r = DeliveryReport(logged=3, replayed=0, delivered=2, rejected=0, spooled=0, dropped=1)
-    >>> r.pending, r.complete
-    (0, False)
-    """
-
-    logged: int
-    replayed: int
-    delivered: int
-    rejected: int
-    spooled: int
-    dropped: int
-
-    @property
-    def pending(self) -> int:
-        """Records neither delivered, rejected, spooled nor dropped yet."""
-        return (
-            self.logged
-            + self.replayed
-            - self.delivered
-            - self.rejected
-            - self.spooled
-            - self.dropped
-        )
-
-    @property
-    def complete(self) -> bool:
-        """True when the server answered for every record (stored or rejected)."""
-        return self.delivered + self.rejected == self.logged + self.replayed
-
-
-class _Entry:
-    """A record in the send window: local index, record (or spooled bytes), wire sequence."""
-
-    __slots__ = ("idx", "record", "seq")
-
-    def __init__(self, idx: int, record: monitor_pb2.StepRecord | bytes) -> None:
-        self.idx = idx
-        self.record = record
-        self.seq = 0  # 0: not numbered in the current epoch yet
-
-
-class _Aborted(Exception):
-    """The client is shutting down; the call was cancelled."""
-
-
-def _normalise_endpoint(endpoint: str) -> str:
-    target = endpoint.strip()
-    if not target:
-        raise ValueError("endpoint is empty: pass 'host:port' (e.g. '127.0.0.1:50051')")
-    if target.startswith(("http://", "https://", "grpc://")):
-        raise ValueError(
-            f"endpoint={endpoint!r} looks like a URL: pass 'host:port' or 'dns:///host:port' "
-            "(and tls=True for TLS)"
-        )
-    return target
+def _default(name: str) -> Any:
+    """The default of a delivery knob: MonitorConfig is its single source."""
+    return MonitorConfig.model_fields[name].default
 
 
 _LIVE: weakref.WeakSet[MonitorClient] = weakref.WeakSet()
 # Channels and spools inherited by a forked child: kept referenced so that
 # their finalizers never run there (they belong to the parent).
 _FORK_ORPHANS: list[object] = []
-# how long a fork waits for an in-flight RPC to finish
-_FORK_WAIT_S = 2.0
 
 
 def _close_all_at_exit() -> None:
@@ -228,12 +162,11 @@ class MonitorClient:
         token: bearer token sent as ``authorization: Bearer <token>``.
         tls: False for plaintext, True for TLS with the system roots, or the
             path of a PEM file of root certificates.
-        spool_dir: folder for the spool file; None: drop the oldest records
-            when the buffer is full.
+        spool_dir: folder for the write-ahead spool file; None: records live
+            in memory only and the oldest are dropped when the buffer is full.
         max_buffer: unacknowledged records held in memory (>= ``batch_size``).
         batch_size: records per ``Push``.
-        flush_interval_s: the sender sends at least this often (and as soon as
-            a batch is full).
+        flush_interval_s: the sender sends (and fsyncs the spool) at least this often.
         rpc_timeout_s: deadline of each call.
         backoff_initial_s, backoff_max_s: retry backoff bounds.
         close_timeout_s: timeout of the implicit ``close`` at the end of a ``with``
@@ -264,17 +197,18 @@ class MonitorClient:
         model_type: str = "",
         config: Mapping[str, Any] | None = None,
         token: str | None = None,
-        tls: bool | str | os.PathLike[str] = False,
+        tls: TlsSetting = False,
         spool_dir: str | os.PathLike[str] | None = None,
-        max_buffer: int = 10_000,
-        batch_size: int = 500,
-        flush_interval_s: float = 1.0,
-        rpc_timeout_s: float = 10.0,
-        backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 30.0,
-        close_timeout_s: float = 5.0,
+        max_buffer: int = _default("max_buffer"),
+        batch_size: int = _default("batch_size"),
+        flush_interval_s: float = _default("flush_interval_s"),
+        rpc_timeout_s: float = _default("rpc_timeout_s"),
+        backoff_initial_s: float = _default("backoff_initial_s"),
+        backoff_max_s: float = _default("backoff_max_s"),
+        close_timeout_s: float = _default("close_timeout_s"),
     ) -> None:
-        self.endpoint = _normalise_endpoint(endpoint)
+        transport = Transport.create(endpoint, tls=tls, token=token)
+        self.endpoint = transport.endpoint
         self.run_id = uuid.uuid4().hex if run_id is None else run_id
         if not _RUN_ID.match(self.run_id):
             raise ValueError(
@@ -312,7 +246,7 @@ class MonitorClient:
 
         self.rank = rank
         self.close_timeout_s = close_timeout_s
-        self._run_info = monitor_pb2.RunInfo(
+        run_info = monitor_pb2.RunInfo(
             run_id=self.run_id,
             name=run_name,
             project=project,
@@ -323,115 +257,75 @@ class MonitorClient:
             config_json=config_json,
             client_version=__version__,
         )
-        self._credentials = self._channel_credentials(tls)
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
-        self._max_buffer = max_buffer
-        self._batch_size = batch_size
-        self._flush_interval_s = flush_interval_s
-        self._rpc_timeout_s = rpc_timeout_s
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
-
-        self._spool: Spool | None = None
-        replayed = 0
-        if spool_dir is not None:
-            self._spool = Spool(Path(spool_dir) / f"{self.run_id}.rank{rank}.spool")
-            replayed = len(self._spool)
-        self._init_state()
-        self._replayed = replayed
-        self._next_idx = replayed + 1
-        self._spool_first_idx = 1
-        if replayed:
+        self._warner = Warner()
+        spool = self._open_spool(spool_dir)
+        self._window = SendWindow(max_buffer=max_buffer, batch_size=batch_size, spool=spool)
+        if self._window.replayed:
             logger.info(
                 "replaying %d records of run %s rank %d from %s",
-                replayed,
+                self._window.replayed,
                 self.run_id,
                 rank,
-                self._spool.path if self._spool else "",
+                spool.path if spool is not None else "",
             )
-
+        self._sender = Sender(
+            transport,
+            self._window,
+            run_info,
+            rank=rank,
+            settings=SenderSettings(
+                flush_interval_s=flush_interval_s,
+                rpc_timeout_s=rpc_timeout_s,
+                backoff_initial_s=backoff_initial_s,
+                backoff_max_s=backoff_max_s,
+            ),
+            warner=self._warner,
+            takeover=self._window.replayed > 0,
+        )
+        self._close_lock = threading.Lock()
+        self._report: DeliveryReport | None = None
+        self._forked = False
         self._pid = os.getpid()
         self._thread: threading.Thread | None = threading.Thread(
-            target=self._worker, name=f"inversion-monitor-sender-{self.run_id[:8]}", daemon=True
+            target=self._sender.run,
+            name=f"inversion-monitor-sender-{self.run_id[:8]}",
+            daemon=True,
         )
         self._thread.start()
         _LIVE.add(self)
-        weak_reinit = weakref.WeakMethod(self._at_fork_reinit)
         weak_before = weakref.WeakMethod(self._before_fork)
         weak_parent = weakref.WeakMethod(self._after_fork_in_parent)
+        weak_child = weakref.WeakMethod(self._after_fork_in_child)
         os.register_at_fork(
             before=lambda: _call_weak(weak_before),
             after_in_parent=lambda: _call_weak(weak_parent),
-            after_in_child=lambda: _call_weak(weak_reinit),
+            after_in_child=lambda: _call_weak(weak_child),
         )
 
-    @staticmethod
-    def _channel_credentials(
-        tls: bool | str | os.PathLike[str],
-    ) -> grpc.ChannelCredentials | None:
-        if tls is False:
+    def _open_spool(self, spool_dir: str | os.PathLike[str] | None) -> Spool | None:
+        """The spool of this run and rank; None (one warning) when the disk refuses it."""
+        if spool_dir is None:
             return None
-        if tls is True:
-            return grpc.ssl_channel_credentials()
-        path = Path(tls)
+        path = Path(spool_dir) / f"{self.run_id}.rank{self.rank}.spool"
         try:
-            roots = path.read_bytes()
+            return Spool(path)
+        except SpoolBusy as exc:
+            reason = f"{exc}"
         except OSError as exc:
-            raise ValueError(
-                f"tls={str(tls)!r}: cannot read the root certificates ({exc}); pass the path "
-                "of a PEM file, True for the system roots, or False"
-            ) from None
-        return grpc.ssl_channel_credentials(root_certificates=roots)
-
-    def _init_state(self) -> None:
-        """Locks, events, buffers and counters (also the fresh state of a fork child)."""
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        # held for the duration of each RPC; a fork waits (bounded) until no call is in
-        # flight, since forking while gRPC is mid-call can crash the child
-        self._fork_gate = threading.Lock()
-        self._fork_gate_held = False
-        self._close_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closing_evt = threading.Event()
-        self._abort = threading.Event()
-        self._call_done: threading.Event | None = None
-        self._queue: deque[tuple[int, monitor_pb2.StepRecord | bytes]] = deque()
-        self._window: deque[_Entry] = deque()
-        self._channel: grpc.Channel | None = None
-        self._stub: monitor_pb2_grpc.MonitorServiceStub | None = None
-        self._run_open = False
-        self._display_name: str | None = None
-        self._acked = 0  # highest contiguous sequence the server holds
-        self._next_seq = 1
-        self._logged = 0
-        self._replayed = 0
-        self._delivered = 0
-        self._rejected = 0
-        self._dropped = 0
-        self._spooled_at_close = 0
-        self._first_dropped_idx = 0
-        self._next_idx = 1
-        self._spool_first_idx = 1
-        self._closed = False
-        self._close_deadline: float | None = None
-        self._close_status: RunStatus = "completed"
-        self._report: DeliveryReport | None = None
-        self._halted: str | None = None
-        self._forked = False
-        self._warned: set[str] = set()
-        self._outage = False
-        self._attempt = 0
-        self._not_found_in_a_row = 0
+            reason = f"cannot open {path} ({exc})"
+        self._warner.once(
+            "spool_open",
+            f"no telemetry spool: {reason}; this client keeps records in memory only "
+            f"(counted in DeliveryReport.dropped when the buffer overflows). Training continues.",
+        )
+        return None
 
     # ------------------------------------------------------------ public API
 
     @property
     def display_name(self) -> str | None:
         """The run's name on the server (None until the run was opened)."""
-        return self._display_name
+        return self._sender.display_name
 
     def log(
         self,
@@ -453,7 +347,9 @@ class MonitorClient:
         (see :class:`~inversion_monitor.telemetry.wire.StatsMapping`); a bad one raises
         ``ValueError`` naming the field. ``components`` and ``samples`` are as
         in :func:`~inversion_monitor.telemetry.wire.step_record`. ``wall_time`` defaults
-        to now. Never raises for network reasons and never blocks on the network.
+        to now. With ``spool_dir`` the record is in the spool file when this
+        returns. Never raises for network or disk reasons and never blocks on
+        the network.
         """
         checked: InversionStats | StatsMapping
         if isinstance(stats, InversionStats):
@@ -477,49 +373,31 @@ class MonitorClient:
             samples=samples,
             probe_seconds=probe_seconds,
         )
-        warn: str | None = None
-        with self._lock:
-            if self._closed or self._forked:
-                self._dropped += 1
-                warn = "after_close"
-            else:
-                idx = self._next_idx
-                self._next_idx = idx + 1
-                self._logged += 1
-                spool = self._spool
-                full = len(self._queue) + len(self._window) >= self._max_buffer
-                if spool is not None and (full or len(spool)):
-                    if not len(spool):
-                        self._spool_first_idx = idx
-                    spool.append(record.SerializeToString())
-                    ready = len(spool) >= self._batch_size
-                else:
-                    if full:
-                        self._dropped += 1
-                        if self._queue:
-                            dropped_idx = self._queue.popleft()[0]
-                            self._queue.append((idx, record))
-                        else:  # everything held is in flight: drop the new record
-                            dropped_idx = idx
-                        if not self._first_dropped_idx:
-                            self._first_dropped_idx = dropped_idx
-                        warn = "overflow"
-                    else:
-                        self._queue.append((idx, record))
-                    ready = len(self._queue) >= self._batch_size
-        if warn is None:
-            if ready and not self._wake.is_set():
-                self._wake.set()
-        elif warn == "overflow":
-            self._warn_once(
+        added = self._window.add(record)
+        if added.ready and not self._sender.wake.is_set():
+            self._sender.wake.set()
+        if added.outcome in ("queued", "spooled"):
+            return
+        if added.outcome == "overflow":
+            self._warner.once(
                 "overflow",
-                f"telemetry buffer full ({self._max_buffer} unacknowledged records) and no "
-                "spool_dir: dropping the oldest unsent records (counted in "
+                f"telemetry buffer full ({self._window.max_buffer} unacknowledged records) and "
+                "no spool_dir: dropping the oldest unsent records (counted in "
                 "DeliveryReport.dropped). Pass spool_dir=... to keep them on disk, or raise "
                 "max_buffer.",
             )
+        elif added.outcome == "spool_error":
+            spool = self._window.spool
+            self._warner.once(
+                "spool_write",
+                f"cannot write the telemetry spool {spool.path if spool else ''} "
+                f"({added.error}): records are kept in memory while there is room "
+                "(max_buffer) and counted in DeliveryReport.spool_errors; what the spool "
+                "already holds is kept. Free disk space to make them durable again. "
+                "Training continues.",
+            )
         else:
-            self._warn_once(
+            self._warner.once(
                 "after_close",
                 "MonitorClient.log() called on a closed client or in a forked child: the "
                 "record is dropped. Create a new MonitorClient (in a child: with its own "
@@ -535,47 +413,55 @@ class MonitorClient:
         docstring). Never raises.
         """
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        with self._lock:
-            target = self._next_idx
-        self._wake.set()
-        resolved = self._wait_resolved(target, deadline)
-        with self._lock:
-            lost = 0 < self._first_dropped_idx < target
-        return resolved and not lost
+        window = self._window
+        with window.lock:
+            target = window.next_idx
+        self._sender.wake.set()
+        with window.changed:
+            while window.min_unresolved() < target:
+                if self._sender.halted is not None or self._report is not None or self._forked:
+                    return False
+                if self._thread is None or not self._thread.is_alive():
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                window.changed.wait(min(remaining, 0.5))
+            return not window.lost_before(target)
 
     def report(self) -> DeliveryReport:
         """The counts so far (the final ones once closed)."""
         if self._report is not None:
             return self._report
-        with self._lock:
-            return self._snapshot()
+        return self._window.report()
 
     def close(self, timeout_s: float = 10.0, *, status: RunStatus = "completed") -> DeliveryReport:
         """Deliver what is left within ``timeout_s``, then stop; idempotent.
 
-        What is still unacknowledged at the deadline is written to the spool
-        (with ``spool_dir``) or counted as dropped. When everything was
+        What is still unacknowledged at the deadline stays in the spool (with
+        ``spool_dir``) or is counted as dropped. When everything was
         delivered the run's rank is closed on the server with ``status``.
         Returns the final :class:`DeliveryReport`. Never raises.
         """
         with self._close_lock:
             if self._report is not None:
                 return self._report
+            sender = self._sender
             deadline = time.monotonic() + max(timeout_s, 0.0)
-            with self._lock:
-                self._closed = True
-                self._close_status = status
-                self._close_deadline = deadline
-                self._cond.notify_all()
-            self._closing_evt.set()
-            self._wake.set()
+            with self._window.lock:
+                self._window.closed = True
+                sender.close_status = status
+                sender.close_deadline = deadline
+                self._window.changed.notify_all()
+            sender.closing.set()
+            sender.wake.set()
             thread = self._thread
             if thread is not None and thread.is_alive():
                 thread.join(max(deadline - time.monotonic(), 0.0))
                 if thread.is_alive():
-                    self._interrupt()
+                    sender.interrupt()
                     thread.join(5.0)
-            self._abort.set()
+            sender.abort.set()
             self._report = self._finish()
             _LIVE.discard(self)
             return self._report
@@ -596,79 +482,19 @@ class MonitorClient:
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _snapshot(self) -> DeliveryReport:
-        spooled = self._spooled_at_close
-        return DeliveryReport(
-            logged=self._logged,
-            replayed=self._replayed,
-            delivered=self._delivered,
-            rejected=self._rejected,
-            spooled=spooled,
-            dropped=self._dropped,
-        )
-
-    def _min_unresolved(self) -> int:
-        """Local index of the oldest record not yet answered for (lock held)."""
-        if self._window:
-            return self._window[0].idx
-        if self._queue:
-            return self._queue[0][0]
-        if self._spool is not None and len(self._spool):
-            return self._spool_first_idx
-        return self._next_idx
-
-    def _wait_resolved(self, target: int, deadline: float) -> bool:
-        with self._cond:
-            while self._min_unresolved() < target:
-                if self._halted is not None or self._report is not None or self._forked:
-                    return False
-                if self._thread is None or not self._thread.is_alive():
-                    return False
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.5))
-            return True
-
     def _finish(self) -> DeliveryReport:
-        """After the sender stopped: spool or drop what is left; close resources."""
-        with self._lock:
-            leftovers: list[bytes] = []
-            for entry in self._window:
-                record = entry.record
-                if isinstance(record, bytes):
-                    leftovers.append(record)
-                else:
-                    record.sequence = entry.seq
-                    leftovers.append(record.SerializeToString())
-            for _, payload in self._queue:
-                leftovers.append(
-                    payload if isinstance(payload, bytes) else payload.SerializeToString()
-                )
-            self._window.clear()
-            self._queue.clear()
-            spool = self._spool
-            if spool is not None and not self._forked:
-                try:
-                    spool.replace_all(leftovers)
-                    self._spooled_at_close = len(spool)
-                    spool.close()
-                except OSError as exc:
-                    self._dropped += len(leftovers) + len(spool)
-                    logger.warning("could not write the telemetry spool %s: %s", spool.path, exc)
-            else:
-                self._dropped += len(leftovers)
-            report = self._snapshot()
-            self._cond.notify_all()
-        if self._channel is not None and not self._forked:
-            self._channel.close()
-        self._channel = None
-        self._stub = None
+        """After the sender stopped: leave what is left in the spool or drop it."""
+        report, error = self._window.finish(keep_spool=not self._forked)
+        spool = self._window.spool
+        if error is not None and spool is not None:
+            logger.warning("could not write the telemetry spool %s: %s", spool.path, error)
+        if not self._forked:
+            self._sender.close_channel()
         if report.spooled:
-            self._warn_once(
+            self._warner.once(
                 "spooled",
                 f"{report.spooled} telemetry records of run {self.run_id} rank {self.rank} were "
-                f"not delivered and are kept in {self._spool.path if self._spool else ''}; a "
+                f"not delivered and are kept in {spool.path if spool else ''}; a "
                 "MonitorClient with the same run_id, rank and spool_dir sends them.",
             )
         elif report.dropped and not self._forked:
@@ -682,372 +508,48 @@ class MonitorClient:
             )
         return report
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key in self._warned:
-            logger.debug(message)
-            return
-        self._warned.add(key)
-        logger.warning(message)
-        warnings.warn(message, TelemetryWarning, stacklevel=3)
-
     # ------------------------------------------------------------ fork
 
     def _before_fork(self) -> None:
-        """Let an in-flight RPC finish (at most ``_FORK_WAIT_S``) and hold new ones."""
         if not self._forked:
-            self._fork_gate_held = self._fork_gate.acquire(timeout=_FORK_WAIT_S)
+            self._sender.before_fork()
 
     def _after_fork_in_parent(self) -> None:
-        if self._fork_gate_held:
-            self._fork_gate_held = False
-            self._fork_gate.release()
+        if not self._forked:
+            self._sender.after_fork_in_parent()
 
-    def _at_fork_reinit(self) -> None:
+    def _after_fork_in_child(self) -> None:
         """In a forked child: fresh state; never touch the parent's channel, spool, thread."""
-        if self._channel is not None:
-            _FORK_ORPHANS.append(self._channel)
-        if self._spool is not None:
-            self._spool.forget()
-            _FORK_ORPHANS.append(self._spool)
-        run_id, rank = self.run_id, self.rank
-        self._init_state()
-        self._spool = None
+        sender, window = self._sender, self._window
+        _FORK_ORPHANS.append(sender)
+        if window.spool is not None:
+            window.spool.forget()
+            _FORK_ORPHANS.append(window.spool)
+        sender.after_fork_in_child()
+        self._window = SendWindow(
+            max_buffer=window.max_buffer, batch_size=window.batch_size, spool=None
+        )
+        self._window.closed = True
+        self._sender = Sender(
+            sender.transport,
+            self._window,
+            sender.run_info,
+            rank=self.rank,
+            settings=sender.settings,
+            warner=self._warner,
+            takeover=False,
+        )
+        self._sender.forked = True
+        self._close_lock = threading.Lock()
         self._thread = None
         self._forked = True
         self._report = None
         logger.debug(
-            "forked child %d: client of run %s rank %d is inert", os.getpid(), run_id, rank
+            "forked child %d: client of run %s rank %d is inert",
+            os.getpid(),
+            self.run_id,
+            self.rank,
         )
-
-    # ------------------------------------------------------------ sender thread
-
-    def _worker(self) -> None:
-        try:
-            self._run_sender()
-        except _Aborted:
-            pass
-        except Exception:  # pragma: no cover - a bug must not pass silently
-            logger.exception("telemetry sender thread failed; records are no longer sent")
-            with self._lock:
-                self._halted = "internal error"
-        finally:
-            with self._lock:
-                self._cond.notify_all()
-
-    def _run_sender(self) -> None:
-        last_sync = time.monotonic()
-        while not self._abort.is_set():
-            now = time.monotonic()
-            if now - last_sync >= self._flush_interval_s:
-                self._sync_spool()
-                last_sync = now
-            if self._halted is None:
-                failure = self._drain()
-                if failure is not None:
-                    delay = self._handle_failure(failure)
-                    if delay is not None and not self._sleep(delay):
-                        return  # closing: the retry would come after close's deadline
-                    continue
-            if self._closing_evt.is_set():
-                if self._halted is None:
-                    self._close_run()
-                return
-            self._wake.wait(self._flush_interval_s)
-            self._wake.clear()
-
-    def _sleep(self, delay: float) -> bool:
-        """Back off for ``delay`` seconds; False when closing makes retrying pointless."""
-        until = time.monotonic() + delay
-        while True:
-            if self._abort.is_set():
-                return False
-            deadline = self._close_deadline
-            if deadline is not None and until > deadline:
-                return False
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return True
-            event = self._abort if self._closing_evt.is_set() else self._closing_evt
-            if not event.wait(min(remaining, self._flush_interval_s)):
-                self._sync_spool()  # long outages still fsync the spool each interval
-
-    def _sync_spool(self) -> None:
-        with self._lock:
-            if self._spool is not None:
-                try:
-                    self._spool.sync()
-                except OSError as exc:
-                    self._warn_once("spool_io", f"cannot write the telemetry spool: {exc}")
-
-    def _drain(self) -> CallFailure | None:
-        """Open the run if needed and push until nothing is pending; a failure stops it."""
-        while not self._abort.is_set():
-            if not self._run_open:
-                failure = self._open_run()
-                if failure is not None:
-                    return failure
-            batch = self._next_batch()
-            if not batch:
-                return None
-            result = self._call("Push", monitor_pb2.PushRequest(records=batch))
-            if isinstance(result, CallFailure):
-                return result
-            assert isinstance(result, monitor_pb2.PushResponse)
-            if not self._on_push_response(result, batch[0].sequence):
-                return CallFailure(grpc.StatusCode.ABORTED, "the server acknowledged nothing", None)
-            self._on_success()
-        return None
-
-    def _open_run(self) -> CallFailure | None:
-        request = monitor_pb2.OpenRunRequest(run=self._run_info, rank=self.rank)
-        result = self._call("OpenRun", request)
-        if isinstance(result, CallFailure):
-            return result
-        assert isinstance(result, monitor_pb2.OpenRunResponse)
-        acked = result.acked_sequence
-        with self._lock:
-            self._display_name = result.display_name or self._display_name
-            # Skip what the server already has; renumber the rest from its count.
-            while self._window and 0 < self._window[0].seq <= acked:
-                self._window.popleft()
-                self._delivered += 1
-            for i, entry in enumerate(self._window):
-                entry.seq = acked + 1 + i
-            self._acked = acked
-            self._next_seq = acked + 1 + len(self._window)
-            self._run_open = True
-            self._cond.notify_all()
-        self._not_found_in_a_row = 0
-        logger.debug("opened run %s rank %d (server holds %d)", self.run_id, self.rank, acked)
-        return None
-
-    def _next_batch(self) -> list[monitor_pb2.StepRecord]:
-        """Top the window up from memory (and the spool) and number it."""
-        with self._lock:
-            spool = self._spool
-            if spool is not None:
-                room = self._max_buffer - len(self._queue) - len(self._window)
-                if len(spool) and room > 0:
-                    for data in spool.read(min(room, self._batch_size)):
-                        self._queue.append((self._spool_first_idx, data))
-                        self._spool_first_idx += 1
-            while len(self._window) < self._batch_size and self._queue:
-                idx, payload = self._queue.popleft()
-                self._window.append(_Entry(idx, payload))
-            entries = list(self._window)
-        # Parse and number outside the lock; only this thread touches entries.
-        corrupt: list[_Entry] = []
-        already: list[_Entry] = []
-        for entry in entries:
-            if entry.seq:
-                continue
-            record = entry.record
-            if isinstance(record, bytes):
-                try:
-                    record = monitor_pb2.StepRecord.FromString(record)
-                except DecodeError:
-                    corrupt.append(entry)
-                    continue
-                entry.record = record
-                if 0 < record.sequence <= self._acked:
-                    already.append(entry)  # sent by an earlier client; the server has it
-                    continue
-            entry.seq = self._next_seq
-            self._next_seq += 1
-        if corrupt or already:
-            with self._lock:
-                for entry in corrupt:
-                    self._window.remove(entry)
-                    self._dropped += 1
-                    if not self._first_dropped_idx:
-                        self._first_dropped_idx = entry.idx
-                for entry in already:
-                    self._window.remove(entry)
-                    self._delivered += 1
-                entries = list(self._window)
-                self._cond.notify_all()
-            if corrupt:
-                self._warn_once("corrupt", f"{len(corrupt)} unreadable spool entries dropped")
-        batch = []
-        for entry in entries:
-            record = entry.record
-            assert isinstance(record, monitor_pb2.StepRecord)
-            record.sequence = entry.seq
-            batch.append(record)
-        return batch
-
-    def _on_push_response(self, response: monitor_pb2.PushResponse, first_seq: int) -> bool:
-        """Resolve acknowledged records; False when nothing moved."""
-        acked: int | None = None
-        for ack in response.acks:
-            if ack.run_id == self.run_id and ack.rank == self.rank:
-                acked = ack.acked_sequence
-        if acked is None:
-            return False
-        rejected = {
-            r.sequence: r
-            for r in response.rejected
-            if r.run_id == self.run_id and r.rank == self.rank
-        }
-        first_reject: monitor_pb2.RejectedRecord | None = None
-        resolved = 0
-        with self._lock:
-            while self._window and self._window[0].seq <= acked:
-                entry = self._window.popleft()
-                resolved += 1
-                if entry.seq in rejected:
-                    self._rejected += 1
-                    first_reject = first_reject or rejected[entry.seq]
-                else:
-                    self._delivered += 1
-            self._acked = max(self._acked, acked)
-            self._cond.notify_all()
-        if first_reject is not None:
-            self._warn_once(
-                "rejected",
-                f"the monitor server rejected records for good (e.g. sequence "
-                f"{first_reject.sequence}: {first_reject.field}: {first_reject.reason}); they "
-                "are counted in DeliveryReport.rejected and not resent.",
-            )
-        if acked < first_seq - 1:
-            # The server holds less than it acknowledged before (it lost data):
-            # re-open, which renumbers from its count.
-            self._run_open = False
-        return resolved > 0
-
-    def _on_success(self) -> None:
-        self._attempt = 0
-        self._not_found_in_a_row = 0
-        if self._outage:
-            self._outage = False
-            logger.info("monitor server at %s reachable again", self.endpoint)
-
-    def _handle_failure(self, failure: CallFailure) -> float | None:
-        """The delay before the next attempt, or None when this client stops sending."""
-        code = failure.code
-        action = classify(code)
-        if action == "reopen":
-            self._run_open = False
-            self._not_found_in_a_row += 1
-            if self._not_found_in_a_row == 1:
-                logger.info("monitor server does not know run %s: re-opening it", self.run_id)
-                return 0.0
-        elif action == "stop":
-            self._halt(failure)
-            return None
-        if code == grpc.StatusCode.UNAVAILABLE:
-            self._reset_channel()
-        delay = failure.retry_delay_s
-        if delay is None:
-            delay = backoff_s(
-                self._attempt, initial_s=self._backoff_initial_s, max_s=self._backoff_max_s
-            )
-            self._attempt += 1
-        if not self._outage:
-            self._outage = True
-            message = (
-                f"cannot deliver telemetry to the monitor server at {self.endpoint} "
-                f"({code.name}: {failure.details}); records are buffered "
-                f"(max_buffer={self._max_buffer}, "
-                f"spool_dir={'set' if self._spool is not None else 'none'}) and retried in "
-                "the background; training continues."
-            )
-            if "unreachable" in self._warned:
-                logger.warning(message)
-            else:
-                self._warn_once("unreachable", message)
-        else:
-            logger.debug("telemetry retry in %.2fs after %s", delay, code.name)
-        return delay
-
-    def _halt(self, failure: CallFailure) -> None:
-        fixes = {
-            grpc.StatusCode.UNAUTHENTICATED: "check the token",
-            grpc.StatusCode.PERMISSION_DENIED: "check the token's permissions",
-            grpc.StatusCode.INVALID_ARGUMENT: "check the run settings (run_id, rank, labels)",
-            grpc.StatusCode.UNIMPLEMENTED: "check that the endpoint is an inversion-monitor server",
-        }
-        fix = fixes.get(failure.code, "check the client configuration and the server logs")
-        keep = (
-            "records are spooled for a later replay with the same run_id and spool_dir"
-            if self._spool is not None
-            else f"up to max_buffer={self._max_buffer} records are kept, older ones dropped"
-        )
-        with self._lock:
-            self._halted = failure.code.name
-            self._cond.notify_all()
-        self._warn_once(
-            "halted",
-            f"the monitor server at {self.endpoint} refused run {self.run_id} "
-            f"({failure.code.name}: {failure.details}): {fix}. This client sends nothing "
-            f"more; {keep}. Training continues.",
-        )
-
-    def _close_run(self) -> None:
-        with self._lock:
-            done = self._run_open and self._min_unresolved() >= self._next_idx
-        if not done:
-            return
-        request = monitor_pb2.CloseRunRequest(
-            run_id=self.run_id, rank=self.rank, status=self._close_status
-        )
-        result = self._call("CloseRun", request)
-        if isinstance(result, CallFailure):
-            logger.debug("CloseRun failed: %s %s", result.code.name, result.details)
-
-    # ------------------------------------------------------------ transport
-
-    def _ensure_stub(self) -> monitor_pb2_grpc.MonitorServiceStub:
-        if self._stub is None:
-            options = [("grpc.enable_retries", 0)]
-            if self._credentials is None:
-                self._channel = grpc.insecure_channel(self.endpoint, options=options)
-            else:
-                self._channel = grpc.secure_channel(
-                    self.endpoint, self._credentials, options=options
-                )
-            self._stub = monitor_pb2_grpc.MonitorServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        return self._stub
-
-    def _reset_channel(self) -> None:
-        channel = self._channel
-        self._channel = None
-        self._stub = None
-        self._run_open = False
-        if channel is not None:
-            channel.close()
-
-    def _interrupt(self) -> None:
-        self._abort.set()
-        done = self._call_done
-        if done is not None:
-            done.set()
-
-    def _call(self, method: str, request: Any) -> Any:
-        """One unary call, cancelled when the client aborts; returns the reply or a CallFailure."""
-        timeout = self._rpc_timeout_s
-        deadline = self._close_deadline
-        if deadline is not None:
-            timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                raise _Aborted
-        stub = self._ensure_stub()
-        with self._fork_gate:
-            done = threading.Event()
-            self._call_done = done
-            future = getattr(stub, method).future(request, timeout=timeout, metadata=self._metadata)
-            future.add_done_callback(lambda _f: done.set())
-            if self._abort.is_set():
-                done.set()
-            done.wait()
-            self._call_done = None
-            if not future.done():
-                future.cancel()
-                raise _Aborted
-            try:
-                return future.result()
-            except grpc.RpcError as err:
-                return CallFailure(err.code(), err.details() or "", retry_delay_s(err))
 
 
 def _call_weak(weak: weakref.WeakMethod[Callable[[], None]]) -> None:

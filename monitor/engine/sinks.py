@@ -1,0 +1,246 @@
+"""Where the monitor's measurements go: the ``Sink`` protocol and its three sinks.
+
+The engine (:class:`~inversion_monitor.engine.training_monitor.InversionMonitor`) builds one
+:class:`ProbeRecord` per probe and hands it to each sink: the trainer's logs
+(:class:`TrainerLogSink`, always), a JSONL file (:class:`JsonlSink`, with
+``jsonl_path``) and the monitor server (:class:`GrpcSink`, with ``endpoint``).
+A new destination is one class with ``emit``, ``flush`` and ``close``.
+
+>>> stats = InversionStats.insufficient_sample(n=3, reason="n < 4")
+>>> record = ProbeRecord(run_id="r", run_name="demo", rank=0, step=3, stats=stats,
+...                      probe_seconds=0.1)
+>>> logs = TrainerLogSink()
+>>> logs.emit(record)
+>>> metrics = logs.take()
+>>> metrics is not None and metrics["inversion/insufficient"], logs.take()
+(1.0, None)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from inversion_monitor.config import MonitorConfig
+from inversion_monitor.metrics.stats import InversionStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inversion_monitor.telemetry.client import MonitorClient
+    from inversion_monitor.telemetry.window import DeliveryReport
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """One probe's measurement and the training values beside it."""
+
+    run_id: str
+    run_name: str
+    rank: int
+    step: int
+    stats: InversionStats
+    probe_seconds: float
+    loss: float | None = None
+    learning_rate: float | None = None
+    components: list[dict[str, Any]] | None = None
+    samples: list[tuple[float, float, int]] | None = None
+    wall_time: float = field(default_factory=time.time)
+
+
+class Sink(Protocol):
+    """A destination of probe records. ``emit`` must be cheap and never block on I/O
+    that can hang (the gRPC client queues; files are local)."""
+
+    def emit(self, record: ProbeRecord) -> None:
+        """Take one record."""
+
+    def flush(self, timeout_s: float) -> bool:
+        """Push out what is buffered; True when everything arrived."""
+
+    def close(self, timeout_s: float) -> DeliveryReport | None:
+        """Flush and release resources; the gRPC sink returns its delivery report."""
+
+
+def trainer_metrics(stats: InversionStats, *, probe_seconds: float) -> dict[str, float]:
+    """The flat ``inversion/...`` values added to a trainer's logs.
+
+    >>> s = InversionStats.insufficient_sample(n=3, reason="n < 4")
+    >>> trainer_metrics(s, probe_seconds=0.5)["inversion/insufficient"]
+    1.0
+    """
+    low, high = stats.ci
+    metrics = {
+        "inversion/rho": stats.rho,
+        "inversion/spearman": stats.spearman,
+        "inversion/pearson": stats.pearson,
+        "inversion/ci_low": low,
+        "inversion/ci_high": high,
+        "inversion/n": float(stats.n),
+        "inversion/insufficient": float(stats.insufficient),
+        "inversion/entropy_mean": stats.entropy_mean,
+        "inversion/entropy_p10": stats.entropy_p10,
+        "inversion/entropy_p50": stats.entropy_p50,
+        "inversion/entropy_p90": stats.entropy_p90,
+        "inversion/score_mean": stats.score_mean,
+        "inversion/score_p50": stats.score_p50,
+        "inversion/probe_seconds": probe_seconds,
+    }
+    if stats.spearman_per_token_type is not None:
+        metrics["inversion/spearman_per_token_type"] = stats.spearman_per_token_type
+    return {key: float(value) for key, value in metrics.items()}
+
+
+class TrainerLogSink:
+    """Holds the ``inversion/...`` metrics of the last record for the trainer's logs.
+
+    The framework adapter takes them (:meth:`take`) and adds them to the
+    trainer's log when ``log_to_trainer`` is set.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[str, float] | None = None
+
+    def emit(self, record: ProbeRecord) -> None:
+        self._latest = trainer_metrics(record.stats, probe_seconds=record.probe_seconds)
+
+    def take(self) -> dict[str, float] | None:
+        """The metrics of the last record, once."""
+        latest, self._latest = self._latest, None
+        return latest
+
+    def flush(self, timeout_s: float) -> bool:
+        return True
+
+    def close(self, timeout_s: float) -> DeliveryReport | None:
+        self._latest = None
+        return None
+
+
+class JsonlSink:
+    """Appends one JSON object per record to a file (``<stem>.rank<r><suffix>`` when
+    ``world_size > 1``); NaN and infinities become null."""
+
+    def __init__(self, path: str | os.PathLike[str], *, rank: int, world_size: int) -> None:
+        target = Path(path)
+        if world_size > 1:
+            target = target.with_name(f"{target.stem}.rank{rank}{target.suffix}")
+        self.path = target
+        self._file: TextIO | None = None
+
+    def emit(self, record: ProbeRecord) -> None:
+        row = {
+            "run_id": record.run_id,
+            "run_name": record.run_name,
+            "rank": record.rank,
+            "step": record.step,
+            "wall_time": record.wall_time,
+            "probe_seconds": record.probe_seconds,
+            "loss": record.loss,
+            "learning_rate": record.learning_rate,
+            **{k: v for k, v in record.stats.to_dict().items() if k != "extra"},
+            "components": record.components,
+            "samples": record.samples,
+        }
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+        self._file.flush()
+
+    def flush(self, timeout_s: float) -> bool:
+        if self._file is not None:
+            self._file.flush()
+        return True
+
+    def close(self, timeout_s: float) -> DeliveryReport | None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return None
+
+
+class GrpcSink:
+    """Sends records to the monitor server through a :class:`MonitorClient`.
+
+    The client is created at the first record (so the run id agreed across
+    ranks and the model type are known), with every setting from ``config``.
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        *,
+        rank: int,
+        world_size: int,
+        framework: str,
+        model_type: Callable[[], str],
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.framework = framework
+        self._model_type = model_type
+        self.client: MonitorClient | None = None
+
+    def emit(self, record: ProbeRecord) -> None:
+        if self.client is None:
+            self.client = self._connect(record)
+        self.client.log(
+            record.step,
+            record.stats,
+            loss=record.loss,
+            learning_rate=record.learning_rate,
+            components=record.components,
+            samples=record.samples,
+            probe_seconds=record.probe_seconds,
+            wall_time=record.wall_time,
+        )
+
+    def _connect(self, record: ProbeRecord) -> MonitorClient:
+        from inversion_monitor.telemetry.client import MonitorClient
+
+        config = self.config
+        return MonitorClient(
+            str(config.endpoint),
+            record.run_name,
+            project=config.project,
+            labels=config.labels,
+            run_id=record.run_id,
+            rank=self.rank,
+            world_size=self.world_size,
+            framework=self.framework,
+            model_type=self._model_type(),
+            config=config.public_dict(),
+            token=config.token,
+            tls=config.tls,
+            spool_dir=config.spool_dir,
+            **config.delivery_options(),
+        )
+
+    def flush(self, timeout_s: float) -> bool:
+        return self.client.flush(timeout_s=timeout_s) if self.client is not None else True
+
+    def close(self, timeout_s: float) -> DeliveryReport | None:
+        client, self.client = self.client, None
+        return client.close(timeout_s=timeout_s) if client is not None else None
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: NaN/inf become null, tuples lists, tensors lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):  # a tensor or an array
+        return json_safe(tolist())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value

@@ -1,0 +1,87 @@
+"""A small read client of the monitor server: ``GetRun`` and ``ListRuns``.
+
+Used by the ``show`` and ``runs`` commands and the demo. A failed call raises
+:class:`ReadError` with the status code's name and the server's details; the
+command line turns it into one sentence (see :mod:`inversion_monitor.app.remote`).
+
+>>> reader = RunReader(Transport.create("127.0.0.1:9"), timeout_s=0.5)
+>>> try:
+...     reader.list_runs()
+... except ReadError as exc:
+...     exc.code
+'UNAVAILABLE'
+>>> reader.close()
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.telemetry.transport import Transport
+
+
+class ReadError(Exception):
+    """A read call failed: ``code`` is the gRPC status name, ``details`` the server's text.
+
+    >>> str(ReadError("NOT_FOUND", "no run 'x'"))
+    "NOT_FOUND: no run 'x'"
+    """
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+class RunReader:
+    """Reads runs from one server; usable as a context manager (closes its channel).
+
+    >>> with RunReader(Transport.create("127.0.0.1:9"), timeout_s=0.5) as reader:
+    ...     reader.timeout_s
+    0.5
+    """
+
+    def __init__(self, transport: Transport, *, timeout_s: float = 10.0) -> None:
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self._channel = transport.channel()
+        self._stub = transport.stub(self._channel)
+
+    def get_run(self, run: str, *, history_limit: int = 20) -> monitor_pb2.GetRunResponse:
+        """One run (by id or display name) with its recent records and alerts."""
+        request = monitor_pb2.GetRunRequest(run=run, history_limit=history_limit)
+        response: monitor_pb2.GetRunResponse = self._call(self._stub.GetRun, request)
+        return response
+
+    def list_runs(self, *, project: str = "", limit: int = 100) -> monitor_pb2.ListRunsResponse:
+        """Run summaries, newest activity first (only ``project``'s when given)."""
+        request = monitor_pb2.ListRunsRequest(project=project, limit=limit)
+        response: monitor_pb2.ListRunsResponse = self._call(self._stub.ListRuns, request)
+        return response
+
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> Any:
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self.transport.metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            name = code.name if code is not None else "UNKNOWN"
+            raise ReadError(name, str(exc.details() or "")) from None
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> RunReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
