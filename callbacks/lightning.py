@@ -173,6 +173,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
             world_size=world_size,
             framework="lightning",
             default_run_name=_logger_run_name(trainer) if rank == 0 else None,
+            kind="custom",  # a LightningModule's loop is its own; MonitorConfig.kind overrides
         )
         if self._load_pending and self._state is not None:
             _restore(monitor, self._state)

@@ -38,6 +38,8 @@ _FLAGS = {
     "": False,
 }
 Projection = Literal["q", "k", "v", "o"]
+RunKind = Literal["sft", "rl", "custom"]
+RUN_KINDS: tuple[RunKind, ...] = ("sft", "rl", "custom")
 
 
 def explain_validation_error(model: str, exc: ValidationError) -> str:
@@ -71,6 +73,9 @@ class MonitorConfig(BaseModel):
     spool_dir: str | None = Field(None, description="spill records here when the server is away")
     jsonl_path: str | None = Field(None, description="also append every record to this file")
     log_to_trainer: bool = Field(True, description="add inversion/... keys to the trainer logs")
+    kind: RunKind | None = Field(
+        None, description="'sft', 'rl' or 'custom'; None = detected from the trainer"
+    )
 
     # what is measured
     layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)

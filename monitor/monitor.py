@@ -33,6 +33,7 @@ import os
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ from inversion_monitor._version import __version__
 from inversion_monitor.capture import BatchCapture, CapturedBatch
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.probe import ProbeResult, logit_gradient_norms
+from inversion_monitor.rl_signals import RLStats
 from inversion_monitor.sampling import TokenSampler
 from inversion_monitor.schedule import ProbeSchedule
 from inversion_monitor.stats import InversionStats, inversion_stats, spearman
@@ -95,6 +97,8 @@ class InversionMonitor:
         rank, world_size: this process's place in a distributed job.
         framework: e.g. ``"transformers"``, ``"lightning"``, ``"custom"``.
         default_run_name: used when ``config.run_name`` is unset.
+        kind: the run kind the adapter detected (``"sft"``, ``"rl"``,
+            ``"custom"``); ``config.kind`` takes precedence.
 
     Use from a custom loop::
 
@@ -104,6 +108,15 @@ class InversionMonitor:
             loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
             monitor.step_end(step, model, loss=loss.item())
         monitor.close()
+
+    In an RL loop, pass the step's RL signals (no extra forward: from the
+    tensors of the loss)::
+
+        acc = RLStepAccumulator()   # inversion_monitor.rl_signals
+        acc.add(mask=completion_mask, entropies=entropies, logprobs=logps, advantages=adv)
+        monitor.step_end(step, model, rl=acc.finish(reward_mean=r.mean(), reward_std=r.std()))
+
+    The steps' signals are averaged into the next record the monitor sends.
     """
 
     def __init__(
@@ -114,8 +127,10 @@ class InversionMonitor:
         world_size: int = 1,
         framework: str = "custom",
         default_run_name: str | None = None,
+        kind: str | None = None,
     ) -> None:
         self.config = MonitorConfig.from_env() if config is None else config
+        self.kind = self.config.kind or kind
         if rank < 0 or world_size < 1 or rank >= world_size:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
@@ -140,6 +155,7 @@ class InversionMonitor:
         self.last_result: ProbeResult | None = None
         # the batch the last probe measured: last_result.positions index into it
         self.last_batch: CapturedBatch | None = None
+        self.last_rl: RLStats | None = None
         self.probes = 0
         self.errors = 0
         self._capture: BatchCapture | None = None
@@ -148,6 +164,8 @@ class InversionMonitor:
         self._jsonl: Any = None
         self._warned: set[str] = set()
         self._agreed = False
+        # RL signals of the optimizer steps since the last record (bounded)
+        self._rl_pending: deque[RLStats] = deque(maxlen=100_000)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -214,16 +232,23 @@ class InversionMonitor:
         loss: float | None = None,
         learning_rate: float | None = None,
         probe: bool | None = None,
+        rl: RLStats | None = None,
     ) -> dict[str, float] | None:
         """Call after each optimizer step; probes when scheduled.
 
         ``probe`` overrides the schedule's decision for this step (a distributed
         adapter passes one agreed across ranks); None asks the schedule.
-        Returns the ``inversion/...`` metrics when it probed, else None.
+        ``rl``: the step's RL signals (:class:`~inversion_monitor.rl_signals.RLStats`),
+        averaged into the next record. Returns the ``inversion/...`` (and
+        ``rl/...``) metrics when it probed, else None.
         """
         if not self.enabled:
             return None
         try:
+            if rl is not None:
+                if not isinstance(rl, RLStats):
+                    raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
+                self._rl_pending.append(rl)
             metrics = None
             if self.schedule.should_probe(step) if probe is None else probe:
                 metrics = self.probe(step, model, loss=loss, learning_rate=learning_rate)
@@ -278,6 +303,9 @@ class InversionMonitor:
         self.schedule.probe_done(seconds=seconds)
         self.probes += 1
         self.last_stats, self.last_result, self.last_batch = stats, result, batch
+        rl = RLStats.average(self._rl_pending)
+        self._rl_pending.clear()
+        self.last_rl = rl
         self._emit(
             step,
             stats=stats,
@@ -286,8 +314,12 @@ class InversionMonitor:
             seconds=seconds,
             loss=loss,
             learning_rate=learning_rate,
+            rl=rl,
         )
-        return trainer_metrics(stats, probe_seconds=seconds)
+        metrics = trainer_metrics(stats, probe_seconds=seconds)
+        if rl is not None:
+            metrics.update(rl.trainer_metrics())
+        return metrics
 
     # ------------------------------------------------------------------ sinks
 
@@ -326,6 +358,7 @@ class InversionMonitor:
         seconds: float,
         loss: float | None,
         learning_rate: float | None,
+        rl: RLStats | None = None,
     ) -> None:
         samples = self._samples(result)
         if self.config.endpoint:
@@ -338,6 +371,7 @@ class InversionMonitor:
                 components=components,
                 samples=samples,
                 probe_seconds=seconds,
+                rl=rl,
             )
         if self.config.jsonl_path:
             record = {
@@ -352,6 +386,8 @@ class InversionMonitor:
                 **{k: v for k, v in stats.to_dict().items() if k != "extra"},
                 "components": components,
                 "samples": samples,
+                "kind": self.kind,
+                "rl": rl.to_dict() if rl is not None else None,
             }
             line = json.dumps(_json_safe(record), allow_nan=False)
             self._jsonl_file().write(line + "\n")
@@ -384,6 +420,7 @@ class InversionMonitor:
                 world_size=self.world_size,
                 framework=self.framework,
                 model_type=model_type,
+                kind=self.kind,
                 config=self.config.public_dict(),
                 token=self.config.token,
                 tls=self.config.tls,

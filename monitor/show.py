@@ -87,8 +87,10 @@ def format_run(response: monitor_pb2.GetRunResponse) -> str:
     run = response.summary
     lines = [
         f"run {run.display_name} ({run.run.run_id})  project {run.run.project or '-'}  "
-        f"framework {run.run.framework or '-'}  status {run.status}  records {run.records}"
+        f"framework {run.run.framework or '-'}  kind {run.run.kind or '-'}  "
+        f"status {run.status}  records {run.records}"
     ]
+    rl = run.run.kind == "rl" or any(rec.HasField("reward_mean") for rec in response.history)
     rows = []
     for rec in response.history:
         sp = rec.inversion.spearman
@@ -105,10 +107,31 @@ def format_run(response: monitor_pb2.GetRunResponse) -> str:
                 _n(rec.entropy.p10 if rec.entropy.HasField("p10") else math.nan),
                 _n(rec.entropy.p90 if rec.entropy.HasField("p90") else math.nan),
                 _n(rec.loss if rec.HasField("loss") else math.nan),
+                *(
+                    [
+                        _n(rec.reward_mean if rec.HasField("reward_mean") else math.nan),
+                        _n(
+                            rec.policy_entropy_mean
+                            if rec.HasField("policy_entropy_mean")
+                            else math.nan
+                        ),
+                        _n(
+                            rec.entropy_covariance
+                            if rec.HasField("entropy_covariance")
+                            else math.nan,
+                            4,
+                            True,
+                        ),
+                    ]
+                    if rl
+                    else []
+                ),
             ]
         )
     if rows:
         headers = ["STEP", "RANK", "RHO", "CI", "ENTROPY", "P10", "P90", "LOSS"]
+        if rl:
+            headers += ["REWARD", "POLICY_H", "COV"]
         lines.append(format_table(headers, rows))
     else:
         lines.append("no records yet")

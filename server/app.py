@@ -24,7 +24,9 @@ from prometheus_client import Gauge
 from inversion_monitor.server.alert_config import load_alerts_config
 from inversion_monitor.server.alertmanager import AlertmanagerSink
 from inversion_monitor.server.alerts import AlertCollector, AlertEngine, AlertSink
+from inversion_monitor.server.component_metrics import ComponentCollector, RunKindCollector
 from inversion_monitor.server.config import ServerConfig, join_address
+from inversion_monitor.server.entropy_law import EntropyLawCollector, EntropyLawMonitor
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.listeners import IngestListener
@@ -71,6 +73,8 @@ class AsyncMonitorServer:
         self._read_conn: sqlite3.Connection | None = None
         self._stopped = asyncio.Event()
         self.alerts: AlertEngine | None = None
+        # the entropy-performance law fitted per RL run (inversion_monitor_entropy_law_*)
+        self.entropy_law = EntropyLawMonitor()
         self._stale_task: asyncio.Task[None] | None = None
         self._sinks: list[AlertSink] = []
         self.alertmanager: AlertmanagerSink | None = None
@@ -94,6 +98,10 @@ class AsyncMonitorServer:
             raise RuntimeError("the server is not started")
         return self._ingestor
 
+    def _run_kind(self, run_id: str) -> str:
+        view = self.ingestor.views.get(run_id)
+        return view.info.kind if view is not None else ""
+
     async def _read(self, fn: Callable[[], _T]) -> _T:
         """Run a database read on the reader thread (the writer's, for ``:memory:``)."""
         if self._reader is None:
@@ -113,6 +121,8 @@ class AsyncMonitorServer:
         self._writer = writer = WriterThread()
         memory = str(cfg.db) == ":memory:"
         listeners = list(self._listeners)
+        self.entropy_law = EntropyLawMonitor(max_runs=cfg.limits.max_active_runs)
+        listeners.append(self.entropy_law)
         try:
             if cfg.alerts:
                 alerts_config = load_alerts_config(cfg.alerts_config)
@@ -127,6 +137,8 @@ class AsyncMonitorServer:
                 listeners.append(self.alerts)
             self._ingestor = await writer.call(lambda: Ingestor(Store(cfg.db), cfg, listeners))
             writer.ingestor = self._ingestor
+            if self.alerts is not None:
+                self.alerts.run_kind = self._run_kind
             if memory:  # one connection only: reads share the writer thread
                 self._read_conn = self._ingestor._store._conn
             else:
@@ -141,6 +153,18 @@ class AsyncMonitorServer:
             if self.alerts is not None:
                 self.registry.register(
                     AlertCollector(self.alerts, lambda: self.ingestor.views, cfg.retention_s)
+                )
+            self.registry.register(
+                EntropyLawCollector(self.entropy_law, lambda: self.ingestor.views, cfg.retention_s)
+            )
+            self.registry.register(RunKindCollector(lambda: self.ingestor.views, cfg.retention_s))
+            if cfg.component_metrics:
+                self.registry.register(
+                    ComponentCollector(
+                        lambda: self.ingestor.views,
+                        cfg.retention_s,
+                        max_per_run=cfg.component_series_per_run,
+                    )
                 )
             limits = cfg.limits
             self._servicer = MonitorServicer(

@@ -33,6 +33,7 @@ from inversion_monitor.server.validate import RecordProblem, RejectReason, check
 log = logging.getLogger("inversion_monitor.server")
 
 CLOSE_STATUSES = ("completed", "interrupted", "failed")  # by increasing severity
+RUN_KINDS = ("", "sft", "rl", "custom")  # "": not given (older clients)
 _RUN_INFO_MAX_LENGTHS = {
     "name": 256,
     "project": 128,
@@ -172,11 +173,14 @@ class Ingestor:
     def _load(self) -> None:
         by_pk: dict[int, RunState] = {}
         for row in self._store.load_runs():
+            info = monitor_pb2.RunInfo.FromString(row.info)
+            if not info.kind and row.kind:
+                info.kind = row.kind
             run = RunState(
                 pk=row.pk,
                 run_id=row.run_id,
                 display_name=row.display_name,
-                info=monitor_pb2.RunInfo.FromString(row.info),
+                info=info,
                 world_size=row.world_size,
                 opened_time=row.opened_time,
                 last_update_time=row.last_update_time,
@@ -258,6 +262,10 @@ class Ingestor:
                 raise InvalidArgument(
                     f"run.{name} has {length} characters; the limit is {max_length}"
                 )
+        if info.kind not in RUN_KINDS:
+            raise InvalidArgument(
+                f"run.kind is {info.kind[:40]!r}; expected 'sft', 'rl', 'custom' or empty"
+            )
         if info.config_json:
             try:
                 parsed = json.loads(info.config_json)
@@ -318,6 +326,7 @@ class Ingestor:
                     stored_info.SerializeToString(),
                     info.world_size,
                     now,
+                    info.kind,
                 )
                 self._store.upsert_rank(pk, rank_no, 0, "running")
             run = RunState(

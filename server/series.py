@@ -47,6 +47,23 @@ BASE_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
         lambda r: _opt(r.score, "mean"),
     ),
     ("step", "Trainer global step of the latest record.", lambda r: float(r.step)),
+    (
+        "reward_mean",
+        "Mean reward of the policy's completions (RL runs; mean over the optimizer steps "
+        "since the previous record).",
+        lambda r: _opt(r, "reward_mean"),
+    ),
+    (
+        "policy_entropy_mean_nats",
+        "Mean per-token entropy of the policy over completion tokens (RL runs), nats.",
+        lambda r: _opt(r, "policy_entropy_mean"),
+    ),
+    (
+        "entropy_covariance",
+        "Cui et al. covariance of token log-probability and advantage over completion tokens "
+        "(positive and large: entropy falling).",
+        lambda r: _opt(r, "entropy_covariance"),
+    ),
 )
 
 # with --extended-metrics (each costs one sample per run per scrape)
@@ -77,6 +94,26 @@ EXTENDED_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
         lambda r: _opt(r.entropy, "p90"),
     ),
     ("loss", "Training loss reported with the latest record.", lambda r: _opt(r, "loss")),
+    (
+        "reward_std",
+        "Standard deviation of the completions' rewards (RL runs).",
+        lambda r: _opt(r, "reward_std"),
+    ),
+    (
+        "policy_entropy_p10_nats",
+        "10th percentile of the policy's per-token entropy over completion tokens, nats.",
+        lambda r: _opt(r.policy_entropy, "p10"),
+    ),
+    (
+        "policy_entropy_p90_nats",
+        "90th percentile of the policy's per-token entropy over completion tokens, nats.",
+        lambda r: _opt(r.policy_entropy, "p90"),
+    ),
+    (
+        "advantage_mean",
+        "Mean advantage of the completions (RL runs).",
+        lambda r: _opt(r.advantage, "mean"),
+    ),
 )
 
 ALL_GAUGES = BASE_GAUGES + EXTENDED_GAUGES

@@ -14,7 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# schema version -> the statements that bring a database of the previous version to it
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT ''",),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -28,7 +32,8 @@ CREATE TABLE IF NOT EXISTS runs (
     last_update_time REAL,
     last_activity_time REAL NOT NULL,
     status TEXT NOT NULL,
-    records INTEGER NOT NULL DEFAULT 0
+    records INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS ranks (
     run_pk INTEGER NOT NULL REFERENCES runs(pk),
@@ -86,6 +91,8 @@ class StoredRun:
     last_activity_time: float
     status: str
     records: int
+    # "sft", "rl", "custom" or "" (unknown; runs stored before schema version 2)
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,10 +147,20 @@ class Store:
                     f"{self.path} has schema version {version}; this server knows up to "
                     f"{SCHEMA_VERSION}: upgrade inversion-monitor or use another --db"
                 )
+            if 0 < version < SCHEMA_VERSION:
+                self._migrate(version)
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+
+    def _migrate(self, version: int) -> None:
+        """Bring a database of schema ``version`` up to :data:`SCHEMA_VERSION`, one transaction."""
+        with self.transaction() as conn:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._conn.close()
@@ -175,12 +192,13 @@ class Store:
         info: bytes,
         world_size: int,
         now: float,
+        kind: str = "",
     ) -> int:
         try:
             cur = self._conn.execute(
                 "INSERT INTO runs (run_id, display_name, project, info, world_size, opened_time,"
-                " last_activity_time, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-                (run_id, display_name, project, info, world_size, now, now),
+                " last_activity_time, status, kind) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (run_id, display_name, project, info, world_size, now, now, kind),
             )
         except sqlite3.Error as exc:
             raise StoreError(f"database write failed: {exc}") from exc
@@ -254,7 +272,7 @@ class Store:
     def load_runs(self) -> list[StoredRun]:
         rows = self._conn.execute(
             "SELECT pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
-            " last_activity_time, status, records FROM runs ORDER BY pk"
+            " last_activity_time, status, records, kind FROM runs ORDER BY pk"
         ).fetchall()
         return [StoredRun(*row) for row in rows]
 
