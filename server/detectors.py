@@ -186,7 +186,13 @@ class ExhaustionConfig(_Strict):
         description="the ceiling's standard error must be below this x the remaining gain range",
     )
     trend_window: int = Field(
-        default=10, ge=3, description="records over which entropy must be falling"
+        default=20, ge=3, description="records over which entropy must be falling"
+    )
+    falling_t: float = Field(
+        default=3.0, gt=0.0, description="fire when the entropy slope is below -this x its SE"
+    )
+    steady_t: float = Field(
+        default=1.0, ge=0.0, description="end when the entropy slope is above -this x its SE"
     )
     sustain: int = Field(default=3, ge=1)
 
@@ -491,11 +497,13 @@ class EntropyExhaustion:
     Fires when, for ``sustain`` records in a row: the law fit is valid, its
     ceiling is known to within ``max_relative_se`` of the gain range, the run
     has used at least ``progress`` of the law's gain, and the policy entropy's
-    least-squares slope over the last ``trend_window`` records is negative at
-    two standard errors. Ends when entropy stops falling (or the fit no longer
-    supports the conclusion) for ``sustain`` records.
+    least-squares slope over the last ``trend_window`` records is below
+    ``-falling_t`` standard errors. Ends when, for ``sustain`` records, the
+    slope is above ``-steady_t`` standard errors (entropy no longer falling) or
+    the fit no longer supports the conclusion (hysteresis: noise on a plateau
+    neither starts nor ends it back and forth).
 
-    >>> det = EntropyExhaustion(ExhaustionConfig(min_points=10, sustain=1))
+    >>> det = EntropyExhaustion(ExhaustionConfig(min_points=10, sustain=1, trend_window=10))
     >>> hs = [1.5 * math.exp(-s / 25) for s in range(80)]
     >>> obs = [Observation(s, 0.0, reward_mean=1.2 - 0.4 * math.exp(h), policy_entropy_mean=h)
     ...        for s, h in enumerate(hs)]
@@ -545,7 +553,8 @@ class EntropyExhaustion:
             gain = fit.ceiling - fit.reward_at(state.entropy_start)
             confident = gain > 0.0 and fit.ceiling_se <= cfg.max_relative_se * gain
             near = progress >= cfg.progress
-            falling = trend[0] < 0.0 and trend[0] < -2.0 * trend[1]
+            t_limit = cfg.steady_t if self.active else cfg.falling_t
+            falling = trend[0] < 0.0 and trend[0] < -t_limit * trend[1]
         bad = confident and near and falling
         self._run = self._run + 1 if bad != self.active else 0
         if self._run < cfg.sustain:

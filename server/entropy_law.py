@@ -8,9 +8,11 @@ least-squares covariance, so a noisy reward gives a wide interval rather than
 a confident wrong number. The fit is reported only once entropy has moved
 (``min_points`` records and an entropy spread of ``min_entropy_range`` nats).
 
-:class:`EntropyLawTracker` keeps a bounded set of points per run (at most
-``max_points``; when full, neighbouring points are merged into weighted means,
-so the whole history keeps counting) and refits on every record. ``progress``
+:class:`EntropyLawTracker` keeps a bounded set of points per run: records are
+averaged (in x = e^H - 1 and R, so the line is unchanged) into buckets of
+equal size; when there are more than ``max_points`` buckets, neighbours merge
+and the bucket size doubles, so the whole history keeps counting evenly. It
+refits on every record early on, then every ~2% of the records seen. ``progress``
 is the fraction of the law's reward gain already used:
 (R(H_now) - R(H_0)) / (ceiling - R(H_0)) = (e^H0 - e^Hnow) / (e^H0 - 1), with
 H_0 the run's early entropy and H_now its smoothed current entropy.
@@ -129,8 +131,30 @@ def fit_entropy_law(
         raise ValueError(f"weights has {len(ws)} values; expected {n}")
     if n < 2:
         return None
-    xs = [math.expm1(h) for h in entropies]  # x - 1: the intercept is the ceiling
-    ys = list(rewards)
+    # x = e^H - 1: the intercept of R on x is the ceiling
+    return _fit_x(
+        [math.expm1(h) for h in entropies],
+        list(rewards),
+        ws,
+        entropy_range=max(entropies) - min(entropies),
+        min_points=min_points,
+        min_entropy_range=min_entropy_range,
+        iterations=iterations,
+    )
+
+
+def _fit_x(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    ws: Sequence[float],
+    *,
+    entropy_range: float,
+    min_points: int,
+    min_entropy_range: float,
+    iterations: int,
+) -> LawFit | None:
+    """The fit of R = ceiling + s x (x = e^H - 1) on weighted points."""
+    n = len(xs)
     base = _weighted_line(xs, ys, ws)
     if base is None:
         return None
@@ -152,7 +176,7 @@ def fit_entropy_law(
         refit = _weighted_line(xs, ys, robust)
         if refit is None:
             break
-        done = abs(refit[0] - c) + abs(refit[1] - s) <= 1e-10 * (1.0 + abs(c) + abs(s))
+        done = abs(refit[0] - c) + abs(refit[1] - s) <= 1e-7 * (1.0 + abs(c) + abs(s))
         c, s, var_c, var_s, _ = refit
         if done:
             break
@@ -163,12 +187,11 @@ def fit_entropy_law(
     sigma = scale
     ceiling_se = sigma * math.sqrt(max(var_c, 0.0))
     a_se = sigma * math.sqrt(max(var_s, 0.0))
-    h_range = max(entropies) - min(entropies)
     count = round(sum(ws))
     a = -s
     valid = (
         count >= min_points
-        and h_range >= min_entropy_range
+        and entropy_range >= min_entropy_range
         and a > 0.0
         and (a_se == 0.0 or a > 2.0 * a_se)
     )
@@ -213,8 +236,11 @@ class EntropyLawTracker:
         self.smoothing = smoothing
         self.min_points = min_points
         self.min_entropy_range = min_entropy_range
-        # (entropy, reward, weight): points merged into weighted means when full
+        # full buckets (mean x = e^H - 1, mean reward, records), all of _bucket records
         self._points: list[tuple[float, float, float]] = []
+        self._bucket = 1
+        # the bucket being filled: (sum x, sum reward, records)
+        self._open = (0.0, 0.0, 0)
         self._early: list[float] = []
         self.entropy_start: float | None = None
         self.entropy_now: float | None = None
@@ -222,6 +248,7 @@ class EntropyLawTracker:
         self._h_max = -math.inf
         self.fit: LawFit | None = None
         self.records = 0
+        self._since_fit = 0
 
     def update(self, step: int, entropy: float, reward: float) -> LawState | None:
         """Add one record's policy entropy (nats) and mean reward; None if not finite."""
@@ -239,29 +266,53 @@ class EntropyLawTracker:
         )
         self._h_min = min(self._h_min, entropy)
         self._h_max = max(self._h_max, entropy)
-        self._points.append((entropy, reward, 1.0))
-        if len(self._points) > self.max_points:
-            self._merge()
-        hs, rs, ws = zip(*self._points, strict=True)
-        fit = fit_entropy_law(
-            hs, rs, ws, min_points=self.min_points, min_entropy_range=self.min_entropy_range
+        sx, sr, count = self._open
+        sx, sr, count = sx + math.expm1(entropy), sr + reward, count + 1
+        if count < self._bucket:
+            self._open = (sx, sr, count)
+        else:
+            self._points.append((sx / count, sr / count, float(count)))
+            self._open = (0.0, 0.0, 0)
+            if len(self._points) > self.max_points:
+                self._merge()
+        # refit on every record early, then every ~2% of the records seen (a fit of many
+        # records moves slowly): bounded work per record on the server's writer thread
+        self._since_fit += 1
+        if self.fit is not None and self._since_fit < max(1, self.records // 50):
+            return self.state
+        self._since_fit = 0
+        points = list(self._points)
+        if self._open[2]:
+            sx, sr, count = self._open
+            points.append((sx / count, sr / count, float(count)))
+        xs, rs, ws = zip(*points, strict=True)
+        self.fit = (
+            _fit_x(
+                xs,
+                rs,
+                ws,
+                entropy_range=self._h_max - self._h_min,
+                min_points=self.min_points,
+                min_entropy_range=self.min_entropy_range,
+                iterations=20,
+            )
+            if len(points) >= 2
+            else None
         )
-        if fit is not None and self._h_max - self._h_min < self.min_entropy_range:
-            fit = LawFit(fit.ceiling, fit.ceiling_se, fit.a, fit.a_se, fit.n, fit.scale, False)
-        self.fit = fit
         return self.state
 
     def _merge(self) -> None:
-        """Merge neighbouring pairs (in arrival order) into weighted means."""
+        """Merge neighbouring buckets pairwise; the bucket size doubles."""
         points = self._points
         merged = []
         for i in range(0, len(points) - 1, 2):
-            (h1, r1, w1), (h2, r2, w2) = points[i], points[i + 1]
+            (x1, r1, w1), (x2, r2, w2) = points[i], points[i + 1]
             w = w1 + w2
-            merged.append(((h1 * w1 + h2 * w2) / w, (r1 * w1 + r2 * w2) / w, w))
+            merged.append(((x1 * w1 + x2 * w2) / w, (r1 * w1 + r2 * w2) / w, w))
         if len(points) % 2:
             merged.append(points[-1])
         self._points = merged
+        self._bucket *= 2
 
     @property
     def state(self) -> LawState | None:
