@@ -116,7 +116,8 @@ def test_tap_fails_open(tmp_path: Path) -> None:
         training = True
 
     class GRPOTrainer:  # only the name matters to trainer_kind
-        _metrics: dict[str, Any] = {}
+        def __init__(self) -> None:
+            self._metrics: dict[str, Any] = {}
 
         def _compute_loss(self, model: Any, inputs: Any) -> str:
             self._get_per_token_logps_and_entropies(compute_entropy=True)
