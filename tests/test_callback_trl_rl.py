@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,41 @@ def test_tap_fails_open(tmp_path: Path) -> None:
     tap.remove()
     assert "_compute_loss" not in vars(trainer)
     assert GRPOSignalTap.attach(object()) is None
+
+
+def test_corrpo_trainer_streams_rl_signals_too(tmp_path: Path) -> None:
+    from inversion_monitor.callbacks.trl_corrpo import CorrPOConfig, CorrPOGRPOTrainer
+
+    path = tmp_path / "records.jsonl"
+    callback = InversionTrainerCallback(every_n_steps=1, jsonl_path=str(path), tokens_per_probe=16)
+    problems = arithmetic_problems(8, seed=6)
+    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
+    config = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=12,
+        learning_rate=1e-3,
+        logging_steps=1,
+        use_vllm=False,
+        **COMMON,
+    )
+    trainer = CorrPOGRPOTrainer(
+        model=tiny_causal_lm("llama").train(),
+        reward_funcs=answer_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=char_tokenizer(),
+        callbacks=[callback],
+        corrpo=CorrPOConfig(coef=0.1, min_tokens=4),
+    )
+    trainer.train()
+    got = records(path)
+    assert [(r["step"], r["kind"]) for r in got] == [(1, "rl"), (2, "rl")]
+    logged = {e["step"]: e for e in trainer.state.log_history if "reward" in e}
+    for rec in got:
+        rl = rec["rl"]
+        # the shaped reward TRL optimises (task reward plus the corrpo column)
+        assert rl["reward_mean"] == pytest.approx(logged[rec["step"]]["reward"], rel=1e-6)
+        assert math.isfinite(rl["entropy_covariance"]) and rl["policy_entropy_mean"] > 0
