@@ -147,3 +147,26 @@ def test_detectors_follow_the_run_kind() -> None:
     assert "EntropyExhaustion" in names("")
     judged = AlertsConfig.model_validate({"entropy": {"kinds": ["sft"]}})
     assert "EntropyCollapse" in {type(d).__name__ for d in RunDetectors(judged, "sft").detectors}
+
+
+def test_entropy_collapse_reads_the_policy_entropy_of_rl_records() -> None:
+    """Probe entropy flat, policy entropy collapsing: an RL run's collapse is seen."""
+    from inversion_monitor.server.detectors import EntropyCollapse, EntropyConfig
+
+    det = EntropyCollapse(EntropyConfig(warmup=5, sustain=2, smoothing=1.0))
+    fired = [
+        t
+        for step in range(40)
+        if (
+            t := det.update(
+                Observation(
+                    step,
+                    0.0,
+                    entropy_mean=2.0,
+                    policy_entropy_mean=1.5 if step < 10 else 0.3,
+                )
+            )
+        )
+    ]
+    assert [t.firing for t in fired] == [True]
+    assert fired[0].values["entropy_ewma"] == pytest.approx(0.3)
