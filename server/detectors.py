@@ -186,13 +186,19 @@ class ExhaustionConfig(_Strict):
         description="the ceiling's standard error must be below this x the remaining gain range",
     )
     trend_window: int = Field(
-        default=20, ge=3, description="records over which entropy must be falling"
+        default=40, ge=3, description="records over which entropy must be falling"
     )
     falling_t: float = Field(
-        default=3.0, gt=0.0, description="fire when the entropy slope is below -this x its SE"
+        default=2.0, gt=0.0, description="fire when the entropy slope is below -this x its SE"
     )
     steady_t: float = Field(
         default=1.0, ge=0.0, description="end when the entropy slope is above -this x its SE"
+    )
+    min_drop: float = Field(
+        default=0.02,
+        ge=0.0,
+        description="and entropy must fall by at least this fraction of its early level per "
+        "trend window (half of it to stay active): noise on a plateau is not a fall",
     )
     sustain: int = Field(default=3, ge=1)
 
@@ -498,10 +504,11 @@ class EntropyExhaustion:
     ceiling is known to within ``max_relative_se`` of the gain range, the run
     has used at least ``progress`` of the law's gain, and the policy entropy's
     least-squares slope over the last ``trend_window`` records is below
-    ``-falling_t`` standard errors. Ends when, for ``sustain`` records, the
-    slope is above ``-steady_t`` standard errors (entropy no longer falling) or
-    the fit no longer supports the conclusion (hysteresis: noise on a plateau
-    neither starts nor ends it back and forth).
+    ``-falling_t`` standard errors and loses at least ``min_drop`` of the early
+    entropy level per window. Ends when, for ``sustain`` records, the slope is
+    above ``-steady_t`` standard errors or loses less than half of ``min_drop``
+    (entropy no longer falling), or the fit no longer supports the conclusion
+    (hysteresis: noise on a plateau neither starts nor ends it back and forth).
 
     >>> det = EntropyExhaustion(ExhaustionConfig(min_points=10, sustain=1, trend_window=10))
     >>> hs = [1.5 * math.exp(-s / 25) for s in range(80)]
@@ -554,7 +561,8 @@ class EntropyExhaustion:
             confident = gain > 0.0 and fit.ceiling_se <= cfg.max_relative_se * gain
             near = progress >= cfg.progress
             t_limit = cfg.steady_t if self.active else cfg.falling_t
-            falling = trend[0] < 0.0 and trend[0] < -t_limit * trend[1]
+            drop = cfg.min_drop * state.entropy_start * (0.5 if self.active else 1.0)
+            falling = trend[0] < -t_limit * trend[1] and -trend[0] * cfg.trend_window >= drop
         bad = confident and near and falling
         self._run = self._run + 1 if bad != self.active else 0
         if self._run < cfg.sustain:
