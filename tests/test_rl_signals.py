@@ -126,3 +126,22 @@ def test_record_carries_rl_fields_and_mapping_keys() -> None:
     with pytest.raises(ValueError, match=r"stats\['reward_mean'\] = True is not a number"):
         rl_stats_from_mapping({"reward_mean": True})
     assert isinstance(rec, monitor_pb2.StepRecord)
+
+
+def test_low_precision_inputs_are_reduced_in_float64() -> None:
+    gen = torch.Generator().manual_seed(2)
+    logps, entropies, mask, advantages = micro_batch(gen, 4, 9)
+    clean_lp = torch.where(mask, logps, torch.zeros(())).bfloat16()
+    acc = RLStepAccumulator()
+    acc.add(
+        mask=mask,
+        entropies=entropies.nan_to_num(0.0).bfloat16(),
+        logprobs=clean_lp,
+        advantages=advantages.bfloat16(),
+    )
+    stats = acc.finish()
+    # exactly the float64 statistics of the bfloat16 values
+    expected = float(entropy_covariance(clean_lp.double(), advantages.bfloat16().double(), mask))
+    assert stats.entropy_covariance == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    h = entropies.nan_to_num(0.0).bfloat16().double()[mask]
+    assert stats.policy_entropy_mean == pytest.approx(float(h.mean()), rel=1e-12)
