@@ -278,6 +278,8 @@ class EntropyLawTracker:
         # refit on every record early, then every ~2% of the records seen (a fit of many
         # records moves slowly): bounded work per record on the server's writer thread
         self._since_fit += 1
+        if self._h_max - self._h_min < self.min_entropy_range or self.records < self.min_points:
+            return self.state  # the law cannot be trusted yet: spare the fit
         if self.fit is not None and self._since_fit < max(1, self.records // 50):
             return self.state
         self._since_fit = 0
