@@ -174,3 +174,15 @@ def test_corrpo_trainer_streams_rl_signals_too(tmp_path: Path) -> None:
         # the shaped reward TRL optimises (task reward plus the corrpo column)
         assert rl["reward_mean"] == pytest.approx(logged[rec["step"]]["reward"], rel=1e-6)
         assert math.isfinite(rl["entropy_covariance"]) and rl["policy_entropy_mean"] > 0
+
+
+def test_trainer_kind_of_the_installed_trainers() -> None:
+    import trl
+    from transformers import Trainer
+
+    def kind(cls: type) -> str:
+        return trainer_kind(object.__new__(cls))  # the class decides; no construction
+
+    assert kind(trl.GRPOTrainer) == kind(trl.RLOOTrainer) == "rl"
+    assert kind(trl.SFTTrainer) == kind(Trainer) == "sft"
+    assert kind(trl.DPOTrainer) == kind(trl.RewardTrainer) == kind(trl.KTOTrainer) == "custom"
