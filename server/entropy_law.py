@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -417,14 +418,12 @@ class EntropyLawCollector(Collector):
         monitor: EntropyLawMonitor,
         views: Callable[[], Mapping[str, _ViewLike]] | None = None,
         retention_s: float = math.inf,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        import time
-
         self._monitor = monitor
         self._views = views
         self._retention_s = retention_s
-        self._clock = clock or time.time
+        self._clock = clock
 
     @staticmethod
     def _families() -> list[GaugeMetricFamily]:
