@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -37,11 +38,13 @@ from inversion_monitor.server.service import (
     MonitorServicer,
     add_monitor_service,
 )
-from inversion_monitor.server.store import Store, connect
+from inversion_monitor.server.store import Store, connect, read_history
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
 _T = TypeVar("_T")
+# most recent records per run replayed into the entropy-law fit after a restart
+_LAW_RESTORE_RECORDS = 20_000
 
 
 class AsyncMonitorServer:
@@ -98,6 +101,20 @@ class AsyncMonitorServer:
             raise RuntimeError("the server is not started")
         return self._ingestor
 
+    def _restore_entropy_law(self) -> None:
+        """Refit the law of the runs still on /metrics from their stored records (writer thread)."""
+        ingestor = self.ingestor
+        cutoff = time.time() - self.config.retention_s
+        conn = ingestor._store._conn
+        for view in list(ingestor.views.values()):
+            if view.info.kind not in ("rl", "") or view.last_activity < cutoff:
+                continue
+            try:
+                payloads = read_history(conn, view.pk, _LAW_RESTORE_RECORDS)
+                self.entropy_law.restore(view.run_id, view.display_name, payloads)
+            except Exception:  # a damaged record must not keep the server from starting
+                log.exception("could not refit the entropy law of run %s", view.display_name)
+
     def _run_kind(self, run_id: str) -> str:
         view = self.ingestor.views.get(run_id)
         return view.info.kind if view is not None else ""
@@ -139,6 +156,7 @@ class AsyncMonitorServer:
             writer.ingestor = self._ingestor
             if self.alerts is not None:
                 self.alerts.run_kind = self._run_kind
+            await writer.call(self._restore_entropy_law)
             if memory:  # one connection only: reads share the writer thread
                 self._read_conn = self._ingestor._store._conn
             else:

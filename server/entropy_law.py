@@ -17,7 +17,8 @@ is the fraction of the law's reward gain already used:
 (R(H_now) - R(H_0)) / (ceiling - R(H_0)) = (e^H0 - e^Hnow) / (e^H0 - 1), with
 H_0 the run's early entropy and H_now its smoothed current entropy.
 
-:class:`EntropyLawMonitor` is the ingest listener that tracks every RL run and
+:class:`EntropyLawMonitor` is the ingest listener that tracks every RL run (a
+restarted server replays the stored records of the runs still on /metrics) and
 :class:`EntropyLawCollector` exposes ``inversion_monitor_entropy_law_ceiling``,
 ``..._ceiling_stderr`` and ``..._progress`` (label ``run``).
 
@@ -394,6 +395,16 @@ class EntropyLawMonitor:
         if state is not None:
             with self._lock:
                 self._states[run_id] = (display_name, state)
+
+    def restore(self, run_id: str, display_name: str, payloads: Iterable[bytes]) -> int:
+        """Replay a run's stored records (oldest first) after a restart; returns how many fed."""
+        fed = 0
+        for payload in payloads:
+            record = monitor_pb2.StepRecord.FromString(payload)
+            if law_inputs(record) is not None:
+                self.on_record(run_id, display_name, record)
+                fed += 1
+        return fed
 
     def snapshot(self) -> dict[str, tuple[str, LawState]]:
         with self._lock:

@@ -224,3 +224,20 @@ def test_a_schema_1_database_is_migrated(tmp_path: Path) -> None:
     store = Store(db)  # opening a current database again changes nothing
     assert [r.kind for r in store.load_runs()] == ["", "sft"]
     store.close()
+
+
+def test_the_law_is_refitted_from_the_database_after_a_restart(tmp_path: Path) -> None:
+    def law_samples(server) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        return {
+            name: value
+            for (name, labels), value in samples(scrape_text(server)).items()
+            if name.startswith("inversion_monitor_entropy_law_") and labels == (("run", "law"),)
+        }
+
+    with running(tmp_path) as server, stub_for(server) as stub:
+        open_run(stub, "rl-law", name="law", world_size=1, kind="rl")
+        push(stub, *law_records("rl-law", 120))
+        before = wait_for(lambda: law_samples(server), "the law's gauges")
+    with running(tmp_path) as server:
+        after = law_samples(server)  # no new record: refitted from the stored ones
+    assert after == pytest.approx(before) and len(after) == 3
