@@ -17,11 +17,31 @@ Printed: median and p90 delay (steps after the change until the first alert;
 alarms per 10,000 healthy steps (alerts started), for the real detectors
 (:mod:`inversion_monitor.server.detectors`, defaults) and a naive static rule
 (alarm whenever rho > -0.3; entropy: mean < 0.5 x its first-20 mean).
+
+RL runs (``--rl-trials``, 0 to skip): synthetic runs drawn from the
+entropy-performance law R = -a e^H + b (Cui et al.) with noise. Policy entropy
+H(t) = H_end + (H_0 - H_end) e^{-t/tau} plus per-record noise (sd
+``--entropy-noise``), reward R(H) plus noise (sd ``--reward-noise``), with
+a, b, H_0, tau drawn per run (the ceiling -a + b in [0.5, 0.95]). Printed:
+
+- the ceiling forecast of :func:`~inversion_monitor.server.entropy_law.fit_entropy_law`
+  (the server's online tracker) against the fraction of the run's records seen:
+  median and p90 of |forecast - true ceiling| / true ceiling, and how often the
+  95% interval covers the truth;
+- the lead time of EntropyExhaustion (defaults) before the noiseless reward
+  reaches 95% of its final value, against a static threshold rule (policy
+  entropy EWMA below 0.5 x its early level: EntropyCollapse's rule);
+- false alerts per 10k records on healthy runs: SFT-like (entropy falls as the
+  model learns, no reward; detectors of an ``sft`` run, and for contrast of a
+  run of unknown kind) and RL-like (entropy steady, reward noisy).
+Goals (issue 18): forecast within 10% after half the run; alert before 95%;
+<= 1 false alert per 10k healthy records.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import numpy as np
@@ -29,10 +49,13 @@ import numpy as np
 from inversion_monitor.server.detectors import (
     AlertsConfig,
     EntropyCollapse,
+    EntropyExhaustion,
     InversionLost,
     InversionWeakening,
     Observation,
+    RunDetectors,
 )
+from inversion_monitor.server.entropy_law import EntropyLawTracker
 
 CHANGE = 200
 HORIZON = 400
@@ -132,7 +155,19 @@ def main() -> None:
     parser.add_argument("--healthy-steps", type=int, default=50_000, help="healthy steps per n")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 256])
+    parser.add_argument("--rl-trials", type=int, default=200, help="RL runs on the law; 0: skip")
+    parser.add_argument("--rl-records", type=int, default=1000, help="records per RL run")
+    parser.add_argument("--rl-healthy-records", type=int, default=50_000)
+    parser.add_argument("--entropy-noise", type=float, default=0.02, help="sd per record, nats")
+    parser.add_argument("--reward-noise", type=float, default=0.05, help="sd of the mean reward")
+    parser.add_argument("--rl-only", action="store_true", help="only the RL section")
+    parser.add_argument(
+        "--exhaustion", default="{}", help='EntropyExhaustion settings as JSON, e.g. {"sustain": 5}'
+    )
     args = parser.parse_args()
+    if args.rl_only:
+        rl_section(args, np.random.default_rng(args.seed))
+        return
     cfg = AlertsConfig()
     rng = np.random.default_rng(args.seed)
     print(
@@ -174,6 +209,168 @@ def main() -> None:
         print(
             f"{n:>4} healthy   false alarms / 10k steps: {counts}; naive rho>-0.3="
             f"{len(naive) * scale:.1f}, naive entropy={len(naive_ent) * scale:.2f}"
+        )
+    if args.rl_trials:
+        rl_section(args, rng)
+
+
+# ---------------------------------------------------------------- RL runs on the law
+
+
+def law_run(
+    records: int,
+    rng: np.random.Generator,
+    entropy_noise: float,
+    reward_noise: float,
+    h_end_range: tuple[float, float] = (0.02, 0.1),
+) -> dict[str, object]:
+    """One synthetic RL run drawn from R = -a e^H + b with noise."""
+    a = rng.uniform(0.15, 0.6)
+    h0 = rng.uniform(1.0, 2.0)
+    h_end = rng.uniform(*h_end_range)
+    ceiling = rng.uniform(0.5, 0.95)
+    b = ceiling + a
+    tau = rng.uniform(records / 8, records / 2)
+    t = np.arange(records)
+    h_true = h_end + (h0 - h_end) * np.exp(-t / tau)
+    r_true = -a * np.exp(h_true) + b
+    h = np.maximum(0.0, h_true + rng.normal(0.0, entropy_noise, records))
+    r = -a * np.exp(h) + b + rng.normal(0.0, reward_noise, records)
+    return {"ceiling": ceiling, "h": h, "r": r, "r_true": r_true}
+
+
+def static_rule(hs: np.ndarray, fraction: float = 0.5, warmup: int = 20) -> int | None:
+    """First record where the entropy EWMA (0.1) falls below ``fraction`` x its early mean."""
+    early = float(np.mean(hs[:warmup]))
+    ewma = float(hs[0])
+    for i, h in enumerate(hs.tolist()):
+        ewma += 0.1 * (h - ewma)
+        if i >= warmup and ewma < fraction * early:
+            return i
+    return None
+
+
+def rl_section(args: argparse.Namespace, rng: np.random.Generator) -> None:
+    records = args.rl_records
+    cfg = AlertsConfig.model_validate({"exhaustion": json.loads(args.exhaustion)})
+    ex = cfg.exhaustion
+    print()
+    print(
+        f"RL runs on the law: {args.rl_trials} runs of {records} records, entropy noise "
+        f"{args.entropy_noise}, reward noise {args.reward_noise}; EntropyExhaustion "
+        f"progress={ex.progress} trend_window={ex.trend_window} falling_t={ex.falling_t} "
+        f"sustain={ex.sustain}"
+    )
+    fractions = (0.1, 0.25, 0.5, 0.75, 1.0)
+    errors: dict[float, list[float]] = {f: [] for f in fractions}
+    covered: dict[float, list[bool]] = {f: [] for f in fractions}
+    # entropy exhausted (ends at 0.02-0.1 nats: the alert is due before the reward
+    # saturates) or plateauing (ends at 0.3-0.7 nats: the reward saturates below the
+    # ceiling because entropy stopped falling; firing is right only if most of the
+    # law's gain was used, so these rows are for information)
+    leads: dict[str, list[float]] = {"exhausted": [], "plateau": []}
+    static_leads: dict[str, list[float]] = {"exhausted": [], "plateau": []}
+    for trial in range(args.rl_trials):
+        family = "exhausted" if trial % 2 == 0 else "plateau"
+        h_end_range = (0.02, 0.1) if family == "exhausted" else (0.3, 0.7)
+        run = law_run(records, rng, args.entropy_noise, args.reward_noise, h_end_range)
+        hs, rs, r_true = run["h"], run["r"], run["r_true"]
+        assert isinstance(hs, np.ndarray) and isinstance(rs, np.ndarray)
+        assert isinstance(r_true, np.ndarray)
+        ceiling = float(run["ceiling"])  # type: ignore[arg-type]
+        tracker = EntropyLawTracker()
+        det = EntropyExhaustion(ex)
+        checkpoints = {int(f * records) - 1: f for f in fractions}
+        first_alert: int | None = None
+        for i, (h, r) in enumerate(zip(hs.tolist(), rs.tolist(), strict=True)):
+            tracker.update(i, h, r)
+            t = det.update(Observation(i, float(i), reward_mean=r, policy_entropy_mean=h))
+            if t is not None and t.firing and first_alert is None:
+                first_alert = i
+            if i in checkpoints:
+                fit = tracker.fit
+                f = checkpoints[i]
+                if fit is None or not fit.valid:
+                    errors[f].append(math.inf)
+                    covered[f].append(False)
+                else:
+                    errors[f].append(abs(fit.ceiling - ceiling) / ceiling)
+                    covered[f].append(abs(fit.ceiling - ceiling) <= 1.96 * fit.ceiling_se)
+        final = float(r_true[-1])
+        saturation = int(np.argmax(r_true >= 0.95 * final))
+        leads[family].append(saturation - first_alert if first_alert is not None else -math.inf)
+        static = static_rule(hs)
+        static_leads[family].append(saturation - static if static is not None else -math.inf)
+    print(
+        f"{'records seen':>12} {'median err':>10} {'p90 err':>8} {'no fit':>6} {'95% CI cover':>12}"
+    )
+    for f in fractions:
+        arr = np.array(errors[f])
+        finite = arr[np.isfinite(arr)]
+        no_fit = float(np.mean(~np.isfinite(arr)))
+        med = f"{np.median(arr):10.1%}" if no_fit < 0.5 else f"{'-':>10}"
+        p90 = f"{np.quantile(arr, 0.9):8.1%}" if no_fit < 0.1 else f"{'-':>8}"
+        cover = np.mean(covered[f]) if finite.size else 0.0
+        print(f"{f:>12.0%} {med} {p90} {no_fit:6.0%} {cover:12.0%}")
+
+    def lead_line(name: str, values: list[float]) -> str:
+        arr = np.array(values)
+        before = float(np.mean(arr > 0))
+        fin = arr[np.isfinite(arr)]
+        if fin.size == 0:
+            return f"{name:<28} never fired"
+        return (
+            f"{name:<28} fired before 95%: {before:5.0%}  lead records median "
+            f"{np.median(fin):6.0f}  p10 {np.quantile(fin, 0.1):6.0f}  "
+            f"never fired {float(np.mean(~np.isfinite(arr))):4.0%}"
+        )
+
+    print("lead time (records) before the noiseless reward reaches 95% of its final value:")
+    for family in ("exhausted", "plateau"):
+        print(f"  runs whose entropy is {family}:")
+        print("    " + lead_line("EntropyExhaustion", leads[family]))
+        print("    " + lead_line("static: entropy < 0.5 x early", static_leads[family]))
+
+    # healthy runs: false alerts per 10k records
+    steps = args.rl_healthy_records
+    scale = 10_000 / steps
+    t = np.arange(steps)
+    rho = spearman_path(healthy_rho(steps), 64, rng)
+    # SFT-like: entropy falls as the model learns (2.0 -> 1.0 nats), no reward
+    sft_h = entropy_path(1.0 + 1.0 * np.exp(-t / (steps / 10)), 64, rng)
+    # RL-like: policy entropy steady with slow wander; reward noisy and slowly rising
+    rl_h = 1.2 + 0.05 * np.sin(2 * np.pi * t / 3000) + rng.normal(0, args.entropy_noise, steps)
+    rl_r = 0.4 + 0.1 * (1 - np.exp(-t / steps)) + rng.normal(0, args.reward_noise, steps)
+
+    def count(kind: str, policy: bool) -> dict[str, int]:
+        dets = RunDetectors(cfg, kind)
+        out: dict[str, int] = {}
+        for i in range(steps):
+            obs = Observation(
+                i,
+                float(i),
+                float(rho[i]),
+                64,
+                float(sft_h[i]) if not policy else 2.0,
+                float(rl_r[i]) if policy else None,
+                float(rl_h[i]) if policy else None,
+            )
+            for tr in dets.update(obs):
+                if tr.firing:
+                    out[tr.name.value] = out.get(tr.name.value, 0) + 1
+        return out
+
+    for label, kind, policy in (
+        ("SFT-like, kind sft", "sft", False),
+        ("SFT-like, kind unknown", "", False),
+        ("RL-like, kind rl", "rl", True),
+    ):
+        counts = count(kind, policy)
+        total = sum(counts.values())
+        detail = ", ".join(f"{k}={v * scale:.2f}" for k, v in sorted(counts.items())) or "none"
+        print(
+            f"healthy {label:<24} false alerts / 10k records: {total * scale:.2f} ({detail}; "
+            f"{steps} records)"
         )
 
 

@@ -20,6 +20,14 @@ steps would change when those metrics are reported.
 With TRL, only the positions the trainer scores are probed: GRPO's completion
 tokens, SFT's completion tokens under ``completion_only_loss``, each packed
 document on its own (see :mod:`inversion_monitor.probe.capture`).
+
+The run kind is detected from the trainer (GRPO, RLOO, PPO-style: ``rl``;
+``SFTTrainer`` and a plain ``Trainer``: ``sft``; see
+:func:`~inversion_monitor.callbacks.trl_signals.trainer_kind`) unless
+``MonitorConfig.kind`` is set. In a GRPO trainer the records also carry the
+policy's entropy over completion tokens, reward, advantages and Cui et al.'s
+covariance of each optimizer step, read from the trainer's own loss tensors
+(:class:`~inversion_monitor.callbacks.trl_signals.GRPOSignalTap`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 from typing_extensions import Unpack
 
+from inversion_monitor.callbacks.trl_signals import GRPOSignalTap, trainer_kind
 from inversion_monitor.config import MonitorConfig, MonitorOverrides
 from inversion_monitor.engine.training_monitor import InversionMonitor
 
@@ -71,6 +80,7 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
         self.resume_state: dict[str, Any] | None = None
         self._trainer: weakref.ref[Trainer] | None = None
         self._pending: dict[str, float] | None = None
+        self._tap: GRPOSignalTap | None = None
 
     # ---------------------------------------------------------------- events
 
@@ -82,6 +92,8 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
         model: Any = None,
         **kwargs: Any,
     ) -> None:
+        trainer = _find_trainer()
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
         if self.monitor is None:
             self.monitor = InversionMonitor(
                 self.config,
@@ -89,11 +101,15 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
                 world_size=int(args.world_size),
                 framework="transformers",
                 default_run_name=args.run_name or None,
+                kind=trainer_kind(trainer) if trainer is not None else None,
             )
             if self.resume_state:
                 self.monitor.load_state_dict(self.resume_state)
-        trainer = _find_trainer()
-        self._trainer = weakref.ref(trainer) if trainer is not None else None
+        if trainer is not None and self._tap is None and self.monitor.enabled:
+            try:
+                self._tap = GRPOSignalTap.attach(trainer)
+            except Exception as exc:  # never break training
+                self.monitor._fail("reading the RL signals", exc)
         if model is not None:
             self.monitor.attach(model)
 
@@ -111,7 +127,10 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
         learning_rate = None
         if scheduler is not None and hasattr(scheduler, "get_last_lr"):
             learning_rate = float(scheduler.get_last_lr()[0])
-        metrics = self.monitor.step_end(state.global_step, model, learning_rate=learning_rate)
+        rl = self._tap.finish() if self._tap is not None else None
+        metrics = self.monitor.step_end(
+            state.global_step, model, learning_rate=learning_rate, rl=rl
+        )
         if metrics is None or not self.config.log_to_trainer:
             return
         trainer = self._trainer() if self._trainer is not None else None
@@ -144,6 +163,9 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
         if self.monitor is not None:
             self.resume_state = self.monitor.state_dict()
             self.monitor.close()

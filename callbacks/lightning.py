@@ -17,6 +17,12 @@ the step axis Lightning uses for the same batch's other metrics, and also puts
 them in ``trainer.callback_metrics`` (for ``EarlyStopping`` or
 ``ModelCheckpoint``). In a distributed run every rank probes its own batch and
 sends its own records (labelled with its rank) under one shared run id.
+
+The run kind is ``custom`` unless ``MonitorConfig.kind`` says otherwise. An RL
+``training_step`` can return ``{"loss": loss, "rl_stats": RLStats}`` (see
+:class:`~inversion_monitor.rl.signals.RLStepAccumulator`: from the loss's own
+log-probs, entropies and advantages) on the batch that completes the optimizer
+step; the records then carry reward, policy entropy and Cui et al.'s covariance.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing_extensions import Unpack
 from inversion_monitor.config import MonitorConfig, MonitorOverrides
 from inversion_monitor.engine.training_monitor import InversionMonitor, MonitorWarning
 from inversion_monitor.probe.architectures import resolve_model
+from inversion_monitor.rl.signals import RLStats
 
 _ATTR_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -175,6 +182,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
             world_size=world_size,
             framework="lightning",
             default_run_name=_logger_run_name(trainer) if rank == 0 else None,
+            kind="custom",  # a LightningModule's loop is its own; MonitorConfig.kind overrides
         )
         if self._load_pending and self._state is not None:
             _restore(monitor, self._state)
@@ -217,7 +225,15 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
             probe = bool(trainer.strategy.reduce_boolean_decision(probe, all=True))
         loss = _loss_value(outputs) if probe else None
         learning_rate = _learning_rate(trainer) if probe else None
-        metrics = monitor.step_end(step, model, loss=loss, learning_rate=learning_rate, probe=probe)
+        rl = outputs.get("rl_stats") if isinstance(outputs, Mapping) else None
+        metrics = monitor.step_end(
+            step,
+            model,
+            loss=loss,
+            learning_rate=learning_rate,
+            probe=probe,
+            rl=rl if isinstance(rl, RLStats) else None,
+        )
         if metrics and self.config.log_to_trainer:
             try:
                 self._log(trainer, pl_module, metrics, step)

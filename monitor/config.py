@@ -50,6 +50,8 @@ _FLAGS = {
     "": False,
 }
 Projection = Literal["q", "k", "v", "o"]
+RunKind = Literal["sft", "rl", "custom"]
+RUN_KINDS: tuple[RunKind, ...] = ("sft", "rl", "custom")
 # the fields MonitorClient takes as keyword arguments of the same name
 DELIVERY_FIELDS = (
     "max_buffer",
@@ -108,6 +110,9 @@ class MonitorConfig(BaseModel):
     spool_dir: str | None = Field(None, description="spill records here when the server is away")
     jsonl_path: str | None = Field(None, description="also append every record to this file")
     log_to_trainer: bool = Field(True, description="add inversion/... keys to the trainer logs")
+    kind: RunKind | None = Field(
+        None, description="'sft', 'rl' or 'custom'; None = detected from the trainer"
+    )
 
     # how records are delivered to the server (MonitorClient)
     max_buffer: int = Field(10_000, ge=1, description="unacknowledged records held in memory")
@@ -272,6 +277,7 @@ class MonitorOverrides(TypedDict, total=False):
     spool_dir: str | None
     jsonl_path: str | None
     log_to_trainer: bool
+    kind: RunKind | None
     max_buffer: int
     batch_size: int
     flush_interval_s: float

@@ -57,8 +57,9 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
 
     >>> rec = monitor_pb2.StepRecord(step=3, wall_time=1.5)
     >>> rec.inversion.spearman.value = -0.4; rec.inversion.n = 64; rec.entropy.mean = 2.0
-    >>> observation(rec)
-    Observation(step=3, wall_time=1.5, rho=-0.4, n=64, entropy_mean=2.0)
+    >>> observation(rec)  # doctest: +NORMALIZE_WHITESPACE
+    Observation(step=3, wall_time=1.5, rho=-0.4, n=64, entropy_mean=2.0, reward_mean=None,
+                policy_entropy_mean=None)
     """
     inv = record.inversion
     rho = (
@@ -67,7 +68,15 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
         else None
     )
     entropy = record.entropy.mean if record.entropy.HasField("mean") else None
-    return Observation(record.step, record.wall_time, rho, int(inv.n), entropy)
+    return Observation(
+        record.step,
+        record.wall_time,
+        rho,
+        int(inv.n),
+        entropy,
+        record.reward_mean if record.HasField("reward_mean") else None,
+        record.policy_entropy_mean if record.HasField("policy_entropy_mean") else None,
+    )
 
 
 @dataclass
@@ -76,6 +85,8 @@ class _RunAlerts:
     detectors: RunDetectors
     rank: int
     last_step: int = 0
+    # None until the first record: detectors are (re)built for the run's kind then
+    kind: str | None = None
     history: list[monitor_pb2.Alert] = field(default_factory=list)
     # alert name -> (its proto in history, its row id)
     open: dict[str, tuple[monitor_pb2.Alert, int | None]] = field(default_factory=dict)
@@ -107,6 +118,9 @@ class AlertEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, _RunAlerts] = {}
+        # run_id -> its kind ("sft", "rl", "custom", ""); set by the server once the
+        # ingestor exists; without it every run is of unknown kind ("")
+        self.run_kind: Callable[[str], str] | None = None
         self._store_failing = False
         if store is not None:
             self._load(store)
@@ -142,12 +156,30 @@ class AlertEngine:
 
     # ---------------------------------------------------------------- writer thread
 
+    def _kind(self, run_id: str) -> str:
+        lookup = self.run_kind
+        if lookup is None:
+            return ""
+        try:
+            return lookup(run_id)
+        except Exception:
+            log.exception("could not read the kind of run %s", run_id)
+            return ""
+
     def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
         state = self._runs.get(run_id)
         if state is None:
-            state = _RunAlerts(display_name, RunDetectors(self.config), record.rank)
+            kind = self._kind(run_id)
+            state = _RunAlerts(
+                display_name, RunDetectors(self.config, kind), record.rank, kind=kind
+            )
             with self._lock:
                 self._runs[run_id] = state
+        elif state.kind is None:  # made at start-up or by the stale check: no record fed yet
+            state.kind = self._kind(run_id)
+            stale = state.detectors.stale
+            state.detectors = RunDetectors(self.config, state.kind)
+            state.detectors.stale = stale
         if record.rank > state.rank:
             return
         state.rank = record.rank

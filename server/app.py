@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -25,7 +26,9 @@ from inversion_monitor.server.alertmanager import AlertmanagerSink
 from inversion_monitor.server.alerts import AlertEngine, AlertSink
 from inversion_monitor.server.api import RunsApi
 from inversion_monitor.server.auth import Authorizer
+from inversion_monitor.server.component_metrics import ComponentCollector
 from inversion_monitor.server.config import ServerConfig, join_address
+from inversion_monitor.server.entropy_law import EntropyLawCollector, EntropyLawMonitor
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.listeners import IngestListener
@@ -44,11 +47,13 @@ from inversion_monitor.server.service import (
     add_monitor_service,
 )
 from inversion_monitor.server.storage_state import StorageState
-from inversion_monitor.server.store import Store, StoreError, connect
+from inversion_monitor.server.store import Store, StoreError, connect, read_history
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
 _T = TypeVar("_T")
+# most recent records per run replayed into the entropy-law fit after a restart
+_LAW_RESTORE_RECORDS = 20_000
 
 
 class AsyncMonitorServer:
@@ -80,6 +85,8 @@ class AsyncMonitorServer:
         self._read_conn: sqlite3.Connection | None = None
         self._stopped = asyncio.Event()
         self.alerts: AlertEngine | None = None
+        # the entropy-performance law fitted per RL run (inversion_monitor_entropy_law_*)
+        self.entropy_law = EntropyLawMonitor()
         self._stale_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self.storage = StorageState()
@@ -110,6 +117,24 @@ class AsyncMonitorServer:
             raise RuntimeError("the server is not started")
         return self._ingestor
 
+    def _restore_entropy_law(self) -> None:
+        """Refit the law of the runs still on /metrics from their stored records (writer thread)."""
+        ingestor = self.ingestor
+        cutoff = time.time() - self.config.retention_s
+        conn = ingestor._store._conn
+        for view in list(ingestor.views.values()):
+            if view.info.kind not in ("rl", "") or view.last_activity < cutoff:
+                continue
+            try:
+                payloads = read_history(conn, view.pk, _LAW_RESTORE_RECORDS)
+                self.entropy_law.restore(view.run_id, view.display_name, payloads)
+            except Exception:  # a damaged record must not keep the server from starting
+                log.exception("could not refit the entropy law of run %s", view.display_name)
+
+    def _run_kind(self, run_id: str) -> str:
+        view = self.ingestor.views.get(run_id)
+        return view.info.kind if view is not None else ""
+
     async def _read(self, fn: Callable[[], _T]) -> _T:
         """Run a database read on the reader thread (the writer's, for ``:memory:``)."""
         if self._reader is None:
@@ -129,6 +154,8 @@ class AsyncMonitorServer:
         self._writer = writer = WriterThread()
         memory = str(cfg.db) == ":memory:"
         listeners = list(self._listeners)
+        self.entropy_law = EntropyLawMonitor(max_runs=cfg.limits.max_active_runs)
+        listeners.append(self.entropy_law)
         try:
             if cfg.alerts:
                 alerts_config = load_alerts_config(cfg.alerts_config)
@@ -152,6 +179,9 @@ class AsyncMonitorServer:
                 await writer.call(store.close)
                 raise
             writer.ingestor = self._ingestor
+            if self.alerts is not None:
+                self.alerts.run_kind = self._run_kind
+            await writer.call(self._restore_entropy_law)
             if memory:  # one connection only: reads share the writer thread
                 self._read_conn = self._ingestor._store._conn
             else:
@@ -167,6 +197,17 @@ class AsyncMonitorServer:
             if self.alerts is not None:
                 alert_collector = AlertCollector(
                     self.alerts, lambda: self.ingestor.views, cfg.retention_s
+                )
+            self.registry.register(
+                EntropyLawCollector(self.entropy_law, lambda: self.ingestor.views, cfg.retention_s)
+            )
+            if cfg.component_metrics:
+                self.registry.register(
+                    ComponentCollector(
+                        lambda: self.ingestor.views,
+                        cfg.retention_s,
+                        max_per_run=cfg.component_series_per_run,
+                    )
                 )
             self.exposition = Exposition(collector, self.registry, alert_collector)
             limits = cfg.limits

@@ -77,6 +77,12 @@ def add_serve_command(subparsers: Any) -> None:
         default=None,
         help="also export Spearman CI bounds, entropy p10/p50/p90, loss and run_info per run",
     )
+    serve.add_argument(
+        "--component-metrics",
+        action="store_true",
+        default=None,
+        help="also export rho and score per (layer, projection), at most 32 series a run",
+    )
     serve.add_argument("--max-message-bytes", type=int, metavar="N", help="default 4 MiB")
     serve.add_argument("--max-records-per-push", type=int, metavar="N", help="default 1000")
     serve.add_argument("--max-active-runs", type=int, metavar="N", help="default 10000")
@@ -119,6 +125,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         "tls_key",
         "retention",
         "extended_metrics",
+        "component_metrics",
         "max_message_bytes",
         "max_records_per_push",
         "max_active_runs",

@@ -131,6 +131,9 @@ class ServerConfig(BaseModel):
     limits: Limits = Limits()
     # adds CI bounds, entropy percentiles, loss and run_info per run to /metrics
     extended_metrics: bool = False
+    # adds per-(layer, projection) rho and score series, at most component_series_per_run a run
+    component_metrics: bool = False
+    component_series_per_run: int = Field(default=32, ge=1, le=1024)
     # detector settings file (YAML or TOML); None: the defaults
     alerts_config: Path | None = None
     # False: no server-side detectors (no alerts)
@@ -270,6 +273,7 @@ _ENV_FIELDS: dict[str, str] = {
     "tls_key": "TLS_KEY",
     "retention": "RETENTION",
     "extended_metrics": "EXTENDED_METRICS",
+    "component_metrics": "COMPONENT_METRICS",
     "max_message_bytes": "MAX_MESSAGE_BYTES",
     "max_records_per_push": "MAX_RECORDS_PER_PUSH",
     "max_active_runs": "MAX_ACTIVE_RUNS",

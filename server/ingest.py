@@ -103,6 +103,8 @@ class Ingestor:
             info = monitor_pb2.RunInfo.FromString(row.info)
             info.DiscardUnknownFields()
             redact_run_info(info)  # rows stored before redaction existed
+            if not info.kind and row.kind:
+                info.kind = row.kind
             run = RunState(
                 pk=row.pk,
                 run_id=row.run_id,
@@ -262,6 +264,7 @@ class Ingestor:
                     stored_info.SerializeToString(),
                     info.world_size,
                     now,
+                    info.kind,
                 )
                 self._store.upsert_rank(pk, rank_no, 0, "running", digest, None, now)
             run = RunState(

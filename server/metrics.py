@@ -83,7 +83,8 @@ class MonitorCollector(Collector):
         self._gauges = ALL_GAUGES if extended else BASE_GAUGES
         # run_id -> (the view the lines were made from, one line or "" per per-run family)
         self._lines: dict[str, tuple[RunView, tuple[str, ...]]] = {}
-        self._n_lines = len(self._gauges) + (2 if extended else 1)
+        # the gauges, last_update_timestamp_seconds, run_kind (and run_info)
+        self._n_lines = len(self._gauges) + (3 if extended else 2)
         self._lock = threading.Lock()
 
     def describe(self) -> Iterable[Any]:
@@ -128,6 +129,13 @@ class MonitorCollector(Collector):
                 "Database transactions that stored pushes (one may hold several pushes).",
             ),
         ]
+        families.append(
+            GaugeMetricFamily(
+                PREFIX + "run_kind",
+                "The run's kind (value 1): sft, rl, custom or unknown.",
+                labels=["run", "kind"],
+            )
+        )
         if self._extended:
             families.append(
                 GaugeMetricFamily(
@@ -145,6 +153,7 @@ class MonitorCollector(Collector):
         last_update, active, ingested, rejected, dup, nonfinite, lerr, commits = families[
             n_gauges : n_gauges + 8
         ]
+        run_kind = families[n_gauges + 8]
         run_info = families[-1]
         # (samples list, sample name) per gauge, in the order of view.values
         targets = [(family.samples, family.name) for family in gauges]
@@ -164,6 +173,7 @@ class MonitorCollector(Collector):
             for (samples, name), value in zip(targets, view.values, strict=False):
                 if value is not None:
                     samples.append(Sample(name, labels, value))
+            run_kind.add_metric([view.display_name, view.info.kind or "unknown"], 1.0)
             if extended:
                 info = view.info
                 run_info.add_metric(
@@ -229,6 +239,7 @@ class MonitorCollector(Collector):
                 "Unix time the server last stored a record of the run.",
             )
         )
+        docs.append((PREFIX + "run_kind", "The run's kind (value 1): sft, rl, custom or unknown."))
         docs.append((PREFIX + "run_info", "Run metadata (value 1)."))
         parts: list[str] = []
         if not self._extended:

@@ -51,6 +51,23 @@ BASE_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
         lambda r: _opt(r.score, "mean"),
     ),
     ("step", "Trainer global step of the latest record.", lambda r: float(r.step)),
+    (
+        "reward_mean",
+        "Mean reward of the policy's completions (RL runs; mean over the optimizer steps "
+        "since the previous record).",
+        lambda r: _opt(r, "reward_mean"),
+    ),
+    (
+        "policy_entropy_mean_nats",
+        "Mean per-token entropy of the policy over completion tokens (RL runs), nats.",
+        lambda r: _opt(r, "policy_entropy_mean"),
+    ),
+    (
+        "entropy_covariance",
+        "Cui et al. covariance of token log-probability and advantage over completion tokens "
+        "(positive and large: entropy falling).",
+        lambda r: _opt(r, "entropy_covariance"),
+    ),
 )
 
 # with --extended-metrics (each costs one sample per run per scrape)
@@ -81,6 +98,26 @@ EXTENDED_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
         lambda r: _opt(r.entropy, "p90"),
     ),
     ("loss", "Training loss reported with the latest record.", lambda r: _opt(r, "loss")),
+    (
+        "reward_std",
+        "Standard deviation of the completions' rewards (RL runs).",
+        lambda r: _opt(r, "reward_std"),
+    ),
+    (
+        "policy_entropy_p10_nats",
+        "10th percentile of the policy's per-token entropy over completion tokens, nats.",
+        lambda r: _opt(r.policy_entropy, "p10"),
+    ),
+    (
+        "policy_entropy_p90_nats",
+        "90th percentile of the policy's per-token entropy over completion tokens, nats.",
+        lambda r: _opt(r.policy_entropy, "p90"),
+    ),
+    (
+        "advantage_mean",
+        "Mean advantage of the completions (RL runs).",
+        lambda r: _opt(r.advantage, "mean"),
+    ),
 )
 
 ALL_GAUGES = BASE_GAUGES + EXTENDED_GAUGES
@@ -130,8 +167,8 @@ def run_lines(  # noqa: PLR0917
     """A run's line in each per-run family of /metrics, ``""`` where it has no sample.
 
     The families: the gauges (:data:`BASE_GAUGES`, or :data:`ALL_GAUGES` when
-    ``extended``), ``last_update_timestamp_seconds``, and ``run_info`` when
-    ``extended``.
+    ``extended``), ``last_update_timestamp_seconds``, ``run_kind`` (sft, rl,
+    custom or unknown), and ``run_info`` when ``extended``.
 
     >>> run_lines("demo", "r1", monitor_pb2.RunInfo(), "running", (0.5,) + (None,) * 11, 9.0,
     ...           False)[:2]
@@ -148,6 +185,8 @@ def run_lines(  # noqa: PLR0917
         if last_update_time is None
         else f"{PREFIX}last_update_timestamp_seconds{label}{format_value(last_update_time)}\n"
     )
+    kind = escape_label(info.kind or "unknown")
+    lines.append(f'{PREFIX}run_kind{{run="{escape_label(display_name)}",kind="{kind}"}} 1.0\n')
     if extended:
         pairs = (
             ("run", display_name),

@@ -29,7 +29,7 @@ from typing import IO
 
 log = logging.getLogger("inversion_monitor.server")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_ALERTS_PER_RUN = 200
 # same length, so marking overwrites the file's bytes in place (no allocation on a full disk)
 _CLEAN = "clean  "
@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS runs (
     last_update_time REAL,
     last_activity_time REAL NOT NULL,
     status TEXT NOT NULL,
-    records INTEGER NOT NULL DEFAULT 0
+    records INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS ranks (
     run_pk INTEGER NOT NULL REFERENCES runs(pk),
@@ -114,6 +115,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE ranks ADD COLUMN previous_session TEXT",
         "ALTER TABLE ranks ADD COLUMN session_time REAL NOT NULL DEFAULT 0",
     ),
+    # the run kind ("sft", "rl", "custom"; "" = unknown)
+    3: ("ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT ''",),
 }
 
 # (run_pk, rank, sequence, step, wall_time, received_time, spearman, pearson,
@@ -139,6 +142,8 @@ class StoredRun:
     last_activity_time: float
     status: str
     records: int
+    # "sft", "rl", "custom" or "" (unknown; runs stored before schema version 3)
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -404,12 +409,13 @@ class Store:
         info: bytes,
         world_size: int,
         now: float,
+        kind: str = "",
     ) -> int:
         try:
             cur = self._conn.execute(
                 "INSERT INTO runs (run_id, display_name, project, info, world_size, opened_time,"
-                " last_activity_time, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-                (run_id, display_name, project, info, world_size, now, now),
+                " last_activity_time, status, kind) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (run_id, display_name, project, info, world_size, now, now, kind),
             )
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
@@ -494,7 +500,7 @@ class Store:
     def load_runs(self) -> list[StoredRun]:
         rows = self._conn.execute(
             "SELECT pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
-            " last_activity_time, status, records FROM runs ORDER BY pk"
+            " last_activity_time, status, records, kind FROM runs ORDER BY pk"
         ).fetchall()
         return [StoredRun(*row) for row in rows]
 

@@ -25,6 +25,7 @@ _isfinite = math.isfinite
 _MAX = sys.float_info.max
 PROJECTIONS = frozenset({"q", "k", "v", "o"})
 MAX_REASON_LENGTH = 256
+RUN_KINDS = ("", "sft", "rl", "custom")  # "": not given (older clients)
 RUN_INFO_MAX_LENGTHS = {
     "name": 256,
     "project": 128,
@@ -93,10 +94,10 @@ def _correlation(msg: Any, path: str) -> int:
     return bad
 
 
-def _summary(msg: Any, path: str) -> int:
+def _summary(msg: Any, path: str, lo: float = 0.0) -> int:
     bad = 0
     for name in ("mean", "p10", "p50", "p90"):
-        bad += _bounded(msg, name, 0.0, _INF, f"{path}.{name}")
+        bad += _bounded(msg, name, lo, _INF, f"{path}.{name}")
     return bad
 
 
@@ -193,6 +194,10 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
         and 0.0 <= record.learning_rate <= _MAX
         and 0.0 <= record.probe_seconds <= _MAX
         and -1.0 <= record.spearman_per_token_type <= 1.0
+        and -_MAX <= record.reward_mean <= _MAX
+        and 0.0 <= record.reward_std <= _MAX
+        and 0.0 <= record.policy_entropy_mean <= _MAX
+        and _rl_summaries_plain(record)
         and not record.samples
     ):
         return False
@@ -208,6 +213,23 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
             ):
                 return False
     return True
+
+
+def _rl_summaries_plain(record: monitor_pb2.StepRecord) -> bool:
+    if not (record.HasField("policy_entropy") or record.HasField("advantage")):
+        return True
+    pe = record.policy_entropy
+    ad = record.advantage
+    return (
+        0.0 <= pe.mean <= _MAX
+        and 0.0 <= pe.p10 <= _MAX
+        and 0.0 <= pe.p50 <= _MAX
+        and 0.0 <= pe.p90 <= _MAX
+        and -_MAX <= ad.mean <= _MAX
+        and -_MAX <= ad.p10 <= _MAX
+        and -_MAX <= ad.p50 <= _MAX
+        and -_MAX <= ad.p90 <= _MAX
+    )
 
 
 def check_record(record: monitor_pb2.StepRecord, limits: Limits, now: float) -> int:
@@ -275,6 +297,13 @@ def check_record_slow(record: monitor_pb2.StepRecord, limits: Limits, now: float
     bad += _bounded(record, "learning_rate", 0.0, _INF, "learning_rate")
     bad += _bounded(record, "probe_seconds", 0.0, _INF, "probe_seconds")
     bad += _bounded(record, "spearman_per_token_type", -1.0, 1.0, "spearman_per_token_type")
+    bad += _bounded(record, "reward_mean", -_INF, _INF, "reward_mean")
+    bad += _bounded(record, "reward_std", 0.0, _INF, "reward_std")
+    bad += _bounded(record, "policy_entropy_mean", 0.0, _INF, "policy_entropy_mean")
+    if record.HasField("policy_entropy"):
+        bad += _summary(record.policy_entropy, "policy_entropy")
+    if record.HasField("advantage"):
+        bad += _summary(record.advantage, "advantage", lo=-_INF)
     if record.components:
         bad += _components(record, limits)
     if record.samples:
@@ -297,6 +326,10 @@ def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None
         raise InvalidArgument(
             f"run.config_json has {len(info.config_json)} characters; "
             f"max_config_json_length is {limits.max_config_json_length}"
+        )
+    if info.kind not in RUN_KINDS:
+        raise InvalidArgument(
+            f"run.kind is {info.kind[:40]!r}; expected 'sft', 'rl', 'custom' or empty"
         )
     if info.config_json:
         try:

@@ -52,6 +52,7 @@ def test_probes_on_schedule_and_reaches_logger_and_jsonl(tmp_path: Path) -> None
     assert all(r["rank"] == 0 and r["n"] == 16 and r["loss"] > 0 for r in records)
     assert all(r["learning_rate"] == pytest.approx(2e-3) for r in records)
     assert records[0]["run_name"] == "logs/version_0"  # from the CSVLogger
+    assert all(r["kind"] == "custom" and r["rl"] is None for r in records)  # Lightning default
 
     rows = _csv_rows(tmp_path)
     probed = [row for row in rows if row.get("inversion/spearman")]

@@ -128,6 +128,7 @@ def test_sft_logs_and_jsonl_at_probed_steps(tmp_path):
         )
     assert [r["step"] for r in records(path)] == [2, 4, 6]
     assert all(r["n"] == 48 for r in records(path))
+    assert all(r["kind"] == "sft" and r["rl"] is None for r in records(path))
     # SFTTrainer.log averages and clears its own metrics on every call: the monitor's
     # entries must leave them to the regular logging steps (3 and 6), complete
     regular = [e for e in history if "mean_token_accuracy" in e]

@@ -15,6 +15,7 @@ import pytest
 from inversion_monitor import MonitorClient
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.rl.signals import RL_STATS_KEYS
 from inversion_monitor.telemetry.wire import (
     StatsMapping,
     stats_from_mapping,
@@ -226,7 +227,8 @@ def test_translation_matches_a_field_by_field_reference(s: InversionStats) -> No
 
 def test_every_stats_field_is_accepted_by_the_mapping_model() -> None:
     names = {f.name for f in fields(InversionStats)}
-    assert names == set(StatsMapping.model_fields)
+    # plus the RL signals a mapping may carry (they are not inversion statistics)
+    assert names | set(RL_STATS_KEYS) == set(StatsMapping.model_fields)
     s = _full_stats()
     assert stats_from_mapping(s.to_dict()) == s
 

@@ -145,6 +145,9 @@ def test_summary_numbers_are_the_stored_records(demo: DemoRun) -> None:
     )
     alerts_line = next(line for line in demo.stdout if line.startswith("alerts:"))
     assert alerts_line.startswith(f"alerts: {len(demo.response.alerts)}")
+    # an SFT run: entropy falls because the model learns, which raises no alert
+    assert demo.response.summary.run.kind == "sft"
+    assert not demo.response.alerts
 
 
 def _images(page: str) -> list[bytes]:

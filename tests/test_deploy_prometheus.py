@@ -38,6 +38,16 @@ def records(first: int, count: int, rho: float, rng: random.Random) -> list[moni
         rec = record("run1", seq, spearman=value, entropy=2.0 + rng.random() * 0.1)
         rec.inversion.n = 64
         rec.wall_time = time.time()
+        # an RL run on the entropy-performance law R = -0.4 e^H + 1.2 (the RL panels)
+        policy_entropy = 0.3 + 1.2 * math.exp(-seq / 50)
+        rec.policy_entropy_mean = policy_entropy
+        rec.reward_mean = 1.2 - 0.4 * math.exp(policy_entropy) + rng.gauss(0.0, 0.01)
+        rec.entropy_covariance = 0.01 + rng.gauss(0.0, 0.002)
+        for layer in (0, 1):
+            for projection in ("q", "o"):
+                rec.components.add(
+                    layer=layer, projection=projection, spearman=value, score_mean=1.0 + layer
+                )
         out.append(rec)
     return out
 
@@ -45,8 +55,11 @@ def records(first: int, count: int, rho: float, rng: random.Random) -> list[moni
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """Yields (Prometheus URL, a function pushing n more records)."""
-    with running(tmp_path, extended_metrics=True) as server, stub_for(server) as stub:
-        open_run(stub, "run1", name=RUN)
+    with (
+        running(tmp_path, extended_metrics=True, component_metrics=True) as server,
+        stub_for(server) as stub,
+    ):
+        open_run(stub, "run1", name=RUN, kind="rl")
         rng = random.Random(5)
         # a weakening run: the alert panel has a series
         push(stub, *records(1, 60, -0.5, rng))
@@ -86,7 +99,7 @@ def panel_queries() -> list[tuple[str, str]]:
     return [
         (panel["title"], target["expr"])
         for panel in dashboard["panels"]
-        for target in panel["targets"]
+        for target in panel.get("targets", [])
     ]
 
 
@@ -127,4 +140,6 @@ def test_every_panel_query_returns_data(prometheus: tuple[str, Any]) -> None:
     alerts = api(base, "query", query=f'inversion_monitor_alert_active{{run="{RUN}"}}')["result"]
     assert {r["metric"]["alertname"] for r in alerts} >= {"InversionWeakening"}
     rules = api(base, "rules")
-    assert sum(len(g["rules"]) for g in rules["groups"]) == 11
+    assert sum(len(g["rules"]) for g in rules["groups"]) == 17
+    kinds = api(base, "query", query=f'inversion_monitor_run_kind{{run="{RUN}"}}')["result"]
+    assert [r["metric"]["kind"] for r in kinds] == ["rl"]

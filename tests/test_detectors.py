@@ -128,7 +128,11 @@ def test_stale() -> None:
 
 def test_run_detectors_respect_enabled() -> None:
     cfg = AlertsConfig.model_validate(
-        {"weakening": {"enabled": False}, "stale": {"enabled": False}}
+        {
+            "weakening": {"enabled": False},
+            "stale": {"enabled": False},
+            "exhaustion": {"enabled": False},
+        }
     )
     dets = RunDetectors(cfg)
     assert {type(d).__name__ for d in dets.detectors} == {"InversionLost", "EntropyCollapse"}

@@ -28,6 +28,12 @@ def test_example_trains_with_corrpo_and_the_monitor(tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # the monitor probed every optimizer step
     assert all(r["n"] > 0 for r in records)
+    # the RL signals the step returned ride on the records (no extra forward)
+    assert all(r["kind"] == "rl" for r in records)
+    for rec in records:
+        rl = rec["rl"]
+        assert rl["policy_entropy_mean"] > 0 and math.isfinite(rl["entropy_covariance"])
+        assert rl["steps"] == 1 and math.isfinite(rl["reward_mean"])
 
 
 def test_task_reward_is_verifiable():

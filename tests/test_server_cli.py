@@ -83,6 +83,7 @@ def test_serve_prints_bound_addresses_and_stops_cleanly_on_signal(tmp_path, sig)
         assert runs.stdout.splitlines()[0].split() == [
             "NAME",
             "PROJECT",
+            "KIND",
             "STATUS",
             "STEP",
             "RHO",
@@ -91,7 +92,7 @@ def test_serve_prints_bound_addresses_and_stops_cleanly_on_signal(tmp_path, sig)
             "UPDATED",
             "ALERTS",
         ]
-        assert runs.stdout.splitlines()[1].split()[:3] == ["via-cli", "p", "running"]
+        assert runs.stdout.splitlines()[1].split()[:4] == ["via-cli", "p", "-", "running"]
         denied = subprocess.run(
             [str(EXE), "runs", "--endpoint", addresses["grpc"]],
             capture_output=True,
@@ -155,11 +156,11 @@ def test_runs_lists_runs_in_process(tmp_path, capsys):
     with running(tmp_path) as server, stub_for(server) as stub:
         assert main(["runs", "--endpoint", server.grpc_target]) == 0
         assert capsys.readouterr().out.strip() == "no runs"
-        open_run(stub, "r1", name="first")
+        open_run(stub, "r1", name="first", kind="rl")
         push(stub, record("r1", 1, spearman=-0.25, entropy=1.5))
         assert main(["runs", "--endpoint", server.grpc_target]) == 0
         line = capsys.readouterr().out.splitlines()[1].split()
-        assert line[:7] == ["first", "proj", "running", "10", "-0.250", "1.500", "1"]
+        assert line[:8] == ["first", "proj", "rl", "running", "10", "-0.250", "1.500", "1"]
 
 
 def test_help_does_not_import_grpc():

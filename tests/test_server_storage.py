@@ -27,7 +27,7 @@ from grpc_status import rpc_status
 from inversion_monitor.app.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server import MonitorServer
-from inversion_monitor.server.store import StoreError
+from inversion_monitor.server.store import SCHEMA_VERSION, StoreError
 from tests.server_support import (
     TIMEOUT,
     config,
@@ -306,4 +306,4 @@ def test_a_schema_1_database_gains_sessions_and_keeps_its_runs(tmp_path: Path) -
         assert open_run(stub, "old", takeover=False, world_size=1).acked_sequence == 3
         assert push(stub, record("old", 4)).acks[0].acked_sequence == 4
     with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

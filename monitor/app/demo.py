@@ -65,6 +65,9 @@ def _monitor_settings(options: DemoOptions, endpoint: str, run_id: str) -> dict[
         # the last block's Q and O: the probe's exact one-backward fast path
         "projections": ["q", "o"],
         "seed": options.seed,
+        # supervised training on a corpus (with either framework): entropy falls because
+        # the model learns, and the server judges it as SFT
+        "kind": "sft",
     }
 
 

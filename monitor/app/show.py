@@ -45,8 +45,10 @@ def format_run(response: monitor_pb2.GetRunResponse) -> str:
     run = response.summary
     lines = [
         f"run {run.display_name} ({run.run.run_id})  project {run.run.project or '-'}  "
-        f"framework {run.run.framework or '-'}  status {run.status}  records {run.records}"
+        f"framework {run.run.framework or '-'}  kind {run.run.kind or '-'}  "
+        f"status {run.status}  records {run.records}"
     ]
+    rl = run.run.kind == "rl" or any(rec.HasField("reward_mean") for rec in response.history)
     rows = []
     for rec in response.history:
         sp = rec.inversion.spearman
@@ -63,10 +65,13 @@ def format_run(response: monitor_pb2.GetRunResponse) -> str:
                 _n(rec.entropy.p10 if rec.entropy.HasField("p10") else math.nan),
                 _n(rec.entropy.p90 if rec.entropy.HasField("p90") else math.nan),
                 _n(rec.loss if rec.HasField("loss") else math.nan),
+                *(_rl_cells(rec) if rl else []),
             ]
         )
     if rows:
         headers = ["STEP", "RANK", "RHO", "CI", "ENTROPY", "P10", "P90", "LOSS"]
+        if rl:
+            headers += ["REWARD", "POLICY_H", "COV"]
         lines.append(format_table(headers, rows))
     else:
         lines.append("no records yet")
@@ -74,3 +79,16 @@ def format_run(response: monitor_pb2.GetRunResponse) -> str:
     lines.append(f"alerts: {len(alerts)}" + ("" if alerts else " (none)"))
     lines.extend("  " + a for a in alerts)
     return "\n".join(lines)
+
+
+def _rl_cells(rec: monitor_pb2.StepRecord) -> list[str]:
+    """Reward, policy entropy and covariance of an RL run's record."""
+
+    def value(name: str) -> float:
+        return getattr(rec, name) if rec.HasField(name) else math.nan
+
+    return [
+        _n(value("reward_mean")),
+        _n(value("policy_entropy_mean")),
+        _n(value("entropy_covariance"), 4, True),
+    ]

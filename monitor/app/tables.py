@@ -52,6 +52,7 @@ def runs_table(runs: Sequence[monitor_pb2.RunSummary], now: float) -> str:
     headers = [
         "NAME",
         "PROJECT",
+        "KIND",
         "STATUS",
         "STEP",
         "RHO",
@@ -73,6 +74,7 @@ def runs_table(runs: Sequence[monitor_pb2.RunSummary], now: float) -> str:
             [
                 run.display_name,
                 run.run.project or "-",
+                run.run.kind or "-",
                 run.status,
                 str(latest.step) if latest is not None else "-",
                 _number(rho, 3),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.metrics.stats import InversionStats
+from inversion_monitor.rl.signals import RLStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.telemetry.client import MonitorClient
@@ -49,6 +50,8 @@ class ProbeRecord:
     learning_rate: float | None = None
     components: list[dict[str, Any]] | None = None
     samples: list[tuple[float, float, int]] | None = None
+    kind: str | None = None
+    rl: RLStats | None = None  # the RL signals of the steps since the last record
     wall_time: float = field(default_factory=time.time)
 
 
@@ -107,6 +110,8 @@ class TrainerLogSink:
 
     def emit(self, record: ProbeRecord) -> None:
         self._latest = trainer_metrics(record.stats, probe_seconds=record.probe_seconds)
+        if record.rl is not None:
+            self._latest.update(record.rl.trainer_metrics())
 
     def take(self) -> dict[str, float] | None:
         """The metrics of the last record, once."""
@@ -145,6 +150,8 @@ class JsonlSink:
             **{k: v for k, v in record.stats.to_dict().items() if k != "extra"},
             "components": record.components,
             "samples": record.samples,
+            "kind": record.kind,
+            "rl": record.rl.to_dict() if record.rl is not None else None,
         }
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +206,7 @@ class GrpcSink:
             samples=record.samples,
             probe_seconds=record.probe_seconds,
             wall_time=record.wall_time,
+            rl=record.rl,
         )
 
     def _connect(self, record: ProbeRecord) -> MonitorClient:
@@ -215,6 +223,7 @@ class GrpcSink:
             world_size=self.world_size,
             framework=self.framework,
             model_type=self._model_type(),
+            kind=record.kind,
             config=config.public_dict(),
             token=config.token,
             tls=config.tls,

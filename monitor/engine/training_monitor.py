@@ -32,6 +32,7 @@ import math
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ from inversion_monitor.metrics.stats import InversionStats, inversion_stats
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.sampling import TokenSampler
+from inversion_monitor.rl.signals import RLStats
 
 if TYPE_CHECKING:
     from inversion_monitor.telemetry.window import DeliveryReport
@@ -74,6 +76,8 @@ class InversionMonitor:
         rank, world_size: this process's place in a distributed job.
         framework: e.g. ``"transformers"``, ``"lightning"``, ``"custom"``.
         default_run_name: used when ``config.run_name`` is unset.
+        kind: the run kind the adapter detected (``"sft"``, ``"rl"``,
+            ``"custom"``); ``config.kind`` takes precedence.
 
     Use from a custom loop::
 
@@ -83,6 +87,15 @@ class InversionMonitor:
             loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
             monitor.step_end(step, model, loss=loss.item())
         monitor.close()
+
+    In an RL loop, pass the step's RL signals (no extra forward: from the
+    tensors of the loss)::
+
+        acc = RLStepAccumulator()   # inversion_monitor.rl.signals
+        acc.add(mask=completion_mask, entropies=entropies, logprobs=logps, advantages=adv)
+        monitor.step_end(step, model, rl=acc.finish(reward_mean=r.mean(), reward_std=r.std()))
+
+    The steps' signals are averaged into the next record the monitor sends.
     """
 
     def __init__(
@@ -93,8 +106,10 @@ class InversionMonitor:
         world_size: int = 1,
         framework: str = "custom",
         default_run_name: str | None = None,
+        kind: str | None = None,
     ) -> None:
         self.config = MonitorConfig.from_env() if config is None else config
+        self.kind = self.config.kind or kind
         if rank < 0 or world_size < 1 or rank >= world_size:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
@@ -111,6 +126,7 @@ class InversionMonitor:
         self.last_result: ProbeResult | None = None
         # the batch the last probe measured: last_result.positions index into it
         self.last_batch: CapturedBatch | None = None
+        self.last_rl: RLStats | None = None
         self.probes = 0
         self.errors = 0
         self._capture: BatchCapture | None = None
@@ -131,6 +147,8 @@ class InversionMonitor:
             )
         self._warned: set[str] = set()
         self._agreed = False
+        # RL signals of the optimizer steps since the last record (bounded)
+        self._rl_pending: deque[RLStats] = deque(maxlen=100_000)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,16 +211,23 @@ class InversionMonitor:
         loss: float | None = None,
         learning_rate: float | None = None,
         probe: bool | None = None,
+        rl: RLStats | None = None,
     ) -> dict[str, float] | None:
         """Call after each optimizer step; probes when scheduled.
 
         ``probe`` overrides the schedule's decision for this step (a distributed
         adapter passes one agreed across ranks); None asks the schedule.
-        Returns the ``inversion/...`` metrics when it probed, else None.
+        ``rl``: the step's RL signals (:class:`~inversion_monitor.rl.signals.RLStats`),
+        averaged into the next record. Returns the ``inversion/...`` (and
+        ``rl/...``) metrics when it probed, else None.
         """
         if not self.enabled:
             return None
         try:
+            if rl is not None:
+                if not isinstance(rl, RLStats):
+                    raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
+                self._rl_pending.append(rl)
             metrics = None
             if self.schedule.should_probe(step) if probe is None else probe:
                 metrics = self.probe(step, model, loss=loss, learning_rate=learning_rate)
@@ -257,6 +282,9 @@ class InversionMonitor:
         self.schedule.probe_done(seconds=seconds)
         self.probes += 1
         self.last_stats, self.last_result, self.last_batch = stats, result, batch
+        rl = RLStats.average(self._rl_pending)
+        self._rl_pending.clear()
+        self.last_rl = rl
         record = ProbeRecord(
             run_id=self.run_id,
             run_name=self.run_name,
@@ -268,6 +296,8 @@ class InversionMonitor:
             learning_rate=learning_rate,
             components=components,
             samples=self._samples(result),
+            kind=self.kind,
+            rl=rl,
         )
         for sink in self.sinks:
             sink.emit(record)

@@ -101,9 +101,10 @@ from types import TracebackType
 from typing import Any
 
 from inversion_monitor._version import __version__
-from inversion_monitor.config import MonitorConfig
+from inversion_monitor.config import RUN_KINDS, MonitorConfig
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.rl.signals import RLStats, rl_stats_from_mapping
 from inversion_monitor.telemetry.sender import (
     RunStatus,
     Sender,
@@ -158,6 +159,8 @@ class MonitorClient:
             Reuse it (with ``spool_dir``) to resume a run or replay its spool.
         rank, world_size: this process's rank and the number of ranks.
         framework, model_type: e.g. ``"transformers"`` and ``"llama"``.
+        kind: ``"sft"``, ``"rl"`` or ``"custom"`` (the server judges the run by
+            it, e.g. falling entropy is expected in SFT); None: unknown.
         config: the monitor configuration (a JSON-serialisable mapping).
         token: bearer token sent as ``authorization: Bearer <token>``.
         tls: False for plaintext, True for TLS with the system roots, or the
@@ -195,6 +198,7 @@ class MonitorClient:
         world_size: int = 1,
         framework: str = "custom",
         model_type: str = "",
+        kind: str | None = None,
         config: Mapping[str, Any] | None = None,
         token: str | None = None,
         tls: TlsSetting = False,
@@ -214,6 +218,10 @@ class MonitorClient:
             raise ValueError(
                 f"run_id={self.run_id!r} is invalid: use 1-64 characters of [A-Za-z0-9_.-] "
                 "(or leave it None for a new uuid4 hex)"
+            )
+        if kind is not None and kind not in RUN_KINDS:
+            raise ValueError(
+                f"kind={kind!r} is invalid: pass one of {', '.join(map(repr, RUN_KINDS))} or None"
             )
         if world_size < 1:
             raise ValueError(f"world_size={world_size} must be >= 1")
@@ -256,6 +264,7 @@ class MonitorClient:
             world_size=world_size,
             config_json=config_json,
             client_version=__version__,
+            kind=kind or "",
         )
         self._warner = Warner()
         spool = self._open_spool(spool_dir)
@@ -339,6 +348,7 @@ class MonitorClient:
         samples: Iterable[tuple[float, float, int]] | None = None,
         probe_seconds: float | None = None,
         wall_time: float | None = None,
+        rl: RLStats | None = None,
     ) -> None:
         """Queue the record of one step and return at once.
 
@@ -347,15 +357,31 @@ class MonitorClient:
         (see :class:`~inversion_monitor.telemetry.wire.StatsMapping`); a bad one raises
         ``ValueError`` naming the field. ``components`` and ``samples`` are as
         in :func:`~inversion_monitor.telemetry.wire.step_record`. ``wall_time`` defaults
-        to now. With ``spool_dir`` the record is in the spool file when this
-        returns. Never raises for network or disk reasons and never blocks on
-        the network.
+        to now. RL signals come as the stats keys ``reward_mean``,
+        ``reward_std``, ``policy_entropy_mean`` and ``entropy_covariance``, or
+        whole as ``rl`` (an :class:`~inversion_monitor.rl.signals.RLStats`,
+        with quantiles and advantages; not both). With ``spool_dir`` the record
+        is in the spool file when this returns. Never raises for network or
+        disk reasons and never blocks on the network.
         """
         checked: InversionStats | StatsMapping
         if isinstance(stats, InversionStats):
             checked = stats
         elif isinstance(stats, Mapping):
             checked = validate_stats(stats)
+            from_keys = rl_stats_from_mapping(stats)
+            if from_keys is not None:
+                if rl is not None:
+                    raise ValueError(
+                        "RL signals given twice: as stats keys (reward_mean, ...) and as rl=; "
+                        "pass one of them"
+                    )
+                if entropy_covariance is not None and "entropy_covariance" in stats:
+                    raise ValueError(
+                        "entropy_covariance given twice: as a stats key and as an argument; "
+                        "pass one of them"
+                    )
+                rl = from_keys
         else:
             raise TypeError(
                 f"stats must be an InversionStats or a mapping, got {type(stats).__name__}"
@@ -372,6 +398,7 @@ class MonitorClient:
             components=components,
             samples=samples,
             probe_seconds=probe_seconds,
+            rl=rl,
         )
         added = self._window.add(record)
         if added.ready and not self._sender.wake.is_set():

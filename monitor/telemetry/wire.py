@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.rl.signals import RL_STATS_KEYS, RLStats
 
 _NAN = math.nan
 _REQUIRED = ("spearman", "pearson", "n", "entropy_mean", "score_mean")
@@ -67,6 +68,11 @@ class StatsMapping(BaseModel):
     spearman_per_token_type: float | None = None
     n_token_types: NonNegativeInt | None = None
     extra: dict[str, float] = {}
+    # RL signals (see inversion_monitor.rl.signals.RL_STATS_KEYS); not InversionStats fields
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    policy_entropy_mean: float | None = None
+    entropy_covariance: float | None = None
 
 
 def validate_stats(mapping: Mapping[str, Any]) -> StatsMapping:
@@ -92,7 +98,10 @@ def stats_from_mapping(mapping: Mapping[str, Any]) -> InversionStats:
     ValueError: stats['score_mean'] is missing. Pass an InversionStats, or a mapping with
     at least spearman, pearson, n, entropy_mean and score_mean (numbers; n a non-negative int).
     """
-    return InversionStats(**dict(validate_stats(mapping).__dict__))
+    values = dict(validate_stats(mapping).__dict__)
+    for key in RL_STATS_KEYS:
+        values.pop(key, None)
+    return InversionStats(**values)
 
 
 def _explain(exc: ValidationError) -> str:
@@ -152,6 +161,7 @@ def step_record(
     components: Iterable[Mapping[str, Any]] | None = None,
     samples: Iterable[tuple[float, float, int]] | None = None,
     probe_seconds: float | None = None,
+    rl: RLStats | None = None,
 ) -> monitor_pb2.StepRecord:
     """Build the ``StepRecord`` of one step (``sequence`` left at 0).
 
@@ -160,6 +170,8 @@ def step_record(
     ``components`` are mappings with ``layer`` (int), ``projection``
     (``"q"``, ``"k"``, ``"v"`` or ``"o"``) and optional ``spearman`` and
     ``score_mean``; ``samples`` are ``(entropy, score, token_id)`` triples.
+    ``rl`` fills the RL fields (reward, policy entropy, advantage and, unless
+    ``entropy_covariance`` is given, the covariance).
     Non-finite numbers are left unset. Raises ``TypeError``/``ValueError``
     naming the bad argument.
 
@@ -212,11 +224,30 @@ def step_record(
     _set(record, "learning_rate", learning_rate)
     _set(record, "entropy_covariance", entropy_covariance)
     _set(record, "probe_seconds", probe_seconds)
+    if rl is not None:
+        _add_rl(record, rl, covariance=entropy_covariance is None)
     if components is not None:
         _add_components(record, components)
     if samples is not None:
         _add_samples(record, samples)
     return record
+
+
+def _add_rl(record: monitor_pb2.StepRecord, rl: RLStats, *, covariance: bool) -> None:
+    if not isinstance(rl, RLStats):
+        raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
+    _set(record, "reward_mean", rl.reward_mean)
+    _set(record, "reward_std", rl.reward_std)
+    _set(record, "policy_entropy_mean", rl.policy_entropy_mean)
+    if covariance:
+        _set(record, "entropy_covariance", rl.entropy_covariance)
+    for summary, prefix in (
+        (record.policy_entropy, "policy_entropy"),
+        (record.advantage, "advantage"),
+    ):
+        _set(summary, "mean", getattr(rl, f"{prefix}_mean"))
+        for q in ("p10", "p50", "p90"):
+            _set(summary, q, getattr(rl, f"{prefix}_{q}"))
 
 
 def _add_components(

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RunInfo(_message.Message):
-    __slots__ = ("run_id", "name", "project", "labels", "framework", "model_type", "world_size", "config_json", "client_version")
+    __slots__ = ("run_id", "name", "project", "labels", "framework", "model_type", "world_size", "config_json", "client_version", "kind")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class RunInfo(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     project: str
@@ -33,7 +34,8 @@ class RunInfo(_message.Message):
     world_size: int
     config_json: str
     client_version: str
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., project: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., framework: _Optional[str] = ..., model_type: _Optional[str] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., project: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., framework: _Optional[str] = ..., model_type: _Optional[str] = ..., world_size: _Optional[int] = ..., config_json: _Optional[str] = ..., client_version: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class OpenRunRequest(_message.Message):
     __slots__ = ("run", "rank", "takeover")
@@ -136,7 +138,7 @@ class TokenSample(_message.Message):
     def __init__(self, entropy: _Optional[float] = ..., score: _Optional[float] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class StepRecord(_message.Message):
-    __slots__ = ("run_id", "rank", "sequence", "step", "wall_time", "inversion", "entropy", "score", "components", "entropy_covariance", "loss", "learning_rate", "samples", "probe_seconds", "spearman_per_token_type")
+    __slots__ = ("run_id", "rank", "sequence", "step", "wall_time", "inversion", "entropy", "score", "components", "entropy_covariance", "loss", "learning_rate", "samples", "probe_seconds", "spearman_per_token_type", "reward_mean", "reward_std", "policy_entropy_mean", "policy_entropy", "advantage")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,11 @@ class StepRecord(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     PROBE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SPEARMAN_PER_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
+    REWARD_STD_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ENTROPY_MEAN_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     sequence: int
@@ -167,7 +174,12 @@ class StepRecord(_message.Message):
     samples: _containers.RepeatedCompositeFieldContainer[TokenSample]
     probe_seconds: float
     spearman_per_token_type: float
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., sequence: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., inversion: _Optional[_Union[InversionStats, _Mapping]] = ..., entropy: _Optional[_Union[Summary, _Mapping]] = ..., score: _Optional[_Union[Summary, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStats, _Mapping]]] = ..., entropy_covariance: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., samples: _Optional[_Iterable[_Union[TokenSample, _Mapping]]] = ..., probe_seconds: _Optional[float] = ..., spearman_per_token_type: _Optional[float] = ...) -> None: ...
+    reward_mean: float
+    reward_std: float
+    policy_entropy_mean: float
+    policy_entropy: Summary
+    advantage: Summary
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., sequence: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., inversion: _Optional[_Union[InversionStats, _Mapping]] = ..., entropy: _Optional[_Union[Summary, _Mapping]] = ..., score: _Optional[_Union[Summary, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStats, _Mapping]]] = ..., entropy_covariance: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., samples: _Optional[_Iterable[_Union[TokenSample, _Mapping]]] = ..., probe_seconds: _Optional[float] = ..., spearman_per_token_type: _Optional[float] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., policy_entropy_mean: _Optional[float] = ..., policy_entropy: _Optional[_Union[Summary, _Mapping]] = ..., advantage: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("records", "writer_session")

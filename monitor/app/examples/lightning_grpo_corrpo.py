@@ -13,7 +13,10 @@ the CorR-PO building blocks of ``inversion_monitor``:
 The loss is the on-policy GRPO surrogate (one update per batch, so the ratio is
 1 and there is no clipping to do): ``-mean(advantage * log p(token))`` over the
 completion tokens. ``InversionLightningCallback`` watches the training
-forwards; the labels mark the completion tokens, so it probes those only.
+forwards; the labels mark the completion tokens, so it probes those only. The
+step also returns its RL signals (reward, the policy's entropy and Cui et al.'s
+covariance, from the loss's own log-probs: no extra forward) as ``rl_stats``,
+so the monitor's records carry them (run kind ``rl``).
 
 Run it::
 
@@ -37,6 +40,7 @@ from inversion_monitor.app.toy.corpus import arithmetic_problems
 from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionLightningCallback
+from inversion_monitor.rl.signals import RLStepAccumulator
 
 PAD, EOS = 0, 2
 
@@ -99,7 +103,7 @@ class GRPOCorrPO(pl.LightningModule):  # type: ignore[misc]
             "completion_mask": torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1),
         }
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         rollout = self.rollout(batch["prompt"])
         ids, attention, completion = (
             rollout["input_ids"],
@@ -133,6 +137,17 @@ class GRPOCorrPO(pl.LightningModule):  # type: ignore[misc]
         token_logp = logp.gather(2, ids[:, 1:, None])[..., 0]
         mask = completion[:, 1:].float()
         loss = -(advantages[:, None] * token_logp * mask).sum() / mask.sum().clamp(min=1)
+        signals = RLStepAccumulator()
+        with torch.no_grad():
+            signals.add(
+                mask=mask.bool(),
+                entropies=-(logp.exp() * logp).sum(-1),
+                logprobs=token_logp,
+                advantages=advantages,
+            )
+        rl_stats = signals.finish(
+            reward_mean=float(shaped.mean()), reward_std=float(shaped.std(unbiased=False))
+        )
         usable = inversion.rho[inversion.valid]
         record = {
             "step": float(self.global_step),
@@ -145,7 +160,7 @@ class GRPOCorrPO(pl.LightningModule):  # type: ignore[misc]
         }
         self.history.append(record)
         self.log_dict({f"grpo/{k}": v for k, v in record.items() if k != "step"})
-        return loss
+        return {"loss": loss, "rl_stats": rl_stats}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
@@ -185,6 +200,7 @@ def main(
             tokens_per_probe=64,
             jsonl_path=jsonl_path or str(Path(scratch) / "inversion.jsonl"),
             model_attr="model",
+            kind="rl",
         )
         trainer = pl.Trainer(
             max_steps=steps,

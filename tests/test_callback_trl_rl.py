@@ -1,0 +1,188 @@
+"""RL signals read from a real TRL GRPOTrainer's loss tensors, against a brute-force reference."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig
+
+from inversion_monitor.app.toy.corpus import arithmetic_problems
+from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.app.toy.tokenizer import char_tokenizer
+from inversion_monitor.callbacks import InversionTrainerCallback
+from inversion_monitor.callbacks.trl_signals import GRPOSignalTap, trainer_kind
+from inversion_monitor.metrics.covariance import entropy_covariance
+from tests.test_callback_trl import COMMON, RecordingGRPOTrainer, answer_reward, records
+
+pytestmark = pytest.mark.slow
+
+
+class TensorRecordingGRPOTrainer(RecordingGRPOTrainer):
+    """Also keeps the log-probs and entropies of each loss computation (the reference)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if kwargs.get("compute_entropy") and self.model.training:
+            self.loss_tensors.append((out[0].detach().clone(), out[1].detach().clone()))
+        return out
+
+
+def reference(micro_batches: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> dict:
+    """Covariance and entropy of one optimizer step by brute force over its micro-batches."""
+    width = max(inputs["completion_mask"].shape[1] for inputs, _, _ in micro_batches)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    mask = torch.cat([pad(i["completion_mask"]) for i, _, _ in micro_batches]).bool()
+    logps = torch.cat([pad(lp) for _, lp, _ in micro_batches])
+    entropies = torch.cat([pad(h) for _, _, h in micro_batches])
+    advantages = torch.cat([i["advantages"] for i, _, _ in micro_batches])
+    return {
+        "cov": float(entropy_covariance(logps, advantages, mask)),
+        "entropy": float(entropies[mask].double().mean()),
+        "advantage": float(advantages.double().mean()),
+    }
+
+
+def test_grpo_records_carry_the_steps_rl_signals(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    callback = InversionTrainerCallback(every_n_steps=1, jsonl_path=str(path), tokens_per_probe=16)
+    problems = arithmetic_problems(16, seed=5)
+    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
+    config = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,  # two micro-batches pooled per optimizer step
+        num_generations=2,
+        max_completion_length=12,
+        learning_rate=1e-3,
+        logging_steps=1,
+        use_vllm=False,
+        **COMMON,
+    )
+    trainer = TensorRecordingGRPOTrainer(
+        model=tiny_causal_lm("llama").train(),
+        reward_funcs=answer_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=char_tokenizer(),
+        callbacks=[callback],
+    )
+    assert trainer_kind(trainer) == "rl"
+    trainer.train()
+
+    got = records(path)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert all(r["kind"] == "rl" for r in got)
+    assert len(trainer.loss_inputs) == len(trainer.loss_tensors) == 6
+    logged = {e["step"]: e for e in trainer.state.log_history if "reward" in e}
+    for index, rec in enumerate(got):
+        rl = rec["rl"]
+        step_batches = [
+            (trainer.loss_inputs[i], *trainer.loss_tensors[i]) for i in (2 * index, 2 * index + 1)
+        ]
+        expected = reference(step_batches)
+        assert rl["entropy_covariance"] == pytest.approx(expected["cov"], rel=1e-6, abs=1e-9)
+        assert rl["policy_entropy_mean"] == pytest.approx(expected["entropy"], rel=1e-6)
+        assert rl["advantage_mean"] == pytest.approx(expected["advantage"], abs=1e-6)
+        assert rl["policy_entropy_p10"] <= rl["policy_entropy_p50"] <= rl["policy_entropy_p90"]
+        # the reward TRL logs for the generation batch of this step
+        assert rl["reward_mean"] == pytest.approx(logged[rec["step"]]["reward"], rel=1e-6)
+        assert rl["reward_std"] == pytest.approx(logged[rec["step"]]["reward_std"], rel=1e-6)
+        assert rl["steps"] == 1 and rl["tokens"] == int(
+            sum(int(i["completion_mask"].sum()) for i, _, _ in step_batches)
+        )
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "rl/entropy_covariance" in e] == [1, 2, 3]
+    # the tap is gone after training: the trainer's methods are its class's again
+    assert "_compute_loss" not in vars(trainer)
+    assert "_get_per_token_logps_and_entropies" not in vars(trainer)
+
+
+def test_tap_fails_open(tmp_path: Path) -> None:
+    """A trainer whose loss inputs lack what the tap reads: one warning, training goes on."""
+
+    class Odd:
+        training = True
+
+    class GRPOTrainer:  # only the name matters to trainer_kind
+        def __init__(self) -> None:
+            self._metrics: dict[str, Any] = {}
+
+        def _compute_loss(self, model: Any, inputs: Any) -> str:
+            self._get_per_token_logps_and_entropies(compute_entropy=True)
+            return "loss"
+
+        def _get_per_token_logps_and_entropies(self, **kwargs: Any) -> Any:
+            return torch.zeros(1, 2), torch.zeros(1, 2), None
+
+    trainer = GRPOTrainer()
+    tap = GRPOSignalTap.attach(trainer)
+    assert tap is not None
+    with pytest.warns(RuntimeWarning, match="stopped reading GRPO's RL signals"):
+        assert trainer._compute_loss(Odd(), {}) == "loss"  # no completion_mask
+    assert trainer._compute_loss(Odd(), {}) == "loss" and tap.finish() is None
+    tap.remove()
+    assert "_compute_loss" not in vars(trainer)
+    assert GRPOSignalTap.attach(object()) is None
+
+
+def test_corrpo_trainer_streams_rl_signals_too(tmp_path: Path) -> None:
+    from inversion_monitor.callbacks.trl_corrpo import CorrPOConfig, CorrPOGRPOTrainer
+
+    path = tmp_path / "records.jsonl"
+    callback = InversionTrainerCallback(every_n_steps=1, jsonl_path=str(path), tokens_per_probe=16)
+    problems = arithmetic_problems(8, seed=6)
+    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
+    config = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=12,
+        learning_rate=1e-3,
+        logging_steps=1,
+        use_vllm=False,
+        **COMMON,
+    )
+    trainer = CorrPOGRPOTrainer(
+        model=tiny_causal_lm("llama").train(),
+        reward_funcs=answer_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=char_tokenizer(),
+        callbacks=[callback],
+        corrpo=CorrPOConfig(coef=0.1, min_tokens=4),
+    )
+    trainer.train()
+    got = records(path)
+    assert [(r["step"], r["kind"]) for r in got] == [(1, "rl"), (2, "rl")]
+    logged = {e["step"]: e for e in trainer.state.log_history if "reward" in e}
+    for rec in got:
+        rl = rec["rl"]
+        # the shaped reward TRL optimises (task reward plus the corrpo column)
+        assert rl["reward_mean"] == pytest.approx(logged[rec["step"]]["reward"], rel=1e-6)
+        assert math.isfinite(rl["entropy_covariance"]) and rl["policy_entropy_mean"] > 0
+
+
+def test_trainer_kind_of_the_installed_trainers() -> None:
+    import trl
+    from transformers import Trainer
+
+    def kind(cls: type) -> str:
+        return trainer_kind(object.__new__(cls))  # the class decides; no construction
+
+    assert kind(trl.GRPOTrainer) == kind(trl.RLOOTrainer) == "rl"
+    assert kind(trl.SFTTrainer) == kind(Trainer) == "sft"
+    assert kind(trl.DPOTrainer) == kind(trl.RewardTrainer) == kind(trl.KTOTrainer) == "custom"
