@@ -93,6 +93,9 @@ class MonitorConfig(BaseModel):
     # failure policy
     on_error: Literal["disable", "continue"] = "disable"
     disabled: bool = False
+    agreement_timeout_s: float = Field(
+        300.0, gt=0.0, description="distributed: how long a rank waits for the others' vote"
+    )
 
     @field_validator("tls", mode="before")
     @classmethod
