@@ -46,7 +46,7 @@ from inversion_monitor.architectures import resolve_model
 from inversion_monitor.capture import BatchCapture, CapturedBatch
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.probe import ProbeResult, logit_gradient_norms
-from inversion_monitor.rank_agreement import RankAgreement, Verdict
+from inversion_monitor.rank_agreement import RankAgreement, Verdict, process_place
 from inversion_monitor.sampling import TokenSampler
 from inversion_monitor.schedule import ProbeSchedule
 from inversion_monitor.stats import InversionStats, inversion_stats, spearman
@@ -105,7 +105,9 @@ class InversionMonitor:
 
     Args:
         config: a :class:`MonitorConfig` (default: from the environment).
-        rank, world_size: this process's place in a distributed job.
+        rank, world_size: this process's place in a distributed job; when
+            ``torch.distributed`` is initialised, its rank and world size win
+            (the HF Trainer reports world size 1 under DeepSpeed on CPU).
         framework: e.g. ``"transformers"``, ``"lightning"``, ``"custom"``.
         default_run_name: used when ``config.run_name`` is unset.
 
@@ -135,6 +137,7 @@ class InversionMonitor:
         default_run_name: str | None = None,
     ) -> None:
         self.config = MonitorConfig.from_env() if config is None else config
+        rank, world_size = process_place(rank, world_size)
         if rank < 0 or world_size < 1 or rank >= world_size:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
@@ -192,6 +195,14 @@ class InversionMonitor:
 
         The adapters call :meth:`attach` on every rank at the same point.
         """
+        rank, self.world_size = process_place(self.rank, self.world_size)
+        if rank != self.rank:  # torch.distributed started after the constructor
+            self.rank = rank
+            self.sampler = TokenSampler(
+                self.config.tokens_per_probe,
+                max_sequences=self.config.sequences_per_probe,
+                seed=self.config.seed + rank,
+            )
         if self.world_size < 2 or self._joined:
             return
         self._joined = True
@@ -215,6 +226,9 @@ class InversionMonitor:
     def close(self, timeout_s: float = 10.0) -> DeliveryReport | None:
         """Detach, flush and close the sinks; returns the client's delivery report."""
         self.detach()
+        if self._agreement is not None:  # no more votes: the other ranks may be closing too
+            self._agreement.close()
+            self._agreement = None
         report = None
         if self._jsonl is not None:
             self._jsonl.close()
@@ -326,10 +340,10 @@ class InversionMonitor:
             return None
         if verdict.failed_rank is None:
             return verdict
-        self._local_failure = False
+        failed_here, self._local_failure = self._local_failure, False
         if self.config.on_error == "continue":
             return verdict
-        if verdict.failed_rank != self.rank:  # the failing rank has said why already
+        if not failed_here:  # a rank that failed has said why already
             self._warn_once(
                 "peer-failure",
                 f"inversion-monitor failed on rank {verdict.failed_rank}; it is disabled on "

@@ -52,9 +52,6 @@ import torch
 
 logger = logging.getLogger("inversion_monitor")
 
-# (default group, timeout) -> the vote group made for it: one per job, not one per monitor
-_GROUPS: list[tuple[Any, float, Any]] = []
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -136,6 +133,10 @@ class RankAgreement:
             logger.debug("inversion-monitor commits by all-reduce (no store: %s)", exc)
             self._store = self._new_store = None
 
+    def close(self) -> None:
+        """Let go of the vote group and the store connection (no collective)."""
+        self.group = self._store = self._new_store = None
+
     def run_identity(self, run_id: str, run_name: str) -> tuple[str, str]:
         """Rank 0's run id and name, on every rank (one broadcast)."""
         import torch.distributed as dist
@@ -199,20 +200,28 @@ class RankAgreement:
         return Verdict.from_votes([int(v) for v in text.split(",")], world_size=self.world_size)
 
 
-def _vote_group(timeout_s: float) -> tuple[Any, torch.device]:
-    """A gloo group with ``timeout_s`` (cached per job), else the default group and its device."""
+def process_place(rank: int, world_size: int) -> tuple[int, int]:
+    """``(rank, world_size)`` of ``torch.distributed`` when initialised, else the given ones.
+
+    >>> process_place(0, 1)  # not distributed here
+    (0, 1)
+    """
     import torch.distributed as dist
 
-    world = dist.group.WORLD
-    for default, timeout, group in _GROUPS:
-        if default is world and timeout == timeout_s:
-            return group, torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return rank, world_size
+
+
+def _vote_group(timeout_s: float) -> tuple[Any, torch.device]:
+    """A new gloo group with ``timeout_s``, else the default group and its device."""
+    import torch.distributed as dist
+
     try:
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     except Exception as exc:  # no gloo in this build: vote on the default group
         logger.debug("inversion-monitor votes on the default group (no gloo group: %s)", exc)
         return None, _default_device()
-    _GROUPS.append((world, timeout_s, group))
     return group, torch.device("cpu")
 
 
