@@ -92,7 +92,13 @@ def launch(
         **(env or {}),
     }
     proc = subprocess.run(
-        command, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+        command,
+        env=full_env,
+        cwd=ROOT,  # config files name paths from the repository root
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     return DistRun(proc, out)
 
