@@ -1,4 +1,4 @@
-"""``inversion-monitor run -- accelerate launch --config_file zero3.yaml train.py``, 2 CPU processes.
+"""`inversion-monitor run -- accelerate launch --config_file zero3.yaml train.py`, 2 CPU ranks.
 
 An unmodified HF Trainer script under DeepSpeed ZeRO-3 (tests/fixtures/accelerate),
 once with the monitor attached by ``inversion-monitor run`` and once without;
