@@ -124,10 +124,10 @@ class RankAgreement:
         dist.broadcast_object_list(shared, src=0, group=self.group, device=self.device)
         prefix = f"inversion_monitor/{shared[0]}"
         try:
-            from torch.distributed.distributed_c10d import _get_default_store
+            from torch.distributed.distributed_c10d import PrefixStore, _get_default_store
 
-            default = _get_default_store()
-            self._new_store = lambda: dist.PrefixStore(prefix, default.clone())
+            default: Any = _get_default_store()  # a connection of our own: clone()
+            self._new_store = lambda: PrefixStore(prefix, default.clone())
             self._store = self._new_store()
         except Exception as exc:  # no store to clone: commits are plain votes
             logger.debug("inversion-monitor commits by all-reduce (no store: %s)", exc)
