@@ -43,7 +43,7 @@ Verdict(go=False, failed_rank=1)
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -84,10 +84,20 @@ class RankAgreement:
         rank, world_size: this process's place in the default group.
         group: the process group the votes run on (None: the default group).
         device: where the vote tensors live (the group's device).
+        store: makes a new connection to a key-value store shared by the
+            ranks, under a prefix of this agreement (None: commits are votes).
+        timeout_s: how long a vote or commit waits for the other ranks.
     """
 
     def __init__(
-        self, *, rank: int, world_size: int, group: Any = None, device: torch.device | None = None
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        group: Any = None,
+        device: torch.device | None = None,
+        store: Callable[[], Any] | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -95,9 +105,9 @@ class RankAgreement:
         self.device = device if device is not None else torch.device("cpu")
         self.votes = 0
         self.commits = 0
-        self.timeout = timedelta(seconds=300.0)
-        self._store: Any = None  # the job's store under a prefix of this agreement (or None)
-        self._new_store: Any = None  # makes a fresh connection after a timed-out wait
+        self.timeout = timedelta(seconds=timeout_s)
+        self._new_store = store  # a fresh connection (also after a timed-out wait)
+        self._store: Any = store() if store is not None else None
 
     @classmethod
     def join(cls, *, timeout_s: float) -> RankAgreement | None:
@@ -107,31 +117,14 @@ class RankAgreement:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
         group, device = _vote_group(timeout_s)
-        agreement = cls(
-            rank=dist.get_rank(), world_size=dist.get_world_size(), group=group, device=device
+        return cls(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            group=group,
+            device=device,
+            store=_job_store(group, device),
+            timeout_s=timeout_s,
         )
-        agreement.timeout = timedelta(seconds=timeout_s)
-        agreement._connect_store()
-        return agreement
-
-    def _connect_store(self) -> None:
-        """A connection of our own to the job's store, under a prefix unique to this agreement."""
-        import uuid
-
-        import torch.distributed as dist
-
-        shared: list[Any] = [uuid.uuid4().hex]
-        dist.broadcast_object_list(shared, src=0, group=self.group, device=self.device)
-        prefix = f"inversion_monitor/{shared[0]}"
-        try:
-            from torch.distributed.distributed_c10d import PrefixStore, _get_default_store
-
-            default: Any = _get_default_store()  # a connection of our own: clone()
-            self._new_store = lambda: PrefixStore(prefix, default.clone())
-            self._store = self._new_store()
-        except Exception as exc:  # no store to clone: commits are plain votes
-            logger.debug("inversion-monitor commits by all-reduce (no store: %s)", exc)
-            self._store = self._new_store = None
 
     def close(self) -> None:
         """Let go of the vote group and the store connection (no collective)."""
@@ -211,6 +204,26 @@ def process_place(rank: int, world_size: int) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return rank, world_size
+
+
+def _job_store(group: Any, device: torch.device) -> Callable[[], Any] | None:
+    """New connections to the job's store under a prefix unique to one agreement (a collective)."""
+    import uuid
+
+    import torch.distributed as dist
+
+    shared: list[Any] = [uuid.uuid4().hex]
+    dist.broadcast_object_list(shared, src=0, group=group, device=device)
+    prefix = f"inversion_monitor/{shared[0]}"
+    try:
+        from torch.distributed.distributed_c10d import PrefixStore, _get_default_store
+
+        default: Any = _get_default_store()
+        default.clone().set(f"{prefix}/probe", "1")  # clone() works here
+    except Exception as exc:  # no store to clone: commits are plain votes
+        logger.debug("inversion-monitor commits by all-reduce (no store: %s)", exc)
+        return None
+    return lambda: PrefixStore(prefix, default.clone())
 
 
 def _vote_group(timeout_s: float) -> tuple[Any, torch.device]:
