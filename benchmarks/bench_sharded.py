@@ -14,7 +14,9 @@ model sharded with ``fully_shard`` on every block and the root, and reports:
   rank holds (sharded / unsharded: goal, the probe gathers no more than the
   framework's own forward does, block by block);
 - the largest relative difference of the sharded values from the unsharded
-  ones (goal <= 1e-4).
+  ones (goal <= 1e-4);
+- what the ranks' agreement costs: one vote (every step with the time
+  budget) and one commit (before each probe), median over repeated calls.
 
 A probe that fails on the sharded model is reported with its error, and the
 unsharded numbers are still printed. The same script runs unchanged on a
@@ -127,6 +129,28 @@ def _rel_error(got: ProbeResult, want: ProbeResult) -> float:
     return worst
 
 
+def _agreement_cost(votes: int = 200, commits: int = 50) -> dict[str, float]:
+    """Median microseconds of one vote and of one commit (every rank calls this)."""
+    from inversion_monitor.rank_agreement import RankAgreement
+
+    agreement = RankAgreement.join(timeout_s=60.0)
+    if agreement is None:
+        return {}
+    cost: dict[str, float] = {}
+    for name, call, count in [
+        ("vote_us", agreement.vote, votes),
+        ("commit_us", agreement.commit, commits),
+    ]:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            call(True)
+            times.append(time.perf_counter() - start)
+        cost[name] = statistics.median(times) * 1e6
+    agreement.close()
+    return cost
+
+
 def _worker(rank: int, job: tuple[int, int, str, int], out: Any) -> None:
     world_size, port, device_kind, repeats = job
     device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
@@ -160,6 +184,7 @@ def _worker(rank: int, job: tuple[int, int, str, int], out: Any) -> None:
         row["max_rel_error"] = _rel_error(result, reference)
     except Exception as exc:  # reported, not hidden: the unsharded numbers still count
         row["sharded_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    row.update(_agreement_cost())
     rows: list[Any] = [None] * world_size
     dist.all_gather_object(rows, row)
     if rank == 0:
@@ -192,6 +217,7 @@ def main() -> None:
     print(f"device={device} world_size={world_size} (probe: layers {LAYERS}, 16 positions)")
     for row in rows:
         print(json.dumps(row, sort_keys=True))
+    _print_agreement(rows)
     ok = [r for r in rows if "sharded_s" in r]
     if not ok:
         print("sharded probe FAILED on every rank:", rows[0].get("sharded_error"))
@@ -204,6 +230,13 @@ def main() -> None:
     print(f"parameters held per rank sharded/unsharded: {param_ratio:.2f}x")
     print(f"probe peak extra memory: sharded {peak:.1f} MiB, unsharded {peak_plain:.1f} MiB")
     print(f"max relative error sharded vs unsharded: {max(r['max_rel_error'] for r in ok):.2e}")
+
+
+def _print_agreement(rows: list[dict[str, Any]]) -> None:
+    if rows and "vote_us" in rows[0]:
+        vote = statistics.median(r["vote_us"] for r in rows)
+        commit = statistics.median(r["commit_us"] for r in rows)
+        print(f"agreement: one vote {vote:.0f} us (per step, budget), one commit {commit:.0f} us")
 
 
 if __name__ == "__main__":
