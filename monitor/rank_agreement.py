@@ -159,7 +159,8 @@ class RankAgreement:
 
         Raises ``TimeoutError`` on every rank when some rank did not vote in time.
         """
-        if self._store is None:
+        new_store = self._new_store
+        if self._store is None or new_store is None:
             return self.vote(yes, failed=failed)
         self.commits += 1
         key = str(self.commits)
@@ -183,7 +184,7 @@ class RankAgreement:
         except Exception as exc:  # waited in vain: the verdict is "off", unless one was written
             if "timeout" not in str(exc).lower():
                 raise
-            self._store = store = self._new_store()  # the timed-out connection is not reused
+            self._store = store = new_store()  # the timed-out connection is not reused
             text = store.compare_set(verdict_key, "", "off").decode()
         if text == "off":
             raise TimeoutError(
