@@ -1,10 +1,10 @@
 """HF Trainer DDP on 2 CPU processes: the ranks probe together, fail together, never hang.
 
-One torchrun job trains four times (see tests/fixtures/dist_support.py):
-without the monitor, with the time budget, with a probe failure on rank 1 and
-with rank 1 late for a vote. Records go to a real server on loopback; each run
-is compared with the one without the monitor (loss history and final weights
-bit-identical).
+One torchrun job trains five times (see tests/fixtures/dist_support.py):
+without the monitor, with the time budget, with a probe failure on rank 1
+(before and after the ranks commit to a probe) and with rank 1 late for a
+vote. Records go to a real server on loopback; each run is compared with the
+one without the monitor (loss history and final weights bit-identical).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> Dist
         "--steps",
         str(STEPS),
         "--scenarios",
-        "none,budget,raise,stall",
+        "none,budget,raise,raise_in_probe,stall",
         env=monitor_env(server, "ddp"),
     ).ok()
 
@@ -66,6 +66,21 @@ def test_a_failure_on_one_rank_disables_every_rank_together(
     warnings = run.field("warnings")
     assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0]
     assert "every rank" in warnings[1][0]
+    assert len(warnings[0]) == 1 and "failed on rank 1" in warnings[0][0], warnings
+    run.assert_training_like(job.scenario("none"), STEPS)
+
+
+@pytest.mark.slow
+def test_a_failure_inside_the_probe_disables_every_rank_at_the_next_vote(
+    job: DistRun, server: MonitorServer
+) -> None:
+    run = job.scenario("raise_in_probe")
+    # rank 0 finished the probe of step 3; rank 1's failure reached it with the next vote
+    assert run.field("probe_steps") == {0: [1, 2, 3], 1: [1, 2]}
+    assert server_steps(server, "ddp-raise_in_probe") == {0: [1, 2, 3], 1: [1, 2]}
+    assert run.field("enabled") == {0: False, 1: False}
+    warnings = run.field("warnings")
+    assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0]
     assert len(warnings[0]) == 1 and "failed on rank 1" in warnings[0][0], warnings
     run.assert_training_like(job.scenario("none"), STEPS)
 
