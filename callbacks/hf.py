@@ -17,6 +17,10 @@ TRL's ``SFTTrainer.log`` and ``GRPOTrainer.log`` average and clear their own
 metrics (reward, entropy, ...) on every call, so logging through them at probe
 steps would change when those metrics are reported.
 
+Under torchrun, accelerate or DeepSpeed every rank probes its own batch on
+the same steps as the others, and all send under rank 0's run id (see
+:mod:`inversion_monitor.engine.rank_agreement`).
+
 With TRL, only the positions the trainer scores are probed: GRPO's completion
 tokens, SFT's completion tokens under ``completion_only_loss``, each packed
 document on its own (see :mod:`inversion_monitor.probe.capture`).

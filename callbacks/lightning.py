@@ -116,7 +116,8 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
 
     With ``every_n_steps`` all ranks probe at the same steps by construction;
     with the time budget they agree once per optimizer step (one tiny
-    all-reduce) to probe together, so no rank stalls the others alone. The
+    all-reduce, see :mod:`inversion_monitor.engine.rank_agreement`) to probe
+    together, so no rank stalls the others alone. The
     bearer token is never written to checkpoints: on resume it comes from
     ``INVERSION_MONITOR_TOKEN`` or the arguments again.
 
@@ -149,7 +150,6 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         self._state: dict[str, Any] | None = None  # the last monitor state (checkpointed)
         self._load_pending = False
         self._last_step = 0
-        self._agree = False
         self._warned: set[str] = set()
 
     @property
@@ -187,14 +187,9 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         if self._load_pending and self._state is not None:
             _restore(monitor, self._state)
             self._load_pending = False
-        if world_size > 1:  # one run id for all ranks (every rank reaches this point)
-            monitor.run_id, monitor.run_name = trainer.strategy.broadcast(
-                (monitor.run_id, monitor.run_name), src=0
-            )
-        monitor.attach(self._model)
+        monitor.attach(self._model)  # every rank reaches this point: rank 0's run id for all
         self.monitor = monitor
         self._last_step = int(trainer.global_step)
-        self._agree = world_size > 1 and self.config.every_n_steps is None
         if (
             self.config.log_to_trainer
             and not trainer.loggers
@@ -220,9 +215,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         if monitor is None or model is None or step == self._last_step:
             return  # off, or still accumulating gradients: no optimizer step yet
         self._last_step = step
-        probe = monitor.enabled and monitor.schedule.should_probe(step)
-        if self._agree:  # every rank gets here at every optimizer step
-            probe = bool(trainer.strategy.reduce_boolean_decision(probe, all=True))
+        probe = monitor.decide(step)  # agreed by every rank (each gets here every step)
         loss = _loss_value(outputs) if probe else None
         learning_rate = _learning_rate(trainer) if probe else None
         rl = outputs.get("rl_stats") if isinstance(outputs, Mapping) else None

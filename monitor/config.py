@@ -164,6 +164,9 @@ class MonitorConfig(BaseModel):
         "disable", description="on an internal error: warn once and disable, or continue"
     )
     disabled: bool = Field(False, description="switch the monitor off")
+    agreement_timeout_s: float = Field(
+        300.0, gt=0.0, description="distributed: how long a rank waits for the others' vote"
+    )
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -301,6 +304,7 @@ class MonitorOverrides(TypedDict, total=False):
     first_step: int
     on_error: Literal["disable", "continue"]
     disabled: bool
+    agreement_timeout_s: float
 
 
 def default(name: str) -> Any:

@@ -34,12 +34,15 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from inversion_monitor._version import __version__
 from inversion_monitor.config import MonitorConfig
+from inversion_monitor.engine.rank_agreement import RankAgreement, Verdict, process_place
 from inversion_monitor.engine.schedule import ProbeSchedule
 from inversion_monitor.engine.sinks import (
     GrpcSink,
@@ -51,6 +54,7 @@ from inversion_monitor.engine.sinks import (
 )
 from inversion_monitor.metrics.correlation import spearman
 from inversion_monitor.metrics.stats import InversionStats, inversion_stats
+from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.sampling import TokenSampler
@@ -68,16 +72,34 @@ class MonitorWarning(RuntimeWarning):
     """Something kept the monitor from measuring; training goes on."""
 
 
+@dataclass(frozen=True)
+class _ProbePlan:
+    """What one probe will measure, checked on this rank before the ranks agree to probe."""
+
+    model: nn.Module
+    batch: CapturedBatch
+    positions: torch.Tensor
+    prepare_s: float
+
+
 class InversionMonitor:
     """Schedules probes of a training model and sends what they measure.
 
     Args:
         config: a :class:`MonitorConfig` (default: from the environment).
-        rank, world_size: this process's place in a distributed job.
+        rank, world_size: this process's place in a distributed job; when
+            ``torch.distributed`` is initialised, its rank and world size win
+            (the HF Trainer reports world size 1 under DeepSpeed on CPU).
         framework: e.g. ``"transformers"``, ``"lightning"``, ``"custom"``.
         default_run_name: used when ``config.run_name`` is unset.
         kind: the run kind the adapter detected (``"sft"``, ``"rl"``,
             ``"custom"``); ``config.kind`` takes precedence.
+
+    In a distributed job (``torch.distributed`` initialised, more than one
+    rank) every rank must call :meth:`attach` and :meth:`step_end` at the same
+    steps: the ranks then share rank 0's run id and probe on exactly the same
+    steps, or none does (see :mod:`inversion_monitor.engine.rank_agreement`); a
+    failure on one rank disables the monitor on every rank.
 
     Use from a custom loop::
 
@@ -109,6 +131,7 @@ class InversionMonitor:
         kind: str | None = None,
     ) -> None:
         self.config = MonitorConfig.from_env() if config is None else config
+        rank, world_size = process_place(rank, world_size)
         self.kind = self.config.kind or kind
         if rank < 0 or world_size < 1 or rank >= world_size:
             raise ValueError(
@@ -146,7 +169,9 @@ class InversionMonitor:
                 )
             )
         self._warned: set[str] = set()
-        self._agreed = False
+        self._joined = False
+        self._agreement: RankAgreement | None = None
+        self._local_failure = False  # failed here since the last vote (distributed)
         # RL signals of the optimizer steps since the last record (bounded)
         self._rl_pending: deque[RLStats] = deque(maxlen=100_000)
 
@@ -156,7 +181,7 @@ class InversionMonitor:
         """Start capturing ``model``'s training batches (idempotent per model)."""
         if not self.enabled:
             return
-        self._agree_on_run_id()
+        self._join_ranks()
         try:
             if self._model is model and self._capture is not None:
                 return
@@ -167,21 +192,31 @@ class InversionMonitor:
         except Exception as exc:  # never break training
             self._fail("attach", exc)
 
-    def _agree_on_run_id(self) -> None:
-        """Every rank of a distributed job reports under rank 0's run id.
+    def _join_ranks(self) -> None:
+        """Join the other ranks (a collective, once): the vote group and rank 0's run id.
 
-        A collective: the adapters call :meth:`attach` on every rank. Skipped
-        when the run id was configured (then it is already the same).
+        The adapters call :meth:`attach` on every rank at the same point.
         """
-        if self.world_size < 2 or self.config.run_id or self._agreed:
+        rank, self.world_size = process_place(self.rank, self.world_size)
+        if rank != self.rank:  # torch.distributed started after the constructor
+            self.rank = rank
+            self.sampler = TokenSampler(
+                self.config.tokens_per_probe,
+                max_sequences=self.config.sequences_per_probe,
+                seed=self.config.seed + rank,
+            )
+        if self.world_size < 2 or self._joined:
             return
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            shared = [self.run_id, self.run_name]
-            dist.broadcast_object_list(shared, src=0)
-            self.run_id, self.run_name = str(shared[0]), str(shared[1])
-        self._agreed = True
+        self._joined = True
+        try:
+            self._agreement = RankAgreement.join(timeout_s=self.config.agreement_timeout_s)
+            if self._agreement is not None:
+                self.run_id, self.run_name = self._agreement.run_identity(
+                    self.run_id, self.run_name
+                )
+        except Exception as exc:  # never break training
+            self._agreement = None
+            self._disable_here("joining the other ranks", exc)
 
     def detach(self) -> None:
         """Remove the capture hook (sinks stay open)."""
@@ -193,6 +228,9 @@ class InversionMonitor:
     def close(self, timeout_s: float = 10.0) -> DeliveryReport | None:
         """Detach, flush and close the sinks; returns the client's delivery report."""
         self.detach()
+        if self._agreement is not None:  # no more votes: the other ranks may be closing too
+            self._agreement.close()
+            self._agreement = None
         report = None
         for sink in self.sinks:
             try:
@@ -215,8 +253,9 @@ class InversionMonitor:
     ) -> dict[str, float] | None:
         """Call after each optimizer step; probes when scheduled.
 
-        ``probe`` overrides the schedule's decision for this step (a distributed
-        adapter passes one agreed across ranks); None asks the schedule.
+        ``probe`` overrides the schedule's decision for this step: the answer
+        of :meth:`decide`, or a value that is the same on every rank; None
+        asks :meth:`decide`.
         ``rl``: the step's RL signals (:class:`~inversion_monitor.rl.signals.RLStats`),
         averaged into the next record. Returns the ``inversion/...`` (and
         ``rl/...``) metrics when it probed, else None.
@@ -228,14 +267,108 @@ class InversionMonitor:
                 if not isinstance(rl, RLStats):
                     raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
                 self._rl_pending.append(rl)
+            want = self.decide(step) if probe is None else probe
             metrics = None
-            if self.schedule.should_probe(step) if probe is None else probe:
+            if want and self._agreement is not None:
+                metrics = self._agreed_probe(step, model, loss=loss, learning_rate=learning_rate)
+            elif want and self.enabled:
                 metrics = self.probe(step, model, loss=loss, learning_rate=learning_rate)
             self.schedule.step_ended(now=time.monotonic())
             return metrics
         except Exception as exc:  # never break training
             self._fail(f"step {step}", exc)
             return None
+
+    def decide(self, step: int) -> bool:
+        """Whether to probe after optimizer step ``step``: the schedule's answer, agreed.
+
+        In a distributed job with the time budget this is a collective (one
+        tiny vote, every rank at every step); a fixed schedule needs none. An
+        adapter that needs to know before :meth:`step_end` (e.g. to read the
+        loss only on probe steps) calls it and passes the answer as ``probe``.
+        """
+        if not self.enabled:
+            return False
+        try:
+            want = self.schedule.should_probe(step)
+            if self._agreement is None or self.config.every_n_steps is not None:
+                return want
+            verdict = self._vote(want)
+            return verdict is not None and verdict.go
+        except Exception as exc:  # never break training
+            self._fail(f"step {step}", exc)
+            return False
+
+    # ------------------------------------------------------------------ distributed
+
+    def _agreed_probe(
+        self,
+        step: int,
+        model: nn.Module | None,
+        *,
+        loss: float | None,
+        learning_rate: float | None,
+    ) -> dict[str, float] | None:
+        """Probe on every rank or on none (all ranks decided to probe at ``step``).
+
+        Every rank first checks what it can before any collective (a batch,
+        the model, the sample), then the ranks vote: the probe, whose forward
+        gathers sharded weights, starts on all ranks or on none. A failure
+        since the last vote is carried by this vote.
+        """
+        plan = None
+        if not self._local_failure:
+            try:
+                plan = self._prepare(model)
+            except Exception as exc:  # reported by the vote below
+                self._fail(f"step {step}", exc)
+        verdict = self._vote(plan is not None, commit=True)
+        if plan is None or verdict is None or not verdict.go:
+            return None
+        return self._measure(step, plan, loss=loss, learning_rate=learning_rate)
+
+    def _vote(self, yes: bool, *, commit: bool = False) -> Verdict | None:
+        """Every rank's vote (``commit``: before a probe); None when the monitor is off now."""
+        agreement = self._agreement
+        if agreement is None:
+            return None
+        try:
+            cast = agreement.commit if commit else agreement.vote
+            verdict = cast(yes, failed=self._local_failure)
+        except Exception as exc:  # a rank that does not vote in time: stop voting here
+            self._agreement = None
+            self._disable_here(
+                f"the ranks' vote (no answer within agreement_timeout_s="
+                f"{self.config.agreement_timeout_s:g} s?)",
+                exc,
+            )
+            return None
+        if verdict.failed_rank is None:
+            return verdict
+        failed_here, self._local_failure = self._local_failure, False
+        if self.config.on_error == "continue":
+            return verdict
+        if not failed_here:  # a rank that failed has said why already
+            self._warn_once(
+                "peer-failure",
+                f"inversion-monitor failed on rank {verdict.failed_rank}; it is disabled on "
+                "every rank and training continues",
+            )
+        self.enabled = False
+        self.detach()
+        return None
+
+    def _disable_here(self, where: str, exc: BaseException) -> None:
+        """Switch off on this rank only (the ranks can no longer agree)."""
+        self.errors += 1
+        self._warn_once(
+            f"error:{type(exc).__name__}",
+            f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
+            "continues and the monitor disabled itself on this rank",
+        )
+        logger.debug("inversion-monitor failure", exc_info=exc)
+        self.enabled = False
+        self.detach()
 
     def probe(
         self,
@@ -245,7 +378,17 @@ class InversionMonitor:
         loss: float | None = None,
         learning_rate: float | None = None,
     ) -> dict[str, float] | None:
-        """Probe the last captured batch now; returns the metrics (None if no batch)."""
+        """Probe the last captured batch now; returns the metrics (None if no batch).
+
+        With sharded weights the probe is a collective: call it on every rank.
+        """
+        plan = self._prepare(model)
+        if plan is None:
+            return None
+        return self._measure(step, plan, loss=loss, learning_rate=learning_rate)
+
+    def _prepare(self, model: nn.Module | None) -> _ProbePlan | None:
+        """This rank's batch, model and sample (no collective); None: nothing to probe."""
         model = model if model is not None else self._model
         batch = self._capture.latest if self._capture is not None else None
         if model is None or batch is None:
@@ -258,10 +401,24 @@ class InversionMonitor:
             )
             return None
         start = time.perf_counter()
+        resolve_model(model)  # a refusal is known here, before any collective
         batch = batch.unpacked()  # packed documents probed as separate rows
         positions = self.sampler.sample(batch.target_mask())
+        return _ProbePlan(model, batch, positions, time.perf_counter() - start)
+
+    def _measure(
+        self,
+        step: int,
+        plan: _ProbePlan,
+        *,
+        loss: float | None,
+        learning_rate: float | None,
+    ) -> dict[str, float] | None:
+        """Run the probe on ``plan`` (collective when weights are sharded) and send the record."""
+        start = time.perf_counter() - plan.prepare_s
+        batch, positions = plan.batch, plan.positions
         result = logit_gradient_norms(
-            model,
+            plan.model,
             batch.input_ids,
             attention_mask=batch.attention_mask,
             positions=positions,
@@ -345,14 +502,23 @@ class InversionMonitor:
 
     def _fail(self, where: str, exc: BaseException) -> None:
         self.errors += 1
-        action = "disabled itself" if self.config.on_error == "disable" else "keeps trying"
+        distributed = self._agreement is not None
+        if self.config.on_error == "continue":
+            action = "keeps trying"
+        else:
+            action = "disables itself on every rank" if distributed else "disabled itself"
         self._warn_once(
             f"error:{type(exc).__name__}",
             f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
             f"continues and the monitor {action}",
         )
         logger.debug("inversion-monitor failure", exc_info=exc)
-        if self.config.on_error == "disable":
+        if self.config.on_error != "disable":
+            return
+        if distributed:  # the next vote tells the other ranks; all disable together
+            self._local_failure = True
+            self.detach()
+        else:
             self.enabled = False
             self.detach()
 

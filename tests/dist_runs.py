@@ -1,0 +1,126 @@
+"""Launch a fixture script on 2 CPU processes (gloo) and read what each rank reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server import MonitorServer
+from tests.server_support import free_port, stub_for
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@dataclass
+class DistRun:
+    """One finished 2-process job: its exit, output and per-scenario, per-rank reports."""
+
+    proc: subprocess.CompletedProcess[str]
+    out: Path
+
+    def ok(self) -> DistRun:
+        assert self.proc.returncode == 0, self.proc.stdout[-2000:] + self.proc.stderr[-6000:]
+        return self
+
+    def scenario(self, name: str) -> Scenario:
+        reports = {}
+        for rank in (0, 1):
+            path = self.out / name / f"rank{rank}.json"
+            assert path.exists(), f"no {path}: " + self.proc.stderr[-4000:]
+            reports[rank] = json.loads(path.read_text())
+        return Scenario(reports)
+
+
+@dataclass
+class Scenario:
+    """What each rank reported of one training run of the job."""
+
+    reports: dict[int, dict[str, Any]]
+
+    def field(self, name: str) -> dict[int, Any]:
+        return {rank: report[name] for rank, report in self.reports.items()}
+
+    def assert_training_like(self, reference: Scenario, steps: int) -> None:
+        """Loss history and final weights bit-identical to ``reference``'s."""
+        assert len(reference.field("losses")[0]) == steps
+        assert self.field("losses") == reference.field("losses")
+        assert self.field("weights") == reference.field("weights")
+
+
+def torchrun(
+    script: str,
+    out: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> DistRun:
+    """``torchrun --nproc_per_node 2 fixtures/SCRIPT OUT ARGS...`` on loopback."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(FIXTURES / script),
+        str(out),
+        *args,
+    ]
+    return launch(command, out, env=env, timeout=timeout)
+
+
+def launch(
+    command: list[str], out: Path, *, env: dict[str, str] | None = None, timeout: float = 240
+) -> DistRun:
+    """Run ``command`` (a 2-process launcher) writing its reports under ``out``."""
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("INVERSION_MONITOR_")},
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        command,
+        env=full_env,
+        cwd=ROOT,  # config files name paths from the repository root
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return DistRun(proc, out)
+
+
+def server_steps(server: MonitorServer, run: str) -> dict[int, list[int]]:
+    """Probe steps the server holds for ``run``, by rank."""
+    with stub_for(server) as stub:
+        reply = stub.GetRun(monitor_pb2.GetRunRequest(run=run, history_limit=1000), timeout=10)
+    steps: dict[int, list[int]] = {}
+    for record in reply.history:
+        steps.setdefault(int(record.rank), []).append(int(record.step))
+    assert reply.summary.run.world_size == 2
+    return {rank: sorted(values) for rank, values in steps.items()}
+
+
+def monitor_env(server: MonitorServer, run_name: str, **settings: Any) -> dict[str, str]:
+    """INVERSION_MONITOR_* variables: this server, this run name (suffixed with each
+    scenario's name) and ``settings``."""
+    env = {
+        "INVERSION_MONITOR_ENDPOINT": server.grpc_target,
+        "INVERSION_MONITOR_RUN_NAME": run_name,
+        "INVERSION_MONITOR_TOKENS_PER_PROBE": "16",
+    }
+    env.update({f"INVERSION_MONITOR_{k.upper()}": str(v) for k, v in settings.items()})
+    return env

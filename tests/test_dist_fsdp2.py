@@ -1,0 +1,64 @@
+"""FSDP2 (``fully_shard``) in a custom loop on 2 CPU processes: the probe on sharded weights.
+
+One torchrun job trains three times: without the monitor, probing every
+second step, and with the probe failing on rank 1 (see
+tests/fixtures/dist_support.py). Records go to a real server on loopback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from inversion_monitor.server import MonitorServer
+from tests.dist_runs import DistRun, monitor_env, server_steps, torchrun
+from tests.server_support import running
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorServer]:
+    with running(tmp_path_factory.mktemp("server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> DistRun:
+    return torchrun(
+        "fsdp2_train.py",
+        tmp_path_factory.mktemp("fsdp2"),
+        "--steps",
+        str(STEPS),
+        "--scenarios",
+        "none,every,raise",
+        env=monitor_env(server, "fsdp2"),
+    ).ok()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["every", "raise"])
+def test_training_is_unchanged_by_the_monitor(job: DistRun, scenario: str) -> None:
+    job.scenario(scenario).assert_training_like(job.scenario("none"), STEPS)
+
+
+@pytest.mark.slow
+def test_every_rank_probes_sharded_weights_exactly(job: DistRun, server: MonitorServer) -> None:
+    run = job.scenario("every")
+    assert run.field("warnings") == {0: [], 1: []}
+    assert run.field("probe_steps") == {0: [2, 4], 1: [2, 4]}
+    assert server_steps(server, "fsdp2-every") == {0: [2, 4], 1: [2, 4]}
+    assert len(set(run.field("run_id").values())) == 1
+    for error in run.field("reference_error").values():  # vs the unsharded model
+        assert error is not None and error <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_disables_every_rank_without_a_hang(job: DistRun) -> None:
+    run = job.scenario("raise")
+    assert run.field("enabled") == {0: False, 1: False}
+    warnings = run.field("warnings")
+    assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0], warnings
+    assert len(warnings[0]) == 1 and "failed on rank 1" in warnings[0][0], warnings
+    assert run.field("probe_steps") == {0: [1, 2], 1: [1, 2]}

@@ -1,0 +1,58 @@
+"""Lightning ``ModelParallelStrategy`` (FSDP2 via ``configure_model``) on 2 CPU processes.
+
+Lightning's FSDP2 strategy runs on CPU with gloo; its ``DeepSpeedStrategy``
+refuses any accelerator but CUDA, so it has no CPU test (README, "Sharded
+training"). One job trains twice, without and with the monitor probing every
+second step; records go to a real server on loopback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from inversion_monitor.server import MonitorServer
+from tests.dist_runs import FIXTURES, DistRun, launch, monitor_env, server_steps
+from tests.server_support import free_port, running
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorServer]:
+    with running(tmp_path_factory.mktemp("server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> DistRun:
+    out = tmp_path_factory.mktemp("lightning")
+    command = [
+        sys.executable,
+        str(FIXTURES / "lightning_dist_train.py"),
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--scenarios",
+        "none,every",
+    ]
+    env = {**monitor_env(server, "lightning"), "MASTER_PORT": str(free_port())}
+    return launch(command, out, env=env).ok()
+
+
+@pytest.mark.slow
+def test_training_is_unchanged_by_the_monitor(job: DistRun) -> None:
+    job.scenario("every").assert_training_like(job.scenario("none"), STEPS)
+
+
+@pytest.mark.slow
+def test_every_rank_probes_sharded_weights_exactly(job: DistRun, server: MonitorServer) -> None:
+    run = job.scenario("every")
+    assert run.field("warnings") == {0: [], 1: []}
+    assert run.field("probe_steps") == {0: [2, 4], 1: [2, 4]}
+    assert server_steps(server, "lightning-every") == {0: [2, 4], 1: [2, 4]}
+    assert len(set(run.field("run_id").values())) == 1
+    for error in run.field("reference_error").values():  # vs the unsharded model
+        assert error is not None and error <= 1e-4
