@@ -13,13 +13,25 @@ How it is computed, exactly (see ``docs``: science.md 1.2):
   its output. Hooks capture ``x``; ``torch.autograd.grad`` on the captured
   outputs gives ``g``; no weight gradient is ever formed, ``.grad`` is never
   touched, and the backward stops at the lowest requested block.
-- Last block, Q and O: ``y_t`` reaches only ``z_t``, so G is rank one,
-  ``||G|| = ||g_t|| ||x_t||``, and one backward of ``sum_t z_t`` gives every
-  token at once (the fast path, used when only such components are asked).
+- The logits come from the model's own forward (its head and its
+  post-processing: scaling, soft-capping, multipliers), with the head fed
+  only the target rows; nothing is inferred from config names.
+- Last block, Q and O, where :func:`~inversion_monitor.architectures.rank_one_exact`
+  has checked that nothing after the block mixes positions: ``y_t`` reaches
+  only ``z_t``, so G is rank one, ``||G|| = ||g_t|| ||x_t||``, and one backward
+  of ``sum_t z_t`` gives every token at once (the fast path, used when only
+  such components are asked).
 - Anything else: each sampled token gets its own row, its sequence cut right
   after t (later positions cannot reach z_t); rows are sorted by length and
   batched under a token budget, one forward and one backward per chunk, and
   the norm comes from small factors (:mod:`inversion_monitor.norms`).
+
+Duplicate targets are measured once. Packed rows (``position_ids`` restarting
+inside a row, with or without an attention mask) are cut into one row per
+document, so documents never attend to each other. Sharded models run through
+their own forward and backward hooks (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3):
+parameters are gathered block by block as in training, weight gradients are
+never formed and nothing is gathered for the norms.
 
 The model is left as found: modes, RNG state, ``.grad``, hooks.
 
@@ -44,9 +56,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from inversion_monitor.architectures import PROJECTIONS, ResolvedModel, resolve_model
-from inversion_monitor.entropy import apply_logit_transform, token_entropy
+from inversion_monitor.architectures import (
+    PROJECTIONS,
+    ResolvedModel,
+    rank_one_exact,
+    resolve_model,
+)
+from inversion_monitor.entropy import token_entropy
 from inversion_monitor.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
+from inversion_monitor.packing import document_index, same_document, split_documents
 from inversion_monitor.sampling import valid_positions
 
 Component = tuple[int, str]
@@ -80,22 +98,46 @@ class ProbeResult:
         return int(self.positions.shape[0])
 
 
+def _expand_position_ids(
+    position_ids: torch.Tensor | None, input_ids: torch.Tensor
+) -> torch.Tensor | None:
+    """``position_ids`` checked and broadcast to ``[B, T]`` (a ``[1, T]`` one is shared)."""
+    if position_ids is None:
+        return None
+    if (
+        not isinstance(position_ids, torch.Tensor)
+        or position_ids.is_floating_point()
+        or position_ids.dtype == torch.bool
+    ):
+        raise TypeError("position_ids must be an integer tensor [batch, seq_len] or [1, seq_len]")
+    batch, length = input_ids.shape
+    if (
+        position_ids.ndim != 2
+        or position_ids.shape[1] != length
+        or position_ids.shape[0]
+        not in (
+            1,
+            batch,
+        )
+    ):
+        raise ValueError(
+            f"position_ids must be [batch, seq_len] = {tuple(input_ids.shape)} or "
+            f"[1, seq_len], got {tuple(position_ids.shape)}"
+        )
+    return position_ids.to(device=input_ids.device, dtype=torch.long).expand(batch, length)
+
+
 def _check_inputs(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     positions: torch.Tensor | None,
     projections: Sequence[str],
     norm: str,
     chunk_tokens: int,
 ) -> torch.Tensor:
     """Validate everything; returns the ``[N, 2]`` target positions."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
-        raise TypeError("input_ids must be a LongTensor [batch, seq_len]")
-    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
-        raise ValueError(
-            f"input_ids must be [batch, seq_len] with seq_len >= 2, got {tuple(input_ids.shape)}"
-        )
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
@@ -111,6 +153,7 @@ def _check_inputs(
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     valid = valid_positions(input_ids, attention_mask)
+    valid &= same_document(position_ids, attention_mask, input_ids.shape).to(valid.device)
     if positions is None:
         return valid.nonzero()
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.long:
@@ -131,7 +174,8 @@ def _check_inputs(
         bad = positions[~ok][:5].tolist()
         raise ValueError(
             f"positions {bad} cannot be targets: each (b, t) needs t + 1 < seq_len "
-            f"({length}) and real (non-padding) tokens at t and t + 1"
+            f"({length}), real (non-padding) tokens at t and t + 1, and t + 1 in the same "
+            "packed document as t (position_ids must not restart at t + 1)"
         )
     return positions
 
@@ -146,9 +190,10 @@ class _Captures:
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if module in self.outputs:
-            raise RuntimeError(
-                f"{type(module).__name__} ran twice in one forward; the probe supports "
-                "projections applied once per forward"
+            raise NotImplementedError(
+                f"{type(module).__name__} ran twice in one forward (a shared or looped "
+                "projection): the probe measures projections applied once per forward; "
+                "probe other layers or projections"
             )
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise RuntimeError(f"{type(module).__name__}'s output is not a differentiable tensor")
@@ -160,6 +205,49 @@ class _Captures:
             handle.remove()
         self.inputs.clear()
         self.outputs.clear()
+
+
+class _HeadRows:
+    """Pre-hook on the output embedding: the model's head sees only the target rows.
+
+    The model then applies its own post-processing (scaling, soft-capping,
+    multipliers) to ``[1, K, V]`` logits, so they are exactly the model's.
+    """
+
+    def __init__(
+        self, head: nn.Module, shape: tuple[int, int], rows: torch.Tensor, t: torch.Tensor
+    ):
+        self.calls = 0
+        self._shape, self._rows, self._t = shape, rows, t
+        self._handle = head.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.calls += 1
+        if self.calls > 1:
+            raise NotImplementedError(
+                f"the model applies its output embedding ({type(module).__name__}) more than "
+                "once per forward; the probe reads the logits from its single application"
+            )
+        hidden = args[0] if args else kwargs.get("input")
+        if (
+            not isinstance(hidden, torch.Tensor)
+            or hidden.ndim != 3
+            or tuple(hidden.shape[:2]) != self._shape
+        ):
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise NotImplementedError(
+                f"the model's output embedding received {got}, not one hidden state per input "
+                f"token {self._shape}: the probe cannot tell which logits belong to which token"
+            )
+        selected = hidden[self._rows, self._t].unsqueeze(0)
+        if args:
+            return (selected, *args[1:]), kwargs
+        return args, {**kwargs, "input": selected}
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 @contextmanager
@@ -205,27 +293,15 @@ def _model_left_as_found(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _transform(resolved: ResolvedModel, logits: torch.Tensor) -> torch.Tensor:
-    return apply_logit_transform(
-        logits.float(), logit_scale=resolved.logit_scale, softcap=resolved.softcap
-    )
-
-
-def _target_logit(
-    resolved: ResolvedModel, selected: torch.Tensor, tokens: torch.Tensor
-) -> torch.Tensor:
-    """``[K]`` differentiable logits of ``tokens`` from hidden states ``[K, d]``.
-
-    A plain linear head is evaluated on the target rows only, so the backward
-    never touches the ``[K, V]`` logits.
-    """
-    head = resolved.head
-    if type(head) is nn.Linear:
-        raw = (selected.float() * head.weight[tokens].float()).sum(-1)
-        if head.bias is not None:
-            raw = raw + head.bias[tokens].float()
-        return _transform(resolved, raw)
-    return _transform(resolved, head(selected)).gather(1, tokens[:, None])[:, 0]
+def _logits(output: Any) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, tuple | list) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise NotImplementedError(
+            f"the model's forward returned {type(output).__name__} without logits"
+        )
+    return logits
 
 
 @dataclass(frozen=True)
@@ -242,28 +318,42 @@ def _forward(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     lowest_block: int,
     modules: Sequence[nn.Module],
     rows: torch.Tensor,
     t: torch.Tensor,
     tokens: torch.Tensor,
 ) -> _Forward:
-    """Forward ``input_ids``; entropy and target logit at each (row, t), and the captures."""
+    """The model's own forward of ``input_ids``; entropy and target logit at each (row, t)."""
     captures = _Captures(modules)
+    head = _HeadRows(resolved.head, (input_ids.shape[0], input_ids.shape[1]), rows, t)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     try:
         with _grad_from(resolved.blocks[lowest_block]):
-            out = resolved.decoder(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            out = resolved.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
             )
-            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            selected = hidden[rows, t]
-            with torch.no_grad():
-                entropy = token_entropy(_transform(resolved, resolved.head(selected.detach())))
-            with torch.enable_grad():
-                z = _target_logit(resolved, selected, tokens)
+            if head.calls != 1:
+                raise NotImplementedError(
+                    f"the forward of {type(resolved.model).__name__} never called its output "
+                    f"embedding ({type(resolved.head).__name__}, from get_output_embeddings()): "
+                    "the probe reads the logits where the model computes them"
+                )
+            logits = _logits(out)
+            if tuple(logits.shape[:2]) != (1, rows.shape[0]):
+                raise NotImplementedError(
+                    f"the model turned {rows.shape[0]} head rows into logits of shape "
+                    f"{tuple(logits.shape)}: the probe cannot match logits to tokens"
+                )
+            logits = logits[0]
+            entropy = token_entropy(logits.detach())
+            z = logits.gather(1, tokens[:, None].to(logits.device))[:, 0].float()
     except BaseException:
         captures.remove()
         raise
+    finally:
+        head.remove()
     return _Forward(entropy=entropy, target_logits=z, captures=captures)
 
 
@@ -272,9 +362,8 @@ def _sites(
 ) -> dict[Component, tuple[nn.Module, torch.Tensor | None]]:
     sites: dict[Component, tuple[nn.Module, torch.Tensor | None]] = {}
     for layer in layers:
-        available = resolved.projections(layer)
         for proj in projections:
-            site = available[proj]
+            site = resolved.site(layer, proj)  # refused per layer, with the reason
             sites[(layer, proj)] = (site.module, site.columns)
     return sites
 
@@ -302,6 +391,7 @@ def logit_gradient_norms(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     layers: Sequence[int] | None = None,
     projections: Sequence[str] = PROJECTIONS,
@@ -311,11 +401,15 @@ def logit_gradient_norms(
     """Entropy and logit-gradient strength at each target token.
 
     Args:
-        model: a Hugging Face causal LM (possibly wrapped by DDP, PEFT or
-            ``torch.compile``); see :mod:`inversion_monitor.architectures`.
+        model: a Hugging Face causal LM (possibly wrapped by DDP, DeepSpeed,
+            PEFT or ``torch.compile``, or sharded with FSDP2 ``fully_shard``);
+            see :mod:`inversion_monitor.architectures`.
         input_ids: ``[B, T]`` token ids.
         attention_mask: ``[B, T]`` 1 for real tokens (right or left padding).
+        position_ids: ``[B, T]`` or ``[1, T]``, passed to the model; where
+            they restart inside a row (packing), each document is probed alone.
         positions: ``[N, 2]`` (batch index, t) targets; None = every valid t.
+            A target given twice is measured once (both entries get the values).
         layers: decoder-block indices, negative from the end; default ``[-1]``.
         projections: subset of ``("q", "k", "v", "o")``.
         norm: ``"nuclear"`` (default), ``"frobenius"`` or ``"l1"``.
@@ -324,17 +418,32 @@ def logit_gradient_norms(
 
     Returns:
         A :class:`ProbeResult` with one entry per target, in ``positions`` order.
+
+    Raises:
+        NotImplementedError: what cannot be measured exactly (an unknown model
+            type, FSDP1, a layer without softmax attention, K/V of a KV-sharing
+            layer), with the reason and what to do instead.
     """
     with torch.inference_mode(False):  # a caller inside inference_mode still gets results
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
+            raise TypeError("input_ids must be a LongTensor [batch, seq_len]")
+        if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+            raise ValueError(
+                "input_ids must be [batch, seq_len] with seq_len >= 2, "
+                f"got {tuple(input_ids.shape)}"
+            )
         input_ids = input_ids.clone() if input_ids.is_inference() else input_ids
         if attention_mask is not None and attention_mask.is_inference():
             attention_mask = attention_mask.clone()
         if positions is not None and positions.is_inference():
             positions = positions.clone()
+        if position_ids is not None and position_ids.is_inference():
+            position_ids = position_ids.clone()
         return _probe(
             model,
             input_ids,
             attention_mask=attention_mask,
+            position_ids=_expand_position_ids(position_ids, input_ids),
             positions=positions,
             layers=layers,
             projections=projections,
@@ -350,7 +459,8 @@ class _Plan:
     resolved: ResolvedModel
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
-    targets: torch.Tensor  # [N, 2]
+    position_ids: torch.Tensor | None
+    targets: torch.Tensor  # [N, 2], each once
     tokens: torch.Tensor  # [N]
     sites: dict[Component, tuple[nn.Module, torch.Tensor | None]]
     rank_one: set[Component]
@@ -370,6 +480,13 @@ class _Plan:
     def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
         """d(sum of target logits)/d(output) of every hooked module, by module id."""
         modules = self.modules
+        for component, (module, _) in self.sites.items():
+            if module not in forward.captures.outputs:
+                raise NotImplementedError(
+                    f"layer {component[0]} {component[1]!r}: the model's forward never called "
+                    f"{type(module).__name__}, so its weight has no gradient to measure there; "
+                    "probe other layers or projections"
+                )
         outputs = [forward.captures.outputs[m] for m in modules]
         grads = torch.autograd.grad(forward.target_logits.sum(), outputs)
         return dict(zip((id(m) for m in modules), grads, strict=True))
@@ -380,6 +497,7 @@ def _probe(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     positions: torch.Tensor | None,
     layers: Sequence[int] | None,
     projections: Sequence[str],
@@ -389,6 +507,7 @@ def _probe(
     targets = _check_inputs(
         input_ids,
         attention_mask=attention_mask,
+        position_ids=position_ids,
         positions=positions,
         projections=projections,
         norm=norm,
@@ -397,63 +516,88 @@ def _probe(
     resolved = resolve_model(model)
     layer_ids = sorted({resolved.layer_index(layer) for layer in (layers or [-1])})
     sites = _sites(resolved, layer_ids, list(projections))
-    last = resolved.num_layers - 1
     count = targets.shape[0]
     device = input_ids.device
+    unique, inverse = (
+        torch.unique(targets, dim=0, return_inverse=True)
+        if count
+        else (targets, torch.zeros(0, dtype=torch.long, device=device))
+    )
+    ids, mask, pos, work = input_ids, attention_mask, position_ids, unique
+    if count and document_index(position_ids, attention_mask) is not None:
+        assert position_ids is not None
+        docs = split_documents(input_ids, attention_mask, position_ids, unique)
+        ids, mask, pos, work = docs.input_ids, docs.attention_mask, docs.position_ids, docs.targets
     plan = _Plan(
         resolved=resolved,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        targets=targets,
-        tokens=input_ids[targets[:, 0], targets[:, 1] + 1],
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        targets=work,
+        tokens=ids[work[:, 0], work[:, 1] + 1],
         sites=sites,
-        rank_one={c for c in sites if c[0] == last and c[1] in ("q", "o")},
+        rank_one={c for c in sites if c[1] in ("q", "o") and rank_one_exact(resolved, c[0])},
         lowest_block=layer_ids[0],
         norm=norm,
-        norms={c: torch.zeros(count, dtype=torch.float32, device=device) for c in sites},
-        entropy=torch.zeros(count, dtype=torch.float32, device=device),
+        norms={c: torch.zeros(work.shape[0], dtype=torch.float32, device=device) for c in sites},
+        entropy=torch.zeros(work.shape[0], dtype=torch.float32, device=device),
     )
     if count:
         with _model_left_as_found(resolved.model):
             if plan.rank_one == set(sites):
                 _probe_rank_one(plan)
             else:
-                for group in _chunks(targets[:, 1] + 1, chunk_tokens):
+                for group in _chunks(work[:, 1] + 1, chunk_tokens):
                     _probe_rows(plan, group.to(device))
-    norms = dict(sorted(plan.norms.items()))
+    norms = {c: values[inverse] for c, values in sorted(plan.norms.items())}
     score = (
         torch.stack(list(norms.values())).mean(0)
         if count
         else torch.zeros(0, dtype=torch.float32, device=device)
     )
     return ProbeResult(
-        positions=targets, entropy=plan.entropy, norms=norms, score=score, tokens=plan.tokens
+        positions=targets,
+        entropy=plan.entropy[inverse],
+        norms=norms,
+        score=score,
+        tokens=input_ids[targets[:, 0], targets[:, 1] + 1],
     )
 
 
+def _cut(
+    plan: _Plan, sequences: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ids, mask and position ids of ``sequences``, cut to their first ``length`` tokens."""
+    mask = None if plan.attention_mask is None else plan.attention_mask[sequences, :length]
+    pos = None if plan.position_ids is None else plan.position_ids[sequences, :length]
+    return plan.input_ids[sequences, :length], mask, pos
+
+
 def _probe_rank_one(plan: _Plan) -> None:
-    """Last-block Q/O only: one forward and one backward over the sequences with targets."""
+    """Rank-one components only: one forward and one backward over the sequences with targets."""
     sequences, rows = torch.unique(plan.targets[:, 0], return_inverse=True)
     length = int(plan.targets[:, 1].max()) + 1
-    mask = None if plan.attention_mask is None else plan.attention_mask[sequences, :length]
     everything = torch.arange(plan.targets.shape[0], device=rows.device)
-    _measure(plan, everything, plan.input_ids[sequences, :length], mask, rows)
+    ids, mask, pos = _cut(plan, sequences, length)
+    _measure(plan, everything, ids=ids, mask=mask, pos=pos, rows=rows)
 
 
 def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
     """General path: one row per target (its sequence cut after t), one backward for all."""
     seq = plan.targets[group, 0]
     length = int(plan.targets[group, 1].max()) + 1
-    mask = None if plan.attention_mask is None else plan.attention_mask[seq, :length]
     rows = torch.arange(group.shape[0], device=group.device)
-    _measure(plan, group, plan.input_ids[seq, :length], mask, rows)
+    ids, mask, pos = _cut(plan, seq, length)
+    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
 
 
 def _measure(
     plan: _Plan,
     index: torch.Tensor,
+    *,
     ids: torch.Tensor,
     mask: torch.Tensor | None,
+    pos: torch.Tensor | None,
     rows: torch.Tensor,
 ) -> None:
     """Forward ``ids``; fill entropy and norms of targets ``index`` (found at ``rows``)."""
@@ -462,6 +606,7 @@ def _measure(
         plan.resolved,
         ids,
         attention_mask=mask,
+        position_ids=pos,
         lowest_block=plan.lowest_block,
         modules=plan.modules,
         rows=rows,
@@ -469,14 +614,14 @@ def _measure(
         tokens=plan.tokens[index],
     )
     try:
-        plan.entropy[index] = forward.entropy
+        plan.entropy[index] = forward.entropy.to(plan.entropy.device)
         grads = plan.gradients(forward)
         for component, (module, columns) in plan.sites.items():
             g, x = grads[id(module)], forward.captures.inputs[module]
-            if component in plan.rank_one:  # y_t reaches only z_t: G = g_t x_t^T
+            if component in plan.rank_one:  # nothing after mixes positions: G = g_t x_t^T
                 values = rank_one_norm(_select(g[rows, t], columns), x[rows, t], plan.norm)
             else:
                 values = outer_sum_norm(_select(g, columns), x, plan.norm)
-            plan.norms[component][index] = values
+            plan.norms[component][index] = values.to(plan.entropy.device)
     finally:
         forward.captures.remove()

@@ -10,7 +10,8 @@ import torch
 
 from inversion_monitor.architectures import (
     ArchitectureAdapter,
-    ProjectionSite,
+    llama_style_projections,
+    rank_one_exact,
     register_adapter,
     resolve_model,
     unregister_adapter,
@@ -125,7 +126,6 @@ def test_softcapped_logits_gemma2():
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    assert resolve_model(model).softcap == 5.0
     ids, mask = batch(5)
     kwargs = {"attention_mask": mask, "layers": [0, -1]}
     assert_matches_reference(
@@ -250,36 +250,39 @@ def test_ddp_wrapped_model(make_model, tmp_path):
     torch.testing.assert_close(got.score, expected.score)
 
 
-def _bloom_projections(block, config):
-    # BLOOM fuses q|k|v per head like GPT-NeoX: [heads, 3, head_dim]
-    attention = block.self_attention
-    heads = config.n_head
-    per_head = torch.arange(3 * config.hidden_size).view(heads, 3, -1)
-    return {
-        "q": ProjectionSite(attention.query_key_value, per_head[:, 0].reshape(-1)),
-        "k": ProjectionSite(attention.query_key_value, per_head[:, 1].reshape(-1)),
-        "v": ProjectionSite(attention.query_key_value, per_head[:, 2].reshape(-1)),
-        "o": ProjectionSite(attention.dense),
-    }
-
-
-def test_unknown_architecture_error_then_registered_adapter():
+def test_unknown_model_type_is_refused_then_registered_adapter():
     import transformers
 
-    config = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)
+    config = transformers.OPTConfig(
+        vocab_size=100,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids, mask = batch(12)
-    with pytest.raises(NotImplementedError, match=r"'bloom'.*register_adapter"):
+    # never treated as Llama, although its attention looks like it
+    with pytest.raises(NotImplementedError, match=r"model_type opt .*register_adapter"):
         logit_gradient_norms(model, ids, attention_mask=mask)
-    register_adapter("bloom", ArchitectureAdapter("bloom", lambda base: base.h, _bloom_projections))
+    adapter = ArchitectureAdapter(
+        "opt",
+        layers=lambda decoder: list(decoder.layers),
+        projections=lambda block, config: llama_style_projections(block.self_attn),
+    )
+    register_adapter("opt", adapter)
     try:
-        kwargs = {"attention_mask": mask, "layers": [0, 1]}
+        kwargs = {"attention_mask": mask, "layers": [0, 1], "projections": ("q", "o")}
+        resolved = resolve_model(model)
+        assert not rank_one_exact(resolved, 1)  # a user adapter does not vouch: general path
         assert_matches_reference(
             logit_gradient_norms(model, ids, **kwargs), reference_norms(model, ids, **kwargs)
         )
     finally:
-        unregister_adapter("bloom")
+        unregister_adapter("opt")
 
 
 @pytest.mark.parametrize(
@@ -316,10 +319,10 @@ def test_input_ids_validation(make_model):
         logit_gradient_norms(model, torch.zeros(2, 1, dtype=torch.long))
 
 
-def test_fsdp_is_refused_with_advice(make_model):
+def test_fsdp1_is_refused_naming_the_switch_to_fsdp2(make_model):
     model = make_model("llama", num_layers=1)
-    model._fsdp_wrapped_module = model.model  # what FSDP leaves on its wrapper
-    with pytest.raises(NotImplementedError, match=r"FSDP.*use DDP"):
+    model._fsdp_wrapped_module = model.model  # what FSDP1 leaves on its wrapper
+    with pytest.raises(NotImplementedError, match=r"FSDP1 .*switch to FSDP2 .*fully_shard"):
         logit_gradient_norms(model, batch()[0])
 
 
