@@ -66,6 +66,7 @@ from inversion_monitor.entropy import token_entropy
 from inversion_monitor.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
 from inversion_monitor.packing import document_index, same_document, split_documents
 from inversion_monitor.sampling import valid_positions
+from inversion_monitor.sharding import probe_leaves_shards
 
 Component = tuple[int, str]
 
@@ -250,33 +251,45 @@ class _HeadRows:
         self._handle.remove()
 
 
-@contextmanager
-def _grad_from(block: nn.Module) -> Iterator[None]:
+class _GradFrom:
     """Run the forward without autograd until ``block``, then with it.
 
-    The block's incoming hidden state becomes a fresh leaf, so the graph (and
-    any backward) starts there; nothing below it is recorded. Works even when
-    no parameter requires grad.
+    The block's incoming hidden state becomes a fresh leaf (:attr:`leaf`), so
+    the graph starts there; nothing below it is recorded. Works even when no
+    parameter requires grad. The pre-hook runs before any hook a sharding
+    framework put on the block, so the framework sees the leaf as the block's
+    input and its backward hooks (FSDP2 reshard, ZeRO-3 release) complete when
+    the backward reaches the leaf.
     """
 
-    def pre_hook(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    def __init__(self, block: nn.Module) -> None:
+        self.leaf: torch.Tensor | None = None
+        self._block = block
+
+    def _pre_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         torch.set_grad_enabled(True)
         if args and isinstance(args[0], torch.Tensor):
-            args = (args[0].detach().requires_grad_(True), *args[1:])
+            self.leaf = args[0].detach().requires_grad_(True)
+            args = (self.leaf, *args[1:])
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+            self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
+            kwargs["hidden_states"] = self.leaf
         else:
             raise RuntimeError(f"cannot find the hidden states entering {type(module).__name__}")
         return args, kwargs
 
-    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():  # restores the caller's grad mode on exit
-            yield
-    finally:
-        handle.remove()
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        handle = self._block.register_forward_pre_hook(
+            self._pre_hook, with_kwargs=True, prepend=True
+        )
+        try:
+            with torch.no_grad():  # restores the caller's grad mode on exit
+                yield
+        finally:
+            handle.remove()
 
 
 @contextmanager
@@ -311,6 +324,7 @@ class _Forward:
     entropy: torch.Tensor
     target_logits: torch.Tensor
     captures: _Captures
+    leaf: torch.Tensor
 
 
 def _forward(
@@ -329,8 +343,9 @@ def _forward(
     captures = _Captures(modules)
     head = _HeadRows(resolved.head, (input_ids.shape[0], input_ids.shape[1]), rows, t)
     extra = {} if position_ids is None else {"position_ids": position_ids}
+    start = _GradFrom(resolved.blocks[lowest_block])
     try:
-        with _grad_from(resolved.blocks[lowest_block]):
+        with start.active():
             out = resolved.model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
             )
@@ -349,12 +364,14 @@ def _forward(
             logits = logits[0]
             entropy = token_entropy(logits.detach())
             z = logits.gather(1, tokens[:, None].to(logits.device))[:, 0].float()
+        if start.leaf is None:
+            raise RuntimeError("the lowest probed block did not run in the model's forward")
     except BaseException:
         captures.remove()
         raise
     finally:
         head.remove()
-    return _Forward(entropy=entropy, target_logits=z, captures=captures)
+    return _Forward(entropy=entropy, target_logits=z, captures=captures, leaf=start.leaf)
 
 
 def _sites(
@@ -488,8 +505,12 @@ class _Plan:
                     "probe other layers or projections"
                 )
         outputs = [forward.captures.outputs[m] for m in modules]
-        grads = torch.autograd.grad(forward.target_logits.sum(), outputs)
-        return dict(zip((id(m) for m in modules), grads, strict=True))
+        # down to the leaf, so every module above it finishes its backward (and any
+        # sharding framework's backward hooks release what they gathered)
+        grads = torch.autograd.grad(
+            forward.target_logits.sum(), [*outputs, forward.leaf], allow_unused=True
+        )
+        return dict(zip((id(m) for m in modules), grads[:-1], strict=True))
 
 
 def _probe(
@@ -543,7 +564,7 @@ def _probe(
         entropy=torch.zeros(work.shape[0], dtype=torch.float32, device=device),
     )
     if count:
-        with _model_left_as_found(resolved.model):
+        with _model_left_as_found(resolved.model), probe_leaves_shards(resolved.model):
             if plan.rank_one == set(sites):
                 _probe_rank_one(plan)
             else:
