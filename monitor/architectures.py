@@ -45,6 +45,8 @@ SOFTMAX_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked
 """``config.layer_types`` entries of ordinary (softmax) attention layers."""
 
 _MLP_ONLY_LAYER_TYPES = ("dense", "sparse")  # layer_types describing the MLP only
+# attention beside a recurrent state in one block: probeable, never rank one
+_HYBRID_LAYER_TYPES = ("hybrid", "hybrid_sliding")
 
 
 @dataclass(frozen=True)
@@ -325,10 +327,14 @@ _LLAMA_STYLE_TYPES = (
     "helium",
     "stablelm",
     "exaone4",
+    "hyperclovax",
 )
 # Llama-style attention, but extra per-layer machinery the adapter does not vouch
 # for: always the general path.
-_LLAMA_STYLE_GENERAL_TYPES = ("gemma3n_text",)
+_LLAMA_STYLE_GENERAL_TYPES = (
+    "gemma3n_text",  # AltUp / Laurel around the blocks
+    "falcon_h1",  # a Mamba mixer beside the attention in every block
+)
 
 _ADAPTERS: dict[str, ArchitectureAdapter] = {
     "gpt2": GPT2,
@@ -437,7 +443,9 @@ class ResolvedModel:
 
     def _is_attention_layer(self, index: int) -> bool:
         kind = self.layer_type(index)
-        return kind is None or kind in SOFTMAX_ATTENTION_LAYER_TYPES + _MLP_ONLY_LAYER_TYPES
+        return kind is None or kind in (
+            SOFTMAX_ATTENTION_LAYER_TYPES + _MLP_ONLY_LAYER_TYPES + _HYBRID_LAYER_TYPES
+        )
 
     def probeable_layers(self, projection: str) -> list[int]:
         """The block indices where ``projection`` can be probed."""
@@ -544,7 +552,7 @@ def positions_mix_after(resolved: ResolvedModel, layer: int) -> str | None:
         )
     kind = resolved.layer_type(index)
     if kind is not None and kind not in SOFTMAX_ATTENTION_LAYER_TYPES + _MLP_ONLY_LAYER_TYPES:
-        return f"block {index} is a {kind!r} layer"
+        return f"block {index} is a {kind!r} layer (not only softmax attention)"
     return None
 
 
@@ -618,8 +626,10 @@ def resolve_model(model: nn.Module) -> ResolvedModel:
         config=text_config,
     )
     if not any(resolved.probeable_layers(p) for p in PROJECTIONS):
-        raise NotImplementedError(
-            f"the {adapter.name!r} adapter finds no Q/K/V/O projection in any block of "
-            f"{type(inner).__name__}: register a matching adapter for model_type {model_type!r}"
-        )
+        try:
+            resolved.site(-1, "q")
+        except NotImplementedError as exc:
+            raise NotImplementedError(
+                f"no block of this {model_type} model can be probed; the last: {exc}"
+            ) from None
     return resolved
