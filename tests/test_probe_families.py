@@ -68,7 +68,11 @@ def assert_exact(model: Any, **kwargs: Any) -> None:
     assert torch.equal(got.positions, ref.positions)
     for component, expected in ref.norms.items():
         torch.testing.assert_close(
-            got.norms[component], expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{component}: {m}"
+            got.norms[component],
+            expected,
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m, c=component: f"{c}: {m}",
         )
     torch.testing.assert_close(got.entropy, ref.entropy, rtol=1e-4, atol=1e-6)
 
