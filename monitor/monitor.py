@@ -260,6 +260,7 @@ class InversionMonitor:
             model,
             batch.input_ids,
             attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
             positions=positions,
             layers=self.config.layers,
             projections=self.config.projections,

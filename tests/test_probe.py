@@ -331,3 +331,72 @@ def test_no_valid_targets_gives_empty_result(make_model):
     ids = torch.tensor([[5, 6, 0, 0]])
     result = logit_gradient_norms(model, ids, attention_mask=torch.tensor([[1, 0, 0, 0]]))
     assert len(result) == 0 and result.score.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"projections": ("q", "o")}, {"layers": [0, -1]}],
+    ids=["rank-one", "general"],
+)
+def test_duplicate_targets_are_measured_once(make_model, kwargs):
+    model = make_model("llama", num_layers=2, seed=5)
+    ids, mask = batch(5)
+    positions = torch.tensor([[0, 3], [2, 1], [0, 3], [0, 3], [1, 5], [2, 1]])
+    got = logit_gradient_norms(model, ids, attention_mask=mask, positions=positions, **kwargs)
+    assert torch.equal(got.positions, positions)
+    assert_matches_reference(
+        got, reference_norms(model, ids, attention_mask=mask, positions=positions, **kwargs)
+    )
+
+
+def packed_row() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three documents in one row and one plain row; position_ids restart per document."""
+    gen = torch.Generator().manual_seed(21)
+    ids = torch.randint(4, 100, (2, 12), generator=gen)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], list(range(12))])
+    return ids, pos
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["all-ones-mask", "no-mask"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"projections": ("q", "o")}, {"layers": [0, -1]}],
+    ids=["rank-one", "general"],
+)
+def test_packed_documents_never_attend_to_each_other(make_model, with_mask, kwargs):
+    model = make_model("llama", num_layers=2, seed=6)
+    ids, pos = packed_row()
+    mask = torch.ones_like(ids) if with_mask else None
+    got = logit_gradient_norms(model, ids, attention_mask=mask, position_ids=pos, **kwargs)
+    # no target predicts across a document boundary (t = 3 and t = 6 of row 0)
+    assert sorted(set(range(11)) - set(got.positions[got.positions[:, 0] == 0, 1].tolist())) == [
+        3,
+        6,
+    ]
+    ref = reference_norms(model, ids, attention_mask=mask, position_ids=pos, **kwargs)
+    assert_matches_reference(got, ref)
+    # and the documents really would interact: without position_ids they do
+    crossed = logit_gradient_norms(
+        model, ids, attention_mask=mask, positions=got.positions, **kwargs
+    )
+    assert not torch.allclose(crossed.score, got.score, rtol=1e-3)
+
+
+def test_position_ids_are_passed_to_the_model(make_model):
+    model = make_model("gpt2", num_layers=2, seed=7)  # absolute positions (RoPE ignores shifts)
+    ids, mask = batch(7)
+    pos = (torch.arange(ids.shape[1]) + 5)[None]  # a [1, T] offset, shared by every row
+    kwargs = {"attention_mask": mask, "position_ids": pos, "layers": [0, -1]}
+    got = logit_gradient_norms(model, ids, **kwargs)
+    assert_matches_reference(got, reference_norms(model, ids, **kwargs))
+    default = logit_gradient_norms(model, ids, attention_mask=mask, layers=[0, -1])
+    assert not torch.allclose(got.score, default.score, rtol=1e-3)
+
+
+def test_packed_target_across_a_boundary_is_refused(make_model):
+    model = make_model("llama", num_layers=1)
+    ids, pos = packed_row()
+    with pytest.raises(ValueError, match=r"\[\[0, 3\]\] cannot be targets.*same\s+packed document"):
+        logit_gradient_norms(model, ids, position_ids=pos, positions=torch.tensor([[0, 3]]))
+    with pytest.raises(ValueError, match=r"position_ids must be \[batch, seq_len\]"):
+        logit_gradient_norms(model, ids, position_ids=pos[:, :5])
