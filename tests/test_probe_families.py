@@ -252,3 +252,59 @@ def test_kv_sharing_layers_refuse_k_and_v_only():
         match=r"layer 2 \(Gemma3nTextAttention\) shares keys and values .* k at layers \[0, 1\]",
     ):
         logit_gradient_norms(model, batch()[0], layers=[2], projections=("k",))
+
+
+def _fused_models() -> dict[str, Any]:
+    common = {k: v for k, v in TEXT.items() if k not in ("intermediate_size", "head_dim")}
+    return {
+        "falcon-new": transformers.FalconConfig(
+            **common, new_decoder_architecture=True, num_kv_heads=2
+        ),
+        "falcon-multi-query": transformers.FalconConfig(**common, multi_query=True),
+        "falcon-old": transformers.FalconConfig(**common, multi_query=False),
+        "gpt_bigcode-multi-query": transformers.GPTBigCodeConfig(
+            vocab_size=96, n_embd=32, n_layer=2, n_head=4, multi_query=True
+        ),
+        "gpt_bigcode": transformers.GPTBigCodeConfig(
+            vocab_size=96, n_embd=32, n_layer=2, n_head=4, multi_query=False
+        ),
+        "bloom": transformers.BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4),
+        "gpt_neox": transformers.GPTNeoXConfig(**common),
+        "gpt2": transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4),
+        "phi3": transformers.Phi3Config(**{**TEXT, "pad_token_id": None}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_fused_models()))
+def test_fused_column_split_matches_the_gradient_structure(name):
+    """An independent check of the adapters' Q/K/V column maps (the reference uses them too).
+
+    In the last block the query gradient of one logit is rank one (g_t x_t^T), the
+    key gradient sums over several heads or positions (rank > 1); at the first
+    position attention has a single key, so only V has a gradient there.
+    Swapping any two blocks breaks one of these.
+    """
+    model = build(_fused_models()[name])
+    resolved = resolve_model(model)
+    sites = resolved.projections(-1)
+    fused = sites["q"].module
+    weight = fused.weight
+    columns = {p: sites[p].columns for p in ("q", "k", "v")}
+    rows = torch.cat(list(columns.values()))
+    conv1d = type(fused).__name__ == "Conv1D"
+    assert sorted(rows.tolist()) == list(range(weight.shape[1 if conv1d else 0]))
+    ids = torch.randint(4, 90, (1, 9), generator=torch.Generator().manual_seed(1))
+    logits = model(input_ids=ids).logits
+    (grad,) = torch.autograd.grad(logits[0, 7, ids[0, 8]], weight, retain_graph=True)
+    grad = grad.T if conv1d else grad
+    singular = {p: torch.linalg.svdvals(grad[c].double()) for p, c in columns.items()}
+    ratio = {p: (s / s[0]).tolist() for p, s in singular.items()}
+    heads = int(resolved.config.num_attention_heads)
+    assert ratio["q"][1] < 1e-6, f"Q block is not rank one: {ratio['q'][:3]}"
+    assert ratio["k"][1] > 1e-4, f"K block looks rank one: {ratio['k'][:3]}"
+    assert len(ratio["v"]) <= heads or ratio["v"][heads] < 1e-6
+    (first,) = torch.autograd.grad(logits[0, 0, ids[0, 1]], weight)
+    first = first.T if conv1d else first
+    assert float(first[columns["v"]].abs().max()) > 1e-6
+    assert float(first[columns["q"]].abs().max()) == 0.0
+    assert float(first[columns["k"]].abs().max()) == 0.0
