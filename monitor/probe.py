@@ -430,8 +430,9 @@ def logit_gradient_norms(
         layers: decoder-block indices, negative from the end; default ``[-1]``.
         projections: subset of ``("q", "k", "v", "o")``.
         norm: ``"nuclear"`` (default), ``"frobenius"`` or ``"l1"``.
-        chunk_tokens: token budget of one forward/backward of the general path
-            (bounds memory: rows x length <= chunk_tokens, at least one row).
+        chunk_tokens: token budget of one forward/backward (bounds memory:
+            rows x length <= chunk_tokens, at least one row; the rank-one path
+            also holds at most 32 Mi logits at once).
 
     Returns:
         A :class:`ProbeResult` with one entry per target, in ``positions`` order.
@@ -566,7 +567,8 @@ def _probe(
     if count:
         with _model_left_as_found(resolved.model), probe_leaves_shards(resolved.model):
             if plan.rank_one == set(sites):
-                _probe_rank_one(plan)
+                for group in _rank_one_groups(plan, chunk_tokens):
+                    _probe_rank_one(plan, group.to(device))
             else:
                 for group in _chunks(work[:, 1] + 1, chunk_tokens):
                     _probe_rows(plan, group.to(device))
@@ -594,13 +596,46 @@ def _cut(
     return plan.input_ids[sequences, :length], mask, pos
 
 
-def _probe_rank_one(plan: _Plan) -> None:
-    """Rank-one components only: one forward and one backward over the sequences with targets."""
-    sequences, rows = torch.unique(plan.targets[:, 0], return_inverse=True)
-    length = int(plan.targets[:, 1].max()) + 1
-    everything = torch.arange(plan.targets.shape[0], device=rows.device)
+# logits [rows, vocab] that one forward of the rank-one path may hold (32 Mi elements)
+_LOGIT_ELEMENTS = 1 << 25
+
+
+def _vocab_size(resolved: ResolvedModel) -> int:
+    """Output width of the head (for memory budgeting only; values never depend on it)."""
+    width = getattr(resolved.head, "out_features", None)
+    if isinstance(width, int) and width > 0:
+        return width
+    vocab = getattr(resolved.config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else 1 << 17
+
+
+def _rank_one_groups(plan: _Plan, chunk_tokens: int) -> Iterator[torch.Tensor]:
+    """Targets grouped by sequence: sequences x length <= chunk_tokens, rows x vocab bounded."""
+    max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(plan.resolved))
+    order = torch.argsort(plan.targets[:, 0] * (plan.input_ids.shape[1] + 1) + plan.targets[:, 1])
+    group: list[int] = []
+    sequences: set[int] = set()
+    length = 0
+    for index in order.tolist():
+        seq, t = (int(v) for v in plan.targets[index])
+        grown, longest = len(sequences | {seq}), max(length, t + 1)
+        if group and (grown * longest > chunk_tokens or len(group) >= max_rows):
+            yield torch.tensor(group, dtype=torch.long)
+            group, sequences = [], set()
+            longest = t + 1
+        group.append(index)
+        sequences.add(seq)
+        length = longest
+    if group:
+        yield torch.tensor(group, dtype=torch.long)
+
+
+def _probe_rank_one(plan: _Plan, group: torch.Tensor) -> None:
+    """Rank-one components only: one forward and one backward over the group's sequences."""
+    sequences, rows = torch.unique(plan.targets[group, 0], return_inverse=True)
+    length = int(plan.targets[group, 1].max()) + 1
     ids, mask, pos = _cut(plan, sequences, length)
-    _measure(plan, everything, ids=ids, mask=mask, pos=pos, rows=rows)
+    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
 
 
 def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:

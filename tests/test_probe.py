@@ -96,12 +96,15 @@ def test_left_padding_and_explicit_unsorted_positions(make_model):
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 10, 25])
-def test_chunking_does_not_change_values(make_model, chunk_tokens):
+@pytest.mark.parametrize(
+    "kwargs", [{"layers": [0, 1]}, {"projections": ("q", "o")}], ids=["general", "rank-one"]
+)
+def test_chunking_does_not_change_values(make_model, chunk_tokens, kwargs):
     model = make_model("gpt2", num_layers=2, seed=5)
     ids, mask = batch(4)
-    whole = logit_gradient_norms(model, ids, attention_mask=mask, layers=[0, 1])
+    whole = logit_gradient_norms(model, ids, attention_mask=mask, **kwargs)
     chunked = logit_gradient_norms(
-        model, ids, attention_mask=mask, layers=[0, 1], chunk_tokens=chunk_tokens
+        model, ids, attention_mask=mask, chunk_tokens=chunk_tokens, **kwargs
     )
     for component, values in whole.norms.items():
         torch.testing.assert_close(chunked.norms[component], values, rtol=1e-5, atol=1e-7)
