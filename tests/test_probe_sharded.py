@@ -104,23 +104,37 @@ def _zero3_rank(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
+    from deepspeed.utils import safe_get_local_grad
+
     try:
         model = tiny_causal_lm("llama", num_layers=2)
         config = {
             "train_micro_batch_size_per_gpu": 2,
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+            # lr 0: the weights stay those of the unsharded model the results are compared with
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": 0.0, "weight_decay": 0.0, "torch_adam": True},
+            },
         }
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=config
         )
         assert all(p.numel() == 0 for p in engine.module.parameters())
+        ids, mask = _batch()
+        for _ in range(2):  # a full step first, so ZeRO-3 has recorded its fetch order
+            engine.backward(engine(input_ids=ids, attention_mask=mask, labels=ids).loss)
+            if _ == 0:
+                engine.step()
+        # probe between backward and optimizer step: the gradient partitions stay as they were
+        params = list(engine.module.parameters())
+        grads = [safe_get_local_grad(p).clone() for p in params]
         result = _measure(engine)
         gathered = [n for n, p in engine.module.named_parameters() if p.numel()]
         assert not gathered, f"parameters left gathered after the probe: {gathered}"
-        assert all(p.grad is None for p in engine.module.parameters())
-        ids, mask = _batch()
-        engine.backward(engine(input_ids=ids, attention_mask=mask, labels=ids).loss)
+        assert all(p.grad is None for p in params)
+        for param, grad in zip(params, grads, strict=True):
+            assert torch.equal(safe_get_local_grad(param), grad)
         engine.step()
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
