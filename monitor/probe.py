@@ -229,7 +229,9 @@ class _HeadRows:
         if self.calls > 1:
             raise NotImplementedError(
                 f"the model applies its output embedding ({type(module).__name__}) more than "
-                "once per forward; the probe reads the logits from its single application"
+                "once per forward (e.g. extra prediction heads), so the probe cannot tell which "
+                "application gives the next-token logits; probe a model whose forward applies "
+                "it once"
             )
         hidden = args[0] if args else kwargs.get("input")
         if (
@@ -240,7 +242,9 @@ class _HeadRows:
             got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise NotImplementedError(
                 f"the model's output embedding received {got}, not one hidden state per input "
-                f"token {self._shape}: the probe cannot tell which logits belong to which token"
+                f"token {self._shape}: the probe cannot tell which logits belong to which token; "
+                "register an adapter whose model applies the head to every position, or probe "
+                "the plain causal LM"
             )
         selected = hidden[self._rows, self._t].unsqueeze(0)
         if args:
@@ -353,13 +357,15 @@ def _forward(
                 raise NotImplementedError(
                     f"the forward of {type(resolved.model).__name__} never called its output "
                     f"embedding ({type(resolved.head).__name__}, from get_output_embeddings()): "
-                    "the probe reads the logits where the model computes them"
+                    "the probe reads the logits where the model computes them; make "
+                    "get_output_embeddings() return the module the forward uses"
                 )
             logits = _logits(out)
             if tuple(logits.shape[:2]) != (1, rows.shape[0]):
                 raise NotImplementedError(
                     f"the model turned {rows.shape[0]} head rows into logits of shape "
-                    f"{tuple(logits.shape)}: the probe cannot match logits to tokens"
+                    f"{tuple(logits.shape)}: the probe cannot match logits to tokens; probe "
+                    "the plain causal LM (logits [batch, tokens, vocab])"
                 )
             logits = logits[0]
             entropy = token_entropy(logits.detach())
