@@ -322,11 +322,21 @@ def test_input_ids_validation(make_model):
         logit_gradient_norms(model, torch.zeros(2, 1, dtype=torch.long))
 
 
-def test_fsdp1_is_refused_naming_the_switch_to_fsdp2(make_model):
-    model = make_model("llama", num_layers=1)
-    model._fsdp_wrapped_module = model.model  # what FSDP1 leaves on its wrapper
-    with pytest.raises(NotImplementedError, match=r"FSDP1 .*switch to FSDP2 .*fully_shard"):
-        logit_gradient_norms(model, batch()[0])
+def test_fsdp1_is_refused_naming_the_switch_to_fsdp2(make_model, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        wrapped = FullyShardedDataParallel(
+            make_model("llama", num_layers=1), device_id=torch.device("cpu")
+        )
+        with pytest.raises(NotImplementedError, match=r"FSDP1 .*switch to FSDP2 .*fully_shard"):
+            logit_gradient_norms(wrapped, batch()[0])
+    finally:
+        dist.destroy_process_group()
 
 
 def test_no_valid_targets_gives_empty_result(make_model):
