@@ -173,13 +173,20 @@ def test_labels_of_another_shape_are_ignored():
     capture.remove()
 
 
-def test_monitor_probes_packed_documents_like_separate_sequences():
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "all-ones-mask"])
+def test_monitor_probes_packed_documents_like_separate_sequences(with_mask):
     model = tiny_causal_lm("llama", seed=3).train()
     monitor = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=64, layers=[0, -1]))
     monitor.attach(model)
     batch, docs = packed_batch()
     assert batch.position_ids is not None
-    model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels)
+    mask = torch.ones_like(batch.input_ids) if with_mask else None
+    model(
+        input_ids=batch.input_ids,
+        attention_mask=mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+    )
     metrics = monitor.step_end(1, model)
     assert metrics is not None and metrics["inversion/n"] == sum(len(d) - 1 for d in docs)
     result, rows = monitor.last_result, monitor.last_batch
