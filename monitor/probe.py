@@ -395,13 +395,13 @@ def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
     return tensor if columns is None else tensor.index_select(-1, columns.to(tensor.device))
 
 
-def _chunks(lengths: torch.Tensor, chunk_tokens: int) -> Iterator[torch.Tensor]:
+def _chunks(lengths: torch.Tensor, chunk_tokens: int, max_rows: int) -> Iterator[torch.Tensor]:
     """Indices of targets grouped so each group's rows x max length fits the budget."""
     order = torch.argsort(lengths, stable=True).tolist()
     group: list[int] = []
     for index in order:
         longest = int(lengths[index])  # ascending, so the newest is the longest
-        if group and (len(group) + 1) * longest > chunk_tokens:
+        if group and ((len(group) + 1) * longest > chunk_tokens or len(group) >= max_rows):
             yield torch.tensor(group, dtype=torch.long)
             group = []
         group.append(index)
@@ -437,8 +437,8 @@ def logit_gradient_norms(
         projections: subset of ``("q", "k", "v", "o")``.
         norm: ``"nuclear"`` (default), ``"frobenius"`` or ``"l1"``.
         chunk_tokens: token budget of one forward/backward (bounds memory:
-            rows x length <= chunk_tokens, at least one row; the rank-one path
-            also holds at most 32 Mi logits at once).
+            rows x length <= chunk_tokens, at least one row; at most 32 Mi
+            logits are held at once).
 
     Returns:
         A :class:`ProbeResult` with one entry per target, in ``positions`` order.
@@ -576,7 +576,8 @@ def _probe(
                 for group in _rank_one_groups(plan, chunk_tokens):
                     _probe_rank_one(plan, group.to(device))
             else:
-                for group in _chunks(work[:, 1] + 1, chunk_tokens):
+                max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(resolved))
+                for group in _chunks(work[:, 1] + 1, chunk_tokens, max_rows):
                     _probe_rows(plan, group.to(device))
     norms = {c: values[inverse] for c, values in sorted(plan.norms.items())}
     score = (
