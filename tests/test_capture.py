@@ -91,11 +91,12 @@ def test_packed_documents_never_predict_across_a_boundary():
         expected += [[0, start + t] for t in range(len(doc) - 1)]
         start += len(doc)
     assert batch.target_mask().nonzero().tolist() == expected
-    # with an attention mask, position_ids never mean packing (transformers' rule)
+    # an all-ones attention mask does not hide the packing: documents stay apart
     masked = CapturedBatch(
         batch.input_ids, torch.ones_like(batch.input_ids), None, None, None, batch.position_ids
     )
-    assert not masked.packed
+    assert masked.packed
+    assert masked.target_mask().nonzero().tolist() == expected
 
 
 def test_unpacked_gives_one_padded_row_per_document():
@@ -114,11 +115,33 @@ def test_unpacked_gives_one_padded_row_per_document():
     assert plain.unpacked() is plain
 
 
-def test_unpacked_rejects_documents_not_starting_at_zero():
+def test_unpacked_documents_keep_their_position_ids():
     ids = torch.tensor([[1, 5, 6, 1, 7, 8]])
     batch = CapturedBatch(ids, None, position_ids=torch.tensor([[0, 1, 2, 4, 5, 6]]))
-    with pytest.raises(ValueError, match="restart position_ids at 0"):
-        batch.unpacked()
+    rows = batch.unpacked()
+    assert rows.position_ids is not None
+    assert rows.position_ids.tolist() == [[0, 1, 2], [4, 5, 6]]
+
+
+class _VisionLanguageToy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+
+    def forward(self, input_ids, pixel_values=None):
+        return self.embed(input_ids)
+
+
+def test_multimodal_training_forward_is_not_captured():
+    model = _VisionLanguageToy().train()
+    capture = BatchCapture(model)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    model(input_ids=ids)
+    assert capture.latest is not None
+    model(input_ids=ids, pixel_values=torch.zeros(1, 3, 4, 4))
+    assert capture.latest is None  # never probe a stale or image-less view of it
+    assert "pixel_values" in str(capture.skipped_reason)
+    capture.remove()
 
 
 def test_generation_in_training_mode_is_not_captured():
@@ -150,13 +173,20 @@ def test_labels_of_another_shape_are_ignored():
     capture.remove()
 
 
-def test_monitor_probes_packed_documents_like_separate_sequences():
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "all-ones-mask"])
+def test_monitor_probes_packed_documents_like_separate_sequences(with_mask):
     model = tiny_causal_lm("llama", seed=3).train()
     monitor = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=64, layers=[0, -1]))
     monitor.attach(model)
     batch, docs = packed_batch()
     assert batch.position_ids is not None
-    model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels)
+    mask = torch.ones_like(batch.input_ids) if with_mask else None
+    model(
+        input_ids=batch.input_ids,
+        attention_mask=mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+    )
     metrics = monitor.step_end(1, model)
     assert metrics is not None and metrics["inversion/n"] == sum(len(d) - 1 for d in docs)
     result, rows = monitor.last_result, monitor.last_batch

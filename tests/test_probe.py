@@ -11,7 +11,8 @@ import torch
 from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.architectures import (
     ArchitectureAdapter,
-    ProjectionSite,
+    llama_style_projections,
+    rank_one_exact,
     register_adapter,
     resolve_model,
     unregister_adapter,
@@ -95,12 +96,15 @@ def test_left_padding_and_explicit_unsorted_positions(make_model):
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 10, 25])
-def test_chunking_does_not_change_values(make_model, chunk_tokens):
+@pytest.mark.parametrize(
+    "kwargs", [{"layers": [0, 1]}, {"projections": ("q", "o")}], ids=["general", "rank-one"]
+)
+def test_chunking_does_not_change_values(make_model, chunk_tokens, kwargs):
     model = make_model("gpt2", num_layers=2, seed=5)
     ids, mask = batch(4)
-    whole = logit_gradient_norms(model, ids, attention_mask=mask, layers=[0, 1])
+    whole = logit_gradient_norms(model, ids, attention_mask=mask, **kwargs)
     chunked = logit_gradient_norms(
-        model, ids, attention_mask=mask, layers=[0, 1], chunk_tokens=chunk_tokens
+        model, ids, attention_mask=mask, chunk_tokens=chunk_tokens, **kwargs
     )
     for component, values in whole.norms.items():
         torch.testing.assert_close(chunked.norms[component], values, rtol=1e-5, atol=1e-7)
@@ -125,7 +129,6 @@ def test_softcapped_logits_gemma2():
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    assert resolve_model(model).softcap == 5.0
     ids, mask = batch(5)
     kwargs = {"attention_mask": mask, "layers": [0, -1]}
     assert_matches_reference(
@@ -250,36 +253,39 @@ def test_ddp_wrapped_model(make_model, tmp_path):
     torch.testing.assert_close(got.score, expected.score)
 
 
-def _bloom_projections(block, config):
-    # BLOOM fuses q|k|v per head like GPT-NeoX: [heads, 3, head_dim]
-    attention = block.self_attention
-    heads = config.n_head
-    per_head = torch.arange(3 * config.hidden_size).view(heads, 3, -1)
-    return {
-        "q": ProjectionSite(attention.query_key_value, per_head[:, 0].reshape(-1)),
-        "k": ProjectionSite(attention.query_key_value, per_head[:, 1].reshape(-1)),
-        "v": ProjectionSite(attention.query_key_value, per_head[:, 2].reshape(-1)),
-        "o": ProjectionSite(attention.dense),
-    }
-
-
-def test_unknown_architecture_error_then_registered_adapter():
+def test_unknown_model_type_is_refused_then_registered_adapter():
     import transformers
 
-    config = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)
+    config = transformers.OPTConfig(
+        vocab_size=100,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids, mask = batch(12)
-    with pytest.raises(NotImplementedError, match=r"'bloom'.*register_adapter"):
+    # never treated as Llama, although its attention looks like it
+    with pytest.raises(NotImplementedError, match=r"model_type opt .*register_adapter"):
         logit_gradient_norms(model, ids, attention_mask=mask)
-    register_adapter("bloom", ArchitectureAdapter("bloom", lambda base: base.h, _bloom_projections))
+    adapter = ArchitectureAdapter(
+        "opt",
+        layers=lambda decoder: list(decoder.layers),
+        projections=lambda block, config: llama_style_projections(block.self_attn),
+    )
+    register_adapter("opt", adapter)
     try:
-        kwargs = {"attention_mask": mask, "layers": [0, 1]}
+        kwargs = {"attention_mask": mask, "layers": [0, 1], "projections": ("q", "o")}
+        resolved = resolve_model(model)
+        assert not rank_one_exact(resolved, 1)  # a user adapter does not vouch: general path
         assert_matches_reference(
             logit_gradient_norms(model, ids, **kwargs), reference_norms(model, ids, **kwargs)
         )
     finally:
-        unregister_adapter("bloom")
+        unregister_adapter("opt")
 
 
 @pytest.mark.parametrize(
@@ -316,11 +322,21 @@ def test_input_ids_validation(make_model):
         logit_gradient_norms(model, torch.zeros(2, 1, dtype=torch.long))
 
 
-def test_fsdp_is_refused_with_advice(make_model):
-    model = make_model("llama", num_layers=1)
-    model._fsdp_wrapped_module = model.model  # what FSDP leaves on its wrapper
-    with pytest.raises(NotImplementedError, match=r"FSDP.*use DDP"):
-        logit_gradient_norms(model, batch()[0])
+def test_fsdp1_is_refused_naming_the_switch_to_fsdp2(make_model, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        wrapped = FullyShardedDataParallel(
+            make_model("llama", num_layers=1), device_id=torch.device("cpu")
+        )
+        with pytest.raises(NotImplementedError, match=r"FSDP1 .*switch to FSDP2 .*fully_shard"):
+            logit_gradient_norms(wrapped, batch()[0])
+    finally:
+        dist.destroy_process_group()
 
 
 def test_no_valid_targets_gives_empty_result(make_model):
@@ -328,3 +344,72 @@ def test_no_valid_targets_gives_empty_result(make_model):
     ids = torch.tensor([[5, 6, 0, 0]])
     result = logit_gradient_norms(model, ids, attention_mask=torch.tensor([[1, 0, 0, 0]]))
     assert len(result) == 0 and result.score.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"projections": ("q", "o")}, {"layers": [0, -1]}],
+    ids=["rank-one", "general"],
+)
+def test_duplicate_targets_are_measured_once(make_model, kwargs):
+    model = make_model("llama", num_layers=2, seed=5)
+    ids, mask = batch(5)
+    positions = torch.tensor([[0, 3], [2, 1], [0, 3], [0, 3], [1, 5], [2, 1]])
+    got = logit_gradient_norms(model, ids, attention_mask=mask, positions=positions, **kwargs)
+    assert torch.equal(got.positions, positions)
+    assert_matches_reference(
+        got, reference_norms(model, ids, attention_mask=mask, positions=positions, **kwargs)
+    )
+
+
+def packed_row() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three documents in one row and one plain row; position_ids restart per document."""
+    gen = torch.Generator().manual_seed(21)
+    ids = torch.randint(4, 100, (2, 12), generator=gen)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], list(range(12))])
+    return ids, pos
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["all-ones-mask", "no-mask"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"projections": ("q", "o")}, {"layers": [0, -1]}],
+    ids=["rank-one", "general"],
+)
+def test_packed_documents_never_attend_to_each_other(make_model, with_mask, kwargs):
+    model = make_model("llama", num_layers=2, seed=6)
+    ids, pos = packed_row()
+    mask = torch.ones_like(ids) if with_mask else None
+    got = logit_gradient_norms(model, ids, attention_mask=mask, position_ids=pos, **kwargs)
+    # no target predicts across a document boundary (t = 3 and t = 6 of row 0)
+    assert sorted(set(range(11)) - set(got.positions[got.positions[:, 0] == 0, 1].tolist())) == [
+        3,
+        6,
+    ]
+    ref = reference_norms(model, ids, attention_mask=mask, position_ids=pos, **kwargs)
+    assert_matches_reference(got, ref)
+    # and the documents really would interact: without position_ids they do
+    crossed = logit_gradient_norms(
+        model, ids, attention_mask=mask, positions=got.positions, **kwargs
+    )
+    assert not torch.allclose(crossed.score, got.score, rtol=1e-3)
+
+
+def test_position_ids_are_passed_to_the_model(make_model):
+    model = make_model("gpt2", num_layers=2, seed=7)  # absolute positions (RoPE ignores shifts)
+    ids, mask = batch(7)
+    pos = (torch.arange(ids.shape[1]) + 5)[None]  # a [1, T] offset, shared by every row
+    kwargs = {"attention_mask": mask, "position_ids": pos, "layers": [0, -1]}
+    got = logit_gradient_norms(model, ids, **kwargs)
+    assert_matches_reference(got, reference_norms(model, ids, **kwargs))
+    default = logit_gradient_norms(model, ids, attention_mask=mask, layers=[0, -1])
+    assert not torch.allclose(got.score, default.score, rtol=1e-3)
+
+
+def test_packed_target_across_a_boundary_is_refused(make_model):
+    model = make_model("llama", num_layers=1)
+    ids, pos = packed_row()
+    with pytest.raises(ValueError, match=r"\[\[0, 3\]\] cannot be targets.*same\s+packed document"):
+        logit_gradient_norms(model, ids, position_ids=pos, positions=torch.tensor([[0, 3]]))
+    with pytest.raises(ValueError, match=r"position_ids must be \[batch, seq_len\]"):
+        logit_gradient_norms(model, ids, position_ids=pos[:, :5])

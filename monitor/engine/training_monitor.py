@@ -421,6 +421,7 @@ class InversionMonitor:
             plan.model,
             batch.input_ids,
             attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
             positions=positions,
             layers=self.config.layers,
             projections=self.config.projections,

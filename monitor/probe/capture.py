@@ -18,11 +18,14 @@ Only the positions whose prediction the trainer actually scores are probed
 - ``logits_to_keep = m`` (an int): the trainer uses the logits of the last m
   positions only, so only those are probed (older TRL GRPO passed the
   completion length + 1).
-- Padding-free / packed batches (``position_ids`` restarting inside a row and
-  no ``attention_mask``, as TRL's SFT ``packing`` or ``padding_free`` pass
-  them): position t is probed only if t + 1 is in the same document, and
-  :meth:`CapturedBatch.unpacked` gives one row per document for the probe, so
-  documents never attend to each other (the model's own packed semantics).
+- Padding-free / packed batches (``position_ids`` restarting between real
+  tokens of a row, with or without an ``attention_mask``, as TRL's SFT
+  ``packing`` or ``padding_free`` pass them): position t is probed only if
+  t + 1 is in the same document, and :meth:`CapturedBatch.unpacked` gives one
+  row per document (with its own ``position_ids``) for the probe, so
+  documents never attend to each other.
+- Multimodal batches (``pixel_values`` and the like) are not captured: the
+  probe measures text-only batches.
 
 >>> import torch
 >>> model = torch.nn.Linear(3, 3)
@@ -46,8 +49,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from inversion_monitor.probe.packing import document_index
+
 IGNORE_INDEX = -100
 """The label value Hugging Face losses (and TRL) ignore."""
+
+_MULTIMODAL_INPUTS = (
+    "pixel_values",
+    "pixel_values_videos",
+    "image_embeds",
+    "input_features",
+    "input_values",
+    "audio_values",
+)
 
 
 def _int_tensor_like(value: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -81,8 +95,8 @@ class CapturedBatch:
         logits_to_keep: the trainer uses only the last m positions' logits.
         labels: ``[B, T]`` HF-style labels (target of t at t + 1, -100 ignored).
         shift_labels: ``[B, T]`` pre-shifted labels (target of t at t).
-        position_ids: ``[B, T]``; used only without ``attention_mask``, where
-            restarts mark packed documents (as in transformers' masking).
+        position_ids: ``[B, T]``; restarts between real tokens mark packed
+            documents (see :mod:`inversion_monitor.probe.packing`).
         scored: ``[B, T]`` bool, positions to keep (set by :meth:`unpacked`).
     """
 
@@ -96,15 +110,7 @@ class CapturedBatch:
 
     def _documents(self) -> torch.Tensor | None:
         """``[B, T]`` document index within each row when packed, else None."""
-        if self.position_ids is None or self.attention_mask is not None:
-            return None
-        pos = self.position_ids
-        restart = torch.ones_like(pos, dtype=torch.bool)
-        restart[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1  # transformers' packed-sequence rule
-        restart[:, 0] = False
-        if not bool(restart.any()):
-            return None
-        return restart.long().cumsum(1)
+        return document_index(self.position_ids, self.attention_mask)
 
     @property
     def packed(self) -> bool:
@@ -132,9 +138,9 @@ class CapturedBatch:
     def unpacked(self) -> CapturedBatch:
         """This batch with one right-padded row per packed document (self if not packed).
 
-        Documents without a target are dropped; each must restart its
-        ``position_ids`` at 0 (the probe uses default positions). The result
-        holds copies: ``[documents, longest]`` ids and mask, and ``scored``.
+        Documents without a target are dropped; each keeps its own
+        ``position_ids``. The result holds copies: ``[documents, longest]``
+        ids, mask, position ids, and ``scored``.
         """
         documents = self._documents()
         if documents is None:
@@ -148,23 +154,23 @@ class CapturedBatch:
             for start, end in itertools.pairwise(bounds):
                 if bool(targets[row, start:end].any()):
                     pieces.append((row, start, end))
-        for row, start, _ in pieces:
-            if int(self.position_ids[row, start]) != 0:
-                raise ValueError(
-                    f"packed batch: the document at row {row}, index {start} starts at "
-                    f"position_ids {int(self.position_ids[row, start])}, not 0; the probe "
-                    "needs packed documents to restart position_ids at 0"
-                )
         longest = max((end - start for _, start, end in pieces), default=2)
         shape = (len(pieces), longest)
-        ids = torch.zeros(shape, dtype=self.input_ids.dtype, device=self.input_ids.device)
-        mask = torch.zeros(shape, dtype=torch.long, device=self.input_ids.device)
-        scored = torch.zeros(shape, dtype=torch.bool, device=self.input_ids.device)
+        device = self.input_ids.device
+        ids = torch.zeros(shape, dtype=self.input_ids.dtype, device=device)
+        mask = torch.zeros(shape, dtype=torch.long, device=device)
+        pos = torch.zeros(shape, dtype=torch.long, device=device)
+        scored = torch.zeros(shape, dtype=torch.bool, device=device)
         for index, (row, start, end) in enumerate(pieces):
             ids[index, : end - start] = self.input_ids[row, start:end]
-            mask[index, : end - start] = 1
+            mask[index, : end - start] = (
+                1
+                if self.attention_mask is None
+                else self.attention_mask[row, start:end].to(device=device, dtype=torch.long)
+            )
+            pos[index, : end - start] = self.position_ids[row, start:end].to(device)
             scored[index, : end - start] = targets[row, start:end]
-        return CapturedBatch(input_ids=ids, attention_mask=mask, scored=scored)
+        return CapturedBatch(input_ids=ids, attention_mask=mask, position_ids=pos, scored=scored)
 
 
 class BatchCapture:
@@ -186,6 +192,13 @@ class BatchCapture:
             return
         if input_ids.dtype != torch.long:
             self.skipped_reason = f"input_ids have dtype {input_ids.dtype}, not int64"
+            return
+        media = [k for k in _MULTIMODAL_INPUTS if kwargs.get(k) is not None]
+        if media:
+            self.latest = None
+            self.skipped_reason = (
+                f"the training forward passed {media[0]}: the probe measures text-only batches"
+            )
             return
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:

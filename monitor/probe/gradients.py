@@ -13,13 +13,25 @@ How it is computed, exactly (see ``docs``: science.md 1.2):
   its output. Hooks capture ``x``; ``torch.autograd.grad`` on the captured
   outputs gives ``g``; no weight gradient is ever formed, ``.grad`` is never
   touched, and the backward stops at the lowest requested block.
-- Last block, Q and O: ``y_t`` reaches only ``z_t``, so G is rank one,
-  ``||G|| = ||g_t|| ||x_t||``, and one backward of ``sum_t z_t`` gives every
-  token at once (the fast path, used when only such components are asked).
+- The logits come from the model's own forward (its head and its
+  post-processing: scaling, soft-capping, multipliers), with the head fed
+  only the target rows; nothing is inferred from config names.
+- Last block, Q and O, where :func:`~inversion_monitor.probe.architectures.rank_one_exact`
+  has checked that nothing after the block mixes positions: ``y_t`` reaches
+  only ``z_t``, so G is rank one, ``||G|| = ||g_t|| ||x_t||``, and one backward
+  of ``sum_t z_t`` gives every token at once (the fast path, used when only
+  such components are asked).
 - Anything else: each sampled token gets its own row, its sequence cut right
   after t (later positions cannot reach z_t); rows are sorted by length and
   batched under a token budget, one forward and one backward per chunk, and
   the norm comes from small factors (:mod:`inversion_monitor.metrics.norms`).
+
+Duplicate targets are measured once. Packed rows (``position_ids`` restarting
+inside a row, with or without an attention mask) are cut into one row per
+document, so documents never attend to each other. Sharded models run through
+their own forward and backward hooks (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3):
+parameters are gathered block by block as in training, weight gradients are
+never formed and nothing is gathered for the norms.
 
 The model is left as found: modes, RNG state, ``.grad``, hooks.
 
@@ -44,10 +56,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from inversion_monitor.metrics.entropy import apply_logit_transform, token_entropy
+from inversion_monitor.metrics.entropy import token_entropy
 from inversion_monitor.metrics.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
-from inversion_monitor.probe.architectures import PROJECTIONS, ResolvedModel, resolve_model
+from inversion_monitor.probe.architectures import (
+    PROJECTIONS,
+    ResolvedModel,
+    rank_one_exact,
+    resolve_model,
+)
+from inversion_monitor.probe.packing import document_index, same_document, split_documents
 from inversion_monitor.probe.sampling import valid_positions
+from inversion_monitor.probe.sharding import probe_leaves_shards
 
 Component = tuple[int, str]
 
@@ -80,22 +99,46 @@ class ProbeResult:
         return int(self.positions.shape[0])
 
 
+def _expand_position_ids(
+    position_ids: torch.Tensor | None, input_ids: torch.Tensor
+) -> torch.Tensor | None:
+    """``position_ids`` checked and broadcast to ``[B, T]`` (a ``[1, T]`` one is shared)."""
+    if position_ids is None:
+        return None
+    if (
+        not isinstance(position_ids, torch.Tensor)
+        or position_ids.is_floating_point()
+        or position_ids.dtype == torch.bool
+    ):
+        raise TypeError("position_ids must be an integer tensor [batch, seq_len] or [1, seq_len]")
+    batch, length = input_ids.shape
+    if (
+        position_ids.ndim != 2
+        or position_ids.shape[1] != length
+        or position_ids.shape[0]
+        not in (
+            1,
+            batch,
+        )
+    ):
+        raise ValueError(
+            f"position_ids must be [batch, seq_len] = {tuple(input_ids.shape)} or "
+            f"[1, seq_len], got {tuple(position_ids.shape)}"
+        )
+    return position_ids.to(device=input_ids.device, dtype=torch.long).expand(batch, length)
+
+
 def _check_inputs(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     positions: torch.Tensor | None,
     projections: Sequence[str],
     norm: str,
     chunk_tokens: int,
 ) -> torch.Tensor:
     """Validate everything; returns the ``[N, 2]`` target positions."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
-        raise TypeError("input_ids must be a LongTensor [batch, seq_len]")
-    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
-        raise ValueError(
-            f"input_ids must be [batch, seq_len] with seq_len >= 2, got {tuple(input_ids.shape)}"
-        )
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
@@ -111,6 +154,7 @@ def _check_inputs(
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     valid = valid_positions(input_ids, attention_mask)
+    valid &= same_document(position_ids, attention_mask, input_ids.shape).to(valid.device)
     if positions is None:
         return valid.nonzero()
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.long:
@@ -131,7 +175,8 @@ def _check_inputs(
         bad = positions[~ok][:5].tolist()
         raise ValueError(
             f"positions {bad} cannot be targets: each (b, t) needs t + 1 < seq_len "
-            f"({length}) and real (non-padding) tokens at t and t + 1"
+            f"({length}), real (non-padding) tokens at t and t + 1, and t + 1 in the same "
+            "packed document as t (position_ids must not restart at t + 1)"
         )
     return positions
 
@@ -146,9 +191,10 @@ class _Captures:
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if module in self.outputs:
-            raise RuntimeError(
-                f"{type(module).__name__} ran twice in one forward; the probe supports "
-                "projections applied once per forward"
+            raise NotImplementedError(
+                f"{type(module).__name__} ran twice in one forward (a shared or looped "
+                "projection): the probe measures projections applied once per forward; "
+                "probe other layers or projections"
             )
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise RuntimeError(f"{type(module).__name__}'s output is not a differentiable tensor")
@@ -162,33 +208,92 @@ class _Captures:
         self.outputs.clear()
 
 
-@contextmanager
-def _grad_from(block: nn.Module) -> Iterator[None]:
-    """Run the forward without autograd until ``block``, then with it.
+class _HeadRows:
+    """Pre-hook on the output embedding: the model's head sees only the target rows.
 
-    The block's incoming hidden state becomes a fresh leaf, so the graph (and
-    any backward) starts there; nothing below it is recorded. Works even when
-    no parameter requires grad.
+    The model then applies its own post-processing (scaling, soft-capping,
+    multipliers) to ``[1, K, V]`` logits, so they are exactly the model's.
     """
 
-    def pre_hook(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    def __init__(
+        self, head: nn.Module, shape: tuple[int, int], rows: torch.Tensor, t: torch.Tensor
+    ):
+        self.calls = 0
+        self._shape, self._rows, self._t = shape, rows, t
+        self._handle = head.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.calls += 1
+        if self.calls > 1:
+            raise NotImplementedError(
+                f"the model applies its output embedding ({type(module).__name__}) more than "
+                "once per forward (e.g. extra prediction heads), so the probe cannot tell which "
+                "application gives the next-token logits; probe a model whose forward applies "
+                "it once"
+            )
+        hidden = args[0] if args else kwargs.get("input")
+        if (
+            not isinstance(hidden, torch.Tensor)
+            or hidden.ndim != 3
+            or tuple(hidden.shape[:2]) != self._shape
+        ):
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise NotImplementedError(
+                f"the model's output embedding received {got}, not one hidden state per input "
+                f"token {self._shape}: the probe cannot tell which logits belong to which token; "
+                "register an adapter whose model applies the head to every position, or probe "
+                "the plain causal LM"
+            )
+        selected = hidden[self._rows, self._t].unsqueeze(0)
+        if args:
+            return (selected, *args[1:]), kwargs
+        return args, {**kwargs, "input": selected}
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class _GradFrom:
+    """Run the forward without autograd until ``block``, then with it.
+
+    The block's incoming hidden state becomes a fresh leaf (:attr:`leaf`), so
+    the graph starts there; nothing below it is recorded. Works even when no
+    parameter requires grad. The pre-hook runs before any hook a sharding
+    framework put on the block, so the framework sees the leaf as the block's
+    input and its backward hooks (FSDP2 reshard, ZeRO-3 release) complete when
+    the backward reaches the leaf.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.leaf: torch.Tensor | None = None
+        self._block = block
+
+    def _pre_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         torch.set_grad_enabled(True)
         if args and isinstance(args[0], torch.Tensor):
-            args = (args[0].detach().requires_grad_(True), *args[1:])
+            self.leaf = args[0].detach().requires_grad_(True)
+            args = (self.leaf, *args[1:])
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+            self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
+            kwargs["hidden_states"] = self.leaf
         else:
             raise RuntimeError(f"cannot find the hidden states entering {type(module).__name__}")
         return args, kwargs
 
-    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():  # restores the caller's grad mode on exit
-            yield
-    finally:
-        handle.remove()
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        handle = self._block.register_forward_pre_hook(
+            self._pre_hook, with_kwargs=True, prepend=True
+        )
+        try:
+            with torch.no_grad():  # restores the caller's grad mode on exit
+                yield
+        finally:
+            handle.remove()
 
 
 @contextmanager
@@ -205,27 +310,15 @@ def _model_left_as_found(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _transform(resolved: ResolvedModel, logits: torch.Tensor) -> torch.Tensor:
-    return apply_logit_transform(
-        logits.float(), logit_scale=resolved.logit_scale, softcap=resolved.softcap
-    )
-
-
-def _target_logit(
-    resolved: ResolvedModel, selected: torch.Tensor, tokens: torch.Tensor
-) -> torch.Tensor:
-    """``[K]`` differentiable logits of ``tokens`` from hidden states ``[K, d]``.
-
-    A plain linear head is evaluated on the target rows only, so the backward
-    never touches the ``[K, V]`` logits.
-    """
-    head = resolved.head
-    if type(head) is nn.Linear:
-        raw = (selected.float() * head.weight[tokens].float()).sum(-1)
-        if head.bias is not None:
-            raw = raw + head.bias[tokens].float()
-        return _transform(resolved, raw)
-    return _transform(resolved, head(selected)).gather(1, tokens[:, None])[:, 0]
+def _logits(output: Any) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, tuple | list) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise NotImplementedError(
+            f"the model's forward returned {type(output).__name__} without logits"
+        )
+    return logits
 
 
 @dataclass(frozen=True)
@@ -235,6 +328,7 @@ class _Forward:
     entropy: torch.Tensor
     target_logits: torch.Tensor
     captures: _Captures
+    leaf: torch.Tensor
 
 
 def _forward(
@@ -242,29 +336,48 @@ def _forward(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     lowest_block: int,
     modules: Sequence[nn.Module],
     rows: torch.Tensor,
     t: torch.Tensor,
     tokens: torch.Tensor,
 ) -> _Forward:
-    """Forward ``input_ids``; entropy and target logit at each (row, t), and the captures."""
+    """The model's own forward of ``input_ids``; entropy and target logit at each (row, t)."""
     captures = _Captures(modules)
+    head = _HeadRows(resolved.head, (input_ids.shape[0], input_ids.shape[1]), rows, t)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    start = _GradFrom(resolved.blocks[lowest_block])
     try:
-        with _grad_from(resolved.blocks[lowest_block]):
-            out = resolved.decoder(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        with start.active():
+            out = resolved.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
             )
-            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            selected = hidden[rows, t]
-            with torch.no_grad():
-                entropy = token_entropy(_transform(resolved, resolved.head(selected.detach())))
-            with torch.enable_grad():
-                z = _target_logit(resolved, selected, tokens)
+            if head.calls != 1:
+                raise NotImplementedError(
+                    f"the forward of {type(resolved.model).__name__} never called its output "
+                    f"embedding ({type(resolved.head).__name__}, from get_output_embeddings()): "
+                    "the probe reads the logits where the model computes them; make "
+                    "get_output_embeddings() return the module the forward uses"
+                )
+            logits = _logits(out)
+            if tuple(logits.shape[:2]) != (1, rows.shape[0]):
+                raise NotImplementedError(
+                    f"the model turned {rows.shape[0]} head rows into logits of shape "
+                    f"{tuple(logits.shape)}: the probe cannot match logits to tokens; probe "
+                    "the plain causal LM (logits [batch, tokens, vocab])"
+                )
+            logits = logits[0]
+            entropy = token_entropy(logits.detach())
+            z = logits.gather(1, tokens[:, None].to(logits.device))[:, 0].float()
+        if start.leaf is None:
+            raise RuntimeError("the lowest probed block did not run in the model's forward")
     except BaseException:
         captures.remove()
         raise
-    return _Forward(entropy=entropy, target_logits=z, captures=captures)
+    finally:
+        head.remove()
+    return _Forward(entropy=entropy, target_logits=z, captures=captures, leaf=start.leaf)
 
 
 def _sites(
@@ -272,9 +385,8 @@ def _sites(
 ) -> dict[Component, tuple[nn.Module, torch.Tensor | None]]:
     sites: dict[Component, tuple[nn.Module, torch.Tensor | None]] = {}
     for layer in layers:
-        available = resolved.projections(layer)
         for proj in projections:
-            site = available[proj]
+            site = resolved.site(layer, proj)  # refused per layer, with the reason
             sites[(layer, proj)] = (site.module, site.columns)
     return sites
 
@@ -283,13 +395,13 @@ def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
     return tensor if columns is None else tensor.index_select(-1, columns.to(tensor.device))
 
 
-def _chunks(lengths: torch.Tensor, chunk_tokens: int) -> Iterator[torch.Tensor]:
+def _chunks(lengths: torch.Tensor, chunk_tokens: int, max_rows: int) -> Iterator[torch.Tensor]:
     """Indices of targets grouped so each group's rows x max length fits the budget."""
     order = torch.argsort(lengths, stable=True).tolist()
     group: list[int] = []
     for index in order:
         longest = int(lengths[index])  # ascending, so the newest is the longest
-        if group and (len(group) + 1) * longest > chunk_tokens:
+        if group and ((len(group) + 1) * longest > chunk_tokens or len(group) >= max_rows):
             yield torch.tensor(group, dtype=torch.long)
             group = []
         group.append(index)
@@ -302,6 +414,7 @@ def logit_gradient_norms(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     layers: Sequence[int] | None = None,
     projections: Sequence[str] = PROJECTIONS,
@@ -311,30 +424,50 @@ def logit_gradient_norms(
     """Entropy and logit-gradient strength at each target token.
 
     Args:
-        model: a Hugging Face causal LM (possibly wrapped by DDP, PEFT or
-            ``torch.compile``); see :mod:`inversion_monitor.probe.architectures`.
+        model: a Hugging Face causal LM (possibly wrapped by DDP, DeepSpeed,
+            PEFT or ``torch.compile``, or sharded with FSDP2 ``fully_shard``);
+            see :mod:`inversion_monitor.probe.architectures`.
         input_ids: ``[B, T]`` token ids.
         attention_mask: ``[B, T]`` 1 for real tokens (right or left padding).
+        position_ids: ``[B, T]`` or ``[1, T]``, passed to the model; where
+            they restart inside a row (packing), each document is probed alone.
         positions: ``[N, 2]`` (batch index, t) targets; None = every valid t.
+            A target given twice is measured once (both entries get the values).
         layers: decoder-block indices, negative from the end; default ``[-1]``.
         projections: subset of ``("q", "k", "v", "o")``.
         norm: ``"nuclear"`` (default), ``"frobenius"`` or ``"l1"``.
-        chunk_tokens: token budget of one forward/backward of the general path
-            (bounds memory: rows x length <= chunk_tokens, at least one row).
+        chunk_tokens: token budget of one forward/backward (bounds memory:
+            rows x length <= chunk_tokens, at least one row; at most 32 Mi
+            logits are held at once).
 
     Returns:
         A :class:`ProbeResult` with one entry per target, in ``positions`` order.
+
+    Raises:
+        NotImplementedError: what cannot be measured exactly (an unknown model
+            type, FSDP1, a layer without softmax attention, K/V of a KV-sharing
+            layer), with the reason and what to do instead.
     """
     with torch.inference_mode(False):  # a caller inside inference_mode still gets results
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
+            raise TypeError("input_ids must be a LongTensor [batch, seq_len]")
+        if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+            raise ValueError(
+                "input_ids must be [batch, seq_len] with seq_len >= 2, "
+                f"got {tuple(input_ids.shape)}"
+            )
         input_ids = input_ids.clone() if input_ids.is_inference() else input_ids
         if attention_mask is not None and attention_mask.is_inference():
             attention_mask = attention_mask.clone()
         if positions is not None and positions.is_inference():
             positions = positions.clone()
+        if position_ids is not None and position_ids.is_inference():
+            position_ids = position_ids.clone()
         return _probe(
             model,
             input_ids,
             attention_mask=attention_mask,
+            position_ids=_expand_position_ids(position_ids, input_ids),
             positions=positions,
             layers=layers,
             projections=projections,
@@ -350,7 +483,8 @@ class _Plan:
     resolved: ResolvedModel
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
-    targets: torch.Tensor  # [N, 2]
+    position_ids: torch.Tensor | None
+    targets: torch.Tensor  # [N, 2], each once
     tokens: torch.Tensor  # [N]
     sites: dict[Component, tuple[nn.Module, torch.Tensor | None]]
     rank_one: set[Component]
@@ -370,9 +504,20 @@ class _Plan:
     def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
         """d(sum of target logits)/d(output) of every hooked module, by module id."""
         modules = self.modules
+        for component, (module, _) in self.sites.items():
+            if module not in forward.captures.outputs:
+                raise NotImplementedError(
+                    f"layer {component[0]} {component[1]!r}: the model's forward never called "
+                    f"{type(module).__name__}, so its weight has no gradient to measure there; "
+                    "probe other layers or projections"
+                )
         outputs = [forward.captures.outputs[m] for m in modules]
-        grads = torch.autograd.grad(forward.target_logits.sum(), outputs)
-        return dict(zip((id(m) for m in modules), grads, strict=True))
+        # down to the leaf, so every module above it finishes its backward (and any
+        # sharding framework's backward hooks release what they gathered)
+        grads = torch.autograd.grad(
+            forward.target_logits.sum(), [*outputs, forward.leaf], allow_unused=True
+        )
+        return dict(zip((id(m) for m in modules), grads[:-1], strict=True))
 
 
 def _probe(
@@ -380,6 +525,7 @@ def _probe(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     positions: torch.Tensor | None,
     layers: Sequence[int] | None,
     projections: Sequence[str],
@@ -389,6 +535,7 @@ def _probe(
     targets = _check_inputs(
         input_ids,
         attention_mask=attention_mask,
+        position_ids=position_ids,
         positions=positions,
         projections=projections,
         norm=norm,
@@ -397,63 +544,123 @@ def _probe(
     resolved = resolve_model(model)
     layer_ids = sorted({resolved.layer_index(layer) for layer in (layers or [-1])})
     sites = _sites(resolved, layer_ids, list(projections))
-    last = resolved.num_layers - 1
     count = targets.shape[0]
     device = input_ids.device
+    unique, inverse = (
+        torch.unique(targets, dim=0, return_inverse=True)
+        if count
+        else (targets, torch.zeros(0, dtype=torch.long, device=device))
+    )
+    ids, mask, pos, work = input_ids, attention_mask, position_ids, unique
+    if count and document_index(position_ids, attention_mask) is not None:
+        assert position_ids is not None
+        docs = split_documents(input_ids, attention_mask, position_ids, unique)
+        ids, mask, pos, work = docs.input_ids, docs.attention_mask, docs.position_ids, docs.targets
     plan = _Plan(
         resolved=resolved,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        targets=targets,
-        tokens=input_ids[targets[:, 0], targets[:, 1] + 1],
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        targets=work,
+        tokens=ids[work[:, 0], work[:, 1] + 1],
         sites=sites,
-        rank_one={c for c in sites if c[0] == last and c[1] in ("q", "o")},
+        rank_one={c for c in sites if c[1] in ("q", "o") and rank_one_exact(resolved, c[0])},
         lowest_block=layer_ids[0],
         norm=norm,
-        norms={c: torch.zeros(count, dtype=torch.float32, device=device) for c in sites},
-        entropy=torch.zeros(count, dtype=torch.float32, device=device),
+        norms={c: torch.zeros(work.shape[0], dtype=torch.float32, device=device) for c in sites},
+        entropy=torch.zeros(work.shape[0], dtype=torch.float32, device=device),
     )
     if count:
-        with _model_left_as_found(resolved.model):
+        with _model_left_as_found(resolved.model), probe_leaves_shards(resolved.model):
             if plan.rank_one == set(sites):
-                _probe_rank_one(plan)
+                for group in _rank_one_groups(plan, chunk_tokens):
+                    _probe_rank_one(plan, group.to(device))
             else:
-                for group in _chunks(targets[:, 1] + 1, chunk_tokens):
+                max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(resolved))
+                for group in _chunks(work[:, 1] + 1, chunk_tokens, max_rows):
                     _probe_rows(plan, group.to(device))
-    norms = dict(sorted(plan.norms.items()))
+    norms = {c: values[inverse] for c, values in sorted(plan.norms.items())}
     score = (
         torch.stack(list(norms.values())).mean(0)
         if count
         else torch.zeros(0, dtype=torch.float32, device=device)
     )
     return ProbeResult(
-        positions=targets, entropy=plan.entropy, norms=norms, score=score, tokens=plan.tokens
+        positions=targets,
+        entropy=plan.entropy[inverse],
+        norms=norms,
+        score=score,
+        tokens=input_ids[targets[:, 0], targets[:, 1] + 1],
     )
 
 
-def _probe_rank_one(plan: _Plan) -> None:
-    """Last-block Q/O only: one forward and one backward over the sequences with targets."""
-    sequences, rows = torch.unique(plan.targets[:, 0], return_inverse=True)
-    length = int(plan.targets[:, 1].max()) + 1
+def _cut(
+    plan: _Plan, sequences: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ids, mask and position ids of ``sequences``, cut to their first ``length`` tokens."""
     mask = None if plan.attention_mask is None else plan.attention_mask[sequences, :length]
-    everything = torch.arange(plan.targets.shape[0], device=rows.device)
-    _measure(plan, everything, plan.input_ids[sequences, :length], mask, rows)
+    pos = None if plan.position_ids is None else plan.position_ids[sequences, :length]
+    return plan.input_ids[sequences, :length], mask, pos
+
+
+# logits [rows, vocab] that one forward of the rank-one path may hold (32 Mi elements)
+_LOGIT_ELEMENTS = 1 << 25
+
+
+def _vocab_size(resolved: ResolvedModel) -> int:
+    """Output width of the head (for memory budgeting only; values never depend on it)."""
+    width = getattr(resolved.head, "out_features", None)
+    if isinstance(width, int) and width > 0:
+        return width
+    vocab = getattr(resolved.config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else 1 << 17
+
+
+def _rank_one_groups(plan: _Plan, chunk_tokens: int) -> Iterator[torch.Tensor]:
+    """Targets grouped by sequence: sequences x length <= chunk_tokens, rows x vocab bounded."""
+    max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(plan.resolved))
+    order = torch.argsort(plan.targets[:, 0] * (plan.input_ids.shape[1] + 1) + plan.targets[:, 1])
+    group: list[int] = []
+    sequences: set[int] = set()
+    length = 0
+    for index in order.tolist():
+        seq, t = (int(v) for v in plan.targets[index])
+        grown, longest = len(sequences | {seq}), max(length, t + 1)
+        if group and (grown * longest > chunk_tokens or len(group) >= max_rows):
+            yield torch.tensor(group, dtype=torch.long)
+            group, sequences = [], set()
+            longest = t + 1
+        group.append(index)
+        sequences.add(seq)
+        length = longest
+    if group:
+        yield torch.tensor(group, dtype=torch.long)
+
+
+def _probe_rank_one(plan: _Plan, group: torch.Tensor) -> None:
+    """Rank-one components only: one forward and one backward over the group's sequences."""
+    sequences, rows = torch.unique(plan.targets[group, 0], return_inverse=True)
+    length = int(plan.targets[group, 1].max()) + 1
+    ids, mask, pos = _cut(plan, sequences, length)
+    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
 
 
 def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
     """General path: one row per target (its sequence cut after t), one backward for all."""
     seq = plan.targets[group, 0]
     length = int(plan.targets[group, 1].max()) + 1
-    mask = None if plan.attention_mask is None else plan.attention_mask[seq, :length]
     rows = torch.arange(group.shape[0], device=group.device)
-    _measure(plan, group, plan.input_ids[seq, :length], mask, rows)
+    ids, mask, pos = _cut(plan, seq, length)
+    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
 
 
 def _measure(
     plan: _Plan,
     index: torch.Tensor,
+    *,
     ids: torch.Tensor,
     mask: torch.Tensor | None,
+    pos: torch.Tensor | None,
     rows: torch.Tensor,
 ) -> None:
     """Forward ``ids``; fill entropy and norms of targets ``index`` (found at ``rows``)."""
@@ -462,6 +669,7 @@ def _measure(
         plan.resolved,
         ids,
         attention_mask=mask,
+        position_ids=pos,
         lowest_block=plan.lowest_block,
         modules=plan.modules,
         rows=rows,
@@ -469,14 +677,14 @@ def _measure(
         tokens=plan.tokens[index],
     )
     try:
-        plan.entropy[index] = forward.entropy
+        plan.entropy[index] = forward.entropy.to(plan.entropy.device)
         grads = plan.gradients(forward)
         for component, (module, columns) in plan.sites.items():
             g, x = grads[id(module)], forward.captures.inputs[module]
-            if component in plan.rank_one:  # y_t reaches only z_t: G = g_t x_t^T
+            if component in plan.rank_one:  # nothing after mixes positions: G = g_t x_t^T
                 values = rank_one_norm(_select(g[rows, t], columns), x[rows, t], plan.norm)
             else:
                 values = outer_sum_norm(_select(g, columns), x, plan.norm)
-            plan.norms[component][index] = values
+            plan.norms[component][index] = values.to(plan.entropy.device)
     finally:
         forward.captures.remove()

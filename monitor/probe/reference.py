@@ -1,8 +1,13 @@
 """Brute-force reference for :func:`~inversion_monitor.probe.gradients.logit_gradient_norms`.
 
-One full forward of the batch, then for every target token one backward of
-its raw logit to the projection weights, the weight gradient formed in full,
-split into Q/K/V blocks and reduced with a full SVD (or the dense entry sum).
+One full forward of the batch through the model's own ``forward`` (its head
+and logit post-processing included), then for every target token one
+backward of its raw logit to the projection weights, the weight gradient
+formed in full, split into Q/K/V blocks and reduced with a full SVD (or the
+dense entry sum). Packed rows (``position_ids`` restarting between real
+tokens) are forwarded one document at a time, each alone in its own forward;
+the document boundaries are found here by a plain loop, independently of the
+probe's code.
 Slow on purpose: it is the ground truth that the fast paths are tested
 against, and the baseline of ``benchmarks/bench_probe.py``.
 
@@ -44,11 +49,43 @@ def _matrix_norm(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return value
 
 
+def _document_spans(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    targets: list[list[int]],
+) -> dict[tuple[int, int, int], list[int]]:
+    """(row, start, end) of the packed document holding each target -> target indices.
+
+    Without packing, one span per row covers it whole.
+    """
+    length = input_ids.shape[1]
+    spans: dict[tuple[int, int, int], list[int]] = {}
+    for index, (b, t) in enumerate(targets):
+        start, end = 0, length
+        if position_ids is not None:
+            pos = position_ids[b].tolist()
+            real = [True] * length if attention_mask is None else attention_mask[b].bool().tolist()
+
+            def boundary(i: int, pos: list[int] = pos, real: list[bool] = real) -> bool:
+                return real[i] and real[i - 1] and pos[i] != pos[i - 1] + 1
+
+            start = t
+            while start > 0 and not boundary(start):
+                start -= 1
+            end = t + 1
+            while end < length and not boundary(end):
+                end += 1
+        spans.setdefault((b, start, end), []).append(index)
+    return spans
+
+
 def reference_norms(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     layers: Sequence[int] | None = None,
     projections: Sequence[str] = PROJECTIONS,
@@ -63,13 +100,19 @@ def reference_norms(
     check_norm(norm)
     resolved = resolve_model(model)
     layer_ids = sorted({resolved.layer_index(layer) for layer in (layers or [-1])})
+    if position_ids is not None:
+        position_ids = position_ids.expand(input_ids.shape[0], -1)
     targets = (
         valid_positions(input_ids, attention_mask).nonzero() if positions is None else positions
     )
+    if positions is None and position_ids is not None:  # t + 1 must be in t's document
+        spans = _document_spans(input_ids, attention_mask, position_ids, targets.tolist())
+        inside = [
+            i for (_, _, end), ids in spans.items() for i in ids if int(targets[i, 1]) + 1 < end
+        ]
+        targets = targets[sorted(inside)]
     sites = {
-        (layer, proj): resolved.projections(layer)[proj]
-        for layer in layer_ids
-        for proj in projections
+        (layer, proj): resolved.site(layer, proj) for layer in layer_ids for proj in projections
     }
     weights: dict[int, torch.Tensor] = {}
     for site in sites.values():
@@ -80,26 +123,42 @@ def reference_norms(
     was_required = {key: w.requires_grad for key, w in weights.items()}
     training = resolved.model.training
     norms: dict[tuple[int, str], list[torch.Tensor]] = {c: [] for c in sites}
-    entropies = []
     try:
         for w in weights.values():
             w.requires_grad_(True)
         resolved.model.eval()
+        target_list = targets.tolist()
+        entropies = [torch.zeros(())] * len(target_list)
+        per_target: list[dict[tuple[int, str], torch.Tensor]] = [{} for _ in target_list]
+        spans = _document_spans(input_ids, attention_mask, position_ids, target_list)
+        packed = any(end - start < input_ids.shape[1] for _, start, end in spans)
         with torch.enable_grad():
-            logits = resolved.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).logits
-            for b, t in targets.tolist():
-                row = logits[b, t].float()
-                log_p = torch.log_softmax(row.detach(), dim=-1)
-                entropies.append(-(log_p.exp() * log_p).sum())
-                z = row[input_ids[b, t + 1]]
-                grads = torch.autograd.grad(z, list(weights.values()), retain_graph=True)
-                by_id = dict(zip(weights, grads, strict=True))
-                for component, site in sites.items():
-                    conv1d = type(site.module).__name__ == "Conv1D"
-                    block = _weight_block_gradient(by_id[id(site.module)], site.columns, conv1d)
-                    norms[component].append(_matrix_norm(block.float(), norm))
+            if not packed:  # the whole batch in one forward
+                spans = {(-1, 0, input_ids.shape[1]): list(range(len(target_list)))}
+            for (row, start, end), indices in spans.items():
+                rows = slice(None) if row < 0 else slice(row, row + 1)
+                kwargs = {}
+                if attention_mask is not None:
+                    kwargs["attention_mask"] = attention_mask[rows, start:end]
+                if position_ids is not None:
+                    kwargs["position_ids"] = position_ids[rows, start:end]
+                logits = resolved.model(
+                    input_ids=input_ids[rows, start:end], use_cache=False, **kwargs
+                ).logits
+                for index in indices:
+                    b, t = target_list[index]
+                    row_logits = logits[b if row < 0 else 0, t - start].float()
+                    log_p = torch.log_softmax(row_logits.detach(), dim=-1)
+                    entropies[index] = -(log_p.exp() * log_p).sum()
+                    z = row_logits[input_ids[b, t + 1]]
+                    grads = torch.autograd.grad(z, list(weights.values()), retain_graph=True)
+                    by_id = dict(zip(weights, grads, strict=True))
+                    for component, site in sites.items():
+                        conv1d = type(site.module).__name__ == "Conv1D"
+                        block = _weight_block_gradient(by_id[id(site.module)], site.columns, conv1d)
+                        per_target[index][component] = _matrix_norm(block.float(), norm)
+        for component in sites:
+            norms[component] = [values[component] for values in per_target]
     finally:
         resolved.model.train(training)
         for key, w in weights.items():

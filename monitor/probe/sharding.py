@@ -1,0 +1,59 @@
+"""What a probe leaves behind on a sharded model: nothing.
+
+(Belongs with the probe: ``inversion_monitor.probe.sharding`` after the layout move.)
+
+The probe runs the model's own forward and a partial backward, so FSDP2 and
+DeepSpeed ZeRO-3 gather parameters block by block through their own hooks,
+exactly as in training, and release them the same way. One thing differs:
+ZeRO-3 prefetches parameters in the order it recorded for the training step,
+and a probe's backward stops at the lowest probed block, so blocks it
+prefetched for a backward that never comes stay gathered. :func:`probe_leaves_shards`
+releases exactly those afterwards, the way ``deepspeed.zero.GatheredParameters``
+does on exit (waiting on any gather still in flight, then ``partition``).
+Parameters gathered before the probe, and persistent ones, are left alone.
+
+>>> import torch
+>>> with probe_leaves_shards(torch.nn.Linear(2, 2)):   # not sharded: nothing to do
+...     pass
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+
+def _status(param: Any) -> str | None:
+    status = getattr(param, "ds_status", None)
+    return None if status is None else str(getattr(status, "name", status))
+
+
+@contextmanager
+def probe_leaves_shards(model: nn.Module) -> Iterator[None]:
+    """Release, on exit, the ZeRO-3 parameters gathered inside and still gathered."""
+    zero_params = [p for p in model.parameters() if hasattr(p, "ds_status")]
+    before = {id(p) for p in zero_params if _status(p) != "NOT_AVAILABLE"}
+    try:
+        yield
+    finally:
+        if zero_params:
+            _release(model, [p for p in zero_params if id(p) not in before])
+
+
+def _release(model: nn.Module, params: list[Any]) -> None:
+    registry = getattr(model, "ds_inflight_param_registry", None)
+    leftovers = []
+    for param in params:
+        if _status(param) == "INFLIGHT" and registry is not None and param in registry:
+            registry.pop(param).wait()
+        if (
+            _status(param) == "AVAILABLE"
+            and not getattr(param, "ds_persist", False)
+            and not getattr(param, "ds_active_sub_modules", None)
+        ):
+            leftovers.append(param)
+    if leftovers:
+        leftovers[0].partition(param_list=leftovers)
