@@ -99,3 +99,14 @@ def test_components_take_defaults_and_bounds_from_the_config():
         ValueError, match="tokens_per_probe: Input should be greater than or equal to 4"
     ):
         validate_field("tokens_per_probe", 3)
+
+
+def test_readme_documents_every_field():
+    """The README's configuration table names every MonitorConfig field."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Configuration") :]
+    table = table[: table.index("\n\n", table.index("| field |"))]
+    missing = [name for name in MonitorConfig.model_fields if f"`{name}`" not in table]
+    assert missing == []
