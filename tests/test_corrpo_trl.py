@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,12 @@ class RecordingTrainer(CorrPOGRPOTrainer):
         self.rollouts: list[dict[str, Any]] = []
 
     def _generate_and_score_completions(self, inputs: Any) -> Any:
-        policy = copy.deepcopy(self.model)
+        # a copy of the weights in a fresh module: a deepcopy would keep the forward that
+        # accelerate patched onto the instance, which still runs the live model
+        with torch.random.fork_rng():  # building it must not move the trainer's RNG
+            policy = type(self.model)(self.model.config)
+        policy.load_state_dict(self.model.state_dict())
+        policy.train(self.model.training)
         out = super()._generate_and_score_completions(inputs)
         assert self.last_corrpo is not None
         self.rollouts[-1].update(policy=policy, output=out, corrpo=self.last_corrpo)
