@@ -196,7 +196,8 @@ def train_transformers(
         trainer.train()
     finally:
         live.close()
-    return model
+    trained: nn.Module = trainer.model
+    return trained
 
 
 def train_lightning(

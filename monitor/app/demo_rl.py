@@ -219,7 +219,7 @@ def train_grpo(
             weights = mask.float()
             loss = -(advantages[:, None] * token_logp * weights).sum() / weights.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             signals = RLStepAccumulator()
             with torch.no_grad():
