@@ -182,6 +182,11 @@ def test_the_alert_reaches_the_webhook_with_its_step_while_training(demo: DemoRu
     # the learning rate the records carry: 100x from the jump on
     lrs = {rec.step: rec.learning_rate for rec in demo.history("demo-rl-lr-x100")}
     assert lrs[JUMP - 1] == pytest.approx(1e-3) and lrs[JUMP] == pytest.approx(0.1)
+    # same weights, seed and problems: the runs are the same until the jump changes the update
+    before = {r.step: r.reward_mean for r in demo.history("demo-rl") if r.step <= JUMP}
+    assert before == {
+        r.step: r.reward_mean for r in demo.history("demo-rl-lr-x100") if r.step <= JUMP
+    }
     # the healthy phases raise nothing (SFT: entropy falls because the model learns)
     assert not demo.runs["demo-sft"].alerts
 

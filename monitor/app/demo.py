@@ -314,7 +314,6 @@ def run_phases(
     say: Callable[[str], None] = print,
 ) -> list[Phase]:
     """Train the three phases against the server at ``endpoint``; returns them in order."""
-    import torch
 
     from inversion_monitor.app.demo_rl import GRPOSettings
     from inversion_monitor.app.toy.tokenizer import char_tokenizer
@@ -377,7 +376,6 @@ def run_phases(
     )
     say(f"phase 3/3 {unstable.title}: {unstable.what}")
     model.load_state_dict(sft_weights)
-    torch.manual_seed(options.seed)
     settings = _monitor_settings(
         options,
         endpoint,

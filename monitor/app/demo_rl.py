@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.engine.training_monitor import InversionMonitor
 
 PAD = 0
+POOL_SIZE = 512
 
 
 def rollout_reward(completion: str, problem: ArithmeticProblem) -> float:
@@ -174,7 +175,8 @@ def train_grpo(
 
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    pool = arithmetic_problems(max(64, settings.prompts * settings.steps), seed=settings.seed + 1)
+    # a fixed pool: runs with the same seed see the same problems whatever their length
+    pool = arithmetic_problems(POOL_SIZE, seed=settings.seed + 1)
     table = _char_table(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     history = GRPOHistory()
