@@ -429,6 +429,7 @@ def run_demo(options: DemoOptions) -> int:
     import torch
 
     from inversion_monitor.app.report import format_phase_summary, write_demo_report
+    from inversion_monitor.app.webhook import PATH as WEBHOOK_PATH
     from inversion_monitor.app.webhook import AlertReceiver
     from inversion_monitor.server import MonitorServer, ServerConfig
 
@@ -461,7 +462,7 @@ def run_demo(options: DemoOptions) -> int:
                 )
                 print(f"live page: {server.page_url}  (open it in a browser to watch the runs)")
                 print(
-                    f"alert webhook: {receiver.url}{'/api/v2/alerts'} (the server's Alertmanager "
+                    f"alert webhook: {receiver.url}{WEBHOOK_PATH} (the server's Alertmanager "
                     "sink posts here; alerts are printed as they arrive)",
                     flush=True,
                 )
