@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
+    from inversion_monitor.app.demo_rl import GRPOSettings
     from inversion_monitor.app.webhook import AlertReceiver
     from inversion_monitor.engine.training_monitor import InversionMonitor
     from inversion_monitor.proto.v1 import monitor_pb2
@@ -281,7 +282,7 @@ def _rl_phase(
     model: nn.Module,
     tokenizer: Any,
     settings: dict[str, Any],
-    grpo: Any,
+    grpo: GRPOSettings,
     live: _LiveLine,
 ) -> InversionMonitor:
     from inversion_monitor.app.demo_rl import train_grpo
