@@ -48,6 +48,8 @@ def alert_payload(
     >>> p = alert_payload("run-a", a, runbook_url="http://x/#{alertname}", now=10.0, hold_s=60)
     >>> p["labels"]["alertname"], p["startsAt"], p["endsAt"], p["annotations"]["runbook_url"]
     ('InversionLost', '1970-01-01T00:00:00Z', '1970-01-01T00:01:10Z', 'http://x/#InversionLost')
+    >>> p["annotations"]["start_step"]
+    '0'
     """
     values = ", ".join(f"{k}={v:.4g}" for k, v in sorted(alert.values.items()))
     return {
@@ -61,6 +63,8 @@ def alert_payload(
             "summary": f"{alert.summary} ({display_name})",
             "description": f"{alert.description} [{values}]",
             "runbook_url": runbook_url.replace("{alertname}", alert.name),
+            # the training step the alert started at (annotations are strings)
+            "start_step": str(alert.start_step),
         },
         "startsAt": _iso(alert.start_time),
         "endsAt": _iso(now + hold_s if alert.active else max(alert.end_time, alert.start_time)),

@@ -1,9 +1,9 @@
-"""``inversion-monitor demo`` end to end: the real console script, server, Trainer and report.
+"""``inversion-monitor demo`` end to end: the real console script, server, webhook and report.
 
 One short demo run (``--keep-serving``) is shared by the tests: while its
-server is still up the tests read the stored records back over ``GetRun`` and
-compare them with what the demo printed, then render its HTML report in
-headless Chromium.
+server is still up the tests read the three runs back over ``GetRun`` and
+compare them with what the demo printed (and with what its webhook received),
+then render its HTML report in headless Chromium.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 import shutil
 import signal
@@ -27,21 +28,29 @@ import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.api import to_json
+from inversion_monitor.server.detectors import AlertsConfig
 
 STEPS = 30
+RL_STEPS = 30  # DemoOptions(steps=30).rl_steps
+UNSTABLE_STEPS = 50  # DemoOptions(steps=30).unstable_steps
+JUMP = AlertsConfig().entropy.warmup + 1  # the destabilised run's learning-rate jump
 CHROMIUM = "/usr/bin/chromium"
+RUN_LINE = re.compile(r"^run (\S+) \(([0-9a-f]+)\), (\w+), (\d+) records stored$", re.M)
 
 
 @dataclass
 class DemoRun:
     out_dir: Path
     stdout: list[str]
-    history: list[monitor_pb2.StepRecord]
-    response: monitor_pb2.GetRunResponse
+    runs: dict[str, monitor_pb2.GetRunResponse]  # by display name
     returncode: int
+    seconds_to_serving: float
     page_url: str
     page_html: bytes | None
     api_run: dict[str, object]
+
+    def history(self, name: str) -> list[monitor_pb2.StepRecord]:
+        return list(self.runs[name].history)
 
 
 def _console_script() -> str:
@@ -53,6 +62,7 @@ def _console_script() -> str:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     out_dir = tmp_path_factory.mktemp("demo")
+    started = time.monotonic()
     proc = subprocess.Popen(
         [_console_script(), "demo", "--steps", str(STEPS), "--out", str(out_dir), "--keep-serving"],
         stdout=subprocess.PIPE,
@@ -62,26 +72,30 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     )
     assert proc.stdout is not None
     lines: list[str] = []
-    deadline = time.monotonic() + 150
+    deadline = started + 240
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             if "the server stays up" in line or time.monotonic() > deadline:
                 break
-        assert any("the server stays up" in line for line in lines), "\n".join(lines)
-        target = re.search(r"gRPC (\S+),", "\n".join(lines))
-        run_id = re.search(r"^run \S+ \(([0-9a-f]+)\)", "\n".join(lines), re.M)
-        assert target and run_id, "\n".join(lines)
-        page = re.search(r"^live page: (\S+)", "\n".join(lines), re.M)
-        assert page, "\n".join(lines)
+        seconds = time.monotonic() - started
+        text = "\n".join(lines)
+        assert any("the server stays up" in line for line in lines), text
+        target = re.search(r"gRPC (\S+),", text)
+        page = re.search(r"^live page: (\S+)", text, re.M)
+        assert target and page, text
+        runs = {}
         with grpc.insecure_channel(target.group(1)) as channel:
             stub = monitor_pb2_grpc.MonitorServiceStub(channel)
-            response = stub.GetRun(
-                monitor_pb2.GetRunRequest(run=run_id.group(1), history_limit=1000), timeout=10
-            )
+            for match in RUN_LINE.finditer(text):
+                runs[match.group(1)] = stub.GetRun(
+                    monitor_pb2.GetRunRequest(run=match.group(2), history_limit=1000), timeout=10
+                )
+        assert sorted(runs) == ["demo-rl", "demo-rl-lr-x100", "demo-sft"], text
         with urllib.request.urlopen(page.group(1), timeout=10) as answer:
             page_html = answer.read()
-        api_url = f"{page.group(1)}api/runs/{run_id.group(1)}?history=1000"
+        run_id = runs["demo-rl-lr-x100"].summary.run.run_id
+        api_url = f"{page.group(1)}api/runs/{run_id}?history=1000"
         with urllib.request.urlopen(api_url, timeout=10) as answer:
             api_run = json.loads(answer.read())
         proc.send_signal(signal.SIGINT)
@@ -90,9 +104,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         yield DemoRun(
             out_dir,
             lines,
-            list(response.history),
-            response,
+            runs,
             proc.returncode,
+            seconds,
             page.group(1),
             page_html,
             api_run,
@@ -108,27 +122,109 @@ def test_demo_exits_cleanly_after_ctrl_c(demo: DemoRun) -> None:
     assert any("/metrics" in line for line in demo.stdout)
 
 
+def test_runtime_stays_sane(demo: DemoRun) -> None:
+    # all three phases of a 30-step demo, the report included: 32-37 s measured on 2 busy cores
+    assert demo.seconds_to_serving < 150, demo.seconds_to_serving
+    took = next(line for line in demo.stdout if line.startswith("demo took "))
+    assert int(took.split()[2]) <= demo.seconds_to_serving + 1
+
+
+def test_three_phases_are_announced_in_order(demo: DemoRun) -> None:
+    heads = [line for line in demo.stdout if line.startswith("phase ")]
+    assert [h.split(":")[0] for h in heads] == [
+        "phase 1/3 SFT",
+        "phase 2/3 RL",
+        "phase 3/3 destabilised RL",
+    ]
+    assert f"from step {JUMP}" in heads[2] and "100x too high (0.001 -> 0.1)" in heads[2]
+    kinds = {name: run.summary.run.kind for name, run in demo.runs.items()}
+    assert kinds == {"demo-sft": "sft", "demo-rl": "rl", "demo-rl-lr-x100": "rl"}
+    assert all(run.summary.status == "completed" for run in demo.runs.values())
+
+
 def test_output_in_a_pipe_is_plain_periodic_lines(demo: DemoRun) -> None:
-    assert not any("\x1b" in line for line in demo.stdout)
-    progress = [line for line in demo.stdout if line.startswith("training: step ")]
-    assert 3 <= len(progress) <= 11, progress  # a line per tenth of the run, not per frame
-    assert progress[-1].startswith(f"training: step {STEPS}/{STEPS} (100%)  rho ")
+    assert not any("\x1b" in line or "\r" in line for line in demo.stdout)
+    for label, steps in (("sft", STEPS), ("rl", RL_STEPS), ("destabilised rl", UNSTABLE_STEPS)):
+        progress = [line for line in demo.stdout if line.startswith(f"{label}: step ")]
+        assert 3 <= len(progress) <= 11, progress  # a line per tenth of the run, not per frame
+        assert progress[-1].startswith(f"{label}: step {steps}/{steps} (100%)  rho "), progress
 
 
-def test_the_live_page_url_is_printed_and_serves_the_run(demo: DemoRun) -> None:
+def test_the_live_page_url_is_printed_and_serves_the_runs(demo: DemoRun) -> None:
     assert demo.page_url == demo.page_url.split("#")[0] and demo.page_url.endswith("/")
     assert demo.page_html is not None and b"<title>inversion-monitor</title>" in demo.page_html
-    assert demo.api_run == to_json(demo.response)
+    assert demo.api_run == to_json(demo.runs["demo-rl-lr-x100"])
 
 
-def test_summary_numbers_are_the_stored_records(demo: DemoRun) -> None:
-    assert len(demo.history) == STEPS  # probes every step for a 30-step run
-    by_step = {rec.step: rec for rec in demo.history}
+def test_the_alert_reaches_the_webhook_with_its_step_while_training(demo: DemoRun) -> None:
+    unstable = demo.runs["demo-rl-lr-x100"]
+    fired = [a for a in unstable.alerts if a.name == "EntropyCollapse"]
+    assert len(fired) == 1, unstable.alerts
+    step = fired[0].start_step
+    assert JUMP < step <= UNSTABLE_STEPS  # after the learning rate went up, not in the warm-up
+    arrived = [
+        i for i, line in enumerate(demo.stdout) if line.startswith("ALERT received by the webhook:")
+    ]
+    assert arrived, "\n".join(demo.stdout)
+    line = demo.stdout[arrived[0]]
+    assert line.startswith(
+        f"ALERT received by the webhook: EntropyCollapse (warning) on run demo-rl-lr-x100 "
+        f"at step {step}: smoothed mean entropy "
+    ) or line.startswith(
+        f"ALERT received by the webhook: EntropyCollapse (warning) on run demo-rl-lr-x100 "
+        f"at step {step}: mean entropy falling "
+    ), line
+    # printed when it arrived: before the summaries read back at the end
+    assert arrived[0] < demo.stdout.index("== SFT ==")
+    assert f"  EntropyCollapse (warning) on run demo-rl-lr-x100 at step {step}: " in "\n".join(
+        demo.stdout
+    )
+    # the learning rate the records carry: 100x from the jump on
+    lrs = {rec.step: rec.learning_rate for rec in demo.history("demo-rl-lr-x100")}
+    assert lrs[JUMP - 1] == pytest.approx(1e-3) and lrs[JUMP] == pytest.approx(0.1)
+    # same weights, seed and problems: the runs are the same until the jump changes the update
+    before = {r.step: r.reward_mean for r in demo.history("demo-rl") if r.step <= JUMP}
+    assert before == {
+        r.step: r.reward_mean for r in demo.history("demo-rl-lr-x100") if r.step <= JUMP
+    }
+    # the healthy phases raise nothing (SFT: entropy falls because the model learns)
+    assert not demo.runs["demo-sft"].alerts
+
+
+def test_rl_runs_carry_reward_entropy_and_covariance(demo: DemoRun) -> None:
+    for name, steps in (("demo-rl", RL_STEPS), ("demo-rl-lr-x100", UNSTABLE_STEPS)):
+        history = sorted(demo.history(name), key=lambda r: r.step)
+        assert [r.step for r in history] == list(range(1, steps + 1))  # a record per step
+        for rec in history:
+            assert math.isfinite(rec.reward_mean) and 0.0 <= rec.reward_mean <= 1.0
+            assert math.isfinite(rec.policy_entropy_mean) and rec.policy_entropy_mean >= 0.0
+            assert math.isfinite(rec.entropy_covariance)
+        # the printed RL lines are the stored records' means over the first and last fifth
+        k = max(1, steps // 5)
+        start = next(i for i, line in enumerate(demo.stdout) if line.startswith(f"run {name} ("))
+        block = demo.stdout[start:]
+        for label, field in (
+            ("reward mean", "reward_mean"),
+            ("Cov(log pi, A)", "entropy_covariance"),
+        ):
+            first = sum(getattr(r, field) for r in history[:k]) / k
+            last = sum(getattr(r, field) for r in history[-k:]) / k
+            printed = next(line for line in block if line.startswith(f"{label}: "))
+            assert printed.startswith(f"{label}: {first:+.4f} -> {last:+.4f} "), printed
+
+
+def test_sft_summary_numbers_are_the_stored_records(demo: DemoRun) -> None:
+    history = demo.history("demo-sft")
+    assert len(history) == STEPS  # probes every step for a 30-step run
+    by_step = {rec.step: rec for rec in history}
+    start = demo.stdout.index("== SFT ==")
+    end = demo.stdout.index("== RL ==")
+    block = demo.stdout[start:end]
     pattern = re.compile(
         r"^\s+step\s+(\d+)\s+rho ([+-]\d\.\d{3}) \[([+-]\d\.\d\d), ([+-]\d\.\d\d)\]\s+"
         r"entropy (\d+\.\d{3})$"
     )
-    printed = [m for m in map(pattern.match, demo.stdout) if m]
+    printed = [m for m in map(pattern.match, block) if m]
     assert len(printed) >= 2
     for match in printed:
         rec = by_step[int(match.group(1))]
@@ -138,35 +234,40 @@ def test_summary_numbers_are_the_stored_records(demo: DemoRun) -> None:
         assert match.group(5) == f"{rec.entropy.mean:.3f}"
     assert int(printed[-1].group(1)) == max(by_step)
     first, last = min(by_step), max(by_step)
-    entropy_line = next(line for line in demo.stdout if line.startswith("entropy mean:"))
+    entropy_line = next(line for line in block if line.startswith("entropy mean:"))
     assert entropy_line == (
         f"entropy mean: {by_step[first].entropy.mean:.3f} at step {first} -> "
         f"{by_step[last].entropy.mean:.3f} at step {last}"
     )
-    alerts_line = next(line for line in demo.stdout if line.startswith("alerts:"))
-    assert alerts_line.startswith(f"alerts: {len(demo.response.alerts)}")
-    # an SFT run: entropy falls because the model learns, which raises no alert
-    assert demo.response.summary.run.kind == "sft"
-    assert not demo.response.alerts
+    assert "alerts: 0 (none raised)" in block
 
 
 def _images(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
 
-def test_report_is_self_contained_with_its_plots(demo: DemoRun) -> None:
+def test_report_shows_the_phases_the_alert_and_the_signals(demo: DemoRun) -> None:
     from PIL import Image
 
     page = (demo.out_dir / "report.html").read_text()
+    for title in ("Phase 1: SFT", "Phase 2: RL", "Phase 3: destabilised RL"):
+        assert title in page
+    step = demo.runs["demo-rl-lr-x100"].alerts[0].start_step
+    assert f"EntropyCollapse (warning) on run demo-rl-lr-x100 at step {step}: " in page
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", page)
+    assert captions == [
+        "rho with its 95% confidence band, per phase",
+        "per-token entropy, per phase",
+        "reward of the RL phases",
+        "Cov(log pi, A) of the RL phases (Cui et al.)",
+    ]
     images = _images(page)
-    assert len(images) == 3  # rho with CI, entropy, scatter at the last probe
+    assert len(images) == 4
     for data in images:
         image = Image.open(io.BytesIO(data))
         assert image.format == "PNG" and image.width > 200 and image.height > 200
         assert len(image.convert("RGB").getcolors(1 << 16) or []) > 10  # not blank
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    last = max(rec.step for rec in demo.history)
-    assert f"entropy vs gradient strength at step {last}" in page
 
 
 def _chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess[str]:
@@ -208,7 +309,7 @@ def test_report_renders_in_headless_chromium(demo: DemoRun, tmp_path: Path) -> N
     probe.write_text(page.replace("</body>", check + "</body>"))
     dom = _chromium("--dump-dom", probe.as_uri(), user_data=tmp_path / "profile1")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-images="3"' in dom.stdout and 'data-broken="0"' in dom.stdout, dom.stdout[:500]
+    assert 'data-images="4"' in dom.stdout and 'data-broken="0"' in dom.stdout, dom.stdout[:500]
     assert "Uncaught" not in dom.stderr and ":ERROR:CONSOLE" not in dom.stderr
 
     shot = tmp_path / "report.png"

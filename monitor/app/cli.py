@@ -28,9 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="train a tiny model with the monitor attached and report what it saw"
+        "demo",
+        help="SFT, RL and a destabilised RL run of a tiny model, watched by the monitor: "
+        "a live page, an alert to a webhook, a report",
     )
-    demo.add_argument("--steps", type=int, default=250, help="training steps (default 250)")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=400,
+        help="SFT steps; the RL phases scale with it (default 400)",
+    )
     demo.add_argument(
         "--framework",
         choices=["transformers", "lightning"],

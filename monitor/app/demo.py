@@ -1,46 +1,73 @@
-"""``inversion-monitor demo``: the whole system on a laptop, from one command.
+"""``inversion-monitor demo``: the whole story on a laptop, from one command.
 
 It starts an embedded server (temporary SQLite database, free loopback
-ports), trains a tiny Llama-style model on the synthetic reasoning corpus with
-the Hugging Face ``Trainer`` (or Lightning) and the monitor's callback, shows
-its progress with the latest rho / entropy (one updating line on a
-terminal, a plain line every tenth of the run otherwise) and the URL of the
-server's live page, then prints a summary read back
-from the server (``GetRun``) and writes a self-contained HTML report.
+ports) whose Alertmanager sink posts to a tiny webhook receiver the demo also
+starts (:mod:`.webhook`), then trains a tiny Llama-style model on the toy
+arithmetic task in three phases, each its own run on the server:
+
+1. **SFT** (kind ``sft``): the Hugging Face ``Trainer`` (or Lightning) with the
+   monitor's callback, on the worked solutions;
+2. **RL** (kind ``rl``): a GRPO-style loop (:mod:`.demo_rl`) from the SFT
+   weights, watched through the custom-loop API with its RL signals (reward,
+   policy entropy, Cui et al.'s covariance);
+3. **destabilised RL**: the same loop from the same weights and seed, but from
+   the step after the server's entropy warm-up the learning rate is
+   :data:`LR_FACTOR` times too high. Whatever alert the server raises reaches
+   the webhook, and the demo prints it, with its step, when it arrives.
+
+Progress is one updating line per phase on a terminal (plain periodic lines
+otherwise), with the URL of the server's live page. At the end it prints
+each run's summary read back from the server (``GetRun``) and writes one
+self-contained HTML report of the three phases. Nothing is tuned to look like
+any paper: the numbers are what the toy model does.
 
 >>> DemoOptions(steps=30).probe_every
 1
 >>> DemoOptions().probe_every
-8
+13
+>>> DemoOptions(steps=30).rl_steps, DemoOptions(steps=30).unstable_steps
+(30, 50)
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from inversion_monitor.app.demo_rl import GRPOSettings
+    from inversion_monitor.app.webhook import AlertReceiver
     from inversion_monitor.engine.training_monitor import InversionMonitor
     from inversion_monitor.proto.v1 import monitor_pb2
 
 RUN_NAME = "demo"
 BATCH_SIZE = 16
+RL_LR = 1e-3
+LR_FACTOR = 100.0
+"""How much too high the destabilised run's learning rate is."""
 
 
 @dataclass(frozen=True)
 class DemoOptions:
     """What ``inversion-monitor demo`` does (the command's flags).
 
+    ``steps`` is the SFT phase's length; the RL phases scale with it.
+
     >>> DemoOptions(framework="lightning").framework
     'lightning'
     """
 
-    steps: int = 250
+    steps: int = 400
     framework: Literal["transformers", "lightning"] = "transformers"
     keep_serving: bool = False
     out: Path = field(default_factory=lambda: Path("inversion-monitor-demo"))
@@ -48,59 +75,83 @@ class DemoOptions:
 
     @property
     def probe_every(self) -> int:
-        """Probe about 30 times over the run (every step for short runs)."""
+        """Probe the SFT run about 30 times (every step for short runs)."""
         return max(1, self.steps // 30)
 
+    @property
+    def rl_steps(self) -> int:
+        """Steps of the healthy RL phase."""
+        return max(30, self.steps // 5)
 
-def _monitor_settings(options: DemoOptions, endpoint: str, run_id: str) -> dict[str, Any]:
+    @property
+    def unstable_steps(self) -> int:
+        """Steps of the destabilised run (long enough for the server's detectors)."""
+        return max(50, self.steps // 8)
+
+
+def _monitor_settings(
+    options: DemoOptions, endpoint: str, run_id: str, *, name: str, kind: str, every: int
+) -> dict[str, Any]:
     return {
         "endpoint": endpoint,
         "run_id": run_id,
-        "run_name": RUN_NAME,
+        "run_name": name,
         "project": "demo",
-        "every_n_steps": options.probe_every,
+        "every_n_steps": every,
         "tokens_per_probe": 256,
         "sequences_per_probe": 8,
         "token_samples": 256,
         # the last block's Q and O: the probe's exact one-backward fast path
         "projections": ["q", "o"],
         "seed": options.seed,
-        # supervised training on a corpus (with either framework): entropy falls because
-        # the model learns, and the server judges it as SFT
-        "kind": "sft",
+        # sft: entropy falls because the model learns, and the server judges it as SFT
+        "kind": kind,
     }
 
 
 class _LiveLine:
-    """The training progress with the latest step / rho (CI) / entropy (see :mod:`.progress`)."""
+    """One phase's progress with the latest rho (CI) / entropy (see :mod:`.progress`).
 
-    def __init__(self, steps: int) -> None:
+    Alerts the webhook received since the last update are printed on lines of
+    their own as they arrive.
+    """
+
+    def __init__(self, steps: int, label: str, receiver: AlertReceiver | None = None) -> None:
         from inversion_monitor.app.progress import ProgressLine
 
-        self.progress = ProgressLine(steps, label="training")
+        self.progress = ProgressLine(steps, label=label)
+        self.receiver = receiver
         self._seen = 0
+        self._probe = ""
 
-    def update(self, step: int, monitor: InversionMonitor | None) -> None:
-        if monitor is None or monitor.last_stats is None or monitor.probes == self._seen:
-            self.progress.update(step)
+    def update(self, step: int, monitor: InversionMonitor | None, extra: str = "") -> None:
+        self.print_alerts()
+        if monitor is not None and monitor.last_stats is not None and monitor.probes != self._seen:
+            self._seen = monitor.probes
+            stats = monitor.last_stats
+            low, high = stats.ci
+            if math.isfinite(stats.rho):
+                text = f"rho {stats.rho:+.3f} [{low:+.2f}, {high:+.2f}]"
+            else:
+                text = "rho n/a"
+            self._probe = f"{text}  entropy {stats.entropy_mean:.3f}  (probe at step {step})"
+        detail = "  ".join(t for t in (self._probe, extra) if t)
+        self.progress.update(step, detail or None)
+
+    def print_alerts(self) -> None:
+        if self.receiver is None:
             return
-        self._seen = monitor.probes
-        stats = monitor.last_stats
-        low, high = stats.ci
-        if math.isfinite(stats.rho):
-            text = f"rho {stats.rho:+.3f} [{low:+.2f}, {high:+.2f}]"
-        else:
-            text = "rho n/a"
-        self.progress.update(
-            step, f"{text}  entropy {stats.entropy_mean:.3f}  (probe at step {step})"
-        )
+        for alert in self.receiver.take():
+            self.progress.message(f"ALERT received by the webhook: {alert.line()}")
 
     def close(self) -> None:
         self.progress.close()
 
 
-def train_transformers(options: DemoOptions, settings: dict[str, Any], workdir: Path) -> None:
-    """Train with the HF ``Trainer`` and :class:`InversionTrainerCallback`."""
+def train_transformers(
+    options: DemoOptions, settings: dict[str, Any], workdir: Path, live: _LiveLine
+) -> nn.Module:
+    """Train with the HF ``Trainer`` and :class:`InversionTrainerCallback`; returns the model."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -112,7 +163,6 @@ def train_transformers(options: DemoOptions, settings: dict[str, Any], workdir: 
     tokenizer = char_tokenizer()
     model = tiny_causal_lm("llama", seed=options.seed).train()
     inversion = InversionTrainerCallback(**settings)
-    live = _LiveLine(options.steps)
 
     class Progress(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -147,10 +197,14 @@ def train_transformers(options: DemoOptions, settings: dict[str, Any], workdir: 
         trainer.train()
     finally:
         live.close()
+    trained: nn.Module = trainer.model
+    return trained
 
 
-def train_lightning(options: DemoOptions, settings: dict[str, Any], workdir: Path) -> None:
-    """Train with Lightning and :class:`InversionLightningCallback`."""
+def train_lightning(
+    options: DemoOptions, settings: dict[str, Any], workdir: Path, live: _LiveLine
+) -> nn.Module:
+    """Train with Lightning and :class:`InversionLightningCallback`; returns the model."""
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
@@ -181,7 +235,6 @@ def train_lightning(options: DemoOptions, settings: dict[str, Any], workdir: Pat
         collate_fn=lambda items: dict(collate(items)),
     )
     inversion = InversionLightningCallback(**settings)
-    live = _LiveLine(options.steps)
 
     class Progress(pl.Callback):  # type: ignore[misc]
         def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
@@ -199,10 +252,143 @@ def train_lightning(options: DemoOptions, settings: dict[str, Any], workdir: Pat
         callbacks=[inversion, Progress()],
         default_root_dir=str(workdir),
     )
+    module = TinyLM()
     try:
-        trainer.fit(TinyLM(), loader)
+        trainer.fit(module, loader)
     finally:
         live.close()
+    model: nn.Module = module.model
+    return model
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One run of the demo: its title, what was done, and its run id on the server."""
+
+    title: str
+    what: str
+    run_id: str
+    lr_jump_step: int | None = None
+
+
+def _alerts_warmup() -> int:
+    """Records the server's EntropyCollapse detector uses to learn a run's early level."""
+    from inversion_monitor.server.detectors import AlertsConfig
+
+    return AlertsConfig().entropy.warmup
+
+
+def _rl_phase(
+    model: nn.Module,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    grpo: GRPOSettings,
+    live: _LiveLine,
+) -> InversionMonitor:
+    from inversion_monitor.app.demo_rl import train_grpo
+    from inversion_monitor.config import MonitorConfig
+    from inversion_monitor.engine.training_monitor import InversionMonitor
+
+    monitor = InversionMonitor(MonitorConfig(**settings), framework="custom")
+
+    def on_step(step: int, values: dict[str, float]) -> None:
+        live.update(
+            step,
+            monitor,
+            f"reward {values['reward']:.3f}  policy entropy {values['entropy']:.3f}  "
+            f"lr {values['lr']:.0e}",
+        )
+
+    try:
+        train_grpo(model, tokenizer, monitor, grpo, on_step=on_step)
+    finally:
+        live.close()
+        monitor.close()
+    return monitor
+
+
+def run_phases(
+    options: DemoOptions,
+    endpoint: str,
+    workdir: Path,
+    receiver: AlertReceiver,
+    say: Callable[[str], None] = print,
+) -> list[Phase]:
+    """Train the three phases against the server at ``endpoint``; returns them in order."""
+
+    from inversion_monitor.app.demo_rl import GRPOSettings
+    from inversion_monitor.app.toy.tokenizer import char_tokenizer
+
+    phases = []
+    # --- 1. SFT
+    sft = Phase(
+        "SFT",
+        f"{options.steps} steps of supervised training on worked solutions ({options.framework}, "
+        f"lr 3e-3, batch {BATCH_SIZE}), probed every {options.probe_every} steps",
+        uuid.uuid4().hex,
+    )
+    say(f"phase 1/3 {sft.title}: {sft.what}")
+    train = train_lightning if options.framework == "lightning" else train_transformers
+    settings = _monitor_settings(
+        options,
+        endpoint,
+        sft.run_id,
+        name=f"{RUN_NAME}-sft",
+        kind="sft",
+        every=options.probe_every,
+    )
+    model = train(options, settings, workdir, _LiveLine(options.steps, "sft", receiver))
+    phases.append(sft)
+    sft_weights = copy.deepcopy(model.state_dict())
+    tokenizer = char_tokenizer()
+
+    # --- 2. RL
+    grpo = GRPOSettings(steps=options.rl_steps, lr=RL_LR, seed=options.seed)
+    rl = Phase(
+        "RL",
+        f"{grpo.steps} steps of a GRPO-style loop from the SFT weights ({grpo.prompts} problems "
+        f"x {grpo.group} samples per step, lr {grpo.lr:g}; reward: half the similarity of the "
+        "working to the worked solution, half the right answer), probed every step",
+        uuid.uuid4().hex,
+    )
+    say(f"phase 2/3 {rl.title}: {rl.what}")
+    settings = _monitor_settings(
+        options, endpoint, rl.run_id, name=f"{RUN_NAME}-rl", kind="rl", every=1
+    )
+    _rl_phase(model, tokenizer, settings, grpo, _LiveLine(grpo.steps, "rl", receiver))
+    phases.append(rl)
+
+    # --- 3. the same RL run with a learning rate far too high
+    jump = _alerts_warmup() + 1
+    bad = GRPOSettings(
+        steps=options.unstable_steps,
+        lr=RL_LR,
+        seed=options.seed,
+        lr_jump=(jump, LR_FACTOR),
+    )
+    unstable = Phase(
+        "destabilised RL",
+        f"the RL loop again from the SFT weights with the same seed, but from step {jump} "
+        f"(after the server's {jump - 1}-record entropy warm-up) the learning rate is "
+        f"{LR_FACTOR:g}x too high ({bad.lr:g} -> {bad.learning_rate(jump):g}); "
+        f"{bad.steps} steps",
+        uuid.uuid4().hex,
+        lr_jump_step=jump,
+    )
+    say(f"phase 3/3 {unstable.title}: {unstable.what}")
+    model.load_state_dict(sft_weights)
+    settings = _monitor_settings(
+        options,
+        endpoint,
+        unstable.run_id,
+        name=f"{RUN_NAME}-rl-lr-x{LR_FACTOR:g}",
+        kind="rl",
+        every=1,
+    )
+    live = _LiveLine(bad.steps, "destabilised rl", receiver)
+    _rl_phase(model, tokenizer, settings, bad, live)
+    phases.append(unstable)
+    return phases
 
 
 def fetch_run(
@@ -216,6 +402,10 @@ def fetch_run(
         return reader.get_run(run, history_limit=limit)
 
 
+def _history_limit(options: DemoOptions) -> int:
+    return max(options.steps, options.rl_steps, options.unstable_steps) + 10
+
+
 def _wait_for_interrupt() -> None:
     stop = threading.Event()
     try:
@@ -225,57 +415,105 @@ def _wait_for_interrupt() -> None:
         print("\nstopping the server")
 
 
+def _await_alert(receiver: AlertReceiver, run_name: str, timeout_s: float) -> None:
+    """Print the alerts still arriving; wait (bounded) for one on the destabilised run."""
+    receiver.wait(lambda got: any(a.run == run_name for a in got), timeout_s)
+    for alert in receiver.take():
+        print(f"ALERT received by the webhook: {alert.line()}", flush=True)
+
+
 def run_demo(options: DemoOptions) -> int:
     """Run the demo; returns the process exit code."""
     import logging
     import warnings
 
-    from inversion_monitor.app.report import format_summary, write_run_report
+    import torch
+
+    from inversion_monitor.app.report import format_phase_summary, write_demo_report
+    from inversion_monitor.app.webhook import PATH as WEBHOOK_PATH
+    from inversion_monitor.app.webhook import AlertReceiver
     from inversion_monitor.server import MonitorServer, ServerConfig
 
     if options.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {options.steps}")
+    started = time.monotonic()
     logging.getLogger("inversion_monitor").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
-    with tempfile.TemporaryDirectory(prefix="inversion-monitor-demo-") as tmp:
-        workdir = Path(tmp)
-        server = MonitorServer(
-            ServerConfig(
-                grpc_address="127.0.0.1:0",
-                http_address="127.0.0.1:0",
-                db=workdir / "monitor.db",
-            )
-        ).start()
-        try:
-            metrics_url = f"{server.http_url}/metrics"
-            database = workdir / "monitor.db"
-            print(f"server: gRPC {server.grpc_target}, metrics {metrics_url}, database {database}")
-            print(f"live page: {server.page_url}  (open it in a browser to watch the run)")
-            print(
-                f"training a tiny Llama for {options.steps} steps with {options.framework}, "
-                f"probing every {options.probe_every} steps",
-                flush=True,
-            )
-            train = train_lightning if options.framework == "lightning" else train_transformers
-            run_id = uuid.uuid4().hex
-            train(options, _monitor_settings(options, server.grpc_target, run_id), workdir)
-            response = fetch_run(server.grpc_target, run_id, limit=options.steps + 10)
-            print()
-            print(format_summary(response))
-            print(f"metrics were served at {metrics_url}")
-            report = write_run_report(
-                response,
-                options.out / "report.html",
-                notes=[f"{options.steps} steps with {options.framework}, seed {options.seed}"],
-            )
-            print(f"report: {report.resolve()}")
-            if options.keep_serving:
+    # the toy model's matrices are far too small to gain from threads; extra
+    # threads only spin against each other (10x slower on a busy 2-core machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    receiver = AlertReceiver().start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="inversion-monitor-demo-") as tmp:
+            workdir = Path(tmp)
+            server = MonitorServer(
+                ServerConfig(
+                    grpc_address="127.0.0.1:0",
+                    http_address="127.0.0.1:0",
+                    db=workdir / "monitor.db",
+                    alertmanager_url=receiver.url,
+                )
+            ).start()
+            try:
+                metrics_url = f"{server.http_url}/metrics"
+                database = workdir / "monitor.db"
                 print(
-                    f"the server stays up: live page {server.page_url}, metrics {metrics_url}  "
-                    "(Ctrl-C to stop)",
+                    f"server: gRPC {server.grpc_target}, metrics {metrics_url}, database {database}"
+                )
+                print(f"live page: {server.page_url}  (open it in a browser to watch the runs)")
+                print(
+                    f"alert webhook: {receiver.url}{WEBHOOK_PATH} (the server's Alertmanager "
+                    "sink posts here; alerts are printed as they arrive)",
                     flush=True,
                 )
-                _wait_for_interrupt()
-        finally:
-            server.stop()
+                phases = run_phases(options, server.grpc_target, workdir, receiver)
+                unstable_name = f"{RUN_NAME}-rl-lr-x{LR_FACTOR:g}"
+                _await_alert(receiver, unstable_name, timeout_s=15.0)
+                responses = [
+                    fetch_run(server.grpc_target, p.run_id, limit=_history_limit(options))
+                    for p in phases
+                ]
+                print()
+                for phase, response in zip(phases, responses, strict=True):
+                    print(format_phase_summary(phase.title, response))
+                    print()
+                got = [a for a in receiver.received if a.run == unstable_name]
+                print(
+                    f"webhook: {len(receiver.received)} alert(s) received"
+                    + (
+                        ""
+                        if got
+                        else f"; none for {unstable_name} (the destabilised run raised no alert)"
+                    )
+                )
+                for alert in receiver.received:
+                    print(f"  {alert.line()}")
+                print(f"metrics were served at {metrics_url}")
+                report = write_demo_report(
+                    [
+                        (p.title, p.what, p.lr_jump_step, r)
+                        for p, r in zip(phases, responses, strict=True)
+                    ],
+                    options.out / "report.html",
+                    received=[a.line() for a in receiver.received],
+                    notes=[
+                        f"seed {options.seed}; SFT with {options.framework}; "
+                        f"{time.monotonic() - started:.0f} s in all"
+                    ],
+                )
+                print(f"report: {report.resolve()}")
+                print(f"demo took {time.monotonic() - started:.0f} s", flush=True)
+                if options.keep_serving:
+                    print(
+                        f"the server stays up: live page {server.page_url}, metrics {metrics_url}  "
+                        "(Ctrl-C to stop)",
+                        flush=True,
+                    )
+                    _wait_for_interrupt()
+            finally:
+                server.stop()
+    finally:
+        receiver.stop()
+        torch.set_num_threads(threads)
     return 0

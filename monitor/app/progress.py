@@ -81,6 +81,23 @@ class ProgressLine:
         ):
             self._print()
 
+    def message(self, text: str) -> None:
+        """Print ``text`` on a line of its own (above the updating line on a terminal).
+
+        >>> import io
+        >>> out = io.StringIO()
+        >>> line = ProgressLine(10, stream=out, tty=False)
+        >>> line.message("ALERT")
+        >>> out.getvalue()
+        'ALERT\\n'
+        """
+        if self.tty and not self._closed:
+            self.stream.write("\r" + ERASE_TO_END + text + "\n")
+            self._draw()
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         """End the display: a final redraw and newline on a terminal, a last plain line."""
         if self._closed:

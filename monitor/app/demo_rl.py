@@ -1,0 +1,256 @@
+"""The demo's RL phases: a small GRPO-style loop on the toy arithmetic task.
+
+Each step takes ``prompts`` problems ("Q: (12+7)*3=?"), samples ``group``
+completions per problem from the policy, scores each with a verifiable reward
+(:func:`rollout_reward`), turns the rewards into GRPO group advantages
+(:func:`~inversion_monitor.rl.corrpo.group_advantages`) and takes one on-policy
+step of ``-mean(advantage * log p(token))`` over the completion tokens. The
+monitor watches it through the custom-loop API
+(:meth:`InversionMonitor.step_end` with the step's
+:class:`~inversion_monitor.rl.signals.RLStats`: reward, the policy's entropy and
+Cui et al.'s covariance, from the loss's own log-probs; run kind ``rl``).
+
+``lr_jump``, if given, is ``(step, factor)``: from that step on the learning
+rate is ``factor`` times higher. The demo uses it to destabilise a run on
+purpose (a broken learning-rate schedule).
+
+>>> from inversion_monitor.app.toy.corpus import ArithmeticProblem
+>>> p = ArithmeticProblem(prompt="Q: 2+3=?\\n", completion="2+3=5.\\nA: 5\\n", answer=5)
+>>> rollout_reward("2+3=5.\\nA: 5\\n", p)
+1.0
+>>> rollout_reward("", p)
+0.0
+>>> cut_length("2+3=5.\\nA: 5\\nQ: 1+1", max_length=64)
+12
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from inversion_monitor.app.toy.corpus import ArithmeticProblem
+    from inversion_monitor.engine.training_monitor import InversionMonitor
+
+PAD = 0
+POOL_SIZE = 512
+
+
+def rollout_reward(completion: str, problem: ArithmeticProblem) -> float:
+    """Half for how close the working is to the worked solution, half for the right answer.
+
+    The first half is ``difflib``'s similarity ratio of the completion to the
+    reference working (dense, so a group of samples rarely ties); the second
+    is 0.5 when the line ``A: <answer>`` is there.
+    """
+    similarity = difflib.SequenceMatcher(None, completion, problem.completion).ratio()
+    correct = f"A: {problem.answer}\n" in completion
+    return 0.5 * similarity + (0.5 if correct else 0.0)
+
+
+def cut_length(text: str, *, max_length: int) -> int:
+    """Characters of a sampled text up to and including its answer line (all if none)."""
+    at = text.find("A:")
+    if at < 0:
+        return min(len(text), max_length)
+    end = text.find("\n", at)
+    return min(max_length, len(text) if end < 0 else end + 1)
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """The knobs of the demo's GRPO loop.
+
+    >>> GRPOSettings(steps=10, lr=1e-3).learning_rate(5)
+    0.001
+    >>> GRPOSettings(steps=10, lr=1e-3, lr_jump=(5, 100.0)).learning_rate(5)
+    0.1
+    """
+
+    steps: int
+    lr: float = 3e-4
+    prompts: int = 4
+    group: int = 8
+    max_new_tokens: int = 56
+    temperature: float = 1.0
+    seed: int = 0
+    lr_jump: tuple[int, float] | None = None
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of ``step`` (1-based)."""
+        if self.lr_jump is not None and step >= self.lr_jump[0]:
+            return self.lr * self.lr_jump[1]
+        return self.lr
+
+
+@dataclass
+class GRPOHistory:
+    """What the loop measured, per step (the monitor streams the same numbers)."""
+
+    reward_mean: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    policy_entropy: list[float] = field(default_factory=list)
+
+
+def _char_table(tokenizer: Any) -> list[str]:
+    """Token id -> its character (one per id; special tokens map to NUL)."""
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    table = ["\x00"] * (max(vocab.values()) + 1)
+    specials = set(tokenizer.all_special_tokens)
+    for token, index in vocab.items():
+        if token not in specials and len(token) == 1:
+            table[index] = token
+    return table
+
+
+def _rollout(
+    model: nn.Module,
+    *,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: GRPOSettings,
+    table: list[str],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Sample completions: ``(ids, completion_mask, texts)`` (token i is character i)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    ids = prompt_ids
+    mask = prompt_mask
+    past = None
+    step_ids = ids
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    step_positions = positions
+    new: list[torch.Tensor] = []
+    with torch.no_grad():
+        for _ in range(settings.max_new_tokens):
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            logits = out.logits[:, -1].float() / settings.temperature
+            probs = torch.softmax(logits, -1)
+            token = torch.multinomial(probs, 1, generator=generator)
+            new.append(token)
+            step_ids = token
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            step_positions = step_positions[:, -1:] + 1
+    model.train(was_training)
+    completion = torch.cat(new, 1)
+    texts = ["".join(table[int(t)] for t in row) for row in completion]
+    lengths = [cut_length(t, max_length=settings.max_new_tokens) for t in texts]
+    keep = torch.arange(completion.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    completion = completion.masked_fill(~keep, PAD)
+    return completion, keep, [t[:n] for t, n in zip(texts, lengths, strict=True)]
+
+
+def train_grpo(
+    model: nn.Module,
+    tokenizer: Any,
+    monitor: InversionMonitor,
+    settings: GRPOSettings,
+    *,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> GRPOHistory:
+    """Train ``model`` with the GRPO loop; ``monitor`` sees every step (custom-loop API)."""
+    import torch
+
+    from inversion_monitor.app.toy.corpus import arithmetic_problems
+    from inversion_monitor.rl.corrpo import group_advantages
+    from inversion_monitor.rl.signals import RLStepAccumulator
+
+    rng = random.Random(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    # a fixed pool: runs with the same seed see the same problems whatever their length
+    pool = arithmetic_problems(POOL_SIZE, seed=settings.seed + 1)
+    table = _char_table(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    history = GRPOHistory()
+    model.train()
+    monitor.attach(model)
+    try:
+        for step in range(1, settings.steps + 1):
+            lr = settings.learning_rate(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            problems = rng.sample(pool, settings.prompts)
+            encoded = tokenizer(
+                [p.prompt for p in problems for _ in range(settings.group)],
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+            )
+            prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
+            completion, keep, texts = _rollout(
+                model,
+                prompt_ids=prompt_ids,
+                prompt_mask=prompt_mask,
+                settings=settings,
+                table=table,
+                generator=generator,
+            )
+            answers = [p for p in problems for _ in range(settings.group)]
+            rewards = torch.tensor(
+                [rollout_reward(t, p) for t, p in zip(texts, answers, strict=True)],
+                dtype=torch.float32,
+            )
+            advantages = group_advantages(rewards, settings.group)
+            ids = torch.cat([prompt_ids, completion], 1)
+            attention = torch.cat([prompt_mask, keep.long()], 1)
+            completion_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), keep], 1)
+            # the training forward; labels mark the completion tokens (the monitor probes those)
+            labels = ids.masked_fill(~completion_mask, -100)
+            logits = model(input_ids=ids, attention_mask=attention, labels=labels).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            token_logp = logp.gather(2, ids[:, 1:, None])[..., 0]
+            mask = completion_mask[:, 1:]
+            weights = mask.float()
+            loss = -(advantages[:, None] * token_logp * weights).sum() / weights.sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimizer.step()
+            signals = RLStepAccumulator()
+            with torch.no_grad():
+                signals.add(
+                    mask=mask,
+                    entropies=-(logp.exp() * logp).sum(-1),
+                    logprobs=token_logp,
+                    advantages=advantages,
+                )
+            rl = signals.finish(
+                reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False))
+            )
+            accuracy = sum(f"A: {p.answer}\n" in t for t, p in zip(texts, answers, strict=True))
+            history.reward_mean.append(rl.reward_mean)
+            history.accuracy.append(accuracy / len(texts))
+            history.policy_entropy.append(rl.policy_entropy_mean)
+            monitor.step_end(step, model, loss=float(loss.detach()), learning_rate=lr, rl=rl)
+            if on_step is not None:
+                on_step(
+                    step,
+                    {
+                        "reward": rl.reward_mean,
+                        "entropy": rl.policy_entropy_mean,
+                        "covariance": rl.entropy_covariance,
+                        "lr": lr,
+                    },
+                )
+            if not math.isfinite(float(loss.detach())):
+                break  # a diverged policy samples nothing meaningful any more
+    finally:
+        monitor.detach()
+    return history
