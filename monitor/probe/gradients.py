@@ -48,9 +48,10 @@ True
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,9 +65,12 @@ from inversion_monitor.probe.architectures import (
     rank_one_exact,
     resolve_model,
 )
+from inversion_monitor.probe.last_block import ForwardOutput, LastBlockRefused, last_block_norms
 from inversion_monitor.probe.packing import document_index, same_document, split_documents
 from inversion_monitor.probe.sampling import valid_positions
 from inversion_monitor.probe.sharding import probe_leaves_shards
+
+logger = logging.getLogger("inversion_monitor")
 
 Component = tuple[int, str]
 
@@ -82,6 +86,10 @@ class ProbeResult:
             layer indices are non-negative.
         score: ``[N]`` mean of ``norms`` over its entries.
         tokens: ``[N]`` the target token ids ``input_ids[b, t + 1]``.
+        paths: ``{(layer, projection): path}``, how each entry was computed:
+            ``"rank_one"``, ``"last_block"`` (one pass,
+            :mod:`~inversion_monitor.probe.last_block`) or ``"general"`` (one
+            row per target).
 
     >>> r = ProbeResult(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), {}, torch.zeros(0),
     ...                 torch.zeros(0, dtype=torch.long))
@@ -94,6 +102,7 @@ class ProbeResult:
     norms: dict[Component, torch.Tensor]
     score: torch.Tensor
     tokens: torch.Tensor
+    paths: dict[Component, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -570,15 +579,22 @@ def _probe(
         norms={c: torch.zeros(work.shape[0], dtype=torch.float32, device=device) for c in sites},
         entropy=torch.zeros(work.shape[0], dtype=torch.float32, device=device),
     )
+    paths: dict[Component, str] = {}
     if count:
         with _model_left_as_found(resolved.model), probe_leaves_shards(resolved.model):
             if plan.rank_one == set(sites):
                 for group in _rank_one_groups(plan, chunk_tokens):
                     _probe_rank_one(plan, group.to(device))
+                paths = dict.fromkeys(sites, "rank_one")
             else:
-                max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(resolved))
-                for group in _chunks(work[:, 1] + 1, chunk_tokens, max_rows):
-                    _probe_rows(plan, group.to(device))
+                paths = _probe_last_block(plan)
+                rest = {c: site for c, site in sites.items() if c not in paths}
+                if rest:
+                    general = replace(plan, sites=rest, lowest_block=min(c[0] for c in rest))
+                    max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(resolved))
+                    for group in _chunks(work[:, 1] + 1, chunk_tokens, max_rows):
+                        _probe_rows(general, group.to(device))
+                    paths.update(dict.fromkeys(rest, "general"))
     norms = {c: values[inverse] for c, values in sorted(plan.norms.items())}
     score = (
         torch.stack(list(norms.values())).mean(0)
@@ -591,6 +607,7 @@ def _probe(
         norms=norms,
         score=score,
         tokens=input_ids[targets[:, 0], targets[:, 1] + 1],
+        paths=dict(sorted(paths.items())),
     )
 
 
@@ -688,3 +705,64 @@ def _measure(
             plan.norms[component][index] = values.to(plan.entropy.device)
     finally:
         forward.captures.remove()
+
+
+def _probe_last_block(plan: _Plan) -> dict[Component, str]:
+    """The last block's components in one pass where eligible; ``{}`` (general path) if not.
+
+    See :mod:`~inversion_monitor.probe.last_block`. Not used on sharded
+    parameters (FSDP2 DTensors, ZeRO-3 partitions): the one-pass replay reads
+    the attention module outside the framework's own forward.
+    """
+    resolved = plan.resolved
+    layer = resolved.num_layers - 1
+    wanted = {c[1]: site for c, site in plan.sites.items() if c[0] == layer}
+    if not set(wanted) & {"k", "v"} or _sharded(resolved.model):
+        return {}
+    modules = list({id(m): m for m, _ in wanted.values()}.values())
+
+    @contextmanager
+    def forward(
+        sequences: torch.Tensor, length: int, rows: torch.Tensor, t: torch.Tensor
+    ) -> Iterator[ForwardOutput]:
+        ids, mask, pos = _cut(plan, sequences, length)
+        result = _forward(
+            resolved,
+            ids,
+            attention_mask=mask,
+            position_ids=pos,
+            lowest_block=layer,
+            modules=modules,
+            rows=rows,
+            t=t,
+            tokens=plan.input_ids[sequences[rows], t + 1],
+        )
+        try:
+            yield ForwardOutput(
+                entropy=result.entropy,
+                target_logits=result.target_logits,
+                inputs=result.captures.inputs,
+                outputs=result.captures.outputs,
+            )
+        finally:
+            result.captures.remove()
+
+    try:
+        entropy, norms = last_block_norms(
+            resolved, layer, wanted, targets=plan.targets, norm=plan.norm, forward=forward
+        )
+    except LastBlockRefused as exc:
+        logger.debug("last-block one-pass path not used: %s", exc)
+        return {}
+    plan.entropy.copy_(entropy)
+    for component, values in norms.items():
+        plan.norms[component].copy_(values)
+    return dict.fromkeys(norms, "last_block")
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether any parameter is an FSDP2 DTensor or a DeepSpeed ZeRO-3 partition."""
+    return any(
+        hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor")
+        for p in model.parameters()
+    )

@@ -1,0 +1,445 @@
+"""The last attention block's Q, K, V and O gradient norms for every target in one pass.
+
+For the target logit ``z_t`` of position t and an attention block after
+which nothing mixes positions (:func:`last_block_refusal` says when that
+holds), one forward and one backward of ``sum_t z_t`` give, for every t at
+once, ``g_t = dz_t / do_t`` at the attention function's output (o_t reaches
+only z_t). The rest comes from the model's own attention function
+(:mod:`inversion_monitor.probe.attention_capture`), replayed on the target rows
+only, with two identity blocks appended to the head dimension:
+
+- ``v' = [v, e_s]``: the extra output columns are the attention
+  probabilities ``a_ts`` (masks, sliding windows, soft-caps and sinks
+  included, as the model computes them);
+- ``q' = [q_t, 0]``, ``k' = [k_s, e_s]``: scores unchanged, and the backward
+  of the replay with cotangent ``g_t`` gives, in the extra columns of
+  ``dq'``, ``w_ts = dz_t / d(q_t . k_s)``.
+
+Then ``dz_t/dv_s = sum_h a_ts^h g_t^h`` and ``dz_t/dk_s = sum_h w_ts^h q_t^h``
+per key/value head (query heads of a group add up), carried back through the
+per-position maps between the projections and the attention (RoPE, q/k
+norms, layouts) by one batched vector-Jacobian product. The norm of
+``G = sum_s gamma_s x_s^T`` comes from small factors with the input side
+shared by the targets of a sequence (:mod:`inversion_monitor.metrics.gram_norms`).
+Q and O are rank one (``g_t x_t^T``).
+
+Every replay is checked against the recorded forward (its output rows and
+``dz/dq``); on any mismatch :class:`LastBlockRefused` is raised and the
+caller uses the general path: never a silently wrong value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from inversion_monitor.metrics.gram_norms import shared_input_norm
+from inversion_monitor.metrics.norms import Norm, outer_sum_norm, rank_one_norm
+from inversion_monitor.probe.architectures import ResolvedModel, positions_mix_after
+from inversion_monitor.probe.attention_capture import (
+    AttentionCall,
+    attention_function,
+    attention_module,
+    recording_attention,
+)
+
+logger = logging.getLogger("inversion_monitor")
+
+Component = tuple[int, str]
+Site = tuple[nn.Module, torch.Tensor | None]
+
+# layer types (``config.layer_types``) after which positions are not mixed
+# by anything but the attention's own mask
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# fp32 elements of one batched cotangent ([targets, B, heads, T, d]): 32 Mi = 128 MiB
+_MAX_COTANGENT_ELEMENTS = 1 << 25
+
+
+class LastBlockRefused(RuntimeError):
+    """The last-block path cannot compute these norms exactly; the reason is the message."""
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """What the caller's forward returns: entropy and differentiable target logits per
+    row, and the projection modules' captured inputs and outputs."""
+
+    entropy: torch.Tensor
+    target_logits: torch.Tensor
+    inputs: Mapping[nn.Module, torch.Tensor]
+    outputs: Mapping[nn.Module, torch.Tensor]
+
+
+ForwardFn = Callable[
+    [torch.Tensor, int, torch.Tensor, torch.Tensor], AbstractContextManager[ForwardOutput]
+]
+"""``forward(sequences, length, rows, t)``: a context manager that runs the model on
+``input_ids[sequences, :length]`` and yields a :class:`ForwardOutput` with one entry
+per target (``rows[k]``, ``t[k]``) of the forward batch."""
+
+
+def positions_unmixed_after(resolved: ResolvedModel, layer: int) -> str | None:
+    """None if nothing after block ``layer``'s attention mixes positions, else why not.
+
+    The one-pass path additionally needs ``layer`` to be the last decoder block;
+    what may mix positions is decided in one place,
+    :func:`~inversion_monitor.probe.architectures.positions_mix_after`.
+    """
+    if layer != resolved.num_layers - 1:
+        return f"block {layer} is not the last decoder block"
+    return positions_mix_after(resolved, layer)
+
+
+def last_block_refusal(
+    resolved: ResolvedModel, layer: int, sites: Mapping[str, Site]
+) -> str | None:
+    """None if the one-pass path applies to block ``layer`` (checked again at run time)."""
+    reason = positions_unmixed_after(resolved, layer)
+    if reason is not None:
+        return reason
+    try:
+        attention = attention_module(resolved.blocks[layer], next(iter(sites.values()))[0])
+    except (LookupError, StopIteration) as exc:
+        return str(exc)
+    function = attention_function(attention)
+    return function if isinstance(function, str) else None
+
+
+@dataclass
+class _Targets:
+    """Unique targets: their rows in the forward batch, positions, and where they go."""
+
+    rows: torch.Tensor  # [U] row of the forward batch
+    t: torch.Tensor  # [U]
+    inverse: torch.Tensor  # [N] index into the unique targets of each requested target
+
+
+def last_block_norms(
+    resolved: ResolvedModel,
+    layer: int,
+    sites: Mapping[str, Site],
+    *,
+    targets: torch.Tensor,
+    norm: Norm,
+    forward: ForwardFn,
+) -> tuple[torch.Tensor, dict[Component, torch.Tensor]]:
+    """Entropy ``[N]`` and ``{(layer, proj): [N]}`` for the ``[N, 2]`` ``targets``.
+
+    ``sites`` maps the requested projections to their (module, columns).
+    Duplicate targets are measured once. Raises :class:`LastBlockRefused`.
+    """
+    reason = last_block_refusal(resolved, layer, sites)
+    if reason is not None:
+        raise LastBlockRefused(reason)
+    sequences, rows = torch.unique(targets[:, 0], return_inverse=True)
+    length = int(targets[:, 1].max()) + 1
+    keys = rows * length + targets[:, 1]
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    unique = _Targets(rows=unique_keys // length, t=unique_keys % length, inverse=inverse)
+    attention = attention_module(resolved.blocks[layer], next(iter(sites.values()))[0])
+    with (
+        recording_attention(attention) as recorder,
+        forward(sequences, length, unique.rows, unique.t) as out,
+    ):
+        if len(recorder.calls) != 1:
+            raise LastBlockRefused(
+                f"the attention function ran {len(recorder.calls)} times in one forward"
+            )
+        values = _norms(recorder.calls[0], out, sites, unique, norm)
+    entropy = out.entropy[unique.inverse]
+    return entropy, {(layer, proj): v[unique.inverse] for proj, v in values.items()}
+
+
+def _check_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    tolerance = 1e-3 if expected.dtype in (torch.float32, torch.float64) else 5e-2
+    got, expected = got.detach().float(), expected.detach().float()
+    scale = float(expected.norm())
+    error = float((got - expected).norm())
+    if not error <= tolerance * max(scale, 1e-6):
+        raise LastBlockRefused(
+            f"replaying the attention function does not reproduce {what} "
+            f"(relative error {error / max(scale, 1e-30):.2e})"
+        )
+
+
+def _check_shapes(call: AttentionCall) -> None:
+    q, k, v, o = call.query, call.key, call.value, call.output
+    ok = (
+        q.ndim == k.ndim == v.ndim == o.ndim == 4
+        and k.shape[:3] == v.shape[:3]
+        and q.shape[0] == k.shape[0] == o.shape[0]
+        and q.shape[2] == k.shape[2] == o.shape[1]
+        and q.shape[1] % k.shape[1] == 0
+        and o.shape[2] == q.shape[1]
+        and o.shape[3] == v.shape[3]
+        and q.shape[3] == k.shape[3]
+    )
+    mask = call.attention_mask
+    if mask is not None:
+        ok = ok and mask.ndim == 4 and mask.shape[-1] == k.shape[2] and mask.shape[-2] == q.shape[2]
+    if not ok:
+        raise LastBlockRefused(
+            "unexpected attention shapes: query "
+            f"{tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}, output "
+            f"{tuple(o.shape)}, mask {None if mask is None else tuple(mask.shape)}"
+        )
+
+
+def _mask_rows(call: AttentionCall, row: int, t: torch.Tensor) -> torch.Tensor | None:
+    """The mask rows of targets ``t`` of batch row ``row``, in the function's own format."""
+    mask = call.attention_mask
+    length = call.key.shape[2]
+    if mask is not None:
+        picked = mask[row if mask.shape[0] > 1 else 0][:, t, :]
+        return picked[None]
+    sdpa = call.implementation == "sdpa"
+    causal = call.kwargs.get("is_causal")
+    causal = getattr(call.module, "is_causal", True) if causal is None else causal
+    if sdpa and causal:  # the recorded call relied on is_causal with a full square
+        keep = torch.arange(length, device=t.device)[None, :] <= t[:, None]
+        return keep[None, None]
+    return None
+
+
+def _attention_terms(
+    call: AttentionCall, g: torch.Tensor, dq: torch.Tensor, row: int, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities ``a`` and score gradients ``w`` ``[H, n, T]`` of targets ``t`` of ``row``."""
+    q = call.query[row, :, t].detach().float()  # [H, n, d]
+    k = call.key[row].detach().float()  # [Hkv, T, d]
+    v = call.value[row].detach().float()
+    heads, count, dim = q.shape
+    kv_heads, length, _ = k.shape
+    eye = torch.eye(length, device=q.device).expand(kv_heads, length, length)
+    q_aug = torch.cat([q, q.new_zeros(heads, count, length)], -1)[None].requires_grad_(True)
+    k_aug = torch.cat([k, eye], -1)[None]
+    v_aug = torch.cat([v, eye], -1)[None]
+    with torch.enable_grad():
+        out = call.replay(q_aug, k_aug, v_aug, _mask_rows(call, row, t))  # [1, n, H, dv + T]
+    dv = v.shape[-1]
+    if tuple(out.shape) != (1, count, heads, dv + length):
+        raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
+    _check_close(out[0, ..., :dv], call.output[row, t].detach(), "the attention output")
+    cotangent = torch.cat([g[row, t].float(), g.new_zeros(count, heads, length).float()], -1)
+    (dq_aug,) = torch.autograd.grad(out, q_aug, cotangent[None])
+    _check_close(dq_aug[0, ..., :dim], dq[row, :, t], "dz/dq")
+    probabilities = out[0, ..., dv:].detach().transpose(0, 1)  # [H, n, T]
+    return probabilities, dq_aug[0, ..., dim:]
+
+
+@dataclass(frozen=True)
+class _HeadTerms:
+    """Per target and query head: weights over positions and the vector they carry.
+
+    ``dz/dkey[j, s] = sum_{h in group j} weights[h, s] * vectors[h]`` (and the same
+    for value): ``weights`` ``[U, H, T]``, ``vectors`` ``[U, H, d]``.
+    """
+
+    weights: torch.Tensor
+    vectors: torch.Tensor
+
+    def cotangent(self, kv_heads: int) -> torch.Tensor:
+        """``[U, Hkv, T, d]``: summed over the query heads of each key/value head."""
+        count, heads, length = self.weights.shape
+        groups = heads // kv_heads
+        weights = self.weights.reshape(count, kv_heads, groups, length)
+        vectors = self.vectors.reshape(count, kv_heads, groups, -1)
+        return torch.einsum("njgs,njgd->njsd", weights, vectors)
+
+
+def _head_terms(
+    call: AttentionCall, g: torch.Tensor, dq: torch.Tensor, unique: _Targets
+) -> tuple[_HeadTerms, _HeadTerms]:
+    """The key terms (score gradients w, queries q) and value terms (probabilities a, g)."""
+    heads, length = call.query.shape[1], call.key.shape[2]
+    count = unique.t.shape[0]
+    device = call.query.device
+    w = torch.zeros((count, heads, length), device=device)
+    a = torch.zeros((count, heads, length), device=device)
+    for row in torch.unique(unique.rows).tolist():
+        index = (unique.rows == row).nonzero().flatten()
+        probabilities, score_grads = _attention_terms(call, g, dq, row, unique.t[index])
+        a[index] = probabilities.transpose(0, 1)
+        w[index] = score_grads.transpose(0, 1)
+    q = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
+    g_rows = g[unique.rows, unique.t].float()  # [U, H, dv]
+    return _HeadTerms(w, q), _HeadTerms(a, g_rows)
+
+
+def _to_projection(
+    tensor: torch.Tensor,
+    projection_output: torch.Tensor,
+    cotangent: torch.Tensor,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """``[U, T, width]``: each target's cotangent on ``tensor`` carried back to the projection.
+
+    One batched vector-Jacobian product through the per-position maps
+    (reshapes, RoPE, q/k norms) for a chunk of targets at a time.
+    """
+    count = cotangent.shape[0]
+    per_target = tensor.numel()
+    per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, per_target))
+    pieces = []
+    for start in range(0, count, per_chunk):
+        part = cotangent[start : start + per_chunk]
+        part_rows = rows[start : start + per_chunk]
+        full = tensor.new_zeros((part.shape[0], *tensor.shape))
+        full[torch.arange(part.shape[0], device=full.device), part_rows] = part.to(tensor.dtype)
+        (grad,) = torch.autograd.grad(
+            tensor, projection_output, full, retain_graph=True, is_grads_batched=True
+        )
+        pieces.append(grad[torch.arange(part.shape[0], device=grad.device), part_rows])
+    return torch.cat(pieces)
+
+
+def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    return tensor if columns is None else tensor.index_select(-1, columns.to(tensor.device))
+
+
+def _grouped_norm(
+    gamma: torch.Tensor, inputs: torch.Tensor, unique: _Targets, norm: Norm
+) -> torch.Tensor:
+    """Norm per target with the input side shared by the targets of each row."""
+    rows = unique.rows
+    values = torch.zeros(gamma.shape[0], dtype=torch.float32, device=gamma.device)
+    for row in torch.unique(rows).tolist():
+        index = (rows == row).nonzero().flatten()
+        # causal attention: positions after t do not reach z_t (checked, not assumed)
+        support: torch.Tensor | None = unique.t[index] + 1
+        positions = torch.arange(gamma.shape[1], device=gamma.device)
+        beyond = positions[None, :] > unique.t[index][:, None]
+        if bool(gamma[index][beyond].any()):
+            support = None
+        values[index] = shared_input_norm(gamma[index], inputs[row], norm, support=support)
+    return values
+
+
+def _packed_vjp(
+    tensor: torch.Tensor, projection_output: torch.Tensor, terms: _HeadTerms
+) -> torch.Tensor:
+    """``[U, H, width]``: each (target, head) vector carried back through the map from the
+    projection to ``tensor``, assuming that map is the same at every position.
+
+    The vectors are packed one per (batch row, position) slot, so a few vector-Jacobian
+    products carry all of them; :func:`_factored_gamma` checks the assumption.
+    """
+    batch, kv_heads, length, _ = tensor.shape
+    count, heads, _ = terms.weights.shape
+    groups = heads // kv_heads
+    total, slots = count * heads, batch * length
+    vectors = terms.vectors.reshape(total, -1)
+    head = torch.arange(total, device=vectors.device) % heads
+    packs = -(-total // slots)
+    cotangent = tensor.new_zeros((packs, *tensor.shape))
+    slot = torch.arange(total, device=vectors.device)
+    pack, within = slot // slots, slot % slots
+    b, s = within // length, within % length
+    cotangent[pack, b, head // groups, s] = vectors.to(tensor.dtype)
+    (grad,) = torch.autograd.grad(
+        tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
+    )
+    return grad[pack, b, s].reshape(count, heads, -1)
+
+
+def _factored_gamma(
+    tensor: torch.Tensor,
+    projection_output: torch.Tensor,
+    terms: _HeadTerms,
+    rows: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor | None:
+    """``[U, H, width]`` with ``Gamma_k = sum_h weights[k, h] (x) result[k, h]``, or None.
+
+    Valid when the map from the projection output to ``tensor`` is the same
+    linear map at every position (no RoPE, no norm): then each target's
+    gradient has rank <= H. Checked exactly on the longest target of every
+    batch row against the full vector-Jacobian product; None if it differs.
+    """
+    if projection_output.ndim != 3 or tuple(projection_output.shape[:2]) != (
+        tensor.shape[0],
+        tensor.shape[2],
+    ):
+        return None
+    vectors = _packed_vjp(tensor, projection_output, terms).float()
+    kv_heads = tensor.shape[1]
+    for row in torch.unique(rows).tolist():
+        index = (rows == row).nonzero().flatten()
+        k = index[int(t[index].argmax())]
+        single = _HeadTerms(terms.weights[k : k + 1], terms.vectors[k : k + 1])
+        full = _to_projection(
+            tensor, projection_output, single.cotangent(kv_heads), rows[k : k + 1]
+        ).float()
+        factored = torch.einsum("hs,hw->sw", terms.weights[k], vectors[k])
+        scale = float(full.norm())
+        if not float((full[0] - factored).norm()) <= 1e-4 * max(scale, 1e-12):
+            return None
+    return vectors
+
+
+def _projection_norm(
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    module: nn.Module,
+    columns: torch.Tensor | None,
+    out: ForwardOutput,
+    terms: _HeadTerms,
+    unique: _Targets,
+    norm: Norm,
+) -> torch.Tensor:
+    """Norms of one projection (K or V) for every unique target."""
+    projection_output, inputs = out.outputs[module], out.inputs[module]
+    vectors = _factored_gamma(tensor, projection_output, terms, unique.rows, unique.t)
+    route = "rank <= H factors" if vectors is not None else "shared-input Gram"
+    logger.debug("last block %s: %s", name, route)
+    if vectors is not None:  # rank <= H: sum_h (vector_h)(sum_s weight_hs x_s)^T
+        mixed = torch.einsum("nhs,nsb->nhb", terms.weights, inputs[unique.rows].float())
+        return outer_sum_norm(_select(vectors, columns), mixed, norm)
+    cotangent = terms.cotangent(tensor.shape[1])
+    gamma = _select(_to_projection(tensor, projection_output, cotangent, unique.rows), columns)
+    return _grouped_norm(gamma, inputs, unique, norm)
+
+
+def _norms(
+    call: AttentionCall,
+    out: ForwardOutput,
+    sites: Mapping[str, Site],
+    unique: _Targets,
+    norm: Norm,
+) -> dict[str, torch.Tensor]:
+    _check_shapes(call)
+    wanted: Sequence[str] = list(sites)
+    modules = {proj: sites[proj][0] for proj in wanted}
+    tensors = [call.output, call.query, *(out.outputs[modules[p]] for p in wanted)]
+    grads = torch.autograd.grad(out.target_logits.sum(), tensors, retain_graph=True)
+    g, dq = grads[0], grads[1]
+    by_projection = dict(zip(wanted, grads[2:], strict=True))
+    values: dict[str, torch.Tensor] = {}
+    rows, t = unique.rows, unique.t
+    for proj in wanted:  # y_t reaches only z_t: G = g_t x_t^T
+        if proj in ("q", "o"):
+            module, columns = sites[proj]
+            grad = _select(by_projection[proj], columns)[rows, t]
+            values[proj] = rank_one_norm(grad, out.inputs[module][rows, t], norm)
+    if "k" in wanted or "v" in wanted:
+        key_terms, value_terms = _head_terms(call, g, dq, unique)
+        for proj, tensor, terms in (("k", call.key, key_terms), ("v", call.value, value_terms)):
+            if proj in wanted:
+                module, columns = sites[proj]
+                values[proj] = _projection_norm(
+                    proj,
+                    tensor,
+                    module=module,
+                    columns=columns,
+                    out=out,
+                    terms=terms,
+                    unique=unique,
+                    norm=norm,
+                )
+    return values

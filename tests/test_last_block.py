@@ -1,0 +1,166 @@
+"""The last block's one-pass Q/K/V/O path equals the brute-force reference, or is not used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers.modeling_utils import AttentionInterface
+
+from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.probe.architectures import resolve_model
+from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.probe.last_block import positions_unmixed_after
+from inversion_monitor.probe.reference import reference_norms
+from tests.test_probe import assert_matches_reference, batch
+
+ALL = ("q", "k", "v", "o")
+
+
+def _compare(model, *, left=False, seed=0, path="last_block", **kwargs):
+    ids, mask = batch(seed, left=left)
+    kwargs = {"attention_mask": mask, **kwargs}
+    fast = logit_gradient_norms(model, ids, **kwargs)
+    assert_matches_reference(fast, reference_norms(model, ids, **kwargs))
+    last = resolve_model(model).num_layers - 1
+    assert {p for c, p in fast.paths.items() if c[0] == last} == {path}
+    return fast
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
+def test_toy_architectures(arch, implementation, left):
+    model = tiny_causal_lm(arch, num_layers=2, seed=1, attn_implementation=implementation)
+    _compare(model, left=left)
+
+
+def _config(cls, **extra):
+    common = {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+    }
+    return cls(**common, **extra)
+
+
+CONFIGS = {
+    # soft-capped attention scores and logits, sliding window shorter than the batch
+    "gemma2-softcap-window": lambda: _config(
+        transformers.Gemma2Config,
+        head_dim=8,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=5.0,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+    ),
+    "gemma3-qk-norm-window": lambda: _config(
+        transformers.Gemma3TextConfig, head_dim=8, sliding_window=4, query_pre_attn_scalar=16
+    ),
+    "qwen3-qk-norm": lambda: _config(transformers.Qwen3Config, head_dim=8),
+    "olmo2-full-width-qk-norm": lambda: _config(transformers.Olmo2Config),
+    "mistral-window": lambda: _config(transformers.MistralConfig, sliding_window=4),
+    "phi3-fused-qkv": lambda: _config(transformers.Phi3Config),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "implementation"),
+    # Gemma-2 has no sdpa implementation in transformers
+    [
+        (n, i)
+        for n in sorted(CONFIGS)
+        for i in ("sdpa", "eager")
+        if (n, i) != ("gemma2-softcap-window", "sdpa")
+    ],
+)
+def test_transformers_families(name, implementation):
+    config = CONFIGS[name]()
+    config._attn_implementation = implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _compare(model, left=name.startswith("qwen3"), seed=5)
+
+
+@pytest.mark.parametrize("norm", ["frobenius", "l1"])
+def test_other_norms(norm):
+    _compare(tiny_causal_lm("llama", num_layers=2, seed=2), norm=norm)
+    _compare(tiny_causal_lm("gpt2", num_layers=2, seed=2), norm=norm)
+
+
+@pytest.mark.parametrize("projections", [("k",), ("v",), ("q", "v"), ("k", "o")])
+def test_projection_subsets(projections):
+    _compare(tiny_causal_lm("gpt_neox", num_layers=2, seed=3), projections=projections)
+
+
+def test_duplicate_targets_are_not_double_counted():
+    model = tiny_causal_lm("llama", num_layers=2, seed=4)
+    positions = torch.tensor([[0, 3], [2, 5], [0, 3], [1, 2], [0, 3], [2, 5]])
+    fast = _compare(model, positions=positions)
+    assert torch.equal(fast.norms[(1, "k")][0], fast.norms[(1, "k")][2])
+    single = logit_gradient_norms(
+        model, batch(0)[0], attention_mask=batch(0)[1], positions=positions[:1]
+    )
+    torch.testing.assert_close(single.norms[(1, "v")][0], fast.norms[(1, "v")][4])
+
+
+def test_deeper_layers_use_the_general_path_with_the_last_block_in_one_pass():
+    model = tiny_causal_lm("qwen2", num_layers=3, seed=5)
+    fast = _compare(model, layers=[0, -1])
+    assert {p for c, p in fast.paths.items() if c[0] == 0} == {"general"}
+
+
+def test_rank_one_only_keeps_its_path():
+    fast = _compare(tiny_causal_lm("llama", num_layers=2), projections=("q", "o"), path="rank_one")
+    assert set(fast.paths.values()) == {"rank_one"}
+
+
+def test_unknown_attention_function_falls_back_to_the_general_path():
+    def my_attention(module, query, key, value, attention_mask, **kwargs):
+        sdpa = AttentionInterface._global_mapping["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("my_attention", my_attention)
+    try:
+        model = tiny_causal_lm("llama", num_layers=2, seed=6)
+        model.config._attn_implementation = "my_attention"
+        _compare(model, path="general")
+    finally:
+        AttentionInterface._global_mapping.pop("my_attention", None)
+
+
+def test_hybrid_layer_types_decide_by_what_follows_the_block():
+    model = tiny_causal_lm("llama", num_layers=2, seed=7)
+    resolved = resolve_model(model)
+    assert positions_unmixed_after(resolved, 1) is None
+    assert "not the last" in str(positions_unmixed_after(resolved, 0))
+    # a declared non-attention layer *before* the last block does not matter to it
+    model.config.layer_types = ["linear_attention", "full_attention"]
+    assert positions_unmixed_after(resolve_model(model), 1) is None
+    _compare(model, layers=[-1], path="last_block")
+
+
+def test_model_config_and_hooks_restored():
+    model = tiny_causal_lm("gpt2", num_layers=2, seed=8)
+    attention = model.transformer.h[-1].attn
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    _compare(model)
+    assert attention.config is model.config
+    assert model.config._attn_implementation == "sdpa"
+    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert after == before
+
+
+def test_an_attention_block_followed_by_a_declared_hybrid_layer_takes_the_general_path():
+    model = tiny_causal_lm("llama", num_layers=2, seed=9)
+    model.config.layer_types = ["full_attention", "linear_attention"]  # declared, as hybrids do
+    ids, mask = batch(0)
+    for projections in (("q", "o"), ("q", "k", "v", "o")):
+        kwargs = {"attention_mask": mask, "layers": [0], "projections": projections}
+        fast = logit_gradient_norms(model, ids, **kwargs)
+        assert_matches_reference(fast, reference_norms(model, ids, **kwargs))
+        assert set(fast.paths.values()) == {"general"}
