@@ -1,2 +1,3 @@
-"""Reinforcement-learning algorithms built on the probe: CorR-PO reward shaping
-and group advantages (:mod:`.corrpo`)."""
+"""Reinforcement learning beside the probe: RL signals from the trainer's own
+tensors, i.e. policy entropy, advantages and Cov(log pi, A) (:mod:`.signals`),
+and CorR-PO reward shaping with group advantages (:mod:`.corrpo`)."""
