@@ -99,7 +99,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         with urllib.request.urlopen(api_url, timeout=10) as answer:
             api_run = json.loads(answer.read())
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
+        rest, _ = proc.communicate(timeout=120)  # a deadline: ~2 s on an idle machine
         lines.extend(rest.splitlines())
         yield DemoRun(
             out_dir,
