@@ -9,6 +9,7 @@ then render its HTML report in headless Chromium.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -59,17 +60,40 @@ def _console_script() -> str:
     return exe
 
 
+@contextlib.contextmanager
+def _ctrl_c_reaches_children() -> Iterator[None]:
+    """Ctrl-C as in a terminal: a suite started in the background (``make test &``) has
+    SIGINT ignored, and a child would inherit that; the default comes back after."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     out_dir = tmp_path_factory.mktemp("demo")
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [_console_script(), "demo", "--steps", str(STEPS), "--out", str(out_dir), "--keep-serving"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        bufsize=1,
-    )
+    with _ctrl_c_reaches_children():
+        proc = subprocess.Popen(
+            [
+                _console_script(),
+                "demo",
+                "--steps",
+                str(STEPS),
+                "--out",
+                str(out_dir),
+                "--keep-serving",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = started + 240
