@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.request
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,18 @@ from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server import MonitorServer, ServerConfig
 
 TIMEOUT = 10.0
+
+
+def wait_until(what: str, condition: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; fail naming
+    ``what`` once ``timeout_s`` has passed (a deadline, never a bare sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def free_port() -> int:

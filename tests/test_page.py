@@ -11,10 +11,9 @@ import hashlib
 import json
 import math
 import re
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from inversion_monitor.server import MonitorServer
 from inversion_monitor.server.api import to_json
 from inversion_monitor.server.config import Limits
 from inversion_monitor.telemetry.client import MonitorClient
-from tests.server_support import TIMEOUT, open_run, running, stub_for
+from tests.server_support import TIMEOUT, open_run, running, stub_for, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -230,16 +229,6 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
-def _wait(what: str, condition: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def _row(driver: webdriver.Chrome, run_id: str) -> dict[str, str]:
     """The run's table row as ``field -> shown text``, read at once (the table is redrawn)."""
     row: dict[str, str] = driver.execute_script(
@@ -308,8 +297,8 @@ def test_page_lists_the_streamed_run_draws_it_live_and_matches_getrun(
     assert server.page_url is not None
     _log(client, range(25, 41))  # entropy falls below half its early level: an alert
     browser.get(server.page_url)
-    _wait("the run's row at step 40", lambda: _row(browser, RUN_ID).get("step") == "40")
-    _wait("the charts", lambda: len(browser.execute_script(_CHARTS_JS)) == 4)
+    wait_until("the run's row at step 40", lambda: _row(browser, RUN_ID).get("step") == "40")
+    wait_until("the charts", lambda: len(browser.execute_script(_CHARTS_JS)) == 4)
 
     response = _get_run(server, RUN_ID)
     summary, latest = response.summary, response.summary.latest
@@ -341,8 +330,8 @@ def test_page_lists_the_streamed_run_draws_it_live_and_matches_getrun(
 
     # live: more records appear without a reload, fetched alone (5 new + a margin of 10)
     _log(client, range(41, 46))
-    _wait("step 45 on the page", lambda: _row(browser, RUN_ID).get("step") == "45")
-    _wait(
+    wait_until("step 45 on the page", lambda: _row(browser, RUN_ID).get("step") == "45")
+    wait_until(
         "45 points in the rho chart",
         lambda: len(browser.execute_script(_CHARTS_JS)["rho"]["data"][0]) == 45,
     )
@@ -369,7 +358,7 @@ def test_page_asks_for_a_token_and_takes_one_from_the_fragment(
         # no token: the page asks for one
         browser.get(server.page_url)
         form = browser.find_element(By.ID, "token-form")
-        _wait("the token form", form.is_displayed)
+        wait_until("the token form", form.is_displayed)
         assert browser.find_elements(By.CSS_SELECTOR, "tr[data-run-id]") == []
         # every console error is the API's 401 the form answers
         errors = _severe(browser)
@@ -377,13 +366,16 @@ def test_page_asks_for_a_token_and_takes_one_from_the_fragment(
         # typed in
         browser.find_element(By.ID, "token-input").send_keys(TOKEN)
         browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
-        _wait("the run after typing the token", lambda: _row(browser, "tokrun").get("step") == "3")
+        wait_until(
+            "the run after typing the token",
+            lambda: _row(browser, "tokrun").get("step") == "3",
+        )
         assert not form.is_displayed()
         # from the URL fragment, in a tab that has no token yet
         browser.execute_script("sessionStorage.clear()")
         browser.get("about:blank")
         browser.get(f"{server.page_url}#token={TOKEN}&run=tokrun")
-        _wait("the run from the fragment's token", lambda: _row(browser, "tokrun").get("step"))
+        wait_until("the run from the fragment's token", lambda: _row(browser, "tokrun").get("step"))
         assert TOKEN not in browser.current_url  # kept out of the address bar
         assert browser.current_url.endswith("#run=tokrun")
         assert _severe(browser) == []
@@ -397,8 +389,8 @@ def test_page_asks_for_no_more_history_than_the_server_gives(
         with MonitorClient(server.grpc_target, "long run", run_id="longrun") as client:
             _log(client, range(1, 31))
         browser.get(server.page_url)
-        _wait("the run at step 30", lambda: _row(browser, "longrun").get("step") == "30")
-        charts = _wait("the charts", lambda: browser.execute_script(_CHARTS_JS))
+        wait_until("the run at step 30", lambda: _row(browser, "longrun").get("step") == "30")
+        charts = wait_until("the charts", lambda: browser.execute_script(_CHARTS_JS))
         assert charts["rho"]["data"][0] == list(range(11, 31))  # the latest 20
         assert browser.execute_script("return window.inversionMonitorPage.error") is None
         assert _severe(browser) == []
@@ -413,17 +405,17 @@ def test_page_shows_a_run_without_records_yet_and_switches_runs_on_a_click(
             _log(client, range(1, 6))
         open_run(stub, "emptyrun", name="just opened")
         browser.get(server.page_url)
-        _wait("the empty run", lambda: _row(browser, "emptyrun").get("status") == "running")
+        wait_until("the empty run", lambda: _row(browser, "emptyrun").get("status") == "running")
         row = _row(browser, "emptyrun")
         assert (row["step"], row["rho"], row["records"]) == ("–", "–", "0")
-        _wait(
+        wait_until(
             "a refresh",
             lambda: browser.execute_script("return window.inversionMonitorPage.refreshes") >= 2,
         )
         assert browser.find_element(By.ID, "run-title").text == "just-opened"  # the newest
         # found and clicked at once: the table is redrawn every refresh
         browser.execute_script("document.querySelector('tr[data-run-id=\"olderrun\"]').click()")
-        _wait(
+        wait_until(
             "the clicked run's charts",
             lambda: (
                 len(browser.execute_script(_CHARTS_JS).get("rho", {}).get("data", [[]])[0]) == 5

@@ -26,19 +26,10 @@ from tests.server_support import (
     samples,
     scrape_text,
     stub_for,
+    wait_until,
 )
 
 STATS = {"spearman": -0.5, "pearson": -0.4, "n": 64, "entropy_mean": 1.2, "score_mean": 3.4}
-
-
-def wait_for(condition, what: str, timeout_s: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def law_records(run_id: str, count: int, seed: int = 0) -> list[monitor_pb2.StepRecord]:
@@ -112,7 +103,7 @@ def test_law_fit_and_entropy_exhaustion_on_a_server(tmp_path: Path) -> None:
                 ("inversion_monitor_entropy_law_ceiling", (("run", "law"),))
             )
 
-        value = wait_for(ceiling, "the law's ceiling on /metrics")
+        value = wait_until("the law's ceiling on /metrics", ceiling, timeout_s=20.0)
         got = samples(scrape_text(server))
         stderr = got[("inversion_monitor_entropy_law_ceiling_stderr", (("run", "law"),))]
         assert abs(value - 0.8) <= max(3 * stderr, 0.02)
@@ -237,7 +228,7 @@ def test_the_law_is_refitted_from_the_database_after_a_restart(tmp_path: Path) -
     with running(tmp_path) as server, stub_for(server) as stub:
         open_run(stub, "rl-law", name="law", world_size=1, kind="rl")
         push(stub, *law_records("rl-law", 120))
-        before = wait_for(lambda: law_samples(server), "the law's gauges")
+        before = wait_until("the law's gauges", lambda: law_samples(server), timeout_s=20.0)
     with running(tmp_path) as server:
         after = law_samples(server)  # no new record: refitted from the stored ones
     assert after == pytest.approx(before) and len(after) == 3
