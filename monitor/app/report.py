@@ -72,20 +72,6 @@ def trajectory(records: Sequence[monitor_pb2.StepRecord]) -> list[TrajectoryPoin
     return points
 
 
-def last_samples(
-    records: Sequence[monitor_pb2.StepRecord],
-) -> tuple[int, list[float], list[float]] | None:
-    """``(step, entropies, scores)`` of the latest record that carries token samples."""
-    for rec in sorted(records, key=lambda r: r.step, reverse=True):
-        if len(rec.samples):
-            return (
-                int(rec.step),
-                [float(s.entropy) for s in rec.samples],
-                [float(s.score) for s in rec.samples],
-            )
-    return None
-
-
 def _num(value: float, digits: int = 3) -> str:
     return f"{value:+.{digits}f}" if math.isfinite(value) else "n/a"
 
@@ -156,54 +142,6 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def plot_images(records: Sequence[monitor_pb2.StepRecord]) -> dict[str, str]:
-    """Title -> base64 PNG of each plot (rho with CI, entropy, scatter at the last probe)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = trajectory(records)
-    steps = [p.step for p in points]
-    images: dict[str, str] = {}
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.fill_between(
-        steps, [p.ci_low for p in points], [p.ci_high for p in points], alpha=0.3, label="CI"
-    )
-    ax.plot(steps, [p.rho for p in points], marker=".", label="Spearman rho")
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set(xlabel="step", ylabel="rho", ylim=(-1.05, 1.05))
-    ax.legend(loc="best")
-    images["rho with its confidence band"] = _png(fig)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.fill_between(
-        steps,
-        [p.entropy_p10 for p in points],
-        [p.entropy_p90 for p in points],
-        alpha=0.25,
-        label="p10-p90",
-    )
-    ax.plot(steps, [p.entropy_p50 for p in points], linestyle="--", label="median")
-    ax.plot(steps, [p.entropy_mean for p in points], label="mean")
-    ax.set(xlabel="step", ylabel="entropy (nats)")
-    ax.legend(loc="best")
-    images["per-token entropy"] = _png(fig)
-    plt.close(fig)
-
-    scatter = last_samples(records)
-    if scatter is not None:
-        step, entropy, score = scatter
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.scatter(entropy, score, s=8, alpha=0.6)
-        ax.set(xlabel="entropy (nats)", ylabel="logit-gradient strength")
-        images[f"entropy vs gradient strength at step {step}"] = _png(fig)
-        plt.close(fig)
-    return images
-
-
 def html_report(
     title: str, summary_text: str, images: dict[str, str], notes: Sequence[str] = ()
 ) -> str:
@@ -224,19 +162,6 @@ def html_report(
         f"<h1>{html.escape(title)}</h1>{extra}<pre>{html.escape(summary_text)}</pre>"
         f"{figures}</body></html>\n"
     )
-
-
-def write_run_report(
-    response: monitor_pb2.GetRunResponse, path: Path, *, notes: Sequence[str] = ()
-) -> Path:
-    """Write the HTML report of one run to ``path``; returns ``path``."""
-    title = f"inversion-monitor: {response.summary.display_name}"
-    page = html_report(
-        title, format_summary(response, rows=20), plot_images(response.history), notes
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------- the demo's phases
