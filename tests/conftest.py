@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -13,6 +13,8 @@ from inversion_monitor.app.toy.corpus import (
 )
 from inversion_monitor.app.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
 from inversion_monitor.app.toy.tokenizer import char_tokenizer
+from inversion_monitor.server import MonitorServer
+from tests.server_support import running
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +52,10 @@ def arch(request: pytest.FixtureRequest) -> Architecture:
 def tiny_model(arch: Architecture):  # type: ignore[no-untyped-def]
     """A fresh tiny model of each architecture (3 layers, so first/middle/last differ)."""
     return tiny_causal_lm(arch, num_layers=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dist_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorServer]:
+    """A real server on loopback shared by one test module's distributed jobs."""
+    with running(tmp_path_factory.mktemp("server")) as server:
+        yield server

@@ -9,25 +9,16 @@ one without the monitor (loss history and final weights bit-identical).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from inversion_monitor.server import MonitorServer
 from tests.dist_runs import DistRun, monitor_env, server_steps, torchrun
-from tests.server_support import running
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorServer]:
-    with running(tmp_path_factory.mktemp("server")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> DistRun:
+def job(tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer) -> DistRun:
     return torchrun(
         "hf_dist_train.py",
         tmp_path_factory.mktemp("ddp"),
@@ -35,18 +26,18 @@ def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> Dist
         str(STEPS),
         "--scenarios",
         "none,budget,raise,raise_in_probe,stall",
-        env=monitor_env(server, "ddp"),
+        env=monitor_env(dist_server, "ddp"),
     ).ok()
 
 
 @pytest.mark.slow
 def test_budget_schedule_probes_on_the_same_steps_on_every_rank(
-    job: DistRun, server: MonitorServer
+    job: DistRun, dist_server: MonitorServer
 ) -> None:
     run = job.scenario("budget")
     steps = run.field("probe_steps")
     assert steps[0] == steps[1] and len(steps[0]) >= 2, steps
-    assert server_steps(server, "ddp-budget") == steps  # every rank's records, one run
+    assert server_steps(dist_server, "ddp-budget") == steps  # every rank's records, one run
     assert len(set(run.field("run_id").values())) == 1
     assert run.field("enabled") == {0: True, 1: True}
     assert run.field("warnings") == {0: [], 1: []}
@@ -57,11 +48,11 @@ def test_budget_schedule_probes_on_the_same_steps_on_every_rank(
 
 @pytest.mark.slow
 def test_a_failure_on_one_rank_disables_every_rank_together(
-    job: DistRun, server: MonitorServer
+    job: DistRun, dist_server: MonitorServer
 ) -> None:
     run = job.scenario("raise")
     assert run.field("probe_steps") == {0: [1, 2], 1: [1, 2]}
-    assert server_steps(server, "ddp-raise") == {0: [1, 2], 1: [1, 2]}
+    assert server_steps(dist_server, "ddp-raise") == {0: [1, 2], 1: [1, 2]}
     assert run.field("enabled") == {0: False, 1: False}
     warnings = run.field("warnings")
     assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0]
@@ -72,12 +63,12 @@ def test_a_failure_on_one_rank_disables_every_rank_together(
 
 @pytest.mark.slow
 def test_a_failure_inside_the_probe_disables_every_rank_at_the_next_vote(
-    job: DistRun, server: MonitorServer
+    job: DistRun, dist_server: MonitorServer
 ) -> None:
     run = job.scenario("raise_in_probe")
     # rank 0 finished the probe of step 3; rank 1's failure reached it with the next vote
     assert run.field("probe_steps") == {0: [1, 2, 3], 1: [1, 2]}
-    assert server_steps(server, "ddp-raise_in_probe") == {0: [1, 2, 3], 1: [1, 2]}
+    assert server_steps(dist_server, "ddp-raise_in_probe") == {0: [1, 2, 3], 1: [1, 2]}
     assert run.field("enabled") == {0: False, 1: False}
     warnings = run.field("warnings")
     assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0]
@@ -87,12 +78,12 @@ def test_a_failure_inside_the_probe_disables_every_rank_at_the_next_vote(
 
 @pytest.mark.slow
 def test_a_rank_late_for_the_vote_switches_the_monitor_off_instead_of_hanging(
-    job: DistRun, server: MonitorServer
+    job: DistRun, dist_server: MonitorServer
 ) -> None:
     run = job.scenario("stall")
     # neither rank probed step 3 alone: the late rank read the verdict the others left
     assert run.field("probe_steps") == {0: [1, 2], 1: [1, 2]}
-    assert server_steps(server, "ddp-stall") == {0: [1, 2], 1: [1, 2]}
+    assert server_steps(dist_server, "ddp-stall") == {0: [1, 2], 1: [1, 2]}
     assert run.field("enabled") == {0: False, 1: False}
     for messages in run.field("warnings").values():
         assert len(messages) == 1 and "agreement_timeout_s=1.5" in messages[0], messages

@@ -7,25 +7,16 @@ tests/fixtures/dist_support.py). Records go to a real server on loopback.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from inversion_monitor.server import MonitorServer
 from tests.dist_runs import DistRun, monitor_env, server_steps, torchrun
-from tests.server_support import running
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorServer]:
-    with running(tmp_path_factory.mktemp("server")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> DistRun:
+def job(tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer) -> DistRun:
     return torchrun(
         "fsdp2_train.py",
         tmp_path_factory.mktemp("fsdp2"),
@@ -33,7 +24,7 @@ def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> Dist
         str(STEPS),
         "--scenarios",
         "none,every,raise",
-        env=monitor_env(server, "fsdp2"),
+        env=monitor_env(dist_server, "fsdp2"),
     ).ok()
 
 
@@ -44,11 +35,13 @@ def test_training_is_unchanged_by_the_monitor(job: DistRun, scenario: str) -> No
 
 
 @pytest.mark.slow
-def test_every_rank_probes_sharded_weights_exactly(job: DistRun, server: MonitorServer) -> None:
+def test_every_rank_probes_sharded_weights_exactly(
+    job: DistRun, dist_server: MonitorServer
+) -> None:
     run = job.scenario("every")
     assert run.field("warnings") == {0: [], 1: []}
     assert run.field("probe_steps") == {0: [2, 4], 1: [2, 4]}
-    assert server_steps(server, "fsdp2-every") == {0: [2, 4], 1: [2, 4]}
+    assert server_steps(dist_server, "fsdp2-every") == {0: [2, 4], 1: [2, 4]}
     assert len(set(run.field("run_id").values())) == 1
     for error in run.field("reference_error").values():  # vs the unsharded model
         assert error is not None and error <= 1e-4

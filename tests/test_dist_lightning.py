@@ -9,25 +9,18 @@ second step; records go to a real server on loopback.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from inversion_monitor.server import MonitorServer
 from tests.dist_runs import FIXTURES, DistRun, launch, monitor_env, server_steps
-from tests.server_support import free_port, running
+from tests.server_support import free_port
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorServer]:
-    with running(tmp_path_factory.mktemp("server")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> DistRun:
+def job(tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer) -> DistRun:
     out = tmp_path_factory.mktemp("lightning")
     command = [
         sys.executable,
@@ -38,7 +31,7 @@ def job(tmp_path_factory: pytest.TempPathFactory, server: MonitorServer) -> Dist
         "--scenarios",
         "none,every",
     ]
-    env = {**monitor_env(server, "lightning"), "MASTER_PORT": str(free_port())}
+    env = {**monitor_env(dist_server, "lightning"), "MASTER_PORT": str(free_port())}
     return launch(command, out, env=env).ok()
 
 
@@ -48,11 +41,13 @@ def test_training_is_unchanged_by_the_monitor(job: DistRun) -> None:
 
 
 @pytest.mark.slow
-def test_every_rank_probes_sharded_weights_exactly(job: DistRun, server: MonitorServer) -> None:
+def test_every_rank_probes_sharded_weights_exactly(
+    job: DistRun, dist_server: MonitorServer
+) -> None:
     run = job.scenario("every")
     assert run.field("warnings") == {0: [], 1: []}
     assert run.field("probe_steps") == {0: [2, 4], 1: [2, 4]}
-    assert server_steps(server, "lightning-every") == {0: [2, 4], 1: [2, 4]}
+    assert server_steps(dist_server, "lightning-every") == {0: [2, 4], 1: [2, 4]}
     assert len(set(run.field("run_id").values())) == 1
     for error in run.field("reference_error").values():  # vs the unsharded model
         assert error is not None and error <= 1e-4
