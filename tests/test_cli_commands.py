@@ -168,7 +168,9 @@ def test_model_type_without_adapter(tmp_path, texts, capsys) -> None:
     char_tokenizer().save_pretrained(directory)
     capsys.readouterr()  # save_pretrained's progress bar
     message = _fails(["fingerprint", "--model", str(directory), "--data", str(texts)], capsys)
-    assert "'bert' has no architecture adapter" in message and "register_adapter" in message
+    assert "cannot probe the checkpoint's 'bert' model" in message
+    assert "no architecture adapter for model_type bert" in message
+    assert "register_adapter" in message
 
 
 def test_layer_out_of_range(checkpoints, texts, capsys) -> None:

@@ -125,12 +125,9 @@ def load_checkpoint(directory: Path, device: str) -> tuple[nn.Module, Any]:
         ) from None
     try:
         resolve_model(model)
-    except NotImplementedError:
+    except NotImplementedError as exc:  # the refusal names its own reason and fix
         model_type = getattr(model.config, "model_type", type(model).__name__)
-        raise UserError(
-            f"model type {model_type!r} has no architecture adapter: register one with "
-            "inversion_monitor.register_adapter (see the architectures module)"
-        ) from None
+        raise UserError(f"cannot probe the checkpoint's {model_type!r} model: {exc}") from None
     return model.to(device).eval(), tokenizer
 
 
