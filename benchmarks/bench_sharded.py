@@ -9,8 +9,9 @@ positions, layers [0, -1], Q/K/V/O) once on the plain model and once on the
 model sharded with ``fully_shard`` on every block and the root, and reports:
 
 - median probe time (sharded / unsharded: the price of gathering blocks);
-- peak extra memory of the probe call (on CPU the peak RSS, VmHWM, reset just
-  before the call; on GPU the allocator's peak) and the parameter bytes each
+- peak extra memory of the probe call (on CPU the peak of the tensor memory it
+  allocated, from the profiler's allocation events; on GPU the allocator's
+  peak) and the parameter bytes each
   rank holds (sharded / unsharded: goal, the probe gathers no more than the
   framework's own forward does, block by block);
 - the largest relative difference of the sharded values from the unsharded
@@ -31,6 +32,7 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,19 +69,6 @@ def _batch(rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return ids.to(device), positions.to(device)
 
 
-def _rss_peak_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:  # reset the peak (VmHWM) to the current RSS
-        handle.write("5")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _measure(
     model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, repeats: int
 ) -> tuple[float, float, ProbeResult]:
@@ -106,11 +95,30 @@ def _measure(
         torch.cuda.synchronize(device)
         peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
-        _rss_peak_reset()
-        base = _status_kib("VmRSS")
-        call()
-        peak_mib = (_status_kib("VmHWM") - base) / 1024
+        peak_mib = _cpu_peak_mib(call)
     return statistics.median(times), peak_mib, result
+
+
+def _cpu_peak_mib(call: Callable[[], object]) -> float:
+    """Peak MiB of CPU tensor memory allocated during ``call`` over what it started with.
+
+    The profiler reports every allocation and free of the CPU allocator; their
+    running sum, in time order, is the live memory the call added. (The
+    process's peak RSS cannot tell: freed memory stays mapped and is reused.)
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    assert prof.profiler is not None and prof.profiler.kineto_results is not None
+    raw = prof.profiler.kineto_results.events()
+    memory = [e for e in raw if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(memory, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def _param_mib(model: torch.nn.Module) -> float:
@@ -228,7 +236,11 @@ def main() -> None:
     peak_plain = statistics.median(r["unsharded_peak_mib"] for r in ok)
     print(f"probe time sharded/unsharded: {time_ratio:.2f}x")
     print(f"parameters held per rank sharded/unsharded: {param_ratio:.2f}x")
-    print(f"probe peak extra memory: sharded {peak:.1f} MiB, unsharded {peak_plain:.1f} MiB")
+    whole = statistics.median(r["unsharded_param_mib"] for r in ok)
+    print(
+        f"probe peak extra memory: sharded {peak:.1f} MiB, unsharded {peak_plain:.1f} MiB "
+        f"(gathered at the peak: {peak - peak_plain:.1f} MiB of a {whole:.1f} MiB model)"
+    )
     print(f"max relative error sharded vs unsharded: {max(r['max_rel_error'] for r in ok):.2e}")
 
 

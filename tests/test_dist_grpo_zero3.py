@@ -1,0 +1,71 @@
+"""TRL GRPO with CorR-PO under DeepSpeed ZeRO-3: `accelerate launch`, 2 CPU processes.
+
+One job (tests/fixtures/grpo_zero3_train.py) trains twice, with CorR-PO
+shaping the rewards both times: without the monitor and with it probing every
+second step. Records go to a real server on loopback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from inversion_monitor.server import MonitorServer
+from tests.dist_runs import FIXTURES, DistRun, launch, monitor_env, server_steps
+from tests.server_support import free_port
+
+STEPS = 4
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer) -> DistRun:
+    out = tmp_path_factory.mktemp("grpo-zero3")
+    command = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(FIXTURES / "accelerate" / "zero3.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        str(FIXTURES / "grpo_zero3_train.py"),
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--scenarios",
+        "none,every",
+    ]
+    return launch(command, out, env=monitor_env(dist_server, "grpo-zero3")).ok()
+
+
+@pytest.mark.slow
+def test_training_is_unchanged_by_the_monitor(job: DistRun) -> None:
+    job.scenario("every").assert_training_like(job.scenario("none"), STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["none", "every"])
+def test_corrpo_rho_on_partitioned_weights_equals_the_unsharded_policy(
+    job: DistRun, scenario: str
+) -> None:
+    run = job.scenario(scenario)
+    assert run.field("process_index") == {0: 0, 1: 1}  # accelerate counts both processes
+    for rank, errors in run.field("rho_errors").items():
+        assert len(errors) == STEPS, (rank, errors)  # one generation batch per step
+        assert max(errors) <= 1e-6, (rank, errors)
+    assert all(count > 0 for count in run.field("rho_measured").values())
+
+
+@pytest.mark.slow
+def test_every_rank_probes_partitioned_weights_exactly(
+    job: DistRun, dist_server: MonitorServer
+) -> None:
+    run = job.scenario("every")
+    assert run.field("warnings") == {0: [], 1: []}
+    assert run.field("probe_steps") == {0: [2, 4], 1: [2, 4]}
+    assert server_steps(dist_server, "grpo-zero3-every") == {0: [2, 4], 1: [2, 4]}
+    assert len(set(run.field("run_id").values())) == 1
+    for error in run.field("reference_error").values():  # vs the unpartitioned model
+        assert error is not None and error <= 1e-4
