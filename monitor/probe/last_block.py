@@ -31,7 +31,7 @@ caller uses the general path: never a silently wrong value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -56,8 +56,10 @@ Site = tuple[nn.Module, torch.Tensor | None]
 # layer types (``config.layer_types``) after which positions are not mixed
 # by anything but the attention's own mask
 _ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-# fp32 elements of one batched cotangent ([targets, B, heads, T, d]): 32 Mi = 128 MiB
+# fp32 elements of one batched cotangent ([packs, B, heads, T, d]): 32 Mi = 128 MiB
 _MAX_COTANGENT_ELEMENTS = 1 << 25
+# fp32 elements of one replayed key or value tensor ([targets, heads, span, d + G]): 64 MiB
+_MAX_REPLAY_ELEMENTS = 1 << 24
 
 
 class LastBlockRefused(RuntimeError):
@@ -190,85 +192,178 @@ def _check_shapes(call: AttentionCall) -> None:
         )
 
 
-def _mask_rows(call: AttentionCall, row: int, t: torch.Tensor) -> torch.Tensor | None:
-    """The mask rows of targets ``t`` of batch row ``row``, in the function's own format."""
+def _blocked(mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask (boolean keep, or additive float) gives a key exactly zero weight."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    return mask <= torch.finfo(mask.dtype).min
+
+
+def _mask_rows(call: AttentionCall, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """``[n, heads or 1, 1, T]``: the mask row of each target (batch row ``rows[k]``, query
+    ``t[k]``), in the function's own format; None where the recorded call had none."""
     mask = call.attention_mask
     length = call.key.shape[2]
     if mask is not None:
-        picked = mask[row if mask.shape[0] > 1 else 0][:, t, :]
-        return picked[None]
+        mask_rows = rows if mask.shape[0] > 1 else torch.zeros_like(rows)
+        picked = mask[mask_rows, :, t]  # [n, heads or 1, T]
+        if picked.is_floating_point():
+            picked = picked.float()
+        return picked[:, :, None]
     sdpa = call.implementation == "sdpa"
     causal = call.kwargs.get("is_causal")
     causal = getattr(call.module, "is_causal", True) if causal is None else causal
     if sdpa and causal:  # the recorded call relied on is_causal with a full square
         keep = torch.arange(length, device=t.device)[None, :] <= t[:, None]
-        return keep[None, None]
+        return keep[:, None, None]
     return None
 
 
-def _attention_terms(
-    call: AttentionCall, g: torch.Tensor, dq: torch.Tensor, row: int, t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities ``a`` and score gradients ``w`` ``[H, n, T]`` of targets ``t`` of ``row``."""
-    q = call.query[row, :, t].detach().float()  # [H, n, d]
-    k = call.key[row].detach().float()  # [Hkv, T, d]
-    v = call.value[row].detach().float()
-    heads, count, dim = q.shape
-    kv_heads, length, _ = k.shape
-    eye = torch.eye(length, device=q.device).expand(kv_heads, length, length)
-    q_aug = torch.cat([q, q.new_zeros(heads, count, length)], -1)[None].requires_grad_(True)
-    k_aug = torch.cat([k, eye], -1)[None]
-    v_aug = torch.cat([v, eye], -1)[None]
-    with torch.enable_grad():
-        out = call.replay(q_aug, k_aug, v_aug, _mask_rows(call, row, t))  # [1, n, H, dv + T]
-    dv = v.shape[-1]
-    if tuple(out.shape) != (1, count, heads, dv + length):
-        raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
-    _check_close(out[0, ..., :dv], call.output[row, t].detach(), "the attention output")
-    cotangent = torch.cat([g[row, t].float(), g.new_zeros(count, heads, length).float()], -1)
-    (dq_aug,) = torch.autograd.grad(out, q_aug, cotangent[None])
-    _check_close(dq_aug[0, ..., :dim], dq[row, :, t], "dz/dq")
-    probabilities = out[0, ..., dv:].detach().transpose(0, 1)  # [H, n, T]
-    return probabilities, dq_aug[0, ..., dim:]
+def _support(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """``[n]``: 1 + the last key position each target's mask row lets through (None: all)."""
+    if mask is None:
+        return None
+    open_ = ~_blocked(mask).flatten(1, 2)  # [n, heads or 1, T]
+    positions = torch.arange(1, length + 1, device=mask.device)
+    return (open_.any(1) * positions).amax(-1).clamp_min(1)
 
 
 @dataclass(frozen=True)
 class _HeadTerms:
-    """Per target and query head: weights over positions and the vector they carry.
+    """One projection's attention-side terms for every target.
 
-    ``dz/dkey[j, s] = sum_{h in group j} weights[h, s] * vectors[h]`` (and the same
-    for value): ``weights`` ``[U, H, T]``, ``vectors`` ``[U, H, d]``.
+    ``summed`` ``[U, Hkv, T, d]`` is ``dz/dtensor`` (the replay's own backward; query
+    heads of a group added up); per query head, ``summed[j, s] = sum_{h in group j}
+    weights[h, s] * vectors[h]`` with ``weights`` ``[U, H, T]``, ``vectors`` ``[U, H, d]``.
     """
 
     weights: torch.Tensor
     vectors: torch.Tensor
+    summed: torch.Tensor
 
-    def cotangent(self, kv_heads: int) -> torch.Tensor:
-        """``[U, Hkv, T, d]``: summed over the query heads of each key/value head."""
-        count, heads, length = self.weights.shape
-        groups = heads // kv_heads
-        weights = self.weights.reshape(count, kv_heads, groups, length)
-        vectors = self.vectors.reshape(count, kv_heads, groups, -1)
-        return torch.einsum("njgs,njgd->njsd", weights, vectors)
+
+def _replay_chunks(support: torch.Tensor, per_position: int) -> Iterator[torch.Tensor]:
+    """Target indices sorted by support, in chunks whose replay stays bounded."""
+    order = torch.argsort(support)
+    spans = support[order].tolist()
+    start = 0
+    while start < len(spans):
+        end = start + 1
+        while end < len(spans) and (end + 1 - start) * spans[end] * per_position <= (
+            _MAX_REPLAY_ELEMENTS
+        ):
+            end += 1
+        yield order[start:end]
+        start = end
 
 
 def _head_terms(
     call: AttentionCall, g: torch.Tensor, dq: torch.Tensor, unique: _Targets
 ) -> tuple[_HeadTerms, _HeadTerms]:
-    """The key terms (score gradients w, queries q) and value terms (probabilities a, g)."""
-    heads, length = call.query.shape[1], call.key.shape[2]
+    """The key terms (score gradients w, queries q) and value terms (probabilities a, g).
+
+    One replay with one target per batch element (its query row, its sequence's keys
+    and values up to the last position its mask row lets through, that mask row)
+    and one backward with cotangent ``g_t``: ``dk``/``dv`` are the summed terms. The
+    head dimension gets ``G`` (query heads per key/value head) extra columns: one-hot
+    by head within its group on the query and output-cotangent sides, zero on keys
+    and values, so scores and outputs are unchanged while the extra columns of
+    ``dk`` and ``dv`` hold ``w`` and ``a`` of each query head separately.
+    """
+    _, heads, length, dim = call.query.shape
+    kv_heads, dim_v = call.key.shape[1], call.value.shape[-1]
+    groups = heads // kv_heads
     count = unique.t.shape[0]
     device = call.query.device
+    masks = _mask_rows(call, unique.rows, unique.t)
+    support = _support(masks, length)
+    if support is None:
+        support = torch.full((count,), length, device=device, dtype=torch.long)
+    dk = torch.zeros((count, kv_heads, length, dim), device=device)
+    dv = torch.zeros((count, kv_heads, length, dim_v), device=device)
     w = torch.zeros((count, heads, length), device=device)
     a = torch.zeros((count, heads, length), device=device)
-    for row in torch.unique(unique.rows).tolist():
-        index = (unique.rows == row).nonzero().flatten()
-        probabilities, score_grads = _attention_terms(call, g, dq, row, unique.t[index])
-        a[index] = probabilities.transpose(0, 1)
-        w[index] = score_grads.transpose(0, 1)
-    q = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
+    one_hot = torch.eye(groups, device=device).repeat(kv_heads, 1)  # [H, G]: head h -> h % G
+    per_position = heads * (max(dim, dim_v) + groups)
+    for index in _replay_chunks(support, per_position):
+        rows, t = unique.rows[index], unique.t[index]
+        span = int(support[index].max())
+        n = index.numel()
+        q = call.query[rows, :, t].detach().float()  # [n, H, d]
+        q_aug = torch.cat([q, one_hot.expand(n, -1, -1)], -1)[:, :, None].requires_grad_(True)
+        k = call.key[rows, :, :span].detach().float()
+        v = call.value[rows, :, :span].detach().float()
+        zeros = k.new_zeros((n, kv_heads, span, groups))
+        k_aug = torch.cat([k, zeros], -1).requires_grad_(True)
+        v_aug = torch.cat([v, zeros], -1).requires_grad_(True)
+        mask = None if masks is None else masks[index, ..., :span]
+        with torch.enable_grad():
+            try:
+                out = call.replay(q_aug, k_aug, v_aug, mask)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise LastBlockRefused(f"replaying the attention function failed: {exc}") from exc
+        if tuple(out.shape) != (n, 1, heads, dim_v + groups):
+            raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
+        expected = call.output[rows, t].detach().float()  # [n, H, dv]
+        _check_close(out[:, 0], _pad(expected, groups), "the attention output")
+        cotangent = torch.cat([g[rows, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
+        dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
+        _check_close(dq_aug[:, :, 0], _pad(dq[rows, :, t], groups), "dz/dq")
+        dk[index, :, :span] = dk_aug[..., :dim]
+        dv[index, :, :span] = dv_aug[..., :dim_v]
+        # extra column i of key/value head j: query head j * G + i
+        w[index, :, :span] = dk_aug[..., dim:].permute(0, 1, 3, 2).reshape(n, heads, span)
+        a[index, :, :span] = dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, span)
+    q_rows = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
     g_rows = g[unique.rows, unique.t].float()  # [U, H, dv]
-    return _HeadTerms(w, q), _HeadTerms(a, g_rows)
+    return _HeadTerms(w, q_rows, dk), _HeadTerms(a, g_rows, dv)
+
+
+def _pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    return torch.cat([tensor.float(), tensor.new_zeros((*tensor.shape[:-1], columns)).float()], -1)
+
+
+def _slots(rows: torch.Tensor) -> torch.Tensor:
+    """``[U]``: each target's rank among the targets of its batch row (its VJP slot)."""
+    order = torch.argsort(rows, stable=True)
+    sorted_rows = rows[order]
+    first = torch.searchsorted(sorted_rows, sorted_rows)  # first index of each row's run
+    rank = torch.empty_like(rows)
+    rank[order] = torch.arange(rows.numel(), device=rows.device) - first
+    return rank
+
+
+def _rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> bool:
+    """Whether the map from ``projection_output`` to ``tensor`` keeps batch rows apart.
+
+    Random cotangents on the rows whose index has bit k set (then clear) must give
+    a gradient that is zero on the other rows, for every bit k: then no row reaches
+    another (with probability one; exact zeros are what such maps produce).
+    """
+    batch = tensor.shape[0]
+    if batch == 1:
+        return True
+    if projection_output.shape[0] != batch:
+        return False
+    index = torch.arange(batch, device=tensor.device)
+    sides = []
+    for bit in range(max(1, (batch - 1).bit_length())):
+        on = (index >> bit) & 1 == 1
+        sides += [on, ~on]
+    generator = torch.Generator(device=tensor.device).manual_seed(0)
+    noise = torch.randn((len(sides), *tensor.shape), generator=generator, device=tensor.device).to(
+        tensor.dtype
+    )
+    chosen = torch.stack(sides)  # [tests, B]
+    shape = (len(sides), batch) + (1,) * (tensor.ndim - 1)
+    cotangent = noise * chosen.reshape(shape).to(noise.dtype)
+    (grad,) = torch.autograd.grad(
+        tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
+    )
+    grad = grad.float()
+    outside = grad[~chosen].abs().max() if bool((~chosen).any()) else grad.new_zeros(())
+    inside = grad[chosen].abs().max()
+    return bool(outside <= 1e-6 * inside)
 
 
 def _to_projection(
@@ -276,26 +371,31 @@ def _to_projection(
     projection_output: torch.Tensor,
     cotangent: torch.Tensor,
     rows: torch.Tensor,
+    *,
+    rows_apart: bool,
 ) -> torch.Tensor:
     """``[U, T, width]``: each target's cotangent on ``tensor`` carried back to the projection.
 
-    One batched vector-Jacobian product through the per-position maps
-    (reshapes, RoPE, q/k norms) for a chunk of targets at a time.
+    Batched vector-Jacobian products through the per-position maps (reshapes,
+    RoPE, q/k norms). Targets of different batch rows share one product (each in
+    its own row) where the map keeps rows apart (``rows_apart``, from
+    :func:`_rows_independent`), so a product carries up to B targets.
     """
     count = cotangent.shape[0]
-    per_target = tensor.numel()
-    per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, per_target))
-    pieces = []
-    for start in range(0, count, per_chunk):
-        part = cotangent[start : start + per_chunk]
-        part_rows = rows[start : start + per_chunk]
-        full = tensor.new_zeros((part.shape[0], *tensor.shape))
-        full[torch.arange(part.shape[0], device=full.device), part_rows] = part.to(tensor.dtype)
+    slots = _slots(rows) if rows_apart else torch.arange(count, device=rows.device)
+    packs = int(slots.max()) + 1 if count else 0
+    per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
+    out = projection_output.new_zeros((count, *projection_output.shape[1:]), dtype=torch.float32)
+    for start in range(0, packs, per_chunk):
+        index = ((slots >= start) & (slots < start + per_chunk)).nonzero().flatten()
+        size = min(per_chunk, packs - start)
+        full = tensor.new_zeros((size, *tensor.shape))
+        full[slots[index] - start, rows[index]] = cotangent[index].to(tensor.dtype)
         (grad,) = torch.autograd.grad(
             tensor, projection_output, full, retain_graph=True, is_grads_batched=True
         )
-        pieces.append(grad[torch.arange(part.shape[0], device=grad.device), part_rows])
-    return torch.cat(pieces)
+        out[index] = grad[slots[index] - start, rows[index]].float()
+    return out
 
 
 def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -353,6 +453,8 @@ def _factored_gamma(
     terms: _HeadTerms,
     rows: torch.Tensor,
     t: torch.Tensor,
+    *,
+    rows_apart: bool,
 ) -> torch.Tensor | None:
     """``[U, H, width]`` with ``Gamma_k = sum_h weights[k, h] (x) result[k, h]``, or None.
 
@@ -367,17 +469,19 @@ def _factored_gamma(
     ):
         return None
     vectors = _packed_vjp(tensor, projection_output, terms).float()
-    kv_heads = tensor.shape[1]
-    for row in torch.unique(rows).tolist():
-        index = (rows == row).nonzero().flatten()
-        k = index[int(t[index].argmax())]
-        single = _HeadTerms(terms.weights[k : k + 1], terms.vectors[k : k + 1])
-        full = _to_projection(
-            tensor, projection_output, single.cotangent(kv_heads), rows[k : k + 1]
-        ).float()
-        factored = torch.einsum("hs,hw->sw", terms.weights[k], vectors[k])
-        scale = float(full.norm())
-        if not float((full[0] - factored).norm()) <= 1e-4 * max(scale, 1e-12):
+    longest = torch.stack(
+        [
+            (rows == row).nonzero().flatten()[int(t[rows == row].argmax())]
+            for row in torch.unique(rows).tolist()
+        ]
+    )
+    full = _to_projection(
+        tensor, projection_output, terms.summed[longest], rows[longest], rows_apart=rows_apart
+    )
+    factored = torch.einsum("khs,khw->ksw", terms.weights[longest], vectors[longest])
+    for got, expected in zip(factored, full, strict=True):
+        scale = float(expected.norm())
+        if not float((got - expected).norm()) <= 1e-4 * max(scale, 1e-12):
             return None
     return vectors
 
@@ -395,14 +499,19 @@ def _projection_norm(
 ) -> torch.Tensor:
     """Norms of one projection (K or V) for every unique target."""
     projection_output, inputs = out.outputs[module], out.inputs[module]
-    vectors = _factored_gamma(tensor, projection_output, terms, unique.rows, unique.t)
+    rows_apart = _rows_independent(tensor, projection_output)
+    vectors = _factored_gamma(
+        tensor, projection_output, terms, unique.rows, unique.t, rows_apart=rows_apart
+    )
     route = "rank <= H factors" if vectors is not None else "shared-input Gram"
     logger.debug("last block %s: %s", name, route)
     if vectors is not None:  # rank <= H: sum_h (vector_h)(sum_s weight_hs x_s)^T
         mixed = torch.einsum("nhs,nsb->nhb", terms.weights, inputs[unique.rows].float())
         return outer_sum_norm(_select(vectors, columns), mixed, norm)
-    cotangent = terms.cotangent(tensor.shape[1])
-    gamma = _select(_to_projection(tensor, projection_output, cotangent, unique.rows), columns)
+    gamma = _select(
+        _to_projection(tensor, projection_output, terms.summed, unique.rows, rows_apart=rows_apart),
+        columns,
+    )
     return _grouped_norm(gamma, inputs, unique, norm)
 
 
