@@ -56,10 +56,11 @@ Site = tuple[nn.Module, torch.Tensor | None]
 # layer types (``config.layer_types``) after which positions are not mixed
 # by anything but the attention's own mask
 _ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-# fp32 elements of one batched cotangent ([packs, B, heads, T, d]): 32 Mi = 128 MiB
-_MAX_COTANGENT_ELEMENTS = 1 << 25
-# fp32 elements of one replayed key or value tensor ([targets, heads, span, d + G]): 64 MiB
-_MAX_REPLAY_ELEMENTS = 1 << 24
+# fp32 elements of one batched cotangent ([packs, B, heads, T, d]): 4 Mi = 16 MiB (small
+# blocks are reused by the allocator; large ones cost page faults on every touch)
+_MAX_COTANGENT_ELEMENTS = 1 << 22
+# fp32 elements of one replay's key and value gradients ([targets, heads, span, 2d + 2G]): 8 MiB
+_MAX_REPLAY_ELEMENTS = 1 << 21
 
 
 class LastBlockRefused(RuntimeError):
@@ -229,28 +230,42 @@ def _support(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True)
+class _Piece:
+    """``summed[index, :, :span]`` for some targets: ``values`` ``[n, Hkv, span, d]``."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
 class _HeadTerms:
     """One projection's attention-side terms for every target.
 
-    ``summed`` ``[U, Hkv, T, d]`` is ``dz/dtensor`` (the replay's own backward; query
-    heads of a group added up); per query head, ``summed[j, s] = sum_{h in group j}
-    weights[h, s] * vectors[h]`` with ``weights`` ``[U, H, T]``, ``vectors`` ``[U, H, d]``.
+    ``summed`` (``[U, Hkv, T, d]``, zero beyond each piece's span, kept as
+    :class:`_Piece` s) is ``dz/dtensor`` from the replay's own backward (query
+    heads of a group added up); per query head, ``summed[:, j, s] = sum_{h in
+    group j} weights[:, h, s] * vectors[:, h]`` with ``weights`` ``[U, H, T]``,
+    ``vectors`` ``[U, H, d]``.
     """
 
     weights: torch.Tensor
     vectors: torch.Tensor
-    summed: torch.Tensor
+    pieces: list[_Piece]
 
 
-def _replay_chunks(support: torch.Tensor, per_position: int) -> Iterator[torch.Tensor]:
-    """Target indices sorted by support, in chunks whose replay stays bounded."""
-    order = torch.argsort(support)
-    spans = support[order].tolist()
+def _replay_chunks(
+    rows: torch.Tensor, support: torch.Tensor, per_position: int
+) -> Iterator[torch.Tensor]:
+    """Target indices grouped by batch row, sorted by support, in bounded chunks."""
+    order = torch.argsort(rows * (int(support.max()) + 1) + support)
+    spans, row_of = support[order].tolist(), rows[order].tolist()
     start = 0
     while start < len(spans):
         end = start + 1
-        while end < len(spans) and (end + 1 - start) * spans[end] * per_position <= (
-            _MAX_REPLAY_ELEMENTS
+        while (
+            end < len(spans)
+            and row_of[end] == row_of[start]
+            and (end + 1 - start) * spans[end] * per_position <= _MAX_REPLAY_ELEMENTS
         ):
             end += 1
         yield order[start:end]
@@ -262,13 +277,14 @@ def _head_terms(
 ) -> tuple[_HeadTerms, _HeadTerms]:
     """The key terms (score gradients w, queries q) and value terms (probabilities a, g).
 
-    One replay with one target per batch element (its query row, its sequence's keys
-    and values up to the last position its mask row lets through, that mask row)
-    and one backward with cotangent ``g_t``: ``dk``/``dv`` are the summed terms. The
-    head dimension gets ``G`` (query heads per key/value head) extra columns: one-hot
-    by head within its group on the query and output-cotangent sides, zero on keys
-    and values, so scores and outputs are unchanged while the extra columns of
-    ``dk`` and ``dv`` hold ``w`` and ``a`` of each query head separately.
+    One replay with one target per batch element (its query row; its sequence's
+    keys and values, shared by the targets of a row, up to the last position its
+    mask row lets through; that mask row) and one backward with cotangent
+    ``g_t``: ``dk``/``dv`` are the summed terms. The head dimension gets ``G``
+    (query heads per key/value head) extra columns: one-hot by head within its
+    group on the query and output-cotangent sides, zero on keys and values, so
+    scores and outputs are unchanged while the extra columns of ``dk`` and ``dv``
+    hold ``w`` and ``a`` of each query head separately.
     """
     _, heads, length, dim = call.query.shape
     kv_heads, dim_v = call.key.shape[1], call.value.shape[-1]
@@ -279,44 +295,46 @@ def _head_terms(
     support = _support(masks, length)
     if support is None:
         support = torch.full((count,), length, device=device, dtype=torch.long)
-    dk = torch.zeros((count, kv_heads, length, dim), device=device)
-    dv = torch.zeros((count, kv_heads, length, dim_v), device=device)
     w = torch.zeros((count, heads, length), device=device)
     a = torch.zeros((count, heads, length), device=device)
+    key_pieces: list[_Piece] = []
+    value_pieces: list[_Piece] = []
     one_hot = torch.eye(groups, device=device).repeat(kv_heads, 1)  # [H, G]: head h -> h % G
-    per_position = heads * (max(dim, dim_v) + groups)
-    for index in _replay_chunks(support, per_position):
-        rows, t = unique.rows[index], unique.t[index]
+    per_position = kv_heads * (dim + dim_v + 2 * groups)
+    for index in _replay_chunks(unique.rows, support, per_position):
+        row, t = int(unique.rows[index[0]]), unique.t[index]
         span = int(support[index].max())
         n = index.numel()
-        q = call.query[rows, :, t].detach().float()  # [n, H, d]
+        q = call.query[row, :, t].detach().float().transpose(0, 1)  # [n, H, d]
         q_aug = torch.cat([q, one_hot.expand(n, -1, -1)], -1)[:, :, None].requires_grad_(True)
-        k = call.key[rows, :, :span].detach().float()
-        v = call.value[rows, :, :span].detach().float()
-        zeros = k.new_zeros((n, kv_heads, span, groups))
-        k_aug = torch.cat([k, zeros], -1).requires_grad_(True)
-        v_aug = torch.cat([v, zeros], -1).requires_grad_(True)
+        zeros = q.new_zeros((1, kv_heads, span, groups))
+        key = call.key[row : row + 1, :, :span].detach().float()
+        value = call.value[row : row + 1, :, :span].detach().float()
+        # one copy per batch row, seen by its n targets (gradients come per target)
+        k_row = torch.cat([key, zeros], -1).requires_grad_(True)
+        v_row = torch.cat([value, zeros], -1).requires_grad_(True)
         mask = None if masks is None else masks[index, ..., :span]
         with torch.enable_grad():
+            k_aug, v_aug = k_row.expand(n, -1, -1, -1), v_row.expand(n, -1, -1, -1)
             try:
                 out = call.replay(q_aug, k_aug, v_aug, mask)
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise LastBlockRefused(f"replaying the attention function failed: {exc}") from exc
         if tuple(out.shape) != (n, 1, heads, dim_v + groups):
             raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
-        expected = call.output[rows, t].detach().float()  # [n, H, dv]
+        expected = call.output[row, t].detach().float()  # [n, H, dv]
         _check_close(out[:, 0], _pad(expected, groups), "the attention output")
-        cotangent = torch.cat([g[rows, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
+        cotangent = torch.cat([g[row, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
         dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
-        _check_close(dq_aug[:, :, 0], _pad(dq[rows, :, t], groups), "dz/dq")
-        dk[index, :, :span] = dk_aug[..., :dim]
-        dv[index, :, :span] = dv_aug[..., :dim_v]
+        _check_close(dq_aug[:, :, 0], _pad(dq[row, :, t].transpose(0, 1), groups), "dz/dq")
+        key_pieces.append(_Piece(index, dk_aug[..., :dim]))
+        value_pieces.append(_Piece(index, dv_aug[..., :dim_v]))
         # extra column i of key/value head j: query head j * G + i
         w[index, :, :span] = dk_aug[..., dim:].permute(0, 1, 3, 2).reshape(n, heads, span)
         a[index, :, :span] = dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, span)
     q_rows = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
     g_rows = g[unique.rows, unique.t].float()  # [U, H, dv]
-    return _HeadTerms(w, q_rows, dk), _HeadTerms(a, g_rows, dv)
+    return _HeadTerms(w, q_rows, key_pieces), _HeadTerms(a, g_rows, value_pieces)
 
 
 def _pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
@@ -369,32 +387,51 @@ def _rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> 
 def _to_projection(
     tensor: torch.Tensor,
     projection_output: torch.Tensor,
-    cotangent: torch.Tensor,
+    terms: _HeadTerms,
     rows: torch.Tensor,
     *,
     rows_apart: bool,
+    only: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[U, T, width]``: each target's cotangent on ``tensor`` carried back to the projection.
+    """``[U, T, width]`` (``[len(only), T, width]``): each target's summed terms on
+    ``tensor`` carried back to the projection (for the targets ``only``, if given).
 
     Batched vector-Jacobian products through the per-position maps (reshapes,
     RoPE, q/k norms). Targets of different batch rows share one product (each in
     its own row) where the map keeps rows apart (``rows_apart``, from
     :func:`_rows_independent`), so a product carries up to B targets.
     """
-    count = cotangent.shape[0]
-    slots = _slots(rows) if rows_apart else torch.arange(count, device=rows.device)
-    packs = int(slots.max()) + 1 if count else 0
+    count = rows.shape[0]
+    chosen = torch.arange(count, device=rows.device) if only is None else only
+    position = torch.full((count,), -1, dtype=torch.long, device=rows.device)
+    position[chosen] = torch.arange(chosen.numel(), device=rows.device)
+    if rows_apart:
+        slots = torch.full_like(position, -1)
+        slots[chosen] = _slots(rows[chosen])
+    else:
+        slots = position
+    packs = int(slots.max()) + 1 if chosen.numel() else 0
     per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
-    out = projection_output.new_zeros((count, *projection_output.shape[1:]), dtype=torch.float32)
+    out = projection_output.new_empty(
+        (chosen.numel(), *projection_output.shape[1:]), dtype=torch.float32
+    )
     for start in range(0, packs, per_chunk):
-        index = ((slots >= start) & (slots < start + per_chunk)).nonzero().flatten()
         size = min(per_chunk, packs - start)
         full = tensor.new_zeros((size, *tensor.shape))
-        full[slots[index] - start, rows[index]] = cotangent[index].to(tensor.dtype)
+        for piece in terms.pieces:
+            slot = slots[piece.index]
+            keep = (slot >= start) & (slot < start + size)
+            if bool(keep.any()):
+                span = piece.values.shape[2]
+                index = piece.index[keep]
+                full[slot[keep] - start, rows[index], :, :span] = piece.values[keep].to(
+                    tensor.dtype
+                )
         (grad,) = torch.autograd.grad(
             tensor, projection_output, full, retain_graph=True, is_grads_batched=True
         )
-        out[index] = grad[slots[index] - start, rows[index]].float()
+        inside = ((slots >= start) & (slots < start + size)).nonzero().flatten()
+        out[position[inside]] = grad[slots[inside] - start, rows[inside]].float()
     return out
 
 
@@ -476,7 +513,7 @@ def _factored_gamma(
         ]
     )
     full = _to_projection(
-        tensor, projection_output, terms.summed[longest], rows[longest], rows_apart=rows_apart
+        tensor, projection_output, terms, rows, rows_apart=rows_apart, only=longest
     )
     factored = torch.einsum("khs,khw->ksw", terms.weights[longest], vectors[longest])
     for got, expected in zip(factored, full, strict=True):
@@ -506,10 +543,13 @@ def _projection_norm(
     route = "rank <= H factors" if vectors is not None else "shared-input Gram"
     logger.debug("last block %s: %s", name, route)
     if vectors is not None:  # rank <= H: sum_h (vector_h)(sum_s weight_hs x_s)^T
-        mixed = torch.einsum("nhs,nsb->nhb", terms.weights, inputs[unique.rows].float())
+        mixed = inputs.new_empty((*terms.weights.shape[:2], inputs.shape[-1]), dtype=torch.float32)
+        for row in torch.unique(unique.rows).tolist():
+            index = (unique.rows == row).nonzero().flatten()
+            mixed[index] = terms.weights[index] @ inputs[row].float()
         return outer_sum_norm(_select(vectors, columns), mixed, norm)
     gamma = _select(
-        _to_projection(tensor, projection_output, terms.summed, unique.rows, rows_apart=rows_apart),
+        _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart),
         columns,
     )
     return _grouped_norm(gamma, inputs, unique, norm)
