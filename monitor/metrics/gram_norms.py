@@ -43,12 +43,20 @@ def _matrix_norm(matrices: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 
 def shared_input_norm(
-    gamma: torch.Tensor, x: torch.Tensor, norm: Norm, support: torch.Tensor | None = None
+    gamma: torch.Tensor,
+    x: torch.Tensor,
+    norm: Norm,
+    support: torch.Tensor | None = None,
+    *,
+    rows: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Norm of ``Gamma_k^T X`` for each k: ``gamma [K, T, a]``, ``x [T, b]`` -> ``[K]`` (fp32).
 
     ``support``: ``[K]`` number of leading rows of each ``Gamma_k`` that can be
     nonzero (t + 1 for a causal target t); smaller problems for short ones.
+    ``rows`` (``[K]``) and ``columns``: take ``Gamma_k = gamma[rows[k]][:, columns]``
+    instead (only the parts needed are copied).
     """
     check_norm(norm)
     if gamma.ndim != 3 or x.ndim != 2 or gamma.shape[1] != x.shape[0]:
@@ -56,8 +64,9 @@ def shared_input_norm(
             f"expected gamma [K, T, a] and x [T, b] with equal T, got "
             f"{tuple(gamma.shape)} and {tuple(x.shape)}"
         )
-    gamma, x = gamma.float(), x.float()
-    count, length, _ = gamma.shape
+    x = x.float()
+    length = gamma.shape[1]
+    count = gamma.shape[0] if rows is None else rows.shape[0]
     if count == 0:
         return gamma.new_zeros(0)
     if support is None:
@@ -71,8 +80,11 @@ def shared_input_norm(
     edges = torch.tensor([_bucket_edge(int(m), length) for m in support.tolist()])
     for edge in torch.unique(edges).tolist():
         index = (edges == edge).nonzero().flatten().to(gamma.device)
-        rows = factor.shape[0] if norm == "l1" else min(edge, factor.shape[0])
-        out[index] = _chunked(factor[:rows, :edge], gamma[index, :edge], norm)
+        height = factor.shape[0] if norm == "l1" else min(edge, factor.shape[0])
+        picked = gamma[index if rows is None else rows[index], :edge]
+        if columns is not None:
+            picked = picked.index_select(-1, columns.to(picked.device))
+        out[index] = _chunked(factor[:height, :edge], picked.float(), norm)
     return out
 
 

@@ -384,6 +384,17 @@ def _rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> 
     return bool(outside <= 1e-6 * inside)
 
 
+@dataclass(frozen=True)
+class _Gathered:
+    """Rows ``source[index[k]]`` (``[T, width]``) for targets k, not copied out yet."""
+
+    source: torch.Tensor  # [N, T, width]
+    index: torch.Tensor  # [K]
+
+    def take(self, which: torch.Tensor) -> torch.Tensor:
+        return self.source[self.index[which]]
+
+
 def _to_projection(
     tensor: torch.Tensor,
     projection_output: torch.Tensor,
@@ -392,16 +403,16 @@ def _to_projection(
     *,
     rows_apart: bool,
     only: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``[U, T, width]`` (``[len(only), T, width]``): each target's summed terms on
-    ``tensor`` carried back to the projection (for the targets ``only``, if given).
+) -> _Gathered:
+    """Each target's summed terms on ``tensor`` carried back to the projection,
+    ``[T, width]`` per target (for the targets ``only``, if given, in that order).
 
     Batched vector-Jacobian products through the per-position maps (reshapes,
     RoPE, q/k norms). Targets of different batch rows share one product (each in
     its own row) where the map keeps rows apart (``rows_apart``, from
     :func:`_rows_independent`), so a product carries up to B targets.
     """
-    count = rows.shape[0]
+    count, batch = rows.shape[0], tensor.shape[0]
     chosen = torch.arange(count, device=rows.device) if only is None else only
     position = torch.full((count,), -1, dtype=torch.long, device=rows.device)
     position[chosen] = torch.arange(chosen.numel(), device=rows.device)
@@ -412,9 +423,7 @@ def _to_projection(
         slots = position
     packs = int(slots.max()) + 1 if chosen.numel() else 0
     per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
-    out = projection_output.new_empty(
-        (chosen.numel(), *projection_output.shape[1:]), dtype=torch.float32
-    )
+    results = []
     for start in range(0, packs, per_chunk):
         size = min(per_chunk, packs - start)
         full = tensor.new_zeros((size, *tensor.shape))
@@ -430,9 +439,9 @@ def _to_projection(
         (grad,) = torch.autograd.grad(
             tensor, projection_output, full, retain_graph=True, is_grads_batched=True
         )
-        inside = ((slots >= start) & (slots < start + size)).nonzero().flatten()
-        out[position[inside]] = grad[slots[inside] - start, rows[inside]].float()
-    return out
+        results.append(grad.flatten(0, 1))  # [size * B, T, width]
+    source = results[0] if len(results) == 1 else torch.cat(results)
+    return _Gathered(source, (slots * batch + rows)[chosen])
 
 
 def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -440,20 +449,30 @@ def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
 
 
 def _grouped_norm(
-    gamma: torch.Tensor, inputs: torch.Tensor, unique: _Targets, norm: Norm
+    gamma: _Gathered,
+    columns: torch.Tensor | None,
+    inputs: torch.Tensor,
+    unique: _Targets,
+    norm: Norm,
 ) -> torch.Tensor:
     """Norm per target with the input side shared by the targets of each row."""
     rows = unique.rows
-    values = torch.zeros(gamma.shape[0], dtype=torch.float32, device=gamma.device)
+    values = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
+    # causal attention: positions after t do not reach z_t (checked, not assumed)
+    reach = _select(gamma.source, columns).abs().amax(-1)[gamma.index]  # [K, T]
+    positions = torch.arange(reach.shape[1], device=reach.device)
+    causal = not bool(reach[positions[None, :] > unique.t[:, None]].any())
     for row in torch.unique(rows).tolist():
         index = (rows == row).nonzero().flatten()
-        # causal attention: positions after t do not reach z_t (checked, not assumed)
-        support: torch.Tensor | None = unique.t[index] + 1
-        positions = torch.arange(gamma.shape[1], device=gamma.device)
-        beyond = positions[None, :] > unique.t[index][:, None]
-        if bool(gamma[index][beyond].any()):
-            support = None
-        values[index] = shared_input_norm(gamma[index], inputs[row], norm, support=support)
+        support = unique.t[index] + 1 if causal else None
+        values[index] = shared_input_norm(
+            gamma.source,
+            inputs[row],
+            norm,
+            support=support,
+            rows=gamma.index[index],
+            columns=columns,
+        )
     return values
 
 
@@ -514,7 +533,7 @@ def _factored_gamma(
     )
     full = _to_projection(
         tensor, projection_output, terms, rows, rows_apart=rows_apart, only=longest
-    )
+    ).take(torch.arange(longest.numel(), device=longest.device))
     factored = torch.einsum("khs,khw->ksw", terms.weights[longest], vectors[longest])
     for got, expected in zip(factored, full, strict=True):
         scale = float(expected.norm())
@@ -548,11 +567,8 @@ def _projection_norm(
             index = (unique.rows == row).nonzero().flatten()
             mixed[index] = terms.weights[index] @ inputs[row].float()
         return outer_sum_norm(_select(vectors, columns), mixed, norm)
-    gamma = _select(
-        _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart),
-        columns,
-    )
-    return _grouped_norm(gamma, inputs, unique, norm)
+    gamma = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart)
+    return _grouped_norm(gamma, columns, inputs, unique, norm)
 
 
 def _norms(
