@@ -27,6 +27,18 @@ from inversion_monitor.metrics.norms import Norm, check_norm, nuclear_norm
 _MAX_ELEMENTS = 1 << 24
 
 
+def input_factor(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """The input side of :func:`shared_input_norm` for ``x`` ``[T, b]``.
+
+    l1 needs the entries of G: ``X^T``. The others take ``X^T = Q R`` (``R``
+    ``[min(b, T), T]``, upper trapezoidal): the first m rows of X have the factor
+    ``R[:, :m]``, whose rows beyond m are zero, so
+    ``||G_k|| = ||R[:min(m, b), :m] Gamma_k[:m]||``.
+    """
+    x = x.float()
+    return x.T if norm == "l1" else torch.linalg.qr(x.T, mode="r").R
+
+
 def _bucket_edge(m: int, length: int) -> int:
     """``m`` rounded up to a bucket edge (at most ~1/8 larger, never above ``length``)."""
     step = 1 << max(3, m.bit_length() - 3)
@@ -50,13 +62,15 @@ def shared_input_norm(
     *,
     rows: torch.Tensor | None = None,
     columns: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Norm of ``Gamma_k^T X`` for each k: ``gamma [K, T, a]``, ``x [T, b]`` -> ``[K]`` (fp32).
 
     ``support``: ``[K]`` number of leading rows of each ``Gamma_k`` that can be
     nonzero (t + 1 for a causal target t); smaller problems for short ones.
     ``rows`` (``[K]``) and ``columns``: take ``Gamma_k = gamma[rows[k]][:, columns]``
-    instead (only the parts needed are copied).
+    instead (only the parts needed are copied). ``factor``: ``input_factor(x, norm)``
+    when the caller has it already.
     """
     check_norm(norm)
     if gamma.ndim != 3 or x.ndim != 2 or gamma.shape[1] != x.shape[0]:
@@ -72,10 +86,8 @@ def shared_input_norm(
     if support is None:
         support = torch.full((count,), length, dtype=torch.long)
     support = support.clamp(1, length).cpu()
-    # l1 needs the entries of G; the others take X^T = Q R (R [r, T], upper
-    # trapezoidal, r = min(b, T)): the first m rows of X have the factor R[:, :m],
-    # whose rows beyond m are zero, so ||G_k|| = ||R[:min(m, r), :m] Gamma_k[:m]||
-    factor = x.T if norm == "l1" else torch.linalg.qr(x.T, mode="r").R
+    if factor is None:
+        factor = input_factor(x, norm)
     out = torch.zeros(count, dtype=torch.float32, device=gamma.device)
     edges = torch.tensor([_bucket_edge(int(m), length) for m in support.tolist()])
     for edge in torch.unique(edges).tolist():

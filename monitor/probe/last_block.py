@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from inversion_monitor.metrics.gram_norms import shared_input_norm
+from inversion_monitor.metrics.gram_norms import input_factor, shared_input_norm
 from inversion_monitor.metrics.norms import Norm, outer_sum_norm, rank_one_norm
 from inversion_monitor.probe.architectures import ResolvedModel, positions_mix_after
 from inversion_monitor.probe.attention_capture import (
@@ -369,12 +369,10 @@ def _rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> 
         on = (index >> bit) & 1 == 1
         sides += [on, ~on]
     generator = torch.Generator(device=tensor.device).manual_seed(0)
-    noise = torch.randn((len(sides), *tensor.shape), generator=generator, device=tensor.device).to(
-        tensor.dtype
-    )
+    noise = torch.randn(tensor.shape, generator=generator, device=tensor.device)
     chosen = torch.stack(sides)  # [tests, B]
     shape = (len(sides), batch) + (1,) * (tensor.ndim - 1)
-    cotangent = noise * chosen.reshape(shape).to(noise.dtype)
+    cotangent = (noise * chosen.reshape(shape).to(noise.dtype)).to(tensor.dtype)
     (grad,) = torch.autograd.grad(
         tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
     )
@@ -385,14 +383,13 @@ def _rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> 
 
 
 @dataclass(frozen=True)
-class _Gathered:
-    """Rows ``source[index[k]]`` (``[T, width]``) for targets k, not copied out yet."""
+class _Carried:
+    """Some targets' terms carried back to the projection: target ``targets[k]`` is
+    ``source[index[k]]`` (``[T, width]``)."""
 
-    source: torch.Tensor  # [N, T, width]
-    index: torch.Tensor  # [K]
-
-    def take(self, which: torch.Tensor) -> torch.Tensor:
-        return self.source[self.index[which]]
+    source: torch.Tensor  # [packs * B, T, width]
+    targets: torch.Tensor  # [n] positions in the requested order
+    index: torch.Tensor  # [n]
 
 
 def _to_projection(
@@ -403,9 +400,9 @@ def _to_projection(
     *,
     rows_apart: bool,
     only: torch.Tensor | None = None,
-) -> _Gathered:
-    """Each target's summed terms on ``tensor`` carried back to the projection,
-    ``[T, width]`` per target (for the targets ``only``, if given, in that order).
+) -> Iterator[_Carried]:
+    """Each target's summed terms on ``tensor`` carried back to the projection (for the
+    targets ``only``, if given; ``targets`` index into it), a chunk at a time.
 
     Batched vector-Jacobian products through the per-position maps (reshapes,
     RoPE, q/k norms). Targets of different batch rows share one product (each in
@@ -423,7 +420,6 @@ def _to_projection(
         slots = position
     packs = int(slots.max()) + 1 if chosen.numel() else 0
     per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
-    results = []
     for start in range(0, packs, per_chunk):
         size = min(per_chunk, packs - start)
         full = tensor.new_zeros((size, *tensor.shape))
@@ -439,9 +435,10 @@ def _to_projection(
         (grad,) = torch.autograd.grad(
             tensor, projection_output, full, retain_graph=True, is_grads_batched=True
         )
-        results.append(grad.flatten(0, 1))  # [size * B, T, width]
-    source = results[0] if len(results) == 1 else torch.cat(results)
-    return _Gathered(source, (slots * batch + rows)[chosen])
+        inside = ((slots >= start) & (slots < start + size)).nonzero().flatten()
+        yield _Carried(
+            grad.flatten(0, 1), position[inside], (slots[inside] - start) * batch + rows[inside]
+        )
 
 
 def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -449,30 +446,34 @@ def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
 
 
 def _grouped_norm(
-    gamma: _Gathered,
+    chunks: Iterator[_Carried],
     columns: torch.Tensor | None,
     inputs: torch.Tensor,
     unique: _Targets,
     norm: Norm,
 ) -> torch.Tensor:
     """Norm per target with the input side shared by the targets of each row."""
-    rows = unique.rows
-    values = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
-    # causal attention: positions after t do not reach z_t (checked, not assumed)
-    reach = _select(gamma.source, columns).abs().amax(-1)[gamma.index]  # [K, T]
-    positions = torch.arange(reach.shape[1], device=reach.device)
-    causal = not bool(reach[positions[None, :] > unique.t[:, None]].any())
-    for row in torch.unique(rows).tolist():
-        index = (rows == row).nonzero().flatten()
-        support = unique.t[index] + 1 if causal else None
-        values[index] = shared_input_norm(
-            gamma.source,
-            inputs[row],
-            norm,
-            support=support,
-            rows=gamma.index[index],
-            columns=columns,
-        )
+    values = torch.zeros(unique.rows.shape[0], dtype=torch.float32, device=unique.rows.device)
+    factors: dict[int, torch.Tensor] = {}
+    for chunk in chunks:
+        rows, t = unique.rows[chunk.targets], unique.t[chunk.targets]
+        # causal attention: positions after t do not reach z_t (checked, not assumed)
+        reach = _select(chunk.source, columns).abs().amax(-1)[chunk.index]  # [n, T]
+        positions = torch.arange(reach.shape[1], device=reach.device)
+        causal = not bool(reach[positions[None, :] > t[:, None]].any())
+        for row in torch.unique(rows).tolist():
+            index = (rows == row).nonzero().flatten()
+            if row not in factors:
+                factors[row] = input_factor(inputs[row], norm)
+            values[chunk.targets[index]] = shared_input_norm(
+                chunk.source,
+                inputs[row],
+                norm,
+                support=t[index] + 1 if causal else None,
+                rows=chunk.index[index],
+                columns=columns,
+                factor=factors[row],
+            )
     return values
 
 
@@ -531,9 +532,11 @@ def _factored_gamma(
             for row in torch.unique(rows).tolist()
         ]
     )
-    full = _to_projection(
+    full = torch.zeros((longest.numel(), *projection_output.shape[1:]), device=vectors.device)
+    for chunk in _to_projection(
         tensor, projection_output, terms, rows, rows_apart=rows_apart, only=longest
-    ).take(torch.arange(longest.numel(), device=longest.device))
+    ):
+        full[chunk.targets] = chunk.source[chunk.index].float()
     factored = torch.einsum("khs,khw->ksw", terms.weights[longest], vectors[longest])
     for got, expected in zip(factored, full, strict=True):
         scale = float(expected.norm())
@@ -567,8 +570,8 @@ def _projection_norm(
             index = (unique.rows == row).nonzero().flatten()
             mixed[index] = terms.weights[index] @ inputs[row].float()
         return outer_sum_norm(_select(vectors, columns), mixed, norm)
-    gamma = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart)
-    return _grouped_norm(gamma, columns, inputs, unique, norm)
+    chunks = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart)
+    return _grouped_norm(chunks, columns, inputs, unique, norm)
 
 
 def _norms(
