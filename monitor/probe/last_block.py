@@ -5,23 +5,30 @@ which nothing mixes positions (:func:`last_block_refusal` says when that
 holds), one forward and one backward of ``sum_t z_t`` give, for every t at
 once, ``g_t = dz_t / do_t`` at the attention function's output (o_t reaches
 only z_t). The rest comes from the model's own attention function
-(:mod:`inversion_monitor.probe.attention_capture`), replayed on the target rows
-only, with two identity blocks appended to the head dimension:
+(:mod:`inversion_monitor.probe.attention_capture`), replayed with one target
+per batch element: its query row, its sequence's keys and values (one copy
+per batch row, expanded; cut after the last position its mask row lets
+through), its mask row. One backward of the replay with cotangent ``g_t``
+gives ``dz_t/dk_s = sum_h w_ts^h q_t^h`` and ``dz_t/dv_s = sum_h a_ts^h g_t^h``
+per key/value head (the query heads h of its group add up; ``a`` are the
+attention probabilities, ``w_ts = dz_t / d(q_t . k_s)``, masks, sliding
+windows, soft-caps and sinks included, as the model computes them). With G
+query heads per key/value head, G extra head-dimension columns separate the
+heads at no change to scores or outputs: ``q' = [q_t, e_i(h)]``,
+``k' = [k_s, 0]``, ``v' = [v_s, 0]`` and cotangent ``[g_t, e_i(h)]`` (i(h) the
+head's index in its group) put ``w_ts^h`` and ``a_ts^h`` in the extra
+columns of ``dk'`` and ``dv'``. The cost is that of attention for the
+targets' rows, not T / d times it.
 
-- ``v' = [v, e_s]``: the extra output columns are the attention
-  probabilities ``a_ts`` (masks, sliding windows, soft-caps and sinks
-  included, as the model computes them);
-- ``q' = [q_t, 0]``, ``k' = [k_s, e_s]``: scores unchanged, and the backward
-  of the replay with cotangent ``g_t`` gives, in the extra columns of
-  ``dq'``, ``w_ts = dz_t / d(q_t . k_s)``.
-
-Then ``dz_t/dv_s = sum_h a_ts^h g_t^h`` and ``dz_t/dk_s = sum_h w_ts^h q_t^h``
-per key/value head (query heads of a group add up), carried back through the
-per-position maps between the projections and the attention (RoPE, q/k
-norms, layouts) by one batched vector-Jacobian product. The norm of
-``G = sum_s gamma_s x_s^T`` comes from small factors with the input side
-shared by the targets of a sequence (:mod:`inversion_monitor.metrics.gram_norms`).
-Q and O are rank one (``g_t x_t^T``).
+The summed terms are carried back through the per-position maps between the
+projections and the attention (RoPE, q/k norms, layouts) by batched
+vector-Jacobian products, targets of different batch rows sharing one
+product where the map keeps rows apart (checked). Where that map is the
+same linear map at every position (no RoPE: checked), the gradient has rank
+<= H and its norm comes from H x H factors; otherwise from the Gram form,
+the input side shared by the targets of a sequence and cut to each target's
+support (:mod:`inversion_monitor.metrics.gram_norms`). Q and O are rank one
+(``g_t x_t^T``).
 
 Every replay is checked against the recorded forward (its output rows and
 ``dz/dq``); on any mismatch :class:`LastBlockRefused` is raised and the
@@ -558,9 +565,17 @@ def _projection_norm(
 ) -> torch.Tensor:
     """Norms of one projection (K or V) for every unique target."""
     projection_output, inputs = out.outputs[module], out.inputs[module]
-    rows_apart = _rows_independent(tensor, projection_output)
+    # the check below carries one target per row: testing that rows stay apart
+    # (2 log2 B products) pays off for many rows only
+    batch = tensor.shape[0]
+    few_rows = batch <= 2 * max(1, (batch - 1).bit_length()) + 1
     vectors = _factored_gamma(
-        tensor, projection_output, terms, unique.rows, unique.t, rows_apart=rows_apart
+        tensor,
+        projection_output,
+        terms,
+        unique.rows,
+        unique.t,
+        rows_apart=batch == 1 or (not few_rows and _rows_independent(tensor, projection_output)),
     )
     route = "rank <= H factors" if vectors is not None else "shared-input Gram"
     logger.debug("last block %s: %s", name, route)
@@ -570,6 +585,7 @@ def _projection_norm(
             index = (unique.rows == row).nonzero().flatten()
             mixed[index] = terms.weights[index] @ inputs[row].float()
         return outer_sum_norm(_select(vectors, columns), mixed, norm)
+    rows_apart = _rows_independent(tensor, projection_output)
     chunks = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart)
     return _grouped_norm(chunks, columns, inputs, unique, norm)
 
@@ -584,10 +600,11 @@ def _norms(
     _check_shapes(call)
     wanted: Sequence[str] = list(sites)
     modules = {proj: sites[proj][0] for proj in wanted}
-    tensors = [call.output, call.query, *(out.outputs[modules[p]] for p in wanted)]
+    rank_one = [p for p in wanted if p in ("q", "o")]  # K and V need no gradient here
+    tensors = [call.output, call.query, *(out.outputs[modules[p]] for p in rank_one)]
     grads = torch.autograd.grad(out.target_logits.sum(), tensors, retain_graph=True)
     g, dq = grads[0], grads[1]
-    by_projection = dict(zip(wanted, grads[2:], strict=True))
+    by_projection = dict(zip(rank_one, grads[2:], strict=True))
     values: dict[str, torch.Tensor] = {}
     rows, t = unique.rows, unique.t
     for proj in wanted:  # y_t reaches only z_t: G = g_t x_t^T
