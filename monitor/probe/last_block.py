@@ -465,7 +465,8 @@ def _grouped_norm(
     for chunk in chunks:
         rows, t = unique.rows[chunk.targets], unique.t[chunk.targets]
         # causal attention: positions after t do not reach z_t (checked, not assumed)
-        reach = _select(chunk.source, columns).abs().amax(-1)[chunk.index]  # [n, T]
+        source = _select(chunk.source, columns)
+        reach = torch.linalg.vector_norm(source, float("inf"), dim=-1)[chunk.index]  # [n, T]
         positions = torch.arange(reach.shape[1], device=reach.device)
         causal = not bool(reach[positions[None, :] > t[:, None]].any())
         for row in torch.unique(rows).tolist():
