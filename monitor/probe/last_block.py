@@ -165,8 +165,13 @@ def last_block_norms(
     return entropy, {(layer, proj): v[unique.inverse] for proj, v in values.items()}
 
 
-def _check_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    tolerance = 1e-3 if expected.dtype in (torch.float32, torch.float64) else 5e-2
+def _check_close(
+    got: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype | None = None
+) -> None:
+    """Raise :class:`LastBlockRefused` unless ``got`` matches ``expected`` (recorded in
+    ``dtype``, by default its own) to that precision's tolerance."""
+    dtype = expected.dtype if dtype is None else dtype
+    tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     got, expected = got.detach().float(), expected.detach().float()
     scale = float(expected.norm())
     error = float((got - expected).norm())
@@ -207,33 +212,30 @@ def _blocked(mask: torch.Tensor) -> torch.Tensor:
     return mask <= torch.finfo(mask.dtype).min
 
 
-def _mask_rows(call: AttentionCall, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
-    """``[n, heads or 1, 1, T]``: the mask row of each target (batch row ``rows[k]``, query
-    ``t[k]``), in the function's own format; None where the recorded call had none."""
+def _mask_rows(
+    call: AttentionCall, rows: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The mask row of each target (batch row ``rows[k]``, query ``t[k]``) as the
+    function takes it (``[n, heads or 1, 1, T]``; float masks as fp32; None where the
+    recorded call had none), and ``[n]``: 1 + the last key position it lets through."""
     mask = call.attention_mask
     length = call.key.shape[2]
     if mask is not None:
         mask_rows = rows if mask.shape[0] > 1 else torch.zeros_like(rows)
         picked = mask[mask_rows, :, t]  # [n, heads or 1, T]
+        open_ = ~_blocked(picked).any(1)
+        positions = torch.arange(1, length + 1, device=picked.device)
+        support = (open_ * positions).amax(-1).clamp_min(1)
         if picked.is_floating_point():
             picked = picked.float()
-        return picked[:, :, None]
+        return picked[:, :, None], support
     sdpa = call.implementation == "sdpa"
     causal = call.kwargs.get("is_causal")
     causal = getattr(call.module, "is_causal", True) if causal is None else causal
     if sdpa and causal:  # the recorded call relied on is_causal with a full square
         keep = torch.arange(length, device=t.device)[None, :] <= t[:, None]
-        return keep[:, None, None]
-    return None
-
-
-def _support(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """``[n]``: 1 + the last key position each target's mask row lets through (None: all)."""
-    if mask is None:
-        return None
-    open_ = ~_blocked(mask).flatten(1, 2)  # [n, heads or 1, T]
-    positions = torch.arange(1, length + 1, device=mask.device)
-    return (open_.any(1) * positions).amax(-1).clamp_min(1)
+        return keep[:, None, None], t + 1
+    return None, torch.full_like(t, length)
 
 
 @dataclass(frozen=True)
@@ -298,10 +300,7 @@ def _head_terms(
     groups = heads // kv_heads
     count = unique.t.shape[0]
     device = call.query.device
-    masks = _mask_rows(call, unique.rows, unique.t)
-    support = _support(masks, length)
-    if support is None:
-        support = torch.full((count,), length, device=device, dtype=torch.long)
+    masks, support = _mask_rows(call, unique.rows, unique.t)
     w = torch.zeros((count, heads, length), device=device)
     a = torch.zeros((count, heads, length), device=device)
     key_pieces: list[_Piece] = []
@@ -330,10 +329,11 @@ def _head_terms(
         if tuple(out.shape) != (n, 1, heads, dim_v + groups):
             raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
         expected = call.output[row, t].detach().float()  # [n, H, dv]
-        _check_close(out[:, 0], _pad(expected, groups), "the attention output")
+        _check_close(out[:, 0], _pad(expected, groups), "the attention output", call.output.dtype)
         cotangent = torch.cat([g[row, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
         dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
-        _check_close(dq_aug[:, :, 0], _pad(dq[row, :, t].transpose(0, 1), groups), "dz/dq")
+        recorded_dq = _pad(dq[row, :, t].transpose(0, 1), groups)
+        _check_close(dq_aug[:, :, 0], recorded_dq, "dz/dq", dq.dtype)
         key_pieces.append(_Piece(index, dk_aug[..., :dim]))
         value_pieces.append(_Piece(index, dv_aug[..., :dim_v]))
         # extra column i of key/value head j: query head j * G + i
