@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import transformers
@@ -10,7 +12,7 @@ from transformers.modeling_utils import AttentionInterface
 from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.gradients import logit_gradient_norms
-from inversion_monitor.probe.last_block import positions_unmixed_after
+from inversion_monitor.probe.last_block import _rows_independent, _slots, positions_unmixed_after
 from inversion_monitor.probe.reference import reference_norms
 from tests.test_probe import assert_matches_reference, batch
 
@@ -165,3 +167,68 @@ def test_an_attention_block_followed_by_a_declared_hybrid_layer_takes_the_genera
         fast = logit_gradient_norms(model, ids, **kwargs)
         assert_matches_reference(fast, reference_norms(model, ids, **kwargs))
         assert set(fast.paths.values()) == {"general"}
+
+
+def _routes(caplog):
+    return {
+        r.getMessage().split(":")[0]: r.getMessage().split(": ")[1]
+        for r in caplog.records
+        if r.getMessage().startswith("last block ")
+    }
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_grouped_query_heads_are_separated_without_rope(implementation, caplog):
+    # multi-query GPT-BigCode: 4 query heads share one key/value head and no rotary
+    # embedding, so K and V both take the rank <= H route, which needs each query
+    # head's score gradients and probabilities apart (the replay's one-hot columns)
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, multi_query=True
+    )
+    config._attn_implementation = implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert model.transformer.h[-1].attn.num_key_value_groups == 4
+    with caplog.at_level(logging.DEBUG, logger="inversion_monitor"):
+        _compare(model, seed=11)
+    assert _routes(caplog) == {
+        "last block k": "rank <= H factors",
+        "last block v": "rank <= H factors",
+    }
+
+
+def test_targets_spread_over_many_rows_share_vector_jacobian_products(caplog):
+    # rotary K takes the Gram route: targets of different rows share one product
+    model = tiny_causal_lm("qwen2", num_layers=2, seed=12)
+    ids, mask = batch(12, rows=6, length=10, left=True)
+    positions = torch.tensor([[0, 8], [0, 1], [0, 4], [1, 5], [2, 8], [2, 5], [5, 0], [5, 7]])
+    kwargs = {"attention_mask": mask, "positions": positions}
+    with caplog.at_level(logging.DEBUG, logger="inversion_monitor"):
+        fast = logit_gradient_norms(model, ids, **kwargs)
+    assert_matches_reference(fast, reference_norms(model, ids, **kwargs))
+    assert set(fast.paths.values()) == {"last_block"}
+    assert _routes(caplog)["last block k"] == "shared-input Gram"
+    assert _slots(torch.tensor([2, 0, 2, 1, 0, 2])).tolist() == [0, 0, 1, 0, 1, 2]
+
+
+def test_sequences_longer_than_the_projection_input_width():
+    # T = 48 > hidden 32: the Gram norm's input factor is trapezoidal, targets bucketed
+    # by their support on both sides of the width
+    model = tiny_causal_lm("llama", hidden_size=32, num_heads=4, num_layers=2, seed=13)
+    ids = torch.randint(4, 100, (2, 48), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    positions = torch.tensor([[0, 2], [0, 20], [0, 31], [0, 33], [0, 46], [1, 38], [1, 10]])
+    kwargs = {"attention_mask": mask, "positions": positions}
+    fast = logit_gradient_norms(model, ids, **kwargs)
+    assert_matches_reference(fast, reference_norms(model, ids, **kwargs))
+    assert set(fast.paths.values()) == {"last_block"}
+
+
+def test_rows_independent_detects_a_map_that_mixes_rows():
+    projection = torch.randn(3, 5, 8, requires_grad=True)
+    apart = projection.view(3, 5, 2, 4).transpose(1, 2) * 2.0
+    assert _rows_independent(apart, projection)
+    mixed = apart + apart.roll(1, dims=0) * 0.5
+    assert not _rows_independent(mixed, projection)

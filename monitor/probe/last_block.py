@@ -5,23 +5,30 @@ which nothing mixes positions (:func:`last_block_refusal` says when that
 holds), one forward and one backward of ``sum_t z_t`` give, for every t at
 once, ``g_t = dz_t / do_t`` at the attention function's output (o_t reaches
 only z_t). The rest comes from the model's own attention function
-(:mod:`inversion_monitor.probe.attention_capture`), replayed on the target rows
-only, with two identity blocks appended to the head dimension:
+(:mod:`inversion_monitor.probe.attention_capture`), replayed with one target
+per batch element: its query row, its sequence's keys and values (one copy
+per batch row, expanded; cut after the last position its mask row lets
+through), its mask row. One backward of the replay with cotangent ``g_t``
+gives ``dz_t/dk_s = sum_h w_ts^h q_t^h`` and ``dz_t/dv_s = sum_h a_ts^h g_t^h``
+per key/value head (the query heads h of its group add up; ``a`` are the
+attention probabilities, ``w_ts = dz_t / d(q_t . k_s)``, masks, sliding
+windows, soft-caps and sinks included, as the model computes them). With G
+query heads per key/value head, G extra head-dimension columns separate the
+heads at no change to scores or outputs: ``q' = [q_t, e_i(h)]``,
+``k' = [k_s, 0]``, ``v' = [v_s, 0]`` and cotangent ``[g_t, e_i(h)]`` (i(h) the
+head's index in its group) put ``w_ts^h`` and ``a_ts^h`` in the extra
+columns of ``dk'`` and ``dv'``. The cost is that of attention for the
+targets' rows, not T / d times it.
 
-- ``v' = [v, e_s]``: the extra output columns are the attention
-  probabilities ``a_ts`` (masks, sliding windows, soft-caps and sinks
-  included, as the model computes them);
-- ``q' = [q_t, 0]``, ``k' = [k_s, e_s]``: scores unchanged, and the backward
-  of the replay with cotangent ``g_t`` gives, in the extra columns of
-  ``dq'``, ``w_ts = dz_t / d(q_t . k_s)``.
-
-Then ``dz_t/dv_s = sum_h a_ts^h g_t^h`` and ``dz_t/dk_s = sum_h w_ts^h q_t^h``
-per key/value head (query heads of a group add up), carried back through the
-per-position maps between the projections and the attention (RoPE, q/k
-norms, layouts) by one batched vector-Jacobian product. The norm of
-``G = sum_s gamma_s x_s^T`` comes from small factors with the input side
-shared by the targets of a sequence (:mod:`inversion_monitor.metrics.gram_norms`).
-Q and O are rank one (``g_t x_t^T``).
+The summed terms are carried back through the per-position maps between the
+projections and the attention (RoPE, q/k norms, layouts) by batched
+vector-Jacobian products, targets of different batch rows sharing one
+product where the map keeps rows apart (checked). Where that map is the
+same linear map at every position (no RoPE: checked), the gradient has rank
+<= H and its norm comes from H x H factors; otherwise from the Gram form,
+the input side shared by the targets of a sequence and cut to each target's
+support (:mod:`inversion_monitor.metrics.gram_norms`). Q and O are rank one
+(``g_t x_t^T``).
 
 Every replay is checked against the recorded forward (its output rows and
 ``dz/dq``); on any mismatch :class:`LastBlockRefused` is raised and the
@@ -31,14 +38,14 @@ caller uses the general path: never a silently wrong value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from inversion_monitor.metrics.gram_norms import shared_input_norm
+from inversion_monitor.metrics.gram_norms import input_factor, shared_input_norm
 from inversion_monitor.metrics.norms import Norm, outer_sum_norm, rank_one_norm
 from inversion_monitor.probe.architectures import ResolvedModel, positions_mix_after
 from inversion_monitor.probe.attention_capture import (
@@ -56,8 +63,11 @@ Site = tuple[nn.Module, torch.Tensor | None]
 # layer types (``config.layer_types``) after which positions are not mixed
 # by anything but the attention's own mask
 _ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-# fp32 elements of one batched cotangent ([targets, B, heads, T, d]): 32 Mi = 128 MiB
-_MAX_COTANGENT_ELEMENTS = 1 << 25
+# fp32 elements of one batched cotangent ([packs, B, heads, T, d]): 4 Mi = 16 MiB (small
+# blocks are reused by the allocator; large ones cost page faults on every touch)
+_MAX_COTANGENT_ELEMENTS = 1 << 22
+# fp32 elements of one replay's key and value gradients ([targets, heads, span, 2d + 2G]): 8 MiB
+_MAX_REPLAY_ELEMENTS = 1 << 21
 
 
 class LastBlockRefused(RuntimeError):
@@ -155,8 +165,13 @@ def last_block_norms(
     return entropy, {(layer, proj): v[unique.inverse] for proj, v in values.items()}
 
 
-def _check_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    tolerance = 1e-3 if expected.dtype in (torch.float32, torch.float64) else 5e-2
+def _check_close(
+    got: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype | None = None
+) -> None:
+    """Raise :class:`LastBlockRefused` unless ``got`` matches ``expected`` (recorded in
+    ``dtype``, by default its own) to that precision's tolerance."""
+    dtype = expected.dtype if dtype is None else dtype
+    tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     got, expected = got.detach().float(), expected.detach().float()
     scale = float(expected.norm())
     error = float((got - expected).norm())
@@ -190,112 +205,247 @@ def _check_shapes(call: AttentionCall) -> None:
         )
 
 
-def _mask_rows(call: AttentionCall, row: int, t: torch.Tensor) -> torch.Tensor | None:
-    """The mask rows of targets ``t`` of batch row ``row``, in the function's own format."""
+def _blocked(mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask (boolean keep, or additive float) gives a key exactly zero weight."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    return mask <= torch.finfo(mask.dtype).min
+
+
+def _mask_rows(
+    call: AttentionCall, rows: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The mask row of each target (batch row ``rows[k]``, query ``t[k]``) as the
+    function takes it (``[n, heads or 1, 1, T]``; float masks as fp32; None where the
+    recorded call had none), and ``[n]``: 1 + the last key position it lets through."""
     mask = call.attention_mask
     length = call.key.shape[2]
     if mask is not None:
-        picked = mask[row if mask.shape[0] > 1 else 0][:, t, :]
-        return picked[None]
+        mask_rows = rows if mask.shape[0] > 1 else torch.zeros_like(rows)
+        picked = mask[mask_rows, :, t]  # [n, heads or 1, T]
+        open_ = ~_blocked(picked).any(1)
+        positions = torch.arange(1, length + 1, device=picked.device)
+        support = (open_ * positions).amax(-1).clamp_min(1)
+        if picked.is_floating_point():
+            picked = picked.float()
+        return picked[:, :, None], support
     sdpa = call.implementation == "sdpa"
     causal = call.kwargs.get("is_causal")
     causal = getattr(call.module, "is_causal", True) if causal is None else causal
     if sdpa and causal:  # the recorded call relied on is_causal with a full square
         keep = torch.arange(length, device=t.device)[None, :] <= t[:, None]
-        return keep[None, None]
-    return None
+        return keep[:, None, None], t + 1
+    return None, torch.full_like(t, length)
 
 
-def _attention_terms(
-    call: AttentionCall, g: torch.Tensor, dq: torch.Tensor, row: int, t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities ``a`` and score gradients ``w`` ``[H, n, T]`` of targets ``t`` of ``row``."""
-    q = call.query[row, :, t].detach().float()  # [H, n, d]
-    k = call.key[row].detach().float()  # [Hkv, T, d]
-    v = call.value[row].detach().float()
-    heads, count, dim = q.shape
-    kv_heads, length, _ = k.shape
-    eye = torch.eye(length, device=q.device).expand(kv_heads, length, length)
-    q_aug = torch.cat([q, q.new_zeros(heads, count, length)], -1)[None].requires_grad_(True)
-    k_aug = torch.cat([k, eye], -1)[None]
-    v_aug = torch.cat([v, eye], -1)[None]
-    with torch.enable_grad():
-        out = call.replay(q_aug, k_aug, v_aug, _mask_rows(call, row, t))  # [1, n, H, dv + T]
-    dv = v.shape[-1]
-    if tuple(out.shape) != (1, count, heads, dv + length):
-        raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
-    _check_close(out[0, ..., :dv], call.output[row, t].detach(), "the attention output")
-    cotangent = torch.cat([g[row, t].float(), g.new_zeros(count, heads, length).float()], -1)
-    (dq_aug,) = torch.autograd.grad(out, q_aug, cotangent[None])
-    _check_close(dq_aug[0, ..., :dim], dq[row, :, t], "dz/dq")
-    probabilities = out[0, ..., dv:].detach().transpose(0, 1)  # [H, n, T]
-    return probabilities, dq_aug[0, ..., dim:]
+@dataclass(frozen=True)
+class _Piece:
+    """``summed[index, :, :span]`` for some targets: ``values`` ``[n, Hkv, span, d]``."""
+
+    index: torch.Tensor
+    values: torch.Tensor
 
 
 @dataclass(frozen=True)
 class _HeadTerms:
-    """Per target and query head: weights over positions and the vector they carry.
+    """One projection's attention-side terms for every target.
 
-    ``dz/dkey[j, s] = sum_{h in group j} weights[h, s] * vectors[h]`` (and the same
-    for value): ``weights`` ``[U, H, T]``, ``vectors`` ``[U, H, d]``.
+    ``summed`` (``[U, Hkv, T, d]``, zero beyond each piece's span, kept as
+    :class:`_Piece` s) is ``dz/dtensor`` from the replay's own backward (query
+    heads of a group added up); per query head, ``summed[:, j, s] = sum_{h in
+    group j} weights[:, h, s] * vectors[:, h]`` with ``weights`` ``[U, H, T]``,
+    ``vectors`` ``[U, H, d]``.
     """
 
     weights: torch.Tensor
     vectors: torch.Tensor
+    pieces: list[_Piece]
 
-    def cotangent(self, kv_heads: int) -> torch.Tensor:
-        """``[U, Hkv, T, d]``: summed over the query heads of each key/value head."""
-        count, heads, length = self.weights.shape
-        groups = heads // kv_heads
-        weights = self.weights.reshape(count, kv_heads, groups, length)
-        vectors = self.vectors.reshape(count, kv_heads, groups, -1)
-        return torch.einsum("njgs,njgd->njsd", weights, vectors)
+
+def _replay_chunks(
+    rows: torch.Tensor, support: torch.Tensor, per_position: int
+) -> Iterator[torch.Tensor]:
+    """Target indices grouped by batch row, sorted by support, in bounded chunks."""
+    order = torch.argsort(rows * (int(support.max()) + 1) + support)
+    spans, row_of = support[order].tolist(), rows[order].tolist()
+    start = 0
+    while start < len(spans):
+        end = start + 1
+        while (
+            end < len(spans)
+            and row_of[end] == row_of[start]
+            and (end + 1 - start) * spans[end] * per_position <= _MAX_REPLAY_ELEMENTS
+        ):
+            end += 1
+        yield order[start:end]
+        start = end
 
 
 def _head_terms(
     call: AttentionCall, g: torch.Tensor, dq: torch.Tensor, unique: _Targets
 ) -> tuple[_HeadTerms, _HeadTerms]:
-    """The key terms (score gradients w, queries q) and value terms (probabilities a, g)."""
-    heads, length = call.query.shape[1], call.key.shape[2]
+    """The key terms (score gradients w, queries q) and value terms (probabilities a, g).
+
+    One replay with one target per batch element (its query row; its sequence's
+    keys and values, shared by the targets of a row, up to the last position its
+    mask row lets through; that mask row) and one backward with cotangent
+    ``g_t``: ``dk``/``dv`` are the summed terms. The head dimension gets ``G``
+    (query heads per key/value head) extra columns: one-hot by head within its
+    group on the query and output-cotangent sides, zero on keys and values, so
+    scores and outputs are unchanged while the extra columns of ``dk`` and ``dv``
+    hold ``w`` and ``a`` of each query head separately.
+    """
+    _, heads, length, dim = call.query.shape
+    kv_heads, dim_v = call.key.shape[1], call.value.shape[-1]
+    groups = heads // kv_heads
     count = unique.t.shape[0]
     device = call.query.device
+    masks, support = _mask_rows(call, unique.rows, unique.t)
     w = torch.zeros((count, heads, length), device=device)
     a = torch.zeros((count, heads, length), device=device)
-    for row in torch.unique(unique.rows).tolist():
-        index = (unique.rows == row).nonzero().flatten()
-        probabilities, score_grads = _attention_terms(call, g, dq, row, unique.t[index])
-        a[index] = probabilities.transpose(0, 1)
-        w[index] = score_grads.transpose(0, 1)
-    q = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
+    key_pieces: list[_Piece] = []
+    value_pieces: list[_Piece] = []
+    one_hot = torch.eye(groups, device=device).repeat(kv_heads, 1)  # [H, G]: head h -> h % G
+    per_position = kv_heads * (dim + dim_v + 2 * groups)
+    for index in _replay_chunks(unique.rows, support, per_position):
+        row, t = int(unique.rows[index[0]]), unique.t[index]
+        span = int(support[index].max())
+        n = index.numel()
+        q = call.query[row, :, t].detach().float().transpose(0, 1)  # [n, H, d]
+        q_aug = torch.cat([q, one_hot.expand(n, -1, -1)], -1)[:, :, None].requires_grad_(True)
+        zeros = q.new_zeros((1, kv_heads, span, groups))
+        key = call.key[row : row + 1, :, :span].detach().float()
+        value = call.value[row : row + 1, :, :span].detach().float()
+        # one copy per batch row, seen by its n targets (gradients come per target)
+        k_row = torch.cat([key, zeros], -1).requires_grad_(True)
+        v_row = torch.cat([value, zeros], -1).requires_grad_(True)
+        mask = None if masks is None else masks[index, ..., :span]
+        with torch.enable_grad():
+            k_aug, v_aug = k_row.expand(n, -1, -1, -1), v_row.expand(n, -1, -1, -1)
+            try:
+                out = call.replay(q_aug, k_aug, v_aug, mask)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise LastBlockRefused(f"replaying the attention function failed: {exc}") from exc
+        if tuple(out.shape) != (n, 1, heads, dim_v + groups):
+            raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
+        expected = call.output[row, t].detach().float()  # [n, H, dv]
+        _check_close(out[:, 0], _pad(expected, groups), "the attention output", call.output.dtype)
+        cotangent = torch.cat([g[row, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
+        dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
+        recorded_dq = _pad(dq[row, :, t].transpose(0, 1), groups)
+        _check_close(dq_aug[:, :, 0], recorded_dq, "dz/dq", dq.dtype)
+        key_pieces.append(_Piece(index, dk_aug[..., :dim]))
+        value_pieces.append(_Piece(index, dv_aug[..., :dim_v]))
+        # extra column i of key/value head j: query head j * G + i
+        w[index, :, :span] = dk_aug[..., dim:].permute(0, 1, 3, 2).reshape(n, heads, span)
+        a[index, :, :span] = dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, span)
+    q_rows = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
     g_rows = g[unique.rows, unique.t].float()  # [U, H, dv]
-    return _HeadTerms(w, q), _HeadTerms(a, g_rows)
+    return _HeadTerms(w, q_rows, key_pieces), _HeadTerms(a, g_rows, value_pieces)
+
+
+def _pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    return torch.cat([tensor.float(), tensor.new_zeros((*tensor.shape[:-1], columns)).float()], -1)
+
+
+def _slots(rows: torch.Tensor) -> torch.Tensor:
+    """``[U]``: each target's rank among the targets of its batch row (its VJP slot)."""
+    order = torch.argsort(rows, stable=True)
+    sorted_rows = rows[order]
+    first = torch.searchsorted(sorted_rows, sorted_rows)  # first index of each row's run
+    rank = torch.empty_like(rows)
+    rank[order] = torch.arange(rows.numel(), device=rows.device) - first
+    return rank
+
+
+def _rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> bool:
+    """Whether the map from ``projection_output`` to ``tensor`` keeps batch rows apart.
+
+    Random cotangents on the rows whose index has bit k set (then clear) must give
+    a gradient that is zero on the other rows, for every bit k: then no row reaches
+    another (with probability one; exact zeros are what such maps produce).
+    """
+    batch = tensor.shape[0]
+    if batch == 1:
+        return True
+    if projection_output.shape[0] != batch:
+        return False
+    index = torch.arange(batch, device=tensor.device)
+    sides = []
+    for bit in range(max(1, (batch - 1).bit_length())):
+        on = (index >> bit) & 1 == 1
+        sides += [on, ~on]
+    generator = torch.Generator(device=tensor.device).manual_seed(0)
+    noise = torch.randn(tensor.shape, generator=generator, device=tensor.device)
+    chosen = torch.stack(sides)  # [tests, B]
+    shape = (len(sides), batch) + (1,) * (tensor.ndim - 1)
+    cotangent = (noise * chosen.reshape(shape).to(noise.dtype)).to(tensor.dtype)
+    (grad,) = torch.autograd.grad(
+        tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
+    )
+    grad = grad.float()
+    outside = grad[~chosen].abs().max() if bool((~chosen).any()) else grad.new_zeros(())
+    inside = grad[chosen].abs().max()
+    return bool(outside <= 1e-6 * inside)
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """Some targets' terms carried back to the projection: target ``targets[k]`` is
+    ``source[index[k]]`` (``[T, width]``)."""
+
+    source: torch.Tensor  # [packs * B, T, width]
+    targets: torch.Tensor  # [n] positions in the requested order
+    index: torch.Tensor  # [n]
 
 
 def _to_projection(
     tensor: torch.Tensor,
     projection_output: torch.Tensor,
-    cotangent: torch.Tensor,
+    terms: _HeadTerms,
     rows: torch.Tensor,
-) -> torch.Tensor:
-    """``[U, T, width]``: each target's cotangent on ``tensor`` carried back to the projection.
+    *,
+    rows_apart: bool,
+    only: torch.Tensor | None = None,
+) -> Iterator[_Carried]:
+    """Each target's summed terms on ``tensor`` carried back to the projection (for the
+    targets ``only``, if given; ``targets`` index into it), a chunk at a time.
 
-    One batched vector-Jacobian product through the per-position maps
-    (reshapes, RoPE, q/k norms) for a chunk of targets at a time.
+    Batched vector-Jacobian products through the per-position maps (reshapes,
+    RoPE, q/k norms). Targets of different batch rows share one product (each in
+    its own row) where the map keeps rows apart (``rows_apart``, from
+    :func:`_rows_independent`), so a product carries up to B targets.
     """
-    count = cotangent.shape[0]
-    per_target = tensor.numel()
-    per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, per_target))
-    pieces = []
-    for start in range(0, count, per_chunk):
-        part = cotangent[start : start + per_chunk]
-        part_rows = rows[start : start + per_chunk]
-        full = tensor.new_zeros((part.shape[0], *tensor.shape))
-        full[torch.arange(part.shape[0], device=full.device), part_rows] = part.to(tensor.dtype)
+    count, batch = rows.shape[0], tensor.shape[0]
+    chosen = torch.arange(count, device=rows.device) if only is None else only
+    position = torch.full((count,), -1, dtype=torch.long, device=rows.device)
+    position[chosen] = torch.arange(chosen.numel(), device=rows.device)
+    if rows_apart:
+        slots = torch.full_like(position, -1)
+        slots[chosen] = _slots(rows[chosen])
+    else:
+        slots = position
+    packs = int(slots.max()) + 1 if chosen.numel() else 0
+    per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
+    for start in range(0, packs, per_chunk):
+        size = min(per_chunk, packs - start)
+        full = tensor.new_zeros((size, *tensor.shape))
+        for piece in terms.pieces:
+            slot = slots[piece.index]
+            keep = (slot >= start) & (slot < start + size)
+            if bool(keep.any()):
+                span = piece.values.shape[2]
+                index = piece.index[keep]
+                full[slot[keep] - start, rows[index], :, :span] = piece.values[keep].to(
+                    tensor.dtype
+                )
         (grad,) = torch.autograd.grad(
             tensor, projection_output, full, retain_graph=True, is_grads_batched=True
         )
-        pieces.append(grad[torch.arange(part.shape[0], device=grad.device), part_rows])
-    return torch.cat(pieces)
+        inside = ((slots >= start) & (slots < start + size)).nonzero().flatten()
+        yield _Carried(
+            grad.flatten(0, 1), position[inside], (slots[inside] - start) * batch + rows[inside]
+        )
 
 
 def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -303,20 +453,35 @@ def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
 
 
 def _grouped_norm(
-    gamma: torch.Tensor, inputs: torch.Tensor, unique: _Targets, norm: Norm
+    chunks: Iterator[_Carried],
+    columns: torch.Tensor | None,
+    inputs: torch.Tensor,
+    unique: _Targets,
+    norm: Norm,
 ) -> torch.Tensor:
     """Norm per target with the input side shared by the targets of each row."""
-    rows = unique.rows
-    values = torch.zeros(gamma.shape[0], dtype=torch.float32, device=gamma.device)
-    for row in torch.unique(rows).tolist():
-        index = (rows == row).nonzero().flatten()
+    values = torch.zeros(unique.rows.shape[0], dtype=torch.float32, device=unique.rows.device)
+    factors: dict[int, torch.Tensor] = {}
+    for chunk in chunks:
+        rows, t = unique.rows[chunk.targets], unique.t[chunk.targets]
         # causal attention: positions after t do not reach z_t (checked, not assumed)
-        support: torch.Tensor | None = unique.t[index] + 1
-        positions = torch.arange(gamma.shape[1], device=gamma.device)
-        beyond = positions[None, :] > unique.t[index][:, None]
-        if bool(gamma[index][beyond].any()):
-            support = None
-        values[index] = shared_input_norm(gamma[index], inputs[row], norm, support=support)
+        source = _select(chunk.source, columns)
+        reach = torch.linalg.vector_norm(source, float("inf"), dim=-1)[chunk.index]  # [n, T]
+        positions = torch.arange(reach.shape[1], device=reach.device)
+        causal = not bool(reach[positions[None, :] > t[:, None]].any())
+        for row in torch.unique(rows).tolist():
+            index = (rows == row).nonzero().flatten()
+            if row not in factors:
+                factors[row] = input_factor(inputs[row], norm)
+            values[chunk.targets[index]] = shared_input_norm(
+                chunk.source,
+                inputs[row],
+                norm,
+                support=t[index] + 1 if causal else None,
+                rows=chunk.index[index],
+                columns=columns,
+                factor=factors[row],
+            )
     return values
 
 
@@ -353,6 +518,8 @@ def _factored_gamma(
     terms: _HeadTerms,
     rows: torch.Tensor,
     t: torch.Tensor,
+    *,
+    rows_apart: bool,
 ) -> torch.Tensor | None:
     """``[U, H, width]`` with ``Gamma_k = sum_h weights[k, h] (x) result[k, h]``, or None.
 
@@ -367,17 +534,21 @@ def _factored_gamma(
     ):
         return None
     vectors = _packed_vjp(tensor, projection_output, terms).float()
-    kv_heads = tensor.shape[1]
-    for row in torch.unique(rows).tolist():
-        index = (rows == row).nonzero().flatten()
-        k = index[int(t[index].argmax())]
-        single = _HeadTerms(terms.weights[k : k + 1], terms.vectors[k : k + 1])
-        full = _to_projection(
-            tensor, projection_output, single.cotangent(kv_heads), rows[k : k + 1]
-        ).float()
-        factored = torch.einsum("hs,hw->sw", terms.weights[k], vectors[k])
-        scale = float(full.norm())
-        if not float((full[0] - factored).norm()) <= 1e-4 * max(scale, 1e-12):
+    longest = torch.stack(
+        [
+            (rows == row).nonzero().flatten()[int(t[rows == row].argmax())]
+            for row in torch.unique(rows).tolist()
+        ]
+    )
+    full = torch.zeros((longest.numel(), *projection_output.shape[1:]), device=vectors.device)
+    for chunk in _to_projection(
+        tensor, projection_output, terms, rows, rows_apart=rows_apart, only=longest
+    ):
+        full[chunk.targets] = chunk.source[chunk.index].float()
+    factored = torch.einsum("khs,khw->ksw", terms.weights[longest], vectors[longest])
+    for got, expected in zip(factored, full, strict=True):
+        scale = float(expected.norm())
+        if not float((got - expected).norm()) <= 1e-4 * max(scale, 1e-12):
             return None
     return vectors
 
@@ -395,15 +566,29 @@ def _projection_norm(
 ) -> torch.Tensor:
     """Norms of one projection (K or V) for every unique target."""
     projection_output, inputs = out.outputs[module], out.inputs[module]
-    vectors = _factored_gamma(tensor, projection_output, terms, unique.rows, unique.t)
+    # the check below carries one target per row: testing that rows stay apart
+    # (2 log2 B products) pays off for many rows only
+    batch = tensor.shape[0]
+    few_rows = batch <= 2 * max(1, (batch - 1).bit_length()) + 1
+    vectors = _factored_gamma(
+        tensor,
+        projection_output,
+        terms,
+        unique.rows,
+        unique.t,
+        rows_apart=batch == 1 or (not few_rows and _rows_independent(tensor, projection_output)),
+    )
     route = "rank <= H factors" if vectors is not None else "shared-input Gram"
     logger.debug("last block %s: %s", name, route)
     if vectors is not None:  # rank <= H: sum_h (vector_h)(sum_s weight_hs x_s)^T
-        mixed = torch.einsum("nhs,nsb->nhb", terms.weights, inputs[unique.rows].float())
+        mixed = inputs.new_empty((*terms.weights.shape[:2], inputs.shape[-1]), dtype=torch.float32)
+        for row in torch.unique(unique.rows).tolist():
+            index = (unique.rows == row).nonzero().flatten()
+            mixed[index] = terms.weights[index] @ inputs[row].float()
         return outer_sum_norm(_select(vectors, columns), mixed, norm)
-    cotangent = terms.cotangent(tensor.shape[1])
-    gamma = _select(_to_projection(tensor, projection_output, cotangent, unique.rows), columns)
-    return _grouped_norm(gamma, inputs, unique, norm)
+    rows_apart = _rows_independent(tensor, projection_output)
+    chunks = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart)
+    return _grouped_norm(chunks, columns, inputs, unique, norm)
 
 
 def _norms(
@@ -416,10 +601,11 @@ def _norms(
     _check_shapes(call)
     wanted: Sequence[str] = list(sites)
     modules = {proj: sites[proj][0] for proj in wanted}
-    tensors = [call.output, call.query, *(out.outputs[modules[p]] for p in wanted)]
+    rank_one = [p for p in wanted if p in ("q", "o")]  # K and V need no gradient here
+    tensors = [call.output, call.query, *(out.outputs[modules[p]] for p in rank_one)]
     grads = torch.autograd.grad(out.target_logits.sum(), tensors, retain_graph=True)
     g, dq = grads[0], grads[1]
-    by_projection = dict(zip(wanted, grads[2:], strict=True))
+    by_projection = dict(zip(rank_one, grads[2:], strict=True))
     values: dict[str, torch.Tensor] = {}
     rows, t = unique.rows, unique.t
     for proj in wanted:  # y_t reaches only z_t: G = g_t x_t^T
