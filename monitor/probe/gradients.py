@@ -510,9 +510,8 @@ class _Plan:
             unique.setdefault(id(module), module)
         return list(unique.values())
 
-    def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
-        """d(sum of target logits)/d(output) of every hooked module, by module id."""
-        modules = self.modules
+    def outputs(self, forward: _Forward) -> list[torch.Tensor]:
+        """The output of every hooked module in ``forward``, in :attr:`modules` order."""
         for component, (module, _) in self.sites.items():
             if module not in forward.captures.outputs:
                 raise NotImplementedError(
@@ -520,7 +519,12 @@ class _Plan:
                     f"{type(module).__name__}, so its weight has no gradient to measure there; "
                     "probe other layers or projections"
                 )
-        outputs = [forward.captures.outputs[m] for m in modules]
+        return [forward.captures.outputs[m] for m in self.modules]
+
+    def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
+        """d(sum of target logits)/d(output) of every hooked module, by module id."""
+        modules = self.modules
+        outputs = self.outputs(forward)
         # down to the leaf, so every module above it finishes its backward (and any
         # sharding framework's backward hooks release what they gathered)
         grads = torch.autograd.grad(
@@ -591,9 +595,7 @@ def _probe(
                 rest = {c: site for c, site in sites.items() if c not in paths}
                 if rest:
                     general = replace(plan, sites=rest, lowest_block=min(c[0] for c in rest))
-                    max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(resolved))
-                    for group in _chunks(work[:, 1] + 1, chunk_tokens, max_rows):
-                        _probe_rows(general, group.to(device))
+                    _probe_general(general, chunk_tokens)
                     paths.update(dict.fromkeys(rest, "general"))
     norms = {c: values[inverse] for c, values in sorted(plan.norms.items())}
     score = (
@@ -660,6 +662,24 @@ def _probe_rank_one(plan: _Plan, group: torch.Tensor) -> None:
     length = int(plan.targets[group, 1].max()) + 1
     ids, mask, pos = _cut(plan, sequences, length)
     _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
+
+
+def _probe_general(plan: _Plan, chunk_tokens: int) -> None:
+    """Every target through the general path: batched VJPs, or one row per target if sharded.
+
+    See :mod:`~inversion_monitor.probe.rows`. Sharded parameters keep one row
+    per target: their frameworks' backward hooks expect plain cotangents.
+    """
+    from inversion_monitor.probe.rows import measure_batch, plan_buckets
+
+    max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(plan.resolved))
+    device = plan.input_ids.device
+    if _sharded(plan.resolved.model):
+        for group in _chunks(plan.targets[:, 1] + 1, chunk_tokens, max_rows):
+            _probe_rows(plan, group.to(device))
+        return
+    for batch in plan_buckets(plan.targets.cpu(), chunk_tokens, max_rows):
+        measure_batch(plan, batch)
 
 
 def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
