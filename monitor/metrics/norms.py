@@ -130,9 +130,8 @@ def prefix_norms(
     ``support`` ``[K]`` (m_k, the rows of ``Gamma_k`` that count) -> ``[K]``
     fp32. With ``X[:m]^T = Q R[:, :m]`` and Q orthonormal,
     ``||G_k|| = ||R[:, :m] Gamma_k[:m]||`` for the nuclear and Frobenius
-    norms: an ``[min(m, b), a]`` problem, no QR of ``Gamma``. Targets are
-    grouped by m (rounded up, rows past m zeroed: zero rows change no
-    singular value) so each group is one batched call.
+    norms: an ``[min(m, b), a]`` problem, no QR of ``Gamma``. Targets with
+    equal m are one batched call (padding m would grow the eigenproblems).
 
     >>> x = torch.tensor([[0.0, 4.0], [1.0, 1.0]]); g = torch.tensor([[[3.0], [5.0]]])
     >>> prefix_norms(input_factor(x), g, torch.tensor([1]), "nuclear")
@@ -149,14 +148,10 @@ def prefix_norms(
     out = torch.zeros(count, dtype=torch.float32, device=gamma.device)
     if count == 0:
         return out
-    support = support.to(gamma.device)
-    step = max(8, length // 8)  # at most ~8 groups; padding adds < 1/8 of m per group
-    sizes = ((support + step - 1) // step * step).clamp_max(length)
-    rows = torch.arange(length, device=gamma.device)
+    sizes = support.to(gamma.device).clamp(1, length)
     for size in sorted(set(sizes.tolist())):
         index = (sizes == size).nonzero().flatten()
         part = gamma[index, :size].float()
-        part = part * (rows[:size] < support[index, None]).unsqueeze(-1)
         per_chunk = max(1, _MAX_DENSE_ELEMENTS // max(1, size * width))
         for start in range(0, index.numel(), per_chunk):
             chunk = index[start : start + per_chunk]

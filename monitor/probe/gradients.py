@@ -701,6 +701,8 @@ def _measure(
     rows: torch.Tensor,
 ) -> None:
     """Forward ``ids``; fill entropy and norms of targets ``index`` (found at ``rows``)."""
+    from inversion_monitor.probe.rows import per_row_norms
+
     t = plan.targets[index, 1]
     forward = _forward(
         plan.resolved,
@@ -720,8 +722,12 @@ def _measure(
             g, x = grads[id(module)], forward.captures.inputs[module]
             if component in plan.rank_one:  # nothing after mixes positions: G = g_t x_t^T
                 values = rank_one_norm(_select(g[rows, t], columns), x[rows, t], plan.norm)
-            else:
+            elif plan.norm == "l1":
                 values = outer_sum_norm(_select(g, columns), x, plan.norm)
+            else:  # one row per target: one input QR per sequence where the rows agree
+                values = per_row_norms(
+                    _select(g, columns), x, plan.targets[index, 0], t + 1, plan.norm
+                )
             plan.norms[component][index] = values.to(plan.entropy.device)
     finally:
         forward.captures.remove()

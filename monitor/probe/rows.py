@@ -44,7 +44,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from inversion_monitor.metrics.norms import input_factor, outer_sum_norm, prefix_norms, rank_one_norm
+from inversion_monitor.metrics.norms import (
+    Norm,
+    input_factor,
+    outer_sum_norm,
+    prefix_norms,
+    rank_one_norm,
+)
 
 if TYPE_CHECKING:
     from inversion_monitor.probe.gradients import _Plan
@@ -87,9 +93,7 @@ def _batch_shape(
     return max(1, min(sequences, chunk_tokens // max(1, slots * edge), max_rows // slots))
 
 
-def plan_buckets(
-    targets: torch.Tensor, chunk_tokens: int, max_rows: int
-) -> list[Batch]:
+def plan_buckets(targets: torch.Tensor, chunk_tokens: int, max_rows: int) -> list[Batch]:
     """Forwards that measure every target ``(sequence, t)`` of ``targets`` ``[N, 2]`` once.
 
     Buckets are runs of targets sorted by t; a dynamic programme picks the
@@ -99,7 +103,7 @@ def plan_buckets(
 
     >>> batches = plan_buckets(torch.tensor([[0, 3], [1, 3], [0, 9]]), 8192, 64)
     >>> [(b.edge, b.index.tolist(), b.slots.tolist()) for b in batches]
-    [(10, [0, 1, 2], [0, 0, 1])]
+    [(10, [0, 2, 1], [0, 1, 0])]
     """
     count = int(targets.shape[0])
     if count == 0:
@@ -168,6 +172,8 @@ def _split(
 def _batch(
     targets: torch.Tensor, edge: int, sequences: list[int], members: dict[int, list[int]]
 ) -> Batch:
+    """One forward; ``edge`` shrinks to the longest target it holds."""
+    edge = min(edge, max(int(targets[i, 1]) for v in members.values() for i in v) + 1)
     index, rows, slots = [], [], []
     for row, sequence in enumerate(sequences):
         for slot, i in enumerate(members[sequence]):
@@ -224,31 +230,59 @@ def measure_batch(plan: _Plan, batch: Batch) -> None:
     try:
         plan.entropy[index] = forward.entropy.to(plan.entropy.device)
         outputs = plan.outputs(forward)
+        batched: list[torch.Tensor | None]
         if batch.width == 1:
             grads = torch.autograd.grad(forward.target_logits.sum(), outputs, allow_unused=True)
             batched = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
-            if len(seen) != 1:
-                raise RuntimeError("the output embedding's input was not seen exactly once")
-            hidden = seen[0]
-            (start,) = torch.autograd.grad(forward.target_logits.sum(), hidden, retain_graph=True)
-            cotangents = start.new_zeros(batch.width, *start.shape)
-            arange = torch.arange(index.shape[0], device=start.device)
-            cotangents[slots.to(start.device), 0, arange] = start[0]
-            batched = list(
-                torch.autograd.grad(
-                    hidden, outputs, cotangents, is_grads_batched=True, allow_unused=True
-                )
-            )
-        _fill_norms(plan, forward.captures.inputs, outputs, batched, index, rows, slots, t)
+            batched = list(_batched_backward(forward.target_logits, seen, outputs, slots, batch))
+        _fill_norms(
+            plan,
+            inputs=forward.captures.inputs,
+            grads=batched,
+            index=index,
+            rows=rows,
+            slots=slots,
+            t=t,
+        )
     finally:
         forward.captures.remove()
 
 
+def _batched_backward(
+    target_logits: torch.Tensor,
+    seen: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    slots: torch.Tensor,
+    batch: Batch,
+) -> tuple[torch.Tensor | None, ...]:
+    """``[slots, ...]`` gradients of each output: slot k holds the k-th target of every row.
+
+    Starts at the head's input ``[1, n, d]`` (one plain backward gives each
+    target's own row there: the head sees each target's hidden state alone),
+    so the head is not replayed per slot; from the target logits directly if
+    the head's input was not seen exactly once.
+    """
+    count = target_logits.shape[0]
+    hidden = seen[0] if len(seen) == 1 else None
+    if hidden is None or hidden.ndim != 3 or tuple(hidden.shape[:2]) != (1, count):
+        cotangents = target_logits.new_zeros(batch.width, count)
+        cotangents[slots.to(cotangents.device), torch.arange(count)] = 1.0
+        return torch.autograd.grad(
+            target_logits, outputs, cotangents, is_grads_batched=True, allow_unused=True
+        )
+    (start,) = torch.autograd.grad(target_logits.sum(), hidden, retain_graph=True)
+    cotangents = start.new_zeros(batch.width, *start.shape)
+    cotangents[slots.to(start.device), 0, torch.arange(count, device=start.device)] = start[0]
+    return torch.autograd.grad(
+        hidden, outputs, cotangents, is_grads_batched=True, allow_unused=True
+    )
+
+
 def _fill_norms(
     plan: _Plan,
+    *,
     inputs: dict[nn.Module, torch.Tensor],
-    outputs: list[torch.Tensor],
     grads: list[torch.Tensor | None],
     index: torch.Tensor,
     rows: torch.Tensor,
@@ -291,3 +325,43 @@ def _fill_norms(
                     factor, gamma[chosen, :span], support.clamp_max(span), plan.norm
                 )
         plan.norms[component][index] = values.to(plan.entropy.device)
+
+
+# inputs of two rows cut from one sequence count as the same when they agree to
+# this relative tolerance (they differ by rounding only: matmul blocking by shape)
+_SAME_INPUT_RTOL = 1e-5
+
+
+def per_row_norms(
+    gamma: torch.Tensor, x: torch.Tensor, sequences: torch.Tensor, support: torch.Tensor, norm: Norm
+) -> torch.Tensor:
+    """Norms of ``Gamma_k[:m_k]^T X_k[:m_k]`` for rows cut from shared sequences.
+
+    ``gamma`` ``[K, L, a]``, ``x`` ``[K, L, b]`` (each row's own forward),
+    ``sequences`` ``[K]`` the sequence each row was cut from, ``support``
+    ``[K]`` its length t + 1. Rows of one sequence see the same inputs up to
+    rounding, so the longest row's input is factored once and serves every
+    row whose prefix equals it to ``_SAME_INPUT_RTOL`` (checked, row by row);
+    any other row gets its own factor. Nuclear and Frobenius only.
+
+    >>> x = torch.randn(1, 4, 6).expand(2, 4, 6); g = torch.randn(2, 4, 3)
+    >>> got = per_row_norms(g, x, torch.tensor([0, 0]), torch.tensor([4, 2]), "nuclear")
+    >>> bool(torch.allclose(got[1], torch.linalg.matrix_norm(g[1, :2].T @ x[1, :2], "nuc")))
+    True
+    """
+    out = torch.zeros(gamma.shape[0], dtype=torch.float32, device=gamma.device)
+    support = support.to(gamma.device)
+    for sequence in torch.unique(sequences).tolist():
+        members = (sequences == sequence).nonzero().flatten().tolist()
+        longest = max(members, key=lambda k: int(support[k]))
+        span = int(support[longest])
+        base = x[longest, :span].float()
+        shared = input_factor(base)
+        scale = float(base.abs().max())
+        for k in members:
+            m = int(support[k])
+            own = x[k, :m].float()
+            same = bool(((own - base[:m]).abs() <= _SAME_INPUT_RTOL * scale).all())
+            factor = shared[:, :m] if same else input_factor(own)
+            out[k] = prefix_norms(factor, gamma[k : k + 1, :m], support[k : k + 1], norm)[0]
+    return out
