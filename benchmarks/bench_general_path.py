@@ -8,7 +8,8 @@ probe 4 x 256, 64 targets; one training step = forward, backward and AdamW
 on 8 x 256). For each layer set it times, in interleaved rounds (minimum;
 the machine may be shared), the training step, the general path as it was
 (one row per target: ``_chunks`` + ``_probe_rows``, norms from a QR of both
-factors) and the batched path (:mod:`inversion_monitor.probe.rows`), and
+factors), one row per target with one input QR per sequence (what sharded
+models run now) and the batched path (:mod:`inversion_monitor.probe.rows`), and
 prints both in training steps with the max relative error of each against
 the brute-force reference. Also prints the lower bound of the backward: the
 sum over targets of t + 1 token-backwards, in the units of the per-row path.
@@ -25,7 +26,9 @@ from typing import Any
 import torch
 
 import inversion_monitor.probe.gradients as probe_module
+import inversion_monitor.probe.rows as rows_module
 from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.metrics.norms import outer_sum_norm
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.reference import reference_norms
 
@@ -36,7 +39,22 @@ def _sync(device: torch.device) -> None:
 
 
 def per_row_general(plan: Any, chunk_tokens: int) -> None:
-    """The general path before the batched one: one row per target."""
+    """The general path before the batched one (f8f702f): one row per target, and each
+    row's norm from a QR of both of its factors (``outer_sum_norm``)."""
+    max_rows = max(1, probe_module._LOGIT_ELEMENTS // probe_module._vocab_size(plan.resolved))
+    original = rows_module.per_row_norms
+    rows_module.per_row_norms = lambda gamma, x, sequences, support, norm: outer_sum_norm(
+        gamma, x, norm
+    )
+    try:
+        for group in probe_module._chunks(plan.targets[:, 1] + 1, chunk_tokens, max_rows):
+            probe_module._probe_rows(plan, group.to(plan.input_ids.device))
+    finally:
+        rows_module.per_row_norms = original
+
+
+def per_row_shared_qr(plan: Any, chunk_tokens: int) -> None:
+    """One row per target with one input QR per sequence (what sharded models run)."""
     max_rows = max(1, probe_module._LOGIT_ELEMENTS // probe_module._vocab_size(plan.resolved))
     for group in probe_module._chunks(plan.targets[:, 1] + 1, chunk_tokens, max_rows):
         probe_module._probe_rows(plan, group.to(plan.input_ids.device))
@@ -113,6 +131,7 @@ def main() -> None:
         fns: dict[str, Callable[[], Any]] = {
             "step": step,
             "per_row": lambda probe=probe: with_general(per_row_general, probe),
+            "per_row_shared_qr": lambda probe=probe: with_general(per_row_shared_qr, probe),
             "batched": probe,
         }
         best = interleaved_minimum(fns, args.rounds)
@@ -123,6 +142,7 @@ def main() -> None:
             "per_row_ms": round(best["per_row"] * 1e3, 1),
             "batched_ms": round(best["batched"] * 1e3, 1),
             "per_row_steps": round(best["per_row"] / best["step"], 2),
+            "per_row_shared_qr_ms": round(best["per_row_shared_qr"] * 1e3, 1),
             "batched_steps": round(best["batched"] / best["step"], 2),
             "speedup": round(best["per_row"] / best["batched"], 2),
             "sum_t_plus_1": int((positions[:, 1] + 1).sum()),
@@ -133,6 +153,9 @@ def main() -> None:
             )
             row["per_row_max_rel_err"] = max_relative_error(
                 with_general(per_row_general, probe), ref
+            )
+            row["per_row_shared_qr_max_rel_err"] = max_relative_error(
+                with_general(per_row_shared_qr, probe), ref
             )
             row["batched_max_rel_err"] = max_relative_error(probe(), ref)
         print(json.dumps(row), flush=True)
