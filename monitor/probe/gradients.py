@@ -21,10 +21,15 @@ How it is computed, exactly (see ``docs``: science.md 1.2):
   only ``z_t``, so G is rank one, ``||G|| = ||g_t|| ||x_t||``, and one backward
   of ``sum_t z_t`` gives every token at once (the fast path, used when only
   such components are asked).
-- Anything else: each sampled token gets its own row, its sequence cut right
-  after t (later positions cannot reach z_t); rows are sorted by length and
-  batched under a token budget, one forward and one backward per chunk, and
-  the norm comes from small factors (:mod:`inversion_monitor.metrics.norms`).
+- Anything else (the general path, :mod:`~inversion_monitor.probe.rows`):
+  targets sorted by t are cut into buckets; each bucket's sequences run one
+  forward, cut after the bucket's last t (later positions cannot reach z_t),
+  and the targets' backwards run as one batched VJP, one cotangent slot per
+  target of a sequence. The norm comes from one QR of each sequence's
+  projection input, shared by its targets and by Q/K/V
+  (:func:`~inversion_monitor.metrics.norms.prefix_norms`). Sharded models
+  keep one row per target (the sequence cut after t), batched under a token
+  budget.
 
 Duplicate targets are measured once. Packed rows (``position_ids`` restarting
 inside a row, with or without an attention mask) are cut into one row per
