@@ -260,16 +260,26 @@ def _batched_backward(
 
     Starts at the head's input ``[1, n, d]`` (one plain backward gives each
     target's own row there: the head sees each target's hidden state alone),
-    so the head is not replayed per slot; from the target logits directly if
-    the head's input was not seen exactly once.
+    so the head is not replayed per slot. If the head's input was not seen
+    exactly once, one plain backward per slot from the target logits (a
+    batched one would hold slots x targets x vocabulary logit gradients).
     """
     count = target_logits.shape[0]
     hidden = seen[0] if len(seen) == 1 else None
     if hidden is None or hidden.ndim != 3 or tuple(hidden.shape[:2]) != (1, count):
-        cotangents = target_logits.new_zeros(batch.width, count)
-        cotangents[slots.to(cotangents.device), torch.arange(count)] = 1.0
-        return torch.autograd.grad(
-            target_logits, outputs, cotangents, is_grads_batched=True, allow_unused=True
+        slots = slots.to(target_logits.device)
+        per_slot = [
+            torch.autograd.grad(
+                target_logits[slots == k].sum(),
+                outputs,
+                retain_graph=k < batch.width - 1,
+                allow_unused=True,
+            )
+            for k in range(batch.width)
+        ]
+        return tuple(
+            None if parts[0] is None else torch.stack([p for p in parts if p is not None])
+            for parts in zip(*per_slot, strict=True)
         )
     (start,) = torch.autograd.grad(target_logits.sum(), hidden, retain_graph=True)
     cotangents = start.new_zeros(batch.width, *start.shape)
