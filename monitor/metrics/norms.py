@@ -105,3 +105,59 @@ def outer_sum_norm(gamma: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Te
     r1 = torch.linalg.qr(gamma.transpose(1, 2), mode="r").R  # [K, L, L]
     r2 = torch.linalg.qr(x.transpose(1, 2), mode="r").R
     return nuclear_norm(r1 @ r2.transpose(1, 2))
+
+
+def input_factor(x: torch.Tensor) -> torch.Tensor:
+    """``R`` of the thin QR ``X^T = Q R`` of inputs ``x`` ``[L, b]``: ``[min(L, b), L]`` (fp32).
+
+    ``R`` is upper trapezoidal, so the first m columns ``R[:min(m, b), :m]``
+    factor the first m rows of ``x`` (:func:`prefix_norms`): one QR serves
+    every prefix of one sequence.
+
+    >>> input_factor(torch.tensor([[0.0, 2.0], [1.0, 0.0], [1.0, 1.0]])).shape
+    torch.Size([2, 3])
+    """
+    factor: torch.Tensor = torch.linalg.qr(x.float().T, mode="r").R
+    return factor
+
+
+def prefix_norms(
+    factor: torch.Tensor, gamma: torch.Tensor, support: torch.Tensor, norm: Norm
+) -> torch.Tensor:
+    """Norm of ``G_k = Gamma_k[:m_k]^T X[:m_k]`` for each k, from X's :func:`input_factor`.
+
+    ``factor`` ``[r, L]`` (``R`` of ``X^T``), ``gamma`` ``[K, L, a]``,
+    ``support`` ``[K]`` (m_k, the rows of ``Gamma_k`` that count) -> ``[K]``
+    fp32. With ``X[:m]^T = Q R[:, :m]`` and Q orthonormal,
+    ``||G_k|| = ||R[:, :m] Gamma_k[:m]||`` for the nuclear and Frobenius
+    norms: an ``[min(m, b), a]`` problem, no QR of ``Gamma``. Targets with
+    equal m are one batched call (padding m would grow the eigenproblems).
+
+    >>> x = torch.tensor([[0.0, 4.0], [1.0, 1.0]]); g = torch.tensor([[[3.0], [5.0]]])
+    >>> prefix_norms(input_factor(x), g, torch.tensor([1]), "nuclear")
+    tensor([12.])
+    """
+    if norm not in ("nuclear", "frobenius"):
+        raise ValueError(f"prefix_norms computes the nuclear and Frobenius norms, not {norm!r}")
+    if gamma.ndim != 3 or factor.ndim != 2 or gamma.shape[1] != factor.shape[1]:
+        raise ValueError(
+            f"expected factor [r, L] and gamma [K, L, a] with equal L, got "
+            f"{tuple(factor.shape)} and {tuple(gamma.shape)}"
+        )
+    count, length, width = gamma.shape
+    out = torch.zeros(count, dtype=torch.float32, device=gamma.device)
+    if count == 0:
+        return out
+    sizes = support.to(gamma.device).clamp(1, length)
+    for size in sorted(set(sizes.tolist())):
+        index = (sizes == size).nonzero().flatten()
+        part = gamma[index, :size].float()
+        per_chunk = max(1, _MAX_DENSE_ELEMENTS // max(1, size * width))
+        for start in range(0, index.numel(), per_chunk):
+            chunk = index[start : start + per_chunk]
+            matrices = factor[: min(size, factor.shape[0]), :size] @ part[start : start + per_chunk]
+            if norm == "nuclear":
+                out[chunk] = nuclear_norm(matrices)
+            else:
+                out[chunk] = torch.linalg.matrix_norm(matrices, ord="fro")
+    return out

@@ -21,10 +21,15 @@ How it is computed, exactly (see ``docs``: science.md 1.2):
   only ``z_t``, so G is rank one, ``||G|| = ||g_t|| ||x_t||``, and one backward
   of ``sum_t z_t`` gives every token at once (the fast path, used when only
   such components are asked).
-- Anything else: each sampled token gets its own row, its sequence cut right
-  after t (later positions cannot reach z_t); rows are sorted by length and
-  batched under a token budget, one forward and one backward per chunk, and
-  the norm comes from small factors (:mod:`inversion_monitor.metrics.norms`).
+- Anything else (the general path, :mod:`~inversion_monitor.probe.rows`):
+  targets sorted by t are cut into buckets; each bucket's sequences run one
+  forward, cut after the bucket's last t (later positions cannot reach z_t),
+  and the targets' backwards run as one batched VJP, one cotangent slot per
+  target of a sequence. The norm comes from one QR of each sequence's
+  projection input, shared by its targets and by Q/K/V
+  (:func:`~inversion_monitor.metrics.norms.prefix_norms`). Sharded models
+  keep one row per target (the sequence cut after t), batched under a token
+  budget.
 
 Duplicate targets are measured once. Packed rows (``position_ids`` restarting
 inside a row, with or without an attention mask) are cut into one row per
@@ -510,9 +515,8 @@ class _Plan:
             unique.setdefault(id(module), module)
         return list(unique.values())
 
-    def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
-        """d(sum of target logits)/d(output) of every hooked module, by module id."""
-        modules = self.modules
+    def outputs(self, forward: _Forward) -> list[torch.Tensor]:
+        """The output of every hooked module in ``forward``, in :attr:`modules` order."""
         for component, (module, _) in self.sites.items():
             if module not in forward.captures.outputs:
                 raise NotImplementedError(
@@ -520,7 +524,12 @@ class _Plan:
                     f"{type(module).__name__}, so its weight has no gradient to measure there; "
                     "probe other layers or projections"
                 )
-        outputs = [forward.captures.outputs[m] for m in modules]
+        return [forward.captures.outputs[m] for m in self.modules]
+
+    def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
+        """d(sum of target logits)/d(output) of every hooked module, by module id."""
+        modules = self.modules
+        outputs = self.outputs(forward)
         # down to the leaf, so every module above it finishes its backward (and any
         # sharding framework's backward hooks release what they gathered)
         grads = torch.autograd.grad(
@@ -591,9 +600,7 @@ def _probe(
                 rest = {c: site for c, site in sites.items() if c not in paths}
                 if rest:
                     general = replace(plan, sites=rest, lowest_block=min(c[0] for c in rest))
-                    max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(resolved))
-                    for group in _chunks(work[:, 1] + 1, chunk_tokens, max_rows):
-                        _probe_rows(general, group.to(device))
+                    _probe_general(general, chunk_tokens)
                     paths.update(dict.fromkeys(rest, "general"))
     norms = {c: values[inverse] for c, values in sorted(plan.norms.items())}
     score = (
@@ -662,6 +669,24 @@ def _probe_rank_one(plan: _Plan, group: torch.Tensor) -> None:
     _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
 
 
+def _probe_general(plan: _Plan, chunk_tokens: int) -> None:
+    """Every target through the general path: batched VJPs, or one row per target if sharded.
+
+    See :mod:`~inversion_monitor.probe.rows`. Sharded parameters keep one row
+    per target: their frameworks' backward hooks expect plain cotangents.
+    """
+    from inversion_monitor.probe.rows import measure_batch, plan_buckets
+
+    max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(plan.resolved))
+    device = plan.input_ids.device
+    if _sharded(plan.resolved.model):
+        for group in _chunks(plan.targets[:, 1] + 1, chunk_tokens, max_rows):
+            _probe_rows(plan, group.to(device))
+        return
+    for batch in plan_buckets(plan.targets.cpu(), chunk_tokens, max_rows):
+        measure_batch(plan, batch)
+
+
 def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
     """General path: one row per target (its sequence cut after t), one backward for all."""
     seq = plan.targets[group, 0]
@@ -681,6 +706,8 @@ def _measure(
     rows: torch.Tensor,
 ) -> None:
     """Forward ``ids``; fill entropy and norms of targets ``index`` (found at ``rows``)."""
+    from inversion_monitor.probe.rows import per_row_norms
+
     t = plan.targets[index, 1]
     forward = _forward(
         plan.resolved,
@@ -700,8 +727,12 @@ def _measure(
             g, x = grads[id(module)], forward.captures.inputs[module]
             if component in plan.rank_one:  # nothing after mixes positions: G = g_t x_t^T
                 values = rank_one_norm(_select(g[rows, t], columns), x[rows, t], plan.norm)
-            else:
+            elif plan.norm == "l1":
                 values = outer_sum_norm(_select(g, columns), x, plan.norm)
+            else:  # one row per target: one input QR per sequence where the rows agree
+                values = per_row_norms(
+                    _select(g, columns), x, plan.targets[index, 0], t + 1, plan.norm
+                )
             plan.norms[component][index] = values.to(plan.entropy.device)
     finally:
         forward.captures.remove()
