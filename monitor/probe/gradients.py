@@ -69,7 +69,7 @@ from inversion_monitor.probe.last_block import ForwardOutput, LastBlockRefused, 
 from inversion_monitor.probe.packing import document_index, same_document, split_documents
 from inversion_monitor.probe.prefix_capture import CapturedPrefix
 from inversion_monitor.probe.sampling import valid_positions
-from inversion_monitor.probe.sharding import probe_leaves_shards
+from inversion_monitor.probe.sharding import probe_leaves_shards, sharded_parameters
 
 logger = logging.getLogger("inversion_monitor")
 
@@ -714,7 +714,7 @@ def _prefix_refusal(
         raise TypeError(f"prefix must be a CapturedPrefix, got {type(prefix).__name__}")
     if prefix.layer > lowest_block:
         return f"the prefix enters block {prefix.layer}, above the lowest probed block"
-    if _sharded(resolved.model):
+    if sharded_parameters(resolved.model):
         return (
             "sharded parameters (FSDP2, ZeRO-3): skipping blocks would bypass the "
             "framework's gather and release hooks"
@@ -893,9 +893,4 @@ def _probe_last_block(plan: _Plan) -> dict[Component, str]:
     return dict.fromkeys(norms, "last_block")
 
 
-def _sharded(model: nn.Module) -> bool:
-    """Whether any parameter is an FSDP2 DTensor or a DeepSpeed ZeRO-3 partition."""
-    return any(
-        hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor")
-        for p in model.parameters()
-    )
+_sharded = sharded_parameters

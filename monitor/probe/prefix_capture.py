@@ -43,6 +43,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,7 +166,7 @@ class PrefixCapture:
         ]
 
     @staticmethod
-    def _static_refusal(config: Any, above: list[nn.Module]) -> str | None:
+    def _static_refusal(config: Any, above: Sequence[nn.Module]) -> str | None:
         for key in _JITTER_KEYS:
             value = getattr(config, key, None)
             if isinstance(value, float) and value > 0:
