@@ -119,10 +119,11 @@ class InversionMonitor:
             ``"custom"``); ``config.kind`` takes precedence.
 
     In a distributed job (``torch.distributed`` initialised, more than one
-    rank) every rank must call :meth:`attach` and :meth:`step_end` at the same
-    steps: the ranks then share rank 0's run id and probe on exactly the same
-    steps, or none does (see :mod:`inversion_monitor.engine.rank_agreement`); a
-    failure on one rank disables the monitor on every rank.
+    rank) every rank must call :meth:`attach` and :meth:`step_end` (and, if
+    used, :meth:`before_optimizer_step`) at the same steps: the ranks then
+    share rank 0's run id and probe on exactly the same steps, or none does
+    (see :mod:`inversion_monitor.engine.rank_agreement`); a failure on one rank
+    disables the monitor on every rank.
 
     Use from a custom loop::
 
