@@ -116,8 +116,28 @@ def test_changed_parameters_and_other_inputs_fall_back_with_the_reason() -> None
     assert reason(attention_mask=MASK, position_ids=positions) == (
         "the probed position_ids differ from the captured forward's"
     )
-    torch.optim.SGD(model.parameters(), lr=0.1).step()  # the weights change in place
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.0)  # any in-place update bumps a version counter
     assert "parameters changed since the training forward" in str(reason(attention_mask=MASK))
+    capture.remove()
+    assert reason(attention_mask=MASK) == (
+        "the capture was removed, so optimizer steps since are unknown"
+    )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_optimizer_step_makes_the_capture_stale(fused: bool) -> None:
+    model = tiny_causal_lm("llama", num_layers=2)
+    capture = _trained_forward(model, -1, input_ids=IDS)
+    prefix = capture.latest
+    assert prefix is not None and prefix.refusal(model, IDS, None, None) is None
+    # a fused AdamW updates the weights in place without bumping version counters
+    torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused).step()
+    assert capture.latest is None
+    assert capture.skipped_reason == "an optimizer stepped since the training forward"
+    result = logit_gradient_norms(model, IDS, positions=POSITIONS, prefix=prefix)
+    assert result.prefix == "recomputed"
+    assert result.prefix_reason == "an optimizer stepped since the training forward"
     capture.remove()
 
 
@@ -240,5 +260,5 @@ def test_engine_without_the_pre_step_call_recomputes_and_says_why(tmp_path: Path
     assert monitor.step_end(1, model) is not None
     result = monitor.last_result
     assert result is not None and result.prefix == "recomputed"
-    assert "parameters changed since the training forward" in str(result.prefix_reason)
+    assert result.prefix_reason == "probed after the optimizer step (no before_optimizer_step call)"
     monitor.close()

@@ -391,7 +391,7 @@ class InversionMonitor:
             if want and self._agreement is not None:
                 self._agreed_probe(step, model, loss=None, learning_rate=learning_rate, hold=True)
             elif want and self.enabled:
-                plan = self._prepare(model)
+                plan = self._prepare(model, before_step=True)
                 if plan is not None:
                     self._measure(step, plan, loss=None, learning_rate=learning_rate, hold=True)
         except Exception as exc:  # never break training
@@ -440,7 +440,7 @@ class InversionMonitor:
         plan = None
         if not self._local_failure:
             try:
-                plan = self._prepare(model)
+                plan = self._prepare(model, before_step=hold)
             except Exception as exc:  # reported by the vote below
                 self._fail(f"step {step}", exc)
         verdict = self._vote(plan is not None, commit=True)
@@ -508,8 +508,12 @@ class InversionMonitor:
             return None
         return self._measure(step, plan, loss=loss, learning_rate=learning_rate)
 
-    def _prepare(self, model: nn.Module | None) -> _ProbePlan | None:
-        """This rank's batch, model and sample (no collective); None: nothing to probe."""
+    def _prepare(self, model: nn.Module | None, *, before_step: bool = False) -> _ProbePlan | None:
+        """This rank's batch, model and sample (no collective); None: nothing to probe.
+
+        ``before_step``: called before the optimizer step, so the training
+        forward's hidden states are offered to the probe (it checks them again).
+        """
         model = model if model is not None else self._model
         batch = self._capture.latest if self._capture is not None else None
         if model is None or batch is None:
@@ -525,8 +529,10 @@ class InversionMonitor:
         resolve_model(model)  # a refusal is known here, before any collective
         batch = batch.unpacked()  # packed documents probed as separate rows
         positions = self.sampler.sample(batch.target_mask())
-        prefix = self._prefix.latest if self._prefix is not None else None
+        prefix = self._prefix.latest if self._prefix is not None and before_step else None
         note = self._prefix.skipped_reason if self._prefix is not None else self._prefix_note
+        if not before_step:
+            note = "probed after the optimizer step (no before_optimizer_step call)"
         return _ProbePlan(
             model, batch, positions, time.perf_counter() - start, prefix=prefix, prefix_note=note
         )

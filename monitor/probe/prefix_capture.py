@@ -20,8 +20,12 @@ It is used only where it gives the numbers recomputing gives:
   (KV sharing);
 - at probe time (:meth:`CapturedPrefix.refusal`): the probe's ``input_ids``
   are the very tensor of that forward, its attention mask and position ids
-  equal that forward's, and no parameter changed since (each parameter's
-  version counter, bumped by every in-place update such as ``optimizer.step()``).
+  equal that forward's, and no parameter changed since: no ``torch.optim``
+  optimizer stepped (a global step pre-hook, held while the capture is
+  installed: fused kernels such as ``AdamW(fused=True)`` update in place
+  without bumping version counters) and every parameter's version counter is
+  unchanged (any other in-place update through autograd-visible ops; writes
+  through ``.data`` are invisible to both, so probe before the weights change).
 
 Otherwise the probe recomputes the prefix and says why
 (:attr:`~inversion_monitor.probe.gradients.ProbeResult.prefix_reason`).
@@ -38,6 +42,9 @@ Otherwise the probe recomputes the prefix and says why
 True
 >>> capture.latest.refusal(model, ids.clone(), None, None)
 "the probed input_ids are not the captured forward's tensor"
+>>> torch.optim.AdamW(model.parameters(), fused=True).step()
+>>> capture.latest is None, capture.skipped_reason
+(True, 'an optimizer stepped since the training forward')
 >>> capture.remove()
 """
 
@@ -49,6 +56,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from inversion_monitor.probe.architectures import resolve_model
 
@@ -57,6 +65,14 @@ __all__ = ["CapturedPrefix", "PrefixCapture"]
 # attention modules keep their dropout probability as a float and apply it in training mode
 _DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "attn_pdrop")
 _JITTER_KEYS = ("router_jitter_noise", "jitter_noise")
+
+
+class _Steps:
+    """Counts optimizer steps while a capture is installed (``open`` until removed)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.open = True
 
 
 def parameter_versions(model: nn.Module) -> tuple[int, ...]:
@@ -73,6 +89,7 @@ class CapturedPrefix:
         hidden: the block's incoming hidden states, detached (no copy).
         input_ids, attention_mask, position_ids: that forward's (references).
         versions: :func:`parameter_versions` of the model at that forward.
+        steps: the capture's optimizer-step counter, and its value at that forward.
     """
 
     layer: int
@@ -81,6 +98,8 @@ class CapturedPrefix:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     versions: tuple[int, ...]
+    steps: _Steps
+    steps_at_capture: int
 
     def refusal(
         self,
@@ -96,12 +115,19 @@ class CapturedPrefix:
             return "the probed attention_mask differs from the captured forward's"
         if not _same(position_ids, self.position_ids, input_ids):
             return "the probed position_ids differ from the captured forward's"
+        if not self.steps.open:
+            return "the capture was removed, so optimizer steps since are unknown"
+        if self.steps.count != self.steps_at_capture:
+            return _STEPPED
         if parameter_versions(model) != self.versions:
             return (
                 "parameters changed since the training forward (probe before the optimizer "
                 "step to reuse its hidden states)"
             )
         return None
+
+
+_STEPPED = "an optimizer stepped since the training forward"
 
 
 def _same(probed: torch.Tensor | None, captured: torch.Tensor | None, ids: torch.Tensor) -> bool:
@@ -158,12 +184,21 @@ class PrefixCapture:
         above = {id(m) for b in resolved.blocks[self.layer :] for m in b.modules()}
         self._random = [m for m in resolved.decoder.modules() if id(m) not in above]
         self._static_reason = self._static_refusal(resolved.config, resolved.blocks[self.layer :])
+        self._steps = _Steps()
         block = resolved.blocks[self.layer]
         self._handles = [
             model.register_forward_pre_hook(self._model_hook, with_kwargs=True),
             block.register_forward_pre_hook(self._block_hook, with_kwargs=True),
             *(b.register_forward_hook(self._below_hook) for b in below),
+            register_optimizer_step_pre_hook(self._optimizer_step),
         ]
+
+    def _optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Any ``torch.optim`` step (fused kernels included) makes the capture stale."""
+        self._steps.count += 1
+        if self.latest is not None:
+            self.latest = None
+            self.skipped_reason = _STEPPED
 
     @staticmethod
     def _static_refusal(config: Any, above: Sequence[nn.Module]) -> str | None:
@@ -219,6 +254,8 @@ class PrefixCapture:
             attention_mask=mask if isinstance(mask, torch.Tensor) else None,
             position_ids=pos if isinstance(pos, torch.Tensor) else None,
             versions=parameter_versions(self._params_of),
+            steps=self._steps,
+            steps_at_capture=self._steps.count,
         )
         self.skipped_reason = None
 
@@ -259,5 +296,6 @@ class PrefixCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._steps.open = False
         self.latest = None
         self._inputs = None
