@@ -165,6 +165,7 @@ def main() -> None:
     chosen = ["plain", *(v for v in args.variants.split(",") if v in VARIANTS and v != "plain")]
     per_round = max(2, args.steps // args.rounds)
     times: dict[str, list[float]] = {v: [] for v in chosen}
+    round_means: dict[str, list[float]] = {v: [] for v in chosen}
     overheads: dict[str, list[float]] = {v: [] for v in chosen}
     probes: dict[str, int] = dict.fromkeys(chosen, 0)
     prefixes: dict[str, set[str]] = {v: set() for v in chosen}
@@ -176,6 +177,7 @@ def main() -> None:
         for variant in chosen:
             step_times, overhead, records = train(variant, per_round, seed=r)
             times[variant].extend(step_times)
+            round_means[variant].append(statistics.mean(step_times))
             overheads[variant].append(overhead)
             probes[variant] += len(records)
             prefixes[variant].update(str(record["prefix"]) for record in records)
@@ -185,16 +187,23 @@ def main() -> None:
     base = statistics.mean(times["plain"])
     total = args.rounds * per_round
     print(
-        f"\n{'variant':<24} {'mean step s':>12} {'ratio':>8} {'probed every':>13} "
+        "\nratio: mean step time over plain's; 'rounds' is the median of the per-round "
+        "ratios (each against plain in the same round: robust to a loaded machine)"
+    )
+    print(
+        f"{'variant':<24} {'mean step s':>12} {'ratio':>8} {'rounds':>8} {'probed every':>13} "
         f"{'measured overhead':>18}  prefix"
     )
     for variant in chosen:
         mean = statistics.mean(times[variant])
+        per_round_ratio = statistics.median(
+            v / p for v, p in zip(round_means[variant], round_means["plain"], strict=True)
+        )
         measured = statistics.mean(overheads[variant]) if variant != "plain" else 0.0
         every = f"{total / probes[variant]:.1f} steps" if probes[variant] else ""
         print(
-            f"{variant:<24} {mean:>12.4f} {mean / base:>7.3f}x {every:>13} {measured:>17.3%}  "
-            f"{', '.join(sorted(prefixes[variant]))}"
+            f"{variant:<24} {mean:>12.4f} {mean / base:>7.3f}x {per_round_ratio:>7.3f}x "
+            f"{every:>13} {measured:>17.3%}  {', '.join(sorted(prefixes[variant]))}"
         )
     print(
         "goals: every step <= 1.15x (must reach 1.25x); default <= 1.03x, probing at least "
