@@ -106,15 +106,18 @@ def training_step_seconds(
     return seconds
 
 
+_CAPTURES: list[PrefixCapture] = []  # installed for the whole run (a removed one is refused)
+
+
 def captured_prefix(model: nn.Module, ids: torch.Tensor, layer: int) -> CapturedPrefix:
     """The input of block ``layer`` in a training forward (and backward) of ``ids``."""
     capture = PrefixCapture(model, layer)
+    _CAPTURES.append(capture)
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     model.eval()
     model.zero_grad(set_to_none=True)
     prefix = capture.latest
-    capture.remove()
     if prefix is None:
         raise RuntimeError(f"no prefix captured: {capture.skipped_reason}")
     return prefix

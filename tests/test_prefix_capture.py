@@ -131,6 +131,10 @@ def test_an_optimizer_step_makes_the_capture_stale(fused: bool) -> None:
     capture = _trained_forward(model, -1, input_ids=IDS)
     prefix = capture.latest
     assert prefix is not None and prefix.refusal(model, IDS, None, None) is None
+    other = torch.nn.Linear(2, 2)
+    other(torch.ones(1, 2)).sum().backward()
+    torch.optim.AdamW(other.parameters(), fused=fused).step()  # another model's optimizer
+    assert capture.latest is prefix and prefix.refusal(model, IDS, None, None) is None
     # a fused AdamW updates the weights in place without bumping version counters
     torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused).step()
     assert capture.latest is None

@@ -21,9 +21,10 @@ It is used only where it gives the numbers recomputing gives:
 - at probe time (:meth:`CapturedPrefix.refusal`): the probe's ``input_ids``
   are the very tensor of that forward, its attention mask and position ids
   equal that forward's, and no parameter changed since: no ``torch.optim``
-  optimizer stepped (a global step pre-hook, held while the capture is
-  installed: fused kernels such as ``AdamW(fused=True)`` update in place
-  without bumping version counters) and every parameter's version counter is
+  optimizer holding the model's parameters stepped (a global step pre-hook,
+  held while the capture is installed: fused kernels such as
+  ``AdamW(fused=True)`` update in place without bumping version counters;
+  optimizers of other models do not count) and every parameter's version counter is
   unchanged (any other in-place update through autograd-visible ops; writes
   through ``.data`` are invisible to both, so probe before the weights change).
 
@@ -185,6 +186,7 @@ class PrefixCapture:
         self._random = [m for m in resolved.decoder.modules() if id(m) not in above]
         self._static_reason = self._static_refusal(resolved.config, resolved.blocks[self.layer :])
         self._steps = _Steps()
+        self._param_ids = {id(p) for p in resolved.model.parameters()}
         block = resolved.blocks[self.layer]
         self._handles = [
             model.register_forward_pre_hook(self._model_hook, with_kwargs=True),
@@ -194,7 +196,11 @@ class PrefixCapture:
         ]
 
     def _optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Any ``torch.optim`` step (fused kernels included) makes the capture stale."""
+        """A ``torch.optim`` step on the model's parameters (fused kernels included) makes
+        the capture stale."""
+        groups = getattr(optimizer, "param_groups", [])
+        if not any(id(p) in self._param_ids for group in groups for p in group["params"]):
+            return
         self._steps.count += 1
         if self.latest is not None:
             self.latest = None
