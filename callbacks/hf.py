@@ -9,7 +9,14 @@ Add it to any trainer::
 
     Trainer(..., callbacks=[InversionTrainerCallback(endpoint="localhost:50051")])
 
-It probes after optimizer steps (so gradient accumulation is respected) and
+It probes once per optimizer step (so gradient accumulation is respected),
+in ``on_pre_optimizer_step``: after the backward (and gradient clipping) of
+the step's last micro-batch, before the weights change, so the probe starts
+from that forward's hidden states instead of recomputing the blocks below the
+lowest probed one (``.grad`` is not touched); the record is sent at
+``on_step_end``. Under DeepSpeed the optimizer has already stepped inside the
+backward by then, and sharded weights (FSDP2) are probed as before, so those
+runs probe at ``on_step_end`` and recompute the prefix. It
 logs ``inversion/...`` values through ``Trainer.log``, so they reach
 ``log_history`` and every ``report_to`` integration (TensorBoard, W&B, ...).
 It calls the base ``transformers.Trainer.log``, not a subclass's override:
@@ -116,6 +123,22 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
                 self.monitor._fail("reading the RL signals", exc)
         if model is not None:
             self.monitor.attach(model)
+
+    def on_pre_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Probe before the weights change, from the training forward's hidden states."""
+        if self.monitor is None:
+            return
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None or getattr(trainer, "is_deepspeed_enabled", False):
+            return  # DeepSpeed stepped in the backward already: on_step_end probes
+        self.monitor.before_optimizer_step(state.global_step + 1, model)
 
     def on_step_end(
         self,

@@ -11,8 +11,12 @@ Add it to any trainer whose ``LightningModule`` holds a Hugging Face causal LM::
 
     Trainer(..., callbacks=[InversionLightningCallback(endpoint="localhost:50051")])
 
-It probes after optimizer steps only (so ``accumulate_grad_batches`` is
-respected), sends ``inversion/...`` values to every logger of the trainer on
+It probes once per optimizer step (so ``accumulate_grad_batches`` is
+respected), in ``on_before_optimizer_step``: the weights are still those of
+the training forward, whose hidden states the probe starts from instead of
+recomputing the blocks below the lowest probed one (sharded weights are
+probed after the step, as before). The record is sent after the step, with
+its loss. It sends ``inversion/...`` values to every logger of the trainer on
 the step axis Lightning uses for the same batch's other metrics, and also puts
 them in ``trainer.callback_metrics`` (for ``EarlyStopping`` or
 ``ModelCheckpoint``). In a distributed run every rank probes its own batch and
@@ -202,6 +206,17 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
                 category=MonitorWarning,
             )
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        """Probe before the weights change, from the training forward's hidden states."""
+        monitor, model = self.monitor, self._model
+        if monitor is None or model is None:
+            return
+        # every rank gets here at every optimizer step; a second optimizer of the
+        # same step is a no-op (the monitor decided this step already)
+        monitor.before_optimizer_step(int(trainer.global_step) + 1, model)
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -215,7 +230,9 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         if monitor is None or model is None or step == self._last_step:
             return  # off, or still accumulating gradients: no optimizer step yet
         self._last_step = step
-        probe = monitor.decide(step)  # agreed by every rank (each gets here every step)
+        # agreed by every rank (each gets here every step); decided already where the
+        # monitor probed in on_before_optimizer_step
+        probe = monitor.decide(step)
         loss = _loss_value(outputs) if probe else None
         learning_rate = _learning_rate(trainer) if probe else None
         rl = outputs.get("rl_stats") if isinstance(outputs, Mapping) else None

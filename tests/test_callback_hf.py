@@ -32,16 +32,36 @@ def test_logs_reach_history_every_probed_step(tmp_path):
     assert callback.resume_state["probes"] == 6
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, arch):
-    plain = hf_trainer(tmp_path / "a", arch=arch, max_steps=12, grad_accum=2)
+@pytest.mark.parametrize(
+    ("arch", "prefix"),
+    [
+        ("llama", "captured"),  # probed before the optimizer step, from the last micro-batch
+        ("gpt2", "recomputed: dropout is active (Dropout, p=0.1)"),
+    ],
+)
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, arch, prefix):
+    plain = hf_trainer(tmp_path / "a", arch=arch, max_steps=12, grad_accum=2, logging_steps=1)
     plain.train()
-    callback = InversionTrainerCallback(every_n_steps=1, layers=[0, -1], tokens_per_probe=16)
+    path = tmp_path / "records.jsonl"
+    callback = InversionTrainerCallback(
+        every_n_steps=1, layers=[0, -1], tokens_per_probe=16, jsonl_path=str(path)
+    )
     monitored = hf_trainer(
-        tmp_path / "b", arch=arch, max_steps=12, grad_accum=2, callbacks=[callback]
+        tmp_path / "b",
+        arch=arch,
+        max_steps=12,
+        grad_accum=2,
+        logging_steps=1,
+        callbacks=[callback],
     )
     monitored.train()
     assert callback.resume_state["probes"] == 12  # once per optimizer step, not per micro-batch
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {r["prefix"] for r in records} == {prefix}
+    losses = [(e["step"], e["loss"]) for e in plain.state.log_history if "loss" in e]
+    assert len(losses) == 12
+    assert [(e["step"], e["loss"]) for e in monitored.state.log_history if "loss" in e] == losses
     a, b = weights(plain.model), weights(monitored.model)
     assert a.keys() == b.keys()
     for key in a:

@@ -70,24 +70,55 @@ def test_probes_on_schedule_and_reaches_logger_and_jsonl(tmp_path: Path) -> None
     assert callback.state_dict()["monitor"]["probes"] == 3
 
 
-def test_one_probe_per_optimizer_step_and_bit_identical_weights(tmp_path: Path) -> None:
-    def fit(callbacks: list[Any]) -> dict[str, torch.Tensor]:
+class _Losses(pl.Callback):  # type: ignore[misc]
+    """Every micro-batch's loss, as training computed it."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
+        self.values.append(float(outputs["loss"].detach()))
+
+
+@pytest.mark.parametrize(
+    ("arch", "prefix"),
+    [
+        # with dropout: the RNG stream must be left alone; the prefix is recomputed
+        ("gpt2", "recomputed: dropout is active (Dropout, p=0.1)"),
+        # probed in on_before_optimizer_step from the last micro-batch's hidden states
+        ("llama", "captured"),
+    ],
+)
+def test_one_probe_per_optimizer_step_and_bit_identical_weights(
+    tmp_path: Path, arch: str, prefix: str
+) -> None:
+    def fit(callbacks: list[Any]) -> tuple[list[float], dict[str, torch.Tensor]]:
         pl.seed_everything(0, verbose=False)
-        module = TinyCausalLM("gpt2")  # with dropout: the RNG stream must be left alone
+        module = TinyCausalLM(arch)
+        losses = _Losses()
         run = trainer(
-            None, callbacks=callbacks, max_steps=4, accumulate_grad_batches=2, deterministic=True
+            None,
+            callbacks=[*callbacks, losses],
+            max_steps=4,
+            accumulate_grad_batches=2,
+            deterministic=True,
         )
         run.fit(module, train_loader(8))
         assert run.global_step == 4 and run.fit_loop.total_batch_idx == 7  # 8 micro-batches
-        return weights(module)
+        return losses.values, weights(module)
 
     path = tmp_path / "records.jsonl"
-    plain = fit([])
+    plain_losses, plain = fit([])
     callback = InversionLightningCallback(
         every_n_steps=1, layers=[0, -1], tokens_per_probe=16, jsonl_path=str(path)
     )
-    monitored = fit([callback])
-    assert [r["step"] for r in _records(path)] == [1, 2, 3, 4]  # not once per micro-batch
+    losses, monitored = fit([callback])
+    records = _records(path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # not once per micro-batch
+    assert {r["prefix"] for r in records} == {prefix}
+    # each record carries the loss of the micro-batch that completed its step
+    assert [r["loss"] for r in records] == pytest.approx(plain_losses[1::2], rel=1e-6)
+    assert losses == plain_losses
     assert plain.keys() == monitored.keys()
     for key in plain:
         assert torch.equal(plain[key], monitored[key]), key

@@ -44,6 +44,11 @@ class ProbeRecorder(TrainerCallback):  # type: ignore[misc]
         self.trainer_inputs = trainer_inputs  # filled by the trainer subclass, one per forward
         self.probes: list[dict[str, Any]] = []
         self._seen: Any = None
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # the weights the monitor's pre-step probe saw (it ran just before this)
+        self._weights = {k: v.detach().clone() for k, v in kwargs["model"].state_dict().items()}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor = self.callback.monitor
@@ -56,6 +61,7 @@ class ProbeRecorder(TrainerCallback):  # type: ignore[misc]
                 "batch": monitor.last_batch,
                 "result": monitor.last_result,
                 "inputs": self.trainer_inputs[-1] if self.trainer_inputs else None,
+                "weights": self._weights,
             }
         )
 
@@ -184,8 +190,10 @@ def test_sft_packing_probes_each_document_on_its_own(tmp_path):
     lengths = batch.attention_mask.sum(1).tolist()
     rows = [tuple(batch.input_ids[r, :n].tolist()) for r, n in enumerate(lengths)]
     assert all(row in documents for row in rows)
-    # each target measured on its document alone gives the same values
+    # each target measured on its document alone gives the same values (on the
+    # weights the probe saw, before the optimizer step)
     model = trainer.model
+    model.load_state_dict(probe["weights"])
     for index, (row, t) in enumerate(result.positions.tolist()):
         alone = logit_gradient_norms(
             model,

@@ -21,6 +21,7 @@ def hf_trainer(
     max_steps: int = 30,
     grad_accum: int = 1,
     seed: int = 0,
+    logging_steps: int = 10,
     **args: Any,
 ) -> Trainer:
     """A real HF Trainer on a tiny model and the arithmetic corpus (CPU, no downloads)."""
@@ -33,7 +34,7 @@ def hf_trainer(
         per_device_train_batch_size=4,
         gradient_accumulation_steps=grad_accum,
         learning_rate=2e-3,
-        logging_steps=10,
+        logging_steps=logging_steps,
         report_to=[],
         save_strategy="no",
         seed=seed,

@@ -52,6 +52,7 @@ class ProbeRecord:
     samples: list[tuple[float, float, int]] | None = None
     kind: str | None = None
     rl: RLStats | None = None  # the RL signals of the steps since the last record
+    prefix: str | None = None  # "captured", or "recomputed" with the reason
     wall_time: float = field(default_factory=time.time)
 
 
@@ -152,6 +153,7 @@ class JsonlSink:
             "samples": record.samples,
             "kind": record.kind,
             "rl": record.rl.to_dict() if record.rl is not None else None,
+            "prefix": record.prefix,
         }
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,13 @@ statistics and the sinks (the trainer's logs, a JSONL file, the gRPC client; see
 :mod:`inversion_monitor.engine.sinks`).
 A framework adapter only calls :meth:`InversionMonitor.attach` when training
 starts, :meth:`InversionMonitor.step_end` after every optimizer step, and
-:meth:`InversionMonitor.close` at the end.
+:meth:`InversionMonitor.close` at the end. Where the framework has a hook
+between the backward and the optimizer step, the adapter also calls
+:meth:`InversionMonitor.before_optimizer_step` there: the probe then runs while
+the weights are still those of the training forward and starts from that
+forward's hidden states below the lowest probed block instead of recomputing
+them (:mod:`inversion_monitor.probe.prefix_capture`); its record is sent by
+:meth:`InversionMonitor.step_end` with the step's loss.
 
 It never breaks training: any error inside is caught, reported once with a
 clear warning, and the monitor disables itself (``on_error="disable"``) or
@@ -34,7 +40,7 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,7 +63,9 @@ from inversion_monitor.metrics.stats import InversionStats, inversion_stats
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
+from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
 from inversion_monitor.probe.sampling import TokenSampler
+from inversion_monitor.probe.sharding import sharded_parameters
 from inversion_monitor.rl.signals import RLStats
 
 if TYPE_CHECKING:
@@ -80,6 +88,21 @@ class _ProbePlan:
     batch: CapturedBatch
     positions: torch.Tensor
     prepare_s: float
+    prefix: CapturedPrefix | None = None  # the training forward's hidden states, if kept
+    prefix_note: str | None = None  # why none was kept
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """A probe's outcome, sent as a record now or (before the optimizer step) by step_end."""
+
+    step: int
+    stats: InversionStats
+    result: ProbeResult
+    seconds: float
+    components: list[dict[str, Any]] | None
+    loss: float | None
+    learning_rate: float | None
 
 
 class InversionMonitor:
@@ -96,19 +119,29 @@ class InversionMonitor:
             ``"custom"``); ``config.kind`` takes precedence.
 
     In a distributed job (``torch.distributed`` initialised, more than one
-    rank) every rank must call :meth:`attach` and :meth:`step_end` at the same
-    steps: the ranks then share rank 0's run id and probe on exactly the same
-    steps, or none does (see :mod:`inversion_monitor.engine.rank_agreement`); a
-    failure on one rank disables the monitor on every rank.
+    rank) every rank must call :meth:`attach` and :meth:`step_end` (and, if
+    used, :meth:`before_optimizer_step`) at the same steps: the ranks then
+    share rank 0's run id and probe on exactly the same steps, or none does
+    (see :mod:`inversion_monitor.engine.rank_agreement`); a failure on one rank
+    disables the monitor on every rank.
 
     Use from a custom loop::
 
         monitor = InversionMonitor(MonitorConfig(endpoint="localhost:50051"))
         monitor.attach(model)
         for step, batch in enumerate(loader, 1):
-            loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+            loss = model(**batch).loss; loss.backward()
+            monitor.before_optimizer_step(step, model)   # optional: the cheaper probe
+            opt.step(); opt.zero_grad()
             monitor.step_end(step, model, loss=loss.item())
         monitor.close()
+
+    With :meth:`before_optimizer_step` (after the backward, before
+    ``opt.step()``; with gradient accumulation, after the last micro-batch's
+    backward) the probe starts from the training forward's hidden states
+    instead of recomputing the blocks below the lowest probed one; ``.grad``
+    is left untouched. Without it, :meth:`step_end` probes after the step
+    and recomputes them.
 
     In an RL loop, pass the step's RL signals (no extra forward: from the
     tensors of the loss)::
@@ -153,6 +186,10 @@ class InversionMonitor:
         self.probes = 0
         self.errors = 0
         self._capture: BatchCapture | None = None
+        self._prefix: PrefixCapture | None = None
+        self._prefix_note: str | None = None  # why there is no PrefixCapture
+        self._pre_step: tuple[int, bool] | None = None  # (step, probe?) decided pre-step
+        self._held: _Measured | None = None  # a pre-step probe, sent by step_end
         self._model: nn.Module | None = None
         self._trainer_log = TrainerLogSink()
         self.sinks: list[Sink] = [self._trainer_log]
@@ -188,9 +225,27 @@ class InversionMonitor:
             self.detach()
             self._model = model
             self._capture = BatchCapture(model)
+            self._prefix = self._prefix_capture(model)
             self.schedule.start(now=time.monotonic())
         except Exception as exc:  # never break training
             self._fail("attach", exc)
+
+    def _prefix_capture(self, model: nn.Module) -> PrefixCapture | None:
+        """Keep the lowest probed block's input of each training forward, where it can be."""
+        self._prefix_note = None
+        try:
+            if sharded_parameters(model):
+                self._prefix_note = (
+                    "sharded parameters (FSDP2, ZeRO-3): the probe recomputes the prefix"
+                )
+                return None
+            resolved = resolve_model(model)
+            lowest = min(resolved.layer_index(layer) for layer in self.config.layers)
+            return PrefixCapture(model, lowest)
+        except Exception as exc:  # the probe then recomputes the prefix (and says why)
+            self._prefix_note = f"no prefix capture ({type(exc).__name__}: {exc})"
+            logger.debug("inversion-monitor: %s", self._prefix_note)
+            return None
 
     def _join_ranks(self) -> None:
         """Join the other ranks (a collective, once): the vote group and rank 0's run id.
@@ -222,12 +277,21 @@ class InversionMonitor:
         """Remove the capture hook (sinks stay open)."""
         if self._capture is not None:
             self._capture.remove()
+        if self._prefix is not None:
+            self._prefix.remove()
         self._capture = None
+        self._prefix = None
         self._model = None
 
     def close(self, timeout_s: float = 10.0) -> DeliveryReport | None:
         """Detach, flush and close the sinks; returns the client's delivery report."""
         self.detach()
+        held, self._held = self._held, None
+        if held is not None:  # a pre-step probe whose step_end never came
+            try:
+                self._emit(held)
+            except Exception as exc:
+                self._fail("close", exc)
         if self._agreement is not None:  # no more votes: the other ranks may be closing too
             self._agreement.close()
             self._agreement = None
@@ -262,22 +326,76 @@ class InversionMonitor:
         """
         if not self.enabled:
             return None
+        pre, self._pre_step = self._pre_step, None
+        held, self._held = self._held, None
         try:
             if rl is not None:
                 if not isinstance(rl, RLStats):
                     raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
                 self._rl_pending.append(rl)
-            want = self.decide(step) if probe is None else probe
             metrics = None
-            if want and self._agreement is not None:
-                metrics = self._agreed_probe(step, model, loss=loss, learning_rate=learning_rate)
-            elif want and self.enabled:
-                metrics = self.probe(step, model, loss=loss, learning_rate=learning_rate)
+            if held is not None:  # probed before the optimizer step: send with the loss
+                if held.step == step:
+                    held = replace(
+                        held,
+                        loss=loss if loss is not None else held.loss,
+                        learning_rate=held.learning_rate
+                        if learning_rate is None
+                        else learning_rate,
+                    )
+                metrics = self._emit(held)
+            if pre is None or pre[0] != step:  # not decided before the optimizer step
+                want = self.decide(step) if probe is None else probe
+                if want and self._agreement is not None:
+                    metrics = self._agreed_probe(
+                        step, model, loss=loss, learning_rate=learning_rate
+                    )
+                elif want and self.enabled:
+                    metrics = self.probe(step, model, loss=loss, learning_rate=learning_rate)
             self.schedule.step_ended(now=time.monotonic())
             return metrics
         except Exception as exc:  # never break training
             self._fail(f"step {step}", exc)
             return None
+        finally:
+            if self._prefix is not None:
+                self._prefix.release()  # the weights changed: the states are stale
+
+    def before_optimizer_step(
+        self,
+        step: int,
+        model: nn.Module | None = None,
+        *,
+        learning_rate: float | None = None,
+    ) -> None:
+        """Call after the backward of optimizer step ``step``, before ``optimizer.step()``.
+
+        Probes now when scheduled (the same decision, vote and commit as
+        :meth:`step_end`, so every rank probes on the same steps), starting
+        from the training forward's hidden states below the lowest probed
+        block when they still match the weights; ``.grad`` is left untouched.
+        The record is held until :meth:`step_end` of the same step, which
+        sends it with the step's loss and returns its metrics without probing
+        again. Repeated calls for one step (several optimizers) probe once.
+        Sharded models (FSDP2, ZeRO-3) are probed by :meth:`step_end` as
+        before: this call does nothing for them.
+        """
+        if not self.enabled or (self._pre_step is not None and self._pre_step[0] == step):
+            return
+        try:
+            target = model if model is not None else self._model
+            if target is None or sharded_parameters(target):
+                return  # the same on every rank: step_end decides and probes
+            want = self.decide(step)
+            self._pre_step = (step, want)
+            if want and self._agreement is not None:
+                self._agreed_probe(step, model, loss=None, learning_rate=learning_rate, hold=True)
+            elif want and self.enabled:
+                plan = self._prepare(model, before_step=True)
+                if plan is not None:
+                    self._measure(step, plan, loss=None, learning_rate=learning_rate, hold=True)
+        except Exception as exc:  # never break training
+            self._fail(f"step {step}", exc)
 
     def decide(self, step: int) -> bool:
         """Whether to probe after optimizer step ``step``: the schedule's answer, agreed.
@@ -289,6 +407,8 @@ class InversionMonitor:
         """
         if not self.enabled:
             return False
+        if self._pre_step is not None and self._pre_step[0] == step:
+            return self._pre_step[1]  # decided (and voted) before the optimizer step
         try:
             want = self.schedule.should_probe(step)
             if self._agreement is None or self.config.every_n_steps is not None:
@@ -308,6 +428,7 @@ class InversionMonitor:
         *,
         loss: float | None,
         learning_rate: float | None,
+        hold: bool = False,
     ) -> dict[str, float] | None:
         """Probe on every rank or on none (all ranks decided to probe at ``step``).
 
@@ -319,13 +440,13 @@ class InversionMonitor:
         plan = None
         if not self._local_failure:
             try:
-                plan = self._prepare(model)
+                plan = self._prepare(model, before_step=hold)
             except Exception as exc:  # reported by the vote below
                 self._fail(f"step {step}", exc)
         verdict = self._vote(plan is not None, commit=True)
         if plan is None or verdict is None or not verdict.go:
             return None
-        return self._measure(step, plan, loss=loss, learning_rate=learning_rate)
+        return self._measure(step, plan, loss=loss, learning_rate=learning_rate, hold=hold)
 
     def _vote(self, yes: bool, *, commit: bool = False) -> Verdict | None:
         """Every rank's vote (``commit``: before a probe); None when the monitor is off now."""
@@ -387,8 +508,12 @@ class InversionMonitor:
             return None
         return self._measure(step, plan, loss=loss, learning_rate=learning_rate)
 
-    def _prepare(self, model: nn.Module | None) -> _ProbePlan | None:
-        """This rank's batch, model and sample (no collective); None: nothing to probe."""
+    def _prepare(self, model: nn.Module | None, *, before_step: bool = False) -> _ProbePlan | None:
+        """This rank's batch, model and sample (no collective); None: nothing to probe.
+
+        ``before_step``: called before the optimizer step, so the training
+        forward's hidden states are offered to the probe (it checks them again).
+        """
         model = model if model is not None else self._model
         batch = self._capture.latest if self._capture is not None else None
         if model is None or batch is None:
@@ -404,7 +529,13 @@ class InversionMonitor:
         resolve_model(model)  # a refusal is known here, before any collective
         batch = batch.unpacked()  # packed documents probed as separate rows
         positions = self.sampler.sample(batch.target_mask())
-        return _ProbePlan(model, batch, positions, time.perf_counter() - start)
+        prefix = self._prefix.latest if self._prefix is not None and before_step else None
+        note = self._prefix.skipped_reason if self._prefix is not None else self._prefix_note
+        if not before_step:
+            note = "probed after the optimizer step (no before_optimizer_step call)"
+        return _ProbePlan(
+            model, batch, positions, time.perf_counter() - start, prefix=prefix, prefix_note=note
+        )
 
     def _measure(
         self,
@@ -413,8 +544,10 @@ class InversionMonitor:
         *,
         loss: float | None,
         learning_rate: float | None,
+        hold: bool = False,
     ) -> dict[str, float] | None:
-        """Run the probe on ``plan`` (collective when weights are sharded) and send the record."""
+        """Run the probe on ``plan`` (collective when weights are sharded) and send the
+        record (``hold``: keep it for :meth:`step_end`; returns None then)."""
         start = time.perf_counter() - plan.prepare_s
         batch, positions = plan.batch, plan.positions
         result = logit_gradient_norms(
@@ -427,7 +560,10 @@ class InversionMonitor:
             projections=self.config.projections,
             norm=self.config.norm,
             chunk_tokens=self.config.chunk_tokens,
+            prefix=plan.prefix,
         )
+        if result.prefix == "recomputed" and result.prefix_reason is None:
+            result = replace(result, prefix_reason=plan.prefix_note)
         stats = inversion_stats(
             result.entropy,
             result.score,
@@ -440,22 +576,42 @@ class InversionMonitor:
         self.schedule.probe_done(seconds=seconds)
         self.probes += 1
         self.last_stats, self.last_result, self.last_batch = stats, result, batch
+        measured = _Measured(
+            step=step,
+            stats=stats,
+            result=result,
+            seconds=seconds,
+            components=components,
+            loss=loss,
+            learning_rate=learning_rate,
+        )
+        if hold:
+            self._held = measured
+            return None
+        return self._emit(measured)
+
+    def _emit(self, measured: _Measured) -> dict[str, float] | None:
+        """Send one probe's record to every sink; returns the trainer's metrics."""
         rl = RLStats.average(self._rl_pending)
         self._rl_pending.clear()
         self.last_rl = rl
+        result = measured.result
         record = ProbeRecord(
             run_id=self.run_id,
             run_name=self.run_name,
             rank=self.rank,
-            step=step,
-            stats=stats,
-            probe_seconds=seconds,
-            loss=loss,
-            learning_rate=learning_rate,
-            components=components,
+            step=measured.step,
+            stats=measured.stats,
+            probe_seconds=measured.seconds,
+            loss=measured.loss,
+            learning_rate=measured.learning_rate,
+            components=measured.components,
             samples=self._samples(result),
             kind=self.kind,
             rl=rl,
+            prefix=result.prefix
+            if result.prefix_reason is None
+            else f"{result.prefix}: {result.prefix_reason}",
         )
         for sink in self.sinks:
             sink.emit(record)

@@ -72,8 +72,9 @@ from inversion_monitor.probe.architectures import (
 )
 from inversion_monitor.probe.last_block import ForwardOutput, LastBlockRefused, last_block_norms
 from inversion_monitor.probe.packing import document_index, same_document, split_documents
+from inversion_monitor.probe.prefix_capture import CapturedPrefix
 from inversion_monitor.probe.sampling import valid_positions
-from inversion_monitor.probe.sharding import probe_leaves_shards
+from inversion_monitor.probe.sharding import probe_leaves_shards, sharded_parameters
 
 logger = logging.getLogger("inversion_monitor")
 
@@ -95,6 +96,12 @@ class ProbeResult:
             ``"rank_one"``, ``"last_block"`` (one pass,
             :mod:`~inversion_monitor.probe.last_block`) or ``"general"`` (one
             row per target).
+        prefix: ``"captured"`` when the blocks below the lowest probed one
+            were skipped and it started from the training forward's hidden
+            states (:mod:`~inversion_monitor.probe.prefix_capture`), else
+            ``"recomputed"``.
+        prefix_reason: why a given captured prefix was not used (None when
+            it was, or when none was given).
 
     >>> r = ProbeResult(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), {}, torch.zeros(0),
     ...                 torch.zeros(0, dtype=torch.long))
@@ -108,6 +115,8 @@ class ProbeResult:
     score: torch.Tensor
     tokens: torch.Tensor
     paths: dict[Component, str] = field(default_factory=dict)
+    prefix: str = "recomputed"
+    prefix_reason: str | None = None
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -310,6 +319,56 @@ class _GradFrom:
             handle.remove()
 
 
+_Prefix = tuple[int, torch.Tensor]
+"""(block, the hidden states entering it for the rows of one forward)."""
+
+
+def _passthrough(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _fed_from(resolved: ResolvedModel, prefix: _Prefix | None) -> Iterator[None]:
+    """Skip the blocks below ``prefix[0]`` and feed that block ``prefix[1]`` (None: nothing).
+
+    The skipped blocks hand their input on unchanged (their output is
+    replaced at the next block anyway); the substitution is a pre-hook put
+    first, so :class:`_GradFrom` on the same block makes the leaf from it.
+    """
+    if prefix is None:
+        yield
+        return
+    layer, hidden = prefix
+
+    def feed(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        incoming = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(incoming, torch.Tensor) or incoming.shape != hidden.shape:
+            got = tuple(incoming.shape) if isinstance(incoming, torch.Tensor) else incoming
+            raise RuntimeError(
+                f"block {layer} received {got} where the captured prefix has {tuple(hidden.shape)}"
+            )
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    skipped = list(resolved.blocks[:layer])
+    saved = [block.__dict__.get("forward") for block in skipped]
+    handle = resolved.blocks[layer].register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
+    try:
+        for block in skipped:
+            block.forward = _passthrough
+        yield
+    finally:
+        handle.remove()
+        for block, forward in zip(skipped, saved, strict=True):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+
+
 @contextmanager
 def _model_left_as_found(model: nn.Module) -> Iterator[None]:
     """Eval mode and forked RNG inside; every module's mode restored after."""
@@ -356,14 +415,19 @@ def _forward(
     rows: torch.Tensor,
     t: torch.Tensor,
     tokens: torch.Tensor,
+    prefix: _Prefix | None = None,
 ) -> _Forward:
-    """The model's own forward of ``input_ids``; entropy and target logit at each (row, t)."""
+    """The model's own forward of ``input_ids``; entropy and target logit at each (row, t).
+
+    ``prefix``: the blocks below ``prefix[0]`` are skipped and that block starts
+    from ``prefix[1]`` (the training forward's hidden states of these rows).
+    """
     captures = _Captures(modules)
     head = _HeadRows(resolved.head, (input_ids.shape[0], input_ids.shape[1]), rows, t)
     extra = {} if position_ids is None else {"position_ids": position_ids}
     start = _GradFrom(resolved.blocks[lowest_block])
     try:
-        with start.active():
+        with start.active(), _fed_from(resolved, prefix):  # feeding first, then the leaf
             out = resolved.model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
             )
@@ -434,6 +498,7 @@ def logit_gradient_norms(
     projections: Sequence[str] = PROJECTIONS,
     norm: Norm = "nuclear",
     chunk_tokens: int = 8192,
+    prefix: CapturedPrefix | None = None,
 ) -> ProbeResult:
     """Entropy and logit-gradient strength at each target token.
 
@@ -453,6 +518,12 @@ def logit_gradient_norms(
         chunk_tokens: token budget of one forward/backward (bounds memory:
             rows x length <= chunk_tokens, at least one row; at most 32 Mi
             logits are held at once).
+        prefix: the training forward's input of a block at or below the
+            lowest probed one (:class:`~inversion_monitor.probe.prefix_capture.PrefixCapture`):
+            the blocks below it are skipped. Used only where exact (see
+            :meth:`~inversion_monitor.probe.prefix_capture.CapturedPrefix.refusal`;
+            not on packed rows nor on sharded parameters), else recomputed;
+            :attr:`ProbeResult.prefix` and ``prefix_reason`` say which.
 
     Returns:
         A :class:`ProbeResult` with one entry per target, in ``positions`` order.
@@ -487,6 +558,7 @@ def logit_gradient_norms(
             projections=projections,
             norm=norm,
             chunk_tokens=chunk_tokens,
+            prefix=prefix,
         )
 
 
@@ -506,6 +578,7 @@ class _Plan:
     norm: Norm
     norms: dict[Component, torch.Tensor]
     entropy: torch.Tensor
+    prefix: CapturedPrefix | None = None  # checked usable for these rows
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -549,6 +622,7 @@ def _probe(
     projections: Sequence[str],
     norm: Norm,
     chunk_tokens: int,
+    prefix: CapturedPrefix | None,
 ) -> ProbeResult:
     targets = _check_inputs(
         input_ids,
@@ -570,10 +644,22 @@ def _probe(
         else (targets, torch.zeros(0, dtype=torch.long, device=device))
     )
     ids, mask, pos, work = input_ids, attention_mask, position_ids, unique
+    prefix_reason = None
+    if prefix is not None:
+        prefix_reason = _prefix_refusal(
+            prefix,
+            resolved,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            lowest_block=layer_ids[0],
+        )
     if count and document_index(position_ids, attention_mask) is not None:
         assert position_ids is not None
         docs = split_documents(input_ids, attention_mask, position_ids, unique)
         ids, mask, pos, work = docs.input_ids, docs.attention_mask, docs.position_ids, docs.targets
+        if prefix is not None:
+            prefix_reason = prefix_reason or "packed rows are probed one document per row"
     plan = _Plan(
         resolved=resolved,
         input_ids=ids,
@@ -587,6 +673,7 @@ def _probe(
         norm=norm,
         norms={c: torch.zeros(work.shape[0], dtype=torch.float32, device=device) for c in sites},
         entropy=torch.zeros(work.shape[0], dtype=torch.float32, device=device),
+        prefix=prefix if prefix is not None and prefix_reason is None else None,
     )
     paths: dict[Component, str] = {}
     if count:
@@ -615,7 +702,38 @@ def _probe(
         score=score,
         tokens=input_ids[targets[:, 0], targets[:, 1] + 1],
         paths=dict(sorted(paths.items())),
+        prefix="captured" if plan.prefix is not None and count else "recomputed",
+        prefix_reason=prefix_reason,
     )
+
+
+def _prefix_refusal(
+    prefix: CapturedPrefix,
+    resolved: ResolvedModel,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    lowest_block: int,
+) -> str | None:
+    """None if the probe may start from ``prefix``, else why it recomputes."""
+    if not isinstance(prefix, CapturedPrefix):
+        raise TypeError(f"prefix must be a CapturedPrefix, got {type(prefix).__name__}")
+    if prefix.layer > lowest_block:
+        return f"the prefix enters block {prefix.layer}, above the lowest probed block"
+    if sharded_parameters(resolved.model):
+        return (
+            "sharded parameters (FSDP2, ZeRO-3): skipping blocks would bypass the "
+            "framework's gather and release hooks"
+        )
+    return prefix.refusal(resolved.model, input_ids, attention_mask, position_ids)
+
+
+def _prefix_rows(plan: _Plan, sequences: torch.Tensor, length: int) -> _Prefix | None:
+    """The captured hidden states of ``sequences`` cut to ``length`` (None: recompute)."""
+    if plan.prefix is None:
+        return None
+    return plan.prefix.layer, plan.prefix.hidden[sequences.to(plan.prefix.hidden.device), :length]
 
 
 def _cut(
@@ -666,7 +784,15 @@ def _probe_rank_one(plan: _Plan, group: torch.Tensor) -> None:
     sequences, rows = torch.unique(plan.targets[group, 0], return_inverse=True)
     length = int(plan.targets[group, 1].max()) + 1
     ids, mask, pos = _cut(plan, sequences, length)
-    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
+    _measure(
+        plan,
+        group,
+        ids=ids,
+        mask=mask,
+        pos=pos,
+        rows=rows,
+        prefix=_prefix_rows(plan, sequences, length),
+    )
 
 
 def _probe_general(plan: _Plan, chunk_tokens: int) -> None:
@@ -693,7 +819,9 @@ def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
     length = int(plan.targets[group, 1].max()) + 1
     rows = torch.arange(group.shape[0], device=group.device)
     ids, mask, pos = _cut(plan, seq, length)
-    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows)
+    _measure(
+        plan, group, ids=ids, mask=mask, pos=pos, rows=rows, prefix=_prefix_rows(plan, seq, length)
+    )
 
 
 def _measure(
@@ -704,6 +832,7 @@ def _measure(
     mask: torch.Tensor | None,
     pos: torch.Tensor | None,
     rows: torch.Tensor,
+    prefix: _Prefix | None = None,
 ) -> None:
     """Forward ``ids``; fill entropy and norms of targets ``index`` (found at ``rows``)."""
     from inversion_monitor.probe.rows import per_row_norms
@@ -719,6 +848,7 @@ def _measure(
         rows=rows,
         t=t,
         tokens=plan.tokens[index],
+        prefix=prefix,
     )
     try:
         plan.entropy[index] = forward.entropy.to(plan.entropy.device)
@@ -769,6 +899,7 @@ def _probe_last_block(plan: _Plan) -> dict[Component, str]:
             rows=rows,
             t=t,
             tokens=plan.input_ids[sequences[rows], t + 1],
+            prefix=_prefix_rows(plan, sequences, length),
         )
         try:
             yield ForwardOutput(
@@ -793,9 +924,4 @@ def _probe_last_block(plan: _Plan) -> dict[Component, str]:
     return dict.fromkeys(norms, "last_block")
 
 
-def _sharded(model: nn.Module) -> bool:
-    """Whether any parameter is an FSDP2 DTensor or a DeepSpeed ZeRO-3 partition."""
-    return any(
-        hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor")
-        for p in model.parameters()
-    )
+_sharded = sharded_parameters

@@ -36,6 +36,18 @@ from typing import Any
 from torch import nn
 
 
+def sharded_parameters(model: nn.Module) -> bool:
+    """Whether any parameter is an FSDP2 DTensor or a DeepSpeed ZeRO-3 partition.
+
+    >>> sharded_parameters(nn.Linear(2, 2))
+    False
+    """
+    return any(
+        hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor")
+        for p in model.parameters()
+    )
+
+
 def _status(param: Any) -> str | None:
     status = getattr(param, "ds_status", None)
     return None if status is None else str(getattr(status, "name", status))
