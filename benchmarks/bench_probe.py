@@ -68,11 +68,15 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
 
 
 def max_relative_error(fast: ProbeResult, ref: ProbeResult) -> float:
+    """Largest relative error; values below 1e-6 of the component's largest (a target
+    whose true norm is 0, e.g. K at t = 0, where both sides are float32 noise) are
+    compared against that floor, as the tests' absolute tolerance does."""
     worst = 0.0
     for component, expected in ref.norms.items():
         got = fast.norms[component].double().cpu()
         exp = expected.double().cpu()
-        worst = max(worst, float(((got - exp).abs() / exp.abs().clamp_min(1e-12)).max()))
+        floor = max(1e-6 * float(exp.abs().max()) if exp.numel() else 0.0, 1e-12)
+        worst = max(worst, float(((got - exp).abs() / exp.abs().clamp_min(floor)).max()))
     return worst
 
 
