@@ -47,18 +47,19 @@ def free_port() -> int:
 def ready_process(command: list[str], url: str, name: str) -> Iterator[subprocess.Popen[bytes]]:
     """Start a server binary, wait until ``url + "/-/ready"`` answers 200, stop it after."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/-/ready", timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, f"{name} did not become ready"
-            time.sleep(0.1)
+        wait_until(f"{name} to become ready", ready)
         yield proc
     finally:
         proc.terminate()

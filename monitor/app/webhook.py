@@ -87,7 +87,7 @@ class AlertReceiver:
     """Receives the server's alerts on ``127.0.0.1:port`` (0: a free port) from a thread."""
 
     def __init__(self, port: int = 0) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified on every post
         self._seen: set[tuple[str, str, str]] = set()
         self._queue: list[ReceivedAlert] = []
         self.received: list[ReceivedAlert] = []
@@ -138,6 +138,7 @@ class AlertReceiver:
                     self._seen.add(key)
                     self._queue.append(alert)
                     self.received.append(alert)
+            self._lock.notify_all()
 
     def take(self) -> list[ReceivedAlert]:
         """The alerts received since the last call."""
@@ -147,14 +148,8 @@ class AlertReceiver:
 
     def wait(self, predicate: Any, timeout_s: float) -> bool:
         """Wait until ``predicate(self.received)`` holds; False after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if predicate(list(self.received)):
-                    return True
-            time.sleep(0.05)
         with self._lock:
-            return bool(predicate(list(self.received)))
+            return bool(self._lock.wait_for(lambda: predicate(list(self.received)), timeout_s))
 
     def stop(self) -> None:
         self._server.shutdown()
