@@ -47,6 +47,19 @@ class Scenario:
     def field(self, name: str) -> dict[int, Any]:
         return {rank: report[name] for rank, report in self.reports.items()}
 
+    def assert_probed_together(
+        self, server: MonitorServer, run: str, steps: list[int] | None = None
+    ) -> None:
+        """No warnings; the same probe steps on both ranks (``steps`` if given) and at
+        ``server`` under one run id; values within 1e-4 of the unsharded reference."""
+        assert self.field("warnings") == {0: [], 1: []}
+        probed = self.field("probe_steps")
+        assert probed[0] == probed[1] and (steps is None or probed[0] == steps), probed
+        assert server_steps(server, run) == probed  # every rank's records, one run
+        assert len(set(self.field("run_id").values())) == 1
+        for error in self.field("reference_error").values():
+            assert error is not None and error <= 1e-4
+
     def assert_training_like(self, reference: Scenario, steps: int) -> None:
         """Loss history and final weights bit-identical to ``reference``'s."""
         assert len(reference.field("losses")[0]) == steps

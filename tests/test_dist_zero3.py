@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from inversion_monitor.server import MonitorServer
-from tests.dist_runs import DistRun, monitor_env, server_steps, torchrun
+from tests.dist_runs import DistRun, monitor_env, torchrun
 
 STEPS = 4
 
@@ -38,10 +38,4 @@ def test_training_is_unchanged_by_the_monitor(job: DistRun) -> None:
 def test_every_rank_probes_partitioned_weights_exactly(
     job: DistRun, dist_server: MonitorServer
 ) -> None:
-    run = job.scenario("every")
-    assert run.field("warnings") == {0: [], 1: []}
-    assert run.field("probe_steps") == {0: [2, 4], 1: [2, 4]}
-    assert server_steps(dist_server, "zero3-every") == {0: [2, 4], 1: [2, 4]}
-    assert len(set(run.field("run_id").values())) == 1
-    for error in run.field("reference_error").values():  # vs the unpartitioned model
-        assert error is not None and error <= 1e-4
+    job.scenario("every").assert_probed_together(dist_server, "zero3-every", [2, 4])
