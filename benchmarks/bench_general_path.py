@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+# run as a script, the benchmarks folder is on sys.path: one timing and error helper for both
+from bench_probe import interleaved_minimum, max_relative_error
 
 import inversion_monitor.probe.gradients as probe_module
 import inversion_monitor.probe.rows as rows_module
@@ -67,28 +69,6 @@ def with_general(variant: Callable[[Any, int], None], fn: Callable[[], ProbeResu
         return fn()
     finally:
         probe_module._probe_general = original
-
-
-def max_relative_error(fast: ProbeResult, ref: ProbeResult) -> float:
-    worst = 0.0
-    for component, expected in ref.norms.items():
-        got = fast.norms[component].double().cpu()
-        exp = expected.double().cpu()
-        worst = max(worst, float(((got - exp).abs() / exp.abs().clamp_min(1e-12)).max()))
-    return worst
-
-
-def interleaved_minimum(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Minimum wall time of each function over interleaved rounds (after one warm-up)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
