@@ -1,9 +1,15 @@
 """Step-time overhead of InversionTrainerCallback in a real HF Trainer run.
 
-Usage: python benchmarks/bench_overhead.py [--steps 100] [--rounds 4]
+Usage: python benchmarks/bench_overhead.py [--steps 100] [--rounds 4] [--vocab 8192]
 
-Tiny Llama (hidden 256, 4 layers, 8 heads), sequences of 256 tokens, batch 8,
-on the synthetic arithmetic corpus. Variants run interleaved in rounds (each
+Issue 15's bench shape: tiny Llama (hidden 256, 4 layers, 8 heads, vocabulary
+8192 as in ``bench_probe.py``, whose step the probe goals are counted in),
+sequences of 256 tokens, batch 8, on the synthetic arithmetic corpus (its
+characters use the first ids only; the vocabulary sets the output layer's
+share of the step). ``--vocab 0`` uses the character tokenizer's own ~100
+entries instead: a step about half as long (no real model has such an output
+layer), so the same probe costs about twice the steps. Variants run
+interleaved in rounds (each
 round trains every variant for steps/rounds steps, so drift of the machine
 hits all alike):
 
@@ -22,6 +28,10 @@ variant probed (goal: the default config at least every 5th step), the
 overhead the budget schedule measured itself (goal: 0.03 +/- 0.01), which
 prefix path the records say ran, and each variant's peak RSS increase
 (measured in a fresh subprocess per variant).
+
+GPU section (runs unchanged when CUDA is present, or with ``--gpu-shape`` on
+any device): the same variants but the recomputed one on a Qwen2-0.5B-shaped
+model built from its config, parameters in bf16, 8 x 1024 random tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +57,7 @@ from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionTrainerCallback
 
-SEQ, BATCH = 256, 8
+SEQ, BATCH, VOCAB = 256, 8, 8192
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,
     "default": {},
@@ -92,11 +104,56 @@ def dataset(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def train(variant: str, steps: int, seed: int) -> tuple[list[float], float, list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class GpuShape:
+    """The GPU section's model: Qwen2-0.5B's shape from its config (random weights, no
+    download), trained in bf16 (parameters in bf16, no autocast: the probe then starts
+    from the training forward's hidden states) on random tokens."""
+
+    layers: int = 24
+    length: int = 1024
+
+    def model(self, seed: int) -> Any:
+        import transformers
+
+        config = transformers.Qwen2Config(
+            vocab_size=151_936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=self.layers,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=max(4096, self.length),
+            tie_word_embeddings=True,
+        )
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        return model.to(dtype=torch.bfloat16)
+
+    def dataset(self, n: int, vocab: int) -> list[dict[str, Any]]:
+        gen = torch.Generator().manual_seed(n)
+        ids = torch.randint(4, vocab, (n, self.length), generator=gen)
+        return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def train(
+    variant: str, steps: int, seed: int, vocab: int = VOCAB, gpu: GpuShape | None = None
+) -> tuple[list[float], float, list[dict[str, Any]]]:
     """Train ``steps`` steps; returns step times, the schedule's measured overhead and
-    the monitor's records."""
+    the monitor's records. ``vocab`` 0: the character tokenizer's own; ``gpu``: the GPU
+    section's model instead (on CUDA when present)."""
     tokenizer = char_tokenizer()
-    model = tiny_causal_lm("llama", hidden_size=256, num_layers=4, num_heads=8, seed=seed)
+    if gpu is None:
+        size = {"vocab_size": vocab} if vocab else {}
+        model = tiny_causal_lm(
+            "llama", hidden_size=256, num_layers=4, num_heads=8, seed=seed, **size
+        )
+        data, collator = dataset(steps * BATCH), causal_lm_collator(tokenizer)
+    else:
+        model = gpu.model(seed)
+        data, collator = gpu.dataset(steps * BATCH, model.config.vocab_size), None
     timer = StepTimer()
     callbacks: list[Any] = [timer]
     overrides = VARIANTS[variant]
@@ -114,20 +171,20 @@ def train(variant: str, steps: int, seed: int) -> tuple[list[float], float, list
             output_dir=out,
             max_steps=steps,
             per_device_train_batch_size=BATCH,
-            learning_rate=1e-3,
+            learning_rate=1e-3 if gpu is None else 1e-5,
             logging_steps=10_000,
             report_to=[],
             save_strategy="no",
             seed=seed,
-            use_cpu=True,
+            use_cpu=gpu is None or not torch.cuda.is_available(),
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=dataset(steps * BATCH),
-            data_collator=causal_lm_collator(tokenizer),
+            train_dataset=data,
+            data_collator=collator,
             callbacks=callbacks,
         )
         trainer.train()
@@ -139,44 +196,32 @@ def train(variant: str, steps: int, seed: int) -> tuple[list[float], float, list
     return timer.times, overhead, records
 
 
-def peak_memory(variant: str, steps: int) -> float:
+def peak_memory(variant: str, steps: int, vocab: int) -> float:
     code = (
         "import json, resource, sys\n"
         "sys.argv = ['bench']\n"
         f"from benchmarks.bench_overhead import train\n"
-        f"train({variant!r}, {steps}, 0)\n"
+        f"train({variant!r}, {steps}, 0, {vocab})\n"
         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100, help="steps per variant in total")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument(
-        "--variants",
-        default=",".join(VARIANTS),
-        help="comma-separated subset (plain is always run)",
-    )
-    args = parser.parse_args()
-    chosen = ["plain", *(v for v in args.variants.split(",") if v in VARIANTS and v != "plain")]
-    per_round = max(2, args.steps // args.rounds)
+Fit = Callable[[str, int, int], tuple[list[float], float, list[dict[str, Any]]]]
+
+
+def measure(chosen: list[str], rounds: int, per_round: int, fit: Fit) -> None:
+    """Train every variant ``per_round`` steps per round, interleaved, and print the table."""
     times: dict[str, list[float]] = {v: [] for v in chosen}
     round_means: dict[str, list[float]] = {v: [] for v in chosen}
     overheads: dict[str, list[float]] = {v: [] for v in chosen}
     probes: dict[str, int] = dict.fromkeys(chosen, 0)
     prefixes: dict[str, set[str]] = {v: set() for v in chosen}
     probe_seconds: dict[str, list[float]] = {v: [] for v in chosen}
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{args.rounds} rounds x {per_round} steps per variant"
-    )
-    for r in range(args.rounds):
+    for r in range(rounds):
         for variant in chosen:
-            step_times, overhead, records = train(variant, per_round, seed=r)
+            step_times, overhead, records = fit(variant, per_round, r)
             times[variant].extend(step_times)
             round_means[variant].append(statistics.mean(step_times))
             overheads[variant].append(overhead)
@@ -187,7 +232,7 @@ def main() -> None:
                 f"  round {r + 1}: {variant:<10} median step {statistics.median(step_times):.4f} s"
             )
     base = statistics.mean(times["plain"])
-    total = args.rounds * per_round
+    total = rounds * per_round
     print(
         "\nratio: mean step time over plain's; 'rounds' is the median of the per-round "
         "ratios (each against plain in the same round: robust to a loaded machine)"
@@ -217,10 +262,61 @@ def main() -> None:
         "every 5th step; measured overhead of the budget schedule 3% +/- 1 pp. "
         "probe (median): one probe's time, and in plain training steps (median)"
     )
-    if not args.skip_memory:
-        plain = peak_memory("plain", 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100, help="steps per variant in total")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--vocab", type=int, default=VOCAB, help="vocabulary size; 0: the toy tokenizer's own"
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset (plain is always run)",
+    )
+    parser.add_argument(
+        "--gpu-shape", action="store_true", help="run the bf16 0.5B section without CUDA too"
+    )
+    parser.add_argument("--gpu-steps", type=int, default=40, help="GPU section: steps per variant")
+    parser.add_argument("--gpu-layers", type=int, default=GpuShape.layers, help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-length", type=int, default=GpuShape.length, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    args = parser.parse_args()
+    chosen = ["plain", *(v for v in args.variants.split(",") if v in VARIANTS and v != "plain")]
+    per_round = max(2, args.steps // args.rounds)
+    if not args.skip_cpu:
+        print(
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+            f"{args.rounds} rounds x {per_round} steps per variant, vocabulary "
+            f"{args.vocab or len(char_tokenizer())}"
+        )
+        measure(
+            chosen,
+            args.rounds,
+            per_round,
+            lambda variant, steps, seed: train(variant, steps, seed, vocab=args.vocab),
+        )
+    if torch.cuda.is_available() or args.gpu_shape:
+        gpu = GpuShape(layers=args.gpu_layers, length=args.gpu_length)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        print(
+            f"\nbf16, Qwen2-0.5B shape ({gpu.layers} layers, random weights from the config), "
+            f"{BATCH} x {gpu.length} tokens, on {device}; 2 rounds x {args.gpu_steps // 2} steps:"
+        )
+        gpu_variants = [v for v in chosen if v != "every step (recomputed)"]
+        measure(
+            gpu_variants,
+            2,
+            max(2, args.gpu_steps // 2),
+            lambda variant, steps, seed: train(variant, steps, seed, gpu=gpu),
+        )
+    if not args.skip_memory and not args.skip_cpu:
+        plain = peak_memory("plain", 10, args.vocab)
         for variant in chosen[1:]:
-            extra = peak_memory(variant, 10) - plain
+            extra = peak_memory(variant, 10, args.vocab) - plain
             print(
                 f"peak RSS increase, {variant}: {extra / 2**20:+.0f} MiB "
                 f"(plain peak {plain / 2**20:.0f} MiB)"

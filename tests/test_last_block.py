@@ -20,12 +20,16 @@ ALL = ("q", "k", "v", "o")
 
 
 def _compare(model, *, left=False, seed=0, path="last_block", **kwargs):
+    """Probe twice (the first probe of a module also checks the replayed backward against
+    the model's own; the second skips that): both equal the reference."""
     ids, mask = batch(seed, left=left)
     kwargs = {"attention_mask": mask, **kwargs}
-    fast = logit_gradient_norms(model, ids, **kwargs)
-    assert_matches_reference(fast, reference_norms(model, ids, **kwargs))
+    reference = reference_norms(model, ids, **kwargs)
     last = resolve_model(model).num_layers - 1
-    assert {p for c, p in fast.paths.items() if c[0] == last} == {path}
+    for _ in range(2):
+        fast = logit_gradient_norms(model, ids, **kwargs)
+        assert_matches_reference(fast, reference)
+        assert {p for c, p in fast.paths.items() if c[0] == last} == {path}
     return fast
 
 
@@ -134,6 +138,57 @@ def test_unknown_attention_function_falls_back_to_the_general_path():
         _compare(model, path="general")
     finally:
         AttentionInterface._global_mapping.pop("my_attention", None)
+
+
+class _ScaledBackward(torch.autograd.Function):
+    """Identity forward, doubled backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+def test_a_replay_whose_backward_differs_from_the_models_is_refused():
+    """The replay's dz/dq is checked against the model's own backward (on a module's first
+    probe): an attention function whose backward differs for the replay's augmented head
+    dimension is caught, and the general path gives the exact values."""
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+
+    def differing(module, query, key, value, attention_mask, **kwargs):
+        output, weights = sdpa(module, query, key, value, attention_mask, **kwargs)
+        if query.shape[-1] != module.head_dim:  # only in the replay
+            output = _ScaledBackward.apply(output)
+        return output, weights
+
+    AttentionInterface._global_mapping["sdpa"] = differing
+    try:
+        _compare(tiny_causal_lm("llama", num_layers=2, seed=6), path="general")
+    finally:
+        AttentionInterface._global_mapping["sdpa"] = sdpa
+
+
+def test_a_value_projection_reaching_the_logits_around_the_attention_is_refused():
+    """K and V terms come from the attention's keys and values only: an output that also
+    reaches the logits another way sends every component to the general path."""
+    model = tiny_causal_lm("llama", num_layers=2, seed=8)
+    attention = model.model.layers[-1].self_attn
+    stored = {}
+    hooks = [
+        attention.v_proj.register_forward_hook(lambda m, a, out: stored.__setitem__("v", out)),
+        attention.o_proj.register_forward_hook(
+            lambda m, a, out: out + 0.5 * stored["v"].sum(-1, keepdim=True)
+        ),
+    ]
+    try:
+        _compare(model, path="general")
+        _compare(model, path="last_block", projections=("q", "k", "o"))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_hybrid_layer_types_decide_by_what_follows_the_block():

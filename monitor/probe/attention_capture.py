@@ -10,7 +10,12 @@ post-RoPE queries and keys, the mask (padding, causality, sliding windows),
 scaling, soft-caps and sinks. :func:`recording_attention` routes one module's
 calls through a recorder (the module's own function still computes the
 result), so the probe can re-use the model's attention exactly instead of
-re-implementing it.
+re-implementing it. The function computes from detached copies of q, k and v
+(:attr:`AttentionCall.leaves`): a backward from the logits stops at them, so
+it never runs the attention's own backward unless asked for their gradients,
+and what reaches a projection's output through any other path (a gate on the
+attention output computed from the query projection, say) is exactly what a
+backward to that output gives.
 
 Only ``"eager"`` and ``"sdpa"`` are supported (:data:`SUPPORTED_IMPLEMENTATIONS`);
 anything else is refused by :func:`attention_function`, with the reason.
@@ -49,7 +54,9 @@ class AttentionCall:
     """One call of an attention function: its inputs and output, with autograd intact.
 
     ``query`` ``[B, H, T, d]``, ``key``/``value`` ``[B, H_kv, T, d]`` (post-RoPE,
-    as the module passed them), ``output`` ``[B, T, H, d]``.
+    as the module passed them, with their graph back to the projections),
+    ``output`` ``[B, T, H, d]``, computed from ``leaves``: detached copies of
+    query, key and value (their gradients are ``dz/dq``, ``dz/dk``, ``dz/dv``).
     """
 
     function: AttentionFunction
@@ -61,6 +68,7 @@ class AttentionCall:
     attention_mask: torch.Tensor | None
     kwargs: dict[str, Any]
     output: torch.Tensor
+    leaves: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
     def replay(
         self,
@@ -135,7 +143,10 @@ def _recording_function(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[t
         key = kwargs.pop("key", key)
         value = kwargs.pop("value", value)
         mask = kwargs.pop("attention_mask", mask)
-    output, weights = recorder.function(module, query, key, value, mask, **kwargs)
+    q_leaf, k_leaf, v_leaf = (
+        t.detach().requires_grad_(t.requires_grad) for t in (query, key, value)
+    )
+    output, weights = recorder.function(module, q_leaf, k_leaf, v_leaf, mask, **kwargs)
     recorder.calls.append(
         AttentionCall(
             function=recorder.function,
@@ -147,6 +158,7 @@ def _recording_function(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[t
             attention_mask=mask,
             kwargs=dict(kwargs),
             output=output,
+            leaves=(q_leaf, k_leaf, v_leaf),
         )
     )
     return output, weights
