@@ -529,8 +529,8 @@ def _packed_vjp(
 
 
 def _same_map_everywhere(tensor: torch.Tensor, projection_output: torch.Tensor) -> bool:
-    """Whether one random vector at every position (and row) of ``tensor`` comes back the
-    same at every position: necessary for :func:`_factored_gamma`'s premise, and one
+    """Whether one random vector at every position and row of ``tensor`` comes back the
+    same everywhere: necessary for :func:`_factored_gamma`'s premise, and one
     vector-Jacobian product instead of its full check (RoPE fails it at once)."""
     generator = torch.Generator(device=tensor.device).manual_seed(0)
     vector = torch.randn(tensor.shape[-1], generator=generator, device=tensor.device)
@@ -538,7 +538,7 @@ def _same_map_everywhere(tensor: torch.Tensor, projection_output: torch.Tensor) 
     (grad,) = torch.autograd.grad(tensor, projection_output, cotangent, retain_graph=True)
     grad = grad.float()  # [B, T, width]
     scale = float(grad.abs().max())
-    return bool((grad - grad[:, :1]).abs().max() <= 1e-4 * max(scale, 1e-30))
+    return bool((grad - grad[:1, :1]).abs().max() <= 1e-4 * max(scale, 1e-30))
 
 
 def _factored_gamma(
