@@ -49,6 +49,10 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
     token: str | None = None
     delay_s: float = 0.0
     delay_method: str | None = None  # None: delay every method
+    # the next N answers of a method go out late_s after the call was carried out (an
+    # answer the client's deadline loses)
+    late: dict[str, int] = field(default_factory=dict)
+    late_s: float = 0.0
     reject: Callable[[monitor_pb2.StepRecord], tuple[str, str] | None] | None = None
     # failures served before normal behaviour, in order, for any method (or one method)
     script: list[tuple[str | None, Failure]] = field(default_factory=list)
@@ -141,6 +145,14 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
         if failure is not None:
             _abort(context, failure)
 
+    def _answer_late(self, method: str) -> None:
+        with self.lock:
+            late = self.late.get(method, 0)
+            if late:
+                self.late[method] = late - 1
+        if late:
+            time.sleep(self.late_s)
+
     # ------------------------------------------------------------ service
 
     def OpenRun(
@@ -164,6 +176,7 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
             acked = self._acked(key)
         if session == "" and self.sessions:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, busy)
+        self._answer_late("OpenRun")
         return monitor_pb2.OpenRunResponse(
             run_id=run.run_id,
             display_name=f"{run.name}-shown",

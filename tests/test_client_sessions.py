@@ -76,6 +76,26 @@ def test_a_second_writer_is_refused_and_never_counts_records_as_delivered(
     assert server.servicer.steps("dup") == list(range(20))
 
 
+def test_a_granted_open_run_whose_answer_was_lost_is_taken_over_not_refused(
+    server: ServerHandle,
+) -> None:
+    """The server granted the first OpenRun but its answer came after the client's deadline:
+    the retry finds the stream held (by this client's lost session) and takes it over once;
+    nothing is lost."""
+    servicer = server.servicer
+    servicer.late, servicer.late_s = {"OpenRun": 1}, FAST["rpc_timeout_s"] + 1.0
+    client = MonitorClient(server.endpoint, "lost", run_id="lost", batch_size=10, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TelemetryWarning)  # the timeout is reported once
+        _log(client, range(25))
+        assert client.flush(timeout_s=30)
+        report = client.close(timeout_s=5)
+    assert report.delivered == 25 and report.stopped == ""
+    assert [o.takeover for o in servicer.opens] == [False, False, True]
+    assert servicer.steps("lost") == list(range(25))
+    assert servicer.closed[("lost", 0)] == "completed"
+
+
 def test_a_resumed_spool_takes_the_stream_over(tmp_path: Path) -> None:
     handle = ServerHandle(ScriptedServicer(sessions=True)).start()
     servicer = handle.servicer

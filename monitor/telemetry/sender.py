@@ -9,7 +9,11 @@ resolves the window with each acknowledgement and applies the policies of
 Writer sessions: ``OpenRun`` grants a session for the (run, rank) stream;
 every ``Push`` and ``CloseRun`` carries it. ``takeover`` is sent only by a
 client resuming a non-empty spool of that stream. ``ALREADY_EXISTS`` from
-``OpenRun`` (another live writer) stops sending; ``FAILED_PRECONDITION`` from
+``OpenRun`` (another live writer) stops sending, except right after an
+``OpenRun`` of this client that may have been granted without its answer
+arriving (a timeout, a dropped connection, a call cancelled for a fork): that
+session is this client's own, so it re-opens once with ``takeover``;
+``FAILED_PRECONDITION`` from
 ``Push`` (taken over, or a session the server forgot in a restart) re-opens
 once, and stops when it comes again before anything was delivered.
 
@@ -144,6 +148,8 @@ class Sender:
         self._not_found_in_a_row = 0
         self._session_reopened = False
         self._failed_method = ""
+        # an OpenRun of this client may have been granted without the answer arriving
+        self._open_unanswered = False
         # fork coordination: calls start under the gate; a fork holds it
         self._gate = threading.Lock()
         self._gate_held = False
@@ -243,8 +249,11 @@ class Sender:
         )
         result = self._call("OpenRun", request)
         if isinstance(result, CallFailure):
+            if classify(result.code) == "retry":  # the server may have granted it
+                self._open_unanswered = True
             return result
         assert isinstance(result, monitor_pb2.OpenRunResponse)
+        self._open_unanswered = False
         self._takeover = False  # taken over once; later re-opens are this client's own
         self._session = result.writer_session
         self.display_name = result.display_name or self.display_name
@@ -309,6 +318,23 @@ class Sender:
                 self.run_id,
                 self.rank,
                 failure.details,
+            )
+            return 0.0
+        if (
+            code == grpc.StatusCode.ALREADY_EXISTS
+            and self._failed_method == "OpenRun"
+            and self._open_unanswered
+        ):
+            # The live writer is most likely this client: an earlier OpenRun was granted
+            # but its answer lost. Take the stream over once (a writer that really is
+            # another client then stops on its next Push and re-open).
+            self._open_unanswered = False
+            self._takeover = True
+            logger.info(
+                "run %s rank %d is held by a writer session whose OpenRun answer this client "
+                "did not receive: taking the stream over",
+                self.run_id,
+                self.rank,
             )
             return 0.0
         action = classify(code)
@@ -424,7 +450,9 @@ class Sender:
         while True:
             try:
                 return self._call_once(method, request)
-            except _ForkCancelled:
+            except _ForkCancelled:  # the server may have answered: resend
+                if method == "OpenRun":
+                    self._open_unanswered = True
                 continue
 
     def _call_once(self, method: str, request: Any) -> Any:
