@@ -40,7 +40,8 @@ Policies, in one place:
 * **Writer sessions.** ``OpenRun`` grants a session for the (run, rank)
   stream, carried by every ``Push`` and ``CloseRun``. A second live client on
   the same run and rank is refused (``ALREADY_EXISTS``); a client resuming a
-  non-empty spool takes the stream over explicitly (``takeover``); a client
+  non-empty spool takes the stream over explicitly (``takeover``), and so does,
+  once, a client whose OpenRun may have been granted with the answer lost; a client
   whose stream was taken over (``FAILED_PRECONDITION`` again after one
   re-open) stops. A stopped client never counts records as delivered: they
   stay in the spool (or are dropped at close without one) and
