@@ -110,6 +110,18 @@ _FIXES = {
 }
 
 
+# failures after which the server may have carried the call out
+_OUTCOME_UNKNOWN = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
 class Sender:
     """Delivers a :class:`SendWindow` to the server (see the module docstring)."""
 
@@ -249,7 +261,7 @@ class Sender:
         )
         result = self._call("OpenRun", request)
         if isinstance(result, CallFailure):
-            if classify(result.code) == "retry":  # the server may have granted it
+            if result.code in _OUTCOME_UNKNOWN:  # the server may have granted it
                 self._open_unanswered = True
             return result
         assert isinstance(result, monitor_pb2.OpenRunResponse)
