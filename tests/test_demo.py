@@ -29,12 +29,14 @@ import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.api import to_json
+from inversion_monitor.app.demo import LR_FACTOR, RL_LR
 from inversion_monitor.server.detectors import AlertsConfig
 
 STEPS = 30
 RL_STEPS = 30  # DemoOptions(steps=30).rl_steps
 UNSTABLE_STEPS = 50  # DemoOptions(steps=30).unstable_steps
 JUMP = AlertsConfig().entropy.warmup + 1  # the destabilised run's learning-rate jump
+UNSTABLE = f"demo-rl-lr-x{LR_FACTOR:g}"  # the destabilised run's name
 CHROMIUM = "/usr/bin/chromium"
 RUN_LINE = re.compile(r"^run (\S+) \(([0-9a-f]+)\), (\w+), (\d+) records stored$", re.M)
 
@@ -115,10 +117,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
                 runs[match.group(1)] = stub.GetRun(
                     monitor_pb2.GetRunRequest(run=match.group(2), history_limit=1000), timeout=10
                 )
-        assert sorted(runs) == ["demo-rl", "demo-rl-lr-x100", "demo-sft"], text
+        assert sorted(runs) == ["demo-rl", UNSTABLE, "demo-sft"], text
         with urllib.request.urlopen(page.group(1), timeout=10) as answer:
             page_html = answer.read()
-        run_id = runs["demo-rl-lr-x100"].summary.run.run_id
+        run_id = runs[UNSTABLE].summary.run.run_id
         api_url = f"{page.group(1)}api/runs/{run_id}?history=1000"
         with urllib.request.urlopen(api_url, timeout=10) as answer:
             api_run = json.loads(answer.read())
@@ -160,9 +162,10 @@ def test_three_phases_are_announced_in_order(demo: DemoRun) -> None:
         "phase 2/3 RL",
         "phase 3/3 destabilised RL",
     ]
-    assert f"from step {JUMP}" in heads[2] and "100x too high (0.001 -> 0.1)" in heads[2]
+    too_high = f"{LR_FACTOR:g}x too high ({RL_LR:g} -> {RL_LR * LR_FACTOR:g})"
+    assert f"from step {JUMP}" in heads[2] and too_high in heads[2]
     kinds = {name: run.summary.run.kind for name, run in demo.runs.items()}
-    assert kinds == {"demo-sft": "sft", "demo-rl": "rl", "demo-rl-lr-x100": "rl"}
+    assert kinds == {"demo-sft": "sft", "demo-rl": "rl", UNSTABLE: "rl"}
     assert all(run.summary.status == "completed" for run in demo.runs.values())
 
 
@@ -177,11 +180,11 @@ def test_output_in_a_pipe_is_plain_periodic_lines(demo: DemoRun) -> None:
 def test_the_live_page_url_is_printed_and_serves_the_runs(demo: DemoRun) -> None:
     assert demo.page_url == demo.page_url.split("#")[0] and demo.page_url.endswith("/")
     assert demo.page_html is not None and b"<title>inversion-monitor</title>" in demo.page_html
-    assert demo.api_run == to_json(demo.runs["demo-rl-lr-x100"])
+    assert demo.api_run == to_json(demo.runs[UNSTABLE])
 
 
 def test_the_alert_reaches_the_webhook_with_its_step_while_training(demo: DemoRun) -> None:
-    unstable = demo.runs["demo-rl-lr-x100"]
+    unstable = demo.runs[UNSTABLE]
     fired = [a for a in unstable.alerts if a.name == "EntropyCollapse"]
     assert len(fired) == 1, unstable.alerts
     step = fired[0].start_step
@@ -192,31 +195,33 @@ def test_the_alert_reaches_the_webhook_with_its_step_while_training(demo: DemoRu
     assert arrived, "\n".join(demo.stdout)
     line = demo.stdout[arrived[0]]
     assert line.startswith(
-        f"ALERT received by the webhook: EntropyCollapse (warning) on run demo-rl-lr-x100 "
+        f"ALERT received by the webhook: EntropyCollapse (warning) on run {UNSTABLE} "
         f"at step {step}: smoothed mean entropy "
     ) or line.startswith(
-        f"ALERT received by the webhook: EntropyCollapse (warning) on run demo-rl-lr-x100 "
+        f"ALERT received by the webhook: EntropyCollapse (warning) on run {UNSTABLE} "
         f"at step {step}: mean entropy falling "
     ), line
     # printed when it arrived: before the summaries read back at the end
     assert arrived[0] < demo.stdout.index("== SFT ==")
-    assert f"  EntropyCollapse (warning) on run demo-rl-lr-x100 at step {step}: " in "\n".join(
+    assert f"  EntropyCollapse (warning) on run {UNSTABLE} at step {step}: " in "\n".join(
         demo.stdout
     )
-    # the learning rate the records carry: 100x from the jump on
-    lrs = {rec.step: rec.learning_rate for rec in demo.history("demo-rl-lr-x100")}
-    assert lrs[JUMP - 1] == pytest.approx(1e-3) and lrs[JUMP] == pytest.approx(0.1)
+    # the learning rate the records carry: LR_FACTOR times higher from the jump on
+    lrs = {rec.step: rec.learning_rate for rec in demo.history(UNSTABLE)}
+    assert lrs[JUMP - 1] == pytest.approx(RL_LR)
+    assert lrs[JUMP] == pytest.approx(RL_LR * LR_FACTOR)
     # same weights, seed and problems: the runs are the same until the jump changes the update
     before = {r.step: r.reward_mean for r in demo.history("demo-rl") if r.step <= JUMP}
     assert before == {
-        r.step: r.reward_mean for r in demo.history("demo-rl-lr-x100") if r.step <= JUMP
+        r.step: r.reward_mean for r in demo.history(UNSTABLE) if r.step <= JUMP
     }
     # the healthy phases raise nothing (SFT: entropy falls because the model learns)
     assert not demo.runs["demo-sft"].alerts
+    assert not demo.runs["demo-rl"].alerts
 
 
 def test_rl_runs_carry_reward_entropy_and_covariance(demo: DemoRun) -> None:
-    for name, steps in (("demo-rl", RL_STEPS), ("demo-rl-lr-x100", UNSTABLE_STEPS)):
+    for name, steps in (("demo-rl", RL_STEPS), (UNSTABLE, UNSTABLE_STEPS)):
         history = sorted(demo.history(name), key=lambda r: r.step)
         assert [r.step for r in history] == list(range(1, steps + 1))  # a record per step
         for rec in history:
@@ -276,8 +281,8 @@ def test_report_shows_the_phases_the_alert_and_the_signals(demo: DemoRun) -> Non
     page = (demo.out_dir / "report.html").read_text()
     for title in ("Phase 1: SFT", "Phase 2: RL", "Phase 3: destabilised RL"):
         assert title in page
-    step = demo.runs["demo-rl-lr-x100"].alerts[0].start_step
-    assert f"EntropyCollapse (warning) on run demo-rl-lr-x100 at step {step}: " in page
+    step = demo.runs[UNSTABLE].alerts[0].start_step
+    assert f"EntropyCollapse (warning) on run {UNSTABLE} at step {step}: " in page
     captions = re.findall(r"<figcaption>([^<]+)</figcaption>", page)
     assert captions == [
         "rho with its 95% confidence band, per phase",
