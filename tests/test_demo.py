@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from inversion_monitor.app.demo import LR_FACTOR, RL_LR
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.api import to_json
-from inversion_monitor.app.demo import LR_FACTOR, RL_LR
 from inversion_monitor.server.detectors import AlertsConfig
 
 STEPS = 30
@@ -212,9 +212,7 @@ def test_the_alert_reaches_the_webhook_with_its_step_while_training(demo: DemoRu
     assert lrs[JUMP] == pytest.approx(RL_LR * LR_FACTOR)
     # same weights, seed and problems: the runs are the same until the jump changes the update
     before = {r.step: r.reward_mean for r in demo.history("demo-rl") if r.step <= JUMP}
-    assert before == {
-        r.step: r.reward_mean for r in demo.history(UNSTABLE) if r.step <= JUMP
-    }
+    assert before == {r.step: r.reward_mean for r in demo.history(UNSTABLE) if r.step <= JUMP}
     # the healthy phases raise nothing (SFT: entropy falls because the model learns)
     assert not demo.runs["demo-sft"].alerts
     assert not demo.runs["demo-rl"].alerts
