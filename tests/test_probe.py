@@ -205,11 +205,15 @@ def test_frozen_model_and_no_grad_and_inference_mode_callers(make_model):
 def test_bf16_model_accumulates_in_fp32(make_model):
     model = make_model("llama", num_layers=2, seed=9)
     ids, mask = batch(9)
-    exact = logit_gradient_norms(model, ids, attention_mask=mask, layers=[0, 1])
-    low = logit_gradient_norms(model.to(torch.bfloat16), ids, attention_mask=mask, layers=[0, 1])
-    assert low.score.dtype == torch.float32 and torch.isfinite(low.score).all()
-    torch.testing.assert_close(low.score, exact.score, rtol=0.1, atol=1e-3)
-    assert torch.corrcoef(torch.stack([low.score, exact.score]))[0, 1] > 0.99
+    layer_sets = ([0, 1], [-1])  # the general path, and the last block's one-pass path
+    exact = [logit_gradient_norms(model, ids, attention_mask=mask, layers=ls) for ls in layer_sets]
+    model.to(torch.bfloat16)
+    for layers, want in zip(layer_sets, exact, strict=True):
+        low = logit_gradient_norms(model, ids, attention_mask=mask, layers=layers)
+        assert low.score.dtype == torch.float32 and torch.isfinite(low.score).all()
+        torch.testing.assert_close(low.score, want.score, rtol=0.1, atol=1e-3)
+        assert torch.corrcoef(torch.stack([low.score, want.score]))[0, 1] > 0.99
+    assert set(low.paths.values()) == {"last_block"}
 
 
 def test_lora_model_measures_the_base_weight_gradient(make_model):
