@@ -92,6 +92,22 @@ def torchrun(
     return launch(command, out, env=env, timeout=timeout)
 
 
+def accelerate_zero3(script: str, out: Path, *args: str) -> list[str]:
+    """``accelerate launch`` of ``fixtures/SCRIPT OUT ARGS...`` with the 2-process ZeRO-3
+    config (``fixtures/accelerate/zero3.yaml``) on a free port: the command, not yet run."""
+    return [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(FIXTURES / "accelerate" / "zero3.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        str(FIXTURES / script),
+        str(out),
+        *args,
+    ]
+
+
 def launch(
     command: list[str], out: Path, *, env: dict[str, str] | None = None, timeout: float = 240
 ) -> DistRun:

@@ -13,26 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_runs import FIXTURES, launch, server_steps
-from tests.server_support import free_port, running
+from tests.dist_runs import accelerate_zero3, launch, server_steps
+from tests.server_support import running
 
 STEPS = "4"
 EXE = str(Path(sys.executable).with_name("inversion-monitor"))
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def accelerate(out: Path) -> list[str]:
-    return [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(FIXTURES / "accelerate" / "zero3.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        str(FIXTURES / "plain_sharded_train.py"),
-        str(out),
-        STEPS,
-    ]
+    return accelerate_zero3("plain_sharded_train.py", out, STEPS)
 
 
 def reports(out: Path) -> dict[int, dict[str, object]]:

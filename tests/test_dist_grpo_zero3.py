@@ -7,36 +7,20 @@ second step. Records go to a real server on loopback.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from inversion_monitor.server import MonitorServer
-from tests.dist_runs import FIXTURES, DistRun, launch, monitor_env
-from tests.server_support import free_port
+from tests.dist_runs import DistRun, accelerate_zero3, launch, monitor_env
 
 STEPS = 4
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer) -> DistRun:
     out = tmp_path_factory.mktemp("grpo-zero3")
-    command = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(FIXTURES / "accelerate" / "zero3.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        str(FIXTURES / "grpo_zero3_train.py"),
-        str(out),
-        "--steps",
-        str(STEPS),
-        "--scenarios",
-        "none,every",
-    ]
+    command = accelerate_zero3(
+        "grpo_zero3_train.py", out, "--steps", str(STEPS), "--scenarios", "none,every"
+    )
     return launch(command, out, env=monitor_env(dist_server, "grpo-zero3")).ok()
 
 
