@@ -49,10 +49,9 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
     token: str | None = None
     delay_s: float = 0.0
     delay_method: str | None = None  # None: delay every method
-    # the next N answers of a method go out late_s after the call was carried out (an
-    # answer the client's deadline loses)
+    # the next N answers of a method go out only after the call has ended (the client's
+    # deadline passed): the call was carried out, the client never sees the answer
     late: dict[str, int] = field(default_factory=dict)
-    late_s: float = 0.0
     reject: Callable[[monitor_pb2.StepRecord], tuple[str, str] | None] | None = None
     # failures served before normal behaviour, in order, for any method (or one method)
     script: list[tuple[str | None, Failure]] = field(default_factory=list)
@@ -145,13 +144,16 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
         if failure is not None:
             _abort(context, failure)
 
-    def _answer_late(self, method: str) -> None:
+    def _answer_late(self, method: str, context: grpc.ServicerContext) -> None:
+        """Hold the answer until the call has ended (at most 30 s), for ``late`` methods."""
         with self.lock:
             late = self.late.get(method, 0)
             if late:
                 self.late[method] = late - 1
         if late:
-            time.sleep(self.late_s)
+            ended = threading.Event()
+            if context.add_callback(ended.set) and context.is_active():
+                ended.wait(timeout=30.0)
 
     # ------------------------------------------------------------ service
 
@@ -176,7 +178,7 @@ class ScriptedServicer(monitor_pb2_grpc.MonitorServiceServicer):  # type: ignore
             acked = self._acked(key)
         if session == "" and self.sessions:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, busy)
-        self._answer_late("OpenRun")
+        self._answer_late("OpenRun", context)
         return monitor_pb2.OpenRunResponse(
             run_id=run.run_id,
             display_name=f"{run.name}-shown",
