@@ -729,20 +729,18 @@ def _prefix_refusal(
     return prefix.refusal(resolved.model, input_ids, attention_mask, position_ids)
 
 
-def _prefix_rows(plan: _Plan, sequences: torch.Tensor, length: int) -> _Prefix | None:
-    """The captured hidden states of ``sequences`` cut to ``length`` (None: recompute)."""
-    if plan.prefix is None:
-        return None
-    return plan.prefix.layer, plan.prefix.hidden[sequences.to(plan.prefix.hidden.device), :length]
-
-
 def _cut(
     plan: _Plan, sequences: torch.Tensor, length: int
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """ids, mask and position ids of ``sequences``, cut to their first ``length`` tokens."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, _Prefix | None]:
+    """ids, mask, position ids and captured prefix (None: recompute) of ``sequences``,
+    cut to their first ``length`` tokens."""
     mask = None if plan.attention_mask is None else plan.attention_mask[sequences, :length]
     pos = None if plan.position_ids is None else plan.position_ids[sequences, :length]
-    return plan.input_ids[sequences, :length], mask, pos
+    prefix = None
+    if plan.prefix is not None:
+        hidden = plan.prefix.hidden[sequences.to(plan.prefix.hidden.device), :length]
+        prefix = (plan.prefix.layer, hidden)
+    return plan.input_ids[sequences, :length], mask, pos, prefix
 
 
 # logits [rows, vocab] that one forward of the rank-one path may hold (32 Mi elements)
@@ -783,16 +781,8 @@ def _probe_rank_one(plan: _Plan, group: torch.Tensor) -> None:
     """Rank-one components only: one forward and one backward over the group's sequences."""
     sequences, rows = torch.unique(plan.targets[group, 0], return_inverse=True)
     length = int(plan.targets[group, 1].max()) + 1
-    ids, mask, pos = _cut(plan, sequences, length)
-    _measure(
-        plan,
-        group,
-        ids=ids,
-        mask=mask,
-        pos=pos,
-        rows=rows,
-        prefix=_prefix_rows(plan, sequences, length),
-    )
+    ids, mask, pos, prefix = _cut(plan, sequences, length)
+    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows, prefix=prefix)
 
 
 def _probe_general(plan: _Plan, chunk_tokens: int) -> None:
@@ -818,10 +808,8 @@ def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
     seq = plan.targets[group, 0]
     length = int(plan.targets[group, 1].max()) + 1
     rows = torch.arange(group.shape[0], device=group.device)
-    ids, mask, pos = _cut(plan, seq, length)
-    _measure(
-        plan, group, ids=ids, mask=mask, pos=pos, rows=rows, prefix=_prefix_rows(plan, seq, length)
-    )
+    ids, mask, pos, prefix = _cut(plan, seq, length)
+    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows, prefix=prefix)
 
 
 def _measure(
@@ -888,7 +876,7 @@ def _probe_last_block(plan: _Plan) -> dict[Component, str]:
     def forward(
         sequences: torch.Tensor, length: int, rows: torch.Tensor, t: torch.Tensor
     ) -> Iterator[ForwardOutput]:
-        ids, mask, pos = _cut(plan, sequences, length)
+        ids, mask, pos, prefix = _cut(plan, sequences, length)
         result = _forward(
             resolved,
             ids,
@@ -899,7 +887,7 @@ def _probe_last_block(plan: _Plan) -> dict[Component, str]:
             rows=rows,
             t=t,
             tokens=plan.input_ids[sequences[rows], t + 1],
-            prefix=_prefix_rows(plan, sequences, length),
+            prefix=prefix,
         )
         try:
             yield ForwardOutput(

@@ -209,13 +209,13 @@ def _head_input(head: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 def measure_batch(plan: _Plan, batch: Batch) -> None:
     """Forward ``batch``'s sequences once; fill entropy and norms of its targets."""
-    from inversion_monitor.probe.gradients import _cut, _forward, _prefix_rows
+    from inversion_monitor.probe.gradients import _cut, _forward
 
     device = plan.input_ids.device
     index, rows, slots = (v.to(device) for v in (batch.index, batch.rows, batch.slots))
     t = plan.targets[index, 1]
     sequences = batch.sequences.to(device)
-    ids, mask, pos = _cut(plan, sequences, batch.edge)
+    ids, mask, pos, prefix = _cut(plan, sequences, batch.edge)
     with _head_input(plan.resolved.head) as seen:
         forward = _forward(
             plan.resolved,
@@ -227,7 +227,7 @@ def measure_batch(plan: _Plan, batch: Batch) -> None:
             rows=rows,
             t=t,
             tokens=plan.tokens[index],
-            prefix=_prefix_rows(plan, sequences, batch.edge),
+            prefix=prefix,
         )
     try:
         plan.entropy[index] = forward.entropy.to(plan.entropy.device)
