@@ -346,12 +346,8 @@ class InversionMonitor:
                 metrics = self._emit(held)
             if pre is None or pre[0] != step:  # not decided before the optimizer step
                 want = self.decide(step) if probe is None else probe
-                if want and self._agreement is not None:
-                    metrics = self._agreed_probe(
-                        step, model, loss=loss, learning_rate=learning_rate
-                    )
-                elif want and self.enabled:
-                    metrics = self.probe(step, model, loss=loss, learning_rate=learning_rate)
+                if want and self.enabled:
+                    metrics = self._probe_now(step, model, loss=loss, learning_rate=learning_rate)
             self.schedule.step_ended(now=time.monotonic())
             return metrics
         except Exception as exc:  # never break training
@@ -388,12 +384,8 @@ class InversionMonitor:
                 return  # the same on every rank: step_end decides and probes
             want = self.decide(step)
             self._pre_step = (step, want)
-            if want and self._agreement is not None:
-                self._agreed_probe(step, model, loss=None, learning_rate=learning_rate, hold=True)
-            elif want and self.enabled:
-                plan = self._prepare(model, before_step=True)
-                if plan is not None:
-                    self._measure(step, plan, loss=None, learning_rate=learning_rate, hold=True)
+            if want and self.enabled:
+                self._probe_now(step, model, loss=None, learning_rate=learning_rate, hold=True)
         except Exception as exc:  # never break training
             self._fail(f"step {step}", exc)
 
@@ -418,6 +410,26 @@ class InversionMonitor:
         except Exception as exc:  # never break training
             self._fail(f"step {step}", exc)
             return False
+
+    def _probe_now(
+        self,
+        step: int,
+        model: nn.Module | None,
+        *,
+        loss: float | None,
+        learning_rate: float | None,
+        hold: bool = False,
+    ) -> dict[str, float] | None:
+        """Probe at ``step``, on every rank together in a distributed job (``hold``: before
+        the optimizer step, the record kept for :meth:`step_end`)."""
+        if self._agreement is not None:
+            return self._agreed_probe(
+                step, model, loss=loss, learning_rate=learning_rate, hold=hold
+            )
+        plan = self._prepare(model, before_step=hold)
+        if plan is None:
+            return None
+        return self._measure(step, plan, loss=loss, learning_rate=learning_rate, hold=hold)
 
     # ------------------------------------------------------------------ distributed
 
