@@ -42,6 +42,7 @@ general path: never a silently wrong value.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -564,8 +565,6 @@ def _factored_gamma(
         tensor.shape[2],
     ):
         return None
-    if not _same_map_everywhere(tensor, projection_output):
-        return None
     vectors = _packed_vjp(tensor, projection_output, terms).float()
     longest = torch.stack(
         [
@@ -599,18 +598,23 @@ def _projection_norm(
 ) -> torch.Tensor:
     """Norms of one projection (K or V) for every unique target."""
     projection_output, inputs = out.outputs[module], out.inputs[module]
-    # the check below carries one target per row: testing that rows stay apart
-    # (2 log2 B products) pays off for many rows only
     batch = tensor.shape[0]
-    few_rows = batch <= 2 * max(1, (batch - 1).bit_length()) + 1
-    vectors = _factored_gamma(
-        tensor,
-        projection_output,
-        terms,
-        unique.rows,
-        unique.t,
-        rows_apart=batch == 1 or (not few_rows and _rows_independent(tensor, projection_output)),
-    )
+    rows_apart = functools.cache(
+        lambda: batch == 1 or _rows_independent(tensor, projection_output)
+    )  # tested once, where needed
+    vectors = None
+    if _same_map_everywhere(tensor, projection_output):  # else no factored form (RoPE)
+        # the check carries one target per row: testing that rows stay apart
+        # (2 log2 B products) pays off for many rows only
+        few_rows = batch <= 2 * max(1, (batch - 1).bit_length()) + 1
+        vectors = _factored_gamma(
+            tensor,
+            projection_output,
+            terms,
+            unique.rows,
+            unique.t,
+            rows_apart=batch == 1 or (not few_rows and rows_apart()),
+        )
     route = "rank <= H factors" if vectors is not None else "shared-input Gram"
     logger.debug("last block %s: %s", name, route)
     if vectors is not None:  # rank <= H: sum_h (vector_h)(sum_s weight_hs x_s)^T
@@ -619,8 +623,7 @@ def _projection_norm(
             index = (unique.rows == row).nonzero().flatten()
             mixed[index] = terms.weights[index] @ inputs[row].float()
         return outer_sum_norm(_select(vectors, columns), mixed, norm)
-    rows_apart = _rows_independent(tensor, projection_output)
-    chunks = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart)
+    chunks = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart())
     return _grouped_norm(chunks, columns, inputs, unique, norm)
 
 
