@@ -1,0 +1,290 @@
+"""Entropy detectors: collapse (below a share of its early level), RL exhaustion (law ceiling)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from pydantic import Field
+
+from inversion_monitor.server.detectors.base import (
+    AlertName,
+    DetectorConfig,
+    Observation,
+    Reason,
+    Severity,
+    Transition,
+)
+from inversion_monitor.server.entropy_law import EntropyLawTracker
+
+
+class EntropyConfig(DetectorConfig):
+    """Parameters of :class:`EntropyCollapse`."""
+
+    enabled: bool = True
+    severity: Severity = Severity.WARNING
+    warmup: int = Field(default=20, ge=1, description="records that establish the early level")
+    fraction: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="fire below this x early level"
+    )
+    max_drop_per_100_steps: float | None = Field(
+        default=0.3,
+        gt=0.0,
+        description="fire when falling faster (fraction of early level / 100 steps)",
+    )
+    smoothing: float = Field(default=0.1, gt=0.0, le=1.0, description="EWMA weight of a new record")
+    sustain: int = Field(default=5, ge=1)
+    kinds: tuple[str, ...] = Field(
+        default=("rl", "custom", ""),
+        description="run kinds judged ('' = not given); SFT is left out: entropy falls there "
+        "because the model learns",
+    )
+
+
+class ExhaustionConfig(DetectorConfig):
+    """Parameters of :class:`EntropyExhaustion`."""
+
+    enabled: bool = True
+    severity: Severity = Severity.WARNING
+    kinds: tuple[str, ...] = Field(default=("rl", ""), description="run kinds judged")
+    min_points: int = Field(default=20, ge=5, description="records before the law is trusted")
+    min_entropy_range: float = Field(
+        default=0.1, gt=0.0, description="nats entropy must have moved before the law is trusted"
+    )
+    progress: float = Field(
+        default=0.7, gt=0.0, lt=1.0, description="fire once this fraction of the gain is used"
+    )
+    max_relative_se: float = Field(
+        default=0.25,
+        gt=0.0,
+        description="the ceiling's standard error must be below this x the remaining gain range",
+    )
+    trend_window: int = Field(
+        default=40, ge=3, description="records over which entropy must be falling"
+    )
+    falling_t: float = Field(
+        default=2.0, gt=0.0, description="fire when the entropy slope is below -this x its SE"
+    )
+    steady_t: float = Field(
+        default=1.0, ge=0.0, description="end when the entropy slope is above -this x its SE"
+    )
+    min_drop: float = Field(
+        default=0.02,
+        ge=0.0,
+        description="and entropy must fall by at least this fraction of its early level per "
+        "trend window (half of it to stay active): noise on a plateau is not a fall",
+    )
+    sustain: int = Field(default=3, ge=1)
+
+
+class EntropyCollapse:
+    """Mean entropy (EWMA) below ``fraction`` x its early level, or falling too fast.
+
+    >>> det = EntropyCollapse(EntropyConfig(warmup=3, smoothing=1.0, sustain=1))
+    >>> _ = [det.update(Observation(s, 0.0, entropy_mean=2.0)) for s in range(3)]
+    >>> det.update(Observation(3, 0.0, entropy_mean=0.5)).reason.value
+    'entropy_below_fraction'
+    """
+
+    name = AlertName.ENTROPY_COLLAPSE
+
+    def __init__(self, config: EntropyConfig | None = None) -> None:
+        self.config = config or EntropyConfig()
+        self._warm: list[float] = []
+        self.early: float | None = None
+        self.ewma: float | None = None
+        self._history: deque[tuple[int, float]] = deque(maxlen=512)
+        self.active = False
+        self._run = 0
+
+    def _rate(self, step: int) -> float | None:
+        """Drop of the EWMA over the last ~100 steps, as a fraction of the early level."""
+        assert self.early is not None and self.ewma is not None
+        old = None
+        for s, v in self._history:
+            if step - s <= 100:
+                break
+            old = (s, v)
+        if old is None:
+            return None
+        return (old[1] - self.ewma) / self.early * 100.0 / max(1, step - old[0])
+
+    def update(self, obs: Observation) -> Transition | None:
+        # an RL run's policy entropy (completion tokens, every step) is the collapse signal
+        h = obs.policy_entropy_mean if obs.policy_entropy_mean is not None else obs.entropy_mean
+        if h is None or not math.isfinite(h):
+            return None
+        cfg = self.config
+        self.ewma = h if self.ewma is None else self.ewma + cfg.smoothing * (h - self.ewma)
+        if self.early is None:
+            self._warm.append(h)
+            if len(self._warm) >= cfg.warmup:
+                self.early = sum(self._warm) / len(self._warm)
+            self._history.append((obs.step, self.ewma))
+            return None
+        rate = self._rate(obs.step)
+        self._history.append((obs.step, self.ewma))
+        if self.early <= 0.0:
+            return None
+        low = self.ewma < cfg.fraction * self.early
+        fast = (
+            cfg.max_drop_per_100_steps is not None
+            and rate is not None
+            and rate > cfg.max_drop_per_100_steps
+        )
+        bad = low or fast
+        self._run = self._run + 1 if bad != self.active else 0
+        if self._run < cfg.sustain:
+            return None
+        self._run = 0
+        self.active = bad
+        values = {
+            "entropy_mean": h,
+            "entropy_ewma": self.ewma,
+            "early_level": self.early,
+            "fraction": cfg.fraction,
+            "drop_per_100_steps": rate if rate is not None else 0.0,
+        }
+        if bad:
+            reason = Reason.ENTROPY_BELOW_FRACTION if low else Reason.ENTROPY_FALLING_FAST
+            detail = (
+                f"smoothed mean entropy {self.ewma:.3f} nats < {cfg.fraction:g} x early level "
+                f"{self.early:.3f}"
+                if low
+                else f"mean entropy falling {rate:.2f} x early level ({self.early:.3f}) per "
+                f"100 steps > {cfg.max_drop_per_100_steps:g}"
+            )
+            return Transition(
+                self.name,
+                cfg.severity,
+                True,
+                reason,
+                obs.step,
+                obs.wall_time,
+                "Entropy collapse",
+                f"{detail} at step {obs.step}",
+                values,
+            )
+        return Transition(
+            self.name,
+            cfg.severity,
+            False,
+            Reason.RECOVERED,
+            obs.step,
+            obs.wall_time,
+            "Entropy no longer collapsing",
+            f"smoothed mean entropy {self.ewma:.3f} nats (early level {self.early:.3f}) "
+            f"at step {obs.step}",
+            values,
+        )
+
+
+class EntropyExhaustion:
+    """RL: the fitted law's reward ceiling is near and policy entropy keeps falling.
+
+    Fires when, for ``sustain`` records in a row: the law fit is valid, its
+    ceiling is known to within ``max_relative_se`` of the gain range, the run
+    has used at least ``progress`` of the law's gain, and the policy entropy's
+    least-squares slope over the last ``trend_window`` records is below
+    ``-falling_t`` standard errors and loses at least ``min_drop`` of the early
+    entropy level per window. Ends when, for ``sustain`` records, the slope is
+    above ``-steady_t`` standard errors or loses less than half of ``min_drop``
+    (entropy no longer falling), or the fit no longer supports the conclusion
+    (hysteresis: noise on a plateau neither starts nor ends it back and forth).
+
+    >>> det = EntropyExhaustion(ExhaustionConfig(min_points=10, sustain=1, trend_window=10))
+    >>> hs = [1.5 * math.exp(-s / 25) for s in range(80)]
+    >>> obs = [Observation(s, 0.0, reward_mean=1.2 - 0.4 * math.exp(h), policy_entropy_mean=h)
+    ...        for s, h in enumerate(hs)]
+    >>> t = next(t for o in obs if (t := det.update(o)))
+    >>> t.name.value, t.reason.value, t.step, round(t.values["ceiling"], 3)
+    ('EntropyExhaustion', 'ceiling_near', 26, 0.8)
+    """
+
+    name = AlertName.ENTROPY_EXHAUSTION
+
+    def __init__(self, config: ExhaustionConfig | None = None) -> None:
+        self.config = config or ExhaustionConfig()
+        self.tracker = EntropyLawTracker(
+            min_points=self.config.min_points, min_entropy_range=self.config.min_entropy_range
+        )
+        self._recent: deque[tuple[int, float]] = deque(maxlen=self.config.trend_window)
+        self.active = False
+        self._run = 0
+
+    def _trend(self) -> tuple[float, float] | None:
+        """Least-squares slope of entropy per step over the window, and its standard error."""
+        pts = self._recent
+        n = len(pts)
+        if n < self.config.trend_window:
+            return None
+        ms = sum(s for s, _ in pts) / n
+        mh = sum(h for _, h in pts) / n
+        sxx = sum((s - ms) ** 2 for s, _ in pts)
+        if sxx <= 0.0:
+            return None
+        slope = sum((s - ms) * (h - mh) for s, h in pts) / sxx
+        resid = sum((h - mh - slope * (s - ms)) ** 2 for s, h in pts)
+        return slope, math.sqrt(resid / (n - 2) / sxx)
+
+    def update(self, obs: Observation) -> Transition | None:
+        h, r = obs.policy_entropy_mean, obs.reward_mean
+        if h is None or r is None or not (math.isfinite(h) and math.isfinite(r)):
+            return None
+        cfg = self.config
+        state = self.tracker.update(obs.step, h, r)
+        self._recent.append((obs.step, h))
+        if state is None:
+            return None
+        fit, progress, trend = state.fit, state.progress, self._trend()
+        near = falling = confident = False
+        if fit is not None and fit.valid and progress is not None and trend is not None:
+            gain = fit.ceiling - fit.reward_at(state.entropy_start)
+            confident = gain > 0.0 and fit.ceiling_se <= cfg.max_relative_se * gain
+            near = progress >= cfg.progress
+            t_limit = cfg.steady_t if self.active else cfg.falling_t
+            drop = cfg.min_drop * state.entropy_start * (0.5 if self.active else 1.0)
+            falling = trend[0] < -t_limit * trend[1] and -trend[0] * cfg.trend_window >= drop
+        bad = confident and near and falling
+        self._run = self._run + 1 if bad != self.active else 0
+        if self._run < cfg.sustain:
+            return None
+        self._run = 0
+        self.active = bad
+        values = {
+            "policy_entropy": h,
+            "reward": r,
+            "progress": progress if progress is not None else math.nan,
+            "ceiling": fit.ceiling if fit is not None else math.nan,
+            "ceiling_stderr": fit.ceiling_se if fit is not None else math.nan,
+            "entropy_slope_per_step": trend[0] if trend is not None else math.nan,
+        }
+        values = {k: v for k, v in values.items() if math.isfinite(v)}
+        if bad:
+            assert fit is not None and progress is not None and trend is not None
+            return Transition(
+                self.name,
+                cfg.severity,
+                True,
+                Reason.CEILING_NEAR,
+                obs.step,
+                obs.wall_time,
+                "Entropy exhaustion: reward ceiling near",
+                f"the entropy-performance law R = -a e^H + b puts this run's reward ceiling at "
+                f"{fit.ceiling:.3f} +/- {fit.ceiling_se:.3f} and {progress:.0%} of its gain is "
+                f"used (reward {r:.3f}), while policy entropy keeps falling "
+                f"({trend[0]:.2e} nats/step, now {h:.3f}) at step {obs.step}: more reward needs "
+                "entropy (e.g. Clip-Cov/KL-Cov, a higher temperature or an entropy bonus)",
+                values,
+            )
+        return Transition(
+            self.name,
+            cfg.severity,
+            False,
+            Reason.RECOVERED,
+            obs.step,
+            obs.wall_time,
+            "Entropy no longer being exhausted",
+            f"policy entropy {h:.3f} no longer falling toward the law's ceiling at step {obs.step}",
+            values,
+        )
