@@ -66,7 +66,7 @@ def test_bad_mapping_names_the_field_and_the_fix(
 
 
 def test_bad_arguments_of_log_raise_with_the_name(client: MonitorClient) -> None:
-    with pytest.raises(TypeError, match="stats must be an InversionStats, a mapping or None, got list"):
+    with pytest.raises(TypeError, match="a mapping or None, got list"):
         client.log(0, [0.1, 0.2])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"loss='high' \(str\) is not a number"):
         client.log(0, stats(0), loss="high")  # type: ignore[arg-type]
@@ -87,7 +87,7 @@ def test_bad_arguments_of_log_raise_with_the_name(client: MonitorClient) -> None
         ({"batch_size": 0}, r"batch_size: Input should be greater than or equal to 1 \(got 0\)"),
         ({"max_buffer": 10, "batch_size": 20}, "max_buffer=10 must be >= batch_size=20"),
         ({"flush_interval_s": 0}, r"flush_interval_s: Input should be greater than 0 \(got 0\)"),
-        ({"rpc_timeout_s": float("nan")}, r"rpc_timeout_s: Input should be a finite number \(got nan\)"),
+        ({"rpc_timeout_s": float("nan")}, r"rpc_timeout_s: .*finite number \(got nan\)"),
         ({"config": {"f": {1, 2}}}, None),  # sets serialise with str(): accepted
         ({"tls": "/no/such/ca.pem"}, "cannot read the root certificates"),
     ],
