@@ -198,6 +198,21 @@ def test_custom_loop_sends_every_steps_health_and_a_nan_loss_as_nan(make_model, 
     assert monitor.probes == 0
 
 
+def test_a_failing_probe_never_costs_the_steps_health_record(make_model, batch, tmp_path):
+    path = tmp_path / "r.jsonl"
+    model = make_model("llama", num_layers=1).train()
+    config = MonitorConfig(every_n_steps=1, layers=[5], on_error="continue", jsonl_path=str(path))
+    monitor = InversionMonitor(config)  # the model has 1 layer: every probe fails
+    monitor.attach(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_steps(model, monitor, batch, 3)
+    monitor.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["probed"]) for r in rows] == [(1, False), (2, False), (3, False)]
+    assert all(isinstance(r["loss"], float) for r in rows) and monitor.errors == 3
+
+
 def test_a_bad_health_key_is_reported_once_and_training_goes_on(make_model, batch):
     model = make_model("llama", num_layers=1).train()
     monitor = InversionMonitor(MonitorConfig(every_n_steps=1000))

@@ -304,13 +304,14 @@ class InversionMonitor:
             return None
         pre, self._pre_step = self._pre_step, None
         held, self._held = self._held, None
+        values: dict[str, float] | None = None
+        measured = None
         try:
             if rl is not None and not isinstance(rl, RLStats):
                 raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
             values = step_health(
                 loss=loss, learning_rate=learning_rate, grad_norm=grad_norm, rl=rl, extra=health
             )
-            measured = None
             if held is not None:  # probed before the optimizer step: sent with this step
                 if held.step == step:
                     measured = held
@@ -320,7 +321,10 @@ class InversionMonitor:
                 want = self.decide(step) if probe is None else probe
                 if want and self.enabled:
                     measured = self._probe_now(step, model) or measured
-            metrics = self._emit(step, measured, values, rl=rl)
+        except Exception as exc:  # never break training; the step's health still goes out
+            self._fail(f"step {step}", exc)
+        try:
+            metrics = None if values is None else self._emit(step, measured, values, rl=rl)
             self.schedule.step_ended(now=time.monotonic())
             return metrics
         except Exception as exc:  # never break training
