@@ -133,12 +133,14 @@ def launch(
 
 
 def server_steps(server: MonitorServer, run: str) -> dict[int, list[int]]:
-    """Probe steps the server holds for ``run``, by rank."""
+    """Probe steps the server holds for ``run``, by rank (the per-step health records
+    without inversion statistics are left out)."""
     with stub_for(server) as stub:
         reply = stub.GetRun(monitor_pb2.GetRunRequest(run=run, history_limit=1000), timeout=10)
     steps: dict[int, list[int]] = {}
     for record in reply.history:
-        steps.setdefault(int(record.rank), []).append(int(record.step))
+        if record.HasField("inversion"):
+            steps.setdefault(int(record.rank), []).append(int(record.step))
     assert reply.summary.run.world_size == 2
     return {rank: sorted(values) for rank, values in steps.items()}
 
