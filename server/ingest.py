@@ -19,6 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import push as steps
@@ -158,8 +159,7 @@ class Ingestor:
                 metrics_record = rec
             if latest is None or rec.step > latest.step:
                 latest = rec
-        values = gauge_values(metrics_record)
-        self.views[run.run_id] = RunView(
+        view = RunView(
             run_id=run.run_id,
             pk=run.pk,
             display_name=run.display_name,
@@ -171,17 +171,9 @@ class Ingestor:
             records=run.records,
             metrics_record=metrics_record,
             latest=latest,
-            values=values,
-            lines=run_lines(
-                run.display_name,
-                run.run_id,
-                run.info,
-                run.status,
-                values,
-                run.last_update_time,
-                self._config.extended_metrics,
-            ),
+            values=gauge_values(metrics_record),
         )
+        self.views[run.run_id] = replace(view, lines=run_lines(view, self._config.extended_metrics))
         self.by_name[run.display_name] = run.run_id
 
     def _touch(self, run: RunState, now: float) -> None:
