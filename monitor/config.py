@@ -36,6 +36,7 @@ from pydantic import (
 from typing_extensions import TypedDict, Unpack
 
 from inversion_monitor.metrics import MIN_CORRELATION_PAIRS
+from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, Projection, RunKind, one_of
 
 ENV_PREFIX = "INVERSION_MONITOR_"
 _FLAGS = {
@@ -49,9 +50,6 @@ _FLAGS = {
     "off": False,
     "": False,
 }
-Projection = Literal["q", "k", "v", "o"]
-RunKind = Literal["sft", "rl", "custom"]
-RUN_KINDS: tuple[RunKind, ...] = ("sft", "rl", "custom")
 # the fields MonitorClient takes as keyword arguments of the same name
 DELIVERY_FIELDS = (
     "max_buffer",
@@ -111,7 +109,7 @@ class MonitorConfig(BaseModel):
     jsonl_path: str | None = Field(None, description="also append every record to this file")
     log_to_trainer: bool = Field(True, description="add inversion/... keys to the trainer logs")
     kind: RunKind | None = Field(
-        None, description="'sft', 'rl' or 'custom'; None = detected from the trainer"
+        None, description=f"{one_of(RUN_KINDS)}; None = detected from the trainer"
     )
 
     # how records are delivered to the server (MonitorClient)
@@ -134,7 +132,7 @@ class MonitorConfig(BaseModel):
         description="decoder blocks to probe, negative from the end",
     )
     projections: tuple[Projection, ...] = Field(
-        ("q", "k", "v", "o"), description="attention projections (subset of q, k, v, o)"
+        PROJECTIONS, description=f"attention projections (subset of {one_of(PROJECTIONS)})"
     )
     norm: Literal["nuclear", "frobenius", "l1"] = Field(
         "nuclear", description="matrix norm of d logit / d W"

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, one_of
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument
 from inversion_monitor.server.names import LABEL_KEY_RE, valid_run_id
@@ -23,9 +24,10 @@ _TOL = 1e-6
 _INF = math.inf
 _isfinite = math.isfinite
 _MAX = sys.float_info.max
-PROJECTIONS = frozenset({"q", "k", "v", "o"})
 MAX_REASON_LENGTH = 256
-RUN_KINDS = ("", "sft", "rl", "custom")  # "": not given (older clients)
+# "": not given (older clients)
+_WIRE_KINDS = frozenset(("", *RUN_KINDS))
+_WIRE_PROJECTIONS = frozenset(PROJECTIONS)
 RUN_INFO_MAX_LENGTHS = {
     "name": 256,
     "project": 128,
@@ -146,12 +148,12 @@ def _components(record: monitor_pb2.StepRecord, limits: Limits) -> int:
         )
     bad = 0
     for j, comp in enumerate(components):
-        if comp.projection not in PROJECTIONS:
+        if comp.projection not in _WIRE_PROJECTIONS:
             raise RecordProblem(
                 f"components[{j}].projection",
                 RejectReason.MALFORMED,
                 f"components[{j}].projection is {comp.projection[:16]!r}; "
-                "expected one of 'q', 'k', 'v', 'o'",
+                f"expected one of {one_of(PROJECTIONS)}",
             )
         bad += _bounded(comp, "spearman", -1.0, 1.0, f"components[{j}].spearman")
         bad += _bounded(comp, "score_mean", 0.0, _INF, f"components[{j}].score_mean")
@@ -207,7 +209,7 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
             return False
         for comp in components:
             if not (
-                comp.projection in PROJECTIONS
+                comp.projection in _WIRE_PROJECTIONS
                 and -1.0 <= comp.spearman <= 1.0
                 and 0.0 <= comp.score_mean <= _MAX
             ):
@@ -327,9 +329,9 @@ def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None
             f"run.config_json has {len(info.config_json)} characters; "
             f"max_config_json_length is {limits.max_config_json_length}"
         )
-    if info.kind not in RUN_KINDS:
+    if info.kind not in _WIRE_KINDS:
         raise InvalidArgument(
-            f"run.kind is {info.kind[:40]!r}; expected 'sft', 'rl', 'custom' or empty"
+            f"run.kind is {info.kind[:40]!r}; expected {one_of(RUN_KINDS)} or empty"
         )
     if info.config_json:
         try:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-PROJECTIONS = ("q", "k", "v", "o")
+from inversion_monitor.proto.vocabulary import PROJECTIONS
 
 SOFTMAX_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 """``config.layer_types`` entries of ordinary (softmax) attention layers."""

@@ -64,17 +64,13 @@ from torch import nn
 
 from inversion_monitor.metrics.entropy import token_entropy
 from inversion_monitor.metrics.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
-from inversion_monitor.probe.architectures import (
-    PROJECTIONS,
-    ResolvedModel,
-    rank_one_exact,
-    resolve_model,
-)
+from inversion_monitor.probe.architectures import ResolvedModel, rank_one_exact, resolve_model
 from inversion_monitor.probe.last_block import ForwardOutput, LastBlockRefused, last_block_norms
 from inversion_monitor.probe.packing import document_index, same_document, split_documents
 from inversion_monitor.probe.prefix_capture import CapturedPrefix
 from inversion_monitor.probe.sampling import valid_positions
 from inversion_monitor.probe.sharding import probe_leaves_shards, sharded_parameters
+from inversion_monitor.proto.vocabulary import PROJECTIONS
 
 logger = logging.getLogger("inversion_monitor")
 

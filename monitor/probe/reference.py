@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import torch
 
 from inversion_monitor.metrics.norms import Norm, check_norm
-from inversion_monitor.probe.architectures import PROJECTIONS, resolve_model
+from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.gradients import ProbeResult
 from inversion_monitor.probe.sampling import valid_positions
+from inversion_monitor.proto.vocabulary import PROJECTIONS
 
 
 def _weight_block_gradient(

@@ -102,9 +102,10 @@ from types import TracebackType
 from typing import Any
 
 from inversion_monitor._version import __version__
-from inversion_monitor.config import RUN_KINDS, MonitorConfig
+from inversion_monitor.config import MonitorConfig
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.proto.vocabulary import RUN_KINDS
 from inversion_monitor.rl.signals import RLStats, rl_stats_from_mapping
 from inversion_monitor.telemetry.sender import (
     RunStatus,
