@@ -12,7 +12,7 @@ variables > defaults. Lists and mappings in the environment are JSON
 [0, -1]
 >>> try:
 ...     MonitorConfig(tokens_per_probe=2)
-... except ValueError as exc:  # a ConfigError, with .problems for programs
+... except ValueError as exc:  # a MonitorConfigError, with .problems for programs
 ...     print(exc)
 invalid MonitorConfig: tokens_per_probe: Input should be greater than or equal to 4 (got 2)
 """
@@ -62,12 +62,12 @@ DELIVERY_FIELDS = (
 )
 
 
-class ConfigError(ValueError):
+class MonitorConfigError(ValueError):
     """An invalid :class:`MonitorConfig`; ``problems`` holds ``(field, message, value)``.
 
     >>> try:
     ...     MonitorConfig(norm="spectral")
-    ... except ConfigError as exc:
+    ... except MonitorConfigError as exc:
     ...     exc.problems[0][:2]
     ('norm', "Input should be 'nuclear', 'frobenius' or 'l1'")
     """
@@ -205,7 +205,7 @@ class MonitorConfig(BaseModel):
                 (".".join(str(p) for p in e["loc"]), e["msg"], e.get("input")) for e in exc.errors()
             ]
             message = explain_validation_error("MonitorConfig", exc)
-            raise ConfigError(message, problems) from None
+            raise MonitorConfigError(message, problems) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MonitorConfig:

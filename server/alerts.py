@@ -118,9 +118,9 @@ class AlertEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, _RunAlerts] = {}
-        # run_id -> its kind ("sft", "rl", "custom", ""); set by the server once the
-        # ingestor exists; without it every run is of unknown kind ("")
-        self.run_kind: Callable[[str], str] | None = None
+        # run_id -> its kind ("sft", "rl", "custom", ""), told by on_run_open; a run
+        # never announced is of unknown kind ("")
+        self._kinds: dict[str, str] = {}
         self._store_failing = False
         if store is not None:
             self._load(store)
@@ -156,27 +156,21 @@ class AlertEngine:
 
     # ---------------------------------------------------------------- writer thread
 
-    def _kind(self, run_id: str) -> str:
-        lookup = self.run_kind
-        if lookup is None:
-            return ""
-        try:
-            return lookup(run_id)
-        except Exception:
-            log.exception("could not read the kind of run %s", run_id)
-            return ""
+    def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
+        """Learn the run's kind: its detectors are built for it at its first record."""
+        self._kinds[run_id] = info.kind
 
     def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
         state = self._runs.get(run_id)
         if state is None:
-            kind = self._kind(run_id)
+            kind = self._kinds.get(run_id, "")
             state = _RunAlerts(
                 display_name, RunDetectors(self.config, kind), record.rank, kind=kind
             )
             with self._lock:
                 self._runs[run_id] = state
         elif state.kind is None:  # made at start-up or by the stale check: no record fed yet
-            state.kind = self._kind(run_id)
+            state.kind = self._kinds.get(run_id, "")
             stale = state.detectors.stale
             state.detectors = RunDetectors(self.config, state.kind)
             state.detectors.stale = stale

@@ -121,7 +121,7 @@ class AsyncMonitorServer:
         """Refit the law of the runs still on /metrics from their stored records (writer thread)."""
         ingestor = self.ingestor
         cutoff = time.time() - self.config.retention_s
-        conn = ingestor._store._conn
+        conn = ingestor.store.connection
         for view in list(ingestor.views.values()):
             if view.info.kind not in ("rl", "") or view.last_activity < cutoff:
                 continue
@@ -130,10 +130,6 @@ class AsyncMonitorServer:
                 self.entropy_law.restore(view.run_id, view.display_name, payloads)
             except Exception:  # a damaged record must not keep the server from starting
                 log.exception("could not refit the entropy law of run %s", view.display_name)
-
-    def _run_kind(self, run_id: str) -> str:
-        view = self.ingestor.views.get(run_id)
-        return view.info.kind if view is not None else ""
 
     async def _read(self, fn: Callable[[], _T]) -> _T:
         """Run a database read on the reader thread (the writer's, for ``:memory:``)."""
@@ -179,11 +175,9 @@ class AsyncMonitorServer:
                 await writer.call(store.close)
                 raise
             writer.ingestor = self._ingestor
-            if self.alerts is not None:
-                self.alerts.run_kind = self._run_kind
             await writer.call(self._restore_entropy_law)
             if memory:  # one connection only: reads share the writer thread
-                self._read_conn = self._ingestor._store._conn
+                self._read_conn = self._ingestor.store.connection
             else:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="inversion-monitor-reader")
             collector = MonitorCollector(

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from inversion_monitor.server.settings_file import ServerConfigError, parse_settings_file
+
 ALL_PROJECTS = "*"
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 
@@ -75,14 +77,11 @@ class TokenFile(BaseModel):
 
 def load_token_file(path: Path) -> tuple[TokenScope, ...]:
     """The scopes in ``path``; a ``ValueError`` naming the entry and field that is wrong."""
-    from inversion_monitor.server.alert_config import parse_settings_file
-    from inversion_monitor.server.config import ConfigError
-
     try:
         data: Any = parse_settings_file(path, "--token-file")
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         raise ValueError(str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table/mapping with a 'tokens' list")

@@ -141,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from inversion_monitor.server.config import ConfigError
+    from inversion_monitor.server.settings_file import ServerConfigError
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -152,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
             from inversion_monitor.server.alert_config import load_alerts_config
 
             load_alerts_config(config.alerts_config)
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         print(f"inversion-monitor serve: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_serve(config))

@@ -2,7 +2,7 @@
 
 Precedence: command-line argument > environment variable
 (``INVERSION_MONITOR_SERVER_<FIELD>``) > default. A bad value from either
-source raises :class:`ConfigError` naming the flag or variable and what it
+source raises :class:`ServerConfigError` naming the flag or variable and what it
 expects; the server never starts with a configuration it did not understand.
 """
 
@@ -17,16 +17,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inversion_monitor.server.auth import TokenScope, check_token, load_token_file
+from inversion_monitor.server.settings_file import ServerConfigError
 
 ENV_PREFIX = "INVERSION_MONITOR_SERVER_"
 DEFAULT_DB = "inversion-monitor.db"
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names its source."""
 
 
 def parse_duration(value: str | float) -> float:
@@ -248,7 +245,7 @@ class ServerConfig(BaseModel):
             try:
                 values["scoped_tokens"] = load_token_file(Path(values["token_file"]))
             except ValueError as exc:
-                raise ConfigError(
+                raise ServerConfigError(
                     f"invalid server configuration: {sources['token_file']}: {exc}"
                 ) from None
         if "tokens" in values and isinstance(values["tokens"], (list, tuple)):
@@ -258,7 +255,7 @@ class ServerConfig(BaseModel):
                 values["limits"] = Limits(**limit_values)
             return cls(**values)
         except ValidationError as exc:
-            raise ConfigError(_explain(exc, sources)) from None
+            raise ServerConfigError(_explain(exc, sources)) from None
 
 
 # config field -> environment variable suffix

@@ -31,7 +31,7 @@ from inversion_monitor.server.errors import (
     RequestError,
     ResourceExhausted,
 )
-from inversion_monitor.server.listeners import IngestListener
+from inversion_monitor.server.listeners import IngestListener, RunListener
 from inversion_monitor.server.names import base_display_name
 from inversion_monitor.server.redact import redact_run_info
 from inversion_monitor.server.series import gauge_values, run_lines
@@ -75,6 +75,7 @@ class Ingestor:
         self._config = config
         self._limits = config.limits
         self._listeners = list(listeners)
+        self._run_listeners = [x for x in self._listeners if isinstance(x, RunListener)]
         self._runs: dict[str, RunState] = {}
         self._names: set[str] = set()
         # base display name -> the next suffix to try (keeps OpenRun O(1) for repeated names)
@@ -144,6 +145,7 @@ class Ingestor:
         for run in sorted(self._runs.values(), key=lambda r: r.last_activity):
             self._recent[run.run_id] = run.last_activity
             self._publish(run)
+            self._notify_open(run)
         if self._runs:
             log.info("restored %d runs from %s", len(self._runs), self._store.path)
 
@@ -275,6 +277,7 @@ class Ingestor:
             self._runs[run.run_id] = run
             self._names.add(display)
             log.info("opened run %s (%s) rank %d", display, run.run_id, rank_no)
+            self._notify_open(run)
         else:
             if run.world_size and rank_no >= run.world_size:
                 raise InvalidArgument(
@@ -481,6 +484,16 @@ class Ingestor:
                 try:
                     listener.on_record(run.run_id, run.display_name, rec)
                 except Exception:
-                    if not self.counters.listener_errors:
-                        log.exception("ingest listener %r failed (logged once)", listener)
-                    self.counters.listener_errors += 1
+                    self._listener_failed(listener)
+
+    def _notify_open(self, run: RunState) -> None:
+        for listener in self._run_listeners:
+            try:
+                listener.on_run_open(run.run_id, run.display_name, run.info)
+            except Exception:
+                self._listener_failed(listener)
+
+    def _listener_failed(self, listener: object) -> None:
+        if not self.counters.listener_errors:
+            log.exception("ingest listener %r failed (logged once)", listener)
+        self.counters.listener_errors += 1

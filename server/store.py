@@ -359,6 +359,11 @@ class Store:
                 conn.execute("ROLLBACK")
             raise
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The store's connection, for reads on the writer thread (``:memory:`` has no other)."""
+        return self._conn
+
     def close(self) -> None:
         """Close the connection; the lock file says ``clean`` afterwards (idempotent)."""
         if self._closed:

@@ -15,7 +15,8 @@ from inversion_monitor.app.cli import build_parser, main
 from inversion_monitor.app.tables import runs_table
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.cli import serve_config
-from inversion_monitor.server.config import ConfigError, ServerConfig
+from inversion_monitor.server.config import ServerConfig
+from inversion_monitor.server.settings_file import ServerConfigError
 from tests.server_support import (
     TIMEOUT,
     close_run,
@@ -163,7 +164,9 @@ def test_serve_flags_are_checked_before_start(
     assert code == 2
     err = capsys.readouterr().err
     assert "weakening.threshold: Input should be greater than 0" in err and str(bad) in err
-    with pytest.raises(ConfigError, match="--alertmanager-url: the Alertmanager URL must start"):
+    with pytest.raises(
+        ServerConfigError, match="--alertmanager-url: the Alertmanager URL must start"
+    ):
         ServerConfig.from_sources({"alertmanager_url": "localhost:9093"}, {})
     env = {"INVERSION_MONITOR_SERVER_ALERTMANAGER_URL": "http://127.0.0.1:9093/"}
     assert ServerConfig.from_sources({}, env).alertmanager_url == "http://127.0.0.1:9093"

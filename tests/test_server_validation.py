@@ -226,6 +226,31 @@ def test_listeners_see_stored_records_and_overload_is_shed_with_retry_info(tmp_p
         assert s[("inversion_monitor_listener_errors_total", ())] == 2
 
 
+class _Runs:
+    """A run listener: the (run_id, kind) of each on_run_open, in order."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[str, str]] = []
+
+    def on_record(self, run_id: str, display_name: str, rec: monitor_pb2.StepRecord) -> None:
+        pass
+
+    def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
+        self.opened.append((run_id, info.kind))
+
+
+def test_run_listeners_learn_each_run_once_when_it_opens_and_again_at_restart(tmp_path):
+    first = _Runs()
+    with MonitorServer(config(tmp_path), listeners=[first]) as server, stub_for(server) as stub:
+        open_run(stub, "rl-run", kind="rl", world_size=2)
+        open_run(stub, "rl-run", rank=1, kind="rl", world_size=2)  # the same run: no new event
+        open_run(stub, "sft-run", kind="sft")
+        assert first.opened == [("rl-run", "rl"), ("sft-run", "sft")]
+    again = _Runs()
+    with MonitorServer(config(tmp_path), listeners=[again]):
+        assert sorted(again.opened) == [("rl-run", "rl"), ("sft-run", "sft")]
+
+
 @settings(max_examples=400, deadline=None)
 @given(rec=plausible_records() | step_records())
 def test_fast_path_agrees_with_field_by_field_reference(rec):
