@@ -61,7 +61,7 @@ def find_causal_lm(module: nn.Module, model_attr: str | None = None) -> nn.Modul
     preferring one with trainable parameters (so a frozen reference model
     registered first is skipped). Raises LookupError saying what was tried.
 
-    >>> from inversion_monitor.app.toy.models import tiny_causal_lm
+    >>> from inversion_monitor.toy.models import tiny_causal_lm
     >>> holder = nn.Module()
     >>> holder.reference = tiny_causal_lm("gpt2").requires_grad_(False)
     >>> holder.policy = tiny_causal_lm("llama")

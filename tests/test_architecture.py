@@ -24,7 +24,7 @@ FOLDERS = {
     "proto": "inversion_monitor.proto",
 }
 PUBLIC = set(inversion_monitor.__all__)  # the root's public API, open to every layer but server
-CORE_PACKAGES = ("metrics", "probe", "engine", "telemetry", "rl")
+CORE_PACKAGES = ("metrics", "probe", "engine", "telemetry", "rl", "toy")
 # what each layer may import from the project (prefixes); anything else of ours is a violation
 ALLOWED = {
     "app": ("inversion_monitor",),

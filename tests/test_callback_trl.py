@@ -2,7 +2,7 @@
 
 CPU only, no downloads: the character tokenizer (no chat template, so plain-text
 prompts), tiny llama models and the arithmetic corpus from
-``inversion_monitor.app.toy``; GRPO generates with transformers (no vLLM).
+``inversion_monitor.toy``; GRPO generates with transformers (no vLLM).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from inversion_monitor import logit_gradient_norms
-from inversion_monitor.app.toy.corpus import arithmetic_problems, reasoning_corpus
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionTrainerCallback
+from inversion_monitor.toy.corpus import arithmetic_problems, reasoning_corpus
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 pytestmark = pytest.mark.slow
 

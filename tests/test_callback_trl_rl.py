@@ -11,12 +11,12 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
-from inversion_monitor.app.toy.corpus import arithmetic_problems
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionTrainerCallback
 from inversion_monitor.callbacks.trl_signals import GRPOSignalTap, trainer_kind
 from inversion_monitor.metrics.covariance import entropy_covariance
+from inversion_monitor.toy.corpus import arithmetic_problems
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 from tests.test_callback_trl import COMMON, RecordingGRPOTrainer, answer_reward, records
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,10 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from inversion_monitor import corrpo_rewards, group_advantages, sequence_inversion
-from inversion_monitor.app.toy.corpus import arithmetic_problems
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks.trl_corrpo import CorrPOConfig, CorrPOGRPOTrainer
+from inversion_monitor.toy.corpus import arithmetic_problems
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import torch
 import transformers
 from transformers.modeling_utils import AttentionInterface
 
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.last_block import _rows_independent, _slots, positions_unmixed_after
 from inversion_monitor.probe.reference import reference_norms
+from inversion_monitor.toy.models import tiny_causal_lm
 from tests.test_probe import assert_matches_reference, batch
 
 ALL = ("q", "k", "v", "o")

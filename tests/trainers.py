@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
+from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 
 def hf_trainer(

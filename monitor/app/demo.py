@@ -157,10 +157,10 @@ def train_transformers(
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-    from inversion_monitor.app.toy.models import tiny_causal_lm
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
     from inversion_monitor.callbacks import InversionTrainerCallback
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.toy.models import tiny_causal_lm
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     tokenizer = char_tokenizer()
     model = tiny_causal_lm("llama", seed=options.seed).train()
@@ -211,10 +211,10 @@ def train_lightning(
     import torch
     from torch.utils.data import DataLoader
 
-    from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-    from inversion_monitor.app.toy.models import tiny_causal_lm
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
     from inversion_monitor.callbacks import InversionLightningCallback
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.toy.models import tiny_causal_lm
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     class TinyLM(pl.LightningModule):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -319,7 +319,7 @@ def run_phases(
     """Train the three phases against the server at ``endpoint``; returns them in order."""
 
     from inversion_monitor.app.demo_rl import GRPOSettings
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     phases = []
     # --- 1. SFT

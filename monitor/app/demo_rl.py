@@ -14,7 +14,7 @@ Cui et al.'s covariance, from the loss's own log-probs; run kind ``rl``).
 rate is ``factor`` times higher. The demo uses it to destabilise a run on
 purpose (a broken learning-rate schedule).
 
->>> from inversion_monitor.app.toy.corpus import ArithmeticProblem
+>>> from inversion_monitor.toy.corpus import ArithmeticProblem
 >>> p = ArithmeticProblem(prompt="Q: 2+3=?\\n", completion="2+3=5.\\nA: 5\\n", answer=5)
 >>> rollout_reward("2+3=5.\\nA: 5\\n", p)
 1.0
@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from inversion_monitor.app.toy.corpus import ArithmeticProblem
     from inversion_monitor.engine.training_monitor import InversionMonitor
+    from inversion_monitor.toy.corpus import ArithmeticProblem
 
 PAD = 0
 POOL_SIZE = 512
@@ -169,9 +169,9 @@ def train_grpo(
     """Train ``model`` with the GRPO loop; ``monitor`` sees every step (custom-loop API)."""
     import torch
 
-    from inversion_monitor.app.toy.corpus import arithmetic_problems
     from inversion_monitor.rl.corrpo import group_advantages
     from inversion_monitor.rl.signals import RLStepAccumulator
+    from inversion_monitor.toy.corpus import arithmetic_problems
 
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)

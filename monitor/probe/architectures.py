@@ -22,7 +22,7 @@ Per layer, what cannot be probed is refused with the reason and the layers
 that can: linear-attention / recurrent / convolution layers (``layer_types``)
 and K/V of KV-sharing layers (Gemma-3n/4), which reuse an earlier layer's keys.
 
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> resolved = resolve_model(tiny_causal_lm("gpt_neox", num_layers=2))
 >>> resolved.num_layers, sorted(resolved.projections(1))
 (2, ['k', 'o', 'q', 'v'])
@@ -528,7 +528,7 @@ def positions_mix_after(resolved: ResolvedModel, layer: int) -> str | None:
     of blocks its config declares, and the block is a declared softmax-attention
     layer (hybrid ``layer_types``).
 
-    >>> from inversion_monitor.app.toy.models import tiny_causal_lm
+    >>> from inversion_monitor.toy.models import tiny_causal_lm
     >>> resolved = resolve_model(tiny_causal_lm("llama", num_layers=2))
     >>> positions_mix_after(resolved, 0)
     'block 1 comes after block 0 and mixes positions'

@@ -41,7 +41,7 @@ never formed and nothing is gathered for the norms.
 The model is left as found: modes, RNG state, ``.grad``, hooks.
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama", num_layers=2)
 >>> ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 >>> result = logit_gradient_norms(model, ids, layers=[0, -1], projections=("q", "v"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from inversion_monitor.app.toy.tokenizer import VOCAB_SIZE
+from inversion_monitor.toy.tokenizer import VOCAB_SIZE
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
