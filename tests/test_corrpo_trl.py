@@ -142,3 +142,17 @@ def test_corrpo_trainer_rejects_bad_settings(tmp_path):
         CorrPOConfig(coef=-0.1)
     with pytest.raises(ValueError, match="min_tokens"):
         CorrPOConfig(min_tokens=2)
+
+
+def test_an_unsupported_trl_is_refused_when_the_trainer_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module imports whatever the TRL version; making the trainer names it and the fix."""
+    from inversion_monitor.callbacks import trl_corrpo
+
+    monkeypatch.setattr(trl_corrpo, "_dist_version", lambda name: "0.19.1")
+    with pytest.raises(trl_corrpo.UnsupportedTRLVersion) as caught:
+        make_trainer(tmp_path, CorrPOConfig())
+    message = str(caught.value)
+    assert "trl 0.19.1 is installed" in message
+    assert "pip install 'trl>=1.16,<2'" in message
