@@ -218,7 +218,8 @@ def _count(query: dict[str, list[str]], name: str) -> int:
     text = _text(query, name)
     if not text:
         return 0
-    if not text.isdigit() or int(text) >= 2**32:
+    # isdigit() alone accepts "²" and other digits int() refuses
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**32:
         raise ApiError(
             "INVALID_ARGUMENT", f"query parameter {name}={text[:20]!r}: expected a whole number"
         )
