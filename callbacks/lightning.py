@@ -142,7 +142,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         base = config if config is not None else MonitorConfig.from_env()
         self.config = base.with_overrides(**overrides) if overrides else base
         if model_attr is not None and (
-            not isinstance(model_attr, str) or not _ATTR_PATH.match(model_attr)
+            not isinstance(model_attr, str) or not _ATTR_PATH.fullmatch(model_attr)
         ):
             raise ValueError(
                 f"model_attr: expected a dotted attribute path like 'model' or "

@@ -29,6 +29,7 @@ from inversion_monitor.server.auth import Authorizer
 from inversion_monitor.server.component_metrics import ComponentCollector
 from inversion_monitor.server.config import ServerConfig, join_address
 from inversion_monitor.server.entropy_law import EntropyLawCollector, EntropyLawMonitor
+from inversion_monitor.server.hosts import host_names
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.listeners import IngestListener
@@ -217,6 +218,8 @@ class AsyncMonitorServer:
                 alerts=self.alerts,
                 authorizer=authorizer,
                 storage=self.storage,
+                max_history_bytes=limits.max_history_bytes,
+                max_inflight_push_bytes=limits.max_inflight_push_bytes,
             )
             servicer = self._servicer
             add_queue_depth(self.registry, lambda: servicer.pending)
@@ -227,7 +230,11 @@ class AsyncMonitorServer:
                 ("grpc.max_send_message_length", max(limits.max_message_bytes, 64 << 20)),
                 ("grpc.so_reuseport", 0),
             ]
-            self._server = grpc.aio.server(interceptors=interceptors, options=options)
+            self._server = grpc.aio.server(
+                interceptors=interceptors,
+                options=options,
+                maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            )
             add_monitor_service(self._servicer, self._server)
             self._health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -253,9 +260,17 @@ class AsyncMonitorServer:
                     # the API reads only; the interceptor's token scopes apply to its calls
                     authorize=None if auth is None else _header_check(auth),
                     max_history=limits.max_history,
+                    allowed_hosts=None if auth else host_names(http[0], cfg.allowed_hosts),
                 )
                 self._http = HttpEndpoint(
-                    self.exposition.render, self.health, *http, other=make_page_app(api)
+                    self.exposition.render,
+                    self.health,
+                    *http,
+                    other=make_page_app(api),
+                    metrics_authorize=_reads_all(authorizer) if cfg.metrics_token else None,
+                    max_connections=limits.max_http_connections,
+                    timeout_s=limits.http_timeout_s,
+                    connection_max_s=limits.http_connection_max_s,
                 )
                 self.http_port = self._http.port
             for service in ("", SERVICE_NAME):
@@ -363,6 +378,16 @@ class AsyncMonitorServer:
 def _header_check(auth: BearerTokenInterceptor) -> Callable[[str | None], bool]:
     """The gRPC token check applied to an HTTP ``Authorization`` header."""
     return lambda header: header is not None and auth.allowed((("authorization", header),))
+
+
+def _reads_all(authorizer: Authorizer) -> Callable[[str | None], bool]:
+    """Whether an HTTP ``Authorization`` header carries a token that reads every project."""
+
+    def check(header: str | None) -> bool:
+        grant = None if header is None else authorizer.grant((("authorization", header),))
+        return grant is not None and grant.projects is None
+
+    return check
 
 
 class MonitorServer:

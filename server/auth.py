@@ -38,7 +38,7 @@ _TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 def check_token(token: str) -> str:
     """A token as the wire carries it: printable ASCII, no spaces or commas."""
     token = str(token).strip()
-    if not _TOKEN_RE.match(token) or "," in token:
+    if not _TOKEN_RE.fullmatch(token) or "," in token:
         raise ValueError("a token must be non-empty printable ASCII without spaces or commas")
     return token
 

@@ -103,6 +103,21 @@ def add_serve_command(subparsers: Any) -> None:
         metavar="URL",
         help="post alerts to this Alertmanager (e.g. http://127.0.0.1:9093)",
     )
+    serve.add_argument(
+        "--metrics-token",
+        action="store_true",
+        default=None,
+        help="/metrics names every project's runs: answer it only with a token that reads "
+        "every project (Prometheus: authorization.credentials); needs --token/--token-file",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="NAME",
+        help="without tokens, /api answers only a Host that is an IP address, localhost, the "
+        "--http-address host or a NAME given here (repeatable; guards against DNS rebinding)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(handler=run_serve)
 
@@ -132,6 +147,8 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         "alerts_config",
         "alertmanager_url",
         "alerts",
+        "metrics_token",
+        "allowed_hosts",
     )
     return ServerConfig.from_sources({n: getattr(args, n, None) for n in names}, environ)
 

@@ -31,6 +31,7 @@ from inversion_monitor.server.errors import (
     RequestError,
     ResourceExhausted,
 )
+from inversion_monitor.server.limits import RateLimitedLog
 from inversion_monitor.server.listeners import IngestListener, RunListener
 from inversion_monitor.server.names import base_display_name
 from inversion_monitor.server.redact import redact_run_info
@@ -88,6 +89,8 @@ class Ingestor:
         # display name -> run_id
         self.by_name: dict[str, str] = {}
         self.counters = Counters()
+        # every listener error is logged, at most one line per 10 s
+        self._listener_log = RateLimitedLog(log)
         self._load()
 
     @property
@@ -483,17 +486,18 @@ class Ingestor:
             for run, rec in stored:
                 try:
                     listener.on_record(run.run_id, run.display_name, rec)
-                except Exception:
-                    self._listener_failed(listener)
+                except Exception as exc:
+                    self._listener_failed(listener, exc)
 
     def _notify_open(self, run: RunState) -> None:
         for listener in self._run_listeners:
             try:
                 listener.on_run_open(run.run_id, run.display_name, run.info)
-            except Exception:
-                self._listener_failed(listener)
+            except Exception as exc:
+                self._listener_failed(listener, exc)
 
-    def _listener_failed(self, listener: object) -> None:
-        if not self.counters.listener_errors:
-            log.exception("ingest listener %r failed (logged once)", listener)
+    def _listener_failed(self, listener: object, exc: Exception) -> None:
+        self._listener_log.exception(
+            (id(listener), type(exc)), "ingest listener %r failed", listener
+        )
         self.counters.listener_errors += 1

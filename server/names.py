@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# use with fullmatch: "$" would also match before a final newline
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+LABEL_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 DISPLAY_NAME_MAX = 48
@@ -15,10 +16,10 @@ DISPLAY_NAME_MAX = 48
 def valid_run_id(run_id: str) -> bool:
     """True for 1..64 characters of ``[A-Za-z0-9_.-]``.
 
-    >>> valid_run_id("3f2a-run_1.b"), valid_run_id(""), valid_run_id("a b")
-    (True, False, False)
+    >>> valid_run_id("3f2a-run_1.b"), valid_run_id(""), valid_run_id("a b"), valid_run_id("a\\n")
+    (True, False, False, False)
     """
-    return RUN_ID_RE.match(run_id) is not None
+    return RUN_ID_RE.fullmatch(run_id) is not None
 
 
 def base_display_name(name: str, run_id: str) -> str:

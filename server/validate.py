@@ -7,7 +7,6 @@ or a list over its limit, rejects the record with the field that is wrong.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from enum import Enum
@@ -17,6 +16,7 @@ from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, one_of
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument
+from inversion_monitor.server.jsonsafe import loads_bounded
 from inversion_monitor.server.names import LABEL_KEY_RE, valid_run_id
 
 # absolute slack for float round-off at a range boundary; such values are clamped
@@ -335,7 +335,7 @@ def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None
         )
     if info.config_json:
         try:
-            parsed = json.loads(info.config_json)
+            parsed = loads_bounded(info.config_json)
         except ValueError as exc:
             raise InvalidArgument(f"run.config_json is not valid JSON: {exc}") from None
         if not isinstance(parsed, dict):
@@ -345,7 +345,7 @@ def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None
             f"run.labels has {len(info.labels)} entries; max_labels is {limits.max_labels}"
         )
     for key, value in info.labels.items():
-        if len(key) > limits.max_label_key_length or not LABEL_KEY_RE.match(key):
+        if len(key) > limits.max_label_key_length or not LABEL_KEY_RE.fullmatch(key):
             raise InvalidArgument(
                 f"run.labels key {key[:80]!r} is invalid: expected [A-Za-z_][A-Za-z0-9_]* of "
                 f"at most max_label_key_length={limits.max_label_key_length} characters"

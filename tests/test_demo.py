@@ -124,7 +124,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         api_url = f"{page.group(1)}api/runs/{run_id}?history=1000"
         with urllib.request.urlopen(api_url, timeout=10) as answer:
             api_run = json.loads(answer.read())
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it (Ctrl-C: below)
         rest, _ = proc.communicate(timeout=120)  # a deadline: ~2 s on an idle machine
         lines.extend(rest.splitlines())
         yield DemoRun(
@@ -143,9 +143,33 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
             proc.wait(timeout=10)
 
 
-def test_demo_exits_cleanly_after_ctrl_c(demo: DemoRun) -> None:
+def test_demo_exits_cleanly_on_sigterm(demo: DemoRun) -> None:
     assert demo.returncode == 0, "\n".join(demo.stdout)
     assert any("/metrics" in line for line in demo.stdout)
+    assert any("SIGTERM: stopping the server" in line for line in demo.stdout)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_keep_serving_wait_ends_on_ctrl_c_and_sigterm(sig: signal.Signals) -> None:
+    code = (
+        "from inversion_monitor.app.demo import _wait_for_interrupt\n"
+        "_wait_for_interrupt('waiting')\n"
+        "print('stopped', flush=True)\n"
+    )
+    with _ctrl_c_reaches_children():
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "waiting"
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0 and rest.splitlines()[-1] == "stopped", rest
 
 
 def test_runtime_stays_sane(demo: DemoRun) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import tempfile
 import threading
 import time
@@ -408,13 +409,26 @@ def _history_limit(options: DemoOptions) -> int:
     return max(options.steps, options.rl_steps, options.unstable_steps) + 10
 
 
-def _wait_for_interrupt() -> None:
+def _wait_for_interrupt(message: str) -> None:
+    """Print ``message``, then wait for Ctrl-C or, on the main thread (the CLI), SIGTERM.
+
+    The handler is in place before ``message`` appears; the caller stops the server.
+    """
     stop = threading.Event()
+    previous: Any = None
+    # a handler can only be installed from the main thread; an embedding caller keeps its own
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
+        print(message, flush=True)
         while not stop.wait(1.0):
             pass
+        print("\nSIGTERM: stopping the server", flush=True)
     except KeyboardInterrupt:
-        print("\nstopping the server")
+        print("\nstopping the server", flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _await_alert(receiver: AlertReceiver, run_name: str, timeout_s: float) -> None:
@@ -507,12 +521,10 @@ def run_demo(options: DemoOptions) -> int:
                 print(f"report: {report.resolve()}")
                 print(f"demo took {time.monotonic() - started:.0f} s", flush=True)
                 if options.keep_serving:
-                    print(
+                    _wait_for_interrupt(
                         f"the server stays up: live page {server.page_url}, metrics {metrics_url}  "
-                        "(Ctrl-C to stop)",
-                        flush=True,
+                        "(Ctrl-C or SIGTERM to stop)"
                     )
-                    _wait_for_interrupt()
             finally:
                 server.stop()
     finally:

@@ -216,7 +216,7 @@ class MonitorClient:
         transport = Transport.create(endpoint, tls=tls, token=token)
         self.endpoint = transport.endpoint
         self.run_id = uuid.uuid4().hex if run_id is None else run_id
-        if not _RUN_ID.match(self.run_id):
+        if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(
                 f"run_id={self.run_id!r} is invalid: use 1-64 characters of [A-Za-z0-9_.-] "
                 "(or leave it None for a new uuid4 hex)"
@@ -337,6 +337,15 @@ class MonitorClient:
     def display_name(self) -> str | None:
         """The run's name on the server (None until the run was opened)."""
         return self._sender.display_name
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The ``TelemetryWarning`` messages this client issued so far, oldest first.
+
+        Each is also a Python warning, which the process's warning filters may
+        hide or show once per process; this is the client's own record.
+        """
+        return tuple(self._warner.messages)
 
     def log(
         self,
