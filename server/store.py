@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 log = logging.getLogger("inversion_monitor.server")
 
@@ -178,10 +178,6 @@ class StoredAlert:
     summary: str
     description: str
     values: dict[str, float]
-
-
-# (run_pk, rank, acked, status, session, previous_session, session_time)
-RankRow = tuple[int, int, int, str, str | None, str | None, float]
 
 
 class StoreError(RuntimeError):
@@ -562,35 +558,10 @@ class Store:
             " end_time, summary, description, trigger_values FROM alerts ORDER BY id"
         ).fetchall()
         out = []
-        for (
-            run_id,
-            display,
-            name,
-            severity,
-            s_step,
-            e_step,
-            s_time,
-            e_time,
-            summ,
-            desc,
-            vals,
-        ) in rows:
-            values = {str(k): float(v) for k, v in json.loads(vals).items()}
-            out.append(
-                StoredAlert(
-                    run_id,
-                    display,
-                    name,
-                    severity,
-                    s_step,
-                    e_step,
-                    s_time,
-                    e_time,
-                    summ,
-                    desc,
-                    values,
-                )
-            )
+        for row in rows:  # StoredAlert's fields in order, the last (trigger_values) as JSON
+            values = {str(k): float(v) for k, v in json.loads(row[-1]).items()}
+            fields: Any = (*row[:-1], values)
+            out.append(StoredAlert(*fields))
         return out
 
     def insert_alert(  # noqa: PLR0917
