@@ -36,8 +36,9 @@ from inversion_monitor.server.errors import (
     Unavailable,
 )
 from inversion_monitor.server.ingest import Ingestor, RunView
+from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.storage_state import StorageState
-from inversion_monitor.server.store import StoreError, read_history
+from inversion_monitor.server.store import read_history
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
