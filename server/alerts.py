@@ -26,7 +26,8 @@ from inversion_monitor.server.detectors import (
     RunDetectors,
     Transition,
 )
-from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store, StoreError
+from inversion_monitor.server.schema import StoreError
+from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from inversion_monitor.server.metrics import (
     build_registry,
 )
 from inversion_monitor.server.page import make_page_app
+from inversion_monitor.server.schema import StoreError, connect
 from inversion_monitor.server.service import (
     SERVICE_NAME,
     BearerTokenInterceptor,
@@ -48,7 +49,7 @@ from inversion_monitor.server.service import (
     add_monitor_service,
 )
 from inversion_monitor.server.storage_state import StorageState
-from inversion_monitor.server.store import Store, StoreError, connect, read_history
+from inversion_monitor.server.store import Store, read_history
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")

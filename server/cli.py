@@ -180,7 +180,7 @@ async def _serve(config: ServerConfig) -> int:
     import signal
 
     from inversion_monitor.server.app import AsyncMonitorServer
-    from inversion_monitor.server.store import StoreError
+    from inversion_monitor.server.schema import StoreError
 
     # This process only serves: hand the GIL between the event loop and the
     # writer thread every 0.5 ms instead of 5 ms, which halves the server-side

@@ -198,15 +198,6 @@ class Ingestor:
             del recent[run_id]
         return len(recent)
 
-    def active_runs(self, now: float) -> int:
-        """Runs not closed and active within the retention window."""
-        retention = self._config.retention_s
-        return sum(
-            1
-            for v in list(self.views.values())
-            if v.status == "running" and now - v.last_activity <= retention
-        )
-
     def _unique_name(self, name: str, run_id: str) -> str:
         base = base_display_name(name, run_id)
         n = self._name_next.get(base, 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 # use with fullmatch: "$" would also match before a final newline
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -34,21 +33,6 @@ def base_display_name(name: str, run_id: str) -> str:
     if not base:
         base = "run-" + (_UNSAFE.sub("", run_id)[:8] or "x")
     return base
-
-
-def unique_display_name(name: str, run_id: str, taken: Callable[[str], bool]) -> str:
-    """:func:`base_display_name`, suffixed ``-2``, ``-3``, ... until ``taken`` says it is free.
-
-    >>> used = {"demo", "demo-2"}
-    >>> unique_display_name("demo", "x", used.__contains__)
-    'demo-3'
-    """
-    base = base_display_name(name, run_id)
-    candidate, n = base, 1
-    while taken(candidate):
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
 
 
 def clean_label_value(value: str, max_length: int = 128) -> str:

@@ -39,8 +39,8 @@ from inversion_monitor.server.errors import (
 from inversion_monitor.server.history import read_history_capped
 from inversion_monitor.server.ingest import Ingestor, RunView
 from inversion_monitor.server.limits import InflightBytes
+from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.storage_state import StorageState
-from inversion_monitor.server.store import StoreError
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")

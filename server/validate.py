@@ -48,7 +48,6 @@ class RejectReason(str, Enum):
     MALFORMED = "malformed"
     TOO_LARGE = "too_large"
     BAD_SEQUENCE = "bad_sequence"
-    BAD_RANK = "bad_rank"
 
 
 class RecordProblem(Exception):

@@ -27,7 +27,7 @@ from grpc_status import rpc_status
 from inversion_monitor.app.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server import MonitorServer
-from inversion_monitor.server.store import SCHEMA_VERSION, StoreError
+from inversion_monitor.server.schema import SCHEMA_VERSION, StoreError
 from tests.server_support import (
     TIMEOUT,
     config,
