@@ -28,6 +28,7 @@ from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.errors import (
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     RequestError,
     ResourceExhausted,
 )
@@ -36,7 +37,12 @@ from inversion_monitor.server.listeners import IngestListener, RunListener
 from inversion_monitor.server.names import base_display_name
 from inversion_monitor.server.redact import redact_run_info
 from inversion_monitor.server.series import gauge_values, run_lines
-from inversion_monitor.server.sessions import check_session, new_session, stream_taken
+from inversion_monitor.server.sessions import (
+    check_session,
+    new_session,
+    rank_closed,
+    stream_taken,
+)
 from inversion_monitor.server.state import Counters, RankState, RunState, RunView, stripped
 from inversion_monitor.server.store import Store
 from inversion_monitor.server.validate import check_run_info
@@ -202,7 +208,8 @@ class Ingestor:
         base = base_display_name(name, run_id)
         n = self._name_next.get(base, 1)
         candidate = base if n == 1 else f"{base}-{n}"
-        while candidate in self._names:
+        # never another run's id: a name resolves to one run (service.find_run)
+        while candidate in self._names or candidate in self._runs:
             n += 1
             candidate = f"{base}-{n}"
         self._name_next[base] = n + 1
@@ -227,6 +234,12 @@ class Ingestor:
         info, rank_no = request.run, request.rank
         check_run_info(info, rank_no, self._limits)
         run = self._runs.get(info.run_id)
+        if run is not None and not grant.allows(run.info.project):
+            # another project's run: say neither its project nor more than a refusal
+            raise PermissionDenied(
+                f"run.run_id {info.run_id!r} cannot be opened with this token: use another "
+                "run_id (e.g. uuid4().hex)"
+            )
         # an existing run keeps the project it was opened with
         grant.check_write(run.info.project if run is not None else info.project)
         session, digest = new_session()
@@ -333,7 +346,7 @@ class Ingestor:
         """Mark a rank finished; the run's status is the worst once every rank is closed."""
         now = time.time() if now is None else now
         run = self._runs.get(request.run_id)
-        if run is None:
+        if run is None or not grant.allows(run.info.project):  # another project's: unknown
             raise NotFound(f"run {request.run_id[:80]!r} is not known to this server")
         grant.check_write(run.info.project)
         status = request.status or "completed"
@@ -354,6 +367,8 @@ class Ingestor:
             rank.previous_session,
             "CloseRun",
         )
+        if rank.status != "running":
+            raise rank_closed(run.run_id, request.rank, rank.status, "CloseRun")
         statuses = [status if n == request.rank else r.status for n, r in run.ranks.items()]
         run_status = "running" if "running" in statuses else max(statuses, key=CLOSE_STATUSES.index)
         with self._store.transaction():

@@ -246,12 +246,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         grant = self._grant(context)
 
         async def call() -> monitor_pb2.GetRunResponse:
-            views = self._ingestor.views
-            view = views.get(request.run)
-            if view is None:
-                run_id = self._ingestor.by_name.get(request.run)
-                view = views.get(run_id) if run_id is not None else None
-            if view is None or not grant.allows(view.info.project):  # others' runs: not found
+            view = find_run(self._ingestor, request.run, grant)
+            if view is None:  # others' runs: not found, as unknown ones
                 raise NotFound(f"no run with id or display name {request.run[:80]!r}")
             limit = request.history_limit or DEFAULT_HISTORY
             if limit > self._max_history:
@@ -278,6 +274,21 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             return response
 
         return await self._guard(context, request, call)
+
+
+def find_run(ingestor: Ingestor, run: str, grant: Grant) -> RunView | None:
+    """The run ``run`` names (a run id or a display name) among those ``grant`` reads.
+
+    A run id equal to another run's display name (only a run opened after that
+    name was given can be one: names avoid existing ids) does not hide that
+    run: of two matches the older wins.
+    """
+    views = ingestor.views
+    by_id = views.get(run)
+    name_id = ingestor.by_name.get(run)
+    by_name = views.get(name_id) if name_id is not None else None
+    found = [v for v in (by_id, by_name) if v is not None and grant.allows(v.info.project)]
+    return min(found, key=lambda v: v.opened_time) if found else None
 
 
 class MalformedRequest:
