@@ -191,10 +191,7 @@ class MonitorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _buffer_holds_a_batch(self) -> MonitorConfig:
-        if self.max_buffer < self.batch_size:
-            raise ValueError(
-                f"max_buffer={self.max_buffer} must be >= batch_size={self.batch_size}"
-            )
+        check_buffer_holds_a_batch(self.max_buffer, self.batch_size)
         return self
 
     def __init__(self, **data: Any) -> None:
@@ -312,6 +309,32 @@ def default(name: str) -> Any:
     (0.03, [-1])
     """
     return MonitorConfig.model_fields[name].get_default(call_default_factory=True)
+
+
+def check_buffer_holds_a_batch(max_buffer: int, batch_size: int) -> None:
+    """The delivery rule across two fields: a full batch must fit in the buffer."""
+    if max_buffer < batch_size:
+        raise ValueError(f"max_buffer={max_buffer} must be >= batch_size={batch_size}")
+
+
+def validate_delivery(**options: Any) -> dict[str, Any]:
+    """The delivery settings of :data:`DELIVERY_FIELDS` (defaults where not given), each
+    checked against its field.
+
+    >>> validate_delivery(batch_size=10, max_buffer=5)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_buffer=5 must be >= batch_size=10
+    """
+    unknown = set(options) - set(DELIVERY_FIELDS)
+    if unknown:
+        raise TypeError(f"not delivery settings: {', '.join(sorted(unknown))}")
+    checked = {
+        name: validate_field(name, options[name] if name in options else default(name))
+        for name in DELIVERY_FIELDS
+    }
+    check_buffer_holds_a_batch(checked["max_buffer"], checked["batch_size"])
+    return checked
 
 
 def validate_field(name: str, value: Any) -> Any:

@@ -43,7 +43,14 @@ from inversion_monitor.server.sessions import (
     rank_closed,
     stream_taken,
 )
-from inversion_monitor.server.state import Counters, RankState, RunState, RunView, stripped
+from inversion_monitor.server.state import (
+    Counters,
+    RankState,
+    RunState,
+    RunView,
+    stripped,
+    with_last_probe,
+)
 from inversion_monitor.server.store import Store
 from inversion_monitor.server.validate import check_run_info
 
@@ -145,8 +152,13 @@ class Ingestor:
             while rank.acked + 1 in rank.pending:
                 rank.pending.discard(rank.acked + 1)
                 rank.acked += 1
+            if stored.probe_payload is not None:
+                probe = monitor_pb2.StepRecord.FromString(stored.probe_payload)
+                rank.latest_probe = stripped(probe)
+                rank.latest_probe_sequence = stored.probe_sequence
             if stored.latest_payload is not None:
-                rank.latest = stripped(monitor_pb2.StepRecord.FromString(stored.latest_payload))
+                latest = monitor_pb2.StepRecord.FromString(stored.latest_payload)
+                rank.latest = with_last_probe(latest, rank.latest_probe)
             run.ranks[stored.rank] = rank
             for digest in (rank.session, rank.previous_session):
                 if digest is not None:
@@ -460,11 +472,16 @@ class Ingestor:
             rank = runs[run_id].ranks[rank_no]
             rank.acked = acked
             rank.pending = pending
+        for (run_id, rank_no), (seq, rec) in group.newest_probe.items():
+            rank = runs[run_id].ranks[rank_no]
+            if seq > rank.latest_probe_sequence:
+                rank.latest_probe_sequence = seq
+                rank.latest_probe = stripped(rec)
         for (run_id, rank_no), (seq, rec) in group.newest.items():
             rank = runs[run_id].ranks[rank_no]
             if seq > rank.latest_sequence:
                 rank.latest_sequence = seq
-                rank.latest = stripped(rec)
+                rank.latest = with_last_probe(rec, rank.latest_probe)
         for run_id, rank_no in group.streams:
             runs[run_id].ranks[rank_no].session_time = now
         touched = {run_id for run_id, _ in group.state}

@@ -57,6 +57,10 @@ class Group:
     state: dict[tuple[str, int], tuple[int, set[int]]] = field(default_factory=dict)
     # (run_id, rank) -> the newest stored (sequence, record)
     newest: dict[tuple[str, int], tuple[int, monitor_pb2.StepRecord]] = field(default_factory=dict)
+    # (run_id, rank) -> the newest stored probe record (one with inversion statistics)
+    newest_probe: dict[tuple[str, int], tuple[int, monitor_pb2.StepRecord]] = field(
+        default_factory=dict
+    )
     # run_id -> records added
     added: dict[str, int] = field(default_factory=dict)
     # (run_id, rank) of every valid session that pushed (its activity time moves)
@@ -210,6 +214,12 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
         best = group.newest.get(key)
         if best is None or seq > best[0]:
             group.newest[key] = (seq, rec)
+        probes = [(r.sequence, r) for _, r in batch.store if r.HasField("inversion")]
+        if probes:
+            seq, rec = max(probes, key=lambda item: item[0])
+            best = group.newest_probe.get(key)
+            if best is None or seq > best[0]:
+                group.newest_probe[key] = (seq, rec)
     response.accepted = len(batch.store)
     response.duplicates = batch.duplicates
     group.duplicates += batch.duplicates

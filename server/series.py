@@ -99,6 +99,42 @@ def _opt(msg: Any, name: str) -> float | None:
     return float(getattr(msg, name)) if msg.HasField(name) else None
 
 
+# the training health of the latest optimizer step (one record per step, probe or not);
+# a NaN or infinite value is exported as NaN/+Inf/-Inf
+HEALTH_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
+    ("loss", "Training loss of the latest optimizer step.", lambda r: _opt(r, "loss")),
+    (
+        "grad_norm",
+        "Gradient norm of the latest optimizer step, before clipping (as the trainer computed it).",
+        lambda r: _opt(r, "grad_norm"),
+    ),
+    (
+        "learning_rate",
+        "Learning rate the latest optimizer step used.",
+        lambda r: _opt(r, "learning_rate"),
+    ),
+    (
+        "kl",
+        "KL divergence of the policy from the reference model (RL runs; TRL's 'kl').",
+        lambda r: _opt(r, "kl"),
+    ),
+    (
+        "clip_ratio",
+        "Fraction of completion tokens whose probability ratio was clipped (RL runs).",
+        lambda r: _opt(r, "clip_ratio"),
+    ),
+    (
+        "completion_length_mean_tokens",
+        "Mean length of the policy's completions, tokens (RL runs).",
+        lambda r: _opt(r, "completion_length_mean"),
+    ),
+    (
+        "nonfinite_health_values",
+        "Health values of the latest record that are NaN or infinite (nonfinite_fields).",
+        lambda r: float(len(r.nonfinite_fields)),
+    ),
+)
+
 # (name without the inversion_monitor_ prefix, help, extractor)
 BASE_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
     (
@@ -130,8 +166,8 @@ BASE_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
     ("step", "Trainer global step of the latest record.", lambda r: float(r.step)),
     (
         "reward_mean",
-        "Mean reward of the policy's completions (RL runs; mean over the optimizer steps "
-        "since the previous record).",
+        "Mean reward of the policy's completions (RL runs; the generation batch the latest "
+        "optimizer step trained on).",
         lambda r: _opt(r, "reward_mean"),
     ),
     (
@@ -145,6 +181,7 @@ BASE_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
         "(positive and large: entropy falling).",
         lambda r: _opt(r, "entropy_covariance"),
     ),
+    *HEALTH_GAUGES,
 )
 
 # with --extended-metrics (each costs one sample per run per scrape)
@@ -174,7 +211,6 @@ EXTENDED_GAUGES: tuple[tuple[str, str, Extractor], ...] = (
         "90th percentile of per-token predictive entropy, nats.",
         lambda r: _opt(r.entropy, "p90"),
     ),
-    ("loss", "Training loss reported with the latest record.", lambda r: _opt(r, "loss")),
     (
         "reward_std",
         "Standard deviation of the completions' rewards (RL runs).",

@@ -19,8 +19,12 @@ class RankState:
     # sequences persisted or rejected for good above ``acked``
     pending: set[int] = field(default_factory=set)
     latest_sequence: int = 0
-    # the record with the highest sequence, without token samples; never mutated
+    # the record with the highest sequence, without token samples, its probe fields
+    # (inversion, entropy, score, ...) from latest_probe when it has none; never mutated
     latest: monitor_pb2.StepRecord | None = None
+    # the probe record (one with ``inversion``) with the highest sequence
+    latest_probe_sequence: int = 0
+    latest_probe: monitor_pb2.StepRecord | None = None
     status: str = "running"
     # SHA-256 digests of the writer session and of the one it replaced
     session: str | None = None
@@ -85,4 +89,36 @@ def stripped(record: monitor_pb2.StepRecord) -> monitor_pb2.StepRecord:
     copy = monitor_pb2.StepRecord()
     copy.CopyFrom(record)
     copy.ClearField("samples")
+    return copy
+
+
+PROBE_MESSAGES = ("inversion", "entropy", "score")
+PROBE_VALUES = ("spearman_per_token_type", "probe_seconds")
+
+
+def with_last_probe(
+    record: monitor_pb2.StepRecord, probe: monitor_pb2.StepRecord | None
+) -> monitor_pb2.StepRecord:
+    """``record`` without samples; a health-only one takes ``probe``'s inversion fields.
+
+    A health record comes every optimizer step and the probe's only on some:
+    the run's latest view (its gauges, ListRuns) keeps the last probe's values
+    beside the newest health values instead of blanking them.
+
+    >>> probe = monitor_pb2.StepRecord(step=10)
+    >>> probe.inversion.spearman.value = -0.5
+    >>> view = with_last_probe(monitor_pb2.StepRecord(step=11, loss=2.0), probe)
+    >>> view.step, view.loss, view.inversion.spearman.value
+    (11, 2.0, -0.5)
+    """
+    copy = stripped(record)
+    if probe is None or record.HasField("inversion"):
+        return copy
+    for name in PROBE_MESSAGES:
+        if probe.HasField(name):
+            getattr(copy, name).CopyFrom(getattr(probe, name))
+    copy.components.extend(probe.components)
+    for name in PROBE_VALUES:
+        if probe.HasField(name):
+            setattr(copy, name, getattr(probe, name))
     return copy

@@ -71,6 +71,9 @@ class StoredRank:
     session: str | None = None
     previous_session: str | None = None
     session_time: float = 0.0
+    # the newest probe record (one with inversion statistics), when newer than none
+    probe_sequence: int = 0
+    probe_payload: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,14 @@ class Store:
                 " ORDER BY sequence DESC LIMIT 1",
                 (run_pk, rank),
             ).fetchone()
+            # health-only records have none of these: scans back over them to the last probe
+            probe = conn.execute(
+                "SELECT sequence, payload FROM records WHERE run_pk = ? AND rank = ?"
+                " AND (spearman IS NOT NULL OR pearson IS NOT NULL"
+                " OR entropy_mean IS NOT NULL OR score_mean IS NOT NULL)"
+                " ORDER BY sequence DESC LIMIT 1",
+                (run_pk, rank),
+            ).fetchone()
             out.append(
                 StoredRank(
                     run_pk,
@@ -288,6 +299,8 @@ class Store:
                     session,
                     previous,
                     float(session_time or 0.0),
+                    probe[0] if probe else 0,
+                    probe[1] if probe else None,
                 )
             )
         return out

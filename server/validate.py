@@ -1,8 +1,13 @@
 """Checks and sanitises one ``StepRecord`` before it is stored, and checks a ``RunInfo``.
 
-Non-finite statistics (NaN, +-Inf) are cleared, so they are stored as missing
-and never reach /metrics; the caller counts them. A value outside its range,
-or a list over its limit, rejects the record with the field that is wrong.
+Non-finite inversion statistics (NaN, +-Inf) are cleared, so they are stored as
+missing and never reach /metrics; the caller counts them. Non-finite training
+health values (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`: a NaN
+loss, an infinite grad norm) are the news a person on call needs: they are
+kept as they are and named in ``nonfinite_fields`` (added there when the
+client did not). A value outside its range, a list over its limit, or a name
+in ``nonfinite_fields`` that is not a health field (or names a finite value)
+rejects the record with the field that is wrong.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.proto.v1.health import HEALTH_FIELDS
 from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, one_of
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument
@@ -28,6 +34,19 @@ MAX_REASON_LENGTH = 256
 # "": not given (older clients)
 _WIRE_KINDS = frozenset(("", *RUN_KINDS))
 _WIRE_PROJECTIONS = frozenset(PROJECTIONS)
+# health field -> (lowest, highest) finite value; non-finite values are kept
+HEALTH_RANGES: dict[str, tuple[float, float]] = {
+    "loss": (-_INF, _INF),
+    "grad_norm": (0.0, _INF),
+    "learning_rate": (0.0, _INF),
+    "reward_mean": (-_INF, _INF),
+    "reward_std": (0.0, _INF),
+    "policy_entropy_mean": (0.0, _INF),
+    "entropy_covariance": (-_INF, _INF),
+    "kl": (-_INF, _INF),  # estimators other than k3 can be negative
+    "clip_ratio": (0.0, 1.0),
+    "completion_length_mean": (0.0, _INF),
+}
 RUN_INFO_MAX_LENGTHS = {
     "name": 256,
     "project": 128,
@@ -198,6 +217,11 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
         and -_MAX <= record.reward_mean <= _MAX
         and 0.0 <= record.reward_std <= _MAX
         and 0.0 <= record.policy_entropy_mean <= _MAX
+        and 0.0 <= record.grad_norm <= _MAX
+        and -_MAX <= record.kl <= _MAX
+        and 0.0 <= record.clip_ratio <= 1.0
+        and 0.0 <= record.completion_length_mean <= _MAX
+        and not record.nonfinite_fields
         and _rl_summaries_plain(record)
         and not record.samples
     ):
@@ -293,14 +317,9 @@ def check_record_slow(record: monitor_pb2.StepRecord, limits: Limits, now: float
         bad += _summary(record.entropy, "entropy")
     if record.HasField("score"):
         bad += _summary(record.score, "score")
-    bad += _bounded(record, "entropy_covariance", -_INF, _INF, "entropy_covariance")
-    bad += _bounded(record, "loss", -_INF, _INF, "loss")
-    bad += _bounded(record, "learning_rate", 0.0, _INF, "learning_rate")
+    _health(record)
     bad += _bounded(record, "probe_seconds", 0.0, _INF, "probe_seconds")
     bad += _bounded(record, "spearman_per_token_type", -1.0, 1.0, "spearman_per_token_type")
-    bad += _bounded(record, "reward_mean", -_INF, _INF, "reward_mean")
-    bad += _bounded(record, "reward_std", 0.0, _INF, "reward_std")
-    bad += _bounded(record, "policy_entropy_mean", 0.0, _INF, "policy_entropy_mean")
     if record.HasField("policy_entropy"):
         bad += _summary(record.policy_entropy, "policy_entropy")
     if record.HasField("advantage"):
@@ -310,6 +329,57 @@ def check_record_slow(record: monitor_pb2.StepRecord, limits: Limits, now: float
     if record.samples:
         bad += _samples(record, limits)
     return bad
+
+
+def _health(record: monitor_pb2.StepRecord) -> None:
+    """Range-check the finite health values; keep the non-finite ones, each named once in
+    ``nonfinite_fields`` (in the contract's order); reject a bad name."""
+    named = record.nonfinite_fields
+    if len(named) > len(HEALTH_FIELDS):
+        raise RecordProblem(
+            "nonfinite_fields",
+            RejectReason.TOO_LARGE,
+            f"nonfinite_fields has {len(named)} entries; there are {len(HEALTH_FIELDS)} "
+            "health fields",
+        )
+    given: set[str] = set()
+    for j, name in enumerate(named):
+        path = f"nonfinite_fields[{j}]"
+        if name not in HEALTH_RANGES:
+            raise RecordProblem(
+                path,
+                RejectReason.MALFORMED,
+                f"{path} is {name[:40]!r}; expected one of {', '.join(HEALTH_FIELDS)}",
+            )
+        if name in given:
+            raise RecordProblem(path, RejectReason.MALFORMED, f"{path} names {name!r} twice")
+        if record.HasField(name) and _isfinite(getattr(record, name)):
+            raise RecordProblem(
+                path,
+                RejectReason.MALFORMED,
+                f"{path} names {name!r}, but {name} is {getattr(record, name)!r} (finite): "
+                "name only the health values that are NaN or infinite",
+            )
+        given.add(name)
+    nonfinite = []
+    for name, (lo, hi) in HEALTH_RANGES.items():
+        if not record.HasField(name):
+            if name in given:  # non-finite, value not sent (a reader that drops them)
+                nonfinite.append(name)
+            continue
+        value = getattr(record, name)
+        if not _isfinite(value):
+            nonfinite.append(name)
+        elif value < lo or value > hi:
+            if value < lo - _TOL or value > hi + _TOL:
+                bound = f">= {lo}" if value < lo else f"<= {hi}"
+                raise RecordProblem(
+                    name, RejectReason.OUT_OF_RANGE, f"{name} is {value!r}; it must be {bound}"
+                )
+            setattr(record, name, min(max(value, lo), hi))
+    if list(named) != nonfinite:
+        del named[:]
+        named.extend(nonfinite)
 
 
 def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None:

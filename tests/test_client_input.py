@@ -15,9 +15,11 @@ import pytest
 from inversion_monitor import MonitorClient
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.proto.v1.health import HEALTH_FIELDS
 from inversion_monitor.rl.signals import RL_STATS_KEYS
 from inversion_monitor.telemetry.wire import (
     StatsMapping,
+    split_stats,
     stats_from_mapping,
     step_record,
     validate_stats,
@@ -64,7 +66,7 @@ def test_bad_mapping_names_the_field_and_the_fix(
 
 
 def test_bad_arguments_of_log_raise_with_the_name(client: MonitorClient) -> None:
-    with pytest.raises(TypeError, match="stats must be an InversionStats or a mapping, got list"):
+    with pytest.raises(TypeError, match="a mapping or None, got list"):
         client.log(0, [0.1, 0.2])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"loss='high' \(str\) is not a number"):
         client.log(0, stats(0), loss="high")  # type: ignore[arg-type]
@@ -82,10 +84,10 @@ def test_bad_arguments_of_log_raise_with_the_name(client: MonitorClient) -> None
         ({"run_id": "x" * 65}, "is invalid: use 1-64 characters"),
         ({"rank": 2, "world_size": 2}, r"rank=2 must be in \[0, world_size=2\)"),
         ({"world_size": 0}, "world_size=0 must be >= 1"),
-        ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+        ({"batch_size": 0}, r"batch_size: Input should be greater than or equal to 1 \(got 0\)"),
         ({"max_buffer": 10, "batch_size": 20}, "max_buffer=10 must be >= batch_size=20"),
-        ({"flush_interval_s": 0}, "flush_interval_s=0 must be a positive number"),
-        ({"rpc_timeout_s": float("nan")}, "rpc_timeout_s=nan must be a positive number"),
+        ({"flush_interval_s": 0}, r"flush_interval_s: Input should be greater than 0 \(got 0\)"),
+        ({"rpc_timeout_s": float("nan")}, r"rpc_timeout_s: .*finite number \(got nan\)"),
         ({"config": {"f": {1, 2}}}, None),  # sets serialise with str(): accepted
         ({"tls": "/no/such/ca.pem"}, "cannot read the root certificates"),
     ],
@@ -209,7 +211,8 @@ def test_translation_matches_a_field_by_field_reference(s: InversionStats) -> No
         )
     assert (record.run_id, record.rank, record.sequence, record.step) == ("r", 2, 0, 7)
     assert record.wall_time == 12.5
-    assert not record.HasField("loss")
+    assert math.isnan(record.loss)  # a health value: sent as NaN and named
+    assert list(record.nonfinite_fields) == ["loss"]
     assert (record.learning_rate, record.entropy_covariance, record.probe_seconds) == (
         3e-4,
         -0.01,
@@ -227,8 +230,9 @@ def test_translation_matches_a_field_by_field_reference(s: InversionStats) -> No
 
 def test_every_stats_field_is_accepted_by_the_mapping_model() -> None:
     names = {f.name for f in fields(InversionStats)}
-    # plus the RL signals a mapping may carry (they are not inversion statistics)
-    assert names | set(RL_STATS_KEYS) == set(StatsMapping.model_fields)
+    # the health keys (RL signals included) are split off before the model sees them
+    assert names == set(StatsMapping.model_fields)
+    assert set(RL_STATS_KEYS) <= set(HEALTH_FIELDS)
     s = _full_stats()
     assert stats_from_mapping(s.to_dict()) == s
 
@@ -260,6 +264,51 @@ def test_minimal_mapping_equals_the_dataclass_with_nan_defaults() -> None:
     assert minimal == step_record(run_id="r", rank=0, step=1, wall_time=0.0, stats=validated)
     assert minimal.inversion.confidence == 0.0  # NaN confidence: the proto3 default
     assert not minimal.entropy.HasField("p50")
+
+
+# ---------------------------------------------------------------- health records
+
+
+def test_a_mapping_of_health_keys_alone_is_a_health_record() -> None:
+    checked, health = split_stats({"loss": 2.0, "grad_norm": math.inf, "kl": None})
+    assert checked is None and health == {"loss": 2.0, "grad_norm": math.inf}
+    record = step_record(run_id="r", rank=0, step=4, wall_time=1.0, stats=None, health=health)
+    assert not record.HasField("inversion") and not record.HasField("entropy")
+    assert (record.loss, record.grad_norm) == (2.0, math.inf)
+    assert list(record.nonfinite_fields) == ["grad_norm"]
+    assert not record.HasField("kl")
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ({"loss": "high"}, r"stats\['loss'\] = 'high' is not a number"),
+        ({"grad_norm": True}, r"stats\['grad_norm'\] = True is not a number"),
+        ({"loss": 1.0, "spearman": -0.5}, r"stats\['pearson'\] is missing"),
+        ({"loss": 1.0, "gradnorm": 2.0}, r"stats\['gradnorm'\] is not a known field"),
+    ],
+)
+def test_bad_health_mapping_names_the_field(
+    client: MonitorClient, mapping: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        client.log(1, mapping)
+
+
+def test_every_health_value_given_twice_is_an_error(client: MonitorClient) -> None:
+    with pytest.raises(ValueError, match="loss given twice"):
+        client.log(1, {"loss": 1.0}, loss=2.0)
+    with pytest.raises(ValueError, match="kl given twice"):
+        client.log(1, {"kl": 1.0}, health={"kl": 2.0})
+    with pytest.raises(ValueError, match="not a health field"):
+        client.log(1, None, health={"spearman": 2.0})
+
+
+def test_non_finite_health_values_are_sent_and_named_in_the_contract_order() -> None:
+    health = {name: math.nan for name in reversed(HEALTH_FIELDS)}
+    record = step_record(run_id="r", rank=0, step=1, wall_time=1.0, stats=None, health=health)
+    assert list(record.nonfinite_fields) == list(HEALTH_FIELDS)
+    assert all(math.isnan(getattr(record, name)) for name in HEALTH_FIELDS)
 
 
 # ---------------------------------------------------------------- TLS

@@ -154,7 +154,8 @@ def test_bad_kind_and_rl_fields_are_refused_with_the_field(tmp_path: Path) -> No
         ]
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="run1"), timeout=TIMEOUT)
         (stored,) = got.history
-        assert stored.reward_mean == -2.0 and not stored.HasField("reward_std")
+        assert stored.reward_mean == -2.0 and math.isnan(stored.reward_std)  # kept, named
+        assert list(stored.nonfinite_fields) == ["reward_std"]
         assert stored.advantage.p10 == -3.0
 
 

@@ -53,7 +53,7 @@ def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
         open_run(stub, "run1", rank=1)
         batch = [record("run1", s) for s in range(1, 12)]
         batch[1].inversion.spearman.value = math.nan  # stored as missing
-        batch[1].loss = math.inf  # stored as missing
+        batch[1].loss = math.inf  # a health value: kept, and named by the server
         batch[2].step = -5
         batch[3].inversion.spearman.value = 1.5
         batch[4].entropy.mean = -1.0
@@ -87,7 +87,7 @@ def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
         by_seq = {r.sequence: r for r in history if r.rank == 0}
         assert sorted(by_seq) == [1, 2, 8, 10, 11]
         assert not by_seq[2].inversion.spearman.HasField("value")
-        assert not by_seq[2].HasField("loss")
+        assert by_seq[2].loss == math.inf and list(by_seq[2].nonfinite_fields) == ["loss"]
         assert [(s.entropy, s.token_id) for s in by_seq[8].samples] == [(1.0, 9)]
         assert by_seq[10].inversion.spearman.value == 1.0
 
@@ -100,7 +100,7 @@ def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
         reasons = {dict(labels)["reason"] for name, labels in s if name == rejected_total}
         assert reasons == {"out_of_range", "malformed", "too_large", "bad_sequence"}
         assert s[(rejected_total, (("reason", "bad_sequence"),))] == 1
-        assert s[("inversion_monitor_nonfinite_values_total", ())] == 3
+        assert s[("inversion_monitor_nonfinite_values_total", ())] == 2
         # a resend of a rejected record is a duplicate, never stored
         again = push(stub, batch[2])
         assert (again.accepted, again.duplicates, len(again.rejected)) == (0, 1, 0)

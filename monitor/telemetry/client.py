@@ -88,7 +88,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -102,11 +101,11 @@ from types import TracebackType
 from typing import Any
 
 from inversion_monitor._version import __version__
-from inversion_monitor.config import MonitorConfig
+from inversion_monitor.config import default, validate_delivery
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.proto.vocabulary import RUN_KINDS
-from inversion_monitor.rl.signals import RLStats, rl_stats_from_mapping
+from inversion_monitor.rl.signals import RL_STATS_KEYS, RLStats
 from inversion_monitor.telemetry.sender import (
     RunStatus,
     Sender,
@@ -117,18 +116,18 @@ from inversion_monitor.telemetry.sender import (
 from inversion_monitor.telemetry.spool import Spool, SpoolBusy
 from inversion_monitor.telemetry.transport import TlsSetting, Transport
 from inversion_monitor.telemetry.window import DeliveryReport, SendWindow
-from inversion_monitor.telemetry.wire import StatsMapping, step_record, validate_stats
+from inversion_monitor.telemetry.wire import (
+    StatsMapping,
+    health_values,
+    split_stats,
+    step_record,
+)
 
 __all__ = ["DeliveryReport", "MonitorClient", "RunStatus", "TelemetryWarning"]
 
 logger = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def _default(name: str) -> Any:
-    """The default of a delivery knob: MonitorConfig is its single source."""
-    return MonitorConfig.model_fields[name].default
 
 
 _LIVE: weakref.WeakSet[MonitorClient] = weakref.WeakSet()
@@ -205,13 +204,13 @@ class MonitorClient:
         token: str | None = None,
         tls: TlsSetting = False,
         spool_dir: str | os.PathLike[str] | None = None,
-        max_buffer: int = _default("max_buffer"),
-        batch_size: int = _default("batch_size"),
-        flush_interval_s: float = _default("flush_interval_s"),
-        rpc_timeout_s: float = _default("rpc_timeout_s"),
-        backoff_initial_s: float = _default("backoff_initial_s"),
-        backoff_max_s: float = _default("backoff_max_s"),
-        close_timeout_s: float = _default("close_timeout_s"),
+        max_buffer: int = default("max_buffer"),
+        batch_size: int = default("batch_size"),
+        flush_interval_s: float = default("flush_interval_s"),
+        rpc_timeout_s: float = default("rpc_timeout_s"),
+        backoff_initial_s: float = default("backoff_initial_s"),
+        backoff_max_s: float = default("backoff_max_s"),
+        close_timeout_s: float = default("close_timeout_s"),
     ) -> None:
         transport = Transport.create(endpoint, tls=tls, token=token)
         self.endpoint = transport.endpoint
@@ -229,20 +228,15 @@ class MonitorClient:
             raise ValueError(f"world_size={world_size} must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if max_buffer < batch_size:
-            raise ValueError(f"max_buffer={max_buffer} must be >= batch_size={batch_size}")
-        for name, value in (
-            ("flush_interval_s", flush_interval_s),
-            ("rpc_timeout_s", rpc_timeout_s),
-            ("backoff_initial_s", backoff_initial_s),
-            ("backoff_max_s", backoff_max_s),
-        ):
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name}={value} must be a positive number of seconds")
-        if close_timeout_s < 0:
-            raise ValueError(f"close_timeout_s={close_timeout_s} must be >= 0")
+        delivery = validate_delivery(  # MonitorConfig owns every bound
+            max_buffer=max_buffer,
+            batch_size=batch_size,
+            flush_interval_s=flush_interval_s,
+            rpc_timeout_s=rpc_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            close_timeout_s=close_timeout_s,
+        )
         labels = dict(labels or {})
         for key, label in labels.items():
             if not isinstance(key, str) or not isinstance(label, str):
@@ -255,7 +249,7 @@ class MonitorClient:
             ) from None
 
         self.rank = rank
-        self.close_timeout_s = close_timeout_s
+        self.close_timeout_s: float = delivery["close_timeout_s"]
         run_info = monitor_pb2.RunInfo(
             run_id=self.run_id,
             name=run_name,
@@ -270,7 +264,9 @@ class MonitorClient:
         )
         self._warner = Warner()
         spool = self._open_spool(spool_dir)
-        self._window = SendWindow(max_buffer=max_buffer, batch_size=batch_size, spool=spool)
+        self._window = SendWindow(
+            max_buffer=delivery["max_buffer"], batch_size=delivery["batch_size"], spool=spool
+        )
         if self._window.replayed:
             logger.info(
                 "replaying %d records of run %s rank %d from %s",
@@ -285,10 +281,10 @@ class MonitorClient:
             run_info,
             rank=rank,
             settings=SenderSettings(
-                flush_interval_s=flush_interval_s,
-                rpc_timeout_s=rpc_timeout_s,
-                backoff_initial_s=backoff_initial_s,
-                backoff_max_s=backoff_max_s,
+                flush_interval_s=delivery["flush_interval_s"],
+                rpc_timeout_s=delivery["rpc_timeout_s"],
+                backoff_initial_s=delivery["backoff_initial_s"],
+                backoff_max_s=delivery["backoff_max_s"],
             ),
             warner=self._warner,
             takeover=self._window.replayed > 0,
@@ -296,7 +292,6 @@ class MonitorClient:
         self._close_lock = threading.Lock()
         self._report: DeliveryReport | None = None
         self._forked = False
-        self._pid = os.getpid()
         self._thread: threading.Thread | None = threading.Thread(
             target=self._sender.run,
             name=f"inversion-monitor-sender-{self.run_id[:8]}",
@@ -350,7 +345,7 @@ class MonitorClient:
     def log(
         self,
         step: int,
-        stats: InversionStats | Mapping[str, Any],
+        stats: InversionStats | Mapping[str, Any] | None,
         *,
         loss: float | None = None,
         learning_rate: float | None = None,
@@ -360,42 +355,54 @@ class MonitorClient:
         probe_seconds: float | None = None,
         wall_time: float | None = None,
         rl: RLStats | None = None,
+        health: Mapping[str, float | None] | None = None,
     ) -> None:
         """Queue the record of one step and return at once.
 
-        ``stats`` is an ``InversionStats`` or a mapping with at least
-        ``spearman``, ``pearson``, ``n``, ``entropy_mean`` and ``score_mean``
-        (see :class:`~inversion_monitor.telemetry.wire.StatsMapping`); a bad one raises
-        ``ValueError`` naming the field. ``components`` and ``samples`` are as
-        in :func:`~inversion_monitor.telemetry.wire.step_record`. ``wall_time`` defaults
-        to now. RL signals come as the stats keys ``reward_mean``,
-        ``reward_std``, ``policy_entropy_mean`` and ``entropy_covariance``, or
-        whole as ``rl`` (an :class:`~inversion_monitor.rl.signals.RLStats`,
-        with quantiles and advantages; not both). With ``spool_dir`` the record
-        is in the spool file when this returns. Never raises for network or
-        disk reasons and never blocks on the network.
+        ``stats`` is an ``InversionStats``, None, or a mapping. A mapping holds
+        any subset of the health keys (``loss``, ``grad_norm``,
+        ``learning_rate``, ``reward_mean``, ``reward_std``,
+        ``policy_entropy_mean``, ``entropy_covariance``, ``kl``,
+        ``clip_ratio``, ``completion_length_mean``: see
+        :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`) and, on
+        steps the probe ran, the inversion statistics: at least ``spearman``,
+        ``pearson``, ``n``, ``entropy_mean`` and ``score_mean`` (see
+        :class:`~inversion_monitor.telemetry.wire.StatsMapping`). A bad one
+        raises ``ValueError`` naming the field. ``health`` gives health
+        values beside an ``InversionStats``. Non-finite health values are
+        sent as themselves and named in ``nonfinite_fields``. ``components``
+        and ``samples`` are as in :func:`~inversion_monitor.telemetry.wire.step_record`.
+        ``wall_time`` defaults to now. ``rl`` (an
+        :class:`~inversion_monitor.rl.signals.RLStats`) adds quantiles and
+        advantages; the RL keys then cannot also be stats keys. With
+        ``spool_dir`` the record is in the spool file when this returns. Never
+        raises for network or disk reasons and never blocks on the network.
+
+        >>> with MonitorClient("127.0.0.1:9", "doc", close_timeout_s=0.1) as client:
+        ...     client.log(5, {"loss": float("nan"), "grad_norm": 12.5})  # health only
+        >>> client.report().logged
+        1
         """
-        checked: InversionStats | StatsMapping
-        if isinstance(stats, InversionStats):
+        checked: InversionStats | StatsMapping | None
+        values = health_values(health, strict=True) if health else {}
+        if stats is None or isinstance(stats, InversionStats):
             checked = stats
         elif isinstance(stats, Mapping):
-            checked = validate_stats(stats)
-            from_keys = rl_stats_from_mapping(stats)
-            if from_keys is not None:
-                if rl is not None:
+            checked, from_keys = split_stats(stats)
+            for name in from_keys:
+                if name in values or _given(name, loss, learning_rate, entropy_covariance):
                     raise ValueError(
-                        "RL signals given twice: as stats keys (reward_mean, ...) and as rl=; "
+                        f"{name} given twice: as a stats key and as an argument; pass one of them"
+                    )
+                if rl is not None and name in RL_STATS_KEYS:
+                    raise ValueError(
+                        f"RL signals given twice: as stats keys ({name}, ...) and as rl=; "
                         "pass one of them"
                     )
-                if entropy_covariance is not None and "entropy_covariance" in stats:
-                    raise ValueError(
-                        "entropy_covariance given twice: as a stats key and as an argument; "
-                        "pass one of them"
-                    )
-                rl = from_keys
+            values.update(from_keys)
         else:
             raise TypeError(
-                f"stats must be an InversionStats or a mapping, got {type(stats).__name__}"
+                f"stats must be an InversionStats, a mapping or None, got {type(stats).__name__}"
             )
         record = step_record(
             run_id=self.run_id,
@@ -410,6 +417,7 @@ class MonitorClient:
             samples=samples,
             probe_seconds=probe_seconds,
             rl=rl,
+            health=values,
         )
         added = self._window.add(record)
         if added.ready and not self._sender.wake.is_set():
@@ -588,6 +596,14 @@ class MonitorClient:
             self.run_id,
             self.rank,
         )
+
+
+def _given(
+    name: str, loss: float | None, learning_rate: float | None, entropy_covariance: float | None
+) -> bool:
+    """Whether health value ``name`` was also passed as its own argument of ``log``."""
+    given = {"loss": loss, "learning_rate": learning_rate, "entropy_covariance": entropy_covariance}
+    return given.get(name) is not None
 
 
 def _call_weak(weak: weakref.WeakMethod[Callable[[], None]]) -> None:

@@ -1,10 +1,15 @@
 """The one translation from domain objects to wire messages.
 
 :func:`step_record` turns an :class:`~inversion_monitor.metrics.stats.InversionStats`
-(or a plain mapping, validated by :class:`StatsMapping`) plus the optional
-training values into a ``StepRecord``. Non-finite numbers travel as unset
-optional fields. The record's ``sequence`` is left at 0: the client numbers
-records when it first sends them (see :mod:`inversion_monitor.telemetry.client`).
+(or a plain mapping, validated by :class:`StatsMapping`), the step's training
+health (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`: loss,
+grad_norm, learning_rate and the RL signals) and the optional extras into a
+``StepRecord``. A record may carry health values only (``stats=None``).
+Non-finite inversion statistics travel as unset optional fields; non-finite
+health values travel as themselves (NaN, +-inf) and are named in
+``nonfinite_fields``, so a diverged run is never invisible. The record's
+``sequence`` is left at 0: the client numbers records when it first sends them
+(see :mod:`inversion_monitor.telemetry.client`).
 
 >>> from inversion_monitor.metrics.stats import InversionStats
 >>> stats = stats_from_mapping(
@@ -15,6 +20,10 @@ records when it first sends them (see :mod:`inversion_monitor.telemetry.client`)
 (-0.6, 64, 2.5)
 >>> record.inversion.spearman.HasField("ci_low")  # NaN interval -> unset
 False
+>>> health = step_record(run_id="r1", rank=0, step=11, wall_time=1.0, stats=None,
+...                      health={"loss": float("nan"), "grad_norm": 3.0})
+>>> health.HasField("inversion"), health.loss, list(health.nonfinite_fields)
+(False, nan, ['loss'])
 """
 
 from __future__ import annotations
@@ -27,19 +36,22 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.rl.signals import RL_STATS_KEYS, RLStats
+from inversion_monitor.proto.v1.health import HEALTH_FIELDS
+from inversion_monitor.rl.signals import RLStats
 
 _NAN = math.nan
 _REQUIRED = ("spearman", "pearson", "n", "entropy_mean", "score_mean")
+_HEALTH = frozenset(HEALTH_FIELDS)
 
 
 class StatsMapping(BaseModel):
-    """A plain mapping accepted in place of an ``InversionStats``.
+    """The inversion statistics of a plain mapping, in place of an ``InversionStats``.
 
     ``spearman``, ``pearson``, ``n``, ``entropy_mean`` and ``score_mean`` are
     required; every other field of ``InversionStats`` is optional (NaN or
     unset when absent). Unknown keys are an error, so a typo never loses a
-    value silently.
+    value silently. Health keys (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`)
+    are split off first by :func:`split_stats`.
 
     >>> StatsMapping.model_validate(
     ...     {"spearman": -0.6, "pearson": -0.5, "n": 64, "entropy_mean": 1.2, "score_mean": 3.4}
@@ -68,21 +80,79 @@ class StatsMapping(BaseModel):
     spearman_per_token_type: float | None = None
     n_token_types: NonNegativeInt | None = None
     extra: dict[str, float] = {}
-    # RL signals (see inversion_monitor.rl.signals.RL_STATS_KEYS); not InversionStats fields
-    reward_mean: float | None = None
-    reward_std: float | None = None
-    policy_entropy_mean: float | None = None
-    entropy_covariance: float | None = None
+
+
+def split_stats(mapping: Mapping[str, Any]) -> tuple[StatsMapping | None, dict[str, float]]:
+    """A mapping's inversion statistics (None when it has none) and its health values.
+
+    Health keys are optional, each a number or None (left out); the inversion
+    keys are optional as a group: none of them, or at least the required
+    five. Raises ``ValueError`` naming the field and the fix.
+
+    >>> split_stats({"loss": 2.0, "grad_norm": None})
+    (None, {'loss': 2.0})
+    >>> split_stats({"loss": 2.0, "spearman": -0.5})
+    Traceback (most recent call last):
+    ...
+    ValueError: stats['pearson'] is missing; stats['n'] is missing; stats['entropy_mean'] is
+    missing; stats['score_mean'] is missing. Pass an InversionStats, or a mapping with at least
+    spearman, pearson, n, entropy_mean and score_mean (numbers; n a non-negative int), or only
+    health keys (loss, grad_norm, ...).
+    """
+    health = health_values(mapping)
+    rest = {key: value for key, value in mapping.items() if key not in _HEALTH}
+    if not rest:
+        return None, health
+    try:
+        return StatsMapping.model_validate(rest), health
+    except ValidationError as exc:
+        raise ValueError(_explain(exc)) from None
+
+
+def health_values(mapping: Mapping[str, Any], *, strict: bool = False) -> dict[str, float]:
+    """The health keys of ``mapping`` as floats (None values left out; NaN and inf kept).
+
+    ``strict``: every key must be a health key. Raises ``ValueError`` naming the
+    key whose value is not a number.
+
+    >>> health_values({"loss": 1, "kl": float("inf"), "spearman": 0.1})
+    {'loss': 1.0, 'kl': inf}
+    """
+    found: dict[str, float] = {}
+    for key, value in mapping.items():
+        if key not in _HEALTH:
+            if strict:
+                raise ValueError(
+                    f"health[{key!r}] is not a health field (known: {', '.join(HEALTH_FIELDS)})"
+                )
+            continue
+        if value is None:
+            continue
+        if isinstance(value, bool | str | bytes):
+            raise ValueError(
+                f"stats[{key!r}] = {value!r} is not a number: pass a float (or leave the key out)"
+            )
+        try:
+            found[key] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"stats[{key!r}] = {value!r} is not a number: pass a float (or leave the key out)"
+            ) from None
+    return found
 
 
 def validate_stats(mapping: Mapping[str, Any]) -> StatsMapping:
-    """Validate a plain stats mapping; raises ``ValueError`` naming the field and the fix.
+    """Validate a stats mapping that carries inversion statistics (health keys allowed).
 
-    The result has the attributes of ``InversionStats`` that
-    :func:`step_record` reads, so it can be translated without building one.
+    Raises ``ValueError`` naming the field and the fix. The result has the
+    attributes of ``InversionStats`` that :func:`step_record` reads, so it can
+    be translated without building one.
     """
+    checked, _ = split_stats(mapping)
+    if checked is not None:
+        return checked
     try:
-        return StatsMapping.model_validate(mapping)
+        return StatsMapping.model_validate({})  # raises: the required keys are missing
     except ValidationError as exc:
         raise ValueError(_explain(exc)) from None
 
@@ -90,18 +160,17 @@ def validate_stats(mapping: Mapping[str, Any]) -> StatsMapping:
 def stats_from_mapping(mapping: Mapping[str, Any]) -> InversionStats:
     """Validate a plain mapping and build the ``InversionStats`` it describes.
 
-    Raises ``ValueError`` naming the missing or bad field and the fix.
+    Health keys are ignored. Raises ``ValueError`` naming the missing or bad
+    field and the fix.
 
     >>> stats_from_mapping({"spearman": -0.6, "pearson": -0.5, "n": 64, "entropy_mean": 1.2})
     Traceback (most recent call last):
     ...
-    ValueError: stats['score_mean'] is missing. Pass an InversionStats, or a mapping with
-    at least spearman, pearson, n, entropy_mean and score_mean (numbers; n a non-negative int).
+    ValueError: stats['score_mean'] is missing. Pass an InversionStats, or a mapping with at
+    least spearman, pearson, n, entropy_mean and score_mean (numbers; n a non-negative int), or
+    only health keys (loss, grad_norm, ...).
     """
-    values = dict(validate_stats(mapping).__dict__)
-    for key in RL_STATS_KEYS:
-        values.pop(key, None)
-    return InversionStats(**values)
+    return InversionStats(**validate_stats(mapping).__dict__)
 
 
 def _explain(exc: ValidationError) -> str:
@@ -111,7 +180,7 @@ def _explain(exc: ValidationError) -> str:
         if error["type"] == "missing":
             problems.append(f"stats{where} is missing")
         elif error["type"] == "extra_forbidden":
-            known = ", ".join(StatsMapping.model_fields)
+            known = ", ".join([*StatsMapping.model_fields, *HEALTH_FIELDS])
             problems.append(f"stats{where} is not a known field (known: {known})")
         else:
             problems.append(f"stats{where} = {error['input']!r} is invalid: {error['msg']}")
@@ -119,7 +188,9 @@ def _explain(exc: ValidationError) -> str:
         "; ".join(problems)
         + ". Pass an InversionStats, or a mapping with at least "
         + ", ".join(_REQUIRED[:-1])
-        + f" and {_REQUIRED[-1]} (numbers; n a non-negative int)."
+        + f" and {_REQUIRED[-1]} (numbers; n a non-negative int), or only health keys ("
+        + ", ".join(HEALTH_FIELDS)
+        + ")."
     )
 
 
@@ -154,7 +225,7 @@ def step_record(
     rank: int,
     step: int,
     wall_time: float,
-    stats: InversionStats | StatsMapping,
+    stats: InversionStats | StatsMapping | None,
     loss: float | None = None,
     learning_rate: float | None = None,
     entropy_covariance: float | None = None,
@@ -162,18 +233,24 @@ def step_record(
     samples: Iterable[tuple[float, float, int]] | None = None,
     probe_seconds: float | None = None,
     rl: RLStats | None = None,
+    health: Mapping[str, float | None] | None = None,
 ) -> monitor_pb2.StepRecord:
     """Build the ``StepRecord`` of one step (``sequence`` left at 0).
 
-    ``stats`` is an ``InversionStats`` or a validated :class:`StatsMapping`.
+    ``stats`` is an ``InversionStats``, a validated :class:`StatsMapping`, or
+    None for a health-only record (no ``inversion``, ``entropy``, ``score``).
 
     ``components`` are mappings with ``layer`` (int), ``projection``
     (``"q"``, ``"k"``, ``"v"`` or ``"o"``) and optional ``spearman`` and
     ``score_mean``; ``samples`` are ``(entropy, score, token_id)`` triples.
-    ``rl`` fills the RL fields (reward, policy entropy, advantage and, unless
-    ``entropy_covariance`` is given, the covariance).
-    Non-finite numbers are left unset. Raises ``TypeError``/``ValueError``
-    naming the bad argument.
+    ``health`` maps names of :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`
+    to numbers (None: not known); ``loss``, ``learning_rate`` and
+    ``entropy_covariance`` given as arguments win over it. ``rl`` fills the RL
+    fields (reward, policy entropy, advantage, covariance) where neither
+    gives them; its NaN means "not measured" and is left unset.
+    Non-finite inversion statistics are left unset; non-finite health values
+    are sent and named in ``nonfinite_fields``. Raises
+    ``TypeError``/``ValueError`` naming the bad argument.
 
     >>> from inversion_monitor.metrics.stats import InversionStats
     >>> s = InversionStats.insufficient_sample(n=2, reason="n < 4")
@@ -195,6 +272,44 @@ def step_record(
     ):
         _check_number(name, value)
     record = monitor_pb2.StepRecord(run_id=run_id, rank=rank, step=int(step), wall_time=wall_time)
+    if stats is not None:
+        _add_stats(record, stats)
+    _set(record, "probe_seconds", probe_seconds)
+    values: dict[str, float | None] = {}
+    if rl is not None:
+        values.update(_rl_health(rl, record))
+    if health:
+        for name, value in health.items():
+            if name not in _HEALTH:
+                raise ValueError(
+                    f"health[{name!r}] is not a health field (known: {', '.join(HEALTH_FIELDS)})"
+                )
+            if value is not None:
+                values[name] = value
+    for name, value in (
+        ("loss", loss),
+        ("learning_rate", learning_rate),
+        ("entropy_covariance", entropy_covariance),
+    ):
+        if value is not None:
+            values[name] = value
+    nonfinite = record.nonfinite_fields
+    for name in HEALTH_FIELDS:  # the contract's order, so records compare equal
+        value = values.get(name)
+        if value is None:
+            continue
+        number = float(value)
+        setattr(record, name, number)
+        if not math.isfinite(number):
+            nonfinite.append(name)
+    if components is not None:
+        _add_components(record, components)
+    if samples is not None:
+        _add_samples(record, samples)
+    return record
+
+
+def _add_stats(record: monitor_pb2.StepRecord, stats: InversionStats | StatsMapping) -> None:
     inversion = record.inversion
     inversion.n = int(stats.n)
     inversion.insufficient = bool(stats.insufficient)
@@ -220,27 +335,12 @@ def step_record(
     _set(score, "p50", stats.score_p50)
     _set(score, "p90", stats.score_p90)
     _set(record, "spearman_per_token_type", stats.spearman_per_token_type)
-    _set(record, "loss", loss)
-    _set(record, "learning_rate", learning_rate)
-    _set(record, "entropy_covariance", entropy_covariance)
-    _set(record, "probe_seconds", probe_seconds)
-    if rl is not None:
-        _add_rl(record, rl, covariance=entropy_covariance is None)
-    if components is not None:
-        _add_components(record, components)
-    if samples is not None:
-        _add_samples(record, samples)
-    return record
 
 
-def _add_rl(record: monitor_pb2.StepRecord, rl: RLStats, *, covariance: bool) -> None:
+def _rl_health(rl: RLStats, record: monitor_pb2.StepRecord) -> dict[str, float]:
+    """The health values of ``rl`` (NaN: not measured, left out); fills the summaries."""
     if not isinstance(rl, RLStats):
         raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
-    _set(record, "reward_mean", rl.reward_mean)
-    _set(record, "reward_std", rl.reward_std)
-    _set(record, "policy_entropy_mean", rl.policy_entropy_mean)
-    if covariance:
-        _set(record, "entropy_covariance", rl.entropy_covariance)
     for summary, prefix in (
         (record.policy_entropy, "policy_entropy"),
         (record.advantage, "advantage"),
@@ -248,6 +348,12 @@ def _add_rl(record: monitor_pb2.StepRecord, rl: RLStats, *, covariance: bool) ->
         _set(summary, "mean", getattr(rl, f"{prefix}_mean"))
         for q in ("p10", "p50", "p90"):
             _set(summary, q, getattr(rl, f"{prefix}_{q}"))
+    found = {}
+    for name in ("reward_mean", "reward_std", "policy_entropy_mean", "entropy_covariance"):
+        value = float(getattr(rl, name))
+        if not math.isnan(value):  # RLStats' NaN: not measured; an infinity is sent
+            found[name] = value
+    return found
 
 
 def _add_components(
