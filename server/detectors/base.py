@@ -54,6 +54,17 @@ class Observation:
     # RL runs: mean reward and the policy's mean entropy over completion tokens
     reward_mean: float | None = None
     policy_entropy_mean: float | None = None
+    # training health, one record per optimizer step (StepRecord's names); a
+    # non-finite value stays NaN/inf here and is named in ``nonfinite_fields``
+    loss: float | None = None
+    learning_rate: float | None = None
+    reward_std: float | None = None
+    entropy_covariance: float | None = None
+    grad_norm: float | None = None
+    kl: float | None = None
+    clip_ratio: float | None = None
+    completion_length_mean: float | None = None
+    nonfinite_fields: tuple[str, ...] = ()
 
     @property
     def usable_rho(self) -> bool:
