@@ -183,3 +183,15 @@ def test_engine_alerts_on_a_nan_grad_norm_record() -> None:
     engine.on_record("r", "demo", bad)
     (alert,) = engine.active("r")
     assert (alert.name, alert.severity, alert.start_step) == ("NonFiniteTraining", "critical", 6)
+
+
+def test_mad_matches_sorting() -> None:
+    """The O(log n) MAD of the window equals the MAD by sorting the deviations."""
+    from inversion_monitor.server.detectors.robust import _mad, _median
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(1, 70)
+        ys = sorted(rng.choice([rng.gauss(0, 1), float(rng.randint(-3, 3))]) for _ in range(n))
+        med = _median(ys)
+        assert _mad(ys, med) == pytest.approx(_median(sorted(abs(y - med) for y in ys)))

@@ -30,7 +30,7 @@ class AlertsConfig(DetectorConfig):
     >>> AlertsConfig.model_validate({"lost": {"sustain": 3}}).lost.sustain
     3
     >>> AlertsConfig.model_validate({"grad_norm_spike": {"threshold": 12}}).grad_norm_spike.k
-    1.0
+    2.0
     """
 
     weakening: WeakeningConfig = WeakeningConfig()

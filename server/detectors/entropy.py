@@ -38,8 +38,10 @@ class EntropyDropConfig(DriftConfig):
 
 
 class EntropySurgeConfig(DriftConfig):
-    """Parameters of :class:`EntropySurge` (the log of the entropy)."""
+    """Parameters of :class:`EntropySurge` (the log of the entropy; a spike detector's large
+    allowance, as :class:`~.spikes.SpikeConfig`)."""
 
+    k: float = Field(default=2.0, ge=0.0)
     floor: float = Field(default=0.01, ge=0.0)
     min_scale: float = Field(default=0.05, gt=0.0)
 
@@ -151,13 +153,13 @@ class EntropyCollapse:
     def _rate(self, step: int) -> float | None:
         """Drop of the EWMA over the last ~100 steps, as a fraction of the early level."""
         assert self.early is not None and self.ewma is not None
-        old = None
-        for s, v in self._history:
-            if step - s <= 100:
-                break
-            old = (s, v)
-        if old is None:
+        history = self._history
+        # steps only grow: keep one entry older than 100 steps, the latest such
+        while len(history) >= 2 and step - history[1][0] > 100:
+            history.popleft()
+        if not history or step - history[0][0] <= 100:
             return None
+        old = history[0]
         return (old[1] - self.ewma) / self.early * 100.0 / max(1, step - old[0])
 
     def update(self, obs: Observation) -> Transition | None:

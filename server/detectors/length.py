@@ -13,6 +13,7 @@ from inversion_monitor.server.detectors.robust import Direction, DriftConfig, Dr
 class LengthDriftConfig(DriftConfig):
     """Parameters of :class:`LengthDrift` (the log of the mean completion length)."""
 
+    k: float = Field(default=1.5, ge=0.0, description="CUSUM allowance, robust SDs")
     min_scale: float = Field(default=0.05, gt=0.0)
     floor: float = Field(default=1.0, ge=0.0, description="tokens: an empty completion is ~1")
 

@@ -14,6 +14,7 @@ class RewardCollapseConfig(DriftConfig):
     """Parameters of :class:`RewardCollapse` (rewards taken as they are: they may be signed)."""
 
     scale: Scale = Scale.LINEAR
+    k: float = Field(default=1.5, ge=0.0, description="CUSUM allowance, robust SDs")
     min_scale: float = Field(default=0.01, gt=0.0, description="smallest robust SD, reward units")
 
 

@@ -19,6 +19,7 @@ naming the :class:`~.base.Observation` field it watches and the direction.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class RobustStream:
     def __init__(self, config: DriftConfig) -> None:
         self.config = config
         self._window: deque[float] = deque(maxlen=config.window)
+        self._sorted: list[float] = []  # the window's values in order
         self._warm: list[float] = []
         self.log: bool | None = None if config.scale is Scale.AUTO else config.scale is Scale.LOG
         self.up = 0.0
@@ -112,10 +114,16 @@ class RobustStream:
 
     def level_scale(self) -> tuple[float, float]:
         """Median and robust SD (MAD x 1.4826, at least ``min_scale``) of the window."""
-        ys = sorted(self._window)
+        ys = self._sorted
         med = _median(ys)
-        mad = _median(sorted(abs(y - med) for y in ys))
-        return med, max(MAD_TO_SD * mad, self.config.min_scale)
+        return med, max(MAD_TO_SD * _mad(ys, med), self.config.min_scale)
+
+    def _push(self, y: float) -> None:
+        """Add ``y`` to the window (and its sorted copy), dropping the oldest when full."""
+        if len(self._window) == self._window.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._window[0])]
+        self._window.append(y)
+        bisect.insort(self._sorted, y)
 
     def update(self, x: float) -> Score | None:
         """Score a finite value; None while warming up."""
@@ -125,18 +133,19 @@ class RobustStream:
             if len(self._warm) < cfg.warmup:
                 return None
             self.log = min(self._warm) > 0.0
-            self._window.extend(self._y(v) for v in self._warm)
+            for v in self._warm:
+                self._push(self._y(v))
             return None
         y = self._y(x)
         if len(self._window) < cfg.warmup:
-            self._window.append(y)
+            self._push(y)
             return None
         level, scale = self.level_scale()
         z = (y - level) / scale
         cap = 2.0 * cfg.threshold  # bounded, so the end of a fault is seen in time
         self.up = min(cap, max(0.0, self.up + z - cfg.k))
         self.down = min(cap, max(0.0, self.down - z - cfg.k))
-        self._window.append(level + max(-cfg.clip, min(cfg.clip, z)) * scale)
+        self._push(level + max(-cfg.clip, min(cfg.clip, z)) * scale)
         return Score(x, math.exp(level) if self.log else level, z, self.up, self.down)
 
 
@@ -144,6 +153,38 @@ def _median(sorted_values: list[float]) -> float:
     n = len(sorted_values)
     mid = n // 2
     return sorted_values[mid] if n % 2 else 0.5 * (sorted_values[mid - 1] + sorted_values[mid])
+
+
+def _mad(ys: list[float], med: float) -> float:
+    """Median absolute deviation of sorted ``ys`` from ``med`` in O(log n), without sorting:
+    the deviations below and above ``med`` are two sorted runs; their k-th smallest is found
+    by bisecting how many come from each (tests/test_health_detectors.py checks it against
+    sorting).
+
+    >>> ys = [1.0, 2.0, 4.0, 7.0, 11.0]
+    >>> _mad(ys, 4.0), _median(sorted(abs(y - 4.0) for y in ys))
+    (3.0, 3.0)
+    """
+    n = len(ys)
+    p = bisect.bisect_left(ys, med)
+    a, b = p, n - p  # deviations below: med - ys[p-1-i]; above: ys[p+j] - med
+
+    def kth(k: int) -> float:
+        lo, hi = max(0, k + 1 - b), min(a, k + 1)  # how many of the k+1 smallest are below
+        while lo < hi:
+            i = (lo + hi) // 2
+            j = k + 1 - i
+            if j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:
+                lo = i + 1
+            else:
+                hi = i
+        j = k + 1 - lo
+        below = med - ys[p - lo] if lo > 0 else -math.inf
+        above = ys[p + j - 1] - med if j > 0 else -math.inf
+        return max(below, above)
+
+    mid = n // 2
+    return kth(mid) if n % 2 else 0.5 * (kth(mid - 1) + kth(mid))
 
 
 class DriftDetector:

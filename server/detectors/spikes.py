@@ -7,27 +7,39 @@ from typing import ClassVar
 from pydantic import Field
 
 from inversion_monitor.server.detectors.base import AlertName, Reason
-from inversion_monitor.server.detectors.robust import Direction, DriftConfig, DriftDetector, Scale
+from inversion_monitor.server.detectors.robust import (
+    Direction,
+    DriftConfig,
+    DriftDetector,
+    Scale,
+)
 
 
-class LossSpikeConfig(DriftConfig):
+class SpikeConfig(DriftConfig):
+    """A spike detector's settings: a large allowance, so a healthy drift of a robust SD or two
+    per record never adds up; one record 10 robust SDs out fires, or two records 6 out."""
+
+    k: float = Field(default=2.0, ge=0.0)
+
+
+class LossSpikeConfig(SpikeConfig):
     """Parameters of :class:`LossSpike` (the log of the loss; a signed loss is taken as is)."""
 
     scale: Scale = Scale.AUTO
     min_scale: float = Field(default=0.03, gt=0.0)
 
 
-class GradNormSpikeConfig(DriftConfig):
+class GradNormSpikeConfig(SpikeConfig):
     """Parameters of :class:`GradNormSpike` (the log of the grad norm)."""
 
     min_scale: float = Field(default=0.05, gt=0.0)
 
 
-class KLSurgeConfig(DriftConfig):
+class KLSurgeConfig(SpikeConfig):
     """Parameters of :class:`KLSurge` (the log of KL + ``floor`` nats: below it KL is ~0)."""
 
     floor: float = Field(default=0.01, ge=0.0)
-    min_scale: float = Field(default=0.1, gt=0.0)
+    min_scale: float = Field(default=0.15, gt=0.0)
 
 
 class LossSpike(DriftDetector):
