@@ -54,13 +54,14 @@ class ViewLike(Protocol):
 
 
 def observation(record: monitor_pb2.StepRecord) -> Observation:
-    """The detector inputs of a record (missing statistics stay None).
+    """The detector inputs of a record (missing statistics stay None, NaN stays NaN).
 
     >>> rec = monitor_pb2.StepRecord(step=3, wall_time=1.5)
     >>> rec.inversion.spearman.value = -0.4; rec.inversion.n = 64; rec.entropy.mean = 2.0
-    >>> observation(rec)  # doctest: +NORMALIZE_WHITESPACE
-    Observation(step=3, wall_time=1.5, rho=-0.4, n=64, entropy_mean=2.0, reward_mean=None,
-                policy_entropy_mean=None)
+    >>> rec.grad_norm = float("nan"); rec.nonfinite_fields.append("grad_norm")
+    >>> obs = observation(rec)
+    >>> obs.rho, obs.n, obs.entropy_mean, obs.reward_mean, obs.grad_norm, obs.nonfinite_fields
+    (-0.4, 64, 2.0, None, nan, ('grad_norm',))
     """
     inv = record.inversion
     rho = (
@@ -75,9 +76,23 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
         rho,
         int(inv.n),
         entropy,
-        record.reward_mean if record.HasField("reward_mean") else None,
-        record.policy_entropy_mean if record.HasField("policy_entropy_mean") else None,
+        _opt(record, "reward_mean"),
+        _opt(record, "policy_entropy_mean"),
+        loss=_opt(record, "loss"),
+        learning_rate=_opt(record, "learning_rate"),
+        reward_std=_opt(record, "reward_std"),
+        entropy_covariance=_opt(record, "entropy_covariance"),
+        grad_norm=_opt(record, "grad_norm"),
+        kl=_opt(record, "kl"),
+        clip_ratio=_opt(record, "clip_ratio"),
+        completion_length_mean=_opt(record, "completion_length_mean"),
+        nonfinite_fields=tuple(record.nonfinite_fields),
     )
+
+
+def _opt(record: monitor_pb2.StepRecord, name: str) -> float | None:
+    """An optional double of the record: None when unset, its value (NaN and inf too) when set."""
+    return float(getattr(record, name)) if record.HasField(name) else None
 
 
 @dataclass

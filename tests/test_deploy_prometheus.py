@@ -140,6 +140,6 @@ def test_every_panel_query_returns_data(prometheus: tuple[str, Any]) -> None:
     alerts = api(base, "query", query=f'inversion_monitor_alert_active{{run="{RUN}"}}')["result"]
     assert {r["metric"]["alertname"] for r in alerts} >= {"InversionWeakening"}
     rules = api(base, "rules")
-    assert sum(len(g["rules"]) for g in rules["groups"]) == 17
+    assert sum(len(g["rules"]) for g in rules["groups"]) == 31
     kinds = api(base, "query", query=f'inversion_monitor_run_kind{{run="{RUN}"}}')["result"]
     assert [r["metric"]["kind"] for r in kinds] == ["rl"]

@@ -126,6 +126,17 @@ def test_stale() -> None:
     assert end is not None and not end.firing and end.reason is Reason.RUN_CLOSED
 
 
+HEALTH = {
+    "NonFiniteTraining",
+    "LossSpike",
+    "GradNormSpike",
+    "RewardCollapse",
+    "EntropySurge",
+    "KLSurge",
+    "LengthDrift",
+}
+
+
 def test_run_detectors_respect_enabled() -> None:
     cfg = AlertsConfig.model_validate(
         {
@@ -135,7 +146,10 @@ def test_run_detectors_respect_enabled() -> None:
         }
     )
     dets = RunDetectors(cfg)
-    assert {type(d).__name__ for d in dets.detectors} == {"InversionLost", "EntropyCollapse"}
+    assert {type(d).__name__ for d in dets.detectors} == {
+        "InversionLost",
+        "EntropyCollapse",
+    } | HEALTH
     assert dets.stale is None
 
 
