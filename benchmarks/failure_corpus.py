@@ -99,9 +99,9 @@ def sft_run(steps: int, seed: int, fault: str | None, onset: int) -> tuple[Corpu
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-    from inversion_monitor.app.toy.models import tiny_causal_lm
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.toy.models import tiny_causal_lm
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     tokenizer = char_tokenizer()
     model = tiny_causal_lm("llama", seed=seed).train()
@@ -173,9 +173,9 @@ def rl_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> C
     import copy
 
     from inversion_monitor.app.demo_rl import GRPOSettings, train_grpo
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
     from inversion_monitor.config import MonitorConfig
     from inversion_monitor.engine.training_monitor import InversionMonitor
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     model = copy.deepcopy(base).train()
     settings = GRPOSettings(

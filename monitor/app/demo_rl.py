@@ -129,7 +129,7 @@ class GRPOSettings:
     def reward(self, step: int, completion: str, problem: ArithmeticProblem) -> float:
         """The reward of one completion at ``step`` (the faulty one once ``reward_fault`` is on).
 
-        >>> from inversion_monitor.app.toy.corpus import ArithmeticProblem
+        >>> from inversion_monitor.toy.corpus import ArithmeticProblem
         >>> p = ArithmeticProblem(prompt="Q: 2+3=?\\n", completion="2+3=5.\\nA: 5\\n", answer=5)
         >>> s = GRPOSettings(steps=10, reward_fault=(5, "length"), max_new_tokens=40)
         >>> s.reward(4, "2+3=5.\\nA: 5\\n", p), s.reward(5, "x" * 20, p)
