@@ -8,6 +8,10 @@ run's lines (:func:`run_lines`) are made once per change of the run, on the
 writer thread, so a scrape only joins them. A reader yields ``(label values,
 value)`` pairs; none when the run has no such value (no sample).
 
+A new statistic of the latest record is one row of :data:`BASE_GAUGES` (or
+:data:`EXTENDED_GAUGES`, shown with ``--extended-metrics``): name, help and
+how to read it from the :class:`~monitor_pb2.StepRecord`.
+
 >>> [f.name for f in SERVER_FAMILIES][:2]
 ['active_runs', 'records_ingested']
 """

@@ -13,7 +13,7 @@ import pytest
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.telemetry.retry import RETRYABLE_CODES, classify
 from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
-from tests.server_support import free_port
+from tests.server_support import free_port, wait_until
 
 STOPPING = [
     grpc.StatusCode.UNAUTHENTICATED,
@@ -88,10 +88,9 @@ def test_stopping_codes_warn_once_and_stop_sending(
         assert time.monotonic() - started < 2
         for step in range(1, 50):
             client.log(step, stats(step))  # keeps buffering, never raises
-        time.sleep(0.3)
-    assert len(servicer.call_log()) == 1  # no retry
+        report = client.close(timeout_s=1)  # the sender has stopped: anything it sent is logged
+    assert len(servicer.call_log()) == 1  # no retry, not even at close
     assert sum("refused" in str(w.message) for w in caught) == 1
-    report = client.close(timeout_s=1)
     assert (report.logged, report.delivered, report.dropped) == (50, 0, 50)
 
 
@@ -175,10 +174,10 @@ def test_close_during_long_backoff_returns_promptly(server: ServerHandle) -> Non
         run_id="bo",
         **{**FAST, "backoff_initial_s": 30.0, "backoff_max_s": 60.0},
     )
-    with pytest.warns(TelemetryWarning, match="UNAVAILABLE"):
+    with pytest.warns(TelemetryWarning, match="UNAVAILABLE") as caught:
         client.log(0, stats(0))
-        assert wait_for(lambda: len(server.servicer.call_log()) >= 1)
-        time.sleep(0.1)  # now sleeping in a ~30 s backoff
+        # the sender warns as it handles the failure, then sleeps the ~30 s backoff
+        wait_until("the UNAVAILABLE warning", lambda: len(caught) >= 1, timeout_s=10)
         started = time.monotonic()
         report = client.close(timeout_s=10)
     assert time.monotonic() - started < 1.0  # the retry would come after the deadline

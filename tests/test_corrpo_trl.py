@@ -8,14 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOConfig
 
 from inversion_monitor import corrpo_rewards, group_advantages, sequence_inversion
 from inversion_monitor.callbacks.trl_corrpo import CorrPOConfig, CorrPOGRPOTrainer
-from inversion_monitor.toy.corpus import arithmetic_problems
 from inversion_monitor.toy.models import tiny_causal_lm
 from inversion_monitor.toy.tokenizer import char_tokenizer
+from tests.trainers import arithmetic_dataset, grpo_config
 
 pytestmark = pytest.mark.slow
 
@@ -51,30 +49,18 @@ class RecordingTrainer(CorrPOGRPOTrainer):
 
 
 def make_trainer(tmp_path: Path, corrpo: CorrPOConfig, *, max_steps: int = 3) -> RecordingTrainer:
-    problems = arithmetic_problems(16, seed=5)
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
-    config = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=max_steps,
+    config = grpo_config(
+        tmp_path / "out",
+        max_steps,
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=16,
-        learning_rate=1e-3,
-        logging_steps=1,
-        use_vllm=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        bf16=False,
-        dataloader_num_workers=0,
-        seed=0,
     )
     return RecordingTrainer(
         model=tiny_causal_lm("llama").train(),
         reward_funcs=answer_reward,
         args=config,
-        train_dataset=dataset,
+        train_dataset=arithmetic_dataset(16, seed=5),
         processing_class=char_tokenizer(),
         corrpo=corrpo,
     )

@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from tests.server_support import free_port, open_run, push, ready_process, record, running, stub_for
+from tests.server_support import (
+    free_port,
+    open_run,
+    push,
+    ready_process,
+    record,
+    running,
+    stub_for,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = Path("/usr/bin/prometheus")
@@ -116,18 +125,16 @@ def test_dashboard_shape() -> None:
 
 def test_every_panel_query_returns_data(prometheus: tuple[str, Any]) -> None:
     base, more = prometheus
+
     # wait until Prometheus has several scrapes of the run (rates need two)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def scraped_often() -> bool:
         more()
         got = api(
             base, "query", query=f'count_over_time(inversion_monitor_step{{run="{RUN}"}}[1m])'
         )
-        if got["result"] and float(got["result"][0]["value"][1]) >= 4:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("Prometheus did not scrape the server")
+        return bool(got["result"]) and float(got["result"][0]["value"][1]) >= 4
+
+    wait_until("Prometheus to scrape the server four times", scraped_often, 60)
     runs = api(base, "label/run/values", **{"match[]": "inversion_monitor_step"})
     assert RUN in runs
     empty = []

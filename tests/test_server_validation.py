@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-import time
 
 import grpc
 import pytest
@@ -36,6 +35,7 @@ from tests.server_support import (
     session,
     step_records,
     stub_for,
+    wait_until,
 )
 
 
@@ -297,9 +297,7 @@ def test_pushes_queued_behind_a_busy_writer_share_one_commit(tmp_path):
             for seq in range(2, 12)
         ]
         depth = ("inversion_monitor_writer_queue_depth", ())
-        deadline = time.monotonic() + TIMEOUT
-        while samples(scrape_text(server))[depth] < 11 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until("11 queued writes", lambda: samples(scrape_text(server))[depth] >= 11, TIMEOUT)
         assert samples(scrape_text(server))[depth] == 11
         gate.release.set()
         results = [first.result(), *(f.result() for f in queued)]
