@@ -69,7 +69,8 @@ def bench_redaction() -> None:
         start = time.perf_counter()
         redact_text(value)
         after = time.perf_counter() - start
-        print(f"   {name:9s} before {before:7.3f}  after {after:7.4f}  ratio {before / after:6.0f}x")
+        ratio = before / after
+        print(f"   {name:9s} before {before:7.3f}  after {after:7.4f}  ratio {ratio:6.0f}x")
 
 
 def _get(url: str) -> bytes:
