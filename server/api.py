@@ -8,7 +8,9 @@ says). Both call the gRPC servicer's own ``ListRuns`` and ``GetRun`` on the
 server's event loop, with an :class:`HttpCallContext` in place of the gRPC
 context, so the answers (and any per-token scoping the servicer applies to
 the call's ``authorization`` metadata) are those of the RPCs. ``samples=0`` leaves out the raw token
-samples of the history records (the page does not draw them). Every answer
+samples of the history records (the page does not draw them). The history is
+the newest records within the server's ``max_history_bytes``, streamed a record
+at a time (no whole-history document in memory). Every answer
 carries ``X-Max-History``, the most ``history`` the server gives (its
 ``max_history``), so a client can ask for no more.
 

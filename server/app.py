@@ -91,6 +91,7 @@ class AsyncMonitorServer:
         self.entropy_law = EntropyLawMonitor()
         self._stale_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self.storage = StorageState()
         self._sinks: list[AlertSink] = []
         self.alertmanager: AlertmanagerSink | None = None
@@ -278,6 +279,9 @@ class AsyncMonitorServer:
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self.serving = True
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_storage())
+            self._prune_task = asyncio.get_running_loop().create_task(
+                self._prune_runs(min(60.0, max(0.2, cfg.retention_s / 2)))
+            )
             if self.alerts is not None and self.alerts.config.stale.enabled:
                 period = min(5.0, self.alerts.config.stale.after_s / 4.0)
                 self._stale_task = asyncio.get_running_loop().create_task(
@@ -312,6 +316,18 @@ class AsyncMonitorServer:
                 continue
             self.storage.recovered()
 
+    async def _prune_runs(self, period: float) -> None:
+        """Every ``period`` s, drop the runs past retention from memory (writer thread)."""
+        while True:
+            await asyncio.sleep(period)
+            writer = self._writer
+            if writer is None:
+                return
+            try:
+                await writer.call(lambda: self.ingestor.prune(time.time()))
+            except Exception:
+                log.exception("pruning runs past retention failed")
+
     async def _check_stale(self, engine: AlertEngine, period: float) -> None:
         """Evaluate MonitorStale every ``period`` seconds on the writer thread."""
         while True:
@@ -335,10 +351,10 @@ class AsyncMonitorServer:
 
     async def _cleanup(self, grace_s: float) -> None:
         self.serving = False
-        for task in (self._stale_task, self._probe_task):
+        for task in (self._stale_task, self._probe_task, self._prune_task):
             if task is not None:
                 task.cancel()
-        self._stale_task = self._probe_task = None
+        self._stale_task = self._probe_task = self._prune_task = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server import archive
 from inversion_monitor.server import push as steps
 from inversion_monitor.server.auth import FULL_ACCESS, Grant
 from inversion_monitor.server.config import ServerConfig
@@ -51,7 +52,7 @@ from inversion_monitor.server.state import (
     stripped,
     with_last_probe,
 )
-from inversion_monitor.server.store import Store
+from inversion_monitor.server.store import Store, StoredRank, StoredRun
 from inversion_monitor.server.validate import check_run_info
 
 __all__ = ["CLOSE_STATUSES", "Counters", "Ingestor", "RankState", "RunState", "RunView"]
@@ -118,57 +119,114 @@ class Ingestor:
     def _load(self) -> None:
         by_pk: dict[int, RunState] = {}
         for row in self._store.load_runs():
-            info = monitor_pb2.RunInfo.FromString(row.info)
-            info.DiscardUnknownFields()
-            redact_run_info(info)  # rows stored before redaction existed
-            if not info.kind and row.kind:
-                info.kind = row.kind
-            run = RunState(
-                pk=row.pk,
-                run_id=row.run_id,
-                display_name=row.display_name,
-                info=info,
-                world_size=row.world_size,
-                opened_time=row.opened_time,
-                last_update_time=row.last_update_time,
-                last_activity=row.last_activity_time,
-                status=row.status,
-                records=row.records,
-            )
-            self._runs[run.run_id] = by_pk[run.pk] = run
-            self._names.add(run.display_name)
+            run = self._restore_run(row)
+            by_pk[run.pk] = run
         for stored in self._store.load_ranks():
-            run = by_pk[stored.run_pk]
-            rank = RankState(
-                acked=stored.acked_sequence,
-                pending=set(stored.pending),
-                latest_sequence=stored.latest_sequence,
-                status=stored.status,
-                session=stored.session,
-                previous_session=stored.previous_session,
-                session_time=stored.session_time,
-            )
-            # sequences that became contiguous (cannot happen with this writer, but be exact)
-            while rank.acked + 1 in rank.pending:
-                rank.pending.discard(rank.acked + 1)
-                rank.acked += 1
-            if stored.probe_payload is not None:
-                probe = monitor_pb2.StepRecord.FromString(stored.probe_payload)
-                rank.latest_probe = stripped(probe)
-                rank.latest_probe_sequence = stored.probe_sequence
-            if stored.latest_payload is not None:
-                latest = monitor_pb2.StepRecord.FromString(stored.latest_payload)
-                rank.latest = with_last_probe(latest, rank.latest_probe)
-            run.ranks[stored.rank] = rank
-            for digest in (rank.session, rank.previous_session):
-                if digest is not None:
-                    self._sessions[digest] = (run.run_id, stored.rank)
+            self._restore_rank(by_pk[stored.run_pk], stored)
         for run in sorted(self._runs.values(), key=lambda r: r.last_activity):
             self._recent[run.run_id] = run.last_activity
             self._publish(run)
             self._notify_open(run)
         if self._runs:
             log.info("restored %d runs from %s", len(self._runs), self._store.path)
+
+    def _restore_run(self, row: StoredRun) -> RunState:
+        info = monitor_pb2.RunInfo.FromString(row.info)
+        info.DiscardUnknownFields()
+        redact_run_info(info)  # rows stored before redaction existed
+        if not info.kind and row.kind:
+            info.kind = row.kind
+        run = RunState(
+            pk=row.pk,
+            run_id=row.run_id,
+            display_name=row.display_name,
+            info=info,
+            world_size=row.world_size,
+            opened_time=row.opened_time,
+            last_update_time=row.last_update_time,
+            last_activity=row.last_activity_time,
+            status=row.status,
+            records=row.records,
+        )
+        self._runs[run.run_id] = run
+        self._names.add(run.display_name)
+        return run
+
+    def _restore_rank(self, run: RunState, stored: StoredRank) -> None:
+        rank = RankState(
+            acked=stored.acked_sequence,
+            pending=set(stored.pending),
+            latest_sequence=stored.latest_sequence,
+            status=stored.status,
+            session=stored.session,
+            previous_session=stored.previous_session,
+            session_time=stored.session_time,
+        )
+        # sequences that became contiguous (cannot happen with this writer, but be exact)
+        while rank.acked + 1 in rank.pending:
+            rank.pending.discard(rank.acked + 1)
+            rank.acked += 1
+        if stored.probe_payload is not None:
+            probe = monitor_pb2.StepRecord.FromString(stored.probe_payload)
+            rank.latest_probe = stripped(probe)
+            rank.latest_probe_sequence = stored.probe_sequence
+        if stored.latest_payload is not None:
+            latest = monitor_pb2.StepRecord.FromString(stored.latest_payload)
+            rank.latest = with_last_probe(latest, rank.latest_probe)
+        run.ranks[stored.rank] = rank
+        for digest in (rank.session, rank.previous_session):
+            if digest is not None:
+                self._sessions[digest] = (run.run_id, stored.rank)
+
+    # ---------------------------------------------------------------- retention
+
+    def prune(self, now: float) -> int:
+        """Drop from memory the runs not active within the retention window; returns how many.
+
+        They stay in the database; :meth:`revive` reads one back when a call names it.
+        """
+        cutoff = now - self._config.retention_s
+        old = [run for run in self._runs.values() if run.last_activity < cutoff]
+        for run in old:
+            self._forget(run)
+        if len(self._name_next) > 4 * max(len(self._runs), 1024):
+            self._name_next.clear()  # a cache: the database still knows every name
+        return len(old)
+
+    def _forget(self, run: RunState) -> None:
+        del self._runs[run.run_id]
+        self.views.pop(run.run_id, None)
+        if self.by_name.get(run.display_name) == run.run_id:
+            del self.by_name[run.display_name]
+        self._names.discard(run.display_name)
+        self._recent.pop(run.run_id, None)
+        for rank in run.ranks.values():
+            for digest in (rank.session, rank.previous_session):
+                if digest is not None and self._sessions.get(digest, ("",))[0] == run.run_id:
+                    del self._sessions[digest]
+
+    def revive(self, key: str, *, by_name: bool = False) -> RunState | None:
+        """The run with id ``key`` (or, ``by_name``, display name), read back from the
+        database if it was pruned; None when there is none. Writer thread."""
+        run = self._runs.get(key)
+        if run is None and by_name:
+            run_id = self.by_name.get(key)
+            run = self._runs.get(run_id) if run_id is not None else None
+        if run is not None:
+            return run
+        conn = self._store._conn
+        row = archive.stored_run(conn, key)
+        if row is None or (not by_name and row.run_id != key) or row.run_id in self._runs:
+            return None
+        run = self._restore_run(row)
+        for stored in archive.stored_ranks(conn, run.pk):
+            self._restore_rank(run, stored)
+        self._publish(run)  # not touched: the next prune drops it again unless it is used
+        return run
+
+    def revive_all(self, run_ids: Sequence[str]) -> int:
+        """Read back the pruned runs ``run_ids`` (those ListRuns shows); returns how many."""
+        return sum(self.revive(run_id) is not None for run_id in run_ids)
 
     # ---------------------------------------------------------------- views
 
@@ -220,8 +278,13 @@ class Ingestor:
         base = base_display_name(name, run_id)
         n = self._name_next.get(base, 1)
         candidate = base if n == 1 else f"{base}-{n}"
-        # never another run's id: a name resolves to one run (service.find_run)
-        while candidate in self._names or candidate in self._runs:
+        # never another run's id: a name resolves to one run (service.find_run); runs pruned
+        # from memory keep their names in the database
+        while (
+            candidate in self._names
+            or candidate in self._runs
+            or archive.name_taken(self._store._conn, candidate)
+        ):
             n += 1
             candidate = f"{base}-{n}"
         self._name_next[base] = n + 1
@@ -245,7 +308,7 @@ class Ingestor:
             raise InvalidArgument("run is missing: OpenRunRequest.run must carry the RunInfo")
         info, rank_no = request.run, request.rank
         check_run_info(info, rank_no, self._limits)
-        run = self._runs.get(info.run_id)
+        run = self.revive(info.run_id)
         if run is not None and not grant.allows(run.info.project):
             # another project's run: say neither its project nor more than a refusal
             raise PermissionDenied(
@@ -357,7 +420,7 @@ class Ingestor:
     ) -> monitor_pb2.CloseRunResponse:
         """Mark a rank finished; the run's status is the worst once every rank is closed."""
         now = time.time() if now is None else now
-        run = self._runs.get(request.run_id)
+        run = self.revive(request.run_id)
         if run is None or not grant.allows(run.info.project):  # another project's: unknown
             raise NotFound(f"run {request.run_id[:80]!r} is not known to this server")
         grant.check_write(run.info.project)
@@ -434,6 +497,9 @@ class Ingestor:
         grants = grants if grants is not None else [FULL_ACCESS] * len(requests)
         group = steps.Group()
         results: list[monitor_pb2.PushResponse | RequestError] = []
+        for request in requests:  # a pruned run's writer comes back: read the run back
+            if request.records and request.records[0].run_id not in self._runs:
+                self.revive(request.records[0].run_id)
         for request, grant in zip(requests, grants, strict=True):
             try:
                 batch = steps.classify(

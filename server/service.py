@@ -27,6 +27,7 @@ from prometheus_client import Histogram
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.alerts import AlertEngine
+from inversion_monitor.server.archive import recent_run_ids
 from inversion_monitor.server.auth import FULL_ACCESS, Authorizer, Grant
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import (
@@ -215,12 +216,33 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             limit = request.limit or DEFAULT_LIST_LIMIT
             if limit > MAX_LIST_LIMIT:
                 raise InvalidArgument(f"limit is {limit}; the maximum is {MAX_LIST_LIMIT}")
-            views = [
-                v
-                for v in list(self._ingestor.views.values())
-                if (not request.project or v.info.project == request.project)
-                and grant.allows(v.info.project)
-            ]
+
+            def matching() -> list[RunView]:
+                return [
+                    v
+                    for v in list(self._ingestor.views.values())
+                    if (not request.project or v.info.project == request.project)
+                    and grant.allows(v.info.project)
+                ]
+
+            views = matching()
+            if len(views) < limit:  # older runs were pruned from memory: read them back
+                in_memory = set(self._ingestor.views)
+                try:
+                    older = await self._reader(
+                        lambda: recent_run_ids(
+                            self._read_connection(),
+                            limit - len(views),
+                            project=request.project or None,
+                            projects=grant.projects,
+                            exclude=in_memory,
+                        )
+                    )
+                except sqlite3.Error as exc:
+                    raise Unavailable(f"database read failed: {exc}") from exc
+                if older:
+                    await self._writer.call(partial(self._ingestor.revive_all, older))
+                    views = matching()
             views.sort(key=lambda v: v.last_activity, reverse=True)
             response = monitor_pb2.ListRunsResponse()
             size = 0
@@ -247,6 +269,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
 
         async def call() -> monitor_pb2.GetRunResponse:
             view = find_run(self._ingestor, request.run, grant)
+            if view is None:  # pruned from memory (past retention): read it back
+                await self._writer.call(partial(self._ingestor.revive, request.run, by_name=True))
+                view = find_run(self._ingestor, request.run, grant)
             if view is None:  # others' runs: not found, as unknown ones
                 raise NotFound(f"no run with id or display name {request.run[:80]!r}")
             limit = request.history_limit or DEFAULT_HISTORY

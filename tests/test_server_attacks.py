@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ import pytest
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import Limits, MonitorServer
 from inversion_monitor.server.auth import TokenScope
+from inversion_monitor.server.entropy_law import EntropyLawMonitor
 from tests.server_support import (
     TIMEOUT,
     close_run,
@@ -452,3 +454,45 @@ def test_push_and_close_are_refused_after_the_ranks_close(tmp_path: Path) -> Non
         # OpenRun re-opens the stream for writing
         open_run(stub, "r1", world_size=2)
         assert push(stub, record("r1", 2)).accepted == 1
+
+
+# ---------------------------------------------------------------- 4. memory over days of runs
+
+
+def test_runs_past_retention_leave_memory_and_come_back_on_demand(tmp_path: Path) -> None:
+    limits = Limits(max_active_runs=3)
+    with running(tmp_path, limits=limits, retention="1s") as server, stub_for(server) as stub:
+        for round_no in range(4):
+            for i in range(3):
+                run_id = f"r{round_no}-{i}"
+                request = monitor_pb2.OpenRunRequest(run=run_info(run_id, name=run_id))
+                wait_until(  # the previous round ages out of the retention window
+                    "room for a run", lambda r=request: _refused(stub.OpenRun, r) is None
+                )
+                open_run(stub, run_id, name=run_id, world_size=1)
+                push(stub, record(run_id, 1))
+        # every run ages out and leaves memory; only the database holds them
+        wait_until("the runs pruned from memory", lambda: not server.ingestor.views)
+        listed = stub.ListRuns(monitor_pb2.ListRunsRequest(limit=100), timeout=TIMEOUT)
+        assert len(listed.runs) == 12 and listed.runs[0].display_name == "r3-2"
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="r0-0"), timeout=TIMEOUT)
+        assert [r.step for r in got.history] == [10]
+        wait_until("the runs pruned again", lambda: not server.ingestor.views)
+        # a writer whose run was pruned goes on with its session
+        assert push(stub, record("r3-2", 2)).acks[0].acked_sequence == 2
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="r3-2"), timeout=TIMEOUT)
+        assert got.summary.records == 2
+        # a new run never takes a pruned run's name
+        assert open_run(stub, "new", name="r0-0", world_size=1).display_name == "r0-0-2"
+
+
+def test_the_entropy_law_makes_room_for_new_runs() -> None:
+    law = EntropyLawMonitor(max_runs=2)
+    for run_id in ("old-1", "old-2", "new"):
+        for step in range(40):
+            h = 0.02 + 1.5 * math.exp(-step / 20)
+            rec = monitor_pb2.StepRecord(
+                step=step, policy_entropy_mean=h, reward_mean=-0.4 * math.exp(h) + 1.2
+            )
+            law.on_record(run_id, run_id, rec)
+    assert set(law.snapshot()) == {"old-2", "new"}
