@@ -1,10 +1,14 @@
 """Cost of ``MonitorClient.log`` per call, in microseconds (goal: <= 50 us).
 
 Cases: a live loopback server (``inversion-monitor serve`` in a subprocess;
-stats as ``InversionStats`` and as a mapping; with a write-ahead spool, where
+stats as ``InversionStats`` and as a mapping; the per-step health record alone
+(a mapping of loss, grad_norm, learning_rate; and with the seven RL keys too);
+with a write-ahead spool, where
 every call also writes the record to the spool file), a dead endpoint with a full
 queue (every call drops the oldest record), and a dead endpoint with a spool
-(every call spills to disk).
+(every call spills to disk). Then the translation alone, in-process: building
+and serialising one ``StepRecord`` (health-only vs a probe record), in
+microseconds per record and records per second.
 
     .venv/bin/python benchmarks/bench_client.py [--calls 20000]
 """
@@ -125,6 +129,18 @@ def main() -> None:
         rows.append(
             _row("live server, mapping", _time_calls(lambda i: live.log(i, mapping), args.calls))
         )
+        rows.append(
+            _row(
+                "live server, health only (3 keys)",
+                _time_calls(lambda i: live.log(i, HEALTH), args.calls),
+            )
+        )
+        rows.append(
+            _row(
+                "live server, health only (RL: 10 keys)",
+                _time_calls(lambda i: live.log(i, RL_HEALTH), args.calls),
+            )
+        )
         flushed = live.flush(timeout_s=60)
         report = live.close(timeout_s=10)
         delivered = f"(flush {flushed}, delivered {report.delivered}/{report.logged})"
@@ -167,6 +183,47 @@ def main() -> None:
     for row in rows:
         print(row)
     print(f"live: {delivered}; dead: {dropped} dropped; spool: {spooled} spooled")
+    _encode_costs(stats, args.calls)
+
+
+HEALTH = {"loss": 2.31, "grad_norm": 0.84, "learning_rate": 3e-4}
+RL_HEALTH = {
+    **HEALTH,
+    "reward_mean": 0.42,
+    "reward_std": 0.2,
+    "policy_entropy_mean": 1.1,
+    "entropy_covariance": 0.003,
+    "kl": 0.02,
+    "clip_ratio": 0.01,
+    "completion_length_mean": 96.0,
+}
+
+
+def _encode_costs(stats: InversionStats, calls: int) -> None:
+    """step_record + SerializeToString per record, health-only vs probe, in-process."""
+    from inversion_monitor.telemetry.wire import step_record
+
+    def encode(
+        stats_value: InversionStats | None, health: dict[str, float]
+    ) -> Callable[[int], None]:
+        def one(i: int) -> None:
+            step_record(
+                run_id="bench", rank=0, step=i, wall_time=1.0, stats=stats_value, health=health
+            ).SerializeToString()
+
+        return one
+
+    cases = [
+        ("health only (3 keys)", encode(None, HEALTH)),
+        ("health only (RL: 10 keys)", encode(None, RL_HEALTH)),
+        ("probe record + health (3 keys)", encode(stats, HEALTH)),
+    ]
+    print(f"\nencode (step_record + SerializeToString), {calls} records each, in-process")
+    print(f"{'case':<44} {'median us':>9} {'records/s':>11}")
+    for name, one in cases:
+        samples = _time_calls(one, calls)
+        median = statistics.median(samples)
+        print(f"{name:<44} {median:>9.2f} {1e6 / median:>11,.0f}")
 
 
 if __name__ == "__main__":

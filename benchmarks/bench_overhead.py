@@ -20,7 +20,11 @@ hits all alike):
                 states (what the callback does);
 - every step (recomputed): the same probe at ``on_step_end``, after the
                 optimizer step, recomputing the blocks below (the path before
-                the pre-step probe, and what DeepSpeed and sharded runs use).
+                the pre-step probe, and what DeepSpeed and sharded runs use);
+- health only:  no probe (every_n_steps huge): the per-step health record alone
+                (loss, grad norm, learning rate read from the trainer; one JSONL line);
+- health only (gRPC): the same, also sent to a live ``inversion-monitor serve``
+                on loopback (started by this script).
 
 Prints the mean step time of each variant and its ratio to plain (goals:
 every step <= 1.15x, must reach 1.25x; default <= 1.03x), how often each
@@ -37,6 +41,7 @@ model built from its config, parameters in bf16, 8 x 1024 random tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -63,7 +68,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "default": {},
     "every step": {"every_n_steps": 1},
     "every step (recomputed)": {"every_n_steps": 1},
+    "health only": {"every_n_steps": 10**9},
+    "health only (gRPC)": {"every_n_steps": 10**9},
 }
+# "endpoint": the live server of the "health only (gRPC)" variant (set by main)
+LIVE: dict[str, str] = {}
 
 
 class AfterStepCallback(InversionTrainerCallback):
@@ -165,6 +174,8 @@ def train(
             kind = (
                 AfterStepCallback if variant.endswith("(recomputed)") else InversionTrainerCallback
             )
+            if variant.endswith("(gRPC)"):
+                overrides = {**overrides, "endpoint": LIVE["endpoint"], "run_name": "overhead"}
             callback = kind(**overrides, jsonl_path=str(jsonl))
             callbacks.append(callback)
         args = TrainingArguments(
@@ -225,9 +236,10 @@ def measure(chosen: list[str], rounds: int, per_round: int, fit: Fit) -> None:
             times[variant].extend(step_times)
             round_means[variant].append(statistics.mean(step_times))
             overheads[variant].append(overhead)
-            probes[variant] += len(records)
-            prefixes[variant].update(str(record["prefix"]) for record in records)
-            probe_seconds[variant].extend(float(r["probe_seconds"]) for r in records)
+            probed = [record for record in records if record["probed"]]
+            probes[variant] += len(probed)
+            prefixes[variant].update(str(record["prefix"]) for record in probed)
+            probe_seconds[variant].extend(float(r["probe_seconds"]) for r in probed)
             print(
                 f"  round {r + 1}: {variant:<10} median step {statistics.median(step_times):.4f} s"
             )
@@ -239,7 +251,7 @@ def measure(chosen: list[str], rounds: int, per_round: int, fit: Fit) -> None:
     )
     print(
         f"{'variant':<24} {'mean step s':>12} {'ratio':>8} {'rounds':>8} {'probed every':>13} "
-        f"{'measured overhead':>18} {'probe (median)':>15}  prefix"
+        f"{'measured overhead':>18} {'probe (median)':>15} {'+ms/step':>9}  prefix"
     )
     plain_step = statistics.median(times["plain"])
     for variant in chosen:
@@ -253,14 +265,17 @@ def measure(chosen: list[str], rounds: int, per_round: int, fit: Fit) -> None:
         if probe_seconds[variant]:
             median = statistics.median(probe_seconds[variant])
             probe = f"{median * 1e3:.0f} ms {median / plain_step:.2f} st"
+        extra_ms = (mean - base) * 1e3
         print(
             f"{variant:<24} {mean:>12.4f} {mean / base:>7.3f}x {per_round_ratio:>7.3f}x "
-            f"{every:>13} {measured:>17.3%} {probe:>15}  {', '.join(sorted(prefixes[variant]))}"
+            f"{every:>13} {measured:>17.3%} {probe:>15} {extra_ms:>+9.2f}  "
+            f"{', '.join(sorted(prefixes[variant]))}"
         )
     print(
         "goals: every step <= 1.15x (must reach 1.25x); default <= 1.03x, probing at least "
         "every 5th step; measured overhead of the budget schedule 3% +/- 1 pp. "
-        "probe (median): one probe's time, and in plain training steps (median)"
+        "probe (median): one probe's time, and in plain training steps (median); "
+        "+ms/step: mean step time over plain's (health only: the per-step health record)"
     )
 
 
@@ -287,6 +302,18 @@ def main() -> None:
     args = parser.parse_args()
     chosen = ["plain", *(v for v in args.variants.split(",") if v in VARIANTS and v != "plain")]
     per_round = max(2, args.steps // args.rounds)
+    with contextlib.ExitStack() as stack:
+        if any(v.endswith("(gRPC)") for v in chosen):
+            try:
+                from benchmarks.bench_client import _serve
+            except ImportError:  # run as a script from benchmarks/
+                from bench_client import _serve  # type: ignore[no-redef]
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            LIVE["endpoint"] = stack.enter_context(_serve(folder / "overhead.db"))
+        _run(args, chosen, per_round)
+
+
+def _run(args: argparse.Namespace, chosen: list[str], per_round: int) -> None:
     if not args.skip_cpu:
         print(
             f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -316,6 +343,8 @@ def main() -> None:
     if not args.skip_memory and not args.skip_cpu:
         plain = peak_memory("plain", 10, args.vocab)
         for variant in chosen[1:]:
+            if variant.endswith("(gRPC)"):
+                continue  # needs the live server of this process
             extra = peak_memory(variant, 10, args.vocab) - plain
             print(
                 f"peak RSS increase, {variant}: {extra / 2**20:+.0f} MiB "

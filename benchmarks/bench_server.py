@@ -18,6 +18,10 @@ generated stubs:
 4. render: the same /metrics text rendered in-process by the server's
    :class:`Exposition` and by prometheus_client's ``generate_latest`` over the
    same runs (the path before), side by side.
+5. health: the cost of ingesting one record in-process (``Ingestor.push``:
+   validation, the SQLite commit, the run's view and gauges) for the per-step
+   health-only record (with and without a NaN loss) side by side with a probe
+   record, at 1 record per push (a client flushing every step) and ``--batch``.
 
 Usage: ``python benchmarks/bench_server.py [--duration 15]``. Goals (2 cores):
 >= 20,000 records/s, p99 <= 50 ms, scrape <= 200 ms at 10,000 runs and
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -445,6 +450,69 @@ def phase_render(args: argparse.Namespace) -> None:
         ingestor.close()
 
 
+# ---------------------------------------------------------------- phase 5: health records
+
+
+def _health_record(monitor_pb2: Any, run_id: str, nonfinite: bool) -> Any:
+    """A per-step health-only record (RL keys included); ``nonfinite``: a NaN loss."""
+    rec = monitor_pb2.StepRecord(run_id=run_id, wall_time=time.time())
+    rec.loss = float("nan") if nonfinite else 2.31
+    rec.grad_norm, rec.learning_rate, rec.kl, rec.clip_ratio = 0.84, 3e-4, 0.02, 0.01
+    rec.reward_mean, rec.reward_std, rec.policy_entropy_mean = 0.42, 0.2, 1.1
+    rec.entropy_covariance, rec.completion_length_mean = 0.003, 96.0
+    if nonfinite:
+        rec.nonfinite_fields.append("loss")
+    return rec
+
+
+def phase_health(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """Ingest cost per record, in-process (Ingestor.push: validation, SQLite commit, the
+    run's view and gauges), health-only records side by side with probe records."""
+    from inversion_monitor.proto.v1 import monitor_pb2
+    from inversion_monitor.server.config import ServerConfig
+    from inversion_monitor.server.ingest import Ingestor
+    from inversion_monitor.server.store import Store
+
+    kinds = {
+        "probe record": lambda run_id: _record(monitor_pb2, run_id, args.components),
+        "health only": lambda run_id: _health_record(monitor_pb2, run_id, False),
+        "health only, NaN loss": lambda run_id: _health_record(monitor_pb2, run_id, True),
+    }
+    out: dict[str, dict[int, float]] = {name: {} for name in kinds}
+    for per_push in (1, args.batch):
+        pushes = max(20, 20_000 // per_push)
+        for round_ in range(3):  # interleaved rounds: drift hits every kind alike
+            for name, make in kinds.items():
+                run_id = f"health-{per_push}-{round_}-{abs(hash(name))}"
+                ingestor = Ingestor(Store(tmp / f"{run_id}.db"), ServerConfig())
+                info = monitor_pb2.RunInfo(run_id=run_id, name=run_id, world_size=1)
+                session = ingestor.open_run(monitor_pb2.OpenRunRequest(run=info)).writer_session
+                template = make(run_id)
+                requests = []
+                seq = 0
+                for _ in range(pushes):
+                    request = monitor_pb2.PushRequest(writer_session=session)
+                    for _ in range(per_push):
+                        seq += 1
+                        rec = request.records.add()
+                        rec.CopyFrom(template)
+                        rec.sequence = rec.step = seq
+                    requests.append(request)
+                start = time.perf_counter()
+                for request in requests:
+                    ingestor.push(request)
+                elapsed = time.perf_counter() - start
+                ingestor.close()
+                us = elapsed / seq * 1e6
+                out[name][per_push] = min(out[name].get(per_push, math.inf), us)
+    print("  ingest in-process (Ingestor.push), best of 3 rounds, microseconds per record:")
+    print(f"  {'record':<24} " + " ".join(f"{f'{n}/push':>12}" for n in (1, args.batch)))
+    for name, by_size in out.items():
+        cells = " ".join(f"{by_size[n]:>12.1f}" for n in (1, args.batch))
+        print(f"  {name:<24} {cells}")
+    return {name: by_size[args.batch] for name, by_size in out.items()}
+
+
 def _timed(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
@@ -474,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scrapes", type=int, default=10)
     parser.add_argument(
-        "--phases", default="ingest,latency,runs,render", help="which phases to run"
+        "--phases", default="ingest,latency,runs,render,health", help="which phases to run"
     )
     args = parser.parse_args(argv)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -527,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if "render" in phases:
             phase_render(args)
+        if "health" in phases:
+            health = phase_health(args, Path(tmp))
+            for name, us in health.items():
+                rows.append((f"ingest {name} (us/record)", f"{us:.1f}", "", True))
     print(f"\n{'figure':<38} {'measured':>10} {'goal':>10}  met")
     for name, value, goal_text, ok in rows:
         print(f"{name:<38} {value:>10} {goal_text:>10}  {'yes' if ok else 'NO'}")

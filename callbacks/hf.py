@@ -32,6 +32,12 @@ With TRL, only the positions the trainer scores are probed: GRPO's completion
 tokens, SFT's completion tokens under ``completion_only_loss``, each packed
 document on its own (see :mod:`inversion_monitor.probe.capture`).
 
+Every optimizer step sends one health record, whatever the probe schedule:
+the step's loss, grad norm (before clipping) and learning rate as the trainer
+computed them, and in TRL's GRPO trainers the KL, clip ratio and completion
+length it logs (see :class:`~inversion_monitor.callbacks.hf_health.TrainerHealthTap`);
+the probe's statistics join it on the steps the probe runs.
+
 The run kind is detected from the trainer (GRPO, RLOO, PPO-style: ``rl``;
 ``SFTTrainer`` and a plain ``Trainer``: ``sft``; see
 :func:`~inversion_monitor.callbacks.trl_signals.trainer_kind`) unless
@@ -52,6 +58,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 from typing_extensions import Unpack
 
+from inversion_monitor.callbacks.hf_health import TrainerHealthTap
 from inversion_monitor.callbacks.trl_signals import GRPOSignalTap, trainer_kind
 from inversion_monitor.config import MonitorConfig, MonitorOverrides
 from inversion_monitor.engine.training_monitor import InversionMonitor
@@ -92,6 +99,7 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
         self._trainer: weakref.ref[Trainer] | None = None
         self._pending: dict[str, float] | None = None
         self._tap: GRPOSignalTap | None = None
+        self._health: TrainerHealthTap | None = None
 
     # ---------------------------------------------------------------- events
 
@@ -116,11 +124,12 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
             )
             if self.resume_state:
                 self.monitor.load_state_dict(self.resume_state)
-        if trainer is not None and self._tap is None and self.monitor.enabled:
+        if trainer is not None and self._health is None and self.monitor.enabled:
             try:
+                self._health = TrainerHealthTap(trainer)
                 self._tap = GRPOSignalTap.attach(trainer)
             except Exception as exc:  # never break training
-                self.monitor._fail("reading the RL signals", exc)
+                self.monitor._fail("reading the trainer's health values", exc)
         if model is not None:
             self.monitor.attach(model)
 
@@ -140,6 +149,17 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
             return  # DeepSpeed stepped in the backward already: on_step_end probes
         self.monitor.before_optimizer_step(state.global_step + 1, model)
 
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """The learning rate the step used (the scheduler steps after this)."""
+        if self._health is not None:
+            self._health.optimizer_stepped()
+
     def on_step_end(
         self,
         args: TrainingArguments,
@@ -150,14 +170,13 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
     ) -> None:
         if self.monitor is None:
             return
-        scheduler = kwargs.get("lr_scheduler")
-        learning_rate = None
-        if scheduler is not None and hasattr(scheduler, "get_last_lr"):
-            learning_rate = float(scheduler.get_last_lr()[0])
+        health = self._health.finish() if self._health is not None else {}
+        if "learning_rate" not in health:  # no trainer reference: the scheduler's last rate
+            scheduler = kwargs.get("lr_scheduler")
+            if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+                health["learning_rate"] = float(scheduler.get_last_lr()[0])
         rl = self._tap.finish() if self._tap is not None else None
-        metrics = self.monitor.step_end(
-            state.global_step, model, learning_rate=learning_rate, rl=rl
-        )
+        metrics = self.monitor.step_end(state.global_step, model, rl=rl, health=health)
         if metrics is None or not self.config.log_to_trainer:
             return
         trainer = self._trainer() if self._trainer is not None else None
@@ -193,6 +212,9 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
         if self._tap is not None:
             self._tap.remove()
             self._tap = None
+        if self._health is not None:
+            self._health.remove()
+            self._health = None
         if self.monitor is not None:
             self.resume_state = self.monitor.state_dict()
             self.monitor.close()

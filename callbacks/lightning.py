@@ -22,6 +22,11 @@ them in ``trainer.callback_metrics`` (for ``EarlyStopping`` or
 ``ModelCheckpoint``). In a distributed run every rank probes its own batch and
 sends its own records (labelled with its rank) under one shared run id.
 
+Every optimizer step sends one health record, whatever the probe schedule: the
+mean loss of its micro-batches, the learning rate, the grad norm before
+clipping where the trainer clips by norm, and any health field the module logs
+(see :class:`~inversion_monitor.callbacks.lightning_health.LightningHealthTap`).
+
 The run kind is ``custom`` unless ``MonitorConfig.kind`` says otherwise. An RL
 ``training_step`` can return ``{"loss": loss, "rl_stats": RLStats}`` (see
 :class:`~inversion_monitor.rl.signals.RLStepAccumulator`: from the loss's own
@@ -31,19 +36,18 @@ step; the records then carry reward, policy entropy and Cui et al.'s covariance.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import Unpack
 
+from inversion_monitor.callbacks.lightning_health import LightningHealthTap
 from inversion_monitor.config import MonitorConfig, MonitorOverrides
 from inversion_monitor.engine.training_monitor import InversionMonitor, MonitorWarning
 from inversion_monitor.probe.architectures import resolve_model
@@ -154,6 +158,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         self._state: dict[str, Any] | None = None  # the last monitor state (checkpointed)
         self._load_pending = False
         self._last_step = 0
+        self._health: LightningHealthTap | None = None
         self._warned: set[str] = set()
 
     @property
@@ -193,6 +198,10 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
             self._load_pending = False
         monitor.attach(self._model)  # every rank reaches this point: rank 0's run id for all
         self.monitor = monitor
+        try:
+            self._health = LightningHealthTap(trainer)
+        except Exception as exc:  # never break training
+            monitor._fail("reading the trainer's health values", exc)
         self._last_step = int(trainer.global_step)
         if (
             self.config.log_to_trainer
@@ -213,6 +222,8 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         monitor, model = self.monitor, self._model
         if monitor is None or model is None:
             return
+        if self._health is not None:
+            self._health.optimizer_stepping(optimizer)
         # every rank gets here at every optimizer step; a second optimizer of the
         # same step is a no-op (the monitor decided this step already)
         monitor.before_optimizer_step(int(trainer.global_step) + 1, model)
@@ -225,24 +236,19 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         batch: Any,
         batch_idx: int,
     ) -> None:
-        monitor, model = self.monitor, self._model
+        monitor, model, health = self.monitor, self._model, self._health
         step = int(trainer.global_step)
-        if monitor is None or model is None or step == self._last_step:
-            return  # off, or still accumulating gradients: no optimizer step yet
+        if monitor is None or model is None:
+            return
+        if health is not None:
+            health.add_batch(outputs)
+        if step == self._last_step:
+            return  # still accumulating gradients: no optimizer step yet
         self._last_step = step
-        # agreed by every rank (each gets here every step); decided already where the
-        # monitor probed in on_before_optimizer_step
-        probe = monitor.decide(step)
-        loss = _loss_value(outputs) if probe else None
-        learning_rate = _learning_rate(trainer) if probe else None
+        values = health.finish(trainer) if health is not None else {}
         rl = outputs.get("rl_stats") if isinstance(outputs, Mapping) else None
         metrics = monitor.step_end(
-            step,
-            model,
-            loss=loss,
-            learning_rate=learning_rate,
-            probe=probe,
-            rl=rl if isinstance(rl, RLStats) else None,
+            step, model, rl=rl if isinstance(rl, RLStats) else None, health=values
         )
         if metrics and self.config.log_to_trainer:
             try:
@@ -305,6 +311,9 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
             logger.log_metrics(metrics, step=int(log_step))
 
     def _close(self) -> None:
+        if self._health is not None:
+            self._health.remove()
+            self._health = None
         monitor, self.monitor, self._model = self.monitor, None, None
         if monitor is None:
             return
@@ -327,27 +336,6 @@ def _restore(monitor: InversionMonitor, state: Mapping[str, Any]) -> None:
     if isinstance(sampler, Mapping) and state.get("rank", 0) != monitor.rank:
         monitor_state["sampler"] = {**sampler, "seed": monitor.sampler.state_dict()["seed"]}
     monitor.load_state_dict(monitor_state)
-
-
-def _loss_value(outputs: Any) -> float | None:
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    try:
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            value = float(loss.detach())
-        elif isinstance(loss, int | float) and not isinstance(loss, bool):
-            value = float(loss)
-        else:
-            return None
-    except Exception:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _learning_rate(trainer: pl.Trainer) -> float | None:
-    try:
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
-    except Exception:
-        return None
 
 
 def _logger_run_name(trainer: pl.Trainer) -> str | None:

@@ -58,6 +58,7 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, arch,
     assert callback.resume_state["probes"] == 12  # once per optimizer step, not per micro-batch
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
+    assert all(r["probed"] for r in records)
     assert {r["prefix"] for r in records} == {prefix}
     losses = [(e["step"], e["loss"]) for e in plain.state.log_history if "loss" in e]
     assert len(losses) == 12
@@ -73,9 +74,47 @@ def test_jsonl_sink_and_budget_schedule(tmp_path):
     callback = InversionTrainerCallback(jsonl_path=str(path), overhead_budget=0.5)
     hf_trainer(tmp_path, callbacks=[callback], max_steps=10).train()
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert records and records[0]["step"] == 1
-    assert all(r["n"] == 64 and r["run_id"] == records[0]["run_id"] for r in records)
-    assert all(isinstance(c["layer"], int) for c in records[0]["components"])
+    assert [r["step"] for r in records] == list(range(1, 11))  # one health record a step
+    probed = [r for r in records if r["probed"]]
+    assert probed and probed[0]["step"] == 1
+    assert all(r["n"] == 64 and r["run_id"] == records[0]["run_id"] for r in probed)
+    assert all(isinstance(c["layer"], int) for c in probed[0]["components"])
+
+
+@pytest.mark.parametrize(("grad_accum", "logging_steps"), [(2, 1), (1, 4)])
+def test_one_health_record_per_step_with_the_values_the_trainer_logs(
+    tmp_path, grad_accum, logging_steps
+):
+    path = tmp_path / "records.jsonl"
+    callback = InversionTrainerCallback(every_n_steps=10_000, jsonl_path=str(path))
+    trainer = hf_trainer(
+        tmp_path,
+        callbacks=[callback],
+        max_steps=12,
+        grad_accum=grad_accum,
+        logging_steps=logging_steps,
+        max_grad_norm=0.5,  # clipping happens: the record keeps the norm before it
+        lr_scheduler_type="linear",
+    )
+    trainer.train()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert not any(r["probed"] for r in records) and callback.resume_state["probes"] == 0
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == list(range(logging_steps, 13, logging_steps))
+    by_step = {r["step"]: r for r in records}
+    for entry in logged:
+        # the trainer logs the mean loss of the steps since its last log, the last step's
+        # grad norm and learning rate
+        window = [
+            by_step[s]["loss"] for s in range(entry["step"] - logging_steps + 1, entry["step"] + 1)
+        ]
+        assert sum(window) / len(window) == pytest.approx(entry["loss"], rel=1e-6)
+        assert by_step[entry["step"]]["grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-6)
+        assert by_step[entry["step"]]["learning_rate"] == entry["learning_rate"]
+    assert any(r["grad_norm"] > 0.5 for r in records)  # before clipping
+    rates = [r["learning_rate"] for r in records]
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]  # the linear decay
 
 
 def test_monitor_errors_never_stop_training(tmp_path):

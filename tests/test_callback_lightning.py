@@ -27,6 +27,11 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _probed(path: Path) -> list[dict[str, Any]]:
+    """The records that carry the probe's statistics (the others carry health only)."""
+    return [r for r in _records(path) if r["probed"]]
+
+
 def _csv_rows(tmp_path: Path) -> list[dict[str, str]]:
     (path,) = tmp_path.glob("logs/version_*/metrics.csv")
     with path.open() as f:
@@ -46,13 +51,15 @@ def test_probes_on_schedule_and_reaches_logger_and_jsonl(tmp_path: Path) -> None
     run = trainer(tmp_path, callbacks=[callback], max_steps=9, log_every_n_steps=3)
     run.fit(TinyCausalLM(), train_loader(9))
 
-    records = _records(path)
+    every = _records(path)
+    assert [r["step"] for r in every] == list(range(1, 10))  # one health record a step
+    assert all(r["loss"] > 0 and r["learning_rate"] == pytest.approx(2e-3) for r in every)
+    records = _probed(path)
     assert [r["step"] for r in records] == [3, 6, 9]
-    assert {r["run_id"] for r in records} == {records[0]["run_id"]}
-    assert all(r["rank"] == 0 and r["n"] == 16 and r["loss"] > 0 for r in records)
-    assert all(r["learning_rate"] == pytest.approx(2e-3) for r in records)
+    assert {r["run_id"] for r in every} == {records[0]["run_id"]}
+    assert all(r["rank"] == 0 and r["n"] == 16 for r in records)
     assert records[0]["run_name"] == "logs/version_0"  # from the CSVLogger
-    assert all(r["kind"] == "custom" and r["rl"] is None for r in records)  # Lightning default
+    assert all(r["kind"] == "custom" and "rl" not in r for r in records)  # Lightning default
 
     rows = _csv_rows(tmp_path)
     probed = [row for row in rows if row.get("inversion/spearman")]
@@ -116,8 +123,9 @@ def test_one_probe_per_optimizer_step_and_bit_identical_weights(
     records = _records(path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # not once per micro-batch
     assert {r["prefix"] for r in records} == {prefix}
-    # each record carries the loss of the micro-batch that completed its step
-    assert [r["loss"] for r in records] == pytest.approx(plain_losses[1::2], rel=1e-6)
+    # each record carries the mean loss of its step's micro-batches
+    step_losses = [(a + b) / 2 for a, b in zip(plain_losses[::2], plain_losses[1::2], strict=True)]
+    assert [r["loss"] for r in records] == pytest.approx(step_losses, rel=1e-6)
     assert losses == plain_losses
     assert plain.keys() == monitored.keys()
     for key in plain:
@@ -149,7 +157,7 @@ def test_ddp_two_ranks_send_their_own_records(tmp_path: Path) -> None:
     assert proc.returncode == 0, output[-4000:]
     assert (tmp_path / "done").read_text() == "6"
 
-    by_rank = {rank: _records(tmp_path / f"records.rank{rank}.jsonl") for rank in (0, 1)}
+    by_rank = {rank: _probed(tmp_path / f"records.rank{rank}.jsonl") for rank in (0, 1)}
     for rank, records in by_rank.items():
         assert records, f"rank {rank} sent nothing"
         assert {r["rank"] for r in records} == {rank}
@@ -207,11 +215,53 @@ def test_resume_from_checkpoint_keeps_run_id_and_never_stores_the_token(tmp_path
     resumed = trainer(None, callbacks=[second], max_steps=8)
     resumed.fit(TinyCausalLM(), train_loader(4), ckpt_path=str(checkpoint))
 
-    records = _records(path)
+    assert [r["step"] for r in _records(path)] == list(range(1, 9))
+    records = _probed(path)
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     assert {r["run_id"] for r in records} == {saved["monitor"]["run_id"]}
     state = second.state_dict()["monitor"]
     assert state["probes"] == 4 and state["sampler"]["calls"] == 4  # sampler stream went on
+
+
+class _Norms(pl.Callback):  # type: ignore[misc]
+    """The total grad norm before clipping, computed independently at each step."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.values.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))  # fmt: skip
+
+
+class _LogsKl(TinyCausalLM):
+    """A module that logs a health field itself (as an RL module logs its KL)."""
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/kl", 0.01 * (self.global_step + 1))
+        return loss
+
+
+def test_one_health_record_per_step_with_the_clipped_norm_and_logged_fields(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "records.jsonl"
+    callback = InversionLightningCallback(every_n_steps=1000, jsonl_path=str(path))
+    norms, losses = _Norms(), _Losses()
+    pl.seed_everything(0, verbose=False)
+    run = trainer(None, callbacks=[losses, norms, callback], max_steps=5, gradient_clip_val=0.05)
+    run.fit(_LogsKl(), train_loader(5))
+    records = _records(path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and not any(r["probed"] for r in records)
+    assert [r["loss"] for r in records] == pytest.approx(losses.values, rel=1e-6)
+    assert [r["grad_norm"] for r in records] == pytest.approx(norms.values, rel=1e-5)
+    assert all(r["grad_norm"] > 0.05 for r in records)  # before clipping
+    assert all(r["learning_rate"] == pytest.approx(2e-3) for r in records)
+    assert [r["kl"] for r in records] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05])
+    # the precision plugin has its own method back
+    assert "clip_grad_by_norm" not in vars(run.precision_plugin)
 
 
 def test_state_key_separates_destinations() -> None:

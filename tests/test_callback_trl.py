@@ -123,9 +123,11 @@ def test_sft_logs_and_jsonl_at_probed_steps(tmp_path):
         assert (
             entry["inversion/ci_low"] <= entry["inversion/spearman"] <= entry["inversion/ci_high"]
         )
-    assert [r["step"] for r in records(path)] == [2, 4, 6]
-    assert all(r["n"] == 48 for r in records(path))
-    assert all(r["kind"] == "sft" and r["rl"] is None for r in records(path))
+    assert [r["step"] for r in records(path)] == [1, 2, 3, 4, 5, 6]  # a health record a step
+    got = [r for r in records(path) if r["probed"]]
+    assert [r["step"] for r in got] == [2, 4, 6]
+    assert all(r["n"] == 48 for r in got)
+    assert all(r["kind"] == "sft" and "rl" not in r for r in got)
     # SFTTrainer.log averages and clears its own metrics on every call: the monitor's
     # entries must leave them to the regular logging steps (3 and 6), complete
     regular = [e for e in history if "mean_token_accuracy" in e]

@@ -96,6 +96,60 @@ def test_grpo_records_carry_the_steps_rl_signals(tmp_path: Path) -> None:
     assert "_get_per_token_logps_and_entropies" not in vars(trainer)
 
 
+def test_grpo_sends_reward_kl_clip_and_length_every_step_whatever_the_schedule(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "records.jsonl"
+    callback = InversionTrainerCallback(every_n_steps=10_000, jsonl_path=str(path))
+    problems = arithmetic_problems(16, seed=5)
+    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
+    config = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=2,
+        max_completion_length=12,
+        learning_rate=1e-3,
+        beta=0.1,  # a reference model: TRL logs the KL
+        logging_steps=1,
+        use_vllm=False,
+        **COMMON,
+    )
+    policy = tiny_causal_lm("llama").train()
+    policy.save_pretrained(tmp_path / "policy")  # TRL loads the reference model from here
+    policy.config._name_or_path = str(tmp_path / "policy")
+    trainer = TensorRecordingGRPOTrainer(
+        model=policy,
+        reward_funcs=answer_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=char_tokenizer(),
+        callbacks=[callback],
+    )
+    trainer.train()
+    got = records(path)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert not any(r["probed"] for r in got) and callback.resume_state["probes"] == 0
+    logged = {e["step"]: e for e in trainer.state.log_history if "reward" in e}
+    for rec in got:
+        entry = logged[rec["step"]]
+        assert rec["reward_mean"] == pytest.approx(entry["reward"], rel=1e-6)
+        assert rec["reward_std"] == pytest.approx(entry["reward_std"], rel=1e-6)
+        assert rec["kl"] == pytest.approx(entry["kl"], rel=1e-6, abs=1e-12)
+        assert rec["clip_ratio"] == pytest.approx(entry["clip_ratio/region_mean"], abs=1e-12)
+        assert rec["completion_length_mean"] == pytest.approx(
+            entry["completions/mean_length"], rel=1e-6
+        )
+        assert rec["loss"] == pytest.approx(entry["loss"], rel=1e-5, abs=1e-9)
+        assert rec["grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
+        assert rec["learning_rate"] == entry["learning_rate"]
+        # pooled over the step's completion tokens (TRL averages per micro-batch means)
+        assert rec["policy_entropy_mean"] > 0
+    assert any(rec["kl"] > 0 for rec in got[1:])  # the policy moved from the reference
+    assert "training_step" not in vars(trainer) and "_get_grad_norm" not in vars(trainer)
+
+
 def test_tap_fails_open(tmp_path: Path) -> None:
     """A trainer whose loss inputs lack what the tap reads: one warning, training goes on."""
 

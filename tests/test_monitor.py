@@ -160,9 +160,51 @@ def test_jsonl_records_are_strict_json(make_model, batch, tmp_path):
     records = [
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON {c}")) for line in lines
     ]
-    assert [r["step"] for r in records] == [2, 4]
-    assert records[0]["rank"] == 1 and len(records[0]["samples"]) == 5
-    assert records[0]["spearman_per_token_type"] is not None
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # one health record per step
+    assert [r["probed"] for r in records] == [False, True, False, True]
+    assert all(isinstance(r["loss"], float) for r in records)
+    probed = [r for r in records if r["probed"]]
+    assert probed[0]["rank"] == 1 and len(probed[0]["samples"]) == 5
+    assert probed[0]["spearman_per_token_type"] is not None
+    assert "spearman" not in records[0]
+
+
+def test_custom_loop_sends_every_steps_health_and_a_nan_loss_as_nan(make_model, batch, tmp_path):
+    path = tmp_path / "r.jsonl"
+    model = make_model("llama", num_layers=1).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1000, jsonl_path=str(path)))
+    monitor.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    sent = []
+    for step in range(1, 4):
+        loss = model(**batch).loss
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        optimizer.step()
+        optimizer.zero_grad()
+        value = float("nan") if step == 3 else loss.item()
+        health = {"kl": 0.01 * step, "completion_length_mean": 12.0}
+        assert monitor.step_end(step, model, loss=value, grad_norm=norm, learning_rate=1e-2,
+                                health=health) is None  # fmt: skip
+        sent.append((value, norm))
+    monitor.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and not any(r["probed"] for r in rows)
+    assert [r["grad_norm"] for r in rows] == [norm for _, norm in sent]
+    assert [r["loss"] for r in rows[:2]] == [loss for loss, _ in sent[:2]]
+    assert rows[2]["loss"] == "nan" and rows[2]["nonfinite_fields"] == ["loss"]
+    assert [r["kl"] for r in rows] == [0.01, 0.02, 0.03]
+    assert rows[0]["learning_rate"] == 1e-2 and rows[0]["completion_length_mean"] == 12.0
+    assert monitor.probes == 0
+
+
+def test_a_bad_health_key_is_reported_once_and_training_goes_on(make_model, batch):
+    model = make_model("llama", num_layers=1).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1000))
+    monitor.attach(model)
+    with pytest.warns(MonitorWarning, match=r"health\['gradnorm'\] is not a health field"):
+        assert monitor.step_end(1, model, health={"gradnorm": 1.0}) is None
+    assert not monitor.enabled  # on_error="disable"
 
 
 def test_disabled_config_does_nothing(make_model, batch):

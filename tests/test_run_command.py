@@ -63,7 +63,8 @@ def test_unmodified_script_sends_records(tmp_path, script, args, callback):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         reply = history(server, "zero-code")
-    assert [r.step for r in reply.history] == [2, 4]
+    assert [r.step for r in reply.history] == [1, 2, 3, 4]  # one health record a step
+    assert [r.step for r in reply.history if r.HasField("inversion")] == [2, 4]
     assert proc.stderr.count("inversion-monitor: attached to") == 1
     assert f"sending to {server.grpc_target}" in proc.stderr
     assert proc.stdout.count(callback) == 1  # added exactly once

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from inversion_monitor.config import MonitorConfig
-from inversion_monitor.engine.sinks import GrpcSink, JsonlSink, ProbeRecord, Sink, TrainerLogSink
+from inversion_monitor.engine.sinks import GrpcSink, JsonlSink, Sink, TrainerLogSink, TrainingRecord
 from inversion_monitor.metrics.stats import InversionStats
 from tests.scripted_server import ServerHandle
 
 
-def _record(step: int, run_id: str = "sinks") -> ProbeRecord:
+def _record(step: int, run_id: str = "sinks") -> TrainingRecord:
     stats = InversionStats.insufficient_sample(n=3, reason="n < 4")
-    return ProbeRecord(
+    return TrainingRecord(
         run_id=run_id, run_name="sink run", rank=0, step=step, stats=stats, probe_seconds=0.01
     )
 
@@ -63,8 +63,27 @@ def test_jsonl_sink_writes_one_plain_json_line_per_record(tmp_path: Path) -> Non
     sink.close(timeout_s=1)
     (line,) = (tmp_path / "m.rank1.jsonl").read_text().splitlines()
     row = json.loads(line)
-    assert row["step"] == 4 and row["insufficient"] is True
-    assert row["spearman"] is None  # NaN travels as null
+    assert row["step"] == 4 and row["insufficient"] is True and row["probed"] is True
+    assert row["spearman"] is None  # a NaN statistic travels as null
+
+
+def test_jsonl_health_rows_keep_non_finite_values_and_name_them(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "m.jsonl", rank=0, world_size=1)
+    health = {"loss": math.nan, "grad_norm": math.inf, "learning_rate": 1e-4}
+    sink.emit(TrainingRecord(run_id="r", run_name="n", rank=0, step=7, health=health))
+    sink.close(timeout_s=1)
+    (line,) = (tmp_path / "m.jsonl").read_text().splitlines()
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert row["probed"] is False and "spearman" not in row
+    assert (row["loss"], row["grad_norm"], row["learning_rate"]) == ("nan", "inf", 1e-4)
+    assert math.isnan(float(row["loss"])) and float(row["grad_norm"]) == math.inf
+    assert row["nonfinite_fields"] == ["loss", "grad_norm"]
+
+
+def test_trainer_log_sink_ignores_health_only_records() -> None:
+    sink = TrainerLogSink()
+    sink.emit(TrainingRecord(run_id="r", run_name="n", rank=0, step=1, health={"loss": 1.0}))
+    assert sink.take() is None
 
 
 def test_trainer_log_sink_hands_each_record_out_once() -> None:

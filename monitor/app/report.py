@@ -50,10 +50,11 @@ def _opt(message: Any, field: str) -> float:
 
 
 def trajectory(records: Sequence[monitor_pb2.StepRecord]) -> list[TrajectoryPoint]:
-    """One point per record, in step order (rank 0's records when several ranks sent)."""
+    """One point per probe record, in step order (rank 0's records when several ranks sent);
+    the per-step health records without inversion statistics are not points."""
     points = []
     for rec in sorted(records, key=lambda r: (r.step, r.rank)):
-        if rec.rank != 0:
+        if rec.rank != 0 or not rec.HasField("inversion"):
             continue
         sp = rec.inversion.spearman
         points.append(

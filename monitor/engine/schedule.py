@@ -76,6 +76,16 @@ class ProbeSchedule:
         self.last_step_end = now
         self.probe_s = 0.0
 
+    @property
+    def same_on_every_rank(self) -> bool:
+        """True when the answer depends on the step alone (a fixed schedule), so ranks
+        need no vote to agree; the time budget depends on each rank's clock.
+
+        >>> ProbeSchedule(every_n_steps=4).same_on_every_rank, ProbeSchedule().same_on_every_rank
+        (True, False)
+        """
+        return self.every_n_steps is not None
+
     def should_probe(self, step: int) -> bool:
         """True when ``step`` (an optimizer step just completed) should be probed."""
         if step < self.first_step:

@@ -1,14 +1,16 @@
 """Where the monitor's measurements go: the ``Sink`` protocol and its three sinks.
 
 The engine (:class:`~inversion_monitor.engine.training_monitor.InversionMonitor`) builds one
-:class:`ProbeRecord` per probe and hands it to each sink: the trainer's logs
-(:class:`TrainerLogSink`, always), a JSONL file (:class:`JsonlSink`, with
+:class:`TrainingRecord` per optimizer step (the step's training health, plus the
+probe's statistics on steps the probe ran) and hands it to each sink: the
+trainer's logs (:class:`TrainerLogSink`, always; probe records only, the
+trainer logs its own health values), a JSONL file (:class:`JsonlSink`, with
 ``jsonl_path``) and the monitor server (:class:`GrpcSink`, with ``endpoint``).
 A new destination is one class with ``emit``, ``flush`` and ``close``.
 
 >>> stats = InversionStats.insufficient_sample(n=3, reason="n < 4")
->>> record = ProbeRecord(run_id="r", run_name="demo", rank=0, step=3, stats=stats,
-...                      probe_seconds=0.1)
+>>> record = TrainingRecord(run_id="r", run_name="demo", rank=0, step=3, stats=stats,
+...                         probe_seconds=0.1, health={"loss": 2.0})
 >>> logs = TrainerLogSink()
 >>> logs.emit(record)
 >>> metrics = logs.take()
@@ -37,30 +39,30 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
-class ProbeRecord:
-    """One probe's measurement and the training values beside it."""
+class TrainingRecord:
+    """One optimizer step's training health and, when the probe ran, its measurement."""
 
     run_id: str
     run_name: str
     rank: int
     step: int
-    stats: InversionStats
-    probe_seconds: float
-    loss: float | None = None
-    learning_rate: float | None = None
+    stats: InversionStats | None = None  # None: the probe did not run at this step
+    probe_seconds: float | None = None
+    # HEALTH_FIELDS names -> values (NaN and inf kept: a diverged step)
+    health: Mapping[str, float] = field(default_factory=dict)
     components: list[dict[str, Any]] | None = None
     samples: list[tuple[float, float, int]] | None = None
     kind: str | None = None
-    rl: RLStats | None = None  # the RL signals of the steps since the last record
+    rl: RLStats | None = None  # the step's RL signals (quantiles, advantages)
     prefix: str | None = None  # "captured", or "recomputed" with the reason
     wall_time: float = field(default_factory=time.time)
 
 
 class Sink(Protocol):
-    """A destination of probe records. ``emit`` must be cheap and never block on I/O
+    """A destination of training records. ``emit`` must be cheap and never block on I/O
     that can hang (the gRPC client queues; files are local)."""
 
-    def emit(self, record: ProbeRecord) -> None:
+    def emit(self, record: TrainingRecord) -> None:
         """Take one record."""
 
     def flush(self, timeout_s: float) -> bool:
@@ -109,8 +111,10 @@ class TrainerLogSink:
     def __init__(self) -> None:
         self._latest: dict[str, float] | None = None
 
-    def emit(self, record: ProbeRecord) -> None:
-        self._latest = trainer_metrics(record.stats, probe_seconds=record.probe_seconds)
+    def emit(self, record: TrainingRecord) -> None:
+        if record.stats is None:  # the trainer logs its own health values
+            return
+        self._latest = trainer_metrics(record.stats, probe_seconds=record.probe_seconds or 0.0)
         if record.rl is not None:
             self._latest.update(record.rl.trainer_metrics())
 
@@ -129,7 +133,14 @@ class TrainerLogSink:
 
 class JsonlSink:
     """Appends one JSON object per record to a file (``<stem>.rank<r><suffix>`` when
-    ``world_size > 1``); NaN and infinities become null."""
+    ``world_size > 1``).
+
+    Every row has ``step``, ``probed`` and the health values it knows
+    (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`); a probed row
+    also has the inversion statistics. A non-finite health value is written
+    as the string ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads it back)
+    and named in ``nonfinite_fields``; other NaN and infinities become null.
+    """
 
     def __init__(self, path: str | os.PathLike[str], *, rank: int, world_size: int) -> None:
         target = Path(path)
@@ -138,23 +149,32 @@ class JsonlSink:
         self.path = target
         self._file: TextIO | None = None
 
-    def emit(self, record: ProbeRecord) -> None:
-        row = {
+    def emit(self, record: TrainingRecord) -> None:
+        row: dict[str, Any] = {
             "run_id": record.run_id,
             "run_name": record.run_name,
             "rank": record.rank,
             "step": record.step,
             "wall_time": record.wall_time,
-            "probe_seconds": record.probe_seconds,
-            "loss": record.loss,
-            "learning_rate": record.learning_rate,
-            **{k: v for k, v in record.stats.to_dict().items() if k != "extra"},
-            "components": record.components,
-            "samples": record.samples,
+            "probed": record.stats is not None,
             "kind": record.kind,
-            "rl": record.rl.to_dict() if record.rl is not None else None,
-            "prefix": record.prefix,
         }
+        nonfinite = []
+        for name, value in record.health.items():
+            if math.isfinite(value):
+                row[name] = value
+            else:
+                row[name] = repr(float(value))  # 'nan', 'inf', '-inf'
+                nonfinite.append(name)
+        row["nonfinite_fields"] = nonfinite
+        if record.stats is not None:
+            row["probe_seconds"] = record.probe_seconds
+            row.update((k, v) for k, v in record.stats.to_dict().items() if k != "extra")
+            row["components"] = record.components
+            row["samples"] = record.samples
+            row["prefix"] = record.prefix
+        if record.rl is not None:
+            row["rl"] = record.rl.to_dict()
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
@@ -196,22 +216,21 @@ class GrpcSink:
         self._model_type = model_type
         self.client: MonitorClient | None = None
 
-    def emit(self, record: ProbeRecord) -> None:
+    def emit(self, record: TrainingRecord) -> None:
         if self.client is None:
             self.client = self._connect(record)
         self.client.log(
             record.step,
             record.stats,
-            loss=record.loss,
-            learning_rate=record.learning_rate,
             components=record.components,
             samples=record.samples,
             probe_seconds=record.probe_seconds,
             wall_time=record.wall_time,
             rl=record.rl,
+            health=record.health,
         )
 
-    def _connect(self, record: ProbeRecord) -> MonitorClient:
+    def _connect(self, record: TrainingRecord) -> MonitorClient:
         from inversion_monitor.telemetry.client import MonitorClient
 
         config = self.config

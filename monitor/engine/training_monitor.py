@@ -34,36 +34,34 @@ it found them (see :mod:`inversion_monitor.probe.gradients`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 import warnings
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from inversion_monitor._version import __version__
 from inversion_monitor.config import MonitorConfig
+from inversion_monitor.engine.health import step_health
+from inversion_monitor.engine.probing import Measured, ProbePlan, measure, token_samples
 from inversion_monitor.engine.rank_agreement import RankAgreement, Verdict, process_place
 from inversion_monitor.engine.schedule import ProbeSchedule
 from inversion_monitor.engine.sinks import (
     GrpcSink,
     JsonlSink,
-    ProbeRecord,
     Sink,
     TrainerLogSink,
+    TrainingRecord,
     trainer_metrics,
 )
-from inversion_monitor.metrics.correlation import spearman
-from inversion_monitor.metrics.stats import InversionStats, inversion_stats
+from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
-from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
-from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
+from inversion_monitor.probe.gradients import ProbeResult
+from inversion_monitor.probe.prefix_capture import PrefixCapture
 from inversion_monitor.probe.sampling import TokenSampler
 from inversion_monitor.probe.sharding import sharded_parameters
 from inversion_monitor.rl.signals import RLStats
@@ -78,31 +76,6 @@ logger = logging.getLogger("inversion_monitor")
 
 class MonitorWarning(RuntimeWarning):
     """Something kept the monitor from measuring; training goes on."""
-
-
-@dataclass(frozen=True)
-class _ProbePlan:
-    """What one probe will measure, checked on this rank before the ranks agree to probe."""
-
-    model: nn.Module
-    batch: CapturedBatch
-    positions: torch.Tensor
-    prepare_s: float
-    prefix: CapturedPrefix | None = None  # the training forward's hidden states, if kept
-    prefix_note: str | None = None  # why none was kept
-
-
-@dataclass(frozen=True)
-class _Measured:
-    """A probe's outcome, sent as a record now or (before the optimizer step) by step_end."""
-
-    step: int
-    stats: InversionStats
-    result: ProbeResult
-    seconds: float
-    components: list[dict[str, Any]] | None
-    loss: float | None
-    learning_rate: float | None
 
 
 class InversionMonitor:
@@ -143,14 +116,18 @@ class InversionMonitor:
     is left untouched. Without it, :meth:`step_end` probes after the step
     and recomputes them.
 
-    In an RL loop, pass the step's RL signals (no extra forward: from the
-    tensors of the loss)::
+    Every :meth:`step_end` sends one record: the step's training health
+    (``loss``, ``grad_norm`` before clipping, ``learning_rate``, and any field
+    of :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS` in
+    ``health``), with the probe's statistics on the steps it ran. In an RL
+    loop, pass the step's RL signals too (no extra forward: from the tensors
+    of the loss)::
 
         acc = RLStepAccumulator()   # inversion_monitor.rl.signals
         acc.add(mask=completion_mask, entropies=entropies, logprobs=logps, advantages=adv)
-        monitor.step_end(step, model, rl=acc.finish(reward_mean=r.mean(), reward_std=r.std()))
-
-    The steps' signals are averaged into the next record the monitor sends.
+        monitor.step_end(step, model, loss=loss.item(), grad_norm=norm.item(),
+                         rl=acc.finish(reward_mean=r.mean(), reward_std=r.std()),
+                         health={"kl": kl, "completion_length_mean": lengths.mean()})
     """
 
     def __init__(
@@ -182,14 +159,13 @@ class InversionMonitor:
         self.last_result: ProbeResult | None = None
         # the batch the last probe measured: last_result.positions index into it
         self.last_batch: CapturedBatch | None = None
-        self.last_rl: RLStats | None = None
         self.probes = 0
         self.errors = 0
         self._capture: BatchCapture | None = None
         self._prefix: PrefixCapture | None = None
         self._prefix_note: str | None = None  # why there is no PrefixCapture
         self._pre_step: tuple[int, bool] | None = None  # (step, probe?) decided pre-step
-        self._held: _Measured | None = None  # a pre-step probe, sent by step_end
+        self._held: Measured | None = None  # a pre-step probe, sent by step_end
         self._model: nn.Module | None = None
         self._trainer_log = TrainerLogSink()
         self.sinks: list[Sink] = [self._trainer_log]
@@ -209,8 +185,6 @@ class InversionMonitor:
         self._joined = False
         self._agreement: RankAgreement | None = None
         self._local_failure = False  # failed here since the last vote (distributed)
-        # RL signals of the optimizer steps since the last record (bounded)
-        self._rl_pending: deque[RLStats] = deque(maxlen=100_000)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -255,11 +229,7 @@ class InversionMonitor:
         rank, self.world_size = process_place(self.rank, self.world_size)
         if rank != self.rank:  # torch.distributed started after the constructor
             self.rank = rank
-            self.sampler = TokenSampler(
-                self.config.tokens_per_probe,
-                max_sequences=self.config.sequences_per_probe,
-                seed=self.config.seed + rank,
-            )
+            self.sampler = TokenSampler.from_config(self.config, rank=rank)
         if self.world_size < 2 or self._joined:
             return
         self._joined = True
@@ -289,7 +259,7 @@ class InversionMonitor:
         held, self._held = self._held, None
         if held is not None:  # a pre-step probe whose step_end never came
             try:
-                self._emit(held)
+                self._emit(held.step, held, {})
             except Exception as exc:
                 self._fail("close", exc)
         if self._agreement is not None:  # no more votes: the other ranks may be closing too
@@ -312,42 +282,45 @@ class InversionMonitor:
         *,
         loss: float | None = None,
         learning_rate: float | None = None,
+        grad_norm: float | None = None,
         probe: bool | None = None,
         rl: RLStats | None = None,
+        health: Mapping[str, float | None] | None = None,
     ) -> dict[str, float] | None:
-        """Call after each optimizer step; probes when scheduled.
+        """Call after each optimizer step: sends the step's health record; probes when scheduled.
 
-        ``probe`` overrides the schedule's decision for this step: the answer
-        of :meth:`decide`, or a value that is the same on every rank; None
-        asks :meth:`decide`.
-        ``rl``: the step's RL signals (:class:`~inversion_monitor.rl.signals.RLStats`),
-        averaged into the next record. Returns the ``inversion/...`` (and
-        ``rl/...``) metrics when it probed, else None.
+        ``loss``, ``learning_rate`` (the one the step used) and ``grad_norm``
+        (before clipping) are the trainer's values; ``health`` adds any other
+        field of :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`
+        (e.g. ``kl``, ``clip_ratio``, ``completion_length_mean``); ``rl``: the
+        step's RL signals (:class:`~inversion_monitor.rl.signals.RLStats`).
+        NaN and infinities are sent as such. ``probe`` overrides the
+        schedule's decision for this step: the answer of :meth:`decide`, or a
+        value that is the same on every rank; None asks :meth:`decide`.
+        Returns the ``inversion/...`` (and ``rl/...``) metrics when it
+        probed, else None.
         """
         if not self.enabled:
             return None
         pre, self._pre_step = self._pre_step, None
         held, self._held = self._held, None
         try:
-            if rl is not None:
-                if not isinstance(rl, RLStats):
-                    raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
-                self._rl_pending.append(rl)
-            metrics = None
-            if held is not None:  # probed before the optimizer step: send with the loss
+            if rl is not None and not isinstance(rl, RLStats):
+                raise TypeError(f"rl must be an RLStats, got {type(rl).__name__}")
+            values = step_health(
+                loss=loss, learning_rate=learning_rate, grad_norm=grad_norm, rl=rl, extra=health
+            )
+            measured = None
+            if held is not None:  # probed before the optimizer step: sent with this step
                 if held.step == step:
-                    held = replace(
-                        held,
-                        loss=loss if loss is not None else held.loss,
-                        learning_rate=held.learning_rate
-                        if learning_rate is None
-                        else learning_rate,
-                    )
-                metrics = self._emit(held)
+                    measured = held
+                else:  # its step_end never came
+                    self._emit(held.step, held, {})
             if pre is None or pre[0] != step:  # not decided before the optimizer step
                 want = self.decide(step) if probe is None else probe
                 if want and self.enabled:
-                    metrics = self._probe_now(step, model, loss=loss, learning_rate=learning_rate)
+                    measured = self._probe_now(step, model) or measured
+            metrics = self._emit(step, measured, values, rl=rl)
             self.schedule.step_ended(now=time.monotonic())
             return metrics
         except Exception as exc:  # never break training
@@ -357,22 +330,16 @@ class InversionMonitor:
             if self._prefix is not None:
                 self._prefix.release()  # the weights changed: the states are stale
 
-    def before_optimizer_step(
-        self,
-        step: int,
-        model: nn.Module | None = None,
-        *,
-        learning_rate: float | None = None,
-    ) -> None:
+    def before_optimizer_step(self, step: int, model: nn.Module | None = None) -> None:
         """Call after the backward of optimizer step ``step``, before ``optimizer.step()``.
 
         Probes now when scheduled (the same decision, vote and commit as
         :meth:`step_end`, so every rank probes on the same steps), starting
         from the training forward's hidden states below the lowest probed
         block when they still match the weights; ``.grad`` is left untouched.
-        The record is held until :meth:`step_end` of the same step, which
-        sends it with the step's loss and returns its metrics without probing
-        again. Repeated calls for one step (several optimizers) probe once.
+        The measurement is held until :meth:`step_end` of the same step,
+        which sends it with the step's health and returns its metrics without
+        probing again. Repeated calls for one step (several optimizers) probe once.
         Sharded models (FSDP2, ZeRO-3) are probed by :meth:`step_end` as
         before: this call does nothing for them.
         """
@@ -385,7 +352,7 @@ class InversionMonitor:
             want = self.decide(step)
             self._pre_step = (step, want)
             if want and self.enabled:
-                self._probe_now(step, model, loss=None, learning_rate=learning_rate, hold=True)
+                self._held = self._probe_now(step, model, before_step=True)
         except Exception as exc:  # never break training
             self._fail(f"step {step}", exc)
 
@@ -403,7 +370,7 @@ class InversionMonitor:
             return self._pre_step[1]  # decided (and voted) before the optimizer step
         try:
             want = self.schedule.should_probe(step)
-            if self._agreement is None or self.config.every_n_steps is not None:
+            if self._agreement is None or self.schedule.same_on_every_rank:
                 return want
             verdict = self._vote(want)
             return verdict is not None and verdict.go
@@ -412,36 +379,22 @@ class InversionMonitor:
             return False
 
     def _probe_now(
-        self,
-        step: int,
-        model: nn.Module | None,
-        *,
-        loss: float | None,
-        learning_rate: float | None,
-        hold: bool = False,
-    ) -> dict[str, float] | None:
-        """Probe at ``step``, on every rank together in a distributed job (``hold``: before
-        the optimizer step, the record kept for :meth:`step_end`)."""
+        self, step: int, model: nn.Module | None, *, before_step: bool = False
+    ) -> Measured | None:
+        """Probe at ``step``, on every rank together in a distributed job (``before_step``:
+        before the optimizer step, from the training forward's hidden states)."""
         if self._agreement is not None:
-            return self._agreed_probe(
-                step, model, loss=loss, learning_rate=learning_rate, hold=hold
-            )
-        plan = self._prepare(model, before_step=hold)
+            return self._agreed_probe(step, model, before_step=before_step)
+        plan = self._prepare(model, before_step=before_step)
         if plan is None:
             return None
-        return self._measure(step, plan, loss=loss, learning_rate=learning_rate, hold=hold)
+        return self._measure(step, plan)
 
     # ------------------------------------------------------------------ distributed
 
     def _agreed_probe(
-        self,
-        step: int,
-        model: nn.Module | None,
-        *,
-        loss: float | None,
-        learning_rate: float | None,
-        hold: bool = False,
-    ) -> dict[str, float] | None:
+        self, step: int, model: nn.Module | None, *, before_step: bool = False
+    ) -> Measured | None:
         """Probe on every rank or on none (all ranks decided to probe at ``step``).
 
         Every rank first checks what it can before any collective (a batch,
@@ -452,13 +405,13 @@ class InversionMonitor:
         plan = None
         if not self._local_failure:
             try:
-                plan = self._prepare(model, before_step=hold)
+                plan = self._prepare(model, before_step=before_step)
             except Exception as exc:  # reported by the vote below
                 self._fail(f"step {step}", exc)
         verdict = self._vote(plan is not None, commit=True)
         if plan is None or verdict is None or not verdict.go:
             return None
-        return self._measure(step, plan, loss=loss, learning_rate=learning_rate, hold=hold)
+        return self._measure(step, plan)
 
     def _vote(self, yes: bool, *, commit: bool = False) -> Verdict | None:
         """Every rank's vote (``commit``: before a probe); None when the monitor is off now."""
@@ -511,16 +464,18 @@ class InversionMonitor:
         loss: float | None = None,
         learning_rate: float | None = None,
     ) -> dict[str, float] | None:
-        """Probe the last captured batch now; returns the metrics (None if no batch).
+        """Probe the last captured batch now and send the record; returns the metrics
+        (None if no batch).
 
         With sharded weights the probe is a collective: call it on every rank.
         """
         plan = self._prepare(model)
         if plan is None:
             return None
-        return self._measure(step, plan, loss=loss, learning_rate=learning_rate)
+        measured = self._measure(step, plan)
+        return self._emit(step, measured, step_health(loss=loss, learning_rate=learning_rate))
 
-    def _prepare(self, model: nn.Module | None, *, before_step: bool = False) -> _ProbePlan | None:
+    def _prepare(self, model: nn.Module | None, *, before_step: bool = False) -> ProbePlan | None:
         """This rank's batch, model and sample (no collective); None: nothing to probe.
 
         ``before_step``: called before the optimizer step, so the training
@@ -545,116 +500,52 @@ class InversionMonitor:
         note = self._prefix.skipped_reason if self._prefix is not None else self._prefix_note
         if not before_step:
             note = "probed after the optimizer step (no before_optimizer_step call)"
-        return _ProbePlan(
+        return ProbePlan(
             model, batch, positions, time.perf_counter() - start, prefix=prefix, prefix_note=note
         )
 
-    def _measure(
+    def _measure(self, step: int, plan: ProbePlan) -> Measured:
+        """Run the probe on ``plan`` (collective when weights are sharded); account for it."""
+        measured = measure(step, plan, self.config)
+        self.schedule.probe_done(seconds=measured.seconds)
+        self.probes += 1
+        self.last_stats, self.last_result = measured.stats, measured.result
+        self.last_batch = measured.batch
+        return measured
+
+    def _emit(
         self,
         step: int,
-        plan: _ProbePlan,
+        measured: Measured | None,
+        health: Mapping[str, float],
         *,
-        loss: float | None,
-        learning_rate: float | None,
-        hold: bool = False,
+        rl: RLStats | None = None,
     ) -> dict[str, float] | None:
-        """Run the probe on ``plan`` (collective when weights are sharded) and send the
-        record (``hold``: keep it for :meth:`step_end`; returns None then)."""
-        start = time.perf_counter() - plan.prepare_s
-        batch, positions = plan.batch, plan.positions
-        result = logit_gradient_norms(
-            plan.model,
-            batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            positions=positions,
-            layers=self.config.layers,
-            projections=self.config.projections,
-            norm=self.config.norm,
-            chunk_tokens=self.config.chunk_tokens,
-            prefix=plan.prefix,
-        )
-        if result.prefix == "recomputed" and result.prefix_reason is None:
-            result = replace(result, prefix_reason=plan.prefix_note)
-        stats = inversion_stats(
-            result.entropy,
-            result.score,
-            method=self.config.method,
-            per_token_type=self.config.per_token_type,
-            tokens=result.tokens if self.config.per_token_type else None,
-        )
-        components = self._components(result) if self.config.per_component_stats else None
-        seconds = time.perf_counter() - start
-        self.schedule.probe_done(seconds=seconds)
-        self.probes += 1
-        self.last_stats, self.last_result, self.last_batch = stats, result, batch
-        measured = _Measured(
-            step=step,
-            stats=stats,
-            result=result,
-            seconds=seconds,
-            components=components,
-            loss=loss,
-            learning_rate=learning_rate,
-        )
-        if hold:
-            self._held = measured
-            return None
-        return self._emit(measured)
-
-    def _emit(self, measured: _Measured) -> dict[str, float] | None:
-        """Send one probe's record to every sink; returns the trainer's metrics."""
-        rl = RLStats.average(self._rl_pending)
-        self._rl_pending.clear()
-        self.last_rl = rl
-        result = measured.result
-        record = ProbeRecord(
+        """Send step ``step``'s record (health, and ``measured`` when the probe ran) to
+        every sink; returns the trainer's metrics of a probe record."""
+        record = TrainingRecord(
             run_id=self.run_id,
             run_name=self.run_name,
             rank=self.rank,
-            step=measured.step,
-            stats=measured.stats,
-            probe_seconds=measured.seconds,
-            loss=measured.loss,
-            learning_rate=measured.learning_rate,
-            components=measured.components,
-            samples=self._samples(result),
+            step=step,
+            health=health,
             kind=self.kind,
             rl=rl,
-            prefix=result.prefix
-            if result.prefix_reason is None
-            else f"{result.prefix}: {result.prefix_reason}",
         )
+        if measured is not None:
+            record = replace(
+                record,
+                stats=measured.stats,
+                probe_seconds=measured.seconds,
+                components=measured.components,
+                samples=token_samples(measured.result, self.config.token_samples),
+                prefix=measured.prefix,
+            )
         for sink in self.sinks:
             sink.emit(record)
         return self._trainer_log.take()
 
     # ------------------------------------------------------------------ sinks
-
-    def _components(self, result: ProbeResult) -> list[dict[str, Any]]:
-        out = []
-        enough = len(result) >= 4 and len(result.norms) > 1
-        for (layer, projection), values in result.norms.items():
-            item: dict[str, Any] = {
-                "layer": layer,
-                "projection": projection,
-                "score_mean": float(values.mean()) if len(result) else math.nan,
-            }
-            if enough:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    item["spearman"] = float(spearman(result.entropy, values))
-            out.append(item)
-        return out
-
-    def _samples(self, result: ProbeResult) -> list[tuple[float, float, int]] | None:
-        count = min(self.config.token_samples, len(result))
-        if count == 0:
-            return None
-        return [
-            (float(result.entropy[i]), float(result.score[i]), int(result.tokens[i]))
-            for i in range(count)
-        ]
 
     def _model_type(self) -> str:
         config = getattr(self._model, "config", None)

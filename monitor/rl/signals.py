@@ -74,6 +74,21 @@ class RLStats:
         """Plain values (for JSONL and trainer logs)."""
         return {k: float(v) for k, v in asdict(self).items()}
 
+    def health_values(self) -> dict[str, float]:
+        """The training-health values it carries (reward, policy entropy, covariance).
+
+        NaN means "not measured" here and is left out; an infinity is kept.
+
+        >>> RLStats(reward_mean=0.5, entropy_covariance=float("inf")).health_values()
+        {'reward_mean': 0.5, 'entropy_covariance': inf}
+        """
+        found = {}
+        for name in RL_STATS_KEYS:
+            value = float(getattr(self, name))
+            if not math.isnan(value):
+                found[name] = value
+        return found
+
     def trainer_metrics(self) -> dict[str, float]:
         """The ``rl/...`` keys added to a trainer's logs (finite values only)."""
         return {

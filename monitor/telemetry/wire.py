@@ -348,12 +348,7 @@ def _rl_health(rl: RLStats, record: monitor_pb2.StepRecord) -> dict[str, float]:
         _set(summary, "mean", getattr(rl, f"{prefix}_mean"))
         for q in ("p10", "p50", "p90"):
             _set(summary, q, getattr(rl, f"{prefix}_{q}"))
-    found = {}
-    for name in ("reward_mean", "reward_std", "policy_entropy_mean", "entropy_covariance"):
-        value = float(getattr(rl, name))
-        if not math.isnan(value):  # RLStats' NaN: not measured; an infinity is sent
-            found[name] = value
-    return found
+    return rl.health_values()
 
 
 def _add_components(
