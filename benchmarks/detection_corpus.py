@@ -48,12 +48,18 @@ SIGNAL = {
     "RewardCollapse": ("reward_mean", "down"),
     "LengthDrift": ("completion_length_mean", "both"),
 }
-# which detectors a fault is for (the first is the one it must be caught by)
+# the detectors that answer a fault (it is caught when one of them fires within its budget)
 EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("sft", "lr_jump"): ("LossSpike", "GradNormSpike"),
     ("sft", "nan_batch"): ("NonFiniteTraining",),
     ("sft", "label_corruption"): ("LossSpike",),
-    ("rl", "lr_jump"): ("EntropySurge", "GradNormSpike", "KLSurge", "EntropyCollapse"),
+    ("rl", "lr_jump"): (
+        "EntropyCollapse",
+        "EntropySurge",
+        "RewardCollapse",
+        "KLSurge",
+        "GradNormSpike",
+    ),
     ("rl", "zero_reward"): ("RewardCollapse",),
     ("rl", "length_hack"): ("LengthDrift",),
     ("rl", "entropy_collapse"): ("EntropyCollapse",),
@@ -329,10 +335,9 @@ def report(
     for o in outcomes:
         by_fault.setdefault((o.run, o.fault), []).append(o)
     say("")
-    say("per fault (first detector listed is the one it must be caught by; delay in records):")
+    say("per fault (caught: one of its detectors within that detector's budget; records):")
     for (run, _), os_ in by_fault.items():
-        first = os_[0]
-        ok = first.delay is not None and first.delay <= BUDGET[first.detector]
+        ok = any(o.delay is not None and o.delay <= BUDGET[o.detector] for o in os_)
         within = within and ok
         parts = ", ".join(
             f"{o.detector} {o.delay if o.delay is not None else 'miss'}"

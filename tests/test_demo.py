@@ -207,29 +207,28 @@ def test_the_live_page_url_is_printed_and_serves_the_runs(demo: DemoRun) -> None
     assert demo.api_run == to_json(demo.runs[UNSTABLE])
 
 
-def test_the_alert_reaches_the_webhook_with_its_step_while_training(demo: DemoRun) -> None:
+def test_the_destabilised_run_is_alerted_within_three_steps_of_the_jump(demo: DemoRun) -> None:
     unstable = demo.runs[UNSTABLE]
-    fired = [a for a in unstable.alerts if a.name == "EntropyCollapse"]
-    assert len(fired) == 1, unstable.alerts
-    step = fired[0].start_step
-    assert JUMP < step <= UNSTABLE_STEPS  # after the learning rate went up, not in the warm-up
+    assert unstable.alerts, "\n".join(demo.stdout)
+    first = min(unstable.alerts, key=lambda a: a.start_step)
+    step = first.start_step
+    assert JUMP <= step <= JUMP + 3, unstable.alerts  # after the jump, within 3 steps
     arrived = [
         i for i, line in enumerate(demo.stdout) if line.startswith("ALERT received by the webhook:")
     ]
     assert arrived, "\n".join(demo.stdout)
-    line = demo.stdout[arrived[0]]
-    assert line.startswith(
-        f"ALERT received by the webhook: EntropyCollapse (warning) on run {UNSTABLE} "
-        f"at step {step}: smoothed mean entropy "
-    ) or line.startswith(
-        f"ALERT received by the webhook: EntropyCollapse (warning) on run {UNSTABLE} "
-        f"at step {step}: mean entropy falling "
-    ), line
+    head = f"ALERT received by the webhook: {first.name} ({first.severity}) on run {UNSTABLE} "
+    tail = f"  [{step - JUMP} steps after the learning-rate jump at step {JUMP}]"
+    lines = [demo.stdout[i] for i in arrived]
+    assert any(
+        line.startswith(f"{head}at step {step}: ") and line.endswith(tail) for line in lines
+    ), lines
     # printed when it arrived: before the summaries read back at the end
     assert arrived[0] < demo.stdout.index("== SFT ==")
-    assert f"  EntropyCollapse (warning) on run {UNSTABLE} at step {step}: " in "\n".join(
-        demo.stdout
-    )
+    assert (
+        f"first alert on {UNSTABLE}: {first.name} at step {step}, {step - JUMP} steps after "
+        f"the learning-rate jump at step {JUMP}"
+    ) in demo.stdout
     # the learning rate the records carry: LR_FACTOR times higher from the jump on
     lrs = {rec.step: rec.learning_rate for rec in demo.history(UNSTABLE)}
     assert lrs[JUMP - 1] == pytest.approx(RL_LR)
@@ -303,8 +302,8 @@ def test_report_shows_the_phases_the_alert_and_the_signals(demo: DemoRun) -> Non
     page = (demo.out_dir / "report.html").read_text()
     for title in ("Phase 1: SFT", "Phase 2: RL", "Phase 3: destabilised RL"):
         assert title in page
-    step = demo.runs[UNSTABLE].alerts[0].start_step
-    assert f"EntropyCollapse (warning) on run {UNSTABLE} at step {step}: " in page
+    alert = demo.runs[UNSTABLE].alerts[0]
+    assert f"{alert.name} ({alert.severity}) on run {UNSTABLE} at step {alert.start_step}: " in page
     captions = re.findall(r"<figcaption>([^<]+)</figcaption>", page)
     assert captions == [
         "rho with its 95% confidence band, per phase",

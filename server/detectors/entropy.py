@@ -34,7 +34,7 @@ class EntropyDropConfig(DriftConfig):
     """
 
     floor: float = Field(default=0.01, ge=0.0)
-    min_scale: float = Field(default=0.05, gt=0.0)
+    min_scale: float = Field(default=0.04, gt=0.0)
 
 
 class EntropySurgeConfig(DriftConfig):
