@@ -61,6 +61,15 @@ class ProjectionSite:
     columns: torch.Tensor | None = None
 
 
+def select_columns(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """The last dimension of ``tensor`` cut to a site's ``columns`` (None: all of it).
+
+    >>> select_columns(torch.arange(6).reshape(2, 3), torch.tensor([2, 0])).tolist()
+    [[2, 0], [5, 3]]
+    """
+    return tensor if columns is None else tensor.index_select(-1, columns.to(tensor.device))
+
+
 BlockProjections = Callable[[nn.Module, Any], dict[str, ProjectionSite]]
 
 
@@ -274,11 +283,13 @@ def _phi3_block(block: nn.Module, config: Any) -> dict[str, ProjectionSite]:
     }
 
 
-def _h(base: nn.Module) -> Sequence[nn.Module]:
+def _blocks_in_h(base: nn.Module) -> Sequence[nn.Module]:
+    """The decoder blocks of a GPT-2-like base model (``base.h``)."""
     return _module_list(base, "h")
 
 
-def _layers(base: nn.Module) -> Sequence[nn.Module]:
+def _blocks_in_layers(base: nn.Module) -> Sequence[nn.Module]:
+    """The decoder blocks of a base model that keeps them in ``base.layers``."""
     return _module_list(base, "layers")
 
 
@@ -286,12 +297,12 @@ LLAMA_STYLE = ArchitectureAdapter("llama-style", _generic_layers, _llama_block, 
 LLAMA_STYLE_GENERAL = ArchitectureAdapter(
     "llama-style (general path)", _generic_layers, _llama_block
 )
-GPT2 = ArchitectureAdapter("gpt2", _h, _gpt2_block, True)
-GPT_NEOX = ArchitectureAdapter("gpt_neox", _layers, _gpt_neox_block, True)
-PHI3 = ArchitectureAdapter("phi3", _layers, _phi3_block, True)
-BLOOM = ArchitectureAdapter("bloom", _h, _bloom_block, True)
-FALCON = ArchitectureAdapter("falcon", _h, _falcon_block, True)
-GPT_BIGCODE = ArchitectureAdapter("gpt_bigcode", _h, _gpt_bigcode_block, True)
+GPT2 = ArchitectureAdapter("gpt2", _blocks_in_h, _gpt2_block, True)
+GPT_NEOX = ArchitectureAdapter("gpt_neox", _blocks_in_layers, _gpt_neox_block, True)
+PHI3 = ArchitectureAdapter("phi3", _blocks_in_layers, _phi3_block, True)
+BLOOM = ArchitectureAdapter("bloom", _blocks_in_h, _bloom_block, True)
+FALCON = ArchitectureAdapter("falcon", _blocks_in_h, _falcon_block, True)
+GPT_BIGCODE = ArchitectureAdapter("gpt_bigcode", _blocks_in_h, _gpt_bigcode_block, True)
 
 # Families whose decoder blocks are attention (q_proj/k_proj/v_proj/o_proj) + a
 # per-token MLP or MoE, with only a norm and the head after the last block.
