@@ -15,7 +15,7 @@ cut after a length, with:
   block fed the training forward's hidden states.
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> from inversion_monitor.probe.architectures import resolve_model
 >>> resolved = resolve_model(tiny_causal_lm("llama", num_layers=2))
 >>> ids = torch.randint(4, 100, (2, 8), generator=torch.Generator().manual_seed(0))
