@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/bench_corrpo.py [--time-steps 12] [--rounds 2] [--train-steps 150]
 
-Setup: tiny Llama from ``inversion_monitor.app.toy`` (CPU), character tokenizer,
+Setup: tiny Llama from ``inversion_monitor.toy`` (CPU), character tokenizer,
 arithmetic prompts, 8 completions per step (2 prompts x 4 generations), up to
 32 completion tokens, sampling with transformers (no vLLM).
 
@@ -29,10 +29,10 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from inversion_monitor.app.toy.corpus import arithmetic_problems
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks.trl_corrpo import CorrPOConfig, CorrPOGRPOTrainer
+from inversion_monitor.toy.corpus import arithmetic_problems
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 
 def task_reward(completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:

@@ -29,10 +29,10 @@ from bench_probe import interleaved_minimum, max_relative_error
 
 import inversion_monitor.probe.gradients as probe_module
 import inversion_monitor.probe.rows as rows_module
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.metrics.norms import outer_sum_norm
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.reference import reference_norms
+from inversion_monitor.toy.models import tiny_causal_lm
 
 
 def _sync(device: torch.device) -> None:

@@ -56,11 +56,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from inversion_monitor.app.toy.corpus import reasoning_corpus
-from inversion_monitor.app.toy.data import causal_lm_collator
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionTrainerCallback
+from inversion_monitor.toy.corpus import reasoning_corpus
+from inversion_monitor.toy.data import causal_lm_collator
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 SEQ, BATCH, VOCAB = 256, 8, 8192
 VARIANTS: dict[str, dict[str, Any] | None] = {

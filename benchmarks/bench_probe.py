@@ -43,10 +43,10 @@ import torch
 from torch import nn
 
 import inversion_monitor.probe.gradients as probe_module
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
 from inversion_monitor.probe.reference import reference_norms
+from inversion_monitor.toy.models import tiny_causal_lm
 
 
 def _sync(device: torch.device) -> None:

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
+from inversion_monitor.toy.models import tiny_causal_lm
 
 LAYERS = [0, -1]
 

@@ -168,8 +168,3 @@ def install() -> bool:
             patch(module)
     sys.meta_path.insert(0, _PostImportFinder())
     return True
-
-
-def bootstrap_dir() -> str:
-    """The folder holding the ``sitecustomize.py`` that calls :func:`install`."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")

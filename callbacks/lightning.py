@@ -65,7 +65,7 @@ def find_causal_lm(module: nn.Module, model_attr: str | None = None) -> nn.Modul
     preferring one with trainable parameters (so a frozen reference model
     registered first is skipped). Raises LookupError saying what was tried.
 
-    >>> from inversion_monitor.app.toy.models import tiny_causal_lm
+    >>> from inversion_monitor.toy.models import tiny_causal_lm
     >>> holder = nn.Module()
     >>> holder.reference = tiny_causal_lm("gpt2").requires_grad_(False)
     >>> holder.policy = tiny_causal_lm("llama")
@@ -146,7 +146,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         base = config if config is not None else MonitorConfig.from_env()
         self.config = base.with_overrides(**overrides) if overrides else base
         if model_attr is not None and (
-            not isinstance(model_attr, str) or not _ATTR_PATH.match(model_attr)
+            not isinstance(model_attr, str) or not _ATTR_PATH.fullmatch(model_attr)
         ):
             raise ValueError(
                 f"model_attr: expected a dotted attribute path like 'model' or "

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from packaging.version import Version
 from pydantic import BaseModel, ConfigDict, Field
+from trl import GRPOTrainer
 
 from inversion_monitor.rl.corrpo import corrpo_rewards, sequence_inversion
 
@@ -50,31 +51,32 @@ SUPPORTED_TRL = (Version("1.16"), Version("2"))
 """TRL versions this integration supports: ``>= 1.16, < 2`` (tested with 1.16.0)."""
 
 
+class UnsupportedTRLVersion(RuntimeError):
+    """The installed TRL is outside :data:`SUPPORTED_TRL`; the message says which to install."""
+
+
 def check_trl_version(installed: str | None = None) -> str:
-    """The installed TRL version, or an ImportError saying which versions are supported.
+    """The installed TRL version, or :class:`UnsupportedTRLVersion` naming it and the fix.
+
+    Called when a :class:`CorrPOGRPOTrainer` is made (importing this module
+    never fails for the version alone).
 
     >>> check_trl_version("1.16.0")
     '1.16.0'
     >>> check_trl_version("0.19.1")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ImportError: CorrPOGRPOTrainer supports trl >= 1.16, < 2 ...: pip install 'trl>=1.16,<2'
+    inversion_monitor.callbacks.trl_corrpo.UnsupportedTRLVersion: CorrPOGRPOTrainer supports ...
     """
     found = installed if installed is not None else _dist_version("trl")
     low, high = SUPPORTED_TRL
     if not low <= Version(found) < high:
-        raise ImportError(
+        raise UnsupportedTRLVersion(
             f"CorrPOGRPOTrainer supports trl >= {low}, < {high} (it relies on "
             f"GRPOTrainer._generate and _calculate_rewards); trl {found} is installed: "
             f"pip install 'trl>={low},<{high}'"
         )
     return found
-
-
-check_trl_version()
-
-from trl import GRPOTrainer  # noqa: E402 - only once the version is known to fit
-from trl.trainer.utils import pad  # noqa: E402
 
 
 class CorrPOConfig(BaseModel):
@@ -141,11 +143,15 @@ class CorrPOGRPOTrainer(GRPOTrainer):  # type: ignore[misc]
 
     Attributes:
         last_corrpo: the latest :class:`CorrPOBatch` (this process's rows).
+
+    Raises:
+        UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
     """
 
     reward_weights: torch.Tensor
 
     def __init__(self, *args: Any, corrpo: CorrPOConfig | float = 0.05, **kwargs: Any) -> None:
+        check_trl_version()
         if isinstance(corrpo, CorrPOConfig):
             self.corrpo = corrpo
         elif isinstance(corrpo, (int, float)) and not isinstance(corrpo, bool):
@@ -177,6 +183,8 @@ class CorrPOGRPOTrainer(GRPOTrainer):  # type: ignore[misc]
 
     def _corrpo_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The policy's tokens laid out as the trainer's loss batch: ids, attention, completion."""
+        from trl.trainer.utils import pad
+
         assert self._corrpo_rollout is not None
         prompt_ids_list, completion_ids_list = self._corrpo_rollout
         device = self.accelerator.device

@@ -12,7 +12,7 @@ variables > defaults. Lists and mappings in the environment are JSON
 [0, -1]
 >>> try:
 ...     MonitorConfig(tokens_per_probe=2)
-... except ValueError as exc:  # a ConfigError, with .problems for programs
+... except ValueError as exc:  # a MonitorConfigError, with .problems for programs
 ...     print(exc)
 invalid MonitorConfig: tokens_per_probe: Input should be greater than or equal to 4 (got 2)
 """
@@ -36,6 +36,7 @@ from pydantic import (
 from typing_extensions import TypedDict, Unpack
 
 from inversion_monitor.metrics import MIN_CORRELATION_PAIRS
+from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, Projection, RunKind, one_of
 
 ENV_PREFIX = "INVERSION_MONITOR_"
 _FLAGS = {
@@ -49,9 +50,6 @@ _FLAGS = {
     "off": False,
     "": False,
 }
-Projection = Literal["q", "k", "v", "o"]
-RunKind = Literal["sft", "rl", "custom"]
-RUN_KINDS: tuple[RunKind, ...] = ("sft", "rl", "custom")
 # the fields MonitorClient takes as keyword arguments of the same name
 DELIVERY_FIELDS = (
     "max_buffer",
@@ -64,12 +62,12 @@ DELIVERY_FIELDS = (
 )
 
 
-class ConfigError(ValueError):
+class MonitorConfigError(ValueError):
     """An invalid :class:`MonitorConfig`; ``problems`` holds ``(field, message, value)``.
 
     >>> try:
     ...     MonitorConfig(norm="spectral")
-    ... except ConfigError as exc:
+    ... except MonitorConfigError as exc:
     ...     exc.problems[0][:2]
     ('norm', "Input should be 'nuclear', 'frobenius' or 'l1'")
     """
@@ -111,7 +109,7 @@ class MonitorConfig(BaseModel):
     jsonl_path: str | None = Field(None, description="also append every record to this file")
     log_to_trainer: bool = Field(True, description="add inversion/... keys to the trainer logs")
     kind: RunKind | None = Field(
-        None, description="'sft', 'rl' or 'custom'; None = detected from the trainer"
+        None, description=f"{one_of(RUN_KINDS)}; None = detected from the trainer"
     )
 
     # how records are delivered to the server (MonitorClient)
@@ -134,7 +132,7 @@ class MonitorConfig(BaseModel):
         description="decoder blocks to probe, negative from the end",
     )
     projections: tuple[Projection, ...] = Field(
-        ("q", "k", "v", "o"), description="attention projections (subset of q, k, v, o)"
+        PROJECTIONS, description=f"attention projections (subset of {one_of(PROJECTIONS)})"
     )
     norm: Literal["nuclear", "frobenius", "l1"] = Field(
         "nuclear", description="matrix norm of d logit / d W"
@@ -204,7 +202,7 @@ class MonitorConfig(BaseModel):
                 (".".join(str(p) for p in e["loc"]), e["msg"], e.get("input")) for e in exc.errors()
             ]
             message = explain_validation_error("MonitorConfig", exc)
-            raise ConfigError(message, problems) from None
+            raise MonitorConfigError(message, problems) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MonitorConfig:

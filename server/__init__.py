@@ -22,7 +22,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "MonitorServer": ".app",
     "ServerConfig": ".config",
     "Limits": ".config",
-    "ConfigError": ".config",
+    "ServerConfigError": ".settings_file",
     "IngestListener": ".listeners",
     "AlertEngine": ".alerts",
     "AlertmanagerSink": ".alertmanager",
@@ -35,20 +35,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.server.alertmanager import AlertmanagerSink
     from inversion_monitor.server.alerts import AlertEngine
     from inversion_monitor.server.app import AsyncMonitorServer, MonitorServer
-    from inversion_monitor.server.config import ConfigError, Limits, ServerConfig
+    from inversion_monitor.server.config import Limits, ServerConfig
     from inversion_monitor.server.detectors import AlertsConfig
     from inversion_monitor.server.listeners import IngestListener
+    from inversion_monitor.server.settings_file import ServerConfigError
 
 __all__ = [
     "AlertEngine",
     "AlertmanagerSink",
     "AlertsConfig",
     "AsyncMonitorServer",
-    "ConfigError",
     "IngestListener",
     "Limits",
     "MonitorServer",
     "ServerConfig",
+    "ServerConfigError",
     "load_alerts_config",
 ]
 

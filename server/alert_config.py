@@ -11,42 +11,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
-from inversion_monitor.server.config import ConfigError
 from inversion_monitor.server.detectors import AlertsConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-def parse_settings_file(path: Path, flag: str) -> Any:
-    """The contents of a YAML or TOML settings file; errors name ``flag`` and the file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".toml":
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{flag} {path}: invalid TOML: {exc}") from exc
-    if path.suffix.lower() in {".yaml", ".yml"}:
-        try:
-            import yaml
-        except ImportError as exc:  # pragma: no cover
-            raise ConfigError(
-                f"{flag} {path}: YAML needs PyYAML (pip install "
-                "'inversion-monitor[server]') or use a .toml file"
-            ) from exc
-        try:
-            return yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{flag} {path}: invalid YAML: {exc}") from exc
-    raise ConfigError(f"{flag} {path}: use a .yaml, .yml or .toml file")
+from inversion_monitor.server.settings_file import ServerConfigError, parse_settings_file
 
 
 def load_alerts_config(path: Path | str | None) -> AlertsConfig:
@@ -57,9 +27,11 @@ def load_alerts_config(path: Path | str | None) -> AlertsConfig:
     try:
         data = parse_settings_file(path, "--alerts-config")
     except OSError as exc:
-        raise ConfigError(f"--alerts-config {path}: cannot read: {exc}") from exc
+        raise ServerConfigError(f"--alerts-config {path}: cannot read: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"--alerts-config {path}: expected a table/mapping at the top level")
+        raise ServerConfigError(
+            f"--alerts-config {path}: expected a table/mapping at the top level"
+        )
     try:
         return AlertsConfig.model_validate(data)
     except ValidationError as exc:
@@ -67,4 +39,4 @@ def load_alerts_config(path: Path | str | None) -> AlertsConfig:
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
             for err in exc.errors()
         )
-        raise ConfigError(f"--alerts-config {path}: {problems}") from exc
+        raise ServerConfigError(f"--alerts-config {path}: {problems}") from exc

@@ -26,7 +26,8 @@ from inversion_monitor.server.detectors import (
     RunDetectors,
     Transition,
 )
-from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store, StoreError
+from inversion_monitor.server.schema import StoreError
+from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,14 @@ class ViewLike(Protocol):
 
 
 def observation(record: monitor_pb2.StepRecord) -> Observation:
-    """The detector inputs of a record (missing statistics stay None).
+    """The detector inputs of a record (missing statistics stay None, NaN stays NaN).
 
     >>> rec = monitor_pb2.StepRecord(step=3, wall_time=1.5)
     >>> rec.inversion.spearman.value = -0.4; rec.inversion.n = 64; rec.entropy.mean = 2.0
-    >>> observation(rec)  # doctest: +NORMALIZE_WHITESPACE
-    Observation(step=3, wall_time=1.5, rho=-0.4, n=64, entropy_mean=2.0, reward_mean=None,
-                policy_entropy_mean=None)
+    >>> rec.grad_norm = float("nan"); rec.nonfinite_fields.append("grad_norm")
+    >>> obs = observation(rec)
+    >>> obs.rho, obs.n, obs.entropy_mean, obs.reward_mean, obs.grad_norm, obs.nonfinite_fields
+    (-0.4, 64, 2.0, None, nan, ('grad_norm',))
     """
     inv = record.inversion
     rho = (
@@ -74,9 +76,23 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
         rho,
         int(inv.n),
         entropy,
-        record.reward_mean if record.HasField("reward_mean") else None,
-        record.policy_entropy_mean if record.HasField("policy_entropy_mean") else None,
+        _opt(record, "reward_mean"),
+        _opt(record, "policy_entropy_mean"),
+        loss=_opt(record, "loss"),
+        learning_rate=_opt(record, "learning_rate"),
+        reward_std=_opt(record, "reward_std"),
+        entropy_covariance=_opt(record, "entropy_covariance"),
+        grad_norm=_opt(record, "grad_norm"),
+        kl=_opt(record, "kl"),
+        clip_ratio=_opt(record, "clip_ratio"),
+        completion_length_mean=_opt(record, "completion_length_mean"),
+        nonfinite_fields=tuple(record.nonfinite_fields),
     )
+
+
+def _opt(record: monitor_pb2.StepRecord, name: str) -> float | None:
+    """An optional double of the record: None when unset, its value (NaN and inf too) when set."""
+    return float(getattr(record, name)) if record.HasField(name) else None
 
 
 @dataclass
@@ -118,9 +134,9 @@ class AlertEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, _RunAlerts] = {}
-        # run_id -> its kind ("sft", "rl", "custom", ""); set by the server once the
-        # ingestor exists; without it every run is of unknown kind ("")
-        self.run_kind: Callable[[str], str] | None = None
+        # run_id -> its kind ("sft", "rl", "custom", ""), told by on_run_open; a run
+        # never announced is of unknown kind ("")
+        self._kinds: dict[str, str] = {}
         self._store_failing = False
         if store is not None:
             self._load(store)
@@ -156,27 +172,21 @@ class AlertEngine:
 
     # ---------------------------------------------------------------- writer thread
 
-    def _kind(self, run_id: str) -> str:
-        lookup = self.run_kind
-        if lookup is None:
-            return ""
-        try:
-            return lookup(run_id)
-        except Exception:
-            log.exception("could not read the kind of run %s", run_id)
-            return ""
+    def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
+        """Learn the run's kind: its detectors are built for it at its first record."""
+        self._kinds[run_id] = info.kind
 
     def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
         state = self._runs.get(run_id)
         if state is None:
-            kind = self._kind(run_id)
+            kind = self._kinds.get(run_id, "")
             state = _RunAlerts(
                 display_name, RunDetectors(self.config, kind), record.rank, kind=kind
             )
             with self._lock:
                 self._runs[run_id] = state
         elif state.kind is None:  # made at start-up or by the stale check: no record fed yet
-            state.kind = self._kind(run_id)
+            state.kind = self._kinds.get(run_id, "")
             stale = state.detectors.stale
             state.detectors = RunDetectors(self.config, state.kind)
             state.detectors.stale = stale

@@ -8,7 +8,9 @@ says). Both call the gRPC servicer's own ``ListRuns`` and ``GetRun`` on the
 server's event loop, with an :class:`HttpCallContext` in place of the gRPC
 context, so the answers (and any per-token scoping the servicer applies to
 the call's ``authorization`` metadata) are those of the RPCs. ``samples=0`` leaves out the raw token
-samples of the history records (the page does not draw them). Every answer
+samples of the history records (the page does not draw them). The history is
+the newest records within the server's ``max_history_bytes``, streamed a record
+at a time (no whole-history document in memory). Every answer
 carries ``X-Max-History``, the most ``history`` the server gives (its
 ``max_history``), so a client can ask for no more.
 
@@ -30,7 +32,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qs
 
@@ -38,6 +40,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.hosts import host_allowed
 
 if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.server.service import MonitorServicer
@@ -130,16 +133,21 @@ class RunsApi:
         authorize: Authorize | None = None,
         max_history: int | None = None,
         timeout_s: float = 10.0,
+        allowed_hosts: frozenset[str] | None = None,
     ) -> None:
         self._servicer = servicer
         self._loop = loop
         self._authorize = authorize
+        self._allowed_hosts = allowed_hosts
         self._max_history = max_history
         self._timeout_s = timeout_s
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        history: Sequence[Message] | None = None
         try:
             body = self._answer(environ)
+            if isinstance(body, monitor_pb2.GetRunResponse):
+                body, history = _split_history(body)
             status = "200 OK"
         except ApiError as exc:
             status = _HTTP_STATUS.get(exc.code, "500 Internal Server Error")
@@ -151,13 +159,25 @@ class RunsApi:
             headers.append(("WWW-Authenticate", 'Bearer realm="inversion-monitor"'))
         if status.startswith("405"):
             headers.append(("Allow", "GET, HEAD"))
+        head = environ.get("REQUEST_METHOD") == "HEAD"
+        if history is not None:  # streamed a record at a time, no Content-Length
+            start_response(status, headers)
+            return [b""] if head else _stream_run(body, history)
         data = json.dumps(body, separators=(",", ":")).encode()
         headers.append(("Content-Length", str(len(data))))
         start_response(status, headers)
-        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [data]
+        return [b""] if head else [data]
 
-    def _answer(self, environ: dict[str, Any]) -> dict[str, Any]:
+    def _answer(self, environ: dict[str, Any]) -> dict[str, Any] | monitor_pb2.GetRunResponse:
         header = environ.get("HTTP_AUTHORIZATION")
+        if self._allowed_hosts is not None and not host_allowed(
+            environ.get("HTTP_HOST"), self._allowed_hosts
+        ):
+            raise ApiError(
+                "PERMISSION_DENIED",
+                "this server has no tokens and answers /api only for a Host that is an IP "
+                "address, localhost or a name given with --allowed-host (DNS-rebinding guard)",
+            )
         if self._authorize is not None and not self._authorize(header):
             raise ApiError(
                 "UNAUTHENTICATED",
@@ -177,18 +197,18 @@ class RunsApi:
         if path.startswith(PREFIX + "/"):
             run = path[len(PREFIX) + 1 :]
             get = monitor_pb2.GetRunRequest(run=run, history_limit=_count(query, "history"))
-            response = self._call("GetRun", get, context)
-            if _text(query, "samples") in ("0", "false", "no"):
-                for record in response.history:
-                    del record.samples[:]
-            return to_json(response)
+            samples = _text(query, "samples") not in ("0", "false", "no")
+            response: monitor_pb2.GetRunResponse = self._call(
+                "GetRun", get, context, samples=samples
+            )
+            return response
         raise ApiError("NOT_FOUND", f"no API at {path[:80]!r}: try {PREFIX} or {PREFIX}/<run>")
 
-    def _call(self, method: str, request: Any, context: HttpCallContext) -> Any:
+    def _call(self, method: str, request: Any, context: HttpCallContext, **options: Any) -> Any:
         """Run the servicer's RPC method on its loop and wait for the answer."""
         if self._servicer is None or self._loop is None or self._loop.is_closed():
             raise ApiError("UNAVAILABLE", "the server is not serving; retry")
-        call = getattr(self._servicer, method)(request, context)
+        call = getattr(self._servicer, method)(request, context, **options)
         try:
             future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
                 call, self._loop
@@ -208,6 +228,27 @@ class RunsApi:
             raise ApiError("INTERNAL", "internal server error; see the log") from exc
 
 
+def _split_history(
+    response: monitor_pb2.GetRunResponse,
+) -> tuple[dict[str, Any], Sequence[Message]]:
+    """The response's JSON without ``history``, and the history records."""
+    history = list(response.history)
+    del response.history[:]
+    body = to_json(response)
+    body.pop("history", None)
+    return body, history
+
+
+def _stream_run(body: dict[str, Any], history: Sequence[Message]) -> Iterator[bytes]:
+    """``body`` with ``"history": [...]`` last, one record's JSON at a time (bounded memory)."""
+    head = json.dumps(body, separators=(",", ":"))
+    yield (head[:-1] + ("," if body else "") + '"history":[').encode()
+    for i, record in enumerate(history):
+        text = json.dumps(to_json(record), separators=(",", ":"))
+        yield (text if i == 0 else "," + text).encode()
+    yield b"]}"
+
+
 def _text(query: dict[str, list[str]], name: str) -> str:
     values = query.get(name)
     return values[-1] if values else ""
@@ -218,7 +259,8 @@ def _count(query: dict[str, list[str]], name: str) -> int:
     text = _text(query, name)
     if not text:
         return 0
-    if not text.isdigit() or int(text) >= 2**32:
+    # isdigit() alone accepts "²" and other digits int() refuses
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**32:
         raise ApiError(
             "INVALID_ARGUMENT", f"query parameter {name}={text[:20]!r}: expected a whole number"
         )

@@ -29,6 +29,7 @@ from inversion_monitor.server.auth import Authorizer
 from inversion_monitor.server.component_metrics import ComponentCollector
 from inversion_monitor.server.config import ServerConfig, join_address
 from inversion_monitor.server.entropy_law import EntropyLawCollector, EntropyLawMonitor
+from inversion_monitor.server.hosts import host_names
 from inversion_monitor.server.http import HttpEndpoint
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.listeners import IngestListener
@@ -40,6 +41,7 @@ from inversion_monitor.server.metrics import (
     build_registry,
 )
 from inversion_monitor.server.page import make_page_app
+from inversion_monitor.server.schema import StoreError, connect
 from inversion_monitor.server.service import (
     SERVICE_NAME,
     BearerTokenInterceptor,
@@ -47,7 +49,7 @@ from inversion_monitor.server.service import (
     add_monitor_service,
 )
 from inversion_monitor.server.storage_state import StorageState
-from inversion_monitor.server.store import Store, StoreError, connect, read_history
+from inversion_monitor.server.store import Store, read_history
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
@@ -89,6 +91,7 @@ class AsyncMonitorServer:
         self.entropy_law = EntropyLawMonitor()
         self._stale_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self.storage = StorageState()
         self._sinks: list[AlertSink] = []
         self.alertmanager: AlertmanagerSink | None = None
@@ -121,7 +124,7 @@ class AsyncMonitorServer:
         """Refit the law of the runs still on /metrics from their stored records (writer thread)."""
         ingestor = self.ingestor
         cutoff = time.time() - self.config.retention_s
-        conn = ingestor._store._conn
+        conn = ingestor.store.connection
         for view in list(ingestor.views.values()):
             if view.info.kind not in ("rl", "") or view.last_activity < cutoff:
                 continue
@@ -130,10 +133,6 @@ class AsyncMonitorServer:
                 self.entropy_law.restore(view.run_id, view.display_name, payloads)
             except Exception:  # a damaged record must not keep the server from starting
                 log.exception("could not refit the entropy law of run %s", view.display_name)
-
-    def _run_kind(self, run_id: str) -> str:
-        view = self.ingestor.views.get(run_id)
-        return view.info.kind if view is not None else ""
 
     async def _read(self, fn: Callable[[], _T]) -> _T:
         """Run a database read on the reader thread (the writer's, for ``:memory:``)."""
@@ -179,11 +178,9 @@ class AsyncMonitorServer:
                 await writer.call(store.close)
                 raise
             writer.ingestor = self._ingestor
-            if self.alerts is not None:
-                self.alerts.run_kind = self._run_kind
             await writer.call(self._restore_entropy_law)
             if memory:  # one connection only: reads share the writer thread
-                self._read_conn = self._ingestor._store._conn
+                self._read_conn = self._ingestor.store.connection
             else:
                 self._reader = ThreadPoolExecutor(1, thread_name_prefix="inversion-monitor-reader")
             collector = MonitorCollector(
@@ -223,6 +220,8 @@ class AsyncMonitorServer:
                 alerts=self.alerts,
                 authorizer=authorizer,
                 storage=self.storage,
+                max_history_bytes=limits.max_history_bytes,
+                max_inflight_push_bytes=limits.max_inflight_push_bytes,
             )
             servicer = self._servicer
             add_queue_depth(self.registry, lambda: servicer.pending)
@@ -233,7 +232,11 @@ class AsyncMonitorServer:
                 ("grpc.max_send_message_length", max(limits.max_message_bytes, 64 << 20)),
                 ("grpc.so_reuseport", 0),
             ]
-            self._server = grpc.aio.server(interceptors=interceptors, options=options)
+            self._server = grpc.aio.server(
+                interceptors=interceptors,
+                options=options,
+                maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            )
             add_monitor_service(self._servicer, self._server)
             self._health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -259,15 +262,26 @@ class AsyncMonitorServer:
                     # the API reads only; the interceptor's token scopes apply to its calls
                     authorize=None if auth is None else _header_check(auth),
                     max_history=limits.max_history,
+                    allowed_hosts=None if auth else host_names(http[0], cfg.allowed_hosts),
                 )
                 self._http = HttpEndpoint(
-                    self.exposition.render, self.health, *http, other=make_page_app(api)
+                    self.exposition.render,
+                    self.health,
+                    *http,
+                    other=make_page_app(api),
+                    metrics_authorize=_reads_all(authorizer) if cfg.metrics_token else None,
+                    max_connections=limits.max_http_connections,
+                    timeout_s=limits.http_timeout_s,
+                    connection_max_s=limits.http_connection_max_s,
                 )
                 self.http_port = self._http.port
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self.serving = True
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_storage())
+            self._prune_task = asyncio.get_running_loop().create_task(
+                self._prune_runs(min(60.0, max(0.2, cfg.retention_s / 2)))
+            )
             if self.alerts is not None and self.alerts.config.stale.enabled:
                 period = min(5.0, self.alerts.config.stale.after_s / 4.0)
                 self._stale_task = asyncio.get_running_loop().create_task(
@@ -302,6 +316,18 @@ class AsyncMonitorServer:
                 continue
             self.storage.recovered()
 
+    async def _prune_runs(self, period: float) -> None:
+        """Every ``period`` s, drop the runs past retention from memory (writer thread)."""
+        while True:
+            await asyncio.sleep(period)
+            writer = self._writer
+            if writer is None:
+                return
+            try:
+                await writer.call(lambda: self.ingestor.prune(time.time()))
+            except Exception:
+                log.exception("pruning runs past retention failed")
+
     async def _check_stale(self, engine: AlertEngine, period: float) -> None:
         """Evaluate MonitorStale every ``period`` seconds on the writer thread."""
         while True:
@@ -325,10 +351,10 @@ class AsyncMonitorServer:
 
     async def _cleanup(self, grace_s: float) -> None:
         self.serving = False
-        for task in (self._stale_task, self._probe_task):
+        for task in (self._stale_task, self._probe_task, self._prune_task):
             if task is not None:
                 task.cancel()
-        self._stale_task = self._probe_task = None
+        self._stale_task = self._probe_task = self._prune_task = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:
@@ -369,6 +395,16 @@ class AsyncMonitorServer:
 def _header_check(auth: BearerTokenInterceptor) -> Callable[[str | None], bool]:
     """The gRPC token check applied to an HTTP ``Authorization`` header."""
     return lambda header: header is not None and auth.allowed((("authorization", header),))
+
+
+def _reads_all(authorizer: Authorizer) -> Callable[[str | None], bool]:
+    """Whether an HTTP ``Authorization`` header carries a token that reads every project."""
+
+    def check(header: str | None) -> bool:
+        grant = None if header is None else authorizer.grant((("authorization", header),))
+        return grant is not None and grant.projects is None
+
+    return check
 
 
 class MonitorServer:

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from inversion_monitor.server.settings_file import ServerConfigError, parse_settings_file
+
 ALL_PROJECTS = "*"
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 
@@ -36,7 +38,7 @@ _TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 def check_token(token: str) -> str:
     """A token as the wire carries it: printable ASCII, no spaces or commas."""
     token = str(token).strip()
-    if not _TOKEN_RE.match(token) or "," in token:
+    if not _TOKEN_RE.fullmatch(token) or "," in token:
         raise ValueError("a token must be non-empty printable ASCII without spaces or commas")
     return token
 
@@ -75,14 +77,11 @@ class TokenFile(BaseModel):
 
 def load_token_file(path: Path) -> tuple[TokenScope, ...]:
     """The scopes in ``path``; a ``ValueError`` naming the entry and field that is wrong."""
-    from inversion_monitor.server.alert_config import parse_settings_file
-    from inversion_monitor.server.config import ConfigError
-
     try:
         data: Any = parse_settings_file(path, "--token-file")
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         raise ValueError(str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table/mapping with a 'tokens' list")

@@ -103,6 +103,21 @@ def add_serve_command(subparsers: Any) -> None:
         metavar="URL",
         help="post alerts to this Alertmanager (e.g. http://127.0.0.1:9093)",
     )
+    serve.add_argument(
+        "--metrics-token",
+        action="store_true",
+        default=None,
+        help="/metrics names every project's runs: answer it only with a token that reads "
+        "every project (Prometheus: authorization.credentials); needs --token/--token-file",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="NAME",
+        help="without tokens, /api answers only a Host that is an IP address, localhost, the "
+        "--http-address host or a NAME given here (repeatable; guards against DNS rebinding)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(handler=run_serve)
 
@@ -132,6 +147,8 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         "alerts_config",
         "alertmanager_url",
         "alerts",
+        "metrics_token",
+        "allowed_hosts",
     )
     return ServerConfig.from_sources({n: getattr(args, n, None) for n in names}, environ)
 
@@ -141,7 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from inversion_monitor.server.config import ConfigError
+    from inversion_monitor.server.settings_file import ServerConfigError
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -152,7 +169,7 @@ def run_serve(args: argparse.Namespace) -> int:
             from inversion_monitor.server.alert_config import load_alerts_config
 
             load_alerts_config(config.alerts_config)
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         print(f"inversion-monitor serve: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_serve(config))
@@ -163,7 +180,7 @@ async def _serve(config: ServerConfig) -> int:
     import signal
 
     from inversion_monitor.server.app import AsyncMonitorServer
-    from inversion_monitor.server.store import StoreError
+    from inversion_monitor.server.schema import StoreError
 
     # This process only serves: hand the GIL between the event loop and the
     # writer thread every 0.5 ms instead of 5 ms, which halves the server-side

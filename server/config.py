@@ -2,7 +2,7 @@
 
 Precedence: command-line argument > environment variable
 (``INVERSION_MONITOR_SERVER_<FIELD>``) > default. A bad value from either
-source raises :class:`ConfigError` naming the flag or variable and what it
+source raises :class:`ServerConfigError` naming the flag or variable and what it
 expects; the server never starts with a configuration it did not understand.
 """
 
@@ -17,16 +17,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inversion_monitor.server.auth import TokenScope, check_token, load_token_file
+from inversion_monitor.server.settings_file import ServerConfigError
 
 ENV_PREFIX = "INVERSION_MONITOR_SERVER_"
 DEFAULT_DB = "inversion-monitor.db"
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names its source."""
 
 
 def parse_duration(value: str | float) -> float:
@@ -96,6 +93,18 @@ class Limits(BaseModel):
     max_history: int = Field(default=10_000, ge=1)
     # per-run metadata kept in memory: RunInfo.config_json characters
     max_config_json_length: int = Field(default=65_536, ge=2)
+    # protobuf bytes of history one GetRun (or /api/runs/<run>) answers: the newest records
+    # that fit (under the gRPC send limit); /api/runs/<run>?samples=0 counts them without samples
+    max_history_bytes: int = Field(default=16 << 20, ge=1024, le=60 << 20)
+    # RPCs handled at once (more get RESOURCE_EXHAUSTED) and bytes of Push requests held
+    # at once (one over it is refused with RESOURCE_EXHAUSTED, the client retries)
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
+    max_inflight_push_bytes: int = Field(default=128 << 20, ge=1024)
+    # HTTP: open connections (at most a quarter of the open-file limit), seconds a socket
+    # read or write may wait, and seconds a connection may stay open in all
+    max_http_connections: int = Field(default=128, ge=1)
+    http_timeout_s: float = Field(default=10.0, gt=0)
+    http_connection_max_s: float = Field(default=60.0, gt=0)
 
 
 class ServerConfig(BaseModel):
@@ -142,6 +151,13 @@ class ServerConfig(BaseModel):
     alertmanager_url: str | None = None
     # grace period for in-flight calls on shutdown
     shutdown_grace_s: float = Field(default=5.0, ge=0)
+    # True: /metrics (it names every project's runs) answers only requests carrying a
+    # token that reads every project ('Authorization: Bearer <token>'; Prometheus:
+    # authorization.credentials); needs tokens. False: /metrics is open, as /healthz is
+    metrics_token: bool = False
+    # without tokens, /api answers only requests whose Host is an IP address, localhost,
+    # the HTTP address's host or one of these names (a DNS-rebinding guard)
+    allowed_hosts: tuple[str, ...] = ()
 
     @field_validator("grpc_address")
     @classmethod
@@ -205,6 +221,21 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"TLS file {str(path)!r} does not exist")
         return self
 
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            return tuple(str(h).strip().lower() for item in value for h in str(item).split(","))
+        return value
+
+    @model_validator(mode="after")
+    def _check_metrics_token(self) -> ServerConfig:
+        if self.metrics_token and not (self.tokens or self.scoped_tokens):
+            raise ValueError("metrics_token needs tokens: give --token or --token-file")
+        return self
+
     @property
     def grpc_host_port(self) -> tuple[str, int]:
         return split_address(self.grpc_address)
@@ -248,7 +279,7 @@ class ServerConfig(BaseModel):
             try:
                 values["scoped_tokens"] = load_token_file(Path(values["token_file"]))
             except ValueError as exc:
-                raise ConfigError(
+                raise ServerConfigError(
                     f"invalid server configuration: {sources['token_file']}: {exc}"
                 ) from None
         if "tokens" in values and isinstance(values["tokens"], (list, tuple)):
@@ -258,7 +289,7 @@ class ServerConfig(BaseModel):
                 values["limits"] = Limits(**limit_values)
             return cls(**values)
         except ValidationError as exc:
-            raise ConfigError(_explain(exc, sources)) from None
+            raise ServerConfigError(_explain(exc, sources)) from None
 
 
 # config field -> environment variable suffix
@@ -280,6 +311,8 @@ _ENV_FIELDS: dict[str, str] = {
     "alerts_config": "ALERTS_CONFIG",
     "alertmanager_url": "ALERTMANAGER_URL",
     "alerts": "ALERTS",
+    "metrics_token": "METRICS_TOKEN",
+    "allowed_hosts": "ALLOWED_HOSTS",
 }
 
 

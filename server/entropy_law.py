@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -372,8 +373,9 @@ class EntropyLawMonitor:
         self.max_runs = max_runs
         self._tracker_args = tracker_args
         self._lock = threading.Lock()
-        # run_id -> (display name, lowest rank seen, tracker)
-        self._runs: dict[str, tuple[str, int, EntropyLawTracker]] = {}
+        # run_id -> (display name, lowest rank seen, tracker), least recently fed first;
+        # past max_runs the least recently fed run (aged out by then) makes room
+        self._runs: OrderedDict[str, tuple[str, int, EntropyLawTracker]] = OrderedDict()
         self._states: dict[str, tuple[str, LawState]] = {}
 
     def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
@@ -382,10 +384,14 @@ class EntropyLawMonitor:
             return
         entry = self._runs.get(run_id)
         if entry is None:
-            if len(self._runs) >= self.max_runs:
-                return
+            while len(self._runs) >= self.max_runs:
+                oldest, _ = self._runs.popitem(last=False)
+                with self._lock:
+                    self._states.pop(oldest, None)
             entry = (display_name, record.rank, EntropyLawTracker(**self._tracker_args))
             self._runs[run_id] = entry
+        else:
+            self._runs.move_to_end(run_id)
         if record.rank > entry[1]:
             return
         if record.rank < entry[1]:  # a lower rank appeared: it drives the run from now on

@@ -19,22 +19,31 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server import archive
 from inversion_monitor.server import push as steps
 from inversion_monitor.server.auth import FULL_ACCESS, Grant
 from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.errors import (
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     RequestError,
     ResourceExhausted,
 )
-from inversion_monitor.server.listeners import IngestListener
+from inversion_monitor.server.limits import RateLimitedLog
+from inversion_monitor.server.listeners import IngestListener, RunListener
 from inversion_monitor.server.names import base_display_name
 from inversion_monitor.server.redact import redact_run_info
 from inversion_monitor.server.series import gauge_values, run_lines
-from inversion_monitor.server.sessions import check_session, new_session, stream_taken
+from inversion_monitor.server.sessions import (
+    check_session,
+    new_session,
+    rank_closed,
+    stream_taken,
+)
 from inversion_monitor.server.state import (
     Counters,
     RankState,
@@ -43,7 +52,7 @@ from inversion_monitor.server.state import (
     stripped,
     with_last_probe,
 )
-from inversion_monitor.server.store import Store
+from inversion_monitor.server.store import Store, StoredRank, StoredRun
 from inversion_monitor.server.validate import check_run_info
 
 __all__ = ["CLOSE_STATUSES", "Counters", "Ingestor", "RankState", "RunState", "RunView"]
@@ -81,6 +90,7 @@ class Ingestor:
         self._config = config
         self._limits = config.limits
         self._listeners = list(listeners)
+        self._run_listeners = [x for x in self._listeners if isinstance(x, RunListener)]
         self._runs: dict[str, RunState] = {}
         self._names: set[str] = set()
         # base display name -> the next suffix to try (keeps OpenRun O(1) for repeated names)
@@ -93,6 +103,8 @@ class Ingestor:
         # display name -> run_id
         self.by_name: dict[str, str] = {}
         self.counters = Counters()
+        # every listener error is logged, at most one line per 10 s
+        self._listener_log = RateLimitedLog(log)
         self._load()
 
     @property
@@ -107,56 +119,114 @@ class Ingestor:
     def _load(self) -> None:
         by_pk: dict[int, RunState] = {}
         for row in self._store.load_runs():
-            info = monitor_pb2.RunInfo.FromString(row.info)
-            info.DiscardUnknownFields()
-            redact_run_info(info)  # rows stored before redaction existed
-            if not info.kind and row.kind:
-                info.kind = row.kind
-            run = RunState(
-                pk=row.pk,
-                run_id=row.run_id,
-                display_name=row.display_name,
-                info=info,
-                world_size=row.world_size,
-                opened_time=row.opened_time,
-                last_update_time=row.last_update_time,
-                last_activity=row.last_activity_time,
-                status=row.status,
-                records=row.records,
-            )
-            self._runs[run.run_id] = by_pk[run.pk] = run
-            self._names.add(run.display_name)
+            run = self._restore_run(row)
+            by_pk[run.pk] = run
         for stored in self._store.load_ranks():
-            run = by_pk[stored.run_pk]
-            rank = RankState(
-                acked=stored.acked_sequence,
-                pending=set(stored.pending),
-                latest_sequence=stored.latest_sequence,
-                status=stored.status,
-                session=stored.session,
-                previous_session=stored.previous_session,
-                session_time=stored.session_time,
-            )
-            # sequences that became contiguous (cannot happen with this writer, but be exact)
-            while rank.acked + 1 in rank.pending:
-                rank.pending.discard(rank.acked + 1)
-                rank.acked += 1
-            if stored.probe_payload is not None:
-                probe = monitor_pb2.StepRecord.FromString(stored.probe_payload)
-                rank.latest_probe = stripped(probe)
-                rank.latest_probe_sequence = stored.probe_sequence
-            if stored.latest_payload is not None:
-                latest = monitor_pb2.StepRecord.FromString(stored.latest_payload)
-                rank.latest = with_last_probe(latest, rank.latest_probe)
-            run.ranks[stored.rank] = rank
-            for digest in (rank.session, rank.previous_session):
-                if digest is not None:
-                    self._sessions[digest] = (run.run_id, stored.rank)
+            self._restore_rank(by_pk[stored.run_pk], stored)
         for run in sorted(self._runs.values(), key=lambda r: r.last_activity):
             self._recent[run.run_id] = run.last_activity
             self._publish(run)
+            self._notify_open(run)
         if self._runs:
             log.info("restored %d runs from %s", len(self._runs), self._store.path)
+
+    def _restore_run(self, row: StoredRun) -> RunState:
+        info = monitor_pb2.RunInfo.FromString(row.info)
+        info.DiscardUnknownFields()
+        redact_run_info(info)  # rows stored before redaction existed
+        if not info.kind and row.kind:
+            info.kind = row.kind
+        run = RunState(
+            pk=row.pk,
+            run_id=row.run_id,
+            display_name=row.display_name,
+            info=info,
+            world_size=row.world_size,
+            opened_time=row.opened_time,
+            last_update_time=row.last_update_time,
+            last_activity=row.last_activity_time,
+            status=row.status,
+            records=row.records,
+        )
+        self._runs[run.run_id] = run
+        self._names.add(run.display_name)
+        return run
+
+    def _restore_rank(self, run: RunState, stored: StoredRank) -> None:
+        rank = RankState(
+            acked=stored.acked_sequence,
+            pending=set(stored.pending),
+            latest_sequence=stored.latest_sequence,
+            status=stored.status,
+            session=stored.session,
+            previous_session=stored.previous_session,
+            session_time=stored.session_time,
+        )
+        # sequences that became contiguous (cannot happen with this writer, but be exact)
+        while rank.acked + 1 in rank.pending:
+            rank.pending.discard(rank.acked + 1)
+            rank.acked += 1
+        if stored.probe_payload is not None:
+            probe = monitor_pb2.StepRecord.FromString(stored.probe_payload)
+            rank.latest_probe = stripped(probe)
+            rank.latest_probe_sequence = stored.probe_sequence
+        if stored.latest_payload is not None:
+            latest = monitor_pb2.StepRecord.FromString(stored.latest_payload)
+            rank.latest = with_last_probe(latest, rank.latest_probe)
+        run.ranks[stored.rank] = rank
+        for digest in (rank.session, rank.previous_session):
+            if digest is not None:
+                self._sessions[digest] = (run.run_id, stored.rank)
+
+    # ---------------------------------------------------------------- retention
+
+    def prune(self, now: float) -> int:
+        """Drop from memory the runs not active within the retention window; returns how many.
+
+        They stay in the database; :meth:`revive` reads one back when a call names it.
+        """
+        cutoff = now - self._config.retention_s
+        old = [run for run in self._runs.values() if run.last_activity < cutoff]
+        for run in old:
+            self._forget(run)
+        if len(self._name_next) > 4 * max(len(self._runs), 1024):
+            self._name_next.clear()  # a cache: the database still knows every name
+        return len(old)
+
+    def _forget(self, run: RunState) -> None:
+        del self._runs[run.run_id]
+        self.views.pop(run.run_id, None)
+        if self.by_name.get(run.display_name) == run.run_id:
+            del self.by_name[run.display_name]
+        self._names.discard(run.display_name)
+        self._recent.pop(run.run_id, None)
+        for rank in run.ranks.values():
+            for digest in (rank.session, rank.previous_session):
+                if digest is not None and self._sessions.get(digest, ("",))[0] == run.run_id:
+                    del self._sessions[digest]
+
+    def revive(self, key: str, *, by_name: bool = False) -> RunState | None:
+        """The run with id ``key`` (or, ``by_name``, display name), read back from the
+        database if it was pruned; None when there is none. Writer thread."""
+        run = self._runs.get(key)
+        if run is None and by_name:
+            run_id = self.by_name.get(key)
+            run = self._runs.get(run_id) if run_id is not None else None
+        if run is not None:
+            return run
+        conn = self._store._conn
+        row = archive.stored_run(conn, key)
+        if row is None or (not by_name and row.run_id != key) or row.run_id in self._runs:
+            return None
+        run = self._restore_run(row)
+        for stored in archive.stored_ranks(conn, run.pk):
+            self._restore_rank(run, stored)
+        self._publish(run)  # not touched: the next prune drops it again unless it is used
+        return run
+
+    def revive_all(self, run_ids: Sequence[str]) -> int:
+        """Read back the pruned runs ``run_ids`` (those ListRuns shows); returns how many."""
+        return sum(self.revive(run_id) is not None for run_id in run_ids)
 
     # ---------------------------------------------------------------- views
 
@@ -170,8 +240,7 @@ class Ingestor:
                 metrics_record = rec
             if latest is None or rec.step > latest.step:
                 latest = rec
-        values = gauge_values(metrics_record)
-        self.views[run.run_id] = RunView(
+        view = RunView(
             run_id=run.run_id,
             pk=run.pk,
             display_name=run.display_name,
@@ -183,17 +252,9 @@ class Ingestor:
             records=run.records,
             metrics_record=metrics_record,
             latest=latest,
-            values=values,
-            lines=run_lines(
-                run.display_name,
-                run.run_id,
-                run.info,
-                run.status,
-                values,
-                run.last_update_time,
-                self._config.extended_metrics,
-            ),
+            values=gauge_values(metrics_record),
         )
+        self.views[run.run_id] = replace(view, lines=run_lines(view, self._config.extended_metrics))
         self.by_name[run.display_name] = run.run_id
 
     def _touch(self, run: RunState, now: float) -> None:
@@ -213,20 +274,17 @@ class Ingestor:
             del recent[run_id]
         return len(recent)
 
-    def active_runs(self, now: float) -> int:
-        """Runs not closed and active within the retention window."""
-        retention = self._config.retention_s
-        return sum(
-            1
-            for v in list(self.views.values())
-            if v.status == "running" and now - v.last_activity <= retention
-        )
-
     def _unique_name(self, name: str, run_id: str) -> str:
         base = base_display_name(name, run_id)
         n = self._name_next.get(base, 1)
         candidate = base if n == 1 else f"{base}-{n}"
-        while candidate in self._names:
+        # never another run's id: a name resolves to one run (service.find_run); runs pruned
+        # from memory keep their names in the database
+        while (
+            candidate in self._names
+            or candidate in self._runs
+            or archive.name_taken(self._store._conn, candidate)
+        ):
             n += 1
             candidate = f"{base}-{n}"
         self._name_next[base] = n + 1
@@ -250,7 +308,13 @@ class Ingestor:
             raise InvalidArgument("run is missing: OpenRunRequest.run must carry the RunInfo")
         info, rank_no = request.run, request.rank
         check_run_info(info, rank_no, self._limits)
-        run = self._runs.get(info.run_id)
+        run = self.revive(info.run_id)
+        if run is not None and not grant.allows(run.info.project):
+            # another project's run: say neither its project nor more than a refusal
+            raise PermissionDenied(
+                f"run.run_id {info.run_id!r} cannot be opened with this token: use another "
+                "run_id (e.g. uuid4().hex)"
+            )
         # an existing run keeps the project it was opened with
         grant.check_write(run.info.project if run is not None else info.project)
         session, digest = new_session()
@@ -295,6 +359,7 @@ class Ingestor:
             self._runs[run.run_id] = run
             self._names.add(display)
             log.info("opened run %s (%s) rank %d", display, run.run_id, rank_no)
+            self._notify_open(run)
         else:
             if run.world_size and rank_no >= run.world_size:
                 raise InvalidArgument(
@@ -355,8 +420,8 @@ class Ingestor:
     ) -> monitor_pb2.CloseRunResponse:
         """Mark a rank finished; the run's status is the worst once every rank is closed."""
         now = time.time() if now is None else now
-        run = self._runs.get(request.run_id)
-        if run is None:
+        run = self.revive(request.run_id)
+        if run is None or not grant.allows(run.info.project):  # another project's: unknown
             raise NotFound(f"run {request.run_id[:80]!r} is not known to this server")
         grant.check_write(run.info.project)
         status = request.status or "completed"
@@ -377,6 +442,8 @@ class Ingestor:
             rank.previous_session,
             "CloseRun",
         )
+        if rank.status != "running":
+            raise rank_closed(run.run_id, request.rank, rank.status, "CloseRun")
         statuses = [status if n == request.rank else r.status for n, r in run.ranks.items()]
         run_status = "running" if "running" in statuses else max(statuses, key=CLOSE_STATUSES.index)
         with self._store.transaction():
@@ -430,6 +497,9 @@ class Ingestor:
         grants = grants if grants is not None else [FULL_ACCESS] * len(requests)
         group = steps.Group()
         results: list[monitor_pb2.PushResponse | RequestError] = []
+        for request in requests:  # a pruned run's writer comes back: read the run back
+            if request.records and request.records[0].run_id not in self._runs:
+                self.revive(request.records[0].run_id)
         for request, grant in zip(requests, grants, strict=True):
             try:
                 batch = steps.classify(
@@ -505,7 +575,18 @@ class Ingestor:
             for run, rec in stored:
                 try:
                     listener.on_record(run.run_id, run.display_name, rec)
-                except Exception:
-                    if not self.counters.listener_errors:
-                        log.exception("ingest listener %r failed (logged once)", listener)
-                    self.counters.listener_errors += 1
+                except Exception as exc:
+                    self._listener_failed(listener, exc)
+
+    def _notify_open(self, run: RunState) -> None:
+        for listener in self._run_listeners:
+            try:
+                listener.on_run_open(run.run_id, run.display_name, run.info)
+            except Exception as exc:
+                self._listener_failed(listener, exc)
+
+    def _listener_failed(self, listener: object, exc: Exception) -> None:
+        self._listener_log.exception(
+            (id(listener), type(exc)), "ingest listener %r failed", listener
+        )
+        self.counters.listener_errors += 1

@@ -1,4 +1,4 @@
-"""The extension point for what reacts to stored records (detectors and alerts, later).
+"""The extension points for what reacts to runs and stored records (detectors, alerts).
 
 A listener is called on the writer thread after each push's transaction has
 committed, once per stored record, in arrival order. It must be quick (it
@@ -29,3 +29,25 @@ class IngestListener(Protocol):
 
     def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
         """Called once per stored (accepted, sanitised) record."""
+
+
+@runtime_checkable
+class RunListener(Protocol):
+    """Learns each run the server knows, before any of its records.
+
+    An ingest listener that also has ``on_run_open`` is told of every run
+    restored from the database at start-up, then of each run OpenRun registers
+    (once: a run keeps the :class:`~monitor_pb2.RunInfo` it was opened with,
+    its kind included). The same rules as ``on_record`` apply.
+
+    >>> class Kinds:
+    ...     def __init__(self) -> None:
+    ...         self.kind: dict[str, str] = {}
+    ...     def on_run_open(self, run_id: str, display_name: str, info) -> None:
+    ...         self.kind[run_id] = info.kind
+    >>> isinstance(Kinds(), RunListener)
+    True
+    """
+
+    def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
+        """Called once per run, with its stored (redacted) RunInfo."""

@@ -10,8 +10,9 @@ With tens of thousands of runs, formatting samples one by one through
 prometheus_client costs seconds, so :class:`Exposition` renders the per-run
 families itself: each run's lines are formatted once per change of the run
 (cached against its immutable :class:`~.ingest.RunView`) and a scrape joins
-them. The other metrics (counters, histogram, process) go through
-prometheus_client as usual.
+them. Every family's name, help, type and labels, and how its samples are
+read, come from the one table in :mod:`.series`. The histogram and process
+metrics go through prometheus_client as usual.
 """
 
 from __future__ import annotations
@@ -25,19 +26,17 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
-from inversion_monitor.server.names import clean_label_value
 from inversion_monitor.server.series import (
-    ALL_GAUGES,
-    BASE_GAUGES,
-    escape_label,
-    format_value,
+    ALERT_FAMILY,
+    PREFIX,
+    SERVER_FAMILIES,
+    Family,
+    Totals,
+    run_families,
     run_lines,
 )
 from inversion_monitor.server.state import Counters, RunView
-
-PREFIX = "inversion_monitor_"
 
 
 class AlertSource(Protocol):
@@ -48,16 +47,18 @@ class AlertSource(Protocol):
     ) -> list[tuple[str, str, str, float]]: ...
 
 
-_escape = escape_label
-
-
-def _header(name: str, doc: str, kind: str) -> str:
-    doc = doc.replace("\\", "\\\\").replace("\n", "\\n")
-    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+def _family(spec: Family[Any]) -> GaugeMetricFamily | CounterMetricFamily:
+    """An empty prometheus_client family for a row of the table."""
+    kind = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+    return kind(spec.full_name, spec.help, labels=list(spec.labels))
 
 
 class MonitorCollector(Collector):
     """Builds fresh metric families from the ingestor's snapshot on every scrape.
+
+    Both :meth:`collect` (prometheus_client) and :meth:`render` (the fast text)
+    write the families of :data:`~.series.RUN_FAMILIES` and
+    :data:`~.series.SERVER_FAMILIES`.
 
     >>> from prometheus_client import CollectorRegistry, generate_latest
     >>> reg = CollectorRegistry()
@@ -80,224 +81,71 @@ class MonitorCollector(Collector):
         self._retention_s = retention_s
         self._clock = clock
         self._extended = extended
-        self._gauges = ALL_GAUGES if extended else BASE_GAUGES
+        self._run_families = run_families(extended)
         # run_id -> (the view the lines were made from, one line or "" per per-run family)
         self._lines: dict[str, tuple[RunView, tuple[str, ...]]] = {}
-        # the gauges, last_update_timestamp_seconds, run_kind (and run_info)
-        self._n_lines = len(self._gauges) + (3 if extended else 2)
         self._lock = threading.Lock()
 
     def describe(self) -> Iterable[Any]:
-        return self._families()
+        specs: list[Family[Any]] = [*self._run_families, *SERVER_FAMILIES]
+        return [_family(spec) for spec in specs]
 
-    def _families(self) -> list[Any]:
-        run = ["run"]
-        families: list[Any] = [
-            GaugeMetricFamily(PREFIX + name, doc, labels=run) for name, doc, _ in self._gauges
-        ]
-        families += [
-            GaugeMetricFamily(
-                PREFIX + "last_update_timestamp_seconds",
-                "Unix time the server last stored a record of the run.",
-                labels=run,
-            ),
-            GaugeMetricFamily(
-                PREFIX + "active_runs",
-                "Runs not closed and active within the retention window.",
-            ),
-            CounterMetricFamily(
-                PREFIX + "records_ingested", "Records stored since the server started."
-            ),
-            CounterMetricFamily(
-                PREFIX + "records_rejected",
-                "Records rejected for good since the server started, by reason.",
-                labels=["reason"],
-            ),
-            CounterMetricFamily(
-                PREFIX + "records_duplicate",
-                "Resent records ignored because they were already stored.",
-            ),
-            CounterMetricFamily(
-                PREFIX + "nonfinite_values",
-                "NaN or infinite statistics stored as missing.",
-            ),
-            CounterMetricFamily(
-                PREFIX + "listener_errors", "Exceptions raised by ingest listeners."
-            ),
-            CounterMetricFamily(
-                PREFIX + "push_commits",
-                "Database transactions that stored pushes (one may hold several pushes).",
-            ),
-        ]
-        families.append(
-            GaugeMetricFamily(
-                PREFIX + "run_kind",
-                "The run's kind (value 1): sft, rl, custom or unknown.",
-                labels=["run", "kind"],
-            )
-        )
-        if self._extended:
-            families.append(
-                GaugeMetricFamily(
-                    PREFIX + "run_info",
-                    "Run metadata (value 1).",
-                    labels=["run", "run_id", "project", "framework", "model_type", "status"],
-                )
-            )
-        return families
+    def _shown(self) -> tuple[list[RunView], Totals]:
+        """The runs active within the retention window, and the server totals."""
+        cutoff = self._clock() - self._retention_s
+        shown = [v for v in list(self._views().values()) if v.last_activity >= cutoff]
+        n_active = sum(1 for v in shown if v.status == "running")
+        return shown, Totals(self._counters(), n_active)
 
     def collect(self) -> Iterable[Any]:
-        families = self._families()
-        n_gauges = len(self._gauges)
-        gauges = families[:n_gauges]
-        last_update, active, ingested, rejected, dup, nonfinite, lerr, commits = families[
-            n_gauges : n_gauges + 8
-        ]
-        run_kind = families[n_gauges + 8]
-        run_info = families[-1]
-        # (samples list, sample name) per gauge, in the order of view.values
-        targets = [(family.samples, family.name) for family in gauges]
-        last_samples, last_name = last_update.samples, last_update.name
-        extended = self._extended
-        now = self._clock()
-        retention = self._retention_s
-        n_active = 0
-        for view in list(self._views().values()):
-            if now - view.last_activity > retention:
-                continue
-            if view.status == "running":
-                n_active += 1
-            labels = {"run": view.display_name}  # shared by the run's samples (read-only)
-            if view.last_update_time is not None:
-                last_samples.append(Sample(last_name, labels, view.last_update_time))
-            for (samples, name), value in zip(targets, view.values, strict=False):
-                if value is not None:
-                    samples.append(Sample(name, labels, value))
-            run_kind.add_metric([view.display_name, view.info.kind or "unknown"], 1.0)
-            if extended:
-                info = view.info
-                run_info.add_metric(
-                    [
-                        view.display_name,
-                        view.run_id,
-                        clean_label_value(info.project),
-                        clean_label_value(info.framework),
-                        clean_label_value(info.model_type),
-                        view.status,
-                    ],
-                    1.0,
-                )
-        counters = self._counters()
-        active.add_metric([], n_active)
-        ingested.add_metric([], counters.ingested)
-        for reason, count in sorted(counters.rejected.items()):
-            rejected.add_metric([reason], count)
-        dup.add_metric([], counters.duplicates)
-        nonfinite.add_metric([], counters.nonfinite)
-        lerr.add_metric([], counters.listener_errors)
-        commits.add_metric([], counters.commits)
+        shown, totals = self._shown()
+        families = []
+        for spec in self._run_families:
+            family = _family(spec)
+            for view in shown:
+                for labels, value in spec.read(view):
+                    family.add_metric(list(labels), value)
+            families.append(family)
+        for server_spec in SERVER_FAMILIES:
+            family = _family(server_spec)
+            for labels, value in server_spec.read(totals):
+                family.add_metric(list(labels), value)
+            families.append(family)
         return families
 
     # ------------------------------------------------------------ fast text rendering
 
     def _run_lines(self, view: RunView) -> tuple[str, ...]:
         """The run's lines: made by the writer thread, or here for a view without them."""
-        if len(view.lines) == self._n_lines:
+        if len(view.lines) == len(self._run_families):
             return view.lines
         cached = self._lines.get(view.run_id)
         if cached is None or cached[0] is not view:
-            lines = run_lines(
-                view.display_name,
-                view.run_id,
-                view.info,
-                view.status,
-                view.values,
-                view.last_update_time,
-                self._extended,
-            )
-            cached = (view, lines)
+            cached = (view, run_lines(view, self._extended))
             self._lines[view.run_id] = cached
         return cached[1]
 
     def render(self) -> str:
         """The per-run families and the server totals in the text format (0.0.4)."""
-        now = self._clock()
-        retention = self._retention_s
-        cutoff = now - retention
-        shown = [v for v in list(self._views().values()) if v.last_activity >= cutoff]
-        n_active = sum(1 for v in shown if v.status == "running")
+        shown, totals = self._shown()
         with self._lock:
             rows = [self._run_lines(v) for v in shown]
         # one column of lines per family ("" where a run has no sample joins to nothing)
         per_family: list[tuple[str, ...]] = (
-            list(zip(*rows, strict=True)) if rows else [() for _ in range(self._n_lines)]
+            list(zip(*rows, strict=True)) if rows else [() for _ in self._run_families]
         )
-        docs = [(PREFIX + name, doc) for name, doc, _ in self._gauges]
-        docs.append(
-            (
-                PREFIX + "last_update_timestamp_seconds",
-                "Unix time the server last stored a record of the run.",
-            )
-        )
-        docs.append((PREFIX + "run_kind", "The run's kind (value 1): sft, rl, custom or unknown."))
-        docs.append((PREFIX + "run_info", "Run metadata (value 1)."))
         parts: list[str] = []
-        if not self._extended:
-            docs.pop()  # no run_info family
-        for (name, doc), lines in zip(docs, per_family, strict=True):
-            parts.append(_header(name, doc, "gauge"))
+        for spec, lines in zip(self._run_families, per_family, strict=True):
+            parts.append(spec.header())
             parts.append("".join(lines))
-        counters = self._counters()
-        parts.append(
-            _header(
-                PREFIX + "active_runs",
-                "Runs not closed and active within the retention window.",
-                "gauge",
-            )
-        )
-        parts.append(f"{PREFIX}active_runs {format_value(n_active)}\n")
-        for name, doc, value in (
-            ("records_ingested", "Records stored since the server started.", counters.ingested),
-        ):
-            parts.append(_header(PREFIX + name + "_total", doc, "counter"))
-            parts.append(f"{PREFIX}{name}_total {format_value(value)}\n")
-        parts.append(
-            _header(
-                PREFIX + "records_rejected_total",
-                "Records rejected for good since the server started, by reason.",
-                "counter",
-            )
-        )
-        for reason, count in sorted(counters.rejected.items()):
-            parts.append(
-                f'{PREFIX}records_rejected_total{{reason="{_escape(reason)}"}} '
-                f"{format_value(count)}\n"
-            )
-        for name, doc, value in (
-            (
-                "records_duplicate",
-                "Resent records ignored because they were already stored.",
-                counters.duplicates,
-            ),
-            (
-                "nonfinite_values",
-                "NaN or infinite statistics stored as missing.",
-                counters.nonfinite,
-            ),
-            ("listener_errors", "Exceptions raised by ingest listeners.", counters.listener_errors),
-            (
-                "push_commits",
-                "Database transactions that stored pushes (one may hold several pushes).",
-                counters.commits,
-            ),
-        ):
-            parts.append(_header(PREFIX + name + "_total", doc, "counter"))
-            parts.append(f"{PREFIX}{name}_total {format_value(value)}\n")
+        for server_spec in SERVER_FAMILIES:
+            parts.append(server_spec.header())
+            parts.append(server_spec.lines(totals))
         return "".join(parts)
 
 
 class AlertCollector(Collector):
-    """``inversion_monitor_alert_active{run, alertname, severity}``.
+    """``inversion_monitor_alert_active{run, alertname, severity}`` (:data:`~.series.ALERT_FAMILY`).
 
     >>> from prometheus_client import CollectorRegistry, generate_latest
     >>> from inversion_monitor.server.alerts import AlertEngine
@@ -332,31 +180,18 @@ class AlertCollector(Collector):
         return include
 
     def describe(self) -> Iterable[Any]:
-        return [self._family()]
-
-    @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "inversion_monitor_alert_active",
-            "1 while the server's detector alert is active for the run, 0 after it resolved.",
-            labels=["run", "alertname", "severity"],
-        )
+        return [_family(ALERT_FAMILY)]
 
     def collect(self) -> Iterable[Any]:
-        family = self._family()
-        for run, name, severity, value in self._engine.gauge_samples(self._include()):
-            family.add_metric([run, name, severity], value)
+        family = _family(ALERT_FAMILY)
+        for labels, value in ALERT_FAMILY.read(self._engine.gauge_samples(self._include())):
+            family.add_metric(list(labels), value)
         return [family]
 
     def render(self) -> str:
         """The family in the text format (0.0.4)."""
-        parts = [_header(self._family().name, self._family().documentation, "gauge")]
-        for run, name, severity, value in self._engine.gauge_samples(self._include()):
-            parts.append(
-                f'inversion_monitor_alert_active{{alertname="{_escape(name)}",run="{_escape(run)}",'
-                f'severity="{_escape(severity)}"}} {format_value(value)}\n'
-            )
-        return "".join(parts)
+        rows = self._engine.gauge_samples(self._include())
+        return ALERT_FAMILY.header() + ALERT_FAMILY.lines(rows)
 
 
 class Exposition:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# use with fullmatch: "$" would also match before a final newline
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+LABEL_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 DISPLAY_NAME_MAX = 48
@@ -15,10 +15,10 @@ DISPLAY_NAME_MAX = 48
 def valid_run_id(run_id: str) -> bool:
     """True for 1..64 characters of ``[A-Za-z0-9_.-]``.
 
-    >>> valid_run_id("3f2a-run_1.b"), valid_run_id(""), valid_run_id("a b")
-    (True, False, False)
+    >>> valid_run_id("3f2a-run_1.b"), valid_run_id(""), valid_run_id("a b"), valid_run_id("a\\n")
+    (True, False, False, False)
     """
-    return RUN_ID_RE.match(run_id) is not None
+    return RUN_ID_RE.fullmatch(run_id) is not None
 
 
 def base_display_name(name: str, run_id: str) -> str:
@@ -33,21 +33,6 @@ def base_display_name(name: str, run_id: str) -> str:
     if not base:
         base = "run-" + (_UNSAFE.sub("", run_id)[:8] or "x")
     return base
-
-
-def unique_display_name(name: str, run_id: str, taken: Callable[[str], bool]) -> str:
-    """:func:`base_display_name`, suffixed ``-2``, ``-3``, ... until ``taken`` says it is free.
-
-    >>> used = {"demo", "demo-2"}
-    >>> unique_display_name("demo", "x", used.__contains__)
-    'demo-3'
-    """
-    base = base_display_name(name, run_id)
-    candidate, n = base, 1
-    while taken(candidate):
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
 
 
 def clean_label_value(value: str, max_length: int = 128) -> str:

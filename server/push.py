@@ -19,6 +19,7 @@ from inversion_monitor.server.errors import InvalidArgument, PermissionDenied
 from inversion_monitor.server.sessions import (
     check_session,
     missing_session,
+    rank_closed,
     session_digest,
     unknown_session,
 )
@@ -126,6 +127,8 @@ def classify(
     rank = run.ranks[rank_no]
     check_session(session, run.run_id, rank_no, rank.session, rank.previous_session, "Push")
     grant.check_write(run.info.project)
+    if rank.status != "running":
+        raise rank_closed(run.run_id, rank_no, rank.status, "Push")
     for i, rec in enumerate(records):
         if rec.run_id != run.run_id or rec.rank != rank_no:
             raise PermissionDenied(

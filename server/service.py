@@ -27,7 +27,9 @@ from prometheus_client import Histogram
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.alerts import AlertEngine
+from inversion_monitor.server.archive import recent_run_ids
 from inversion_monitor.server.auth import FULL_ACCESS, Authorizer, Grant
+from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import (
     InvalidArgument,
     NotFound,
@@ -35,9 +37,11 @@ from inversion_monitor.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from inversion_monitor.server.history import read_history_capped
 from inversion_monitor.server.ingest import Ingestor, RunView
+from inversion_monitor.server.limits import InflightBytes
+from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.storage_state import StorageState
-from inversion_monitor.server.store import StoreError, read_history
 from inversion_monitor.server.writer import WriterThread
 
 log = logging.getLogger("inversion_monitor.server")
@@ -92,6 +96,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         alerts: AlertEngine | None = None,
         authorizer: Authorizer | None = None,
         storage: StorageState | None = None,
+        max_history_bytes: int = Limits().max_history_bytes,
+        max_inflight_push_bytes: int = Limits().max_inflight_push_bytes,
     ) -> None:
         self._ingestor = ingestor
         self._authorizer = authorizer or Authorizer()
@@ -103,6 +109,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self._push_latency = push_latency
         self._max_pending = max_pending
         self._max_history = max_history
+        # also the byte cap of a ListRuns answer
+        self._max_history_bytes = max_history_bytes
+        self._inflight = InflightBytes(max_inflight_push_bytes)
         self._pending = 0
         self.stopping = False
 
@@ -186,10 +195,15 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
     ) -> monitor_pb2.PushResponse:
         start = time.perf_counter()
         grant = self._grant(context)
+
+        async def call() -> monitor_pb2.PushResponse:
+            # the request's bytes stay held until the writer has stored them
+            size = request.ByteSize() if isinstance(request, monitor_pb2.PushRequest) else 0
+            with self._inflight.hold(size):
+                return await self._write(lambda: self._writer.push(request, grant))
+
         try:
-            return await self._guard(
-                context, request, lambda: self._write(lambda: self._writer.push(request, grant))
-            )
+            return await self._guard(context, request, call)
         finally:
             self._push_latency.observe(time.perf_counter() - start)
 
@@ -202,32 +216,63 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             limit = request.limit or DEFAULT_LIST_LIMIT
             if limit > MAX_LIST_LIMIT:
                 raise InvalidArgument(f"limit is {limit}; the maximum is {MAX_LIST_LIMIT}")
-            views = [
-                v
-                for v in list(self._ingestor.views.values())
-                if (not request.project or v.info.project == request.project)
-                and grant.allows(v.info.project)
-            ]
+
+            def matching() -> list[RunView]:
+                return [
+                    v
+                    for v in list(self._ingestor.views.values())
+                    if (not request.project or v.info.project == request.project)
+                    and grant.allows(v.info.project)
+                ]
+
+            views = matching()
+            if len(views) < limit:  # older runs were pruned from memory: read them back
+                in_memory = set(self._ingestor.views)
+                try:
+                    older = await self._reader(
+                        lambda: recent_run_ids(
+                            self._read_connection(),
+                            limit - len(views),
+                            project=request.project or None,
+                            projects=grant.projects,
+                            exclude=in_memory,
+                        )
+                    )
+                except sqlite3.Error as exc:
+                    raise Unavailable(f"database read failed: {exc}") from exc
+                if older:
+                    await self._writer.call(partial(self._ingestor.revive_all, older))
+                    views = matching()
             views.sort(key=lambda v: v.last_activity, reverse=True)
             response = monitor_pb2.ListRunsResponse()
+            size = 0
             for view in views[:limit]:
-                fill_summary(response.runs.add(), view, self._alerts)
+                summary = response.runs.add()
+                fill_summary(summary, view, self._alerts)
+                size += summary.ByteSize()
+                if size > self._max_history_bytes:  # the newest runs that fit the byte cap
+                    del response.runs[-1]
+                    break
             return response
 
         return await self._guard(context, request, call)
 
     async def GetRun(
-        self, request: monitor_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+        self,
+        request: monitor_pb2.GetRunRequest,
+        context: grpc.aio.ServicerContext,
+        *,
+        samples: bool = True,
     ) -> monitor_pb2.GetRunResponse:
+        """The run's summary and newest history (``samples=False``: without token samples)."""
         grant = self._grant(context)
 
         async def call() -> monitor_pb2.GetRunResponse:
-            views = self._ingestor.views
-            view = views.get(request.run)
-            if view is None:
-                run_id = self._ingestor.by_name.get(request.run)
-                view = views.get(run_id) if run_id is not None else None
-            if view is None or not grant.allows(view.info.project):  # others' runs: not found
+            view = find_run(self._ingestor, request.run, grant)
+            if view is None:  # pruned from memory (past retention): read it back
+                await self._writer.call(partial(self._ingestor.revive, request.run, by_name=True))
+                view = find_run(self._ingestor, request.run, grant)
+            if view is None:  # others' runs: not found, as unknown ones
                 raise NotFound(f"no run with id or display name {request.run[:80]!r}")
             limit = request.history_limit or DEFAULT_HISTORY
             if limit > self._max_history:
@@ -235,8 +280,14 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                     f"history_limit is {limit}; max_history is {self._max_history}"
                 )
             try:
-                payloads = await self._reader(
-                    lambda: read_history(self._read_connection(), view.pk, limit)
+                history = await self._reader(
+                    lambda: read_history_capped(
+                        self._read_connection(),
+                        view.pk,
+                        limit,
+                        self._max_history_bytes,
+                        samples=samples,
+                    )
                 )
             except sqlite3.Error as exc:
                 raise Unavailable(f"database read failed: {exc}") from exc
@@ -244,10 +295,25 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             fill_summary(response.summary, view, self._alerts)
             if self._alerts is not None:
                 response.alerts.extend(self._alerts.alerts(view.run_id))
-            response.history.extend(monitor_pb2.StepRecord.FromString(p) for p in payloads)
+            response.history.extend(history)
             return response
 
         return await self._guard(context, request, call)
+
+
+def find_run(ingestor: Ingestor, run: str, grant: Grant) -> RunView | None:
+    """The run ``run`` names (a run id or a display name) among those ``grant`` reads.
+
+    A run id equal to another run's display name (only a run opened after that
+    name was given can be one: names avoid existing ids) does not hide that
+    run: of two matches the older wins.
+    """
+    views = ingestor.views
+    by_id = views.get(run)
+    name_id = ingestor.by_name.get(run)
+    by_name = views.get(name_id) if name_id is not None else None
+    found = [v for v in (by_id, by_name) if v is not None and grant.allows(v.info.project)]
+    return min(found, key=lambda v: v.opened_time) if found else None
 
 
 class MalformedRequest:

@@ -62,6 +62,13 @@ def unknown_session(run_id: str, rank: int, call: str) -> FailedPrecondition:
     )
 
 
+def rank_closed(run_id: str, rank: int, status: str, call: str) -> FailedPrecondition:
+    """The error for a Push or CloseRun after the stream's CloseRun."""
+    return FailedPrecondition(
+        f"{call}: run {run_id!r} rank {rank} was closed ({status}); OpenRun re-opens it"
+    )
+
+
 def taken_over(run_id: str, rank: int) -> FailedPrecondition:
     """The error for a session another writer replaced with ``takeover``."""
     return FailedPrecondition(f"run {run_id} rank {rank} was taken over by another writer")

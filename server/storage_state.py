@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from inversion_monitor.server.errors import RequestError, ResourceExhausted, Unavailable
-from inversion_monitor.server.store import DiskFull, StoreError
+from inversion_monitor.server.schema import DiskFull, StoreError
 
 log = logging.getLogger("inversion_monitor.server")
 

@@ -12,7 +12,6 @@ rejects the record with the field that is wrong.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from enum import Enum
@@ -20,8 +19,10 @@ from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.proto.v1.health import HEALTH_FIELDS
+from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, one_of
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument
+from inversion_monitor.server.jsonsafe import loads_bounded
 from inversion_monitor.server.names import LABEL_KEY_RE, valid_run_id
 
 # absolute slack for float round-off at a range boundary; such values are clamped
@@ -29,9 +30,10 @@ _TOL = 1e-6
 _INF = math.inf
 _isfinite = math.isfinite
 _MAX = sys.float_info.max
-PROJECTIONS = frozenset({"q", "k", "v", "o"})
 MAX_REASON_LENGTH = 256
-RUN_KINDS = ("", "sft", "rl", "custom")  # "": not given (older clients)
+# "": not given (older clients)
+_WIRE_KINDS = frozenset(("", *RUN_KINDS))
+_WIRE_PROJECTIONS = frozenset(PROJECTIONS)
 # health field -> (lowest, highest) finite value; non-finite values are kept
 HEALTH_RANGES: dict[str, tuple[float, float]] = {
     "loss": (-_INF, _INF),
@@ -65,7 +67,6 @@ class RejectReason(str, Enum):
     MALFORMED = "malformed"
     TOO_LARGE = "too_large"
     BAD_SEQUENCE = "bad_sequence"
-    BAD_RANK = "bad_rank"
 
 
 class RecordProblem(Exception):
@@ -165,12 +166,12 @@ def _components(record: monitor_pb2.StepRecord, limits: Limits) -> int:
         )
     bad = 0
     for j, comp in enumerate(components):
-        if comp.projection not in PROJECTIONS:
+        if comp.projection not in _WIRE_PROJECTIONS:
             raise RecordProblem(
                 f"components[{j}].projection",
                 RejectReason.MALFORMED,
                 f"components[{j}].projection is {comp.projection[:16]!r}; "
-                "expected one of 'q', 'k', 'v', 'o'",
+                f"expected one of {one_of(PROJECTIONS)}",
             )
         bad += _bounded(comp, "spearman", -1.0, 1.0, f"components[{j}].spearman")
         bad += _bounded(comp, "score_mean", 0.0, _INF, f"components[{j}].score_mean")
@@ -231,7 +232,7 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
             return False
         for comp in components:
             if not (
-                comp.projection in PROJECTIONS
+                comp.projection in _WIRE_PROJECTIONS
                 and -1.0 <= comp.spearman <= 1.0
                 and 0.0 <= comp.score_mean <= _MAX
             ):
@@ -397,13 +398,13 @@ def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None
             f"run.config_json has {len(info.config_json)} characters; "
             f"max_config_json_length is {limits.max_config_json_length}"
         )
-    if info.kind not in RUN_KINDS:
+    if info.kind not in _WIRE_KINDS:
         raise InvalidArgument(
-            f"run.kind is {info.kind[:40]!r}; expected 'sft', 'rl', 'custom' or empty"
+            f"run.kind is {info.kind[:40]!r}; expected {one_of(RUN_KINDS)} or empty"
         )
     if info.config_json:
         try:
-            parsed = json.loads(info.config_json)
+            parsed = loads_bounded(info.config_json)
         except ValueError as exc:
             raise InvalidArgument(f"run.config_json is not valid JSON: {exc}") from None
         if not isinstance(parsed, dict):
@@ -413,7 +414,7 @@ def check_run_info(info: monitor_pb2.RunInfo, rank: int, limits: Limits) -> None
             f"run.labels has {len(info.labels)} entries; max_labels is {limits.max_labels}"
         )
     for key, value in info.labels.items():
-        if len(key) > limits.max_label_key_length or not LABEL_KEY_RE.match(key):
+        if len(key) > limits.max_label_key_length or not LABEL_KEY_RE.fullmatch(key):
             raise InvalidArgument(
                 f"run.labels key {key[:80]!r} is invalid: expected [A-Za-z_][A-Za-z0-9_]* of "
                 f"at most max_label_key_length={limits.max_label_key_length} characters"

@@ -6,14 +6,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from inversion_monitor.app.toy.corpus import (
+from inversion_monitor.server import MonitorServer
+from inversion_monitor.toy.corpus import (
     ArithmeticProblem,
     arithmetic_problems,
     reasoning_corpus,
 )
-from inversion_monitor.app.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
-from inversion_monitor.server import MonitorServer
+from inversion_monitor.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 from tests.server_support import running
 
 

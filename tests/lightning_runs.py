@@ -16,9 +16,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
+from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 
 class TinyCausalLM(pl.LightningModule):

@@ -26,6 +26,7 @@ from tests.server_support import (
     record,
     running,
     stub_for,
+    wait_until,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,14 +56,17 @@ class Receiver:
         self.thread.start()
 
     def wait_for(self, status: str, alertname: str, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def notified() -> dict[str, Any] | None:
             for body in list(self.bodies):
                 for alert in body["alerts"]:
                     if alert["status"] == status and alert["labels"]["alertname"] == alertname:
                         return dict(alert)
-            time.sleep(0.1)
-        raise AssertionError(f"no {status} {alertname} notification; got {self.bodies}")
+            return None
+
+        found: dict[str, Any] = wait_until(
+            f"a {status} {alertname} notification", notified, timeout
+        )
+        return found
 
     def close(self) -> None:
         self.server.shutdown()
@@ -132,10 +136,7 @@ def test_firing_then_resolved_through_alertmanager(
         sink = server._server.alertmanager  # type: ignore[attr-defined]
         assert sink is not None
         sent = sink.sent
-        deadline = time.monotonic() + 15
-        while sink.sent < sent + 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert sink.sent >= sent + 2
+        wait_until("two resends", lambda: sink.sent >= sent + 2, 15)
         with urllib.request.urlopen(url + "/api/v2/alerts?active=true", timeout=5) as r:
             listed = json.loads(r.read())
         assert [a["labels"]["alertname"] for a in listed] == ["InversionWeakening"]
@@ -158,10 +159,8 @@ def test_sink_retries_until_alertmanager_answers(tmp_path: Path) -> None:
             sink.notify(
                 "r", monitor_pb2.Alert(name="MonitorStale", severity="warning", active=True)
             )
-            deadline = time.monotonic() + 10
-            while sink.failures < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert sink.failures >= 2 and sink.sent == 0
+            wait_until("two failed posts", lambda: sink.failures >= 2, 10)
+            assert sink.sent == 0
         finally:
             sink.close()
         # the same sink's state, sent to a live endpoint

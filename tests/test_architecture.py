@@ -24,7 +24,7 @@ FOLDERS = {
     "proto": "inversion_monitor.proto",
 }
 PUBLIC = set(inversion_monitor.__all__)  # the root's public API, open to every layer but server
-CORE_PACKAGES = ("metrics", "probe", "engine", "telemetry", "rl")
+CORE_PACKAGES = ("metrics", "probe", "engine", "telemetry", "rl", "toy")
 # what each layer may import from the project (prefixes); anything else of ours is a violation
 ALLOWED = {
     "app": ("inversion_monitor",),
@@ -197,3 +197,143 @@ def test_server_loads_no_torch(module: str) -> None:
 def test_callbacks_package_loads_no_framework() -> None:
     loaded = _loaded_by("inversion_monitor.callbacks")
     assert not loaded & {"transformers", "lightning", "torch"}, loaded
+
+
+# ------------------------------------------------------------------ size and cycles
+
+MAX_SOURCE_LINES = 650
+
+
+def _all_sources() -> list[Path]:
+    """Every hand-written source file of the four folders (generated ``*_pb2*`` excluded)."""
+    return [
+        path
+        for folder in FOLDERS
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if not path.name.endswith(("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"))
+    ]
+
+
+def test_no_source_file_is_over_650_lines() -> None:
+    sizes = {path: len(path.read_text().splitlines()) for path in _all_sources()}
+    over = [
+        f"{path.relative_to(ROOT)}: {n} lines" for path, n in sizes.items() if n > MAX_SOURCE_LINES
+    ]
+    assert over == [], f"split these by job (at most {MAX_SOURCE_LINES} lines each): {over}"
+
+
+def _import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports, from every import statement anywhere in it.
+
+    ``sources`` maps a module name to (its source, whether it is a package).
+    ``from package import name`` counts as importing ``package.name`` when that
+    is a module of the project, else ``package``; an import of a name outside
+    ``sources`` is not ours and is left out.
+    """
+    graph: dict[str, set[str]] = {}
+    for module, (source, is_package) in sources.items():
+        targets: set[str] = set()
+        package = module if is_package else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join([*base, node.module] if node.module else base)
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    submodule = f"{target}.{alias.name}"
+                    targets.add(submodule if submodule in sources else target)
+        graph[module] = {t for t in targets if t in sources and t != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) through each strongly connected group of modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+
+    def visit(start: str) -> None:  # Tarjan's algorithm, iterative
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = set()
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.add(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        groups.append(group)
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(sorted(graph[child]))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    cycles = []
+    for group in groups:  # a shortest way back to the group's first module
+        first = min(group)
+        paths = {first: [first]}
+        frontier = [first]
+        cycle: list[str] | None = None
+        while frontier and cycle is None:
+            nxt = []
+            for node in frontier:
+                for child in sorted(graph[node] & group):
+                    if child == first:
+                        cycle = [*paths[node], first]
+                        break
+                    if child not in paths:
+                        paths[child] = [*paths[node], child]
+                        nxt.append(child)
+                if cycle is not None:
+                    break
+            frontier = nxt
+        assert cycle is not None
+        cycles.append(cycle)
+    return sorted(cycles)
+
+
+def test_the_cycle_finder_sees_lazy_and_relative_imports() -> None:
+    sources = {
+        "pkg": ("", True),
+        "pkg.a": ("def f():\n    from pkg import b\n", False),
+        "pkg.b": ("from .c import x\n", False),
+        "pkg.c": ("import pkg.a\n", False),
+        "pkg.d": ("from pkg.a import f\n", False),
+    }
+    assert _cycles(_import_graph(sources)) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+    sources["pkg.c"] = ("import os\n", False)
+    assert _cycles(_import_graph(sources)) == []
+
+
+def test_no_import_cycles_among_the_projects_modules() -> None:
+    sources = {
+        _module_name(path): (path.read_text(), path.name == "__init__.py")
+        for path in _all_sources()
+        if path.suffix == ".py"
+    }
+    cycles = [" -> ".join(cycle) for cycle in _cycles(_import_graph(sources))]
+    assert cycles == [], "import cycles (imports inside functions count):\n" + "\n".join(cycles)

@@ -2,7 +2,7 @@
 
 CPU only, no downloads: the character tokenizer (no chat template, so plain-text
 prompts), tiny llama models and the arithmetic corpus from
-``inversion_monitor.app.toy``; GRPO generates with transformers (no vLLM).
+``inversion_monitor.toy``; GRPO generates with transformers (no vLLM).
 """
 
 from __future__ import annotations
@@ -15,25 +15,16 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl import GRPOTrainer, SFTConfig, SFTTrainer
 
 from inversion_monitor import logit_gradient_norms
-from inversion_monitor.app.toy.corpus import arithmetic_problems, reasoning_corpus
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionTrainerCallback
+from inversion_monitor.toy.corpus import arithmetic_problems, reasoning_corpus
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
+from tests.trainers import CPU_ARGS, arithmetic_dataset, grpo_config
 
 pytestmark = pytest.mark.slow
-
-COMMON: dict[str, Any] = {
-    "report_to": [],
-    "use_cpu": True,
-    "save_strategy": "no",
-    "disable_tqdm": True,
-    "bf16": False,
-    "dataloader_num_workers": 0,
-    "seed": 0,
-}
 
 
 class ProbeRecorder(TrainerCallback):  # type: ignore[misc]
@@ -105,7 +96,7 @@ def sft_trainer(
         learning_rate=2e-3,
         logging_steps=logging_steps,
         max_length=128,
-        **COMMON,
+        **CPU_ARGS,
         **args,
     )
     return SFTTrainer(
@@ -218,24 +209,11 @@ def answer_reward(completions: list[str], answer: list[str], **kwargs: Any) -> l
 def grpo_trainer(
     tmp_path: Path, callbacks: list[Any], *, max_steps: int = 4, logging_steps: int = 2
 ) -> RecordingGRPOTrainer:
-    problems = arithmetic_problems(16, seed=5)
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
-    config = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=12,
-        learning_rate=1e-3,
-        logging_steps=logging_steps,
-        use_vllm=False,
-        **COMMON,
-    )
     return RecordingGRPOTrainer(
         model=tiny_causal_lm("llama").train(),
         reward_funcs=answer_reward,
-        args=config,
-        train_dataset=dataset,
+        args=grpo_config(tmp_path / "out", max_steps, logging_steps=logging_steps),
+        train_dataset=arithmetic_dataset(16, seed=5),
         processing_class=char_tokenizer(),
         callbacks=callbacks,
     )

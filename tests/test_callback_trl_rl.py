@@ -8,16 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOConfig
 
-from inversion_monitor.app.toy.corpus import arithmetic_problems
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionTrainerCallback
 from inversion_monitor.callbacks.trl_signals import GRPOSignalTap, trainer_kind
 from inversion_monitor.metrics.covariance import entropy_covariance
-from tests.test_callback_trl import COMMON, RecordingGRPOTrainer, answer_reward, records
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
+from tests.test_callback_trl import RecordingGRPOTrainer, answer_reward, records
+from tests.trainers import arithmetic_dataset, grpo_config
 
 pytestmark = pytest.mark.slow
 
@@ -57,25 +55,13 @@ def reference(micro_batches: list[tuple[dict[str, Any], torch.Tensor, torch.Tens
 def test_grpo_records_carry_the_steps_rl_signals(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     callback = InversionTrainerCallback(every_n_steps=1, jsonl_path=str(path), tokens_per_probe=16)
-    problems = arithmetic_problems(16, seed=5)
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
-    config = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,  # two micro-batches pooled per optimizer step
-        num_generations=2,
-        max_completion_length=12,
-        learning_rate=1e-3,
-        logging_steps=1,
-        use_vllm=False,
-        **COMMON,
-    )
+    # two micro-batches pooled per optimizer step
+    config = grpo_config(tmp_path / "out", 3, gradient_accumulation_steps=2)
     trainer = TensorRecordingGRPOTrainer(
         model=tiny_causal_lm("llama").train(),
         reward_funcs=answer_reward,
         args=config,
-        train_dataset=dataset,
+        train_dataset=arithmetic_dataset(16, seed=5),
         processing_class=char_tokenizer(),
         callbacks=[callback],
     )
@@ -197,24 +183,11 @@ def test_corrpo_trainer_streams_rl_signals_too(tmp_path: Path) -> None:
 
     path = tmp_path / "records.jsonl"
     callback = InversionTrainerCallback(every_n_steps=1, jsonl_path=str(path), tokens_per_probe=16)
-    problems = arithmetic_problems(8, seed=6)
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
-    config = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=12,
-        learning_rate=1e-3,
-        logging_steps=1,
-        use_vllm=False,
-        **COMMON,
-    )
     trainer = CorrPOGRPOTrainer(
         model=tiny_causal_lm("llama").train(),
         reward_funcs=answer_reward,
-        args=config,
-        train_dataset=dataset,
+        args=grpo_config(tmp_path / "out", 2),
+        train_dataset=arithmetic_dataset(8, seed=6),
         processing_class=char_tokenizer(),
         callbacks=[callback],
         corrpo=CorrPOConfig(coef=0.1, min_tokens=4),

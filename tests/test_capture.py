@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from inversion_monitor import logit_gradient_norms
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.training_monitor import InversionMonitor
 from inversion_monitor.probe.capture import IGNORE_INDEX, BatchCapture, CapturedBatch
+from inversion_monitor.toy.models import tiny_causal_lm
 
 
 def reference_mask(

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from inversion_monitor.app.cli import main
-from inversion_monitor.app.toy.corpus import reasoning_corpus
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.metrics.stats import inversion_stats
 from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.toy.corpus import reasoning_corpus
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 from tests.server_support import free_port, open_run, push, record, running, stub_for
 
 

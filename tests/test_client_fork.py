@@ -14,18 +14,25 @@ import pytest
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from tests.scripted_server import FAST, ServerHandle, stats, wait_for
+from tests.server_support import wait_until
 
 
 def _wait_child(pid: int, timeout_s: float = 60.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    statuses: list[int] = []
+
+    def exited() -> bool:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError("the forked child hung")
+            statuses.append(status)
+        return bool(done)
+
+    try:
+        wait_until("the forked child to exit", exited, timeout_s)
+    except AssertionError:  # it hung: do not leave it behind
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return os.waitstatus_to_exitcode(statuses[0])
 
 
 def _child(parent: MonitorClient, endpoint: str, spool: Path) -> None:

@@ -14,7 +14,7 @@ from inversion_monitor import (
     logit_gradient_norms,
     sequence_inversion,
 )
-from inversion_monitor.app.toy.models import tiny_causal_lm
+from inversion_monitor.toy.models import tiny_causal_lm
 
 # ---------------------------------------------------------------- corrpo_rewards
 

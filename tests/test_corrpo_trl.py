@@ -8,14 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOConfig
 
 from inversion_monitor import corrpo_rewards, group_advantages, sequence_inversion
-from inversion_monitor.app.toy.corpus import arithmetic_problems
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks.trl_corrpo import CorrPOConfig, CorrPOGRPOTrainer
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
+from tests.trainers import arithmetic_dataset, grpo_config
 
 pytestmark = pytest.mark.slow
 
@@ -51,30 +49,18 @@ class RecordingTrainer(CorrPOGRPOTrainer):
 
 
 def make_trainer(tmp_path: Path, corrpo: CorrPOConfig, *, max_steps: int = 3) -> RecordingTrainer:
-    problems = arithmetic_problems(16, seed=5)
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
-    config = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=max_steps,
+    config = grpo_config(
+        tmp_path / "out",
+        max_steps,
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=16,
-        learning_rate=1e-3,
-        logging_steps=1,
-        use_vllm=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        bf16=False,
-        dataloader_num_workers=0,
-        seed=0,
     )
     return RecordingTrainer(
         model=tiny_causal_lm("llama").train(),
         reward_funcs=answer_reward,
         args=config,
-        train_dataset=dataset,
+        train_dataset=arithmetic_dataset(16, seed=5),
         processing_class=char_tokenizer(),
         corrpo=corrpo,
     )
@@ -142,3 +128,17 @@ def test_corrpo_trainer_rejects_bad_settings(tmp_path):
         CorrPOConfig(coef=-0.1)
     with pytest.raises(ValueError, match="min_tokens"):
         CorrPOConfig(min_tokens=2)
+
+
+def test_an_unsupported_trl_is_refused_when_the_trainer_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module imports whatever the TRL version; making the trainer names it and the fix."""
+    from inversion_monitor.callbacks import trl_corrpo
+
+    monkeypatch.setattr(trl_corrpo, "_dist_version", lambda name: "0.19.1")
+    with pytest.raises(trl_corrpo.UnsupportedTRLVersion) as caught:
+        make_trainer(tmp_path, CorrPOConfig())
+    message = str(caught.value)
+    assert "trl 0.19.1 is installed" in message
+    assert "pip install 'trl>=1.16,<2'" in message

@@ -124,7 +124,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         api_url = f"{page.group(1)}api/runs/{run_id}?history=1000"
         with urllib.request.urlopen(api_url, timeout=10) as answer:
             api_run = json.loads(answer.read())
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it (Ctrl-C: below)
         rest, _ = proc.communicate(timeout=120)  # a deadline: ~2 s on an idle machine
         lines.extend(rest.splitlines())
         yield DemoRun(
@@ -143,9 +143,33 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
             proc.wait(timeout=10)
 
 
-def test_demo_exits_cleanly_after_ctrl_c(demo: DemoRun) -> None:
+def test_demo_exits_cleanly_on_sigterm(demo: DemoRun) -> None:
     assert demo.returncode == 0, "\n".join(demo.stdout)
     assert any("/metrics" in line for line in demo.stdout)
+    assert any("SIGTERM: stopping the server" in line for line in demo.stdout)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_keep_serving_wait_ends_on_ctrl_c_and_sigterm(sig: signal.Signals) -> None:
+    code = (
+        "from inversion_monitor.app.demo import _wait_for_interrupt\n"
+        "_wait_for_interrupt('waiting')\n"
+        "print('stopped', flush=True)\n"
+    )
+    with _ctrl_c_reaches_children():
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "waiting"
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0 and rest.splitlines()[-1] == "stopped", rest
 
 
 def test_runtime_stays_sane(demo: DemoRun) -> None:
@@ -183,29 +207,28 @@ def test_the_live_page_url_is_printed_and_serves_the_runs(demo: DemoRun) -> None
     assert demo.api_run == to_json(demo.runs[UNSTABLE])
 
 
-def test_the_alert_reaches_the_webhook_with_its_step_while_training(demo: DemoRun) -> None:
+def test_the_destabilised_run_is_alerted_within_three_steps_of_the_jump(demo: DemoRun) -> None:
     unstable = demo.runs[UNSTABLE]
-    fired = [a for a in unstable.alerts if a.name == "EntropyCollapse"]
-    assert len(fired) == 1, unstable.alerts
-    step = fired[0].start_step
-    assert JUMP < step <= UNSTABLE_STEPS  # after the learning rate went up, not in the warm-up
+    assert unstable.alerts, "\n".join(demo.stdout)
+    first = min(unstable.alerts, key=lambda a: a.start_step)
+    step = first.start_step
+    assert JUMP <= step <= JUMP + 3, unstable.alerts  # after the jump, within 3 steps
     arrived = [
         i for i, line in enumerate(demo.stdout) if line.startswith("ALERT received by the webhook:")
     ]
     assert arrived, "\n".join(demo.stdout)
-    line = demo.stdout[arrived[0]]
-    assert line.startswith(
-        f"ALERT received by the webhook: EntropyCollapse (warning) on run {UNSTABLE} "
-        f"at step {step}: smoothed mean entropy "
-    ) or line.startswith(
-        f"ALERT received by the webhook: EntropyCollapse (warning) on run {UNSTABLE} "
-        f"at step {step}: mean entropy falling "
-    ), line
+    head = f"ALERT received by the webhook: {first.name} ({first.severity}) on run {UNSTABLE} "
+    tail = f"  [{step - JUMP} steps after the learning-rate jump at step {JUMP}]"
+    lines = [demo.stdout[i] for i in arrived]
+    assert any(
+        line.startswith(f"{head}at step {step}: ") and line.endswith(tail) for line in lines
+    ), lines
     # printed when it arrived: before the summaries read back at the end
     assert arrived[0] < demo.stdout.index("== SFT ==")
-    assert f"  EntropyCollapse (warning) on run {UNSTABLE} at step {step}: " in "\n".join(
-        demo.stdout
-    )
+    assert (
+        f"first alert on {UNSTABLE}: {first.name} at step {step}, {step - JUMP} steps after "
+        f"the learning-rate jump at step {JUMP}"
+    ) in demo.stdout
     # the learning rate the records carry: LR_FACTOR times higher from the jump on
     lrs = {rec.step: rec.learning_rate for rec in demo.history(UNSTABLE)}
     assert lrs[JUMP - 1] == pytest.approx(RL_LR)
@@ -279,8 +302,8 @@ def test_report_shows_the_phases_the_alert_and_the_signals(demo: DemoRun) -> Non
     page = (demo.out_dir / "report.html").read_text()
     for title in ("Phase 1: SFT", "Phase 2: RL", "Phase 3: destabilised RL"):
         assert title in page
-    step = demo.runs[UNSTABLE].alerts[0].start_step
-    assert f"EntropyCollapse (warning) on run {UNSTABLE} at step {step}: " in page
+    alert = demo.runs[UNSTABLE].alerts[0]
+    assert f"{alert.name} ({alert.severity}) on run {UNSTABLE} at step {alert.start_step}: " in page
     captions = re.findall(r"<figcaption>([^<]+)</figcaption>", page)
     assert captions == [
         "rho with its 95% confidence band, per phase",

@@ -15,12 +15,28 @@ from typing import Any
 import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from tests.server_support import free_port, open_run, push, ready_process, record, running, stub_for
+from tests.server_support import (
+    free_port,
+    open_run,
+    push,
+    ready_process,
+    record,
+    running,
+    stub_for,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = Path("/usr/bin/prometheus")
 DASHBOARD = ROOT / "deploy" / "grafana" / "inversion-monitor.json"
 RUN = "dash-run"
+# health gauges the server exports once the per-step health records land (branch `health`);
+# until a server exports a family, its panel query cannot have data: tolerated for these only
+PENDING_GAUGES = {
+    "inversion_monitor_grad_norm",
+    "inversion_monitor_kl",
+    "inversion_monitor_completion_length_mean_tokens",
+}
 
 
 def api(base: str, path: str, **params: str) -> Any:
@@ -43,6 +59,11 @@ def records(first: int, count: int, rho: float, rng: random.Random) -> list[moni
         rec.policy_entropy_mean = policy_entropy
         rec.reward_mean = 1.2 - 0.4 * math.exp(policy_entropy) + rng.gauss(0.0, 0.01)
         rec.entropy_covariance = 0.01 + rng.gauss(0.0, 0.002)
+        # training health of every step; the grad norm jumps at record 70 (GradNormSpike)
+        rec.loss = 2.0 * math.exp(rng.gauss(0.0, 0.02))
+        rec.grad_norm = (30.0 if seq >= 70 else 1.0) * math.exp(rng.gauss(0.0, 0.05))
+        rec.kl = 0.02 * math.exp(rng.gauss(0.0, 0.1))
+        rec.completion_length_mean = 40.0 * math.exp(rng.gauss(0.0, 0.05))
         for layer in (0, 1):
             for projection in ("q", "o"):
                 rec.components.add(
@@ -116,30 +137,29 @@ def test_dashboard_shape() -> None:
 
 def test_every_panel_query_returns_data(prometheus: tuple[str, Any]) -> None:
     base, more = prometheus
+
     # wait until Prometheus has several scrapes of the run (rates need two)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def scraped_often() -> bool:
         more()
         got = api(
             base, "query", query=f'count_over_time(inversion_monitor_step{{run="{RUN}"}}[1m])'
         )
-        if got["result"] and float(got["result"][0]["value"][1]) >= 4:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("Prometheus did not scrape the server")
+        return bool(got["result"]) and float(got["result"][0]["value"][1]) >= 4
+
+    wait_until("Prometheus to scrape the server four times", scraped_often, 60)
     runs = api(base, "label/run/values", **{"match[]": "inversion_monitor_step"})
     assert RUN in runs
+    exported = set(api(base, "label/__name__/values"))
     empty = []
     for title, expr in panel_queries():
         query = expr.replace("$run", RUN)
         result = api(base, "query", query=query)["result"]
-        if not result:
+        if not result and not any(g in query and g not in exported for g in PENDING_GAUGES):
             empty.append(f"{title}: {query}")
     assert empty == []
     alerts = api(base, "query", query=f'inversion_monitor_alert_active{{run="{RUN}"}}')["result"]
-    assert {r["metric"]["alertname"] for r in alerts} >= {"InversionWeakening"}
+    assert {r["metric"]["alertname"] for r in alerts} >= {"InversionWeakening", "GradNormSpike"}
     rules = api(base, "rules")
-    assert sum(len(g["rules"]) for g in rules["groups"]) == 17
+    assert sum(len(g["rules"]) for g in rules["groups"]) == 31
     kinds = api(base, "query", query=f'inversion_monitor_run_kind{{run="{RUN}"}}')["result"]
     assert [r["metric"]["kind"] for r in kinds] == ["rl"]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from inversion_monitor.server.alert_config import load_alerts_config
-from inversion_monitor.server.config import ConfigError
 from inversion_monitor.server.detectors import (
     AlertsConfig,
     EntropyCollapse,
@@ -22,6 +21,7 @@ from inversion_monitor.server.detectors import (
     Severity,
     Transition,
 )
+from inversion_monitor.server.settings_file import ServerConfigError
 
 
 def rho_stream(path: list[float], n: int, seed: int) -> list[Observation]:
@@ -126,6 +126,17 @@ def test_stale() -> None:
     assert end is not None and not end.firing and end.reason is Reason.RUN_CLOSED
 
 
+HEALTH = {
+    "NonFiniteTraining",
+    "LossSpike",
+    "GradNormSpike",
+    "RewardCollapse",
+    "EntropySurge",
+    "KLSurge",
+    "LengthDrift",
+}
+
+
 def test_run_detectors_respect_enabled() -> None:
     cfg = AlertsConfig.model_validate(
         {
@@ -135,7 +146,10 @@ def test_run_detectors_respect_enabled() -> None:
         }
     )
     dets = RunDetectors(cfg)
-    assert {type(d).__name__ for d in dets.detectors} == {"InversionLost", "EntropyCollapse"}
+    assert {type(d).__name__ for d in dets.detectors} == {
+        "InversionLost",
+        "EntropyCollapse",
+    } | HEALTH
     assert dets.stale is None
 
 
@@ -146,20 +160,20 @@ def test_config_files(tmp_path: Path) -> None:
     assert cfg.weakening.min_shift == 0.2 and cfg.stale.after_s == 30.0
     bad = tmp_path / "b.toml"
     bad.write_text("[weakening]\nthreshhold = 3\n")
-    with pytest.raises(ConfigError, match=r"b.toml: weakening.threshhold: Extra inputs"):
+    with pytest.raises(ServerConfigError, match=r"b.toml: weakening.threshhold: Extra inputs"):
         load_alerts_config(bad)
     neg = tmp_path / "c.yml"
     neg.write_text("lost:\n  sustain: 0\n")
     with pytest.raises(
-        ConfigError, match=r"lost.sustain: Input should be greater than or equal to 1"
+        ServerConfigError, match=r"lost.sustain: Input should be greater than or equal to 1"
     ):
         load_alerts_config(neg)
     (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"use a \.yaml, \.yml or \.toml"):
+    with pytest.raises(ServerConfigError, match=r"use a \.yaml, \.yml or \.toml"):
         load_alerts_config(tmp_path / "x.json")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ServerConfigError, match="cannot read"):
         load_alerts_config(tmp_path / "missing.toml")
     broken = tmp_path / "d.yaml"
     broken.write_text("weakening: [\n")
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    with pytest.raises(ServerConfigError, match="invalid YAML"):
         load_alerts_config(broken)

@@ -9,11 +9,12 @@ import torch
 import transformers
 from transformers.modeling_utils import AttentionInterface
 
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.gradients import logit_gradient_norms
-from inversion_monitor.probe.last_block import _rows_independent, _slots, positions_unmixed_after
+from inversion_monitor.probe.key_value_norms import rows_independent, slot_ranks
+from inversion_monitor.probe.last_block import last_block_position_refusal
 from inversion_monitor.probe.reference import reference_norms
+from inversion_monitor.toy.models import tiny_causal_lm
 from tests.test_probe import assert_matches_reference, batch
 
 ALL = ("q", "k", "v", "o")
@@ -194,11 +195,11 @@ def test_a_value_projection_reaching_the_logits_around_the_attention_is_refused(
 def test_hybrid_layer_types_decide_by_what_follows_the_block():
     model = tiny_causal_lm("llama", num_layers=2, seed=7)
     resolved = resolve_model(model)
-    assert positions_unmixed_after(resolved, 1) is None
-    assert "not the last" in str(positions_unmixed_after(resolved, 0))
+    assert last_block_position_refusal(resolved, 1) is None
+    assert "not the last" in str(last_block_position_refusal(resolved, 0))
     # a declared non-attention layer *before* the last block does not matter to it
     model.config.layer_types = ["linear_attention", "full_attention"]
-    assert positions_unmixed_after(resolve_model(model), 1) is None
+    assert last_block_position_refusal(resolve_model(model), 1) is None
     _compare(model, layers=[-1], path="last_block")
 
 
@@ -264,7 +265,7 @@ def test_targets_spread_over_many_rows_share_vector_jacobian_products(caplog):
     assert_matches_reference(fast, reference_norms(model, ids, **kwargs))
     assert set(fast.paths.values()) == {"last_block"}
     assert _routes(caplog)["last block k"] == "shared-input Gram"
-    assert _slots(torch.tensor([2, 0, 2, 1, 0, 2])).tolist() == [0, 0, 1, 0, 1, 2]
+    assert slot_ranks(torch.tensor([2, 0, 2, 1, 0, 2])).tolist() == [0, 0, 1, 0, 1, 2]
 
 
 def test_sequences_longer_than_the_projection_input_width():
@@ -284,6 +285,6 @@ def test_sequences_longer_than_the_projection_input_width():
 def test_rows_independent_detects_a_map_that_mixes_rows():
     projection = torch.randn(3, 5, 8, requires_grad=True)
     apart = projection.view(3, 5, 2, 4).transpose(1, 2) * 2.0
-    assert _rows_independent(apart, projection)
+    assert rows_independent(apart, projection)
     mixed = apart + apart.roll(1, dims=0) * 0.5
-    assert not _rows_independent(mixed, projection)
+    assert not rows_independent(mixed, projection)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.training_monitor import InversionMonitor, MonitorWarning
 from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
 
 
 @pytest.fixture

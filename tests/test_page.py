@@ -425,3 +425,65 @@ def test_page_shows_a_run_without_records_yet_and_switches_runs_on_a_click(
         assert browser.current_url.endswith("#run=olderrun")
         assert browser.execute_script("return window.inversionMonitorPage.error") is None
         assert _severe(browser) == []
+
+
+def test_page_draws_the_health_charts_and_marks_a_health_alert(
+    tmp_path: Path, browser: webdriver.Chrome
+) -> None:
+    """Records carrying grad norm, KL and completion length get a chart each; the
+    GradNormSpike the server raises at the jump is listed and marked on the charts."""
+    from tests.server_support import push, record
+
+    jump = 30
+    with running(tmp_path) as server, stub_for(server) as stub:
+        assert server.page_url is not None
+        open_run(stub, "healthrun", name="health run", kind="rl")
+        records = [
+            record(
+                "healthrun",
+                step,
+                step=step,
+                grad_norm=(1.0 + 0.05 * math.sin(step)) * (40.0 if step >= jump else 1.0),
+                kl=0.02 + 0.002 * math.cos(step),
+                completion_length_mean=40.0 + 2.0 * math.sin(step / 2),
+            )
+            for step in range(1, 41)
+        ]
+        assert not push(stub, *records).rejected
+        browser.get(f"{server.page_url}#run=healthrun")
+        charts = wait_until(
+            "the health charts",
+            lambda: (
+                (c := browser.execute_script(_CHARTS_JS))
+                and {"grad-norm", "kl", "length"} <= set(c)
+                and c
+            ),
+        )
+        history = list(_get_run(server, "healthrun").history)
+        assert charts["grad-norm"]["data"][1] == pytest.approx([r.grad_norm for r in history])
+        assert charts["kl"]["data"][1] == pytest.approx([r.kl for r in history])
+        assert charts["length"]["data"][1] == pytest.approx(
+            [r.completion_length_mean for r in history]
+        )
+        lines = wait_until(
+            "the alert line",
+            lambda: "GradNormSpike" in (t := browser.find_element(By.ID, "run-alerts").text) and t,
+        )
+        assert f"GradNormSpike (warning) since step {jump}" in lines
+        # the mark: a dashed vertical line at the jump, in the alert colour (#d08000)
+        marked = browser.execute_script(
+            """
+            const chart = window.inversionMonitorPage.charts["kl"].plot;
+            const x = Math.round(chart.valToPos(arguments[0], "x", true));
+            const ctx = chart.ctx, top = chart.bbox.top, h = chart.bbox.height;
+            let hits = 0;
+            for (let y = top; y < top + h; y += 2) {
+              const [r, g, b] = ctx.getImageData(x, y, 1, 1).data;
+              if (r > 180 && g > 100 && g < 160 && b < 60) hits++;
+            }
+            return hits;
+            """,
+            jump,
+        )
+        assert marked > 10
+        assert _severe(browser) == []

@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers
 
-from inversion_monitor.app.toy.models import tiny_causal_lm, tiny_config
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.training_monitor import InversionMonitor
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
 from inversion_monitor.probe.prefix_capture import PrefixCapture
+from inversion_monitor.toy.models import tiny_causal_lm, tiny_config
 
 GEN = torch.Generator().manual_seed(0)
 IDS = torch.randint(4, 100, (3, 20), generator=GEN)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.architectures import (
     ArchitectureAdapter,
     llama_style_projections,
@@ -20,6 +19,7 @@ from inversion_monitor.probe.architectures import (
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.reference import reference_norms
 from inversion_monitor.probe.sampling import valid_positions
+from inversion_monitor.toy.models import tiny_causal_lm
 
 RTOL = 1e-4
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.rl.corrpo import sequence_inversion
+from inversion_monitor.toy.models import tiny_causal_lm
 from tests.server_support import free_port
 
 RTOL = 1e-4

@@ -14,7 +14,8 @@ from inversion_monitor.app.show import format_run
 from inversion_monitor.app.tables import runs_table
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.rl.signals import RLStats
-from inversion_monitor.server.store import SCHEMA_VERSION, Store
+from inversion_monitor.server.schema import SCHEMA_VERSION
+from inversion_monitor.server.store import Store
 from inversion_monitor.telemetry.client import MonitorClient
 from tests.server_support import (
     TIMEOUT,

@@ -15,7 +15,8 @@ from inversion_monitor.app.cli import build_parser, main
 from inversion_monitor.app.tables import runs_table
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.cli import serve_config
-from inversion_monitor.server.config import ConfigError, ServerConfig
+from inversion_monitor.server.config import ServerConfig
+from inversion_monitor.server.settings_file import ServerConfigError
 from tests.server_support import (
     TIMEOUT,
     close_run,
@@ -27,6 +28,7 @@ from tests.server_support import (
     samples,
     scrape_text,
     stub_for,
+    wait_until,
 )
 
 
@@ -128,21 +130,16 @@ def test_stale_run_alert_on_timer(tmp_path: Path) -> None:
     with running(tmp_path, alerts_config=cfg) as server, stub_for(server) as stub:
         open_run(stub, "run1", name="quiet", world_size=1)
         push(stub, record("run1", 1))
-        deadline = time.monotonic() + 10
-        active: list[str] = []
-        while time.monotonic() < deadline and not active:
-            time.sleep(0.1)
+
+        def active() -> list[monitor_pb2.Alert]:
             got = stub.GetRun(monitor_pb2.GetRunRequest(run="quiet"), timeout=TIMEOUT)
-            active = [a.name for a in got.summary.active_alerts]
-        assert active == ["MonitorStale"]
-        assert got.summary.active_alerts[0].values["silent_seconds"] >= 0.4
+            return list(got.summary.active_alerts)
+
+        alerts = wait_until("the stale alert", active, timeout_s=10)
+        assert [a.name for a in alerts] == ["MonitorStale"]
+        assert alerts[0].values["silent_seconds"] >= 0.4
         close_run(stub, "run1", status="completed")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and active:
-            time.sleep(0.1)
-            got = stub.GetRun(monitor_pb2.GetRunRequest(run="quiet"), timeout=TIMEOUT)
-            active = [a.name for a in got.summary.active_alerts]
-        assert active == []
+        wait_until("the stale alert to end", lambda: not active(), timeout_s=10)
 
 
 def test_alerts_disabled(tmp_path: Path) -> None:
@@ -163,7 +160,9 @@ def test_serve_flags_are_checked_before_start(
     assert code == 2
     err = capsys.readouterr().err
     assert "weakening.threshold: Input should be greater than 0" in err and str(bad) in err
-    with pytest.raises(ConfigError, match="--alertmanager-url: the Alertmanager URL must start"):
+    with pytest.raises(
+        ServerConfigError, match="--alertmanager-url: the Alertmanager URL must start"
+    ):
         ServerConfig.from_sources({"alertmanager_url": "localhost:9093"}, {})
     env = {"INVERSION_MONITOR_SERVER_ALERTMANAGER_URL": "http://127.0.0.1:9093/"}
     assert ServerConfig.from_sources({}, env).alertmanager_url == "http://127.0.0.1:9093"
@@ -215,18 +214,17 @@ def test_runs_past_retention_leave_the_alert_gauge_and_stop_being_stale(tmp_path
             got = stub.GetRun(monitor_pb2.GetRunRequest(run="gone"), timeout=TIMEOUT)
             return [(a.name, a.active) for a in got.alerts]
 
-        deadline = time.monotonic() + 10
-        gauges = alert_gauges(scrape_text(server))
-        while not gauges:
-            assert time.monotonic() < deadline, "the stale alert never reached the gauge"
-            time.sleep(0.05)
-            gauges = alert_gauges(scrape_text(server))
+        gauges = wait_until(
+            "the stale alert on the gauge", lambda: alert_gauges(scrape_text(server)), 10
+        )
         assert gauges == {("gone", "MonitorStale", "warning"): 1.0}
         # past retention the run leaves the gauge and its alert ends; the two happen on
         # different timers (scrape vs. stale check), so wait for both conditions
-        deadline = time.monotonic() + 10
-        while gauges or stale_alerts() != [("MonitorStale", False)]:
-            assert time.monotonic() < deadline, (gauges, stale_alerts())
-            time.sleep(0.05)
-            gauges = alert_gauges(scrape_text(server))
-        assert gauges == {} and stale_alerts() == [("MonitorStale", False)]
+        wait_until(
+            "the run to leave the gauge and its alert to end",
+            lambda: (
+                not alert_gauges(scrape_text(server))
+                and stale_alerts() == [("MonitorStale", False)]
+            ),
+            10,
+        )

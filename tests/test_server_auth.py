@@ -11,7 +11,8 @@ import pytest
 
 from inversion_monitor.app.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.config import ConfigError, ServerConfig
+from inversion_monitor.server.config import ServerConfig
+from inversion_monitor.server.settings_file import ServerConfigError
 from tests.server_support import (
     TIMEOUT,
     close_run,
@@ -116,13 +117,13 @@ def test_token_file_errors_name_the_flag_the_entry_and_the_field(
 ) -> None:
     bad = tmp_path / "tokens.toml"
     bad.write_text('[[tokens]]\ntoken = "t1"\naccess = "write"\n')
-    with pytest.raises(ConfigError, match=r"--token-file: .*tokens\.0\.access"):
+    with pytest.raises(ServerConfigError, match=r"--token-file: .*tokens\.0\.access"):
         ServerConfig.from_sources({"token_file": str(bad)}, {})
     bad.write_text('[[tokens]]\ntoken = "has space"\n')
-    with pytest.raises(ConfigError, match="printable ASCII"):
+    with pytest.raises(ServerConfigError, match="printable ASCII"):
         ServerConfig.from_sources({"token_file": str(bad)}, {})
     env = {"INVERSION_MONITOR_SERVER_TOKEN_FILE": str(tmp_path / "missing.toml")}
-    with pytest.raises(ConfigError, match="INVERSION_MONITOR_SERVER_TOKEN_FILE: cannot read"):
+    with pytest.raises(ServerConfigError, match="INVERSION_MONITOR_SERVER_TOKEN_FILE: cannot read"):
         ServerConfig.from_sources({}, env)
     code = main(["serve", "--token-file", str(bad), "--db", str(tmp_path / "m.db")])
     assert code == 2

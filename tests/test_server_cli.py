@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from inversion_monitor.app.cli import main
-from inversion_monitor.server.config import ConfigError, ServerConfig
+from inversion_monitor.server.config import ServerConfig
+from inversion_monitor.server.settings_file import ServerConfigError
 from tests.server_support import TIMEOUT, open_run, push, record, running, stub_for
 
 EXE = Path(sys.executable).parent / "inversion-monitor"
@@ -189,9 +190,9 @@ def test_config_precedence_flag_over_environment_over_default(tmp_path):
     assert cfg.limits.max_records_per_push == 50
     assert cfg.http_address == "127.0.0.1:9464" and cfg.retention_s == 3600.0
     assert ServerConfig.from_sources({"http_address": "off"}, {}).http_address is None
-    with pytest.raises(ConfigError, match="INVERSION_MONITOR_SERVER_MAX_RECORDS_PER_PUSH"):
+    with pytest.raises(ServerConfigError, match="INVERSION_MONITOR_SERVER_MAX_RECORDS_PER_PUSH"):
         ServerConfig.from_sources({}, {"INVERSION_MONITOR_SERVER_MAX_RECORDS_PER_PUSH": "0"})
-    with pytest.raises(ConfigError, match="--token: a token must be non-empty printable"):
+    with pytest.raises(ServerConfigError, match="--token: a token must be non-empty printable"):
         ServerConfig.from_sources({"tokens": ["has space"]}, {})
-    with pytest.raises(ConfigError, match=r"port must be 0\.\.65535"):
+    with pytest.raises(ServerConfigError, match=r"port must be 0\.\.65535"):
         ServerConfig.from_sources({"grpc_address": "127.0.0.1:70000"}, {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from tests.server_support import (
     samples,
     scrape_text,
     stub_for,
+    wait_until,
 )
 
 
@@ -53,10 +53,13 @@ def test_fast_rendering_matches_prometheus_client(tmp_path: Path) -> None:
             push(stub, *recs)
         close_run(stub, "run3", status="failed")
         push(stub, record("run1", 3, step=-1))  # a rejection
-        deadline = time.monotonic() + TIMEOUT
-        while not any(k[0] == "inversion_monitor_alert_active" for k in _ours(scrape_text(server))):
-            assert time.monotonic() < deadline, "the stale alert never fired"
-            time.sleep(0.05)
+        wait_until(
+            "the stale alert",
+            lambda: any(
+                k[0] == "inversion_monitor_alert_active" for k in _ours(scrape_text(server))
+            ),
+            TIMEOUT,
+        )
 
         exposition = server.server.exposition
         reference = CollectorRegistry()
@@ -96,12 +99,14 @@ def test_max_active_runs_counts_closed_runs_until_they_leave_retention(tmp_path:
         err = rpc_error(stub.OpenRun, request)
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "within the retention window" in err.details()
-        deadline = time.monotonic() + TIMEOUT
-        while True:  # the closed runs age out of the retention window
+
+        def opened() -> bool:
             try:
                 stub.OpenRun(request, timeout=TIMEOUT)
-                break
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert time.monotonic() < deadline, "closed runs never left the window"
-                time.sleep(0.05)
+                return False
+            return True
+
+        # the closed runs age out of the retention window
+        wait_until("the closed runs to leave the retention window", opened, TIMEOUT)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.config import Limits, ServerConfig
 from inversion_monitor.server.ingest import Ingestor
-from inversion_monitor.server.store import Store, StoreError
+from inversion_monitor.server.schema import StoreError
+from inversion_monitor.server.store import Store
 from tests.server_support import (
     TIMEOUT,
     acks,

@@ -28,6 +28,7 @@ from tests.server_support import (
     scrape_text,
     session,
     stub_for,
+    wait_until,
 )
 
 
@@ -160,13 +161,12 @@ def test_idle_runs_leave_metrics_after_retention_but_stay_in_the_database(tmp_pa
         open_run(stub, "old", name="old")
         push(stub, record("old", 1))
         assert run_sample(scrape_text(server), "inversion_monitor_step", "old") == 10
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def without_old() -> str | None:
             text = scrape_text(server)
-            if run_sample(text, "inversion_monitor_step", "old") is None:
-                break
-            time.sleep(0.2)
-        assert run_sample(text, "inversion_monitor_step", "old") is None
+            return text if run_sample(text, "inversion_monitor_step", "old") is None else None
+
+        text = wait_until("the idle run to leave /metrics", without_old, 10)
         assert 'run="old"' not in text
         assert samples(text)[("inversion_monitor_active_runs", ())] == 0
         listed = stub.ListRuns(monitor_pb2.ListRunsRequest(), timeout=TIMEOUT)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import grpc
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-from tests.server_support import TIMEOUT, record, rpc_error, run_info, running, stub_for
+from tests.server_support import (
+    TIMEOUT,
+    record,
+    rpc_error,
+    run_info,
+    running,
+    stub_for,
+    wait_until,
+)
 
 
 def _open(
@@ -118,15 +125,16 @@ def test_an_idle_or_closed_session_is_replaced_without_takeover(tmp_path: Path) 
         assert rpc_error(stub.OpenRun, monitor_pb2.OpenRunRequest(run=run_info("run1"))).code() == (
             grpc.StatusCode.ALREADY_EXISTS
         )
-        deadline = time.monotonic() + TIMEOUT
-        while True:  # free once idle for longer than writer_idle_timeout
+
+        def reopened() -> monitor_pb2.OpenRunResponse | None:
             try:
-                fresh = _open(stub, "run1")
-                break
+                return _open(stub, "run1")
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.ALREADY_EXISTS
-                assert time.monotonic() < deadline, "the idle session was never released"
-                time.sleep(0.05)
+                return None
+
+        # free once idle for longer than writer_idle_timeout
+        fresh = wait_until("the idle session to be released", reopened, TIMEOUT)
         assert fresh.acked_sequence == 1
         err = rpc_error(
             stub.Push,

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from grpc_status import rpc_status
 from inversion_monitor.app.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server import MonitorServer
-from inversion_monitor.server.store import SCHEMA_VERSION, StoreError
+from inversion_monitor.server.schema import SCHEMA_VERSION, StoreError
 from tests.server_support import (
     TIMEOUT,
     config,
@@ -37,6 +36,7 @@ from tests.server_support import (
     record,
     running,
     stub_for,
+    wait_until,
 )
 
 MARKER = b"UNKNOWN-FIELD-PADDING-"
@@ -263,10 +263,7 @@ def test_a_full_disk_answers_resource_exhausted_and_recovers_without_restart(
             assert "Traceback" not in caplog.text
 
             filler.unlink()  # space returns: the server recovers by itself
-            deadline = time.monotonic() + TIMEOUT
-            while _health(server.http_url)[0] != 200:
-                assert time.monotonic() < deadline, "healthz never recovered"
-                time.sleep(0.05)
+            wait_until("healthz to recover", lambda: _health(server.http_url)[0] == 200, TIMEOUT)
             assert _health(server.http_url) == (200, "ok\n")
             resp = stub.Push(push_request(stub, *_big_records(seq, 5)), timeout=TIMEOUT)
             assert resp.accepted == 5

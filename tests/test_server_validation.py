@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-import time
 
 import grpc
 import pytest
@@ -36,6 +35,7 @@ from tests.server_support import (
     session,
     step_records,
     stub_for,
+    wait_until,
 )
 
 
@@ -96,8 +96,9 @@ def test_partial_success_rejects_bad_records_and_stores_the_rest(tmp_path):
         assert s[(rejected_total, (("reason", "out_of_range"),))] == 4
         assert s[(rejected_total, (("reason", "malformed"),))] == 1
         assert s[(rejected_total, (("reason", "too_large"),))] == 1
-        # a rank outside world_size cannot open a stream, so no record is rejected for it
-        assert s[(rejected_total, (("reason", "bad_rank"),))] == 0
+        # every reason is a series from the start (a rank outside world_size cannot even open)
+        reasons = {dict(labels)["reason"] for name, labels in s if name == rejected_total}
+        assert reasons == {"out_of_range", "malformed", "too_large", "bad_sequence"}
         assert s[(rejected_total, (("reason", "bad_sequence"),))] == 1
         assert s[("inversion_monitor_nonfinite_values_total", ())] == 2
         # a resend of a rejected record is a duplicate, never stored
@@ -226,6 +227,31 @@ def test_listeners_see_stored_records_and_overload_is_shed_with_retry_info(tmp_p
         assert s[("inversion_monitor_listener_errors_total", ())] == 2
 
 
+class _Runs:
+    """A run listener: the (run_id, kind) of each on_run_open, in order."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[str, str]] = []
+
+    def on_record(self, run_id: str, display_name: str, rec: monitor_pb2.StepRecord) -> None:
+        pass
+
+    def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
+        self.opened.append((run_id, info.kind))
+
+
+def test_run_listeners_learn_each_run_once_when_it_opens_and_again_at_restart(tmp_path):
+    first = _Runs()
+    with MonitorServer(config(tmp_path), listeners=[first]) as server, stub_for(server) as stub:
+        open_run(stub, "rl-run", kind="rl", world_size=2)
+        open_run(stub, "rl-run", rank=1, kind="rl", world_size=2)  # the same run: no new event
+        open_run(stub, "sft-run", kind="sft")
+        assert first.opened == [("rl-run", "rl"), ("sft-run", "sft")]
+    again = _Runs()
+    with MonitorServer(config(tmp_path), listeners=[again]):
+        assert sorted(again.opened) == [("rl-run", "rl"), ("sft-run", "sft")]
+
+
 @settings(max_examples=400, deadline=None)
 @given(rec=plausible_records() | step_records())
 def test_fast_path_agrees_with_field_by_field_reference(rec):
@@ -271,9 +297,7 @@ def test_pushes_queued_behind_a_busy_writer_share_one_commit(tmp_path):
             for seq in range(2, 12)
         ]
         depth = ("inversion_monitor_writer_queue_depth", ())
-        deadline = time.monotonic() + TIMEOUT
-        while samples(scrape_text(server))[depth] < 11 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until("11 queued writes", lambda: samples(scrape_text(server))[depth] >= 11, TIMEOUT)
         assert samples(scrape_text(server))[depth] == 11
         gate.release.set()
         results = [first.result(), *(f.result() for f in queued)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from inversion_monitor.app.toy.corpus import arithmetic_problems
-from inversion_monitor.app.toy.tokenizer import VOCAB_SIZE
+from inversion_monitor.toy.corpus import arithmetic_problems
+from inversion_monitor.toy.tokenizer import VOCAB_SIZE
 
 
 def test_tokenizer_round_trip_and_special_ids(tokenizer, corpus):

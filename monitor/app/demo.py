@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import tempfile
 import threading
 import time
@@ -111,18 +112,48 @@ def _monitor_settings(
     }
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A fault the demo injected on purpose: the run it is in and its first step."""
+
+    run: str
+    step: int
+    what: str = "the learning-rate jump"
+
+
+def alert_line(alert: Any, fault: Fault | None = None) -> str:
+    """An alert's line; on the run of ``fault``, with how many steps after the fault it came.
+
+    >>> from inversion_monitor.app.webhook import ReceivedAlert
+    >>> a = ReceivedAlert("RewardCollapse", "warning", "demo-rl-lr-x300", 23, "s", "d", 1.0)
+    >>> alert_line(a, Fault("demo-rl-lr-x300", 21)).split(": d  ")[1]
+    '[2 steps after the learning-rate jump at step 21]'
+    """
+    line: str = alert.line()
+    if fault is not None and alert.run == fault.run and alert.step is not None:
+        line += f"  [{alert.step - fault.step} steps after {fault.what} at step {fault.step}]"
+    return line
+
+
 class _LiveLine:
     """One phase's progress with the latest rho (CI) / entropy (see :mod:`.progress`).
 
     Alerts the webhook received since the last update are printed on lines of
-    their own as they arrive.
+    their own as they arrive (with how many steps after ``fault``, on its run).
     """
 
-    def __init__(self, steps: int, label: str, receiver: AlertReceiver | None = None) -> None:
+    def __init__(
+        self,
+        steps: int,
+        label: str,
+        receiver: AlertReceiver | None = None,
+        fault: Fault | None = None,
+    ) -> None:
         from inversion_monitor.app.progress import ProgressLine
 
         self.progress = ProgressLine(steps, label=label)
         self.receiver = receiver
+        self.fault = fault
         self._seen = 0
         self._probe = ""
 
@@ -144,7 +175,7 @@ class _LiveLine:
         if self.receiver is None:
             return
         for alert in self.receiver.take():
-            self.progress.message(f"ALERT received by the webhook: {alert.line()}")
+            self.progress.message(f"ALERT received by the webhook: {alert_line(alert, self.fault)}")
 
     def close(self) -> None:
         self.progress.close()
@@ -157,10 +188,10 @@ def train_transformers(
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-    from inversion_monitor.app.toy.models import tiny_causal_lm
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
     from inversion_monitor.callbacks import InversionTrainerCallback
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.toy.models import tiny_causal_lm
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     tokenizer = char_tokenizer()
     model = tiny_causal_lm("llama", seed=options.seed).train()
@@ -211,10 +242,10 @@ def train_lightning(
     import torch
     from torch.utils.data import DataLoader
 
-    from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-    from inversion_monitor.app.toy.models import tiny_causal_lm
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
     from inversion_monitor.callbacks import InversionLightningCallback
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.toy.models import tiny_causal_lm
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     class TinyLM(pl.LightningModule):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -319,7 +350,7 @@ def run_phases(
     """Train the three phases against the server at ``endpoint``; returns them in order."""
 
     from inversion_monitor.app.demo_rl import GRPOSettings
-    from inversion_monitor.app.toy.tokenizer import char_tokenizer
+    from inversion_monitor.toy.tokenizer import char_tokenizer
 
     phases = []
     # --- 1. SFT
@@ -387,7 +418,8 @@ def run_phases(
         kind="rl",
         every=1,
     )
-    live = _LiveLine(bad.steps, "destabilised rl", receiver)
+    fault = Fault(f"{RUN_NAME}-rl-lr-x{LR_FACTOR:g}", jump)
+    live = _LiveLine(bad.steps, "destabilised rl", receiver, fault)
     _rl_phase(model, tokenizer, settings, bad, live)
     phases.append(unstable)
     return phases
@@ -408,20 +440,33 @@ def _history_limit(options: DemoOptions) -> int:
     return max(options.steps, options.rl_steps, options.unstable_steps) + 10
 
 
-def _wait_for_interrupt() -> None:
+def _wait_for_interrupt(message: str) -> None:
+    """Print ``message``, then wait for Ctrl-C or, on the main thread (the CLI), SIGTERM.
+
+    The handler is in place before ``message`` appears; the caller stops the server.
+    """
     stop = threading.Event()
+    previous: Any = None
+    # a handler can only be installed from the main thread; an embedding caller keeps its own
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
+        print(message, flush=True)
         while not stop.wait(1.0):
             pass
+        print("\nSIGTERM: stopping the server", flush=True)
     except KeyboardInterrupt:
-        print("\nstopping the server")
+        print("\nstopping the server", flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _await_alert(receiver: AlertReceiver, run_name: str, timeout_s: float) -> None:
+def _await_alert(receiver: AlertReceiver, fault: Fault, timeout_s: float) -> None:
     """Print the alerts still arriving; wait (bounded) for one on the destabilised run."""
-    receiver.wait(lambda got: any(a.run == run_name for a in got), timeout_s)
+    receiver.wait(lambda got: any(a.run == fault.run for a in got), timeout_s)
     for alert in receiver.take():
-        print(f"ALERT received by the webhook: {alert.line()}", flush=True)
+        print(f"ALERT received by the webhook: {alert_line(alert, fault)}", flush=True)
 
 
 def run_demo(options: DemoOptions) -> int:
@@ -471,7 +516,9 @@ def run_demo(options: DemoOptions) -> int:
                 )
                 phases = run_phases(options, server.grpc_target, workdir, receiver)
                 unstable_name = f"{RUN_NAME}-rl-lr-x{LR_FACTOR:g}"
-                _await_alert(receiver, unstable_name, timeout_s=15.0)
+                jump = phases[-1].lr_jump_step
+                fault = Fault(unstable_name, jump if jump is not None else 0)
+                _await_alert(receiver, fault, timeout_s=15.0)
                 responses = [
                     fetch_run(server.grpc_target, p.run_id, limit=_history_limit(options))
                     for p in phases
@@ -490,7 +537,15 @@ def run_demo(options: DemoOptions) -> int:
                     )
                 )
                 for alert in receiver.received:
-                    print(f"  {alert.line()}")
+                    print(f"  {alert_line(alert, fault)}")
+                stepped = [a for a in got if a.step is not None]
+                if stepped:
+                    first = min(stepped, key=lambda a: (a.step, a.received_at))
+                    print(
+                        f"first alert on {unstable_name}: {first.name} at step {first.step}, "
+                        f"{(first.step or 0) - fault.step} steps after the learning-rate jump "
+                        f"at step {fault.step}"
+                    )
                 print(f"metrics were served at {metrics_url}")
                 report = write_demo_report(
                     [
@@ -507,12 +562,10 @@ def run_demo(options: DemoOptions) -> int:
                 print(f"report: {report.resolve()}")
                 print(f"demo took {time.monotonic() - started:.0f} s", flush=True)
                 if options.keep_serving:
-                    print(
+                    _wait_for_interrupt(
                         f"the server stays up: live page {server.page_url}, metrics {metrics_url}  "
-                        "(Ctrl-C to stop)",
-                        flush=True,
+                        "(Ctrl-C or SIGTERM to stop)"
                     )
-                    _wait_for_interrupt()
             finally:
                 server.stop()
     finally:

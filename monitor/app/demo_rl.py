@@ -10,11 +10,22 @@ monitor watches it through the custom-loop API
 :class:`~inversion_monitor.rl.signals.RLStats`: reward, the policy's entropy and
 Cui et al.'s covariance, from the loss's own log-probs; run kind ``rl``).
 
-``lr_jump``, if given, is ``(step, factor)``: from that step on the learning
-rate is ``factor`` times higher. The demo uses it to destabilise a run on
-purpose (a broken learning-rate schedule).
+Every step also yields the health values a trainer reports (no extra
+training forward): the loss, the gradient norm (before clipping, when
+``max_grad_norm`` clips), the completion length and the KL to the starting
+policy (one no-grad forward of a frozen copy; the k3 estimator, as TRL's GRPO;
+``kl_coef`` > 0 adds it to the loss).
 
->>> from inversion_monitor.app.toy.corpus import ArithmeticProblem
+Faults, for the demo and the failure corpus (``benchmarks/bench_detection.py``):
+``lr_jump`` ``(step, factor)``: from that step on the learning rate is
+``factor`` times higher (a broken schedule); ``reward_fault`` ``(step,
+"zero")``: the reward function returns 0 from that step, ``(step, "length")``:
+it pays for length instead (reward hacking); ``collapse_at``: from that step
+the KL term is off, samples are drawn at ``collapse_temperature`` and the
+group baseline is lost (advantage = reward >= 0): the policy is trained on its
+own sharpened samples and its entropy collapses.
+
+>>> from inversion_monitor.toy.corpus import ArithmeticProblem
 >>> p = ArithmeticProblem(prompt="Q: 2+3=?\\n", completion="2+3=5.\\nA: 5\\n", answer=5)
 >>> rollout_reward("2+3=5.\\nA: 5\\n", p)
 1.0
@@ -31,14 +42,14 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from inversion_monitor.app.toy.corpus import ArithmeticProblem
     from inversion_monitor.engine.training_monitor import InversionMonitor
+    from inversion_monitor.toy.corpus import ArithmeticProblem
 
 PAD = 0
 POOL_SIZE = 512
@@ -83,12 +94,53 @@ class GRPOSettings:
     temperature: float = 1.0
     seed: int = 0
     lr_jump: tuple[int, float] | None = None
+    kl_coef: float = 0.0
+    max_grad_norm: float = math.inf
+    reward_fault: tuple[int, Literal["zero", "length"]] | None = None
+    collapse_at: int | None = None
+    collapse_temperature: float = 0.3
+    collapse_lr_factor: float = 1.0
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of ``step`` (1-based)."""
+        lr = self.lr
         if self.lr_jump is not None and step >= self.lr_jump[0]:
-            return self.lr * self.lr_jump[1]
-        return self.lr
+            lr *= self.lr_jump[1]
+        if self.collapse_at is not None and step >= self.collapse_at:
+            lr *= self.collapse_lr_factor
+        return lr
+
+    def sampling_temperature(self, step: int) -> float:
+        """The temperature completions of ``step`` are drawn at.
+
+        >>> GRPOSettings(steps=10, collapse_at=4).sampling_temperature(4)
+        0.3
+        """
+        if self.collapse_at is not None and step >= self.collapse_at:
+            return self.collapse_temperature
+        return self.temperature
+
+    def kl_weight(self, step: int) -> float:
+        """The KL coefficient of ``step`` (0 once the collapse fault is on)."""
+        if self.collapse_at is not None and step >= self.collapse_at:
+            return 0.0
+        return self.kl_coef
+
+    def reward(self, step: int, completion: str, problem: ArithmeticProblem) -> float:
+        """The reward of one completion at ``step`` (the faulty one once ``reward_fault`` is on).
+
+        >>> from inversion_monitor.toy.corpus import ArithmeticProblem
+        >>> p = ArithmeticProblem(prompt="Q: 2+3=?\\n", completion="2+3=5.\\nA: 5\\n", answer=5)
+        >>> s = GRPOSettings(steps=10, reward_fault=(5, "length"), max_new_tokens=40)
+        >>> s.reward(4, "2+3=5.\\nA: 5\\n", p), s.reward(5, "x" * 20, p)
+        (1.0, 0.5)
+        """
+        fault = self.reward_fault
+        if fault is not None and step >= fault[0]:
+            if fault[1] == "zero":
+                return 0.0
+            return len(completion) / self.max_new_tokens
+        return rollout_reward(completion, problem)
 
 
 @dataclass
@@ -98,6 +150,12 @@ class GRPOHistory:
     reward_mean: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
     policy_entropy: list[float] = field(default_factory=list)
+    reward_std: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    completion_length: list[float] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
 
 
 def _char_table(tokenizer: Any) -> list[str]:
@@ -119,6 +177,7 @@ def _rollout(
     settings: GRPOSettings,
     table: list[str],
     generator: torch.Generator,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Sample completions: ``(ids, completion_mask, texts)`` (token i is character i)."""
     import torch
@@ -142,7 +201,7 @@ def _rollout(
                 use_cache=True,
             )
             past = out.past_key_values
-            logits = out.logits[:, -1].float() / settings.temperature
+            logits = out.logits[:, -1].float() / temperature
             probs = torch.softmax(logits, -1)
             token = torch.multinomial(probs, 1, generator=generator)
             new.append(token)
@@ -161,17 +220,20 @@ def _rollout(
 def train_grpo(
     model: nn.Module,
     tokenizer: Any,
-    monitor: InversionMonitor,
+    monitor: InversionMonitor | None,
     settings: GRPOSettings,
     *,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> GRPOHistory:
-    """Train ``model`` with the GRPO loop; ``monitor`` sees every step (custom-loop API)."""
+    """Train ``model`` with the GRPO loop; ``monitor`` (if any) sees every step (custom-loop
+    API); ``on_step`` gets each step's values (reward, entropy, the health values)."""
+    import copy
+
     import torch
 
-    from inversion_monitor.app.toy.corpus import arithmetic_problems
     from inversion_monitor.rl.corrpo import group_advantages
     from inversion_monitor.rl.signals import RLStepAccumulator
+    from inversion_monitor.toy.corpus import arithmetic_problems
 
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -179,9 +241,11 @@ def train_grpo(
     pool = arithmetic_problems(POOL_SIZE, seed=settings.seed + 1)
     table = _char_table(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)  # the KL's starting policy
     history = GRPOHistory()
     model.train()
-    monitor.attach(model)
+    if monitor is not None:
+        monitor.attach(model)
     try:
         for step in range(1, settings.steps + 1):
             lr = settings.learning_rate(step)
@@ -202,13 +266,16 @@ def train_grpo(
                 settings=settings,
                 table=table,
                 generator=generator,
+                temperature=settings.sampling_temperature(step),
             )
             answers = [p for p in problems for _ in range(settings.group)]
             rewards = torch.tensor(
-                [rollout_reward(t, p) for t, p in zip(texts, answers, strict=True)],
+                [settings.reward(step, t, p) for t, p in zip(texts, answers, strict=True)],
                 dtype=torch.float32,
             )
             advantages = group_advantages(rewards, settings.group)
+            if settings.collapse_at is not None and step >= settings.collapse_at:
+                advantages = rewards  # the baseline lost: every sample is reinforced
             ids = torch.cat([prompt_ids, completion], 1)
             attention = torch.cat([prompt_mask, keep.long()], 1)
             completion_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), keep], 1)
@@ -219,9 +286,23 @@ def train_grpo(
             token_logp = logp.gather(2, ids[:, 1:, None])[..., 0]
             mask = completion_mask[:, 1:]
             weights = mask.float()
-            loss = -(advantages[:, None] * token_logp * weights).sum() / weights.sum().clamp(min=1)
+            tokens = weights.sum().clamp(min=1)
+            with torch.no_grad():
+                ref_logits = reference(input_ids=ids, attention_mask=attention).logits
+                ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), -1)
+                ref_token_logp = ref_logp.gather(2, ids[:, 1:, None])[..., 0]
+            # k3 estimator of KL(policy || reference) per completion token (as TRL's GRPO)
+            delta = ref_token_logp - token_logp
+            kl_tokens = torch.exp(delta) - delta - 1.0
+            kl = (kl_tokens * weights).sum() / tokens
+            loss = -(advantages[:, None] * token_logp * weights).sum() / tokens
+            if settings.kl_weight(step) > 0.0:
+                loss = loss + settings.kl_weight(step) * kl
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            )
             optimizer.step()
             signals = RLStepAccumulator()
             with torch.no_grad():
@@ -238,7 +319,14 @@ def train_grpo(
             history.reward_mean.append(rl.reward_mean)
             history.accuracy.append(accuracy / len(texts))
             history.policy_entropy.append(rl.policy_entropy_mean)
-            monitor.step_end(step, model, loss=float(loss.detach()), learning_rate=lr, rl=rl)
+            history.reward_std.append(rl.reward_std)
+            history.loss.append(float(loss.detach()))
+            history.grad_norm.append(grad_norm)
+            history.kl.append(float(kl.detach()))
+            history.completion_length.append(float(keep.sum(1).float().mean()))
+            history.learning_rate.append(lr)
+            if monitor is not None:
+                monitor.step_end(step, model, loss=history.loss[-1], learning_rate=lr, rl=rl)
             if on_step is not None:
                 on_step(
                     step,
@@ -247,10 +335,15 @@ def train_grpo(
                         "entropy": rl.policy_entropy_mean,
                         "covariance": rl.entropy_covariance,
                         "lr": lr,
+                        "loss": history.loss[-1],
+                        "grad_norm": grad_norm,
+                        "kl": history.kl[-1],
+                        "completion_length": history.completion_length[-1],
                     },
                 )
-            if not math.isfinite(float(loss.detach())):
+            if not math.isfinite(history.loss[-1]):
                 break  # a diverged policy samples nothing meaningful any more
     finally:
-        monitor.detach()
+        if monitor is not None:
+            monitor.detach()
     return history

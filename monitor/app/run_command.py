@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from inversion_monitor.config import ENV_PREFIX, ConfigError, MonitorConfig
+from inversion_monitor.config import ENV_PREFIX, MonitorConfig, MonitorConfigError
 
 # every MonitorConfig field is an option, except the switch that would make `run` pointless
 _EXCLUDED = frozenset({"disabled"})
@@ -84,7 +84,7 @@ def check_settings(args: argparse.Namespace, environ: dict[str, str]) -> str | N
     given = _option_environment(args)
     try:
         MonitorConfig.from_env({**environ, **given})
-    except ConfigError as exc:
+    except MonitorConfigError as exc:
         problems = []
         for field, message, value in exc.problems:
             name = field.split(".")[0]

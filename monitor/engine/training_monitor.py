@@ -19,7 +19,7 @@ keeps trying (``"continue"``). It leaves gradients, RNG streams and modes as
 it found them (see :mod:`inversion_monitor.probe.gradients`).
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama").train()
 >>> monitor = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=16))
 >>> monitor.attach(model)

@@ -22,7 +22,7 @@ Per layer, what cannot be probed is refused with the reason and the layers
 that can: linear-attention / recurrent / convolution layers (``layer_types``)
 and K/V of KV-sharing layers (Gemma-3n/4), which reuse an earlier layer's keys.
 
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> resolved = resolve_model(tiny_causal_lm("gpt_neox", num_layers=2))
 >>> resolved.num_layers, sorted(resolved.projections(1))
 (2, ['k', 'o', 'q', 'v'])
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-PROJECTIONS = ("q", "k", "v", "o")
+from inversion_monitor.proto.vocabulary import PROJECTIONS
 
 SOFTMAX_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 """``config.layer_types`` entries of ordinary (softmax) attention layers."""
@@ -59,6 +59,15 @@ class ProjectionSite:
 
     module: nn.Module
     columns: torch.Tensor | None = None
+
+
+def select_columns(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """The last dimension of ``tensor`` cut to a site's ``columns`` (None: all of it).
+
+    >>> select_columns(torch.arange(6).reshape(2, 3), torch.tensor([2, 0])).tolist()
+    [[2, 0], [5, 3]]
+    """
+    return tensor if columns is None else tensor.index_select(-1, columns.to(tensor.device))
 
 
 BlockProjections = Callable[[nn.Module, Any], dict[str, ProjectionSite]]
@@ -274,11 +283,13 @@ def _phi3_block(block: nn.Module, config: Any) -> dict[str, ProjectionSite]:
     }
 
 
-def _h(base: nn.Module) -> Sequence[nn.Module]:
+def _blocks_in_h(base: nn.Module) -> Sequence[nn.Module]:
+    """The decoder blocks of a GPT-2-like base model (``base.h``)."""
     return _module_list(base, "h")
 
 
-def _layers(base: nn.Module) -> Sequence[nn.Module]:
+def _blocks_in_layers(base: nn.Module) -> Sequence[nn.Module]:
+    """The decoder blocks of a base model that keeps them in ``base.layers``."""
     return _module_list(base, "layers")
 
 
@@ -286,12 +297,12 @@ LLAMA_STYLE = ArchitectureAdapter("llama-style", _generic_layers, _llama_block, 
 LLAMA_STYLE_GENERAL = ArchitectureAdapter(
     "llama-style (general path)", _generic_layers, _llama_block
 )
-GPT2 = ArchitectureAdapter("gpt2", _h, _gpt2_block, True)
-GPT_NEOX = ArchitectureAdapter("gpt_neox", _layers, _gpt_neox_block, True)
-PHI3 = ArchitectureAdapter("phi3", _layers, _phi3_block, True)
-BLOOM = ArchitectureAdapter("bloom", _h, _bloom_block, True)
-FALCON = ArchitectureAdapter("falcon", _h, _falcon_block, True)
-GPT_BIGCODE = ArchitectureAdapter("gpt_bigcode", _h, _gpt_bigcode_block, True)
+GPT2 = ArchitectureAdapter("gpt2", _blocks_in_h, _gpt2_block, True)
+GPT_NEOX = ArchitectureAdapter("gpt_neox", _blocks_in_layers, _gpt_neox_block, True)
+PHI3 = ArchitectureAdapter("phi3", _blocks_in_layers, _phi3_block, True)
+BLOOM = ArchitectureAdapter("bloom", _blocks_in_h, _bloom_block, True)
+FALCON = ArchitectureAdapter("falcon", _blocks_in_h, _falcon_block, True)
+GPT_BIGCODE = ArchitectureAdapter("gpt_bigcode", _blocks_in_h, _gpt_bigcode_block, True)
 
 # Families whose decoder blocks are attention (q_proj/k_proj/v_proj/o_proj) + a
 # per-token MLP or MoE, with only a norm and the head after the last block.
@@ -528,7 +539,7 @@ def positions_mix_after(resolved: ResolvedModel, layer: int) -> str | None:
     of blocks its config declares, and the block is a declared softmax-attention
     layer (hybrid ``layer_types``).
 
-    >>> from inversion_monitor.app.toy.models import tiny_causal_lm
+    >>> from inversion_monitor.toy.models import tiny_causal_lm
     >>> resolved = resolve_model(tiny_causal_lm("llama", num_layers=2))
     >>> positions_mix_after(resolved, 0)
     'block 1 comes after block 0 and mixes positions'

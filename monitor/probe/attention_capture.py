@@ -21,7 +21,7 @@ Only ``"eager"`` and ``"sdpa"`` are supported (:data:`SUPPORTED_IMPLEMENTATIONS`
 anything else is refused by :func:`attention_function`, with the reason.
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama", num_layers=1)
 >>> attention = model.model.layers[0].self_attn
 >>> with recording_attention(attention) as recorder:
@@ -94,7 +94,7 @@ class AttentionRecorder:
 def attention_module(block: nn.Module, inside: nn.Module) -> nn.Module:
     """The attention module of ``block``: the innermost module with a ``config`` holding ``inside``.
 
-    >>> from inversion_monitor.app.toy.models import tiny_causal_lm
+    >>> from inversion_monitor.toy.models import tiny_causal_lm
     >>> block = tiny_causal_lm("gpt2", num_layers=1).transformer.h[0]
     >>> type(attention_module(block, block.attn.c_attn)).__name__
     'GPT2Attention'

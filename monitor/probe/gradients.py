@@ -41,7 +41,7 @@ never formed and nothing is gathered for the norms.
 The model is left as found: modes, RNG state, ``.grad``, hooks.
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama", num_layers=2)
 >>> ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 >>> result = logit_gradient_norms(model, ids, layers=[0, -1], projections=("q", "v"))
@@ -57,28 +57,22 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import nn
 
-from inversion_monitor.metrics.entropy import token_entropy
 from inversion_monitor.metrics.norms import Norm, check_norm, outer_sum_norm, rank_one_norm
-from inversion_monitor.probe.architectures import (
-    PROJECTIONS,
-    ResolvedModel,
-    rank_one_exact,
-    resolve_model,
-)
-from inversion_monitor.probe.last_block import ForwardOutput, LastBlockRefused, last_block_norms
+from inversion_monitor.probe.architectures import ResolvedModel, resolve_model, select_columns
+from inversion_monitor.probe.forward import Component, ProbePlan, projection_sites
+from inversion_monitor.probe.last_block import LastBlockRefused, last_block_norms
 from inversion_monitor.probe.packing import document_index, same_document, split_documents
 from inversion_monitor.probe.prefix_capture import CapturedPrefix
+from inversion_monitor.probe.rows import measure_batch, per_row_norms, plan_buckets
 from inversion_monitor.probe.sampling import valid_positions
 from inversion_monitor.probe.sharding import probe_leaves_shards, sharded_parameters
+from inversion_monitor.proto.vocabulary import PROJECTIONS
 
 logger = logging.getLogger("inversion_monitor")
-
-Component = tuple[int, str]
 
 
 @dataclass(frozen=True)
@@ -204,171 +198,6 @@ def _check_inputs(
     return positions
 
 
-class _Captures:
-    """Forward hooks that keep each hooked module's input and output of one forward."""
-
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
-        self.inputs: dict[nn.Module, torch.Tensor] = {}
-        self.outputs: dict[nn.Module, torch.Tensor] = {}
-        self._handles = [m.register_forward_hook(self._hook) for m in modules]
-
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if module in self.outputs:
-            raise NotImplementedError(
-                f"{type(module).__name__} ran twice in one forward (a shared or looped "
-                "projection): the probe measures projections applied once per forward; "
-                "probe other layers or projections"
-            )
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            raise RuntimeError(f"{type(module).__name__}'s output is not a differentiable tensor")
-        self.inputs[module] = args[0].detach()
-        self.outputs[module] = output
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self.inputs.clear()
-        self.outputs.clear()
-
-
-class _HeadRows:
-    """Pre-hook on the output embedding: the model's head sees only the target rows.
-
-    The model then applies its own post-processing (scaling, soft-capping,
-    multipliers) to ``[1, K, V]`` logits, so they are exactly the model's.
-    """
-
-    def __init__(
-        self, head: nn.Module, shape: tuple[int, int], rows: torch.Tensor, t: torch.Tensor
-    ):
-        self.calls = 0
-        self._shape, self._rows, self._t = shape, rows, t
-        self._handle = head.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        self.calls += 1
-        if self.calls > 1:
-            raise NotImplementedError(
-                f"the model applies its output embedding ({type(module).__name__}) more than "
-                "once per forward (e.g. extra prediction heads), so the probe cannot tell which "
-                "application gives the next-token logits; probe a model whose forward applies "
-                "it once"
-            )
-        hidden = args[0] if args else kwargs.get("input")
-        if (
-            not isinstance(hidden, torch.Tensor)
-            or hidden.ndim != 3
-            or tuple(hidden.shape[:2]) != self._shape
-        ):
-            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise NotImplementedError(
-                f"the model's output embedding received {got}, not one hidden state per input "
-                f"token {self._shape}: the probe cannot tell which logits belong to which token; "
-                "register an adapter whose model applies the head to every position, or probe "
-                "the plain causal LM"
-            )
-        selected = hidden[self._rows, self._t].unsqueeze(0)
-        if args:
-            return (selected, *args[1:]), kwargs
-        return args, {**kwargs, "input": selected}
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-class _GradFrom:
-    """Run the forward without autograd until ``block``, then with it.
-
-    The block's incoming hidden state becomes a fresh leaf (:attr:`leaf`), so
-    the graph starts there; nothing below it is recorded. Works even when no
-    parameter requires grad. The pre-hook runs before any hook a sharding
-    framework put on the block, so the framework sees the leaf as the block's
-    input and its backward hooks (FSDP2 reshard, ZeRO-3 release) complete when
-    the backward reaches the leaf.
-    """
-
-    def __init__(self, block: nn.Module) -> None:
-        self.leaf: torch.Tensor | None = None
-        self._block = block
-
-    def _pre_hook(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        torch.set_grad_enabled(True)
-        if args and isinstance(args[0], torch.Tensor):
-            self.leaf = args[0].detach().requires_grad_(True)
-            args = (self.leaf, *args[1:])
-        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
-            kwargs["hidden_states"] = self.leaf
-        else:
-            raise RuntimeError(f"cannot find the hidden states entering {type(module).__name__}")
-        return args, kwargs
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        handle = self._block.register_forward_pre_hook(
-            self._pre_hook, with_kwargs=True, prepend=True
-        )
-        try:
-            with torch.no_grad():  # restores the caller's grad mode on exit
-                yield
-        finally:
-            handle.remove()
-
-
-_Prefix = tuple[int, torch.Tensor]
-"""(block, the hidden states entering it for the rows of one forward)."""
-
-
-def _passthrough(*args: Any, **kwargs: Any) -> Any:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@contextmanager
-def _fed_from(resolved: ResolvedModel, prefix: _Prefix | None) -> Iterator[None]:
-    """Skip the blocks below ``prefix[0]`` and feed that block ``prefix[1]`` (None: nothing).
-
-    The skipped blocks hand their input on unchanged (their output is
-    replaced at the next block anyway); the substitution is a pre-hook put
-    first, so :class:`_GradFrom` on the same block makes the leaf from it.
-    """
-    if prefix is None:
-        yield
-        return
-    layer, hidden = prefix
-
-    def feed(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        incoming = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(incoming, torch.Tensor) or incoming.shape != hidden.shape:
-            got = tuple(incoming.shape) if isinstance(incoming, torch.Tensor) else incoming
-            raise RuntimeError(
-                f"block {layer} received {got} where the captured prefix has {tuple(hidden.shape)}"
-            )
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    skipped = list(resolved.blocks[:layer])
-    saved = [block.__dict__.get("forward") for block in skipped]
-    handle = resolved.blocks[layer].register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
-    try:
-        for block in skipped:
-            block.forward = _passthrough
-        yield
-    finally:
-        handle.remove()
-        for block, forward in zip(skipped, saved, strict=True):
-            if forward is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = forward
-
-
 @contextmanager
 def _model_left_as_found(model: nn.Module) -> Iterator[None]:
     """Eval mode and forked RNG inside; every module's mode restored after."""
@@ -381,96 +210,6 @@ def _model_left_as_found(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-def _logits(output: Any) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, tuple | list) and output:
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise NotImplementedError(
-            f"the model's forward returned {type(output).__name__} without logits"
-        )
-    return logits
-
-
-@dataclass(frozen=True)
-class _Forward:
-    """One forward's results: entropy and target logit per row, and the captures."""
-
-    entropy: torch.Tensor
-    target_logits: torch.Tensor
-    captures: _Captures
-    leaf: torch.Tensor
-
-
-def _forward(
-    resolved: ResolvedModel,
-    input_ids: torch.Tensor,
-    *,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    lowest_block: int,
-    modules: Sequence[nn.Module],
-    rows: torch.Tensor,
-    t: torch.Tensor,
-    tokens: torch.Tensor,
-    prefix: _Prefix | None = None,
-) -> _Forward:
-    """The model's own forward of ``input_ids``; entropy and target logit at each (row, t).
-
-    ``prefix``: the blocks below ``prefix[0]`` are skipped and that block starts
-    from ``prefix[1]`` (the training forward's hidden states of these rows).
-    """
-    captures = _Captures(modules)
-    head = _HeadRows(resolved.head, (input_ids.shape[0], input_ids.shape[1]), rows, t)
-    extra = {} if position_ids is None else {"position_ids": position_ids}
-    start = _GradFrom(resolved.blocks[lowest_block])
-    try:
-        with start.active(), _fed_from(resolved, prefix):  # feeding first, then the leaf
-            out = resolved.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
-            )
-            if head.calls != 1:
-                raise NotImplementedError(
-                    f"the forward of {type(resolved.model).__name__} never called its output "
-                    f"embedding ({type(resolved.head).__name__}, from get_output_embeddings()): "
-                    "the probe reads the logits where the model computes them; make "
-                    "get_output_embeddings() return the module the forward uses"
-                )
-            logits = _logits(out)
-            if tuple(logits.shape[:2]) != (1, rows.shape[0]):
-                raise NotImplementedError(
-                    f"the model turned {rows.shape[0]} head rows into logits of shape "
-                    f"{tuple(logits.shape)}: the probe cannot match logits to tokens; probe "
-                    "the plain causal LM (logits [batch, tokens, vocab])"
-                )
-            logits = logits[0]
-            entropy = token_entropy(logits.detach())
-            z = logits.gather(1, tokens[:, None].to(logits.device))[:, 0].float()
-        if start.leaf is None:
-            raise RuntimeError("the lowest probed block did not run in the model's forward")
-    except BaseException:
-        captures.remove()
-        raise
-    finally:
-        head.remove()
-    return _Forward(entropy=entropy, target_logits=z, captures=captures, leaf=start.leaf)
-
-
-def _sites(
-    resolved: ResolvedModel, layers: Sequence[int], projections: Sequence[str]
-) -> dict[Component, tuple[nn.Module, torch.Tensor | None]]:
-    sites: dict[Component, tuple[nn.Module, torch.Tensor | None]] = {}
-    for layer in layers:
-        for proj in projections:
-            site = resolved.site(layer, proj)  # refused per layer, with the reason
-            sites[(layer, proj)] = (site.module, site.columns)
-    return sites
-
-
-def _select(tensor: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
-    return tensor if columns is None else tensor.index_select(-1, columns.to(tensor.device))
 
 
 def _chunks(lengths: torch.Tensor, chunk_tokens: int, max_rows: int) -> Iterator[torch.Tensor]:
@@ -562,55 +301,6 @@ def logit_gradient_norms(
         )
 
 
-@dataclass
-class _Plan:
-    """Everything one probe call works from, and the buffers it fills."""
-
-    resolved: ResolvedModel
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    targets: torch.Tensor  # [N, 2], each once
-    tokens: torch.Tensor  # [N]
-    sites: dict[Component, tuple[nn.Module, torch.Tensor | None]]
-    rank_one: set[Component]
-    lowest_block: int
-    norm: Norm
-    norms: dict[Component, torch.Tensor]
-    entropy: torch.Tensor
-    prefix: CapturedPrefix | None = None  # checked usable for these rows
-
-    @property
-    def modules(self) -> list[nn.Module]:
-        """The hooked modules, each once (fused Q/K/V share one)."""
-        unique: dict[int, nn.Module] = {}
-        for module, _ in self.sites.values():
-            unique.setdefault(id(module), module)
-        return list(unique.values())
-
-    def outputs(self, forward: _Forward) -> list[torch.Tensor]:
-        """The output of every hooked module in ``forward``, in :attr:`modules` order."""
-        for component, (module, _) in self.sites.items():
-            if module not in forward.captures.outputs:
-                raise NotImplementedError(
-                    f"layer {component[0]} {component[1]!r}: the model's forward never called "
-                    f"{type(module).__name__}, so its weight has no gradient to measure there; "
-                    "probe other layers or projections"
-                )
-        return [forward.captures.outputs[m] for m in self.modules]
-
-    def gradients(self, forward: _Forward) -> dict[int, torch.Tensor]:
-        """d(sum of target logits)/d(output) of every hooked module, by module id."""
-        modules = self.modules
-        outputs = self.outputs(forward)
-        # down to the leaf, so every module above it finishes its backward (and any
-        # sharding framework's backward hooks release what they gathered)
-        grads = torch.autograd.grad(
-            forward.target_logits.sum(), [*outputs, forward.leaf], allow_unused=True
-        )
-        return dict(zip((id(m) for m in modules), grads[:-1], strict=True))
-
-
 def _probe(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -635,7 +325,7 @@ def _probe(
     )
     resolved = resolve_model(model)
     layer_ids = sorted({resolved.layer_index(layer) for layer in (layers or [-1])})
-    sites = _sites(resolved, layer_ids, list(projections))
+    sites = projection_sites(resolved, layer_ids, list(projections))
     count = targets.shape[0]
     device = input_ids.device
     unique, inverse = (
@@ -660,19 +350,14 @@ def _probe(
         ids, mask, pos, work = docs.input_ids, docs.attention_mask, docs.position_ids, docs.targets
         if prefix is not None:
             prefix_reason = prefix_reason or "packed rows are probed one document per row"
-    plan = _Plan(
-        resolved=resolved,
-        input_ids=ids,
+    plan = ProbePlan.for_targets(
+        resolved,
+        ids,
+        work,
+        sites,
         attention_mask=mask,
         position_ids=pos,
-        targets=work,
-        tokens=ids[work[:, 0], work[:, 1] + 1],
-        sites=sites,
-        rank_one={c for c in sites if c[1] in ("q", "o") and rank_one_exact(resolved, c[0])},
-        lowest_block=layer_ids[0],
         norm=norm,
-        norms={c: torch.zeros(work.shape[0], dtype=torch.float32, device=device) for c in sites},
-        entropy=torch.zeros(work.shape[0], dtype=torch.float32, device=device),
         prefix=prefix if prefix is not None and prefix_reason is None else None,
     )
     paths: dict[Component, str] = {}
@@ -729,20 +414,6 @@ def _prefix_refusal(
     return prefix.refusal(resolved.model, input_ids, attention_mask, position_ids)
 
 
-def _cut(
-    plan: _Plan, sequences: torch.Tensor, length: int
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, _Prefix | None]:
-    """ids, mask, position ids and captured prefix (None: recompute) of ``sequences``,
-    cut to their first ``length`` tokens."""
-    mask = None if plan.attention_mask is None else plan.attention_mask[sequences, :length]
-    pos = None if plan.position_ids is None else plan.position_ids[sequences, :length]
-    prefix = None
-    if plan.prefix is not None:
-        hidden = plan.prefix.hidden[sequences.to(plan.prefix.hidden.device), :length]
-        prefix = (plan.prefix.layer, hidden)
-    return plan.input_ids[sequences, :length], mask, pos, prefix
-
-
 # logits [rows, vocab] that one forward of the rank-one path may hold (32 Mi elements)
 _LOGIT_ELEMENTS = 1 << 25
 
@@ -756,7 +427,7 @@ def _vocab_size(resolved: ResolvedModel) -> int:
     return vocab if isinstance(vocab, int) and vocab > 0 else 1 << 17
 
 
-def _rank_one_groups(plan: _Plan, chunk_tokens: int) -> Iterator[torch.Tensor]:
+def _rank_one_groups(plan: ProbePlan, chunk_tokens: int) -> Iterator[torch.Tensor]:
     """Targets grouped by sequence: sequences x length <= chunk_tokens, rows x vocab bounded."""
     max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(plan.resolved))
     order = torch.argsort(plan.targets[:, 0] * (plan.input_ids.shape[1] + 1) + plan.targets[:, 1])
@@ -777,22 +448,18 @@ def _rank_one_groups(plan: _Plan, chunk_tokens: int) -> Iterator[torch.Tensor]:
         yield torch.tensor(group, dtype=torch.long)
 
 
-def _probe_rank_one(plan: _Plan, group: torch.Tensor) -> None:
+def _probe_rank_one(plan: ProbePlan, group: torch.Tensor) -> None:
     """Rank-one components only: one forward and one backward over the group's sequences."""
     sequences, rows = torch.unique(plan.targets[group, 0], return_inverse=True)
-    length = int(plan.targets[group, 1].max()) + 1
-    ids, mask, pos, prefix = _cut(plan, sequences, length)
-    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows, prefix=prefix)
+    _measure(plan, group, sequences, rows)
 
 
-def _probe_general(plan: _Plan, chunk_tokens: int) -> None:
+def _probe_general(plan: ProbePlan, chunk_tokens: int) -> None:
     """Every target through the general path: batched VJPs, or one row per target if sharded.
 
     See :mod:`~inversion_monitor.probe.rows`. Sharded parameters keep one row
     per target: their frameworks' backward hooks expect plain cotangents.
     """
-    from inversion_monitor.probe.rows import measure_batch, plan_buckets
-
     max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(plan.resolved))
     device = plan.input_ids.device
     if _sharded(plan.resolved.model):
@@ -803,60 +470,34 @@ def _probe_general(plan: _Plan, chunk_tokens: int) -> None:
         measure_batch(plan, batch)
 
 
-def _probe_rows(plan: _Plan, group: torch.Tensor) -> None:
+def _probe_rows(plan: ProbePlan, group: torch.Tensor) -> None:
     """General path: one row per target (its sequence cut after t), one backward for all."""
-    seq = plan.targets[group, 0]
-    length = int(plan.targets[group, 1].max()) + 1
-    rows = torch.arange(group.shape[0], device=group.device)
-    ids, mask, pos, prefix = _cut(plan, seq, length)
-    _measure(plan, group, ids=ids, mask=mask, pos=pos, rows=rows, prefix=prefix)
+    _measure(plan, group, plan.targets[group, 0], torch.arange(group.shape[0], device=group.device))
 
 
 def _measure(
-    plan: _Plan,
-    index: torch.Tensor,
-    *,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    pos: torch.Tensor | None,
-    rows: torch.Tensor,
-    prefix: _Prefix | None = None,
+    plan: ProbePlan, index: torch.Tensor, sequences: torch.Tensor, rows: torch.Tensor
 ) -> None:
-    """Forward ``ids``; fill entropy and norms of targets ``index`` (found at ``rows``)."""
-    from inversion_monitor.probe.rows import per_row_norms
-
+    """Forward ``sequences`` (cut after the last target); fill entropy and norms of targets
+    ``index`` (found at forward rows ``rows``)."""
     t = plan.targets[index, 1]
-    forward = _forward(
-        plan.resolved,
-        ids,
-        attention_mask=mask,
-        position_ids=pos,
-        lowest_block=plan.lowest_block,
-        modules=plan.modules,
-        rows=rows,
-        t=t,
-        tokens=plan.tokens[index],
-        prefix=prefix,
-    )
-    try:
+    with plan.forward(sequences, int(t.max()) + 1, rows, t) as forward:
         plan.entropy[index] = forward.entropy.to(plan.entropy.device)
         grads = plan.gradients(forward)
         for component, (module, columns) in plan.sites.items():
-            g, x = grads[id(module)], forward.captures.inputs[module]
+            g, x = grads[id(module)], forward.inputs[module]
             if component in plan.rank_one:  # nothing after mixes positions: G = g_t x_t^T
-                values = rank_one_norm(_select(g[rows, t], columns), x[rows, t], plan.norm)
+                values = rank_one_norm(select_columns(g[rows, t], columns), x[rows, t], plan.norm)
             elif plan.norm == "l1":
-                values = outer_sum_norm(_select(g, columns), x, plan.norm)
+                values = outer_sum_norm(select_columns(g, columns), x, plan.norm)
             else:  # one row per target: one input QR per sequence where the rows agree
                 values = per_row_norms(
-                    _select(g, columns), x, plan.targets[index, 0], t + 1, plan.norm
+                    select_columns(g, columns), x, plan.targets[index, 0], t + 1, plan.norm
                 )
             plan.norms[component][index] = values.to(plan.entropy.device)
-    finally:
-        forward.captures.remove()
 
 
-def _probe_last_block(plan: _Plan) -> dict[Component, str]:
+def _probe_last_block(plan: ProbePlan) -> dict[Component, str]:
     """The last block's components in one pass where eligible; ``{}`` (general path) if not.
 
     See :mod:`~inversion_monitor.probe.last_block`. Not used on sharded
@@ -870,38 +511,10 @@ def _probe_last_block(plan: _Plan) -> dict[Component, str]:
         return {}
     if not set(wanted) & {"k", "v"} or _sharded(resolved.model):
         return {}
-    modules = list({id(m): m for m, _ in wanted.values()}.values())
-
-    @contextmanager
-    def forward(
-        sequences: torch.Tensor, length: int, rows: torch.Tensor, t: torch.Tensor
-    ) -> Iterator[ForwardOutput]:
-        ids, mask, pos, prefix = _cut(plan, sequences, length)
-        result = _forward(
-            resolved,
-            ids,
-            attention_mask=mask,
-            position_ids=pos,
-            lowest_block=layer,
-            modules=modules,
-            rows=rows,
-            t=t,
-            tokens=plan.input_ids[sequences[rows], t + 1],
-            prefix=prefix,
-        )
-        try:
-            yield ForwardOutput(
-                entropy=result.entropy,
-                target_logits=result.target_logits,
-                inputs=result.captures.inputs,
-                outputs=result.captures.outputs,
-            )
-        finally:
-            result.captures.remove()
-
+    # every site is in the last block, so the plan's forward starts there
     try:
         entropy, norms = last_block_norms(
-            resolved, layer, wanted, targets=plan.targets, norm=plan.norm, forward=forward
+            resolved, layer, wanted, targets=plan.targets, norm=plan.norm, forward=plan.forward
         )
     except LastBlockRefused as exc:
         logger.debug("last-block one-pass path not used: %s", exc)

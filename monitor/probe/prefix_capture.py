@@ -32,7 +32,7 @@ Otherwise the probe recomputes the prefix and says why
 (:attr:`~inversion_monitor.probe.gradients.ProbeResult.prefix_reason`).
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama", num_layers=2).train()
 >>> capture = PrefixCapture(model, layer=-1)
 >>> ids = torch.randint(4, 100, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ Slow on purpose: it is the ground truth that the fast paths are tested
 against, and the baseline of ``benchmarks/bench_probe.py``.
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("gpt2", num_layers=1)
 >>> ids = torch.randint(4, 100, (1, 6), generator=torch.Generator().manual_seed(0))
 >>> reference_norms(model, ids, projections=("q",)).score.shape
@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import torch
 
 from inversion_monitor.metrics.norms import Norm, check_norm
-from inversion_monitor.probe.architectures import PROJECTIONS, resolve_model
+from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.gradients import ProbeResult
 from inversion_monitor.probe.sampling import valid_positions
+from inversion_monitor.proto.vocabulary import PROJECTIONS
 
 
 def _weight_block_gradient(

@@ -36,10 +36,10 @@ are not written for batched cotangents.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,9 +51,8 @@ from inversion_monitor.metrics.norms import (
     prefix_norms,
     rank_one_norm,
 )
-
-if TYPE_CHECKING:
-    from inversion_monitor.probe.gradients import _Plan
+from inversion_monitor.probe.architectures import select_columns
+from inversion_monitor.probe.forward import ProbePlan
 
 # cost model of plan_buckets, in token-forwards: one token's batched backward
 # through the probed blocks, and the fixed cost of one forward + backward call
@@ -207,29 +206,16 @@ def _head_input(head: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def measure_batch(plan: _Plan, batch: Batch) -> None:
+def measure_batch(plan: ProbePlan, batch: Batch) -> None:
     """Forward ``batch``'s sequences once; fill entropy and norms of its targets."""
-    from inversion_monitor.probe.gradients import _cut, _forward
-
     device = plan.input_ids.device
     index, rows, slots = (v.to(device) for v in (batch.index, batch.rows, batch.slots))
     t = plan.targets[index, 1]
     sequences = batch.sequences.to(device)
-    ids, mask, pos, prefix = _cut(plan, sequences, batch.edge)
-    with _head_input(plan.resolved.head) as seen:
-        forward = _forward(
-            plan.resolved,
-            ids,
-            attention_mask=mask,
-            position_ids=pos,
-            lowest_block=plan.lowest_block,
-            modules=plan.modules,
-            rows=rows,
-            t=t,
-            tokens=plan.tokens[index],
-            prefix=prefix,
-        )
-    try:
+    with (
+        _head_input(plan.resolved.head) as seen,
+        plan.forward(sequences, batch.edge, rows, t) as forward,
+    ):
         plan.entropy[index] = forward.entropy.to(plan.entropy.device)
         outputs = plan.outputs(forward)
         batched: list[torch.Tensor | None]
@@ -239,16 +225,8 @@ def measure_batch(plan: _Plan, batch: Batch) -> None:
         else:
             batched = list(_batched_backward(forward.target_logits, seen, outputs, slots, batch))
         _fill_norms(
-            plan,
-            inputs=forward.captures.inputs,
-            grads=batched,
-            index=index,
-            rows=rows,
-            slots=slots,
-            t=t,
+            plan, inputs=forward.inputs, grads=batched, index=index, rows=rows, slots=slots, t=t
         )
-    finally:
-        forward.captures.remove()
 
 
 def _batched_backward(
@@ -292,9 +270,9 @@ def _batched_backward(
 
 
 def _fill_norms(
-    plan: _Plan,
+    plan: ProbePlan,
     *,
-    inputs: dict[nn.Module, torch.Tensor],
+    inputs: Mapping[nn.Module, torch.Tensor],
     grads: list[torch.Tensor | None],
     index: torch.Tensor,
     rows: torch.Tensor,
@@ -302,8 +280,6 @@ def _fill_norms(
     t: torch.Tensor,
 ) -> None:
     """Each component's norm for the targets ``index`` from batched output gradients."""
-    from inversion_monitor.probe.gradients import _select
-
     by_module = {id(m): g for m, g in zip(plan.modules, grads, strict=True)}
     factors: dict[tuple[Any, ...], torch.Tensor] = {}
     for component, (module, columns) in plan.sites.items():
@@ -312,7 +288,7 @@ def _fill_norms(
         if full is None:  # the output never reaches a target: G = 0
             plan.norms[component][index] = 0.0
             continue
-        g = _select(full, columns)  # [slots, S, L, a]
+        g = select_columns(full, columns)  # [slots, S, L, a]
         gamma = g[slots.to(g.device), rows.to(g.device)]  # [n, L, a]
         tt = t.to(g.device)
         arange = torch.arange(gamma.shape[0], device=g.device)

@@ -14,7 +14,7 @@ normalisation:
    ``group_size`` consecutive completions, as GRPO does.
 
 >>> import torch
->>> from inversion_monitor.app.toy.models import tiny_causal_lm
+>>> from inversion_monitor.toy.models import tiny_causal_lm
 >>> model = tiny_causal_lm("llama", num_layers=2)
 >>> ids = torch.randint(4, 100, (4, 20), generator=torch.Generator().manual_seed(0))
 >>> completion = torch.zeros_like(ids, dtype=torch.bool)

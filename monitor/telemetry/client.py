@@ -101,9 +101,10 @@ from types import TracebackType
 from typing import Any
 
 from inversion_monitor._version import __version__
-from inversion_monitor.config import RUN_KINDS, default, validate_delivery
+from inversion_monitor.config import default, validate_delivery
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.proto.vocabulary import RUN_KINDS
 from inversion_monitor.rl.signals import RL_STATS_KEYS, RLStats
 from inversion_monitor.telemetry.sender import (
     RunStatus,
@@ -214,7 +215,7 @@ class MonitorClient:
         transport = Transport.create(endpoint, tls=tls, token=token)
         self.endpoint = transport.endpoint
         self.run_id = uuid.uuid4().hex if run_id is None else run_id
-        if not _RUN_ID.match(self.run_id):
+        if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(
                 f"run_id={self.run_id!r} is invalid: use 1-64 characters of [A-Za-z0-9_.-] "
                 "(or leave it None for a new uuid4 hex)"
@@ -331,6 +332,15 @@ class MonitorClient:
     def display_name(self) -> str | None:
         """The run's name on the server (None until the run was opened)."""
         return self._sender.display_name
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The ``TelemetryWarning`` messages this client issued so far, oldest first.
+
+        Each is also a Python warning, which the process's warning filters may
+        hide or show once per process; this is the client's own record.
+        """
+        return tuple(self._warner.messages)
 
     def log(
         self,

@@ -51,12 +51,15 @@ def classify(code: grpc.StatusCode) -> Action:
 
 
 MAX_RETRY_DELAY_S = 300.0
+# the library's own generator (seeded from the OS): the jitter never draws from, nor
+# moves, the process-global ``random`` state a user seeded for reproducibility
+_JITTER = random.Random()
 
 
 def backoff_s(attempt: int, *, initial_s: float, max_s: float) -> float:
-    """``min(max_s, initial_s * 2**attempt)`` times a jitter of 0.8-1.2."""
+    """``min(max_s, initial_s * 2**attempt)`` times a jitter of 0.8-1.2 (from a private RNG)."""
     base = min(max_s, initial_s * 2.0 ** min(attempt, 62))
-    return base * random.uniform(0.8, 1.2)
+    return base * _JITTER.uniform(0.8, 1.2)
 
 
 class CallFailure:

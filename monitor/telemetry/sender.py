@@ -66,6 +66,9 @@ class Warner:
 
     def __init__(self) -> None:
         self.warned: set[str] = set()
+        # the messages warned, in order (what this client said, whatever the process's
+        # warning filters and registries did with them)
+        self.messages: list[str] = []
 
     def once(self, key: str, message: str) -> None:
         """Warn about ``key`` the first time only."""
@@ -73,6 +76,7 @@ class Warner:
             logger.debug(message)
             return
         self.warned.add(key)
+        self.messages.append(message)
         logger.warning(message)
         warnings.warn(message, TelemetryWarning, stacklevel=3)
 

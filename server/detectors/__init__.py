@@ -23,6 +23,21 @@ starts or ends, ``None`` otherwise. The numbers that decided it travel in
 - :class:`MonitorStale` (warning): an open run silent for ``after_s`` seconds
   (evaluated on a timer with :meth:`MonitorStale.check`).
 
+Training health (one record per optimizer step), self-calibrating per run
+(:mod:`.robust`: robust z-scores of the run's own values against the median and
+MAD of its recent records, two-sided CUSUM; nothing to set):
+
+- :class:`NonFiniteTraining` (critical): a NaN or infinite loss, grad norm or
+  reward, on that very record (:mod:`.nonfinite`).
+- :class:`LossSpike`, :class:`GradNormSpike`, :class:`KLSurge` (warning): the
+  value jumps above the run's level (:mod:`.spikes`).
+- :class:`RewardCollapse` (warning, RL): the mean reward falls below its level
+  (:mod:`.reward`).
+- :class:`EntropySurge` (warning): entropy jumps above its level; the sudden fall
+  is :class:`EntropyCollapse`'s fast path (:mod:`.entropy`).
+- :class:`LengthDrift` (warning, RL): the mean completion length runs away or
+  collapses (:mod:`.length`).
+
 Detectors know the run kind (``sft``, ``rl``, ``custom``, or empty when the
 client did not say): :class:`EntropyCollapse` judges only the kinds in its
 ``kinds`` setting (not SFT by default: entropy falls there because the model
@@ -45,7 +60,10 @@ from inversion_monitor.server.detectors.config import AlertsConfig
 from inversion_monitor.server.detectors.entropy import (
     EntropyCollapse,
     EntropyConfig,
+    EntropyDropConfig,
     EntropyExhaustion,
+    EntropySurge,
+    EntropySurgeConfig,
     ExhaustionConfig,
 )
 from inversion_monitor.server.detectors.inversion import (
@@ -54,7 +72,25 @@ from inversion_monitor.server.detectors.inversion import (
     LostConfig,
     WeakeningConfig,
 )
-from inversion_monitor.server.detectors.run import RunDetectors
+from inversion_monitor.server.detectors.length import LengthDrift, LengthDriftConfig
+from inversion_monitor.server.detectors.nonfinite import NonFiniteConfig, NonFiniteTraining
+from inversion_monitor.server.detectors.reward import RewardCollapse, RewardCollapseConfig
+from inversion_monitor.server.detectors.robust import (
+    Direction,
+    DriftConfig,
+    DriftDetector,
+    RobustStream,
+    Scale,
+)
+from inversion_monitor.server.detectors.run import RecordDetector, RunDetectors
+from inversion_monitor.server.detectors.spikes import (
+    GradNormSpike,
+    GradNormSpikeConfig,
+    KLSurge,
+    KLSurgeConfig,
+    LossSpike,
+    LossSpikeConfig,
+)
 from inversion_monitor.server.detectors.stale import MonitorStale, StaleConfig
 
 __all__ = [
@@ -62,17 +98,38 @@ __all__ = [
     "AlertName",
     "AlertsConfig",
     "DetectorConfig",
+    "Direction",
+    "DriftConfig",
+    "DriftDetector",
     "EntropyCollapse",
     "EntropyConfig",
+    "EntropyDropConfig",
     "EntropyExhaustion",
+    "EntropySurge",
+    "EntropySurgeConfig",
     "ExhaustionConfig",
+    "GradNormSpike",
+    "GradNormSpikeConfig",
     "InversionLost",
     "InversionWeakening",
+    "KLSurge",
+    "KLSurgeConfig",
+    "LengthDrift",
+    "LengthDriftConfig",
+    "LossSpike",
+    "LossSpikeConfig",
     "LostConfig",
     "MonitorStale",
+    "NonFiniteConfig",
+    "NonFiniteTraining",
     "Observation",
     "Reason",
+    "RecordDetector",
+    "RewardCollapse",
+    "RewardCollapseConfig",
+    "RobustStream",
     "RunDetectors",
+    "Scale",
     "Severity",
     "StaleConfig",
     "Transition",

@@ -17,6 +17,13 @@ class AlertName(str, Enum):
     ENTROPY_COLLAPSE = "EntropyCollapse"
     ENTROPY_EXHAUSTION = "EntropyExhaustion"
     MONITOR_STALE = "MonitorStale"
+    NON_FINITE_TRAINING = "NonFiniteTraining"
+    LOSS_SPIKE = "LossSpike"
+    GRAD_NORM_SPIKE = "GradNormSpike"
+    REWARD_COLLAPSE = "RewardCollapse"
+    ENTROPY_SURGE = "EntropySurge"
+    KL_SURGE = "KLSurge"
+    LENGTH_DRIFT = "LengthDrift"
 
 
 class Severity(str, Enum):
@@ -33,6 +40,10 @@ class Reason(str, Enum):
     ENTROPY_FALLING_FAST = "entropy_falling_fast"
     CEILING_NEAR = "ceiling_near"
     SILENT = "silent"
+    ENTROPY_DROPPED_SUDDENLY = "entropy_dropped_suddenly"
+    ROSE_ABOVE_LEVEL = "rose_above_level"
+    FELL_BELOW_LEVEL = "fell_below_level"
+    NON_FINITE = "non_finite"
     RECOVERED = "recovered"
     RUN_CLOSED = "run_closed"
 
@@ -54,6 +65,17 @@ class Observation:
     # RL runs: mean reward and the policy's mean entropy over completion tokens
     reward_mean: float | None = None
     policy_entropy_mean: float | None = None
+    # training health, one record per optimizer step (StepRecord's names); a
+    # non-finite value stays NaN/inf here and is named in ``nonfinite_fields``
+    loss: float | None = None
+    learning_rate: float | None = None
+    reward_std: float | None = None
+    entropy_covariance: float | None = None
+    grad_norm: float | None = None
+    kl: float | None = None
+    clip_ratio: float | None = None
+    completion_length_mean: float | None = None
+    nonfinite_fields: tuple[str, ...] = ()
 
     @property
     def usable_rho(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -15,7 +16,34 @@ from inversion_monitor.server.detectors.base import (
     Severity,
     Transition,
 )
+from inversion_monitor.server.detectors.robust import (
+    Direction,
+    DriftConfig,
+    DriftDetector,
+    RobustStream,
+)
 from inversion_monitor.server.entropy_law import EntropyLawTracker
+
+
+class EntropyDropConfig(DriftConfig):
+    """The fast path of :class:`EntropyCollapse`: a sudden fall of the RL policy's entropy.
+
+    The log of policy entropy + ``floor`` nats against the run's own level
+    (:class:`~.robust.RobustStream`, downward CUSUM): a fall to ~0 fires on the
+    record that shows it, a halving within about 3 records.
+    """
+
+    floor: float = Field(default=0.01, ge=0.0)
+    min_scale: float = Field(default=0.04, gt=0.0)
+
+
+class EntropySurgeConfig(DriftConfig):
+    """Parameters of :class:`EntropySurge` (the log of the entropy; a spike detector's large
+    allowance, as :class:`~.spikes.SpikeConfig`)."""
+
+    k: float = Field(default=2.0, ge=0.0)
+    floor: float = Field(default=0.01, ge=0.0)
+    min_scale: float = Field(default=0.05, gt=0.0)
 
 
 class EntropyConfig(DetectorConfig):
@@ -34,6 +62,7 @@ class EntropyConfig(DetectorConfig):
     )
     smoothing: float = Field(default=0.1, gt=0.0, le=1.0, description="EWMA weight of a new record")
     sustain: int = Field(default=5, ge=1)
+    sudden: EntropyDropConfig = EntropyDropConfig()
     kinds: tuple[str, ...] = Field(
         default=("rl", "custom", ""),
         description="run kinds judged ('' = not given); SFT is left out: entropy falls there "
@@ -78,12 +107,21 @@ class ExhaustionConfig(DetectorConfig):
 
 
 class EntropyCollapse:
-    """Mean entropy (EWMA) below ``fraction`` x its early level, or falling too fast.
+    """Mean entropy (EWMA) below ``fraction`` x its early level, or falling too fast; in RL
+    runs also a sudden fall of the policy's entropy (``sudden``, fires at once).
 
     >>> det = EntropyCollapse(EntropyConfig(warmup=3, smoothing=1.0, sustain=1))
     >>> _ = [det.update(Observation(s, 0.0, entropy_mean=2.0)) for s in range(3)]
     >>> det.update(Observation(3, 0.0, entropy_mean=0.5)).reason.value
     'entropy_below_fraction'
+
+    The fast path: policy entropy steady at ~1.2 nats, then ~0 (a learning-rate jump).
+
+    >>> det = EntropyCollapse()
+    >>> hs = [1.2, 1.25, 1.18, 1.22, 1.2, 1.19, 1.23, 1.21] * 2 + [0.02]
+    >>> [(t.step, t.reason.value) for s, h in enumerate(hs)
+    ...  if (t := det.update(Observation(s, 0.0, policy_entropy_mean=h)))]
+    [(16, 'entropy_dropped_suddenly')]
     """
 
     name = AlertName.ENTROPY_COLLAPSE
@@ -96,17 +134,32 @@ class EntropyCollapse:
         self._history: deque[tuple[int, float]] = deque(maxlen=512)
         self.active = False
         self._run = 0
+        sudden = self.config.sudden
+        self._sudden = RobustStream(sudden) if sudden.enabled else None
+        self._sudden_bad = False
+
+    def _drop(self, obs: Observation) -> bool:
+        """Whether the policy entropy's downward CUSUM is over its threshold (RL runs)."""
+        h = obs.policy_entropy_mean
+        if self._sudden is None or h is None or not math.isfinite(h):
+            return self._sudden_bad
+        score = self._sudden.update(h)
+        if score is not None:
+            cfg = self._sudden.config
+            # on while over the threshold, off once the evidence is gone (hysteresis)
+            self._sudden_bad = score.down > cfg.threshold or (self._sudden_bad and score.down > 0.0)
+        return self._sudden_bad
 
     def _rate(self, step: int) -> float | None:
         """Drop of the EWMA over the last ~100 steps, as a fraction of the early level."""
         assert self.early is not None and self.ewma is not None
-        old = None
-        for s, v in self._history:
-            if step - s <= 100:
-                break
-            old = (s, v)
-        if old is None:
+        history = self._history
+        # steps only grow: keep one entry older than 100 steps, the latest such
+        while len(history) >= 2 and step - history[1][0] > 100:
+            history.popleft()
+        if not history or step - history[0][0] <= 100:
             return None
+        old = history[0]
         return (old[1] - self.ewma) / self.early * 100.0 / max(1, step - old[0])
 
     def update(self, obs: Observation) -> Transition | None:
@@ -115,45 +168,63 @@ class EntropyCollapse:
         if h is None or not math.isfinite(h):
             return None
         cfg = self.config
+        sudden = self._drop(obs)
         self.ewma = h if self.ewma is None else self.ewma + cfg.smoothing * (h - self.ewma)
         if self.early is None:
             self._warm.append(h)
             if len(self._warm) >= cfg.warmup:
                 self.early = sum(self._warm) / len(self._warm)
             self._history.append((obs.step, self.ewma))
-            return None
-        rate = self._rate(obs.step)
+            if not (sudden and not self.active):
+                return None
+        rate = self._rate(obs.step) if self.early is not None else None
         self._history.append((obs.step, self.ewma))
-        if self.early <= 0.0:
+        early = self.early if self.early is not None else h
+        if early <= 0.0 and not sudden:
             return None
-        low = self.ewma < cfg.fraction * self.early
+        low = self.early is not None and self.ewma < cfg.fraction * early
         fast = (
             cfg.max_drop_per_100_steps is not None
             and rate is not None
             and rate > cfg.max_drop_per_100_steps
         )
-        bad = low or fast
+        bad = low or fast or sudden
         self._run = self._run + 1 if bad != self.active else 0
-        if self._run < cfg.sustain:
+        if self._run < cfg.sustain and not (sudden and not self.active):
             return None
         self._run = 0
         self.active = bad
         values = {
             "entropy_mean": h,
             "entropy_ewma": self.ewma,
-            "early_level": self.early,
+            "early_level": early,
             "fraction": cfg.fraction,
             "drop_per_100_steps": rate if rate is not None else 0.0,
         }
         if bad:
-            reason = Reason.ENTROPY_BELOW_FRACTION if low else Reason.ENTROPY_FALLING_FAST
-            detail = (
-                f"smoothed mean entropy {self.ewma:.3f} nats < {cfg.fraction:g} x early level "
-                f"{self.early:.3f}"
-                if low
-                else f"mean entropy falling {rate:.2f} x early level ({self.early:.3f}) per "
-                f"100 steps > {cfg.max_drop_per_100_steps:g}"
-            )
+            if sudden and self._sudden is not None:
+                level, _ = self._sudden.level_scale()
+                level = math.exp(level) - self._sudden.config.floor
+                values["sudden_level"] = level
+                values["cusum"] = self._sudden.down
+                reason = Reason.ENTROPY_DROPPED_SUDDENLY
+                detail = (
+                    f"policy entropy {h:.3f} nats fell suddenly from its level {level:.3f} "
+                    f"(CUSUM {self._sudden.down:.1f} > {self._sudden.config.threshold:g} robust "
+                    "SDs of this run)"
+                )
+            elif low:
+                reason = Reason.ENTROPY_BELOW_FRACTION
+                detail = (
+                    f"smoothed mean entropy {self.ewma:.3f} nats < {cfg.fraction:g} x early "
+                    f"level {early:.3f}"
+                )
+            else:
+                reason = Reason.ENTROPY_FALLING_FAST
+                detail = (
+                    f"mean entropy falling {rate:.2f} x early level ({early:.3f}) per "
+                    f"100 steps > {cfg.max_drop_per_100_steps:g}"
+                )
             return Transition(
                 self.name,
                 cfg.severity,
@@ -173,7 +244,7 @@ class EntropyCollapse:
             obs.step,
             obs.wall_time,
             "Entropy no longer collapsing",
-            f"smoothed mean entropy {self.ewma:.3f} nats (early level {self.early:.3f}) "
+            f"smoothed mean entropy {self.ewma:.3f} nats (early level {early:.3f}) "
             f"at step {obs.step}",
             values,
         )
@@ -288,3 +359,38 @@ class EntropyExhaustion:
             f"policy entropy {h:.3f} no longer falling toward the law's ceiling at step {obs.step}",
             values,
         )
+
+
+class EntropySurge(DriftDetector):
+    """The entropy jumps above the run's level (the policy's over completion tokens in RL
+    runs, the probed token entropy otherwise): a destabilised model spreading its mass.
+
+    >>> det = EntropySurge(EntropySurgeConfig())
+    >>> hs = [1.2, 1.25, 1.18, 1.22, 1.2, 1.19, 1.23, 1.21] * 2 + [2.5]
+    >>> [(t.step, t.summary) for s, h in enumerate(hs)
+    ...  if (t := det.update(Observation(s, 0.0, policy_entropy_mean=h)))]
+    [(16, 'Entropy surge')]
+    """
+
+    name = AlertName.ENTROPY_SURGE
+    field = "policy_entropy_mean"
+    what = "entropy"
+    direction = Direction.UP
+    summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "Entropy surge"}
+    reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
+
+    def __init__(self, config: EntropySurgeConfig | None = None) -> None:
+        super().__init__(config or EntropySurgeConfig())
+        self._source: str | None = None
+
+    def value(self, obs: Observation) -> float | None:
+        # one source per run: the policy's entropy once seen (RL), else the token entropy
+        if self._source is None:
+            if obs.policy_entropy_mean is not None:
+                self._source = "policy_entropy_mean"
+            elif obs.entropy_mean is not None:
+                self._source = "entropy_mean"
+            else:
+                return None
+        value: float | None = getattr(obs, self._source)
+        return value

@@ -62,7 +62,7 @@ class InversionWeakening:
         self.active = False
         self._start_step = 0
 
-    def _k(self) -> float:
+    def _reference_shift_z(self) -> float:
         """Reference shift in z: half the z-distance of ``min_shift`` from the baseline."""
         assert self.baseline_z is not None
         rho0 = math.tanh(self.baseline_z)
@@ -79,9 +79,9 @@ class InversionWeakening:
                 total = sum(w for _, w in self._warm)
                 self.baseline_z = sum(zz * w for zz, w in self._warm) / total
             return None
-        k = self._k()
+        shift = self._reference_shift_z()
         h = self.config.threshold
-        self.cusum = max(0.0, self.cusum + (z - self.baseline_z - k) / se)
+        self.cusum = max(0.0, self.cusum + (z - self.baseline_z - shift) / se)
         if self.active:
             self.cusum = min(self.cusum, 2.0 * h)  # bounded, so recovery is seen in time
         rho0 = math.tanh(self.baseline_z)

@@ -2,31 +2,48 @@
 
 from __future__ import annotations
 
-from inversion_monitor.server.detectors.base import Observation, Transition
+from typing import Protocol
+
+from inversion_monitor.server.detectors.base import AlertName, Observation, Transition
 from inversion_monitor.server.detectors.config import AlertsConfig
-from inversion_monitor.server.detectors.entropy import EntropyCollapse, EntropyExhaustion
+from inversion_monitor.server.detectors.entropy import (
+    EntropyCollapse,
+    EntropyExhaustion,
+    EntropySurge,
+)
 from inversion_monitor.server.detectors.inversion import InversionLost, InversionWeakening
+from inversion_monitor.server.detectors.length import LengthDrift
+from inversion_monitor.server.detectors.nonfinite import NonFiniteTraining
+from inversion_monitor.server.detectors.reward import RewardCollapse
+from inversion_monitor.server.detectors.spikes import GradNormSpike, KLSurge, LossSpike
 from inversion_monitor.server.detectors.stale import MonitorStale
+
+
+class RecordDetector(Protocol):
+    """A detector fed every record of the run (in step order)."""
+
+    name: AlertName
+
+    def update(self, obs: Observation) -> Transition | None: ...
 
 
 class RunDetectors:
     """The record-driven detectors of one run.
 
     ``kind`` is the run's kind (``"sft"``, ``"rl"``, ``"custom"`` or ``""``):
-    the entropy detectors are set up only for the kinds they judge.
+    each detector is set up only for the kinds it judges (its ``kinds`` setting).
 
     >>> dets = RunDetectors(AlertsConfig(), kind="sft")
     >>> dets.update(Observation(1, 0.0, -0.5, 64, 2.0))
     []
-    >>> [type(d).__name__ for d in dets.detectors]
-    ['InversionWeakening', 'InversionLost']
+    >>> [type(d).__name__ for d in dets.detectors]  # doctest: +NORMALIZE_WHITESPACE
+    ['InversionWeakening', 'InversionLost', 'NonFiniteTraining', 'LossSpike', 'GradNormSpike',
+     'RewardCollapse', 'EntropySurge', 'KLSurge', 'LengthDrift']
     """
 
     def __init__(self, config: AlertsConfig, kind: str = "") -> None:
         self.kind = kind
-        self.detectors: list[
-            InversionWeakening | InversionLost | EntropyCollapse | EntropyExhaustion
-        ] = []
+        self.detectors: list[RecordDetector] = []
         if config.weakening.enabled:
             self.detectors.append(InversionWeakening(config.weakening))
         if config.lost.enabled:
@@ -35,6 +52,18 @@ class RunDetectors:
             self.detectors.append(EntropyCollapse(config.entropy))
         if config.exhaustion.enabled and kind in config.exhaustion.kinds:
             self.detectors.append(EntropyExhaustion(config.exhaustion))
+        if config.nonfinite.enabled and kind in config.nonfinite.kinds:
+            self.detectors.append(NonFiniteTraining(config.nonfinite))
+        for cfg, make in (
+            (config.loss_spike, LossSpike),
+            (config.grad_norm_spike, GradNormSpike),
+            (config.reward_collapse, RewardCollapse),
+            (config.entropy_surge, EntropySurge),
+            (config.kl_surge, KLSurge),
+            (config.length_drift, LengthDrift),
+        ):
+            if cfg.enabled and kind in cfg.kinds:
+                self.detectors.append(make(cfg))  # type: ignore[arg-type]
         self.stale = MonitorStale(config.stale) if config.stale.enabled else None
 
     def update(self, obs: Observation) -> list[Transition]:

@@ -59,6 +59,9 @@
       ? rec.policy_entropy_mean ?? rec.policy_entropy?.mean : rec.policy_entropy?.[q]),
     covariance: (rec) => num(rec.entropy_covariance),
     loss: (rec) => num(rec.loss),
+    gradNorm: (rec) => num(rec.grad_norm),
+    kl: (rec) => num(rec.kl),
+    length: (rec) => num(rec.completion_length_mean),
   };
 
   // ------------------------------------------------------------ token and URL
@@ -187,6 +190,7 @@
     rho: "#1f5fbf", band: "rgba(31, 95, 191, 0.15)",
     mean: "#b3261e", p50: "#6b3fa0", quant: "rgba(107, 63, 160, 0.45)", qband: "rgba(107, 63, 160, 0.10)",
     reward: "#1b7f3b", rband: "rgba(27, 127, 59, 0.15)", cov: "#a05a00", loss: "#555",
+    grad: "#7a3b00", kl: "#00607a", length: "#4a4a8a",
   };
 
   // Chart definitions: which appear, their series and their data.
@@ -266,6 +270,19 @@
         title: "training loss",
         series: [{ label: "loss", stroke: COLORS.loss, width: 1.5 }],
         columns: [col(field.loss)],
+      });
+    }
+    // training health of every optimizer step (alert starts are marked on every chart)
+    for (const [key, title, f, color] of [
+      ["grad-norm", "gradient norm (before clipping)", field.gradNorm, COLORS.grad],
+      ["kl", "KL to the reference policy (nats)", field.kl, COLORS.kl],
+      ["length", "mean completion length (tokens)", field.length, COLORS.length],
+    ]) {
+      if (!has(f)) continue;
+      specs.push({
+        key, title,
+        series: [{ label: key, stroke: color, width: 1.5 }],
+        columns: [col(f)],
       });
     }
     return specs;

@@ -36,11 +36,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from inversion_monitor import corrpo_rewards, group_advantages, sequence_inversion
-from inversion_monitor.app.toy.corpus import arithmetic_problems
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionLightningCallback
 from inversion_monitor.rl.signals import RLStepAccumulator
+from inversion_monitor.toy.corpus import arithmetic_problems
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 PAD, EOS = 0, 2
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from inversion_monitor.app.toy.tokenizer import VOCAB_SIZE
+from inversion_monitor.toy.tokenizer import VOCAB_SIZE
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -110,7 +110,9 @@ def tiny_causal_lm(
         attn_implementation=attn_implementation,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only (restored by the fork); torch.manual_seed would also
+        # reseed every CUDA generator, which the fork does not restore
+        torch.default_generator.manual_seed(seed)
         model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
     model.eval()
     return model

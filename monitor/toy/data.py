@@ -1,6 +1,6 @@
 """Tokenized training data from the synthetic corpus, for trainers and tests.
 
->>> from inversion_monitor.app.toy.tokenizer import char_tokenizer
+>>> from inversion_monitor.toy.tokenizer import char_tokenizer
 >>> rows = tokenized_corpus(char_tokenizer(), 3, seed=0)
 >>> sorted(rows[0]), rows[0]["input_ids"][0]
 (['attention_mask', 'input_ids'], 1)
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from inversion_monitor.app.toy.corpus import reasoning_corpus
+from inversion_monitor.toy.corpus import reasoning_corpus
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

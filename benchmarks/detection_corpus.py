@@ -1,0 +1,480 @@
+"""The training-health detectors on the failure corpus and on synthetic streams, against the
+rules users write by hand today (``bench_detection.py --corpus`` prints it).
+
+For every fault: the delay (records after the onset) of each detector that
+should catch it, against its budget (NonFiniteTraining 0; spikes, entropy
+collapse or surge, KL surge 3; reward collapse, length drift 5). False alarms:
+alerts started on healthy records (healthy runs, and fault runs before their
+onset), per 10,000. Side by side on the same streams, two hand rules per
+detector, each calibrated to the same false-alarm count on the same healthy
+records (the loosest setting that raises no more false alarms than the
+detector): a static threshold ("metric crosses X", as W&B Automations; X the
+most extreme healthy value of the family) and a running-mean spike rule
+(value > m x the mean of the last 10 values, as Lightning's SpikeDetection and
+llm-foundry's loss-spike callback; the smallest m on a grid that keeps the
+false alarms equal; ``1/m`` for a fall).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from benchmarks.failure_corpus import CorpusRun
+from inversion_monitor.server.detectors import AlertsConfig, Observation, RunDetectors
+
+BUDGET = {
+    "NonFiniteTraining": 0,
+    "LossSpike": 3,
+    "GradNormSpike": 3,
+    "EntropyCollapse": 3,
+    "EntropySurge": 3,
+    "KLSurge": 3,
+    "RewardCollapse": 5,
+    "LengthDrift": 5,
+}
+# the field each detector reads and the direction of its fault (hand rules use the same)
+SIGNAL = {
+    "NonFiniteTraining": ("grad_norm", "nonfinite"),
+    "LossSpike": ("loss", "up"),
+    "GradNormSpike": ("grad_norm", "up"),
+    "EntropyCollapse": ("policy_entropy_mean", "down"),
+    "EntropySurge": ("policy_entropy_mean", "up"),
+    "KLSurge": ("kl", "up"),
+    "RewardCollapse": ("reward_mean", "down"),
+    "LengthDrift": ("completion_length_mean", "both"),
+}
+# the detectors that answer a fault (it is caught when one of them fires within its budget)
+EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("sft", "lr_jump"): ("LossSpike", "GradNormSpike"),
+    ("sft", "nan_batch"): ("NonFiniteTraining",),
+    ("sft", "label_corruption"): ("LossSpike",),
+    ("rl", "lr_jump"): (
+        "EntropyCollapse",
+        "EntropySurge",
+        "RewardCollapse",
+        "KLSurge",
+        "GradNormSpike",
+    ),
+    ("rl", "zero_reward"): ("RewardCollapse",),
+    ("rl", "length_hack"): ("LengthDrift",),
+    ("rl", "entropy_collapse"): ("EntropyCollapse",),
+    # synthetic rare shapes
+    ("syn", "inf_loss"): ("NonFiniteTraining",),
+    ("syn", "grad_spikes_growing"): ("GradNormSpike",),
+    ("syn", "kl_surge"): ("KLSurge",),
+    ("syn", "length_collapse"): ("LengthDrift",),
+    ("syn", "entropy_surge"): ("EntropySurge",),
+    ("syn", "entropy_drop"): ("EntropyCollapse",),
+    ("syn", "reward_slide"): ("RewardCollapse",),
+    ("syn", "loss_step"): ("LossSpike",),
+}
+HAND_WINDOW = 10
+HAND_GRID = (1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0)
+
+
+def observations(run: CorpusRun) -> list[Observation]:
+    """The detectors' inputs of each record (non-finite values named, as on the wire)."""
+    out = []
+    for r in run.records:
+        values = {k: r.get(k) for k in ("loss", "grad_norm", "reward_mean", "kl")}
+        bad = tuple(k for k, v in values.items() if v is not None and not math.isfinite(v))
+        n = r.get("n")
+        out.append(
+            Observation(
+                int(r["step"] or 0),
+                float(r["step"] or 0),
+                r.get("rho"),
+                int(n) if n is not None else 0,
+                r.get("entropy_mean"),
+                r.get("reward_mean"),
+                r.get("policy_entropy_mean"),
+                loss=r.get("loss"),
+                learning_rate=r.get("learning_rate"),
+                reward_std=r.get("reward_std"),
+                grad_norm=r.get("grad_norm"),
+                kl=r.get("kl"),
+                completion_length_mean=r.get("completion_length_mean"),
+                nonfinite_fields=bad,
+            )
+        )
+    return out
+
+
+def detector_starts(run: CorpusRun, config: AlertsConfig | None = None) -> dict[str, list[int]]:
+    """Steps at which each alert started on the run (detectors of the run's kind)."""
+    kind = "rl" if run.family in ("rl", "syn-rl") else "sft" if run.family == "sft" else ""
+    dets = RunDetectors(config or AlertsConfig(), kind)
+    starts: dict[str, list[int]] = {}
+    for obs in observations(run):
+        for t in dets.update(obs):
+            if t.firing:
+                starts.setdefault(t.name.value, []).append(obs.step)
+    return starts
+
+
+# ---------------------------------------------------------------- hand rules
+
+
+def _values(run: CorpusRun, name: str) -> list[tuple[int, float | None]]:
+    return [(int(r["step"] or 0), r.get(name)) for r in run.records]
+
+
+def static_starts(run: CorpusRun, name: str, direction: str, x: float) -> list[int]:
+    """Steps where the value crosses ``x`` (up: rises above, down: falls below)."""
+    out, over = [], False
+    for step, v in _values(run, name):
+        if v is None:
+            continue
+        now = (v > x) if direction == "up" else (v < x)  # NaN: False, as in a comparison
+        if now and not over:
+            out.append(step)
+        over = now
+    return out
+
+
+def spike_starts(run: CorpusRun, name: str, direction: str, m: float) -> list[int]:
+    """Steps where the value leaves ``m`` x (or 1/m x) the mean of its last 10 values."""
+    out, over = [], False
+    recent: list[float] = []
+    for step, v in _values(run, name):
+        if v is None:
+            continue
+        now = False
+        if len(recent) >= HAND_WINDOW:
+            mean = sum(recent[-HAND_WINDOW:]) / HAND_WINDOW
+            up = v > m * mean
+            down = v < mean / m
+            now = up if direction == "up" else down if direction == "down" else up or down
+        if now and not over:
+            out.append(step)
+        over = now
+        if math.isfinite(v):
+            recent.append(v)
+    return out
+
+
+def _false(starts: Iterable[int], onset: int | None) -> int:
+    return sum(1 for s in starts if onset is None or s < onset)
+
+
+@dataclass
+class HandRules:
+    """A static threshold and a spike multiplier per detector, calibrated on healthy records."""
+
+    static: dict[str, float] = field(default_factory=dict)
+    spike: dict[str, float] = field(default_factory=dict)
+
+
+def calibrate(healthy: Sequence[CorpusRun], allowed: dict[str, int], warmup: int = 12) -> HandRules:
+    """The loosest hand rules with no more false alarms than ``allowed`` (per detector)."""
+    rules = HandRules()
+    for det, (name, direction) in SIGNAL.items():
+        if direction == "nonfinite":
+            continue
+        values = [
+            v
+            for run in healthy
+            for v in [r.get(name) for r in run.records[warmup:]]
+            if v is not None and math.isfinite(v)
+        ]
+        if not values:
+            continue
+        if direction in ("up", "both"):
+            rules.static[det] = max(values) * (1 + 1e-9) + 1e-12
+        else:
+            rules.static[det] = min(values) * (1 - 1e-9) - 1e-12
+        if min(values) <= 0.0:
+            continue  # a signed value has no ratio to its mean
+        # false alarms fall as m grows: bisect the grid for the smallest m allowed
+        lo, hi = 0, len(HAND_GRID)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            m = HAND_GRID[mid]
+            fa = sum(_false(spike_starts(r, name, direction, m), r.onset) for r in healthy)
+            if fa <= allowed.get(det, 0):
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < len(HAND_GRID):
+            rules.spike[det] = HAND_GRID[lo]
+    return rules
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _earliest(delays: Iterable[int | None]) -> int | None:
+    got = [d for d in delays if d is not None]
+    return min(got) if got else None
+
+
+def first_after(starts: Iterable[int], onset: int) -> int | None:
+    after = [s - onset for s in starts if s >= onset]
+    return min(after) if after else None
+
+
+@dataclass
+class Outcome:
+    run: str
+    fault: str
+    detector: str
+    delay: int | None  # None: never fired after the onset
+    static: int | None
+    spike: int | None
+
+
+def evaluate(
+    runs: Sequence[CorpusRun], config: AlertsConfig | None = None
+) -> tuple[list[Outcome], dict[str, int], int, HandRules]:
+    """Delays on the fault runs, false alarms on healthy records, hand rules side by side."""
+    starts = {run.name: detector_starts(run, config) for run in runs}
+    false: dict[str, int] = {}
+    healthy_steps = 0
+    for run in runs:
+        healthy_steps += sum(
+            1 for r in run.records if run.onset is None or (r["step"] or 0) < run.onset
+        )
+        for det, ss in starts[run.name].items():
+            false[det] = false.get(det, 0) + _false(ss, run.onset)
+    outcomes: list[Outcome] = []
+    rules_by_family: dict[str, HandRules] = {}
+    for family in sorted({r.family for r in runs}):
+        healthy = [r for r in runs if r.family == family and r.fault is None]
+        fam_false: dict[str, int] = {}
+        for run in (r for r in runs if r.family == family):
+            for det, ss in starts[run.name].items():
+                fam_false[det] = fam_false.get(det, 0) + _false(ss, run.onset)
+        rules_by_family[family] = calibrate(healthy, fam_false)
+    for run in runs:
+        if run.fault is None or run.onset is None:
+            continue
+        key = ("syn" if run.family.startswith("syn") else run.family, run.fault)
+        rules = rules_by_family[run.family]
+        for det in EXPECTED[key]:
+            name, direction = SIGNAL[det]
+            static = spike = None
+            if direction == "nonfinite":
+                # "loss > X" or "grad norm > X": true for +inf, false for NaN (a comparison)
+                static = _earliest(
+                    first_after(static_starts(run, n, "up", 1e30), run.onset)
+                    for n in ("loss", "grad_norm")
+                )
+                spike = _earliest(
+                    first_after(spike_starts(run, n, "up", 1e30), run.onset)
+                    for n in ("loss", "grad_norm")
+                )
+            else:
+                if det in rules.static:
+                    static = first_after(
+                        static_starts(run, name, direction, rules.static[det]), run.onset
+                    )
+                if det in rules.spike:
+                    spike = first_after(
+                        spike_starts(run, name, direction, rules.spike[det]), run.onset
+                    )
+            outcomes.append(
+                Outcome(
+                    run.name,
+                    run.fault,
+                    det,
+                    first_after(starts[run.name].get(det, []), run.onset),
+                    static,
+                    spike,
+                )
+            )
+    merged = HandRules()
+    for fam, rules in rules_by_family.items():
+        merged.static.update({f"{fam}:{k}": v for k, v in rules.static.items()})
+        merged.spike.update({f"{fam}:{k}": v for k, v in rules.spike.items()})
+    return outcomes, false, healthy_steps, merged
+
+
+def _fmt(delays: list[int | None]) -> str:
+    fired = [d for d in delays if d is not None]
+    misses = len(delays) - len(fired)
+    if not fired:
+        return f"{'-':>5} {'-':>5} {misses:>5}"
+    return f"{statistics.median(fired):>5.1f} {max(fired):>5d} {misses:>5d}"
+
+
+def report(
+    outcomes: Sequence[Outcome],
+    false: dict[str, int],
+    healthy_steps: int,
+    say: Callable[[str], None] = print,
+) -> dict[str, bool]:
+    """Per detector: delays, misses, false alarms per 10k; hand rules; the goals met."""
+    header = (
+        f"{'detector':<18} {'budget':>6} {'faults':>6} {'med':>5} {'worst':>5} {'miss':>5}"
+        f" {'FA/10k':>7}   {'static med worst miss':>21}   {'spike med worst miss':>20}"
+    )
+    say(header)
+    say("-" * len(header))
+    within = True
+    earlier = True
+    for det, budget in BUDGET.items():
+        mine = [o for o in outcomes if o.detector == det]
+        if not mine:
+            continue
+        delays = [o.delay for o in mine]
+        fa = false.get(det, 0) * 10_000 / max(1, healthy_steps)
+        say(
+            f"{det:<18} {budget:>6} {len(mine):>6} {_fmt(delays)} {fa:>7.2f}   "
+            f"{_fmt([o.static for o in mine]):>21}   {_fmt([o.spike for o in mine]):>20}"
+        )
+        for o in mine:
+            hand = [h for h in (o.static, o.spike) if h is not None]
+            if o.delay is not None and hand and o.delay > min(hand):
+                earlier = False
+    by_fault: dict[tuple[str, str], list[Outcome]] = {}
+    for o in outcomes:
+        by_fault.setdefault((o.run, o.fault), []).append(o)
+    say("")
+    say("per fault (caught: one of its detectors within that detector's budget; records):")
+    for (run, _), os_ in by_fault.items():
+        ok = any(o.delay is not None and o.delay <= BUDGET[o.detector] for o in os_)
+        within = within and ok
+        parts = ", ".join(
+            f"{o.detector} {o.delay if o.delay is not None else 'miss'}"
+            f" (static {o.static if o.static is not None else 'miss'},"
+            f" spike {o.spike if o.spike is not None else 'miss'})"
+            for o in os_
+        )
+        say(f"  {run:<32} {'ok ' if ok else 'LATE'} {parts}")
+    total_fa = sum(false.values()) * 10_000 / max(1, healthy_steps)
+    goals = {
+        "every fault caught within budget": within,
+        "<= 1 false alarm per 10k healthy steps (each detector)": all(
+            v * 10_000 / max(1, healthy_steps) <= 1.0 for v in false.values()
+        ),
+        "never later than a hand rule at equal false alarms": earlier,
+    }
+    say(f"false alarms on {healthy_steps} healthy steps: {dict(sorted(false.items()))}")
+    say(f"  = {total_fa:.2f} per 10k steps, all detectors together")
+    for goal, met in goals.items():
+        say(f"goal: {goal}: {'yes' if met else 'NO'}")
+    return goals
+
+
+# ---------------------------------------------------------------- synthetic streams
+
+
+def _lognormal(rng: np.random.Generator, level: np.ndarray, sd: float) -> np.ndarray:
+    """Level x log-normal noise with heavy tails (Student t, 5 degrees of freedom)."""
+    t = rng.standard_t(5, size=level.shape) * sd * math.sqrt(3 / 5)
+    return np.asarray(level * np.exp(t))
+
+
+def synthetic_healthy(steps: int, family: str, rng: np.random.Generator) -> CorpusRun:
+    """A long healthy stream with the shapes of real runs: trends, wander, heavy tails."""
+    t = np.arange(steps, dtype=np.float64)
+    slow = np.cumsum(rng.normal(0.0, 0.002, steps))  # a slow random wander (log units)
+    rec: dict[str, np.ndarray] = {
+        "loss": _lognormal(rng, (1.0 + 2.0 * np.exp(-t / 400)) * np.exp(0.3 * slow), 0.04),
+        "grad_norm": _lognormal(rng, (0.5 + 1.5 * np.exp(-t / 300)) * np.exp(slow), 0.15),
+    }
+    if family == "syn-rl":
+        rec["reward_mean"] = (
+            0.3
+            + 0.4 * (1 - np.exp(-t / 3000))
+            + 0.05 * np.sin(t / 500)
+            + rng.normal(0, 0.04, steps)
+        )
+        # the policy sharpens slowly (-30% over 10k steps)
+        rec["policy_entropy_mean"] = _lognormal(
+            rng, (0.8 + 0.4 * np.exp(-t / 5000)) * np.exp(slow), 0.05
+        )
+        rec["kl"] = _lognormal(rng, 0.002 + 0.05 * (1 - np.exp(-t / 2000)), 0.15)
+        rec["completion_length_mean"] = _lognormal(
+            rng, 40.0 * np.exp(0.2 * np.sin(t / 700) + slow), 0.06
+        )
+        rec["loss"] = rng.normal(0.0, 0.02, steps)  # a GRPO policy loss: signed, ~0
+    records = [
+        {"step": float(i + 1), **{k: float(v[i]) for k, v in rec.items()}} for i in range(steps)
+    ]
+    return CorpusRun(f"{family}-healthy", family, None, None, 0, records)
+
+
+def synthetic_fault(kind: str, rng: np.random.Generator, trial: int) -> CorpusRun:
+    """A 120-record RL-like stream with one rare fault shape from record 60."""
+    base = synthetic_healthy(120, "syn-rl", rng)
+    onset = 60
+    for r in base.records:
+        k = int(r["step"] or 0) - onset
+        if k < 0:
+            continue
+        if kind == "inf_loss" and k == 0:
+            r["loss"] = math.inf
+        elif kind == "grad_spikes_growing" and k % 4 == 0:
+            r["grad_norm"] = (r["grad_norm"] or 0.0) * (3.0 + k)
+        elif kind == "kl_surge":
+            r["kl"] = (r["kl"] or 0.0) * 6.0 + 0.05
+        elif kind == "length_collapse":
+            r["completion_length_mean"] = max(1.0, (r["completion_length_mean"] or 0.0) * 0.5**k)
+        elif kind == "entropy_surge":
+            r["policy_entropy_mean"] = (r["policy_entropy_mean"] or 0.0) * 2.0
+        elif kind == "entropy_drop":
+            r["policy_entropy_mean"] = (r["policy_entropy_mean"] or 0.0) * 0.5
+        elif kind == "reward_slide":
+            r["reward_mean"] = (r["reward_mean"] or 0.0) - min(0.3, 0.1 * (k + 1))
+        elif kind == "loss_step":
+            r["loss"] = (r["loss"] or 0.0) + 0.15
+    return CorpusRun(f"syn-{kind}-t{trial}", "syn-rl", kind, onset, trial, base.records)
+
+
+SYNTHETIC_FAULTS = (
+    "inf_loss",
+    "grad_spikes_growing",
+    "kl_surge",
+    "length_collapse",
+    "entropy_surge",
+    "entropy_drop",
+    "reward_slide",
+    "loss_step",
+)
+
+
+def synthetic_corpus(trials: int, healthy_steps: int, rng: np.random.Generator) -> list[CorpusRun]:
+    runs = [synthetic_healthy(healthy_steps, "syn-rl", rng)]
+    runs += [synthetic_fault(kind, rng, t) for kind in SYNTHETIC_FAULTS for t in range(trials)]
+    return runs
+
+
+# ---------------------------------------------------------------- rho's lead or lag
+
+
+def first_move(values: Sequence[float | None], onset_index: int, z: float = 3.0) -> int | None:
+    """Records after the onset until a value is ``z`` robust SDs from its pre-onset level."""
+    before = [v for v in values[5:onset_index] if v is not None and math.isfinite(v)]
+    if len(before) < 5:
+        return None
+    med = statistics.median(before)
+    mad = statistics.median(abs(v - med) for v in before) * 1.4826 or 1e-9
+    for i, v in enumerate(values[onset_index:]):
+        if v is not None and (not math.isfinite(v) or abs(v - med) / mad > z):
+            return i
+    return None
+
+
+def rho_lead(runs: Sequence[CorpusRun], say: Callable[[str], None] = print) -> None:
+    """For each RL fault: records until rho, the reward and the policy entropy first move."""
+    rl = [r for r in runs if r.family == "rl" and r.fault is not None and r.onset is not None]
+    if not rl or all(r.records[0].get("rho") is None for r in rl):
+        say("rho's lead or lag: the corpus has no probe records (not measured)")
+        return
+    say("rho's lead or lag (records after the onset until the value is 3 robust SDs from its")
+    say("pre-onset level; the probe ran on every step, 128 tokens):")
+    for run in rl:
+        steps = [int(r["step"] or 0) for r in run.records]
+        onset_index = steps.index(run.onset) if run.onset in steps else len(steps)
+        moves = {
+            name: first_move([r.get(name) for r in run.records], onset_index)
+            for name in ("rho", "reward_mean", "policy_entropy_mean")
+        }
+        text = ", ".join(f"{k} {v if v is not None else 'never'}" for k, v in moves.items())
+        say(f"  {run.name:<28} {text}")

@@ -1,0 +1,307 @@
+"""A failure corpus: real toy training runs, healthy and with injected faults, step by step.
+
+    .venv/bin/python benchmarks/failure_corpus.py [--out build/failure_corpus.json] [--quick]
+
+Every run records, per optimizer step, what the trainer itself computed (no extra
+forward): SFT runs through the Hugging Face ``Trainer`` (``logging_steps=1``, read
+from ``trainer.state.log_history``: loss, grad_norm before clipping, learning
+rate); RL runs through the demo's GRPO loop (:mod:`inversion_monitor.app.demo_rl`:
+loss, grad norm, reward mean and std, the policy's entropy over completion
+tokens, KL to the starting policy, mean completion length) with the monitor's
+probe in-process on every step (rho and token entropy: the inversion's lead or
+lag). Faults (``onset`` = the first step that has it):
+
+- SFT: ``lr_jump`` (learning rate x20), ``nan_batch`` (one batch's loss is NaN:
+  NaN gradients poison AdamW), ``label_corruption`` (labels become random tokens);
+- RL (from one SFT base model): ``lr_jump`` (x300, the demo's fault),
+  ``zero_reward`` (the reward function returns 0), ``length_hack`` (the reward
+  pays for length: reward hacking), ``entropy_collapse`` (no KL, samples at
+  temperature 0.3, the group baseline lost: the policy trains on its own
+  sharpened samples).
+
+Runs are cached in a JSON file (a few minutes to build on 2 cores, once);
+:mod:`bench_detection` reads it (``--corpus``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "build" / "failure_corpus.json"
+VERSION = 2
+FIELDS = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "reward_mean",
+    "reward_std",
+    "policy_entropy_mean",
+    "kl",
+    "completion_length_mean",
+    "rho",
+    "n",
+    "entropy_mean",
+)
+
+
+@dataclass
+class CorpusRun:
+    """One run: its family (``sft``/``rl``), fault (None: healthy), onset step and records."""
+
+    name: str
+    family: str
+    fault: str | None
+    onset: int | None
+    seed: int
+    records: list[dict[str, float | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    """How long and how many: the full corpus, or a quick slice for the test."""
+
+    sft_steps: int = 300
+    sft_fault_steps: int = 200
+    sft_onset: int = 150
+    sft_seeds: tuple[int, ...] = (0, 1, 2)
+    base_steps: int = 300
+    rl_steps: int = 60
+    rl_onset: int = 25
+    rl_seeds: tuple[int, ...] = (0, 1, 2)
+    sft_faults: tuple[str, ...] = ("lr_jump", "nan_batch", "label_corruption")
+    rl_faults: tuple[str, ...] = ("lr_jump", "zero_reward", "length_hack", "entropy_collapse")
+
+
+QUICK = CorpusPlan(
+    sft_steps=40,
+    sft_fault_steps=40,
+    sft_onset=25,
+    sft_seeds=(0,),
+    base_steps=40,
+    rl_steps=0,
+    sft_faults=("nan_batch",),
+    rl_faults=(),
+)
+
+SFT_LR = 2e-3
+SFT_BATCH = 16
+
+
+def sft_run(steps: int, seed: int, fault: str | None, onset: int) -> tuple[CorpusRun, Any]:
+    """An HF ``Trainer`` run on the toy corpus; returns the run and the trained model."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+    from inversion_monitor.toy.models import tiny_causal_lm
+    from inversion_monitor.toy.tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm("llama", seed=seed).train()
+    corrupt = torch.Generator().manual_seed(seed + 1000)
+
+    class FaultyTrainer(Trainer):  # type: ignore[misc]
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            step = int(self.state.global_step) + 1  # the step this loss is for
+            if fault == "label_corruption" and step >= onset:
+                labels = inputs["labels"]
+                noise = torch.randint(3, 40, labels.shape, generator=corrupt)
+                inputs = {**inputs, "labels": torch.where(labels >= 0, noise, labels)}
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            if fault == "nan_batch" and step == onset:
+                loss = loss * float("nan")
+            return loss
+
+    args = TrainingArguments(
+        output_dir="/tmp/inversion-monitor-corpus",
+        max_steps=steps,
+        per_device_train_batch_size=SFT_BATCH,
+        learning_rate=SFT_LR,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=10,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_level="error",
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR)
+
+    def factor(done: int) -> float:  # LambdaLR: ``done`` optimizer steps so far
+        warm = min(1.0, (done + 1) / 10)
+        return warm * (20.0 if fault == "lr_jump" and done + 1 >= onset else 1.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    trainer = FaultyTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized_corpus(tokenizer, SFT_BATCH * steps, seed=seed, max_length=96),
+        data_collator=causal_lm_collator(tokenizer),
+        optimizers=(optimizer, scheduler),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    run = CorpusRun(
+        f"sft-{fault or 'healthy'}-s{seed}", "sft", fault, onset if fault else None, seed
+    )
+    for entry in trainer.state.log_history:
+        if "loss" in entry and "step" in entry:
+            run.records.append(
+                {
+                    "step": float(entry["step"]),
+                    "loss": float(entry["loss"]),
+                    "grad_norm": float(entry.get("grad_norm", math.nan)),
+                    "learning_rate": float(entry.get("learning_rate", math.nan)),
+                }
+            )
+    return run, trainer.model
+
+
+def rl_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> CorpusRun:
+    """The demo's GRPO loop from ``base``'s weights, probed every step."""
+    import copy
+
+    from inversion_monitor.app.demo_rl import GRPOSettings, train_grpo
+    from inversion_monitor.config import MonitorConfig
+    from inversion_monitor.engine.training_monitor import InversionMonitor
+    from inversion_monitor.toy.tokenizer import char_tokenizer
+
+    model = copy.deepcopy(base).train()
+    settings = GRPOSettings(
+        steps=steps,
+        lr=1e-3,
+        prompts=4,
+        group=4,
+        max_new_tokens=64,
+        seed=seed,
+        kl_coef=0.05,
+        max_grad_norm=1.0,
+        lr_jump=(onset, 300.0) if fault == "lr_jump" else None,
+        reward_fault=(onset, "zero")
+        if fault == "zero_reward"
+        else (onset, "length")
+        if fault == "length_hack"
+        else None,
+        collapse_at=onset if fault == "entropy_collapse" else None,
+    )
+    monitor = InversionMonitor(
+        MonitorConfig(
+            endpoint=None,
+            every_n_steps=1,
+            tokens_per_probe=128,
+            sequences_per_probe=8,
+            projections=["q", "o"],
+            kind="rl",
+            seed=seed,
+        ),
+        framework="custom",
+    )
+    run = CorpusRun(f"rl-{fault or 'healthy'}-s{seed}", "rl", fault, onset if fault else None, seed)
+
+    def on_step(step: int, values: dict[str, float]) -> None:
+        stats = monitor.last_stats if monitor.probes else None
+        run.records.append(
+            {
+                "step": float(step),
+                "loss": values["loss"],
+                "grad_norm": values["grad_norm"],
+                "learning_rate": values["lr"],
+                "reward_mean": values["reward"],
+                "policy_entropy_mean": values["entropy"],
+                "kl": values["kl"],
+                "completion_length_mean": values["completion_length"],
+                "rho": stats.rho if stats is not None else None,
+                "n": float(stats.n) if stats is not None else None,
+                "entropy_mean": stats.entropy_mean if stats is not None else None,
+            }
+        )
+
+    try:
+        history = train_grpo(model, char_tokenizer(), monitor, settings, on_step=on_step)
+    finally:
+        monitor.close()
+    for record, std in zip(run.records, history.reward_std, strict=False):
+        record["reward_std"] = std
+    return run
+
+
+def build(plan: CorpusPlan, say: Any = print) -> list[CorpusRun]:
+    """Train every run of ``plan`` (single-threaded torch; seconds per run)."""
+    import torch
+
+    torch.set_num_threads(1)
+    runs: list[CorpusRun] = []
+    started = time.monotonic()
+    base = None
+    for seed in plan.sft_seeds:
+        run, model = sft_run(plan.sft_steps, seed, None, plan.sft_onset)
+        runs.append(run)
+        base = base if base is not None else model
+        say(f"  {run.name}: {len(run.records)} steps ({time.monotonic() - started:.0f} s)")
+    for fault in plan.sft_faults:
+        run, _ = sft_run(plan.sft_fault_steps, 0, fault, plan.sft_onset)
+        runs.append(run)
+        say(f"  {run.name}: {len(run.records)} steps ({time.monotonic() - started:.0f} s)")
+    if plan.rl_steps:
+        assert base is not None
+        for seed in plan.rl_seeds:
+            runs.append(rl_run(base, plan.rl_steps, seed, None, plan.rl_onset))
+            say(f"  {runs[-1].name} ({time.monotonic() - started:.0f} s)")
+        for fault in plan.rl_faults:
+            runs.append(rl_run(base, plan.rl_steps, 0, fault, plan.rl_onset))
+            say(f"  {runs[-1].name} ({time.monotonic() - started:.0f} s)")
+    return runs
+
+
+def save(runs: list[CorpusRun], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"version": VERSION, "runs": [asdict(r) for r in runs]}
+    path.write_text(json.dumps(body, allow_nan=True))
+
+
+def load(path: Path) -> list[CorpusRun] | None:
+    """The cached corpus, or None if absent or of another version."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if body.get("version") != VERSION:
+        return None
+    return [CorpusRun(**r) for r in body["runs"]]
+
+
+def corpus(
+    path: Path = DEFAULT_PATH, *, rebuild: bool = False, say: Any = print
+) -> list[CorpusRun]:
+    """The cached corpus, built (and cached) first if needed."""
+    runs = None if rebuild else load(path)
+    if runs is None:
+        say(f"building the failure corpus into {path} (once; a few minutes on 2 cores)")
+        runs = build(CorpusPlan(), say)
+        save(runs, path)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_PATH)
+    parser.add_argument("--quick", action="store_true", help="the test's small slice only")
+    args = parser.parse_args()
+    runs = build(QUICK if args.quick else CorpusPlan())
+    save(runs, args.out)
+    print(f"{len(runs)} runs, {sum(len(r.records) for r in runs)} steps -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Runs past retention live in the database only: what reads one back on demand.
+
+The :class:`~.ingest.Ingestor` keeps in memory the runs active within the
+retention window (at most ``max_active_runs``) and drops the others; a call
+that names a dropped run (OpenRun, Push, CloseRun, GetRun, ListRuns) reads it
+back with these indexed queries on the writer's connection, so memory follows
+the limits however many runs the database holds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection
+
+from inversion_monitor.server.store import StoredRank, StoredRun
+
+_RUN_COLUMNS = (
+    "pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
+    " last_activity_time, status, records, kind"
+)
+
+
+def stored_run(conn: sqlite3.Connection, key: str) -> StoredRun | None:
+    """The ``runs`` row whose run id, else whose display name, is ``key`` (None: none)."""
+    for column in ("run_id", "display_name"):  # both UNIQUE: indexed
+        row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE {column} = ?", (key,)).fetchone()
+        if row is not None:
+            return StoredRun(*row)
+    return None
+
+
+def name_taken(conn: sqlite3.Connection, name: str) -> bool:
+    """True when a stored run has ``name`` as its display name or its run id."""
+    row = conn.execute(
+        "SELECT 1 FROM runs WHERE display_name = ? UNION ALL SELECT 1 FROM runs WHERE run_id = ?"
+        " LIMIT 1",
+        (name, name),
+    ).fetchone()
+    return row is not None
+
+
+def recent_run_ids(
+    conn: sqlite3.Connection,
+    limit: int,
+    *,
+    project: str | None,
+    projects: Collection[str] | None,
+    exclude: Collection[str],
+) -> list[str]:
+    """Run ids by latest activity, newest first: of ``project`` (None: any) within
+    ``projects`` (None: every project), without those in ``exclude``; at most ``limit``."""
+    sql = "SELECT run_id FROM runs"
+    clauses: list[str] = []
+    params: list[object] = []
+    if project is not None:
+        clauses.append("project = ?")
+        params.append(project)
+    if projects is not None:
+        clauses.append(f"project IN ({', '.join('?' * len(projects))})")
+        params.extend(projects)
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY last_activity_time DESC LIMIT ?"
+    params.append(limit + len(exclude))
+    found = [run_id for (run_id,) in conn.execute(sql, params)]
+    return [run_id for run_id in found if run_id not in exclude][:limit]
+
+
+def stored_ranks(conn: sqlite3.Connection, run_pk: int) -> list[StoredRank]:
+    """The ``ranks`` rows of one run, with what rebuilding their state needs."""
+    out = []
+    for rank, acked, status, session, previous, session_time in conn.execute(
+        "SELECT rank, acked_sequence, status, session, previous_session, session_time"
+        " FROM ranks WHERE run_pk = ? ORDER BY rank",
+        (run_pk,),
+    ).fetchall():
+        pending = frozenset(
+            seq
+            for (seq,) in conn.execute(
+                "SELECT sequence FROM records WHERE run_pk = ? AND rank = ? AND sequence > ?"
+                " UNION SELECT sequence FROM rejected"
+                " WHERE run_pk = ? AND rank = ? AND sequence > ?",
+                (run_pk, rank, acked, run_pk, rank, acked),
+            )
+        )
+        latest = conn.execute(
+            "SELECT sequence, payload FROM records WHERE run_pk = ? AND rank = ?"
+            " ORDER BY sequence DESC LIMIT 1",
+            (run_pk, rank),
+        ).fetchone()
+        out.append(
+            StoredRank(
+                run_pk,
+                rank,
+                acked,
+                status,
+                pending,
+                latest[0] if latest else 0,
+                latest[1] if latest else None,
+                session,
+                previous,
+                float(session_time or 0.0),
+            )
+        )
+    return out

@@ -1,0 +1,280 @@
+"""Self-calibrating change detection on one stream of a run: robust level and scale, CUSUM.
+
+The run is its own reference. After ``warmup`` records, each new value (its log
+for positive quantities such as loss, grad norm, KL, length or entropy) is
+scored against the median and the MAD of the last ``window`` accepted values:
+z = (y - median) / max(1.4826 MAD, min_scale). Two one-sided CUSUMs on that
+robust z (allowance ``k``) accumulate evidence upward and downward; a detector
+fires when the one it watches passes ``threshold``. A single record ``threshold
++ k`` scales out fires at once (a spike); a smaller sustained shift of d scales
+fires after about ``threshold / (d - k)`` records. Values enter the window
+clipped to ``clip`` scales, so a fault does not become the run's new normal
+within a few records, while a slow healthy drift is followed. Nothing is set
+per run: the level and the scale are the run's own.
+
+Each alert of this kind (:mod:`.spikes`, :mod:`.reward`, :mod:`.length`, the
+surge and fast-collapse parts of :mod:`.entropy`) is a :class:`DriftDetector`
+naming the :class:`~.base.Observation` field it watches and the direction.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+from pydantic import Field
+
+from inversion_monitor.server.detectors.base import (
+    AlertName,
+    DetectorConfig,
+    Observation,
+    Reason,
+    Severity,
+    Transition,
+)
+
+MAD_TO_SD = 1.4826
+ALL_KINDS: tuple[str, ...] = ("sft", "rl", "custom", "")
+
+
+class Scale(str, Enum):
+    """How values are scored: their log (positive quantities), as they are, or the log when
+    every warm-up value is positive (a loss that may be signed, as an RL policy loss)."""
+
+    LOG = "log"
+    LINEAR = "linear"
+    AUTO = "auto"
+
+
+class Direction(str, Enum):
+    UP = "up"
+    DOWN = "down"
+    BOTH = "both"
+
+
+class DriftConfig(DetectorConfig):
+    """Settings shared by the self-calibrating detectors (each has its own defaults)."""
+
+    enabled: bool = True
+    severity: Severity = Severity.WARNING
+    kinds: tuple[str, ...] = Field(default=ALL_KINDS, description="run kinds judged")
+    scale: Scale = Scale.LOG
+    floor: float = Field(
+        default=0.0, ge=0.0, description="added before the log: values this small count as ~0"
+    )
+    warmup: int = Field(default=12, ge=3, description="records before the level is trusted")
+    window: int = Field(default=64, ge=3, description="recent records the level comes from")
+    k: float = Field(default=1.0, ge=0.0, description="CUSUM allowance, robust SDs per record")
+    threshold: float = Field(default=8.0, gt=0.0, description="CUSUM decision, robust SDs")
+    min_scale: float = Field(
+        default=0.05, gt=0.0, description="smallest robust SD (log units: a relative change)"
+    )
+    clip: float = Field(default=3.0, gt=0.0, description="values enter the window clipped here")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One scored value: its robust z against the run's level, and both CUSUMs after it."""
+
+    value: float
+    level: float
+    z: float
+    up: float
+    down: float
+
+
+class RobustStream:
+    """Robust z-scores and two-sided CUSUM of one stream (pure state, no I/O).
+
+    >>> s = RobustStream(DriftConfig(warmup=4, scale=Scale.LINEAR, min_scale=0.1))
+    >>> [s.update(v) for v in (1.0, 1.1, 0.9, 1.0)]
+    [None, None, None, None]
+    >>> sc = s.update(3.0)
+    >>> round(sc.level, 3), round(sc.z, 1), round(sc.up, 1), sc.down
+    (1.0, 20.0, 16.0, 0.0)
+    """
+
+    def __init__(self, config: DriftConfig) -> None:
+        self.config = config
+        self._window: deque[float] = deque(maxlen=config.window)
+        self._sorted: list[float] = []  # the window's values in order
+        self._warm: list[float] = []
+        self.log: bool | None = None if config.scale is Scale.AUTO else config.scale is Scale.LOG
+        self.up = 0.0
+        self.down = 0.0
+
+    def _y(self, x: float) -> float:
+        if self.log:
+            return math.log(max(x, 0.0) + self.config.floor + 1e-12)
+        return x
+
+    def level_scale(self) -> tuple[float, float]:
+        """Median and robust SD (MAD x 1.4826, at least ``min_scale``) of the window."""
+        ys = self._sorted
+        med = _median(ys)
+        return med, max(MAD_TO_SD * _mad(ys, med), self.config.min_scale)
+
+    def _push(self, y: float) -> None:
+        """Add ``y`` to the window (and its sorted copy), dropping the oldest when full."""
+        if len(self._window) == self._window.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._window[0])]
+        self._window.append(y)
+        bisect.insort(self._sorted, y)
+
+    def update(self, x: float) -> Score | None:
+        """Score a finite value; None while warming up."""
+        cfg = self.config
+        if self.log is None:
+            self._warm.append(x)
+            if len(self._warm) < cfg.warmup:
+                return None
+            self.log = min(self._warm) > 0.0
+            for v in self._warm:
+                self._push(self._y(v))
+            return None
+        y = self._y(x)
+        if len(self._window) < cfg.warmup:
+            self._push(y)
+            return None
+        level, scale = self.level_scale()
+        z = (y - level) / scale
+        cap = 2.0 * cfg.threshold  # bounded, so the end of a fault is seen in time
+        self.up = min(cap, max(0.0, self.up + z - cfg.k))
+        self.down = min(cap, max(0.0, self.down - z - cfg.k))
+        self._push(level + max(-cfg.clip, min(cfg.clip, z)) * scale)
+        return Score(x, math.exp(level) if self.log else level, z, self.up, self.down)
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    mid = n // 2
+    return sorted_values[mid] if n % 2 else 0.5 * (sorted_values[mid - 1] + sorted_values[mid])
+
+
+def _mad(ys: list[float], med: float) -> float:
+    """Median absolute deviation of sorted ``ys`` from ``med`` in O(log n), without sorting:
+    the deviations below and above ``med`` are two sorted runs; their k-th smallest is found
+    by bisecting how many come from each (tests/test_health_detectors.py checks it against
+    sorting).
+
+    >>> ys = [1.0, 2.0, 4.0, 7.0, 11.0]
+    >>> _mad(ys, 4.0), _median(sorted(abs(y - 4.0) for y in ys))
+    (3.0, 3.0)
+    """
+    n = len(ys)
+    p = bisect.bisect_left(ys, med)
+    a, b = p, n - p  # deviations below: med - ys[p-1-i]; above: ys[p+j] - med
+
+    def kth(k: int) -> float:
+        lo, hi = max(0, k + 1 - b), min(a, k + 1)  # how many of the k+1 smallest are below
+        while lo < hi:
+            i = (lo + hi) // 2
+            j = k + 1 - i
+            if j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:
+                lo = i + 1
+            else:
+                hi = i
+        j = k + 1 - lo
+        below = med - ys[p - lo] if lo > 0 else -math.inf
+        above = ys[p + j - 1] - med if j > 0 else -math.inf
+        return max(below, above)
+
+    mid = n // 2
+    return kth(mid) if n % 2 else 0.5 * (kth(mid - 1) + kth(mid))
+
+
+class DriftDetector:
+    """An alert on one Observation field moving away from the run's own level.
+
+    Subclasses set ``name``, ``field``, ``direction``, ``what`` (words for the
+    quantity) and ``summaries`` (alert summary by direction). Fires when the
+    CUSUM of the watched direction passes the threshold; ends when it is back
+    to 0 (values at the level again for a while).
+    """
+
+    name: AlertName
+    field: str
+    what: str
+    direction: Direction = Direction.UP
+    summaries: ClassVar[dict[Direction, str]] = {}
+    reasons: ClassVar[dict[Direction, Reason]] = {}
+
+    def __init__(self, config: DriftConfig) -> None:
+        self.config = config
+        self.stream = RobustStream(config)
+        self.active = False
+        self.side: Direction | None = None  # the direction that fired
+        self._start_step = 0
+
+    def value(self, obs: Observation) -> float | None:
+        value: float | None = getattr(obs, self.field)
+        return value
+
+    def _sides(self, score: Score) -> list[tuple[Direction, float]]:
+        out: list[tuple[Direction, float]] = []
+        if self.direction in (Direction.UP, Direction.BOTH):
+            out.append((Direction.UP, score.up))
+        if self.direction in (Direction.DOWN, Direction.BOTH):
+            out.append((Direction.DOWN, score.down))
+        return out
+
+    def update(self, obs: Observation) -> Transition | None:
+        x = self.value(obs)
+        if x is None or not math.isfinite(x):
+            return None
+        score = self.stream.update(x)
+        if score is None:
+            return None
+        cfg = self.config
+        values = {
+            self.field: x,
+            "level": score.level,
+            "robust_z": score.z,
+            "cusum": score.up if self.side is not Direction.DOWN else score.down,
+            "threshold": cfg.threshold,
+        }
+        if not self.active:
+            over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold]
+            if not over:
+                return None
+            side, cusum = max(over, key=lambda dc: dc[1])
+            self.active, self.side, self._start_step = True, side, obs.step
+            values["cusum"] = cusum
+            ratio = (
+                f"is {x / score.level:.3g} x its level {score.level:.4g}"
+                if self.stream.log and score.level > 0.0
+                else f"vs its level {score.level:.4g}"
+            )
+            return Transition(
+                self.name,
+                cfg.severity,
+                True,
+                self.reasons.get(side, Reason.CUSUM_EXCEEDED),
+                obs.step,
+                obs.wall_time,
+                self.summaries[side],
+                f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}; CUSUM {cusum:.1f} > "
+                f"{cfg.threshold:g} robust SDs of this run) at step {obs.step}",
+                values,
+            )
+        cusum = score.up if self.side is Direction.UP else score.down
+        if cusum > 0.0:
+            return None
+        self.active = False
+        ended, self.side = self.side, None
+        return Transition(
+            self.name,
+            cfg.severity,
+            False,
+            Reason.RECOVERED,
+            obs.step,
+            obs.wall_time,
+            f"{self.what.capitalize()} back at its level",
+            f"{self.what} {x:.4g} back near its level {score.level:.4g} at step {obs.step}; "
+            f"the {'rise' if ended is Direction.UP else 'fall'} began at step {self._start_step}",
+            values,
+        )

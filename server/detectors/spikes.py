@@ -1,0 +1,99 @@
+"""Spikes and surges against the run's own level: loss, grad norm (before clipping), KL."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from inversion_monitor.server.detectors.base import AlertName, Reason
+from inversion_monitor.server.detectors.robust import (
+    Direction,
+    DriftConfig,
+    DriftDetector,
+    Scale,
+)
+
+
+class SpikeConfig(DriftConfig):
+    """A spike detector's settings: a large allowance, so a healthy drift of a robust SD or two
+    per record never adds up; one record 10 robust SDs out fires, or two records 6 out."""
+
+    k: float = Field(default=2.0, ge=0.0)
+
+
+class LossSpikeConfig(SpikeConfig):
+    """Parameters of :class:`LossSpike` (the log of the loss; a signed loss is taken as is)."""
+
+    scale: Scale = Scale.AUTO
+    min_scale: float = Field(default=0.03, gt=0.0)
+
+
+class GradNormSpikeConfig(SpikeConfig):
+    """Parameters of :class:`GradNormSpike` (the log of the grad norm)."""
+
+    min_scale: float = Field(default=0.05, gt=0.0)
+
+
+class KLSurgeConfig(SpikeConfig):
+    """Parameters of :class:`KLSurge` (the log of KL + ``floor`` nats: below it KL is ~0)."""
+
+    floor: float = Field(default=0.01, ge=0.0)
+    min_scale: float = Field(default=0.15, gt=0.0)
+
+
+class LossSpike(DriftDetector):
+    """The training loss jumps above the run's level (a bad batch, a learning-rate jump,
+    corrupted labels).
+
+    >>> from inversion_monitor.server.detectors import Observation
+    >>> det = LossSpike(LossSpikeConfig())
+    >>> losses = [2.0, 1.95, 2.02, 1.9, 1.97, 1.93, 1.99, 1.92] * 2 + [5.0]
+    >>> [t.step for s, v in enumerate(losses) if (t := det.update(Observation(s, 0.0, loss=v)))]
+    [16]
+    """
+
+    name = AlertName.LOSS_SPIKE
+    field = "loss"
+    what = "loss"
+    direction = Direction.UP
+    summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "Loss spike"}
+    reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
+
+
+class GradNormSpike(DriftDetector):
+    """The gradient norm (before clipping) jumps above the run's level.
+
+    >>> from inversion_monitor.server.detectors import Observation
+    >>> det = GradNormSpike(GradNormSpikeConfig())
+    >>> norms = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98] * 2 + [30.0]
+    >>> [t.message for s, g in enumerate(norms)
+    ...  if (t := det.update(Observation(s, 0.0, grad_norm=g)))]  # doctest: +NORMALIZE_WHITESPACE
+    ['grad norm 30 is 30 x its level 1 (robust z +66.5; CUSUM 16.0 > 8 robust SDs of this run)
+      at step 16']
+    """
+
+    name = AlertName.GRAD_NORM_SPIKE
+    field = "grad_norm"
+    what = "grad norm"
+    direction = Direction.UP
+    summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "Gradient norm spike"}
+    reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
+
+
+class KLSurge(DriftDetector):
+    """The policy's KL to the reference jumps above the run's level (RL).
+
+    >>> from inversion_monitor.server.detectors import Observation
+    >>> det = KLSurge(KLSurgeConfig())
+    >>> kls = [0.02, 0.021, 0.019, 0.022, 0.02, 0.023, 0.021, 0.022] * 2 + [0.4]
+    >>> [t.step for s, v in enumerate(kls) if (t := det.update(Observation(s, 0.0, kl=v)))]
+    [16]
+    """
+
+    name = AlertName.KL_SURGE
+    field = "kl"
+    what = "KL"
+    direction = Direction.UP
+    summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "KL surge"}
+    reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}

@@ -1,0 +1,54 @@
+"""A run's history read with a byte cap: the newest records that fit, parsed off the event loop.
+
+``GetRun`` and ``/api/runs/<run>`` answer at most ``max_history`` records and
+at most ``max_history_bytes`` of them (protobuf bytes, counted without token
+samples when the caller leaves those out), so one read's memory and time are
+bounded whatever the records hold. Rows are streamed from SQLite newest first
+and reading stops at the first record that does not fit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from inversion_monitor.proto.v1 import monitor_pb2
+
+# without samples, stop after this many times max_bytes of stored payload was read
+_RAW_FACTOR = 4
+
+
+def read_history_capped(
+    conn: sqlite3.Connection,
+    run_pk: int,
+    limit: int,
+    max_bytes: int,
+    *,
+    samples: bool = True,
+) -> list[monitor_pb2.StepRecord]:
+    """The newest records of run ``run_pk`` (at most ``limit``, ``max_bytes`` in all), oldest first.
+
+    ``samples=False`` clears each record's token samples before it is counted.
+    """
+    cursor = conn.execute(
+        "SELECT step, rank, sequence, payload FROM records WHERE run_pk = ?"
+        " ORDER BY step DESC LIMIT ?",
+        (run_pk, limit),
+    )
+    kept: list[tuple[int, int, int, monitor_pb2.StepRecord]] = []
+    total = raw = 0
+    try:
+        for step, rank, sequence, payload in cursor:
+            raw += len(payload)
+            record = monitor_pb2.StepRecord.FromString(payload)
+            size = len(payload)
+            if not samples and record.samples:
+                del record.samples[:]
+                size = record.ByteSize()
+            if total + size > max_bytes or raw > _RAW_FACTOR * max_bytes:
+                break
+            total += size
+            kept.append((step, rank, sequence, record))
+    finally:
+        cursor.close()
+    kept.sort(key=lambda row: row[:3])
+    return [row[3] for row in kept]

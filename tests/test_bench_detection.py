@@ -1,0 +1,45 @@
+"""A small slice of the detection benchmark (benchmarks/bench_detection.py --corpus): real HF
+Trainer runs of the failure corpus, and the synthetic rare shapes, through the same code."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from benchmarks import detection_corpus as dc
+from benchmarks import failure_corpus as fc
+
+
+def test_nan_batch_in_a_real_trainer_run_is_caught_on_its_record() -> None:
+    """HF Trainer, 40 steps, one NaN batch at step 25: the trainer's own log (loss filtered
+    by logging_nan_inf_filter, grad_norm NaN) is enough for NonFiniteTraining at once; the
+    healthy run of the same seed raises nothing."""
+    runs = fc.build(fc.QUICK, say=lambda line: None)
+    assert [(r.name, r.onset) for r in runs] == [("sft-healthy-s0", None), ("sft-nan_batch-s0", 25)]
+    healthy, faulty = runs
+    assert len(healthy.records) == len(faulty.records) == 40
+    bad = next(r for r in faulty.records if r["step"] == 25)
+    assert math.isnan(bad["grad_norm"] or 0.0)
+    outcomes, false, healthy_steps, _ = dc.evaluate(runs)
+    assert [(o.detector, o.delay) for o in outcomes] == [("NonFiniteTraining", 0)]
+    # hand rules compare numbers: "grad norm > X" is False for NaN
+    assert outcomes[0].static is None
+    assert sum(false.values()) == 0 and healthy_steps == 40 + 24
+    goals = dc.report(outcomes, false, healthy_steps, say=lambda line: None)
+    assert goals["every fault caught within budget"]
+
+
+def test_synthetic_rare_shapes_through_the_report() -> None:
+    runs = dc.synthetic_corpus(2, 2000, np.random.default_rng(0))
+    outcomes, _, healthy_steps, rules = dc.evaluate(runs)
+    assert {o.fault for o in outcomes} == set(dc.SYNTHETIC_FAULTS)
+    assert healthy_steps == 2000 + 2 * len(dc.SYNTHETIC_FAULTS) * 59
+    lines: list[str] = []
+    dc.report(outcomes, {}, healthy_steps, say=lines.append)
+    assert lines[0].split()[:3] == ["detector", "budget", "faults"]
+    # the hand rules were calibrated on the healthy stream: a static level per signal
+    assert "syn-rl:GradNormSpike" in rules.static
+    by = {(o.fault, o.detector): o for o in outcomes}
+    assert by[("inf_loss", "NonFiniteTraining")].delay == 0
+    assert by[("entropy_surge", "EntropySurge")].delay is not None

@@ -1,0 +1,197 @@
+"""The training-health detectors: NonFiniteTraining, the spikes and surges, RewardCollapse,
+EntropyCollapse's fast path and LengthDrift, on seeded synthetic streams and through the
+alert engine (records as the server stores them)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import pytest
+
+from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.alerts import AlertEngine, observation
+from inversion_monitor.server.detectors import (
+    AlertsConfig,
+    EntropyCollapse,
+    EntropySurge,
+    GradNormSpike,
+    KLSurge,
+    LengthDrift,
+    LossSpike,
+    NonFiniteTraining,
+    Observation,
+    Reason,
+    RewardCollapse,
+    RunDetectors,
+    Transition,
+)
+
+Detector = LossSpike | GradNormSpike | KLSurge | RewardCollapse | EntropySurge | LengthDrift
+
+
+def lognormal(level: float, sd: float, steps: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [level * math.exp(rng.gauss(0.0, sd)) for _ in range(steps)]
+
+
+def firings(det: Detector | EntropyCollapse, field: str, values: list[float]) -> list[int]:
+    out = []
+    for step, v in enumerate(values):
+        t = det.update(Observation(step, float(step), **{field: v}))  # type: ignore[arg-type]
+        if t is not None and t.firing:
+            out.append(step)
+    return out
+
+
+# ---------------------------------------------------------------- NonFiniteTraining
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"loss": math.nan},
+        {"grad_norm": math.inf},
+        {"reward_mean": -math.inf},
+        {"loss": 2.0, "nonfinite_fields": ("loss",)},  # a reader that dropped the value
+    ],
+)
+def test_nonfinite_fires_on_that_very_record(bad: dict[str, object]) -> None:
+    det = NonFiniteTraining()
+    for step in range(5):
+        assert det.update(Observation(step, 0.0, loss=2.0, grad_norm=1.0)) is None
+    t = det.update(Observation(5, 5.0, **bad))  # type: ignore[arg-type]
+    assert t is not None and t.firing and t.step == 5 and t.reason is Reason.NON_FINITE
+    assert t.severity.value == "critical"
+    # stays active (no second alert) while it lasts, ends after `recover` finite records
+    assert det.update(Observation(6, 6.0, loss=math.nan)) is None
+    ends = [
+        t
+        for s in range(7, 40)
+        if (t := det.update(Observation(s, float(s), loss=2.0, grad_norm=1.0)))
+    ]
+    assert [(t.firing, t.step) for t in ends] == [(False, 6 + 20)]
+
+
+def test_nonfinite_ignores_fields_it_does_not_watch_and_missing_values() -> None:
+    det = NonFiniteTraining()
+    assert det.update(Observation(1, 0.0, kl=math.nan, nonfinite_fields=("kl",))) is None
+    assert det.update(Observation(2, 0.0)) is None
+
+
+# ---------------------------------------------------------------- spikes and drifts
+
+
+CASES: list[tuple[Callable[[], Detector], str, float, float, float, int]] = [
+    # detector, field, healthy level, healthy sd (log or linear), faulty level, budget
+    (lambda: LossSpike(AlertsConfig().loss_spike), "loss", 2.0, 0.05, 3.0, 3),
+    (lambda: GradNormSpike(AlertsConfig().grad_norm_spike), "grad_norm", 1.0, 0.15, 4.0, 3),
+    (lambda: KLSurge(AlertsConfig().kl_surge), "kl", 0.05, 0.15, 0.3, 3),
+    (lambda: EntropySurge(AlertsConfig().entropy_surge), "policy_entropy_mean", 1.0, 0.05, 2.0, 3),
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 80, 5),
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 15, 5),
+]
+
+
+@pytest.mark.parametrize("make, field, level, sd, faulty, budget", CASES)
+def test_quiet_on_healthy_streams(
+    make: Callable[[], Detector], field: str, level: float, sd: float, faulty: float, budget: int
+) -> None:
+    """10,000 healthy records (log-normal noise around a level): at most one alert (the goal)."""
+    assert len(firings(make(), field, lognormal(level, sd, 10_000, seed=1))) <= 1
+
+
+@pytest.mark.parametrize("make, field, level, sd, faulty, budget", CASES)
+def test_step_change_caught_within_budget(
+    make: Callable[[], Detector], field: str, level: float, sd: float, faulty: float, budget: int
+) -> None:
+    for seed in range(20):
+        values = lognormal(level, sd, 60, seed) + lognormal(faulty, sd, 20, seed + 100)
+        fired = firings(make(), field, values)
+        assert fired and 60 <= fired[0] <= 60 + budget, (seed, fired)
+
+
+def test_reward_collapse_within_five_records_and_quiet_while_the_reward_rises() -> None:
+    rng = random.Random(0)
+    rising = [0.2 + 0.5 * (1 - math.exp(-s / 200)) + rng.gauss(0, 0.04) for s in range(10_000)]
+    assert len(firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", rising)) <= 1
+    for seed in range(20):
+        rng = random.Random(seed)
+        values = [0.22 + rng.gauss(0, 0.03) for _ in range(40)]
+        values += [0.08 + rng.gauss(0, 0.03) for _ in range(20)]
+        fired = firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", values)
+        assert fired and 40 <= fired[0] <= 45, (seed, fired)
+    # a broken reward function: 0 from step 40
+    zeros = [0.4 + rng.gauss(0, 0.05) for _ in range(40)] + [0.0] * 10
+    assert firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", zeros)[0] <= 42
+
+
+def test_drift_alert_ends_when_the_value_is_back() -> None:
+    det = GradNormSpike(AlertsConfig().grad_norm_spike)
+    values = [*lognormal(1.0, 0.1, 30, 0), 20.0, *lognormal(1.0, 0.1, 60, 1)]
+    ts: list[Transition] = [
+        t for s, v in enumerate(values) if (t := det.update(Observation(s, 0.0, grad_norm=v)))
+    ]
+    assert (ts[0].firing, ts[0].step) == (True, 30)
+    assert len(ts) == 2 and not ts[1].firing and ts[1].reason is Reason.RECOVERED
+    assert ts[1].step <= 30 + 20
+
+
+def test_entropy_collapse_fast_path_within_three_records() -> None:
+    """The demo's failure: policy entropy steady, then doubling for a record, then ~0."""
+    for seed in range(20):
+        hs = [*lognormal(1.0, 0.05, 20, seed), 2.0, 0.3, 0.02, 0.01, 0.01]
+        fired = firings(EntropyCollapse(AlertsConfig().entropy), "policy_entropy_mean", hs)
+        assert fired and 20 <= fired[0] <= 23, (seed, fired)
+        # a halving, no spike
+        hs = lognormal(1.0, 0.05, 30, seed) + lognormal(0.5, 0.05, 10, seed + 1)
+        fired = firings(EntropyCollapse(AlertsConfig().entropy), "policy_entropy_mean", hs)
+        assert fired and 30 <= fired[0] <= 33, (seed, fired)
+
+
+def test_entropy_fast_path_quiet_on_healthy_rl_and_absent_on_sft() -> None:
+    # RL policy entropy declining slowly as the policy sharpens (1.5 -> 0.3 nats)
+    rng = random.Random(3)
+    hs = [0.3 + 1.2 * math.exp(-s / 2000) * math.exp(rng.gauss(0, 0.04)) for s in range(10_000)]
+    assert len(firings(EntropyCollapse(AlertsConfig().entropy), "policy_entropy_mean", hs)) <= 1
+    assert "EntropyCollapse" not in {
+        type(d).__name__ for d in RunDetectors(AlertsConfig(), "sft").detectors
+    }
+
+
+def test_signed_loss_is_taken_as_is() -> None:
+    """An RL policy loss hovers around 0 and may be negative: scored linearly, not as a log."""
+    rng = random.Random(0)
+    losses = [rng.gauss(0.0, 0.01) for _ in range(2000)]
+    det = LossSpike(AlertsConfig().loss_spike)
+    assert firings(det, "loss", losses) == []
+    assert det.stream.log is False
+
+
+# ---------------------------------------------------------------- through the engine
+
+
+def test_engine_alerts_on_a_nan_grad_norm_record() -> None:
+    engine = AlertEngine(AlertsConfig())
+    for step in range(1, 6):
+        rec = monitor_pb2.StepRecord(run_id="r", step=step, loss=2.0, grad_norm=1.0)
+        engine.on_record("r", "demo", rec)
+    bad = monitor_pb2.StepRecord(run_id="r", step=6, loss=2.0, grad_norm=math.nan)
+    bad.nonfinite_fields.append("grad_norm")
+    assert math.isnan(observation(bad).grad_norm or 0.0)
+    engine.on_record("r", "demo", bad)
+    (alert,) = engine.active("r")
+    assert (alert.name, alert.severity, alert.start_step) == ("NonFiniteTraining", "critical", 6)
+
+
+def test_mad_matches_sorting() -> None:
+    """The O(log n) MAD of the window equals the MAD by sorting the deviations."""
+    from inversion_monitor.server.detectors.robust import _mad, _median
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(1, 70)
+        ys = sorted(rng.choice([rng.gauss(0, 1), float(rng.randint(-3, 3))]) for _ in range(n))
+        med = _median(ys)
+        assert _mad(ys, med) == pytest.approx(_median(sorted(abs(y - med) for y in ys)))
