@@ -29,10 +29,10 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from inversion_monitor.app.toy.data import causal_lm_collator, tokenized_corpus
-from inversion_monitor.app.toy.models import tiny_causal_lm
-from inversion_monitor.app.toy.tokenizer import char_tokenizer
 from inversion_monitor.callbacks import InversionTrainerCallback
+from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
+from inversion_monitor.toy.models import tiny_causal_lm
+from inversion_monitor.toy.tokenizer import char_tokenizer
 
 try:
     from benchmarks.bench_client import _serve

@@ -101,21 +101,8 @@ def test_grpo_sends_reward_kl_clip_and_length_every_step_whatever_the_schedule(
 ) -> None:
     path = tmp_path / "records.jsonl"
     callback = InversionTrainerCallback(every_n_steps=10_000, jsonl_path=str(path))
-    problems = arithmetic_problems(16, seed=5)
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
-    config = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        num_generations=2,
-        max_completion_length=12,
-        learning_rate=1e-3,
-        beta=0.1,  # a reference model: TRL logs the KL
-        logging_steps=1,
-        use_vllm=False,
-        **COMMON,
-    )
+    # a reference model (beta > 0): TRL logs the KL
+    config = grpo_config(tmp_path / "out", 4, gradient_accumulation_steps=2, beta=0.1)
     policy = tiny_causal_lm("llama").train()
     policy.save_pretrained(tmp_path / "policy")  # TRL loads the reference model from here
     policy.config._name_or_path = str(tmp_path / "policy")
@@ -123,7 +110,7 @@ def test_grpo_sends_reward_kl_clip_and_length_every_step_whatever_the_schedule(
         model=policy,
         reward_funcs=answer_reward,
         args=config,
-        train_dataset=dataset,
+        train_dataset=arithmetic_dataset(16, seed=5),
         processing_class=char_tokenizer(),
         callbacks=[callback],
     )
