@@ -24,6 +24,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "Limits": ".config",
     "ServerConfigError": ".settings_file",
     "IngestListener": ".listeners",
+    "RunListener": ".listeners",
     "AlertEngine": ".alerts",
     "AlertmanagerSink": ".alertmanager",
     "AlertsConfig": ".detectors",
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.server.app import AsyncMonitorServer, MonitorServer
     from inversion_monitor.server.config import Limits, ServerConfig
     from inversion_monitor.server.detectors import AlertsConfig
-    from inversion_monitor.server.listeners import IngestListener
+    from inversion_monitor.server.listeners import IngestListener, RunListener
     from inversion_monitor.server.settings_file import ServerConfigError
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "IngestListener",
     "Limits",
     "MonitorServer",
+    "RunListener",
     "ServerConfig",
     "ServerConfigError",
     "load_alerts_config",
