@@ -48,7 +48,8 @@ def test_a_failure_on_one_rank_disables_every_rank_together(
     run = job.scenario("raise")
     assert run.field("probe_steps") == {0: [1, 2], 1: [1, 2]}
     assert server_steps(dist_server, "ddp-raise") == {0: [1, 2], 1: [1, 2]}
-    assert run.field("enabled") == {0: False, 1: False}
+    assert run.field("probing") == {0: False, 1: False}
+    assert run.field("enabled") == {0: True, 1: True}  # the health records go on
     warnings = run.field("warnings")
     assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0]
     assert "every rank" in warnings[1][0]
@@ -64,7 +65,8 @@ def test_a_failure_inside_the_probe_disables_every_rank_at_the_next_vote(
     # rank 0 finished the probe of step 3; rank 1's failure reached it with the next vote
     assert run.field("probe_steps") == {0: [1, 2, 3], 1: [1, 2]}
     assert server_steps(dist_server, "ddp-raise_in_probe") == {0: [1, 2, 3], 1: [1, 2]}
-    assert run.field("enabled") == {0: False, 1: False}
+    assert run.field("probing") == {0: False, 1: False}
+    assert run.field("enabled") == {0: True, 1: True}  # the health records go on
     warnings = run.field("warnings")
     assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0]
     assert len(warnings[0]) == 1 and "failed on rank 1" in warnings[0][0], warnings
@@ -79,7 +81,8 @@ def test_a_rank_late_for_the_vote_switches_the_monitor_off_instead_of_hanging(
     # neither rank probed step 3 alone: the late rank read the verdict the others left
     assert run.field("probe_steps") == {0: [1, 2], 1: [1, 2]}
     assert server_steps(dist_server, "ddp-stall") == {0: [1, 2], 1: [1, 2]}
-    assert run.field("enabled") == {0: False, 1: False}
+    assert run.field("probing") == {0: False, 1: False}
+    assert run.field("enabled") == {0: True, 1: True}  # the health records go on
     for messages in run.field("warnings").values():
         assert len(messages) == 1 and "agreement_timeout_s=1.5" in messages[0], messages
     run.assert_training_like(job.scenario("none"), STEPS)

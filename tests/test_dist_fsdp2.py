@@ -44,7 +44,8 @@ def test_every_rank_probes_sharded_weights_exactly(
 @pytest.mark.slow
 def test_a_failure_on_one_rank_disables_every_rank_without_a_hang(job: DistRun) -> None:
     run = job.scenario("raise")
-    assert run.field("enabled") == {0: False, 1: False}
+    assert run.field("probing") == {0: False, 1: False}
+    assert run.field("enabled") == {0: True, 1: True}  # the health records go on
     warnings = run.field("warnings")
     assert len(warnings[1]) == 1 and "injected failure on this rank" in warnings[1][0], warnings
     assert len(warnings[0]) == 1 and "failed on rank 1" in warnings[0][0], warnings

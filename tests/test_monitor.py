@@ -131,7 +131,8 @@ def test_failure_warns_once_and_disables(make_model, batch):
     assert results == [None, None, None]
     failures = [w for w in caught if issubclass(w.category, MonitorWarning)]
     assert len(failures) == 1 and "layer 5 is out of range" in str(failures[0].message)
-    assert not monitor.enabled and monitor.errors == 1
+    assert "stops probing (the health records go on)" in str(failures[0].message)
+    assert monitor.enabled and not monitor.probing and monitor.errors == 1
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())  # hook removed
 
 
@@ -198,10 +199,11 @@ def test_custom_loop_sends_every_steps_health_and_a_nan_loss_as_nan(make_model, 
     assert monitor.probes == 0
 
 
-def test_a_failing_probe_never_costs_the_steps_health_record(make_model, batch, tmp_path):
+@pytest.mark.parametrize("on_error", ["continue", "disable"])
+def test_a_failing_probe_never_costs_the_steps_health_record(make_model, batch, tmp_path, on_error):
     path = tmp_path / "r.jsonl"
     model = make_model("llama", num_layers=1).train()
-    config = MonitorConfig(every_n_steps=1, layers=[5], on_error="continue", jsonl_path=str(path))
+    config = MonitorConfig(every_n_steps=1, layers=[5], on_error=on_error, jsonl_path=str(path))
     monitor = InversionMonitor(config)  # the model has 1 layer: every probe fails
     monitor.attach(model)
     with warnings.catch_warnings():
@@ -210,7 +212,10 @@ def test_a_failing_probe_never_costs_the_steps_health_record(make_model, batch, 
     monitor.close()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["probed"]) for r in rows] == [(1, False), (2, False), (3, False)]
-    assert all(isinstance(r["loss"], float) for r in rows) and monitor.errors == 3
+    assert all(isinstance(r["loss"], float) for r in rows)
+    # "continue" tries (and fails) every step; "disable" stops probing after the first
+    assert monitor.errors == (3 if on_error == "continue" else 1)
+    assert monitor.probing is (on_error == "continue")
 
 
 def test_a_bad_health_key_is_reported_once_and_training_goes_on(make_model, batch):
@@ -219,7 +224,7 @@ def test_a_bad_health_key_is_reported_once_and_training_goes_on(make_model, batc
     monitor.attach(model)
     with pytest.warns(MonitorWarning, match=r"health\['gradnorm'\] is not a health field"):
         assert monitor.step_end(1, model, health={"gradnorm": 1.0}) is None
-    assert not monitor.enabled  # on_error="disable"
+    assert monitor.enabled and not monitor.probing  # on_error="disable": health goes on
 
 
 def test_disabled_config_does_nothing(make_model, batch):

@@ -14,9 +14,10 @@ them (:mod:`inversion_monitor.probe.prefix_capture`); its record is sent by
 :meth:`InversionMonitor.step_end` with the step's loss.
 
 It never breaks training: any error inside is caught, reported once with a
-clear warning, and the monitor disables itself (``on_error="disable"``) or
-keeps trying (``"continue"``). It leaves gradients, RNG streams and modes as
-it found them (see :mod:`inversion_monitor.probe.gradients`).
+clear warning, and the monitor stops probing (``on_error="disable"``; the
+health record still goes out every step, so the server's training-health
+alerts keep watching) or keeps trying (``"continue"``). It leaves gradients,
+RNG streams and modes as it found them (see :mod:`inversion_monitor.probe.gradients`).
 
 >>> import torch
 >>> from inversion_monitor.toy.models import tiny_causal_lm
@@ -153,6 +154,8 @@ class InversionMonitor:
         self.run_id = self.config.run_id or uuid.uuid4().hex
         self.run_name = self.config.run_name or default_run_name or f"run-{self.run_id[:8]}"
         self.enabled = not self.config.disabled
+        # False once the probe failed (on_error="disable"): health records continue
+        self.probing = True
         self.schedule = ProbeSchedule.from_config(self.config)
         self.sampler = TokenSampler.from_config(self.config, rank=rank)
         self.last_stats: InversionStats | None = None
@@ -193,6 +196,8 @@ class InversionMonitor:
         if not self.enabled:
             return
         self._join_ranks()
+        if not self.probing:
+            return
         try:
             if self._model is model and self._capture is not None:
                 return
@@ -319,7 +324,7 @@ class InversionMonitor:
                     self._emit(held.step, held, {})
             if pre is None or pre[0] != step:  # not decided before the optimizer step
                 want = self.decide(step) if probe is None else probe
-                if want and self.enabled:
+                if want and self.probing:
                     measured = self._probe_now(step, model) or measured
         except Exception as exc:  # never break training; the step's health still goes out
             self._fail(f"step {step}", exc)
@@ -347,7 +352,11 @@ class InversionMonitor:
         Sharded models (FSDP2, ZeRO-3) are probed by :meth:`step_end` as
         before: this call does nothing for them.
         """
-        if not self.enabled or (self._pre_step is not None and self._pre_step[0] == step):
+        if (
+            not self.enabled
+            or not self.probing
+            or (self._pre_step is not None and self._pre_step[0] == step)
+        ):
             return
         try:
             target = model if model is not None else self._model
@@ -355,7 +364,7 @@ class InversionMonitor:
                 return  # the same on every rank: step_end decides and probes
             want = self.decide(step)
             self._pre_step = (step, want)
-            if want and self.enabled:
+            if want and self.probing:
                 self._held = self._probe_now(step, model, before_step=True)
         except Exception as exc:  # never break training
             self._fail(f"step {step}", exc)
@@ -368,7 +377,7 @@ class InversionMonitor:
         adapter that needs to know before :meth:`step_end` (e.g. to read the
         loss only on probe steps) calls it and passes the answer as ``probe``.
         """
-        if not self.enabled:
+        if not self.enabled or not self.probing:
             return False
         if self._pre_step is not None and self._pre_step[0] == step:
             return self._pre_step[1]  # decided (and voted) before the optimizer step
@@ -441,11 +450,10 @@ class InversionMonitor:
         if not failed_here:  # a rank that failed has said why already
             self._warn_once(
                 "peer-failure",
-                f"inversion-monitor failed on rank {verdict.failed_rank}; it is disabled on "
-                "every rank and training continues",
+                f"inversion-monitor failed on rank {verdict.failed_rank}; its probe is off on "
+                "every rank, the health records go on and training continues",
             )
-        self.enabled = False
-        self.detach()
+        self._stop_probing()
         return None
 
     def _disable_here(self, where: str, exc: BaseException) -> None:
@@ -454,10 +462,14 @@ class InversionMonitor:
         self._warn_once(
             f"error:{type(exc).__name__}",
             f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
-            "continues and the monitor disabled itself on this rank",
+            "continues, the health records go on and the probe is off on this rank",
         )
         logger.debug("inversion-monitor failure", exc_info=exc)
-        self.enabled = False
+        self._stop_probing()
+
+    def _stop_probing(self) -> None:
+        """The probe is off from now on (its hooks removed); the health records go on."""
+        self.probing = False
         self.detach()
 
     def probe(
@@ -570,7 +582,8 @@ class InversionMonitor:
         if self.config.on_error == "continue":
             action = "keeps trying"
         else:
-            action = "disables itself on every rank" if distributed else "disabled itself"
+            action = "stops probing on every rank" if distributed else "stops probing"
+            action += " (the health records go on)"
         self._warn_once(
             f"error:{type(exc).__name__}",
             f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
@@ -579,12 +592,11 @@ class InversionMonitor:
         logger.debug("inversion-monitor failure", exc_info=exc)
         if self.config.on_error != "disable":
             return
-        if distributed:  # the next vote tells the other ranks; all disable together
+        if distributed:  # the next vote tells the other ranks; all stop probing together
             self._local_failure = True
             self.detach()
         else:
-            self.enabled = False
-            self.detach()
+            self._stop_probing()
 
     # ------------------------------------------------------------------ checkpointing
 
