@@ -336,9 +336,13 @@ def report(
         by_fault.setdefault((o.run, o.fault), []).append(o)
     say("")
     say("per fault (caught: one of its detectors within that detector's budget; records):")
-    for (run, _), os_ in by_fault.items():
+    tally: dict[str, list[int]] = {}
+    for (run, fault), os_ in by_fault.items():
         ok = any(o.delay is not None and o.delay <= BUDGET[o.detector] for o in os_)
         within = within and ok
+        counts = tally.setdefault(fault, [0, 0])
+        counts[0] += ok
+        counts[1] += 1
         parts = ", ".join(
             f"{o.detector} {o.delay if o.delay is not None else 'miss'}"
             f" (static {o.static if o.static is not None else 'miss'},"
@@ -346,6 +350,10 @@ def report(
             for o in os_
         )
         say(f"  {run:<32} {'ok ' if ok else 'LATE'} {parts}")
+    say(
+        "caught within budget: "
+        + ", ".join(f"{fault} {ok}/{n}" for fault, (ok, n) in sorted(tally.items()))
+    )
     total_fa = sum(false.values()) * 10_000 / max(1, healthy_steps)
     goals = {
         "every fault caught within budget": within,

@@ -249,6 +249,11 @@ def test_rl_runs_carry_reward_entropy_and_covariance(demo: DemoRun) -> None:
             assert math.isfinite(rec.reward_mean) and 0.0 <= rec.reward_mean <= 1.0
             assert math.isfinite(rec.policy_entropy_mean) and rec.policy_entropy_mean >= 0.0
             assert math.isfinite(rec.entropy_covariance)
+            # the trainer's health values of every step: loss, lr, pre-clip grad norm, KL, length
+            for health in ("loss", "learning_rate", "grad_norm", "kl", "completion_length_mean"):
+                assert rec.HasField(health), (name, rec.step, health)
+            assert rec.grad_norm > 0.0 and rec.kl >= 0.0
+            assert 0.0 < rec.completion_length_mean <= 56.0  # GRPOSettings.max_new_tokens
         # the printed RL lines are the stored records' means over the first and last fifth
         k = max(1, steps // 5)
         start = next(i for i, line in enumerate(demo.stdout) if line.startswith(f"run {name} ("))

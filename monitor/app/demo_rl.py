@@ -14,7 +14,9 @@ Every step also yields the health values a trainer reports (no extra
 training forward): the loss, the gradient norm (before clipping, when
 ``max_grad_norm`` clips), the completion length and the KL to the starting
 policy (one no-grad forward of a frozen copy; the k3 estimator, as TRL's GRPO;
-``kl_coef`` > 0 adds it to the loss).
+``kl_coef`` > 0 adds it to the loss); the monitor sends them with every step's
+record (``step_end``'s ``grad_norm`` and ``health``), where the server's
+GradNormSpike, KLSurge and LengthDrift detectors watch them.
 
 Faults, for the demo and the failure corpus (``benchmarks/bench_detection.py``):
 ``lr_jump`` ``(step, factor)``: from that step on the learning rate is
@@ -281,14 +283,20 @@ def train_grpo(
             completion_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), keep], 1)
             # the training forward; labels mark the completion tokens (the monitor probes those)
             labels = ids.masked_fill(~completion_mask, -100)
-            logits = model(input_ids=ids, attention_mask=attention, labels=labels).logits
+            # the positions the rollout sampled at (prompts are left-padded)
+            positions = (attention.cumsum(1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=ids, attention_mask=attention, position_ids=positions, labels=labels
+            ).logits
             logp = torch.log_softmax(logits[:, :-1].float(), -1)
             token_logp = logp.gather(2, ids[:, 1:, None])[..., 0]
             mask = completion_mask[:, 1:]
             weights = mask.float()
             tokens = weights.sum().clamp(min=1)
             with torch.no_grad():
-                ref_logits = reference(input_ids=ids, attention_mask=attention).logits
+                ref_logits = reference(
+                    input_ids=ids, attention_mask=attention, position_ids=positions
+                ).logits
                 ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), -1)
                 ref_token_logp = ref_logp.gather(2, ids[:, 1:, None])[..., 0]
             # k3 estimator of KL(policy || reference) per completion token (as TRL's GRPO)
@@ -326,7 +334,18 @@ def train_grpo(
             history.completion_length.append(float(keep.sum(1).float().mean()))
             history.learning_rate.append(lr)
             if monitor is not None:
-                monitor.step_end(step, model, loss=history.loss[-1], learning_rate=lr, rl=rl)
+                monitor.step_end(
+                    step,
+                    model,
+                    loss=history.loss[-1],
+                    learning_rate=lr,
+                    grad_norm=grad_norm,
+                    rl=rl,
+                    health={
+                        "kl": history.kl[-1],
+                        "completion_length_mean": history.completion_length[-1],
+                    },
+                )
             if on_step is not None:
                 on_step(
                     step,

@@ -35,6 +35,7 @@ class EntropyDropConfig(DriftConfig):
 
     floor: float = Field(default=0.01, ge=0.0)
     min_scale: float = Field(default=0.04, gt=0.0)
+    z_cap: float | None = Field(default=6.0, gt=0.0, description="a sustained fall, not one record")
 
 
 class EntropySurgeConfig(DriftConfig):
@@ -115,13 +116,14 @@ class EntropyCollapse:
     >>> det.update(Observation(3, 0.0, entropy_mean=0.5)).reason.value
     'entropy_below_fraction'
 
-    The fast path: policy entropy steady at ~1.2 nats, then ~0 (a learning-rate jump).
+    The fast path: policy entropy steady at ~1.2 nats, then ~0 (a learning-rate jump); a
+    fall needs two records (one outlier never fires it).
 
     >>> det = EntropyCollapse()
-    >>> hs = [1.2, 1.25, 1.18, 1.22, 1.2, 1.19, 1.23, 1.21] * 2 + [0.02]
+    >>> hs = [1.2, 1.25, 1.18, 1.22, 1.2, 1.19, 1.23, 1.21] * 2 + [0.02, 0.01]
     >>> [(t.step, t.reason.value) for s, h in enumerate(hs)
     ...  if (t := det.update(Observation(s, 0.0, policy_entropy_mean=h)))]
-    [(16, 'entropy_dropped_suddenly')]
+    [(17, 'entropy_dropped_suddenly')]
     """
 
     name = AlertName.ENTROPY_COLLAPSE

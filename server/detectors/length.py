@@ -14,6 +14,9 @@ class LengthDriftConfig(DriftConfig):
     """Parameters of :class:`LengthDrift` (the log of the mean completion length)."""
 
     k: float = Field(default=1.5, ge=0.0, description="CUSUM allowance, robust SDs")
+    z_cap: float | None = Field(
+        default=6.0, gt=0.0, description="a sustained shift, not one record"
+    )
     min_scale: float = Field(default=0.05, gt=0.0)
     floor: float = Field(default=1.0, ge=0.0, description="tokens: an empty completion is ~1")
 
@@ -26,7 +29,7 @@ class LengthDrift(DriftDetector):
     >>> lengths = [40, 42, 38, 41, 39, 40, 43, 40] * 2 + [50, 62, 80]
     >>> [(t.step, t.summary) for s, n in enumerate(lengths)
     ...  if (t := det.update(Observation(s, 0.0, completion_length_mean=n)))]
-    [(17, 'Completion length running away')]
+    [(18, 'Completion length running away')]
     """
 
     name = AlertName.LENGTH_DRIFT

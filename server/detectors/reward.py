@@ -15,6 +15,9 @@ class RewardCollapseConfig(DriftConfig):
 
     scale: Scale = Scale.LINEAR
     k: float = Field(default=1.5, ge=0.0, description="CUSUM allowance, robust SDs")
+    z_cap: float | None = Field(
+        default=6.0, gt=0.0, description="a sustained shift, not one record"
+    )
     min_scale: float = Field(default=0.01, gt=0.0, description="smallest robust SD, reward units")
 
 
@@ -23,7 +26,7 @@ class RewardCollapse(DriftDetector):
 
     >>> from inversion_monitor.server.detectors import Observation
     >>> det = RewardCollapse(RewardCollapseConfig())
-    >>> rewards = [0.40, 0.42, 0.38, 0.41, 0.43, 0.39, 0.41, 0.40] * 2 + [0.0]
+    >>> rewards = [0.40, 0.42, 0.38, 0.41, 0.43, 0.39, 0.41, 0.40] * 2 + [0.0, 0.0]
     >>> [t.reason.value for s, r in enumerate(rewards)
     ...  if (t := det.update(Observation(s, 0.0, reward_mean=r)))]
     ['fell_below_level']

@@ -74,6 +74,12 @@ class DriftConfig(DetectorConfig):
         default=0.05, gt=0.0, description="smallest robust SD (log units: a relative change)"
     )
     clip: float = Field(default=3.0, gt=0.0, description="values enter the window clipped here")
+    z_cap: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="a record adds at most this robust z to the CUSUM: a sustained shift needs "
+        "two records or more, a single outlier never fires it (None: no cap, spikes fire)",
+    )
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,9 @@ class RobustStream:
         level, scale = self.level_scale()
         z = (y - level) / scale
         cap = 2.0 * cfg.threshold  # bounded, so the end of a fault is seen in time
-        self.up = min(cap, max(0.0, self.up + z - cfg.k))
-        self.down = min(cap, max(0.0, self.down - z - cfg.k))
+        zc = z if cfg.z_cap is None else max(-cfg.z_cap, min(cfg.z_cap, z))
+        self.up = min(cap, max(0.0, self.up + zc - cfg.k))
+        self.down = min(cap, max(0.0, self.down - zc - cfg.k))
         self._push(level + max(-cfg.clip, min(cfg.clip, z)) * scale)
         return Score(x, math.exp(level) if self.log else level, z, self.up, self.down)
 
