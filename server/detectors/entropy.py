@@ -30,12 +30,18 @@ class EntropyDropConfig(DriftConfig):
 
     The log of policy entropy + ``floor`` nats against the run's own level
     (:class:`~.robust.RobustStream`, downward CUSUM): a fall to ~0 fires on the
-    record that shows it, a halving within about 3 records.
+    record that shows it, a halving within about 3 records. The entropy must
+    also be at least ``min_drop`` below its level: a healthy RL run's policy
+    entropy wanders by a tenth from step to step (the demo's healthy phase dipped
+    13% for a few steps) and a quiet run's robust SD is small.
     """
 
     floor: float = Field(default=0.01, ge=0.0)
     min_scale: float = Field(default=0.04, gt=0.0)
     z_cap: float | None = Field(default=6.0, gt=0.0, description="a sustained fall, not one record")
+    min_drop: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="fire only this fraction or more below the level"
+    )
 
 
 class EntropySurgeConfig(DriftConfig):
@@ -147,9 +153,12 @@ class EntropyCollapse:
             return self._sudden_bad
         score = self._sudden.update(h)
         if score is not None:
-            cfg = self._sudden.config
+            cfg = self.config.sudden
+            far = h < (1.0 - cfg.min_drop) * (score.level - cfg.floor)
             # on while over the threshold, off once the evidence is gone (hysteresis)
-            self._sudden_bad = score.down > cfg.threshold or (self._sudden_bad and score.down > 0.0)
+            self._sudden_bad = (score.down > cfg.threshold and far) or (
+                self._sudden_bad and score.down > 0.0
+            )
         return self._sudden_bad
 
     def _rate(self, step: int) -> float | None:
