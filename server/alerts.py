@@ -4,9 +4,14 @@ Records of a run's lowest rank drive its detectors (see :mod:`.detectors`);
 each transition opens or closes an :class:`~monitor_pb2.Alert`, kept in memory
 (for ``GetRun``, ``/metrics``) and written to the ``alerts`` table through the
 server's :class:`~.store.Store` (on the writer thread only).
-After a restart the table's alerts are loaded back as history (the last 200 per
-run); detectors start afresh, so alerts left active are closed with end reason
-``server_restart`` and fire again if the condition persists.
+Per-run state follows the runs the ingestor keeps in memory (a
+:class:`~.listeners.RunListener`): when a run enters memory (restored at
+start-up, opened, or read back after pruning) its stored alerts come back as
+history (the last 200) and its detectors start afresh; when it leaves memory
+(idle past retention) its state goes and its active alerts end (reason
+``run_closed``, as the stale alert's does). At start-up the alerts left active
+end with reason ``server_restart``. Either way an alert fires again if its
+condition persists in the run's next records.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from typing import Protocol
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.detectors import (
+    AlertName,
     AlertsConfig,
     Observation,
+    Reason,
     RunDetectors,
+    Severity,
     Transition,
 )
 from inversion_monitor.server.schema import StoreError
@@ -101,7 +109,7 @@ class _RunAlerts:
     detectors: RunDetectors
     rank: int
     last_step: int = 0
-    # None until the first record: detectors are (re)built for the run's kind then
+    # None when made by the stale check before any event: detectors are rebuilt at its first record
     kind: str | None = None
     history: list[monitor_pb2.Alert] = field(default_factory=list)
     # alert name -> (its proto in history, its row id)
@@ -134,25 +142,24 @@ class AlertEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, _RunAlerts] = {}
-        # run_id -> its kind ("sft", "rl", "custom", ""), told by on_run_open; a run
-        # never announced is of unknown kind ("")
-        self._kinds: dict[str, str] = {}
         self._store_failing = False
         if store is not None:
-            self._load(store)
+            try:
+                store.end_active_alerts(self._clock())
+            except StoreError as exc:
+                log.warning("could not end the alerts left active: %s", exc)
 
-    def _load(self, store: Store) -> None:
+    def _stored_history(self, run_id: str) -> list[monitor_pb2.Alert]:
+        """The run's stored alerts (the last 200), all inactive: its detectors start afresh."""
+        if self._store is None:
+            return []
         try:
-            stored = store.load_alerts(self._clock())
+            stored = self._store.load_alerts(run_id)
         except StoreError as exc:
-            log.warning("could not load the stored alerts: %s", exc)
-            return
+            log.warning("could not load the stored alerts of run %s: %s", run_id, exc)
+            return []
+        history = []
         for row in stored:
-            state = self._runs.get(row.run_id)
-            if state is None:
-                state = self._runs[row.run_id] = _RunAlerts(
-                    row.display_name, RunDetectors(self.config), 1 << 30
-                )
             alert = monitor_pb2.Alert(
                 name=row.name,
                 severity=row.severity,
@@ -166,27 +173,55 @@ class AlertEngine:
             )
             for key, value in row.values.items():
                 alert.values[key] = value
-            state.history.append(alert)
-            del state.history[:-MAX_ALERTS_PER_RUN]
-            state.gauges[(row.name, row.severity)] = 0.0
+            history.append(alert)
+        return history
 
     # ---------------------------------------------------------------- writer thread
 
     def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
-        """Learn the run's kind: its detectors are built for it at its first record."""
-        self._kinds[run_id] = info.kind
+        """The run entered memory: its detectors (for its kind) and its stored alerts."""
+        if run_id in self._runs:
+            return
+        state = _RunAlerts(
+            display_name, RunDetectors(self.config, info.kind), 1 << 30, kind=info.kind
+        )
+        state.history = self._stored_history(run_id)
+        state.gauges = {(a.name, a.severity): 0.0 for a in state.history}
+        with self._lock:
+            self._runs[run_id] = state
+
+    def on_run_pruned(self, run_id: str) -> None:
+        """The run left memory (idle past retention): its active alerts end, its state goes."""
+        state = self._runs.get(run_id)
+        if state is None:
+            return
+        now = self._clock()
+        for alert, _ in list(state.open.values()):
+            self._apply(
+                run_id,
+                state,
+                Transition(
+                    AlertName(alert.name),
+                    Severity(alert.severity),
+                    firing=False,
+                    reason=Reason.RUN_CLOSED,
+                    step=state.last_step,
+                    time=now,
+                    summary=alert.summary,
+                    message=f"run {state.display_name} idle past the retention window",
+                ),
+            )
+        with self._lock:
+            del self._runs[run_id]
 
     def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
         state = self._runs.get(run_id)
-        if state is None:
-            kind = self._kinds.get(run_id, "")
-            state = _RunAlerts(
-                display_name, RunDetectors(self.config, kind), record.rank, kind=kind
-            )
+        if state is None:  # a run never announced (no RunListener events): of unknown kind
+            state = _RunAlerts(display_name, RunDetectors(self.config, ""), record.rank, kind="")
             with self._lock:
                 self._runs[run_id] = state
-        elif state.kind is None:  # made at start-up or by the stale check: no record fed yet
-            state.kind = self._kinds.get(run_id, "")
+        elif state.kind is None:  # made by the stale check: no record fed yet
+            state.kind = ""
             stale = state.detectors.stale
             state.detectors = RunDetectors(self.config, state.kind)
             state.detectors.stale = stale
@@ -321,6 +356,11 @@ class AlertEngine:
         with self._lock:
             state = self._runs.get(run_id)
             return [_copy(a) for a in state.history] if state else []
+
+    def run_count(self) -> int:
+        """How many runs the engine holds state for (those in the ingestor's memory)."""
+        with self._lock:
+            return len(self._runs)
 
     def active(self, run_id: str) -> list[monitor_pb2.Alert]:
         with self._lock:

@@ -3,8 +3,9 @@
 The :class:`~.ingest.Ingestor` keeps in memory the runs active within the
 retention window (at most ``max_active_runs``) and drops the others; a call
 that names a dropped run (OpenRun, Push, CloseRun, GetRun, ListRuns) reads it
-back with these indexed queries on the writer's connection, so memory follows
-the limits however many runs the database holds.
+back with these indexed queries (its ranks with :meth:`~.store.Store.load_ranks`)
+on the writer's connection, so memory follows the limits however many runs the
+database holds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Collection
 
-from inversion_monitor.server.store import StoredRank, StoredRun
+from inversion_monitor.server.store import StoredRun
 
 _RUN_COLUMNS = (
     "pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
@@ -64,42 +65,3 @@ def recent_run_ids(
     params.append(limit + len(exclude))
     found = [run_id for (run_id,) in conn.execute(sql, params)]
     return [run_id for run_id in found if run_id not in exclude][:limit]
-
-
-def stored_ranks(conn: sqlite3.Connection, run_pk: int) -> list[StoredRank]:
-    """The ``ranks`` rows of one run, with what rebuilding their state needs."""
-    out = []
-    for rank, acked, status, session, previous, session_time in conn.execute(
-        "SELECT rank, acked_sequence, status, session, previous_session, session_time"
-        " FROM ranks WHERE run_pk = ? ORDER BY rank",
-        (run_pk,),
-    ).fetchall():
-        pending = frozenset(
-            seq
-            for (seq,) in conn.execute(
-                "SELECT sequence FROM records WHERE run_pk = ? AND rank = ? AND sequence > ?"
-                " UNION SELECT sequence FROM rejected"
-                " WHERE run_pk = ? AND rank = ? AND sequence > ?",
-                (run_pk, rank, acked, run_pk, rank, acked),
-            )
-        )
-        latest = conn.execute(
-            "SELECT sequence, payload FROM records WHERE run_pk = ? AND rank = ?"
-            " ORDER BY sequence DESC LIMIT 1",
-            (run_pk, rank),
-        ).fetchone()
-        out.append(
-            StoredRank(
-                run_pk,
-                rank,
-                acked,
-                status,
-                pending,
-                latest[0] if latest else 0,
-                latest[1] if latest else None,
-                session,
-                previous,
-                float(session_time or 0.0),
-            )
-        )
-    return out

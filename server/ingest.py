@@ -204,6 +204,11 @@ class Ingestor:
             for digest in (rank.session, rank.previous_session):
                 if digest is not None and self._sessions.get(digest, ("",))[0] == run.run_id:
                     del self._sessions[digest]
+        for listener in self._run_listeners:
+            try:
+                listener.on_run_pruned(run.run_id)
+            except Exception as exc:
+                self._listener_failed(listener, exc)
 
     def revive(self, key: str, *, by_name: bool = False) -> RunState | None:
         """The run with id ``key`` (or, ``by_name``, display name), read back from the
@@ -214,14 +219,14 @@ class Ingestor:
             run = self._runs.get(run_id) if run_id is not None else None
         if run is not None:
             return run
-        conn = self._store._conn
-        row = archive.stored_run(conn, key)
+        row = archive.stored_run(self._store.connection, key)
         if row is None or (not by_name and row.run_id != key) or row.run_id in self._runs:
             return None
         run = self._restore_run(row)
-        for stored in archive.stored_ranks(conn, run.pk):
+        for stored in self._store.load_ranks(run.pk):
             self._restore_rank(run, stored)
         self._publish(run)  # not touched: the next prune drops it again unless it is used
+        self._notify_open(run)
         return run
 
     def revive_all(self, run_ids: Sequence[str]) -> int:
@@ -283,7 +288,7 @@ class Ingestor:
         while (
             candidate in self._names
             or candidate in self._runs
-            or archive.name_taken(self._store._conn, candidate)
+            or archive.name_taken(self._store.connection, candidate)
         ):
             n += 1
             candidate = f"{base}-{n}"

@@ -33,21 +33,29 @@ class IngestListener(Protocol):
 
 @runtime_checkable
 class RunListener(Protocol):
-    """Learns each run the server knows, before any of its records.
+    """Learns when each run enters and leaves the server's memory.
 
-    An ingest listener that also has ``on_run_open`` is told of every run
-    restored from the database at start-up, then of each run OpenRun registers
-    (once: a run keeps the :class:`~monitor_pb2.RunInfo` it was opened with,
-    its kind included). The same rules as ``on_record`` apply.
+    An ingest listener that also has ``on_run_open`` and ``on_run_pruned`` is
+    told of every run restored from the database at start-up, of each run
+    OpenRun registers (once: a run keeps the :class:`~monitor_pb2.RunInfo` it
+    was opened with, its kind included) and of each pruned run read back
+    (:meth:`~.ingest.Ingestor.revive`); ``on_run_pruned`` says the run left
+    memory (idle past retention), so what is kept per run stays bounded by
+    retention and ``max_active_runs``. The same rules as ``on_record`` apply.
 
     >>> class Kinds:
     ...     def __init__(self) -> None:
     ...         self.kind: dict[str, str] = {}
     ...     def on_run_open(self, run_id: str, display_name: str, info) -> None:
     ...         self.kind[run_id] = info.kind
+    ...     def on_run_pruned(self, run_id: str) -> None:
+    ...         self.kind.pop(run_id, None)
     >>> isinstance(Kinds(), RunListener)
     True
     """
 
     def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
-        """Called once per run, with its stored (redacted) RunInfo."""
+        """Called when the run enters memory, with its stored (redacted) RunInfo."""
+
+    def on_run_pruned(self, run_id: str) -> None:
+        """Called when the run leaves memory; it may come back with ``on_run_open``."""

@@ -78,7 +78,7 @@ class StoredRank:
 
 @dataclass(frozen=True)
 class StoredAlert:
-    """An ``alerts`` row as loaded at start-up (every alert is inactive by then)."""
+    """An ``alerts`` row as loaded when its run enters memory (shown inactive)."""
 
     run_id: str
     display_name: str
@@ -258,12 +258,16 @@ class Store:
         ).fetchall()
         return [StoredRun(*row) for row in rows]
 
-    def load_ranks(self) -> list[StoredRank]:
+    def load_ranks(self, run_pk: int | None = None) -> list[StoredRank]:
+        """The ``ranks`` rows of every run (of run ``run_pk`` only), with what rebuilding
+        their acknowledgement state needs; indexed queries per rank."""
         conn = self._conn
+        where, params = ("", ()) if run_pk is None else (" WHERE run_pk = ?", (run_pk,))
         out = []
-        for run_pk, rank, acked, status, session, previous, session_time in conn.execute(
+        for run_pk_, rank, acked, status, session, previous, session_time in conn.execute(
             "SELECT run_pk, rank, acked_sequence, status, session, previous_session, session_time"
-            " FROM ranks ORDER BY run_pk, rank"
+            f" FROM ranks{where} ORDER BY run_pk, rank",
+            params,
         ).fetchall():
             pending = frozenset(
                 seq
@@ -271,13 +275,13 @@ class Store:
                     "SELECT sequence FROM records WHERE run_pk = ? AND rank = ? AND sequence > ?"
                     " UNION SELECT sequence FROM rejected"
                     " WHERE run_pk = ? AND rank = ? AND sequence > ?",
-                    (run_pk, rank, acked, run_pk, rank, acked),
+                    (run_pk_, rank, acked, run_pk_, rank, acked),
                 )
             )
             latest = conn.execute(
                 "SELECT sequence, payload FROM records WHERE run_pk = ? AND rank = ?"
                 " ORDER BY sequence DESC LIMIT 1",
-                (run_pk, rank),
+                (run_pk_, rank),
             ).fetchone()
             # health-only records have none of these: scans back over them to the last probe
             probe = conn.execute(
@@ -285,11 +289,11 @@ class Store:
                 " AND (spearman IS NOT NULL OR pearson IS NOT NULL"
                 " OR entropy_mean IS NOT NULL OR score_mean IS NOT NULL)"
                 " ORDER BY sequence DESC LIMIT 1",
-                (run_pk, rank),
+                (run_pk_, rank),
             ).fetchone()
             out.append(
                 StoredRank(
-                    run_pk,
+                    run_pk_,
                     rank,
                     acked,
                     status,
@@ -307,21 +311,25 @@ class Store:
 
     # ---------------------------------------------------------------- alerts
 
-    def load_alerts(self, now: float) -> list[StoredAlert]:
-        """Every stored alert, oldest first; alerts left active end (``server_restart``)."""
-        conn = self._conn
-        with self.transaction():
+    def end_active_alerts(self, now: float) -> None:
+        """End every alert left active (``server_restart``): the detectors start afresh."""
+        with self.transaction() as conn:
             conn.execute(
                 "UPDATE alerts SET active = 0, end_time = ?, end_reason = 'server_restart'"
                 " WHERE active = 1",
                 (now,),
             )
-        rows = conn.execute(
+
+    def load_alerts(self, run_id: str) -> list[StoredAlert]:
+        """The last :data:`MAX_ALERTS_PER_RUN` alerts of run ``run_id``, oldest first (indexed)."""
+        rows = self._conn.execute(
             "SELECT run_id, display_name, name, severity, start_step, end_step, start_time,"
-            " end_time, summary, description, trigger_values FROM alerts ORDER BY id"
+            " end_time, summary, description, trigger_values FROM alerts WHERE run_id = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (run_id, MAX_ALERTS_PER_RUN),
         ).fetchall()
         out = []
-        for row in rows:  # StoredAlert's fields in order, the last (trigger_values) as JSON
+        for row in reversed(rows):  # StoredAlert's fields in order, trigger_values as JSON
             values = {str(k): float(v) for k, v in json.loads(row[-1]).items()}
             fields: Any = (*row[:-1], values)
             out.append(StoredAlert(*fields))

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import socket
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -479,11 +480,52 @@ def test_runs_past_retention_leave_memory_and_come_back_on_demand(tmp_path: Path
         assert [r.step for r in got.history] == [10]
         wait_until("the runs pruned again", lambda: not server.ingestor.views)
         # a writer whose run was pruned goes on with its session
-        assert push(stub, record("r3-2", 2)).acks[0].acked_sequence == 2
+        health_only = record("r3-2", 2, spearman=None, entropy=None, loss=1.0)
+        assert push(stub, health_only).acks[0].acked_sequence == 2
+        wait_until("the run pruned again", lambda: not server.ingestor.views)
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="r3-2"), timeout=TIMEOUT)
         assert got.summary.records == 2
+        # read back, its latest view keeps the last probe's inversion fields
+        assert (got.summary.latest.step, got.summary.latest.loss) == (20, 1.0)
+        assert got.summary.latest.inversion.spearman.value == -0.5
         # a new run never takes a pruned run's name
         assert open_run(stub, "new", name="r0-0", world_size=1).display_name == "r0-0-2"
+
+
+def test_the_alert_engine_follows_the_runs_in_memory(tmp_path: Path) -> None:
+    limits = Limits(max_active_runs=3)
+    with running(tmp_path, limits=limits, retention="1s") as server, stub_for(server) as stub:
+        engine = server.server.alerts
+        assert engine is not None
+        for round_no in range(3):
+            for i in range(3):
+                run_id = f"r{round_no}-{i}"
+                request = monitor_pb2.OpenRunRequest(run=run_info(run_id, name=run_id))
+                wait_until("room for a run", lambda r=request: _refused(stub.OpenRun, r) is None)
+                open_run(stub, run_id, name=run_id, world_size=1)
+                push(stub, record(run_id, 1, grad_norm=math.inf))
+                assert [a.name for a in engine.active(run_id)] == ["NonFiniteTraining"]
+        # the engine drops what it holds of each run that leaves memory
+        wait_until(
+            "the runs and their alert state pruned",
+            lambda: not server.ingestor.views and engine.run_count() == 0,
+        )
+        with contextlib.closing(sqlite3.connect(tmp_path / "monitor.db")) as conn:
+            ends = conn.execute("SELECT active, end_reason FROM alerts").fetchall()
+        assert ends == [(0, "run_closed")] * 9  # their active alerts ended as they left
+        # read back, a run shows its stored alerts, none active: its detectors start afresh
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="r0-0"), timeout=TIMEOUT)
+        assert [(a.name, a.active) for a in got.alerts] == [("NonFiniteTraining", False)]
+        assert engine.active("r0-0") == []
+        # a pruned run's writer goes on: the condition fires again, once
+        push(stub, record("r2-2", 2, grad_norm=math.inf))
+        push(stub, record("r2-2", 3, grad_norm=math.inf))
+        got = stub.GetRun(monitor_pb2.GetRunRequest(run="r2-2"), timeout=TIMEOUT)
+        assert [(a.name, a.active) for a in got.alerts] == [
+            ("NonFiniteTraining", False),
+            ("NonFiniteTraining", True),
+        ]
+        assert [a.start_step for a in engine.active("r2-2")] == [20]
 
 
 def test_the_entropy_law_makes_room_for_new_runs() -> None:

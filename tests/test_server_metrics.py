@@ -36,6 +36,17 @@ def _ours(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+def _stale_runs(text: str) -> set[str]:
+    """The runs whose MonitorStale alert is active."""
+    return {
+        dict(labels)["run"]
+        for (name, labels), value in _ours(text).items()
+        if name == "inversion_monitor_alert_active"
+        and dict(labels)["alertname"] == "MonitorStale"
+        and value == 1
+    }
+
+
 def test_fast_rendering_matches_prometheus_client(tmp_path: Path) -> None:
     alerts = tmp_path / "alerts.toml"
     alerts.write_text("[stale]\nafter_s = 0.3\n")
@@ -53,11 +64,11 @@ def test_fast_rendering_matches_prometheus_client(tmp_path: Path) -> None:
             push(stub, *recs)
         close_run(stub, "run3", status="failed")
         push(stub, record("run1", 3, step=-1))  # a rejection
+        # the stale check fires on a timer: wait until every open run (all but run3) has its
+        # MonitorStale, so that no alert starts between the two renderings read below
         wait_until(
-            "the stale alert",
-            lambda: any(
-                k[0] == "inversion_monitor_alert_active" for k in _ours(scrape_text(server))
-            ),
+            "every open run's stale alert",
+            lambda: len(_stale_runs(scrape_text(server))) == 30,
             TIMEOUT,
         )
 

@@ -228,16 +228,20 @@ def test_listeners_see_stored_records_and_overload_is_shed_with_retry_info(tmp_p
 
 
 class _Runs:
-    """A run listener: the (run_id, kind) of each on_run_open, in order."""
+    """A run listener: the (run_id, kind) of each on_run_open, in order; the pruned run ids."""
 
     def __init__(self) -> None:
         self.opened: list[tuple[str, str]] = []
+        self.pruned: list[str] = []
 
     def on_record(self, run_id: str, display_name: str, rec: monitor_pb2.StepRecord) -> None:
         pass
 
     def on_run_open(self, run_id: str, display_name: str, info: monitor_pb2.RunInfo) -> None:
         self.opened.append((run_id, info.kind))
+
+    def on_run_pruned(self, run_id: str) -> None:
+        self.pruned.append(run_id)
 
 
 def test_run_listeners_learn_each_run_once_when_it_opens_and_again_at_restart(tmp_path):
