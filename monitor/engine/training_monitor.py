@@ -49,7 +49,7 @@ from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.health import step_health
 from inversion_monitor.engine.probing import Measured, ProbePlan, measure, token_samples
 from inversion_monitor.engine.rank_agreement import RankAgreement, Verdict, process_place
-from inversion_monitor.engine.schedule import ProbeSchedule
+from inversion_monitor.engine.schedule import ProbeSchedule, probe_clock
 from inversion_monitor.engine.sinks import (
     GrpcSink,
     JsonlSink,
@@ -508,7 +508,7 @@ class InversionMonitor:
                 + ": it captures input_ids of the model's training forward",
             )
             return None
-        start = time.perf_counter()
+        start = probe_clock(model)  # the training step's queued GPU work is not the probe's
         resolve_model(model)  # a refusal is known here, before any collective
         batch = batch.unpacked()  # packed documents probed as separate rows
         positions = self.sampler.sample(batch.target_mask())

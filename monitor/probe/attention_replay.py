@@ -18,15 +18,16 @@ any mismatch raises :class:`LastBlockRefused`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from inversion_monitor.probe.attention_capture import AttentionCall
 
-# fp32 elements of one replay's key and value gradients ([targets, heads, span, 2d + 2G]): 8 MiB
-_MAX_REPLAY_ELEMENTS = 1 << 21
+# fp32 elements of one replay chunk's keys and values and their gradients together
+# ([targets, kv heads, T, 2d + 2G]): 64 Mi = 256 MiB, each tensor at most half of it.
+# Chunks are few: the count of ops does not grow with the targets
+_MAX_REPLAY_ELEMENTS = 1 << 26
 
 
 class LastBlockRefused(RuntimeError):
@@ -40,23 +41,84 @@ class UniqueTargets:
     rows: torch.Tensor  # [U] row of the forward batch
     t: torch.Tensor  # [U]
     inverse: torch.Tensor  # [N] index into the unique targets of each requested target
+    slots: torch.Tensor  # [U] rank of each target among those of its row
+    packs: int  # most targets in one row (the slots' range)
 
 
-def _check_close(
-    got: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype | None = None
-) -> None:
-    """Raise :class:`LastBlockRefused` unless ``got`` matches ``expected`` (recorded in
-    ``dtype``, by default its own) to that precision's tolerance."""
-    dtype = expected.dtype if dtype is None else dtype
-    tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
-    got, expected = got.detach().float(), expected.detach().float()
-    scale = float(expected.norm())
-    error = float((got - expected).norm())
-    if not error <= tolerance * max(scale, 1e-6):
-        raise LastBlockRefused(
-            f"replaying the attention function does not reproduce {what} "
-            f"(relative error {error / max(scale, 1e-30):.2e})"
-        )
+class DeferredChecks:
+    """Checks and route decisions computed on the device, read back together (one sync).
+
+    :meth:`close` records a replay check (relative error within the recorded
+    precision's tolerance), :meth:`flag` a boolean decision; :meth:`read` reads
+    every pending value in one transfer, raises :class:`LastBlockRefused` for a
+    failed check and returns the flags by name.
+
+    >>> checks = DeferredChecks()
+    >>> rows = torch.zeros(3, dtype=torch.long)
+    >>> checks.close(torch.ones(3, 2), torch.ones(3, 2), rows, "x", batch=2)
+    >>> checks.flag("positive", torch.tensor(2.0) > 0)
+    >>> checks.read()
+    {'positive': True}
+    """
+
+    def __init__(self) -> None:
+        self._values: list[torch.Tensor] = []
+        self._closes: list[tuple[str, int, float]] = []  # what, rows, tolerance
+        self._flags: list[str] = []
+
+    def close(
+        self,
+        got: torch.Tensor,
+        expected: torch.Tensor,
+        rows: torch.Tensor,
+        what: str,
+        *,
+        batch: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """``got`` must match ``expected`` (``[n, ...]``; recorded in ``dtype``, by default
+        its own) to that precision's tolerance, relative over the entries of each batch
+        row (``rows`` ``[n]`` in ``range(batch)``)."""
+        dtype = expected.dtype if dtype is None else dtype
+        tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+        got, expected = got.detach().float(), expected.detach().float()
+        error = (got - expected).flatten(1).square().sum(1)
+        scale = expected.flatten(1).square().sum(1)
+        per_row = torch.zeros((2, batch), device=got.device)
+        per_row[0].index_add_(0, rows, error)
+        per_row[1].index_add_(0, rows, scale)
+        self._values.append(per_row.sqrt().flatten())
+        self._closes.append((what, batch, tolerance))
+
+    def flag(self, name: str, value: torch.Tensor) -> None:
+        """A boolean decision (a 0-dim tensor) to read back with the rest."""
+        self._values.append(value.detach().reshape(1).float())
+        self._flags.append(name)
+
+    def read(self) -> dict[str, bool]:
+        """Every pending value in one read; raises on a failed check."""
+        if not self._values:
+            return {}
+        values = torch.cat([v.to(self._values[0].device) for v in self._values]).tolist()
+        self._values = []
+        offset = 0
+        for what, batch, tolerance in self._closes:
+            errors, scales = (
+                values[offset : offset + batch],
+                values[offset + batch : offset + 2 * batch],
+            )
+            offset += 2 * batch
+            for error, scale in zip(errors, scales, strict=True):
+                if not error <= tolerance * max(scale, 1e-6):
+                    raise LastBlockRefused(
+                        f"replaying the attention function does not reproduce {what} "
+                        f"(relative error {error / max(scale, 1e-30):.2e})"
+                    )
+        flags = {
+            name: bool(value) for name, value in zip(self._flags, values[offset:], strict=True)
+        }
+        self._closes, self._flags = [], []
+        return flags
 
 
 def check_shapes(call: AttentionCall) -> None:
@@ -89,141 +151,118 @@ def _blocked(mask: torch.Tensor) -> torch.Tensor:
     return mask <= torch.finfo(mask.dtype).min
 
 
-def _mask_rows(
-    call: AttentionCall, rows: torch.Tensor, t: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The mask row of each target (batch row ``rows[k]``, query ``t[k]``) as the
-    function takes it (``[n, heads or 1, 1, T]``; float masks as fp32; None where the
-    recorded call had none), and ``[n]``: 1 + the last key position it lets through."""
+def _mask_rows(call: AttentionCall, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """The mask row of each target (batch row ``rows[k]``, query ``t[k]``) as the function
+    takes it (``[n, heads or 1, 1, T]``; float masks as fp32; None where the recorded
+    call had none and did not rely on ``is_causal``)."""
     mask = call.attention_mask
     length = call.key.shape[2]
     if mask is not None:
         mask_rows = rows if mask.shape[0] > 1 else torch.zeros_like(rows)
         picked = mask[mask_rows, :, t]  # [n, heads or 1, T]
-        open_ = ~_blocked(picked).any(1)
-        positions = torch.arange(1, length + 1, device=picked.device)
-        support = (open_ * positions).amax(-1).clamp_min(1)
         if picked.is_floating_point():
             picked = picked.float()
-        return picked[:, :, None], support
+        return picked[:, :, None]
     sdpa = call.implementation == "sdpa"
     causal = call.kwargs.get("is_causal")
     causal = getattr(call.module, "is_causal", True) if causal is None else causal
     if sdpa and causal:  # the recorded call relied on is_causal with a full square
         keep = torch.arange(length, device=t.device)[None, :] <= t[:, None]
-        return keep[:, None, None], t + 1
-    return None, torch.full_like(t, length)
-
-
-@dataclass(frozen=True)
-class SummedTermsChunk:
-    """``summed[index, :, :span]`` for some targets: ``values`` ``[n, Hkv, span, d]``."""
-
-    index: torch.Tensor
-    values: torch.Tensor
+        return keep[:, None, None]
+    return None
 
 
 @dataclass(frozen=True)
 class HeadTerms:
     """One projection's attention-side terms for every target.
 
-    ``summed`` (``[U, Hkv, T, d]``, zero beyond each piece's span, kept as
-    :class:`SummedTermsChunk` s) is ``dz/dtensor`` from the replay's own backward (query
-    heads of a group added up); per query head, ``summed[:, j, s] = sum_{h in
-    group j} weights[:, h, s] * vectors[:, h]`` with ``weights`` ``[U, H, T]``,
-    ``vectors`` ``[U, H, d]``.
+    ``summed`` ``[U, Hkv, T, d]`` is ``dz/dtensor`` from the replay's own backward
+    (query heads of a group added up; zero where a key is masked for the target);
+    per query head, ``summed[:, j, s] = sum_{h in group j} weights[:, h, s] *
+    vectors[:, h]`` with ``weights`` ``[U, H, T]``, ``vectors`` ``[U, H, d]``.
     """
 
     weights: torch.Tensor
     vectors: torch.Tensor
-    pieces: list[SummedTermsChunk]
-
-
-def _replay_chunks(
-    rows: torch.Tensor, support: torch.Tensor, per_position: int
-) -> Iterator[torch.Tensor]:
-    """Target indices grouped by batch row, sorted by support, in bounded chunks."""
-    order = torch.argsort(rows * (int(support.max()) + 1) + support)
-    spans, row_of = support[order].tolist(), rows[order].tolist()
-    start = 0
-    while start < len(spans):
-        end = start + 1
-        while (
-            end < len(spans)
-            and row_of[end] == row_of[start]
-            and (end + 1 - start) * spans[end] * per_position <= _MAX_REPLAY_ELEMENTS
-        ):
-            end += 1
-        yield order[start:end]
-        start = end
+    summed: torch.Tensor
 
 
 def head_terms(
-    call: AttentionCall, g: torch.Tensor, dq: torch.Tensor | None, unique: UniqueTargets
+    call: AttentionCall,
+    g: torch.Tensor,
+    dq: torch.Tensor | None,
+    unique: UniqueTargets,
+    checks: DeferredChecks,
 ) -> tuple[HeadTerms, HeadTerms, torch.Tensor]:
     """The key terms (score gradients w, queries q), value terms (probabilities a, g) and
     ``dz/dq`` ``[U, H, d]`` of every target.
 
     One replay with one target per batch element (its query row; its sequence's
-    keys and values, shared by the targets of a row, up to the last position its
-    mask row lets through; that mask row) and one backward with cotangent
-    ``g_t``: ``dk``/``dv`` are the summed terms. The head dimension gets ``G``
-    (query heads per key/value head) extra columns: one-hot by head within its
-    group on the query and output-cotangent sides, zero on keys and values, so
-    scores and outputs are unchanged while the extra columns of ``dk`` and ``dv``
-    hold ``w`` and ``a`` of each query head separately. ``dq``: the recorded
-    ``dz/dq`` (of the summed targets) to check the replay's against, or None.
+    keys and values; its mask row), in chunks of bounded size, and one backward
+    with cotangent ``g_t``: ``dk``/``dv`` are the summed terms. The head dimension
+    gets ``G`` (query heads per key/value head) extra columns: one-hot by head
+    within its group on the query and output-cotangent sides, zero on keys and
+    values, so scores and outputs are unchanged while the extra columns of ``dk``
+    and ``dv`` hold ``w`` and ``a`` of each query head separately. The replayed
+    outputs (and, with ``dq``, the recorded ``dz/dq`` of the summed targets) are
+    checked through ``checks``.
     """
-    _, heads, length, dim = call.query.shape
+    batch, heads, length, dim = call.query.shape
     kv_heads, dim_v = call.key.shape[1], call.value.shape[-1]
     groups = heads // kv_heads
     count = unique.t.shape[0]
     device = call.query.device
-    masks, support = _mask_rows(call, unique.rows, unique.t)
-    w = torch.zeros((count, heads, length), device=device)
-    a = torch.zeros((count, heads, length), device=device)
-    query_grads = torch.zeros((count, heads, dim), device=device)
-    key_pieces: list[SummedTermsChunk] = []
-    value_pieces: list[SummedTermsChunk] = []
+    masks = _mask_rows(call, unique.rows, unique.t)
     one_hot = torch.eye(groups, device=device).repeat(kv_heads, 1)  # [H, G]: head h -> h % G
-    per_position = kv_heads * (dim + dim_v + 2 * groups)
-    for index in _replay_chunks(unique.rows, support, per_position):
-        row, t = int(unique.rows[index[0]]), unique.t[index]
-        span = int(support[index].max())
-        n = index.numel()
-        q = call.query[row, :, t].detach().float().transpose(0, 1)  # [n, H, d]
+    per_target = length * kv_heads * (dim + dim_v + 2 * groups)
+    per_chunk = max(1, _MAX_REPLAY_ELEMENTS // per_target)
+    w, a, query_grads, key_terms, value_terms = [], [], [], [], []
+    for start in range(0, count, per_chunk):
+        rows = unique.rows[start : start + per_chunk]
+        t = unique.t[start : start + per_chunk]
+        n = rows.shape[0]
+        q = call.query[rows, :, t].detach().float()  # [n, H, d]
         q_aug = torch.cat([q, one_hot.expand(n, -1, -1)], -1)[:, :, None].requires_grad_(True)
-        zeros = q.new_zeros((1, kv_heads, span, groups))
-        key = call.key[row : row + 1, :, :span].detach().float()
-        value = call.value[row : row + 1, :, :span].detach().float()
-        # one copy per batch row, seen by its n targets (gradients come per target)
-        k_row = torch.cat([key, zeros], -1).requires_grad_(True)
-        v_row = torch.cat([value, zeros], -1).requires_grad_(True)
-        mask = None if masks is None else masks[index, ..., :span]
+        zeros = q.new_zeros((n, kv_heads, length, groups))
+        key = call.key.detach()[rows].float()  # one copy per target
+        value = call.value.detach()[rows].float()
+        k_aug = torch.cat([key, zeros], -1).requires_grad_(True)
+        v_aug = torch.cat([value, zeros], -1).requires_grad_(True)
+        mask = None if masks is None else masks[start : start + per_chunk]
         with torch.enable_grad():
-            k_aug, v_aug = k_row.expand(n, -1, -1, -1), v_row.expand(n, -1, -1, -1)
             try:
                 out = call.replay(q_aug, k_aug, v_aug, mask)
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise LastBlockRefused(f"replaying the attention function failed: {exc}") from exc
         if tuple(out.shape) != (n, 1, heads, dim_v + groups):
             raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
-        expected = call.output[row, t].detach().float()  # [n, H, dv]
-        _check_close(out[:, 0], _pad(expected, groups), "the attention output", call.output.dtype)
-        cotangent = torch.cat([g[row, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
+        expected = call.output[rows, t].detach().float()  # [n, H, dv]
+        checks.close(
+            out[:, 0],
+            _pad(expected, groups),
+            rows,
+            "the attention output",
+            batch=batch,
+            dtype=call.output.dtype,
+        )
+        cotangent = torch.cat([g[rows, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
         dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
         if dq is not None:
-            recorded_dq = _pad(dq[row, :, t].transpose(0, 1), groups)
-            _check_close(dq_aug[:, :, 0], recorded_dq, "dz/dq", dq.dtype)
-        query_grads[index] = dq_aug[:, :, 0, :dim]
-        key_pieces.append(SummedTermsChunk(index, dk_aug[..., :dim]))
-        value_pieces.append(SummedTermsChunk(index, dv_aug[..., :dim_v]))
+            recorded_dq = _pad(dq[rows, :, t], groups)
+            checks.close(dq_aug[:, :, 0], recorded_dq, rows, "dz/dq", batch=batch, dtype=dq.dtype)
+        query_grads.append(dq_aug[:, :, 0, :dim])
+        key_terms.append(dk_aug[..., :dim])
+        value_terms.append(dv_aug[..., :dim_v])
         # extra column i of key/value head j: query head j * G + i
-        w[index, :, :span] = dk_aug[..., dim:].permute(0, 1, 3, 2).reshape(n, heads, span)
-        a[index, :, :span] = dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, span)
+        w.append(dk_aug[..., dim:].permute(0, 1, 3, 2).reshape(n, heads, length))
+        a.append(dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, length))
     q_rows = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
     g_rows = g[unique.rows, unique.t].float()  # [U, H, dv]
-    return HeadTerms(w, q_rows, key_pieces), HeadTerms(a, g_rows, value_pieces), query_grads
+    return (
+        HeadTerms(torch.cat(w), q_rows, torch.cat(key_terms)),
+        HeadTerms(torch.cat(a), g_rows, torch.cat(value_terms)),
+        torch.cat(query_grads),
+    )
 
 
 def _pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:

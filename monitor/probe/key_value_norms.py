@@ -8,37 +8,38 @@ product where the map keeps rows apart (:func:`rows_independent`, checked).
 Where that map is the same linear map at every position (no RoPE: checked),
 the gradient has rank <= H and its norm comes from H x H factors; otherwise
 from the Gram form, the input side shared by the targets of a sequence and
-cut to each target's support (:mod:`inversion_monitor.metrics.gram_norms`).
-:func:`projection_norm` chooses.
+batched over every target at once: ``||G_k|| = ||R_b Gamma_k||`` with ``R_b`` from
+one QR of each row's inputs (``X_b^T = Q R_b``) and ``Gamma_k`` the target's output
+gradients (zero after t), and one batched eigensolve of the ``[U, a, a]`` Gram
+matrices. :class:`KeyValueRoute` takes the route decisions for both projections
+on the device; they are read back with the replay's checks in one transfer.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from inversion_monitor.metrics.gram_norms import input_factor, shared_input_norm
-from inversion_monitor.metrics.norms import Norm, outer_sum_norm
+from inversion_monitor.metrics.norms import Norm, gram_nuclear_norm, outer_sum_norm
 from inversion_monitor.probe.architectures import select_columns
-from inversion_monitor.probe.attention_replay import HeadTerms, UniqueTargets
-from inversion_monitor.probe.forward import ForwardPass
+from inversion_monitor.probe.attention_replay import DeferredChecks, HeadTerms, UniqueTargets
 
 logger = logging.getLogger("inversion_monitor")
 
-# fp32 elements of one batched cotangent ([packs, B, heads, T, d]): 512 Ki = 2 MiB. The
-# map's backward makes several temporaries of that size: small enough to stay in cache
-# (and be reused by the allocator; large blocks cost page faults on every touch). 4x this
-# was ~15% slower for the whole probe at T = 256 and 2,048.
-_MAX_COTANGENT_ELEMENTS = 1 << 19
+# elements of one batched cotangent ([slots, B, heads, T, d]): 32 Mi. Few chunks, so the
+# count of ops stays flat in the number of targets; each intermediate well under 48 Mi
+_MAX_COTANGENT_ELEMENTS = 1 << 25
 
 
 def slot_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """``[U]``: each target's rank among the targets of its batch row (its VJP slot)."""
+    """``[U]``: each target's rank among the targets of its batch row (its VJP slot).
+
+    >>> slot_ranks(torch.tensor([2, 0, 2, 1, 0, 2])).tolist()
+    [0, 0, 1, 0, 1, 2]
+    """
     order = torch.argsort(rows, stable=True)
     sorted_rows = rows[order]
     first = torch.searchsorted(sorted_rows, sorted_rows)  # first index of each row's run
@@ -47,8 +48,9 @@ def slot_ranks(rows: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> bool:
-    """Whether the map from ``projection_output`` to ``tensor`` keeps batch rows apart.
+def rows_independent_flag(tensor: torch.Tensor, projection_output: torch.Tensor) -> torch.Tensor:
+    """Whether the map from ``projection_output`` to ``tensor`` keeps batch rows apart,
+    as a 0-dim bool tensor (no host sync).
 
     Random cotangents on the rows whose index has bit k set (then clear) must give
     a gradient that is zero on the other rows, for every bit k: then no row reaches
@@ -56,9 +58,9 @@ def rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> b
     """
     batch = tensor.shape[0]
     if batch == 1:
-        return True
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
     if projection_output.shape[0] != batch:
-        return False
+        return torch.zeros((), dtype=torch.bool, device=tensor.device)
     index = torch.arange(batch, device=tensor.device)
     sides = []
     for bit in range(max(1, (batch - 1).bit_length())):
@@ -72,102 +74,59 @@ def rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> b
     (grad,) = torch.autograd.grad(
         tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
     )
-    grad = grad.float()
-    outside = grad[~chosen].abs().max() if bool((~chosen).any()) else grad.new_zeros(())
-    inside = grad[chosen].abs().max()
-    return bool(outside <= 1e-6 * inside)
+    size = grad.abs().float().flatten(2).amax(-1)  # [tests, B]
+    outside = torch.where(chosen, torch.zeros_like(size), size).amax()
+    inside = torch.where(chosen, size, torch.zeros_like(size)).amax()
+    return outside <= 1e-6 * inside
 
 
-@dataclass(frozen=True)
-class ProjectionGradients:
-    """Some targets' terms carried back to the projection: target ``targets[k]`` is
-    ``source[index[k]]`` (``[T, width]``)."""
-
-    source: torch.Tensor  # [packs * B, T, width]
-    targets: torch.Tensor  # [n] positions in the requested order
-    index: torch.Tensor  # [n]
+def rows_independent(tensor: torch.Tensor, projection_output: torch.Tensor) -> bool:
+    """:func:`rows_independent_flag`, read back."""
+    return bool(rows_independent_flag(tensor, projection_output))
 
 
-def _to_projection(
+def _same_map_flag(tensor: torch.Tensor, projection_output: torch.Tensor) -> torch.Tensor:
+    """Whether one random vector at every position and row of ``tensor`` comes back the
+    same everywhere (0-dim bool): necessary for the factored route's premise, and one
+    vector-Jacobian product instead of its full check (RoPE fails it at once)."""
+    generator = torch.Generator(device=tensor.device).manual_seed(0)
+    vector = torch.randn(tensor.shape[-1], generator=generator, device=tensor.device)
+    cotangent = vector.to(tensor.dtype).expand(tensor.shape)
+    (grad,) = torch.autograd.grad(tensor, projection_output, cotangent, retain_graph=True)
+    grad = grad.float()  # [B, T, width]
+    scale = grad.abs().amax().clamp_min(1e-30)
+    return (grad - grad[:1, :1]).abs().amax() <= 1e-4 * scale
+
+
+def _carried(
     tensor: torch.Tensor,
     projection_output: torch.Tensor,
-    terms: HeadTerms,
-    rows: torch.Tensor,
+    summed: torch.Tensor,
     *,
-    rows_apart: bool,
-    only: torch.Tensor | None = None,
-) -> Iterator[ProjectionGradients]:
-    """Each target's summed terms on ``tensor`` carried back to the projection (for the
-    targets ``only``, if given; ``targets`` index into it), a chunk at a time.
-
-    Batched vector-Jacobian products through the per-position maps (reshapes,
-    RoPE, q/k norms). Targets of different batch rows share one product (each in
-    its own row) where the map keeps rows apart (``rows_apart``, from
-    :func:`rows_independent`), so a product carries up to B targets.
-    """
-    count, batch = rows.shape[0], tensor.shape[0]
-    chosen = torch.arange(count, device=rows.device) if only is None else only
-    position = torch.full((count,), -1, dtype=torch.long, device=rows.device)
-    position[chosen] = torch.arange(chosen.numel(), device=rows.device)
-    if rows_apart:
-        slots = torch.full_like(position, -1)
-        slots[chosen] = slot_ranks(rows[chosen])
-    else:
-        slots = position
-    packs = int(slots.max()) + 1 if chosen.numel() else 0
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    packs: int,
+) -> Iterator[torch.Tensor]:
+    """Targets' summed terms (``[n, heads, T, d]``, target k in batch row ``rows[k]``)
+    carried back to the projection output: ``[p, B, T, width]`` per chunk of cotangent
+    slots, target k in slot ``slots[k]`` (distinct within a row; ``packs`` slots)."""
     per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
+    values = summed.to(tensor.dtype)
     for start in range(0, packs, per_chunk):
         size = min(per_chunk, packs - start)
-        full = tensor.new_zeros((size, *tensor.shape))
-        for piece in terms.pieces:
-            slot = slots[piece.index]
-            keep = (slot >= start) & (slot < start + size)
-            if bool(keep.any()):
-                span = piece.values.shape[2]
-                index = piece.index[keep]
-                full[slot[keep] - start, rows[index], :, :span] = piece.values[keep].to(
-                    tensor.dtype
-                )
+        if size == packs:
+            cotangent = tensor.new_zeros((size, *tensor.shape))
+            cotangent[slots, rows] = values
+        else:  # targets of other chunks land in a slot that is dropped
+            local = slots - start
+            local = torch.where((local >= 0) & (local < size), local, size)
+            cotangent = tensor.new_zeros((size + 1, *tensor.shape))
+            cotangent[local, rows] = values
+            cotangent = cotangent[:size]
         (grad,) = torch.autograd.grad(
-            tensor, projection_output, full, retain_graph=True, is_grads_batched=True
+            tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
         )
-        inside = ((slots >= start) & (slots < start + size)).nonzero().flatten()
-        yield ProjectionGradients(
-            grad.flatten(0, 1), position[inside], (slots[inside] - start) * batch + rows[inside]
-        )
-
-
-def _grouped_norm(
-    chunks: Iterator[ProjectionGradients],
-    columns: torch.Tensor | None,
-    inputs: torch.Tensor,
-    unique: UniqueTargets,
-    norm: Norm,
-) -> torch.Tensor:
-    """Norm per target with the input side shared by the targets of each row."""
-    values = torch.zeros(unique.rows.shape[0], dtype=torch.float32, device=unique.rows.device)
-    factors: dict[int, torch.Tensor] = {}
-    for chunk in chunks:
-        rows, t = unique.rows[chunk.targets], unique.t[chunk.targets]
-        # causal attention: positions after t do not reach z_t (checked, not assumed)
-        source = select_columns(chunk.source, columns)
-        reach = source.abs().amax(-1)[chunk.index]  # [n, T] (10x faster than an inf-norm)
-        positions = torch.arange(reach.shape[1], device=reach.device)
-        causal = not bool(reach[positions[None, :] > t[:, None]].any())
-        for row in torch.unique(rows).tolist():
-            index = (rows == row).nonzero().flatten()
-            if row not in factors:
-                factors[row] = input_factor(inputs[row], norm)
-            values[chunk.targets[index]] = shared_input_norm(
-                chunk.source,
-                inputs[row],
-                norm,
-                support=t[index] + 1 if causal else None,
-                rows=chunk.index[index],
-                columns=columns,
-                factor=factors[row],
-            )
-    return values
+        yield grad
 
 
 def _packed_vjp(
@@ -177,7 +136,7 @@ def _packed_vjp(
     projection to ``tensor``, assuming that map is the same at every position.
 
     The vectors are packed one per (batch row, position) slot, so a few vector-Jacobian
-    products carry all of them; :func:`_factored_gamma` checks the assumption.
+    products carry all of them; :meth:`KeyValueRoute.decide` checks the assumption.
     """
     batch, kv_heads, length, _ = tensor.shape
     count, heads, _ = terms.weights.shape
@@ -197,97 +156,142 @@ def _packed_vjp(
     return grad[pack, b, s].reshape(count, heads, -1)
 
 
-def _same_map_everywhere(tensor: torch.Tensor, projection_output: torch.Tensor) -> bool:
-    """Whether one random vector at every position and row of ``tensor`` comes back the
-    same everywhere: necessary for :func:`_factored_gamma`'s premise, and one
-    vector-Jacobian product instead of its full check (RoPE fails it at once)."""
-    generator = torch.Generator(device=tensor.device).manual_seed(0)
-    vector = torch.randn(tensor.shape[-1], generator=generator, device=tensor.device)
-    cotangent = vector.to(tensor.dtype).expand(tensor.shape)
-    (grad,) = torch.autograd.grad(tensor, projection_output, cotangent, retain_graph=True)
-    grad = grad.float()  # [B, T, width]
-    scale = float(grad.abs().max())
-    return bool((grad - grad[:1, :1]).abs().max() <= 1e-4 * max(scale, 1e-30))
+def _longest_per_row(unique: UniqueTargets, batch: int) -> torch.Tensor:
+    """``[B]``: the index of each batch row's target with the largest t (every row of the
+    forward batch holds a target)."""
+    count = unique.t.shape[0]
+    key = unique.t * count + torch.arange(count, device=unique.t.device)
+    best = torch.full((batch,), -1, dtype=key.dtype, device=key.device)
+    best = best.scatter_reduce(0, unique.rows, key, "amax")
+    return best.clamp_min(0) % count
 
 
-def _factored_gamma(
-    tensor: torch.Tensor,
-    projection_output: torch.Tensor,
-    terms: HeadTerms,
-    rows: torch.Tensor,
-    t: torch.Tensor,
-    *,
-    rows_apart: bool,
-) -> torch.Tensor | None:
-    """``[U, H, width]`` with ``Gamma_k = sum_h weights[k, h] (x) result[k, h]``, or None.
+@dataclass
+class KeyValueRoute:
+    """The route of one projection (K or V): factored (rank <= H) or shared-input Gram.
 
-    Valid when the map from the projection output to ``tensor`` is the same
-    linear map at every position (no RoPE, no norm): then each target's
-    gradient has rank <= H. Checked exactly on the longest target of every
-    batch row against the full vector-Jacobian product; None if it differs.
+    :meth:`decide` queues the decisions on the device (the factored form's premise,
+    checked exactly on each row's longest target; whether the map keeps rows
+    apart); :meth:`norms` computes the values once they are read back.
     """
-    if projection_output.ndim != 3 or tuple(projection_output.shape[:2]) != (
-        tensor.shape[0],
-        tensor.shape[2],
-    ):
-        return None
-    vectors = _packed_vjp(tensor, projection_output, terms).float()
-    longest = torch.stack(
-        [
-            (rows == row).nonzero().flatten()[int(t[rows == row].argmax())]
-            for row in torch.unique(rows).tolist()
-        ]
-    )
-    full = torch.zeros((longest.numel(), *projection_output.shape[1:]), device=vectors.device)
-    for chunk in _to_projection(
-        tensor, projection_output, terms, rows, rows_apart=rows_apart, only=longest
-    ):
-        full[chunk.targets] = chunk.source[chunk.index].float()
-    factored = torch.einsum("khs,khw->ksw", terms.weights[longest], vectors[longest])
-    for got, expected in zip(factored, full, strict=True):
-        scale = float(expected.norm())
-        if not float((got - expected).norm()) <= 1e-4 * max(scale, 1e-12):
-            return None
-    return vectors
 
+    name: str
+    tensor: torch.Tensor
+    projection_output: torch.Tensor
+    inputs: torch.Tensor
+    columns: torch.Tensor | None
+    terms: HeadTerms
+    vectors: torch.Tensor | None = None
 
-def projection_norm(
-    name: str,
-    tensor: torch.Tensor,
-    *,
-    module: nn.Module,
-    columns: torch.Tensor | None,
-    out: ForwardPass,
-    terms: HeadTerms,
-    unique: UniqueTargets,
-    norm: Norm,
-) -> torch.Tensor:
-    """Norms of one projection (K or V) for every unique target."""
-    projection_output, inputs = out.outputs[module], out.inputs[module]
-    batch = tensor.shape[0]
-    rows_apart = functools.cache(
-        lambda: batch == 1 or rows_independent(tensor, projection_output)
-    )  # tested once, where needed
-    vectors = None
-    if _same_map_everywhere(tensor, projection_output):  # else no factored form (RoPE)
-        # the check carries one target per row: testing that rows stay apart
-        # (2 log2 B products) pays off for many rows only
-        few_rows = batch <= 2 * max(1, (batch - 1).bit_length()) + 1
-        vectors = _factored_gamma(
+    def decide(self, unique: UniqueTargets, checks: DeferredChecks) -> None:
+        """Queue this projection's route decisions (flags ``{name} factored``, ``{name}
+        rows apart``) on ``checks``."""
+        tensor, output = self.tensor, self.projection_output
+        checks.flag(f"{self.name} rows apart", rows_independent_flag(tensor, output))
+        if output.ndim != 3 or tuple(output.shape[:2]) != (tensor.shape[0], tensor.shape[2]):
+            return
+        same_map = _same_map_flag(tensor, output)
+        # the premise checked exactly on the longest target of every row, one slot for
+        # all rows (a map that mixes rows fails it: the Gram route then runs)
+        batch = tensor.shape[0]
+        longest = _longest_per_row(unique, batch)
+        self.vectors = _packed_vjp(tensor, output, self.terms).float()
+        rows = torch.arange(batch, device=longest.device)
+        (full,) = _carried(
             tensor,
-            projection_output,
-            terms,
-            unique.rows,
-            unique.t,
-            rows_apart=batch == 1 or (not few_rows and rows_apart()),
+            output,
+            self.terms.summed[longest],
+            rows=rows,
+            slots=torch.zeros_like(rows),
+            packs=1,
         )
-    route = "rank <= H factors" if vectors is not None else "shared-input Gram"
-    logger.debug("last block %s: %s", name, route)
-    if vectors is not None:  # rank <= H: sum_h (vector_h)(sum_s weight_hs x_s)^T
-        mixed = inputs.new_empty((*terms.weights.shape[:2], inputs.shape[-1]), dtype=torch.float32)
-        for row in torch.unique(unique.rows).tolist():
-            index = (unique.rows == row).nonzero().flatten()
-            mixed[index] = terms.weights[index] @ inputs[row].float()
-        return outer_sum_norm(select_columns(vectors, columns), mixed, norm)
-    chunks = _to_projection(tensor, projection_output, terms, unique.rows, rows_apart=rows_apart())
-    return _grouped_norm(chunks, columns, inputs, unique, norm)
+        full = full[0].float()  # [B, T, width]
+        factored = torch.einsum("khs,khw->ksw", self.terms.weights[longest], self.vectors[longest])
+        error = (factored - full).flatten(1).norm(dim=1)
+        scale = full.flatten(1).norm(dim=1).clamp_min(1e-12)
+        checks.flag(f"{self.name} factored", same_map & (error <= 1e-4 * scale).all())
+
+    def norms(
+        self,
+        unique: UniqueTargets,
+        flags: dict[str, bool],
+        norm: Norm,
+        factors: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """``[U]`` norms by the route ``flags`` chose; ``factors`` caches each input
+        tensor's factor (K and V usually share one)."""
+        factored = flags.get(f"{self.name} factored", False)
+        logger.debug(
+            "last block %s: %s", self.name, "rank <= H factors" if factored else "shared-input Gram"
+        )
+        if factored:
+            assert self.vectors is not None
+            return self._factored(unique, norm)
+        return self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
+
+    def _by_row(self, values: torch.Tensor, unique: UniqueTargets) -> torch.Tensor:
+        """``values`` ``[U, ...]`` placed at (slot, row): ``[packs, B, ...]``, zero elsewhere."""
+        batch = self.tensor.shape[0]
+        out = values.new_zeros((unique.packs, batch, *values.shape[1:]))
+        out[unique.slots, unique.rows] = values
+        return out
+
+    def _factored(self, unique: UniqueTargets, norm: Norm) -> torch.Tensor:
+        """rank <= H: ``G = sum_h (vector_h)(sum_s weight_hs x_s)^T``."""
+        assert self.vectors is not None
+        weights = self._by_row(self.terms.weights, unique)  # [P, B, H, T]
+        mixed = (weights @ self.inputs.float()[None])[unique.slots, unique.rows]  # [U, H, b]
+        return outer_sum_norm(select_columns(self.vectors, self.columns), mixed, norm)
+
+    def _gram(
+        self,
+        unique: UniqueTargets,
+        norm: Norm,
+        rows_apart: bool,
+        factors: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """``||R_b Gamma_k||`` for every target, one batched eigensolve (nuclear)."""
+        key = id(self.inputs)
+        if key not in factors:
+            factors[key] = batched_input_factor(self.inputs, norm)
+        factor = factors[key]  # [B, r, T]
+        count = unique.t.shape[0]
+        if rows_apart:  # targets of different rows share a product
+            slots, packs = unique.slots, unique.packs
+        else:
+            slots, packs = torch.arange(count, device=unique.t.device), count
+        parts = []
+        for grad in _carried(
+            self.tensor,
+            self.projection_output,
+            self.terms.summed,
+            rows=unique.rows,
+            slots=slots,
+            packs=packs,
+        ):
+            gamma = select_columns(grad, self.columns).float()  # [p, B, T, a]
+            product = factor[None] @ gamma  # [p, B, r, a]: R_b Gamma (zero rows after t)
+            if norm == "nuclear":
+                parts.append(_small_gram(product))
+            elif norm == "frobenius":
+                parts.append(product.square().sum((-2, -1)).sqrt())
+            else:
+                parts.append(product.abs().sum((-2, -1)))
+        picked = torch.cat(parts)[slots, unique.rows]
+        return gram_nuclear_norm(picked) if norm == "nuclear" else picked
+
+
+def _small_gram(product: torch.Tensor) -> torch.Tensor:
+    """``A^T A`` or ``A A^T``, whichever is smaller, in float64 (``[..., p, q]``)."""
+    a = product.double()
+    if a.shape[-2] < a.shape[-1]:
+        return a @ a.transpose(-2, -1)
+    return a.transpose(-2, -1) @ a
+
+
+def batched_input_factor(inputs: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """``[B, r, T]``: per batch row, ``R`` of ``X_b^T = Q R`` (nuclear, Frobenius: then
+    ``||Gamma^T X_b|| = ||R Gamma||``) or ``X_b^T`` itself (l1 needs the entries); one
+    batched QR."""
+    x = inputs.float().transpose(1, 2)
+    return x if norm == "l1" else torch.linalg.qr(x, mode="r").R

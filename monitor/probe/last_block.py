@@ -6,9 +6,8 @@ holds), one forward and one backward of ``sum_t z_t`` give, for every t at
 once, ``g_t = dz_t / do_t`` at the attention function's output (o_t reaches
 only z_t). The rest comes from the model's own attention function
 (:mod:`inversion_monitor.probe.attention_capture`), replayed with one target
-per batch element: its query row, its sequence's keys and values (one copy
-per batch row, expanded; cut after the last position its mask row lets
-through), its mask row. One backward of the replay with cotangent ``g_t``
+per batch element (:mod:`inversion_monitor.probe.attention_replay`): its query
+row, its sequence's keys and values, its mask row. One backward of the replay with cotangent ``g_t``
 gives ``dz_t/dk_s = sum_h w_ts^h q_t^h`` and ``dz_t/dv_s = sum_h a_ts^h g_t^h``
 per key/value head (the query heads h of its group add up; ``a`` are the
 attention probabilities, ``w_ts = dz_t / d(q_t . k_s)``, masks, sliding
@@ -22,12 +21,10 @@ targets' rows, not T / d times it.
 
 The summed terms are carried back through the per-position maps between the
 projections and the attention (RoPE, q/k norms, layouts) by batched
-vector-Jacobian products, targets of different batch rows sharing one
-product where the map keeps rows apart (checked). Where that map is the
-same linear map at every position (no RoPE: checked), the gradient has rank
-<= H and its norm comes from H x H factors; otherwise from the Gram form,
-the input side shared by the targets of a sequence and cut to each target's
-support (:mod:`inversion_monitor.metrics.gram_norms`). Q and O are rank one
+vector-Jacobian products (:mod:`inversion_monitor.probe.key_value_norms`).
+Where that map is the same linear map at every position (no RoPE: checked),
+the gradient has rank <= H and its norm comes from H x H factors; otherwise
+from the Gram form, one batched eigensolve per projection. Q and O are rank one
 (``g_t x_t^T``); Q's ``g_t`` is the replays' ``dz/dq`` carried back to the
 projection in one product, so the backward of ``sum_t z_t`` stops at the
 attention output (the attention's own backward over every query is what
@@ -37,7 +34,12 @@ Every replay's output rows are checked against the recorded forward, and
 its ``dz/dq`` against the model's own backward the first time an attention
 module is probed (per implementation, dtype and device type); on any
 mismatch :class:`LastBlockRefused` is raised and the caller uses the
-general path: never a silently wrong value.
+general path: never a silently wrong value. The hot path has no Python loop
+over targets, heads, rows or positions: the checks and the route decisions of
+both projections are computed on the device and read back together
+(:class:`~inversion_monitor.probe.attention_replay.DeferredChecks`), so a
+probe's host syncs and solves do not grow with its targets
+(``benchmarks/bench_probe_counts.py``, ``tests/test_probe_counts.py``).
 """
 
 from __future__ import annotations
@@ -63,13 +65,14 @@ from inversion_monitor.probe.attention_capture import (
     recording_attention,
 )
 from inversion_monitor.probe.attention_replay import (
+    DeferredChecks,
     LastBlockRefused,
     UniqueTargets,
     check_shapes,
     head_terms,
 )
 from inversion_monitor.probe.forward import Component, ForwardPass, Site
-from inversion_monitor.probe.key_value_norms import projection_norm
+from inversion_monitor.probe.key_value_norms import KeyValueRoute, slot_ranks
 
 __all__ = ["ForwardFn", "LastBlockRefused", "last_block_norms", "last_block_refusal"]
 
@@ -138,7 +141,15 @@ def last_block_norms(
     length = int(targets[:, 1].max()) + 1
     keys = rows * length + targets[:, 1]
     unique_keys, inverse = torch.unique(keys, return_inverse=True)
-    unique = UniqueTargets(rows=unique_keys // length, t=unique_keys % length, inverse=inverse)
+    unique_rows = unique_keys // length
+    slots = slot_ranks(unique_rows)
+    unique = UniqueTargets(
+        rows=unique_rows,
+        t=unique_keys % length,
+        inverse=inverse,
+        slots=slots,
+        packs=int(slots.max()) + 1,
+    )
     attention = attention_module(resolved.blocks[layer], next(iter(sites.values()))[0])
     with (
         recording_attention(attention) as recorder,
@@ -197,14 +208,33 @@ def _norms(
     if g is None or (verify and dq is None):
         raise LastBlockRefused("the target logits do not depend on the attention output")
     around = dict(zip(wanted, grads[-len(wanted) :], strict=True))  # paths around attention
+    checks = DeferredChecks()
     for proj in ("k", "v"):
         other = around.get(proj)
-        if other is not None and bool(select_columns(other, sites[proj][1]).any()):
+        if other is not None:
+            checks.flag(f"{proj} around", select_columns(other, sites[proj][1]).any())
+    key_terms, value_terms, query_grads = head_terms(call, g, dq, unique, checks)
+    routes = [
+        KeyValueRoute(
+            name=proj,
+            tensor=tensor,
+            projection_output=out.outputs[sites[proj][0]],
+            inputs=out.inputs[sites[proj][0]],
+            columns=sites[proj][1],
+            terms=terms,
+        )
+        for proj, tensor, terms in (("k", call.key, key_terms), ("v", call.value, value_terms))
+        if proj in wanted
+    ]
+    for route in routes:
+        route.decide(unique, checks)
+    flags = checks.read()  # the replay's checks and every route decision, read together
+    for proj in ("k", "v"):
+        if flags.get(f"{proj} around"):
             raise LastBlockRefused(
                 f"the {proj} projection's output reaches the logits other than through the "
                 "attention's keys and values"
             )
-    key_terms, value_terms, query_grads = head_terms(call, g, dq, unique)
     if verify:
         _VERIFIED_BACKWARD.setdefault(call.module, set()).add(_backward_key(call))
     values: dict[str, torch.Tensor] = {}
@@ -222,17 +252,7 @@ def _norms(
             values[proj] = rank_one_norm(
                 select_columns(grad, columns), out.inputs[module][rows, t], norm
             )
-    for proj, tensor, terms in (("k", call.key, key_terms), ("v", call.value, value_terms)):
-        if proj in wanted:
-            module, columns = sites[proj]
-            values[proj] = projection_norm(
-                proj,
-                tensor,
-                module=module,
-                columns=columns,
-                out=out,
-                terms=terms,
-                unique=unique,
-                norm=norm,
-            )
+    factors: dict[int, torch.Tensor] = {}  # K and V usually share their input
+    for route in routes:
+        values[route.name] = route.norms(unique, flags, norm, factors)
     return {proj: values[proj] for proj in wanted}
