@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.op_counts import OpCounter
 from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
+from inversion_monitor.toy.models import tiny_causal_lm
 
 
 def qwen_half_billion(layers: int) -> nn.Module:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inversion_monitor.app.toy.models import tiny_causal_lm
 from inversion_monitor.metrics.norms import FP32_RELATIVE_ERROR, gram_nuclear_norm
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.op_counts import OpCounter
 from inversion_monitor.probe.prefix_capture import PrefixCapture
+from inversion_monitor.toy.models import tiny_causal_lm
 
 
 def _positions(batch: int, length: int, count: int) -> torch.Tensor:
