@@ -3,12 +3,21 @@
 ``RunInfo.kind`` and ``ComponentStat.projection`` are strings on the wire
 (``proto/v1/monitor.proto``); the client (:mod:`inversion_monitor.config`, the
 probe) and the server (:mod:`inversion_monitor.server.validate`) both read
-their allowed values here.
+their allowed values here. So are the names of ``StepRecord``'s training-health
+fields (:data:`HEALTH_FIELDS`): one health record goes out per optimizer step
+whatever the probe schedule and may carry only these (no ``inversion``); a
+non-finite value travels as itself and is also named in
+``StepRecord.nonfinite_fields``, whose entries must be names from
+:data:`HEALTH_FIELDS`.
 
 >>> RUN_KINDS, PROJECTIONS
 (('sft', 'rl', 'custom'), ('q', 'k', 'v', 'o'))
 >>> one_of(PROJECTIONS)
 "'q', 'k', 'v', 'o'"
+>>> from inversion_monitor.proto.v1 import monitor_pb2
+>>> fields = monitor_pb2.StepRecord.DESCRIPTOR.fields_by_name
+>>> all(fields[name].type == fields[name].TYPE_DOUBLE for name in HEALTH_FIELDS)
+True
 """
 
 from __future__ import annotations
@@ -29,3 +38,21 @@ PROJECTIONS: tuple[Projection, ...] = get_args(Projection)
 def one_of(words: Iterable[str]) -> str:
     """``words`` quoted and comma-separated, for an error message."""
     return ", ".join(map(repr, words))
+
+
+HEALTH_FIELDS = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "reward_mean",
+    "reward_std",
+    "policy_entropy_mean",
+    "entropy_covariance",
+    "kl",
+    "clip_ratio",
+    "completion_length_mean",
+)
+"""Per-step training values taken from the trainer (grad_norm before clipping)."""
+
+RL_HEALTH_FIELDS = HEALTH_FIELDS[3:]
+"""The fields only RL runs carry."""

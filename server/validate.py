@@ -2,7 +2,7 @@
 
 Non-finite inversion statistics (NaN, +-Inf) are cleared, so they are stored as
 missing and never reach /metrics; the caller counts them. Non-finite training
-health values (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`: a NaN
+health values (:data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`: a NaN
 loss, an infinite grad norm) are the news a person on call needs: they are
 kept as they are and named in ``nonfinite_fields`` (added there when the
 client did not). A value outside its range, a list over its limit, or a name
@@ -18,8 +18,7 @@ from enum import Enum
 from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.proto.v1.health import HEALTH_FIELDS
-from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, one_of
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS, PROJECTIONS, RUN_KINDS, one_of
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument
 from inversion_monitor.server.jsonsafe import loads_bounded

@@ -15,7 +15,7 @@ import pytest
 from inversion_monitor import MonitorClient
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
-from inversion_monitor.proto.v1.health import HEALTH_FIELDS
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
 from inversion_monitor.rl.signals import RL_STATS_KEYS
 from inversion_monitor.telemetry.wire import (
     StatsMapping,

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.proto.v1.health import HEALTH_FIELDS
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.validate import (
     HEALTH_RANGES,

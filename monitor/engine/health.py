@@ -4,7 +4,7 @@
 (whatever the probe schedule), the step's loss, gradient norm (before
 clipping), learning rate and, in RL runs, the reward, policy entropy,
 covariance, KL, clip ratio and completion length, under the names of
-:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`. Nothing here runs a
+:data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`. Nothing here runs a
 forward pass or touches the model: the framework adapters read what the
 trainer computed (see ``inversion_monitor.callbacks``), a custom loop passes
 its own numbers. NaN and infinities are kept: a diverged step is news.
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from inversion_monitor.proto.v1.health import HEALTH_FIELDS
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
 from inversion_monitor.rl.signals import RLStats
 
 __all__ = ["HEALTH_FIELDS", "step_health"]

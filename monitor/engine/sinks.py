@@ -136,7 +136,7 @@ class JsonlSink:
     ``world_size > 1``).
 
     Every row has ``step``, ``probed`` and the health values it knows
-    (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`); a probed row
+    (:data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`); a probed row
     also has the inversion statistics. A non-finite health value is written
     as the string ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads it back)
     and named in ``nonfinite_fields``; other NaN and infinities become null.

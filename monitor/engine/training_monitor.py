@@ -119,7 +119,7 @@ class InversionMonitor:
 
     Every :meth:`step_end` sends one record: the step's training health
     (``loss``, ``grad_norm`` before clipping, ``learning_rate``, and any field
-    of :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS` in
+    of :data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS` in
     ``health``), with the probe's statistics on the steps it ran. In an RL
     loop, pass the step's RL signals too (no extra forward: from the tensors
     of the loss)::
@@ -296,7 +296,7 @@ class InversionMonitor:
 
         ``loss``, ``learning_rate`` (the one the step used) and ``grad_norm``
         (before clipping) are the trainer's values; ``health`` adds any other
-        field of :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`
+        field of :data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`
         (e.g. ``kl``, ``clip_ratio``, ``completion_length_mean``); ``rl``: the
         step's RL signals (:class:`~inversion_monitor.rl.signals.RLStats`).
         NaN and infinities are sent as such. ``probe`` overrides the

@@ -364,7 +364,7 @@ class MonitorClient:
         ``learning_rate``, ``reward_mean``, ``reward_std``,
         ``policy_entropy_mean``, ``entropy_covariance``, ``kl``,
         ``clip_ratio``, ``completion_length_mean``: see
-        :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`) and, on
+        :data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`) and, on
         steps the probe ran, the inversion statistics: at least ``spearman``,
         ``pearson``, ``n``, ``entropy_mean`` and ``score_mean`` (see
         :class:`~inversion_monitor.telemetry.wire.StatsMapping`). A bad one

@@ -2,7 +2,7 @@
 
 :func:`step_record` turns an :class:`~inversion_monitor.metrics.stats.InversionStats`
 (or a plain mapping, validated by :class:`StatsMapping`), the step's training
-health (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`: loss,
+health (:data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`: loss,
 grad_norm, learning_rate and the RL signals) and the optional extras into a
 ``StepRecord``. A record may carry health values only (``stats=None``).
 Non-finite inversion statistics travel as unset optional fields; non-finite
@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.proto.v1.health import HEALTH_FIELDS
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
 from inversion_monitor.rl.signals import RLStats
 
 _NAN = math.nan
@@ -50,7 +50,7 @@ class StatsMapping(BaseModel):
     ``spearman``, ``pearson``, ``n``, ``entropy_mean`` and ``score_mean`` are
     required; every other field of ``InversionStats`` is optional (NaN or
     unset when absent). Unknown keys are an error, so a typo never loses a
-    value silently. Health keys (:data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`)
+    value silently. Health keys (:data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`)
     are split off first by :func:`split_stats`.
 
     >>> StatsMapping.model_validate(
@@ -243,7 +243,7 @@ def step_record(
     ``components`` are mappings with ``layer`` (int), ``projection``
     (``"q"``, ``"k"``, ``"v"`` or ``"o"``) and optional ``spearman`` and
     ``score_mean``; ``samples`` are ``(entropy, score, token_id)`` triples.
-    ``health`` maps names of :data:`~inversion_monitor.proto.v1.health.HEALTH_FIELDS`
+    ``health`` maps names of :data:`~inversion_monitor.proto.vocabulary.HEALTH_FIELDS`
     to numbers (None: not known); ``loss``, ``learning_rate`` and
     ``entropy_covariance`` given as arguments win over it. ``rl`` fills the RL
     fields (reward, policy entropy, advantage, covariance) where neither
