@@ -22,17 +22,20 @@ import argparse
 import math
 import statistics
 import tempfile
-import time
 from typing import Any
 
 from datasets import Dataset
-from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from inversion_monitor.callbacks.trl_corrpo import CorrPOConfig, CorrPOGRPOTrainer
 from inversion_monitor.toy.corpus import arithmetic_problems
 from inversion_monitor.toy.models import tiny_causal_lm
 from inversion_monitor.toy.tokenizer import char_tokenizer
+
+try:
+    from benchmarks.bench_overhead import StepTimer
+except ImportError:  # run as a script from benchmarks/
+    from bench_overhead import StepTimer  # type: ignore[no-redef]
 
 
 def task_reward(completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
@@ -41,20 +44,6 @@ def task_reward(completions: list[str], answer: list[str], **kwargs: Any) -> lis
         1.0 if f"A: {a}" in c else (0.1 if any(ch.isdigit() for ch in c) else 0.0)
         for c, a in zip(completions, answer, strict=True)
     ]
-
-
-class StepTimer(TrainerCallback):  # type: ignore[misc]
-    """Wall time between consecutive optimizer-step ends."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._last: float | None = None
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
 
 
 def make_trainer(

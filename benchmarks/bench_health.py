@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from inversion_monitor.callbacks import InversionTrainerCallback
 from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
@@ -36,8 +36,10 @@ from inversion_monitor.toy.tokenizer import char_tokenizer
 
 try:
     from benchmarks.bench_client import _serve
+    from benchmarks.bench_overhead import StepTimer
 except ImportError:  # run as a script from benchmarks/
     from bench_client import _serve  # type: ignore[no-redef]
+    from bench_overhead import StepTimer  # type: ignore[no-redef]
 
 
 class TimedCallback(InversionTrainerCallback):
@@ -54,20 +56,6 @@ class TimedCallback(InversionTrainerCallback):
         start = time.perf_counter()
         super().on_step_end(*args, **kwargs)
         self.hook_s.append(getattr(self, "_hook", 0.0) + time.perf_counter() - start)
-
-
-class StepTimer(TrainerCallback):  # type: ignore[misc]
-    """Wall time between consecutive optimizer-step ends."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._last: float | None = None
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
 
 
 def train(variant: str, steps: int, seed: int, endpoint: str) -> tuple[list[float], list[float]]:

@@ -280,12 +280,17 @@ class AsyncMonitorServer:
             self.serving = True
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_storage())
             self._prune_task = asyncio.get_running_loop().create_task(
-                self._prune_runs(min(60.0, max(0.2, cfg.retention_s / 2)))
+                self._every(
+                    min(60.0, max(0.2, cfg.retention_s / 2)),
+                    "pruning runs past retention",
+                    self._prune_runs,
+                )
             )
             if self.alerts is not None and self.alerts.config.stale.enabled:
                 period = min(5.0, self.alerts.config.stale.after_s / 4.0)
+                engine = self.alerts
                 self._stale_task = asyncio.get_running_loop().create_task(
-                    self._check_stale(self.alerts, period)
+                    self._every(period, "stale check", lambda: self._check_stale(engine))
                 )
         except BaseException:
             await self._cleanup(grace_s=0)
@@ -316,33 +321,26 @@ class AsyncMonitorServer:
                 continue
             self.storage.recovered()
 
-    async def _prune_runs(self, period: float) -> None:
-        """Every ``period`` s, drop the runs past retention from memory (writer thread)."""
+    async def _every(self, period: float, what: str, work: Callable[[], object]) -> None:
+        """Run ``work`` on the writer thread every ``period`` s until the writer is gone
+        (a failure is logged and the next round comes as usual)."""
         while True:
             await asyncio.sleep(period)
             writer = self._writer
             if writer is None:
                 return
             try:
-                await writer.call(lambda: self.ingestor.prune(time.time()))
+                await writer.call(work)
             except Exception:
-                log.exception("pruning runs past retention failed")
+                log.exception("%s failed", what)
 
-    async def _check_stale(self, engine: AlertEngine, period: float) -> None:
-        """Evaluate MonitorStale every ``period`` seconds on the writer thread."""
-        while True:
-            await asyncio.sleep(period)
-            writer = self._writer
-            if writer is None:
-                return
-            try:
-                await writer.call(
-                    lambda: engine.check_stale(
-                        self.ingestor.views, retention_s=self.config.retention_s
-                    )
-                )
-            except Exception:
-                log.exception("stale check failed")
+    def _prune_runs(self) -> None:
+        """Drop the runs past retention from memory (writer thread)."""
+        self.ingestor.prune(time.time())
+
+    def _check_stale(self, engine: AlertEngine) -> None:
+        """Evaluate MonitorStale (writer thread)."""
+        engine.check_stale(self.ingestor.views, retention_s=self.config.retention_s)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop serving: health NOT_SERVING, finish in-flight calls, close the database."""
