@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -76,6 +77,15 @@ def test_no_bare_top_level_packages_are_installed():
 
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_imports_every_module(tmp_path):
+    # built from a copy without build/: setuptools would pack a stale build/lib's deleted modules
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
+        ),
+    )
     dist = tmp_path / "dist"
     subprocess.run(
         [
@@ -88,7 +98,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_every_module(tmp_path):
             "-q",
             "-w",
             str(dist),
-            str(ROOT),
+            str(source),
         ],
         check=True,
     )
