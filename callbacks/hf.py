@@ -129,7 +129,7 @@ class InversionTrainerCallback(TrainerCallback, ExportableState):  # type: ignor
                 self._health = TrainerHealthTap(trainer)
                 self._tap = GRPOSignalTap.attach(trainer)
             except Exception as exc:  # never break training
-                self.monitor._fail("reading the trainer's health values", exc)
+                self.monitor.report_failure("reading the trainer's health values", exc)
         if model is not None:
             self.monitor.attach(model)
 

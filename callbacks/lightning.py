@@ -201,7 +201,7 @@ class InversionLightningCallback(Callback):  # type: ignore[misc]
         try:
             self._health = LightningHealthTap(trainer)
         except Exception as exc:  # never break training
-            monitor._fail("reading the trainer's health values", exc)
+            monitor.report_failure("reading the trainer's health values", exc)
         self._last_step = int(trainer.global_step)
         if (
             self.config.log_to_trainer

@@ -254,3 +254,16 @@ def test_state_dict_resumes_run_and_sampler(make_model, batch):
 def test_rank_validation():
     with pytest.raises(ValueError, match="rank < world_size"):
         InversionMonitor(MonitorConfig(), rank=2, world_size=2)
+
+
+def test_an_adapters_own_failure_is_warned_once_and_stops_nothing(make_model, batch):
+    model = make_model("llama", num_layers=1).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1, tokens_per_probe=8))
+    monitor.attach(model)
+    with pytest.warns(MonitorWarning, match="reading the trainer's health values") as caught:
+        for _ in range(2):
+            monitor.report_failure("reading the trainer's health values", ValueError("boom"))
+    assert len([w for w in caught if issubclass(w.category, MonitorWarning)]) == 1
+    assert monitor.enabled and monitor.probing and monitor.errors == 2
+    assert train_steps(model, monitor, batch, 1)[0] is not None  # the probe still runs
+    monitor.close()

@@ -576,6 +576,17 @@ class InversionMonitor:
         logger.warning(message)
         warnings.warn(message, MonitorWarning, stacklevel=3)
 
+    def report_failure(self, where: str, exc: BaseException) -> None:
+        """An adapter's own failure outside the probe (e.g. reading the trainer's health
+        values): counted and warned once; the probe and the health records go on."""
+        self.errors += 1
+        self._warn_once(
+            f"error:{type(exc).__name__}:{where}",
+            f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
+            "continues and so does the monitor without it",
+        )
+        logger.debug("inversion-monitor failure", exc_info=exc)
+
     def _fail(self, where: str, exc: BaseException) -> None:
         self.errors += 1
         distributed = self._agreement is not None
