@@ -48,6 +48,11 @@ from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
 from inversion_monitor.probe.reference import reference_norms
 from inversion_monitor.toy.models import tiny_causal_lm
 
+try:
+    from benchmarks.bench_probe_counts import qwen_half_billion
+except ImportError:  # run as a script from benchmarks/
+    from bench_probe_counts import qwen_half_billion  # type: ignore[no-redef]
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -277,23 +282,8 @@ def long_row(device: torch.device, repeats: int) -> dict[str, Any]:
 
 def gpu_rows(device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """bf16, a Qwen2-0.5B-shaped model from its config: probe cost in training steps."""
-    import transformers
-
-    config = transformers.Qwen2Config(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    model.to(device=device, dtype=torch.bfloat16)
+    model = qwen_half_billion(24).to(device)
+    config = model.config
     length = 1024
     step_s = training_step_seconds(model, (8, length), config.vocab_size, device, repeats)
     gen = torch.Generator().manual_seed(0)

@@ -79,6 +79,15 @@ def _sources() -> list[Path]:
     return files
 
 
+def _from_target(node: ast.ImportFrom, package: str) -> str:
+    """The module a ``from ... import`` statement in ``package`` reads from (relative resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[: len(base) - node.level + 1]
+    return ".".join([*base, node.module] if node.module else base)
+
+
 def _imports(source: str, module: str, *, is_package: bool) -> list[str]:
     tree = ast.parse(source)
     names: list[str] = []
@@ -87,12 +96,7 @@ def _imports(source: str, module: str, *, is_package: bool) -> list[str]:
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                target = ".".join([*base, node.module] if node.module else base)
-            else:
-                target = node.module or ""
+            target = _from_target(node, package)
             if target == "inversion_monitor":  # from inversion_monitor import x
                 names.extend(
                     "inversion_monitor"
@@ -238,12 +242,7 @@ def _import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")
-                    base = base[: len(base) - node.level + 1]
-                    target = ".".join([*base, node.module] if node.module else base)
-                else:
-                    target = node.module or ""
+                target = _from_target(node, package)
                 for alias in node.names:
                     submodule = f"{target}.{alias.name}"
                     targets.add(submodule if submodule in sources else target)

@@ -76,8 +76,7 @@ class InversionWeakening:
         if self.baseline_z is None:
             self._warm.append((z, 1.0 / se**2))
             if len(self._warm) >= self.config.warmup:
-                total = sum(w for _, w in self._warm)
-                self.baseline_z = sum(zz * w for zz, w in self._warm) / total
+                self.baseline_z, _ = _weighted_mean_z(self._warm)
             return None
         shift = self._reference_shift_z()
         h = self.config.threshold
@@ -152,8 +151,7 @@ class InversionLost:
         if self.established is None:
             self._warm.append((z, 1.0 / se**2))
             if len(self._warm) >= self.config.warmup:
-                total = sum(w for _, w in self._warm)
-                mean = sum(zz * w for zz, w in self._warm) / total
+                mean, total = _weighted_mean_z(self._warm)
                 self.baseline_rho = math.tanh(mean)
                 self.established = mean + Z_95 / math.sqrt(total) < 0.0
             return None
@@ -199,3 +197,13 @@ class InversionLost:
             f"{obs.rho:.3f}, CI upper {upper:.3f}, n={obs.n})",
             values,
         )
+
+
+def _weighted_mean_z(warm: list[tuple[float, float]]) -> tuple[float, float]:
+    """Inverse-variance weighted mean of warm-up Fisher z values and the total weight.
+
+    >>> _weighted_mean_z([(0.25, 1.0), (0.5, 3.0)])
+    (0.4375, 4.0)
+    """
+    total = sum(w for _, w in warm)
+    return sum(z * w for z, w in warm) / total, total
