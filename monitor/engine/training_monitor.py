@@ -458,13 +458,12 @@ class InversionMonitor:
 
     def _disable_here(self, where: str, exc: BaseException) -> None:
         """Switch off on this rank only (the ranks can no longer agree)."""
-        self.errors += 1
-        self._warn_once(
+        self._report(
             f"error:{type(exc).__name__}",
-            f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
-            "continues, the health records go on and the probe is off on this rank",
+            where,
+            exc,
+            ", the health records go on and the probe is off on this rank",
         )
-        logger.debug("inversion-monitor failure", exc_info=exc)
         self._stop_probing()
 
     def _stop_probing(self) -> None:
@@ -579,28 +578,28 @@ class InversionMonitor:
     def report_failure(self, where: str, exc: BaseException) -> None:
         """An adapter's own failure outside the probe (e.g. reading the trainer's health
         values): counted and warned once; the probe and the health records go on."""
+        self._report(
+            f"error:{type(exc).__name__}:{where}", where, exc, " and so does the monitor without it"
+        )
+
+    def _report(self, key: str, where: str, exc: BaseException, outcome: str) -> None:
+        """Count a failure, warn once per ``key`` (``outcome`` follows "training continues")."""
         self.errors += 1
         self._warn_once(
-            f"error:{type(exc).__name__}:{where}",
+            key,
             f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
-            "continues and so does the monitor without it",
+            f"continues{outcome}",
         )
         logger.debug("inversion-monitor failure", exc_info=exc)
 
     def _fail(self, where: str, exc: BaseException) -> None:
-        self.errors += 1
         distributed = self._agreement is not None
         if self.config.on_error == "continue":
             action = "keeps trying"
         else:
             action = "stops probing on every rank" if distributed else "stops probing"
             action += " (the health records go on)"
-        self._warn_once(
-            f"error:{type(exc).__name__}",
-            f"inversion-monitor failed at {where} ({type(exc).__name__}: {exc}); training "
-            f"continues and the monitor {action}",
-        )
-        logger.debug("inversion-monitor failure", exc_info=exc)
+        self._report(f"error:{type(exc).__name__}", where, exc, f" and the monitor {action}")
         if self.config.on_error != "disable":
             return
         if distributed:  # the next vote tells the other ranks; all stop probing together
