@@ -9,8 +9,9 @@ server's event loop, with an :class:`HttpCallContext` in place of the gRPC
 context, so the answers (and any per-token scoping the servicer applies to
 the call's ``authorization`` metadata) are those of the RPCs. ``samples=0`` leaves out the raw token
 samples of the history records (the page does not draw them). The history is
-the newest records within the server's ``max_history_bytes``, streamed a record
-at a time (no whole-history document in memory). Every answer
+the newest records within an eighth of the server's ``max_history_bytes``
+(JSON costs more than protobuf), streamed a record at a time (no whole-history
+document in memory). Every answer
 carries ``X-Max-History``, the most ``history`` the server gives (its
 ``max_history``), so a client can ask for no more.
 
@@ -134,11 +135,14 @@ class RunsApi:
         max_history: int | None = None,
         timeout_s: float = 10.0,
         allowed_hosts: frozenset[str] | None = None,
+        max_history_bytes: int | None = None,
     ) -> None:
         self._servicer = servicer
         self._loop = loop
         self._authorize = authorize
         self._allowed_hosts = allowed_hosts
+        # JSON of token samples costs ~4 s of CPU per MB of records: an eighth of the gRPC cap
+        self._json_history_bytes = None if max_history_bytes is None else max_history_bytes // 8
         self._max_history = max_history
         self._timeout_s = timeout_s
 
@@ -199,7 +203,7 @@ class RunsApi:
             get = monitor_pb2.GetRunRequest(run=run, history_limit=_count(query, "history"))
             samples = _text(query, "samples") not in ("0", "false", "no")
             response: monitor_pb2.GetRunResponse = self._call(
-                "GetRun", get, context, samples=samples
+                "GetRun", get, context, samples=samples, max_bytes=self._json_history_bytes
             )
             return response
         raise ApiError("NOT_FOUND", f"no API at {path[:80]!r}: try {PREFIX} or {PREFIX}/<run>")

@@ -263,6 +263,7 @@ class AsyncMonitorServer:
                     authorize=None if auth is None else _header_check(auth),
                     max_history=limits.max_history,
                     allowed_hosts=None if auth else host_names(http[0], cfg.allowed_hosts),
+                    max_history_bytes=limits.max_history_bytes,
                 )
                 self._http = HttpEndpoint(
                     self.exposition.render,

@@ -13,9 +13,6 @@ import sqlite3
 
 from inversion_monitor.proto.v1 import monitor_pb2
 
-# without samples, stop after this many times max_bytes of stored payload was read
-_RAW_FACTOR = 4
-
 
 def read_history_capped(
     conn: sqlite3.Connection,
@@ -24,11 +21,15 @@ def read_history_capped(
     max_bytes: int,
     *,
     samples: bool = True,
+    max_read_bytes: int | None = None,
 ) -> list[monitor_pb2.StepRecord]:
     """The newest records of run ``run_pk`` (at most ``limit``, ``max_bytes`` in all), oldest first.
 
-    ``samples=False`` clears each record's token samples before it is counted.
+    ``samples=False`` clears each record's token samples before it is counted;
+    reading then also stops once ``max_read_bytes`` of stored records were parsed
+    (default ``4 * max_bytes``), which bounds the parsing work.
     """
+    read_cap = 4 * max_bytes if max_read_bytes is None else max_read_bytes
     cursor = conn.execute(
         "SELECT step, rank, sequence, payload FROM records WHERE run_pk = ?"
         " ORDER BY step DESC LIMIT ?",
@@ -44,7 +45,7 @@ def read_history_capped(
             if not samples and record.samples:
                 del record.samples[:]
                 size = record.ByteSize()
-            if total + size > max_bytes or raw > _RAW_FACTOR * max_bytes:
+            if total + size > max_bytes or raw > read_cap:
                 break
             total += size
             kept.append((step, rank, sequence, record))

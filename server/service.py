@@ -263,8 +263,10 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         context: grpc.aio.ServicerContext,
         *,
         samples: bool = True,
+        max_bytes: int | None = None,
     ) -> monitor_pb2.GetRunResponse:
-        """The run's summary and newest history (``samples=False``: without token samples)."""
+        """The run's summary and newest history (``samples=False``: without token samples;
+        ``max_bytes``: a tighter byte cap than the server's, e.g. for JSON)."""
         grant = self._grant(context)
 
         async def call() -> monitor_pb2.GetRunResponse:
@@ -285,8 +287,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                         self._read_connection(),
                         view.pk,
                         limit,
-                        self._max_history_bytes,
+                        min(self._max_history_bytes, max_bytes or self._max_history_bytes),
                         samples=samples,
+                        max_read_bytes=4 * self._max_history_bytes,
                     )
                 )
             except sqlite3.Error as exc:
