@@ -37,6 +37,7 @@ from typing_extensions import TypedDict, Unpack
 
 from inversion_monitor.metrics import MIN_CORRELATION_PAIRS
 from inversion_monitor.proto.vocabulary import PROJECTIONS, RUN_KINDS, Projection, RunKind, one_of
+from inversion_monitor.telemetry.endpoints import join_endpoints
 
 ENV_PREFIX = "INVERSION_MONITOR_"
 _FLAGS = {
@@ -98,7 +99,11 @@ class MonitorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     # where records go
-    endpoint: str | None = Field(None, description="gRPC server 'host:port'; None = local only")
+    endpoint: str | None = Field(
+        None,
+        description="gRPC server 'host:port', or replicas 'host1:port1,host2:port2' "
+        "(failover); None = local only",
+    )
     run_name: str | None = Field(None, description="human run name; default from the trainer")
     run_id: str | None = Field(None, description="reuse to resume a run; default a new id")
     project: str = Field("", description="project the run belongs to")
@@ -172,6 +177,15 @@ class MonitorConfig(BaseModel):
         if isinstance(value, str) and value.strip().lower() in _FLAGS:
             return _FLAGS[value.strip().lower()]
         return value
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _endpoint_list(cls, value: Any) -> Any:
+        if value is None or not isinstance(value, str | list | tuple):
+            return value  # None, or a type error pydantic explains
+        if isinstance(value, str) and not value.strip():
+            return None  # "": no server, as before lists existed
+        return join_endpoints(value)
 
     @field_validator("projections")
     @classmethod

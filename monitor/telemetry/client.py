@@ -29,6 +29,15 @@ Policies, in one place:
   0.8-1.2) or exactly the delay of a ``google.rpc.RetryInfo`` the server sent.
   ``UNAVAILABLE`` also rebuilds the channel (an older server without writer
   sessions re-opens the run then). ``NOT_FOUND`` re-opens the run and resends.
+* **Failover.** With several endpoints (``"host1:50051,host2:50051"``,
+  replicas of one store) ``UNAVAILABLE`` and ``DEADLINE_EXCEEDED`` move the
+  client to the next endpoint, round-robin: at once while one has not failed
+  since the last success, after the backoff above once all have. It keeps its
+  records, spool and writer session, re-opens the run where the new endpoint
+  asks for it (``NOT_FOUND``, ``FAILED_PRECONDITION``; ``ALREADY_EXISTS``
+  takes over its own stream once) and resends everything not acknowledged;
+  the store's sequence de-duplication drops what had arrived (see
+  :mod:`inversion_monitor.telemetry.endpoints`).
 * **Stop.** Any other code (``UNAUTHENTICATED``, ``PERMISSION_DENIED``,
   ``INVALID_ARGUMENT``, ``UNIMPLEMENTED``, ...) means this client's
   configuration is wrong: it warns once with the code and the fix, sends
@@ -95,7 +104,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -106,6 +115,7 @@ from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.proto.vocabulary import RUN_KINDS
 from inversion_monitor.rl.signals import RL_STATS_KEYS, RLStats
+from inversion_monitor.telemetry.endpoints import Rotation, parse_endpoints
 from inversion_monitor.telemetry.sender import (
     RunStatus,
     Sender,
@@ -152,7 +162,9 @@ class MonitorClient:
     """Sends ``InversionStats`` of each step to an inversion-monitor server.
 
     Args:
-        endpoint: the server's gRPC address, ``"host:port"`` or ``"dns:///host:port"``.
+        endpoint: the server's gRPC address, ``"host:port"`` or ``"dns:///host:port"``;
+            several replicas of one store as ``"host1:port1,host2:port2"`` (or a
+            sequence of them): the client fails over between them.
         run_name: human name of the run (the server derives a unique display name).
         project: optional project name.
         labels: free-form string labels of the run.
@@ -189,7 +201,7 @@ class MonitorClient:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         run_name: str,
         *,
         project: str = "",
@@ -212,8 +224,11 @@ class MonitorClient:
         backoff_max_s: float = default("backoff_max_s"),
         close_timeout_s: float = default("close_timeout_s"),
     ) -> None:
-        transport = Transport.create(endpoint, tls=tls, token=token)
-        self.endpoint = transport.endpoint
+        endpoints = Rotation(
+            [Transport.create(e, tls=tls, token=token) for e in parse_endpoints(endpoint)]
+        )
+        self.endpoints: tuple[str, ...] = tuple(t.endpoint for t in endpoints.items)
+        self.endpoint = ",".join(self.endpoints)
         self.run_id = uuid.uuid4().hex if run_id is None else run_id
         if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(
@@ -276,7 +291,7 @@ class MonitorClient:
                 spool.path if spool is not None else "",
             )
         self._sender = Sender(
-            transport,
+            endpoints,
             self._window,
             run_info,
             rank=rank,
@@ -332,6 +347,16 @@ class MonitorClient:
     def display_name(self) -> str | None:
         """The run's name on the server (None until the run was opened)."""
         return self._sender.display_name
+
+    @property
+    def current_endpoint(self) -> str:
+        """The endpoint the client sends to now (it moves on failover)."""
+        return self._sender.transport.endpoint
+
+    @property
+    def failovers(self) -> int:
+        """How often the client moved to another endpoint so far."""
+        return self._sender.endpoints.failovers
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -577,7 +602,7 @@ class MonitorClient:
         )
         self._window.closed = True
         self._sender = Sender(
-            sender.transport,
+            sender.endpoints,
             self._window,
             sender.run_info,
             rank=self.rank,

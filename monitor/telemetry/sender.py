@@ -17,6 +17,17 @@ session is this client's own, so it re-opens once with ``takeover``;
 ``Push`` (taken over, or a session the server forgot in a restart) re-opens
 once, and stops when it comes again before anything was delivered.
 
+Failover: with several endpoints (see :mod:`inversion_monitor.telemetry.endpoints`)
+``UNAVAILABLE`` (connection refused, a killed server) and ``DEADLINE_EXCEEDED``
+move the sender to the next endpoint, round-robin: at once while some endpoint
+has not failed since the last success, after the usual backoff once all have.
+The window, the spool and the writer session move with it: the next ``Push``
+carries the session (replicas of one store honour it), ``NOT_FOUND`` and
+``FAILED_PRECONDITION`` re-open the run as above, and ``ALREADY_EXISTS`` from
+that ``OpenRun`` takes the stream over once, because the live writer is this
+client's session on the endpoint it left. The re-opened run tells which
+records the store already holds; everything else is resent.
+
 Fork: a fork never waits more than :data:`FORK_WAIT_S` on the sender. A call
 in flight is cancelled (the server de-duplicates its resend) and the fork
 waits until gRPC has finished it, so the child is forked with an idle channel
@@ -43,6 +54,7 @@ from typing import Any, Literal
 import grpc
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.telemetry.endpoints import Rotation
 from inversion_monitor.telemetry.retry import CallFailure, backoff_s, classify, retry_delay_s
 from inversion_monitor.telemetry.transport import Transport
 from inversion_monitor.telemetry.window import SendWindow
@@ -124,6 +136,8 @@ _OUTCOME_UNKNOWN = frozenset(
         grpc.StatusCode.INTERNAL,
     }
 )
+# failures after which a client with several endpoints tries the next one
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class Sender:
@@ -131,7 +145,7 @@ class Sender:
 
     def __init__(
         self,
-        transport: Transport,
+        endpoints: Rotation[Transport],
         window: SendWindow,
         run_info: monitor_pb2.RunInfo,
         *,
@@ -140,7 +154,7 @@ class Sender:
         warner: Warner,
         takeover: bool,
     ) -> None:
-        self.transport = transport
+        self.endpoints = endpoints
         self.window = window
         self.run_info = run_info
         self.run_id = run_info.run_id
@@ -166,12 +180,19 @@ class Sender:
         self._failed_method = ""
         # an OpenRun of this client may have been granted without the answer arriving
         self._open_unanswered = False
+        # the writer session was granted by an endpoint this client has since left
+        self._session_elsewhere = False
         # fork coordination: calls start under the gate; a fork holds it
         self._gate = threading.Lock()
         self._gate_held = False
         self._in_flight: tuple[grpc.Future, threading.Event] | None = None
         self._fork_cancelled = False
         self.forked = False
+
+    @property
+    def transport(self) -> Transport:
+        """The transport of the endpoint in use."""
+        return self.endpoints.current
 
     # ------------------------------------------------------------ the thread
 
@@ -270,6 +291,7 @@ class Sender:
             return result
         assert isinstance(result, monitor_pb2.OpenRunResponse)
         self._open_unanswered = False
+        self._session_elsewhere = False
         self._takeover = False  # taken over once; later re-opens are this client's own
         self._session = result.writer_session
         self.display_name = result.display_name or self.display_name
@@ -313,6 +335,8 @@ class Sender:
         self._attempt = 0
         self._not_found_in_a_row = 0
         self._session_reopened = False
+        self._session_elsewhere = False  # the endpoint in use honours the session
+        self.endpoints.succeeded()
         if self._outage:
             self._outage = False
             logger.info("monitor server at %s reachable again", self.transport.endpoint)
@@ -339,12 +363,14 @@ class Sender:
         if (
             code == grpc.StatusCode.ALREADY_EXISTS
             and self._failed_method == "OpenRun"
-            and self._open_unanswered
+            and (self._open_unanswered or self._session_elsewhere)
         ):
             # The live writer is most likely this client: an earlier OpenRun was granted
-            # but its answer lost. Take the stream over once (a writer that really is
-            # another client then stops on its next Push and re-open).
+            # but its answer lost, or granted through the endpoint this client failed
+            # over from. Take the stream over once (a writer that really is another
+            # client then stops on its next Push and re-open).
             self._open_unanswered = False
+            self._session_elsewhere = False
             self._takeover = True
             logger.info(
                 "run %s rank %d is held by a writer session whose OpenRun answer this client "
@@ -363,7 +389,10 @@ class Sender:
         elif action == "stop":
             self._halt(failure)
             return None
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code in FAILOVER_CODES and len(self.endpoints.items) > 1:
+            if not self._fail_over(failure):
+                return 0.0  # an endpoint not tried since the last success: at once
+        elif code == grpc.StatusCode.UNAVAILABLE:
             self._reset_channel()
         delay = failure.retry_delay_s
         if delay is None:
@@ -376,7 +405,7 @@ class Sender:
         if not self._outage:
             self._outage = True
             message = (
-                f"cannot deliver telemetry to the monitor server at {self.transport.endpoint} "
+                f"cannot deliver telemetry to the monitor server at {self._where()} "
                 f"({code.name}: {failure.details}); records are buffered "
                 f"(max_buffer={self.window.max_buffer}, "
                 f"spool_dir={'set' if self.window.spool is not None else 'none'}) and retried "
@@ -389,6 +418,30 @@ class Sender:
         else:
             logger.debug("telemetry retry in %.2fs after %s", delay, code.name)
         return delay
+
+    def _fail_over(self, failure: CallFailure) -> bool:
+        """Move to the next endpoint; True when all failed in a row (back off first)."""
+        left = self.transport.endpoint
+        round_done = self.endpoints.fail_over()
+        self._reset_channel()
+        if self._session:
+            self._session_elsewhere = True
+        log = logger.warning if not self._outage else logger.info
+        log(
+            "monitor server at %s failed (%s: %s): run %s rank %d fails over to %s",
+            left,
+            failure.code.name,
+            failure.details,
+            self.run_id,
+            self.rank,
+            self.transport.endpoint,
+        )
+        return round_done
+
+    def _where(self) -> str:
+        """The endpoint, or the list of them."""
+        endpoints = [t.endpoint for t in self.endpoints.items]
+        return endpoints[0] if len(endpoints) == 1 else "any of " + ", ".join(endpoints)
 
     def _halt(self, failure: CallFailure) -> None:
         fix = _FIXES.get(failure.code, "check the client configuration and the server logs")

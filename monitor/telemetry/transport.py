@@ -28,24 +28,12 @@ from typing import Any
 import grpc
 
 from inversion_monitor.proto.v1 import monitor_pb2_grpc
+from inversion_monitor.telemetry.endpoints import normalise_endpoint
 
 TlsSetting = bool | str | os.PathLike[str]
 # The client retries itself (see inversion_monitor.telemetry.retry); gRPC's own retries
 # would hide failures from it and resend behind its back.
 DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.enable_retries", 0),)
-
-
-def normalise_endpoint(endpoint: str) -> str:
-    """``endpoint`` stripped; ``ValueError`` for an empty one or a URL."""
-    target = endpoint.strip()
-    if not target:
-        raise ValueError("endpoint is empty: pass 'host:port' (e.g. '127.0.0.1:50051')")
-    if target.startswith(("http://", "https://", "grpc://")):
-        raise ValueError(
-            f"endpoint={endpoint!r} looks like a URL: pass 'host:port' or 'dns:///host:port' "
-            "(and tls=True for TLS)"
-        )
-    return target
 
 
 def channel_credentials(tls: TlsSetting) -> grpc.ChannelCredentials | None:
@@ -95,7 +83,16 @@ class Transport:
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = DEFAULT_OPTIONS,
     ) -> Transport:
-        """Validate the settings; ``ValueError`` names the bad one and the fix."""
+        """Validate the settings; ``ValueError`` names the bad one and the fix.
+
+        One server: a list (``"host1:port,host2:port"``) is for
+        :class:`~inversion_monitor.telemetry.client.MonitorClient`, which makes
+        one transport per entry (:func:`~inversion_monitor.telemetry.endpoints.parse_endpoints`).
+        """
+        if "," in endpoint:
+            raise ValueError(
+                f"endpoint={endpoint!r} names several servers: pass one 'host:port' here"
+            )
         return cls(
             endpoint=normalise_endpoint(endpoint),
             credentials=channel_credentials(tls),
