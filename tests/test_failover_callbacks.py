@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 
 from inversion_monitor import TelemetryWarning
+from inversion_monitor.app.cli import main
 from inversion_monitor.callbacks import InversionLightningCallback, InversionTrainerCallback
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.training_monitor import InversionMonitor
@@ -22,7 +23,7 @@ from inversion_monitor.toy.data import causal_lm_collator, tokenized_corpus
 from inversion_monitor.toy.models import tiny_causal_lm
 from inversion_monitor.toy.tokenizer import char_tokenizer
 from tests.lightning_runs import TinyCausalLM, train_loader, trainer
-from tests.server_support import free_port, running, stub_for
+from tests.server_support import free_port, open_run, running, stub_for
 from tests.test_run_command import FIXTURES
 from tests.test_run_command import run as run_command
 from tests.trainers import hf_trainer
@@ -110,3 +111,17 @@ def test_run_command_refuses_a_bad_list_naming_the_option() -> None:
     proc = run_command(["--endpoint", "127.0.0.1:1,127.0.0.1:1", "--", sys.executable, "-V"])
     assert proc.returncode == 2
     assert "--endpoint: " in proc.stderr and "name each server once" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["runs"], ["show", "read-failover"]])
+def test_runs_and_show_read_from_the_first_replica_that_answers(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with running(tmp_path) as server, stub_for(server) as stub:
+        open_run(stub, "read-failover", name="read-failover")
+        endpoints = _endpoints(server)
+        assert main([*command, "--endpoint", endpoints, "--timeout", "5"]) == 0
+        assert "read-failover" in capsys.readouterr().out
+        dead = endpoints.split(",")[0]
+        assert main([*command, "--endpoint", f"{dead},{dead}"]) == 1
+        assert "--endpoint " in capsys.readouterr().err  # the duplicate is named

@@ -31,8 +31,9 @@ def add_read_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoint",
         default=os.environ.get(ENDPOINT_ENV, "127.0.0.1:50051"),
-        metavar="HOST:PORT",
-        help=f"server address (default ${ENDPOINT_ENV} or 127.0.0.1:50051)",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help=f"server address, or replicas of one store tried in turn (default ${ENDPOINT_ENV} "
+        "or 127.0.0.1:50051)",
     )
     parser.add_argument(
         "--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default ${TOKEN_ENV})"
@@ -68,6 +69,7 @@ def explain_read_error(code: str, details: str, endpoint: str, run: str | None =
 
 def open_reader(args: argparse.Namespace) -> RunReader:
     """A reader for the parsed options; bad options become :class:`UserError`."""
+    from inversion_monitor.telemetry.endpoints import parse_endpoints
     from inversion_monitor.telemetry.reader import RunReader
     from inversion_monitor.telemetry.transport import Transport
 
@@ -77,9 +79,10 @@ def open_reader(args: argparse.Namespace) -> RunReader:
     if not args.timeout > 0:
         raise UserError(f"--timeout {args.timeout} must be a positive number of seconds")
     try:
-        transport = Transport.create(
-            args.endpoint, tls=tls_ca if tls_ca is not None else False, token=args.token
-        )
+        transports = [  # several replicas of one store: the first that answers
+            Transport.create(e, tls=tls_ca if tls_ca is not None else False, token=args.token)
+            for e in parse_endpoints(args.endpoint)
+        ]
     except ValueError as exc:
         raise UserError(f"{exc}".replace("endpoint=", "--endpoint ", 1)) from None
-    return RunReader(transport, timeout_s=args.timeout)
+    return RunReader(transports, timeout_s=args.timeout)

@@ -74,9 +74,10 @@ def parse_endpoints(endpoint: str | Sequence[str]) -> tuple[str, ...]:
                 f"commas, e.g. {EXAMPLE}"
             )
         if target.lower().startswith(_URL_SCHEMES):
+            what = f"endpoint={given!r}" + ("" if len(entries) == 1 else f": entry {target!r}")
             raise ValueError(
-                f"endpoint={given!r}: entry {target!r} looks like a URL: write 'host:port' "
-                "or 'dns:///host:port' (and tls=True for TLS)"
+                f"{what} looks like a URL: pass 'host:port' or 'dns:///host:port' "
+                "(and tls=True for TLS)"
             )
         try:
             _check_port(target)

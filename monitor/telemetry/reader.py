@@ -3,6 +3,9 @@
 Used by the ``show`` and ``runs`` commands and the demo. A failed call raises
 :class:`ReadError` with the status code's name and the server's details; the
 command line turns it into one sentence (see :mod:`inversion_monitor.app.remote`).
+Given several replicas of one store, a read that finds one unreachable
+(``UNAVAILABLE``, ``DEADLINE_EXCEEDED``) asks the next; every replica shows
+every run.
 
 >>> reader = RunReader(Transport.create("127.0.0.1:9"), timeout_s=0.5)
 >>> try:
@@ -15,6 +18,7 @@ command line turns it into one sentence (see :mod:`inversion_monitor.app.remote`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +26,8 @@ import grpc
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.telemetry.transport import Transport
+
+_NEXT_REPLICA = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class ReadError(Exception):
@@ -38,38 +44,61 @@ class ReadError(Exception):
 
 
 class RunReader:
-    """Reads runs from one server; usable as a context manager (closes its channel).
+    """Reads runs from a server (or the first of several replicas that answers); usable
+    as a context manager (closes its channels).
 
     >>> with RunReader(Transport.create("127.0.0.1:9"), timeout_s=0.5) as reader:
     ...     reader.timeout_s
     0.5
     """
 
-    def __init__(self, transport: Transport, *, timeout_s: float = 10.0) -> None:
-        self.transport = transport
+    def __init__(
+        self, transport: Transport | Sequence[Transport], *, timeout_s: float = 10.0
+    ) -> None:
+        self.transports = (transport,) if isinstance(transport, Transport) else tuple(transport)
+        if not self.transports:
+            raise ValueError("RunReader needs at least one transport")
         self.timeout_s = timeout_s
-        self._channel = transport.channel()
-        self._stub = transport.stub(self._channel)
+        self._index = 0
+        self._channel = self.transport.channel()
+        self._stub = self.transport.stub(self._channel)
+
+    @property
+    def transport(self) -> Transport:
+        """The transport of the server read from now."""
+        return self.transports[self._index]
 
     def get_run(self, run: str, *, history_limit: int = 20) -> monitor_pb2.GetRunResponse:
         """One run (by id or display name) with its recent records and alerts."""
         request = monitor_pb2.GetRunRequest(run=run, history_limit=history_limit)
-        response: monitor_pb2.GetRunResponse = self._call(self._stub.GetRun, request)
+        response: monitor_pb2.GetRunResponse = self._call("GetRun", request)
         return response
 
     def list_runs(self, *, project: str = "", limit: int = 100) -> monitor_pb2.ListRunsResponse:
         """Run summaries, newest activity first (only ``project``'s when given)."""
         request = monitor_pb2.ListRunsRequest(project=project, limit=limit)
-        response: monitor_pb2.ListRunsResponse = self._call(self._stub.ListRuns, request)
+        response: monitor_pb2.ListRunsResponse = self._call("ListRuns", request)
         return response
 
-    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> Any:
-        try:
-            return method(request, timeout=self.timeout_s, metadata=self.transport.metadata)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            name = code.name if code is not None else "UNKNOWN"
-            raise ReadError(name, str(exc.details() or "")) from None
+    def _call(self, method: str, request: object) -> Any:
+        for tried in range(len(self.transports)):
+            call: grpc.UnaryUnaryMultiCallable = getattr(self._stub, method)
+            try:
+                return call(request, timeout=self.timeout_s, metadata=self.transport.metadata)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in _NEXT_REPLICA and tried + 1 < len(self.transports):
+                    self._next_replica()
+                    continue
+                name = code.name if code is not None else "UNKNOWN"
+                raise ReadError(name, str(exc.details() or "")) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _next_replica(self) -> None:
+        self._channel.close()
+        self._index = (self._index + 1) % len(self.transports)
+        self._channel = self.transport.channel()
+        self._stub = self.transport.stub(self._channel)
 
     def close(self) -> None:
         """Close the channel."""
