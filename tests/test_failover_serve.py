@@ -11,6 +11,7 @@ de-duplication drops those resends.
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -92,3 +93,47 @@ def test_the_first_server_down_at_start(tmp_path: Path) -> None:
         assert client.failovers == 1 and not client.warnings
     finally:
         second.stop()
+
+
+def test_a_frozen_first_server_fails_over_on_the_deadline(tmp_path: Path) -> None:
+    """SIGSTOP: the connection stays open and nothing answers (a hung machine); the
+    call's deadline moves the client to the second server."""
+    first = ServeProcess(tmp_path / "a.db").start()
+    second = ServeProcess(tmp_path / "b.db").start()
+    total, batch = 2000, 100
+    options = {**FAST, "rpc_timeout_s": 1.0}
+    client = MonitorClient(
+        f"{first.endpoint},{second.endpoint}",
+        "frozen",
+        run_id="frozen",
+        batch_size=batch,
+        **options,
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TelemetryWarning)
+            for step in range(total):
+                client.log(step, stats(step))
+                if step == 500:
+                    wait_until("deliveries to the first", lambda: client.report().delivered >= 200)
+                    assert first.process is not None
+                    first.process.send_signal(signal.SIGSTOP)
+                    stopped_at = time.monotonic()
+            wait_until("records on the second", lambda: _stored(second.db, "frozen"), 30)
+            failover_s = time.monotonic() - stopped_at
+            assert client.flush(timeout_s=60)
+        report = client.close(timeout_s=10)
+        assert first.process is not None
+        first.process.send_signal(signal.SIGCONT)
+    finally:
+        client.close(timeout_s=0)
+        if first.process is not None:
+            first.process.send_signal(signal.SIGCONT)
+        first.stop()
+        second.stop()
+    assert (report.delivered, report.dropped) == (total, 0)
+    assert client.current_endpoint == second.endpoint and client.failovers == 1
+    on_first, on_second = _steps(first.db, "frozen"), _steps(second.db, "frozen")
+    assert sorted(set(on_first) | set(on_second)) == list(range(total))
+    assert len(set(on_first) & set(on_second)) <= batch
+    print(f"frozen: failover {failover_s:.2f}s (rpc_timeout_s {options['rpc_timeout_s']})")
