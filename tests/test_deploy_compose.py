@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,40 @@ def test_mounted_files_exist_and_the_image_installs_known_extras(compose: dict[s
     assert '"/src[server,postgres]"' in dockerfile.read_text()
     optional = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1]
     assert "\nserver = [" in optional and "\npostgres = [" in optional
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_systemd_unit_verifies_and_its_environment_is_a_serve_configuration(
+    tmp_path: Path,
+) -> None:
+    unit = (DEPLOY / "systemd" / "inversion-monitor.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    binary = exec_start.removeprefix("ExecStart=").split()[0]
+    assert exec_start.split()[1:] == ["serve"]  # every setting from the EnvironmentFile
+    # systemd-analyze verify needs the binary and the environment file to exist
+    installed = Path(sys.executable).parent / "inversion-monitor"
+    local = tmp_path / "inversion-monitor.service"
+    env_path = unit.split("EnvironmentFile=")[1].split()[0]
+    local.write_text(
+        unit.replace(binary, str(installed)).replace(
+            env_path, str(DEPLOY / "systemd/server.env.example")
+        )
+    )
+    result = _tool("systemd-analyze", "verify", str(local))
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+    environ = _env_file(DEPLOY / "systemd" / "server.env.example")
+    prefix = "INVERSION_MONITOR_SERVER_"
+    assert {k for k in environ if not k.startswith(prefix)} == {"PGPASSWORD"}
+    db = urllib.parse.urlsplit(environ[prefix + "DB"])
+    assert db.scheme == "postgresql" and db.password is None
+    args = build_parser().parse_args(["serve"])
+    fields = set(type(serve_config(args, {prefix + "DB": str(tmp_path / "x.db")})).model_fields)
+    assert {k.removeprefix(prefix).lower() for k in environ if k.startswith(prefix)} <= fields
+    # every setting but the database, through the server's own validation
+    config = serve_config(args, {**environ, prefix + "DB": str(tmp_path / "x.db")})
+    assert config.alertmanager_url == environ[prefix + "ALERTMANAGER_URL"]
