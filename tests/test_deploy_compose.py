@@ -1,4 +1,5 @@
-"""deploy/compose.yaml (two replicas, PostgreSQL, Prometheus, Alertmanager) holds together.
+"""deploy/compose.yaml (two replicas, PostgreSQL, Prometheus, Alertmanager) and the
+systemd unit of one replica hold together.
 
 No Docker here: the file is parsed and every part checked against what it names. Each
 replica's command parses with the real ``serve`` options (all settings but ``--db``
@@ -6,7 +7,8 @@ validated by the server's own config); both replicas share one PostgreSQL URL wi
 password; Prometheus scrapes exactly the replicas' HTTP ports and its configuration
 passes ``promtool check config``; the Alertmanager configuration passes ``amtool``;
 the example job names exactly the replicas' gRPC ports, as ``MonitorConfig`` reads them;
-every mounted file exists.
+every mounted file exists; the systemd unit passes ``systemd-analyze verify`` and its
+environment file is a valid ``serve`` configuration.
 """
 
 from __future__ import annotations
@@ -156,11 +158,8 @@ def test_systemd_unit_verifies_and_its_environment_is_a_serve_configuration(
     installed = Path(sys.executable).parent / "inversion-monitor"
     local = tmp_path / "inversion-monitor.service"
     env_path = unit.split("EnvironmentFile=")[1].split()[0]
-    local.write_text(
-        unit.replace(binary, str(installed)).replace(
-            env_path, str(DEPLOY / "systemd/server.env.example")
-        )
-    )
+    example = DEPLOY / "systemd" / "server.env.example"
+    local.write_text(unit.replace(binary, str(installed)).replace(env_path, str(example)))
     result = _tool("systemd-analyze", "verify", str(local))
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
