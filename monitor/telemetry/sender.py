@@ -373,8 +373,9 @@ class Sender:
             self._session_elsewhere = False
             self._takeover = True
             logger.info(
-                "run %s rank %d is held by a writer session whose OpenRun answer this client "
-                "did not receive: taking the stream over",
+                "run %s rank %d is held by a writer session that is most likely this "
+                "client's own (an OpenRun answer lost, or granted before a failover): "
+                "taking the stream over",
                 self.run_id,
                 self.rank,
             )
