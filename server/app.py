@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from inversion_monitor.server.api import RunsApi
 from inversion_monitor.server.auth import Authorizer
 from inversion_monitor.server.component_metrics import ComponentCollector
 from inversion_monitor.server.config import ServerConfig, join_address
+from inversion_monitor.server.database import Connection
 from inversion_monitor.server.entropy_law import EntropyLawCollector, EntropyLawMonitor
 from inversion_monitor.server.hosts import host_names
 from inversion_monitor.server.http import HttpEndpoint
@@ -41,7 +41,7 @@ from inversion_monitor.server.metrics import (
     build_registry,
 )
 from inversion_monitor.server.page import make_page_app
-from inversion_monitor.server.schema import StoreError, connect
+from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.service import (
     SERVICE_NAME,
     BearerTokenInterceptor,
@@ -84,7 +84,7 @@ class AsyncMonitorServer:
         self._servicer: MonitorServicer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._ingestor: Ingestor | None = None
-        self._read_conn: sqlite3.Connection | None = None
+        self._read_conn: Connection | None = None
         self._stopped = asyncio.Event()
         self.alerts: AlertEngine | None = None
         # the entropy-performance law fitted per RL run (inversion_monitor_entropy_law_*)
@@ -141,10 +141,10 @@ class AsyncMonitorServer:
             return await self._writer.call(fn)
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
 
-    def _read_connection(self) -> sqlite3.Connection:
+    def _read_connection(self) -> Connection:
         # called on the reader thread only
         if self._read_conn is None:
-            self._read_conn = connect(self.config.db)
+            self._read_conn = self.ingestor.store.database.reader()
         return self._read_conn
 
     async def start(self) -> None:

@@ -2,7 +2,7 @@
 
 Every method that changes state (:meth:`Ingestor.open_run`, :meth:`Ingestor.push`,
 :meth:`Ingestor.close_run`) must be called from one thread only, the writer
-thread; it owns the SQLite connection. Memory changes only after the
+thread; it owns the store's writer connection. Memory changes only after the
 transaction commits, so an acknowledgement never runs ahead of the database
 and a failed write (a full disk) leaves nothing to undo. Readers on other
 threads use :attr:`Ingestor.views` (immutable :class:`RunView` objects,
@@ -219,7 +219,7 @@ class Ingestor:
             run = self._runs.get(run_id) if run_id is not None else None
         if run is not None:
             return run
-        row = archive.stored_run(self._store.connection, key)
+        row = archive.find_stored_run(self._store.connection, key)
         if row is None or (not by_name and row.run_id != key) or row.run_id in self._runs:
             return None
         run = self._restore_run(row)
