@@ -142,8 +142,8 @@ class Connection(ABC):
         """Run one statement."""
 
     @abstractmethod
-    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        """Run one statement for each parameter row."""
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        """Run one statement for each parameter row; returns the rows changed in all."""
 
     @abstractmethod
     def query(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
@@ -183,9 +183,9 @@ class SqliteConnection(Connection):
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
         try:
-            self.raw.executemany(sql, rows)
+            return self.raw.executemany(sql, rows).rowcount
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
 
@@ -284,15 +284,16 @@ class PostgresConnection(Connection):
             except psycopg.Error as exc:
                 raise _pg_error(exc, self._url, "database write failed") from exc
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
         import psycopg
 
         if not rows:
-            return
+            return 0
         with self._borrowed("database write failed") as conn:
             try:
                 with conn.cursor() as cur:
                     cur.executemany(self._convert(sql), rows)
+                    return max(cur.rowcount, 0)
             except psycopg.Error as exc:
                 raise _pg_error(exc, self._url, "database write failed") from exc
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from inversion_monitor.server.backends import open_store_database
 from inversion_monitor.server.database import Connection, Database, PostgresUrl
+from inversion_monitor.server.store_errors import StreamMoved
 
 log = logging.getLogger("inversion_monitor.server")
 
@@ -40,6 +41,8 @@ RecordRow = tuple[
 ]
 # (run_pk, rank, sequence, field, reason, received_time)
 RejectedRow = tuple[int, int, int, str, str, float]
+# (run_pk, rank, acked, session_time, session digest, the session_time it replaces)
+FencedRank = tuple[int, int, int, float, str | None, float]
 
 
 @dataclass(frozen=True)
@@ -208,11 +211,15 @@ class Store:
         rejected: Sequence[RejectedRow],
         ranks: Iterable[tuple[int, int, int, float]],
         runs: Iterable[tuple[int, float | None, float, int]],
+        fenced: Sequence[FencedRank] = (),
     ) -> None:
         """One transaction: records, rejected sequences, rank acks, run counters.
 
         ``ranks``: ``(run_pk, rank, acked, session_time)`` of ranks that exist;
         ``runs``: ``(pk, last_update_time, last_activity_time, added_records)``.
+        ``fenced`` (a shared database, instead of ``ranks``): each rank's ack is
+        written only if its row still has the session and session time this server
+        last saw; else :class:`StreamMoved` and nothing is written.
         """
         conn = self._conn
         with self.transaction():
@@ -234,6 +241,18 @@ class Store:
                 " WHERE run_pk = ? AND rank = ?",
                 [(acked, when, pk, rank) for pk, rank, acked, when in ranks],
             )
+            changed = conn.executemany(
+                "UPDATE ranks SET acked_sequence = ?, session_time = ?"
+                " WHERE run_pk = ? AND rank = ? AND session = ? AND session_time = ?",
+                [
+                    (acked, when, pk, rank, session, seen)
+                    for pk, rank, acked, when, session, seen in fenced
+                ],
+            )
+            if changed != len(fenced):
+                raise StreamMoved(
+                    "another server wrote to a stream of this push at the same time; retry"
+                )
             conn.executemany(
                 "UPDATE runs SET last_update_time = coalesce(?, last_update_time),"
                 " last_activity_time = ?, records = records + ? WHERE pk = ?",

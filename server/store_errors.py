@@ -37,3 +37,8 @@ def store_error(exc: BaseException, what: str = "database write failed") -> Stor
     if is_disk_full(exc):
         return DiskFull(f"{what}: the disk is full ({exc})")
     return StoreError(f"{what}: {exc}")
+
+
+class StreamMoved(Exception):
+    """Another server changed a stream this one was about to write (a shared database):
+    nothing was written; re-read the stream and try again."""
