@@ -22,7 +22,16 @@ from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.settings_file import ServerConfigError
 from tests.postgres_support import PASSWORD, PASSWORD_IN_URL, PostgresCluster, TestDatabase
-from tests.server_support import TIMEOUT, record, rpc_error, run_info, running
+from tests.server_support import (
+    TIMEOUT,
+    record,
+    rpc_error,
+    run_info,
+    run_sample,
+    running,
+    scrape_text,
+    wait_until,
+)
 
 SECRET = "s3cret-pw"
 
@@ -178,3 +187,95 @@ def test_servers_on_one_postgres_database_run_together(postgres_cluster: Postgre
     url = postgres_cluster.url(postgres_cluster.create_database())
     with running(Path("unused"), db=url) as one, running(Path("unused"), db=url) as two:
         assert one.server.health() == two.server.health() == "ok"
+
+
+def _sequences(database: TestDatabase) -> list[int]:
+    return [s for (s,) in database.rows("SELECT sequence FROM records ORDER BY sequence")]
+
+
+def test_a_replica_killed_mid_stream_loses_nothing(postgres_cluster: PostgresCluster) -> None:
+    """20,000 records; server A is SIGKILLed with a push in flight; the client opens the
+    stream on B (takeover), resends from B's ack, and every record is stored once."""
+    name = postgres_cluster.create_database()
+    url = postgres_cluster.url(name)
+    database = TestDatabase("postgresql", url, postgres_cluster, name)
+    total, size = 20_000, 200
+    with (
+        _replica(url, via_env=False) as (first, target_a),
+        _replica(url, via_env=False) as (_, target_b),
+        grpc.insecure_channel(target_a) as channel_a,
+        grpc.insecure_channel(target_b) as channel_b,
+    ):
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel_a)
+        info = run_info("moving", world_size=1)
+        session = stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT).writer_session
+        acked, failovers = 0, 0
+        while acked < total:
+            start = acked + 1
+            batch = range(start, min(start + size, total + 1))
+            if start > total // 2 and failovers == 0:  # kill A with this push in flight
+                future = stub.Push.future(
+                    monitor_pb2.PushRequest(
+                        records=[record("moving", s) for s in batch], writer_session=session
+                    ),
+                    timeout=TIMEOUT,
+                )
+                first.kill()
+                first.wait(timeout=30)
+                with pytest.raises(grpc.RpcError):  # answered or not, it cannot be trusted
+                    future.result()
+            else:
+                try:
+                    acked = _push(stub, session, *batch).acks[0].acked_sequence
+                    continue
+                except grpc.RpcError:
+                    pass
+            failovers += 1  # the client moves to B and resumes from B's acknowledgement
+            assert failovers == 1
+            stub = monitor_pb2_grpc.MonitorServiceStub(channel_b)
+            opened = stub.OpenRun(
+                monitor_pb2.OpenRunRequest(run=info, takeover=True), timeout=TIMEOUT
+            )
+            session, acked = opened.writer_session, opened.acked_sequence
+            assert total // 2 <= acked <= total // 2 + size
+    assert _sequences(database) == list(range(1, total + 1))
+    assert database.rows("SELECT records FROM runs") == [(total,)]
+
+
+def test_a_postgres_restart_mid_stream_degrades_then_recovers_losing_nothing(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    name = postgres_cluster.create_database()
+    url = postgres_cluster.url(name, password=True)
+    database = TestDatabase("postgresql", url, postgres_cluster, name)
+    with running(tmp_path, db=database.target, alerts=False) as server:
+        channel = grpc.insecure_channel(server.grpc_target)
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+        info = run_info("moving", world_size=1)
+        opened = stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT)
+        session = opened.writer_session
+        assert _push(stub, session, *range(1, 101)).acks[0].acked_sequence == 100
+        postgres_cluster.stop()
+        try:
+            err = rpc_error(
+                stub.Push,
+                monitor_pb2.PushRequest(
+                    records=[record("moving", s) for s in range(101, 201)],
+                    writer_session=session,
+                ),
+            )
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "database" in err.details()
+            health = server.server.health()
+            assert health.startswith("degraded: ") and "monitor_pw:***@" in health
+            assert PASSWORD_IN_URL not in health + err.details()
+            # /metrics is served from memory and goes on
+            text = scrape_text(server)
+            assert run_sample(text, "inversion_monitor_step", opened.display_name) == 1000
+        finally:
+            postgres_cluster.start()
+        wait_until("the server to recover by itself", lambda: server.server.health() == "ok")
+        # the client resends what was not acknowledged
+        resp = _push(stub, session, *range(101, 201))
+        assert (resp.accepted, resp.acks[0].acked_sequence) == (100, 200)
+        channel.close()
+    assert _sequences(database) == list(range(1, 201))
