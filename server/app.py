@@ -41,6 +41,7 @@ from inversion_monitor.server.metrics import (
     build_registry,
 )
 from inversion_monitor.server.page import make_page_app
+from inversion_monitor.server.replicas import SYNC_PERIOD_S, RunSync
 from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.service import (
     SERVICE_NAME,
@@ -92,6 +93,7 @@ class AsyncMonitorServer:
         self._stale_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self.storage = StorageState()
         self._sinks: list[AlertSink] = []
         self.alertmanager: AlertmanagerSink | None = None
@@ -287,6 +289,11 @@ class AsyncMonitorServer:
                     self._prune_runs,
                 )
             )
+            if store.shared:  # other servers write to the same database: show their runs
+                sync = RunSync(self.ingestor, cfg.limits.max_active_runs)
+                self._sync_task = asyncio.get_running_loop().create_task(
+                    self._every(SYNC_PERIOD_S, "reading other servers' runs", sync.run)
+                )
             if self.alerts is not None and self.alerts.config.stale.enabled:
                 period = min(5.0, self.alerts.config.stale.after_s / 4.0)
                 engine = self.alerts
@@ -350,10 +357,10 @@ class AsyncMonitorServer:
 
     async def _cleanup(self, grace_s: float) -> None:
         self.serving = False
-        for task in (self._stale_task, self._probe_task, self._prune_task):
+        for task in (self._stale_task, self._probe_task, self._prune_task, self._sync_task):
             if task is not None:
                 task.cancel()
-        self._stale_task = self._probe_task = self._prune_task = None
+        self._stale_task = self._probe_task = self._prune_task = self._sync_task = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:

@@ -121,12 +121,16 @@ def _replica(url: str, *, via_env: bool) -> Iterator[tuple[subprocess.Popen[str]
             proc.wait(timeout=30)
 
 
-def _push(stub: Any, session: str, *seqs: int) -> monitor_pb2.PushResponse:
+def _push_to(stub: Any, session: str, run_id: str, *seqs: int) -> monitor_pb2.PushResponse:
     request = monitor_pb2.PushRequest(
-        records=[record("moving", s) for s in seqs], writer_session=session
+        records=[record(run_id, s) for s in seqs], writer_session=session
     )
     response: monitor_pb2.PushResponse = stub.Push(request, timeout=TIMEOUT)
     return response
+
+
+def _push(stub: Any, session: str, *seqs: int) -> monitor_pb2.PushResponse:
+    return _push_to(stub, session, "moving", *seqs)
 
 
 def test_two_serve_processes_share_one_database_and_a_stream_moves_between_them(
@@ -279,3 +283,25 @@ def test_a_postgres_restart_mid_stream_degrades_then_recovers_losing_nothing(
         assert (resp.accepted, resp.acks[0].acked_sequence) == (100, 200)
         channel.close()
     assert _sequences(database) == list(range(1, 201))
+
+
+def test_every_replica_shows_the_runs_written_on_the_others(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    url = postgres_cluster.url(postgres_cluster.create_database())
+    with (
+        running(tmp_path / "a", db=url, alerts=False) as one,
+        running(tmp_path / "b", db=url, alerts=False) as two,
+        grpc.insecure_channel(one.grpc_target) as channel,
+    ):
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+        info = run_info("elsewhere", world_size=1)
+        opened = stub.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT)
+        _push_to(stub, opened.writer_session, "elsewhere", 1, 2, 3)
+
+        def step_on_two() -> float | None:
+            return run_sample(scrape_text(two), "inversion_monitor_step", opened.display_name)
+
+        assert wait_until("server two to show the run", step_on_two, 20) == 30
+        _push_to(stub, opened.writer_session, "elsewhere", 4)
+        assert wait_until("server two to follow it", lambda: step_on_two() == 40, 20)
