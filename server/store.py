@@ -163,13 +163,19 @@ class Store:
         now: float,
         kind: str = "",
     ) -> int:
+        """Store a new run; returns its ``pk``. :class:`StreamMoved` when another server
+        stored a run with the same id or display name first (shared databases)."""
         row = self._conn.query_one(
             "INSERT INTO runs (run_id, display_name, project, info, world_size, opened_time,"
             " last_activity_time, status, kind) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)"
-            " RETURNING pk",
+            " ON CONFLICT DO NOTHING RETURNING pk",
             (run_id, display_name, project, info, world_size, now, now, kind),
         )
-        assert row is not None
+        if row is None:
+            raise StreamMoved(
+                f"run {run_id[:80]!r} (or the name {display_name!r}) was just opened on another "
+                "server; retry"
+            )
         return int(row[0])
 
     def update_run(

@@ -21,6 +21,9 @@ import pytest
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.settings_file import ServerConfigError
+from inversion_monitor.server.storage_state import StorageState
+from inversion_monitor.server.store import Store
+from inversion_monitor.server.store_errors import StreamMoved
 from tests.postgres_support import PASSWORD, PASSWORD_IN_URL, PostgresCluster, TestDatabase
 from tests.server_support import (
     TIMEOUT,
@@ -305,3 +308,28 @@ def test_every_replica_shows_the_runs_written_on_the_others(
         assert wait_until("server two to show the run", step_on_two, 20) == 30
         _push_to(stub, opened.writer_session, "elsewhere", 4)
         assert wait_until("server two to follow it", lambda: step_on_two() == 40, 20)
+
+
+def test_two_servers_opening_one_new_run_at_once_conflict_without_degrading(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """The loser of the race answers UNAVAILABLE (retry at once); the database is not
+    marked failing, and the retried OpenRun finds the run the other server stored."""
+    url = postgres_cluster.url(postgres_cluster.create_database())
+    one, two = Store(url), Store(url)
+    try:
+        with one.transaction():
+            one.insert_run("same", "same", "p", b"", 1, 1.0)
+        for run_id, name in (("same", "other"), ("other", "same")):
+            with (
+                pytest.raises(StreamMoved, match="just opened on another server"),
+                two.transaction(),
+            ):
+                two.insert_run(run_id, name, "p", b"", 1, 2.0)
+        state = StorageState()
+        error = state.failed(StreamMoved("raced"))
+        assert error.code == "UNAVAILABLE" and state.health() == "ok"
+        assert [r.run_id for r in two.load_runs()] == ["same"]
+    finally:
+        one.close()
+        two.close()
