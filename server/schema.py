@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS runs (
     records {integer} NOT NULL DEFAULT 0,
     kind TEXT NOT NULL DEFAULT ''
 );
+-- ListRuns' older runs and the replicas' read-back of runs changed elsewhere
+CREATE INDEX IF NOT EXISTS runs_by_activity ON runs (last_activity_time);
 CREATE TABLE IF NOT EXISTS ranks (
     run_pk {integer} NOT NULL REFERENCES runs(pk),
     rank {integer} NOT NULL,
