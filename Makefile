@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 # Debian's prometheus package provides promtool and prometheus for the tests;
 # chromium renders the demo's HTML report in tests/test_demo.py; chromedriver
 # (chromium-driver) lets selenium drive the live page in tests/test_page.py.
+# postgresql-15 gives the PostgreSQL tests their throwaway clusters (tests/postgres_support.py).
 system-deps:
-	@(command -v promtool && command -v chromium && command -v chromedriver) >/dev/null 2>&1 || sh .ci/install-system-deps
+	@(command -v promtool && command -v chromium && command -v chromedriver && test -x /usr/lib/postgresql/15/bin/initdb) >/dev/null 2>&1 || sh .ci/install-system-deps
 
 lint: $(STAMP)
 	$(BIN)/ruff check monitor callbacks server proto tests benchmarks

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from inversion_monitor.server.api import RunsApi
 from inversion_monitor.server.auth import Authorizer
 from inversion_monitor.server.component_metrics import ComponentCollector
 from inversion_monitor.server.config import ServerConfig, join_address
+from inversion_monitor.server.database import Connection
 from inversion_monitor.server.entropy_law import EntropyLawCollector, EntropyLawMonitor
 from inversion_monitor.server.hosts import host_names
 from inversion_monitor.server.http import HttpEndpoint
@@ -41,7 +41,8 @@ from inversion_monitor.server.metrics import (
     build_registry,
 )
 from inversion_monitor.server.page import make_page_app
-from inversion_monitor.server.schema import StoreError, connect
+from inversion_monitor.server.replicas import SYNC_PERIOD_S, RunSync
+from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.service import (
     SERVICE_NAME,
     BearerTokenInterceptor,
@@ -84,7 +85,7 @@ class AsyncMonitorServer:
         self._servicer: MonitorServicer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._ingestor: Ingestor | None = None
-        self._read_conn: sqlite3.Connection | None = None
+        self._read_conn: Connection | None = None
         self._stopped = asyncio.Event()
         self.alerts: AlertEngine | None = None
         # the entropy-performance law fitted per RL run (inversion_monitor_entropy_law_*)
@@ -92,6 +93,7 @@ class AsyncMonitorServer:
         self._stale_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self.storage = StorageState()
         self._sinks: list[AlertSink] = []
         self.alertmanager: AlertmanagerSink | None = None
@@ -141,10 +143,10 @@ class AsyncMonitorServer:
             return await self._writer.call(fn)
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
 
-    def _read_connection(self) -> sqlite3.Connection:
+    def _read_connection(self) -> Connection:
         # called on the reader thread only
         if self._read_conn is None:
-            self._read_conn = connect(self.config.db)
+            self._read_conn = self.ingestor.store.database.reader()
         return self._read_conn
 
     async def start(self) -> None:
@@ -287,6 +289,11 @@ class AsyncMonitorServer:
                     self._prune_runs,
                 )
             )
+            if store.shared:  # other servers write to the same database: show their runs
+                sync = RunSync(self.ingestor, cfg.limits.max_active_runs)
+                self._sync_task = asyncio.get_running_loop().create_task(
+                    self._every(SYNC_PERIOD_S, "reading other servers' runs", sync.run)
+                )
             if self.alerts is not None and self.alerts.config.stale.enabled:
                 period = min(5.0, self.alerts.config.stale.after_s / 4.0)
                 engine = self.alerts
@@ -350,10 +357,10 @@ class AsyncMonitorServer:
 
     async def _cleanup(self, grace_s: float) -> None:
         self.serving = False
-        for task in (self._stale_task, self._probe_task, self._prune_task):
+        for task in (self._stale_task, self._probe_task, self._prune_task, self._sync_task):
             if task is not None:
                 task.cancel()
-        self._stale_task = self._probe_task = self._prune_task = None
+        self._stale_task = self._probe_task = self._prune_task = self._sync_task = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:

@@ -10,38 +10,33 @@ database holds.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection
 
-from inversion_monitor.server.store import StoredRun
-
-_RUN_COLUMNS = (
-    "pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
-    " last_activity_time, status, records, kind"
-)
+from inversion_monitor.server.database import Connection
+from inversion_monitor.server.store import RUN_COLUMNS, StoredRun, stored_run
 
 
-def stored_run(conn: sqlite3.Connection, key: str) -> StoredRun | None:
+def find_stored_run(conn: Connection, key: str) -> StoredRun | None:
     """The ``runs`` row whose run id, else whose display name, is ``key`` (None: none)."""
     for column in ("run_id", "display_name"):  # both UNIQUE: indexed
-        row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE {column} = ?", (key,)).fetchone()
+        row = conn.query_one(f"SELECT {RUN_COLUMNS} FROM runs WHERE {column} = ?", (key,))
         if row is not None:
-            return StoredRun(*row)
+            return stored_run(row)
     return None
 
 
-def name_taken(conn: sqlite3.Connection, name: str) -> bool:
+def name_taken(conn: Connection, name: str) -> bool:
     """True when a stored run has ``name`` as its display name or its run id."""
-    row = conn.execute(
+    row = conn.query_one(
         "SELECT 1 FROM runs WHERE display_name = ? UNION ALL SELECT 1 FROM runs WHERE run_id = ?"
         " LIMIT 1",
         (name, name),
-    ).fetchone()
+    )
     return row is not None
 
 
 def recent_run_ids(
-    conn: sqlite3.Connection,
+    conn: Connection,
     limit: int,
     *,
     project: str | None,
@@ -63,5 +58,5 @@ def recent_run_ids(
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY last_activity_time DESC LIMIT ?"
     params.append(limit + len(exclude))
-    found = [run_id for (run_id,) in conn.execute(sql, params)]
+    found = [run_id for (run_id,) in conn.query(sql, params)]
     return [run_id for run_id in found if run_id not in exclude][:limit]

@@ -21,7 +21,7 @@ def add_serve_command(subparsers: Any) -> None:
     env = "INVERSION_MONITOR_SERVER_"
     serve = subparsers.add_parser(
         "serve",
-        help="run the monitor server (gRPC ingest, SQLite, Prometheus /metrics)",
+        help="run the monitor server (gRPC ingest, SQLite or PostgreSQL, Prometheus /metrics)",
         description=(
             "Run the monitor server. Every flag can also be set with an environment variable "
             f"{env}<FLAG> (e.g. {env}GRPC_ADDRESS); a flag wins over the variable. With port 0 "
@@ -40,7 +40,11 @@ def add_serve_command(subparsers: Any) -> None:
         "(default 127.0.0.1:9464; 'off' disables)",
     )
     serve.add_argument(
-        "--db", metavar="PATH", help="SQLite database file (default ./inversion-monitor.db)"
+        "--db",
+        metavar="PATH|URL",
+        help="SQLite database file (default ./inversion-monitor.db; one server per file), or "
+        "postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME (several servers may share it; "
+        f"needs the 'postgres' extra); variable {env}DB",
     )
     serve.add_argument(
         "--token",

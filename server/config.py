@@ -17,6 +17,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inversion_monitor.server.auth import TokenScope, check_token, load_token_file
+from inversion_monitor.server.database import (
+    PostgresUrl,
+    is_postgres_url,
+    parse_postgres_url,
+    redact_url,
+)
 from inversion_monitor.server.settings_file import ServerConfigError
 
 ENV_PREFIX = "INVERSION_MONITOR_SERVER_"
@@ -118,13 +124,22 @@ class ServerConfig(BaseModel):
     pydantic_core._pydantic_core.ValidationError: ...
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+        arbitrary_types_allowed=True,
+        # a rejected value may be a database URL with its password: errors never echo input
+        hide_input_in_errors=True,
+    )
 
     grpc_address: str = "127.0.0.1:50051"
     # None: no HTTP endpoint (no /metrics, no /healthz)
     http_address: str | None = "127.0.0.1:9464"
-    # SQLite database file (created if missing); ":memory:" keeps nothing across restarts
-    db: Path = Path(DEFAULT_DB)
+    # SQLite database file (created if missing; ":memory:" keeps nothing across restarts), or
+    # a PostgreSQL database postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME that several
+    # servers may share (printed without its password)
+    db: Path | PostgresUrl = Path(DEFAULT_DB)
     # full-access tokens (every project, read-write)
     tokens: tuple[str, ...] = ()
     # YAML/TOML file of tokens scoped to projects, read-only or read-write (see .auth)
@@ -171,6 +186,18 @@ class ServerConfig(BaseModel):
         if value is None or value.strip().lower() in ("", "off", "none"):
             return None
         split_address(value)
+        return value
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _check_db(cls, value: Any) -> Any:
+        if isinstance(value, str) and "://" in value:
+            if not is_postgres_url(value):
+                raise ValueError(
+                    f"{redact_url(value)}: the scheme must be postgresql:// (or give a "
+                    "SQLite file path)"
+                )
+            return parse_postgres_url(value)
         return value
 
     @field_validator("retention_s", mode="before")
@@ -325,5 +352,8 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> str:
             field = field.removesuffix("_s")
         where = sources.get(field, field)
         message = str(error["msg"]).removeprefix("Value error, ")
+        if field == "db":  # the message names the URL, without its password
+            lines.append(f"{where}: {message}")
+            continue
         lines.append(f"{where}: {message} (got {error.get('input')!r})")
     return "invalid server configuration: " + "; ".join(lines)

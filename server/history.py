@@ -3,19 +3,18 @@
 ``GetRun`` and ``/api/runs/<run>`` answer at most ``max_history`` records and
 at most ``max_history_bytes`` of them (protobuf bytes, counted without token
 samples when the caller leaves those out), so one read's memory and time are
-bounded whatever the records hold. Rows are streamed from SQLite newest first
+bounded whatever the records hold. Rows are streamed from the database newest first
 and reading stops at the first record that does not fit.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.database import Connection
 
 
 def read_history_capped(
-    conn: sqlite3.Connection,
+    conn: Connection,
     run_pk: int,
     limit: int,
     max_bytes: int,
@@ -30,17 +29,16 @@ def read_history_capped(
     (default ``4 * max_bytes``), which bounds the parsing work.
     """
     read_cap = 4 * max_bytes if max_read_bytes is None else max_read_bytes
-    cursor = conn.execute(
+    kept: list[tuple[int, int, int, monitor_pb2.StepRecord]] = []
+    total = raw = 0
+    with conn.stream(
         "SELECT step, rank, sequence, payload FROM records WHERE run_pk = ?"
         " ORDER BY step DESC LIMIT ?",
         (run_pk, limit),
-    )
-    kept: list[tuple[int, int, int, monitor_pb2.StepRecord]] = []
-    total = raw = 0
-    try:
-        for step, rank, sequence, payload in cursor:
+    ) as rows:
+        for step, rank, sequence, payload in rows:
             raw += len(payload)
-            record = monitor_pb2.StepRecord.FromString(payload)
+            record = monitor_pb2.StepRecord.FromString(bytes(payload))
             size = len(payload)
             if not samples and record.samples:
                 del record.samples[:]
@@ -49,7 +47,5 @@ def read_history_capped(
                 break
             total += size
             kept.append((step, rank, sequence, record))
-    finally:
-        cursor.close()
     kept.sort(key=lambda row: row[:3])
     return [row[3] for row in kept]

@@ -2,7 +2,7 @@
 
 Every method that changes state (:meth:`Ingestor.open_run`, :meth:`Ingestor.push`,
 :meth:`Ingestor.close_run`) must be called from one thread only, the writer
-thread; it owns the SQLite connection. Memory changes only after the
+thread; it owns the store's writer connection. Memory changes only after the
 transaction commits, so an acknowledgement never runs ahead of the database
 and a failed write (a full disk) leaves nothing to undo. Readers on other
 threads use :attr:`Ingestor.views` (immutable :class:`RunView` objects,
@@ -11,6 +11,11 @@ replaced whole) and :attr:`Ingestor.counters`.
 A push goes through the three steps of :mod:`.push` (classify -> rows ->
 acks); what they produce is applied to memory by :meth:`Ingestor._apply` once
 the group's transaction has committed.
+
+On a shared database (PostgreSQL, several servers) memory is a cache: OpenRun,
+CloseRun and a Push with a session granted elsewhere read the stream back first,
+and a push's acks are fenced (:meth:`~.store.Store.write_push`), so a stream that
+moves between servers loses and duplicates nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from inversion_monitor.server.sessions import (
     check_session,
     new_session,
     rank_closed,
+    session_digest,
     stream_taken,
 )
 from inversion_monitor.server.state import (
@@ -53,6 +59,7 @@ from inversion_monitor.server.state import (
     with_last_probe,
 )
 from inversion_monitor.server.store import Store, StoredRank, StoredRun
+from inversion_monitor.server.store_errors import StreamMoved
 from inversion_monitor.server.validate import check_run_info
 
 __all__ = ["CLOSE_STATUSES", "Counters", "Ingestor", "RankState", "RunState", "RunView"]
@@ -87,6 +94,8 @@ class Ingestor:
         listeners: Sequence[IngestListener] = (),
     ) -> None:
         self._store = store
+        # other servers may write to the same database: memory is only a cache
+        self._shared = store.shared
         self._config = config
         self._limits = config.limits
         self._listeners = list(listeners)
@@ -200,15 +209,18 @@ class Ingestor:
             del self.by_name[run.display_name]
         self._names.discard(run.display_name)
         self._recent.pop(run.run_id, None)
-        for rank in run.ranks.values():
-            for digest in (rank.session, rank.previous_session):
-                if digest is not None and self._sessions.get(digest, ("",))[0] == run.run_id:
-                    del self._sessions[digest]
+        self._drop_sessions(run)
         for listener in self._run_listeners:
             try:
                 listener.on_run_pruned(run.run_id)
             except Exception as exc:
                 self._listener_failed(listener, exc)
+
+    def _drop_sessions(self, run: RunState) -> None:
+        for rank in run.ranks.values():
+            for digest in (rank.session, rank.previous_session):
+                if digest is not None and self._sessions.get(digest, ("",))[0] == run.run_id:
+                    del self._sessions[digest]
 
     def revive(self, key: str, *, by_name: bool = False) -> RunState | None:
         """The run with id ``key`` (or, ``by_name``, display name), read back from the
@@ -219,7 +231,7 @@ class Ingestor:
             run = self._runs.get(run_id) if run_id is not None else None
         if run is not None:
             return run
-        row = archive.stored_run(self._store.connection, key)
+        row = archive.find_stored_run(self._store.connection, key)
         if row is None or (not by_name and row.run_id != key) or row.run_id in self._runs:
             return None
         run = self._restore_run(row)
@@ -227,6 +239,25 @@ class Ingestor:
             self._restore_rank(run, stored)
         self._publish(run)  # not touched: the next prune drops it again unless it is used
         self._notify_open(run)
+        return run
+
+    def refresh(self, run_id: str) -> RunState | None:
+        """:meth:`revive`, and on a shared database the run as it is stored now. Writer thread."""
+        run = self._runs.get(run_id)
+        if not self._shared or run is None:
+            return self.revive(run_id)
+        row = archive.find_stored_run(self._store.connection, run_id)
+        if row is None or row.run_id != run_id:
+            return run
+        ranks = self._store.load_ranks(run.pk)
+        run.world_size, run.status, run.records = row.world_size, row.status, row.records
+        run.last_update_time = row.last_update_time
+        run.last_activity = max(run.last_activity, row.last_activity_time)
+        self._drop_sessions(run)
+        run.ranks.clear()
+        for stored in ranks:
+            self._restore_rank(run, stored)
+        self._publish(run)
         return run
 
     def revive_all(self, run_ids: Sequence[str]) -> int:
@@ -313,7 +344,7 @@ class Ingestor:
             raise InvalidArgument("run is missing: OpenRunRequest.run must carry the RunInfo")
         info, rank_no = request.run, request.rank
         check_run_info(info, rank_no, self._limits)
-        run = self.revive(info.run_id)
+        run = self.refresh(info.run_id)
         if run is not None and not grant.allows(run.info.project):
             # another project's run: say neither its project nor more than a refusal
             raise PermissionDenied(
@@ -425,7 +456,7 @@ class Ingestor:
     ) -> monitor_pb2.CloseRunResponse:
         """Mark a rank finished; the run's status is the worst once every rank is closed."""
         now = time.time() if now is None else now
-        run = self.revive(request.run_id)
+        run = self.refresh(request.run_id)
         if run is None or not grant.allows(run.info.project):  # another project's: unknown
             raise NotFound(f"run {request.run_id[:80]!r} is not known to this server")
         grant.check_write(run.info.project)
@@ -500,11 +531,28 @@ class Ingestor:
         """
         now = time.time() if now is None else now
         grants = grants if grants is not None else [FULL_ACCESS] * len(requests)
+        for request in requests:  # read back a pruned run, or a session another server granted
+            if request.records and (
+                request.records[0].run_id not in self._runs
+                or (self._shared and session_digest(request.writer_session) not in self._sessions)
+            ):
+                self.refresh(request.records[0].run_id)
+        try:
+            return self._push_group(requests, now, grants)
+        except StreamMoved:  # another server wrote to one of the streams: read them back
+            for request in requests:
+                if request.records:
+                    self.refresh(request.records[0].run_id)
+        return self._push_group(requests, now, grants)  # moved again: a StoreError, retried
+
+    def _push_group(
+        self,
+        requests: Sequence[monitor_pb2.PushRequest],
+        now: float,
+        grants: Sequence[Grant],
+    ) -> list[monitor_pb2.PushResponse | RequestError]:
         group = steps.Group()
         results: list[monitor_pb2.PushResponse | RequestError] = []
-        for request in requests:  # a pruned run's writer comes back: read the run back
-            if request.records and request.records[0].run_id not in self._runs:
-                self.revive(request.records[0].run_id)
         for request, grant in zip(requests, grants, strict=True):
             try:
                 batch = steps.classify(
@@ -526,7 +574,11 @@ class Ingestor:
             steps.rows(batch, now, group, response)
             steps.acks(batch, group, response)
             results.append(response)
-        if group.state:
+        if self._shared and group.streams:  # every stream's ack, fenced
+            fenced = group.fenced_rows(self._runs, now)
+            run_rows = group.run_rows(self._runs, now)
+            self._store.write_push(group.rows, group.rejected_rows, (), run_rows, fenced)
+        elif group.state:
             self._store.write_push(
                 group.rows,
                 group.rejected_rows,

@@ -24,7 +24,7 @@ from inversion_monitor.server.sessions import (
     unknown_session,
 )
 from inversion_monitor.server.state import RankState, RunState
-from inversion_monitor.server.store import RecordRow, RejectedRow
+from inversion_monitor.server.store import FencedRank, RecordRow, RejectedRow
 from inversion_monitor.server.validate import RecordProblem, RejectReason, check_record
 
 
@@ -75,6 +75,17 @@ class Group:
             (runs[run_id].pk, rank_no, acked, now)
             for (run_id, rank_no), (acked, _) in self.state.items()
         ]
+
+    def fenced_rows(self, runs: dict[str, RunState], now: float) -> list[FencedRank]:
+        """Every pushed stream's ack with the session and session time this server last
+        saw (a shared database writes it only if the row still holds them)."""
+        out: list[FencedRank] = []
+        for run_id, rank_no in self.streams:
+            run = runs[run_id]
+            rank = run.ranks[rank_no]
+            acked = self.state.get((run_id, rank_no), (rank.acked, set()))[0]
+            out.append((run.pk, rank_no, acked, now, rank.session, rank.session_time))
+        return out
 
     def run_rows(
         self, runs: dict[str, RunState], now: float

@@ -1,9 +1,11 @@
-"""The database file: schema and migrations, opening it safely, and the errors of the store.
+"""The schema and its migrations (both backends), opening a SQLite file safely, the store's errors.
 
-:func:`open_database` takes the file's exclusive lock (``<db>.lock``), refuses a
-file whose write-ahead log went missing after an unclean stop or that fails
-``PRAGMA quick_check``, and brings the schema to :data:`SCHEMA_VERSION`. The
-queries live in :mod:`.store`.
+:func:`migrate` brings a database of either backend to :data:`SCHEMA_VERSION`
+in one transaction, adding columns and tables and never dropping any (the
+types come from the connection's :class:`~.database.Dialect`).
+:func:`open_database` takes a SQLite file's exclusive lock (``<db>.lock``),
+refuses a file whose write-ahead log went missing after an unclean stop or that
+fails ``PRAGMA quick_check``, and migrates it. The queries live in :mod:`.store`.
 
 >>> conn, lock = open_database(":memory:")
 >>> conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION, lock
@@ -12,13 +14,32 @@ queries live in :mod:`.store`.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 import sqlite3
 from pathlib import Path
 from typing import IO
+
+from inversion_monitor.server.database import Connection, SqliteConnection
+from inversion_monitor.server.store_errors import (
+    DatabaseInUse,
+    DiskFull,
+    StoreError,
+    is_disk_full,
+    store_error,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DatabaseInUse",
+    "DiskFull",
+    "StoreError",
+    "connect",
+    "migrate",
+    "open_database",
+    "store_error",
+]
 
 log = logging.getLogger("inversion_monitor.server")
 
@@ -27,68 +48,71 @@ SCHEMA_VERSION = 3
 _CLEAN = "clean  "
 _RUNNING = "running"
 
+# portable SQL; {integer}, {real}, {blob}, ... are the dialect's types (Dialect.ddl)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    pk INTEGER PRIMARY KEY,
+    pk {serial_key},
     run_id TEXT NOT NULL UNIQUE,
     display_name TEXT NOT NULL UNIQUE,
     project TEXT NOT NULL,
-    info BLOB NOT NULL,
-    world_size INTEGER NOT NULL,
-    opened_time REAL NOT NULL,
-    last_update_time REAL,
-    last_activity_time REAL NOT NULL,
+    info {blob} NOT NULL,
+    world_size {integer} NOT NULL,
+    opened_time {real} NOT NULL,
+    last_update_time {real},
+    last_activity_time {real} NOT NULL,
     status TEXT NOT NULL,
-    records INTEGER NOT NULL DEFAULT 0,
+    records {integer} NOT NULL DEFAULT 0,
     kind TEXT NOT NULL DEFAULT ''
 );
+-- ListRuns' older runs and the replicas' read-back of runs changed elsewhere
+CREATE INDEX IF NOT EXISTS runs_by_activity ON runs (last_activity_time);
 CREATE TABLE IF NOT EXISTS ranks (
-    run_pk INTEGER NOT NULL REFERENCES runs(pk),
-    rank INTEGER NOT NULL,
-    acked_sequence INTEGER NOT NULL,
+    run_pk {integer} NOT NULL REFERENCES runs(pk),
+    rank {integer} NOT NULL,
+    acked_sequence {integer} NOT NULL,
     status TEXT NOT NULL,
     -- sha256 hex of the current writer session, the one it replaced, and the
     -- Unix time of the session's last OpenRun or Push
     session TEXT,
     previous_session TEXT,
-    session_time REAL NOT NULL DEFAULT 0,
+    session_time {real} NOT NULL DEFAULT 0,
     PRIMARY KEY (run_pk, rank)
-) WITHOUT ROWID;
+){without_rowid};
 CREATE TABLE IF NOT EXISTS records (
-    run_pk INTEGER NOT NULL,
-    rank INTEGER NOT NULL,
-    sequence INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    wall_time REAL NOT NULL,
-    received_time REAL NOT NULL,
-    spearman REAL,
-    pearson REAL,
-    entropy_mean REAL,
-    score_mean REAL,
-    payload BLOB NOT NULL,
+    run_pk {integer} NOT NULL,
+    rank {integer} NOT NULL,
+    sequence {integer} NOT NULL,
+    step {integer} NOT NULL,
+    wall_time {real} NOT NULL,
+    received_time {real} NOT NULL,
+    spearman {real},
+    pearson {real},
+    entropy_mean {real},
+    score_mean {real},
+    payload {blob} NOT NULL,
     UNIQUE (run_pk, rank, sequence)
 );
 CREATE INDEX IF NOT EXISTS records_by_step ON records (run_pk, step);
 CREATE TABLE IF NOT EXISTS rejected (
-    run_pk INTEGER NOT NULL,
-    rank INTEGER NOT NULL,
-    sequence INTEGER NOT NULL,
+    run_pk {integer} NOT NULL,
+    rank {integer} NOT NULL,
+    sequence {integer} NOT NULL,
     field TEXT NOT NULL,
     reason TEXT NOT NULL,
-    received_time REAL NOT NULL,
+    received_time {real} NOT NULL,
     PRIMARY KEY (run_pk, rank, sequence)
-) WITHOUT ROWID;
+){without_rowid};
 CREATE TABLE IF NOT EXISTS alerts (
-    id INTEGER PRIMARY KEY,
+    id {serial_key},
     run_id TEXT NOT NULL,
     display_name TEXT NOT NULL,
     name TEXT NOT NULL,
     severity TEXT NOT NULL,
-    active INTEGER NOT NULL,
-    start_step INTEGER NOT NULL,
-    end_step INTEGER,
-    start_time REAL NOT NULL,
-    end_time REAL,
+    active {integer} NOT NULL,
+    start_step {integer} NOT NULL,
+    end_step {integer},
+    start_time {real} NOT NULL,
+    end_time {real},
     reason TEXT NOT NULL,
     summary TEXT NOT NULL,
     description TEXT NOT NULL,
@@ -97,7 +121,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     end_values TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_by_run ON alerts (run_id, id);
-CREATE TABLE IF NOT EXISTS probe (x BLOB);
+CREATE TABLE IF NOT EXISTS probe (x {blob});
 """
 
 # schema version 1 -> 2: writer sessions on the ranks table
@@ -105,40 +129,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (
         "ALTER TABLE ranks ADD COLUMN session TEXT",
         "ALTER TABLE ranks ADD COLUMN previous_session TEXT",
-        "ALTER TABLE ranks ADD COLUMN session_time REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE ranks ADD COLUMN session_time {real} NOT NULL DEFAULT 0",
     ),
     # the run kind ("sft", "rl", "custom"; "" = unknown)
     3: ("ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT ''",),
 }
-
-
-class StoreError(RuntimeError):
-    """The database refused an operation (disk full, locked, corrupt)."""
-
-
-class DiskFull(StoreError):
-    """The disk holding the database (or its write-ahead log) is full; nothing was written."""
-
-
-class DatabaseInUse(StoreError):
-    """Another server holds the database's lock."""
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
-            "disk is full" in str(exc)
-        )
-    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-
-
-def store_error(exc: BaseException, what: str = "database write failed") -> StoreError:
-    """The :class:`StoreError` (a :class:`DiskFull` when it is one) for a failed operation."""
-    if isinstance(exc, StoreError):
-        return exc
-    if _is_disk_full(exc):
-        return DiskFull(f"{what}: the disk is full ({exc})")
-    return StoreError(f"{what}: {exc}")
 
 
 def connect(path: Path | str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
@@ -225,13 +220,7 @@ def open_database(
     try:
         conn = connect(path, busy_timeout_ms)
         _check_integrity(conn, path)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{path} has schema version {version}; this server knows up to "
-                f"{SCHEMA_VERSION}: upgrade inversion-monitor or use another --db"
-            )
-        _migrate(conn, version)
+        migrate(SqliteConnection(conn), path)
     except BaseException as exc:
         if lock is not None:
             lock.release()
@@ -244,7 +233,7 @@ def open_database(
 
 
 def _open_error(path: str, exc: sqlite3.Error) -> StoreError:
-    if _is_disk_full(exc):
+    if is_disk_full(exc):
         return DiskFull(f"cannot open database {path}: the disk is full ({exc})")
     if "malformed" in str(exc) or "not a database" in str(exc):
         return StoreError(_damaged(path, str(exc)))
@@ -271,25 +260,33 @@ def _check_integrity(conn: sqlite3.Connection, path: str) -> None:
         raise StoreError(_damaged(path, "; ".join(problems[:3])))
 
 
-def _migrate(conn: sqlite3.Connection, version: int) -> None:
-    existing = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ranks'"
-    ).fetchone()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if existing:
+def migrate(conn: Connection, where: str = "the database") -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION` in one transaction; data is never dropped.
+
+    Refuses a database a newer server migrated. Several servers starting together on
+    one PostgreSQL database migrate one after the other (an advisory lock).
+    """
+    dialect = conn.dialect
+    with conn.transaction():
+        for statement in dialect.migration_lock:
+            conn.execute(statement)
+        row = conn.query_one(dialect.read_version)
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{where} has schema version {version}; this server knows up to "
+                f"{SCHEMA_VERSION}: upgrade inversion-monitor or use another --db"
+            )
+        if conn.query_one(dialect.table_exists, ("ranks",)) is not None:
             for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS.get(target, ()):
-                    conn.execute(statement)
-        for statement in _SCHEMA.split(";"):
+                    conn.execute(dialect.ddl(statement))
+        for statement in dialect.ddl(_SCHEMA).split(";"):
             if statement.strip():
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        if version != SCHEMA_VERSION:
+            for statement in dialect.write_version:
+                conn.execute(statement.format(version=SCHEMA_VERSION))
 
 
 def _damaged(path: str, detail: str) -> str:

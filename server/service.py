@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -30,6 +29,7 @@ from inversion_monitor.server.alerts import AlertEngine
 from inversion_monitor.server.archive import recent_run_ids
 from inversion_monitor.server.auth import FULL_ACCESS, Authorizer, Grant
 from inversion_monitor.server.config import Limits
+from inversion_monitor.server.database import Connection
 from inversion_monitor.server.errors import (
     InvalidArgument,
     NotFound,
@@ -89,7 +89,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         *,
         writer: WriterThread,
         reader: Callable[[Callable[[], Any]], Awaitable[Any]],
-        read_connection: Callable[[], sqlite3.Connection],
+        read_connection: Callable[[], Connection],
         push_latency: Histogram,
         max_pending: int,
         max_history: int,
@@ -238,8 +238,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                             exclude=in_memory,
                         )
                     )
-                except sqlite3.Error as exc:
-                    raise Unavailable(f"database read failed: {exc}") from exc
+                except StoreError as exc:
+                    raise Unavailable(str(exc)) from exc
                 if older:
                     await self._writer.call(partial(self._ingestor.revive_all, older))
                     views = matching()
@@ -292,8 +292,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                         max_read_bytes=4 * self._max_history_bytes,
                     )
                 )
-            except sqlite3.Error as exc:
-                raise Unavailable(f"database read failed: {exc}") from exc
+            except StoreError as exc:
+                raise Unavailable(str(exc)) from exc
             response = monitor_pb2.GetRunResponse()
             fill_summary(response.summary, view, self._alerts)
             if self._alerts is not None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 
 from inversion_monitor.server.errors import RequestError, ResourceExhausted, Unavailable
-from inversion_monitor.server.schema import DiskFull, StoreError
+from inversion_monitor.server.store_errors import DiskFull, StoreError, StreamMoved
 
 log = logging.getLogger("inversion_monitor.server")
 
 DISK_FULL_RETRY_S = 5.0
 DATABASE_RETRY_S = 2.0
+STREAM_MOVED_RETRY_S = 0.1
 
 
 class StorageState:
@@ -39,7 +40,13 @@ class StorageState:
         self._kind: type[StoreError] | None = None
 
     def failed(self, exc: StoreError) -> RequestError:
-        """Note the failure (logged if the state changes) and return the error to answer."""
+        """Note the failure (logged if the state changes) and return the error to answer.
+
+        A write that raced another server on a shared database (:class:`StreamMoved`)
+        is no failure of the database: answered UNAVAILABLE with a short retry, not noted.
+        """
+        if isinstance(exc, StreamMoved):
+            return Unavailable(str(exc), retry_after_s=STREAM_MOVED_RETRY_S)
         kind = DiskFull if isinstance(exc, DiskFull) else StoreError
         if self._kind is not kind:
             if kind is DiskFull:

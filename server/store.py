@@ -1,29 +1,34 @@
-"""SQLite persistence (WAL mode): the server's queries (the schema is in :mod:`.schema`).
+"""Persistence: the server's queries, the same for SQLite and PostgreSQL (schema: :mod:`.schema`).
 
 Tables: runs, ranks (with the writer session of each (run, rank) stream),
-records, rejected sequence numbers and alerts. One :class:`Store` connection
-belongs to the single writer thread; readers open their own connection with
-:func:`~.schema.connect` (WAL lets them run while the writer commits). Every record is
-written inside the transaction of the push that brought it, and acknowledged
-only after that transaction commits.
+records, rejected sequence numbers and alerts. The :class:`Store` runs its
+queries on the :class:`~.database.Database`'s writer connection, which belongs
+to the single writer thread; readers take their own with
+:meth:`~.database.Database.reader`. Every record is written inside the
+transaction of the push that brought it, and acknowledged only after that
+transaction commits.
 
-A :class:`Store` on a file owns it (:func:`~.schema.open_database`): an
+A :class:`Store` on a SQLite file owns it (:func:`~.schema.open_database`): an
 exclusive lock keeps a second server away, and a damaged file or a write-ahead
-log lost after an unclean stop is refused at start.
+log lost after an unclean stop is refused at start. On PostgreSQL
+(``postgresql://...``) connections come from a pool and several servers may
+share the database.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+import os
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inversion_monitor.server.schema import open_database, store_error
+from inversion_monitor.server.backends import open_store_database
+from inversion_monitor.server.database import Connection, Database, PostgresUrl
+from inversion_monitor.server.store_errors import StreamMoved
 
 log = logging.getLogger("inversion_monitor.server")
 
@@ -36,6 +41,8 @@ RecordRow = tuple[
 ]
 # (run_pk, rank, sequence, field, reason, received_time)
 RejectedRow = tuple[int, int, int, str, str, float]
+# (run_pk, rank, acked, session_time, session digest, the session_time it replaces)
+FencedRank = tuple[int, int, int, float, str | None, float]
 
 
 @dataclass(frozen=True)
@@ -104,54 +111,45 @@ class Store:
     >>> store.close()
     """
 
-    def __init__(self, path: Path | str, busy_timeout_ms: int = 5000) -> None:
-        self.path = str(path)
-        self._conn, self._lock = open_database(self.path, busy_timeout_ms)
+    def __init__(
+        self, target: Path | str | PostgresUrl | Database, busy_timeout_ms: int = 5000
+    ) -> None:
+        self.database = open_store_database(target, busy_timeout_ms)
+        # what to call the database in logs (a URL without its password)
+        self.path = self.database.description
+        self._conn = self.database.writer
         self._closed = False
 
     @property
-    def connection(self) -> sqlite3.Connection:
+    def connection(self) -> Connection:
         """The store's connection, for reads on the writer thread (``:memory:`` has no other)."""
         return self._conn
 
+    @property
+    def shared(self) -> bool:
+        """Whether other servers may write to the same database (PostgreSQL)."""
+        return self.database.shared
+
     def close(self) -> None:
-        """Close the connection; the lock file says ``clean`` afterwards (idempotent)."""
+        """Close the connections; a SQLite lock file says ``clean`` afterwards (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._conn.close()
-        if self._lock is not None:
-            self._lock.close()
+        self.database.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error.
+    def transaction(self) -> AbstractContextManager[None]:
+        """One write transaction, rolled back on any error.
 
-        An ``sqlite3`` error comes out as :class:`StoreError` (:class:`DiskFull`
-        when the disk is full); a rollback that fails (SQLite may already have
-        rolled back) never hides the original error.
+        Every database error comes out as :class:`StoreError` (:class:`DiskFull`
+        when the disk is full); a rollback that fails never hides the original error.
         """
-        conn = self._conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise store_error(exc, "database busy or unavailable") from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                with suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            if isinstance(exc, (sqlite3.Error, OSError)):
-                raise store_error(exc) from exc
-            raise
+        return self._conn.transaction()
 
     def probe_write(self) -> None:
         """A tiny write transaction (raises :class:`DiskFull` while the disk is full)."""
-        with self.transaction() as conn:
-            conn.execute("INSERT INTO probe VALUES (randomblob(64))")
-            conn.execute("DELETE FROM probe")
+        with self.transaction():
+            self._conn.execute("INSERT INTO probe (x) VALUES (?)", (os.urandom(64),))
+            self._conn.execute("DELETE FROM probe")
 
     # ---------------------------------------------------------------- runs
 
@@ -165,16 +163,20 @@ class Store:
         now: float,
         kind: str = "",
     ) -> int:
-        try:
-            cur = self._conn.execute(
-                "INSERT INTO runs (run_id, display_name, project, info, world_size, opened_time,"
-                " last_activity_time, status, kind) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-                (run_id, display_name, project, info, world_size, now, now, kind),
+        """Store a new run; returns its ``pk``. :class:`StreamMoved` when another server
+        stored a run with the same id or display name first (shared databases)."""
+        row = self._conn.query_one(
+            "INSERT INTO runs (run_id, display_name, project, info, world_size, opened_time,"
+            " last_activity_time, status, kind) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)"
+            " ON CONFLICT DO NOTHING RETURNING pk",
+            (run_id, display_name, project, info, world_size, now, now, kind),
+        )
+        if row is None:
+            raise StreamMoved(
+                f"run {run_id[:80]!r} (or the name {display_name!r}) was just opened on another "
+                "server; retry"
             )
-        except sqlite3.Error as exc:
-            raise store_error(exc) from exc
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        return int(row[0])
 
     def update_run(
         self, pk: int, *, world_size: int, last_activity_time: float, status: str
@@ -205,10 +207,7 @@ class Store:
         )
 
     def _execute(self, sql: str, params: Sequence[object]) -> None:
-        try:
-            self._conn.execute(sql, params)
-        except sqlite3.Error as exc:
-            raise store_error(exc) from exc
+        self._conn.execute(sql, params)
 
     # ---------------------------------------------------------------- push
 
@@ -218,24 +217,29 @@ class Store:
         rejected: Sequence[RejectedRow],
         ranks: Iterable[tuple[int, int, int, float]],
         runs: Iterable[tuple[int, float | None, float, int]],
+        fenced: Sequence[FencedRank] = (),
     ) -> None:
         """One transaction: records, rejected sequences, rank acks, run counters.
 
         ``ranks``: ``(run_pk, rank, acked, session_time)`` of ranks that exist;
         ``runs``: ``(pk, last_update_time, last_activity_time, added_records)``.
+        ``fenced`` (a shared database, instead of ``ranks``): each rank's ack is
+        written only if its row still has the session and session time this server
+        last saw; else :class:`StreamMoved` and nothing is written.
         """
-        with self.transaction() as conn:
+        conn = self._conn
+        with self.transaction():
             if records:
                 conn.executemany(
-                    "INSERT OR IGNORE INTO records (run_pk, rank, sequence, step, wall_time,"
+                    "INSERT INTO records (run_pk, rank, sequence, step, wall_time,"
                     " received_time, spearman, pearson, entropy_mean, score_mean, payload)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     records,
                 )
             if rejected:
                 conn.executemany(
-                    "INSERT OR IGNORE INTO rejected (run_pk, rank, sequence, field, reason,"
-                    " received_time) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO rejected (run_pk, rank, sequence, field, reason,"
+                    " received_time) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     rejected,
                 )
             conn.executemany(
@@ -243,6 +247,18 @@ class Store:
                 " WHERE run_pk = ? AND rank = ?",
                 [(acked, when, pk, rank) for pk, rank, acked, when in ranks],
             )
+            changed = conn.executemany(
+                "UPDATE ranks SET acked_sequence = ?, session_time = ?"
+                " WHERE run_pk = ? AND rank = ? AND session = ? AND session_time = ?",
+                [
+                    (acked, when, pk, rank, session, seen)
+                    for pk, rank, acked, when, session, seen in fenced
+                ],
+            )
+            if changed != len(fenced):
+                raise StreamMoved(
+                    "another server wrote to a stream of this push at the same time; retry"
+                )
             conn.executemany(
                 "UPDATE runs SET last_update_time = coalesce(?, last_update_time),"
                 " last_activity_time = ?, records = records + ? WHERE pk = ?",
@@ -252,11 +268,11 @@ class Store:
     # ---------------------------------------------------------------- start-up
 
     def load_runs(self) -> list[StoredRun]:
-        rows = self._conn.execute(
+        rows = self._conn.query(
             "SELECT pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
             " last_activity_time, status, records, kind FROM runs ORDER BY pk"
-        ).fetchall()
-        return [StoredRun(*row) for row in rows]
+        )
+        return [stored_run(row) for row in rows]
 
     def load_ranks(self, run_pk: int | None = None) -> list[StoredRank]:
         """The ``ranks`` rows of every run (of run ``run_pk`` only), with what rebuilding
@@ -264,33 +280,33 @@ class Store:
         conn = self._conn
         where, params = ("", ()) if run_pk is None else (" WHERE run_pk = ?", (run_pk,))
         out = []
-        for run_pk_, rank, acked, status, session, previous, session_time in conn.execute(
+        for run_pk_, rank, acked, status, session, previous, session_time in conn.query(
             "SELECT run_pk, rank, acked_sequence, status, session, previous_session, session_time"
             f" FROM ranks{where} ORDER BY run_pk, rank",
             params,
-        ).fetchall():
+        ):
             pending = frozenset(
                 seq
-                for (seq,) in conn.execute(
+                for (seq,) in conn.query(
                     "SELECT sequence FROM records WHERE run_pk = ? AND rank = ? AND sequence > ?"
                     " UNION SELECT sequence FROM rejected"
                     " WHERE run_pk = ? AND rank = ? AND sequence > ?",
                     (run_pk_, rank, acked, run_pk_, rank, acked),
                 )
             )
-            latest = conn.execute(
+            latest = conn.query_one(
                 "SELECT sequence, payload FROM records WHERE run_pk = ? AND rank = ?"
                 " ORDER BY sequence DESC LIMIT 1",
                 (run_pk_, rank),
-            ).fetchone()
+            )
             # health-only records have none of these: scans back over them to the last probe
-            probe = conn.execute(
+            probe = conn.query_one(
                 "SELECT sequence, payload FROM records WHERE run_pk = ? AND rank = ?"
                 " AND (spearman IS NOT NULL OR pearson IS NOT NULL"
                 " OR entropy_mean IS NOT NULL OR score_mean IS NOT NULL)"
                 " ORDER BY sequence DESC LIMIT 1",
                 (run_pk_, rank),
-            ).fetchone()
+            )
             out.append(
                 StoredRank(
                     run_pk_,
@@ -299,12 +315,12 @@ class Store:
                     status,
                     pending,
                     latest[0] if latest else 0,
-                    latest[1] if latest else None,
+                    bytes(latest[1]) if latest else None,
                     session,
                     previous,
                     float(session_time or 0.0),
                     probe[0] if probe else 0,
-                    probe[1] if probe else None,
+                    bytes(probe[1]) if probe else None,
                 )
             )
         return out
@@ -313,8 +329,8 @@ class Store:
 
     def end_active_alerts(self, now: float) -> None:
         """End every alert left active (``server_restart``): the detectors start afresh."""
-        with self.transaction() as conn:
-            conn.execute(
+        with self.transaction():
+            self._conn.execute(
                 "UPDATE alerts SET active = 0, end_time = ?, end_reason = 'server_restart'"
                 " WHERE active = 1",
                 (now,),
@@ -322,12 +338,12 @@ class Store:
 
     def load_alerts(self, run_id: str) -> list[StoredAlert]:
         """The last :data:`MAX_ALERTS_PER_RUN` alerts of run ``run_id``, oldest first (indexed)."""
-        rows = self._conn.execute(
+        rows = self._conn.query(
             "SELECT run_id, display_name, name, severity, start_step, end_step, start_time,"
             " end_time, summary, description, trigger_values FROM alerts WHERE run_id = ?"
             " ORDER BY id DESC LIMIT ?",
             (run_id, MAX_ALERTS_PER_RUN),
-        ).fetchall()
+        )
         out = []
         for row in reversed(rows):  # StoredAlert's fields in order, trigger_values as JSON
             values = {str(k): float(v) for k, v in json.loads(row[-1]).items()}
@@ -349,28 +365,25 @@ class Store:
         values: dict[str, float],
     ) -> int:
         """Store an alert that starts; returns its row id."""
-        try:
-            cur = self._conn.execute(
-                "INSERT INTO alerts (run_id, display_name, name, severity, active, start_step,"
-                " start_time, reason, summary, description, trigger_values)"
-                " VALUES (?,?,?,?,1,?,?,?,?,?,?)",
-                (
-                    run_id,
-                    display_name,
-                    name,
-                    severity,
-                    start_step,
-                    start_time,
-                    reason,
-                    summary,
-                    description,
-                    json.dumps(values),
-                ),
-            )
-        except sqlite3.Error as exc:
-            raise store_error(exc) from exc
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        row = self._conn.query_one(
+            "INSERT INTO alerts (run_id, display_name, name, severity, active, start_step,"
+            " start_time, reason, summary, description, trigger_values)"
+            " VALUES (?,?,?,?,1,?,?,?,?,?,?) RETURNING id",
+            (
+                run_id,
+                display_name,
+                name,
+                severity,
+                start_step,
+                start_time,
+                reason,
+                summary,
+                description,
+                json.dumps(values),
+            ),
+        )
+        assert row is not None
+        return int(row[0])
 
     def end_alert(
         self, row: int, end_step: int, end_time: float, reason: str, values: dict[str, float]
@@ -383,12 +396,25 @@ class Store:
         )
 
 
-def read_history(conn: sqlite3.Connection, run_pk: int, limit: int) -> list[bytes]:
+def stored_run(row: Sequence[Any]) -> StoredRun:
+    """A :class:`StoredRun` from a row of :data:`RUN_COLUMNS`."""
+    fields = list(row)
+    fields[3] = bytes(fields[3])  # PostgreSQL may hand BYTEA back as a memoryview
+    return StoredRun(*fields)
+
+
+RUN_COLUMNS = (
+    "pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
+    " last_activity_time, status, records, kind"
+)
+
+
+def read_history(conn: Connection, run_pk: int, limit: int) -> list[bytes]:
     """Payloads of the ``limit`` records with the highest steps, oldest first."""
-    rows = conn.execute(
+    rows = conn.query(
         "SELECT step, rank, sequence, payload FROM records WHERE run_pk = ?"
         " ORDER BY step DESC LIMIT ?",
         (run_pk, limit),
-    ).fetchall()
+    )
     rows.sort(key=lambda row: (row[0], row[1], row[2]))
-    return [row[3] for row in rows]
+    return [bytes(row[3]) for row in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from inversion_monitor.toy.corpus import (
 )
 from inversion_monitor.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
 from inversion_monitor.toy.tokenizer import char_tokenizer
+from tests.postgres_support import PostgresCluster, TestDatabase
 from tests.server_support import running
 
 
@@ -59,3 +61,23 @@ def dist_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorSer
     """A real server on loopback shared by one test module's distributed jobs."""
     with running(tmp_path_factory.mktemp("server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL 15 cluster for the session (started on first use)."""
+    cluster = PostgresCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> TestDatabase:
+    """Each store backend in turn: a SQLite file in ``tmp_path``, a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return TestDatabase("sqlite", tmp_path / "monitor.db")
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    name = cluster.create_database()
+    return TestDatabase("postgresql", cluster.url(name), cluster, name)

@@ -17,6 +17,7 @@ from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.cli import serve_config
 from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.settings_file import ServerConfigError
+from tests.postgres_support import TestDatabase
 from tests.server_support import (
     TIMEOUT,
     close_run,
@@ -173,15 +174,15 @@ def test_serve_flags_are_checked_before_start(
     assert serve_config(parser.parse_args(["serve"]), off).alerts is False
 
 
-def test_alerts_survive_a_restart_as_history(tmp_path: Path) -> None:
-    with running(tmp_path) as server, stub_for(server) as stub:
+def test_alerts_survive_a_restart_as_history(tmp_path: Path, database: TestDatabase) -> None:
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         open_run(stub, "run1", name="again")
         push(stub, *stream("run1", [-0.5] * 60 + [0.2] * 40))
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="again"), timeout=TIMEOUT)
         before = {a.name: a for a in got.alerts}
         assert set(before) == {"InversionWeakening", "InversionLost"}
         assert all(a.active for a in before.values())
-    with running(tmp_path) as server, stub_for(server) as stub:
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="again"), timeout=TIMEOUT)
         assert not got.summary.active_alerts
         after = {a.name: a for a in got.alerts}
@@ -194,12 +195,7 @@ def test_alerts_survive_a_restart_as_history(tmp_path: Path) -> None:
             ("again", "InversionLost", "critical"): 0.0,
             ("again", "InversionWeakening", "warning"): 0.0,
         }
-        row = (
-            sqlite3.connect(tmp_path / "monitor.db")
-            .execute("SELECT DISTINCT end_reason FROM alerts")
-            .fetchall()
-        )
-        assert row == [("server_restart",)]
+        assert database.rows("SELECT DISTINCT end_reason FROM alerts") == [("server_restart",)]
 
 
 def test_runs_past_retention_leave_the_alert_gauge_and_stop_being_stale(tmp_path: Path) -> None:

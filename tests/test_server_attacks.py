@@ -27,6 +27,7 @@ from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import Limits, MonitorServer
 from inversion_monitor.server.auth import TokenScope
 from inversion_monitor.server.entropy_law import EntropyLawMonitor
+from tests.postgres_support import TestDatabase
 from tests.server_support import (
     TIMEOUT,
     close_run,
@@ -249,9 +250,12 @@ def _sampled(run_id: str, sequence: int, count: int) -> monitor_pb2.StepRecord:
     return rec
 
 
-def test_history_is_capped_in_bytes_newest_first(tmp_path: Path) -> None:
+def test_history_is_capped_in_bytes_newest_first(tmp_path: Path, database: TestDatabase) -> None:
     limits = Limits(max_history_bytes=160 * 1024)
-    with running(tmp_path, limits=limits) as server, stub_for(server) as stub:
+    with (
+        running(tmp_path, db=database.target, limits=limits) as server,
+        stub_for(server) as stub,
+    ):
         open_run(stub, "big", name="big")
         for seq in range(1, 41):
             push(stub, _sampled("big", seq, 1000))

@@ -1,10 +1,11 @@
-"""Restarting on the same database restores runs, latest state and acknowledgements."""
+"""Restarting on the same database restores runs, latest state and acknowledgements.
+
+Every test but the lock one runs on both store backends (the ``database`` fixture).
+"""
 
 from __future__ import annotations
 
 import sqlite3
-import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,7 @@ from inversion_monitor.server.config import Limits, ServerConfig
 from inversion_monitor.server.ingest import Ingestor
 from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.store import Store
+from tests.postgres_support import TestDatabase
 from tests.server_support import (
     TIMEOUT,
     acks,
@@ -31,8 +33,8 @@ from tests.server_support import (
 )
 
 
-def test_restart_restores_runs_state_and_acks(tmp_path):
-    with running(tmp_path) as server, stub_for(server) as stub:
+def test_restart_restores_runs_state_and_acks(tmp_path, database: TestDatabase):
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         open_run(stub, "run1", rank=0, name="alpha")
         open_run(stub, "run1", rank=1)
         open_run(stub, "run2", name="beta")
@@ -47,7 +49,7 @@ def test_restart_restores_runs_state_and_acks(tmp_path):
         assert acks(resp)[("run1", 1)] == 2 and len(resp.rejected) == 1
         close_run(stub, "run2", status="interrupted")
 
-    with running(tmp_path) as server, stub_for(server) as stub:
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         assert open_run(stub, "run1", rank=0).acked_sequence == 3
         assert open_run(stub, "run1", rank=1, name="renamed").display_name == "alpha"
         text = scrape_text(server)
@@ -72,10 +74,9 @@ def test_restart_restores_runs_state_and_acks(tmp_path):
         # a brand-new run after the restart does not collide with restored names
         assert open_run(stub, "run3", name="alpha").display_name == "alpha-2"
 
-    with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        rows = conn.execute("SELECT rank, sequence FROM records ORDER BY rank, sequence")
-        assert rows.fetchall() == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 3), (1, 4)]
-        assert conn.execute("SELECT rank, sequence FROM rejected").fetchall() == [(1, 2)]
+    rows = database.rows("SELECT rank, sequence FROM records ORDER BY rank, sequence")
+    assert rows == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 3), (1, 4)]
+    assert database.rows("SELECT rank, sequence FROM rejected") == [(1, 2)]
 
 
 def _contiguous(done: set[int]) -> int:
@@ -86,7 +87,12 @@ def _contiguous(done: set[int]) -> int:
     return n
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    # the database is emptied at the start of every example (database.fresh())
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     batches=st.lists(
         st.lists(st.tuples(st.integers(0, 1), st.integers(0, 14), st.booleans()), max_size=12),
@@ -94,56 +100,53 @@ def _contiguous(done: set[int]) -> int:
     ),
     restart_after=st.integers(0, 8),
 )
-def test_acks_match_a_brute_force_reference(batches, restart_after):
+def test_acks_match_a_brute_force_reference(database: TestDatabase, batches, restart_after):
     """Random pushes (dups, gaps, out of order, bad records, a restart) vs a set model."""
     limits = Limits(max_sequence_gap=10)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = ServerConfig(db=Path(tmp) / "m.db", limits=limits)
-        ing = Ingestor(Store(cfg.db), cfg)
-        info = monitor_pb2.RunInfo(run_id="r", world_size=2)
-        # the writer sessions outlive the restart (they are stored)
-        sessions = {
-            rank: ing.open_run(monitor_pb2.OpenRunRequest(run=info, rank=rank), now=1.0)
+    cfg = ServerConfig(db=database.fresh(), limits=limits)
+    ing = Ingestor(Store(cfg.db), cfg)
+    info = monitor_pb2.RunInfo(run_id="r", world_size=2)
+    # the writer sessions outlive the restart (they are stored)
+    sessions = {
+        rank: ing.open_run(monitor_pb2.OpenRunRequest(run=info, rank=rank), now=1.0)
+        for rank in (0, 1)
+    }
+    done: dict[int, set[int]] = {0: set(), 1: set()}
+    stored: set[tuple[int, int]] = set()
+    for b, batch in enumerate(batches):
+        if b == restart_after:
+            ing.close()
+            ing = Ingestor(Store(cfg.db), cfg)
+        requests = {
+            rank: monitor_pb2.PushRequest(writer_session=sessions[rank].writer_session)
             for rank in (0, 1)
         }
-        done: dict[int, set[int]] = {0: set(), 1: set()}
-        stored: set[tuple[int, int]] = set()
-        for b, batch in enumerate(batches):
-            if b == restart_after:
-                ing.close()
-                ing = Ingestor(Store(cfg.db), cfg)
-            requests = {
-                rank: monitor_pb2.PushRequest(writer_session=sessions[rank].writer_session)
-                for rank in (0, 1)
-            }
-            expected_dups = expected_accepted = 0
-            # the window for sequence numbers is measured from the ack before the push
-            acked_before = {rank: _contiguous(seqs) for rank, seqs in done.items()}
-            for rank, seq, good in batch:
-                rec = requests[rank].records.add(run_id="r", rank=rank, sequence=seq, step=seq)
-                if not good:
-                    rec.step = -1
-                if seq == 0 or seq > acked_before[rank] + limits.max_sequence_gap:
-                    continue  # rejected without being recorded
-                if seq in done[rank]:
-                    expected_dups += 1
-                    continue
-                done[rank].add(seq)
-                if good:
-                    expected_accepted += 1
-                    stored.add((rank, seq))
-            # both ranks in one group commit
-            results = ing.push_many([requests[0], requests[1]], now=2.0 + b)
-            assert all(isinstance(r, monitor_pb2.PushResponse) for r in results)
-            assert sum(r.duplicates for r in results) == expected_dups  # type: ignore[union-attr]
-            assert sum(r.accepted for r in results) == expected_accepted  # type: ignore[union-attr]
-            for resp in results:
-                for ack in resp.acks:  # type: ignore[union-attr]
-                    assert ack.acked_sequence == _contiguous(done[ack.rank])
-        ing.close()
-        with sqlite3.connect(cfg.db) as conn:
-            rows = set(conn.execute("SELECT rank, sequence FROM records").fetchall())
-        assert rows == stored
+        expected_dups = expected_accepted = 0
+        # the window for sequence numbers is measured from the ack before the push
+        acked_before = {rank: _contiguous(seqs) for rank, seqs in done.items()}
+        for rank, seq, good in batch:
+            rec = requests[rank].records.add(run_id="r", rank=rank, sequence=seq, step=seq)
+            if not good:
+                rec.step = -1
+            if seq == 0 or seq > acked_before[rank] + limits.max_sequence_gap:
+                continue  # rejected without being recorded
+            if seq in done[rank]:
+                expected_dups += 1
+                continue
+            done[rank].add(seq)
+            if good:
+                expected_accepted += 1
+                stored.add((rank, seq))
+        # both ranks in one group commit
+        results = ing.push_many([requests[0], requests[1]], now=2.0 + b)
+        assert all(isinstance(r, monitor_pb2.PushResponse) for r in results)
+        assert sum(r.duplicates for r in results) == expected_dups  # type: ignore[union-attr]
+        assert sum(r.accepted for r in results) == expected_accepted  # type: ignore[union-attr]
+        for resp in results:
+            for ack in resp.acks:  # type: ignore[union-attr]
+                assert ack.acked_sequence == _contiguous(done[ack.rank])
+    ing.close()
+    assert set(database.rows("SELECT rank, sequence FROM records")) == stored
 
 
 def test_a_failed_commit_stores_and_acknowledges_nothing(tmp_path):
@@ -175,8 +178,8 @@ def test_a_failed_commit_stores_and_acknowledges_nothing(tmp_path):
     ing.close()
 
 
-def test_concurrent_pushes_are_grouped_and_each_acknowledged(tmp_path):
-    with running(tmp_path) as server, stub_for(server) as stub:
+def test_concurrent_pushes_are_grouped_and_each_acknowledged(tmp_path, database: TestDatabase):
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         for run in range(4):
             open_run(stub, f"run{run}", name=f"n{run}")
         futures = [
@@ -189,5 +192,4 @@ def test_concurrent_pushes_are_grouped_and_each_acknowledged(tmp_path):
         final = push(stub, *(record(f"run{run}", 25) for run in range(4)))
         assert final.duplicates == 4
         assert acks(final) == {(f"run{run}", 0): 25 for run in range(4)}
-    with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        assert conn.execute("SELECT count(*) FROM records").fetchone() == (100,)
+    assert database.rows("SELECT count(*) FROM records") == [(100,)]

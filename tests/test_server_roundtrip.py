@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +12,7 @@ import pytest
 
 from inversion_monitor.app.tables import runs_table
 from inversion_monitor.proto.v1 import monitor_pb2
+from tests.postgres_support import TestDatabase
 from tests.server_support import (
     TIMEOUT,
     acks,
@@ -32,8 +32,11 @@ from tests.server_support import (
 )
 
 
-def test_round_trip_getrun_listruns_and_metrics(tmp_path):
-    with running(tmp_path, extended_metrics=True) as server, stub_for(server) as stub:
+def test_round_trip_getrun_listruns_and_metrics(tmp_path, database: TestDatabase):
+    with (
+        running(tmp_path, db=database.target, extended_metrics=True) as server,
+        stub_for(server) as stub,
+    ):
         opened = open_run(stub, "run1", name="GPT-2 small / lr=3e-4")
         assert opened.display_name == "GPT-2-small-lr-3e-4"
         assert opened.acked_sequence == 0
@@ -156,8 +159,10 @@ def test_open_run_is_idempotent_and_close_sets_status(tmp_path):
         assert missing.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_idle_runs_leave_metrics_after_retention_but_stay_in_the_database(tmp_path):
-    with running(tmp_path, retention="1s") as server, stub_for(server) as stub:
+def test_idle_runs_leave_metrics_after_retention_but_stay_in_the_database(
+    tmp_path, database: TestDatabase
+):
+    with running(tmp_path, db=database.target, retention="1s") as server, stub_for(server) as stub:
         open_run(stub, "old", name="old")
         push(stub, record("old", 1))
         assert run_sample(scrape_text(server), "inversion_monitor_step", "old") == 10
@@ -174,9 +179,9 @@ def test_idle_runs_leave_metrics_after_retention_but_stay_in_the_database(tmp_pa
         # activity brings it back
         push(stub, record("old", 2))
         assert run_sample(scrape_text(server), "inversion_monitor_step", "old") == 20
-    with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        assert conn.execute("SELECT count(*) FROM records").fetchone() == (2,)
-        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert database.rows("SELECT count(*) FROM records") == [(2,)]
+    if not database.postgres:
+        assert database.rows("PRAGMA journal_mode") == [("wal",)]
 
 
 def test_http_health_and_unknown_paths(tmp_path):

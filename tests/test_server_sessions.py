@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import grpc
 
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from tests.postgres_support import TestDatabase
 from tests.server_support import (
     TIMEOUT,
     record,
@@ -39,13 +39,18 @@ def _push(
     return response
 
 
-def _stored(db: Path) -> list[tuple[int, int]]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT rank, sequence FROM records ORDER BY rank, sequence").fetchall()
+def _stored(database: TestDatabase) -> list[tuple[int, int]]:
+    return database.rows("SELECT rank, sequence FROM records ORDER BY rank, sequence")
 
 
-def test_a_second_writer_is_refused_by_name_and_the_first_loses_nothing(tmp_path: Path) -> None:
-    with running(tmp_path) as server, stub_for(server) as first, stub_for(server) as second:
+def test_a_second_writer_is_refused_by_name_and_the_first_loses_nothing(
+    tmp_path: Path, database: TestDatabase
+) -> None:
+    with (
+        running(tmp_path, db=database.target) as server,
+        stub_for(server) as first,
+        stub_for(server) as second,
+    ):
         owner = _open(first)
         assert len(owner.writer_session) >= 32  # >= 128 bits, URL-safe text
         _push(first, owner.writer_session, record("run1", 1), record("run1", 2))
@@ -83,11 +88,15 @@ def test_a_second_writer_is_refused_by_name_and_the_first_loses_nothing(tmp_path
         # the owner's next records are stored, none counted as duplicates
         resp = _push(first, owner.writer_session, record("run1", 3), record("run1", 4))
         assert (resp.accepted, resp.duplicates, resp.acks[0].acked_sequence) == (2, 0, 4)
-    assert _stored(tmp_path / "monitor.db") == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    assert _stored(database) == [(0, 1), (0, 2), (0, 3), (0, 4)]
 
 
-def test_takeover_invalidates_the_previous_session(tmp_path: Path) -> None:
-    with running(tmp_path) as server, stub_for(server) as old, stub_for(server) as new:
+def test_takeover_invalidates_the_previous_session(tmp_path: Path, database: TestDatabase) -> None:
+    with (
+        running(tmp_path, db=database.target) as server,
+        stub_for(server) as old,
+        stub_for(server) as new,
+    ):
         before = _open(old)
         _push(old, before.writer_session, record("run1", 1))
         after = _open(new, takeover=True)
@@ -154,20 +163,21 @@ def test_an_idle_or_closed_session_is_replaced_without_takeover(tmp_path: Path) 
         assert _open(stub, "run2").writer_session != done.writer_session  # closed: free
 
 
-def test_sessions_survive_a_restart_and_are_stored_as_digests(tmp_path: Path) -> None:
-    with running(tmp_path) as server, stub_for(server) as stub:
+def test_sessions_survive_a_restart_and_are_stored_as_digests(
+    tmp_path: Path, database: TestDatabase
+) -> None:
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         owner = _open(stub)
         _push(stub, owner.writer_session, record("run1", 1))
-    with running(tmp_path) as server, stub_for(server) as stub:
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         # the writer goes on with its session; a second writer is still refused
         assert _push(stub, owner.writer_session, record("run1", 2)).acks[0].acked_sequence == 2
         err = rpc_error(stub.OpenRun, monitor_pb2.OpenRunRequest(run=run_info("run1")))
         assert err.code() == grpc.StatusCode.ALREADY_EXISTS
-    raw = (tmp_path / "monitor.db").read_bytes()
-    assert owner.writer_session.encode() not in raw
-    with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        (digest,) = conn.execute("SELECT session FROM ranks").fetchone()
-    assert len(digest) == 64  # sha256 hex
+    if not database.postgres:
+        assert owner.writer_session.encode() not in Path(database.target).read_bytes()
+    ((digest, previous),) = database.rows("SELECT session, previous_session FROM ranks")
+    assert len(digest) == 64 and owner.writer_session not in (digest, previous)  # sha256 hex
 
 
 def test_an_empty_push_without_a_session_is_a_no_op(tmp_path: Path) -> None:

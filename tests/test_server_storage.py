@@ -26,7 +26,9 @@ from grpc_status import rpc_status
 from inversion_monitor.app.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server import MonitorServer
+from inversion_monitor.server.database import POSTGRESQL, SQLITE
 from inversion_monitor.server.schema import SCHEMA_VERSION, StoreError
+from tests.postgres_support import TestDatabase
 from tests.server_support import (
     TIMEOUT,
     config,
@@ -276,31 +278,37 @@ def test_a_full_disk_answers_resource_exhausted_and_recovers_without_restart(
         assert stored == list(range(1, acked + 1))  # every acknowledged record, no gap
 
 
+# schema version 1 in either dialect (Dialect.ddl fills in the types)
 SCHEMA_1 = """
-CREATE TABLE runs (pk INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
-    display_name TEXT NOT NULL UNIQUE, project TEXT NOT NULL, info BLOB NOT NULL,
-    world_size INTEGER NOT NULL, opened_time REAL NOT NULL, last_update_time REAL,
-    last_activity_time REAL NOT NULL, status TEXT NOT NULL, records INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE ranks (run_pk INTEGER NOT NULL REFERENCES runs(pk), rank INTEGER NOT NULL,
-    acked_sequence INTEGER NOT NULL, status TEXT NOT NULL, PRIMARY KEY (run_pk, rank))
-    WITHOUT ROWID;
-PRAGMA user_version = 1;
+CREATE TABLE runs (pk {serial_key}, run_id TEXT NOT NULL UNIQUE,
+    display_name TEXT NOT NULL UNIQUE, project TEXT NOT NULL, info {blob} NOT NULL,
+    world_size {integer} NOT NULL, opened_time {real} NOT NULL, last_update_time {real},
+    last_activity_time {real} NOT NULL, status TEXT NOT NULL,
+    records {integer} NOT NULL DEFAULT 0);
+CREATE TABLE ranks (run_pk {integer} NOT NULL REFERENCES runs(pk), rank {integer} NOT NULL,
+    acked_sequence {integer} NOT NULL, status TEXT NOT NULL, PRIMARY KEY (run_pk, rank))
+    {without_rowid};
 """
 
 
-def test_a_schema_1_database_gains_sessions_and_keeps_its_runs(tmp_path: Path) -> None:
+def test_a_schema_1_database_gains_sessions_and_keeps_its_runs(
+    tmp_path: Path, database: TestDatabase
+) -> None:
     info = monitor_pb2.RunInfo(run_id="old", name="old", project="p", world_size=1)
-    with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        conn.executescript(SCHEMA_1)
-        conn.execute(
-            "INSERT INTO runs VALUES (1, 'old', 'old', 'p', ?, 1, 1.0, NULL, 1.0, 'running', 0)",
-            (info.SerializeToString(),),
-        )
-        conn.execute("INSERT INTO ranks VALUES (1, 0, 3, 'running')")
-    conn.close()
-    with running(tmp_path) as server, stub_for(server) as stub:
+    dialect = POSTGRESQL if database.postgres else SQLITE
+    statements = [*dialect.ddl(SCHEMA_1).split(";")[:-1]]
+    statements += [
+        *dialect.migration_lock[1:],  # PostgreSQL: the version table
+        *(s.format(version=1) for s in dialect.write_version),
+        "INSERT INTO runs (run_id, display_name, project, info, world_size, opened_time,"
+        " last_activity_time, status) VALUES ('old', 'old', 'p', ?, 1, 1.0, 1.0, 'running')",
+        "INSERT INTO ranks VALUES (1, 0, 3, 'running')",
+    ]
+    for statement in statements:
+        database.execute(statement, (info.SerializeToString(),) if "?" in statement else ())
+    with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         # the stream has no session yet: the first writer gets one without takeover
         assert open_run(stub, "old", takeover=False, world_size=1).acked_sequence == 3
         assert push(stub, record("old", 4)).acks[0].acked_sequence == 4
-    with sqlite3.connect(tmp_path / "monitor.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert database.rows(dialect.read_version) == [(SCHEMA_VERSION,)]
+    assert database.rows("SELECT run_id, records, kind FROM runs") == [("old", 1, "")]
