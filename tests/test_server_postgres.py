@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
+from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.settings_file import ServerConfigError
@@ -25,6 +27,7 @@ from inversion_monitor.server.storage_state import StorageState
 from inversion_monitor.server.store import Store
 from inversion_monitor.server.store_errors import StreamMoved
 from tests.postgres_support import PASSWORD, PASSWORD_IN_URL, PostgresCluster, TestDatabase
+from tests.scripted_server import FAST, stats
 from tests.server_support import (
     TIMEOUT,
     record,
@@ -35,6 +38,7 @@ from tests.server_support import (
     scrape_text,
     wait_until,
 )
+from tests.test_telemetry_e2e import ServeProcess
 
 SECRET = "s3cret-pw"
 
@@ -333,3 +337,48 @@ def test_two_servers_opening_one_new_run_at_once_conflict_without_degrading(
     finally:
         one.close()
         two.close()
+
+
+def test_the_client_fails_over_between_replicas_of_one_database_and_every_record_lands_once(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    """The whole path of issue 28: ``MonitorClient("a,b")`` streams 20,000 records to two
+    ``serve`` replicas of one PostgreSQL database; replica A is SIGKILLed mid-stream with
+    records in flight; the client moves to B (its session and numbering with it) and B's
+    sequence de-duplication drops what A had stored but not acknowledged."""
+    name = postgres_cluster.create_database()
+    database = TestDatabase("postgresql", postgres_cluster.url(name), postgres_cluster, name)
+    first = ServeProcess(str(database.target)).start()
+    second = ServeProcess(str(database.target)).start()
+    total = 20_000
+    client = MonitorClient(
+        f"{first.endpoint},{second.endpoint}",
+        "replicas",
+        run_id="replicas",
+        batch_size=200,
+        spool_dir=tmp_path / "spool",
+        **FAST,
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TelemetryWarning)
+            for step in range(total):
+                client.log(step, stats(step), loss=1.0 / (step + 1))
+                if step == total // 2:
+                    wait_until("deliveries to A", lambda: client.report().delivered >= total // 4)
+                    first.kill()  # SIGKILL with records in flight
+            assert client.flush(timeout_s=120)
+        report = client.close(timeout_s=10)
+    finally:
+        client.close(timeout_s=0)
+        first.kill()
+        second.stop()
+    assert (report.logged, report.delivered, report.dropped, report.spooled) == (total, total, 0, 0)
+    assert client.current_endpoint == second.endpoint and client.failovers >= 1
+    rows = database.rows(
+        "SELECT r.sequence, r.step FROM records r JOIN runs ON runs.pk = r.run_pk "
+        "WHERE runs.run_id = ? ORDER BY r.sequence",
+        ("replicas",),
+    )
+    assert [int(seq) for seq, _ in rows] == list(range(1, total + 1))  # one numbering, no gap
+    assert [int(step) for _, step in rows] == list(range(total))  # every step once, in order

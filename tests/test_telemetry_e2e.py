@@ -33,9 +33,10 @@ START_TIMEOUT_S = 30.0
 
 
 class ServeProcess:
-    """``inversion-monitor serve`` in a subprocess, on a given database and port."""
+    """``inversion-monitor serve`` in a subprocess, on a given database (a SQLite path or a
+    ``postgresql://`` URL) and port."""
 
-    def __init__(self, db: Path, port: int = 0) -> None:
+    def __init__(self, db: Path | str, port: int = 0) -> None:
         self.db = db
         self.port = port
         self.process: subprocess.Popen[str] | None = None
