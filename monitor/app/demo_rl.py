@@ -18,6 +18,14 @@ policy (one no-grad forward of a frozen copy; the k3 estimator, as TRL's GRPO;
 record (``step_end``'s ``grad_norm`` and ``health``), where the server's
 GradNormSpike, KLSurge and LengthDrift detectors watch them.
 
+The task (``task``), the size of the fixed problem pool (``pool_size``) and
+the reward (``reward_kind``) are settings: the defaults (worked multi-step
+chains, 512 problems, :func:`rollout_reward`) are what the failure corpus
+records; the demo's healthy phase trains on one-operation ``"facts"``
+(:func:`~inversion_monitor.toy.corpus.fact_problems`, which its SFT phase
+partly teaches) from a pool of 32 with the plain correctness reward
+(:func:`answer_reward`), so the reward has something to learn from.
+
 Faults, for the demo and the failure corpus (``benchmarks/bench_detection.py``):
 ``lr_jump`` ``(step, factor)``: from that step on the learning rate is
 ``factor`` times higher (a broken schedule); ``reward_fault`` ``(step,
@@ -33,6 +41,8 @@ own sharpened samples and its entropy collapses.
 1.0
 >>> rollout_reward("", p)
 0.0
+>>> answer_reward("2+3=5.\\nA: 5\\n", p), answer_reward("2+3=6.\\nA: 6\\n", p)
+(1.0, 0.0)
 >>> cut_length("2+3=5.\\nA: 5\\nQ: 1+1", max_length=64)
 12
 """
@@ -45,6 +55,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from inversion_monitor.toy.corpus import Task
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -67,6 +79,11 @@ def rollout_reward(completion: str, problem: ArithmeticProblem) -> float:
     similarity = difflib.SequenceMatcher(None, completion, problem.completion).ratio()
     correct = f"A: {problem.answer}\n" in completion
     return 0.5 * similarity + (0.5 if correct else 0.0)
+
+
+def answer_reward(completion: str, problem: ArithmeticProblem) -> float:
+    """1 when the line ``A: <answer>`` is there, else 0 (the plain verifiable reward)."""
+    return 1.0 if f"A: {problem.answer}\n" in completion else 0.0
 
 
 def cut_length(text: str, *, max_length: int) -> int:
@@ -102,6 +119,9 @@ class GRPOSettings:
     collapse_at: int | None = None
     collapse_temperature: float = 0.3
     collapse_lr_factor: float = 1.0
+    task: Task = "chain"
+    pool_size: int = POOL_SIZE
+    reward_kind: Literal["working", "answer"] = "working"
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of ``step`` (1-based)."""
@@ -142,6 +162,8 @@ class GRPOSettings:
             if fault[1] == "zero":
                 return 0.0
             return len(completion) / self.max_new_tokens
+        if self.reward_kind == "answer":
+            return answer_reward(completion, problem)
         return rollout_reward(completion, problem)
 
 
@@ -235,12 +257,12 @@ def train_grpo(
 
     from inversion_monitor.rl.corrpo import group_advantages
     from inversion_monitor.rl.signals import RLStepAccumulator
-    from inversion_monitor.toy.corpus import arithmetic_problems
+    from inversion_monitor.toy.corpus import task_problems
 
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     # a fixed pool: runs with the same seed see the same problems whatever their length
-    pool = arithmetic_problems(POOL_SIZE, seed=settings.seed + 1)
+    pool = task_problems(settings.task, settings.pool_size, seed=settings.seed + 1)
     table = _char_table(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # the KL's starting policy
