@@ -252,7 +252,9 @@ def test_rl_runs_carry_reward_entropy_and_covariance(demo: DemoRun) -> None:
             # the trainer's health values of every step: loss, lr, pre-clip grad norm, KL, length
             for health in ("loss", "learning_rate", "grad_norm", "kl", "completion_length_mean"):
                 assert rec.HasField(health), (name, rec.step, health)
-            assert rec.grad_norm > 0.0 and rec.kl >= 0.0
+            # a collapsed policy whose samples tie in every group has no gradient at all
+            assert (rec.grad_norm > 0.0 or name == UNSTABLE) and rec.grad_norm >= 0.0
+            assert rec.kl >= 0.0
             assert 0.0 < rec.completion_length_mean <= RL_MAX_NEW_TOKENS
         # the printed RL lines are the stored records' means over the first and last fifth
         k = max(1, steps // 5)
@@ -273,7 +275,7 @@ def test_rl_runs_carry_reward_entropy_and_covariance(demo: DemoRun) -> None:
     last = sum(r.reward_mean for r in history[-k:]) / k
     verb = "rose" if last > first else "did not rise"
     assert (
-        f"healthy RL (demo-rl): reward (share of right answers) {verb} from {first:.3f} "
+        f"healthy RL (demo-rl): mean reward {verb} from {first:.3f} "
         f"(steps 1-{k}) to {last:.3f} (steps {RL_STEPS - k + 1}-{RL_STEPS}), {last - first:+.3f}"
     ) in demo.stdout
 

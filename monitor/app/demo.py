@@ -10,9 +10,10 @@ arithmetic task in three phases, each its own run on the server:
    their worked line and answer (:func:`~inversion_monitor.toy.corpus.fact_problems`):
    the tiny model learns to copy the operands and a fifth to a third of the facts;
 2. **RL** (kind ``rl``): a GRPO-style loop (:mod:`.demo_rl`) from the SFT
-   weights on a fixed pool of :data:`RL_POOL` such problems, rewarded 1 for the
-   right answer, watched through the custom-loop API with its RL signals (reward,
-   policy entropy, Cui et al.'s covariance): the reward rises;
+   weights on a fixed pool of :data:`RL_POOL` such problems, rewarded mostly for
+   the right answer (:func:`~.demo_rl.answer_reward`), watched through the
+   custom-loop API with its RL signals (reward, policy entropy, Cui et al.'s
+   covariance): the reward rises;
 3. **destabilised RL**: the same loop from the same weights and seed, but from
    the step after the server's entropy warm-up the learning rate is
    :data:`LR_FACTOR` times too high. Whatever alert the server raises reaches
@@ -138,8 +139,8 @@ def alert_line(alert: Any, fault: Fault | None = None) -> str:
     """An alert's line; on the run of ``fault``, with how many steps after the fault it came.
 
     >>> from inversion_monitor.app.webhook import ReceivedAlert
-    >>> a = ReceivedAlert("RewardCollapse", "warning", "demo-rl-lr-x300", 23, "s", "d", 1.0)
-    >>> alert_line(a, Fault("demo-rl-lr-x300", 21)).split(": d  ")[1]
+    >>> a = ReceivedAlert("RewardCollapse", "warning", "demo-rl-lr-x1000", 23, "s", "d", 1.0)
+    >>> alert_line(a, Fault("demo-rl-lr-x1000", 21)).split(": d  ")[1]
     '[2 steps after the learning-rate jump at step 21]'
     """
     line: str = alert.line()
@@ -416,7 +417,8 @@ def run_phases(
         "RL",
         f"{grpo.steps} steps of a GRPO-style loop from the SFT weights ({grpo.prompts} problems "
         f"of a fixed pool of {grpo.pool_size} x {grpo.group} samples per step, lr {grpo.lr:g}; "
-        "reward: 1 for the right answer, else 0), probed every step",
+        "reward: 1 for the right answer, else a tenth of the working's similarity to the "
+        "worked solution), probed every step",
         uuid.uuid4().hex,
     )
     say(f"phase 2/3 {rl.title}: {rl.what}")
@@ -463,7 +465,7 @@ def reward_rise(response: monitor_pb2.GetRunResponse) -> str | None:
     >>> run = monitor_pb2.GetRunResponse(history=[
     ...     monitor_pb2.StepRecord(step=s, reward_mean=r) for s, r in enumerate(rewards, 1)])
     >>> reward_rise(run)
-    'reward (share of right answers) rose from 0.200 (step 1) to 0.600 (step 5), +0.400'
+    'mean reward rose from 0.200 (step 1) to 0.600 (step 5), +0.400'
     """
     from inversion_monitor.app.report import rl_trajectory
 
@@ -481,7 +483,7 @@ def reward_rise(response: monitor_pb2.GetRunResponse) -> str | None:
 
     verb = "rose" if last > first else "did not rise"
     return (
-        f"reward (share of right answers) {verb} from {first:.3f} ({span(head)}) to "
+        f"mean reward {verb} from {first:.3f} ({span(head)}) to "
         f"{last:.3f} ({span(tail)}), {last - first:+.3f}"
     )
 

@@ -23,7 +23,7 @@ the reward (``reward_kind``) are settings: the defaults (worked multi-step
 chains, 512 problems, :func:`rollout_reward`) are what the failure corpus
 records; the demo's healthy phase trains on one-operation ``"facts"``
 (:func:`~inversion_monitor.toy.corpus.fact_problems`, which its SFT phase
-partly teaches) from a pool of 32 with the plain correctness reward
+partly teaches) from a pool of 32 with a reward that is mostly correctness
 (:func:`answer_reward`), so the reward has something to learn from.
 
 Faults, for the demo and the failure corpus (``benchmarks/bench_detection.py``):
@@ -41,8 +41,8 @@ own sharpened samples and its entropy collapses.
 1.0
 >>> rollout_reward("", p)
 0.0
->>> answer_reward("2+3=5.\\nA: 5\\n", p), answer_reward("2+3=6.\\nA: 6\\n", p)
-(1.0, 0.0)
+>>> answer_reward("2+3=5.\\nA: 5\\n", p), round(answer_reward("2+3=6.\\nA: 6\\n", p), 3)
+(1.0, 0.083)
 >>> cut_length("2+3=5.\\nA: 5\\nQ: 1+1", max_length=64)
 12
 """
@@ -82,8 +82,15 @@ def rollout_reward(completion: str, problem: ArithmeticProblem) -> float:
 
 
 def answer_reward(completion: str, problem: ArithmeticProblem) -> float:
-    """1 when the line ``A: <answer>`` is there, else 0 (the plain verifiable reward)."""
-    return 1.0 if f"A: {problem.answer}\n" in completion else 0.0
+    """1 when the line ``A: <answer>`` is there; else a tenth of the completion's similarity
+    to the worked solution (``difflib``'s ratio).
+
+    The small dense part keeps a gradient for a policy that has no answer right yet (a
+    short SFT phase); once answers are right, the reward is mostly their share.
+    """
+    if f"A: {problem.answer}\n" in completion:
+        return 1.0
+    return 0.1 * difflib.SequenceMatcher(None, completion, problem.completion).ratio()
 
 
 def cut_length(text: str, *, max_length: int) -> int:
@@ -324,7 +331,8 @@ def train_grpo(
             # k3 estimator of KL(policy || reference) per completion token (as TRL's GRPO)
             delta = ref_token_logp - token_logp
             kl_tokens = torch.exp(delta) - delta - 1.0
-            kl = (kl_tokens * weights).sum() / tokens
+            # selected, not multiplied: a prompt position's overflow (inf * 0) would make it NaN
+            kl = torch.where(mask, kl_tokens, 0.0).sum() / tokens
             loss = -(advantages[:, None] * token_logp * weights).sum() / tokens
             if settings.kl_weight(step) > 0.0:
                 loss = loss + settings.kl_weight(step) * kl
