@@ -218,7 +218,8 @@ def test_the_destabilised_run_is_alerted_within_three_steps_of_the_jump(demo: De
     ]
     assert arrived, "\n".join(demo.stdout)
     head = f"ALERT received by the webhook: {first.name} ({first.severity}) on run {UNSTABLE} "
-    tail = f"  [{step - JUMP} steps after the learning-rate jump at step {JUMP}]"
+    after = f"{step - JUMP} step{'' if step - JUMP == 1 else 's'} after"
+    tail = f"  [{after} the learning-rate jump at step {JUMP}]"
     lines = [demo.stdout[i] for i in arrived]
     assert any(
         line.startswith(f"{head}at step {step}: ") and line.endswith(tail) for line in lines
@@ -226,7 +227,7 @@ def test_the_destabilised_run_is_alerted_within_three_steps_of_the_jump(demo: De
     # printed when it arrived: before the summaries read back at the end
     assert arrived[0] < demo.stdout.index("== SFT ==")
     assert (
-        f"first alert on {UNSTABLE}: {first.name} at step {step}, {step - JUMP} steps after "
+        f"first alert on {UNSTABLE}: {first.name} at step {step}, {after} "
         f"the learning-rate jump at step {JUMP}"
     ) in demo.stdout
     # the learning rate the records carry: LR_FACTOR times higher from the jump on

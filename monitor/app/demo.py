@@ -135,6 +135,15 @@ class Fault:
     what: str = "the learning-rate jump"
 
 
+def steps_after(n: int) -> str:
+    """``"1 step after"``, ``"2 steps after"``.
+
+    >>> steps_after(1), steps_after(3)
+    ('1 step after', '3 steps after')
+    """
+    return f"{n} step after" if n == 1 else f"{n} steps after"
+
+
 def alert_line(alert: Any, fault: Fault | None = None) -> str:
     """An alert's line; on the run of ``fault``, with how many steps after the fault it came.
 
@@ -145,7 +154,7 @@ def alert_line(alert: Any, fault: Fault | None = None) -> str:
     """
     line: str = alert.line()
     if fault is not None and alert.run == fault.run and alert.step is not None:
-        line += f"  [{alert.step - fault.step} steps after {fault.what} at step {fault.step}]"
+        line += f"  [{steps_after(alert.step - fault.step)} {fault.what} at step {fault.step}]"
     return line
 
 
@@ -609,7 +618,7 @@ def run_demo(options: DemoOptions) -> int:
                     first = min(stepped, key=lambda a: (a.step, a.received_at))
                     print(
                         f"first alert on {unstable_name}: {first.name} at step {first.step}, "
-                        f"{(first.step or 0) - fault.step} steps after the learning-rate jump "
+                        f"{steps_after((first.step or 0) - fault.step)} the learning-rate jump "
                         f"at step {fault.step}"
                     )
                 print(f"metrics were served at {metrics_url}")
