@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from inversion_monitor.toy.corpus import arithmetic_problems
+from inversion_monitor.toy.corpus import arithmetic_problems, fact_problems, task_problems
 from inversion_monitor.toy.tokenizer import VOCAB_SIZE
 
 
@@ -32,6 +32,19 @@ def test_corpus_is_correct_arithmetic():
         for line in steps[:-1]:
             lhs, rhs = line.rstrip(".").split("=")
             assert eval(lhs) == int(rhs)  # only digits and + - * from our own generator
+
+
+def test_fact_problems_are_one_correct_operation_on_operands_up_to_twelve():
+    problems = fact_problems(300, seed=7)
+    assert problems == fact_problems(300, seed=7) == task_problems("facts", 300, seed=7)
+    assert {next(c for c in p.completion if c in "+-*") for p in problems} == set("+-*")
+    for problem in problems:
+        work, answer = problem.completion.strip().splitlines()
+        lhs, rhs = work.rstrip(".").split("=")
+        assert problem.prompt == f"Q: {lhs}=?\n" and answer == f"A: {problem.answer}"
+        assert eval(lhs) == int(rhs) == problem.answer  # only digits and + - * from our generator
+        assert all(2 <= int(x) <= 12 for x in lhs.replace("*", "+").replace("-", "+").split("+"))
+    assert len({p.prompt for p in problems}) > 150  # of 11 x 11 x 3 = 363 distinct problems
 
 
 def test_every_architecture_runs_forward_and_backward(tiny_model, tokenizer, corpus):

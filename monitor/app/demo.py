@@ -6,10 +6,14 @@ starts (:mod:`.webhook`), then trains a tiny Llama-style model on the toy
 arithmetic task in three phases, each its own run on the server:
 
 1. **SFT** (kind ``sft``): the Hugging Face ``Trainer`` (or Lightning) with the
-   monitor's callback, on the worked solutions;
+   monitor's callback, on one-operation arithmetic problems ("Q: 7*5=?") with
+   their worked line and answer (:func:`~inversion_monitor.toy.corpus.fact_problems`):
+   the tiny model learns to copy the operands and a fifth to a third of the facts;
 2. **RL** (kind ``rl``): a GRPO-style loop (:mod:`.demo_rl`) from the SFT
-   weights, watched through the custom-loop API with its RL signals (reward,
-   policy entropy, Cui et al.'s covariance);
+   weights on a fixed pool of :data:`RL_POOL` such problems, rewarded mostly for
+   the right answer (:func:`~.demo_rl.answer_reward`), watched through the
+   custom-loop API with its RL signals (reward, policy entropy, Cui et al.'s
+   covariance): the reward rises;
 3. **destabilised RL**: the same loop from the same weights and seed, but from
    the step after the server's entropy warm-up the learning rate is
    :data:`LR_FACTOR` times too high. Whatever alert the server raises reaches
@@ -50,14 +54,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from inversion_monitor.app.webhook import AlertReceiver
     from inversion_monitor.engine.training_monitor import InversionMonitor
     from inversion_monitor.proto.v1 import monitor_pb2
+    from inversion_monitor.toy.corpus import Task
 
 RUN_NAME = "demo"
 BATCH_SIZE = 16
-RL_LR = 3e-4
-"""The healthy RL phase's learning rate: the reward inches up, the entropy holds (at 1e-3
-it halved in 80 steps with no reward gain, and the server rightly raised alerts)."""
-LR_FACTOR = 300.0
-"""How much too high the destabilised run's learning rate is (3e-4 -> 0.09)."""
+TASK: Task = "facts"
+"""The toy task of every phase (:func:`~inversion_monitor.toy.corpus.fact_problems`)."""
+RL_LR = 1e-4
+"""The healthy RL phase's learning rate: the reward rises steadily and the policy's entropy
+falls by about a fifth (at 3e-4 the reward rose as much but the entropy fell in jumps the
+server's EntropyCollapse rightly flagged; at 1e-3 the noisy updates of 4 problems a step
+unlearnt the facts)."""
+RL_POOL = 32
+"""Problems in the RL phases' fixed pool: each is seen about 10 times in 80 steps of 4, so
+the policy can learn the facts it got wrong (from a pool of 512 the reward barely moved)."""
+RL_MAX_NEW_TOKENS = 24
+"""Sampled tokens per completion ("12*9=108.\nA: 108\n" is 18 characters)."""
+LR_FACTOR = 1000.0
+"""How much too high the destabilised run's learning rate is (1e-4 -> 0.1)."""
 
 
 @dataclass(frozen=True)
@@ -121,17 +135,26 @@ class Fault:
     what: str = "the learning-rate jump"
 
 
+def steps_after(n: int) -> str:
+    """``"1 step after"``, ``"2 steps after"``.
+
+    >>> steps_after(1), steps_after(3)
+    ('1 step after', '3 steps after')
+    """
+    return f"{n} step after" if n == 1 else f"{n} steps after"
+
+
 def alert_line(alert: Any, fault: Fault | None = None) -> str:
     """An alert's line; on the run of ``fault``, with how many steps after the fault it came.
 
     >>> from inversion_monitor.app.webhook import ReceivedAlert
-    >>> a = ReceivedAlert("RewardCollapse", "warning", "demo-rl-lr-x300", 23, "s", "d", 1.0)
-    >>> alert_line(a, Fault("demo-rl-lr-x300", 21)).split(": d  ")[1]
+    >>> a = ReceivedAlert("RewardCollapse", "warning", "demo-rl-lr-x1000", 23, "s", "d", 1.0)
+    >>> alert_line(a, Fault("demo-rl-lr-x1000", 21)).split(": d  ")[1]
     '[2 steps after the learning-rate jump at step 21]'
     """
     line: str = alert.line()
     if fault is not None and alert.run == fault.run and alert.step is not None:
-        line += f"  [{alert.step - fault.step} steps after {fault.what} at step {fault.step}]"
+        line += f"  [{steps_after(alert.step - fault.step)} {fault.what} at step {fault.step}]"
     return line
 
 
@@ -220,7 +243,7 @@ def train_transformers(
         model=model,
         args=args,
         train_dataset=tokenized_corpus(
-            tokenizer, BATCH_SIZE * options.steps, seed=options.seed, max_length=96
+            tokenizer, BATCH_SIZE * options.steps, seed=options.seed, max_length=96, task=TASK
         ),
         data_collator=causal_lm_collator(tokenizer),
         callbacks=[inversion, Progress()],
@@ -260,7 +283,9 @@ def train_lightning(
 
     tokenizer = char_tokenizer()
     collate = causal_lm_collator(tokenizer)
-    rows = tokenized_corpus(tokenizer, BATCH_SIZE * options.steps, seed=options.seed, max_length=96)
+    rows = tokenized_corpus(
+        tokenizer, BATCH_SIZE * options.steps, seed=options.seed, max_length=96, task=TASK
+    )
     loader: DataLoader[Any] = DataLoader(
         rows,  # type: ignore[arg-type]
         batch_size=BATCH_SIZE,
@@ -340,6 +365,26 @@ def _rl_phase(
     return monitor
 
 
+def rl_settings(steps: int, seed: int, *, lr_jump: tuple[int, float] | None = None) -> GRPOSettings:
+    """The RL phases' GRPO loop: the SFT task's problems, a fixed pool, the answer reward.
+
+    >>> rl_settings(80, 0).pool_size, rl_settings(80, 0, lr_jump=(21, 10.0)).learning_rate(21)
+    (32, 0.001)
+    """
+    from inversion_monitor.app.demo_rl import GRPOSettings
+
+    return GRPOSettings(
+        steps=steps,
+        lr=RL_LR,
+        seed=seed,
+        task=TASK,
+        pool_size=RL_POOL,
+        reward_kind="answer",
+        max_new_tokens=RL_MAX_NEW_TOKENS,
+        lr_jump=lr_jump,
+    )
+
+
 def run_phases(
     options: DemoOptions,
     endpoint: str,
@@ -349,14 +394,14 @@ def run_phases(
 ) -> list[Phase]:
     """Train the three phases against the server at ``endpoint``; returns them in order."""
 
-    from inversion_monitor.app.demo_rl import GRPOSettings
     from inversion_monitor.toy.tokenizer import char_tokenizer
 
     phases = []
     # --- 1. SFT
     sft = Phase(
         "SFT",
-        f"{options.steps} steps of supervised training on worked solutions ({options.framework}, "
+        f"{options.steps} steps of supervised training on one-operation arithmetic problems "
+        f"with their worked line ({options.framework}, "
         f"lr 3e-3, batch {BATCH_SIZE}), probed every {options.probe_every} steps",
         uuid.uuid4().hex,
     )
@@ -376,12 +421,13 @@ def run_phases(
     tokenizer = char_tokenizer()
 
     # --- 2. RL
-    grpo = GRPOSettings(steps=options.rl_steps, lr=RL_LR, seed=options.seed)
+    grpo = rl_settings(options.rl_steps, options.seed)
     rl = Phase(
         "RL",
         f"{grpo.steps} steps of a GRPO-style loop from the SFT weights ({grpo.prompts} problems "
-        f"x {grpo.group} samples per step, lr {grpo.lr:g}; reward: half the similarity of the "
-        "working to the worked solution, half the right answer), probed every step",
+        f"of a fixed pool of {grpo.pool_size} x {grpo.group} samples per step, lr {grpo.lr:g}; "
+        "reward: 1 for the right answer, else a tenth of the working's similarity to the "
+        "worked solution), probed every step",
         uuid.uuid4().hex,
     )
     say(f"phase 2/3 {rl.title}: {rl.what}")
@@ -393,12 +439,7 @@ def run_phases(
 
     # --- 3. the same RL run with a learning rate far too high
     jump = _alerts_warmup() + 1
-    bad = GRPOSettings(
-        steps=options.unstable_steps,
-        lr=RL_LR,
-        seed=options.seed,
-        lr_jump=(jump, LR_FACTOR),
-    )
+    bad = rl_settings(options.unstable_steps, options.seed, lr_jump=(jump, LR_FACTOR))
     unstable = Phase(
         "destabilised RL",
         f"the RL loop again from the SFT weights with the same seed, but from step {jump} "
@@ -423,6 +464,37 @@ def run_phases(
     _rl_phase(model, tokenizer, settings, bad, live)
     phases.append(unstable)
     return phases
+
+
+def reward_rise(response: monitor_pb2.GetRunResponse) -> str | None:
+    """How an RL run's reward moved: the stored rewards' means over its first and last fifth.
+
+    >>> from inversion_monitor.proto.v1 import monitor_pb2
+    >>> rewards = [0.2, 0.3, 0.5, 0.6, 0.6]
+    >>> run = monitor_pb2.GetRunResponse(history=[
+    ...     monitor_pb2.StepRecord(step=s, reward_mean=r) for s, r in enumerate(rewards, 1)])
+    >>> reward_rise(run)
+    'mean reward rose from 0.200 (step 1) to 0.600 (step 5), +0.400'
+    """
+    from inversion_monitor.app.report import rl_trajectory
+
+    points = [p for p in rl_trajectory(response.history) if math.isfinite(p.reward_mean)]
+    if not points:
+        return None
+    k = max(1, len(points) // 5)
+    head, tail = points[:k], points[-k:]
+    first = sum(p.reward_mean for p in head) / k
+    last = sum(p.reward_mean for p in tail) / k
+
+    def span(part: list[Any]) -> str:
+        a, b = part[0].step, part[-1].step
+        return f"step {a}" if a == b else f"steps {a}-{b}"
+
+    verb = "rose" if last > first else "did not rise"
+    return (
+        f"mean reward {verb} from {first:.3f} ({span(head)}) to "
+        f"{last:.3f} ({span(tail)}), {last - first:+.3f}"
+    )
 
 
 def fetch_run(
@@ -527,6 +599,9 @@ def run_demo(options: DemoOptions) -> int:
                 for phase, response in zip(phases, responses, strict=True):
                     print(format_phase_summary(phase.title, response))
                     print()
+                rise = reward_rise(responses[1])
+                if rise is not None:
+                    print(f"healthy RL ({RUN_NAME}-rl): {rise}")
                 got = [a for a in receiver.received if a.run == unstable_name]
                 print(
                     f"webhook: {len(receiver.received)} alert(s) received"
@@ -543,7 +618,7 @@ def run_demo(options: DemoOptions) -> int:
                     first = min(stepped, key=lambda a: (a.step, a.received_at))
                     print(
                         f"first alert on {unstable_name}: {first.name} at step {first.step}, "
-                        f"{(first.step or 0) - fault.step} steps after the learning-rate jump "
+                        f"{steps_after((first.step or 0) - fault.step)} the learning-rate jump "
                         f"at step {fault.step}"
                     )
                 print(f"metrics were served at {metrics_url}")
@@ -556,7 +631,8 @@ def run_demo(options: DemoOptions) -> int:
                     received=[a.line() for a in receiver.received],
                     notes=[
                         f"seed {options.seed}; SFT with {options.framework}; "
-                        f"{time.monotonic() - started:.0f} s in all"
+                        f"{time.monotonic() - started:.0f} s in all",
+                        *([f"healthy RL: {rise}"] if rise is not None else []),
                     ],
                 )
                 print(f"report: {report.resolve()}")

@@ -18,6 +18,14 @@ policy (one no-grad forward of a frozen copy; the k3 estimator, as TRL's GRPO;
 record (``step_end``'s ``grad_norm`` and ``health``), where the server's
 GradNormSpike, KLSurge and LengthDrift detectors watch them.
 
+The task (``task``), the size of the fixed problem pool (``pool_size``) and
+the reward (``reward_kind``) are settings: the defaults (worked multi-step
+chains, 512 problems, :func:`rollout_reward`) are what the failure corpus
+records; the demo's healthy phase trains on one-operation ``"facts"``
+(:func:`~inversion_monitor.toy.corpus.fact_problems`, which its SFT phase
+partly teaches) from a pool of 32 with a reward that is mostly correctness
+(:func:`answer_reward`), so the reward has something to learn from.
+
 Faults, for the demo and the failure corpus (``benchmarks/bench_detection.py``):
 ``lr_jump`` ``(step, factor)``: from that step on the learning rate is
 ``factor`` times higher (a broken schedule); ``reward_fault`` ``(step,
@@ -33,6 +41,8 @@ own sharpened samples and its entropy collapses.
 1.0
 >>> rollout_reward("", p)
 0.0
+>>> answer_reward("2+3=5.\\nA: 5\\n", p), round(answer_reward("2+3=6.\\nA: 6\\n", p), 3)
+(1.0, 0.083)
 >>> cut_length("2+3=5.\\nA: 5\\nQ: 1+1", max_length=64)
 12
 """
@@ -45,6 +55,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from inversion_monitor.toy.corpus import Task
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -67,6 +79,18 @@ def rollout_reward(completion: str, problem: ArithmeticProblem) -> float:
     similarity = difflib.SequenceMatcher(None, completion, problem.completion).ratio()
     correct = f"A: {problem.answer}\n" in completion
     return 0.5 * similarity + (0.5 if correct else 0.0)
+
+
+def answer_reward(completion: str, problem: ArithmeticProblem) -> float:
+    """1 when the line ``A: <answer>`` is there; else a tenth of the completion's similarity
+    to the worked solution (``difflib``'s ratio).
+
+    The small dense part keeps a gradient for a policy that has no answer right yet (a
+    short SFT phase); once answers are right, the reward is mostly their share.
+    """
+    if f"A: {problem.answer}\n" in completion:
+        return 1.0
+    return 0.1 * difflib.SequenceMatcher(None, completion, problem.completion).ratio()
 
 
 def cut_length(text: str, *, max_length: int) -> int:
@@ -102,6 +126,9 @@ class GRPOSettings:
     collapse_at: int | None = None
     collapse_temperature: float = 0.3
     collapse_lr_factor: float = 1.0
+    task: Task = "chain"
+    pool_size: int = POOL_SIZE
+    reward_kind: Literal["working", "answer"] = "working"
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of ``step`` (1-based)."""
@@ -142,6 +169,8 @@ class GRPOSettings:
             if fault[1] == "zero":
                 return 0.0
             return len(completion) / self.max_new_tokens
+        if self.reward_kind == "answer":
+            return answer_reward(completion, problem)
         return rollout_reward(completion, problem)
 
 
@@ -235,12 +264,12 @@ def train_grpo(
 
     from inversion_monitor.rl.corrpo import group_advantages
     from inversion_monitor.rl.signals import RLStepAccumulator
-    from inversion_monitor.toy.corpus import arithmetic_problems
+    from inversion_monitor.toy.corpus import task_problems
 
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     # a fixed pool: runs with the same seed see the same problems whatever their length
-    pool = arithmetic_problems(POOL_SIZE, seed=settings.seed + 1)
+    pool = task_problems(settings.task, settings.pool_size, seed=settings.seed + 1)
     table = _char_table(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # the KL's starting policy
@@ -302,7 +331,8 @@ def train_grpo(
             # k3 estimator of KL(policy || reference) per completion token (as TRL's GRPO)
             delta = ref_token_logp - token_logp
             kl_tokens = torch.exp(delta) - delta - 1.0
-            kl = (kl_tokens * weights).sum() / tokens
+            # selected, not multiplied: a prompt position's overflow (inf * 0) would make it NaN
+            kl = torch.where(mask, kl_tokens, 0.0).sum() / tokens
             loss = -(advantages[:, None] * token_logp * weights).sum() / tokens
             if settings.kl_weight(step) > 0.0:
                 loss = loss + settings.kl_weight(step) * kl

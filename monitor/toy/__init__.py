@@ -8,7 +8,15 @@ initialised causal LMs built from configs. Nothing is downloaded.
 from inversion_monitor.toy.corpus import (
     ArithmeticProblem,
     arithmetic_problems,
+    fact_problems,
     reasoning_corpus,
+    task_problems,
 )
 
-__all__ = ["ArithmeticProblem", "arithmetic_problems", "reasoning_corpus"]
+__all__ = [
+    "ArithmeticProblem",
+    "arithmetic_problems",
+    "fact_problems",
+    "reasoning_corpus",
+    "task_problems",
+]

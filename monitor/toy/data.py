@@ -10,17 +10,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from inversion_monitor.toy.corpus import reasoning_corpus
+from inversion_monitor.toy.corpus import Task, reasoning_corpus
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
 def tokenized_corpus(
-    tokenizer: PreTrainedTokenizerBase, n: int, *, seed: int = 0, max_length: int = 128
+    tokenizer: PreTrainedTokenizerBase,
+    n: int,
+    *,
+    seed: int = 0,
+    max_length: int = 128,
+    task: Task = "chain",
 ) -> list[dict[str, Any]]:
-    """``n`` examples as ``{"input_ids", "attention_mask"}`` lists (unpadded, truncated)."""
-    texts = reasoning_corpus(n, seed=seed)
+    """``n`` examples of the family ``task`` as ``{"input_ids", "attention_mask"}`` lists
+    (unpadded, truncated)."""
+    texts = reasoning_corpus(n, seed=seed, task=task)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     return [
         {"input_ids": ids, "attention_mask": mask}
