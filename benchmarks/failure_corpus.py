@@ -19,7 +19,8 @@ lag). Faults (``onset`` = the first step that has it):
   temperature 0.3, the group baseline lost: the policy trains on its own
   sharpened samples).
 
-Runs are cached in a JSON file (a few minutes to build on 2 cores, once);
+Runs are cached in a JSON file, run by run under their names (about 15 minutes to
+build on 2 cores, once; a run added to the plan is trained alone);
 :mod:`bench_detection` reads it (``--corpus``).
 """
 
@@ -69,11 +70,11 @@ class CorpusPlan:
     sft_steps: int = 300
     sft_fault_steps: int = 200
     sft_onset: int = 150
-    sft_seeds: tuple[int, ...] = (0, 1, 2)
+    sft_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     base_steps: int = 300
     rl_steps: int = 60
     rl_onset: int = 25
-    rl_seeds: tuple[int, ...] = (0, 1, 2)
+    rl_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
     sft_faults: tuple[str, ...] = ("lr_jump", "nan_batch", "label_corruption")
     rl_faults: tuple[str, ...] = ("lr_jump", "zero_reward", "length_hack", "entropy_collapse")
 
@@ -236,31 +237,74 @@ def rl_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> C
     return run
 
 
-def build(plan: CorpusPlan, say: Any = print) -> list[CorpusRun]:
-    """Train every run of ``plan`` (single-threaded torch; seconds per run)."""
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a plan: what to train (its ``name`` is its key in the cache)."""
+
+    name: str
+    family: str
+    fault: str | None
+    seed: int
+    steps: int
+    onset: int
+
+
+def specs(plan: CorpusPlan) -> list[RunSpec]:
+    """The runs of ``plan``, in order: healthy SFT seeds, SFT faults, healthy RL seeds, RL
+    faults (faults on seed 0; RL runs start from the first SFT seed's trained model)."""
+    out = [
+        RunSpec(f"sft-healthy-s{seed}", "sft", None, seed, plan.sft_steps, plan.sft_onset)
+        for seed in plan.sft_seeds
+    ]
+    out += [
+        RunSpec(f"sft-{fault}-s0", "sft", fault, 0, plan.sft_fault_steps, plan.sft_onset)
+        for fault in plan.sft_faults
+    ]
+    if plan.rl_steps:
+        out += [
+            RunSpec(f"rl-healthy-s{seed}", "rl", None, seed, plan.rl_steps, plan.rl_onset)
+            for seed in plan.rl_seeds
+        ]
+        out += [
+            RunSpec(f"rl-{fault}-s0", "rl", fault, 0, plan.rl_steps, plan.rl_onset)
+            for fault in plan.rl_faults
+        ]
+    return out
+
+
+def build(
+    plan: CorpusPlan,
+    say: Any = print,
+    cached: dict[str, CorpusRun] | None = None,
+    keep: Any = None,
+) -> list[CorpusRun]:
+    """Train every run of ``plan`` not in ``cached`` (single-threaded torch; seconds per run),
+    calling ``keep(runs)`` after each new one (the cache grows run by run: an interrupted
+    build loses at most the run under way)."""
     import torch
 
     torch.set_num_threads(1)
+    cached = cached or {}
     runs: list[CorpusRun] = []
     started = time.monotonic()
     base = None
-    for seed in plan.sft_seeds:
-        run, model = sft_run(plan.sft_steps, seed, None, plan.sft_onset)
+    base_seed = plan.sft_seeds[0]
+    for spec in specs(plan):
+        if spec.name in cached:
+            runs.append(cached[spec.name])
+            continue
+        if spec.family == "sft":
+            run, model = sft_run(spec.steps, spec.seed, spec.fault, spec.onset)
+            if spec.fault is None and spec.seed == base_seed:
+                base = model
+        else:
+            if base is None:  # the RL base model: the first SFT seed's run, trained again
+                _, base = sft_run(plan.sft_steps, base_seed, None, plan.sft_onset)
+            run = rl_run(base, spec.steps, spec.seed, spec.fault, spec.onset)
         runs.append(run)
-        base = base if base is not None else model
+        if keep is not None:
+            keep([*runs, *(r for n, r in cached.items() if n not in {x.name for x in runs})])
         say(f"  {run.name}: {len(run.records)} steps ({time.monotonic() - started:.0f} s)")
-    for fault in plan.sft_faults:
-        run, _ = sft_run(plan.sft_fault_steps, 0, fault, plan.sft_onset)
-        runs.append(run)
-        say(f"  {run.name}: {len(run.records)} steps ({time.monotonic() - started:.0f} s)")
-    if plan.rl_steps:
-        assert base is not None
-        for seed in plan.rl_seeds:
-            runs.append(rl_run(base, plan.rl_steps, seed, None, plan.rl_onset))
-            say(f"  {runs[-1].name} ({time.monotonic() - started:.0f} s)")
-        for fault in plan.rl_faults:
-            runs.append(rl_run(base, plan.rl_steps, 0, fault, plan.rl_onset))
-            say(f"  {runs[-1].name} ({time.monotonic() - started:.0f} s)")
     return runs
 
 
@@ -284,13 +328,14 @@ def load(path: Path) -> list[CorpusRun] | None:
 def corpus(
     path: Path = DEFAULT_PATH, *, rebuild: bool = False, say: Any = print
 ) -> list[CorpusRun]:
-    """The cached corpus, built (and cached) first if needed."""
-    runs = None if rebuild else load(path)
-    if runs is None:
-        say(f"building the failure corpus into {path} (once; a few minutes on 2 cores)")
-        runs = build(CorpusPlan(), say)
-        save(runs, path)
-    return runs
+    """The corpus of the full plan: cached runs reused by name, missing ones trained (and
+    cached as each finishes)."""
+    cached = {} if rebuild else {r.name: r for r in load(path) or []}
+    plan = CorpusPlan()
+    missing = [s.name for s in specs(plan) if s.name not in cached]
+    if missing:
+        say(f"training {len(missing)} runs of the failure corpus into {path}: {', '.join(missing)}")
+    return build(plan, say, cached, keep=lambda runs: save(runs, path))
 
 
 def main() -> None:
