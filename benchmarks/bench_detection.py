@@ -44,7 +44,8 @@ healthy over several seeds and with injected faults; built once and cached,
 record to the server's detectors; per detector the median and worst delay
 (records after the onset), misses and false alarms per 10,000 healthy steps,
 side by side with a static threshold and a running-mean spike rule at an equal
-false-alarm count (:mod:`detection_corpus`), and rho's lead or lag on the RL
+false-alarm count (:mod:`detection_corpus`), the same hand rules fitted on half
+the healthy seeds and judged on the other half, and rho's lead or lag on the RL
 faults. Goals: every fault caught within its budget, <= 1 false alarm per 10k
 healthy steps, no detector later than a hand rule.
 """
@@ -419,6 +420,8 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     print("real runs (HF Trainer SFT, the demo's GRPO loop):")
     outcomes, false, healthy, _ = dc.evaluate(runs)
     goals = dc.report(outcomes, false, healthy)
+    print()
+    dc.holdout_hand_rules(runs)
     print()
     syn = dc.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
     print(
