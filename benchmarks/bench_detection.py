@@ -38,7 +38,7 @@ Goals (issue 18): forecast within 10% after half the run; alert before 95%;
 <= 1 false alert per 10k healthy records.
 
 Training health (``--corpus``, issue 25): the failure corpus of
-:mod:`failure_corpus` (real toy runs: HF Trainer SFT and the demo's GRPO loop,
+:mod:`failure_corpus` (real toy runs: HF Trainer SFT, the demo's GRPO loop and TRL GRPO,
 healthy over several seeds and with injected faults; built once and cached,
 ``--rebuild`` to redo it) and synthetic streams for rare shapes, fed record by
 record to the server's detectors; per detector the median and worst delay
@@ -417,7 +417,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         f"({', '.join(sorted({r.name for r in runs}))})"
     )
     print()
-    print("real runs (HF Trainer SFT, the demo's GRPO loop):")
+    print("real runs (HF Trainer SFT, the demo's GRPO loop, TRL's GRPOTrainer):")
     outcomes, false, healthy, _ = dc.evaluate(runs)
     goals = dc.report(outcomes, false, healthy)
     print()

@@ -63,6 +63,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("rl", "zero_reward"): ("RewardCollapse",),
     ("rl", "length_hack"): ("LengthDrift",),
     ("rl", "entropy_collapse"): ("EntropyCollapse",),
+    ("trl", "zero_reward"): ("RewardCollapse",),
     # synthetic rare shapes
     ("syn", "inf_loss"): ("NonFiniteTraining",),
     ("syn", "grad_spikes_growing"): ("GradNormSpike",),
@@ -107,7 +108,7 @@ def observations(run: CorpusRun) -> list[Observation]:
 
 def detector_starts(run: CorpusRun, config: AlertsConfig | None = None) -> dict[str, list[int]]:
     """Steps at which each alert started on the run (detectors of the run's kind)."""
-    kind = "rl" if run.family in ("rl", "syn-rl") else "sft" if run.family == "sft" else ""
+    kind = "rl" if run.family in ("rl", "trl", "syn-rl") else "sft" if run.family == "sft" else ""
     dets = RunDetectors(config or AlertsConfig(), kind)
     starts: dict[str, list[int]] = {}
     for obs in observations(run):

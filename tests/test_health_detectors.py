@@ -232,3 +232,11 @@ def test_ratio_gates_need_a_log_stream() -> None:
     with pytest.raises(ValidationError, match="min_rise and min_fall are ratios to the level"):
         AlertsConfig.model_validate({"reward_collapse": {"min_fall": 0.5}})
     assert AlertsConfig.model_validate({"kl_surge": {"min_rise": 0.0}}).kl_surge.min_rise == 0.0
+
+
+def test_kl_warmup_starts_once_the_policy_moves() -> None:
+    """A TRL run whose first steps have all advantages 0 logs KL = 0 exactly until the policy
+    moves: those records set no level (else any KL afterwards is a surge from ~0)."""
+    for seed in range(20):
+        kls = [0.0] * 10 + lognormal(0.1, 0.3, 40, seed)
+        assert firings(KLSurge(AlertsConfig().kl_surge), "kl", kls) == [], seed

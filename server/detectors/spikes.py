@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from inversion_monitor.server.detectors.base import AlertName, Reason
+from inversion_monitor.server.detectors.base import AlertName, Observation, Reason
 from inversion_monitor.server.detectors.robust import (
     Direction,
     DriftConfig,
@@ -117,3 +117,15 @@ class KLSurge(DriftDetector):
     direction = Direction.UP
     summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "KL surge"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
+
+    def __init__(self, config: KLSurgeConfig) -> None:
+        super().__init__(config)
+        self._moved = False
+
+    def value(self, obs: Observation) -> float | None:
+        # the warm-up starts once the policy has left its reference (KL > 0): a run whose
+        # first steps do not move it (all advantages 0) has no KL level to learn yet
+        kl = obs.kl
+        if kl is not None and not self._moved:
+            self._moved = kl > 0.0
+        return kl if self._moved else None
