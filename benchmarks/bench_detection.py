@@ -38,13 +38,14 @@ Goals (issue 18): forecast within 10% after half the run; alert before 95%;
 <= 1 false alert per 10k healthy records.
 
 Training health (``--corpus``, issue 25): the failure corpus of
-:mod:`failure_corpus` (real toy runs: HF Trainer SFT and the demo's GRPO loop,
+:mod:`failure_corpus` (real toy runs: HF Trainer SFT, the demo's GRPO loop and TRL GRPO,
 healthy over several seeds and with injected faults; built once and cached,
 ``--rebuild`` to redo it) and synthetic streams for rare shapes, fed record by
 record to the server's detectors; per detector the median and worst delay
 (records after the onset), misses and false alarms per 10,000 healthy steps,
 side by side with a static threshold and a running-mean spike rule at an equal
-false-alarm count (:mod:`detection_corpus`), and rho's lead or lag on the RL
+false-alarm count (:mod:`detection_corpus`), the same hand rules fitted on half
+the healthy seeds and judged on the other half, and rho's lead or lag on the RL
 faults. Goals: every fault caught within its budget, <= 1 false alarm per 10k
 healthy steps, no detector later than a hand rule.
 """
@@ -416,9 +417,11 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         f"({', '.join(sorted({r.name for r in runs}))})"
     )
     print()
-    print("real runs (HF Trainer SFT, the demo's GRPO loop):")
+    print("real runs (HF Trainer SFT, the demo's GRPO loop, TRL's GRPOTrainer):")
     outcomes, false, healthy, _ = dc.evaluate(runs)
     goals = dc.report(outcomes, false, healthy)
+    print()
+    dc.holdout_hand_rules(runs)
     print()
     syn = dc.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
     print(

@@ -9,7 +9,9 @@ rate); RL runs through the demo's GRPO loop (:mod:`inversion_monitor.app.demo_rl
 loss, grad norm, reward mean and std, the policy's entropy over completion
 tokens, KL to the starting policy, mean completion length) with the monitor's
 probe in-process on every step (rho and token entropy: the inversion's lead or
-lag). Faults (``onset`` = the first step that has it):
+lag); TRL runs through its ``GRPOTrainer`` (its own logged reward, KL, entropy,
+completion length, loss and grad norm, one log per step). Faults (``onset`` = the
+first step that has it):
 
 - SFT: ``lr_jump`` (learning rate x20), ``nan_batch`` (one batch's loss is NaN:
   NaN gradients poison AdamW), ``label_corruption`` (labels become random tokens);
@@ -17,9 +19,11 @@ lag). Faults (``onset`` = the first step that has it):
   ``zero_reward`` (the reward function returns 0), ``length_hack`` (the reward
   pays for length: reward hacking), ``entropy_collapse`` (no KL, samples at
   temperature 0.3, the group baseline lost: the policy trains on its own
-  sharpened samples).
+  sharpened samples);
+- TRL GRPO: ``zero_reward`` (the reward function returns 0).
 
-Runs are cached in a JSON file (a few minutes to build on 2 cores, once);
+Runs are cached in a JSON file, run by run under their names (about 15 minutes to
+build on 2 cores, once; a run added to the plan is trained alone);
 :mod:`bench_detection` reads it (``--corpus``).
 """
 
@@ -69,13 +73,17 @@ class CorpusPlan:
     sft_steps: int = 300
     sft_fault_steps: int = 200
     sft_onset: int = 150
-    sft_seeds: tuple[int, ...] = (0, 1, 2)
+    sft_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     base_steps: int = 300
     rl_steps: int = 60
     rl_onset: int = 25
-    rl_seeds: tuple[int, ...] = (0, 1, 2)
+    rl_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
     sft_faults: tuple[str, ...] = ("lr_jump", "nan_batch", "label_corruption")
     rl_faults: tuple[str, ...] = ("lr_jump", "zero_reward", "length_hack", "entropy_collapse")
+    trl_steps: int = 40
+    trl_onset: int = 20
+    trl_seeds: tuple[int, ...] = (0, 1)
+    trl_faults: tuple[str, ...] = ("zero_reward",)
 
 
 QUICK = CorpusPlan(
@@ -85,6 +93,7 @@ QUICK = CorpusPlan(
     sft_seeds=(0,),
     base_steps=40,
     rl_steps=0,
+    trl_steps=0,
     sft_faults=("nan_batch",),
     rl_faults=(),
 )
@@ -236,31 +245,168 @@ def rl_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> C
     return run
 
 
-def build(plan: CorpusPlan, say: Any = print) -> list[CorpusRun]:
-    """Train every run of ``plan`` (single-threaded torch; seconds per run)."""
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a plan: what to train (its ``name`` is its key in the cache)."""
+
+    name: str
+    family: str
+    fault: str | None
+    seed: int
+    steps: int
+    onset: int
+
+
+def specs(plan: CorpusPlan) -> list[RunSpec]:
+    """The runs of ``plan``, in order: healthy SFT seeds, SFT faults, healthy RL seeds, RL
+    faults (faults on seed 0; RL runs start from the first SFT seed's trained model)."""
+    out = [
+        RunSpec(f"sft-healthy-s{seed}", "sft", None, seed, plan.sft_steps, plan.sft_onset)
+        for seed in plan.sft_seeds
+    ]
+    out += [
+        RunSpec(f"sft-{fault}-s0", "sft", fault, 0, plan.sft_fault_steps, plan.sft_onset)
+        for fault in plan.sft_faults
+    ]
+    if plan.rl_steps:
+        out += [
+            RunSpec(f"rl-healthy-s{seed}", "rl", None, seed, plan.rl_steps, plan.rl_onset)
+            for seed in plan.rl_seeds
+        ]
+        out += [
+            RunSpec(f"rl-{fault}-s0", "rl", fault, 0, plan.rl_steps, plan.rl_onset)
+            for fault in plan.rl_faults
+        ]
+    if plan.trl_steps:
+        out += [
+            RunSpec(f"trl-healthy-s{seed}", "trl", None, seed, plan.trl_steps, plan.trl_onset)
+            for seed in plan.trl_seeds
+        ]
+        out += [
+            RunSpec(f"trl-{fault}-s0", "trl", fault, 0, plan.trl_steps, plan.trl_onset)
+            for fault in plan.trl_faults
+        ]
+    return out
+
+
+def trl_reward(completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
+    """1 for the right answer, else a small length-based reward (so advantages vary)."""
+    return [1.0 if a in c else len(c) / 64 for c, a in zip(completions, answer, strict=True)]
+
+
+def trl_grpo_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> CorpusRun:
+    """TRL's ``GRPOTrainer`` from ``base``'s weights (KL to them, beta 0.05), one log per
+    step (reward, its std, KL, the policy's entropy, mean completion length, loss, grad norm,
+    learning rate: TRL's own numbers). ``zero_reward``: the reward function returns 0 from
+    step ``onset``."""
+    import copy
+    import tempfile
+
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from inversion_monitor.toy.corpus import arithmetic_problems
+    from inversion_monitor.toy.tokenizer import char_tokenizer
+
+    def reward(completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
+        state = kwargs.get("trainer_state")
+        step = int(state.global_step) + 1 if state is not None else 0  # the step it is for
+        if fault == "zero_reward" and step >= onset:
+            return [0.0] * len(completions)
+        return trl_reward(completions, answer)
+
+    problems = arithmetic_problems(8 * steps, seed=seed)
+    data = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = copy.deepcopy(base).train()
+        policy.save_pretrained(f"{tmp}/policy")  # TRL loads the reference model from here
+        policy.config._name_or_path = f"{tmp}/policy"
+        config = GRPOConfig(
+            output_dir=f"{tmp}/out",
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=24,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            beta=0.05,
+            logging_steps=1,
+            use_vllm=False,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            bf16=False,
+            dataloader_num_workers=0,
+            seed=seed,
+            log_level="error",
+        )
+        trainer = GRPOTrainer(
+            model=policy,
+            reward_funcs=reward,
+            args=config,
+            train_dataset=data,
+            processing_class=char_tokenizer(),
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    run = CorpusRun(
+        f"trl-{fault or 'healthy'}-s{seed}", "trl", fault, onset if fault else None, seed
+    )
+    for e in trainer.state.log_history:
+        if "reward" not in e or "step" not in e:
+            continue
+        run.records.append(
+            {
+                "step": float(e["step"]),
+                "loss": float(e.get("loss", math.nan)),
+                "grad_norm": float(e.get("grad_norm", math.nan)),
+                "learning_rate": float(e.get("learning_rate", math.nan)),
+                "reward_mean": float(e["reward"]),
+                "reward_std": float(e.get("reward_std", math.nan)),
+                "policy_entropy_mean": float(e.get("entropy", math.nan)),
+                "kl": float(e.get("kl", math.nan)),
+                "completion_length_mean": float(e.get("completions/mean_length", math.nan)),
+            }
+        )
+    return run
+
+
+def build(
+    plan: CorpusPlan,
+    say: Any = print,
+    cached: dict[str, CorpusRun] | None = None,
+    keep: Any = None,
+) -> list[CorpusRun]:
+    """Train every run of ``plan`` not in ``cached`` (single-threaded torch; seconds per run),
+    calling ``keep(runs)`` after each new one (the cache grows run by run: an interrupted
+    build loses at most the run under way)."""
     import torch
 
     torch.set_num_threads(1)
+    cached = cached or {}
     runs: list[CorpusRun] = []
     started = time.monotonic()
     base = None
-    for seed in plan.sft_seeds:
-        run, model = sft_run(plan.sft_steps, seed, None, plan.sft_onset)
+    base_seed = plan.sft_seeds[0]
+    for spec in specs(plan):
+        if spec.name in cached:
+            runs.append(cached[spec.name])
+            continue
+        if spec.family == "sft":
+            run, model = sft_run(spec.steps, spec.seed, spec.fault, spec.onset)
+            if spec.fault is None and spec.seed == base_seed:
+                base = model
+        else:
+            if base is None:  # the RL base model: the first SFT seed's run, trained again
+                _, base = sft_run(plan.sft_steps, base_seed, None, plan.sft_onset)
+            make = rl_run if spec.family == "rl" else trl_grpo_run
+            run = make(base, spec.steps, spec.seed, spec.fault, spec.onset)
         runs.append(run)
-        base = base if base is not None else model
+        if keep is not None:
+            keep([*runs, *(r for n, r in cached.items() if n not in {x.name for x in runs})])
         say(f"  {run.name}: {len(run.records)} steps ({time.monotonic() - started:.0f} s)")
-    for fault in plan.sft_faults:
-        run, _ = sft_run(plan.sft_fault_steps, 0, fault, plan.sft_onset)
-        runs.append(run)
-        say(f"  {run.name}: {len(run.records)} steps ({time.monotonic() - started:.0f} s)")
-    if plan.rl_steps:
-        assert base is not None
-        for seed in plan.rl_seeds:
-            runs.append(rl_run(base, plan.rl_steps, seed, None, plan.rl_onset))
-            say(f"  {runs[-1].name} ({time.monotonic() - started:.0f} s)")
-        for fault in plan.rl_faults:
-            runs.append(rl_run(base, plan.rl_steps, 0, fault, plan.rl_onset))
-            say(f"  {runs[-1].name} ({time.monotonic() - started:.0f} s)")
     return runs
 
 
@@ -284,13 +430,14 @@ def load(path: Path) -> list[CorpusRun] | None:
 def corpus(
     path: Path = DEFAULT_PATH, *, rebuild: bool = False, say: Any = print
 ) -> list[CorpusRun]:
-    """The cached corpus, built (and cached) first if needed."""
-    runs = None if rebuild else load(path)
-    if runs is None:
-        say(f"building the failure corpus into {path} (once; a few minutes on 2 cores)")
-        runs = build(CorpusPlan(), say)
-        save(runs, path)
-    return runs
+    """The corpus of the full plan: cached runs reused by name, missing ones trained (and
+    cached as each finishes)."""
+    cached = {} if rebuild else {r.name: r for r in load(path) or []}
+    plan = CorpusPlan()
+    missing = [s.name for s in specs(plan) if s.name not in cached]
+    if missing:
+        say(f"training {len(missing)} runs of the failure corpus into {path}: {', '.join(missing)}")
+    return build(plan, say, cached, keep=lambda runs: save(runs, path))
 
 
 def main() -> None:

@@ -43,3 +43,17 @@ def test_synthetic_rare_shapes_through_the_report() -> None:
     by = {(o.fault, o.detector): o for o in outcomes}
     assert by[("inf_loss", "NonFiniteTraining")].delay == 0
     assert by[("entropy_surge", "EntropySurge")].delay is not None
+
+
+def test_hand_rules_judged_on_unseen_healthy_runs() -> None:
+    """Fitted on one healthy stream, the hand rules are counted on another next to the
+    detectors (a row per detector that has a hand rule)."""
+    rng = np.random.default_rng(0)
+    runs = [dc.synthetic_healthy(600, "syn-rl", rng) for _ in range(2)]
+    runs[1].seed = 1
+    lines: list[str] = []
+    dc.holdout_hand_rules(runs, say=lines.append)
+    rows = [line.split() for line in lines[3:]]
+    assert {row[1] for row in rows} >= {"GradNormSpike", "KLSurge", "LengthDrift"}
+    assert all(row[0] == "syn-rl" and row[2] == "1" and row[3] == str(600) for row in rows)
+    assert all(row[4].isdigit() and row[5].isdigit() for row in rows)

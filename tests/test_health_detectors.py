@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 
 import pytest
+from pydantic import ValidationError
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.alerts import AlertEngine, observation
@@ -195,3 +196,47 @@ def test_mad_matches_sorting() -> None:
         ys = sorted(rng.choice([rng.gauss(0, 1), float(rng.randint(-3, 3))]) for _ in range(n))
         med = _median(ys)
         assert _mad(ys, med) == pytest.approx(_median(sorted(abs(y - med) for y in ys)))
+
+
+# ---------------------------------------------------------------- what healthy RL runs do
+
+
+def test_kl_lone_spike_is_quiet_and_a_sustained_surge_is_caught() -> None:
+    """Healthy RL runs of the failure corpus show lone KL records up to 7x their level and a
+    KL that keeps growing (here doubling over 40 steps); a learning-rate jump keeps it 5x up."""
+    for seed in range(20):
+        base = lognormal(0.8, 0.2, 40, seed)
+        assert firings(KLSurge(AlertsConfig().kl_surge), "kl", [*base, 5.6, *base[:10]]) == []
+        ramp = lognormal(0.8, 0.2, 60, seed + 1)
+        growing = base + [v * (1.0 + min(1.0, (i + 1) / 40)) for i, v in enumerate(ramp)]
+        assert firings(KLSurge(AlertsConfig().kl_surge), "kl", growing) == []
+        surge = base + lognormal(4.0, 0.2, 10, seed + 2)
+        fired = firings(KLSurge(AlertsConfig().kl_surge), "kl", surge)
+        assert fired and 40 <= fired[0] <= 43, (seed, fired)
+
+
+def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
+    """A healthy RL run's mean length halved for ten steps (two of seven corpus runs); a
+    reward paying for length grows it ~1.4x within a few steps."""
+    for seed in range(20):
+        base = lognormal(40, 0.08, 30, seed)
+        dip = base + lognormal(20, 0.08, 10, seed + 1) + lognormal(40, 0.08, 20, seed + 2)
+        config = AlertsConfig().length_drift
+        assert firings(LengthDrift(config), "completion_length_mean", dip) == []
+        hack = base + lognormal(56, 0.08, 10, seed + 3)
+        fired = firings(LengthDrift(config), "completion_length_mean", hack)
+        assert fired and 30 <= fired[0] <= 35, (seed, fired)
+
+
+def test_ratio_gates_need_a_log_stream() -> None:
+    with pytest.raises(ValidationError, match="min_rise and min_fall are ratios to the level"):
+        AlertsConfig.model_validate({"reward_collapse": {"min_fall": 0.5}})
+    assert AlertsConfig.model_validate({"kl_surge": {"min_rise": 0.0}}).kl_surge.min_rise == 0.0
+
+
+def test_kl_warmup_starts_once_the_policy_moves() -> None:
+    """A TRL run whose first steps have all advantages 0 logs KL = 0 exactly until the policy
+    moves: those records set no level (else any KL afterwards is a surge from ~0)."""
+    for seed in range(20):
+        kls = [0.0] * 10 + lognormal(0.1, 0.3, 40, seed)
+        assert firings(KLSurge(AlertsConfig().kl_surge), "kl", kls) == [], seed

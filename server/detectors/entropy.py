@@ -28,19 +28,30 @@ from inversion_monitor.server.entropy_law import EntropyLawTracker
 class EntropyDropConfig(DriftConfig):
     """The fast path of :class:`EntropyCollapse`: a sudden fall of the RL policy's entropy.
 
-    The log of policy entropy + ``floor`` nats against the run's own level
-    (:class:`~.robust.RobustStream`, downward CUSUM): a fall to ~0 fires on the
-    record that shows it, a halving within about 3 records. The entropy must
-    also be at least ``min_drop`` below its level: a healthy RL run's policy
-    entropy wanders by a tenth from step to step (the demo's healthy phase dipped
-    13% for a few steps) and a quiet run's robust SD is small.
+    Two stages. One record at or below ``collapse`` x the level (a fall to ~0, or
+    nearly a halving: no healthy run of the failure corpus fell a third in one step)
+    fires on the record that shows it. A steadier fall: the log of policy entropy +
+    ``floor`` nats against the run's own level (:class:`~.robust.RobustStream`,
+    downward CUSUM, a record adds at most ``z_cap``) fires after two records ~5
+    robust SDs below, or three ~3.5 below, and only ``min_drop`` or more below the
+    level: a healthy RL run's policy entropy wanders by a tenth from step to step
+    (the demo's healthy phase dipped 13% for a few steps) and a quiet run's robust
+    SD is small.
     """
 
     floor: float = Field(default=0.01, ge=0.0)
+    k: float = Field(default=1.5, ge=0.0)
+    threshold: float = Field(default=6.0, gt=0.0)
     min_scale: float = Field(default=0.04, gt=0.0)
     z_cap: float | None = Field(default=6.0, gt=0.0, description="a sustained fall, not one record")
     min_drop: float = Field(
-        default=0.2, ge=0.0, lt=1.0, description="fire only this fraction or more below the level"
+        default=0.15, ge=0.0, lt=1.0, description="fire only this fraction or more below the level"
+    )
+    collapse: float | None = Field(
+        default=0.55,
+        gt=0.0,
+        lt=1.0,
+        description="one record at or below this x the level fires at once (None: never)",
     )
 
 
@@ -122,14 +133,18 @@ class EntropyCollapse:
     >>> det.update(Observation(3, 0.0, entropy_mean=0.5)).reason.value
     'entropy_below_fraction'
 
-    The fast path: policy entropy steady at ~1.2 nats, then ~0 (a learning-rate jump); a
-    fall needs two records (one outlier never fires it).
+    The fast path: policy entropy steady at ~1.2 nats, then ~0 (a learning-rate jump) fires
+    on that record; a fall by a quarter needs two records (one outlier never fires it).
 
-    >>> det = EntropyCollapse()
-    >>> hs = [1.2, 1.25, 1.18, 1.22, 1.2, 1.19, 1.23, 1.21] * 2 + [0.02, 0.01]
-    >>> [(t.step, t.reason.value) for s, h in enumerate(hs)
-    ...  if (t := det.update(Observation(s, 0.0, policy_entropy_mean=h)))]
-    [(17, 'entropy_dropped_suddenly')]
+    >>> hs = [1.2, 1.25, 1.18, 1.22, 1.2, 1.19, 1.23, 1.21] * 2
+    >>> def fired(tail):
+    ...     det = EntropyCollapse()
+    ...     return [(t.step, t.reason.value) for s, h in enumerate(hs + tail)
+    ...             if (t := det.update(Observation(s, 0.0, policy_entropy_mean=h)))]
+    >>> fired([0.02, 0.01])
+    [(16, 'entropy_dropped_suddenly')]
+    >>> fired([0.9, 1.2]), fired([0.9, 0.88])
+    ([], [(17, 'entropy_dropped_suddenly')])
     """
 
     name = AlertName.ENTROPY_COLLAPSE
@@ -154,9 +169,11 @@ class EntropyCollapse:
         score = self._sudden.update(h)
         if score is not None:
             cfg = self.config.sudden
-            far = h < (1.0 - cfg.min_drop) * (score.level - cfg.floor)
+            level = score.level - cfg.floor
+            far = h < (1.0 - cfg.min_drop) * level
+            gone = cfg.collapse is not None and h <= cfg.collapse * level
             # on while over the threshold, off once the evidence is gone (hysteresis)
-            self._sudden_bad = (score.down > cfg.threshold and far) or (
+            self._sudden_bad = ((score.down > cfg.threshold or gone) and far) or (
                 self._sudden_bad and score.down > 0.0
             )
         return self._sudden_bad

@@ -11,12 +11,22 @@ from inversion_monitor.server.detectors.robust import Direction, DriftConfig, Dr
 
 
 class LengthDriftConfig(DriftConfig):
-    """Parameters of :class:`LengthDrift` (the log of the mean completion length)."""
+    """Parameters of :class:`LengthDrift` (the log of the mean completion length).
 
-    k: float = Field(default=1.5, ge=0.0, description="CUSUM allowance, robust SDs")
+    A drift is sustained: a record adds at most ``z_cap`` robust SDs, so three records 2.4
+    robust SDs out fire, never fewer. A healthy RL run's mean length wanders widely (in the
+    failure corpus it halved for ten steps in two of seven healthy runs, and rose by a
+    quarter): it fires up only at ``1 + min_rise`` x the level or more, down only at
+    ``1 - min_fall`` x or less (running away, or collapsing towards empty completions).
+    """
+
+    k: float = Field(default=1.0, ge=0.0, description="CUSUM allowance, robust SDs")
+    threshold: float = Field(default=4.0, gt=0.0, description="CUSUM decision, robust SDs")
     z_cap: float | None = Field(
-        default=6.0, gt=0.0, description="a sustained shift, not one record"
+        default=3.0, gt=0.0, description="a sustained shift, not one record"
     )
+    min_rise: float = Field(default=0.3, ge=0.0, description="fire up at 1.3 x the level")
+    min_fall: float = Field(default=0.6, ge=0.0, lt=1.0, description="fire down at 0.4 x the level")
     min_scale: float = Field(default=0.05, gt=0.0)
     floor: float = Field(default=1.0, ge=0.0, description="tokens: an empty completion is ~1")
 

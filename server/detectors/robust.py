@@ -7,7 +7,10 @@ z = (y - median) / max(1.4826 MAD, min_scale). Two one-sided CUSUMs on that
 robust z (allowance ``k``) accumulate evidence upward and downward; a detector
 fires when the one it watches passes ``threshold``. A single record ``threshold
 + k`` scales out fires at once (a spike); a smaller sustained shift of d scales
-fires after about ``threshold / (d - k)`` records. Values enter the window
+fires after about ``threshold / (d - k)`` records. ``z_cap`` bounds what one record adds
+(a sustained shift, never a lone outlier), ``min_rise``/``min_fall`` ask a log stream to be
+a given ratio from its level as well (a shift the run's own noise makes plain, yet smaller
+than its healthy wander, does not fire). Values enter the window
 clipped to ``clip`` scales, so a fault does not become the run's new normal
 within a few records, while a slow healthy drift is followed. Nothing is set
 per run: the level and the scale are the run's own.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from inversion_monitor.server.detectors.base import (
     AlertName,
@@ -73,6 +76,17 @@ class DriftConfig(DetectorConfig):
     min_scale: float = Field(
         default=0.05, gt=0.0, description="smallest robust SD (log units: a relative change)"
     )
+    min_rise: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="log streams: fire upward only at (1 + this) x the level or more (0: any)",
+    )
+    min_fall: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="log streams: fire downward only at (1 - this) x the level or less (0: any)",
+    )
     clip: float = Field(default=3.0, gt=0.0, description="values enter the window clipped here")
     z_cap: float | None = Field(
         default=None,
@@ -80,6 +94,15 @@ class DriftConfig(DetectorConfig):
         description="a record adds at most this robust z to the CUSUM: a sustained shift needs "
         "two records or more, a single outlier never fires it (None: no cap, spikes fire)",
     )
+
+    @model_validator(mode="after")
+    def _gates_need_ratios(self) -> DriftConfig:
+        if self.scale is Scale.LINEAR and (self.min_rise or self.min_fall):
+            raise ValueError(
+                "min_rise and min_fall are ratios to the level: they need scale 'log' or 'auto' "
+                "(set them to 0 for a linear stream)"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -229,6 +252,16 @@ class DriftDetector:
             out.append((Direction.DOWN, score.down))
         return out
 
+    def _far(self, side: Direction, score: Score) -> bool:
+        """Whether the value is ``min_rise`` above (``min_fall`` below) the level (log streams)."""
+        cfg = self.config
+        if not self.stream.log or score.level <= 0.0:
+            return True
+        ratio = (score.value + cfg.floor) / score.level
+        if side is Direction.UP:
+            return ratio >= 1.0 + cfg.min_rise
+        return ratio <= 1.0 - cfg.min_fall
+
     def update(self, obs: Observation) -> Transition | None:
         x = self.value(obs)
         if x is None or not math.isfinite(x):
@@ -245,7 +278,9 @@ class DriftDetector:
             "threshold": cfg.threshold,
         }
         if not self.active:
-            over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold]
+            over = [
+                (d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)
+            ]
             if not over:
                 return None
             side, cusum = max(over, key=lambda dc: dc[1])
