@@ -16,6 +16,7 @@ largest value over the targets). So, per target and component,
 Measured on the four families below (3 layers, d 64): at most 0.23 of that bound,
 relative error at most 1.3e-2 (targets above a tenth of the component's largest);
 against the fp32 probe at most 1e-2 (median 2e-3): bf16 rounds to 2**-8 relative.
+fp16 autocast: the same bound with u = 2**-11 (measured relative error at most 1.5e-3).
 """
 
 from __future__ import annotations
@@ -46,14 +47,17 @@ def _width(module: torch.nn.Module, columns: torch.Tensor | None) -> tuple[int, 
     return (out if columns is None else int(columns.numel())), int(inp)
 
 
-def assert_within_bf16_bound(model: torch.nn.Module, got: ProbeResult, ref: ProbeResult) -> float:
-    """The module docstring's bound, per target and component; returns the worst fraction."""
+def assert_within_bf16_bound(
+    model: torch.nn.Module, got: ProbeResult, ref: ProbeResult, unit: float = U
+) -> float:
+    """The module docstring's bound (``unit``: the autocast dtype's unit roundoff), per
+    target and component; returns the worst fraction."""
     resolved = resolve_model(model)
     worst = 0.0
     for component, expected in ref.norms.items():
         site = resolved.site(*component)
         a, b = _width(site.module, site.columns)
-        bound = (math.sqrt(min(a, b)) + 2) * U * expected + U * expected.max()
+        bound = (math.sqrt(min(a, b)) + 2) * unit * expected + unit * expected.max()
         fraction = float(((got.norms[component] - expected).abs() / bound).max())
         assert fraction <= 1.0, (component, fraction)
         worst = max(worst, fraction)
@@ -153,6 +157,15 @@ def test_captured_prefix_under_autocast_is_used_and_runs_under_its_autocast() ->
     assert _relative(got, recomputed) <= 2e-2
     model.zero_grad(set_to_none=True)
     capture.remove()
+
+
+def test_fp16_autocast_with_the_fp16_unit_roundoff() -> None:
+    model = tiny_causal_lm("llama", num_layers=3)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = logit_gradient_norms(model, IDS, layers=[0, -1])
+        ref = reference_norms(model, IDS, layers=[0, -1])
+    assert got.precision == "fp16-autocast"
+    assert_within_bf16_bound(model, got, ref, unit=2.0**-11)  # fp16: 10 fraction bits
 
 
 def test_bf16_parameters_without_autocast_say_bf16() -> None:
