@@ -1,6 +1,6 @@
 """Step-time overhead of InversionTrainerCallback in a real HF Trainer run.
 
-Usage: python benchmarks/bench_overhead.py [--steps 100] [--rounds 4] [--vocab 8192]
+Usage: python benchmarks/bench_overhead.py [--steps 100] [--rounds 4] [--vocab 8192] [--bf16]
 
 Issue 15's bench shape: tiny Llama (hidden 256, 4 layers, 8 heads, vocabulary
 8192 as in ``bench_probe.py``, whose step the probe goals are counted in),
@@ -25,6 +25,12 @@ hits all alike):
                 (loss, grad norm, learning rate read from the trainer; one JSONL line);
 - health only (gRPC): the same, also sent to a live ``inversion-monitor serve``
                 on loopback (started by this script).
+
+``--bf16``: every chosen variant also runs with ``bf16=True`` (autocast; on CPU
+with ``use_cpu=True``), interleaved in the same rounds, as ``<variant> [bf16]``,
+each bf16 variant's ratio against ``plain [bf16]`` (goal: every step under bf16
+no higher than under fp32; the probe then starts from the captured prefix and
+runs under the training forward's autocast, ``probe_precision`` bf16-autocast).
 
 Prints the mean step time of each variant and its ratio to plain (goals:
 every step <= 1.15x, must reach 1.25x; default <= 1.03x), how often each
@@ -71,6 +77,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "health only": {"every_n_steps": 10**9},
     "health only (gRPC)": {"every_n_steps": 10**9},
 }
+BF16 = " [bf16]"
+"""Suffix of a variant trained with ``bf16=True`` (``--bf16``)."""
 # "endpoint": the live server of the "health only (gRPC)" variant (set by main)
 LIVE: dict[str, str] = {}
 
@@ -152,7 +160,10 @@ def train(
 ) -> tuple[list[float], float, list[dict[str, Any]]]:
     """Train ``steps`` steps; returns step times, the schedule's measured overhead and
     the monitor's records. ``vocab`` 0: the character tokenizer's own; ``gpu``: the GPU
-    section's model instead (on CUDA when present)."""
+    section's model instead (on CUDA when present). A variant ending in :data:`BF16`
+    trains with ``bf16=True`` (autocast)."""
+    bf16 = variant.endswith(BF16)
+    variant = variant.removesuffix(BF16)
     tokenizer = char_tokenizer()
     if gpu is None:
         size = {"vocab_size": vocab} if vocab else {}
@@ -190,6 +201,7 @@ def train(
             use_cpu=gpu is None or not torch.cuda.is_available(),
             disable_tqdm=True,
             dataloader_num_workers=0,
+            bf16=bf16,
         )
         trainer = Trainer(
             model=model,
@@ -229,6 +241,7 @@ def measure(chosen: list[str], rounds: int, per_round: int, fit: Fit) -> None:
     overheads: dict[str, list[float]] = {v: [] for v in chosen}
     probes: dict[str, int] = dict.fromkeys(chosen, 0)
     prefixes: dict[str, set[str]] = {v: set() for v in chosen}
+    precisions: dict[str, set[str]] = {v: set() for v in chosen}
     probe_seconds: dict[str, list[float]] = {v: [] for v in chosen}
     for r in range(rounds):
         for variant in chosen:
@@ -239,27 +252,33 @@ def measure(chosen: list[str], rounds: int, per_round: int, fit: Fit) -> None:
             probed = [record for record in records if record["probed"]]
             probes[variant] += len(probed)
             prefixes[variant].update(str(record["prefix"]) for record in probed)
+            precisions[variant].update(str(record.get("probe_precision")) for record in probed)
             probe_seconds[variant].extend(float(r["probe_seconds"]) for r in probed)
             print(
                 f"  round {r + 1}: {variant:<10} median step {statistics.median(step_times):.4f} s"
             )
-    base = statistics.mean(times["plain"])
+
+    def plain_of(variant: str) -> str:
+        return "plain" + BF16 if variant.endswith(BF16) else "plain"
+
     total = rounds * per_round
     print(
         "\nratio: mean step time over plain's; 'rounds' is the median of the per-round "
         "ratios (each against plain in the same round: robust to a loaded machine)"
     )
     print(
-        f"{'variant':<24} {'mean step s':>12} {'ratio':>8} {'rounds':>8} {'probed every':>13} "
-        f"{'measured overhead':>18} {'probe (median)':>15} {'+ms/step':>9}  prefix"
+        f"{'variant':<31} {'mean step s':>12} {'ratio':>8} {'rounds':>8} {'probed every':>13} "
+        f"{'measured overhead':>18} {'probe (median)':>15} {'+ms/step':>9}  precision, prefix"
     )
-    plain_step = statistics.median(times["plain"])
     for variant in chosen:
+        plain = plain_of(variant)
+        base = statistics.mean(times[plain])
+        plain_step = statistics.median(times[plain])
         mean = statistics.mean(times[variant])
         per_round_ratio = statistics.median(
-            v / p for v, p in zip(round_means[variant], round_means["plain"], strict=True)
+            v / p for v, p in zip(round_means[variant], round_means[plain], strict=True)
         )
-        measured = statistics.mean(overheads[variant]) if variant != "plain" else 0.0
+        measured = statistics.mean(overheads[variant]) if variant != plain else 0.0
         every = f"{total / probes[variant]:.1f} steps" if probes[variant] else ""
         probe = ""
         if probe_seconds[variant]:
@@ -267,8 +286,9 @@ def measure(chosen: list[str], rounds: int, per_round: int, fit: Fit) -> None:
             probe = f"{median * 1e3:.0f} ms {median / plain_step:.2f} st"
         extra_ms = (mean - base) * 1e3
         print(
-            f"{variant:<24} {mean:>12.4f} {mean / base:>7.3f}x {per_round_ratio:>7.3f}x "
+            f"{variant:<31} {mean:>12.4f} {mean / base:>7.3f}x {per_round_ratio:>7.3f}x "
             f"{every:>13} {measured:>17.3%} {probe:>15} {extra_ms:>+9.2f}  "
+            f"{', '.join(sorted(precisions[variant] - {'None'}))} "
             f"{', '.join(sorted(prefixes[variant]))}"
         )
     print(
@@ -299,8 +319,15 @@ def main() -> None:
     parser.add_argument("--gpu-layers", type=int, default=GpuShape.layers, help=argparse.SUPPRESS)
     parser.add_argument("--gpu-length", type=int, default=GpuShape.length, help=argparse.SUPPRESS)
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also run every chosen variant with bf16=True (autocast), side by side",
+    )
     args = parser.parse_args()
     chosen = ["plain", *(v for v in args.variants.split(",") if v in VARIANTS and v != "plain")]
+    if args.bf16:
+        chosen += [v + BF16 for v in chosen]
     per_round = max(2, args.steps // args.rounds)
     with contextlib.ExitStack() as stack:
         if any(v.endswith("(gRPC)") for v in chosen):
@@ -333,7 +360,9 @@ def _run(args: argparse.Namespace, chosen: list[str], per_round: int) -> None:
             f"\nbf16, Qwen2-0.5B shape ({gpu.layers} layers, random weights from the config), "
             f"{BATCH} x {gpu.length} tokens, on {device}; 2 rounds x {args.gpu_steps // 2} steps:"
         )
-        gpu_variants = [v for v in chosen if v != "every step (recomputed)"]
+        gpu_variants = [
+            v for v in chosen if v != "every step (recomputed)" and not v.endswith(BF16)
+        ]
         measure(
             gpu_variants,
             2,
@@ -343,7 +372,7 @@ def _run(args: argparse.Namespace, chosen: list[str], per_round: int) -> None:
     if not args.skip_memory and not args.skip_cpu:
         plain = peak_memory("plain", 10, args.vocab)
         for variant in chosen[1:]:
-            if variant.endswith("(gRPC)"):
+            if variant.endswith(("(gRPC)", BF16)):
                 continue  # needs the live server of this process
             extra = peak_memory(variant, 10, args.vocab) - plain
             print(

@@ -31,8 +31,14 @@ RunKind = Literal["sft", "rl", "custom"]
 Projection = Literal["q", "k", "v", "o"]
 """An attention projection: query, key, value or output."""
 
+ProbePrecisionName = Literal["fp32", "bf16-autocast", "fp16-autocast", "bf16", "fp16", "fp64"]
+"""What the probe's forward computed in (``StepRecord.probe_precision``): the training
+forward's autocast (``"bf16-autocast"``, ``"fp16-autocast"``), or without autocast the
+parameters' dtype."""
+
 RUN_KINDS: tuple[RunKind, ...] = get_args(RunKind)
 PROJECTIONS: tuple[Projection, ...] = get_args(Projection)
+PROBE_PRECISIONS: tuple[ProbePrecisionName, ...] = get_args(ProbePrecisionName)
 
 
 def one_of(words: Iterable[str]) -> str:

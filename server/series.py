@@ -270,6 +270,13 @@ def _run_kind(view: RunView) -> Iterable[LabeledValue]:
     return (((view.display_name, view.info.kind or "unknown"), 1.0),)
 
 
+def _probe_precision(view: RunView) -> Iterable[LabeledValue]:
+    record = view.metrics_record
+    if record is None or not record.HasField("probe_precision"):
+        return ()
+    return (((view.display_name, record.probe_precision), 1.0),)
+
+
 def _run_info(view: RunView) -> Iterable[LabeledValue]:
     info = view.info
     labels = (
@@ -300,6 +307,13 @@ RUN_FAMILIES: tuple[Family[RunView], ...] = (
         "The run's kind (value 1): sft, rl, custom or unknown.",
         _run_kind,
         ("run", "kind"),
+    ),
+    Family(
+        "probe_precision",
+        "What the latest probe's forward computed in (value 1): fp32, bf16-autocast, ...",
+        _probe_precision,
+        ("run", "precision"),
+        extended=True,
     ),
     Family(
         "run_info",

@@ -93,7 +93,7 @@ def stripped(record: monitor_pb2.StepRecord) -> monitor_pb2.StepRecord:
 
 
 PROBE_MESSAGES = ("inversion", "entropy", "score")
-PROBE_VALUES = ("spearman_per_token_type", "probe_seconds")
+PROBE_VALUES = ("spearman_per_token_type", "probe_seconds", "probe_precision")
 
 
 def with_last_probe(

@@ -18,7 +18,13 @@ from enum import Enum
 from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.proto.vocabulary import HEALTH_FIELDS, PROJECTIONS, RUN_KINDS, one_of
+from inversion_monitor.proto.vocabulary import (
+    HEALTH_FIELDS,
+    PROBE_PRECISIONS,
+    PROJECTIONS,
+    RUN_KINDS,
+    one_of,
+)
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument
 from inversion_monitor.server.jsonsafe import loads_bounded
@@ -221,6 +227,7 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
         and 0.0 <= record.clip_ratio <= 1.0
         and 0.0 <= record.completion_length_mean <= _MAX
         and not record.nonfinite_fields
+        and (not record.HasField("probe_precision") or record.probe_precision in PROBE_PRECISIONS)
         and _rl_summaries_plain(record)
         and not record.samples
     ):
@@ -318,6 +325,13 @@ def check_record_slow(record: monitor_pb2.StepRecord, limits: Limits, now: float
         bad += _summary(record.score, "score")
     _health(record)
     bad += _bounded(record, "probe_seconds", 0.0, _INF, "probe_seconds")
+    if record.HasField("probe_precision") and record.probe_precision not in PROBE_PRECISIONS:
+        raise RecordProblem(
+            "probe_precision",
+            RejectReason.MALFORMED,
+            f"probe_precision is {record.probe_precision[:16]!r}; expected one of "
+            f"{one_of(PROBE_PRECISIONS)}",
+        )
     bad += _bounded(record, "spearman_per_token_type", -1.0, 1.0, "spearman_per_token_type")
     if record.HasField("policy_entropy"):
         bad += _summary(record.policy_entropy, "policy_entropy")

@@ -28,6 +28,7 @@ from inversion_monitor.metrics.correlation import spearman
 from inversion_monitor.metrics.stats import InversionStats, inversion_stats
 from inversion_monitor.probe.capture import CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
+from inversion_monitor.probe.precision import ProbePrecision
 from inversion_monitor.probe.prefix_capture import CapturedPrefix
 
 __all__ = ["Measured", "ProbePlan", "measure", "token_samples"]
@@ -43,6 +44,7 @@ class ProbePlan:
     prepare_s: float
     prefix: CapturedPrefix | None = None  # the training forward's hidden states, if kept
     prefix_note: str | None = None  # why none was kept
+    precision: ProbePrecision | None = None  # the training forward's autocast, if seen
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def measure(step: int, plan: ProbePlan, config: MonitorConfig) -> Measured:
         norm=config.norm,
         chunk_tokens=config.chunk_tokens,
         prefix=plan.prefix,
+        precision=plan.precision,
     )
     if result.prefix == "recomputed" and result.prefix_reason is None:
         result = replace(result, prefix_reason=plan.prefix_note)

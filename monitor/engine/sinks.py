@@ -55,6 +55,7 @@ class TrainingRecord:
     kind: str | None = None
     rl: RLStats | None = None  # the step's RL signals (quantiles, advantages)
     prefix: str | None = None  # "captured", or "recomputed" with the reason
+    precision: str | None = None  # what the probe's forward computed in (ProbeResult.precision)
     wall_time: float = field(default_factory=time.time)
 
 
@@ -173,6 +174,7 @@ class JsonlSink:
             row["components"] = record.components
             row["samples"] = record.samples
             row["prefix"] = record.prefix
+            row["probe_precision"] = record.precision
         if record.rl is not None:
             row["rl"] = record.rl.to_dict()
         if self._file is None:
@@ -228,6 +230,7 @@ class GrpcSink:
             wall_time=record.wall_time,
             rl=record.rl,
             health=record.health,
+            probe_precision=record.precision,
         )
 
     def _connect(self, record: TrainingRecord) -> MonitorClient:

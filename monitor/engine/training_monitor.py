@@ -515,8 +515,16 @@ class InversionMonitor:
         note = self._prefix.skipped_reason if self._prefix is not None else self._prefix_note
         if not before_step:
             note = "probed after the optimizer step (no before_optimizer_step call)"
+        # the autocast the training forward ran under (read in the lowest probed block)
+        precision = self._prefix.precision if self._prefix is not None else None
         return ProbePlan(
-            model, batch, positions, time.perf_counter() - start, prefix=prefix, prefix_note=note
+            model,
+            batch,
+            positions,
+            time.perf_counter() - start,
+            prefix=prefix,
+            prefix_note=note,
+            precision=precision,
         )
 
     def _measure(self, step: int, plan: ProbePlan) -> Measured:
@@ -555,6 +563,7 @@ class InversionMonitor:
                 components=measured.components,
                 samples=token_samples(measured.result, self.config.token_samples),
                 prefix=measured.prefix,
+                precision=measured.result.precision,
             )
         for sink in self.sinks:
             sink.emit(record)

@@ -57,6 +57,8 @@ class AttentionCall:
     as the module passed them, with their graph back to the projections),
     ``output`` ``[B, T, H, d]``, computed from ``leaves``: detached copies of
     query, key and value (their gradients are ``dz/dq``, ``dz/dk``, ``dz/dv``).
+    ``compute_dtype``: what the function computed in (the autocast dtype where
+    autocast was on, else the query's); replays are checked to its tolerance.
     """
 
     function: AttentionFunction
@@ -69,6 +71,7 @@ class AttentionCall:
     kwargs: dict[str, Any]
     output: torch.Tensor
     leaves: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    compute_dtype: torch.dtype
 
     def replay(
         self,
@@ -159,9 +162,23 @@ def _recording_function(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[t
             kwargs=dict(kwargs),
             output=output,
             leaves=(q_leaf, k_leaf, v_leaf),
+            compute_dtype=_compute_dtype(query),
         )
     )
     return output, weights
+
+
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype an attention function called now computes ``query`` in (autocast's
+    lower precision where autocast is on and casts it)."""
+    device = query.device.type
+    if (
+        query.is_floating_point()
+        and torch.amp.is_autocast_available(device)
+        and torch.is_autocast_enabled(device)
+    ):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
 
 
 def _register() -> None:

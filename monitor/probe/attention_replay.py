@@ -243,13 +243,15 @@ def head_terms(
             rows,
             "the attention output",
             batch=batch,
-            dtype=call.output.dtype,
+            dtype=call.compute_dtype,
         )
         cotangent = torch.cat([g[rows, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
         dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
         if dq is not None:
             recorded_dq = _pad(dq[rows, :, t], groups)
-            checks.close(dq_aug[:, :, 0], recorded_dq, rows, "dz/dq", batch=batch, dtype=dq.dtype)
+            checks.close(
+                dq_aug[:, :, 0], recorded_dq, rows, "dz/dq", batch=batch, dtype=call.compute_dtype
+            )
         query_grads.append(dq_aug[:, :, 0, :dim])
         key_terms.append(dk_aug[..., :dim])
         value_terms.append(dv_aug[..., :dim_v])

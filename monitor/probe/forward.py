@@ -30,7 +30,7 @@ cut after a length, with:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch import nn
 from inversion_monitor.metrics.entropy import token_entropy
 from inversion_monitor.metrics.norms import Norm
 from inversion_monitor.probe.architectures import ResolvedModel, rank_one_exact
+from inversion_monitor.probe.precision import ProbePrecision
 from inversion_monitor.probe.prefix_capture import CapturedPrefix
 
 Component = tuple[int, str]
@@ -65,7 +66,15 @@ class _Captures:
             )
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise RuntimeError(f"{type(module).__name__}'s output is not a differentiable tensor")
-        self.inputs[module] = args[0].detach()
+        x = args[0].detach()
+        if (
+            x.is_floating_point()
+            and output.dtype != x.dtype
+            and torch.is_autocast_enabled(x.device.type)
+            and output.dtype == torch.get_autocast_dtype(x.device.type)
+        ):  # autocast: the projection multiplied the input cast to its compute dtype
+            x = x.to(output.dtype)
+        self.inputs[module] = x
         self.outputs[module] = output
 
     def remove(self) -> None:
@@ -251,20 +260,24 @@ def _run_forward(
     t: torch.Tensor,
     tokens: torch.Tensor,
     prefix: _Prefix | None,
+    precision: ProbePrecision | None,
 ) -> ForwardPass:
     """The model's own forward of ``input_ids``; entropy and target logit at each (row, t).
 
     ``prefix``: the blocks below ``prefix[0]`` are skipped and that block starts
     from ``prefix[1]`` (the training forward's hidden states of these rows).
+    ``precision``: the autocast the model's forward runs under (None: as the caller's).
     """
     head = _HeadRows(resolved.head, (input_ids.shape[0], input_ids.shape[1]), rows, t)
     extra = {} if position_ids is None else {"position_ids": position_ids}
     start = _GradFrom(resolved.blocks[lowest_block])
     try:
+        autocast = nullcontext() if precision is None else precision.forward_context()
         with start.active(), _fed_from(resolved, prefix):  # feeding first, then the leaf
-            out = resolved.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
-            )
+            with autocast:
+                out = resolved.model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+                )
             if head.calls != 1:
                 raise NotImplementedError(
                     f"the forward of {type(resolved.model).__name__} never called its output "
@@ -327,6 +340,7 @@ class ProbePlan:
         norms, entropy: the ``[N]`` buffers the probe fills.
         prefix: the training forward's hidden states, checked usable for
             these rows (None: recompute from the embeddings).
+        precision: the autocast the model's forward runs under (None: as the caller's).
     """
 
     resolved: ResolvedModel
@@ -342,6 +356,7 @@ class ProbePlan:
     norms: dict[Component, torch.Tensor]
     entropy: torch.Tensor
     prefix: CapturedPrefix | None = None
+    precision: ProbePrecision | None = None
 
     @classmethod
     def for_targets(
@@ -355,6 +370,7 @@ class ProbePlan:
         position_ids: torch.Tensor | None = None,
         norm: Norm = "nuclear",
         prefix: CapturedPrefix | None = None,
+        precision: ProbePrecision | None = None,
     ) -> ProbePlan:
         """A plan measuring ``sites`` at ``targets`` (each once), with zeroed buffers."""
         device = input_ids.device
@@ -374,6 +390,7 @@ class ProbePlan:
             norms={c: torch.zeros(count, dtype=torch.float32, device=device) for c in sites},
             entropy=torch.zeros(count, dtype=torch.float32, device=device),
             prefix=prefix,
+            precision=precision,
         )
 
     @property
@@ -440,6 +457,7 @@ class ProbePlan:
                 t=t,
                 tokens=self.input_ids[sequences[rows], t + 1],
                 prefix=prefix,
+                precision=self.precision,
             )
         finally:
             captures.remove()

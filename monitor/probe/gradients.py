@@ -66,6 +66,7 @@ from inversion_monitor.probe.architectures import ResolvedModel, resolve_model, 
 from inversion_monitor.probe.forward import Component, ProbePlan, projection_sites
 from inversion_monitor.probe.last_block import LastBlockRefused, last_block_norms
 from inversion_monitor.probe.packing import document_index, same_document, split_documents
+from inversion_monitor.probe.precision import ProbePrecision, without_autocast
 from inversion_monitor.probe.prefix_capture import CapturedPrefix
 from inversion_monitor.probe.rows import measure_batch, per_row_norms, plan_buckets
 from inversion_monitor.probe.sampling import valid_positions
@@ -96,6 +97,10 @@ class ProbeResult:
             ``"recomputed"``.
         prefix_reason: why a given captured prefix was not used (None when
             it was, or when none was given).
+        precision: what the model's forward computed in
+            (:meth:`~inversion_monitor.probe.precision.ProbePrecision.label`):
+            ``"bf16-autocast"``/``"fp16-autocast"`` under the training forward's
+            autocast, else the parameters' dtype (``"fp32"``, ``"bf16"``, ...).
 
     >>> r = ProbeResult(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0), {}, torch.zeros(0),
     ...                 torch.zeros(0, dtype=torch.long))
@@ -111,6 +116,7 @@ class ProbeResult:
     paths: dict[Component, str] = field(default_factory=dict)
     prefix: str = "recomputed"
     prefix_reason: str | None = None
+    precision: str = "fp32"
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -238,6 +244,7 @@ def logit_gradient_norms(
     norm: Norm = "nuclear",
     chunk_tokens: int = 8192,
     prefix: CapturedPrefix | None = None,
+    precision: ProbePrecision | None = None,
 ) -> ProbeResult:
     """Entropy and logit-gradient strength at each target token.
 
@@ -263,6 +270,17 @@ def logit_gradient_norms(
             :meth:`~inversion_monitor.probe.prefix_capture.CapturedPrefix.refusal`;
             not on packed rows nor on sharded parameters), else recomputed;
             :attr:`ProbeResult.prefix` and ``prefix_reason`` say which.
+        precision: the autocast the model's forward runs under (the training
+            forward's); default: the prefix's
+            (:attr:`~inversion_monitor.probe.prefix_capture.CapturedPrefix.precision`)
+            if one is given, else the autocast active at the call (a custom
+            loop calling inside its ``torch.autocast`` block). Only the model's
+            forward runs under it; the factor math (QR, Gram matrices,
+            eigenvalues, entropy sums) computes in fp32/fp64. Under bf16 the
+            values equal a brute force under the same autocast to a few bf16
+            roundings (``tests/test_probe_autocast.py`` states the bound), not
+            the fp32 values (bf16 rounds to 2**-8 relative).
+            :attr:`ProbeResult.precision` says which ran.
 
     Returns:
         A :class:`ProbeResult` with one entry per target, in ``positions`` order.
@@ -287,18 +305,34 @@ def logit_gradient_norms(
             positions = positions.clone()
         if position_ids is not None and position_ids.is_inference():
             position_ids = position_ids.clone()
-        return _probe(
-            model,
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=_expand_position_ids(position_ids, input_ids),
-            positions=positions,
-            layers=layers,
-            projections=projections,
-            norm=norm,
-            chunk_tokens=chunk_tokens,
-            prefix=prefix,
-        )
+        chosen = _precision(precision, prefix, input_ids)  # read before autocast goes off
+        with without_autocast():  # on again for the model's forward only (ProbePlan.forward)
+            return _probe(
+                model,
+                input_ids,
+                attention_mask=attention_mask,
+                position_ids=_expand_position_ids(position_ids, input_ids),
+                positions=positions,
+                layers=layers,
+                projections=projections,
+                norm=norm,
+                chunk_tokens=chunk_tokens,
+                prefix=prefix,
+                precision=chosen,
+            )
+
+
+def _precision(
+    precision: ProbePrecision | None, prefix: CapturedPrefix | None, input_ids: torch.Tensor
+) -> ProbePrecision:
+    """The given precision, else the captured forward's, else the caller's autocast."""
+    if precision is not None:
+        if not isinstance(precision, ProbePrecision):
+            raise TypeError(f"precision must be a ProbePrecision, got {type(precision).__name__}")
+        return precision
+    if isinstance(prefix, CapturedPrefix):
+        return prefix.precision
+    return ProbePrecision.current(input_ids.device.type)
 
 
 def _probe(
@@ -313,6 +347,7 @@ def _probe(
     norm: Norm,
     chunk_tokens: int,
     prefix: CapturedPrefix | None,
+    precision: ProbePrecision,
 ) -> ProbeResult:
     targets = _check_inputs(
         input_ids,
@@ -359,6 +394,7 @@ def _probe(
         position_ids=pos,
         norm=norm,
         prefix=prefix if prefix is not None and prefix_reason is None else None,
+        precision=precision,
     )
     paths: dict[Component, str] = {}
     if count:
@@ -389,7 +425,17 @@ def _probe(
         paths=dict(sorted(paths.items())),
         prefix="captured" if plan.prefix is not None and count else "recomputed",
         prefix_reason=prefix_reason,
+        precision=precision.label(_parameter_dtype(plan)),
     )
+
+
+def _parameter_dtype(plan: ProbePlan) -> torch.dtype:
+    """The dtype of the probed projections' weights (fp32 when they have none)."""
+    for module, _ in plan.sites.values():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight.dtype
+    return torch.float32
 
 
 def _prefix_refusal(

@@ -165,7 +165,7 @@ def last_block_norms(
 
 
 def _backward_key(call: AttentionCall) -> tuple[str, torch.dtype, str]:
-    return (call.implementation, call.query.dtype, call.query.device.type)
+    return (call.implementation, call.compute_dtype, call.query.device.type)
 
 
 def _query_gradient(

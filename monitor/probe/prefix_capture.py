@@ -10,10 +10,13 @@ else (masks, rotary embeddings, final norm, head).
 
 It is used only where it gives the numbers recomputing gives:
 
-- the forward ran in training mode with autograd on (a training step),
-  without autocast (the probe computes in the parameters' dtype), and every
-  block below ``layer`` returned a plain tensor (transformers >= 5 blocks do:
-  the skipped blocks hand their input on unchanged);
+- the forward ran in training mode with autograd on (a training step), and
+  every block below ``layer`` returned a plain tensor (transformers >= 5
+  blocks do: the skipped blocks hand their input on unchanged). Under
+  autocast the block's pre-hook records the autocast state
+  (:class:`~inversion_monitor.probe.precision.ProbePrecision`, read inside
+  the forward: HF and accelerate wrap the model's ``forward`` in autocast) and
+  the probe runs the blocks above under the same autocast;
 - nothing random was active below the block (dropout modules, attention
   dropout, MoE router jitter): the probe runs in eval mode;
 - no block at or above ``layer`` reads keys and values of a skipped block
@@ -37,8 +40,8 @@ Otherwise the probe recomputes the prefix and says why
 >>> capture = PrefixCapture(model, layer=-1)
 >>> ids = torch.randint(4, 100, (2, 8), generator=torch.Generator().manual_seed(0))
 >>> _ = model(input_ids=ids)
->>> capture.latest.layer, tuple(capture.latest.hidden.shape)
-(1, (2, 8, 64))
+>>> capture.latest.layer, tuple(capture.latest.hidden.shape), capture.latest.precision.enabled
+(1, (2, 8, 64), False)
 >>> capture.latest.refusal(model, ids, None, None) is None
 True
 >>> capture.latest.refusal(model, ids.clone(), None, None)
@@ -60,6 +63,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from inversion_monitor.probe.architectures import resolve_model
+from inversion_monitor.probe.precision import ProbePrecision
 
 __all__ = ["CapturedPrefix", "PrefixCapture"]
 
@@ -91,6 +95,8 @@ class CapturedPrefix:
         input_ids, attention_mask, position_ids: that forward's (references).
         versions: :func:`parameter_versions` of the model at that forward.
         steps: the capture's optimizer-step counter, and its value at that forward.
+        precision: the autocast state the block ran under (the probe's forward runs
+            under it).
     """
 
     layer: int
@@ -101,6 +107,7 @@ class CapturedPrefix:
     versions: tuple[int, ...]
     steps: _Steps
     steps_at_capture: int
+    precision: ProbePrecision
 
     def refusal(
         self,
@@ -167,7 +174,9 @@ class PrefixCapture:
             lowest block the probe measures.
 
     :attr:`latest` is None when the last training forward could not be
-    captured; :attr:`skipped_reason` then says why. :meth:`release` drops
+    captured; :attr:`skipped_reason` then says why. :attr:`precision` is the
+    autocast state of the latest training forward's block ``layer`` (captured
+    or not; None before the first). :meth:`release` drops
     the reference once the weights change (after the optimizer step).
     """
 
@@ -176,6 +185,7 @@ class PrefixCapture:
         self.layer = resolved.layer_index(layer)
         self.latest: CapturedPrefix | None = None
         self.skipped_reason: str | None = "no training forward seen yet"
+        self.precision: ProbePrecision | None = None
         self._params_of = resolved.model
         self._inputs: tuple[torch.Tensor, Any, Any] | None = None
         self._bad_output: str | None = None
@@ -244,7 +254,12 @@ class PrefixCapture:
             )
 
     def _block_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not (module.training and torch.is_grad_enabled()) or self._inputs is None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            self.precision = ProbePrecision.current(hidden.device.type)
+        if self._inputs is None:
             return
         ids, mask, pos = self._inputs
         self._inputs = None
@@ -253,6 +268,7 @@ class PrefixCapture:
             self.skipped_reason = reason
             return
         hidden = args[0] if args else kwargs["hidden_states"]
+        assert self.precision is not None  # set above from this very tensor
         self.latest = CapturedPrefix(
             layer=self.layer,
             hidden=hidden.detach(),
@@ -262,6 +278,7 @@ class PrefixCapture:
             versions=parameter_versions(self._params_of),
             steps=self._steps,
             steps_at_capture=self._steps.count,
+            precision=self.precision,
         )
         self.skipped_reason = None
 
@@ -279,11 +296,6 @@ class PrefixCapture:
             return self._static_reason
         if self._bad_output is not None:
             return self._bad_output
-        if torch.is_autocast_enabled(hidden.device.type):
-            return (
-                "the training forward ran under autocast (mixed precision); the probe computes "
-                "in the parameters' dtype"
-            )
         for candidate in self._random:
             if candidate.training:
                 reason = _random_module(candidate)

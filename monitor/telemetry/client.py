@@ -381,6 +381,7 @@ class MonitorClient:
         wall_time: float | None = None,
         rl: RLStats | None = None,
         health: Mapping[str, float | None] | None = None,
+        probe_precision: str | None = None,
     ) -> None:
         """Queue the record of one step and return at once.
 
@@ -443,6 +444,7 @@ class MonitorClient:
             probe_seconds=probe_seconds,
             rl=rl,
             health=values,
+            probe_precision=probe_precision,
         )
         added = self._window.add(record)
         if added.ready and not self._sender.wake.is_set():

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS, PROBE_PRECISIONS, one_of
 from inversion_monitor.rl.signals import RLStats
 
 _NAN = math.nan
@@ -234,6 +234,7 @@ def step_record(
     probe_seconds: float | None = None,
     rl: RLStats | None = None,
     health: Mapping[str, float | None] | None = None,
+    probe_precision: str | None = None,
 ) -> monitor_pb2.StepRecord:
     """Build the ``StepRecord`` of one step (``sequence`` left at 0).
 
@@ -248,8 +249,11 @@ def step_record(
     ``entropy_covariance`` given as arguments win over it. ``rl`` fills the RL
     fields (reward, policy entropy, advantage, covariance) where neither
     gives them; its NaN means "not measured" and is left unset.
-    Non-finite inversion statistics are left unset; non-finite health values
-    are sent and named in ``nonfinite_fields``. Raises
+    ``probe_precision`` is one of
+    :data:`~inversion_monitor.proto.vocabulary.PROBE_PRECISIONS` (what the
+    probe's forward computed in). Non-finite inversion statistics are left
+    unset; non-finite health values are sent and named in
+    ``nonfinite_fields``. Raises
     ``TypeError``/``ValueError`` naming the bad argument.
 
     >>> from inversion_monitor.metrics.stats import InversionStats
@@ -275,6 +279,13 @@ def step_record(
     if stats is not None:
         _add_stats(record, stats)
     _set(record, "probe_seconds", probe_seconds)
+    if probe_precision is not None:
+        if probe_precision not in PROBE_PRECISIONS:
+            raise ValueError(
+                f"probe_precision is {probe_precision!r}; expected one of "
+                f"{one_of(PROBE_PRECISIONS)}"
+            )
+        record.probe_precision = probe_precision
     values: dict[str, float | None] = {}
     if rl is not None:
         values.update(_rl_health(rl, record))

@@ -138,7 +138,7 @@ class TokenSample(_message.Message):
     def __init__(self, entropy: _Optional[float] = ..., score: _Optional[float] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class StepRecord(_message.Message):
-    __slots__ = ("run_id", "rank", "sequence", "step", "wall_time", "inversion", "entropy", "score", "components", "entropy_covariance", "loss", "learning_rate", "samples", "probe_seconds", "spearman_per_token_type", "reward_mean", "reward_std", "policy_entropy_mean", "policy_entropy", "advantage", "grad_norm", "kl", "clip_ratio", "completion_length_mean", "nonfinite_fields")
+    __slots__ = ("run_id", "rank", "sequence", "step", "wall_time", "inversion", "entropy", "score", "components", "entropy_covariance", "loss", "learning_rate", "samples", "probe_seconds", "spearman_per_token_type", "reward_mean", "reward_std", "policy_entropy_mean", "policy_entropy", "advantage", "grad_norm", "kl", "clip_ratio", "completion_length_mean", "nonfinite_fields", "probe_precision")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class StepRecord(_message.Message):
     CLIP_RATIO_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_LENGTH_MEAN_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_PRECISION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     sequence: int
@@ -189,7 +190,8 @@ class StepRecord(_message.Message):
     clip_ratio: float
     completion_length_mean: float
     nonfinite_fields: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., sequence: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., inversion: _Optional[_Union[InversionStats, _Mapping]] = ..., entropy: _Optional[_Union[Summary, _Mapping]] = ..., score: _Optional[_Union[Summary, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStats, _Mapping]]] = ..., entropy_covariance: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., samples: _Optional[_Iterable[_Union[TokenSample, _Mapping]]] = ..., probe_seconds: _Optional[float] = ..., spearman_per_token_type: _Optional[float] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., policy_entropy_mean: _Optional[float] = ..., policy_entropy: _Optional[_Union[Summary, _Mapping]] = ..., advantage: _Optional[_Union[Summary, _Mapping]] = ..., grad_norm: _Optional[float] = ..., kl: _Optional[float] = ..., clip_ratio: _Optional[float] = ..., completion_length_mean: _Optional[float] = ..., nonfinite_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+    probe_precision: str
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., sequence: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., inversion: _Optional[_Union[InversionStats, _Mapping]] = ..., entropy: _Optional[_Union[Summary, _Mapping]] = ..., score: _Optional[_Union[Summary, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStats, _Mapping]]] = ..., entropy_covariance: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., samples: _Optional[_Iterable[_Union[TokenSample, _Mapping]]] = ..., probe_seconds: _Optional[float] = ..., spearman_per_token_type: _Optional[float] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., policy_entropy_mean: _Optional[float] = ..., policy_entropy: _Optional[_Union[Summary, _Mapping]] = ..., advantage: _Optional[_Union[Summary, _Mapping]] = ..., grad_norm: _Optional[float] = ..., kl: _Optional[float] = ..., clip_ratio: _Optional[float] = ..., completion_length_mean: _Optional[float] = ..., nonfinite_fields: _Optional[_Iterable[str]] = ..., probe_precision: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("records", "writer_session")
