@@ -62,6 +62,7 @@ from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult
+from inversion_monitor.probe.packing import cross_document_attention, document_index
 from inversion_monitor.probe.prefix_capture import PrefixCapture
 from inversion_monitor.probe.sampling import TokenSampler
 from inversion_monitor.probe.sharding import sharded_parameters
@@ -185,6 +186,7 @@ class InversionMonitor:
                 )
             )
         self._warned: set[str] = set()
+        self._packing_checked = False  # the first packed batch's attention was checked
         self._joined = False
         self._agreement: RankAgreement | None = None
         self._local_failure = False  # failed here since the last vote (distributed)
@@ -508,7 +510,8 @@ class InversionMonitor:
             )
             return None
         start = probe_clock(model)  # the training step's queued GPU work is not the probe's
-        resolve_model(model)  # a refusal is known here, before any collective
+        resolved = resolve_model(model)  # a refusal is known here, before any collective
+        self._check_packing(resolved.config, batch)
         batch = batch.unpacked()  # packed documents probed as separate rows
         positions = self.sampler.sample(batch.target_mask())
         prefix = self._prefix.latest if self._prefix is not None and before_step else None
@@ -518,6 +521,43 @@ class InversionMonitor:
         return ProbePlan(
             model, batch, positions, time.perf_counter() - start, prefix=prefix, prefix_note=note
         )
+
+    def _check_packing(self, config: Any, batch: CapturedBatch) -> None:
+        """At the first packed batch: warn once when the training forward lets its documents
+        attend to each other (the probe isolates them, so it would measure another model).
+        Never raises: a failed check leaves the probe going, without the warning."""
+        if self._packing_checked:
+            return
+        try:
+            documents = document_index(batch.position_ids, batch.attention_mask)
+            if documents is None:
+                return
+            self._packing_checked = True
+            implementation = getattr(config, "_attn_implementation", None)
+            reason = cross_document_attention(
+                implementation,
+                documents,
+                attention_mask=batch.attention_mask,
+                explicit_mask=batch.explicit_mask,
+                kv_cache=batch.kv_cache,
+                varlen=batch.varlen,
+            )
+        except Exception as exc:  # fail open
+            logger.debug("inversion-monitor: packing check failed", exc_info=exc)
+            return
+        if reason is not None:
+            self._warn_once(
+                "packed-attention",
+                f"inversion-monitor: the training batch packs several documents into a row "
+                f"(position_ids restart) and the model's {implementation!r} attention lets "
+                f"them attend to each other: {reason}. The probe isolates each document, so "
+                "it measures a model different from the one being trained. To isolate them in "
+                "training: attn_implementation='flash_attention_2' (varlen: one packed row "
+                "per batch, or cu_seq_lens_q/k from DataCollatorWithFlattening("
+                "return_flash_attn_kwargs=True)), or an explicit block-diagonal 4-D "
+                "attention_mask; with sdpa/eager, pass no 2-D attention_mask and "
+                "use_cache=False and transformers builds that mask from position_ids",
+            )
 
     def _measure(self, step: int, plan: ProbePlan) -> Measured:
         """Run the probe on ``plan`` (collective when weights are sharded); account for it."""
