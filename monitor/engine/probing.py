@@ -14,6 +14,7 @@ Used by the engine as::
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -28,9 +29,12 @@ from inversion_monitor.metrics.correlation import spearman
 from inversion_monitor.metrics.stats import InversionStats, inversion_stats
 from inversion_monitor.probe.capture import CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult, logit_gradient_norms
+from inversion_monitor.probe.packing import cross_document_attention, document_index
 from inversion_monitor.probe.prefix_capture import CapturedPrefix
 
-__all__ = ["Measured", "ProbePlan", "measure", "token_samples"]
+logger = logging.getLogger("inversion_monitor")
+
+__all__ = ["Measured", "ProbePlan", "measure", "packing_warning", "token_samples"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +132,37 @@ def token_samples(result: ProbeResult, count: int) -> list[tuple[float, float, i
         (float(result.entropy[i]), float(result.score[i]), int(result.tokens[i]))
         for i in range(count)
     ]
+
+
+def packing_warning(config: Any, batch: CapturedBatch) -> tuple[bool, str | None]:
+    """(whether ``batch`` was packed, the warning when its documents attend to each other in
+    the training forward). The probe isolates each document, so it would then measure a
+    model other than the one trained. Never raises: a failed check gives no warning."""
+    try:
+        documents = document_index(batch.position_ids, batch.attention_mask)
+        if documents is None:
+            return False, None
+        implementation = getattr(config, "_attn_implementation", None)
+        reason = cross_document_attention(
+            implementation,
+            documents,
+            attention_mask=batch.attention_mask,
+            explicit_mask=batch.explicit_mask,
+            kv_cache=batch.kv_cache,
+            varlen=batch.varlen,
+        )
+    except Exception as exc:  # fail open
+        logger.debug("inversion-monitor: packing check failed", exc_info=exc)
+        return True, None
+    if reason is None:
+        return True, None
+    return True, (
+        f"inversion-monitor: the training batch packs several documents into a row "
+        f"(position_ids restart) and the model's {implementation!r} attention lets them "
+        f"attend to each other: {reason}. The probe isolates each document, so it measures "
+        "a model different from the one being trained. To isolate them in training: "
+        "attn_implementation='flash_attention_2' (varlen: one packed row per batch, or "
+        "cu_seq_lens_q/k from DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or "
+        "an explicit block-diagonal 4-D attention_mask; with sdpa/eager, pass no 2-D "
+        "attention_mask and use_cache=False and transformers builds that mask from position_ids"
+    )

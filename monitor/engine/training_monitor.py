@@ -47,7 +47,13 @@ from torch import nn
 from inversion_monitor._version import __version__
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.health import step_health
-from inversion_monitor.engine.probing import Measured, ProbePlan, measure, token_samples
+from inversion_monitor.engine.probing import (
+    Measured,
+    ProbePlan,
+    measure,
+    packing_warning,
+    token_samples,
+)
 from inversion_monitor.engine.rank_agreement import RankAgreement, Verdict, process_place
 from inversion_monitor.engine.schedule import ProbeSchedule, probe_clock
 from inversion_monitor.engine.sinks import (
@@ -62,7 +68,6 @@ from inversion_monitor.metrics.stats import InversionStats
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.capture import BatchCapture, CapturedBatch
 from inversion_monitor.probe.gradients import ProbeResult
-from inversion_monitor.probe.packing import cross_document_attention, document_index
 from inversion_monitor.probe.prefix_capture import PrefixCapture
 from inversion_monitor.probe.sampling import TokenSampler
 from inversion_monitor.probe.sharding import sharded_parameters
@@ -523,41 +528,12 @@ class InversionMonitor:
         )
 
     def _check_packing(self, config: Any, batch: CapturedBatch) -> None:
-        """At the first packed batch: warn once when the training forward lets its documents
-        attend to each other (the probe isolates them, so it would measure another model).
-        Never raises: a failed check leaves the probe going, without the warning."""
-        if self._packing_checked:
-            return
-        try:
-            documents = document_index(batch.position_ids, batch.attention_mask)
-            if documents is None:
-                return
-            self._packing_checked = True
-            implementation = getattr(config, "_attn_implementation", None)
-            reason = cross_document_attention(
-                implementation,
-                documents,
-                attention_mask=batch.attention_mask,
-                explicit_mask=batch.explicit_mask,
-                kv_cache=batch.kv_cache,
-                varlen=batch.varlen,
-            )
-        except Exception as exc:  # fail open
-            logger.debug("inversion-monitor: packing check failed", exc_info=exc)
-            return
-        if reason is not None:
-            self._warn_once(
-                "packed-attention",
-                f"inversion-monitor: the training batch packs several documents into a row "
-                f"(position_ids restart) and the model's {implementation!r} attention lets "
-                f"them attend to each other: {reason}. The probe isolates each document, so "
-                "it measures a model different from the one being trained. To isolate them in "
-                "training: attn_implementation='flash_attention_2' (varlen: one packed row "
-                "per batch, or cu_seq_lens_q/k from DataCollatorWithFlattening("
-                "return_flash_attn_kwargs=True)), or an explicit block-diagonal 4-D "
-                "attention_mask; with sdpa/eager, pass no 2-D attention_mask and "
-                "use_cache=False and transformers builds that mask from position_ids",
-            )
+        """At the first packed batch, warn once if its documents attend to each other."""
+        if not self._packing_checked and batch.position_ids is not None:
+            checked, message = packing_warning(config, batch)
+            self._packing_checked = checked
+            if message is not None:
+                self._warn_once("packed-attention", message)
 
     def _measure(self, step: int, plan: ProbePlan) -> Measured:
         """Run the probe on ``plan`` (collective when weights are sharded); account for it."""
