@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit venv clean system-deps
+.PHONY: demo test lint typecheck unit venv clean system-deps bench-gpu
 
 demo: $(STAMP)
 	$(BIN)/inversion-monitor demo
@@ -44,6 +44,11 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every GPU section of every benchmark, one JSON of figures (build/bench-gpu.json);
+# exits 2 without a CUDA device. See benchmarks/bench_gpu.py for a bare GPU machine.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py --out build/bench-gpu.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

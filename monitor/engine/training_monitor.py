@@ -47,6 +47,7 @@ from torch import nn
 from inversion_monitor._version import __version__
 from inversion_monitor.config import MonitorConfig
 from inversion_monitor.engine.health import step_health
+from inversion_monitor.engine.packing_check import PackingCheck
 from inversion_monitor.engine.probing import Measured, ProbePlan, measure, token_samples
 from inversion_monitor.engine.rank_agreement import RankAgreement, Verdict, process_place
 from inversion_monitor.engine.schedule import ProbeSchedule, probe_clock
@@ -185,6 +186,7 @@ class InversionMonitor:
                 )
             )
         self._warned: set[str] = set()
+        self._packing = PackingCheck()  # the first packed batch's attention, checked once
         self._joined = False
         self._agreement: RankAgreement | None = None
         self._local_failure = False  # failed here since the last vote (distributed)
@@ -508,7 +510,9 @@ class InversionMonitor:
             )
             return None
         start = probe_clock(model)  # the training step's queued GPU work is not the probe's
-        resolve_model(model)  # a refusal is known here, before any collective
+        resolved = resolve_model(model)  # a refusal is known here, before any collective
+        if (packing := self._packing(resolved.config, batch)) is not None:
+            self._warn_once("packed-attention", packing)
         batch = batch.unpacked()  # packed documents probed as separate rows
         positions = self.sampler.sample(batch.target_mask())
         prefix = self._prefix.latest if self._prefix is not None and before_step else None

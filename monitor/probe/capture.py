@@ -98,6 +98,10 @@ class CapturedBatch:
         position_ids: ``[B, T]``; restarts between real tokens mark packed
             documents (see :mod:`inversion_monitor.probe.packing`).
         scored: ``[B, T]`` bool, positions to keep (set by :meth:`unpacked`).
+        kv_cache: the training forward kept a KV cache (``use_cache``, else the
+            model config's, or ``past_key_values``).
+        varlen: the training forward passed ``cu_seq_lens_q``/``cu_seq_lens_k``.
+        explicit_mask: a 4-D ``attention_mask`` the training forward passed.
     """
 
     input_ids: torch.Tensor
@@ -107,6 +111,9 @@ class CapturedBatch:
     shift_labels: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     scored: torch.Tensor | None = None
+    kv_cache: bool = False
+    varlen: bool = False
+    explicit_mask: torch.Tensor | None = None
 
     def _documents(self) -> torch.Tensor | None:
         """``[B, T]`` document index within each row when packed, else None."""
@@ -201,8 +208,12 @@ class BatchCapture:
             )
             return
         mask = kwargs.get("attention_mask")
+        explicit = mask if isinstance(mask, torch.Tensor) and mask.ndim == 4 else None
         if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
             mask = None
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:  # transformers falls back on the config's
+            use_cache = getattr(getattr(module, "config", None), "use_cache", False)
         keep = kwargs.get("logits_to_keep")
         last = int(keep) if isinstance(keep, int) and not isinstance(keep, bool) else 0
         self.latest = CapturedBatch(
@@ -212,6 +223,9 @@ class BatchCapture:
             labels=_int_tensor_like(kwargs.get("labels"), input_ids),
             shift_labels=_int_tensor_like(kwargs.get("shift_labels"), input_ids),
             position_ids=_position_ids(kwargs.get("position_ids"), input_ids),
+            kv_cache=bool(use_cache) or kwargs.get("past_key_values") is not None,
+            varlen=kwargs.get("cu_seq_lens_q") is not None,
+            explicit_mask=explicit,
         )
 
     def remove(self) -> None:
