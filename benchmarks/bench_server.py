@@ -32,9 +32,10 @@ generated stubs:
    directory, fsync off). About 3 minutes at the defaults.
 
 Usage: ``python benchmarks/bench_server.py [--duration 15]``. Goals (2 cores):
->= 20,000 records/s (PostgreSQL: two replicas in total), p99 <= 50 ms, scrape <= 200 ms at 10,000 runs and
-<= 1 s at 40,000. Client processes share the machine with the server, so the
-figures are a lower bound for a server with its cores to itself.
+>= 20,000 records/s (PostgreSQL: two replicas in total), p99 <= 50 ms, scrape
+<= 200 ms at 10,000 runs and <= 1 s at 40,000. Client processes share the
+machine with the server, so the figures are a lower bound for a server with
+its cores to itself.
 """
 
 from __future__ import annotations
