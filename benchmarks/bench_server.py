@@ -634,12 +634,15 @@ def phase_backends(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float
         if cluster is not None:
             cluster.close()
     print(
-        f"\n{'backend':<14} {'records/s':>10} {'server cores':>13} {'db cores':>9} "
-        f"{f'scrape ms @{args.backend_runs:,}':>18}"
+        f"\n{'backend':<14} {'records/s':>10} {'server cores':>13} {'per server CPU-s':>17} "
+        f"{'db cores':>9} {f'scrape ms @{args.backend_runs:,}':>18}"
     )
     for backend, (rate, cores, db_cores, scrape_ms) in out.items():
         db_text = f"{db_cores:.2f}" if backend != "sqlite" else "-"
-        print(f"{backend:<14} {rate:>10,.0f} {cores:>13.2f} {db_text:>9} {scrape_ms:>18.1f}")
+        print(
+            f"{backend:<14} {rate:>10,.0f} {cores:>13.2f} {rate / max(cores, 1e-9):>17,.0f} "
+            f"{db_text:>9} {scrape_ms:>18.1f}"
+        )
     return out
 
 
@@ -775,9 +778,9 @@ def main(argv: list[str] | None = None) -> int:
             health = phase_health(args, Path(tmp))
             for name, us in health.items():
                 rows.append((f"ingest {name} (us/record)", f"{us:.1f}", "", True))
-    print(f"\n{'figure':<38} {'measured':>10} {'goal':>10}  met")
+    print(f"\n{'figure':<44} {'measured':>10} {'goal':>10}  met")
     for name, value, goal_text, ok in rows:
-        print(f"{name:<38} {value:>10} {goal_text:>10}  {'yes' if ok else 'NO'}")
+        print(f"{name:<44} {value:>10} {goal_text:>10}  {'yes' if ok else 'NO'}")
     return 0
 
 
