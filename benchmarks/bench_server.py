@@ -29,7 +29,7 @@ generated stubs:
    replicas (each replica scraped once it shows every run); server and
    PostgreSQL CPU (cores) next to records/s, one table. PostgreSQL is the
    tests' throwaway cluster (tests/postgres_support.py: initdb in a temporary
-   directory, fsync off). About 3 minutes at the defaults.
+   directory, fsync off). 3 to 6 minutes at the defaults.
 
 Usage: ``python benchmarks/bench_server.py [--duration 15]``. Goals (2 cores):
 >= 20,000 records/s (PostgreSQL: two replicas in total), p99 <= 50 ms, scrape
