@@ -22,11 +22,20 @@ generated stubs:
    validation, the SQLite commit, the run's view and gauges) for the per-step
    health-only record (with and without a NaN loss) side by side with a probe
    record, at 1 record per push (a client flushing every step) and ``--batch``.
+6. backends (``--backends sqlite,postgresql,postgresql-2``): the stores one
+   after another in one run, each with the ingest phase (two replicas of one
+   PostgreSQL database: the clients split across both, records/s in total)
+   and the /metrics time at ``--backend-runs`` (10,000) runs opened across the
+   replicas (each replica scraped once it shows every run); server and
+   PostgreSQL CPU (cores) next to records/s, one table. PostgreSQL is the
+   tests' throwaway cluster (tests/postgres_support.py: initdb in a temporary
+   directory, fsync off). 3 to 6 minutes at the defaults.
 
 Usage: ``python benchmarks/bench_server.py [--duration 15]``. Goals (2 cores):
->= 20,000 records/s, p99 <= 50 ms, scrape <= 200 ms at 10,000 runs and
-<= 1 s at 40,000. Client processes share the machine with the server, so the
-figures are a lower bound for a server with its cores to itself.
+>= 20,000 records/s (PostgreSQL: two replicas in total), p99 <= 50 ms, scrape
+<= 200 ms at 10,000 runs and <= 1 s at 40,000. Client processes share the
+machine with the server, so the figures are a lower bound for a server with
+its cores to itself.
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ SCRAPE_GOALS_MS = {10_000: 200.0, 40_000: 1000.0}
 class Server:
     """``inversion-monitor serve`` in a subprocess on free ports."""
 
-    def __init__(self, db: Path, *extra: str) -> None:
+    def __init__(self, db: Path | str, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -176,38 +185,57 @@ def ingest_worker(target: str, run_id: str, args: dict[str, Any], start_at: floa
         q.put(accepted)
 
 
+def _drive_ingest(
+    servers: list[Server], args: argparse.Namespace, tag: str, database_cpu: Any = None
+) -> tuple[float, float, float]:
+    """``--clients`` processes push to ``servers`` (split round-robin) for ``--duration``.
+
+    Returns (committed records/s over every server, server cores used, database
+    cores used: ``database_cpu()`` seconds over the wall time, 0 without it).
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.time() + 3.0  # let every worker import and open its run
+    params = {"duration": args.duration, "batch": args.batch, "components": args.components}
+    procs = [
+        ctx.Process(
+            target=ingest_worker,
+            args=(servers[i % len(servers)].target, f"{tag}-{i}", params, start_at, q),
+        )
+        for i in range(args.clients)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(max(0.0, start_at - time.time()))
+
+    def committed() -> float:
+        return sum(s.metric("inversion_monitor_records_ingested_total") for s in servers)
+
+    before, t0 = committed(), time.time()
+    cpu0 = sum(s.cpu_seconds() for s in servers)
+    db0 = database_cpu() if database_cpu is not None else 0.0
+    time.sleep(args.duration)
+    after, t1 = committed(), time.time()
+    cpu = sum(s.cpu_seconds() for s in servers) - cpu0
+    db = (database_cpu() - db0) if database_cpu is not None else 0.0
+    accepted = sum(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    rate = (after - before) / (t1 - t0)
+    print(
+        f"  ingest ({tag}): {args.clients} clients x batches of {args.batch} over "
+        f"{len(servers)} server(s): {accepted:,} records accepted in ~{args.duration:.0f} s; "
+        f"committed rate {rate:,.0f} records/s; servers used {cpu / (t1 - t0):.2f} cores "
+        f"({(after - before) / max(cpu, 1e-9):,.0f} records per server CPU-second)"
+        + (f"; database used {db / (t1 - t0):.2f} cores" if database_cpu is not None else "")
+    )
+    return rate, cpu / (t1 - t0), db / (t1 - t0)
+
+
 def phase_ingest(args: argparse.Namespace, tmp: Path) -> float:
     server = Server(tmp / "ingest.db")
     try:
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        start_at = time.time() + 3.0  # let every worker import and open its run
-        params = {"duration": args.duration, "batch": args.batch, "components": args.components}
-        procs = [
-            ctx.Process(
-                target=ingest_worker, args=(server.target, f"ingest-{i}", params, start_at, q)
-            )
-            for i in range(args.clients)
-        ]
-        for p in procs:
-            p.start()
-        time.sleep(max(0.0, start_at - time.time()))
-        before, t0 = server.metric("inversion_monitor_records_ingested_total"), time.time()
-        cpu0 = server.cpu_seconds()
-        time.sleep(args.duration)
-        after, t1 = server.metric("inversion_monitor_records_ingested_total"), time.time()
-        cpu = server.cpu_seconds() - cpu0
-        accepted = sum(q.get(timeout=120) for _ in procs)
-        for p in procs:
-            p.join(60)
-        rate = (after - before) / (t1 - t0)
-        print(
-            f"  ingest: {args.clients} clients x batches of {args.batch}: {accepted:,} records "
-            f"accepted in ~{args.duration:.0f} s; committed rate {rate:,.0f} records/s; "
-            f"server used {cpu / (t1 - t0):.2f} cores ({(after - before) / cpu:,.0f} records per "
-            "server CPU-second)"
-        )
-        return rate
+        return _drive_ingest([server], args, "ingest")[0]
     finally:
         server.stop()
 
@@ -513,13 +541,119 @@ def phase_health(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     return {name: by_size[args.batch] for name, by_size in out.items()}
 
 
+# ---------------------------------------------------------------- backends side by side
+
+BACKENDS = ("sqlite", "postgresql", "postgresql-2")
+
+
+def _postgres_cluster() -> Any:
+    """The tests' throwaway PostgreSQL 15 cluster (tests/postgres_support.py), fsync off."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.postgres_support import PostgresCluster
+
+    return PostgresCluster()
+
+
+def _process_tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children (PostgreSQL: the postmaster and its
+    backends), reaped children included."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process has gone
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _grow_and_scrape(servers: list[Server], args: argparse.Namespace, tag: str) -> float:
+    """Grow to ``--backend-runs`` runs (opened across ``servers``), wait until every server
+    shows them all, return the worst server's median /metrics time (ms)."""
+    import grpc
+
+    from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+
+    size = args.backend_runs
+    for index, server in enumerate(servers):
+        with grpc.insecure_channel(server.target) as channel:
+            stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+            ids = [f"{tag}-run-{i}" for i in range(index, size, len(servers))]
+            _grow(stub, monitor_pb2, ids, args.components)
+    medians = []
+    for server in servers:
+        deadline = time.monotonic() + 300
+        while server.metric("inversion_monitor_active_runs") < size + args.clients:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server.http} never showed {size:,} runs")
+            time.sleep(0.5)  # another replica's runs arrive in the next read-back round
+        times, length = [], 0
+        for _ in range(args.scrapes):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(server.http + "/metrics", timeout=60) as resp:
+                length = len(resp.read())
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times) * 1e3)
+        print(
+            f"  scrape ({tag}): {size + args.clients:,} runs, /metrics {length / 1024:,.0f} KiB: "
+            f"median {medians[-1]:.1f} ms, max {max(times) * 1e3:.1f} ms over {args.scrapes}"
+        )
+    return max(medians)
+
+
+def phase_backends(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float, ...]]:
+    """``{backend: (records/s, server cores, database cores, scrape ms)}``, one after another
+    in this run: the same clients, batches and run count for each store."""
+    cluster: Any = None
+    out: dict[str, tuple[float, ...]] = {}
+    try:
+        for backend in args.backends:
+            database_cpu = None
+            if backend == "sqlite":
+                target: Path | str = tmp / "backend.db"
+            else:
+                if cluster is None:
+                    cluster = _postgres_cluster()
+                target = cluster.url(cluster.create_database())
+                postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+                database_cpu = partial(_process_tree_cpu, postmaster)
+            replicas = 2 if backend == "postgresql-2" else 1
+            extra = ("--max-active-runs", str(args.backend_runs + args.clients + 1000))
+            servers = [Server(target, *extra) for _ in range(replicas)]
+            try:
+                rate, cores, db_cores = _drive_ingest(servers, args, backend, database_cpu)
+                scrape_ms = _grow_and_scrape(servers, args, backend)
+            finally:
+                for server in servers:
+                    server.stop()
+            out[backend] = (rate, cores, db_cores, scrape_ms)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    print(
+        f"\n{'backend':<14} {'records/s':>10} {'server cores':>13} {'per server CPU-s':>17} "
+        f"{'db cores':>9} {f'scrape ms @{args.backend_runs:,}':>18}"
+    )
+    for backend, (rate, cores, db_cores, scrape_ms) in out.items():
+        db_text = f"{db_cores:.2f}" if backend != "sqlite" else "-"
+        print(
+            f"{backend:<14} {rate:>10,.0f} {cores:>13.2f} {rate / max(cores, 1e-9):>17,.0f} "
+            f"{db_text:>9} {scrape_ms:>18.1f}"
+        )
+    return out
+
+
 def _timed(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options (``argv``: the command line without the program name)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per timed phase")
     parser.add_argument("--clients", type=int, default=4, help="ingest client processes")
@@ -542,9 +676,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scrapes", type=int, default=10)
     parser.add_argument(
-        "--phases", default="ingest,latency,runs,render,health", help="which phases to run"
+        "--backends",
+        type=lambda text: [x for x in text.split(",") if x],
+        default=[],
+        help="compare stores side by side (ingest and scrape phases): any of "
+        + ",".join(BACKENDS)
+        + " (postgresql-2: two replicas of one database, clients split across both); "
+        "alone, runs only this comparison",
+    )
+    parser.add_argument(
+        "--backend-runs", type=int, default=10_000, help="runs to scrape at per backend"
+    )
+    parser.add_argument(
+        "--phases",
+        default=None,
+        help="which phases to run (default ingest,latency,runs,render,health; "
+        "'backends' with --backends alone)",
     )
     args = parser.parse_args(argv)
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"--backends: unknown {sorted(unknown)}; choose from {','.join(BACKENDS)}")
+    if args.phases is None:
+        args.phases = "backends" if args.backends else "ingest,latency,runs,render,health"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     python = sys.version.split()[0]
     print(f"bench_server: {os.cpu_count()} CPUs (load average {load}), Python {python}")
@@ -593,15 +752,35 @@ def main(argv: list[str] | None = None) -> int:
                         rate / small_rate >= 0.8,
                     )
                 )
+        if "backends" in phases and args.backends:
+            for backend, (rate, _, _, scrape_ms) in phase_backends(args, Path(tmp)).items():
+                goal = GOALS["ingest"]
+                rows.append(
+                    (
+                        f"{backend} ingest (records/s)",
+                        f"{rate:,.0f}",
+                        f">= {goal:,.0f}",
+                        rate >= goal,
+                    )
+                )
+                goal_ms = SCRAPE_GOALS_MS[10_000]
+                rows.append(
+                    (
+                        f"{backend} /metrics at {args.backend_runs:,} runs (ms)",
+                        f"{scrape_ms:.1f}",
+                        f"<= {goal_ms:.0f}",
+                        scrape_ms <= goal_ms,
+                    )
+                )
         if "render" in phases:
             phase_render(args)
         if "health" in phases:
             health = phase_health(args, Path(tmp))
             for name, us in health.items():
                 rows.append((f"ingest {name} (us/record)", f"{us:.1f}", "", True))
-    print(f"\n{'figure':<38} {'measured':>10} {'goal':>10}  met")
+    print(f"\n{'figure':<44} {'measured':>10} {'goal':>10}  met")
     for name, value, goal_text, ok in rows:
-        print(f"{name:<38} {value:>10} {goal_text:>10}  {'yes' if ok else 'NO'}")
+        print(f"{name:<44} {value:>10} {goal_text:>10}  {'yes' if ok else 'NO'}")
     return 0
 
 

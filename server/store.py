@@ -230,12 +230,7 @@ class Store:
         conn = self._conn
         with self.transaction():
             if records:
-                conn.executemany(
-                    "INSERT INTO records (run_pk, rank, sequence, step, wall_time,"
-                    " received_time, spearman, pearson, entropy_mean, score_mean, payload)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    records,
-                )
+                conn.insert_new("records", RECORD_COLUMNS, records)
             if rejected:
                 conn.executemany(
                     "INSERT INTO rejected (run_pk, rank, sequence, field, reason,"
@@ -403,6 +398,19 @@ def stored_run(row: Sequence[Any]) -> StoredRun:
     return StoredRun(*fields)
 
 
+RECORD_COLUMNS = (
+    "run_pk",
+    "rank",
+    "sequence",
+    "step",
+    "wall_time",
+    "received_time",
+    "spearman",
+    "pearson",
+    "entropy_mean",
+    "score_mean",
+    "payload",
+)
 RUN_COLUMNS = (
     "pk, run_id, display_name, info, world_size, opened_time, last_update_time,"
     " last_activity_time, status, records, kind"
