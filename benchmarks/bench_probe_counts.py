@@ -1,4 +1,4 @@
-"""Per probe: aten ops, host syncs and dense solves, at 64 and 256 targets (any machine).
+"""Per probe: aten ops, host syncs, dense solves and memory, at 64 and 256 targets (any machine).
 
 Usage: python benchmarks/bench_probe_counts.py [--device cpu|cuda] [--shape small|0.5b|both]
        [--layers 24] [--targets 64 256]
@@ -8,7 +8,10 @@ Counted with :class:`~inversion_monitor.probe.op_counts.OpCounter` (a
 attention module also verifies its replayed backward once): last block Q/K/V/O,
 from the captured prefix (what the monitor runs before the optimizer step).
 The counts come from the program, not the device, so they are the same on CPU
-and CUDA.
+and CUDA. Memory is counted from the program too: the largest storage one op
+allocated (views such as the head weight's transpose ``t`` are not
+allocations) and the peak bytes of storage allocated during the probe and live
+at once, beyond its inputs (the model, the ids and the captured prefix).
 
 Shapes:
 
@@ -98,6 +101,7 @@ def count_probe(
         "sync_ops": dict(counts.sync_ops.most_common()),
         "solve_shapes": dict(counts.solve_shapes.most_common(4)),
         "largest": counts.largest,
+        "peak_bytes": counts.peak_bytes,
         "seconds": seconds,
     }
 
@@ -118,14 +122,18 @@ def run_shape(name: str, device: torch.device, layers: int, counts: list[int]) -
     ids = ids.to(device)
     prefix, capture = captured(model, ids)
     print(f"\n{label}, last block Q/K/V/O, captured prefix")
-    print(f"{'targets':>8} {'ops':>8} {'syncs':>7} {'solves':>7} {'s (counting)':>13}  syncs by op")
+    print(
+        f"{'targets':>8} {'ops':>8} {'syncs':>7} {'solves':>7} {'s (counting)':>13} "
+        f"{'peak MiB':>9} {'largest Mi el.':>15}  syncs by op"
+    )
     try:
         for count in counts:
             row = count_probe(model, ids, prefix, positions(batch, length, count).to(device))
             print(
                 f"{count:>8} {row['ops']:>8} {row['syncs']:>7} {row['solves']:>7} "
-                f"{row['seconds']:>13.2f}  {row['sync_ops']}  solves {row['solve_shapes']}  "
-                f"largest {row['largest'][0] / 2**20:.1f} Mi elements ({row['largest'][1]})"
+                f"{row['seconds']:>13.2f} {row['peak_bytes'] / 2**20:>9.1f} "
+                f"{row['largest'][0] / 2**20:>15.2f}  {row['sync_ops']}  "
+                f"solves {row['solve_shapes']}  largest allocation: {row['largest'][2]}"
             )
     finally:
         capture.remove()
