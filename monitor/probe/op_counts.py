@@ -186,8 +186,8 @@ class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if key is None or key in self._live:
                 continue
             if known is None:
-                leaves = tree_leaves((args, kwargs))
-                known = {k for t in leaves if isinstance(t, torch.Tensor) and (k := _storage_key(t))}
+                tensors = (t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+                known = {k for t in tensors if (k := _storage_key(t)) is not None}
             if key in known:  # a view or an in-place result of an input
                 continue
             storage = tensor.untyped_storage()
