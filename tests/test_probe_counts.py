@@ -8,10 +8,12 @@ the 0.5B shape.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from inversion_monitor.metrics.norms import FP32_RELATIVE_ERROR, gram_nuclear_norm
+from inversion_monitor.probe import attention_replay, key_value_norms
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.op_counts import OpCounter
 from inversion_monitor.probe.prefix_capture import PrefixCapture
@@ -150,3 +152,22 @@ def test_memory_grows_with_the_length_no_faster_than_the_prefix() -> None:
             short_largest,
             long_largest,
         )
+
+
+def test_chunked_key_value_terms_give_the_same_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay and cotangent chunks (bounded so memory does not grow with targets x T)
+    give the values of one chunk: caps small enough to force many chunks change nothing."""
+    model = tiny_causal_lm("llama", num_layers=2, vocab_size=128)
+    ids = torch.randint(4, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+    positions = _positions(4, 48, 96)
+    logit_gradient_norms(model, ids, positions=positions, projections=("k", "v"))  # warm-up
+    with OpCounter() as one:
+        whole = logit_gradient_norms(model, ids, positions=positions, projections=("k", "v"))
+    monkeypatch.setattr(attention_replay, "_MAX_REPLAY_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(key_value_norms, "_MAX_COTANGENT_ELEMENTS", 1 << 14)
+    with OpCounter() as many:
+        chunked = logit_gradient_norms(model, ids, positions=positions, projections=("k", "v"))
+    assert set(chunked.paths.values()) == {"last_block"}, chunked.paths
+    assert many.ops > 2 * one.ops and many.peak_bytes < one.peak_bytes  # many small chunks
+    for component, values in whole.norms.items():
+        torch.testing.assert_close(chunked.norms[component], values, rtol=1e-5, atol=0.0)
