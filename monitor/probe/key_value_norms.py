@@ -279,7 +279,11 @@ class KeyValueRoute:
             packs=packs,
         ):
             gamma = select_columns(grad, self.columns).float()  # [p, B, T, a]
-            product = factor[None] @ gamma  # [p, B, r, a]: R_b Gamma (zero rows after t)
+            # [p, B, r, a]: R_b Gamma (zero rows after t); the slots go into the columns of
+            # one product, as broadcasting factor[None] would copy it p times ([p, B, r, T])
+            p, batch, length, a = gamma.shape
+            columns = gamma.permute(1, 2, 0, 3).reshape(batch, length, p * a)
+            product = (factor @ columns).reshape(batch, -1, p, a).permute(2, 0, 1, 3).contiguous()
             if norm == "nuclear":
                 parts.append(_small_gram(product))
             elif norm == "frobenius":
