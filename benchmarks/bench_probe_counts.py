@@ -1,14 +1,17 @@
-"""Per probe: aten ops, host syncs and dense solves, at 64 and 256 targets (any machine).
+"""Per probe: aten ops, host syncs, dense solves and memory, at 64 and 256 targets (any machine).
 
 Usage: python benchmarks/bench_probe_counts.py [--device cpu|cuda] [--shape small|0.5b|both]
-       [--layers 24] [--targets 64 256]
+       [--layers 24] [--targets 64 256] [--memory-width 512 --lengths 256 1024 4096]
 
 Counted with :class:`~inversion_monitor.probe.op_counts.OpCounter` (a
 ``TorchDispatchMode``) around one probe after a warm-up (the first probe of an
 attention module also verifies its replayed backward once): last block Q/K/V/O,
 from the captured prefix (what the monitor runs before the optimizer step).
 The counts come from the program, not the device, so they are the same on CPU
-and CUDA.
+and CUDA. Memory is counted from the program too: the largest storage one op
+allocated (views such as the head weight's transpose ``t`` are not
+allocations) and the peak bytes of storage allocated during the probe and live
+at once, beyond its inputs (the model, the ids and the captured prefix).
 
 Shapes:
 
@@ -20,6 +23,13 @@ Shapes:
   (default 24); the captured probe runs only the last block and the head, so
   the counts do not depend on it, and a shallower stand-in (``--layers 2``)
   makes the capturing training forward affordable on a CPU.
+
+- ``--memory-width d``: peak memory against the sequence length instead: a
+  one-block Llama-3-8B-shaped stand-in of width ``d`` (heads of 128, a quarter
+  as many key/value heads, MLP 3.5 d, vocab 128,256, bf16), 4 rows of each of
+  ``--lengths`` tokens, 64 targets. It prints the peak extra bytes and the
+  captured prefix's bytes (the probed rows' ``[rows, T, d]`` hidden states):
+  peak / prefix flat in T means memory grows with T no faster than the prefix.
 
 Goals (issue 30, 0.5B shape, 64 targets): <= 16 syncs, <= 1,500 ops, no more
 than 10% more at 256 targets, <= 8 dense solves at any count.
@@ -61,12 +71,34 @@ def qwen_half_billion(layers: int) -> nn.Module:
     return model.to(torch.bfloat16)
 
 
+def llama_stand_in(width: int, length: int) -> nn.Module:
+    """One decoder block of Llama-3-8B's proportions at ``width``, random weights, bf16."""
+    import transformers
+
+    heads = max(1, width // 128)
+    config = transformers.LlamaConfig(
+        vocab_size=128_256,
+        hidden_size=width,
+        intermediate_size=width * 7 // 2,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=length,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(torch.bfloat16)
+
+
 def captured(model: nn.Module, ids: torch.Tensor) -> tuple[CapturedPrefix, PrefixCapture]:
-    """The last block's input in a training-mode forward of ``ids`` (no backward needed)."""
+    """The last block's input in a training-mode forward of ``ids`` (no backward needed;
+    logits of the last position only)."""
     capture = PrefixCapture(model, -1)
     model.train()
     with torch.enable_grad():
-        model(input_ids=ids)
+        model(input_ids=ids, logits_to_keep=1)
     model.eval()
     prefix = capture.latest
     if prefix is None:
@@ -98,6 +130,7 @@ def count_probe(
         "sync_ops": dict(counts.sync_ops.most_common()),
         "solve_shapes": dict(counts.solve_shapes.most_common(4)),
         "largest": counts.largest,
+        "peak_bytes": counts.peak_bytes,
         "seconds": seconds,
     }
 
@@ -118,17 +151,50 @@ def run_shape(name: str, device: torch.device, layers: int, counts: list[int]) -
     ids = ids.to(device)
     prefix, capture = captured(model, ids)
     print(f"\n{label}, last block Q/K/V/O, captured prefix")
-    print(f"{'targets':>8} {'ops':>8} {'syncs':>7} {'solves':>7} {'s (counting)':>13}  syncs by op")
+    print(
+        f"{'targets':>8} {'ops':>8} {'syncs':>7} {'solves':>7} {'s (counting)':>13} "
+        f"{'peak MiB':>9} {'largest Mi el.':>15}  syncs by op"
+    )
     try:
         for count in counts:
             row = count_probe(model, ids, prefix, positions(batch, length, count).to(device))
             print(
                 f"{count:>8} {row['ops']:>8} {row['syncs']:>7} {row['solves']:>7} "
-                f"{row['seconds']:>13.2f}  {row['sync_ops']}  solves {row['solve_shapes']}  "
-                f"largest {row['largest'][0] / 2**20:.1f} Mi elements ({row['largest'][1]})"
+                f"{row['seconds']:>13.2f} {row['peak_bytes'] / 2**20:>9.1f} "
+                f"{row['largest'][0] / 2**20:>15.2f}  {row['sync_ops']}  "
+                f"solves {row['solve_shapes']}  largest allocation: {row['largest'][2]}"
             )
     finally:
         capture.remove()
+
+
+def memory_vs_length(device: torch.device, width: int, lengths: list[int], count: int) -> None:
+    """Peak extra memory of one captured last-block probe against T (see the module)."""
+    batch = 4
+    print(
+        f"\nmemory vs T: Llama-3-8B proportions at d {width}, 1 block, bf16, {batch} rows, "
+        f"{count} targets, vocab 128,256"
+    )
+    print(
+        f"{'T':>6} {'peak MiB':>9} {'prefix MiB':>11} {'peak/prefix':>12} "
+        f"{'largest MiB':>12}  largest allocation"
+    )
+    for length in lengths:
+        model = llama_stand_in(width, length).to(device)
+        ids = torch.randint(4, 128_256, (batch, length), generator=torch.Generator().manual_seed(0))
+        prefix, capture = captured(model, ids.to(device))
+        try:
+            row = count_probe(
+                model, ids.to(device), prefix, positions(batch, length, count).to(device)
+            )
+        finally:
+            capture.remove()
+        prefix_bytes = batch * length * width * 2
+        print(
+            f"{length:>6} {row['peak_bytes'] / 2**20:>9.1f} {prefix_bytes / 2**20:>11.1f} "
+            f"{row['peak_bytes'] / prefix_bytes:>12.1f} {row['largest'][1] / 2**20:>12.1f}  "
+            f"{row['largest'][2]}"
+        )
 
 
 def main() -> None:
@@ -137,9 +203,14 @@ def main() -> None:
     parser.add_argument("--shape", choices=("small", "0.5b", "both"), default="both")
     parser.add_argument("--layers", type=int, default=24, help="depth of the 0.5B shape")
     parser.add_argument("--targets", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--memory-width", type=int, help="peak memory vs T at this width")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    if args.memory_width:
+        memory_vs_length(device, args.memory_width, args.lengths, args.targets[0])
+        return
     for shape in ("small", "0.5b") if args.shape == "both" else (args.shape,):
         run_shape(shape, device, args.layers, args.targets)
 

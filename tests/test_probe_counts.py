@@ -8,10 +8,12 @@ the 0.5B shape.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from inversion_monitor.metrics.norms import FP32_RELATIVE_ERROR, gram_nuclear_norm
+from inversion_monitor.probe import attention_replay, key_value_norms
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.op_counts import OpCounter
 from inversion_monitor.probe.prefix_capture import PrefixCapture
@@ -88,3 +90,84 @@ def test_fp32_eigensolve_is_kept_only_within_its_bound() -> None:
             if rows < 96:  # rank-deficient (fp32 alone is off by ~1e-4 here): never kept
                 assert not bool(kept.any())
     assert kept_any  # well-conditioned problems do keep the fp32 solve
+
+
+def test_counter_counts_allocations_not_views() -> None:
+    """A transpose of a large weight (what ``F.linear`` dispatches) is no allocation; a tensor
+    autograd saved stays live after the caller drops it, until the backward frees it."""
+    weight = torch.zeros(4096, 64)
+    x = torch.ones(3, 64, requires_grad=True)
+    with OpCounter() as counter:
+        _ = weight.t()
+        y = x.exp()  # exp's backward saves its result
+        total = y.sum()
+        del y
+        live_before_backward = counter.live_bytes
+        total.backward()
+    assert counter.largest[:2] == (3 * 64, 3 * 64 * 4), counter.largest
+    assert live_before_backward >= 3 * 64 * 4
+    assert counter.peak_bytes >= 2 * 3 * 64 * 4  # the result and x's gradient
+    assert counter.live_bytes < counter.peak_bytes
+
+
+def _memory(family: str, length: int) -> tuple[int, int, int]:
+    """Peak and largest allocation of one captured last-block probe (32 targets over 4 rows
+    of ``length`` tokens), and the captured prefix's bytes."""
+    model = tiny_causal_lm(family, num_layers=2, vocab_size=128)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(4, 128, (4, length), generator=torch.Generator().manual_seed(1))
+    capture = PrefixCapture(model, -1)
+    try:
+        model.train()
+        model(input_ids=ids)
+        model.eval()
+        prefix = capture.latest
+        assert prefix is not None
+        positions = _positions(4, length, 32)
+        logit_gradient_norms(model, ids, positions=positions, prefix=prefix)  # warm-up
+        with OpCounter() as counter:
+            result = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
+        assert set(result.paths.values()) == {"last_block"}, result.paths
+        return counter.peak_bytes, counter.largest[1], prefix.hidden.numel() * 2
+    finally:
+        capture.remove()
+
+
+def test_memory_grows_with_the_length_no_faster_than_the_prefix() -> None:
+    """Counted, not timed: at 4x the tokens, the probe's peak extra memory and its largest
+    allocation grow at most as the captured prefix ``[rows, T, d]`` does (nothing [T, T]
+    or targets x T x head width is held; see bench_probe_counts.py --memory-width)."""
+    for family in ("llama", "gpt2"):
+        short_peak, short_largest, short_prefix = _memory(family, 48)
+        long_peak, long_largest, long_prefix = _memory(family, 192)
+        assert long_peak / long_prefix <= 1.1 * short_peak / short_prefix, (
+            family,
+            short_peak,
+            long_peak,
+        )
+        assert long_largest / long_prefix <= 1.25 * short_largest / short_prefix, (
+            family,
+            short_largest,
+            long_largest,
+        )
+
+
+def test_chunked_key_value_terms_give_the_same_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay and cotangent chunks (bounded so memory does not grow with targets x T)
+    give the values of one chunk: caps small enough to force many chunks change nothing."""
+    model = tiny_causal_lm("llama", num_layers=2, vocab_size=128)
+    ids = torch.randint(4, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+    positions = _positions(4, 48, 96)
+    logit_gradient_norms(model, ids, positions=positions, projections=("k", "v"))  # warm-up
+    with OpCounter() as one:
+        whole = logit_gradient_norms(model, ids, positions=positions, projections=("k", "v"))
+    monkeypatch.setattr(attention_replay, "_MAX_REPLAY_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(key_value_norms, "_MAX_COTANGENT_ELEMENTS", 1 << 14)
+    with OpCounter() as many:
+        chunked = logit_gradient_norms(model, ids, positions=positions, projections=("k", "v"))
+    assert set(chunked.paths.values()) == {"last_block"}, chunked.paths
+    assert many.ops > 2 * one.ops and many.peak_bytes < one.peak_bytes  # many small chunks
+    for component, values in whole.norms.items():
+        torch.testing.assert_close(chunked.norms[component], values, rtol=1e-5, atol=0.0)

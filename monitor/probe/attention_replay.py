@@ -176,15 +176,37 @@ def _mask_rows(call: AttentionCall, rows: torch.Tensor, t: torch.Tensor) -> torc
 class HeadTerms:
     """One projection's attention-side terms for every target.
 
-    ``summed`` ``[U, Hkv, T, d]`` is ``dz/dtensor`` from the replay's own backward
-    (query heads of a group added up; zero where a key is masked for the target);
-    per query head, ``summed[:, j, s] = sum_{h in group j} weights[:, h, s] *
-    vectors[:, h]`` with ``weights`` ``[U, H, T]``, ``vectors`` ``[U, H, d]``.
+    ``dz/dtensor`` of target k at key/value head j and position s (query heads of
+    the group added up; zero where a key is masked for the target) is
+    ``sum_{h in group j} weights[k, h, s] * vectors[k, h]``, with ``weights``
+    ``[U, H, T]`` (from the replay's own backward) and ``vectors`` ``[U, H, d]``.
+    It is never held for every target at once (``[U, Hkv, T, d]`` grows with
+    targets x T): :meth:`summed` builds it for a chunk of targets.
     """
 
     weights: torch.Tensor
     vectors: torch.Tensor
-    summed: torch.Tensor
+
+    def summed(self, kv_heads: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n, Hkv, T, d]``: ``dz/dtensor`` of the targets ``index`` (None: all), fp32."""
+        weights = self.weights if index is None else self.weights[index]
+        vectors = self.vectors if index is None else self.vectors[index]
+        return grouped_sum(weights, vectors, kv_heads)
+
+
+def grouped_sum(weights: torch.Tensor, vectors: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[..., Hkv, T, d]``: ``sum_{h in group j} weights[..., h, s] * vectors[..., h, :]`` for
+    ``weights`` ``[..., H, T]`` and ``vectors`` ``[..., H, d]`` (query heads grouped
+    consecutively, ``H / Hkv`` per key/value head), as one batched matmul.
+
+    >>> grouped_sum(torch.ones(2, 4, 3), torch.ones(2, 4, 5), 2).shape
+    torch.Size([2, 2, 3, 5])
+    """
+    *lead, heads, length = weights.shape
+    groups = heads // kv_heads
+    w = weights.float().reshape(*lead, kv_heads, groups, length).transpose(-1, -2)
+    v = vectors.float().reshape(*lead, kv_heads, groups, vectors.shape[-1])
+    return w @ v
 
 
 def head_terms(
@@ -199,11 +221,13 @@ def head_terms(
 
     One replay with one target per batch element (its query row; its sequence's
     keys and values; its mask row), in chunks of bounded size, and one backward
-    with cotangent ``g_t``: ``dk``/``dv`` are the summed terms. The head dimension
+    with cotangent ``g_t``. The head dimension
     gets ``G`` (query heads per key/value head) extra columns: one-hot by head
     within its group on the query and output-cotangent sides, zero on keys and
     values, so scores and outputs are unchanged while the extra columns of ``dk``
-    and ``dv`` hold ``w`` and ``a`` of each query head separately. The replayed
+    and ``dv`` hold ``w`` and ``a`` of each query head separately (``dk`` and ``dv``
+    themselves are :meth:`HeadTerms.summed`: dropped with each chunk, so what is kept
+    grows with targets x T only as ``[U, H, T]``). The replayed
     outputs (and, with ``dq``, the recorded ``dz/dq`` of the summed targets) are
     checked through ``checks``.
     """
@@ -216,7 +240,7 @@ def head_terms(
     one_hot = torch.eye(groups, device=device).repeat(kv_heads, 1)  # [H, G]: head h -> h % G
     per_target = length * kv_heads * (dim + dim_v + 2 * groups)
     per_chunk = max(1, _MAX_REPLAY_ELEMENTS // per_target)
-    w, a, query_grads, key_terms, value_terms = [], [], [], [], []
+    w, a, query_grads = [], [], []
     for start in range(0, count, per_chunk):
         rows = unique.rows[start : start + per_chunk]
         t = unique.t[start : start + per_chunk]
@@ -224,10 +248,9 @@ def head_terms(
         q = call.query[rows, :, t].detach().float()  # [n, H, d]
         q_aug = torch.cat([q, one_hot.expand(n, -1, -1)], -1)[:, :, None].requires_grad_(True)
         zeros = q.new_zeros((n, kv_heads, length, groups))
-        key = call.key.detach()[rows].float()  # one copy per target
-        value = call.value.detach()[rows].float()
-        k_aug = torch.cat([key, zeros], -1).requires_grad_(True)
-        v_aug = torch.cat([value, zeros], -1).requires_grad_(True)
+        # one copy per target (the fp32 temporaries go at once: only the augmented ones stay)
+        k_aug = torch.cat([call.key.detach()[rows].float(), zeros], -1).requires_grad_(True)
+        v_aug = torch.cat([call.value.detach()[rows].float(), zeros], -1).requires_grad_(True)
         mask = None if masks is None else masks[start : start + per_chunk]
         with torch.enable_grad():
             try:
@@ -253,16 +276,15 @@ def head_terms(
                 dq_aug[:, :, 0], recorded_dq, rows, "dz/dq", batch=batch, dtype=call.compute_dtype
             )
         query_grads.append(dq_aug[:, :, 0, :dim])
-        key_terms.append(dk_aug[..., :dim])
-        value_terms.append(dv_aug[..., :dim_v])
         # extra column i of key/value head j: query head j * G + i
         w.append(dk_aug[..., dim:].permute(0, 1, 3, 2).reshape(n, heads, length))
         a.append(dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, length))
+        del k_aug, v_aug, out, dk_aug, dv_aug  # before the next chunk's copies
     q_rows = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
     g_rows = g[unique.rows, unique.t].float()  # [U, H, dv]
     return (
-        HeadTerms(torch.cat(w), q_rows, torch.cat(key_terms)),
-        HeadTerms(torch.cat(a), g_rows, torch.cat(value_terms)),
+        HeadTerms(torch.cat(w), q_rows),
+        HeadTerms(torch.cat(a), g_rows),
         torch.cat(query_grads),
     )
 

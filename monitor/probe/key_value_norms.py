@@ -25,7 +25,12 @@ import torch
 
 from inversion_monitor.metrics.norms import Norm, gram_nuclear_norm, outer_sum_norm
 from inversion_monitor.probe.architectures import select_columns
-from inversion_monitor.probe.attention_replay import DeferredChecks, HeadTerms, UniqueTargets
+from inversion_monitor.probe.attention_replay import (
+    DeferredChecks,
+    HeadTerms,
+    UniqueTargets,
+    grouped_sum,
+)
 
 logger = logging.getLogger("inversion_monitor")
 
@@ -101,28 +106,32 @@ def _same_map_flag(tensor: torch.Tensor, projection_output: torch.Tensor) -> tor
 def _carried(
     tensor: torch.Tensor,
     projection_output: torch.Tensor,
-    summed: torch.Tensor,
+    terms: HeadTerms,
     *,
     rows: torch.Tensor,
     slots: torch.Tensor,
     packs: int,
 ) -> Iterator[torch.Tensor]:
-    """Targets' summed terms (``[n, heads, T, d]``, target k in batch row ``rows[k]``)
+    """Targets' summed terms (:meth:`HeadTerms.summed`, target k in batch row ``rows[k]``)
     carried back to the projection output: ``[p, B, T, width]`` per chunk of cotangent
-    slots, target k in slot ``slots[k]`` (distinct within a row; ``packs`` slots)."""
+    slots, target k in slot ``slots[k]`` (distinct within a row; ``packs`` slots).
+
+    Each chunk's cotangent ``[p, B, Hkv, T, d]`` is built from the weights and vectors
+    placed at their (slot, row), so no ``[targets, Hkv, T, d]`` tensor is ever formed.
+    """
     per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
-    values = summed.to(tensor.dtype)
+    batch, kv_heads = tensor.shape[0], tensor.shape[1]
     for start in range(0, packs, per_chunk):
         size = min(per_chunk, packs - start)
-        if size == packs:
-            cotangent = tensor.new_zeros((size, *tensor.shape))
-            cotangent[slots, rows] = values
-        else:  # targets of other chunks land in a slot that is dropped
-            local = slots - start
-            local = torch.where((local >= 0) & (local < size), local, size)
-            cotangent = tensor.new_zeros((size + 1, *tensor.shape))
-            cotangent[local, rows] = values
-            cotangent = cotangent[:size]
+        # targets of other chunks land in a slot that is dropped
+        local = slots - start
+        local = torch.where((local >= 0) & (local < size), local, size)
+        weights = terms.weights.new_zeros((size + 1, batch, *terms.weights.shape[1:]))
+        vectors = terms.vectors.new_zeros((size + 1, batch, *terms.vectors.shape[1:]))
+        weights[local, rows] = terms.weights
+        vectors[local, rows] = terms.vectors
+        cotangent = grouped_sum(weights[:size], vectors[:size], kv_heads).to(tensor.dtype)
+        del weights, vectors
         (grad,) = torch.autograd.grad(
             tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
         )
@@ -200,7 +209,7 @@ class KeyValueRoute:
         (full,) = _carried(
             tensor,
             output,
-            self.terms.summed[longest],
+            HeadTerms(self.terms.weights[longest], self.terms.vectors[longest]),
             rows=rows,
             slots=torch.zeros_like(rows),
             packs=1,
@@ -264,13 +273,17 @@ class KeyValueRoute:
         for grad in _carried(
             self.tensor,
             self.projection_output,
-            self.terms.summed,
+            self.terms,
             rows=unique.rows,
             slots=slots,
             packs=packs,
         ):
             gamma = select_columns(grad, self.columns).float()  # [p, B, T, a]
-            product = factor[None] @ gamma  # [p, B, r, a]: R_b Gamma (zero rows after t)
+            # [p, B, r, a]: R_b Gamma (zero rows after t); the slots go into the columns of
+            # one product, as broadcasting factor[None] would copy it p times ([p, B, r, T])
+            p, batch, length, a = gamma.shape
+            columns = gamma.permute(1, 2, 0, 3).reshape(batch, length, p * a)
+            product = (factor @ columns).reshape(batch, -1, p, a).permute(2, 0, 1, 3).contiguous()
             if norm == "nuclear":
                 parts.append(_small_gram(product))
             elif norm == "frobenius":

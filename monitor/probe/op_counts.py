@@ -1,4 +1,4 @@
-"""Counting the work of a probe on any machine: aten ops, host syncs, dense solves.
+"""Counting the work of a probe on any machine: aten ops, host syncs, dense solves, memory.
 
 A probe's time on a GPU is set by the host when it issues many small ops and
 reads values back between them (each read waits for the device), not by the
@@ -9,6 +9,14 @@ that make the host wait for the device (``.item()``/``bool()``/``int()`` via
 ``.tolist()`` and device-to-host copies) and the dense solves (eigh, svd, qr,
 ...). The counts are the same on CPU and CUDA: they come from the program.
 
+Memory is counted the same way, from the program: every storage an op
+allocates inside the ``with`` (views, transposes and in-place results share
+their input's storage and are not allocations) is live from the op that made
+it until the storage is freed, whoever holds it (autograd's saved tensors
+included). :attr:`OpCounter.largest` is the largest such allocation and
+:attr:`OpCounter.peak_bytes` the most bytes live at once, beyond what existed
+before the ``with`` (a kernel's internal scratch is not seen).
+
 >>> import torch
 >>> with OpCounter() as counts:
 ...     x = torch.arange(6.0).reshape(2, 3)
@@ -17,16 +25,24 @@ that make the host wait for the device (``.item()``/``bool()``/``int()`` via
 (2, 1)
 >>> counts.sync_ops["_local_scalar_dense"], counts.sync_ops["index (boolean mask)"]
 (1, 1)
+>>> w = torch.zeros(1000, 10)
+>>> with OpCounter() as counts:
+...     _ = w.t()                  # a view: no allocation
+...     y = (w + 1).sum()          # 40,000 bytes live, then freed; 4 bytes kept
+>>> counts.largest[:2], counts.peak_bytes, counts.live_bytes
+((10000, 40000), 40004, 4)
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # aten ops (by overload packet name) whose result size or value the host must read
 _SYNC_OPS = frozenset(
@@ -70,6 +86,17 @@ _SOLVE_OPS = frozenset(
 )
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """(device, address) of the storage behind ``tensor``; None for no (or an empty) storage."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, meta or other storage-less tensors
+        return None
+    if storage.nbytes() == 0 or storage.device.type == "meta":
+        return None
+    return (str(storage.device), storage.data_ptr())
+
+
 def _boolean_index(args: tuple[Any, ...]) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return isinstance(indices, list | tuple) and any(
@@ -86,7 +113,11 @@ class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         solves: dense factorisations and eigensolvers.
         by_op: every op by name; sync_ops and solve_ops by name.
         solve_shapes: the input shape of each solve, as ``(shape, dtype)``.
-        largest: elements of the largest tensor an op returned, and that op.
+        largest: the largest storage an op allocated: ``(elements, bytes, "op shape
+            dtype")`` (views and in-place results are not allocations).
+        peak_bytes: the most bytes of storage allocated inside the ``with`` and live at
+            once (freed when no tensor, autograd's saved ones included, holds it).
+        live_bytes: those still live (at exit: what the code inside kept).
     """
 
     def __init__(self) -> None:
@@ -96,7 +127,10 @@ class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.sync_ops: Counter[str] = Counter()
         self.solve_ops: Counter[str] = Counter()
         self.solve_shapes: Counter[tuple[tuple[int, ...], str]] = Counter()
-        self.largest: tuple[int, str] = (0, "")
+        self.largest: tuple[int, int, str] = (0, 0, "")
+        self.peak_bytes = 0
+        self.live_bytes = 0
+        self._live: dict[tuple[str, int], int] = {}  # storage -> bytes
         self._tolist: Any = None
 
     @property
@@ -137,10 +171,37 @@ class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if isinstance(first, torch.Tensor):
                 self.solve_shapes[(tuple(first.shape), str(first.dtype))] += 1
         out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(tensor, torch.Tensor) and tensor.numel() > self.largest[0]:
-                self.largest = (tensor.numel(), f"{name} {tuple(tensor.shape)} {tensor.dtype}")
+        self._allocated(name, out, args, kwargs)
         return out
+
+    def _allocated(
+        self, name: str, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None
+    ) -> None:
+        """Record the storages ``out`` holds that neither an input nor a live one had."""
+        known: set[tuple[str, int]] | None = None
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = _storage_key(tensor)
+            if key is None or key in self._live:
+                continue
+            if known is None:
+                tensors = (t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+                known = {k for t in tensors if (k := _storage_key(t)) is not None}
+            if key in known:  # a view or an in-place result of an input
+                continue
+            storage = tensor.untyped_storage()
+            size = storage.nbytes()
+            self._live[key] = size
+            self.live_bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            weakref.finalize(storage, self._freed, key)
+            if size > self.largest[1]:
+                elements = size // tensor.element_size()
+                self.largest = (elements, size, f"{name} {tuple(tensor.shape)} {tensor.dtype}")
+
+    def _freed(self, key: tuple[str, int]) -> None:
+        self.live_bytes -= self._live.pop(key, 0)
 
     def __enter__(self) -> OpCounter:
         super().__enter__()  # type: ignore[no-untyped-call]
