@@ -68,8 +68,9 @@ NO_CUDA_EXIT = 2
 def _tiny_qwen(layers: int = 2, vocab: int = 512) -> Any:
     """A width-64 Qwen2 (random weights, global RNG restored): the dry run's 0.5B, in fp32
     (bf16 matmuls crawl on CPUs without bf16 units; the dry run checks the wiring)."""
-    import torch
     import transformers
+
+    from benchmarks.bench_probe_counts import seeded_model
 
     config = transformers.Qwen2Config(
         vocab_size=vocab,
@@ -81,10 +82,7 @@ def _tiny_qwen(layers: int = 2, vocab: int = 512) -> Any:
         max_position_embeddings=4096,
         tie_word_embeddings=True,
     )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return transformers.AutoModelForCausalLM.from_config(config)
+    return seeded_model(config)
 
 
 @contextlib.contextmanager

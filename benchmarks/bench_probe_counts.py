@@ -50,6 +50,18 @@ from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
 from inversion_monitor.toy.models import tiny_causal_lm
 
 
+def seeded_model(config: Any) -> nn.Module:
+    """``config``'s model with sdpa attention and random weights drawn from seed 0 (the
+    global RNG restored around the draw)."""
+    import transformers
+
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model: nn.Module = transformers.AutoModelForCausalLM.from_config(config)
+    return model
+
+
 def qwen_half_billion(layers: int) -> nn.Module:
     """Qwen2-0.5B's shape from its config class, random weights, bf16."""
     import transformers
@@ -64,11 +76,7 @@ def qwen_half_billion(layers: int) -> nn.Module:
         max_position_embeddings=4096,
         tie_word_embeddings=True,
     )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return model.to(torch.bfloat16)
+    return seeded_model(config).to(torch.bfloat16)
 
 
 def llama_stand_in(width: int, length: int) -> nn.Module:
@@ -85,11 +93,7 @@ def llama_stand_in(width: int, length: int) -> nn.Module:
         num_key_value_heads=max(1, heads // 4),
         max_position_embeddings=length,
     )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return model.to(torch.bfloat16)
+    return seeded_model(config).to(torch.bfloat16)
 
 
 def captured(model: nn.Module, ids: torch.Tensor) -> tuple[CapturedPrefix, PrefixCapture]:
