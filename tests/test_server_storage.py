@@ -212,13 +212,14 @@ def _tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 def _fill(path: Path) -> Path:
+    """Fill the file system at ``path`` to its last byte. Unbuffered: a buffered writer keeps
+    the tail of a partial write and raises ENOSPC again when it is closed."""
     filler = path / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         chunk = os.urandom(16384)
         try:
-            while True:
-                f.write(chunk)
-                f.flush()
+            while f.write(chunk):
+                pass
         except OSError:
             pass
     return filler
