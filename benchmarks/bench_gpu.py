@@ -120,7 +120,7 @@ def section_probe(device: str, tiny: bool) -> dict[str, Any]:
     from benchmarks import bench_probe
 
     with _patched(bench_probe, "qwen_half_billion", lambda layers: _tiny_qwen(2), tiny):
-        rows = bench_probe.gpu_rows(torch.device(device), 1 if tiny else 3)
+        rows = bench_probe.gpu_rows(torch.device(device), 1 if tiny else 3, 64 if tiny else 1024)
     bench_probe.print_steps(rows)
     child = bench_probe._MEMORY_CHILD
     if tiny:

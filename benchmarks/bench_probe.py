@@ -280,11 +280,11 @@ def long_row(device: torch.device, repeats: int) -> dict[str, Any]:
     }
 
 
-def gpu_rows(device: torch.device, repeats: int) -> list[dict[str, Any]]:
-    """bf16, a Qwen2-0.5B-shaped model from its config: probe cost in training steps."""
+def gpu_rows(device: torch.device, repeats: int, length: int = 1024) -> list[dict[str, Any]]:
+    """bf16, a Qwen2-0.5B-shaped model from its config: probe cost in training steps
+    (rows of ``length`` tokens)."""
     model = qwen_half_billion(24).to(device)
     config = model.config
-    length = 1024
     step_s = training_step_seconds(model, (8, length), config.vocab_size, device, repeats)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, config.vocab_size, (4, length), generator=gen).to(device)
