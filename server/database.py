@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Row = tuple[Any, ...]
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-# pooled connections per server: the writer, the reader and room for a reconnect
 # seconds a query waits for a pooled connection (or a new one) before failing
 POOL_TIMEOUT_S = 5.0
 _MASK = "***"
