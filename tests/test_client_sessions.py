@@ -14,6 +14,7 @@ import pytest
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from tests.scripted_server import FAST, Failure, ScriptedServicer, ServerHandle, stats, wait_for
+from tests.server_support import wait_until
 
 
 @pytest.fixture
@@ -60,6 +61,8 @@ def test_a_second_writer_is_refused_and_never_counts_records_as_delivered(
     )
     with pytest.warns(TelemetryWarning) as caught:
         _log(second, range(100, 120))
+        # the refusal takes one OpenRun round trip (longer on a loaded machine)
+        wait_until("the refusal", lambda: second.report().stopped == "ALREADY_EXISTS")
         assert not second.flush(timeout_s=5)
         report = second.close(timeout_s=1)
     halted = [str(w.message) for w in caught if "refused run dup" in str(w.message)]
