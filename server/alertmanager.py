@@ -127,6 +127,11 @@ class AlertmanagerSink:
                 del self._alerts[victim]
         self._wake.set()
 
+    def forget(self, display_name: str, name: str) -> None:
+        """Drop the alert without posting it (another server posted its end)."""
+        with self._lock:
+            self._alerts.pop((display_name, name), None)
+
     def pending(self) -> list[dict[str, Any]]:
         """The body of the next POST."""
         now = self._clock()

@@ -12,6 +12,13 @@ history (the last 200) and its detectors start afresh; when it leaves memory
 ``run_closed``, as the stale alert's does). At start-up the alerts left active
 end with reason ``server_restart``. Either way an alert fires again if its
 condition persists in the run's next records.
+
+On a shared database (several servers, :mod:`.alert_share`) the stored rows are
+the truth instead: nothing ends at start-up, a run's active rows come back
+active, an alert raised for a run whose row of that name is active is adopted
+(not stored, posted or logged again), a row ends once (by the server whose
+detectors see the run recover), and :meth:`AlertEngine.reconcile` takes in the
+alerts the other servers started and ended.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server import alert_share
 from inversion_monitor.server.detectors import (
     AlertName,
     AlertsConfig,
@@ -35,7 +43,7 @@ from inversion_monitor.server.detectors import (
     Transition,
 )
 from inversion_monitor.server.schema import StoreError
-from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store
+from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store, StoredAlert
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +124,8 @@ class _RunAlerts:
     open: dict[str, tuple[monitor_pb2.Alert, int | None]] = field(default_factory=dict)
     # (alertname, severity) -> 1.0 while active, 0.0 after: the alert_active gauge
     gauges: dict[tuple[str, str], float] = field(default_factory=dict)
+    # shared database: alert name -> row of the alerts adopted from another server
+    adopted: dict[str, int] = field(default_factory=dict)
 
 
 class AlertEngine:
@@ -143,38 +153,23 @@ class AlertEngine:
         self._lock = threading.Lock()
         self._runs: dict[str, _RunAlerts] = {}
         self._store_failing = False
-        if store is not None:
+        # several servers on one database: the alerts table holds the shared state
+        self._shared = store is not None and store.shared
+        if store is not None and not self._shared:
             try:
                 store.end_active_alerts(self._clock())
             except StoreError as exc:
                 log.warning("could not end the alerts left active: %s", exc)
 
-    def _stored_history(self, run_id: str) -> list[monitor_pb2.Alert]:
-        """The run's stored alerts (the last 200), all inactive: its detectors start afresh."""
+    def _stored_history(self, run_id: str) -> list[StoredAlert]:
+        """The run's stored alerts (the last 200)."""
         if self._store is None:
             return []
         try:
-            stored = self._store.load_alerts(run_id)
+            return self._store.load_alerts(run_id)
         except StoreError as exc:
             log.warning("could not load the stored alerts of run %s: %s", run_id, exc)
             return []
-        history = []
-        for row in stored:
-            alert = monitor_pb2.Alert(
-                name=row.name,
-                severity=row.severity,
-                active=False,
-                start_step=row.start_step,
-                end_step=row.end_step or 0,
-                start_time=row.start_time,
-                end_time=row.end_time or 0.0,
-                summary=row.summary,
-                description=row.description,
-            )
-            for key, value in row.values.items():
-                alert.values[key] = value
-            history.append(alert)
-        return history
 
     # ---------------------------------------------------------------- writer thread
 
@@ -185,8 +180,14 @@ class AlertEngine:
         state = _RunAlerts(
             display_name, RunDetectors(self.config, info.kind), 1 << 30, kind=info.kind
         )
-        state.history = self._stored_history(run_id)
-        state.gauges = {(a.name, a.severity): 0.0 for a in state.history}
+        for row in self._stored_history(run_id):
+            # single server: all inactive, the detectors start afresh; shared: as stored
+            alert = _alert(row, active=self._shared and row.active)
+            state.history.append(alert)
+            state.gauges[(alert.name, alert.severity)] = 1.0 if alert.active else 0.0
+            if alert.active and row.row is not None:
+                state.open[alert.name] = (alert, row.row)
+                state.adopted[alert.name] = row.row
         with self._lock:
             self._runs[run_id] = state
 
@@ -261,6 +262,8 @@ class AlertEngine:
 
     def _apply(self, run_id: str, state: _RunAlerts, t: Transition) -> None:
         name = t.name.value
+        if t.firing and self._shared and self._adopt(run_id, state, name):
+            return
         if t.firing:
             alert = monitor_pb2.Alert(
                 name=name,
@@ -289,8 +292,10 @@ class AlertEngine:
                 alert.end_step = t.step
                 alert.end_time = t.time
                 del state.open[name]
+                state.adopted.pop(name, None)
                 state.gauges[(name, alert.severity)] = 0.0
-            self._write_end(row, t)
+            if not self._write_end(row, t):  # another server ended it first: it posted the end
+                return
         log.info(
             "alert %s %s for run %s: %s",
             name,
@@ -336,15 +341,103 @@ class AlertEngine:
         self._stored(True, "")
         return row
 
-    def _write_end(self, row: int | None, t: Transition) -> None:
+    def _write_end(self, row: int | None, t: Transition) -> bool:
+        """Store the end; False when, on a shared database, another server ended the row."""
         if row is None or self._store is None:
-            return
+            return True
+        values = dict(t.values)
         try:
-            self._store.end_alert(row, t.step, t.time, t.reason.value, dict(t.values))
+            if self._shared:
+                conn = self._store.connection
+                ended = alert_share.end_once(conn, row, t.step, t.time, t.reason.value, values)
+            else:
+                self._store.end_alert(row, t.step, t.time, t.reason.value, values)
+                ended = True
         except StoreError as exc:
             self._stored(False, f"the end of alert {t.name.value}", exc)
-            return
+            return True
         self._stored(True, "")
+        return ended
+
+    # ---------------------------------------------------------------- shared database
+
+    def _adopt(self, run_id: str, state: _RunAlerts, name: str) -> bool:
+        """True when the alert ``name`` of the run is already active (held here or stored
+        by another server): it is adopted, not stored, posted or logged again."""
+        if name in state.open:
+            return True
+        assert self._store is not None
+        try:
+            row = alert_share.find_active(self._store.connection, run_id, name)
+        except StoreError as exc:
+            self._stored(False, f"alert {name} of run {state.display_name}", exc)
+            return False
+        if row is None or row.row is None:
+            return False
+        self._take_in(state, row)
+        log.info("alert %s of run %s adopted (raised on another server)", name, row.display_name)
+        return True
+
+    def _take_in(self, state: _RunAlerts, row: StoredAlert) -> None:
+        """Show the stored active alert ``row`` (raised on another server) as active here."""
+        assert row.row is not None
+        alert = _alert(row, active=True)
+        with self._lock:
+            state.history = [
+                a
+                for a in state.history
+                if not (a.name == row.name and a.start_time == row.start_time)
+            ]
+            state.history.append(alert)
+            del state.history[:-MAX_ALERTS_PER_RUN]
+            state.open[row.name] = (alert, row.row)
+            state.adopted[row.name] = row.row
+            state.gauges[(row.name, row.severity)] = 1.0
+
+    def reconcile(self, active: list[StoredAlert]) -> int:
+        """Take in the stored active alerts ``active`` (every server's) for the runs held here:
+        those started elsewhere show active, those ended elsewhere inactive (writer thread).
+        Returns how many alerts changed state here; nothing is posted (the other server did).
+        """
+        by_run: dict[str, dict[str, StoredAlert]] = {}
+        for row in active:
+            by_run.setdefault(row.run_id, {}).setdefault(row.name, row)
+        changed = 0
+        for run_id, state in list(self._runs.items()):
+            stored = by_run.get(run_id, {})
+            for name, row in stored.items():
+                held = state.open.get(name)
+                if held is None or (held[1] is not None and held[1] != row.row):
+                    self._take_in(state, row)
+                    changed += 1
+            for name, (alert, row_id) in list(state.open.items()):
+                if row_id is None or (name in stored and stored[name].row == row_id):
+                    continue
+                self._ended_elsewhere(state, alert, row_id)
+                changed += 1
+        return changed
+
+    def _ended_elsewhere(self, state: _RunAlerts, alert: monitor_pb2.Alert, row: int) -> None:
+        assert self._store is not None
+        try:
+            ended = alert_share.load(self._store.connection, row)
+        except StoreError:
+            ended = None
+        with self._lock:
+            alert.active = False
+            if ended is not None:
+                alert.end_step = ended.end_step or 0
+                alert.end_time = ended.end_time or 0.0
+            state.open.pop(alert.name, None)
+            state.adopted.pop(alert.name, None)
+            state.gauges[(alert.name, alert.severity)] = 0.0
+        for sink in self._sinks:
+            forget = getattr(sink, "forget", None)  # e.g. AlertmanagerSink: no post
+            if forget is not None:
+                try:
+                    forget(state.display_name, alert.name)
+                except Exception:
+                    log.exception("alert sink %r failed", sink)
 
     def close(self) -> None:
         """Nothing to release: the store belongs to the server."""
@@ -383,6 +476,24 @@ class AlertEngine:
                 out.extend((display_name, n, sev, v) for (n, sev), v in gauges.items())
         out.sort()
         return out
+
+
+def _alert(row: StoredAlert, *, active: bool) -> monitor_pb2.Alert:
+    """The proto of a stored alert, shown ``active`` or not."""
+    alert = monitor_pb2.Alert(
+        name=row.name,
+        severity=row.severity,
+        active=active,
+        start_step=row.start_step,
+        end_step=0 if active else row.end_step or 0,
+        start_time=row.start_time,
+        end_time=0.0 if active else row.end_time or 0.0,
+        summary=row.summary,
+        description=row.description,
+    )
+    for key, value in row.values.items():
+        alert.values[key] = value
+    return alert
 
 
 def _copy(alert: monitor_pb2.Alert) -> monitor_pb2.Alert:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from inversion_monitor.server.alert_config import load_alerts_config
+from inversion_monitor.server.alert_share import AlertSync
 from inversion_monitor.server.alertmanager import AlertmanagerSink
 from inversion_monitor.server.alerts import AlertEngine, AlertSink
 from inversion_monitor.server.api import RunsApi
@@ -291,8 +292,17 @@ class AsyncMonitorServer:
             )
             if store.shared:  # other servers write to the same database: show their runs
                 sync = RunSync(self.ingestor, cfg.limits.max_active_runs)
+                shared_alerts = (
+                    AlertSync(store.connection, self.alerts) if self.alerts is not None else None
+                )
+
+                def sync_round() -> None:
+                    sync.run()
+                    if shared_alerts is not None:  # after the runs: their alerts too
+                        shared_alerts.run()
+
                 self._sync_task = asyncio.get_running_loop().create_task(
-                    self._every(SYNC_PERIOD_S, "reading other servers' runs", sync.run)
+                    self._every(SYNC_PERIOD_S, "reading other servers' runs", sync_round)
                 )
             if self.alerts is not None and self.alerts.config.stale.enabled:
                 period = min(5.0, self.alerts.config.stale.after_s / 4.0)

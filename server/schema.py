@@ -121,6 +121,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     end_values TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_by_run ON alerts (run_id, id);
+CREATE INDEX IF NOT EXISTS alerts_active ON alerts (run_id, name) WHERE active = 1;
 CREATE TABLE IF NOT EXISTS probe (x {blob});
 """
 

@@ -98,6 +98,8 @@ class StoredAlert:
     summary: str
     description: str
     values: dict[str, float]
+    row: int | None = None
+    active: bool = False
 
 
 class Store:
@@ -335,14 +337,14 @@ class Store:
         """The last :data:`MAX_ALERTS_PER_RUN` alerts of run ``run_id``, oldest first (indexed)."""
         rows = self._conn.query(
             "SELECT run_id, display_name, name, severity, start_step, end_step, start_time,"
-            " end_time, summary, description, trigger_values FROM alerts WHERE run_id = ?"
-            " ORDER BY id DESC LIMIT ?",
+            " end_time, summary, description, trigger_values, id, active FROM alerts"
+            " WHERE run_id = ? ORDER BY id DESC LIMIT ?",
             (run_id, MAX_ALERTS_PER_RUN),
         )
         out = []
         for row in reversed(rows):  # StoredAlert's fields in order, trigger_values as JSON
-            values = {str(k): float(v) for k, v in json.loads(row[-1]).items()}
-            fields: Any = (*row[:-1], values)
+            values = {str(k): float(v) for k, v in json.loads(row[-3]).items()}
+            fields: Any = (*row[:-3], values, int(row[-2]), bool(row[-1]))
             out.append(StoredAlert(*fields))
         return out
 

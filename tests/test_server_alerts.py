@@ -175,6 +175,9 @@ def test_serve_flags_are_checked_before_start(
 
 
 def test_alerts_survive_a_restart_as_history(tmp_path: Path, database: TestDatabase) -> None:
+    """SQLite: one server owns the file, so a restart ends what it left active
+    (``server_restart``). PostgreSQL: other replicas may still hold the run, so a
+    restarted server adopts the stored active alerts: still active, not stored again."""
     with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         open_run(stub, "run1", name="again")
         push(stub, *stream("run1", [-0.5] * 60 + [0.2] * 40))
@@ -182,20 +185,33 @@ def test_alerts_survive_a_restart_as_history(tmp_path: Path, database: TestDatab
         before = {a.name: a for a in got.alerts}
         assert set(before) == {"InversionWeakening", "InversionLost"}
         assert all(a.active for a in before.values())
+    stored = database.rows("SELECT id, name, active FROM alerts ORDER BY id")
+    assert len(stored) == 2 and all(active == 1 for _, _, active in stored)
+    adopted = database.postgres
     with running(tmp_path, db=database.target) as server, stub_for(server) as stub:
         got = stub.GetRun(monitor_pb2.GetRunRequest(run="again"), timeout=TIMEOUT)
-        assert not got.summary.active_alerts
+        assert sorted(a.name for a in got.summary.active_alerts) == (
+            sorted(before) if adopted else []
+        )
         after = {a.name: a for a in got.alerts}
         assert set(after) == set(before)
         for name, alert in after.items():
-            assert not alert.active and alert.end_time > 0
+            assert alert.active is adopted
+            assert (alert.end_time > 0) is not adopted
             assert alert.start_step == before[name].start_step
+            assert alert.start_time == before[name].start_time
             assert dict(alert.values) == dict(before[name].values)
+        gauge = 1.0 if adopted else 0.0
         assert alert_gauges(scrape_text(server)) == {
-            ("again", "InversionLost", "critical"): 0.0,
-            ("again", "InversionWeakening", "warning"): 0.0,
+            ("again", "InversionLost", "critical"): gauge,
+            ("again", "InversionWeakening", "warning"): gauge,
         }
-        assert database.rows("SELECT DISTINCT end_reason FROM alerts") == [("server_restart",)]
+        reasons = database.rows("SELECT DISTINCT end_reason FROM alerts")
+        assert reasons == ([(None,)] if adopted else [("server_restart",)])
+        # the same two rows: nothing stored again
+        rows = database.rows("SELECT id, name, active FROM alerts ORDER BY id")
+        assert [(i, n) for i, n, _ in rows] == [(i, n) for i, n, _ in stored]
+        assert [a for _, _, a in rows] == ([1, 1] if adopted else [0, 0])
 
 
 def test_runs_past_retention_leave_the_alert_gauge_and_stop_being_stale(tmp_path: Path) -> None:

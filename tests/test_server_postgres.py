@@ -7,12 +7,16 @@ fixture (test_server_restart, test_server_sessions, test_server_roundtrip, ...).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +39,11 @@ from tests.server_support import (
     run_info,
     run_sample,
     running,
+    samples,
     scrape_text,
     wait_until,
 )
+from tests.test_alertmanager import Receiver
 from tests.test_telemetry_e2e import ServeProcess
 
 SECRET = "s3cret-pw"
@@ -109,9 +115,10 @@ def test_serve_with_a_wrong_password_names_the_database_and_hides_the_password(
 
 
 @contextmanager
-def _replica(url: str, *, via_env: bool) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def _replica(url: str, *extra: str, via_env: bool) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``inversion-monitor serve`` on ``url`` (given as --db or INVERSION_MONITOR_SERVER_DB)."""
-    proc = _serve("", env={"INVERSION_MONITOR_SERVER_DB": url}) if via_env else _serve(url)
+    env = {"INVERSION_MONITOR_SERVER_DB": url}
+    proc = _serve("", *extra, env=env) if via_env else _serve(url, *extra)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -382,3 +389,103 @@ def test_the_client_fails_over_between_replicas_of_one_database_and_every_record
     )
     assert [int(seq) for seq, _ in rows] == list(range(1, total + 1))  # one numbering, no gap
     assert [int(step) for _, step in rows] == list(range(total))  # every step once, in order
+
+
+def _posts(receiver: Receiver, status: str) -> list[dict[str, Any]]:
+    """One entry per alert of that status in every POST the receiver got (the v2 API's body
+    is a list of alerts; an active one's ``endsAt`` lies ahead, a resolved one's behind)."""
+    now = time.time()
+    return [
+        alert
+        for body in list(receiver.bodies)
+        for alert in body
+        if (datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")).timestamp() > now)
+        == (status == "firing")
+    ]
+
+
+def _alert_gauge(http_url: str, run: str) -> float | None:
+    with urllib.request.urlopen(http_url + "/metrics", timeout=TIMEOUT) as resp:
+        text = resp.read().decode()
+    labels = (("alertname", "NonFiniteTraining"), ("run", run), ("severity", "critical"))
+    return samples(text).get(("inversion_monitor_alert_active", labels))
+
+
+def test_two_replicas_share_alert_state_and_post_each_change_once(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    """An alert fired on A shows active on B (AlertSync), is not fired again when the
+    stream moves to B, and B resolves it: one firing and one resolved post in all."""
+    name = postgres_cluster.create_database()
+    url = postgres_cluster.url(name)
+    database = TestDatabase("postgresql", url, postgres_cluster, name)
+    rules = tmp_path / "alerts.yaml"  # posts on each change only; 3 finite records end it
+    rules.write_text("resend_s: 3600\nnonfinite:\n  recover: 3\n")
+    receivers = {"a": Receiver(), "b": Receiver()}
+    flags = {
+        key: (
+            *("--http-address", "127.0.0.1:0", "--alerts-config", str(rules)),
+            *("--alertmanager-url", receiver.url.removesuffix("/alerts")),
+        )
+        for key, receiver in receivers.items()
+    }
+    try:
+        with (
+            _replica(url, *flags["a"], via_env=False) as (first, target_a),
+            _replica(url, *flags["b"], via_env=False) as (second, target_b),
+            grpc.insecure_channel(target_a) as channel_a,
+            grpc.insecure_channel(target_b) as channel_b,
+        ):
+            http = {}
+            for key, proc in (("a", first), ("b", second)):
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                assert line.startswith("http listening on"), line
+                http[key] = line.split()[-1]
+            a = monitor_pb2_grpc.MonitorServiceStub(channel_a)
+            b = monitor_pb2_grpc.MonitorServiceStub(channel_b)
+            info = run_info("diverged", world_size=1)
+            on_a = a.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT)
+            run = on_a.display_name
+
+            def push(stub: Any, session: str, seq: int, loss: float) -> None:
+                request = monitor_pb2.PushRequest(
+                    records=[record("diverged", seq, loss=loss)], writer_session=session
+                )
+                assert stub.Push(request, timeout=TIMEOUT).accepted == 1
+
+            push(a, on_a.writer_session, 1, 2.0)
+            push(a, on_a.writer_session, 2, math.nan)  # fires on A
+            wait_until("A's firing post", lambda: _posts(receivers["a"], "firing"), 20)
+            assert wait_until("B to show A's alert", lambda: _alert_gauge(http["b"], run), 20)
+            assert _alert_gauge(http["a"], run) == 1.0
+
+            on_b = b.OpenRun(monitor_pb2.OpenRunRequest(run=info, takeover=True), timeout=TIMEOUT)
+            assert on_b.acked_sequence == 2
+            for seq in (3, 4):  # B's detectors fire too: B adopts the stored alert
+                push(b, on_b.writer_session, seq, math.nan)
+            assert database.rows("SELECT count(*) FROM alerts") == [(1,)]
+            for seq in (5, 6, 7):  # finite again: B ends it
+                push(b, on_b.writer_session, seq, 1.5)
+            wait_until("B's resolved post", lambda: _posts(receivers["b"], "resolved"), 20)
+            wait_until("A to show it ended", lambda: _alert_gauge(http["a"], run) == 0.0, 20)
+            assert _alert_gauge(http["b"], run) == 0.0
+            assert database.rows("SELECT active, end_step, end_reason FROM alerts") == [
+                (0, 70, "recovered")
+            ]
+        # both servers stopped: every post they made is in
+        firing = {key: _posts(r, "firing") for key, r in receivers.items()}
+        resolved = {key: _posts(r, "resolved") for key, r in receivers.items()}
+        assert (len(firing["a"]), len(firing["b"])) == (1, 0), firing
+        assert (len(resolved["a"]), len(resolved["b"])) == (0, 1), resolved
+        for alert in (*firing["a"], *resolved["b"]):
+            assert alert["labels"] == {
+                "alertname": "NonFiniteTraining",
+                "run": run,
+                "severity": "critical",
+                "service": "inversion-monitor",
+            }
+            assert alert["annotations"]["start_step"] == "20"
+    finally:
+        for receiver in receivers.values():
+            receiver.close()
