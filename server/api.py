@@ -13,7 +13,10 @@ the newest records within an eighth of the server's ``max_history_bytes``
 (JSON costs more than protobuf), streamed a record at a time (no whole-history
 document in memory). Every answer
 carries ``X-Max-History``, the most ``history`` the server gives (its
-``max_history``), so a client can ask for no more.
+``max_history``), so a client can ask for no more. Both answers say whether
+the byte cap cut them: ``"truncated"`` and ``"max_bytes"`` (the cap) in the
+body, and ``X-Truncated: true`` or ``false`` as a header; a cut history
+comes whole with ``samples=0`` or a smaller ``history``.
 
 When the server has tokens, every ``/api/`` request needs
 ``Authorization: Bearer <token>`` with a token the gRPC calls would accept
@@ -72,8 +75,8 @@ _JSON_HEADERS = [
 def to_json(message: Message) -> dict[str, Any]:
     """A response as the JSON object the API sends (proto field names, defaults included).
 
-    >>> to_json(monitor_pb2.ListRunsResponse())
-    {'runs': []}
+    >>> to_json(monitor_pb2.ListRunsResponse(truncated=True, max_bytes=1024))
+    {'truncated': True, 'max_bytes': '1024', 'runs': []}
     """
     data: dict[str, Any] = MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -159,6 +162,8 @@ class RunsApi:
         headers = list(_JSON_HEADERS)
         if self._max_history is not None:
             headers.append(("X-Max-History", str(self._max_history)))
+        if status == "200 OK":
+            headers.append(("X-Truncated", "true" if body.get("truncated") else "false"))
         if status.startswith("401"):
             headers.append(("WWW-Authenticate", 'Bearer realm="inversion-monitor"'))
         if status.startswith("405"):

@@ -244,7 +244,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                     await self._writer.call(partial(self._ingestor.revive_all, older))
                     views = matching()
             views.sort(key=lambda v: v.last_activity, reverse=True)
-            response = monitor_pb2.ListRunsResponse()
+            response = monitor_pb2.ListRunsResponse(max_bytes=self._max_history_bytes)
             size = 0
             for view in views[:limit]:
                 summary = response.runs.add()
@@ -252,6 +252,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 size += summary.ByteSize()
                 if size > self._max_history_bytes:  # the newest runs that fit the byte cap
                     del response.runs[-1]
+                    response.truncated = True
                     break
             return response
 
@@ -281,20 +282,21 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 raise InvalidArgument(
                     f"history_limit is {limit}; max_history is {self._max_history}"
                 )
+            cap = min(self._max_history_bytes, max_bytes or self._max_history_bytes)
             try:
-                history = await self._reader(
+                history, truncated = await self._reader(
                     lambda: read_history_capped(
                         self._read_connection(),
                         view.pk,
                         limit,
-                        min(self._max_history_bytes, max_bytes or self._max_history_bytes),
+                        cap,
                         samples=samples,
                         max_read_bytes=4 * self._max_history_bytes,
                     )
                 )
             except StoreError as exc:
                 raise Unavailable(str(exc)) from exc
-            response = monitor_pb2.GetRunResponse()
+            response = monitor_pb2.GetRunResponse(truncated=truncated, max_bytes=cap)
             fill_summary(response.summary, view, self._alerts)
             if self._alerts is not None:
                 response.alerts.extend(self._alerts.alerts(view.run_id))

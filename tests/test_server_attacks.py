@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
+from inversion_monitor.app.cli import main
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import Limits, MonitorServer
 from inversion_monitor.server.auth import TokenScope
@@ -250,7 +251,9 @@ def _sampled(run_id: str, sequence: int, count: int) -> monitor_pb2.StepRecord:
     return rec
 
 
-def test_history_is_capped_in_bytes_newest_first(tmp_path: Path, database: TestDatabase) -> None:
+def test_history_is_capped_in_bytes_newest_first(
+    tmp_path: Path, database: TestDatabase, capsys: pytest.CaptureFixture[str]
+) -> None:
     limits = Limits(max_history_bytes=160 * 1024)
     with (
         running(tmp_path, db=database.target, limits=limits) as server,
@@ -264,6 +267,10 @@ def test_history_is_capped_in_bytes_newest_first(tmp_path: Path, database: TestD
         assert 0 < len(steps) < 40 and steps == list(range(410 - 10 * len(steps), 410, 10))
         assert sum(r.ByteSize() for r in got.history) <= 160 * 1024
         assert got.summary.records == 40
+        assert got.truncated and got.max_bytes == 160 * 1024  # the answer says it was cut
+        # what fits is not cut
+        small = stub.GetRun(monitor_pb2.GetRunRequest(run="big", history_limit=3), timeout=TIMEOUT)
+        assert len(small.history) == 3 and not small.truncated
         # the page leaves the samples out: then every record fits, streamed as valid JSON
         status, body = _get(server.http_url + "/api/runs/big?history=40&samples=0")
         assert status == 200
@@ -271,12 +278,30 @@ def test_history_is_capped_in_bytes_newest_first(tmp_path: Path, database: TestD
         assert [int(r["step"]) for r in data["history"]] == list(range(10, 410, 10))
         assert all(r["samples"] == [] for r in data["history"])
         assert data["summary"]["display_name"] == "big"
+        assert data["truncated"] is False and data["max_bytes"] == str(20 * 1024)
         # with samples, JSON gets an eighth of the cap (20 KiB: one record of 13 KB)
-        status, body = _get(server.http_url + "/api/runs/big?history=40")
-        assert [int(r["step"]) for r in json.loads(body)["history"]] == [400]
+        url = server.http_url + "/api/runs/big?history=40"
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+            assert resp.headers["X-Truncated"] == "true"
+            data = json.loads(resp.read())
+        assert [int(r["step"]) for r in data["history"]] == [400]
+        assert data["truncated"] is True and data["max_bytes"] == str(20 * 1024)
+        with urllib.request.urlopen(url + "&samples=0", timeout=TIMEOUT) as resp:
+            assert resp.headers["X-Truncated"] == "false"
+        # the CLI says so in one line, naming the cap and how to see more
+        capsys.readouterr()
+        assert main(["show", "big", "--limit", "40", "--endpoint", server.grpc_target]) == 0
+        out = capsys.readouterr().out
+        note = f"truncated: {len(steps)} of the 40 records asked for fit the server's byte cap"
+        assert out.count("truncated:") == 1 and note + " (160 KiB)" in out
+        assert "ask for fewer (--limit N), or raise the server's max_history_bytes" in out
+        assert main(["show", "big", "--limit", "3", "--endpoint", server.grpc_target]) == 0
+        assert "truncated" not in capsys.readouterr().out
 
 
-def test_list_runs_is_capped_under_the_byte_limit(tmp_path: Path) -> None:
+def test_list_runs_is_capped_under_the_byte_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     limits = Limits(max_history_bytes=16 * 1024)
     with running(tmp_path, limits=limits) as server, stub_for(server) as stub:
         for i in range(30):
@@ -284,6 +309,24 @@ def test_list_runs_is_capped_under_the_byte_limit(tmp_path: Path) -> None:
         listed = stub.ListRuns(monitor_pb2.ListRunsRequest(limit=1000), timeout=TIMEOUT)
         assert 0 < len(listed.runs) < 30 and listed.ByteSize() <= 16 * 1024 + 100
         assert listed.runs[0].display_name == "r29"  # the newest first
+        assert listed.truncated and listed.max_bytes == 16 * 1024
+        few = stub.ListRuns(monitor_pb2.ListRunsRequest(limit=2), timeout=TIMEOUT)
+        assert len(few.runs) == 2 and not few.truncated
+        with urllib.request.urlopen(server.http_url + "/api/runs", timeout=TIMEOUT) as resp:
+            assert resp.headers["X-Truncated"] == "true"
+            data = json.loads(resp.read())
+        assert data["truncated"] is True and data["max_bytes"] == str(16 * 1024)
+        with urllib.request.urlopen(server.http_url + "/api/runs?limit=2", timeout=TIMEOUT) as resp:
+            assert resp.headers["X-Truncated"] == "false"
+            assert json.loads(resp.read())["truncated"] is False
+        capsys.readouterr()
+        assert main(["runs", "--limit", "30", "--endpoint", server.grpc_target]) == 0
+        out = capsys.readouterr().out
+        note = f"truncated: {len(listed.runs)} of the 30 runs asked for fit the server's byte cap"
+        assert out.count("truncated:") == 1 and note + " (16 KiB)" in out
+        assert "(--limit N, --project P)" in out
+        assert main(["runs", "--limit", "2", "--endpoint", server.grpc_target]) == 0
+        assert "truncated" not in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- 4. concurrent calls

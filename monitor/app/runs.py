@@ -30,7 +30,7 @@ def run_runs(args: argparse.Namespace) -> int:
     from inversion_monitor.app.errors import UserError
     from inversion_monitor.app.remote import explain_read_error, open_reader
     from inversion_monitor.app.tables import runs_table
-    from inversion_monitor.telemetry.reader import ReadError
+    from inversion_monitor.telemetry.reader import ReadError, truncation_note
 
     with open_reader(args) as reader:
         try:
@@ -41,4 +41,7 @@ def run_runs(args: argparse.Namespace) -> int:
         print("no runs")
         return 0
     print(runs_table(response.runs, time.time()))
+    note = truncation_note(response, args.limit, fewer=" (--limit N, --project P)")
+    if note is not None:
+        print(note)
     return 0

@@ -18,7 +18,7 @@ def run_show(args: argparse.Namespace) -> int:
     """Handler of ``inversion-monitor show``; failures raise a one-sentence UserError."""
     from inversion_monitor.app.errors import UserError
     from inversion_monitor.app.remote import explain_read_error, open_reader
-    from inversion_monitor.telemetry.reader import ReadError
+    from inversion_monitor.telemetry.reader import ReadError, truncation_note
 
     with open_reader(args) as reader:
         try:
@@ -28,6 +28,10 @@ def run_show(args: argparse.Namespace) -> int:
                 explain_read_error(exc.code, exc.details, args.endpoint, args.run)
             ) from None
     print(format_run(response))
+    asked = min(args.limit, response.summary.records)
+    note = truncation_note(response, asked, fewer=" (--limit N)")
+    if note is not None:
+        print(note)
     return 0
 
 

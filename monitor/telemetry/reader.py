@@ -6,6 +6,8 @@ command line turns it into one sentence (see :mod:`inversion_monitor.app.remote`
 Given several replicas of one store, a read that finds one unreachable
 (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``) asks the next; every replica shows
 every run.
+An answer the server's byte cap cut says so (``truncated``); :func:`truncation_note`
+turns that into the line the commands print.
 
 >>> reader = RunReader(Transport.create("127.0.0.1:9"), timeout_s=0.5)
 >>> try:
@@ -41,6 +43,38 @@ class ReadError(Exception):
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+
+
+def truncation_note(
+    response: monitor_pb2.GetRunResponse | monitor_pb2.ListRunsResponse,
+    asked: int,
+    *,
+    fewer: str = "",
+) -> str | None:
+    """One line saying the server's byte cap cut ``response`` (None when it did not).
+
+    ``asked``: the records (``GetRun``) or runs (``ListRuns``) the request asked for;
+    ``fewer``: how the caller asks for fewer (e.g. ``" (--limit N)"``).
+
+    >>> cut = monitor_pb2.GetRunResponse(truncated=True, max_bytes=2 << 20)
+    >>> cut.history.add().step = 7
+    >>> print(truncation_note(cut, 40))  # doctest: +ELLIPSIS
+    truncated: 1 of the 40 records asked for fit the server's byte cap (2 MiB); ask for fewer...
+    >>> truncation_note(monitor_pb2.ListRunsResponse(), 100) is None
+    True
+    """
+    if not response.truncated:
+        return None
+    if isinstance(response, monitor_pb2.GetRunResponse):
+        held, what = len(response.history), "records"
+    else:
+        held, what = len(response.runs), "runs"
+    cap = response.max_bytes
+    size = f"{cap / (1 << 20):g} MiB" if cap >= 1 << 20 else f"{cap / 1024:g} KiB"
+    return (
+        f"truncated: {held} of the {asked} {what} asked for fit the server's byte cap "
+        f"({size}); ask for fewer{fewer}, or raise the server's max_history_bytes"
+    )
 
 
 class RunReader:

@@ -297,10 +297,14 @@ class ListRunsRequest(_message.Message):
     def __init__(self, project: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
-    __slots__ = ("runs",)
+    __slots__ = ("runs", "truncated", "max_bytes")
     RUNS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[RunSummary]
-    def __init__(self, runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ...) -> None: ...
+    truncated: bool
+    max_bytes: int
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ..., truncated: _Optional[bool] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run", "history_limit")
@@ -311,11 +315,15 @@ class GetRunRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("summary", "history", "alerts")
+    __slots__ = ("summary", "history", "alerts", "truncated", "max_bytes")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     ALERTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     summary: RunSummary
     history: _containers.RepeatedCompositeFieldContainer[StepRecord]
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
-    def __init__(self, summary: _Optional[_Union[RunSummary, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+    truncated: bool
+    max_bytes: int
+    def __init__(self, summary: _Optional[_Union[RunSummary, _Mapping]] = ..., history: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., truncated: _Optional[bool] = ..., max_bytes: _Optional[int] = ...) -> None: ...
