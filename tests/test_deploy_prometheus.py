@@ -9,6 +9,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,24 @@ def records(first: int, count: int, rho: float, rng: random.Random) -> list[moni
     return out
 
 
+@contextmanager
+def running_prometheus(tmp_path: Path, config_text: str) -> Iterator[str]:
+    """A real Prometheus on ``config_text`` (next to the shipped rules.yml); yields its URL."""
+    config = tmp_path / "prometheus.yml"
+    config.write_text(config_text)
+    (tmp_path / "rules.yml").write_text((ROOT / "deploy/prometheus/rules.yml").read_text())
+    port = free_port()
+    command = [
+        str(PROMETHEUS),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    with ready_process(command, base, "prometheus"):
+        yield base
+
+
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """Yields (Prometheus URL, a function pushing n more records)."""
@@ -93,18 +112,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, Any]]:
             .replace("scrape_interval: 15s", "scrape_interval: 1s")
             .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
         )
-        config = tmp_path / "prometheus.yml"
-        config.write_text(text)
-        (tmp_path / "rules.yml").write_text((ROOT / "deploy/prometheus/rules.yml").read_text())
-        port = free_port()
-        command = [
-            str(PROMETHEUS),
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ]
-        base = f"http://127.0.0.1:{port}"
-        with ready_process(command, base, "prometheus"):
+        with running_prometheus(tmp_path, text) as base:
             yield base, more
 
 

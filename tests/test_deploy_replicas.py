@@ -10,13 +10,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.server_support import free_port, open_run, push, ready_process, running, stub_for
+from tests.server_support import open_run, push, running, stub_for
 from tests.server_support import wait_until as wait
 from tests.test_alertmanager import (
     Receiver,
     alertmanager,  # noqa: F401 - the fixture
 )
-from tests.test_deploy_prometheus import PROMETHEUS, RUN, api, records
+from tests.test_deploy_prometheus import RUN, api, records, running_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,18 +54,7 @@ def test_two_replicas_one_alert_in_alertmanager(
         for old, new in replaced.items():
             assert old in text, old
             text = text.replace(old, new)
-        config = tmp_path / "prometheus.yml"
-        config.write_text(text)
-        (tmp_path / "rules.yml").write_text((ROOT / "deploy/prometheus/rules.yml").read_text())
-        port = free_port()
-        command = [
-            str(PROMETHEUS),
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ]
-        base = f"http://127.0.0.1:{port}"
-        with ready_process(command, base, "prometheus"):
+        with running_prometheus(tmp_path, text) as base:
 
             def firing_per_replica() -> list[dict[str, Any]]:
                 alerts = api(base, "alerts")["alerts"]
