@@ -56,6 +56,9 @@ StartResponse = Callable[..., Any]
 Authorize = Callable[[str | None], bool]
 
 PREFIX = "/api/runs"
+# JSON of token samples costs ~4 s of CPU per MB of records: a history answered as JSON
+# gets this fraction (1/JSON_HISTORY_SHARE) of the server's max_history_bytes
+JSON_HISTORY_SHARE = 8
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": "400 Bad Request",
     "UNAUTHENTICATED": "401 Unauthorized",
@@ -144,8 +147,9 @@ class RunsApi:
         self._loop = loop
         self._authorize = authorize
         self._allowed_hosts = allowed_hosts
-        # JSON of token samples costs ~4 s of CPU per MB of records: an eighth of the gRPC cap
-        self._json_history_bytes = None if max_history_bytes is None else max_history_bytes // 8
+        self._json_history_bytes = (
+            None if max_history_bytes is None else max_history_bytes // JSON_HISTORY_SHARE
+        )
         self._max_history = max_history
         self._timeout_s = timeout_s
 

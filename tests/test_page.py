@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import MonitorServer
-from inversion_monitor.server.api import to_json
+from inversion_monitor.server.api import JSON_HISTORY_SHARE, to_json
 from inversion_monitor.server.config import Limits
 from inversion_monitor.telemetry.client import MonitorClient
 from tests.server_support import TIMEOUT, open_run, running, stub_for, wait_until
@@ -120,8 +120,8 @@ def test_api_answers_what_grpc_answers(streamed: tuple[MonitorServer, MonitorCli
     assert json.loads(body) == to_json(listed)
 
     expected = to_json(_get_run(server, RUN_ID))
-    # the same answer, read under the JSON byte cap (an eighth of the gRPC one)
-    expected["max_bytes"] = str(int(expected["max_bytes"]) // 8)
+    # the same answer, read under the JSON byte cap (a share of the gRPC one)
+    expected["max_bytes"] = str(int(expected["max_bytes"]) // JSON_HISTORY_SHARE)
     status, _, body = _get(f"{server.http_url}/api/runs/{RUN_ID}?history=1000")
     assert status == 200 and json.loads(body) == expected
     assert len(expected["history"]) == 24 and expected["history"][0]["samples"]
