@@ -21,9 +21,13 @@ Sections (the benchmark functions they call; the GPU shape, then the dry run's):
 - ``probe_counts``: ``bench_probe_counts.count_probe`` (ops, syncs, solves)
   at 64 and 256 targets, the small shape (Llama d 256, fp32, 4 x 256) and the
   0.5B shape (bf16, 4 x 1,024); dry run: width 64, 4 x 64, 8 and 16 targets.
-- ``overhead``: ``bench_overhead``'s GPU section (HF Trainer on the bf16
-  0.5B shape, 8 x 1,024, plain / default / every step / health only, 2
-  rounds x 20 steps; dry run: width 64, 8 x 32, 2 x 2 steps).
+- ``memory_goal``: ``bench_memory_goal`` (the probe's peak extra memory on one
+  Llama-3-8B-shaped layer, vocab 128k, bf16, 4 x T for T 2,048-8,192; dry
+  run: d 64, fp32, T 64 / 128).
+- ``overhead``: ``bench_overhead``'s GPU section (HF Trainer on the 0.5B
+  shape, 8 x 1,024, plain / default / every step / health only with bf16
+  parameters, and plain / default / every step under ``bf16=True``, 2 rounds
+  x 16 steps; dry run: width 64, 8 x 32, 2 x 2 steps).
 - ``general_path``: ``bench_general_path`` (bench shape, layers [0, -1] and
   [1, -1]; dry run: width 32, 2 layers, layers [0, -1], no brute force).
 - ``stats``: ``bench_stats`` (correlation, sampler, covariance timings).
@@ -174,12 +178,14 @@ def section_overhead(device: str, tiny: bool) -> dict[str, Any]:
     from benchmarks import bench_overhead
 
     class TinyShape(bench_overhead.GpuShape):  # type: ignore[misc,name-defined]
-        def model(self, seed: int) -> Any:
+        def model(self, seed: int, dtype: Any = None) -> Any:
             return _tiny_qwen(1)
 
     shape = TinyShape(layers=1, length=32) if tiny else bench_overhead.GpuShape()
     variants = ["plain", "default", "every step", "health only"]
-    per_round = 2 if tiny else 20
+    # and under ``bf16=True`` (autocast over fp32 master weights)
+    variants += [v + bench_overhead.BF16 for v in ("plain", "default", "every step")]
+    per_round = 2 if tiny else 16
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         bench_overhead.measure(
@@ -249,8 +255,16 @@ def section_scaling(device: str, tiny: bool) -> dict[str, Any]:
     return figures
 
 
+def section_memory_goal(device: str, tiny: bool) -> dict[str, Any]:
+    from benchmarks import bench_memory_goal
+
+    figures: dict[str, Any] = bench_memory_goal.main(["--tiny"] if tiny else ["--device", device])
+    return figures
+
+
 SECTIONS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
     "probe": section_probe,
+    "memory_goal": section_memory_goal,
     "probe_counts": section_probe_counts,
     "overhead": section_overhead,
     "general_path": section_general_path,

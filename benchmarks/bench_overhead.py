@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import subprocess
@@ -121,16 +122,29 @@ def dataset(n: int) -> list[dict[str, Any]]:
     ]
 
 
+_BUILT: dict[tuple[int, int, int], Any] = {}
+
+
 @dataclass(frozen=True)
 class GpuShape:
     """The GPU section's model: Qwen2-0.5B's shape from its config (random weights, no
     download), trained in bf16 (parameters in bf16, no autocast: the probe then starts
-    from the training forward's hidden states) on random tokens."""
+    from the training forward's hidden states) on random tokens. The variants under
+    ``bf16=True`` get the same weights in fp32 (autocast over fp32 master weights)."""
 
     layers: int = 24
     length: int = 1024
 
-    def model(self, seed: int) -> Any:
+    def model(self, seed: int, dtype: torch.dtype = torch.bfloat16) -> Any:
+        """A fresh copy of the seed's weights (built once per seed: every variant of a
+        round starts from the same model without paying the random init again)."""
+        key = (self.layers, self.length, seed)
+        if key not in _BUILT:
+            _BUILT.clear()  # one seed at a time: rounds run in order
+            _BUILT[key] = self._build(seed)
+        return copy.deepcopy(_BUILT[key]).to(dtype=dtype)
+
+    def _build(self, seed: int) -> Any:
         import transformers
 
         config = transformers.Qwen2Config(
@@ -172,7 +186,7 @@ def train(
         )
         data, collator = dataset(steps * BATCH), causal_lm_collator(tokenizer)
     else:
-        model = gpu.model(seed)
+        model = gpu.model(seed, torch.float32 if bf16 else torch.bfloat16)
         data, collator = gpu.dataset(steps * BATCH, model.config.vocab_size), None
     timer = StepTimer()
     callbacks: list[Any] = [timer]

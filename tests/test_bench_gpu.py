@@ -44,6 +44,12 @@ def check_probe_counts(figures: dict[str, Any]) -> None:
         assert set(counts) == {"8", "16"} and all(r["ops"] > 0 for r in counts.values())
 
 
+def check_memory_goal(figures: dict[str, Any]) -> None:
+    lengths = figures["lengths"]
+    assert [r["T"] for r in lengths] == [64, 128]
+    assert all(c["extra_bytes"] > 0 for r in lengths for c in r["calls"])
+
+
 def check_scaling(figures: dict[str, Any]) -> None:
     assert len(figures["points"]) == 3 and len(figures["long_context"]["rows"]) == 2
     assert all(p["layer_flops_counted"] > 0 for p in figures["points"])
@@ -69,6 +75,7 @@ def check_sharded(figures: dict[str, Any]) -> None:
 CHECKS = {
     "probe": check_probe,
     "probe_counts": check_probe_counts,
+    "memory_goal": check_memory_goal,
     "overhead": check_overhead,
     "general_path": check_general_path,
     "stats": check_stats,

@@ -1,0 +1,138 @@
+"""The probe's peak extra memory at issue 30's goal shape, measured directly.
+
+Usage: python benchmarks/bench_memory_goal.py [--device cuda] [--lengths 2048,4096,8192]
+       [--tiny]
+
+Goal (issue 30): a probe's peak extra memory independent of T beyond the
+prefix itself, and <= 1.5 GiB at d 4,096, T 8,192, vocab 128k in bf16. The
+model is one Llama-3-8B-shaped decoder layer (d 4,096, intermediate 14,336,
+32 heads, 8 key-value heads, vocab 128,256, untied head; random weights, built
+on the device, bf16 on CUDA). For each T: a training-mode forward of 4 x T
+captures the last block's input (the prefix the monitor keeps anyway), then
+the captured last-block Q/K/V/O probe runs twice on 64 targets (the first
+call also checks its replayed backward once: the larger one). "Extra" is the
+CUDA allocator's peak during the call over what was allocated just before it
+(model, prefix, ids). ``--tiny`` runs the same program at d 64 on the CPU (the
+peak then comes from the probe's own allocation count, ``OpCounter``), to check
+the wiring (``tests/test_bench_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.bench_scaling import PROBE_ROWS, TARGETS, Shape, captured, sample_positions
+from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.probe.op_counts import OpCounter
+
+GOAL_SHAPE = Shape("8B layer", 4096, 14336, 32, 8, 1, 128_256, "meta-llama/Meta-Llama-3-8B")
+TINY_SHAPE = Shape("tiny", 64, 128, 4, 2, 1, 512)
+GOAL_BYTES = 1.5 * 2**30
+
+
+def build(shape: Shape, device: torch.device, dtype: torch.dtype, max_positions: int) -> Any:
+    """A random-weight one-layer Llama of ``shape``, created on ``device`` (the global RNGs
+    restored)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    config._attn_implementation = "sdpa"
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), device:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(dtype=dtype)
+
+
+def peak_of(call: Any, device: torch.device) -> tuple[int, float]:
+    """(peak extra bytes, seconds) of ``call()``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - start
+    with OpCounter() as counter:
+        start = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - start
+    return int(counter.peak_bytes), seconds
+
+
+def measure(shape: Shape, lengths: list[int], device: torch.device, dtype: torch.dtype) -> dict:
+    model = build(shape, device, dtype, max(lengths))
+    rows = []
+    for length in lengths:
+        gen = torch.Generator().manual_seed(length)
+        ids = torch.randint(4, shape.vocab, (PROBE_ROWS, length), generator=gen).to(device)
+        prefix, capture = captured(model, ids)
+        positions = sample_positions(PROBE_ROWS, length, TARGETS).to(device)
+        prefix_bytes = prefix.hidden.numel() * prefix.hidden.element_size()
+        try:
+            calls = []
+            probe = functools.partial(
+                logit_gradient_norms, model, ids, positions=positions, prefix=prefix
+            )
+            for _ in range(2):
+                extra, seconds = peak_of(probe, device)
+                calls.append({"extra_bytes": extra, "seconds": seconds})
+        finally:
+            capture.remove()
+        del prefix, probe
+        row = {"T": length, "prefix_bytes": prefix_bytes, "calls": calls}
+        rows.append(row)
+        gib = [c["extra_bytes"] / 2**30 for c in calls]
+        print(
+            f"T {length:>6}: extra {gib[0]:.3f} GiB (first), {gib[1]:.3f} GiB (second); "
+            f"{calls[1]['seconds'] * 1e3:.0f} ms; prefix {prefix_bytes / 2**30:.3f} GiB",
+            flush=True,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    worst = max(c["extra_bytes"] for r in rows for c in r["calls"] if r["T"] == max(lengths))
+    return {
+        "shape": vars(shape),
+        "dtype": str(dtype),
+        "rows": PROBE_ROWS,
+        "targets": TARGETS,
+        "lengths": rows,
+        "goal_bytes": GOAL_BYTES,
+        "worst_at_longest": worst,
+        "met": worst <= GOAL_BYTES,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--tiny", action="store_true", help="d 64 on the CPU, T 64 / 128")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        return measure(TINY_SHAPE, [64, 128], torch.device("cpu"), torch.float32)
+    lengths = [int(t) for t in args.lengths.split(",")]
+    figures = measure(GOAL_SHAPE, lengths, torch.device(args.device), torch.bfloat16)
+    print(json.dumps({k: v for k, v in figures.items() if k != "lengths"}))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
