@@ -288,3 +288,22 @@ def test_rows_independent_detects_a_map_that_mixes_rows():
     assert rows_independent(apart, projection)
     mixed = apart + apart.roll(1, dims=0) * 0.5
     assert not rows_independent(mixed, projection)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_the_matmul_nuclear_route_cuda_takes_equals_the_reference(arch, monkeypatch):
+    """On CUDA the K/V nuclear norms come from the Newton-Schulz route (matmuls only, with
+    its float64 check): forced here on the CPU, the probe still equals the brute force."""
+    from inversion_monitor.metrics import gram_nuclear
+
+    calls = []
+    newton = gram_nuclear.newton_trace_sqrt
+
+    def spy(gram, *args, **kwargs):
+        calls.append(tuple(gram.shape))
+        return newton(gram, *args, **kwargs)
+
+    monkeypatch.setattr(gram_nuclear, "default_route", lambda device: "newton")
+    monkeypatch.setattr(gram_nuclear, "newton_trace_sqrt", spy)
+    _compare(tiny_causal_lm(arch, num_layers=2, seed=4), left=arch == "llama")
+    assert calls  # the route ran

@@ -12,7 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from inversion_monitor.metrics.norms import FP32_RELATIVE_ERROR, gram_nuclear_norm
+from inversion_monitor.metrics.gram_nuclear import (
+    RELATIVE_ERROR,
+    gram_nuclear_norm,
+    newton_trace_sqrt,
+)
 from inversion_monitor.probe import attention_replay, key_value_norms
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.op_counts import OpCounter
@@ -71,25 +75,51 @@ def test_counter_sees_host_syncs_and_solves() -> None:
     assert counter.solves == 2, counter.solve_ops
 
 
-def test_fp32_eigensolve_is_kept_only_within_its_bound() -> None:
-    """The check behind the fp32 eigensolve: where it keeps fp32, the nuclear norm is within
-    1e-4 of float64; rank-deficient and ill-conditioned Gram matrices go to float64."""
+def _factors(generator: torch.Generator) -> list[torch.Tensor]:
+    """Matrices ``A`` (float64) whose Gram ``A^T A`` the probe meets: full rank,
+    rank-deficient (targets early in a row), decaying and ill-conditioned spectra, a zero
+    matrix, n = 1 and 128."""
+    factors = []
+    for rows, width in ((40, 96), (128, 96), (600, 96), (3, 128), (300, 128), (5, 1)):
+        for decay in (0.0, -3.0, -8.0):
+            a = torch.randn(16, rows, width, generator=generator, dtype=torch.float64)
+            factors.append(a * torch.logspace(0, decay, width, dtype=torch.float64))
+    factors.append(torch.zeros(2, 70, 64, dtype=torch.float64))
+    return factors
+
+
+def test_matmul_route_matches_float64_eigensolve_within_its_bound() -> None:
+    """The Newton-Schulz route (CUDA's default) against float64 singular values: within
+    RELATIVE_ERROR everywhere, and its certificate never under-states its own error."""
     generator = torch.Generator().manual_seed(0)
-    kept_any = False
-    for rows in (40, 128, 600):
-        for decay in (0.0, -1.0, -3.0):
-            a = torch.randn(32, rows, 96, generator=generator, dtype=torch.float64)
-            a = a * torch.logspace(0, decay, 96, dtype=torch.float64)
-            gram = a.mT @ a
-            exact = torch.linalg.svdvals(a).sum(-1)
-            got = gram_nuclear_norm(gram, fp32_first=True).double()
-            assert float(((got - exact).abs() / exact).max()) <= FP32_RELATIVE_ERROR
-            fp32 = torch.linalg.eigvalsh(gram.float()).clamp_min(0).sqrt().sum(-1).double()
-            kept = (got == fp32.float().double()) & (fp32 != exact)
-            kept_any = kept_any or bool(kept.any())
-            if rows < 96:  # rank-deficient (fp32 alone is off by ~1e-4 here): never kept
-                assert not bool(kept.any())
-    assert kept_any  # well-conditioned problems do keep the fp32 solve
+    for a in _factors(generator):
+        gram, exact = a.mT @ a, torch.linalg.svdvals(a).sum(-1)
+        value, bound = newton_trace_sqrt(gram)
+        error = (value - exact).abs() / exact.clamp_min(1e-300)
+        # the certificate bounds the iteration's error; forming A^T A in float64 moves zero
+        # eigenvalues by ~eps lambda_max, whose square roots add up to ~1e-9 relative
+        assert bool((error <= bound + 1e-8).all()), (gram.shape, error.max(), bound.max())
+        got = gram_nuclear_norm(gram, route="newton").double()
+        assert float(((got - exact).abs() / exact.clamp_min(1e-300)).max()) <= RELATIVE_ERROR
+        assert torch.equal(got == 0, exact == 0)
+
+
+def test_matmul_route_hands_unconverged_matrices_to_the_eigensolve() -> None:
+    """Too few steps leave small eigenvalues unconverged: the check sends exactly those
+    matrices to one float64 eigensolve, and the answer stays exact."""
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 200, 64, generator=generator, dtype=torch.float64)
+    a = a * torch.logspace(0, -6, 64, dtype=torch.float64)
+    gram = a.mT @ a
+    exact = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1)
+    _, bound = newton_trace_sqrt(gram, steps=6)
+    assert bool((bound > RELATIVE_ERROR).all())
+    with OpCounter() as counter:
+        _, converged = newton_trace_sqrt(gram)
+    assert bool((converged <= RELATIVE_ERROR).all()) and counter.solves == 0
+    assert counter.syncs == 0
+    got = gram_nuclear_norm(gram, route="newton").double()
+    assert float(((got - exact).abs() / exact).max()) <= RELATIVE_ERROR
 
 
 def test_counter_counts_allocations_not_views() -> None:

@@ -67,55 +67,6 @@ def nuclear_norm(matrices: torch.Tensor) -> torch.Tensor:
     return nuclear
 
 
-# a nuclear norm from a fp32 eigensolve is kept where its error bound (see
-# gram_nuclear_norm) is at most this, relative; elsewhere float64 decides
-FP32_RELATIVE_ERROR = 1e-4
-
-
-def gram_nuclear_norm(gram: torch.Tensor, *, fp32_first: bool | None = None) -> torch.Tensor:
-    """``sum_i sqrt(lambda_i)`` of each symmetric PSD ``[K, n, n]`` Gram matrix ``A^T A``
-    (float64): the nuclear norm of ``A``, as fp32 ``[K]``, in at most two batched solves.
-
-    ``fp32_first`` (default: on CUDA, where float64 solves are slow): one fp32
-    eigensolve of all K, kept where the check allows, then one float64 solve of
-    the rest. The check (Weyl's inequality): rounding the Gram matrix to fp32
-    and the fp32 solver move every eigenvalue by at most
-    ``delta = sqrt(n) * eps32 * lambda_max`` (sqrt(n) times the usual backward
-    error of rounding and solving), so ``sqrt(lambda)`` moves by at most
-    ``sqrt(lambda + delta) - sqrt(max(lambda - delta, 0))``;
-    the sum of those bounds must be at most :data:`FP32_RELATIVE_ERROR` of the
-    norm. Rank-deficient or ill-conditioned matrices fail it (a zero eigenvalue
-    alone may move by ``sqrt(delta)``) and are solved in float64.
-
-    >>> a = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]], dtype=torch.float64)
-    >>> gram_nuclear_norm(a.mT @ a, fp32_first=True), gram_nuclear_norm(a.mT @ a)
-    (tensor([7.]), tensor([7.]))
-    """
-    gram = gram.double()
-    if fp32_first is None:
-        fp32_first = gram.device.type == "cuda"
-    if not fp32_first or gram.shape[0] == 0:
-        exact: torch.Tensor = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1).float()
-        return exact
-    eigenvalues = torch.linalg.eigvalsh(gram.float())
-    value, bound = _fp32_error_bound(eigenvalues)
-    redo = (bound > FP32_RELATIVE_ERROR * value).nonzero().flatten()
-    if redo.numel():
-        exact = torch.linalg.eigvalsh(gram[redo]).clamp_min(0).sqrt().sum(-1).float()
-        value = value.index_copy(0, redo, exact)
-    return value
-
-
-def _fp32_error_bound(eigenvalues: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nuclear norms ``[K]`` from fp32 eigenvalues ``[K, n]`` and a bound on their error."""
-    size = eigenvalues.shape[-1]
-    largest = eigenvalues.abs().amax(-1, keepdim=True)
-    delta = size**0.5 * torch.finfo(torch.float32).eps * largest
-    value = eigenvalues.clamp_min(0).sqrt()
-    spread = (eigenvalues + delta).clamp_min(0).sqrt() - (eigenvalues - delta).clamp_min(0).sqrt()
-    return value.sum(-1), spread.sum(-1)
-
-
 def _dense(gamma: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:
     """Form G per row (in chunks bounded by ``_MAX_DENSE_ELEMENTS``) and take its norm."""
     rows, a, b = gamma.shape[0], gamma.shape[-1], x.shape[-1]

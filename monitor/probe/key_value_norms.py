@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from inversion_monitor.metrics.norms import Norm, gram_nuclear_norm, outer_sum_norm
+from inversion_monitor.metrics.gram_nuclear import gram_nuclear_norm
+from inversion_monitor.metrics.norms import Norm, outer_sum_norm
 from inversion_monitor.probe.architectures import select_columns
 from inversion_monitor.probe.attention_replay import (
     DeferredChecks,
@@ -304,7 +305,10 @@ def _small_gram(product: torch.Tensor) -> torch.Tensor:
 
 def batched_input_factor(inputs: torch.Tensor, norm: Norm) -> torch.Tensor:
     """``[B, r, T]``: per batch row, ``R`` of ``X_b^T = Q R`` (nuclear, Frobenius: then
-    ``||Gamma^T X_b|| = ||R Gamma||``) or ``X_b^T`` itself (l1 needs the entries); one
-    batched QR."""
+    ``||Gamma^T X_b|| = ||R Gamma||``), one batched QR, where it is smaller than ``X_b^T``
+    (``T < d``); else ``X_b^T`` itself (l1 needs the entries; with ``T >= d`` R is as large
+    as ``X_b^T`` and the Gram matrices are the same)."""
     x = inputs.float().transpose(1, 2)
-    return x if norm == "l1" else torch.linalg.qr(x, mode="r").R
+    if norm == "l1" or x.shape[-2] <= x.shape[-1]:
+        return x
+    return torch.linalg.qr(x, mode="r").R
