@@ -92,11 +92,16 @@ class AfterStepCallback(InversionTrainerCallback):
 
 
 class StepTimer(TrainerCallback):  # type: ignore[misc]
-    """Wall time between consecutive optimizer-step ends."""
+    """Wall time of every optimizer step: the first from its start, then between
+    consecutive step ends (so a probe in the first step is counted too)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self._last: float | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._last is None:
+            self._last = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         now = time.perf_counter()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from inversion_monitor.metrics import gram_nuclear
 from inversion_monitor.metrics.gram_nuclear import (
     RELATIVE_ERROR,
     gram_nuclear_norm,
@@ -19,6 +20,7 @@ from inversion_monitor.metrics.gram_nuclear import (
 )
 from inversion_monitor.probe import attention_replay, key_value_norms
 from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.probe.key_value_norms import nuclear_norms_together
 from inversion_monitor.probe.op_counts import OpCounter
 from inversion_monitor.probe.prefix_capture import PrefixCapture
 from inversion_monitor.toy.models import tiny_causal_lm
@@ -201,3 +203,20 @@ def test_chunked_key_value_terms_give_the_same_norms(monkeypatch: pytest.MonkeyP
     assert many.ops > 2 * one.ops and many.peak_bytes < one.peak_bytes  # many small chunks
     for component, values in whole.norms.items():
         torch.testing.assert_close(chunked.norms[component], values, rtol=1e-5, atol=0.0)
+
+
+def test_key_and_value_grams_of_different_widths_share_one_solve() -> None:
+    """K's and V's Gram matrices go to one batched solve, the narrower zero-padded: each
+    norm equals its own float64 eigensolve, on both routes."""
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 9, 4, generator=generator, dtype=torch.float64)
+    b = torch.randn(2, 9, 6, generator=generator, dtype=torch.float64)
+    grams = {"k": a.mT @ a, "v": b.mT @ b}
+    for route in ("eigh", "newton"):
+        with OpCounter() as counter, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(gram_nuclear, "default_route", lambda device, route=route: route)
+            got = nuclear_norms_together(grams)
+        assert counter.solves <= 1, counter.solve_ops
+        for name, factor in (("k", a), ("v", b)):
+            exact = torch.linalg.svdvals(factor).sum(-1).float()
+            torch.testing.assert_close(got[name], exact, rtol=1e-6, atol=0)

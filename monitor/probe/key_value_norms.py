@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from inversion_monitor.metrics.gram_nuclear import gram_nuclear_norm
 from inversion_monitor.metrics.norms import Norm, outer_sum_norm
@@ -227,9 +228,12 @@ class KeyValueRoute:
         flags: dict[str, bool],
         norm: Norm,
         factors: dict[int, torch.Tensor],
-    ) -> torch.Tensor:
+        grams: dict[str, torch.Tensor],
+    ) -> torch.Tensor | None:
         """``[U]`` norms by the route ``flags`` chose; ``factors`` caches each input
-        tensor's factor (K and V usually share one)."""
+        tensor's factor (K and V usually share one). ``None`` where the route left nuclear
+        norms' Gram matrices in ``grams`` (K's and V's are solved together by
+        :func:`nuclear_norms_together`)."""
         factored = flags.get(f"{self.name} factored", False)
         logger.debug(
             "last block %s: %s", self.name, "rank <= H factors" if factored else "shared-input Gram"
@@ -237,7 +241,11 @@ class KeyValueRoute:
         if factored:
             assert self.vectors is not None
             return self._factored(unique, norm)
-        return self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
+        picked = self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
+        if norm != "nuclear":
+            return picked
+        grams[self.name] = picked
+        return None
 
     def _by_row(self, values: torch.Tensor, unique: UniqueTargets) -> torch.Tensor:
         """``values`` ``[U, ...]`` placed at (slot, row): ``[packs, B, ...]``, zero elsewhere."""
@@ -260,7 +268,7 @@ class KeyValueRoute:
         rows_apart: bool,
         factors: dict[int, torch.Tensor],
     ) -> torch.Tensor:
-        """``||R_b Gamma_k||`` for every target, one batched eigensolve (nuclear)."""
+        """``||R_b Gamma_k||`` for every target (nuclear: its Gram matrix ``[U, n, n]``)."""
         key = id(self.inputs)
         if key not in factors:
             factors[key] = batched_input_factor(self.inputs, norm)
@@ -291,8 +299,23 @@ class KeyValueRoute:
                 parts.append(product.square().sum((-2, -1)).sqrt())
             else:
                 parts.append(product.abs().sum((-2, -1)))
-        picked = torch.cat(parts)[slots, unique.rows]
-        return gram_nuclear_norm(picked) if norm == "nuclear" else picked
+        return torch.cat(parts)[slots, unique.rows]
+
+
+def nuclear_norms_together(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The nuclear norms of several projections' Gram matrices (``[U, n, n]`` each) in one
+    batched solve: smaller ones are padded with zero rows and columns (a zero eigenvalue
+    adds nothing)."""
+    if not grams:
+        return {}
+    size = max(gram.shape[-1] for gram in grams.values())
+    padded = [
+        gram if gram.shape[-1] == size else F.pad(gram, (0, size - gram.shape[-1]) * 2)
+        for gram in grams.values()
+    ]
+    norms = gram_nuclear_norm(torch.cat(padded))
+    counts = [gram.shape[0] for gram in grams.values()]
+    return dict(zip(grams, norms.split(counts), strict=True))
 
 
 def _small_gram(product: torch.Tensor) -> torch.Tensor:

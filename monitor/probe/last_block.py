@@ -72,7 +72,11 @@ from inversion_monitor.probe.attention_replay import (
     head_terms,
 )
 from inversion_monitor.probe.forward import Component, ForwardPass, Site
-from inversion_monitor.probe.key_value_norms import KeyValueRoute, slot_ranks
+from inversion_monitor.probe.key_value_norms import (
+    KeyValueRoute,
+    nuclear_norms_together,
+    slot_ranks,
+)
 
 __all__ = ["ForwardFn", "LastBlockRefused", "last_block_norms", "last_block_refusal"]
 
@@ -253,6 +257,10 @@ def _norms(
                 select_columns(grad, columns), out.inputs[module][rows, t], norm
             )
     factors: dict[int, torch.Tensor] = {}  # K and V usually share their input
+    grams: dict[str, torch.Tensor] = {}  # nuclear norms of K and V: one solve for both
     for route in routes:
-        values[route.name] = route.norms(unique, flags, norm, factors)
+        value = route.norms(unique, flags, norm, factors, grams)
+        if value is not None:
+            values[route.name] = value
+    values.update(nuclear_norms_together(grams))
     return {proj: values[proj] for proj in wanted}
