@@ -315,7 +315,7 @@ def nuclear_norms_together(grams: dict[str, torch.Tensor]) -> dict[str, torch.Te
     ]
     norms = gram_nuclear_norm(torch.cat(padded))
     counts = [gram.shape[0] for gram in grams.values()]
-    return dict(zip(grams, norms.split(counts), strict=True))
+    return dict(zip(grams, torch.split(norms, counts), strict=True))
 
 
 def _small_gram(product: torch.Tensor) -> torch.Tensor:
@@ -334,4 +334,5 @@ def batched_input_factor(inputs: torch.Tensor, norm: Norm) -> torch.Tensor:
     x = inputs.float().transpose(1, 2)
     if norm == "l1" or x.shape[-2] <= x.shape[-1]:
         return x
-    return torch.linalg.qr(x, mode="r").R
+    factor: torch.Tensor = torch.linalg.qr(x, mode="r").R
+    return factor
