@@ -69,24 +69,10 @@ MARK = "BENCH_GPU_FIGURES:"
 NO_CUDA_EXIT = 2
 
 
-def _tiny_qwen(layers: int = 2, vocab: int = 512) -> Any:
-    """A width-64 Qwen2 (random weights, global RNG restored): the dry run's 0.5B, in fp32
-    (bf16 matmuls crawl on CPUs without bf16 units; the dry run checks the wiring)."""
-    import transformers
+def _tiny_qwen(layers: int = 2) -> Any:
+    from benchmarks.bench_probe_counts import tiny_qwen
 
-    from benchmarks.bench_probe_counts import seeded_model
-
-    config = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    return seeded_model(config)
+    return tiny_qwen(layers)
 
 
 @contextlib.contextmanager

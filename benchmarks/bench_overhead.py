@@ -150,23 +150,13 @@ class GpuShape:
         return copy.deepcopy(_BUILT[key]).to(dtype=dtype)
 
     def _build(self, seed: int) -> Any:
-        import transformers
+        try:
+            from benchmarks.bench_probe_counts import qwen_config, seeded_model
+        except ImportError:  # run as a script from benchmarks/
+            from bench_probe_counts import qwen_config, seeded_model  # type: ignore[no-redef]
 
-        config = transformers.Qwen2Config(
-            vocab_size=151_936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=self.layers,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=max(4096, self.length),
-            tie_word_embeddings=True,
-        )
-        config._attn_implementation = "sdpa"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        return model.to(dtype=torch.bfloat16)
+        config = qwen_config(self.layers, max_position_embeddings=max(4096, self.length))
+        return seeded_model(config, seed).to(dtype=torch.bfloat16)
 
     def dataset(self, n: int, vocab: int) -> list[dict[str, Any]]:
         gen = torch.Generator().manual_seed(n)

@@ -50,33 +50,52 @@ from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
 from inversion_monitor.toy.models import tiny_causal_lm
 
 
-def seeded_model(config: Any) -> nn.Module:
-    """``config``'s model with sdpa attention and random weights drawn from seed 0 (the
+def seeded_model(config: Any, seed: int = 0) -> nn.Module:
+    """``config``'s model with sdpa attention and random weights drawn from ``seed`` (the
     global RNG restored around the draw)."""
     import transformers
 
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model: nn.Module = transformers.AutoModelForCausalLM.from_config(config)
     return model
 
 
-def qwen_half_billion(layers: int) -> nn.Module:
-    """Qwen2-0.5B's shape from its config class, random weights, bf16."""
+def qwen_config(layers: int, **overrides: Any) -> Any:
+    """Qwen2-0.5B's shape from its config class (``overrides`` replace fields)."""
     import transformers
 
-    config = transformers.Qwen2Config(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=layers,
-        num_attention_heads=14,
+    fields: dict[str, Any] = {
+        "vocab_size": 151_936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    }
+    return transformers.Qwen2Config(**{**fields, **overrides})
+
+
+def qwen_half_billion(layers: int) -> nn.Module:
+    """Qwen2-0.5B's shape from its config class, random weights, bf16."""
+    return seeded_model(qwen_config(layers)).to(torch.bfloat16)
+
+
+def tiny_qwen(layers: int = 2, vocab: int = 512) -> nn.Module:
+    """A width-64 Qwen2 in fp32 (random weights): the dry runs' stand-in for the 0.5B shape
+    (bf16 matmuls crawl on CPUs without bf16 units; a dry run checks the wiring)."""
+    config = qwen_config(
+        layers,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
     )
-    return seeded_model(config).to(torch.bfloat16)
+    return seeded_model(config)
 
 
 def llama_stand_in(width: int, length: int) -> nn.Module:

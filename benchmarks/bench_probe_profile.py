@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_probe_counts import captured, positions, qwen_half_billion, seeded_model
+from benchmarks.bench_probe_counts import captured, positions, qwen_half_billion, tiny_qwen
 from inversion_monitor.probe.gradients import logit_gradient_norms
 
 PROJECTIONS: tuple[tuple[str, ...], ...] = (("q",), ("k",), ("v",), ("o",), ("q", "k", "v", "o"))
@@ -76,22 +76,6 @@ def solve_log(device: torch.device) -> Iterator[list[tuple[str, tuple[int, ...],
             setattr(torch.linalg, name, fn)
 
 
-def tiny_model() -> Any:
-    import transformers
-
-    config = transformers.Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    return seeded_model(config)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -99,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=20, help="profiler table rows")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny else args.device)
-    model = (tiny_model() if args.tiny else qwen_half_billion(24)).to(device)
+    model = (tiny_qwen(2) if args.tiny else qwen_half_billion(24)).to(device)
     length, repeats = (64, 2) if args.tiny else (1024, 5)
     vocab = int(model.config.vocab_size)
     ids = torch.randint(4, vocab, (4, length), generator=torch.Generator().manual_seed(0))
