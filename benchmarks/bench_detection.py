@@ -418,8 +418,8 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     )
     print()
     print("real runs (HF Trainer SFT, the demo's GRPO loop, TRL's GRPOTrainer):")
-    outcomes, false, healthy, _ = dc.evaluate(runs)
-    goals = dc.report(outcomes, false, healthy)
+    outcomes, false, healthy, rules = dc.evaluate(runs)
+    goals = dc.report(outcomes, false, healthy, watched=dc.watched_steps(runs), rules=rules)
     print()
     dc.holdout_hand_rules(runs)
     print()
@@ -428,8 +428,15 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         f"synthetic streams: {args.syn_trials} trials of {len(dc.SYNTHETIC_FAULTS)} rare shapes, "
         f"{args.syn_healthy_steps} healthy RL-like steps (heavy-tailed noise, trends, wander):"
     )
-    s_outcomes, s_false, s_healthy, _ = dc.evaluate(syn)
-    s_goals = dc.report(s_outcomes, s_false, s_healthy, say=_quiet_faults())
+    s_outcomes, s_false, s_healthy, s_rules = dc.evaluate(syn)
+    s_goals = dc.report(
+        s_outcomes,
+        s_false,
+        s_healthy,
+        say=_quiet_faults(),
+        watched=dc.watched_steps(syn),
+        rules=s_rules,
+    )
     print()
     dc.rho_lead(runs)
     print(f"\n({time.monotonic() - started:.0f} s)")
