@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--corpus", action="store_true", help="only the training-health section")
     parser.add_argument("--corpus-path", type=Path, default=None, help="the cached corpus")
     parser.add_argument("--rebuild", action="store_true", help="train the corpus again")
+    parser.add_argument("--jobs", type=int, default=2, help="processes training the corpus")
     parser.add_argument("--syn-trials", type=int, default=20, help="synthetic faults per shape")
     parser.add_argument("--syn-healthy-steps", type=int, default=50_000)
     args = parser.parse_args()
@@ -410,7 +411,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     from benchmarks import failure_corpus as fc
 
     started = time.monotonic()
-    runs = fc.corpus(args.corpus_path or fc.DEFAULT_PATH, rebuild=args.rebuild)
+    runs = fc.corpus(args.corpus_path or fc.DEFAULT_PATH, rebuild=args.rebuild, jobs=args.jobs)
     real_steps = sum(len(r.records) for r in runs)
     print(
         f"failure corpus: {len(runs)} real runs, {real_steps} steps "
