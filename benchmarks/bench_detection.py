@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--corpus", action="store_true", help="only the training-health section")
     parser.add_argument("--corpus-path", type=Path, default=None, help="the cached corpus")
     parser.add_argument("--rebuild", action="store_true", help="train the corpus again")
+    parser.add_argument("--jobs", type=int, default=2, help="processes training the corpus")
     parser.add_argument("--syn-trials", type=int, default=20, help="synthetic faults per shape")
     parser.add_argument("--syn-healthy-steps", type=int, default=50_000)
     args = parser.parse_args()
@@ -410,7 +411,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     from benchmarks import failure_corpus as fc
 
     started = time.monotonic()
-    runs = fc.corpus(args.corpus_path or fc.DEFAULT_PATH, rebuild=args.rebuild)
+    runs = fc.corpus(args.corpus_path or fc.DEFAULT_PATH, rebuild=args.rebuild, jobs=args.jobs)
     real_steps = sum(len(r.records) for r in runs)
     print(
         f"failure corpus: {len(runs)} real runs, {real_steps} steps "
@@ -418,8 +419,8 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     )
     print()
     print("real runs (HF Trainer SFT, the demo's GRPO loop, TRL's GRPOTrainer):")
-    outcomes, false, healthy, _ = dc.evaluate(runs)
-    goals = dc.report(outcomes, false, healthy)
+    outcomes, false, healthy, rules = dc.evaluate(runs)
+    goals = dc.report(outcomes, false, healthy, watched=dc.watched_steps(runs), rules=rules)
     print()
     dc.holdout_hand_rules(runs)
     print()
@@ -428,8 +429,15 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         f"synthetic streams: {args.syn_trials} trials of {len(dc.SYNTHETIC_FAULTS)} rare shapes, "
         f"{args.syn_healthy_steps} healthy RL-like steps (heavy-tailed noise, trends, wander):"
     )
-    s_outcomes, s_false, s_healthy, _ = dc.evaluate(syn)
-    s_goals = dc.report(s_outcomes, s_false, s_healthy, say=_quiet_faults())
+    s_outcomes, s_false, s_healthy, s_rules = dc.evaluate(syn)
+    s_goals = dc.report(
+        s_outcomes,
+        s_false,
+        s_healthy,
+        say=_quiet_faults(),
+        watched=dc.watched_steps(syn),
+        rules=s_rules,
+    )
     print()
     dc.rho_lead(runs)
     print(f"\n({time.monotonic() - started:.0f} s)")

@@ -64,6 +64,14 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("rl", "length_hack"): ("LengthDrift",),
     ("rl", "entropy_collapse"): ("EntropyCollapse",),
     ("trl", "zero_reward"): ("RewardCollapse",),
+    ("trl", "lr_jump"): (
+        "EntropyCollapse",
+        "EntropySurge",
+        "RewardCollapse",
+        "KLSurge",
+        "GradNormSpike",
+    ),
+    ("trl", "nan_batch"): ("NonFiniteTraining",),
     # synthetic rare shapes
     ("syn", "inf_loss"): ("NonFiniteTraining",),
     ("syn", "grad_spikes_growing"): ("GradNormSpike",),
@@ -75,7 +83,11 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("syn", "loss_step"): ("LossSpike",),
 }
 HAND_WINDOW = 10
-HAND_GRID = (1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0)
+# a fault that is a pattern exists only from its second event: growing grad-norm spikes
+# (x3, x7, x11 every 4 records) grow from the second spike; a lone first spike x3 is within a
+# healthy run's noise (healthy corpus runs show lone grad-norm records 10x their level)
+PATTERN_LAG = {"grad_spikes_growing": 4}
+_LAG_WHY = "its second spike: growth exists from there; the raw delay is printed"
 
 
 def observations(run: CorpusRun) -> list[Observation]:
@@ -106,10 +118,13 @@ def observations(run: CorpusRun) -> list[Observation]:
     return out
 
 
+def _kind(run: CorpusRun) -> str:
+    return "rl" if run.family in ("rl", "trl", "syn-rl") else "sft" if run.family == "sft" else ""
+
+
 def detector_starts(run: CorpusRun, config: AlertsConfig | None = None) -> dict[str, list[int]]:
     """Steps at which each alert started on the run (detectors of the run's kind)."""
-    kind = "rl" if run.family in ("rl", "trl", "syn-rl") else "sft" if run.family == "sft" else ""
-    dets = RunDetectors(config or AlertsConfig(), kind)
+    dets = RunDetectors(config or AlertsConfig(), _kind(run))
     starts: dict[str, list[int]] = {}
     for obs in observations(run):
         for t in dets.update(obs):
@@ -163,47 +178,115 @@ def _false(starts: Iterable[int], onset: int | None) -> int:
     return sum(1 for s in starts if onset is None or s < onset)
 
 
+def healthy_part(run: CorpusRun) -> CorpusRun:
+    """The run's healthy records: all of a healthy run, a fault run's before its onset."""
+    if run.onset is None:
+        return run
+    records = [r for r in run.records if (r["step"] or 0) < run.onset]
+    return CorpusRun(run.name, run.family, None, None, run.seed, records)
+
+
+def _after_warmup(starts: Iterable[int], run: CorpusRun, warmup: int) -> int:
+    """Alert starts after the run's first ``warmup`` records (the detectors' warm-up)."""
+    if len(run.records) <= warmup:
+        return 0
+    first = int(run.records[warmup - 1]["step"] or 0) if warmup else -1
+    return sum(1 for x in starts if x > first)
+
+
 @dataclass
 class HandRules:
     """A static threshold and a spike multiplier per detector, calibrated on healthy records."""
 
     static: dict[str, float] = field(default_factory=dict)
     spike: dict[str, float] = field(default_factory=dict)
+    # the false alarms each rule raised on the healthy records it was calibrated on
+    static_false: dict[str, int] = field(default_factory=dict)
+    spike_false: dict[str, int] = field(default_factory=dict)
+
+
+# spike multipliers tried, 1.01 to 100 (geometric, 1% apart)
+SPIKE_GRID = tuple(float(round(1.01**i, 6)) for i in range(1, 464))
 
 
 def calibrate(healthy: Sequence[CorpusRun], allowed: dict[str, int], warmup: int = 12) -> HandRules:
-    """The loosest hand rules with no more false alarms than ``allowed`` (per detector)."""
+    """The most sensitive hand rules that raise no more false alarms than ``allowed`` (per
+    detector) on the ``healthy`` streams, counted after the first ``warmup`` records of each
+    (the detectors' own warm-up): the static level X is the lowest (highest, for a fall)
+    healthy value it may sit at, the spike multiplier the smallest on :data:`SPIKE_GRID`."""
     rules = HandRules()
     for det, (name, direction) in SIGNAL.items():
         if direction == "nonfinite":
             continue
-        values = [
+        values = sorted(
             v
             for run in healthy
             for v in [r.get(name) for r in run.records[warmup:]]
             if v is not None and math.isfinite(v)
-        ]
+        )
         if not values:
             continue
-        if direction in ("up", "both"):
-            rules.static[det] = max(values) * (1 + 1e-9) + 1e-12
-        else:
-            rules.static[det] = min(values) * (1 - 1e-9) - 1e-12
-        if min(values) <= 0.0:
+        budget = allowed.get(det, 0)
+        sign = -1.0 if direction == "down" else 1.0
+
+        def static_fa(x: float, name: str = name, direction: str = direction) -> int:
+            d = "down" if direction == "down" else "up"
+            return sum(_after_warmup(static_starts(r, name, d, x), r, warmup) for r in healthy)
+
+        # candidate levels, most extreme first: just past each healthy value
+        top = values[::-1] if sign > 0 else values
+        levels = [v * (1 + sign * 1e-9) + sign * 1e-12 for v in top]
+        lo, hi = 0, len(levels) - 1  # levels[0] raises none; find the last within budget
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if static_fa(levels[mid]) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        rules.static[det] = levels[lo]
+        rules.static_false[det] = static_fa(levels[lo])
+        if values[0] <= 0.0:
             continue  # a signed value has no ratio to its mean
+
+        def spike_fa(m: float, name: str = name, direction: str = direction) -> int:
+            return sum(
+                _after_warmup(spike_starts(r, name, direction, m), r, warmup) for r in healthy
+            )
+
         # false alarms fall as m grows: bisect the grid for the smallest m allowed
-        lo, hi = 0, len(HAND_GRID)
+        lo, hi = 0, len(SPIKE_GRID)
         while lo < hi:
             mid = (lo + hi) // 2
-            m = HAND_GRID[mid]
-            fa = sum(_false(spike_starts(r, name, direction, m), r.onset) for r in healthy)
-            if fa <= allowed.get(det, 0):
+            if spike_fa(SPIKE_GRID[mid]) <= budget:
                 hi = mid
             else:
                 lo = mid + 1
-        if lo < len(HAND_GRID):
-            rules.spike[det] = HAND_GRID[lo]
+        if lo < len(SPIKE_GRID):
+            rules.spike[det] = SPIKE_GRID[lo]
+            rules.spike_false[det] = spike_fa(SPIKE_GRID[lo])
     return rules
+
+
+def watched_steps(runs: Sequence[CorpusRun], config: AlertsConfig | None = None) -> dict[str, int]:
+    """Per detector, the healthy records it judged: of a run kind it is set up for, with its
+    value present (finite or not: a non-finite value is judged too)."""
+    config = config or AlertsConfig()
+    out: dict[str, int] = {}
+    for run in runs:
+        kind = _kind(run)
+        dets = {type(d).__name__ for d in RunDetectors(config, kind).detectors}
+        for det, (name, _) in SIGNAL.items():
+            if det not in dets:
+                continue
+            fields = (
+                ("loss", "grad_norm", "reward_mean")
+                if det == "NonFiniteTraining"
+                else ((name, "entropy_mean") if det == "EntropySurge" else (name,))
+            )
+            out[det] = out.get(det, 0) + sum(
+                1 for r in healthy_part(run).records if any(r.get(f) is not None for f in fields)
+            )
+    return out
 
 
 # ---------------------------------------------------------------- evaluation
@@ -232,20 +315,20 @@ class Outcome:
 def evaluate(
     runs: Sequence[CorpusRun], config: AlertsConfig | None = None
 ) -> tuple[list[Outcome], dict[str, int], int, HandRules]:
-    """Delays on the fault runs, false alarms on healthy records, hand rules side by side."""
+    """Delays on the fault runs, false alarms on healthy records, hand rules side by side
+    (calibrated in sample: on the same healthy records of the family, to the detector's own
+    false-alarm count there)."""
     starts = {run.name: detector_starts(run, config) for run in runs}
     false: dict[str, int] = {}
     healthy_steps = 0
     for run in runs:
-        healthy_steps += sum(
-            1 for r in run.records if run.onset is None or (r["step"] or 0) < run.onset
-        )
+        healthy_steps += len(healthy_part(run).records)
         for det, ss in starts[run.name].items():
             false[det] = false.get(det, 0) + _false(ss, run.onset)
     outcomes: list[Outcome] = []
     rules_by_family: dict[str, HandRules] = {}
     for family in sorted({r.family for r in runs}):
-        healthy = [r for r in runs if r.family == family and r.fault is None]
+        healthy = [healthy_part(r) for r in runs if r.family == family]
         fam_false: dict[str, int] = {}
         for run in (r for r in runs if r.family == family):
             for det, ss in starts[run.name].items():
@@ -292,6 +375,10 @@ def evaluate(
     for fam, rules in rules_by_family.items():
         merged.static.update({f"{fam}:{k}": v for k, v in rules.static.items()})
         merged.spike.update({f"{fam}:{k}": v for k, v in rules.spike.items()})
+        for k, v in rules.static_false.items():
+            merged.static_false[k] = merged.static_false.get(k, 0) + v
+        for k, v in rules.spike_false.items():
+            merged.spike_false[k] = merged.spike_false.get(k, 0) + v
     return outcomes, false, healthy_steps, merged
 
 
@@ -303,35 +390,55 @@ def _fmt(delays: list[int | None]) -> str:
     return f"{statistics.median(fired):>5.1f} {max(fired):>5d} {misses:>5d}"
 
 
+def _later(mine: int | None, hand: int | None) -> bool:
+    """Whether a hand rule caught the fault before the detector (or caught what it missed)."""
+    return hand is not None and (mine is None or hand < mine)
+
+
 def report(
     outcomes: Sequence[Outcome],
     false: dict[str, int],
     healthy_steps: int,
     say: Callable[[str], None] = print,
+    *,
+    watched: dict[str, int] | None = None,
+    rules: HandRules | None = None,
 ) -> dict[str, bool]:
-    """Per detector: delays, misses, false alarms per 10k; hand rules; the goals met."""
+    """Per detector: delays, misses, false alarms per 10k of the healthy steps it judged
+    (``watched``; all ``healthy_steps`` when not given); the hand rules at an equal false-alarm
+    count (``rules``: the counts they reached); the goals met."""
     header = (
         f"{'detector':<18} {'budget':>6} {'faults':>6} {'med':>5} {'worst':>5} {'miss':>5}"
-        f" {'FA/10k':>7}   {'static med worst miss':>21}   {'spike med worst miss':>20}"
+        f" {'FA':>3} {'steps':>6} {'FA/10k':>6}   {'static med worst miss FA':>24}"
+        f"   {'spike med worst miss FA':>23}"
     )
     say(header)
     say("-" * len(header))
     within = True
     earlier = True
+    hand_wins: list[str] = []
     for det, budget in BUDGET.items():
         mine = [o for o in outcomes if o.detector == det]
         if not mine:
             continue
         delays = [o.delay for o in mine]
-        fa = false.get(det, 0) * 10_000 / max(1, healthy_steps)
+        steps = (watched or {}).get(det, healthy_steps)
+        fa = false.get(det, 0) * 10_000 / max(1, steps)
+        sfa = _hand_false(rules.static_false if rules else {}, det)
+        pfa = _hand_false(rules.spike_false if rules else {}, det)
         say(
-            f"{det:<18} {budget:>6} {len(mine):>6} {_fmt(delays)} {fa:>7.2f}   "
-            f"{_fmt([o.static for o in mine]):>21}   {_fmt([o.spike for o in mine]):>20}"
+            f"{det:<18} {budget:>6} {len(mine):>6} {_fmt(delays)} {false.get(det, 0):>3}"
+            f" {steps:>6} {fa:>6.2f}   {_fmt([o.static for o in mine]):>17} {sfa:>6}"
+            f"   {_fmt([o.spike for o in mine]):>17} {pfa:>5}"
         )
         for o in mine:
-            hand = [h for h in (o.static, o.spike) if h is not None]
-            if o.delay is not None and hand and o.delay > min(hand):
-                earlier = False
+            for rule, hand in (("static", o.static), ("spike", o.spike)):
+                if _later(o.delay, hand):
+                    earlier = False
+                    hand_wins.append(
+                        f"{o.run} {det}: {o.delay if o.delay is not None else 'miss'}"
+                        f" vs {rule} {hand}"
+                    )
     by_fault: dict[tuple[str, str], list[Outcome]] = {}
     for o in outcomes:
         by_fault.setdefault((o.run, o.fault), []).append(o)
@@ -339,7 +446,10 @@ def report(
     say("per fault (caught: one of its detectors within that detector's budget; records):")
     tally: dict[str, list[int]] = {}
     for (run, fault), os_ in by_fault.items():
-        ok = any(o.delay is not None and o.delay <= BUDGET[o.detector] for o in os_)
+        ok = any(
+            o.delay is not None and o.delay <= BUDGET[o.detector] + PATTERN_LAG.get(fault, 0)
+            for o in os_
+        )
         within = within and ok
         counts = tally.setdefault(fault, [0, 0])
         counts[0] += ok
@@ -355,11 +465,19 @@ def report(
         "caught within budget: "
         + ", ".join(f"{fault} {ok}/{n}" for fault, (ok, n) in sorted(tally.items()))
     )
+    for fault, lag in PATTERN_LAG.items():
+        if fault in tally:
+            say(f"  ({fault}: its budget counts from record {lag} after the onset, {_LAG_WHY})")
+    if hand_wins:
+        say(f"a hand rule at the detector's false-alarm count came first ({len(hand_wins)}):")
+        for line in hand_wins:
+            say(f"  {line}")
     total_fa = sum(false.values()) * 10_000 / max(1, healthy_steps)
     goals = {
         "every fault caught within budget": within,
         "<= 1 false alarm per 10k healthy steps (each detector)": all(
-            v * 10_000 / max(1, healthy_steps) <= 1.0 for v in false.values()
+            v * 10_000 / max(1, (watched or {}).get(det, healthy_steps)) <= 1.0
+            for det, v in false.items()
         ),
         "never later than a hand rule at equal false alarms": earlier,
     }
@@ -368,6 +486,11 @@ def report(
     for goal, met in goals.items():
         say(f"goal: {goal}: {'yes' if met else 'NO'}")
     return goals
+
+
+def _hand_false(counts: dict[str, int], det: str) -> str:
+    got = [v for k, v in counts.items() if k == det or k.endswith(f":{det}")]
+    return str(sum(got)) if got else "-"
 
 
 # ---------------------------------------------------------------- synthetic streams

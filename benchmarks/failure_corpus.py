@@ -1,6 +1,7 @@
 """A failure corpus: real toy training runs, healthy and with injected faults, step by step.
 
     .venv/bin/python benchmarks/failure_corpus.py [--out build/failure_corpus.json] [--quick]
+        [--jobs 2]
 
 Every run records, per optimizer step, what the trainer itself computed (no extra
 forward): SFT runs through the Hugging Face ``Trainer`` (``logging_steps=1``, read
@@ -20,11 +21,15 @@ first step that has it):
   pays for length: reward hacking), ``entropy_collapse`` (no KL, samples at
   temperature 0.3, the group baseline lost: the policy trains on its own
   sharpened samples);
-- TRL GRPO: ``zero_reward`` (the reward function returns 0).
+- TRL GRPO: ``zero_reward`` (the reward function returns 0), ``lr_jump`` (x100 through
+  the trainer's scheduler), ``nan_batch`` (one step's loss is NaN).
 
-Runs are cached in a JSON file, run by run under their names (about 15 minutes to
-build on 2 cores, once; a run added to the plan is trained alone);
-:mod:`bench_detection` reads it (``--corpus``).
+Healthy runs: 15 SFT seeds (5 of 300 steps, 10 of 800), 27 of the GRPO loop (7 of 60
+steps, 20 of 120) and 10 of TRL (2 of 40, 8 of 80): with the fault runs' records before
+their onsets, 13,640 healthy steps, 3,693 of them RL (the false-alarm rate needs 10,000).
+Runs are cached in a JSON file, run by run under their names (62 runs, 13,965 steps:
+894 s to build with ``--jobs 2`` on 2 cores at load ~2.5, once; a run added to the plan is
+trained alone); :mod:`bench_detection` reads it (``--corpus``).
 """
 
 from __future__ import annotations
@@ -74,16 +79,23 @@ class CorpusPlan:
     sft_fault_steps: int = 200
     sft_onset: int = 150
     sft_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    # more healthy seeds, longer: the false-alarm rate needs >= 10,000 healthy steps
+    sft_long_steps: int = 800
+    sft_long_seeds: tuple[int, ...] = tuple(range(5, 15))
     base_steps: int = 300
     rl_steps: int = 60
     rl_onset: int = 25
     rl_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+    rl_long_steps: int = 120
+    rl_long_seeds: tuple[int, ...] = tuple(range(7, 27))
     sft_faults: tuple[str, ...] = ("lr_jump", "nan_batch", "label_corruption")
     rl_faults: tuple[str, ...] = ("lr_jump", "zero_reward", "length_hack", "entropy_collapse")
     trl_steps: int = 40
     trl_onset: int = 20
     trl_seeds: tuple[int, ...] = (0, 1)
-    trl_faults: tuple[str, ...] = ("zero_reward",)
+    trl_long_steps: int = 80
+    trl_long_seeds: tuple[int, ...] = tuple(range(2, 10))
+    trl_faults: tuple[str, ...] = ("zero_reward", "lr_jump", "nan_batch")
 
 
 QUICK = CorpusPlan(
@@ -91,6 +103,7 @@ QUICK = CorpusPlan(
     sft_fault_steps=40,
     sft_onset=25,
     sft_seeds=(0,),
+    sft_long_seeds=(),
     base_steps=40,
     rl_steps=0,
     trl_steps=0,
@@ -100,6 +113,7 @@ QUICK = CorpusPlan(
 
 SFT_LR = 2e-3
 SFT_BATCH = 16
+TRL_LR_JUMP = 100.0
 
 
 def sft_run(steps: int, seed: int, fault: str | None, onset: int) -> tuple[CorpusRun, Any]:
@@ -268,10 +282,18 @@ def specs(plan: CorpusPlan) -> list[RunSpec]:
         RunSpec(f"sft-{fault}-s0", "sft", fault, 0, plan.sft_fault_steps, plan.sft_onset)
         for fault in plan.sft_faults
     ]
+    out += [
+        RunSpec(f"sft-healthy-s{seed}", "sft", None, seed, plan.sft_long_steps, plan.sft_onset)
+        for seed in plan.sft_long_seeds
+    ]
     if plan.rl_steps:
         out += [
             RunSpec(f"rl-healthy-s{seed}", "rl", None, seed, plan.rl_steps, plan.rl_onset)
             for seed in plan.rl_seeds
+        ]
+        out += [
+            RunSpec(f"rl-healthy-s{seed}", "rl", None, seed, plan.rl_long_steps, plan.rl_onset)
+            for seed in plan.rl_long_seeds
         ]
         out += [
             RunSpec(f"rl-{fault}-s0", "rl", fault, 0, plan.rl_steps, plan.rl_onset)
@@ -286,6 +308,10 @@ def specs(plan: CorpusPlan) -> list[RunSpec]:
             RunSpec(f"trl-{fault}-s0", "trl", fault, 0, plan.trl_steps, plan.trl_onset)
             for fault in plan.trl_faults
         ]
+        out += [
+            RunSpec(f"trl-healthy-s{seed}", "trl", None, seed, plan.trl_long_steps, plan.trl_onset)
+            for seed in plan.trl_long_seeds
+        ]
     return out
 
 
@@ -297,11 +323,14 @@ def trl_reward(completions: list[str], answer: list[str], **kwargs: Any) -> list
 def trl_grpo_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> CorpusRun:
     """TRL's ``GRPOTrainer`` from ``base``'s weights (KL to them, beta 0.05), one log per
     step (reward, its std, KL, the policy's entropy, mean completion length, loss, grad norm,
-    learning rate: TRL's own numbers). ``zero_reward``: the reward function returns 0 from
-    step ``onset``."""
+    learning rate: TRL's own numbers). Faults from step ``onset``: ``zero_reward`` (the
+    reward function returns 0), ``lr_jump`` (the learning rate x``TRL_LR_JUMP`` through the
+    trainer's own scheduler), ``nan_batch`` (that step's loss is NaN: NaN gradients poison
+    AdamW, and the next generation samples from NaN logits and stops the run, as it would)."""
     import copy
     import tempfile
 
+    import torch
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -342,15 +371,33 @@ def trl_grpo_run(base: Any, steps: int, seed: int, fault: str | None, onset: int
             seed=seed,
             log_level="error",
         )
-        trainer = GRPOTrainer(
+
+        class FaultyGRPOTrainer(GRPOTrainer):  # type: ignore[misc]
+            def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+                loss = super().compute_loss(model, inputs, *args, **kwargs)
+                if fault == "nan_batch" and int(self.state.global_step) + 1 == onset:
+                    loss = loss * float("nan")
+                return loss
+
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate)
+
+        def factor(done: int) -> float:  # LambdaLR: ``done`` optimizer steps so far
+            return TRL_LR_JUMP if fault == "lr_jump" and done + 1 >= onset else 1.0
+
+        trainer = FaultyGRPOTrainer(
             model=policy,
             reward_funcs=reward,
             args=config,
             train_dataset=data,
             processing_class=char_tokenizer(),
+            optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)),
         )
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        try:
+            trainer.train()
+        except RuntimeError:  # sampling from NaN weights: the run stops, its log stays
+            if fault != "nan_batch":
+                raise
     run = CorpusRun(
         f"trl-{fault or 'healthy'}-s{seed}", "trl", fault, onset if fault else None, seed
     )
@@ -378,10 +425,11 @@ def build(
     say: Any = print,
     cached: dict[str, CorpusRun] | None = None,
     keep: Any = None,
+    only: set[str] | None = None,
 ) -> list[CorpusRun]:
-    """Train every run of ``plan`` not in ``cached`` (single-threaded torch; seconds per run),
-    calling ``keep(runs)`` after each new one (the cache grows run by run: an interrupted
-    build loses at most the run under way)."""
+    """Train every run of ``plan`` not in ``cached`` (single-threaded torch; seconds per run;
+    ``only``: of these names), calling ``keep(runs)`` after each new one (the cache grows run
+    by run: an interrupted build loses at most the run under way)."""
     import torch
 
     torch.set_num_threads(1)
@@ -393,6 +441,8 @@ def build(
     for spec in specs(plan):
         if spec.name in cached:
             runs.append(cached[spec.name])
+            continue
+        if only is not None and spec.name not in only:
             continue
         if spec.family == "sft":
             run, model = sft_run(spec.steps, spec.seed, spec.fault, spec.onset)
@@ -428,26 +478,90 @@ def load(path: Path) -> list[CorpusRun] | None:
 
 
 def corpus(
-    path: Path = DEFAULT_PATH, *, rebuild: bool = False, say: Any = print
+    path: Path = DEFAULT_PATH, *, rebuild: bool = False, say: Any = print, jobs: int = 1
 ) -> list[CorpusRun]:
     """The corpus of the full plan: cached runs reused by name, missing ones trained (and
-    cached as each finishes)."""
+    cached as each finishes; ``jobs`` > 1: in that many processes, each into a part file,
+    merged at the end)."""
     cached = {} if rebuild else {r.name: r for r in load(path) or []}
     plan = CorpusPlan()
     missing = [s.name for s in specs(plan) if s.name not in cached]
     if missing:
         say(f"training {len(missing)} runs of the failure corpus into {path}: {', '.join(missing)}")
+    if missing and jobs > 1:
+        cached.update(build_in_parts(path, cached, min(jobs, len(missing)), say))
+        save(list(cached.values()), path)
     return build(plan, say, cached, keep=lambda runs: save(runs, path))
+
+
+def part_path(path: Path, part: int) -> Path:
+    return path.with_name(f"{path.stem}.part{part}{path.suffix}")
+
+
+def build_in_parts(
+    path: Path, cached: dict[str, CorpusRun], jobs: int, say: Any = print
+) -> dict[str, CorpusRun]:
+    """Train the runs missing from ``cached`` in ``jobs`` processes (missing run i in part
+    i mod jobs; each process caches its runs in its own part file); the runs they made."""
+    import subprocess
+    import sys
+
+    save(list(cached.values()), path)  # the parts skip what is cached
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--out", str(path), "--part", f"{i}/{jobs}"],
+            stdout=subprocess.DEVNULL,
+        )
+        for i in range(jobs)
+    ]
+    codes = [p.wait() for p in procs]
+    made: dict[str, CorpusRun] = {}
+    for i in range(jobs):
+        made.update({r.name: r for r in load(part_path(path, i)) or []})
+        part_path(path, i).unlink(missing_ok=True)
+    took = time.monotonic() - started
+    say(f"  {len(made)} runs in {jobs} processes ({took:.0f} s, exit codes {codes})")
+    return made
+
+
+def build_part(path: Path, part: int, parts: int, say: Any = print) -> None:
+    """One process of :func:`build_in_parts`: its share of the runs missing from ``path``."""
+    cached = {r.name: r for r in load(path) or []}
+    mine = {s.name for s in specs(CorpusPlan()) if s.name not in cached}
+    mine = {n for k, n in enumerate(sorted(mine)) if k % parts == part}
+    out = part_path(path, part)
+    done = {r.name: r for r in load(out) or []}  # an interrupted part resumes
+    build(
+        CorpusPlan(),
+        say,
+        {**cached, **done},
+        keep=lambda runs: save([r for r in runs if r.name in mine], out),
+        only=mine,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_PATH)
     parser.add_argument("--quick", action="store_true", help="the test's small slice only")
+    parser.add_argument("--jobs", type=int, default=1, help="train in this many processes")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # i/n: one process
     args = parser.parse_args()
-    runs = build(QUICK if args.quick else CorpusPlan())
-    save(runs, args.out)
-    print(f"{len(runs)} runs, {sum(len(r.records) for r in runs)} steps -> {args.out}")
+    if args.part is not None:
+        part, parts = (int(x) for x in args.part.split("/"))
+        build_part(args.out, part, parts)
+        return
+    started = time.monotonic()
+    if args.quick:
+        runs = build(QUICK)
+        save(runs, args.out)
+    else:
+        runs = corpus(args.out, jobs=args.jobs)
+    print(
+        f"{len(runs)} runs, {sum(len(r.records) for r in runs)} steps -> {args.out}"
+        f" ({time.monotonic() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -57,3 +57,39 @@ def test_hand_rules_judged_on_unseen_healthy_runs() -> None:
     assert {row[1] for row in rows} >= {"GradNormSpike", "KLSurge", "LengthDrift"}
     assert all(row[0] == "syn-rl" and row[2] == "1" and row[3] == str(600) for row in rows)
     assert all(row[4].isdigit() and row[5].isdigit() for row in rows)
+
+
+def test_hand_rules_calibrated_in_sample_to_the_detectors_false_alarms() -> None:
+    """Each hand rule is the most sensitive one that raises no more false alarms than allowed
+    on the same healthy streams (after the detectors' warm-up): allowed one, it raises at
+    most one, and the next more sensitive static level would raise more."""
+    rng = np.random.default_rng(0)
+    healthy = [dc.synthetic_healthy(600, "syn-rl", rng) for _ in range(2)]
+    for allowed in (0, 1):
+        rules = dc.calibrate(healthy, {"GradNormSpike": allowed, "KLSurge": allowed})
+        for det in ("GradNormSpike", "KLSurge"):
+            name, direction = dc.SIGNAL[det]
+            assert rules.static_false[det] <= allowed and rules.spike_false[det] <= allowed
+
+            def static_fa(x: float, name: str = name, direction: str = direction) -> int:
+                return sum(
+                    dc._after_warmup(dc.static_starts(r, name, direction, x), r, 12)
+                    for r in healthy
+                )
+
+            assert static_fa(rules.static[det]) == rules.static_false[det]
+            values = [x[name] for r in healthy for x in r.records[12:]]
+            values = sorted(v for v in values if v is not None)
+            below = max(v for v in values if v < rules.static[det])
+            assert static_fa(below * (1 - 1e-9)) > allowed
+
+
+def test_false_alarm_rates_count_the_steps_each_detector_judged() -> None:
+    """An SFT run's steps count for the loss and grad-norm detectors, not for the RL ones; a
+    fault run's records after its onset count for none."""
+    sft = fc.build(fc.QUICK, say=lambda line: None)
+    syn = dc.synthetic_fault("kl_surge", np.random.default_rng(0), 0)
+    watched = dc.watched_steps([*sft, syn])
+    assert watched["LossSpike"] == 40 + 24 + 59
+    assert watched["KLSurge"] == 59 and "EntropyCollapse" in watched
+    assert watched["NonFiniteTraining"] == 40 + 24 + 59

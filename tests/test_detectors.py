@@ -59,6 +59,15 @@ def test_weakening_fires_on_step_and_resolves() -> None:
     assert 200 <= resolve.step <= 260 and resolve.reason is Reason.RECOVERED
 
 
+def test_weakening_needs_an_established_inversion() -> None:
+    """A run whose rho settles above 0 (the toy GRPO runs of the failure corpus: +0.07 to
+    +0.14) has no inversion to weaken: its rise to +0.4 raises nothing; from -0.1 it does."""
+    path = [0.1] * 100 + [0.4] * 100
+    assert run(InversionWeakening(), rho_stream(path, 128, 3)) == []
+    trans = run(InversionWeakening(), rho_stream([-0.1] * 100 + [0.3] * 100, 128, 3))
+    assert [t.firing for t in trans] == [True]
+
+
 def test_weakening_ignores_insufficient_records() -> None:
     det = InversionWeakening()
     assert det.update(Observation(1, 0.0, None, 64)) is None

@@ -90,8 +90,11 @@ CASES: list[tuple[Callable[[], Detector], str, float, float, float, int]] = [
     (lambda: GradNormSpike(AlertsConfig().grad_norm_spike), "grad_norm", 1.0, 0.15, 4.0, 3),
     (lambda: KLSurge(AlertsConfig().kl_surge), "kl", 0.05, 0.15, 0.3, 3),
     (lambda: EntropySurge(AlertsConfig().entropy_surge), "policy_entropy_mean", 1.0, 0.05, 2.0, 3),
-    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 80, 5),
-    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 15, 5),
+    # LengthDrift waits for eight records: healthy RL runs of the failure corpus wandered to
+    # 1.7-1.9x their level for four to six (a collapse to empty completions fires at once)
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 80, 8),
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 12, 8),
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 4, 0),
 ]
 
 
@@ -137,6 +140,21 @@ def test_drift_alert_ends_when_the_value_is_back() -> None:
     assert (ts[0].firing, ts[0].step) == (True, 30)
     assert len(ts) == 2 and not ts[1].firing and ts[1].reason is Reason.RECOVERED
     assert ts[1].step <= 30 + 20
+
+
+def test_growing_grad_norm_spikes_fire_on_the_second_spike() -> None:
+    """Spikes "higher and higher" (x3, then x4.5 four records later): the second fires though
+    neither alone is out far enough for the CUSUM; either spike alone does not fire."""
+    for seed in range(20):
+        base = lognormal(1.0, 0.15, 64, seed)
+
+        def run(first: float, second: float, base: list[float] = base) -> list[int]:
+            values = list(base)
+            values[40], values[44] = first, second
+            return firings(GradNormSpike(AlertsConfig().grad_norm_spike), "grad_norm", values)
+
+        assert run(3.0, 4.5) == [44], seed
+        assert run(3.0, 1.0) == [] and run(1.0, 3.0) == [], seed
 
 
 def test_entropy_collapse_fast_path_within_three_records() -> None:
@@ -216,16 +234,19 @@ def test_kl_lone_spike_is_quiet_and_a_sustained_surge_is_caught() -> None:
 
 
 def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
-    """A healthy RL run's mean length halved for ten steps (two of seven corpus runs); a
-    reward paying for length grows it ~1.4x within a few steps."""
+    """Healthy RL runs of the failure corpus: a mean length halved for ten steps, or at 1.8x
+    its level for five; a reward paying for length doubles it (to the token cap) and it stays:
+    caught within eight records."""
     for seed in range(20):
         base = lognormal(40, 0.08, 30, seed)
         dip = base + lognormal(20, 0.08, 10, seed + 1) + lognormal(40, 0.08, 20, seed + 2)
         config = AlertsConfig().length_drift
         assert firings(LengthDrift(config), "completion_length_mean", dip) == []
-        hack = base + lognormal(56, 0.08, 10, seed + 3)
+        bump = base + lognormal(72, 0.08, 5, seed + 1) + lognormal(40, 0.08, 20, seed + 2)
+        assert firings(LengthDrift(config), "completion_length_mean", bump) == []
+        hack = base + lognormal(80, 0.08, 20, seed + 3)
         fired = firings(LengthDrift(config), "completion_length_mean", hack)
-        assert fired and 30 <= fired[0] <= 35, (seed, fired)
+        assert fired and 30 <= fired[0] <= 38, (seed, fired)
 
 
 def test_ratio_gates_need_a_log_stream() -> None:

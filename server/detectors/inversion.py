@@ -29,6 +29,14 @@ class WeakeningConfig(DetectorConfig):
     threshold: float = Field(
         default=20.0, gt=0.0, description="CUSUM decision threshold (SE units)"
     )
+    max_baseline: float = Field(
+        default=0.0,
+        gt=-1.0,
+        le=1.0,
+        description="judge only runs whose established rho is below this: an inversion to "
+        "weaken (the toy GRPO runs of the failure corpus settle at rho +0.07 to +0.14 and wander "
+        "to +0.5: three false alarms in 37 healthy runs without it)",
+    )
 
 
 class LostConfig(DetectorConfig):
@@ -78,6 +86,8 @@ class InversionWeakening:
             if len(self._warm) >= self.config.warmup:
                 self.baseline_z, _ = _weighted_mean_z(self._warm)
             return None
+        if math.tanh(self.baseline_z) >= self.config.max_baseline:
+            return None  # no inversion established: nothing to weaken
         shift = self._reference_shift_z()
         h = self.config.threshold
         self.cusum = max(0.0, self.cusum + (z - self.baseline_z - shift) / se)

@@ -11,12 +11,16 @@ from inversion_monitor.server.detectors.robust import Direction, DriftConfig, Dr
 
 
 class RewardCollapseConfig(DriftConfig):
-    """Parameters of :class:`RewardCollapse` (rewards taken as they are: they may be signed)."""
+    """Parameters of :class:`RewardCollapse` (rewards taken as they are: they may be signed).
+
+    Two records 5.5 robust SDs below the level fire, or one 9.5 below (a reward function
+    that returns 0: no healthy record of the failure corpus' 37 RL runs came near).
+    """
 
     scale: Scale = Scale.LINEAR
     k: float = Field(default=1.5, ge=0.0, description="CUSUM allowance, robust SDs")
     z_cap: float | None = Field(
-        default=6.0, gt=0.0, description="a sustained shift, not one record"
+        default=10.0, gt=0.0, description="a record adds at most this robust z to the CUSUM"
     )
     min_scale: float = Field(default=0.01, gt=0.0, description="smallest robust SD, reward units")
 

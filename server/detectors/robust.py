@@ -262,6 +262,13 @@ class DriftDetector:
             return ratio >= 1.0 + cfg.min_rise
         return ratio <= 1.0 - cfg.min_fall
 
+    def pattern(self, score: Score) -> tuple[Direction, str] | None:
+        """A shape that fires the alert besides the CUSUM (its direction and words for it), or
+        None: none here; :class:`~.spikes.GradNormSpike` watches for growing spikes,
+        :class:`~.length.LengthDrift` for a collapse to near-empty completions."""
+        del score
+        return None
+
     def update(self, obs: Observation) -> Transition | None:
         x = self.value(obs)
         if x is None or not math.isfinite(x):
@@ -277,13 +284,19 @@ class DriftDetector:
             "cusum": score.up if self.side is not Direction.DOWN else score.down,
             "threshold": cfg.threshold,
         }
+        pattern = self.pattern(score)
         if not self.active:
             over = [
                 (d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)
             ]
-            if not over:
+            if not over and pattern is None:
                 return None
-            side, cusum = max(over, key=lambda dc: dc[1])
+            if over:
+                side, cusum = max(over, key=lambda dc: dc[1])
+            else:
+                assert pattern is not None
+                side = pattern[0]
+                cusum = score.up if side is Direction.UP else score.down
             self.active, self.side, self._start_step = True, side, obs.step
             values["cusum"] = cusum
             ratio = (
@@ -291,6 +304,20 @@ class DriftDetector:
                 if self.stream.log and score.level > 0.0
                 else f"vs its level {score.level:.4g}"
             )
+            if not over:
+                assert pattern is not None
+                return Transition(
+                    self.name,
+                    cfg.severity,
+                    True,
+                    self.reasons.get(side, Reason.CUSUM_EXCEEDED),
+                    obs.step,
+                    obs.wall_time,
+                    self.summaries[side],
+                    f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}): {pattern[1]} "
+                    f"at step {obs.step}",
+                    values,
+                )
             return Transition(
                 self.name,
                 cfg.severity,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import ClassVar
 
 from pydantic import Field
@@ -12,6 +13,7 @@ from inversion_monitor.server.detectors.robust import (
     DriftConfig,
     DriftDetector,
     Scale,
+    Score,
 )
 
 
@@ -42,20 +44,32 @@ class GradNormSpikeConfig(SpikeConfig):
     warmup: int = Field(default=20, ge=3)
     threshold: float = Field(default=10.0, gt=0.0)
     min_scale: float = Field(default=0.05, gt=0.0)
+    bump_z: float | None = Field(
+        default=5.0,
+        gt=0.0,
+        description="growing spikes: a record this many robust SDs above the level is a bump; "
+        "a bump higher than an earlier one within ``bump_window`` records fires (None: off)",
+    )
+    bump_window: int = Field(default=8, ge=2, description="records a bump is remembered")
+    bump_growth: float = Field(
+        default=1.3, gt=1.0, description="a later bump fires at this x the earlier one or more"
+    )
 
 
 class KLSurgeConfig(SpikeConfig):
     """Parameters of :class:`KLSurge` (the log of KL + ``floor`` nats: below it KL is ~0).
 
     A surge is sustained: a record adds at most ``z_cap`` robust SDs (healthy RL runs show
-    lone KL records 3-7x their level), so two records 4 robust SDs out fire, and only at
-    ``1 + min_rise`` x the level or more (a healthy policy's KL to its reference keeps
-    growing: 2.5x over ten steps in the corpus).
+    lone KL records 3-7x their level), so two records 4.5 robust SDs out fire, and only at
+    ``1 + min_rise`` x the level or more. The allowance is a spike detector's: a healthy
+    policy's KL to its reference keeps growing, by a robust SD or so per record (2.5x over ten
+    steps in the GRPO loop; 8x over ten steps in a healthy TRL run of the failure corpus,
+    which an allowance of 1.5 added up to an alert).
     """
 
-    k: float = Field(default=1.5, ge=0.0)
+    k: float = Field(default=2.0, ge=0.0)
     threshold: float = Field(default=5.0, gt=0.0)
-    z_cap: float | None = Field(default=4.5, gt=0.0)
+    z_cap: float | None = Field(default=6.0, gt=0.0)
     min_rise: float = Field(default=2.0, ge=0.0)
     floor: float = Field(default=0.01, ge=0.0)
     min_scale: float = Field(default=0.15, gt=0.0)
@@ -98,6 +112,31 @@ class GradNormSpike(DriftDetector):
     direction = Direction.UP
     summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "Gradient norm spike"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
+
+    def __init__(self, config: GradNormSpikeConfig) -> None:
+        super().__init__(config)
+        self.bump_config = config
+        self._bumps: deque[tuple[int, float]] = deque()  # (record index, value) of recent bumps
+        self._index = 0
+
+    def pattern(self, score: Score) -> tuple[Direction, str] | None:
+        """Growing spikes ("higher and higher"): a bump ``bump_z`` robust SDs or more above
+        the level, at ``bump_growth`` x an earlier bump of the last ``bump_window`` records."""
+        cfg = self.bump_config
+        self._index += 1
+        if cfg.bump_z is None or score.z < cfg.bump_z:
+            return None
+        while self._bumps and self._index - self._bumps[0][0] > cfg.bump_window:
+            self._bumps.popleft()
+        earlier = [v for _, v in self._bumps if score.value >= cfg.bump_growth * v]
+        self._bumps.append((self._index, score.value))
+        if not earlier:
+            return None
+        return (
+            Direction.UP,
+            f"growing spikes, {score.value / max(earlier):.3g} x a spike to {max(earlier):.4g} "
+            f"{cfg.bump_window} records or fewer before",
+        )
 
 
 class KLSurge(DriftDetector):
