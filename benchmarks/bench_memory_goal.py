@@ -27,37 +27,20 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_scaling import PROBE_ROWS, TARGETS, Shape, captured, sample_positions
+from benchmarks.bench_scaling import (
+    PROBE_ROWS,
+    TARGETS,
+    Shape,
+    captured,
+    llama,
+    sample_positions,
+)
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.op_counts import OpCounter
 
 GOAL_SHAPE = Shape("8B layer", 4096, 14336, 32, 8, 1, 128_256, "meta-llama/Meta-Llama-3-8B")
 TINY_SHAPE = Shape("tiny", 64, 128, 4, 2, 1, 512)
 GOAL_BYTES = 1.5 * 2**30
-
-
-def build(shape: Shape, device: torch.device, dtype: torch.dtype, max_positions: int) -> Any:
-    """A random-weight one-layer Llama of ``shape``, created on ``device`` (the global RNGs
-    restored)."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    config._attn_implementation = "sdpa"
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), device:
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return model.to(dtype=dtype)
 
 
 def peak_of(call: Any, device: torch.device) -> tuple[int, float]:
@@ -78,7 +61,7 @@ def peak_of(call: Any, device: torch.device) -> tuple[int, float]:
 
 
 def measure(shape: Shape, lengths: list[int], device: torch.device, dtype: torch.dtype) -> dict:
-    model = build(shape, device, dtype, max(lengths))
+    model = llama(shape, device, dtype, max(lengths))
     rows = []
     for length in lengths:
         gen = torch.Generator().manual_seed(length)

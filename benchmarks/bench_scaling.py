@@ -206,7 +206,8 @@ def fit(costs: list[Cost], seconds: list[float]) -> Fit:
 
 
 def llama(s: Shape, device: torch.device, dtype: torch.dtype, max_positions: int) -> nn.Module:
-    """A random-weight Llama of shape ``s`` (seeded, the global RNG restored)."""
+    """A random-weight Llama of shape ``s``, created on ``device`` (seeded, the global RNGs
+    restored)."""
     import transformers
 
     config = transformers.LlamaConfig(
@@ -221,10 +222,10 @@ def llama(s: Shape, device: torch.device, dtype: torch.dtype, max_positions: int
         use_cache=False,
     )
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config)
-    return model.to(device=device, dtype=dtype)
+    return model.to(dtype=dtype)
 
 
 def _sync(device: torch.device) -> None:

@@ -304,20 +304,12 @@ class DriftDetector:
                 if self.stream.log and score.level > 0.0
                 else f"vs its level {score.level:.4g}"
             )
-            if not over:
+            if over:
+                why = f"CUSUM {cusum:.1f} > {cfg.threshold:g} robust SDs of this run"
+                detail = f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}; {why})"
+            else:
                 assert pattern is not None
-                return Transition(
-                    self.name,
-                    cfg.severity,
-                    True,
-                    self.reasons.get(side, Reason.CUSUM_EXCEEDED),
-                    obs.step,
-                    obs.wall_time,
-                    self.summaries[side],
-                    f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}): {pattern[1]} "
-                    f"at step {obs.step}",
-                    values,
-                )
+                detail = f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}): {pattern[1]}"
             return Transition(
                 self.name,
                 cfg.severity,
@@ -326,8 +318,7 @@ class DriftDetector:
                 obs.step,
                 obs.wall_time,
                 self.summaries[side],
-                f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}; CUSUM {cusum:.1f} > "
-                f"{cfg.threshold:g} robust SDs of this run) at step {obs.step}",
+                f"{detail} at step {obs.step}",
                 values,
             )
         cusum = score.up if self.side is Direction.UP else score.down
