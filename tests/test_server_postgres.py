@@ -7,6 +7,7 @@ fixture (test_server_restart, test_server_sessions, test_server_roundtrip, ...).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
 from inversion_monitor.server.config import ServerConfig
+from inversion_monitor.server.replicas import SYNC_PERIOD_S
 from inversion_monitor.server.settings_file import ServerConfigError
 from inversion_monitor.server.storage_state import StorageState
 from inversion_monitor.server.store import Store
@@ -391,17 +393,24 @@ def test_the_client_fails_over_between_replicas_of_one_database_and_every_record
     assert [int(step) for _, step in rows] == list(range(total))  # every step once, in order
 
 
+def _posted(receiver: Receiver, run: str = "") -> list[tuple[str, str, dict[str, Any]]]:
+    """``(sender, status, alert)`` for each alert of every POST the receiver got, in arrival
+    order (of ``run`` only, if given). The v2 API's body is a list of alerts: firing while
+    its ``endsAt`` lies after the POST arrived, resolved otherwise. ``sender``: the path
+    before ``/api/v2/alerts`` (a replica's ``--alertmanager-url`` RECEIVER/a posts as ``a``)."""
+    out = []
+    for arrived, path, body in list(receiver.posts):
+        sender = path.removesuffix("/api/v2/alerts").strip("/")
+        for alert in body:
+            ends = datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")).timestamp()
+            if not run or alert["labels"]["run"] == run:
+                out.append((sender, "firing" if ends > arrived else "resolved", alert))
+    return out
+
+
 def _posts(receiver: Receiver, status: str) -> list[dict[str, Any]]:
-    """One entry per alert of that status in every POST the receiver got (the v2 API's body
-    is a list of alerts; an active one's ``endsAt`` lies ahead, a resolved one's behind)."""
-    now = time.time()
-    return [
-        alert
-        for body in list(receiver.bodies)
-        for alert in body
-        if (datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")).timestamp() > now)
-        == (status == "firing")
-    ]
+    """Every alert of that status the receiver got."""
+    return [alert for _, state, alert in _posted(receiver) if state == status]
 
 
 def _alert_gauge(http_url: str, run: str) -> float | None:
@@ -409,6 +418,35 @@ def _alert_gauge(http_url: str, run: str) -> float | None:
         text = resp.read().decode()
     labels = (("alertname", "NonFiniteTraining"), ("run", run), ("severity", "critical"))
     return samples(text).get(("inversion_monitor_alert_active", labels))
+
+
+def _rules(tmp_path: Path, resend_s: float) -> Path:
+    """Detector settings of the alert tests: 3 finite records end NonFiniteTraining."""
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(f"resend_s: {resend_s}\nnonfinite:\n  recover: 3\n")
+    return rules
+
+
+@contextmanager
+def _alerting_replica(
+    url: str, rules: Path, receiver: Receiver, sender: str = ""
+) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """A ``serve`` replica with alerts (``rules``) posted to ``receiver`` (under the path
+    ``/sender``) and HTTP on: ``(process, gRPC target, HTTP URL)``."""
+    base = receiver.url.removesuffix("/alerts") + (f"/{sender}" if sender else "")
+    flags = ("--http-address", "127.0.0.1:0", "--alerts-config", str(rules))
+    with _replica(url, *flags, "--alertmanager-url", base, via_env=False) as (proc, target):
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("http listening on"), line
+        yield proc, target, line.split()[-1]
+
+
+def _push_loss(stub: Any, session: str, run_id: str, seq: int, loss: float) -> None:
+    request = monitor_pb2.PushRequest(
+        records=[record(run_id, seq, loss=loss)], writer_session=session
+    )
+    assert stub.Push(request, timeout=TIMEOUT).accepted == 1
 
 
 def test_two_replicas_share_alert_state_and_post_each_change_once(
@@ -419,29 +457,16 @@ def test_two_replicas_share_alert_state_and_post_each_change_once(
     name = postgres_cluster.create_database()
     url = postgres_cluster.url(name)
     database = TestDatabase("postgresql", url, postgres_cluster, name)
-    rules = tmp_path / "alerts.yaml"  # posts on each change only; 3 finite records end it
-    rules.write_text("resend_s: 3600\nnonfinite:\n  recover: 3\n")
+    rules = _rules(tmp_path, resend_s=3600)  # posts on each change only
     receivers = {"a": Receiver(), "b": Receiver()}
-    flags = {
-        key: (
-            *("--http-address", "127.0.0.1:0", "--alerts-config", str(rules)),
-            *("--alertmanager-url", receiver.url.removesuffix("/alerts")),
-        )
-        for key, receiver in receivers.items()
-    }
     try:
         with (
-            _replica(url, *flags["a"], via_env=False) as (first, target_a),
-            _replica(url, *flags["b"], via_env=False) as (second, target_b),
+            _alerting_replica(url, rules, receivers["a"]) as (_, target_a, http_a),
+            _alerting_replica(url, rules, receivers["b"]) as (_, target_b, http_b),
             grpc.insecure_channel(target_a) as channel_a,
             grpc.insecure_channel(target_b) as channel_b,
         ):
-            http = {}
-            for key, proc in (("a", first), ("b", second)):
-                assert proc.stdout is not None
-                line = proc.stdout.readline()
-                assert line.startswith("http listening on"), line
-                http[key] = line.split()[-1]
+            http = {"a": http_a, "b": http_b}
             a = monitor_pb2_grpc.MonitorServiceStub(channel_a)
             b = monitor_pb2_grpc.MonitorServiceStub(channel_b)
             info = run_info("diverged", world_size=1)
@@ -449,10 +474,7 @@ def test_two_replicas_share_alert_state_and_post_each_change_once(
             run = on_a.display_name
 
             def push(stub: Any, session: str, seq: int, loss: float) -> None:
-                request = monitor_pb2.PushRequest(
-                    records=[record("diverged", seq, loss=loss)], writer_session=session
-                )
-                assert stub.Push(request, timeout=TIMEOUT).accepted == 1
+                _push_loss(stub, session, "diverged", seq, loss)
 
             push(a, on_a.writer_session, 1, 2.0)
             push(a, on_a.writer_session, 2, math.nan)  # fires on A
@@ -489,3 +511,217 @@ def test_two_replicas_share_alert_state_and_post_each_change_once(
     finally:
         for receiver in receivers.values():
             receiver.close()
+
+
+def _same_alert(posts: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
+    """The labels and startsAt every post of one alert carries (the same in each)."""
+    found = {
+        (json.dumps(alert["labels"], sort_keys=True), alert["startsAt"]) for *_, alert in posts
+    }
+    assert len(found) == 1, found
+    labels, starts = found.pop()
+    return {"labels": json.loads(labels), "startsAt": starts}
+
+
+def _count(posts: list[tuple[str, str, dict[str, Any]]], sender: str, status: str) -> int:
+    return sum(1 for who, state, _ in posts if (who, state) == (sender, status))
+
+
+def test_every_replica_reposts_a_shared_alert_and_a_resolve_is_the_last_word(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    """Both replicas post to one receiver every second. A fires; B re-posts the alert it
+    holds (same labels and startsAt). The stream moves to B, whose own detectors never saw
+    the non-finite loss: the adoption put its detector in the firing state, so 3 finite
+    records end it there. A stays alive and posting (another run's alert), yet the last
+    word on the ended alert is B's resolve, which B repeats."""
+    name = postgres_cluster.create_database()
+    url = postgres_cluster.url(name)
+    database = TestDatabase("postgresql", url, postgres_cluster, name)
+    rules = _rules(tmp_path, resend_s=1)
+    receiver = Receiver()
+    try:
+        with (
+            _alerting_replica(url, rules, receiver, "a") as (_, target_a, _http_a),
+            _alerting_replica(url, rules, receiver, "b") as (_, target_b, http_b),
+            grpc.insecure_channel(target_a) as channel_a,
+            grpc.insecure_channel(target_b) as channel_b,
+        ):
+            a = monitor_pb2_grpc.MonitorServiceStub(channel_a)
+            b = monitor_pb2_grpc.MonitorServiceStub(channel_b)
+            info = run_info("diverged", world_size=1)
+            on_a = a.OpenRun(monitor_pb2.OpenRunRequest(run=info), timeout=TIMEOUT)
+            run = on_a.display_name
+            _push_loss(a, on_a.writer_session, "diverged", 1, 2.0)
+            _push_loss(a, on_a.writer_session, "diverged", 2, math.nan)  # fires on A
+            # A keeps a second run's alert firing: A goes on posting all along
+            other = a.OpenRun(
+                monitor_pb2.OpenRunRequest(run=run_info("other", world_size=1)), timeout=TIMEOUT
+            )
+            _push_loss(a, other.writer_session, "other", 1, math.inf)
+
+            def repeated_by_b() -> bool:
+                return _count(_posted(receiver, run), "b", "firing") >= 2
+
+            wait_until("B to re-post the alert A fired", repeated_by_b, 30)
+            shared = _same_alert(_posted(receiver, run))
+            assert shared["labels"]["alertname"] == "NonFiniteTraining"
+
+            on_b = b.OpenRun(monitor_pb2.OpenRunRequest(run=info, takeover=True), timeout=TIMEOUT)
+            for seq in (3, 4, 5):  # finite only: B's detectors never saw the NaN
+                _push_loss(b, on_b.writer_session, "diverged", seq, 1.5)
+            wait_until("B to end it", lambda: _alert_gauge(http_b, run) == 0.0, 20)
+            assert database.rows(
+                "SELECT count(*), min(active), min(end_step), min(end_reason) FROM alerts"
+                " WHERE display_name = ?",
+                (run,),
+            ) == [(1, 0, 50, "recovered")]
+            resolved_at = len(receiver.posts)
+            other_before = _count(_posted(receiver, other.display_name), "a", "firing")
+
+            def settled() -> bool:  # B repeated its resolve; A posted on meanwhile
+                after = receiver.posts[resolved_at:]
+                senders = [path for _, path, _ in after]
+                return (
+                    senders.count("/b/api/v2/alerts") >= 3
+                    and senders.count("/a/api/v2/alerts") >= 3
+                )
+
+            wait_until("three more rounds of each replica", settled, 30)
+            posts = _posted(receiver, run)
+            assert posts[-1][:2] == ("b", "resolved"), posts[-3:]
+            a_other = _count(_posted(receiver, other.display_name), "a", "firing")
+            assert a_other - other_before >= 3  # A went on posting all along
+            counts = {
+                f"{who}_{state}": _count(posts, who, state)
+                for who in ("a", "b")
+                for state in ("firing", "resolved")
+            }
+            print(f"posts of {run}: {counts}; POSTs in all: {len(receiver.posts)}")
+            assert counts["a_resolved"] == 0 and counts["b_resolved"] >= 3
+            _same_alert(posts)  # every post of it, firing or resolved, is the same alert
+    finally:
+        receiver.close()
+
+
+def _api(http_url: str, path: str) -> Any:
+    with urllib.request.urlopen(http_url + path, timeout=TIMEOUT) as resp:
+        return json.loads(resp.read())
+
+
+def _caught_up(http_url: str, expected: dict[str, tuple[int, bool]]) -> bool:
+    """Whether the replica's JSON API and /metrics show each run ``display name: (latest
+    step, NonFiniteTraining active)``, and its alert view (GetRun's alerts) the alert."""
+    listed = {r["display_name"]: r for r in _api(http_url, "/api/runs")["runs"]}
+    with urllib.request.urlopen(http_url + "/metrics", timeout=TIMEOUT) as resp:
+        text = resp.read().decode()
+    for run, (step, alerting) in expected.items():
+        summary = listed.get(run)
+        if summary is None or int(summary["latest"]["step"]) != step:
+            return False
+        if run_sample(text, "inversion_monitor_step", run) != step:
+            return False
+        if bool(summary.get("active_alerts")) != alerting:
+            return False
+        if alerting:
+            alerts = _api(http_url, f"/api/runs/{run}?history=1&samples=0").get("alerts", [])
+            if not [x for x in alerts if x["name"] == "NonFiniteTraining" and x["active"]]:
+                return False
+            if _alert_gauge(http_url, run) != 1.0:
+                return False
+    return True
+
+
+def test_a_restarted_replica_catches_up_and_reposts_the_alerts_it_did_not_see(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    """A fires an alert and is SIGKILLed: B goes on re-posting it. Through B the stream
+    goes on (steps A never saw), a new run opens and raises an alert on B. A restarted
+    shows every run, step and alert in its JSON API, /metrics and alert view, follows
+    what B writes next within a sync round, and re-posts both alerts as B posts them."""
+    name = postgres_cluster.create_database()
+    url = postgres_cluster.url(name)
+    rules = _rules(tmp_path, resend_s=1)
+    receiver = Receiver()
+    try:
+        with (
+            _alerting_replica(url, rules, receiver, "b") as (_, target_b, http_b),
+            grpc.insecure_channel(target_b) as channel_b,
+        ):
+            b = monitor_pb2_grpc.MonitorServiceStub(channel_b)
+            first = run_info("first", world_size=1)
+            with (
+                _alerting_replica(url, rules, receiver, "a") as (proc_a, target_a, http_a),
+                grpc.insecure_channel(target_a) as channel_a,
+            ):
+                a = monitor_pb2_grpc.MonitorServiceStub(channel_a)
+                on_a = a.OpenRun(monitor_pb2.OpenRunRequest(run=first), timeout=TIMEOUT)
+                run_1 = on_a.display_name
+                for seq in range(1, 6):
+                    _push_loss(a, on_a.writer_session, "first", seq, 2.0)
+                _push_loss(a, on_a.writer_session, "first", 6, math.nan)  # fires on A
+                wait_until("B to hold A's alert", lambda: _alert_gauge(http_b, run_1) == 1.0, 20)
+                assert _caught_up(http_a, {run_1: (60, True)})
+                proc_a.kill()  # SIGKILL
+                proc_a.wait(timeout=30)
+                killed_at = len(_posted(receiver, run_1))
+
+            def kept_alive_by_b() -> bool:
+                after = _posted(receiver, run_1)[killed_at:]
+                return _count(after, "b", "firing") >= 2 and _count(after, "a", "firing") == 0
+
+            wait_until("B to go on re-posting the alert after A died", kept_alive_by_b, 30)
+
+            on_b = b.OpenRun(monitor_pb2.OpenRunRequest(run=first, takeover=True), timeout=TIMEOUT)
+            assert on_b.acked_sequence == 6
+            for seq in range(7, 13):  # steps A never saw; still diverged
+                _push_loss(b, on_b.writer_session, "first", seq, math.nan)
+            second = b.OpenRun(
+                monitor_pb2.OpenRunRequest(run=run_info("second", world_size=1)), timeout=TIMEOUT
+            )
+            run_2 = second.display_name
+            for seq in range(1, 4):
+                _push_loss(b, second.writer_session, "second", seq, 2.0)
+            _push_loss(b, second.writer_session, "second", 4, math.nan)  # fires on B
+            expected = {run_1: (120, True), run_2: (40, True)}
+            assert wait_until("B to show it all", lambda: _caught_up(http_b, expected), 20)
+
+            with (
+                _alerting_replica(url, rules, receiver, "a") as (_, target_a, http_a),
+                grpc.insecure_channel(target_a) as channel_a,
+            ):
+                started = time.monotonic()
+                wait_until("A to catch up", lambda: _caught_up(http_a, expected), 2 * SYNC_PERIOD_S)
+                caught_up_s = time.monotonic() - started
+                # B writes on: A follows within a sync round or two
+                _push_loss(b, on_b.writer_session, "first", 13, 1.0)
+                third = b.OpenRun(
+                    monitor_pb2.OpenRunRequest(run=run_info("third", world_size=1)),
+                    timeout=TIMEOUT,
+                )
+                _push_loss(b, third.writer_session, "third", 1, 1.0)
+                expected = {**expected, run_1: (130, True), third.display_name: (10, False)}
+                started = time.monotonic()
+                wait_until("A to follow B", lambda: _caught_up(http_a, expected), 4 * SYNC_PERIOD_S)
+                followed_s = time.monotonic() - started
+                restarted_at = len(receiver.posts)
+
+                def reposted_by_a() -> bool:
+                    return all(
+                        _count(_posted(receiver, run)[restarted_at:], "a", "firing") >= 1
+                        for run in (run_1, run_2)
+                    )
+
+                wait_until("the restarted A to re-post both alerts", reposted_by_a, 30)
+            for run in (run_1, run_2):  # one alert each, whoever posted it
+                _same_alert(_posted(receiver, run))
+            counts = {
+                run: {who: _count(_posted(receiver, run), who, "firing") for who in ("a", "b")}
+                for run in (run_1, run_2)
+            }
+            print(
+                f"firing posts {counts}; POSTs in all {len(receiver.posts)}; "
+                f"caught up {caught_up_s:.2f} s after ready, followed B in {followed_s:.2f} s"
+            )
+    finally:
+        receiver.close()
