@@ -17,8 +17,10 @@ On a shared database (several servers, :mod:`.alert_share`) the stored rows are
 the truth instead: nothing ends at start-up, a run's active rows come back
 active, an alert raised for a run whose row of that name is active is adopted
 (not stored, posted or logged again), a row ends once (by the server whose
-detectors see the run recover), and :meth:`AlertEngine.reconcile` takes in the
-alerts the other servers started and ended.
+detectors see the run recover; an adopted row puts that detector in its firing
+state), :meth:`AlertEngine.reconcile` takes in the alerts the other servers
+started and ended, and every active row held here is re-posted by the sinks that
+re-post (``hold``: Alertmanager), fired here or not.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ import pytest
 
 from inversion_monitor import MonitorClient, TelemetryWarning
 from inversion_monitor.proto.v1 import monitor_pb2, monitor_pb2_grpc
+from inversion_monitor.server.alert_share import RESOLVED_RESEND_S, ActiveCheck, end_once
+from inversion_monitor.server.alertmanager import AlertmanagerSink
 from inversion_monitor.server.config import ServerConfig
 from inversion_monitor.server.replicas import SYNC_PERIOD_S
 from inversion_monitor.server.settings_file import ServerConfigError
@@ -597,8 +599,11 @@ def test_every_replica_reposts_a_shared_alert_and_a_resolve_is_the_last_word(
                 for who in ("a", "b")
                 for state in ("firing", "resolved")
             }
-            print(f"posts of {run}: {counts}; POSTs in all: {len(receiver.posts)}")
+            first_resolve = posts.index(next(p for p in posts if p[:2] == ("b", "resolved")))
+            late = _count(posts[first_resolve:], "a", "firing")
+            print(f"posts of {run}: {counts}, A firing after B's resolve: {late}")
             assert counts["a_resolved"] == 0 and counts["b_resolved"] >= 3
+            assert late <= 1  # at most a post A had checked before B's end
             _same_alert(posts)  # every post of it, firing or resolved, is the same alert
     finally:
         receiver.close()
@@ -725,3 +730,63 @@ def test_a_restarted_replica_catches_up_and_reposts_the_alerts_it_did_not_see(
             )
     finally:
         receiver.close()
+
+
+def test_a_replica_posts_nothing_another_ended_and_repeats_its_own_resolves(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """Two replicas' Alertmanager senders on one database, one round at a time (the race
+    of the test above, made deterministic): once B ended the row, A's next round reads the
+    active rows first and leaves the alert out, before A's AlertSync has told it anything;
+    B re-posts the resolve each round for RESOLVED_RESEND_S, and drops it at once when the
+    alert fires again (a newer row)."""
+    url = postgres_cluster.url(postgres_cluster.create_database())
+    stores = {"a": Store(url), "b": Store(url)}
+    receiver = Receiver()
+    now = [time.time()]  # a clock the test moves on
+    sinks = {
+        key: AlertmanagerSink(
+            receiver.url.removesuffix("/alerts") + f"/{key}", start=False, clock=lambda: now[0]
+        )
+        for key in stores
+    }
+    try:
+        for key, sink in sinks.items():
+            sink.share(ActiveCheck(stores[key].database.reader), RESOLVED_RESEND_S)
+
+        def fire() -> tuple[int, monitor_pb2.Alert]:
+            row = stores["a"].insert_alert(
+                "r", "run-x", "NonFiniteTraining", "critical", 20, 1.0, "non_finite", "s", "d", {}
+            )
+            alert = monitor_pb2.Alert(
+                name="NonFiniteTraining", severity="critical", active=True, start_time=1.0
+            )
+            return row, alert
+
+        def round_of(key: str) -> list[str]:
+            """One round of ``key``'s sender: the status of each alert it posted."""
+            before = len(receiver.posts)
+            assert sinks[key].send_once()
+            return [state for _, state, _ in _posted(receiver)[before:]]
+
+        row, alert = fire()
+        sinks["a"].hold("run-x", alert, row)  # A fired it
+        sinks["b"].hold("run-x", alert, row, post=False)  # B adopted it (AlertSync)
+        assert (round_of("a"), round_of("b")) == (["firing"], ["firing"])
+        assert end_once(stores["b"].connection, row, 50, 2.0, "recovered", {})
+        ended = monitor_pb2.Alert()
+        ended.CopyFrom(alert)
+        ended.active, ended.end_time = False, 2.0
+        sinks["b"].hold("run-x", ended, row)  # B ended it
+        assert round_of("a") == [] and sinks["a"].pending() == []  # A: nothing, and forgot it
+        assert [round_of("b") for _ in range(3)] == [["resolved"]] * 3
+        now[0] += RESOLVED_RESEND_S
+        assert (round_of("b"), round_of("b")) == (["resolved"], [])  # the last one, then none
+        sinks["b"].hold("run-x", ended, row)  # resolved again by B; then A fires a new one
+        new_row, new_alert = fire()
+        sinks["a"].hold("run-x", new_alert, new_row)
+        assert (round_of("b"), round_of("a")) == ([], ["firing"])
+    finally:
+        receiver.close()
+        for store in stores.values():
+            store.close()
