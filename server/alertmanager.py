@@ -167,8 +167,16 @@ class AlertmanagerSink:
             self._drop((display_name, name))
 
     def _confirm(self) -> None:
-        """Shared database: drop the held alerts that ended elsewhere (one query)."""
-        active = self._check() if self._check is not None else None
+        """Shared database: drop the held alerts that ended elsewhere (one query). A row is
+        held only once committed (the engine runs after the push's commit), so a row the
+        query does not return has ended."""
+        if self._check is None:
+            return
+        try:
+            active = self._check()
+        except Exception:  # the sender thread goes on: post what is held
+            log.exception("checking the shared alerts failed")
+            return
         if active is None:
             return
         with self._lock:
