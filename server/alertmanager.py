@@ -8,6 +8,11 @@ end) to ``<url>/api/v2/alerts``, every ``resend_s`` seconds and on each change.
 A failed POST is retried with exponential backoff (at most ``resend_s``);
 resolved alerts are dropped once delivered. Memory is bounded by
 ``max_alerts`` (the oldest resolved alerts go first).
+
+On a shared database (:meth:`AlertmanagerSink.share`) the sink also re-posts the
+alerts other servers raised (:meth:`~AlertmanagerSink.hold`), checks the active
+rows once before each POST (dropping what ended elsewhere), and re-posts each
+resolve it made for a while (see :mod:`.alert_share`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.server.alert_share import ActiveRows
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,11 @@ class AlertmanagerSink:
         self._stop = threading.Event()
         # (run, alertname) -> latest state of the alert
         self._alerts: dict[tuple[str, str], tuple[str, monitor_pb2.Alert]] = {}
+        # shared database: the alerts' rows, and when each resolve stops being re-posted
+        self._rows: dict[tuple[str, str], int] = {}
+        self._resolved_until: dict[tuple[str, str], float] = {}
+        self._check: Callable[[], ActiveRows | None] | None = None
+        self._resolved_hold_s = 0.0
         self.sent = 0
         self.failures = 0
         self._thread: threading.Thread | None = None
@@ -112,25 +123,69 @@ class AlertmanagerSink:
             )
             self._thread.start()
 
+    def share(self, check: Callable[[], ActiveRows | None], resolved_hold_s: float) -> None:
+        """Several servers on one database: ``check`` reads the active rows before each
+        POST; a resolve made here is re-posted for ``resolved_hold_s`` seconds."""
+        self._check = check
+        self._resolved_hold_s = resolved_hold_s
+
     def notify(self, display_name: str, alert: monitor_pb2.Alert) -> None:
+        self.hold(display_name, alert, None)
+
+    def hold(
+        self, display_name: str, alert: monitor_pb2.Alert, row: int | None, post: bool = True
+    ) -> None:
+        """Keep (re-)posting ``alert`` (stored in ``row``); ``post``: at once, else from the
+        next round on (an alert another server raised and posted)."""
         copy = monitor_pb2.Alert()
         copy.CopyFrom(alert)
+        key = (display_name, alert.name)
         with self._lock:
-            key = (display_name, alert.name)
-            self._alerts.pop(key, None)
+            self._drop(key)
             self._alerts[key] = (display_name, copy)
+            if row is not None:
+                self._rows[key] = row
+            if not alert.active:
+                self._resolved_until[key] = self._clock() + self._resolved_hold_s
             while len(self._alerts) > self._max:
                 victim = next(
                     (k for k, (_, a) in self._alerts.items() if not a.active),
                     next(iter(self._alerts)),
                 )
-                del self._alerts[victim]
-        self._wake.set()
+                self._drop(victim)
+        if post:
+            self._wake.set()
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self._alerts.pop(key, None)
+        self._rows.pop(key, None)
+        self._resolved_until.pop(key, None)
 
     def forget(self, display_name: str, name: str) -> None:
         """Drop the alert without posting it (another server posted its end)."""
         with self._lock:
-            self._alerts.pop((display_name, name), None)
+            self._drop((display_name, name))
+
+    def _confirm(self) -> None:
+        """Shared database: drop the held alerts that ended elsewhere (one query). A row is
+        held only once committed (the engine runs after the push's commit), so a row the
+        query does not return has ended."""
+        if self._check is None:
+            return
+        try:
+            active = self._check()
+        except Exception:  # the sender thread goes on: post what is held
+            log.exception("checking the shared alerts failed")
+            return
+        if active is None:
+            return
+        with self._lock:
+            for key, (_, alert) in list(self._alerts.items()):
+                row = self._rows.get(key)
+                if alert.active and row is not None and active.ended(key, row):
+                    self._drop(key)  # ended by another server: it posts the resolve
+                elif not alert.active and key in active.rows and active.rows[key] != row:
+                    self._drop(key)  # the alert fired again: its old resolve is moot
 
     def pending(self) -> list[dict[str, Any]]:
         """The body of the next POST."""
@@ -144,6 +199,7 @@ class AlertmanagerSink:
 
     def send_once(self) -> bool:
         """POST the pending alerts; True on success (delivered resolved ones are dropped)."""
+        self._confirm()
         with self._lock:
             snapshot = {k: v[1].active for k, v in self._alerts.items()}
         body = self.pending()
@@ -164,11 +220,13 @@ class AlertmanagerSink:
             self.failures += 1
             return False
         self.sent += 1
+        now = self._clock()
         with self._lock:
             for key, was_active in snapshot.items():
                 current = self._alerts.get(key)
-                if not was_active and current is not None and not current[1].active:
-                    del self._alerts[key]
+                resolved = not was_active and current is not None and not current[1].active
+                if resolved and self._resolved_until.get(key, 0.0) <= now:
+                    self._drop(key)
         return True
 
     def _run(self) -> None:

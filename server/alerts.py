@@ -17,8 +17,10 @@ On a shared database (several servers, :mod:`.alert_share`) the stored rows are
 the truth instead: nothing ends at start-up, a run's active rows come back
 active, an alert raised for a run whose row of that name is active is adopted
 (not stored, posted or logged again), a row ends once (by the server whose
-detectors see the run recover), and :meth:`AlertEngine.reconcile` takes in the
-alerts the other servers started and ended.
+detectors see the run recover; an adopted row puts that detector in its firing
+state), :meth:`AlertEngine.reconcile` takes in the alerts the other servers
+started and ended, and every active row held here is re-posted by the sinks that
+re-post (``hold``: Alertmanager), fired here or not.
 """
 
 from __future__ import annotations
@@ -188,6 +190,8 @@ class AlertEngine:
             if alert.active and row.row is not None:
                 state.open[alert.name] = (alert, row.row)
                 state.adopted[alert.name] = row.row
+                alert_share.seed(state.detectors, row.name, row.start_step, row.summary)
+                self._tell(display_name, alert, row.row, post=False)
         with self._lock:
             self._runs[run_id] = state
 
@@ -226,6 +230,8 @@ class AlertEngine:
             stale = state.detectors.stale
             state.detectors = RunDetectors(self.config, state.kind)
             state.detectors.stale = stale
+            for alert, _ in state.open.values():  # adopted meanwhile: their detectors fire
+                alert_share.seed(state.detectors, alert.name, alert.start_step, alert.summary)
         if record.rank > state.rank:
             return
         state.rank = record.rank
@@ -295,6 +301,7 @@ class AlertEngine:
                 state.adopted.pop(name, None)
                 state.gauges[(name, alert.severity)] = 0.0
             if not self._write_end(row, t):  # another server ended it first: it posted the end
+                self._forget(state.display_name, name)
                 return
         log.info(
             "alert %s %s for run %s: %s",
@@ -303,11 +310,33 @@ class AlertEngine:
             state.display_name,
             t.message,
         )
+        self._tell(state.display_name, alert, row)
+
+    def _tell(
+        self, display_name: str, alert: monitor_pb2.Alert, row: int | None, *, post: bool = True
+    ) -> None:
+        """Tell the sinks about ``alert`` (stored in ``row``). On a shared database a sink that
+        re-posts (``hold``, e.g. Alertmanager) keeps every active alert held here, fired or
+        adopted (``post=False``: from its next round on; the firing server posted it)."""
         for sink in self._sinks:
             try:
-                sink.notify(state.display_name, alert)
+                hold = getattr(sink, "hold", None) if self._shared else None
+                if hold is not None:
+                    hold(display_name, alert, row, post)
+                elif post:
+                    sink.notify(display_name, alert)
             except Exception:
                 log.exception("alert sink %r failed", sink)
+
+    def _forget(self, display_name: str, name: str) -> None:
+        """The alert ended on another server (which posts its end): sinks drop it unposted."""
+        for sink in self._sinks:
+            forget = getattr(sink, "forget", None)  # e.g. AlertmanagerSink: no post
+            if forget is not None:
+                try:
+                    forget(display_name, name)
+                except Exception:
+                    log.exception("alert sink %r failed", sink)
 
     def _stored(self, ok: bool, what: str, exc: StoreError | None = None) -> None:
         """One log line per change between storing alerts and failing to."""
@@ -393,6 +422,8 @@ class AlertEngine:
             state.open[row.name] = (alert, row.row)
             state.adopted[row.name] = row.row
             state.gauges[(row.name, row.severity)] = 1.0
+        alert_share.seed(state.detectors, row.name, row.start_step, row.summary)
+        self._tell(state.display_name, alert, row.row, post=False)
 
     def reconcile(self, active: list[StoredAlert]) -> int:
         """Take in the stored active alerts ``active`` (every server's) for the runs held here:
@@ -431,13 +462,7 @@ class AlertEngine:
             state.open.pop(alert.name, None)
             state.adopted.pop(alert.name, None)
             state.gauges[(alert.name, alert.severity)] = 0.0
-        for sink in self._sinks:
-            forget = getattr(sink, "forget", None)  # e.g. AlertmanagerSink: no post
-            if forget is not None:
-                try:
-                    forget(state.display_name, alert.name)
-                except Exception:
-                    log.exception("alert sink %r failed", sink)
+        self._forget(state.display_name, alert.name)
 
     def close(self) -> None:
         """Nothing to release: the store belongs to the server."""

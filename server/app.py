@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from inversion_monitor.server.alert_config import load_alerts_config
-from inversion_monitor.server.alert_share import AlertSync
+from inversion_monitor.server.alert_share import RESOLVED_RESEND_S, ActiveCheck, AlertSync
 from inversion_monitor.server.alertmanager import AlertmanagerSink
 from inversion_monitor.server.alerts import AlertEngine, AlertSink
 from inversion_monitor.server.api import RunsApi
@@ -169,6 +169,9 @@ class AsyncMonitorServer:
                     )
                     self._sinks.append(self.alertmanager)
             store = await writer.call(lambda: Store(cfg.db))
+            if store.shared and self.alertmanager is not None:  # re-post what every server holds
+                check = ActiveCheck(store.database.reader)
+                self.alertmanager.share(check, RESOLVED_RESEND_S)
             try:
                 if cfg.alerts:
                     sinks = self._sinks

@@ -38,12 +38,16 @@ class Receiver:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
-        received = self.bodies
+        # (arrival time, path, body) of every POST, in arrival order
+        self.posts: list[tuple[float, str, Any]] = []
+        received, posts = self.bodies, self.posts
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 data = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append(json.loads(data))
+                body = json.loads(data)
+                posts.append((time.time(), self.path, body))
+                received.append(body)
                 self.send_response(200)
                 self.end_headers()
 

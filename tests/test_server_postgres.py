@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -391,17 +390,24 @@ def test_the_client_fails_over_between_replicas_of_one_database_and_every_record
     assert [int(step) for _, step in rows] == list(range(total))  # every step once, in order
 
 
+def _posted(receiver: Receiver, run: str = "") -> list[tuple[str, str, dict[str, Any]]]:
+    """``(sender, status, alert)`` for each alert of every POST the receiver got, in arrival
+    order (of ``run`` only, if given). The v2 API's body is a list of alerts: firing while
+    its ``endsAt`` lies after the POST arrived, resolved otherwise. ``sender``: the path
+    before ``/api/v2/alerts`` (a replica's ``--alertmanager-url`` RECEIVER/a posts as ``a``)."""
+    out = []
+    for arrived, path, body in list(receiver.posts):
+        sender = path.removesuffix("/api/v2/alerts").strip("/")
+        for alert in body:
+            ends = datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")).timestamp()
+            if not run or alert["labels"]["run"] == run:
+                out.append((sender, "firing" if ends > arrived else "resolved", alert))
+    return out
+
+
 def _posts(receiver: Receiver, status: str) -> list[dict[str, Any]]:
-    """One entry per alert of that status in every POST the receiver got (the v2 API's body
-    is a list of alerts; an active one's ``endsAt`` lies ahead, a resolved one's behind)."""
-    now = time.time()
-    return [
-        alert
-        for body in list(receiver.bodies)
-        for alert in body
-        if (datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")).timestamp() > now)
-        == (status == "firing")
-    ]
+    """Every alert of that status the receiver got."""
+    return [alert for _, state, alert in _posted(receiver) if state == status]
 
 
 def _alert_gauge(http_url: str, run: str) -> float | None:
@@ -409,6 +415,35 @@ def _alert_gauge(http_url: str, run: str) -> float | None:
         text = resp.read().decode()
     labels = (("alertname", "NonFiniteTraining"), ("run", run), ("severity", "critical"))
     return samples(text).get(("inversion_monitor_alert_active", labels))
+
+
+def _rules(tmp_path: Path, resend_s: float) -> Path:
+    """Detector settings of the alert tests: 3 finite records end NonFiniteTraining."""
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(f"resend_s: {resend_s}\nnonfinite:\n  recover: 3\n")
+    return rules
+
+
+@contextmanager
+def _alerting_replica(
+    url: str, rules: Path, receiver: Receiver, sender: str = ""
+) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """A ``serve`` replica with alerts (``rules``) posted to ``receiver`` (under the path
+    ``/sender``) and HTTP on: ``(process, gRPC target, HTTP URL)``."""
+    base = receiver.url.removesuffix("/alerts") + (f"/{sender}" if sender else "")
+    flags = ("--http-address", "127.0.0.1:0", "--alerts-config", str(rules))
+    with _replica(url, *flags, "--alertmanager-url", base, via_env=False) as (proc, target):
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("http listening on"), line
+        yield proc, target, line.split()[-1]
+
+
+def _push_loss(stub: Any, session: str, run_id: str, seq: int, loss: float) -> None:
+    request = monitor_pb2.PushRequest(
+        records=[record(run_id, seq, loss=loss)], writer_session=session
+    )
+    assert stub.Push(request, timeout=TIMEOUT).accepted == 1
 
 
 def test_two_replicas_share_alert_state_and_post_each_change_once(
@@ -419,29 +454,16 @@ def test_two_replicas_share_alert_state_and_post_each_change_once(
     name = postgres_cluster.create_database()
     url = postgres_cluster.url(name)
     database = TestDatabase("postgresql", url, postgres_cluster, name)
-    rules = tmp_path / "alerts.yaml"  # posts on each change only; 3 finite records end it
-    rules.write_text("resend_s: 3600\nnonfinite:\n  recover: 3\n")
+    rules = _rules(tmp_path, resend_s=3600)  # posts on each change only
     receivers = {"a": Receiver(), "b": Receiver()}
-    flags = {
-        key: (
-            *("--http-address", "127.0.0.1:0", "--alerts-config", str(rules)),
-            *("--alertmanager-url", receiver.url.removesuffix("/alerts")),
-        )
-        for key, receiver in receivers.items()
-    }
     try:
         with (
-            _replica(url, *flags["a"], via_env=False) as (first, target_a),
-            _replica(url, *flags["b"], via_env=False) as (second, target_b),
+            _alerting_replica(url, rules, receivers["a"]) as (_, target_a, http_a),
+            _alerting_replica(url, rules, receivers["b"]) as (_, target_b, http_b),
             grpc.insecure_channel(target_a) as channel_a,
             grpc.insecure_channel(target_b) as channel_b,
         ):
-            http = {}
-            for key, proc in (("a", first), ("b", second)):
-                assert proc.stdout is not None
-                line = proc.stdout.readline()
-                assert line.startswith("http listening on"), line
-                http[key] = line.split()[-1]
+            http = {"a": http_a, "b": http_b}
             a = monitor_pb2_grpc.MonitorServiceStub(channel_a)
             b = monitor_pb2_grpc.MonitorServiceStub(channel_b)
             info = run_info("diverged", world_size=1)
@@ -449,10 +471,7 @@ def test_two_replicas_share_alert_state_and_post_each_change_once(
             run = on_a.display_name
 
             def push(stub: Any, session: str, seq: int, loss: float) -> None:
-                request = monitor_pb2.PushRequest(
-                    records=[record("diverged", seq, loss=loss)], writer_session=session
-                )
-                assert stub.Push(request, timeout=TIMEOUT).accepted == 1
+                _push_loss(stub, session, "diverged", seq, loss)
 
             push(a, on_a.writer_session, 1, 2.0)
             push(a, on_a.writer_session, 2, math.nan)  # fires on A
