@@ -31,7 +31,9 @@ def _positions(batch: int, length: int, count: int) -> torch.Tensor:
     return torch.stack([flat[:count] // (length - 1), flat[:count] % (length - 1)], dim=1)
 
 
-def _counts(family: str, counts: tuple[int, ...]) -> list[OpCounter]:
+def _counts(
+    family: str, counts: tuple[int, ...], projections: tuple[str, ...] = ("q", "k", "v", "o")
+) -> list[OpCounter]:
     model = tiny_causal_lm(family, num_layers=2, vocab_size=128)
     for module in model.modules():  # the captured prefix is refused under active dropout
         if isinstance(module, nn.Dropout):
@@ -47,10 +49,12 @@ def _counts(family: str, counts: tuple[int, ...]) -> list[OpCounter]:
         found = []
         for count in counts:
             positions = _positions(4, 48, count)
-            logit_gradient_norms(model, ids, positions=positions, prefix=prefix)  # warm-up
+            kwargs = {"positions": positions, "prefix": prefix, "projections": projections}
+            logit_gradient_norms(model, ids, **kwargs)  # warm-up
             with OpCounter() as counter:
-                result = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
-            assert set(result.paths.values()) == {"last_block"}, result.paths
+                result = logit_gradient_norms(model, ids, **kwargs)
+            path = "last_block" if {"k", "v"} & set(projections) else "rank_one"
+            assert set(result.paths.values()) == {path}, result.paths
             assert result.prefix == "captured", result.prefix_reason
             found.append(counter)
         return found
@@ -65,6 +69,14 @@ def test_syncs_and_solves_do_not_grow_with_the_targets() -> None:
         assert many.solves == few.solves, (family, few.solve_ops, many.solve_ops)
         assert many.ops <= 1.1 * few.ops, (family, few.ops, many.ops)
         assert few.syncs <= 16 and few.solves <= 8, (family, few.sync_ops, few.solve_ops)
+
+
+def test_the_rank_one_path_reads_its_targets_back_once() -> None:
+    """Q and O alone (``rank_one``): grouping the targets by sequence is one read-back, not
+    two host syncs per target."""
+    few, many = _counts("llama", (8, 64), projections=("q", "o"))
+    assert many.syncs == few.syncs <= 12, (few.sync_ops, many.sync_ops)
+    assert many.ops <= 1.1 * few.ops, (few.ops, many.ops)
 
 
 def test_counter_sees_host_syncs_and_solves() -> None:

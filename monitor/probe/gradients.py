@@ -476,12 +476,14 @@ def _vocab_size(resolved: ResolvedModel) -> int:
 def _rank_one_groups(plan: ProbePlan, chunk_tokens: int) -> Iterator[torch.Tensor]:
     """Targets grouped by sequence: sequences x length <= chunk_tokens, rows x vocab bounded."""
     max_rows = max(1, _LOGIT_ELEMENTS // _vocab_size(plan.resolved))
-    order = torch.argsort(plan.targets[:, 0] * (plan.input_ids.shape[1] + 1) + plan.targets[:, 1])
+    targets = plan.targets.cpu()  # one read-back; the grouping is a host decision
+    order = torch.argsort(targets[:, 0] * (plan.input_ids.shape[1] + 1) + targets[:, 1])
+    pairs = targets.tolist()
     group: list[int] = []
     sequences: set[int] = set()
     length = 0
     for index in order.tolist():
-        seq, t = (int(v) for v in plan.targets[index])
+        seq, t = pairs[index]
         grown, longest = len(sequences | {seq}), max(length, t + 1)
         if group and (grown * longest > chunk_tokens or len(group) >= max_rows):
             yield torch.tensor(group, dtype=torch.long)
