@@ -249,6 +249,49 @@ def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
         assert fired and 30 <= fired[0] <= 38, (seed, fired)
 
 
+def joint_firings(det: LengthDrift, lengths: list[float], rewards: list[float]) -> list[int]:
+    out = []
+    for step, (n, r) in enumerate(zip(lengths, rewards, strict=True)):
+        t = det.update(Observation(step, float(step), completion_length_mean=n, reward_mean=r))
+        if t is not None and t.firing:
+            out.append(step)
+    return out
+
+
+def test_length_rising_with_the_reward_is_caught_within_five_records() -> None:
+    """The failure corpus' length hack (GRPO loop, onset record 25): the reward leaps from
+    ~0.21 to 0.44-0.88 at once while the length climbs 1.0, 1.2, 1.1, 1.4 x its level; the
+    length alone needs eleven records (healthy runs wander to 1.8x), the two together five
+    (two records in a row).
+    A healthy bump of the length with a level reward, and a reward that rises (the policy
+    learns) with a level length, stay quiet."""
+    config = AlertsConfig().length_drift
+    for seed in range(20):
+        rng = random.Random(seed)
+        level = [0.21 + rng.gauss(0.0, 0.015) for _ in range(25)]
+        base = lognormal(34, 0.1, 25, seed)
+        hack = [34 * f for f in (0.95, 1.0, 1.15, 1.1, 1.45, 1.45, 1.6, 1.6, 1.75, 1.9)]
+        paid = [0.44, 0.53, 0.62, 0.58, 0.78, 0.78, 0.88, 0.84, 0.92, 0.87]
+        fired = joint_firings(LengthDrift(config), base + hack, level + paid)
+        assert fired and 25 <= fired[0] <= 30, (seed, fired)
+        assert "reward may pay for length" in _first_message(base + hack, level + paid)
+        bump = base + lognormal(64, 0.08, 5, seed + 1) + lognormal(34, 0.1, 20, seed + 2)
+        flat = level + [0.21 + rng.gauss(0.0, 0.015) for _ in range(25)]
+        assert joint_firings(LengthDrift(config), bump, flat) == [], seed
+        learns = level + [0.21 + 0.03 * i for i in range(25)]
+        steady = base + lognormal(34, 0.1, 25, seed + 3)
+        assert joint_firings(LengthDrift(config), steady, learns) == [], seed
+
+
+def _first_message(lengths: list[float], rewards: list[float]) -> str:
+    det = LengthDrift(AlertsConfig().length_drift)
+    for step, (n, r) in enumerate(zip(lengths, rewards, strict=True)):
+        t = det.update(Observation(step, float(step), completion_length_mean=n, reward_mean=r))
+        if t is not None and t.firing:
+            return t.message
+    return ""
+
+
 def test_ratio_gates_need_a_log_stream() -> None:
     with pytest.raises(ValidationError, match="min_rise and min_fall are ratios to the level"):
         AlertsConfig.model_validate({"reward_collapse": {"min_fall": 0.5}})

@@ -2,17 +2,48 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from pydantic import Field
 
-from inversion_monitor.server.detectors.base import AlertName, Reason
+from inversion_monitor.server.detectors.base import AlertName, Observation, Reason, Transition
 from inversion_monitor.server.detectors.robust import (
     Direction,
     DriftConfig,
     DriftDetector,
+    RobustStream,
+    Scale,
     Score,
 )
+
+
+class RewardWithLengthConfig(DriftConfig):
+    """The joint path of :class:`LengthDrift`: the length rising *with* the reward, the mark
+    of a reward that pays for length. The mean reward is scored against the run's own level
+    (as :class:`~.reward.RewardCollapseConfig`, taken as it is); a record whose length is
+    ``length_rise`` above its level and ``length_z`` robust SDs out, while the reward is
+    ``reward_z`` robust SDs above its level, counts; the ``records``-th such record in a row
+    fires (a run that learns, its reward climbing, may see one long record by chance). In
+    the failure corpus' 37 healthy RL runs the length rose (to 1.83 x) while the reward
+    stayed level or fell (robust z at most +3 on records 1.1 x or more above the length
+    level; +5.2 at most on any record of the GRPO loop); TRL's runs, whose discrete rewards
+    jump far, held their length at the token cap. A length hack raised the reward 13-31
+    robust SDs from its first record.
+    """
+
+    scale: Scale = Scale.LINEAR
+    min_scale: float = Field(default=0.01, gt=0.0, description="smallest robust SD, reward units")
+    length_rise: float = Field(
+        default=0.2, ge=0.0, description="the length at 1.2 x its level or more"
+    )
+    length_z: float = Field(default=2.0, ge=0.0, description="and this many robust SDs out")
+    reward_z: float = Field(
+        default=8.0, gt=0.0, description="while the reward is this many robust SDs up"
+    )
+    records: int = Field(
+        default=2, ge=1, description="consecutive such records (one length outlier never fires)"
+    )
 
 
 class LengthDriftConfig(DriftConfig):
@@ -27,7 +58,8 @@ class LengthDriftConfig(DriftConfig):
     or more, down only at ``1 - min_fall`` x or less, once the CUSUM passes a high threshold
     (values enter the level clipped at ``clip`` robust SDs, so the level does not follow a
     run away); one record at ``collapse`` x the level or less (empty completions) fires at
-    once.
+    once. What tells a length hack early is the reward rising with the length
+    (``with_reward``): the corpus' hack fires on its fifth record, 11 by the length alone.
     """
 
     k: float = Field(default=1.0, ge=0.0, description="CUSUM allowance, robust SDs")
@@ -46,6 +78,7 @@ class LengthDriftConfig(DriftConfig):
     )
     min_scale: float = Field(default=0.05, gt=0.0)
     floor: float = Field(default=1.0, ge=0.0, description="tokens: an empty completion is ~1")
+    with_reward: RewardWithLengthConfig = RewardWithLengthConfig()
 
 
 class LengthDrift(DriftDetector):
@@ -57,6 +90,15 @@ class LengthDrift(DriftDetector):
     >>> [(t.step, t.summary) for s, n in enumerate(lengths)
     ...  if (t := det.update(Observation(s, 0.0, completion_length_mean=n)))]
     [(24, 'Completion length running away')]
+
+    The length rising with the reward (a reward that pays for length) fires on the second
+    record both are up, far before the length alone:
+
+    >>> det = LengthDrift(LengthDriftConfig())
+    >>> rewards = [0.2, 0.21, 0.19, 0.2, 0.22, 0.2, 0.18, 0.2] * 2 + [0.5, 0.6, 0.7]
+    >>> [(t.step, t.summary) for s, (n, r) in enumerate(zip(lengths, rewards))
+    ...  if (t := det.update(Observation(s, 0.0, completion_length_mean=n, reward_mean=r)))]
+    [(17, 'Completion length running away')]
     >>> det = LengthDrift(LengthDriftConfig())
     >>> [(t.step, t.summary) for s, n in enumerate(lengths[:16] + [3])
     ...  if (t := det.update(Observation(s, 0.0, completion_length_mean=n)))]
@@ -79,10 +121,35 @@ class LengthDrift(DriftDetector):
     def __init__(self, config: LengthDriftConfig) -> None:
         super().__init__(config)
         self.collapse = config.collapse
+        self.joint = config.with_reward
+        self._reward = RobustStream(self.joint) if self.joint.enabled else None
+        self._reward_z: float | None = None  # the latest record's reward robust z
+        self._joint_run = 0  # consecutive records of length and reward up together
+
+    def update(self, obs: Observation) -> Transition | None:
+        r = obs.reward_mean
+        self._reward_z = None
+        if self._reward is not None and r is not None and math.isfinite(r):
+            score = self._reward.update(r)
+            self._reward_z = None if score is None else score.z
+        return super().update(obs)
 
     def pattern(self, score: Score) -> tuple[Direction, str] | None:
-        """A collapse: one record at ``collapse`` x the level or less."""
+        """A collapse: one record at ``collapse`` x the level or less; or a rise with the
+        reward (``with_reward``)."""
         floor = self.config.floor
-        if self.collapse is None or score.value + floor > self.collapse * score.level:
-            return None
-        return Direction.DOWN, f"collapsed below {self.collapse:g} x its level"
+        if self.collapse is not None and score.value + floor <= self.collapse * score.level:
+            return Direction.DOWN, f"collapsed below {self.collapse:g} x its level"
+        joint, rz = self.joint, self._reward_z
+        together = (
+            rz is not None
+            and rz >= joint.reward_z
+            and score.z >= joint.length_z
+            and score.value + floor >= (1.0 + joint.length_rise) * score.level
+        )
+        self._joint_run = self._joint_run + 1 if together else 0
+        if rz is not None and self._joint_run >= joint.records:
+            return Direction.UP, (
+                f"rising with the mean reward (robust z {rz:+.1f}): the reward may pay for length"
+            )
+        return None
