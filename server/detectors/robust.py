@@ -164,9 +164,11 @@ class RobustStream:
             for v in self._warm:
                 self._push(self._y(v))
             return None
-        # one call per record and stream: _y and level_scale inlined (the same arithmetic)
+        # one call per record and stream: _y, level_scale and _push inlined, and max(a, b) /
+        # min(a, b) written as (b if b > a else a) / (b if b < a else a), what the builtins
+        # return (the same arithmetic, without their calls)
         log = self.log
-        y = math.log(max(x, 0.0) + cfg.floor + 1e-12) if log else x
+        y = math.log((0.0 if x < 0.0 else x) + cfg.floor + 1e-12) if log else x
         ys = self._sorted
         n = len(ys)
         if n < cfg.warmup:
@@ -174,14 +176,29 @@ class RobustStream:
             return None
         mid = n // 2
         level = ys[mid] if n % 2 else 0.5 * (ys[mid - 1] + ys[mid])
-        scale = max(MAD_TO_SD * _mad(ys, level), cfg.min_scale)
+        scale = MAD_TO_SD * _mad(ys, level)
+        scale = max(scale, cfg.min_scale)
         z = (y - level) / scale
         z_cap, k, clip = cfg.z_cap, cfg.k, cfg.clip
         cap = 2.0 * cfg.threshold  # bounded, so the end of a fault is seen in time
-        zc = z if z_cap is None else max(-z_cap, min(z_cap, z))
-        self.up = up = min(cap, max(0.0, self.up + zc - k))
-        self.down = down = min(cap, max(0.0, self.down - zc - k))
-        self._push(level + max(-clip, min(clip, z)) * scale)
+        zc = z
+        if z_cap is not None:
+            zc = z if z < z_cap else z_cap
+            zc = zc if zc > -z_cap else -z_cap
+        up = self.up + zc - k
+        up = up if up > 0.0 else 0.0
+        self.up = up = up if up < cap else cap
+        down = self.down - zc - k
+        down = down if down > 0.0 else 0.0
+        self.down = down = down if down < cap else cap
+        zw = z if z < clip else clip
+        zw = zw if zw > -clip else -clip
+        window = self._window
+        if len(window) == window.maxlen:
+            del ys[bisect.bisect_left(ys, window[0])]
+        y = level + zw * scale
+        window.append(y)
+        bisect.insort(ys, y)
         return Score(x, math.exp(level) if log else level, z, up, down)
 
 
@@ -207,7 +224,7 @@ def _mad(ys: list[float], med: float) -> float:
     # take the m smallest deviations (the middle one, or the lower of the middle two); bisect
     # how many of them are below
     m = n // 2 + 1 if n % 2 else n // 2
-    lo, hi = max(0, m - b), min(a, m)
+    lo, hi = m - b if m - b > 0 else 0, m if m < a else a
     while lo < hi:
         i = (lo + hi) // 2
         j = m - i
@@ -218,13 +235,13 @@ def _mad(ys: list[float], med: float) -> float:
     j = m - lo
     below = med - ys[p - lo] if lo > 0 else -math.inf
     above = ys[p + j - 1] - med if j > 0 else -math.inf
-    largest_taken = max(below, above)
+    largest_taken = above if above > below else below
     if n % 2:
         return largest_taken
     # the upper middle one: the smallest deviation not taken, next below or next above
     next_below = med - ys[p - 1 - lo] if lo < a else math.inf
     next_above = ys[p + j] - med if j < b else math.inf
-    return 0.5 * (largest_taken + min(next_below, next_above))
+    return 0.5 * (largest_taken + (next_above if next_above < next_below else next_below))
 
 
 class DriftDetector:
