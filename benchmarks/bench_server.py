@@ -345,9 +345,11 @@ def phase_latency(args: argparse.Namespace, tmp: Path, per_push: int) -> float:
 
 
 def _grow(stub: Any, monitor_pb2: Any, run_ids: list[str], components: int) -> None:
-    """Open ``run_ids`` and push one record each, 256 calls in flight at a time."""
-    for i in range(0, len(run_ids), 256):
-        chunk = run_ids[i : i + 256]
+    """Open ``run_ids`` and push one record each, 128 calls in flight at a time (below the
+    server's max_concurrent_rpcs of 256: a call the client has seen end may hold its slot on
+    a loaded server a moment longer, and the next chunk would be refused)."""
+    for i in range(0, len(run_ids), 128):
+        chunk = run_ids[i : i + 128]
         opened = [
             stub.OpenRun.future(
                 monitor_pb2.OpenRunRequest(

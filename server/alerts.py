@@ -71,6 +71,11 @@ class ViewLike(Protocol):
     def last_activity(self) -> float: ...
 
 
+# Observation's fields read from an optional double of the same name: reward_mean ..
+# completion_length_mean (everything between entropy_mean and nonfinite_fields)
+_OPTIONAL = Observation._fields[5:-1]
+
+
 def observation(record: monitor_pb2.StepRecord) -> Observation:
     """The detector inputs of a record (missing statistics stay None, NaN stays NaN).
 
@@ -82,35 +87,26 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
     (-0.4, 64, 2.0, None, nan, ('grad_norm',))
     """
     inv = record.inversion
+    has = record.HasField
     rho = (
         inv.spearman.value
-        if record.HasField("inversion") and inv.spearman.HasField("value") and not inv.insufficient
+        if has("inversion") and inv.spearman.HasField("value") and not inv.insufficient
         else None
     )
     entropy = record.entropy.mean if record.entropy.HasField("mean") else None
-    return Observation(
-        record.step,
-        record.wall_time,
-        rho,
-        int(inv.n),
-        entropy,
-        _opt(record, "reward_mean"),
-        _opt(record, "policy_entropy_mean"),
-        loss=_opt(record, "loss"),
-        learning_rate=_opt(record, "learning_rate"),
-        reward_std=_opt(record, "reward_std"),
-        entropy_covariance=_opt(record, "entropy_covariance"),
-        grad_norm=_opt(record, "grad_norm"),
-        kl=_opt(record, "kl"),
-        clip_ratio=_opt(record, "clip_ratio"),
-        completion_length_mean=_opt(record, "completion_length_mean"),
-        nonfinite_fields=tuple(record.nonfinite_fields),
+    # one call per record and run: the optional doubles in Observation's own order
+    optional = [float(getattr(record, name)) if has(name) else None for name in _OPTIONAL]
+    return Observation._make(
+        (
+            record.step,
+            record.wall_time,
+            rho,
+            int(inv.n),
+            entropy,
+            *optional,
+            tuple(record.nonfinite_fields),
+        )
     )
-
-
-def _opt(record: monitor_pb2.StepRecord, name: str) -> float | None:
-    """An optional double of the record: None when unset, its value (NaN and inf too) when set."""
-    return float(getattr(record, name)) if record.HasField(name) else None
 
 
 @dataclass

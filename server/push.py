@@ -198,15 +198,23 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
                 (run.pk, rank_no, rec.sequence, f"records[{i}].{problem.field}", message, now)
             )
     rows = group.rows
+    stored = group.stored
+    pk = run.pk
+    # the newest stored record and the newest with inversion statistics, found on the way
+    # (sequences in batch.store are distinct)
+    newest_seq = newest_probe_seq = 0
+    newest: monitor_pb2.StepRecord | None = None
+    newest_probe: monitor_pb2.StepRecord | None = None
     for _, rec in batch.store:
         inv = rec.inversion
         spearman = inv.spearman
         pearson = inv.pearson
+        seq = rec.sequence
         rows.append(
             (
-                run.pk,
+                pk,
                 rank_no,
-                rec.sequence,
+                seq,
                 rec.step,
                 rec.wall_time,
                 now,
@@ -217,20 +225,21 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
                 rec.SerializeToString(),
             )
         )
-        group.stored.append((run, rec))
-    if batch.store:
+        stored.append((run, rec))
+        if seq > newest_seq:
+            newest_seq, newest = seq, rec
+        if seq > newest_probe_seq and rec.HasField("inversion"):
+            newest_probe_seq, newest_probe = seq, rec
+    if newest is not None:
         group.added[run.run_id] = group.added.get(run.run_id, 0) + len(batch.store)
         key = (run.run_id, rank_no)
-        seq, rec = max(((r.sequence, r) for _, r in batch.store), key=lambda item: item[0])
         best = group.newest.get(key)
-        if best is None or seq > best[0]:
-            group.newest[key] = (seq, rec)
-        probes = [(r.sequence, r) for _, r in batch.store if r.HasField("inversion")]
-        if probes:
-            seq, rec = max(probes, key=lambda item: item[0])
+        if best is None or newest_seq > best[0]:
+            group.newest[key] = (newest_seq, newest)
+        if newest_probe is not None:
             best = group.newest_probe.get(key)
-            if best is None or seq > best[0]:
-                group.newest_probe[key] = (seq, rec)
+            if best is None or newest_probe_seq > best[0]:
+                group.newest_probe[key] = (newest_probe_seq, newest_probe)
     response.accepted = len(batch.store)
     response.duplicates = batch.duplicates
     group.duplicates += batch.duplicates

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -48,9 +49,9 @@ class Reason(str, Enum):
     RUN_CLOSED = "run_closed"
 
 
-@dataclass(frozen=True)
-class Observation:
-    """What the detectors read from one record.
+class Observation(NamedTuple):
+    """What the detectors read from one record (a named tuple: made once per record per run,
+    it must be cheap to build).
 
     >>> obs = Observation(step=1, wall_time=0.0, rho=-0.5, n=64)
     >>> round(obs.z, 4), round(obs.se, 4)

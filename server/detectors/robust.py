@@ -25,9 +25,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from pydantic import Field, model_validator
 
@@ -105,9 +104,9 @@ class DriftConfig(DetectorConfig):
         return self
 
 
-@dataclass(frozen=True)
-class Score:
-    """One scored value: its robust z against the run's level, and both CUSUMs after it."""
+class Score(NamedTuple):
+    """One scored value: its robust z against the run's level, and both CUSUMs after it
+    (a named tuple: one per record and stream, cheap to build)."""
 
     value: float
     level: float
@@ -165,18 +164,42 @@ class RobustStream:
             for v in self._warm:
                 self._push(self._y(v))
             return None
-        y = self._y(x)
-        if len(self._window) < cfg.warmup:
+        # one call per record and stream: _y, level_scale and _push inlined, and max(a, b) /
+        # min(a, b) written as (b if b > a else a) / (b if b < a else a), what the builtins
+        # return (the same arithmetic, without their calls)
+        log = self.log
+        y = math.log((0.0 if x < 0.0 else x) + cfg.floor + 1e-12) if log else x
+        ys = self._sorted
+        n = len(ys)
+        if n < cfg.warmup:
             self._push(y)
             return None
-        level, scale = self.level_scale()
+        mid = n // 2
+        level = ys[mid] if n % 2 else 0.5 * (ys[mid - 1] + ys[mid])
+        scale = MAD_TO_SD * _mad(ys, level)
+        scale = max(scale, cfg.min_scale)
         z = (y - level) / scale
+        z_cap, k, clip = cfg.z_cap, cfg.k, cfg.clip
         cap = 2.0 * cfg.threshold  # bounded, so the end of a fault is seen in time
-        zc = z if cfg.z_cap is None else max(-cfg.z_cap, min(cfg.z_cap, z))
-        self.up = min(cap, max(0.0, self.up + zc - cfg.k))
-        self.down = min(cap, max(0.0, self.down - zc - cfg.k))
-        self._push(level + max(-cfg.clip, min(cfg.clip, z)) * scale)
-        return Score(x, math.exp(level) if self.log else level, z, self.up, self.down)
+        zc = z
+        if z_cap is not None:
+            zc = z if z < z_cap else z_cap
+            zc = zc if zc > -z_cap else -z_cap
+        up = self.up + zc - k
+        up = up if up > 0.0 else 0.0
+        self.up = up = up if up < cap else cap
+        down = self.down - zc - k
+        down = down if down > 0.0 else 0.0
+        self.down = down = down if down < cap else cap
+        zw = z if z < clip else clip
+        zw = zw if zw > -clip else -clip
+        window = self._window
+        if len(window) == window.maxlen:
+            del ys[bisect.bisect_left(ys, window[0])]
+        y = level + zw * scale
+        window.append(y)
+        bisect.insort(ys, y)
+        return Score(x, math.exp(level) if log else level, z, up, down)
 
 
 def _median(sorted_values: list[float]) -> float:
@@ -198,23 +221,27 @@ def _mad(ys: list[float], med: float) -> float:
     n = len(ys)
     p = bisect.bisect_left(ys, med)
     a, b = p, n - p  # deviations below: med - ys[p-1-i]; above: ys[p+j] - med
-
-    def kth(k: int) -> float:
-        lo, hi = max(0, k + 1 - b), min(a, k + 1)  # how many of the k+1 smallest are below
-        while lo < hi:
-            i = (lo + hi) // 2
-            j = k + 1 - i
-            if j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:
-                lo = i + 1
-            else:
-                hi = i
-        j = k + 1 - lo
-        below = med - ys[p - lo] if lo > 0 else -math.inf
-        above = ys[p + j - 1] - med if j > 0 else -math.inf
-        return max(below, above)
-
-    mid = n // 2
-    return kth(mid) if n % 2 else 0.5 * (kth(mid - 1) + kth(mid))
+    # take the m smallest deviations (the middle one, or the lower of the middle two); bisect
+    # how many of them are below
+    m = n // 2 + 1 if n % 2 else n // 2
+    lo, hi = m - b if m - b > 0 else 0, m if m < a else a
+    while lo < hi:
+        i = (lo + hi) // 2
+        j = m - i
+        if j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:
+            lo = i + 1
+        else:
+            hi = i
+    j = m - lo
+    below = med - ys[p - lo] if lo > 0 else -math.inf
+    above = ys[p + j - 1] - med if j > 0 else -math.inf
+    largest_taken = above if above > below else below
+    if n % 2:
+        return largest_taken
+    # the upper middle one: the smallest deviation not taken, next below or next above
+    next_below = med - ys[p - 1 - lo] if lo < a else math.inf
+    next_above = ys[p + j] - med if j < b else math.inf
+    return 0.5 * (largest_taken + (next_above if next_above < next_below else next_below))
 
 
 class DriftDetector:

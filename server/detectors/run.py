@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from inversion_monitor.server.detectors.base import AlertName, Observation, Transition
@@ -15,6 +16,7 @@ from inversion_monitor.server.detectors.inversion import InversionLost, Inversio
 from inversion_monitor.server.detectors.length import LengthDrift
 from inversion_monitor.server.detectors.nonfinite import NonFiniteTraining
 from inversion_monitor.server.detectors.reward import RewardCollapse
+from inversion_monitor.server.detectors.robust import DriftDetector
 from inversion_monitor.server.detectors.spikes import GradNormSpike, KLSurge, LossSpike
 from inversion_monitor.server.detectors.stale import MonitorStale
 
@@ -65,6 +67,33 @@ class RunDetectors:
             if cfg.enabled and kind in cfg.kinds:
                 self.detectors.append(make(cfg))  # type: ignore[arg-type]
         self.stale = MonitorStale(config.stale) if config.stale.enabled else None
+        # (detector, the field it needs): a plain DriftDetector judges only a finite value of
+        # its field, so a record without one skips the call (the same answer, run once per
+        # record and detector)
+        self._plan: list[tuple[RecordDetector, str | None]] = [
+            (det, _needed_field(det)) for det in self.detectors
+        ]
 
     def update(self, obs: Observation) -> list[Transition]:
-        return [t for det in self.detectors if (t := det.update(obs)) is not None]
+        out: list[Transition] = []
+        isfinite = math.isfinite
+        for det, needed in self._plan:
+            if needed is not None:
+                x = getattr(obs, needed)
+                if x is None or not isfinite(x):
+                    continue
+            t = det.update(obs)
+            if t is not None:
+                out.append(t)
+        return out
+
+
+def _needed_field(det: RecordDetector) -> str | None:
+    """The Observation field without a finite value of which ``det.update`` returns None at
+    once (a DriftDetector that overrides neither ``value`` nor ``update``), else None."""
+    if not isinstance(det, DriftDetector):
+        return None
+    kind = type(det)
+    if kind.update is DriftDetector.update and kind.value is DriftDetector.value:
+        return det.field
+    return None
