@@ -71,8 +71,9 @@ from inversion_monitor.probe.attention_replay import (
     check_shapes,
     head_terms,
 )
-from inversion_monitor.probe.forward import AttentionPass, Component, ForwardPass, ProbePlan, Site
+from inversion_monitor.probe.forward import Component, ForwardPass, ProbePlan, Site
 from inversion_monitor.probe.key_value_norms import KeyValueRoute, slot_ranks
+from inversion_monitor.probe.split_forward import AttentionPass, forward_attention, forward_rows
 
 __all__ = ["LastBlockRefused", "last_block_norms", "last_block_refusal"]
 
@@ -168,7 +169,7 @@ def last_block_norms(
             expected = full.target_logits.detach()
     with (
         recording_attention(attention) as recorder,
-        plan.forward_attention(sequences, length, attention) as before,
+        forward_attention(plan, sequences, length, attention) as before,
     ):
         if len(recorder.calls) != 1:
             raise LastBlockRefused(
@@ -178,7 +179,7 @@ def last_block_norms(
         check_shapes(call)
         output_rows = call.output.detach()[unique.rows, unique.t].unsqueeze(1).requires_grad_(True)
         recorder.substitute = output_rows  # the targets' forward takes the attention output
-        with plan.forward_rows(sequences, unique.rows, unique.t, before) as out:
+        with forward_rows(plan, sequences, unique.rows, unique.t, before) as out:
             if len(recorder.calls) != 2:
                 raise LastBlockRefused(
                     f"the attention function ran {len(recorder.calls) - 1} times in one forward"
