@@ -313,7 +313,8 @@ def _small_gram(product: torch.Tensor) -> torch.Tensor:
 
 def batched_input_factor(inputs: torch.Tensor, norm: Norm) -> torch.Tensor:
     """``[B, r, T]``: per batch row, ``R`` of ``X_b^T = Q R`` (nuclear, Frobenius: then
-    ``||Gamma^T X_b|| = ||R Gamma||``) or ``X_b^T`` itself (l1 needs the entries); one
-    batched QR."""
+    ``||Gamma^T X_b|| = ||R Gamma||``) or ``X_b^T`` itself (l1 needs the entries; and
+    where ``T >= d`` ``R`` is no smaller than ``X_b^T``: the QR and its copies are
+    skipped); one batched QR."""
     x = inputs.float().transpose(1, 2)
-    return x if norm == "l1" else torch.linalg.qr(x, mode="r").R
+    return x if norm == "l1" or x.shape[-1] >= x.shape[-2] else torch.linalg.qr(x, mode="r").R
