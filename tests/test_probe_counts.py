@@ -232,3 +232,36 @@ def test_key_and_value_grams_of_different_widths_share_one_solve() -> None:
         for name, factor in (("k", a), ("v", b)):
             exact = torch.linalg.svdvals(factor).sum(-1).float()
             torch.testing.assert_close(got[name], exact, rtol=1e-6, atol=0)
+
+
+def test_memory_grows_with_the_length_as_the_prefix_at_any_target_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counted, not timed: with the replay and cotangent chunks at one target each (their
+    caps are constants, reached at long T), what the probe adds per token is a small
+    multiple of what the prefix adds, even with 24 targets per row (a copy of the
+    inputs per target of a row, [targets per row, B, T, d], once made it ~37x)."""
+    monkeypatch.setattr(attention_replay, "_MAX_REPLAY_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(key_value_norms, "_MAX_COTANGENT_ELEMENTS", 1 << 12)
+    peaks, prefixes = [], []
+    for length in (48, 192):
+        model = tiny_causal_lm("llama", num_layers=2, vocab_size=128)
+        ids = torch.randint(4, 128, (4, length), generator=torch.Generator().manual_seed(1))
+        capture = PrefixCapture(model, -1)
+        try:
+            model.train()
+            model(input_ids=ids)
+            model.eval()
+            prefix = capture.latest
+            assert prefix is not None
+            positions = _positions(4, length, 96)
+            logit_gradient_norms(model, ids, positions=positions, prefix=prefix)  # warm-up
+            with OpCounter() as counter:
+                result = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
+            assert set(result.paths.values()) == {"last_block"}, result.paths
+        finally:
+            capture.remove()
+        peaks.append(counter.peak_bytes)
+        prefixes.append(prefix.hidden.numel() * prefix.hidden.element_size())
+    growth = (peaks[1] - peaks[0]) / (prefixes[1] - prefixes[0])
+    assert growth <= 20, (peaks, prefixes, growth)  # measured 13.7

@@ -92,6 +92,7 @@ class AttentionRecorder:
     function: AttentionFunction
     implementation: str
     calls: list[AttentionCall] = field(default_factory=list)
+    substitute: torch.Tensor | None = None
 
 
 def attention_module(block: nn.Module, inside: nn.Module) -> nn.Module:
@@ -149,7 +150,10 @@ def _recording_function(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[t
     q_leaf, k_leaf, v_leaf = (
         t.detach().requires_grad_(t.requires_grad) for t in (query, key, value)
     )
-    output, weights = recorder.function(module, q_leaf, k_leaf, v_leaf, mask, **kwargs)
+    if recorder.substitute is None:
+        output, weights = recorder.function(module, q_leaf, k_leaf, v_leaf, mask, **kwargs)
+    else:  # the function's output given (what another forward computed), not computed
+        output, weights = recorder.substitute, None
     recorder.calls.append(
         AttentionCall(
             function=recorder.function,
@@ -189,13 +193,16 @@ def _register() -> None:
 
 
 @contextmanager
-def recording_attention(module: nn.Module) -> Iterator[AttentionRecorder]:
+def recording_attention(
+    module: nn.Module, substitute: torch.Tensor | None = None
+) -> Iterator[AttentionRecorder]:
     """Route ``module``'s attention-function calls through a recorder.
 
     Only this module instance is affected: it gets a copy of its config whose
     ``_attn_implementation`` names the recorder, which calls the original
-    function. The config is put back on exit. Raises ``LookupError`` with the
-    reason when the module's attention cannot be recorded.
+    function (or, given ``substitute``, returns that as the function's output).
+    The config is put back on exit. Raises ``LookupError`` with the reason when
+    the module's attention cannot be recorded.
     """
     function = attention_function(module)
     if isinstance(function, str):
@@ -204,7 +211,7 @@ def recording_attention(module: nn.Module) -> Iterator[AttentionRecorder]:
     config: Any = module.config
     proxy = copy.copy(config)
     proxy._attn_implementation_internal = _CAPTURE_KEY  # bypasses the validating setter
-    recorder = AttentionRecorder(function, str(config._attn_implementation))
+    recorder = AttentionRecorder(function, str(config._attn_implementation), substitute=substitute)
     setattr(proxy, _RECORDER_ATTRIBUTE, recorder)
     module.config = proxy
     try:

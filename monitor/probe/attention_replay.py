@@ -217,7 +217,8 @@ def head_terms(
     checks: DeferredChecks,
 ) -> tuple[HeadTerms, HeadTerms, torch.Tensor]:
     """The key terms (score gradients w, queries q), value terms (probabilities a, g) and
-    ``dz/dq`` ``[U, H, d]`` of every target.
+    ``dz/dq`` ``[U, H, d]`` of every target, from ``g`` ``[U, H, dv]``: ``dz_t/do_t`` at the
+    attention function's output of each target.
 
     One replay with one target per batch element (its query row; its sequence's
     keys and values; its mask row), in chunks of bounded size, and one backward
@@ -268,7 +269,8 @@ def head_terms(
             batch=batch,
             dtype=call.compute_dtype,
         )
-        cotangent = torch.cat([g[rows, t].float(), one_hot.expand(n, -1, -1)], -1)[:, None]
+        g_chunk = g[start : start + per_chunk].float()
+        cotangent = torch.cat([g_chunk, one_hot.expand(n, -1, -1)], -1)[:, None]
         dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
         if dq is not None:
             recorded_dq = _pad(dq[rows, :, t], groups)
@@ -281,7 +283,7 @@ def head_terms(
         a.append(dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, length))
         del k_aug, v_aug, out, dk_aug, dv_aug  # before the next chunk's copies
     q_rows = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
-    g_rows = g[unique.rows, unique.t].float()  # [U, H, dv]
+    g_rows = g.float()  # [U, H, dv]
     return (
         HeadTerms(torch.cat(w), q_rows),
         HeadTerms(torch.cat(a), g_rows),

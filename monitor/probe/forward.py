@@ -77,9 +77,13 @@ class _Captures:
         self.inputs[module] = x
         self.outputs[module] = output
 
-    def remove(self) -> None:
+    def stop(self) -> None:
+        """Stop capturing (what was captured stays until :meth:`remove`)."""
         for handle in self._handles:
             handle.remove()
+
+    def remove(self) -> None:
+        self.stop()
         self.inputs.clear()
         self.outputs.clear()
 

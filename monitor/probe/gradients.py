@@ -562,7 +562,7 @@ def _probe_last_block(plan: ProbePlan) -> dict[Component, str]:
     # every site is in the last block, so the plan's forward starts there
     try:
         entropy, norms = last_block_norms(
-            resolved, layer, wanted, targets=plan.targets, norm=plan.norm, forward=plan.forward
+            resolved, layer, wanted, targets=plan.targets, norm=plan.norm, plan=plan
         )
     except LastBlockRefused as exc:
         logger.debug("last-block one-pass path not used: %s", exc)

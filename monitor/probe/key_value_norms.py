@@ -75,13 +75,17 @@ def rows_independent_flag(tensor: torch.Tensor, projection_output: torch.Tensor)
         sides += [on, ~on]
     generator = torch.Generator(device=tensor.device).manual_seed(0)
     noise = torch.randn(tensor.shape, generator=generator, device=tensor.device)
+    noise = noise.to(tensor.dtype)  # the [tests, ...] tensors below in the tensor's dtype
     chosen = torch.stack(sides)  # [tests, B]
     shape = (len(sides), batch) + (1,) * (tensor.ndim - 1)
-    cotangent = (noise * chosen.reshape(shape).to(noise.dtype)).to(tensor.dtype)
+    cotangent = noise * chosen.reshape(shape).to(noise.dtype)
+    del noise
     (grad,) = torch.autograd.grad(
         tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
     )
-    size = grad.abs().float().flatten(2).amax(-1)  # [tests, B]
+    del cotangent
+    # [tests, B]: the largest entry of each, without an [tests, B, T, width] copy
+    size = torch.linalg.vector_norm(grad.flatten(2), ord=float("inf"), dim=-1).float()
     outside = torch.where(chosen, torch.zeros_like(size), size).amax()
     inside = torch.where(chosen, size, torch.zeros_like(size)).amax()
     return outside <= 1e-6 * inside
@@ -258,7 +262,12 @@ class KeyValueRoute:
         """rank <= H: ``G = sum_h (vector_h)(sum_s weight_hs x_s)^T``."""
         assert self.vectors is not None
         weights = self._by_row(self.terms.weights, unique)  # [P, B, H, T]
-        mixed = (weights @ self.inputs.float()[None])[unique.slots, unique.rows]  # [U, H, b]
+        packs, batch, heads, length = weights.shape
+        # one [B, P * H, T] @ [B, T, b] product: broadcasting the inputs over the slots
+        # would copy them P times ([P, B, T, b])
+        rows_first = weights.permute(1, 0, 2, 3).reshape(batch, packs * heads, length)
+        mixed = (rows_first @ self.inputs.float()).reshape(batch, packs, heads, -1)
+        mixed = mixed[unique.rows, unique.slots]  # [U, H, b]
         return outer_sum_norm(select_columns(self.vectors, self.columns), mixed, norm)
 
     def _gram(

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -71,14 +71,15 @@ from inversion_monitor.probe.attention_replay import (
     check_shapes,
     head_terms,
 )
-from inversion_monitor.probe.forward import Component, ForwardPass, Site
+from inversion_monitor.probe.forward import Component, ForwardPass, ProbePlan, Site
 from inversion_monitor.probe.key_value_norms import (
     KeyValueRoute,
     nuclear_norms_together,
     slot_ranks,
 )
+from inversion_monitor.probe.split_forward import AttentionPass, forward_attention, forward_rows
 
-__all__ = ["ForwardFn", "LastBlockRefused", "last_block_norms", "last_block_refusal"]
+__all__ = ["LastBlockRefused", "last_block_norms", "last_block_refusal"]
 
 logger = logging.getLogger("inversion_monitor")
 
@@ -87,14 +88,12 @@ logger = logging.getLogger("inversion_monitor")
 _VERIFIED_BACKWARD: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, torch.dtype, str]]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-ForwardFn = Callable[
-    [torch.Tensor, int, torch.Tensor, torch.Tensor], AbstractContextManager[ForwardPass]
-]
-"""``forward(sequences, length, rows, t)``: a context manager that runs the model on
-``input_ids[sequences, :length]`` and yields a :class:`ForwardPass` with one entry
-per target (``rows[k]``, ``t[k]``) of the forward batch."""
+# last blocks whose tail, computed on the target positions alone, gave the whole forward's
+# logits (per parameter dtype, device type and autocast), and those refused for good
+_TAIL_VERIFIED: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_TAIL_REFUSED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def last_block_position_refusal(resolved: ResolvedModel, layer: int) -> str | None:
@@ -131,16 +130,21 @@ def last_block_norms(
     *,
     targets: torch.Tensor,
     norm: Norm,
-    forward: ForwardFn,
+    plan: ProbePlan,
 ) -> tuple[torch.Tensor, dict[Component, torch.Tensor]]:
     """Entropy ``[N]`` and ``{(layer, proj): [N]}`` for the ``[N, 2]`` ``targets``.
 
-    ``sites`` maps the requested projections to their (module, columns).
-    Duplicate targets are measured once. Raises :class:`LastBlockRefused`.
+    ``sites`` maps the requested projections to their (module, columns); ``plan``
+    runs the two forwards. Duplicate targets are measured once. Raises
+    :class:`LastBlockRefused`.
     """
     reason = last_block_refusal(resolved, layer, sites)
     if reason is not None:
         raise LastBlockRefused(reason)
+    block = resolved.blocks[layer]
+    refused = _TAIL_REFUSED.get(block)
+    if refused is not None:
+        raise LastBlockRefused(refused)
     sequences, rows = torch.unique(targets[:, 0], return_inverse=True)
     length = int(targets[:, 1].max()) + 1
     keys = rows * length + targets[:, 1]
@@ -154,18 +158,67 @@ def last_block_norms(
         slots=slots,
         packs=int(slots.max()) + 1,
     )
-    attention = attention_module(resolved.blocks[layer], next(iter(sites.values()))[0])
+    attention = attention_module(block, next(iter(sites.values()))[0])
+    parameter = next(block.parameters(), None)
+    key = (
+        str(None if parameter is None else parameter.dtype),
+        plan.input_ids.device.type,
+        repr(plan.precision),
+    )
+    expected = None
+    if key not in _TAIL_VERIFIED.get(block, set()):
+        # once per block: the whole forward's target logits, which the targets' rows
+        # alone must reproduce (nothing in the block but its attention mixes positions)
+        with plan.forward(sequences, length, unique.rows, unique.t) as full:
+            expected = full.target_logits.detach()
     with (
         recording_attention(attention) as recorder,
-        forward(sequences, length, unique.rows, unique.t) as out,
+        forward_attention(plan, sequences, length, attention) as before,
     ):
         if len(recorder.calls) != 1:
             raise LastBlockRefused(
                 f"the attention function ran {len(recorder.calls)} times in one forward"
             )
-        values = _norms(recorder.calls[0], out, sites, unique, norm)
+        call = recorder.calls[0]
+        check_shapes(call)
+        output_rows = call.output.detach()[unique.rows, unique.t].unsqueeze(1).requires_grad_(True)
+        recorder.substitute = output_rows  # the targets' forward takes the attention output
+        with forward_rows(plan, sequences, unique.rows, unique.t, before) as out:
+            if len(recorder.calls) != 2:
+                raise LastBlockRefused(
+                    f"the attention function ran {len(recorder.calls) - 1} times in one forward"
+                )
+            if expected is not None:
+                _check_tail(block, key, out.target_logits.detach(), expected)
+            values = _norms(
+                _Calls(call, recorder.calls[1], output_rows),
+                before=before,
+                out=out,
+                sites=sites,
+                unique=unique,
+                norm=norm,
+            )
     entropy = out.entropy[unique.inverse]
     return entropy, {(layer, proj): v[unique.inverse] for proj, v in values.items()}
+
+
+def _check_tail(
+    block: nn.Module, key: tuple[str, str, str], got: torch.Tensor, expected: torch.Tensor
+) -> None:
+    """The targets' rows alone gave the whole forward's target logits (to the dtype's
+    tolerance), else the block is refused for good, with the reason."""
+    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
+    error = float((got.float() - expected.float()).abs().max())
+    scale = float(expected.float().abs().max())
+    if not error <= tolerance * max(scale, 1e-6):
+        reason = (
+            f"{type(block).__name__} computed on the target positions alone does not give the "
+            f"whole forward's logits (relative error {error / max(scale, 1e-30):.2e}): something "
+            "besides its attention mixes positions"
+        )
+        _TAIL_REFUSED[block] = reason
+        raise LastBlockRefused(reason)
+    _TAIL_VERIFIED.setdefault(block, set()).add(key)
 
 
 def _backward_key(call: AttentionCall) -> tuple[str, torch.dtype, str]:
@@ -173,57 +226,93 @@ def _backward_key(call: AttentionCall) -> tuple[str, torch.dtype, str]:
 
 
 def _query_gradient(
-    call: AttentionCall,
-    projection_output: torch.Tensor,
-    query_grads: torch.Tensor,
-    unique: UniqueTargets,
+    rows_call: AttentionCall, projection_output: torch.Tensor, query_grads: torch.Tensor
 ) -> torch.Tensor:
     """``[U, width]``: ``dz_t / dy_t`` at the query projection's output for every target, from
-    the replays' ``dz/dq`` carried back through the map to the query (RoPE, q norm) in one
-    vector-Jacobian product (targets are unique (row, t) pairs, so they do not collide)."""
-    cotangent = torch.zeros_like(call.query)
-    cotangent[unique.rows, :, unique.t] = query_grads.to(call.query.dtype)
-    (grad,) = torch.autograd.grad(call.query, projection_output, cotangent, retain_graph=True)
-    return grad[unique.rows, unique.t]
+    the replays' ``dz/dq`` carried back through the map to the query (RoPE, q norm) of the
+    targets' own forward (one position each) in one vector-Jacobian product."""
+    cotangent = query_grads.to(rows_call.query.dtype)[:, :, None]
+    (grad,) = torch.autograd.grad(rows_call.query, projection_output, cotangent, retain_graph=True)
+    return grad[:, 0]
+
+
+@dataclass(frozen=True)
+class _Calls:
+    """The attention call of the forward over every position (``whole``) and of the targets'
+    own forward (``rows``), whose attention output was given as ``output_rows``."""
+
+    whole: AttentionCall
+    rows: AttentionCall
+    output_rows: torch.Tensor
 
 
 def _norms(
-    call: AttentionCall,
+    calls: _Calls,
+    *,
+    before: AttentionPass,
     out: ForwardPass,
     sites: Mapping[str, Site],
     unique: UniqueTargets,
     norm: Norm,
 ) -> dict[str, torch.Tensor]:
-    check_shapes(call)
+    """The norms from the forward over every position up to the attention (``before``) and
+    the targets' own forward from the attention output on (``out``)."""
+    call, rows_call, output_rows = calls.whole, calls.rows, calls.output_rows
     wanted: Sequence[str] = list(sites)
-    rows, t = unique.rows, unique.t
-    # The attention function computed from detached q, k, v (call.leaves): this backward
-    # stops there, so the attention's own backward over every query (what dominates at
-    # long T) is not run; the replays give dz/dq, checked against that backward once per
-    # module, implementation and dtype. It also gives what reaches each projection's
-    # output by any other path (a gate on the attention output from the query projection).
+    batch = call.query.shape[0]
+    if rows_call.query.ndim != 4 or rows_call.query.shape[2] != 1:
+        raise LastBlockRefused(
+            f"the targets' own forward gave queries of shape {tuple(rows_call.query.shape)}"
+        )
+    # The attention output of the targets' forward is a leaf: this backward stops there, so
+    # the attention's own backward over every query (what dominates at long T) is not run;
+    # the replays give dz/dq, checked against that backward once per module, implementation
+    # and dtype. It also gives what reaches each projection's output by any other path (a
+    # gate on the attention output from the query projection).
     verify = _backward_key(call) not in _VERIFIED_BACKWARD.get(call.module, set())
-    tensors = [call.output, *([call.leaves[0]] if verify else [])]
-    tensors += [out.outputs[sites[proj][0]] for proj in wanted]
+    tensors = [output_rows, *[out.outputs[sites[proj][0]] for proj in wanted]]
     grads = torch.autograd.grad(
         out.target_logits.sum(), tensors, retain_graph=True, allow_unused=True
     )
-    g, dq = grads[0], grads[1] if verify else None
-    if g is None or (verify and dq is None):
+    if grads[0] is None:
         raise LastBlockRefused("the target logits do not depend on the attention output")
-    around = dict(zip(wanted, grads[-len(wanted) :], strict=True))  # paths around attention
+    g = grads[0][:, 0]  # [U, H, dv]
+    dq = None
+    if verify:
+        cotangent = torch.zeros_like(call.output)
+        cotangent[unique.rows, unique.t] = g.to(call.output.dtype)
+        (dq,) = torch.autograd.grad(
+            call.output, call.leaves[0], cotangent, retain_graph=True, allow_unused=True
+        )
+        if dq is None:
+            raise LastBlockRefused("the attention output does not depend on the queries")
+    around = dict(zip(wanted, grads[1:], strict=True))  # paths around attention, [U, 1, w]
     checks = DeferredChecks()
     for proj in ("k", "v"):
         other = around.get(proj)
         if other is not None:
             checks.flag(f"{proj} around", select_columns(other, sites[proj][1]).any())
+    # the targets' own forward saw the queries, keys and values the whole forward did
+    for what, got, whole in (
+        ("the targets' queries", rows_call.query, call.query),
+        ("the targets' keys", rows_call.key, call.key),
+        ("the targets' values", rows_call.value, call.value),
+    ):
+        checks.close(
+            got[:, :, 0],
+            whole.detach()[unique.rows, :, unique.t],
+            unique.rows,
+            what,
+            batch=batch,
+            dtype=call.compute_dtype,
+        )
     key_terms, value_terms, query_grads = head_terms(call, g, dq, unique, checks)
     routes = [
         KeyValueRoute(
             name=proj,
             tensor=tensor,
-            projection_output=out.outputs[sites[proj][0]],
-            inputs=out.inputs[sites[proj][0]],
+            projection_output=before.outputs[sites[proj][0]],
+            inputs=before.inputs[sites[proj][0]],
             columns=sites[proj][1],
             terms=terms,
         )
@@ -247,14 +336,14 @@ def _norms(
             module, columns = sites[proj]
             grad = around[proj]
             if proj == "q":  # through the attention (the replays' dz/dq), plus any other path
-                through = _query_gradient(call, out.outputs[module], query_grads, unique)
-                grad = through if grad is None else through + grad[rows, t]
+                through = _query_gradient(rows_call, out.outputs[module], query_grads)
+                grad = through if grad is None else through + grad[:, 0]
             elif grad is None:
                 raise LastBlockRefused("the o projection's output does not reach the logits")
             else:
-                grad = grad[rows, t]
+                grad = grad[:, 0]
             values[proj] = rank_one_norm(
-                select_columns(grad, columns), out.inputs[module][rows, t], norm
+                select_columns(grad, columns), out.inputs[module][:, 0], norm
             )
     factors: dict[int, torch.Tensor] = {}  # K and V usually share their input
     grams: dict[str, torch.Tensor] = {}  # nuclear norms of K and V: one solve for both
