@@ -27,7 +27,7 @@ Sections (the benchmark functions they call; the GPU shape, then the dry run's):
 - ``overhead``: ``bench_overhead``'s GPU section (HF Trainer on the 0.5B
   shape, 8 x 1,024, plain / default / every step / health only with bf16
   parameters, and plain / default / every step under ``bf16=True``, 2 rounds
-  x 40 steps; dry run: width 64, 8 x 32, 2 x 2 steps).
+  x 24 steps; dry run: width 64, 8 x 32, 2 x 2 steps).
 - ``general_path``: ``bench_general_path`` (bench shape, layers [0, -1] and
   [1, -1]; dry run: width 32, 2 layers, layers [0, -1], no brute force).
 - ``stats``: ``bench_stats`` (correlation, sampler, covariance timings).
@@ -171,7 +171,7 @@ def section_overhead(device: str, tiny: bool) -> dict[str, Any]:
     variants = ["plain", "default", "every step", "health only"]
     # and under ``bf16=True`` (autocast over fp32 master weights)
     variants += [v + bench_overhead.BF16 for v in ("plain", "default", "every step")]
-    per_round = 2 if tiny else 40
+    per_round = 2 if tiny else 24
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         bench_overhead.measure(
