@@ -173,3 +173,36 @@ def test_bf16_parameters_without_autocast_say_bf16() -> None:
     got = logit_gradient_norms(model, IDS, layers=[-1])
     assert got.precision == "bf16"
     assert bool(torch.isfinite(got.score).all())
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["bf16-autocast", "fp32"])
+def test_the_tail_check_allows_the_rounding_of_the_compute_precision(
+    autocast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first probe of a block checks the targets' rows alone against the whole forward.
+    Under autocast the logits come out fp32 but were computed in bf16, and on a GPU one
+    row's and every row's matmuls round differently (on the CPU they agree bit for bit):
+    a difference of that size (3e-3 here) keeps the block under autocast and refuses it
+    in fp32, where it would mean something besides the attention mixes positions."""
+    import contextlib
+    import dataclasses
+
+    from inversion_monitor.probe import last_block
+
+    forward_rows = last_block.forward_rows
+
+    @contextlib.contextmanager
+    def rounded(*args: Any, **kwargs: Any) -> Any:
+        with forward_rows(*args, **kwargs) as out:
+            yield dataclasses.replace(out, target_logits=out.target_logits * (1 + 3e-3))
+
+    monkeypatch.setattr(last_block, "forward_rows", rounded)
+    model = tiny_causal_lm("qwen2", num_layers=2, seed=7)
+    ids = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(7))
+    positions = torch.tensor([[0, 5], [0, 17], [1, 3], [1, 20]])
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        result = logit_gradient_norms(model, ids, positions=positions)
+    last = resolve_model(model).num_layers - 1
+    paths = {p for (layer, _), p in result.paths.items() if layer == last}
+    assert paths == ({"last_block"} if autocast else {"general"}), paths
