@@ -8,6 +8,9 @@ the 0.5B shape.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -22,13 +25,29 @@ from inversion_monitor.probe import attention_replay, key_value_norms
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.key_value_norms import nuclear_norms_together
 from inversion_monitor.probe.op_counts import OpCounter
-from inversion_monitor.probe.prefix_capture import PrefixCapture
+from inversion_monitor.probe.prefix_capture import CapturedPrefix, PrefixCapture
 from inversion_monitor.toy.models import tiny_causal_lm
 
 
 def _positions(batch: int, length: int, count: int) -> torch.Tensor:
     flat = torch.randperm(batch * (length - 1), generator=torch.Generator().manual_seed(0))
     return torch.stack([flat[:count] // (length - 1), flat[:count] % (length - 1)], dim=1)
+
+
+@contextlib.contextmanager
+def _captured(model: nn.Module, ids: torch.Tensor) -> Iterator[CapturedPrefix]:
+    """The last block's input in a training-mode forward of ``ids`` (the capture removed on
+    exit; the model left in eval mode)."""
+    capture = PrefixCapture(model, -1)
+    try:
+        model.train()
+        model(input_ids=ids)
+        model.eval()
+        prefix = capture.latest
+        assert prefix is not None
+        yield prefix
+    finally:
+        capture.remove()
 
 
 def _counts(
@@ -39,13 +58,7 @@ def _counts(
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     ids = torch.randint(4, 128, (4, 48), generator=torch.Generator().manual_seed(1))
-    capture = PrefixCapture(model, -1)
-    try:
-        model.train()
-        model(input_ids=ids)
-        model.eval()
-        prefix = capture.latest
-        assert prefix is not None
+    with _captured(model, ids) as prefix:
         found = []
         for count in counts:
             positions = _positions(4, 48, count)
@@ -58,8 +71,6 @@ def _counts(
             assert result.prefix == "captured", result.prefix_reason
             found.append(counter)
         return found
-    finally:
-        capture.remove()
 
 
 def test_syncs_and_solves_do_not_grow_with_the_targets() -> None:
@@ -162,21 +173,13 @@ def _memory(family: str, length: int) -> tuple[int, int, int]:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     ids = torch.randint(4, 128, (4, length), generator=torch.Generator().manual_seed(1))
-    capture = PrefixCapture(model, -1)
-    try:
-        model.train()
-        model(input_ids=ids)
-        model.eval()
-        prefix = capture.latest
-        assert prefix is not None
+    with _captured(model, ids) as prefix:
         positions = _positions(4, length, 32)
         logit_gradient_norms(model, ids, positions=positions, prefix=prefix)  # warm-up
         with OpCounter() as counter:
             result = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
         assert set(result.paths.values()) == {"last_block"}, result.paths
         return counter.peak_bytes, counter.largest[1], prefix.hidden.numel() * 2
-    finally:
-        capture.remove()
 
 
 def test_memory_grows_with_the_length_no_faster_than_the_prefix() -> None:
@@ -247,20 +250,12 @@ def test_memory_grows_with_the_length_as_the_prefix_at_any_target_count(
     for length in (48, 192):
         model = tiny_causal_lm("llama", num_layers=2, vocab_size=128)
         ids = torch.randint(4, 128, (4, length), generator=torch.Generator().manual_seed(1))
-        capture = PrefixCapture(model, -1)
-        try:
-            model.train()
-            model(input_ids=ids)
-            model.eval()
-            prefix = capture.latest
-            assert prefix is not None
+        with _captured(model, ids) as prefix:
             positions = _positions(4, length, 96)
             logit_gradient_norms(model, ids, positions=positions, prefix=prefix)  # warm-up
             with OpCounter() as counter:
                 result = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
             assert set(result.paths.values()) == {"last_block"}, result.paths
-        finally:
-            capture.remove()
         peaks.append(counter.peak_bytes)
         prefixes.append(prefix.hidden.numel() * prefix.hidden.element_size())
     growth = (peaks[1] - peaks[0]) / (prefixes[1] - prefixes[0])
