@@ -80,7 +80,9 @@ def newton_trace_sqrt(
     """``(tr(sqrt(M)), bound)`` for each float64 PSD ``M`` of ``[K, n, n]`` by matmuls only;
     ``bound`` bounds the relative error (module docstring). An all-zero ``M`` gives 0, 0."""
     size = gram.shape[-1]
-    scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+    gram_trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    nonzero = gram_trace > 0
+    scale = gram_trace.clamp_min(torch.finfo(gram.dtype).tiny)
     eye = torch.eye(size, dtype=gram.dtype, device=gram.device).expand_as(gram)
     y = gram / scale[:, None, None]
     z = eye.clone()
@@ -93,5 +95,4 @@ def newton_trace_sqrt(
     floor = size**2 * torch.finfo(gram.dtype).eps
     residual = (1.0 - y.square().sum((-2, -1))).clamp_min(0) + floor
     bound = (size * residual).sqrt() / trace.clamp_min(1.0)
-    nonzero = gram.diagonal(dim1=-2, dim2=-1).sum(-1) > 0
     return trace * scale.sqrt() * nonzero, bound * nonzero
