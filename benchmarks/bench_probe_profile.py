@@ -19,35 +19,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from benchmarks import bench_probe
 from benchmarks.bench_probe_counts import captured, positions, qwen_half_billion, tiny_qwen
 from inversion_monitor.probe.gradients import logit_gradient_norms
 
 PROJECTIONS: tuple[tuple[str, ...], ...] = (("q",), ("k",), ("v",), ("o",), ("q", "k", "v", "o"))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeats`` after one warm-up (bench_probe's timer)."""
+    return bench_probe.timed(fn, device, repeats)[0]
 
 
 @contextlib.contextmanager
@@ -58,10 +45,10 @@ def solve_log(device: torch.device) -> Iterator[list[tuple[str, tuple[int, ...],
 
     def wrap(name: str) -> Callable[..., Any]:
         def call(a: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            _sync(device)
+            bench_probe._sync(device)
             start = time.perf_counter()
             out = originals[name](a, *args, **kwargs)
-            _sync(device)
+            bench_probe._sync(device)
             log.append((name, tuple(a.shape), str(a.dtype)[6:], time.perf_counter() - start))
             return out
 
@@ -130,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         full()
-        _sync(device)
+        bench_probe._sync(device)
         with profile(activities=activities) as prof:
             full()
-            _sync(device)
+            bench_probe._sync(device)
         averages = prof.key_averages()
         if device.type == "cuda":
             print(
