@@ -71,11 +71,6 @@ class ViewLike(Protocol):
     def last_activity(self) -> float: ...
 
 
-# Observation's fields read from an optional double of the same name: reward_mean ..
-# completion_length_mean (everything between entropy_mean and nonfinite_fields)
-_OPTIONAL = Observation._fields[5:-1]
-
-
 def observation(record: monitor_pb2.StepRecord) -> Observation:
     """The detector inputs of a record (missing statistics stay None, NaN stays NaN).
 
@@ -86,25 +81,56 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
     >>> obs.rho, obs.n, obs.entropy_mean, obs.reward_mean, obs.grad_norm, obs.nonfinite_fields
     (-0.4, 64, 2.0, None, nan, ('grad_norm',))
     """
-    inv = record.inversion
+    # one call per record and run, so written out: an optional double is read first and
+    # asked HasField only when it reads 0 (a value that is not 0, NaN included, was sent:
+    # an unset one reads 0); a set spearman.value means the inversion was sent
     has = record.HasField
-    rho = (
-        inv.spearman.value
-        if has("inversion") and inv.spearman.HasField("value") and not inv.insufficient
-        else None
-    )
-    entropy = record.entropy.mean if record.entropy.HasField("mean") else None
-    # one call per record and run: the optional doubles in Observation's own order
-    optional = [float(getattr(record, name)) if has(name) else None for name in _OPTIONAL]
+    inv = record.inversion
+    sp = inv.spearman
+    v = sp.value
+    rho = v if (v or sp.HasField("value")) and not inv.insufficient else None
+    en = record.entropy
+    v = en.mean
+    entropy = v if v or en.HasField("mean") else None
+    v = record.reward_mean
+    reward_mean = v if v or has("reward_mean") else None
+    v = record.policy_entropy_mean
+    policy_entropy_mean = v if v or has("policy_entropy_mean") else None
+    v = record.loss
+    loss = v if v or has("loss") else None
+    v = record.learning_rate
+    learning_rate = v if v or has("learning_rate") else None
+    v = record.reward_std
+    reward_std = v if v or has("reward_std") else None
+    v = record.entropy_covariance
+    entropy_covariance = v if v or has("entropy_covariance") else None
+    v = record.grad_norm
+    grad_norm = v if v or has("grad_norm") else None
+    v = record.kl
+    kl = v if v or has("kl") else None
+    v = record.clip_ratio
+    clip_ratio = v if v or has("clip_ratio") else None
+    v = record.completion_length_mean
+    completion_length_mean = v if v or has("completion_length_mean") else None
+    named = record.nonfinite_fields
     return Observation._make(
         (
             record.step,
             record.wall_time,
             rho,
-            int(inv.n),
+            inv.n,
             entropy,
-            *optional,
-            tuple(record.nonfinite_fields),
+            reward_mean,
+            policy_entropy_mean,
+            loss,
+            learning_rate,
+            reward_std,
+            entropy_covariance,
+            grad_norm,
+            kl,
+            clip_ratio,
+            completion_length_mean,
+            tuple(named) if named else (),
         )
     )
 

@@ -149,7 +149,7 @@ def _reference_observation(record: monitor_pb2.StepRecord) -> Observation:
 
 def test_observation_matches_reading_each_field_by_name() -> None:
     rng = random.Random(5)
-    values = [0.0, -1.5, 2.5, math.nan, math.inf, -math.inf, 1e-300]
+    values = [0.0, -0.0, -1.5, 2.5, math.nan, math.inf, -math.inf, 1e-300]
     for _ in range(2000):
         rec = monitor_pb2.StepRecord(step=rng.randint(0, 10**6), wall_time=rng.random() * 1e9)
         for name in OPTIONAL_DOUBLES:

@@ -69,6 +69,9 @@ class InversionWeakening:
         self.cusum = 0.0
         self.active = False
         self._start_step = 0
+        # (baseline_z it was made from, rho0, judged, shift): what update reads of the
+        # baseline on every record, made once (again if baseline_z changes)
+        self._baseline: tuple[float, float, bool, float] | None = None
 
     def _reference_shift_z(self) -> float:
         """Reference shift in z: half the z-distance of ``min_shift`` from the baseline."""
@@ -78,22 +81,38 @@ class InversionWeakening:
         return (math.atanh(target) - self.baseline_z) / 2.0
 
     def update(self, obs: Observation) -> Transition | None:
-        if not obs.usable_rho:
+        # obs.usable_rho, obs.z and obs.se inlined (one call per record and run), and
+        # min(a, b) / max(a, b) written as (b if b < a else a) / (b if b > a else a)
+        rho, n = obs.rho, obs.n
+        if rho is None or not math.isfinite(rho) or n <= 3:
             return None
-        z, se = obs.z, obs.se
-        if self.baseline_z is None:
+        clipped = rho if rho < 0.999999 else 0.999999
+        z = math.atanh(clipped if clipped > -0.999999 else -0.999999)
+        se = math.sqrt(1.06 / (n - 3))
+        baseline_z = self.baseline_z
+        if baseline_z is None:
             self._warm.append((z, 1.0 / se**2))
             if len(self._warm) >= self.config.warmup:
                 self.baseline_z, _ = _weighted_mean_z(self._warm)
             return None
-        if math.tanh(self.baseline_z) >= self.config.max_baseline:
+        cached = self._baseline
+        if cached is None or cached[0] is not baseline_z:
+            rho0 = math.tanh(baseline_z)
+            judged = not rho0 >= self.config.max_baseline
+            cached = (baseline_z, rho0, judged, self._reference_shift_z() if judged else 0.0)
+            self._baseline = cached
+        _, rho0, judged, shift = cached
+        if not judged:
             return None  # no inversion established: nothing to weaken
-        shift = self._reference_shift_z()
         h = self.config.threshold
-        self.cusum = max(0.0, self.cusum + (z - self.baseline_z - shift) / se)
+        cusum = self.cusum + (z - baseline_z - shift) / se
+        cusum = cusum if cusum > 0.0 else 0.0
         if self.active:
-            self.cusum = min(self.cusum, 2.0 * h)  # bounded, so recovery is seen in time
-        rho0 = math.tanh(self.baseline_z)
+            cap = 2.0 * h  # bounded, so recovery is seen in time
+            cusum = cap if cap < cusum else cusum
+        self.cusum = cusum
+        if (self.active or cusum <= h) and (not self.active or cusum != 0.0):
+            return None
         values = {
             "rho": float(obs.rho or 0.0),
             "baseline_rho": rho0,
@@ -155,9 +174,12 @@ class InversionLost:
         self._run = 0
 
     def update(self, obs: Observation) -> Transition | None:
-        if not obs.usable_rho:
+        rho, n = obs.rho, obs.n  # obs.usable_rho, obs.z and obs.se inlined, as above
+        if rho is None or not math.isfinite(rho) or n <= 3:
             return None
-        z, se = obs.z, obs.se
+        clipped = rho if rho < 0.999999 else 0.999999
+        z = math.atanh(clipped if clipped > -0.999999 else -0.999999)
+        se = math.sqrt(1.06 / (n - 3))
         if self.established is None:
             self._warm.append((z, 1.0 / se**2))
             if len(self._warm) >= self.config.warmup:

@@ -134,6 +134,16 @@ class RobustStream:
         self.log: bool | None = None if config.scale is Scale.AUTO else config.scale is Scale.LOG
         self.up = 0.0
         self.down = 0.0
+        # the settings update reads on every record, read once (the config is frozen)
+        self._params = (
+            config.floor,
+            config.warmup,
+            config.min_scale,
+            config.z_cap,
+            config.k,
+            config.clip,
+            2.0 * config.threshold,  # the CUSUMs' bound, so the end of a fault is seen in time
+        )
 
     def _y(self, x: float) -> float:
         if self.log:
@@ -167,20 +177,19 @@ class RobustStream:
         # one call per record and stream: _y, level_scale and _push inlined, and max(a, b) /
         # min(a, b) written as (b if b > a else a) / (b if b < a else a), what the builtins
         # return (the same arithmetic, without their calls)
+        floor, warmup, min_scale, z_cap, k, clip, cap = self._params
         log = self.log
-        y = math.log((0.0 if x < 0.0 else x) + cfg.floor + 1e-12) if log else x
+        y = math.log((0.0 if x < 0.0 else x) + floor + 1e-12) if log else x
         ys = self._sorted
         n = len(ys)
-        if n < cfg.warmup:
+        if n < warmup:
             self._push(y)
             return None
         mid = n // 2
         level = ys[mid] if n % 2 else 0.5 * (ys[mid - 1] + ys[mid])
         scale = MAD_TO_SD * _mad(ys, level)
-        scale = max(scale, cfg.min_scale)
+        scale = min_scale if min_scale > scale else scale
         z = (y - level) / scale
-        z_cap, k, clip = cfg.z_cap, cfg.k, cfg.clip
-        cap = 2.0 * cfg.threshold  # bounded, so the end of a fault is seen in time
         zc = z
         if z_cap is not None:
             zc = z if z < z_cap else z_cap
@@ -303,59 +312,83 @@ class DriftDetector:
         score = self.stream.update(x)
         if score is None:
             return None
-        cfg = self.config
-        values = {
+        pattern = self.pattern(score)
+        if not self.active:
+            # the quiet path (almost every record) builds nothing: no watched CUSUM over the
+            # threshold and no pattern is no transition (the sides _sides lists, read inline)
+            threshold = self.config.threshold
+            direction = self.direction
+            if (
+                pattern is None
+                and (direction is Direction.DOWN or score.up <= threshold)
+                and (direction is Direction.UP or score.down <= threshold)
+            ):
+                return None
+            return self._fire(obs, x, score, pattern)
+        cusum = score.up if self.side is Direction.UP else score.down
+        if cusum > 0.0:
+            return None
+        return self._recover(obs, x, score)
+
+    def _values(self, x: float, score: Score) -> dict[str, float]:
+        """The transition's values (the CUSUM of the side that fired, else the upward one)."""
+        return {
             self.field: x,
             "level": score.level,
             "robust_z": score.z,
             "cusum": score.up if self.side is not Direction.DOWN else score.down,
-            "threshold": cfg.threshold,
+            "threshold": self.config.threshold,
         }
-        pattern = self.pattern(score)
-        if not self.active:
-            over = [
-                (d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)
-            ]
-            if not over and pattern is None:
-                return None
-            if over:
-                side, cusum = max(over, key=lambda dc: dc[1])
-            else:
-                assert pattern is not None
-                side = pattern[0]
-                cusum = score.up if side is Direction.UP else score.down
-            self.active, self.side, self._start_step = True, side, obs.step
-            values["cusum"] = cusum
-            ratio = (
-                f"is {x / score.level:.3g} x its level {score.level:.4g}"
-                if self.stream.log and score.level > 0.0
-                else f"vs its level {score.level:.4g}"
-            )
-            if over:
-                why = f"CUSUM {cusum:.1f} > {cfg.threshold:g} robust SDs of this run"
-                detail = f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}; {why})"
-            else:
-                assert pattern is not None
-                detail = f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}): {pattern[1]}"
-            return Transition(
-                self.name,
-                cfg.severity,
-                True,
-                self.reasons.get(side, Reason.CUSUM_EXCEEDED),
-                obs.step,
-                obs.wall_time,
-                self.summaries[side],
-                f"{detail} at step {obs.step}",
-                values,
-            )
-        cusum = score.up if self.side is Direction.UP else score.down
-        if cusum > 0.0:
+
+    def _fire(
+        self, obs: Observation, x: float, score: Score, pattern: tuple[Direction, str] | None
+    ) -> Transition | None:
+        """Not active: the transition that starts the alert, or None (a CUSUM over the
+        threshold, yet not ``min_rise``/``min_fall`` from the level)."""
+        cfg = self.config
+        values = self._values(x, score)
+        over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)]
+        if not over and pattern is None:
             return None
+        if over:
+            side, cusum = max(over, key=lambda dc: dc[1])
+        else:
+            assert pattern is not None
+            side = pattern[0]
+            cusum = score.up if side is Direction.UP else score.down
+        self.active, self.side, self._start_step = True, side, obs.step
+        values["cusum"] = cusum
+        ratio = (
+            f"is {x / score.level:.3g} x its level {score.level:.4g}"
+            if self.stream.log and score.level > 0.0
+            else f"vs its level {score.level:.4g}"
+        )
+        if over:
+            why = f"CUSUM {cusum:.1f} > {cfg.threshold:g} robust SDs of this run"
+            detail = f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}; {why})"
+        else:
+            assert pattern is not None
+            detail = f"{self.what} {x:.4g} {ratio} (robust z {score.z:+.1f}): {pattern[1]}"
+        return Transition(
+            self.name,
+            cfg.severity,
+            True,
+            self.reasons.get(side, Reason.CUSUM_EXCEEDED),
+            obs.step,
+            obs.wall_time,
+            self.summaries[side],
+            f"{detail} at step {obs.step}",
+            values,
+        )
+
+    def _recover(self, obs: Observation, x: float, score: Score) -> Transition:
+        """Active and the watched CUSUM back at 0: the transition that ends the alert."""
+        values = self._values(x, score)
         self.active = False
         ended, self.side = self.side, None
         return Transition(
             self.name,
-            cfg.severity,
+            self.config.severity,
             False,
             Reason.RECOVERED,
             obs.step,
