@@ -205,11 +205,19 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
     newest_seq = newest_probe_seq = 0
     newest: monitor_pb2.StepRecord | None = None
     newest_probe: monitor_pb2.StepRecord | None = None
+    # an optional double is asked HasField only when it reads 0 (one that is not 0, NaN
+    # included, was sent: an unset one reads 0)
     for _, rec in batch.store:
         inv = rec.inversion
         spearman = inv.spearman
         pearson = inv.pearson
+        entropy = rec.entropy
+        score = rec.score
         seq = rec.sequence
+        rho = spearman.value
+        pearson_rho = pearson.value
+        entropy_mean = entropy.mean
+        score_mean = score.mean
         rows.append(
             (
                 pk,
@@ -218,10 +226,10 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
                 rec.step,
                 rec.wall_time,
                 now,
-                spearman.value if spearman.HasField("value") else None,
-                pearson.value if pearson.HasField("value") else None,
-                rec.entropy.mean if rec.entropy.HasField("mean") else None,
-                rec.score.mean if rec.score.HasField("mean") else None,
+                rho if rho or spearman.HasField("value") else None,
+                pearson_rho if pearson_rho or pearson.HasField("value") else None,
+                entropy_mean if entropy_mean or entropy.HasField("mean") else None,
+                score_mean if score_mean or score.HasField("mean") else None,
                 rec.SerializeToString(),
             )
         )
