@@ -81,9 +81,10 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
     >>> obs.rho, obs.n, obs.entropy_mean, obs.reward_mean, obs.grad_norm, obs.nonfinite_fields
     (-0.4, 64, 2.0, None, nan, ('grad_norm',))
     """
-    # one call per record and run, so written out: an optional double is read first and
-    # asked HasField only when it reads 0 (a value that is not 0, NaN included, was sent:
-    # an unset one reads 0); a set spearman.value means the inversion was sent
+    # one call per record and run, so written out; the probe statistics (most often sent
+    # when the inversion is) are read first and asked HasField only when they read 0 (a
+    # value that is not 0, NaN included, was sent: an unset one reads 0), the health
+    # doubles (most often not sent with them) asked HasField first
     has = record.HasField
     inv = record.inversion
     sp = inv.spearman
@@ -92,27 +93,18 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
     en = record.entropy
     v = en.mean
     entropy = v if v or en.HasField("mean") else None
-    v = record.reward_mean
-    reward_mean = v if v or has("reward_mean") else None
-    v = record.policy_entropy_mean
-    policy_entropy_mean = v if v or has("policy_entropy_mean") else None
-    v = record.loss
-    loss = v if v or has("loss") else None
-    v = record.learning_rate
-    learning_rate = v if v or has("learning_rate") else None
-    v = record.reward_std
-    reward_std = v if v or has("reward_std") else None
-    v = record.entropy_covariance
-    entropy_covariance = v if v or has("entropy_covariance") else None
-    v = record.grad_norm
-    grad_norm = v if v or has("grad_norm") else None
-    v = record.kl
-    kl = v if v or has("kl") else None
-    v = record.clip_ratio
-    clip_ratio = v if v or has("clip_ratio") else None
-    v = record.completion_length_mean
-    completion_length_mean = v if v or has("completion_length_mean") else None
-    named = record.nonfinite_fields
+    reward_mean = record.reward_mean if has("reward_mean") else None
+    policy_entropy_mean = record.policy_entropy_mean if has("policy_entropy_mean") else None
+    loss = record.loss if has("loss") else None
+    learning_rate = record.learning_rate if has("learning_rate") else None
+    reward_std = record.reward_std if has("reward_std") else None
+    entropy_covariance = record.entropy_covariance if has("entropy_covariance") else None
+    grad_norm = record.grad_norm if has("grad_norm") else None
+    kl = record.kl if has("kl") else None
+    clip_ratio = record.clip_ratio if has("clip_ratio") else None
+    completion_length_mean = (
+        record.completion_length_mean if has("completion_length_mean") else None
+    )
     return Observation._make(
         (
             record.step,
@@ -130,7 +122,7 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
             kl,
             clip_ratio,
             completion_length_mean,
-            tuple(named) if named else (),
+            tuple(record.nonfinite_fields),
         )
     )
 

@@ -25,6 +25,7 @@ from inversion_monitor.server.detectors.robust import (
     RobustStream,
     Scale,
     _mad,
+    _mad_split,
     _median,
 )
 from inversion_monitor.server.detectors.run import RunDetectors
@@ -89,6 +90,21 @@ def test_mad_equals_sorting_exactly() -> None:
         ys = sorted(rng.choice([rng.gauss(0, 1), float(rng.randint(-3, 3))]) for _ in range(n))
         med = _median(ys)
         assert _mad(ys, med) == statistics.median(abs(y - med) for y in ys)
+
+
+def test_mad_from_any_hint_equals_the_bisection() -> None:
+    """A stream starts the MAD's search from the last split: every hint (out of range ones
+    too) gives the same split and the same float as bisecting, and as sorting."""
+    rng = random.Random(4)
+    for _ in range(600):
+        n = rng.randint(1, 70)
+        ys = sorted(rng.choice([rng.gauss(0, 1), float(rng.randint(-3, 3))]) for _ in range(n))
+        med = _median(ys)
+        want = statistics.median(abs(y - med) for y in ys)
+        bisected = _mad_split(ys, med, -1)
+        assert bisected[0] == want
+        for hint in range(0, n + 3):
+            assert _mad_split(ys, med, hint) == bisected, (ys, hint)
 
 
 @pytest.mark.parametrize("scale", list(Scale))

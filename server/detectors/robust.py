@@ -134,6 +134,7 @@ class RobustStream:
         self.log: bool | None = None if config.scale is Scale.AUTO else config.scale is Scale.LOG
         self.up = 0.0
         self.down = 0.0
+        self._split = -1  # the MAD's split at the last update (a hint for the next)
         # the settings update reads on every record, read once (the config is frozen)
         self._params = (
             config.floor,
@@ -187,7 +188,8 @@ class RobustStream:
             return None
         mid = n // 2
         level = ys[mid] if n % 2 else 0.5 * (ys[mid - 1] + ys[mid])
-        scale = MAD_TO_SD * _mad(ys, level)
+        mad, self._split = _mad_split(ys, level, self._split)
+        scale = MAD_TO_SD * mad
         scale = min_scale if min_scale > scale else scale
         z = (y - level) / scale
         zc = z
@@ -227,30 +229,60 @@ def _mad(ys: list[float], med: float) -> float:
     >>> _mad(ys, 4.0), _median(sorted(abs(y - 4.0) for y in ys))
     (3.0, 3.0)
     """
+    return _mad_split(ys, med, -1)[0]
+
+
+def _mad_split(ys: list[float], med: float, hint: int) -> tuple[float, int]:
+    """:func:`_mad` and how many of the middle deviations lie below ``med`` (the split).
+
+    ``hint``: the split of the previous call on a window one value apart (a stream's
+    update), or -1. The split is the first ``i`` where "the ``i``-th deviation below is
+    not the smaller" holds, a condition false up to it and true from it on; from a hint it
+    is found by stepping (one or two steps in a stream), else by bisection: the same ``i``
+    either way, so the same MAD (tests/test_detector_fast_paths.py checks every hint).
+    """
     n = len(ys)
     p = bisect.bisect_left(ys, med)
     a, b = p, n - p  # deviations below: med - ys[p-1-i]; above: ys[p+j] - med
-    # take the m smallest deviations (the middle one, or the lower of the middle two); bisect
+    # take the m smallest deviations (the middle one, or the lower of the middle two); find
     # how many of them are below
     m = n // 2 + 1 if n % 2 else n // 2
     lo, hi = m - b if m - b > 0 else 0, m if m < a else a
-    while lo < hi:
-        i = (lo + hi) // 2
+    # more(i): the i-th deviation below is larger than the (m - i)-th above, so more than i
+    # come from below (False at hi: then i == a or m - i == 0)
+    if hint < 0:
+        while lo < hi:
+            i = (lo + hi) // 2
+            j = m - i
+            if j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:
+                lo = i + 1
+            else:
+                hi = i
+    else:
+        i = hint if hint < hi else hi
+        i = i if i > lo else lo
         j = m - i
-        if j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:
-            lo = i + 1
-        else:
-            hi = i
+        if j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:  # more(i): go up
+            i += 1
+            j -= 1
+            while j > 0 and i < a and ys[p + j - 1] - med > med - ys[p - 1 - i]:
+                i += 1
+                j -= 1
+        else:  # go down while more(i - 1) is false
+            while i > lo and not (ys[p + j] - med > med - ys[p - i]):
+                i -= 1
+                j += 1
+        lo = i
     j = m - lo
     below = med - ys[p - lo] if lo > 0 else -math.inf
     above = ys[p + j - 1] - med if j > 0 else -math.inf
     largest_taken = above if above > below else below
     if n % 2:
-        return largest_taken
+        return largest_taken, lo
     # the upper middle one: the smallest deviation not taken, next below or next above
     next_below = med - ys[p - 1 - lo] if lo < a else math.inf
     next_above = ys[p + j] - med if j < b else math.inf
-    return 0.5 * (largest_taken + (next_above if next_above < next_below else next_below))
+    return 0.5 * (largest_taken + (next_above if next_above < next_below else next_below)), lo
 
 
 class DriftDetector:
