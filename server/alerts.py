@@ -246,11 +246,14 @@ class AlertEngine:
             state.detectors.stale = stale
             for alert, _ in state.open.values():  # adopted meanwhile: their detectors fire
                 alert_share.seed(state.detectors, alert.name, alert.start_step, alert.summary)
-        if record.rank > state.rank:
+        rank = record.rank
+        if rank > state.rank:
             return
-        state.rank = record.rank
-        state.last_step = max(state.last_step, record.step)
-        for transition in state.detectors.update(observation(record)):
+        state.rank = rank
+        obs = observation(record)
+        step, last = obs.step, state.last_step
+        state.last_step = step if step > last else last  # max(last, step), without the call
+        for transition in state.detectors.update(obs):
             self._apply(run_id, state, transition)
 
     def check_stale(
