@@ -1,7 +1,8 @@
 """The detectors' per-record updates against their plain versions.
 
 :meth:`DriftDetector.update <inversion_monitor.server.detectors.robust.DriftDetector.update>`,
-:meth:`InversionWeakening.update` and :meth:`InversionLost.update` run on every record of
+:meth:`InversionWeakening.update`, :meth:`InversionLost.update` and
+:meth:`NonFiniteTraining.update` run on every record of
 every run, so they build nothing on the quiet path (no values dict, no list of sides) and
 read the baseline once. Here the plain versions (each value read through Observation's
 properties, the values dict and the list of sides built on every record) are patched in
@@ -28,6 +29,7 @@ from inversion_monitor.server.detectors.inversion import (
     InversionWeakening,
     _weighted_mean_z,
 )
+from inversion_monitor.server.detectors.nonfinite import NonFiniteTraining
 from inversion_monitor.server.detectors.robust import Direction, DriftDetector
 from inversion_monitor.server.detectors.run import RunDetectors
 
@@ -225,6 +227,58 @@ def plain_lost_update(self: InversionLost, obs: Observation) -> Transition | Non
     )
 
 
+def plain_nonfinite_update(self: NonFiniteTraining, obs: Observation) -> Transition | None:
+    cfg = self.config
+    bad: dict[str, float] = {}
+    seen = False
+    for name in cfg.fields:
+        value: float | None = getattr(obs, name)
+        if value is not None:
+            seen = True
+            if not math.isfinite(value):
+                bad[name] = value
+    for name in obs.nonfinite_fields:
+        if name in cfg.fields and name not in bad:
+            bad[name] = math.nan
+    if not seen and not bad:
+        return None
+    if bad:
+        self._finite_run = 0
+        if self.active:
+            return None
+        self.active, self._start_step = True, obs.step
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        return Transition(
+            self.name,
+            cfg.severity,
+            True,
+            Reason.NON_FINITE,
+            obs.step,
+            obs.wall_time,
+            "Training diverged: non-finite " + ", ".join(bad),
+            f"{what} at step {obs.step}: the run diverged",
+            {f"{k}_nonfinite": 1.0 for k in bad},
+        )
+    if not self.active:
+        return None
+    self._finite_run += 1
+    if self._finite_run < cfg.recover:
+        return None
+    self.active = False
+    return Transition(
+        self.name,
+        cfg.severity,
+        False,
+        Reason.RECOVERED,
+        obs.step,
+        obs.wall_time,
+        "Training values finite again",
+        f"{cfg.recover} records with finite {', '.join(cfg.fields)} at step {obs.step}; "
+        f"non-finite values began at step {self._start_step}",
+        {"finite_records": float(self._finite_run)},
+    )
+
+
 def _observations(seed: str, steps: int = 2500) -> list[Observation]:
     """A run's records with faults and recoveries in every field, rho rising to 0 and back
     (so every detector fires and ends), missing and non-finite values, ties and odd n."""
@@ -288,13 +342,14 @@ def test_updates_match_the_plain_versions(kind: str, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(DriftDetector, "update", plain_drift_update)
     monkeypatch.setattr(InversionWeakening, "update", plain_weakening_update)
     monkeypatch.setattr(InversionLost, "update", plain_lost_update)
+    monkeypatch.setattr(NonFiniteTraining, "update", plain_nonfinite_update)
     plain = _transitions(kind, observations)
     assert len(fast) == len(plain)
     for got, want in zip(fast, plain, strict=True):
         assert got == want
     # the stream moved the detectors both ways: drift and inversion alerts fired and ended
     fired = Counter((t.name.value, t.firing) for t in fast)
-    for name in ("InversionWeakening", "InversionLost"):
+    for name in ("InversionWeakening", "InversionLost", "NonFiniteTraining"):
         assert fired[(name, True)] and fired[(name, False)], (name, fired)
     detectors = RunDetectors(AlertsConfig(), kind).detectors
     drift = {d.name.value for d in detectors if isinstance(d, DriftDetector)}

@@ -56,10 +56,20 @@ class NonFiniteTraining:
 
     def update(self, obs: Observation) -> Transition | None:
         cfg = self.config
+        if not self.active and not obs.nonfinite_fields:
+            # the quiet path (almost every record): nothing named, every watched value
+            # finite or missing, not active: no transition, nothing to count
+            isfinite = math.isfinite
+            for name in cfg.fields:
+                value: float | None = getattr(obs, name)
+                if value is not None and not isfinite(value):
+                    break
+            else:
+                return None
         bad: dict[str, float] = {}
         seen = False
         for name in cfg.fields:
-            value: float | None = getattr(obs, name)
+            value = getattr(obs, name)
             if value is not None:
                 seen = True
                 if not math.isfinite(value):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 from inversion_monitor.server.detectors.base import AlertName, Observation, Transition
@@ -70,19 +71,19 @@ class RunDetectors:
         # (detector, the field it needs): a plain DriftDetector judges only a finite value of
         # its field, so a record without one skips the call (the same answer, run once per
         # record and detector)
-        self._plan: list[tuple[RecordDetector, str | None]] = [
-            (det, _needed_field(det)) for det in self.detectors
+        self._plan: list[tuple[Callable[[Observation], Transition | None], str | None]] = [
+            (det.update, _needed_field(det)) for det in self.detectors
         ]
 
     def update(self, obs: Observation) -> list[Transition]:
         out: list[Transition] = []
         isfinite = math.isfinite
-        for det, needed in self._plan:
+        for update, needed in self._plan:  # each detector's bound update, made once
             if needed is not None:
                 x = getattr(obs, needed)
                 if x is None or not isfinite(x):
                     continue
-            t = det.update(obs)
+            t = update(obs)
             if t is not None:
                 out.append(t)
         return out
