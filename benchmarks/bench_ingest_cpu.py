@@ -90,7 +90,10 @@ def ingest(args: argparse.Namespace, tmp: Path) -> float:
     if profile is not None:
         profile.disable()
     elapsed = time.perf_counter() - start
+    stored = ingestor.counters.ingested
     ingestor.close()
+    if stored != args.records:  # a rejected record would cost less than a stored one
+        raise RuntimeError(f"{stored} of {args.records} records were stored")
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
     return elapsed
