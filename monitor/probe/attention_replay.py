@@ -24,10 +24,11 @@ import torch
 
 from inversion_monitor.probe.attention_capture import AttentionCall
 
-# fp32 elements of one replay chunk's keys and values and their gradients together
-# ([targets, kv heads, T, 2d + 2G]): 64 Mi = 256 MiB, each tensor at most half of it.
-# Chunks are few: the count of ops does not grow with the targets
-_MAX_REPLAY_ELEMENTS = 1 << 26
+# fp32 elements of one replay chunk's keys and values together ([targets, kv heads, T,
+# 2d + 2G]): 80 Mi, so each of them (and its gradient) stays under the 48M-element bound on
+# any intermediate (40 Mi where d = dv). Chunks are few: 256 targets at Qwen2-0.5B's shape
+# (4 x 1024) are one chunk, so the count of ops does not grow with the targets there
+_MAX_REPLAY_ELEMENTS = 80 << 20
 
 
 class LastBlockRefused(RuntimeError):

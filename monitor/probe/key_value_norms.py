@@ -36,9 +36,10 @@ from inversion_monitor.probe.attention_replay import (
 
 logger = logging.getLogger("inversion_monitor")
 
-# elements of one batched cotangent ([slots, B, heads, T, d]): 32 Mi. Few chunks, so the
-# count of ops stays flat in the number of targets; each intermediate well under 48 Mi
-_MAX_COTANGENT_ELEMENTS = 1 << 25
+# elements of one batched cotangent ([slots, B, heads, T, d]): 40 Mi, under the 48M-element
+# bound on any intermediate (the slots' gradients and R Gamma products are no larger). Few
+# chunks (77 slots, Qwen2-0.5B's shape at 256 targets, are one), so the count of ops stays flat
+_MAX_COTANGENT_ELEMENTS = 40 << 20
 
 
 def slot_ranks(rows: torch.Tensor) -> torch.Tensor:
