@@ -28,12 +28,13 @@ first step that has it):
 
 Healthy runs: 15 SFT seeds (5 of 300 steps, 10 of 800), 77 of the GRPO loop (7 of 60
 steps, 60 of 120, 10 of 240) and 10 of TRL (2 of 40, 8 of 80): with the fault runs'
-records before their onsets, ~20,800 healthy steps, ~10,900 of them RL (the false-alarm
+records before their onsets, 20,840 healthy steps, 10,893 of them RL (the false-alarm
 rate needs 10,000). Runs are cached in a JSON file, run by run under their names (112
-runs, 21,155 steps: 20,840 healthy, 10,893 of them RL); a run added to the plan is trained alone, and an interrupted build keeps the runs
-it finished (faults come before the long healthy RL seeds). At load 5-8 on 2 cores one
-process trained 44 RL runs (4,880 steps) in ~35 minutes: the full plan takes over an
-hour with ``--jobs 2`` there. :mod:`bench_detection` reads it (``--corpus``).
+runs, 21,155 steps); a run added to the plan is trained alone, and an interrupted
+build keeps the runs it finished (faults come before the long healthy RL seeds). At
+load 5-8 on 2 cores one process trained 44 RL runs (4,880 steps) in ~35 minutes: the
+full plan takes over an hour with ``--jobs 2`` there. :mod:`bench_detection` reads it
+(``--corpus``).
 """
 
 from __future__ import annotations
