@@ -59,6 +59,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -72,6 +73,9 @@ from inversion_monitor.server.detectors import (
     RunDetectors,
 )
 from inversion_monitor.server.entropy_law import EntropyLawTracker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from benchmarks.failure_corpus import CorpusRun
 
 CHANGE = 200
 HORIZON = 400
@@ -421,6 +425,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     print("real runs (HF Trainer SFT, the demo's GRPO loop, TRL's GRPOTrainer):")
     outcomes, false, healthy, rules = dc.evaluate(runs)
     goals = dc.report(outcomes, false, healthy, watched=dc.watched_steps(runs), rules=rules)
+    entropy_definitions(runs)
     print()
     dc.holdout_hand_rules(runs)
     print()
@@ -442,6 +447,37 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     dc.rho_lead(runs)
     print(f"\n({time.monotonic() - started:.0f} s)")
     return {k: v and s_goals[k] for k, v in goals.items()}
+
+
+def entropy_definitions(runs: list[CorpusRun], say: Callable[[str], None] = print) -> None:
+    """EntropyCollapse on the entropy-collapse fault (samples at temperature 0.3) read two ways:
+    the entropy of the distribution the tokens were sampled from (logits / temperature: what
+    TRL's GRPOTrainer logs and the GRPO loop sends), which falls on the onset record because
+    the temperature fell, and the model's own (temperature 1), whose slower fall is the
+    collapse itself (its first records are within a healthy run's wander)."""
+    from benchmarks import detection_corpus as dc
+    from benchmarks.failure_corpus import CorpusRun
+
+    for run in runs:
+        records = run.records
+        if run.fault != "entropy_collapse" or run.onset is None:
+            continue
+        if any(r.get("policy_entropy_unscaled") is None for r in records):
+            continue
+        own = CorpusRun(
+            run.name,
+            run.family,
+            run.fault,
+            run.onset,
+            run.seed,
+            [{**r, "policy_entropy_mean": r["policy_entropy_unscaled"]} for r in records],
+        )
+        for label, r in (("sampled (logits / T)", run), ("the model's own (T = 1)", own)):
+            starts = dc.detector_starts(r).get("EntropyCollapse", [])
+            say(
+                f"  {run.name}: EntropyCollapse on the entropy {label}: "
+                f"{dc.first_after(starts, run.onset)} records after the onset"
+            )
 
 
 def _quiet_faults() -> Callable[[str], None]:

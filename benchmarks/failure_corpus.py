@@ -8,7 +8,9 @@ forward): SFT runs through the Hugging Face ``Trainer`` (``logging_steps=1``, re
 from ``trainer.state.log_history``: loss, grad_norm before clipping, learning
 rate); RL runs through the demo's GRPO loop (:mod:`inversion_monitor.app.demo_rl`:
 loss, grad norm, reward mean and std, the policy's entropy over completion
-tokens, KL to the starting policy, mean completion length) with the monitor's
+tokens of the distribution they were sampled from (logits / temperature, as TRL
+logs it; ``policy_entropy_unscaled``: at temperature 1), Cui et al.'s entropy
+covariance, KL to the starting policy, mean completion length) with the monitor's
 probe in-process on every step (rho and token entropy: the inversion's lead or
 lag); TRL runs through its ``GRPOTrainer`` (its own logged reward, KL, entropy,
 completion length, loss and grad norm, one log per step). Faults (``onset`` = the
@@ -24,12 +26,15 @@ first step that has it):
 - TRL GRPO: ``zero_reward`` (the reward function returns 0), ``lr_jump`` (x100 through
   the trainer's scheduler), ``nan_batch`` (one step's loss is NaN).
 
-Healthy runs: 15 SFT seeds (5 of 300 steps, 10 of 800), 27 of the GRPO loop (7 of 60
-steps, 20 of 120) and 10 of TRL (2 of 40, 8 of 80): with the fault runs' records before
-their onsets, 13,640 healthy steps, 3,693 of them RL (the false-alarm rate needs 10,000).
-Runs are cached in a JSON file, run by run under their names (62 runs, 13,965 steps:
-894 s to build with ``--jobs 2`` on 2 cores at load ~2.5, once; a run added to the plan is
-trained alone); :mod:`bench_detection` reads it (``--corpus``).
+Healthy runs: 15 SFT seeds (5 of 300 steps, 10 of 800), 77 of the GRPO loop (7 of 60
+steps, 60 of 120, 10 of 240) and 10 of TRL (2 of 40, 8 of 80): with the fault runs'
+records before their onsets, 20,840 healthy steps, 10,893 of them RL (the false-alarm
+rate needs 10,000). Runs are cached in a JSON file, run by run under their names (112
+runs, 21,155 steps); a run added to the plan is trained alone, and an interrupted
+build keeps the runs it finished (faults come before the long healthy RL seeds). At
+load 5-8 on 2 cores one process trained 44 RL runs (4,880 steps) in ~35 minutes: the
+full plan takes over an hour with ``--jobs 2`` there. :mod:`bench_detection` reads it
+(``--corpus``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ FIELDS = (
     "reward_mean",
     "reward_std",
     "policy_entropy_mean",
+    "policy_entropy_unscaled",
+    "entropy_covariance",
     "kl",
     "completion_length_mean",
     "rho",
@@ -87,7 +94,10 @@ class CorpusPlan:
     rl_onset: int = 25
     rl_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
     rl_long_steps: int = 120
-    rl_long_seeds: tuple[int, ...] = tuple(range(7, 27))
+    rl_long_seeds: tuple[int, ...] = tuple(range(7, 67))
+    # and longer still: a healthy run's slow drift over hundreds of steps
+    rl_longer_steps: int = 240
+    rl_longer_seeds: tuple[int, ...] = tuple(range(67, 77))
     sft_faults: tuple[str, ...] = ("lr_jump", "nan_batch", "label_corruption")
     rl_faults: tuple[str, ...] = ("lr_jump", "zero_reward", "length_hack", "entropy_collapse")
     trl_steps: int = 40
@@ -241,7 +251,10 @@ def rl_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> C
                 "grad_norm": values["grad_norm"],
                 "learning_rate": values["lr"],
                 "reward_mean": values["reward"],
+                "reward_std": values["reward_std"],
                 "policy_entropy_mean": values["entropy"],
+                "policy_entropy_unscaled": values["entropy_unscaled"],
+                "entropy_covariance": values["covariance"],
                 "kl": values["kl"],
                 "completion_length_mean": values["completion_length"],
                 "rho": stats.rho if stats is not None else None,
@@ -251,11 +264,12 @@ def rl_run(base: Any, steps: int, seed: int, fault: str | None, onset: int) -> C
         )
 
     try:
-        history = train_grpo(model, char_tokenizer(), monitor, settings, on_step=on_step)
+        train_grpo(model, char_tokenizer(), monitor, settings, on_step=on_step)
+    except RuntimeError:  # sampling from a diverged policy's NaN logits: the run stops there
+        if fault != "lr_jump":
+            raise
     finally:
         monitor.close()
-    for record, std in zip(run.records, history.reward_std, strict=False):
-        record["reward_std"] = std
     return run
 
 
@@ -272,8 +286,10 @@ class RunSpec:
 
 
 def specs(plan: CorpusPlan) -> list[RunSpec]:
-    """The runs of ``plan``, in order: healthy SFT seeds, SFT faults, healthy RL seeds, RL
-    faults (faults on seed 0; RL runs start from the first SFT seed's trained model)."""
+    """The runs of ``plan``, in order: healthy SFT seeds, SFT faults, long healthy SFT seeds,
+    the short healthy RL seeds, RL faults, TRL's (short healthy seeds, faults, long healthy
+    seeds), the long healthy RL seeds (faults on seed 0, before the long healthy seeds: an
+    interrupted build has them; RL runs start from the first SFT seed's trained model)."""
     out = [
         RunSpec(f"sft-healthy-s{seed}", "sft", None, seed, plan.sft_steps, plan.sft_onset)
         for seed in plan.sft_seeds
@@ -292,10 +308,6 @@ def specs(plan: CorpusPlan) -> list[RunSpec]:
             for seed in plan.rl_seeds
         ]
         out += [
-            RunSpec(f"rl-healthy-s{seed}", "rl", None, seed, plan.rl_long_steps, plan.rl_onset)
-            for seed in plan.rl_long_seeds
-        ]
-        out += [
             RunSpec(f"rl-{fault}-s0", "rl", fault, 0, plan.rl_steps, plan.rl_onset)
             for fault in plan.rl_faults
         ]
@@ -311,6 +323,15 @@ def specs(plan: CorpusPlan) -> list[RunSpec]:
         out += [
             RunSpec(f"trl-healthy-s{seed}", "trl", None, seed, plan.trl_long_steps, plan.trl_onset)
             for seed in plan.trl_long_seeds
+        ]
+    if plan.rl_steps:
+        out += [
+            RunSpec(f"rl-healthy-s{seed}", "rl", None, seed, plan.rl_long_steps, plan.rl_onset)
+            for seed in plan.rl_long_seeds
+        ]
+        out += [
+            RunSpec(f"rl-healthy-s{seed}", "rl", None, seed, plan.rl_longer_steps, plan.rl_onset)
+            for seed in plan.rl_longer_seeds
         ]
     return out
 
@@ -478,18 +499,23 @@ def load(path: Path) -> list[CorpusRun] | None:
 
 
 def corpus(
-    path: Path = DEFAULT_PATH, *, rebuild: bool = False, say: Any = print, jobs: int = 1
+    path: Path = DEFAULT_PATH,
+    *,
+    rebuild: bool = False,
+    say: Any = print,
+    jobs: int = 1,
+    plan: CorpusPlan | None = None,
 ) -> list[CorpusRun]:
-    """The corpus of the full plan: cached runs reused by name, missing ones trained (and
-    cached as each finishes; ``jobs`` > 1: in that many processes, each into a part file,
-    merged at the end)."""
+    """The corpus of ``plan`` (the full one by default), in its order: cached runs reused by
+    name, missing ones trained (and cached as each finishes; ``jobs`` > 1: in that many
+    processes, each into a part file, merged at the end: the same runs as one process)."""
     cached = {} if rebuild else {r.name: r for r in load(path) or []}
-    plan = CorpusPlan()
+    plan = plan or CorpusPlan()
     missing = [s.name for s in specs(plan) if s.name not in cached]
     if missing:
         say(f"training {len(missing)} runs of the failure corpus into {path}: {', '.join(missing)}")
     if missing and jobs > 1:
-        cached.update(build_in_parts(path, cached, min(jobs, len(missing)), say))
+        cached.update(build_in_parts(path, cached, min(jobs, len(missing)), plan, say))
         save(list(cached.values()), path)
     return build(plan, say, cached, keep=lambda runs: save(runs, path))
 
@@ -499,7 +525,7 @@ def part_path(path: Path, part: int) -> Path:
 
 
 def build_in_parts(
-    path: Path, cached: dict[str, CorpusRun], jobs: int, say: Any = print
+    path: Path, cached: dict[str, CorpusRun], jobs: int, plan: CorpusPlan, say: Any = print
 ) -> dict[str, CorpusRun]:
     """Train the runs missing from ``cached`` in ``jobs`` processes (missing run i in part
     i mod jobs; each process caches its runs in its own part file); the runs they made."""
@@ -508,11 +534,9 @@ def build_in_parts(
 
     save(list(cached.values()), path)  # the parts skip what is cached
     started = time.monotonic()
+    script = [sys.executable, __file__, "--out", str(path), "--plan", json.dumps(asdict(plan))]
     procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--out", str(path), "--part", f"{i}/{jobs}"],
-            stdout=subprocess.DEVNULL,
-        )
+        subprocess.Popen([*script, "--part", f"{i}/{jobs}"], stdout=subprocess.DEVNULL)
         for i in range(jobs)
     ]
     codes = [p.wait() for p in procs]
@@ -525,15 +549,15 @@ def build_in_parts(
     return made
 
 
-def build_part(path: Path, part: int, parts: int, say: Any = print) -> None:
+def build_part(path: Path, part: int, parts: int, plan: CorpusPlan, say: Any = print) -> None:
     """One process of :func:`build_in_parts`: its share of the runs missing from ``path``."""
     cached = {r.name: r for r in load(path) or []}
-    mine = {s.name for s in specs(CorpusPlan()) if s.name not in cached}
+    mine = {s.name for s in specs(plan) if s.name not in cached}
     mine = {n for k, n in enumerate(sorted(mine)) if k % parts == part}
     out = part_path(path, part)
     done = {r.name: r for r in load(out) or []}  # an interrupted part resumes
     build(
-        CorpusPlan(),
+        plan,
         say,
         {**cached, **done},
         keep=lambda runs: save([r for r in runs if r.name in mine], out),
@@ -547,10 +571,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the test's small slice only")
     parser.add_argument("--jobs", type=int, default=1, help="train in this many processes")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # i/n: one process
+    parser.add_argument("--plan", default=None, help=argparse.SUPPRESS)  # its plan, as JSON
     args = parser.parse_args()
     if args.part is not None:
         part, parts = (int(x) for x in args.part.split("/"))
-        build_part(args.out, part, parts)
+        fields = json.loads(args.plan) if args.plan else {}
+        plan = CorpusPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        build_part(args.out, part, parts, plan)
         return
     started = time.monotonic()
     if args.quick:

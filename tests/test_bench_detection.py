@@ -3,7 +3,10 @@ Trainer runs of the failure corpus, and the synthetic rare shapes, through the s
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -93,3 +96,37 @@ def test_false_alarm_rates_count_the_steps_each_detector_judged() -> None:
     assert watched["LossSpike"] == 40 + 24 + 59
     assert watched["KLSurge"] == 59 and "EntropyCollapse" in watched
     assert watched["NonFiniteTraining"] == 40 + 24 + 59
+
+
+def test_corpus_built_in_two_processes_equals_one_and_keeps_cached_runs(tmp_path: Path) -> None:
+    """``--jobs 2`` (failure_corpus.corpus, as bench_detection runs it): the runs missing from
+    the cache are trained in two processes, each into a part file, and merged into the same
+    runs, in the plan's order, as one process trains; a run already cached is reused as it
+    is, not trained again; the part files are gone."""
+    plan = fc.CorpusPlan(
+        sft_steps=6,
+        sft_fault_steps=6,
+        sft_onset=4,
+        sft_seeds=(0, 1),
+        sft_long_seeds=(),
+        rl_steps=0,
+        trl_steps=0,
+        sft_faults=("nan_batch",),
+    )
+    alone = fc.build(plan, say=lambda line: None)
+    assert [r.name for r in alone] == ["sft-healthy-s0", "sft-healthy-s1", "sft-nan_batch-s0"]
+    path = tmp_path / "corpus.json"
+    kept = fc.CorpusRun("sft-healthy-s1", "sft", None, None, 1, [{"step": 1.0, "loss": 7.0}])
+    fc.save([kept], path)
+    said: list[str] = []
+    runs = fc.corpus(path, jobs=2, plan=plan, say=said.append)
+    assert said[0].endswith(": sft-healthy-s0, sft-nan_batch-s0")  # only the missing ones
+    assert said[1].startswith("  2 runs in 2 processes") and "exit codes [0, 0]" in said[1]
+    assert [r.name for r in runs] == [r.name for r in alone]
+    assert runs[1] == kept
+    for mine, one in zip((runs[0], runs[2]), (alone[0], alone[2]), strict=True):
+        assert json.dumps(asdict(mine)) == json.dumps(asdict(one))  # NaN == NaN as text
+    assert sorted(r.name for r in fc.load(path) or []) == sorted(r.name for r in runs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.json"]
+    said.clear()
+    assert len(fc.corpus(path, jobs=2, plan=plan, say=said.append)) == 3 and said == []

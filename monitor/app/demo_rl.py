@@ -33,7 +33,10 @@ Faults, for the demo and the failure corpus (``benchmarks/bench_detection.py``):
 it pays for length instead (reward hacking); ``collapse_at``: from that step
 the KL term is off, samples are drawn at ``collapse_temperature`` and the
 group baseline is lost (advantage = reward >= 0): the policy is trained on its
-own sharpened samples and its entropy collapses.
+own sharpened samples and its entropy collapses. The policy entropy reported is
+that of the distribution the step's tokens were sampled from (logits divided by
+the sampling temperature, as TRL's ``GRPOTrainer`` logs it), so it falls on the
+first collapsed step; ``on_step`` also gets ``entropy_unscaled`` (temperature 1).
 
 >>> from inversion_monitor.toy.corpus import ArithmeticProblem
 >>> p = ArithmeticProblem(prompt="Q: 2+3=?\\n", completion="2+3=5.\\nA: 5\\n", answer=5)
@@ -290,6 +293,7 @@ def train_grpo(
                 padding_side="left",
             )
             prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
+            temperature = settings.sampling_temperature(step)
             completion, keep, texts = _rollout(
                 model,
                 prompt_ids=prompt_ids,
@@ -297,7 +301,7 @@ def train_grpo(
                 settings=settings,
                 table=table,
                 generator=generator,
-                temperature=settings.sampling_temperature(step),
+                temperature=temperature,
             )
             answers = [p for p in problems for _ in range(settings.group)]
             rewards = torch.tensor(
@@ -344,12 +348,18 @@ def train_grpo(
             optimizer.step()
             signals = RLStepAccumulator()
             with torch.no_grad():
+                # the policy's entropy is that of the distribution its tokens were drawn from
+                # (logits / temperature), as TRL's GRPOTrainer logs it; at temperature 1 the
+                # model's own
+                unscaled = -(logp.exp() * logp).sum(-1)
+                entropies = unscaled
+                if temperature != 1.0:
+                    sampled = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
+                    entropies = -(sampled.exp() * sampled).sum(-1)
                 signals.add(
-                    mask=mask,
-                    entropies=-(logp.exp() * logp).sum(-1),
-                    logprobs=token_logp,
-                    advantages=advantages,
+                    mask=mask, entropies=entropies, logprobs=token_logp, advantages=advantages
                 )
+                entropy_unscaled = float((unscaled * weights).sum() / tokens)
             rl = signals.finish(
                 reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False))
             )
@@ -381,7 +391,9 @@ def train_grpo(
                     step,
                     {
                         "reward": rl.reward_mean,
+                        "reward_std": rl.reward_std,
                         "entropy": rl.policy_entropy_mean,
+                        "entropy_unscaled": entropy_unscaled,
                         "covariance": rl.entropy_covariance,
                         "lr": lr,
                         "loss": history.loss[-1],
