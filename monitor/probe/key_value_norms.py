@@ -40,6 +40,10 @@ logger = logging.getLogger("inversion_monitor")
 # bound on any intermediate (the slots' gradients and R Gamma products are no larger). Few
 # chunks (77 slots, Qwen2-0.5B's shape at 256 targets, are one), so the count of ops stays flat
 _MAX_COTANGENT_ELEMENTS = 40 << 20
+# bytes of float64 Gram matrices one batched solve takes (nuclear_norms_together): 64 MiB,
+# so K's and V's of the bench shapes go to one solve, and a [64, 1024, 1024] stack (d 4096,
+# 8 key-value heads) to eight, not one holding ~5 GiB of iterates
+_MAX_SOLVE_BYTES = 1 << 26
 
 
 def slot_ranks(rows: torch.Tensor) -> torch.Tensor:
@@ -126,7 +130,7 @@ def _carried(
     Each chunk's cotangent ``[p, B, Hkv, T, d]`` is built from the weights and vectors
     placed at their (slot, row), so no ``[targets, Hkv, T, d]`` tensor is ever formed.
     """
-    per_chunk = max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
+    per_chunk = _slots_per_chunk(tensor)
     batch, kv_heads = tensor.shape[0], tensor.shape[1]
     for start in range(0, packs, per_chunk):
         size = min(per_chunk, packs - start)
@@ -198,6 +202,7 @@ class KeyValueRoute:
     columns: torch.Tensor | None
     terms: HeadTerms
     vectors: torch.Tensor | None = None
+    gram_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def decide(self, unique: UniqueTargets, checks: DeferredChecks) -> None:
         """Queue this projection's route decisions (flags ``{name} factored``, ``{name}
@@ -232,20 +237,21 @@ class KeyValueRoute:
         unique: UniqueTargets,
         flags: dict[str, bool],
         norm: Norm,
-        factors: dict[int, torch.Tensor],
+        factors: dict[tuple[int, ...], torch.Tensor],
         grams: dict[str, torch.Tensor],
     ) -> torch.Tensor | None:
         """``[U]`` norms by the route ``flags`` chose; ``factors`` caches each input
         tensor's factor (K and V usually share one). ``None`` where the route left nuclear
         norms' Gram matrices in ``grams`` (K's and V's are solved together by
-        :func:`nuclear_norms_together`)."""
+        :func:`nuclear_norms_together`; target k's norm is that of its :attr:`gram_rows`
+        ``[k]``)."""
         factored = flags.get(f"{self.name} factored", False)
         logger.debug(
             "last block %s: %s", self.name, "rank <= H factors" if factored else "shared-input Gram"
         )
         if factored:
             assert self.vectors is not None
-            return self._factored(unique, norm)
+            return self._factored(unique, norm, factors)
         picked = self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
         if norm != "nuclear":
             return picked
@@ -259,15 +265,29 @@ class KeyValueRoute:
         out[unique.slots, unique.rows] = values
         return out
 
-    def _factored(self, unique: UniqueTargets, norm: Norm) -> torch.Tensor:
-        """rank <= H: ``G = sum_h (vector_h)(sum_s weight_hs x_s)^T``."""
+    def _factored(
+        self, unique: UniqueTargets, norm: Norm, factors: dict[tuple[int, ...], torch.Tensor]
+    ) -> torch.Tensor:
+        """rank <= H: ``G = sum_h (vector_h)(sum_s weight_hs x_s)^T`` (the inputs in fp32
+        shared with the other route's factor where that is ``X^T`` itself)."""
         assert self.vectors is not None
+        shared = factors.get(input_key(self.inputs))
+        transposed = self.inputs.shape[0], self.inputs.shape[2], self.inputs.shape[1]
+        if (
+            shared is not None
+            and tuple(shared.shape) == transposed
+            and shared.dtype == torch.float32
+        ):
+            inputs = shared.transpose(1, 2)
+        else:
+            inputs = self.inputs.float()
         weights = self._by_row(self.terms.weights, unique)  # [P, B, H, T]
         packs, batch, heads, length = weights.shape
         # one [B, P * H, T] @ [B, T, b] product: broadcasting the inputs over the slots
         # would copy them P times ([P, B, T, b])
         rows_first = weights.permute(1, 0, 2, 3).reshape(batch, packs * heads, length)
-        mixed = (rows_first @ self.inputs.float()).reshape(batch, packs, heads, -1)
+        mixed = (rows_first @ inputs).reshape(batch, packs, heads, -1)
+        del inputs
         mixed = mixed[unique.rows, unique.slots]  # [U, H, b]
         return outer_sum_norm(select_columns(self.vectors, self.columns), mixed, norm)
 
@@ -276,54 +296,119 @@ class KeyValueRoute:
         unique: UniqueTargets,
         norm: Norm,
         rows_apart: bool,
-        factors: dict[int, torch.Tensor],
+        factors: dict[tuple[int, ...], torch.Tensor],
     ) -> torch.Tensor:
-        """``||R_b Gamma_k||`` for every target (nuclear: its Gram matrix ``[U, n, n]``)."""
-        key = id(self.inputs)
+        """``||R_b Gamma_k||`` for every target ``[U]``; nuclear: the Gram matrices
+        ``[N, n, n]`` instead (one per cotangent slot and batch row where rows stay apart,
+        the empty ones zero; else one per target, in order), their norms picked by
+        :meth:`gram_norms`. Past one cotangent chunk each chunk's are written into one
+        buffer as they are made (no list of chunks and a copy of it)."""
+        key = input_key(self.inputs)
         if key not in factors:
             factors[key] = batched_input_factor(self.inputs, norm)
         factor = factors[key]  # [B, r, T]
         count = unique.t.shape[0]
+        batch = factor.shape[0]
         if rows_apart:  # targets of different rows share a product
             slots, packs = unique.slots, unique.packs
         else:
             slots, packs = torch.arange(count, device=unique.t.device), count
+        self.gram_rows = (slots, unique.rows) if rows_apart else None
+        per_chunk = _slots_per_chunk(self.tensor)
+        grams = None
+        if norm == "nuclear" and packs > per_chunk:
+            width = self.projection_output.shape[-1]
+            if self.columns is not None:
+                width = self.columns.numel()
+            size = min(factor.shape[1], width)
+            held = packs * batch if rows_apart else count
+            grams = factor.new_zeros((held, size, size), dtype=torch.float64)
         parts = []
-        for grad in _carried(
-            self.tensor,
-            self.projection_output,
-            self.terms,
-            rows=unique.rows,
-            slots=slots,
-            packs=packs,
+        for start, grad in zip(
+            range(0, packs, per_chunk),
+            _carried(
+                self.tensor,
+                self.projection_output,
+                self.terms,
+                rows=unique.rows,
+                slots=slots,
+                packs=packs,
+            ),
+            strict=True,
         ):
             gamma = select_columns(grad, self.columns).float()  # [p, B, T, a]
             # [p, B, r, a]: R_b Gamma (zero rows after t); the slots go into the columns of
             # one product, as broadcasting factor[None] would copy it p times ([p, B, r, T])
-            p, batch, length, a = gamma.shape
+            p, _, length, a = gamma.shape
             columns = gamma.permute(1, 2, 0, 3).reshape(batch, length, p * a)
+            del gamma
             product = (factor @ columns).reshape(batch, -1, p, a).permute(2, 0, 1, 3).contiguous()
+            del columns
             if norm == "nuclear":
-                parts.append(_small_gram(product))
+                if not rows_apart:  # slot i of this chunk is target start + i, in its own row
+                    product = product[
+                        torch.arange(p, device=product.device), unique.rows[start:][:p]
+                    ]
+                part = _small_gram(product.flatten(0, -3))
+                if grams is None:
+                    parts.append(part)
+                else:
+                    per_slot = batch if rows_apart else 1
+                    grams[start * per_slot : (start + p) * per_slot] = part
             elif norm == "frobenius":
                 parts.append(product.square().sum((-2, -1)).sqrt())
             else:
                 parts.append(product.abs().sum((-2, -1)))
+            del product
+        if norm == "nuclear":
+            return parts[0] if grams is None else grams
         return torch.cat(parts)[slots, unique.rows]
+
+    def gram_norms(self, norms: torch.Tensor) -> torch.Tensor:
+        """``[U]``: each target's norm from those of :meth:`_gram`'s matrices ``[N]``."""
+        if self.gram_rows is None:
+            return norms
+        slots, rows = self.gram_rows
+        return norms.view(-1, self.tensor.shape[0])[slots, rows]
+
+
+def _slots_per_chunk(tensor: torch.Tensor) -> int:
+    """Cotangent slots per vector-Jacobian product of ``tensor`` (:func:`_carried`)."""
+    return max(1, _MAX_COTANGENT_ELEMENTS // max(1, tensor.numel()))
+
+
+def input_key(inputs: torch.Tensor) -> tuple[int, ...]:
+    """What identifies a projection's input tensor: its storage and layout (K's and V's
+    captured inputs are different tensor objects on one storage; they share one factor)."""
+    return (inputs.data_ptr(), *inputs.shape, *inputs.stride(), inputs.dtype.itemsize)
 
 
 def nuclear_norms_together(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The nuclear norms of several projections' Gram matrices (``[U, n, n]`` each) in one
+    """The nuclear norms of several projections' Gram matrices (``[N, n, n]`` each) in one
     batched solve: smaller ones are padded with zero rows and columns (a zero eigenvalue
-    adds nothing)."""
+    adds nothing). Past :data:`_MAX_SOLVE_BYTES` of matrices in all, each projection's are
+    solved in batches of that size instead (no padded copy; the matmul route holds about
+    five copies of what it solves at once)."""
     if not grams:
         return {}
     size = max(gram.shape[-1] for gram in grams.values())
+    each = size * size * 8
+    if sum(gram.shape[0] for gram in grams.values()) * each > _MAX_SOLVE_BYTES:
+        per_batch = max(1, _MAX_SOLVE_BYTES // each)
+        return {
+            name: torch.cat(
+                [
+                    gram_nuclear_norm(gram[start : start + per_batch])
+                    for start in range(0, gram.shape[0], per_batch)
+                ]
+            )
+            for name, gram in grams.items()
+        }
     padded = [
         gram if gram.shape[-1] == size else F.pad(gram, (0, size - gram.shape[-1]) * 2)
         for gram in grams.values()
     ]
-    norms = gram_nuclear_norm(torch.cat(padded))
+    norms = gram_nuclear_norm(padded[0] if len(padded) == 1 else torch.cat(padded))
     counts = [gram.shape[0] for gram in grams.values()]
     return dict(zip(grams, torch.split(norms, counts), strict=True))
 

@@ -371,11 +371,16 @@ def _norms(
             values[proj] = rank_one_norm(
                 select_columns(grad, columns), out.inputs[module][:, 0], norm
             )
-    factors: dict[int, torch.Tensor] = {}  # K and V usually share their input
+    factors: dict[tuple[int, ...], torch.Tensor] = {}  # K and V usually share their input
     grams: dict[str, torch.Tensor] = {}  # nuclear norms of K and V: one solve for both
     for route in routes:
         value = route.norms(unique, flags, norm, factors, grams)
         if value is not None:
             values[route.name] = value
-    values.update(nuclear_norms_together(grams))
+    factors.clear()  # the fp32 inputs ([B, d, T] at long T) are not needed by the solve
+    solved = nuclear_norms_together(grams)
+    grams.clear()
+    for route in routes:
+        if route.name in solved:
+            values[route.name] = route.gram_norms(solved[route.name])
     return {proj: values[proj] for proj in wanted}
