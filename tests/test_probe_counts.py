@@ -256,6 +256,28 @@ def test_key_and_value_grams_of_different_widths_share_one_solve() -> None:
             torch.testing.assert_close(got[name], exact, rtol=1e-6, atol=0)
 
 
+def test_key_and_value_grams_past_the_solve_cap_are_solved_in_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past ``_MAX_SOLVE_BYTES`` of matrices each projection's are solved in batches of
+    that size (no padded copy): the norms equal each matrix's own float64 eigensolve, on
+    both routes, and the batches are as many as the cap asks for."""
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 9, 4, generator=generator, dtype=torch.float64)
+    b = torch.randn(3, 9, 6, generator=generator, dtype=torch.float64)
+    grams = {"k": a.mT @ a, "v": b.mT @ b}
+    monkeypatch.setattr(key_value_norms, "_MAX_SOLVE_BYTES", 2 * 6 * 6 * 8)  # 2 matrices
+    for route in ("eigh", "newton"):
+        with OpCounter() as counter, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(gram_nuclear, "default_route", lambda device, route=route: route)
+            got = nuclear_norms_together(grams)
+        if route == "eigh":
+            assert counter.solves == 3 + 2, counter.solve_ops  # k: 2 + 2 + 1, v: 2 + 1
+        for name, factor in (("k", a), ("v", b)):
+            exact = torch.linalg.svdvals(factor).sum(-1).float()
+            torch.testing.assert_close(got[name], exact, rtol=1e-6, atol=0)
+
+
 def test_memory_grows_with_the_length_as_the_prefix_at_any_target_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -51,7 +51,7 @@ class LengthDriftConfig(DriftConfig):
 
     A drift is sustained: a record adds at most ``z_cap`` robust SDs, so eight records 3
     robust SDs out fire, never fewer. A healthy RL run's mean length wanders widely: in the
-    failure corpus (27 healthy runs of the GRPO loop, 10 of TRL's, 3,693 healthy records) it
+    failure corpus' first 37 healthy RL runs (27 GRPO loop, 10 TRL; 3,693 records) it
     halved for ten steps, and rose to 1.7-1.9 x its level for four to six records in four
     runs; a length hack that doubles the length (to the token cap) looks the same for its first
     records and differs only by staying. So it fires up only at ``1 + min_rise`` x the level
