@@ -32,19 +32,7 @@ from inversion_monitor.server.detectors.inversion import (
 from inversion_monitor.server.detectors.nonfinite import NonFiniteTraining
 from inversion_monitor.server.detectors.robust import Direction, DriftDetector
 from inversion_monitor.server.detectors.run import RunDetectors
-
-OPTIONAL_DOUBLES = (
-    "reward_mean",
-    "policy_entropy_mean",
-    "loss",
-    "learning_rate",
-    "reward_std",
-    "entropy_covariance",
-    "grad_norm",
-    "kl",
-    "clip_ratio",
-    "completion_length_mean",
-)
+from tests.test_detector_fast_paths import OPTIONAL_DOUBLES
 
 
 def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | None:
