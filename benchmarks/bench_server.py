@@ -6,7 +6,9 @@ generated stubs:
 
 1. ingest: ``--clients`` processes push batches of ``--batch`` records as fast
    as the server acknowledges them; records/s committed (the server's own
-   ``records_ingested_total`` over wall time).
+   ``records_ingested_total`` over wall time), and the cores the servers and the
+   clients used (the clients send prebuilt bytes, :class:`PushPayloads`, so they
+   leave the shared cores to the server).
 2. latency: ``--runs`` runs each send ``--rate`` records/s (spread over
    ``--latency-procs`` processes, grpc.aio), first one record per push, then
    ``--per-push`` records per push (a client that flushes once a second);
@@ -26,8 +28,8 @@ generated stubs:
    after another in one run, each with the ingest phase (two replicas of one
    PostgreSQL database: the clients split across both, records/s in total)
    and the /metrics time at ``--backend-runs`` (10,000) runs opened across the
-   replicas (each replica scraped once it shows every run); server and
-   PostgreSQL CPU (cores) next to records/s, one table. PostgreSQL is the
+   replicas (each replica scraped once it shows every run); server, PostgreSQL
+   and load-generator CPU (cores) next to records/s, one table. PostgreSQL is the
    tests' throwaway cluster (tests/postgres_support.py: initdb in a temporary
    directory, fsync off). 3 to 6 minutes at the defaults.
 
@@ -61,6 +63,12 @@ SCRAPE_GOALS_MS = {10_000: 200.0, 40_000: 1000.0}
 
 
 # ---------------------------------------------------------------- server
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -106,8 +114,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_seconds(self.proc.pid)
 
     def push_quantiles(self, *qs: float) -> list[float]:
         """Server-side Push duration quantiles (s), interpolated in the histogram buckets."""
@@ -161,6 +168,59 @@ def _open(stub: Any, monitor_pb2: Any, run_id: str) -> str:
 # ---------------------------------------------------------------- phase 1: ingest
 
 
+def _varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class PushPayloads:
+    """The serialized PushRequests of one stream, built without a message per record.
+
+    A push of ``batch`` copies of ``template`` (sequence and step unset) numbered
+    from ``first``: each record is the template's bytes with its sequence and
+    step fields appended (protobuf takes fields in any order), so the server
+    parses exactly the request that ``CopyFrom`` and two field sets per record
+    would send, of the same size (tests/test_bench_server.py), at a fraction of
+    the client's CPU.
+    """
+
+    def __init__(self, monitor_pb2: Any, template: Any, session: str) -> None:
+        record_fields = monitor_pb2.StepRecord.DESCRIPTOR.fields_by_name
+        push_fields = monitor_pb2.PushRequest.DESCRIPTOR.fields_by_name
+        self._body = template.SerializeToString()
+        self._sequence_tag = _varint(record_fields["sequence"].number << 3)  # varint: wire type 0
+        self._step_tag = _varint(record_fields["step"].number << 3)
+        self._records_tag = _varint(push_fields["records"].number << 3 | 2)  # length-delimited
+        session_bytes = session.encode()
+        self._session = (  # proto3: an empty string is not sent
+            _varint(push_fields["writer_session"].number << 3 | 2)
+            + _varint(len(session_bytes))
+            + session_bytes
+            if session_bytes
+            else b""
+        )
+
+    def push(self, first: int, batch: int) -> bytes:
+        """The request of records ``first`` .. ``first + batch - 1`` (sequence = step)."""
+        body, seq_tag, step_tag = self._body, self._sequence_tag, self._step_tag
+        heads: dict[int, bytes] = {}  # varint length of the number -> the record's tag and length
+        parts: list[bytes] = []
+        for seq in range(first, first + batch):
+            number = _varint(seq)
+            head = heads.get(len(number))
+            if head is None:
+                size = len(body) + len(seq_tag) + len(step_tag) + 2 * len(number)
+                head = heads[len(number)] = self._records_tag + _varint(size)
+            parts += (head, body, seq_tag, number, step_tag, number)
+        parts.append(self._session)
+        return b"".join(parts)
+
+
 def ingest_worker(target: str, run_id: str, args: dict[str, Any], start_at: float, q: Any) -> None:
     import grpc
 
@@ -169,29 +229,32 @@ def ingest_worker(target: str, run_id: str, args: dict[str, Any], start_at: floa
     with grpc.insecure_channel(target) as channel:
         stub = monitor_pb2_grpc.MonitorServiceStub(channel)
         session = _open(stub, monitor_pb2, run_id)
-        template = _record(monitor_pb2, run_id, args["components"])
+        payloads = PushPayloads(
+            monitor_pb2, _record(monitor_pb2, run_id, args["components"]), session
+        )
+        service = monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
+        # the request goes as the bytes PushPayloads built (no serializer), the answer is parsed
+        push = channel.unary_unary(
+            f"/{service}/Push", response_deserializer=monitor_pb2.PushResponse.FromString
+        )
         seq = accepted = 0
+        batch = args["batch"]
         time.sleep(max(0.0, start_at - time.time()))
         end = start_at + args["duration"]
         while time.time() < end:
-            request = monitor_pb2.PushRequest(writer_session=session)
-            for _ in range(args["batch"]):
-                seq += 1
-                rec = request.records.add()
-                rec.CopyFrom(template)
-                rec.sequence = seq
-                rec.step = seq
-            accepted += stub.Push(request, timeout=30).accepted
+            accepted += push(payloads.push(seq + 1, batch), timeout=30).accepted
+            seq += batch
         q.put(accepted)
 
 
 def _drive_ingest(
     servers: list[Server], args: argparse.Namespace, tag: str, database_cpu: Any = None
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     """``--clients`` processes push to ``servers`` (split round-robin) for ``--duration``.
 
     Returns (committed records/s over every server, server cores used, database
-    cores used: ``database_cpu()`` seconds over the wall time, 0 without it).
+    cores used: ``database_cpu()`` seconds over the wall time, 0 without it, client
+    cores used: the load generators' CPU seconds over the wall time, all on this machine).
     """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -211,25 +274,32 @@ def _drive_ingest(
     def committed() -> float:
         return sum(s.metric("inversion_monitor_records_ingested_total") for s in servers)
 
+    def clients_cpu() -> float:
+        return sum(_cpu_seconds(p.pid) for p in procs if p.pid is not None)
+
     before, t0 = committed(), time.time()
     cpu0 = sum(s.cpu_seconds() for s in servers)
     db0 = database_cpu() if database_cpu is not None else 0.0
+    client0 = clients_cpu()
     time.sleep(args.duration)
     after, t1 = committed(), time.time()
     cpu = sum(s.cpu_seconds() for s in servers) - cpu0
     db = (database_cpu() - db0) if database_cpu is not None else 0.0
+    client = clients_cpu() - client0  # read before they exit (the last push may be in flight)
     accepted = sum(q.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(60)
-    rate = (after - before) / (t1 - t0)
+    wall = t1 - t0
+    rate = (after - before) / wall
     print(
         f"  ingest ({tag}): {args.clients} clients x batches of {args.batch} over "
         f"{len(servers)} server(s): {accepted:,} records accepted in ~{args.duration:.0f} s; "
-        f"committed rate {rate:,.0f} records/s; servers used {cpu / (t1 - t0):.2f} cores "
+        f"committed rate {rate:,.0f} records/s; servers used {cpu / wall:.2f} cores "
         f"({(after - before) / max(cpu, 1e-9):,.0f} records per server CPU-second)"
-        + (f"; database used {db / (t1 - t0):.2f} cores" if database_cpu is not None else "")
+        + (f"; database used {db / wall:.2f} cores" if database_cpu is not None else "")
+        + f"; clients used {client / wall:.2f} cores"
     )
-    return rate, cpu / (t1 - t0), db / (t1 - t0)
+    return rate, cpu / wall, db / wall, client / wall
 
 
 def phase_ingest(args: argparse.Namespace, tmp: Path) -> float:
@@ -607,8 +677,8 @@ def _grow_and_scrape(servers: list[Server], args: argparse.Namespace, tag: str) 
 
 
 def phase_backends(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float, ...]]:
-    """``{backend: (records/s, server cores, database cores, scrape ms)}``, one after another
-    in this run: the same clients, batches and run count for each store."""
+    """``{backend: (records/s, server cores, database cores, scrape ms, client cores)}``, one
+    after another in this run: the same clients, batches and run count for each store."""
     cluster: Any = None
     out: dict[str, tuple[float, ...]] = {}
     try:
@@ -626,24 +696,26 @@ def phase_backends(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float
             extra = ("--max-active-runs", str(args.backend_runs + args.clients + 1000))
             servers = [Server(target, *extra) for _ in range(replicas)]
             try:
-                rate, cores, db_cores = _drive_ingest(servers, args, backend, database_cpu)
+                rate, cores, db_cores, client_cores = _drive_ingest(
+                    servers, args, backend, database_cpu
+                )
                 scrape_ms = _grow_and_scrape(servers, args, backend)
             finally:
                 for server in servers:
                     server.stop()
-            out[backend] = (rate, cores, db_cores, scrape_ms)
+            out[backend] = (rate, cores, db_cores, scrape_ms, client_cores)
     finally:
         if cluster is not None:
             cluster.close()
     print(
         f"\n{'backend':<14} {'records/s':>10} {'server cores':>13} {'per server CPU-s':>17} "
-        f"{'db cores':>9} {f'scrape ms @{args.backend_runs:,}':>18}"
+        f"{'db cores':>9} {'client cores':>13} {f'scrape ms @{args.backend_runs:,}':>18}"
     )
-    for backend, (rate, cores, db_cores, scrape_ms) in out.items():
+    for backend, (rate, cores, db_cores, scrape_ms, client_cores) in out.items():
         db_text = f"{db_cores:.2f}" if backend != "sqlite" else "-"
         print(
             f"{backend:<14} {rate:>10,.0f} {cores:>13.2f} {rate / max(cores, 1e-9):>17,.0f} "
-            f"{db_text:>9} {scrape_ms:>18.1f}"
+            f"{db_text:>9} {client_cores:>13.2f} {scrape_ms:>18.1f}"
         )
     return out
 
@@ -755,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
         if "backends" in phases and args.backends:
-            for backend, (rate, _, _, scrape_ms) in phase_backends(args, Path(tmp)).items():
+            for backend, (rate, _, _, scrape_ms, _) in phase_backends(args, Path(tmp)).items():
                 goal = GOALS["ingest"]
                 rows.append(
                     (

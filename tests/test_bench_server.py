@@ -9,6 +9,36 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_server
+from inversion_monitor.proto.v1 import monitor_pb2
+
+
+@pytest.mark.parametrize(
+    ("first", "batch", "session"),
+    [
+        (1, 1, "s"),
+        (1, 500, "session-" + "x" * 40),
+        (127, 3, "s"),
+        (16_380, 10, ""),
+        (2**40, 2, "s"),
+    ],
+)
+def test_push_payloads_are_the_requests_the_records_make(
+    first: int, batch: int, session: str
+) -> None:
+    """The load generator's prebuilt bytes parse to the request built record by record (the
+    template copied, sequence and step set), field for field, and have its serialized size:
+    the server sees the same records on the wire (sequences crossing varint lengths too)."""
+    template = bench_server._record(monitor_pb2, "run-a", 8)
+    expected = monitor_pb2.PushRequest(writer_session=session)
+    for seq in range(first, first + batch):
+        rec = expected.records.add()
+        rec.CopyFrom(template)
+        rec.sequence = rec.step = seq
+    payload = bench_server.PushPayloads(monitor_pb2, template, session).push(first, batch)
+    parsed = monitor_pb2.PushRequest.FromString(payload)
+    assert parsed == expected
+    assert [r.sequence for r in parsed.records] == list(range(first, first + batch))
+    assert len(payload) == expected.ByteSize() == len(expected.SerializeToString())
 
 
 @pytest.mark.slow
@@ -36,9 +66,10 @@ def test_backends_ingest_and_scrape_on_sqlite_and_one_and_two_postgresql_replica
     assert args.phases == "backends"
     out = bench_server.phase_backends(args, tmp_path)
     assert list(out) == ["sqlite", "postgresql", "postgresql-2"]
-    for backend, (rate, server_cores, database_cores, scrape_ms) in out.items():
-        assert rate > 0 and server_cores > 0 and scrape_ms > 0, backend
+    for backend, (rate, server_cores, database_cores, scrape_ms, client_cores) in out.items():
+        assert rate > 0 and server_cores > 0 and scrape_ms > 0 and client_cores > 0, backend
         assert (database_cores > 0) == (backend != "sqlite"), backend
     printed = capsys.readouterr().out
     assert printed.count("scrape (postgresql-2): 32 runs") == 2  # both replicas, every run
     assert "over 2 server(s)" in printed
+    assert printed.count("clients used") == 3 and "client cores" in printed
