@@ -25,7 +25,12 @@ from inversion_monitor.server.sessions import (
 )
 from inversion_monitor.server.state import RankState, RunState
 from inversion_monitor.server.store import FencedRank, RecordRow, RejectedRow
-from inversion_monitor.server.validate import RecordProblem, RejectReason, check_record
+from inversion_monitor.server.validate import (
+    PlainValues,
+    RecordProblem,
+    RejectReason,
+    validate_record,
+)
 
 
 @dataclass(slots=True)
@@ -35,8 +40,10 @@ class Batch:
     run: RunState
     rank_no: int
     rank: RankState
-    # (index in the push, record) to store
-    store: list[tuple[int, monitor_pb2.StepRecord]] = field(default_factory=list)
+    # (index in the push, record, its sequence, the row values its check read, or None) to store
+    store: list[tuple[int, monitor_pb2.StepRecord, int, PlainValues | None]] = field(
+        default_factory=list
+    )
     # (index, record, problem, keep): keep=True records the sequence as rejected for good
     reject: list[tuple[int, monitor_pb2.StepRecord, RecordProblem, bool]] = field(
         default_factory=list
@@ -171,11 +178,12 @@ def classify(
             continue
         done.add(seq)
         try:
-            batch.nonfinite += check_record(rec, limits, now)
+            nonfinite, plain = validate_record(rec, limits, now)
         except RecordProblem as problem:
             batch.reject.append((i, rec, problem, True))
             continue
-        batch.store.append((i, rec))
+        batch.nonfinite += nonfinite
+        batch.store.append((i, rec, seq, plain))
     return batch
 
 
@@ -200,44 +208,42 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
     rows = group.rows
     stored = group.stored
     pk = run.pk
-    # the newest stored record and the newest with inversion statistics, found on the way
-    # (sequences in batch.store are distinct)
-    newest_seq = newest_probe_seq = 0
+    # the newest stored record, found on the way (sequences in batch.store are distinct)
+    newest_seq = 0
     newest: monitor_pb2.StepRecord | None = None
-    newest_probe: monitor_pb2.StepRecord | None = None
+    ascending = True
     # an optional double is asked HasField only when it reads 0 (one that is not 0, NaN
-    # included, was sent: an unset one reads 0)
-    for _, rec in batch.store:
-        inv = rec.inversion
-        spearman = inv.spearman
-        pearson = inv.pearson
-        entropy = rec.entropy
-        score = rec.score
-        seq = rec.sequence
-        rho = spearman.value
-        pearson_rho = pearson.value
-        entropy_mean = entropy.mean
-        score_mean = score.mean
+    # included, was sent: an unset one reads 0); a plainly valid record's values come from its
+    # check (read once), the others' from the sanitised record
+    for _, rec, seq, plain in batch.store:
+        if plain is not None:
+            step, wall_time, rho, pearson_rho, entropy_mean, score_mean = plain
+        else:
+            inv = rec.inversion
+            step, wall_time = rec.step, rec.wall_time
+            rho, pearson_rho = inv.spearman.value, inv.pearson.value
+            entropy_mean, score_mean = rec.entropy.mean, rec.score.mean
         rows.append(
             (
                 pk,
                 rank_no,
                 seq,
-                rec.step,
-                rec.wall_time,
+                step,
+                wall_time,
                 now,
-                rho if rho or spearman.HasField("value") else None,
-                pearson_rho if pearson_rho or pearson.HasField("value") else None,
-                entropy_mean if entropy_mean or entropy.HasField("mean") else None,
-                score_mean if score_mean or score.HasField("mean") else None,
+                rho if rho or rec.inversion.spearman.HasField("value") else None,
+                pearson_rho if pearson_rho or rec.inversion.pearson.HasField("value") else None,
+                entropy_mean if entropy_mean or rec.entropy.HasField("mean") else None,
+                score_mean if score_mean or rec.score.HasField("mean") else None,
                 rec.SerializeToString(),
             )
         )
         stored.append((run, rec))
         if seq > newest_seq:
             newest_seq, newest = seq, rec
-        if seq > newest_probe_seq and rec.HasField("inversion"):
-            newest_probe_seq, newest_probe = seq, rec
+        else:
+            ascending = False
+    newest_probe_seq, newest_probe = _newest_probe(batch.store, ascending)
     if newest is not None:
         group.added[run.run_id] = group.added.get(run.run_id, 0) + len(batch.store)
         key = (run.run_id, rank_no)
@@ -252,6 +258,23 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
     response.duplicates = batch.duplicates
     group.duplicates += batch.duplicates
     group.nonfinite += batch.nonfinite
+
+
+def _newest_probe(
+    store: list[tuple[int, monitor_pb2.StepRecord, int, PlainValues | None]], ascending: bool
+) -> tuple[int, monitor_pb2.StepRecord | None]:
+    """The newest stored record with inversion statistics (0, None if none): in a push in
+    sequence order (the usual one), the last that has them, else the highest sequence of all."""
+    if ascending:
+        for _, rec, seq, _ in reversed(store):
+            if rec.HasField("inversion"):
+                return seq, rec
+        return 0, None
+    best_seq, best = 0, None
+    for _, rec, seq, _ in store:
+        if seq > best_seq and rec.HasField("inversion"):
+            best_seq, best = seq, rec
+    return best_seq, best
 
 
 def acks(batch: Batch, group: Group, response: monitor_pb2.PushResponse) -> None:

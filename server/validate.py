@@ -183,8 +183,14 @@ def _components(record: monitor_pb2.StepRecord, limits: Limits) -> int:
     return bad
 
 
-def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
-    """True when every field is finite and in range, so nothing needs clearing or clamping.
+# what a plainly valid record's SQL row takes from it, read once by the check:
+# (step, wall_time, spearman.value, pearson.value, entropy.mean, score.mean)
+PlainValues = tuple[int, float, float, float, float, float]
+
+
+def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> PlainValues | None:
+    """The row's values when every field is finite and in range, so nothing needs clearing or
+    clamping; None otherwise.
 
     Unset fields read as 0, which is in every range; a chained comparison is
     False for NaN, so one test covers finiteness and range. Anything unusual
@@ -195,22 +201,28 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
     pe = inv.pearson
     en = record.entropy
     sc = record.score
+    step = record.step
+    wall_time = record.wall_time
+    rho = sp.value
+    pearson = pe.value
+    entropy_mean = en.mean
+    score_mean = sc.mean
     if not (
-        record.step >= 0
-        and 0.0 < record.wall_time <= _MAX
-        and -1.0 <= sp.value <= 1.0
+        step >= 0
+        and 0.0 < wall_time <= _MAX
+        and -1.0 <= rho <= 1.0
         and -1.0 <= sp.ci_low <= 1.0
         and -1.0 <= sp.ci_high <= 1.0
-        and -1.0 <= pe.value <= 1.0
+        and -1.0 <= pearson <= 1.0
         and -1.0 <= pe.ci_low <= 1.0
         and -1.0 <= pe.ci_high <= 1.0
         and 0.0 <= inv.confidence < 1.0
         and len(inv.insufficient_reason) <= MAX_REASON_LENGTH
-        and 0.0 <= en.mean <= _MAX
+        and 0.0 <= entropy_mean <= _MAX
         and 0.0 <= en.p10 <= _MAX
         and 0.0 <= en.p50 <= _MAX
         and 0.0 <= en.p90 <= _MAX
-        and 0.0 <= sc.mean <= _MAX
+        and 0.0 <= score_mean <= _MAX
         and 0.0 <= sc.p10 <= _MAX
         and 0.0 <= sc.p50 <= _MAX
         and 0.0 <= sc.p90 <= _MAX
@@ -231,19 +243,19 @@ def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> bool:
         and _rl_summaries_plain(record)
         and not record.samples
     ):
-        return False
+        return None
     components = record.components
     if components:
         if len(components) > limits.max_components:
-            return False
+            return None
         for comp in components:
             if not (
                 comp.projection in _WIRE_PROJECTIONS
                 and -1.0 <= comp.spearman <= 1.0
                 and 0.0 <= comp.score_mean <= _MAX
             ):
-                return False
-    return True
+                return None
+    return step, wall_time, rho, pearson, entropy_mean, score_mean
 
 
 def _rl_summaries_plain(record: monitor_pb2.StepRecord) -> bool:
@@ -280,9 +292,24 @@ def check_record(record: monitor_pb2.StepRecord, limits: Limits, now: float) -> 
     ...
     inversion_monitor.server.validate.RecordProblem: step is -1; it must be >= 0 ...
     """
-    if _plainly_valid(record, limits):
-        return 0
-    return check_record_slow(record, limits, now)
+    return validate_record(record, limits, now)[0]
+
+
+def validate_record(
+    record: monitor_pb2.StepRecord, limits: Limits, now: float
+) -> tuple[int, PlainValues | None]:
+    """:func:`check_record`, and the row's values when the record was plainly valid (read
+    once, as they are: nothing was changed), else None (read them from the sanitised record).
+
+    >>> rec = monitor_pb2.StepRecord(run_id="r", sequence=1, step=3, wall_time=5.0)
+    >>> rec.entropy.mean = 2.5
+    >>> validate_record(rec, Limits(), now=100.0)
+    (0, (3, 5.0, 0.0, 0.0, 2.5, 0.0))
+    """
+    plain = _plainly_valid(record, limits)
+    if plain is not None:
+        return 0, plain
+    return check_record_slow(record, limits, now), None
 
 
 def check_record_slow(record: monitor_pb2.StepRecord, limits: Limits, now: float) -> int:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import push as steps
+from inversion_monitor.server.config import Limits
 from inversion_monitor.server.state import RankState, RunState
+from inversion_monitor.server.validate import validate_record
 
 
 def _reference_columns(rec: monitor_pb2.StepRecord) -> tuple[object, ...]:
@@ -29,7 +33,14 @@ def _reference_columns(rec: monitor_pb2.StepRecord) -> tuple[object, ...]:
     )
 
 
-def test_rows_store_null_for_unset_and_the_value_for_set_statistics() -> None:
+@pytest.mark.parametrize("read_by", ["check", "rows"])
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_rows_store_null_for_unset_and_the_value_for_set_statistics(
+    read_by: str, order: str
+) -> None:
+    """Every column equals the HasField reading, whether the values come from the record's
+    check (validate_record read them once) or rows reads them; the newest record and the
+    newest with inversion statistics are the brute-force ones, in any order."""
     rng = random.Random(11)
     run = RunState(
         pk=7,
@@ -46,20 +57,35 @@ def test_rows_store_null_for_unset_and_the_value_for_set_statistics() -> None:
     records = []
     for seq in range(1, 600):
         rec = monitor_pb2.StepRecord(run_id="r", sequence=seq, step=seq, wall_time=1.0 + seq)
-        for msg, name in (
-            (rec.inversion.spearman, "value"),
-            (rec.inversion.pearson, "value"),
-            (rec.entropy, "mean"),
-            (rec.score, "mean"),
+        correlations = [0.0, -0.0, 0.25, -0.4, -1.0, 1e-300]  # each in its valid range
+        means = [0.0, -0.0, 0.25, 3.5, 1e-300]
+        for msg, name, values in (
+            (rec.inversion.spearman, "value", correlations),
+            (rec.inversion.pearson, "value", correlations),
+            (rec.entropy, "mean", means),
+            (rec.score, "mean", means),
         ):
             if rng.random() < 0.6:
-                setattr(msg, name, rng.choice([0.0, -0.0, 0.25, -0.4, 3.5, 1e-300]))
+                setattr(msg, name, rng.choice(values))
         if rng.random() < 0.2:
             rec.inversion.n = 64  # the inversion sent without its correlations
         records.append(rec)
-    batch = steps.Batch(run, 0, RankState(), store=list(enumerate(records)))
+    records[-1].ClearField("inversion")  # the newest record is not the newest probe
+    if order == "shuffled":
+        rng.shuffle(records)
+    store = []
+    for i, rec in enumerate(records):
+        nonfinite, plain = validate_record(rec, Limits(), now=1.0)
+        assert nonfinite == 0 and plain is not None
+        store.append((i, rec, rec.sequence, plain if read_by == "check" else None))
+    batch = steps.Batch(run, 0, RankState(), store=store)
     group = steps.Group()
     steps.rows(batch, 5.0, group, monitor_pb2.PushResponse())
+    newest = max(records, key=lambda r: r.sequence)
+    probe = max((r for r in records if r.HasField("inversion")), key=lambda r: r.sequence)
+    assert group.newest[("r", 0)] == (newest.sequence, newest)
+    assert group.newest_probe[("r", 0)] == (probe.sequence, probe)
+    assert probe.sequence < newest.sequence
     assert len(group.rows) == len(records)
     for row, rec in zip(group.rows, records, strict=True):
         assert row[:2] == (7, 0) and row[5] == 5.0

@@ -411,6 +411,9 @@ class EntropySurge(DriftDetector):
     summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "Entropy surge"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
 
+    # neither entropy (None): value() returns None and picks no source, so update is a no-op
+    idle_without: ClassVar[tuple[str, ...]] = ("policy_entropy_mean", "entropy_mean")
+
     def __init__(self, config: EntropySurgeConfig | None = None) -> None:
         super().__init__(config or EntropySurgeConfig())
         self._source: str | None = None

@@ -118,6 +118,10 @@ class LengthDrift(DriftDetector):
         Direction.DOWN: Reason.FELL_BELOW_LEVEL,
     }
 
+    # neither a length nor a reward: update scores nothing and returns None (``_reward_z`` is
+    # set at the start of every update and read only within it, by ``pattern``)
+    idle_without: ClassVar[tuple[str, ...]] = ("completion_length_mean", "reward_mean")
+
     def __init__(self, config: LengthDriftConfig) -> None:
         super().__init__(config)
         self.collapse = config.collapse

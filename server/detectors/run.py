@@ -68,20 +68,27 @@ class RunDetectors:
             if cfg.enabled and kind in cfg.kinds:
                 self.detectors.append(make(cfg))  # type: ignore[arg-type]
         self.stale = MonitorStale(config.stale) if config.stale.enabled else None
-        # (detector, the field it needs): a plain DriftDetector judges only a finite value of
-        # its field, so a record without one skips the call (the same answer, run once per
-        # record and detector)
-        self._plan: list[tuple[Callable[[Observation], Transition | None], str | None]] = [
-            (det.update, _needed_field(det)) for det in self.detectors
-        ]
+        # (detector, the field it needs, the fields it idles without): a plain DriftDetector
+        # judges only a finite value of its field, and a detector that names ``idle_without``
+        # returns None and changes nothing while every one of those fields is None, so such a
+        # record skips the call (the same answer, run once per record and detector)
+        self._plan: list[
+            tuple[Callable[[Observation], Transition | None], str | None, tuple[str, ...]]
+        ] = [(det.update, _needed_field(det), _idle_without(det)) for det in self.detectors]
 
     def update(self, obs: Observation) -> list[Transition]:
         out: list[Transition] = []
         isfinite = math.isfinite
-        for update, needed in self._plan:  # each detector's bound update, made once
+        for update, needed, idle in self._plan:  # each detector's bound update, made once
             if needed is not None:
                 x = getattr(obs, needed)
                 if x is None or not isfinite(x):
+                    continue
+            elif idle:
+                for name in idle:
+                    if getattr(obs, name) is not None:
+                        break
+                else:
                     continue
             t = update(obs)
             if t is not None:
@@ -98,3 +105,10 @@ def _needed_field(det: RecordDetector) -> str | None:
     if kind.update is DriftDetector.update and kind.value is DriftDetector.value:
         return det.field
     return None
+
+
+def _idle_without(det: RecordDetector) -> tuple[str, ...]:
+    """The Observation fields that, all None, leave ``det.update`` a no-op returning None (the
+    detector's own ``idle_without``), else () (always called)."""
+    idle: tuple[str, ...] = getattr(det, "idle_without", ())
+    return idle

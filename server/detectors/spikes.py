@@ -157,6 +157,9 @@ class KLSurge(DriftDetector):
     summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "KL surge"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
 
+    # no KL (None): value() returns None and ``_moved`` stays as it is, so update is a no-op
+    idle_without: ClassVar[tuple[str, ...]] = ("kl",)
+
     def __init__(self, config: KLSurgeConfig) -> None:
         super().__init__(config)
         self._moved = False
