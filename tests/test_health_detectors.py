@@ -90,10 +90,11 @@ CASES: list[tuple[Callable[[], Detector], str, float, float, float, int]] = [
     (lambda: GradNormSpike(AlertsConfig().grad_norm_spike), "grad_norm", 1.0, 0.15, 4.0, 3),
     (lambda: KLSurge(AlertsConfig().kl_surge), "kl", 0.05, 0.15, 0.3, 3),
     (lambda: EntropySurge(AlertsConfig().entropy_surge), "policy_entropy_mean", 1.0, 0.05, 2.0, 3),
-    # LengthDrift waits for eight records: healthy RL runs of the failure corpus wandered to
-    # 1.7-1.9x their level for four to six (a collapse to empty completions fires at once)
-    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 80, 8),
-    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 12, 8),
+    # LengthDrift's length-alone path waits for twelve records: healthy GRPO runs of the
+    # failure corpus wandered to 1.5-1.9x their level for up to ~14 (a collapse to empty
+    # completions fires at once; a length hack is caught by the reward rising with it)
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 80, 12),
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 12, 12),
     (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 4, 0),
 ]
 
@@ -120,10 +121,13 @@ def test_reward_collapse_within_five_records_and_quiet_while_the_reward_rises() 
     rng = random.Random(0)
     rising = [0.2 + 0.5 * (1 - math.exp(-s / 200)) + rng.gauss(0, 0.04) for s in range(10_000)]
     assert len(firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", rising)) <= 1
+    # the GRPO loop's learning-rate jump: 0.22 to 0.08, its records' noise ~0.016-0.02 (the
+    # robust SD of its healthy reward; a fall of only ~4 robust SDs is as deep as a healthy
+    # GRPO run's dip, tests below)
     for seed in range(20):
         rng = random.Random(seed)
-        values = [0.22 + rng.gauss(0, 0.03) for _ in range(40)]
-        values += [0.08 + rng.gauss(0, 0.03) for _ in range(20)]
+        values = [0.22 + rng.gauss(0, 0.02) for _ in range(40)]
+        values += [0.08 + rng.gauss(0, 0.02) for _ in range(20)]
         fired = firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", values)
         assert fired and 40 <= fired[0] <= 45, (seed, fired)
     # a broken reward function: 0 from step 40
@@ -235,8 +239,9 @@ def test_kl_lone_spike_is_quiet_and_a_sustained_surge_is_caught() -> None:
 
 def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
     """Healthy RL runs of the failure corpus: a mean length halved for ten steps, or at 1.8x
-    its level for five; a reward paying for length doubles it (to the token cap) and it stays:
-    caught within eight records."""
+    its level for five (and 1.5-1.8x for up to ~14); a length doubled (to the token cap) that
+    stays is caught by the length alone within twelve records (a length hack sooner, by the
+    reward rising with it)."""
     for seed in range(20):
         base = lognormal(40, 0.08, 30, seed)
         dip = base + lognormal(20, 0.08, 10, seed + 1) + lognormal(40, 0.08, 20, seed + 2)
@@ -246,7 +251,7 @@ def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
         assert firings(LengthDrift(config), "completion_length_mean", bump) == []
         hack = base + lognormal(80, 0.08, 20, seed + 3)
         fired = firings(LengthDrift(config), "completion_length_mean", hack)
-        assert fired and 30 <= fired[0] <= 38, (seed, fired)
+        assert fired and 30 <= fired[0] <= 42, (seed, fired)
 
 
 def joint_firings(det: LengthDrift, lengths: list[float], rewards: list[float]) -> list[int]:
@@ -304,3 +309,37 @@ def test_kl_warmup_starts_once_the_policy_moves() -> None:
     for seed in range(20):
         kls = [0.0] * 10 + lognormal(0.1, 0.3, 40, seed)
         assert firings(KLSurge(AlertsConfig().kl_surge), "kl", kls) == [], seed
+
+
+# Two healthy GRPO-loop runs of the failure corpus (build/failure_corpus.json), as recorded: a
+# reward dip of three records while the completions grew 1.8x (rl-healthy-s19, steps 60-112),
+# and a length wander to 1.5-1.8x for ~14 records (rl-healthy-s23, steps 40-100)
+GRPO_REWARD_DIP = [
+    0.2456, 0.2498, 0.2214, 0.2072, 0.223, 0.2207, 0.2234, 0.232, 0.1978, 0.2346, 0.2135,
+    0.2162, 0.2247, 0.2103, 0.1984, 0.175, 0.2292, 0.2268, 0.2073, 0.1948, 0.2347, 0.2116,
+    0.2386, 0.2427, 0.2251, 0.2823, 0.2204, 0.2536, 0.2417, 0.2243, 0.2344, 0.2476, 0.2295,
+    0.2193, 0.2198, 0.2196, 0.2573, 0.2261, 0.23, 0.2268, 0.2049, 0.2636, 0.2311, 0.2248,
+    0.2072, 0.196, 0.1927, 0.1627, 0.1516, 0.1692, 0.1995, 0.199, 0.216,
+]  # fmt: skip
+GRPO_LENGTH_WANDER = [
+    26.25, 26.62, 28.5, 27.94, 27.5, 28.69, 30.88, 30.19, 29.06, 34.19, 30.94, 27.69, 28.12,
+    29.5, 31.38, 29.5, 34.19, 38.62, 32.25, 28.31, 27.19, 26.25, 25.81, 25.19, 27.12, 28.31,
+    26.94, 26.25, 26.44, 29.38, 25.75, 29.31, 25.19, 31.19, 28.81, 32.88, 28.19, 33.62, 39.0,
+    42.19, 50.75, 49.5, 43.0, 50.88, 42.12, 33.62, 45.31, 39.31, 37.56, 32.25, 36.44, 29.31,
+    31.75, 30.81, 27.25, 28.5, 25.44, 26.38, 22.69, 21.44, 22.94,
+]  # fmt: skip
+
+
+def test_healthy_grpo_reward_dip_and_length_wander_are_quiet() -> None:
+    """Real healthy wander of the GRPO loop stays quiet with the defaults; the former settings
+    (RewardCollapse allowance 1.5, LengthDrift threshold 16) alerted on the first."""
+    config = AlertsConfig()
+    assert firings(RewardCollapse(config.reward_collapse), "reward_mean", GRPO_REWARD_DIP) == []
+    former = config.reward_collapse.model_copy(update={"k": 1.5, "z_cap": 10.0})
+    assert firings(RewardCollapse(former), "reward_mean", GRPO_REWARD_DIP) != []
+    length = LengthDrift(config.length_drift)
+    assert firings(length, "completion_length_mean", GRPO_LENGTH_WANDER) == []
+    # the wander's CUSUM peaks at ~19, over the former threshold 16, under 24 (twelve records)
+    stream = LengthDrift(config.length_drift).stream
+    peak = max(s.up for v in GRPO_LENGTH_WANDER if (s := stream.update(v)) is not None)
+    assert 16.0 < peak < config.length_drift.threshold

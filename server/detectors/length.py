@@ -49,7 +49,7 @@ class RewardWithLengthConfig(DriftConfig):
 class LengthDriftConfig(DriftConfig):
     """Parameters of :class:`LengthDrift` (the log of the mean completion length).
 
-    A drift is sustained: a record adds at most ``z_cap`` robust SDs, so eight records 3
+    A drift is sustained: a record adds at most ``z_cap`` robust SDs, so twelve records 3
     robust SDs out fire, never fewer. A healthy RL run's mean length wanders widely: in the
     failure corpus' first 37 healthy RL runs (27 GRPO loop, 10 TRL; 3,693 records) it
     halved for ten steps, and rose to 1.7-1.9 x its level for four to six records in four
@@ -59,11 +59,19 @@ class LengthDriftConfig(DriftConfig):
     (values enter the level clipped at ``clip`` robust SDs, so the level does not follow a
     run away); one record at ``collapse`` x the level or less (empty completions) fires at
     once. What tells a length hack early is the reward rising with the length
-    (``with_reward``): the corpus' hack fires on its fifth record, 11 by the length alone.
+    (``with_reward``): the corpus' hack fires on its fifth record, 16 by the length alone.
     """
 
     k: float = Field(default=1.0, ge=0.0, description="CUSUM allowance, robust SDs")
-    threshold: float = Field(default=16.0, gt=0.0, description="CUSUM decision, robust SDs")
+    threshold: float = Field(
+        default=24.0,
+        gt=0.0,
+        description="CUSUM decision, robust SDs: twelve records at the cap. A healthy GRPO "
+        "run's length wanders to 1.5-1.8 x its level for up to ~14 records (rl-healthy-s23 "
+        "of the failure corpus: CUSUM 15.7 at 1.5 x on a record, a hair under the former 16, "
+        "16.9 at most); a length that runs away stays there (the length hack's CUSUM grows "
+        "by 2 a record), and that hack is caught sooner by ``with_reward``",
+    )
     z_cap: float | None = Field(
         default=3.0, gt=0.0, description="a sustained shift, not one record"
     )
@@ -86,10 +94,10 @@ class LengthDrift(DriftDetector):
 
     >>> from inversion_monitor.server.detectors import Observation
     >>> det = LengthDrift(LengthDriftConfig())
-    >>> lengths = [40, 42, 38, 41, 39, 40, 43, 40] * 2 + [50, 62, 80] + [82] * 6
+    >>> lengths = [40, 42, 38, 41, 39, 40, 43, 40] * 2 + [50, 62, 80] + [82] * 10
     >>> [(t.step, t.summary) for s, n in enumerate(lengths)
     ...  if (t := det.update(Observation(s, 0.0, completion_length_mean=n)))]
-    [(24, 'Completion length running away')]
+    [(28, 'Completion length running away')]
 
     The length rising with the reward (a reward that pays for length) fires on the second
     record both are up, far before the length alone:
