@@ -48,6 +48,13 @@ def check_memory_goal(figures: dict[str, Any]) -> None:
     lengths = figures["lengths"]
     assert [r["T"] for r in lengths] == [64, 128]
     assert all(c["extra_bytes"] > 0 for r in lengths for c in r["calls"])
+    # the figure says which path produced it: the captured last-block one
+    assert all(
+        c["paths"] == ["last_block"] and c["prefix"] == "captured"
+        for r in lengths
+        for c in r["calls"]
+    )
+    assert figures["fast_path"]
 
 
 def check_scaling(figures: dict[str, Any]) -> None:

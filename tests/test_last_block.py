@@ -10,6 +10,7 @@ import transformers
 from transformers.modeling_utils import AttentionInterface
 
 from inversion_monitor.probe.architectures import resolve_model
+from inversion_monitor.probe.attention_capture import AttentionRecorded, recording_attention
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.key_value_norms import rows_independent, slot_ranks
 from inversion_monitor.probe.last_block import last_block_position_refusal
@@ -307,3 +308,31 @@ def test_the_matmul_nuclear_route_cuda_takes_equals_the_reference(arch, monkeypa
     monkeypatch.setattr(gram_nuclear, "newton_trace_sqrt", spy)
     _compare(tiny_causal_lm(arch, num_layers=2, seed=4), left=arch == "llama")
     assert calls  # the route ran
+
+
+def test_a_values_only_recording_keeps_no_graph_and_stops_the_forward():
+    """Once a module's replayed backward was checked, the forward over every position keeps
+    no graph of its attention function (nothing it would save for a backward is held) and
+    stops right after it (the output projection does not run over every position)."""
+    model = tiny_causal_lm("llama", num_layers=1, seed=1)
+    attention = model.model.layers[0].self_attn
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ran = []
+    handle = attention.o_proj.register_forward_hook(lambda *args: ran.append(1))
+    key = ("sdpa", torch.float32, "cpu")
+    try:
+        for values_only, stop in (((), False), ((key,), True)):
+            with recording_attention(attention, values_only=values_only, stop=stop) as recorder:
+                try:
+                    model(input_ids=ids)
+                except AttentionRecorded:
+                    assert stop
+                (call,) = recorder.calls
+            assert (call.output.grad_fn is None) == bool(values_only)
+            assert all(leaf.requires_grad != bool(values_only) for leaf in call.leaves)
+            assert not recorder.stop  # one-shot
+    finally:
+        handle.remove()
+    assert ran == [1]  # only the forward that was not stopped ran the output projection
+    call.release_query_and_output()
+    assert call.query.numel() == call.output.numel() == call.leaves[0].numel() == 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,15 +84,34 @@ class AttentionCall:
         output, _ = self.function(self.module, query, key, value, attention_mask, **self.kwargs)
         return output
 
+    def release_query_and_output(self) -> None:
+        """Drop the query and output of every position once what needs them is done (the
+        replays took the targets' rows): empty tensors of their dtype and device remain."""
+        self.query = self.query.new_empty((0,))
+        self.output = self.output.new_empty((0,))
+        self.leaves = (self.leaves[0].new_empty((0,)), self.leaves[1], self.leaves[2])
+
+
+class AttentionRecorded(Exception):
+    """Raised right after the recorded call when :attr:`AttentionRecorder.stop` is set."""
+
 
 @dataclass
 class AttentionRecorder:
-    """The calls recorded while :func:`recording_attention` was active."""
+    """The calls recorded while :func:`recording_attention` was active.
+
+    ``values_only``: calls whose ``(implementation, compute dtype, device type)`` is in it
+    compute the function's output without its graph (no gradient to q, k, v is asked of
+    them: nothing the function would save for its backward is held); ``stop``: raise
+    :class:`AttentionRecorded` after the next call (the rest of the forward is not run).
+    """
 
     function: AttentionFunction
     implementation: str
     calls: list[AttentionCall] = field(default_factory=list)
     substitute: torch.Tensor | None = None
+    values_only: Collection[tuple[str, torch.dtype, str]] = ()
+    stop: bool = False
 
 
 def attention_module(block: nn.Module, inside: nn.Module) -> nn.Module:
@@ -147,11 +166,14 @@ def _recording_function(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[t
         key = kwargs.pop("key", key)
         value = kwargs.pop("value", value)
         mask = kwargs.pop("attention_mask", mask)
+    compute_dtype = _compute_dtype(query)
+    graph = (recorder.implementation, compute_dtype, query.device.type) not in recorder.values_only
     q_leaf, k_leaf, v_leaf = (
-        t.detach().requires_grad_(t.requires_grad) for t in (query, key, value)
+        t.detach().requires_grad_(graph and t.is_floating_point()) for t in (query, key, value)
     )
     if recorder.substitute is None:
-        output, weights = recorder.function(module, q_leaf, k_leaf, v_leaf, mask, **kwargs)
+        with torch.set_grad_enabled(graph):
+            output, weights = recorder.function(module, q_leaf, k_leaf, v_leaf, mask, **kwargs)
     else:  # the function's output given (what another forward computed), not computed
         output, weights = recorder.substitute, None
     recorder.calls.append(
@@ -166,9 +188,12 @@ def _recording_function(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[t
             kwargs=dict(kwargs),
             output=output,
             leaves=(q_leaf, k_leaf, v_leaf),
-            compute_dtype=_compute_dtype(query),
+            compute_dtype=compute_dtype,
         )
     )
+    if recorder.stop:
+        recorder.stop = False
+        raise AttentionRecorded
     return output, weights
 
 
@@ -194,14 +219,19 @@ def _register() -> None:
 
 @contextmanager
 def recording_attention(
-    module: nn.Module, substitute: torch.Tensor | None = None
+    module: nn.Module,
+    substitute: torch.Tensor | None = None,
+    *,
+    values_only: Collection[tuple[str, torch.dtype, str]] = (),
+    stop: bool = False,
 ) -> Iterator[AttentionRecorder]:
     """Route ``module``'s attention-function calls through a recorder.
 
     Only this module instance is affected: it gets a copy of its config whose
     ``_attn_implementation`` names the recorder, which calls the original
-    function (or, given ``substitute``, returns that as the function's output).
-    The config is put back on exit. Raises ``LookupError`` with the reason when
+    function (or, given ``substitute``, returns that as the function's output);
+    ``values_only`` and ``stop`` as :class:`AttentionRecorder`'s. The config is put back
+    on exit. Raises ``LookupError`` with the reason when
     the module's attention cannot be recorded.
     """
     function = attention_function(module)
@@ -211,7 +241,13 @@ def recording_attention(
     config: Any = module.config
     proxy = copy.copy(config)
     proxy._attn_implementation_internal = _CAPTURE_KEY  # bypasses the validating setter
-    recorder = AttentionRecorder(function, str(config._attn_implementation), substitute=substitute)
+    recorder = AttentionRecorder(
+        function,
+        str(config._attn_implementation),
+        substitute=substitute,
+        values_only=values_only,
+        stop=stop,
+    )
     setattr(proxy, _RECORDER_ATTRIBUTE, recorder)
     module.config = proxy
     try:

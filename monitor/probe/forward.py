@@ -430,15 +430,18 @@ class ProbePlan:
     def cut(
         self, sequences: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, _Prefix | None]:
-        """ids, mask, position ids and captured prefix (None: recompute) of ``sequences``,
-        cut to their first ``length`` tokens."""
-        mask = None if self.attention_mask is None else self.attention_mask[sequences, :length]
-        pos = None if self.position_ids is None else self.position_ids[sequences, :length]
-        prefix = None
-        if self.prefix is not None:
-            hidden = self.prefix.hidden[sequences.to(self.prefix.hidden.device), :length]
-            prefix = (self.prefix.layer, hidden)
-        return self.input_ids[sequences, :length], mask, pos, prefix
+        """ids, mask, position ids and captured prefix (None: recompute) of ``sequences``
+        (sorted unique rows, as ``torch.unique`` gives), cut to their first ``length``
+        tokens: views where ``sequences`` are every row (no copy of the prefix)."""
+        every = sequences.numel() == self.input_ids.shape[0]
+
+        def cut(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor[:, :length] if every else tensor[sequences.to(tensor.device), :length]
+
+        mask = None if self.attention_mask is None else cut(self.attention_mask)
+        pos = None if self.position_ids is None else cut(self.position_ids)
+        prefix = None if self.prefix is None else (self.prefix.layer, cut(self.prefix.hidden))
+        return cut(self.input_ids), mask, pos, prefix
 
     @contextmanager
     def forward(

@@ -172,9 +172,16 @@ def last_block_norms(
         # alone must reproduce (nothing in the block but its attention mixes positions)
         with plan.forward(sequences, length, unique.rows, unique.t) as full:
             expected = full.target_logits.detach()
+    # the forward over every position computes values only, except from K's and V's
+    # projection outputs to the attention (their routes' vector-Jacobian products), and
+    # stops at the attention function, whose own graph is kept only until its backward was
+    # checked once (dz/dq)
+    grad_from = {id(sites[p][0]): sites[p][0] for p in ("k", "v") if p in sites}
     with (
-        recording_attention(attention) as recorder,
-        forward_attention(plan, sequences, length, attention) as before,
+        recording_attention(
+            attention, values_only=_VERIFIED_BACKWARD.get(attention, set()), stop=True
+        ) as recorder,
+        forward_attention(plan, sequences, length, attention, list(grad_from.values())) as before,
     ):
         if len(recorder.calls) != 1:
             raise LastBlockRefused(
@@ -333,6 +340,9 @@ def _norms(
             dtype=call.compute_dtype,
         )
     key_terms, value_terms, query_grads = head_terms(call, g, dq, unique, checks)
+    backward_key = _backward_key(call)
+    if not verify:  # nothing holds them for a backward: the K/V routes run without them
+        call.release_query_and_output()
     routes = [
         KeyValueRoute(
             name=proj,
@@ -355,7 +365,7 @@ def _norms(
                 "attention's keys and values"
             )
     if verify:
-        _VERIFIED_BACKWARD.setdefault(call.module, set()).add(_backward_key(call))
+        _VERIFIED_BACKWARD.setdefault(call.module, set()).add(backward_key)
     values: dict[str, torch.Tensor] = {}
     for proj in ("q", "o"):  # y_t reaches only z_t: G = g_t x_t^T
         if proj in wanted:

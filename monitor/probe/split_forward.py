@@ -13,7 +13,7 @@ once per block, and checks the queries, keys and values every time).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ from torch import nn
 
 from inversion_monitor.metrics.entropy import token_entropy
 from inversion_monitor.probe.architectures import ResolvedModel
+from inversion_monitor.probe.attention_capture import AttentionRecorded
 from inversion_monitor.probe.forward import (
     ForwardPass,
     ProbePlan,
@@ -83,19 +84,32 @@ def _run_attention(
     block: int,
     attention: nn.Module,
     captures: _Captures,
+    grad_from: Sequence[nn.Module],
     prefix: _Prefix | None,
     precision: ProbePrecision | None,
 ) -> AttentionPass:
     """The model's own forward of ``input_ids`` until block ``block``'s ``attention`` module
-    returns (autograd from that block's input on); nothing after it runs."""
-    start = _GradFrom(resolved.blocks[block])
+    returns (or its recorder stops it); nothing after it runs. Values only, except from the
+    outputs of the ``grad_from`` modules on: each becomes a fresh leaf, so the only graph is
+    that of the maps from them to the attention (nothing the norm, the other projections or
+    the block's input would save for a backward is held for every position)."""
     received: dict[str, Any] = {}
+    hidden: list[torch.Tensor] = []
 
     def record(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         received.update(kwargs)
+        incoming = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(incoming, torch.Tensor):
+            hidden.append(incoming.detach())
         return args, kwargs
+
+    def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        torch.set_grad_enabled(True)  # the caller's mode is restored by no_grad's exit
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            return output.detach().requires_grad_(True)
+        return None
 
     def stop(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         raise _AttentionDone
@@ -104,29 +118,30 @@ def _run_attention(
     handles = [
         resolved.blocks[block].register_forward_pre_hook(record, with_kwargs=True),
         attention.register_forward_hook(stop),
+        *(module.register_forward_hook(leaf, prepend=True) for module in grad_from),
     ]
     try:
         autocast = nullcontext() if precision is None else precision.forward_context()
-        with start.active(), _fed_from(resolved, prefix), autocast:
+        with torch.no_grad(), _fed_from(resolved, prefix), autocast:
             try:
                 resolved.model(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
                 )
-            except _AttentionDone:
+            except (_AttentionDone, AttentionRecorded):
                 pass
             else:
                 raise RuntimeError("the probed attention module did not run in the forward")
     finally:
         for handle in handles:
             handle.remove()
-    if start.leaf is None:
+    if not hidden:
         raise RuntimeError("the lowest probed block did not run in the model's forward")
     received.pop("hidden_states", None)
     return AttentionPass(
         inputs=captures.inputs,
         outputs=captures.outputs,
         block_kwargs=received,
-        hidden=start.leaf.detach(),
+        hidden=hidden[0],
     )
 
 
@@ -185,13 +200,18 @@ def _run_rows(
 
 @contextmanager
 def forward_attention(
-    plan: ProbePlan, sequences: torch.Tensor, length: int, attention: nn.Module
+    plan: ProbePlan,
+    sequences: torch.Tensor,
+    length: int,
+    attention: nn.Module,
+    grad_from: Sequence[nn.Module],
 ) -> Iterator[AttentionPass]:
     """The model's forward of rows ``sequences`` cut to ``length`` tokens, up to the
-    lowest probed block's ``attention`` module (nothing after it runs); the hooks'
-    captures are released on exit."""
+    lowest probed block's ``attention`` module (nothing after it runs), with a graph only
+    from the outputs of ``grad_from`` on (their inputs and outputs are captured); the
+    hooks' captures are released on exit."""
     ids, mask, pos, prefix = plan.cut(sequences, length)
-    captures = _Captures(plan.modules)
+    captures = _Captures(grad_from)
     try:
         before = _run_attention(
             plan.resolved,
@@ -201,6 +221,7 @@ def forward_attention(
             block=plan.lowest_block,
             attention=attention,
             captures=captures,
+            grad_from=grad_from,
             prefix=prefix,
             precision=plan.precision,
         )
