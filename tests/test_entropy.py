@@ -58,8 +58,9 @@ def test_token_entropy_ops_grow_per_chunk_not_per_row():
         token_entropy(logits, chunk_size=12)
     with OpCounter() as four:
         token_entropy(logits, chunk_size=3)
-    # three more chunks of seven ops, and their cat
-    assert four.ops - one.ops <= 3 * 7 + 1, (one.by_op, four.by_op)
+    # three more chunks of sixteen ops (slice, fp32 copy, max, shift, exp, sum, mask, moment,
+    # log, divide, subtract, write into the output)
+    assert four.ops - one.ops <= 3 * 17, (one.by_op, four.by_op)
     assert four.syncs == one.syncs == 0
 
 
