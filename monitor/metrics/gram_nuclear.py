@@ -40,6 +40,8 @@ from typing import Literal
 
 import torch
 
+from inversion_monitor.metrics.lapack import eigenvalues
+
 Route = Literal["eigh", "newton"]
 # the largest relative error the matmul route may keep (beyond it: float64 eigensolve)
 RELATIVE_ERROR = 1e-4
@@ -72,7 +74,7 @@ def gram_nuclear_norm(gram: torch.Tensor, *, route: Route | None = None) -> torc
 
 
 def _eigh_norm(gram: torch.Tensor) -> torch.Tensor:
-    norms: torch.Tensor = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1).float()
+    norms: torch.Tensor = eigenvalues(gram).clamp_min(0).sqrt().sum(-1).float()
     return norms
 
 

@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from inversion_monitor.metrics.lapack import eigenvalues, qr_factor
+
 Norm = Literal["nuclear", "frobenius", "l1"]
 NORMS = ("nuclear", "frobenius", "l1")
 # fp32 elements of G formed at once by the L1 path (and direct SVD path): 64 Mi = 256 MiB
@@ -62,8 +64,8 @@ def nuclear_norm(matrices: torch.Tensor) -> torch.Tensor:
     m = matrices.double()
     if m.shape[-2] > m.shape[-1]:
         m = m.transpose(-2, -1)
-    eigenvalues = torch.linalg.eigvalsh(m @ m.transpose(-2, -1))
-    nuclear: torch.Tensor = eigenvalues.clamp_min(0).sqrt().sum(-1).float()
+    values = eigenvalues(m @ m.transpose(-2, -1))
+    nuclear: torch.Tensor = values.clamp_min(0).sqrt().sum(-1).float()
     return nuclear
 
 
@@ -102,8 +104,8 @@ def outer_sum_norm(gamma: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Te
     if norm == "frobenius":
         gram = (gamma @ gamma.transpose(1, 2)) * (x @ x.transpose(1, 2))
         return gram.sum((-2, -1)).clamp_min(0).sqrt()
-    r1 = torch.linalg.qr(gamma.transpose(1, 2), mode="r").R  # [K, L, L]
-    r2 = torch.linalg.qr(x.transpose(1, 2), mode="r").R
+    r1 = qr_factor(gamma.transpose(1, 2))  # [K, L, L]
+    r2 = qr_factor(x.transpose(1, 2))
     return nuclear_norm(r1 @ r2.transpose(1, 2))
 
 
@@ -117,8 +119,7 @@ def input_factor(x: torch.Tensor) -> torch.Tensor:
     >>> input_factor(torch.tensor([[0.0, 2.0], [1.0, 0.0], [1.0, 1.0]])).shape
     torch.Size([2, 3])
     """
-    factor: torch.Tensor = torch.linalg.qr(x.float().T, mode="r").R
-    return factor
+    return qr_factor(x.float().T)
 
 
 def prefix_norms(

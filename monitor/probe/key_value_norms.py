@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from inversion_monitor.metrics.gram_nuclear import gram_nuclear_norm
+from inversion_monitor.metrics.lapack import qr_factor
 from inversion_monitor.metrics.norms import Norm, outer_sum_norm
 from inversion_monitor.probe.architectures import select_columns
 from inversion_monitor.probe.attention_replay import (
@@ -429,5 +430,4 @@ def batched_input_factor(inputs: torch.Tensor, norm: Norm) -> torch.Tensor:
     x = inputs.float().transpose(1, 2)
     if norm == "l1" or x.shape[-2] <= x.shape[-1]:
         return x
-    factor: torch.Tensor = torch.linalg.qr(x, mode="r").R
-    return factor
+    return qr_factor(x)
