@@ -53,8 +53,12 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
     pattern = self.pattern(score)
     if not self.active:
         over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)]
+        self._confirmed = self._confirmed + 1 if over else 0
+        if self._confirmed < cfg.confirm:
+            over = []
         if not over and pattern is None:
             return None
+        self._confirmed = 0
         if over:
             side, cusum = max(over, key=lambda dc: dc[1])
         else:
@@ -86,7 +90,7 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
             values,
         )
     cusum = score.up if self.side is Direction.UP else score.down
-    if cusum > 0.0:
+    if cusum > 0.0 or self.holds(score):
         return None
     self.active = False
     ended, self.side = self.side, None
