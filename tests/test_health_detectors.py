@@ -381,7 +381,7 @@ GRPO_ENTROPY_SAG = [
     1.328, 1.343, 1.278, 1.291, 1.268, 1.252, 1.16, 1.139, 1.234, 1.231, 1.21, 1.182, 1.138,
     1.288, 1.151, 1.122, 0.9866, 1.02, 1.098, 1.148, 1.165, 1.175, 1.175,
 ]  # fmt: skip
-# the GRPO policy loss of rl-healthy-s34, steps 1-30: signed, around 0 (LossSpike fired at 23)
+# the GRPO policy loss of rl-healthy-s34, steps 1-30: signed, around 0
 GRPO_SIGNED_LOSS = [
     -0.04095, 0.1004, -0.02544, -0.04976, -0.04377, -0.08065, 0.002468, 0.06188, -0.03559,
     -0.04739, -0.04025, 0.03822, -0.05605, 0.05824, -0.05551, 0.04758, -0.06203, -0.2515,
@@ -415,15 +415,15 @@ def test_a_slow_healthy_drift_then_a_lone_record_is_quiet() -> None:
 
 def test_a_signed_policy_loss_fires_on_a_sustained_shift_only() -> None:
     """A GRPO policy loss (-advantage x ratio + beta KL) hovers at 0 in two clusters whose
-    robust SD understates its spread: three records up (rl-healthy-s34 at steps 21-23) and a
-    lone record 13 robust SDs up (rl-healthy-s69, with a 20x grad-norm spike) are quiet; a
-    shift that stays fires on its third record; a positive loss still fires on one record."""
+    robust SD understates its spread: a lone record 13 robust SDs up (rl-healthy-s69, with a
+    20x grad-norm spike) is quiet; a shift that stays fires on its third record; a positive
+    loss still fires on one record."""
+    head = GRPO_SIGNED_LOSS[:20]
     det = LossSpike(AlertsConfig().loss_spike)
-    assert firings(det, "loss", [*GRPO_SIGNED_LOSS, 0.79, 0.03, -0.05]) == []
-    assert det.stream.log is False and det.config.confirm == 2
-    n = len(GRPO_SIGNED_LOSS)
-    shifted = firings(LossSpike(AlertsConfig().loss_spike), "loss", [*GRPO_SIGNED_LOSS, *[0.4] * 5])
-    assert shifted[:1] == [n + 2]
+    assert firings(det, "loss", [*head, 0.79, 0.03, -0.05, 0.02, -0.04]) == []
+    assert det.stream.log is False and det.config.z_cap == 6.0
+    shifted = firings(LossSpike(AlertsConfig().loss_spike), "loss", [*head, *[0.4] * 5])
+    assert shifted[:1] == [len(head) + 2]
     positive = lognormal(2.0, 0.05, 30, seed=0)
     assert firings(LossSpike(AlertsConfig().loss_spike), "loss", [*positive, 6.0]) == [30]
 

@@ -27,15 +27,14 @@ class SpikeConfig(DriftConfig):
 class LossSpikeConfig(SpikeConfig):
     """Parameters of :class:`LossSpike` (the log of the loss; a loss negative in the warm-up
     is a signed surrogate, taken as is and judged for a sustained shift only: a record adds
-    at most ``signed_z_cap`` robust SDs, and the CUSUM must be over the threshold on
-    ``signed_confirm`` records in a row)."""
+    at most ``signed_z_cap`` robust SDs, so a shift fires on its third record, a lone
+    outlier never)."""
 
     scale: Scale = Scale.AUTO
     min_scale: float = Field(default=0.03, gt=0.0)
     signed_z_cap: float | None = Field(
         default=6.0, gt=0.0, description="``z_cap`` for a signed loss (None: no cap)"
     )
-    signed_confirm: int = Field(default=2, ge=1, description="``confirm`` for a signed loss")
 
 
 class GradNormSpikeConfig(SpikeConfig):
@@ -102,8 +101,8 @@ class LossSpike(DriftDetector):
     >>> det = LossSpike(LossSpikeConfig())  # a signed policy loss: a lone record never fires
     >>> losses = [-0.05, 0.04, -0.03, 0.05, -0.04, 0.03, -0.02, 0.05] * 2
     >>> [t.step for s, v in enumerate(losses + [0.8, 0.0, 0.4, 0.4, 0.4])
-    ...  if (t := det.update(Observation(s, 0.0, loss=v)))]  # a shift to 0.4: its third record
-    [20]
+    ...  if (t := det.update(Observation(s, 0.0, loss=v)))]  # the lone 0.8 not, 0.4s do
+    [19]
     """
 
     name = AlertName.LOSS_SPIKE
@@ -116,7 +115,7 @@ class LossSpike(DriftDetector):
     def __init__(self, config: LossSpikeConfig) -> None:
         super().__init__(config)
         self._signed_config: DriftConfig | None = config.model_copy(
-            update={"z_cap": config.signed_z_cap, "confirm": config.signed_confirm}
+            update={"z_cap": config.signed_z_cap}
         )
 
     def update(self, obs: Observation) -> Transition | None:
@@ -124,8 +123,8 @@ class LossSpike(DriftDetector):
         # gradient surrogate, -advantage x ratio (+ beta KL): with group-normalised advantages
         # it hovers at 0, its values in two clusters (+/- 0.05 in the failure corpus' GRPO
         # runs) whose robust SD understates the spread, and its lone outliers come with the
-        # grad-norm spikes GradNormSpike reports. Judged for a sustained shift only: lone
-        # healthy records at 0.19 and 0.79 fired (rl-healthy-s34, s69) before.
+        # grad-norm spikes GradNormSpike reports: a lone healthy record at 0.79, 13 robust
+        # SDs up, fired (rl-healthy-s69). Judged for a sustained shift only (z_cap).
         signed = self._signed_config
         if signed is not None and self.stream.log is False:
             self.config = signed
