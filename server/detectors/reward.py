@@ -36,7 +36,7 @@ class RewardCollapseConfig(DriftConfig):
     reward to ~0 (0.0005-0.009 for 29 records, robust z ~-2.7 each) and the CUSUM never
     passed 1. A reward that was never negative and stays at ``collapse`` x its level or lower
     for ``collapse_records`` records in a row is a collapse whatever the run's noise (no
-    healthy run of the failure corpus fell below 0.5 x its level for one record).
+    healthy record of the failure corpus fell below 0.55 x its run's level).
     """
 
     scale: Scale = Scale.LINEAR
