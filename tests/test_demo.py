@@ -245,6 +245,22 @@ def test_the_destabilised_run_is_alerted_within_three_steps_of_the_jump(demo: De
     assert not demo.runs["demo-rl"].alerts
 
 
+def test_the_destabilised_runs_reward_collapse_is_alerted_within_five_steps(
+    demo: DemoRun,
+) -> None:
+    """The demo's mean reward is noisy (4 problems x 8 samples a step): its fall to ~0 after
+    the jump is ~2.5 robust SDs a record, under RewardCollapse's CUSUM allowance, so no alert
+    came before; a reward never negative at a quarter of its level three records in a row
+    fires, within the reward's budget of 5 records."""
+    rewards = {r.step: r.reward_mean for r in demo.history(UNSTABLE)}
+    level = sorted(rewards[s] for s in range(1, JUMP + 1))[JUMP // 2]
+    collapses = [a for a in demo.runs[UNSTABLE].alerts if a.name == "RewardCollapse"]
+    assert collapses, (demo.runs[UNSTABLE].alerts, rewards)
+    step = collapses[0].start_step
+    assert JUMP < step <= JUMP + 5, (step, rewards)
+    assert all(rewards[s] <= 0.25 * level for s in range(step - 2, step + 1)), (level, rewards)
+
+
 def test_rl_runs_carry_reward_entropy_and_covariance(demo: DemoRun) -> None:
     for name, steps in (("demo-rl", RL_STEPS), (UNSTABLE, UNSTABLE_STEPS)):
         history = sorted(demo.history(name), key=lambda r: r.step)

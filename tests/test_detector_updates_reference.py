@@ -53,8 +53,12 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
     pattern = self.pattern(score)
     if not self.active:
         over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)]
+        self._confirmed = self._confirmed + 1 if over else 0
+        if self._confirmed < cfg.confirm:
+            over = []
         if not over and pattern is None:
             return None
+        self._confirmed = 0
         if over:
             side, cusum = max(over, key=lambda dc: dc[1])
         else:
@@ -86,7 +90,7 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
             values,
         )
     cusum = score.up if self.side is Direction.UP else score.down
-    if cusum > 0.0:
+    if cusum > 0.0 or self.holds(score):
         return None
     self.active = False
     ended, self.side = self.side, None
@@ -343,3 +347,36 @@ def test_updates_match_the_plain_versions(kind: str, monkeypatch: pytest.MonkeyP
     drift = {d.name.value for d in detectors if isinstance(d, DriftDetector)}
     assert sum(fired[(name, True)] for name in drift) >= 2, fired
     assert sum(fired[(name, False)] for name in drift) >= 2, fired
+
+
+def _recorded_streams() -> list[tuple[str, list[float]]]:
+    """Recorded corpus and demo streams that reach the paths the random run above does not:
+    RewardCollapse's collapse rule (fired by the pattern, held while the reward stays low),
+    KLSurge's confirmation after a drift-charged CUSUM, a signed loss's capped z."""
+    from tests.test_health_detectors import (
+        DEMO_UNSTABLE_REWARD,
+        GRPO_KL_CLIMB,
+        GRPO_SIGNED_LOSS,
+    )
+
+    return [
+        ("reward_mean", DEMO_UNSTABLE_REWARD + DEMO_UNSTABLE_REWARD[:30]),
+        ("kl", [*GRPO_KL_CLIMB, 6.0, 7.0, 6.5, *GRPO_KL_CLIMB[60:]]),
+        ("loss", [*GRPO_SIGNED_LOSS, 0.79, *[0.4] * 5, *GRPO_SIGNED_LOSS]),
+    ]
+
+
+@pytest.mark.parametrize("field, values", _recorded_streams())
+def test_recorded_streams_match_the_plain_version(
+    field: str, values: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    observations = [
+        Observation(step, float(step), **{field: v})  # type: ignore[arg-type]
+        for step, v in enumerate(values, start=1)
+    ]
+    fast = _transitions("rl", observations)
+    monkeypatch.setattr(DriftDetector, "update", plain_drift_update)
+    plain = _transitions("rl", observations)
+    assert fast == plain
+    fired = Counter((t.name.value, t.firing) for t in fast)
+    assert any(firing for _, firing in fired) and any(not firing for _, firing in fired), fired

@@ -6,8 +6,14 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from inversion_monitor.server.detectors.base import AlertName, Reason
-from inversion_monitor.server.detectors.robust import Direction, DriftConfig, DriftDetector, Scale
+from inversion_monitor.server.detectors.base import AlertName, Observation, Reason
+from inversion_monitor.server.detectors.robust import (
+    Direction,
+    DriftConfig,
+    DriftDetector,
+    Scale,
+    Score,
+)
 
 
 class RewardCollapseConfig(DriftConfig):
@@ -23,6 +29,14 @@ class RewardCollapseConfig(DriftConfig):
     rl-healthy-s32 at steps 30-33, z -3.9, -4.0, -3.8, -3.5). With the former allowance of
     1.5 those dips reached a CUSUM of 7.6 and 9.2 (an alert) of 8; with 2.5, 3.9 and 5.2,
     and a learning-rate jump still fires on the first or second record of its fall.
+
+    The allowance makes the CUSUM blind to a fall smaller than 2.5 robust SDs per record,
+    however long it lasts: the demo's GRPO loop (4 problems x 8 samples a step) has a noisy
+    mean reward (0.11-0.43 around 0.25, robust SD ~0.09), so its learning-rate jump took the
+    reward to ~0 (0.0005-0.009 for 29 records, robust z ~-2.7 each) and the CUSUM never
+    passed 1. A reward that was never negative and stays at ``collapse`` x its level or lower
+    for ``collapse_records`` records in a row is a collapse whatever the run's noise (no
+    healthy record of the failure corpus fell below 0.55 x its run's level).
     """
 
     scale: Scale = Scale.LINEAR
@@ -36,6 +50,14 @@ class RewardCollapseConfig(DriftConfig):
         "one record 10.5 out fires)",
     )
     min_scale: float = Field(default=0.01, gt=0.0, description="smallest robust SD, reward units")
+    collapse: float | None = Field(
+        default=0.25,
+        gt=0.0,
+        lt=1.0,
+        description="a non-negative reward at or below this x its level on ``collapse_records`` "
+        "records in a row fires, however noisy the run (None: off)",
+    )
+    collapse_records: int = Field(default=3, ge=1, description="records in a row at ``collapse``")
 
 
 class RewardCollapse(DriftDetector):
@@ -55,3 +77,35 @@ class RewardCollapse(DriftDetector):
     direction = Direction.DOWN
     summaries: ClassVar[dict[Direction, str]] = {Direction.DOWN: "Reward collapse"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.DOWN: Reason.FELL_BELOW_LEVEL}
+
+    def __init__(self, config: RewardCollapseConfig) -> None:
+        super().__init__(config)
+        self.collapse_config = config
+        self._signed = False  # a negative reward seen: no ratio to the level is meaningful
+        self._low = 0  # records in a row at ``collapse`` x the level or lower
+
+    def value(self, obs: Observation) -> float | None:
+        r = obs.reward_mean
+        if r is not None and r < 0.0:
+            self._signed = True
+        return r
+
+    def pattern(self, score: Score) -> tuple[Direction, str] | None:
+        """A non-negative reward at ``collapse`` x its level or lower on ``collapse_records``
+        records in a row (a fall to ~0 that a noisy run's robust SD hides from the CUSUM)."""
+        cfg = self.collapse_config
+        if cfg.collapse is None or self._signed or score.level <= 0.0:
+            self._low = 0
+            return None
+        self._low = self._low + 1 if score.value <= cfg.collapse * score.level else 0
+        if self._low < cfg.collapse_records:
+            return None
+        return (
+            Direction.DOWN,
+            f"at {cfg.collapse:g} x its level or lower on {self._low} records in a row",
+        )
+
+    def holds(self, score: Score) -> bool:
+        """Fired on a collapse: on while the reward stays at ``collapse`` x its level or lower."""
+        del score
+        return self._low > 0

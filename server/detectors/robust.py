@@ -87,6 +87,13 @@ class DriftConfig(DetectorConfig):
         description="log streams: fire downward only at (1 - this) x the level or less (0: any)",
     )
     clip: float = Field(default=3.0, gt=0.0, description="values enter the window clipped here")
+    confirm: int = Field(
+        default=1,
+        ge=1,
+        description="records in a row the CUSUM must be over the threshold and the value "
+        "min_rise/min_fall from the level before the alert fires (2: a lone record never "
+        "fires it, even after a slow healthy drift has charged the CUSUM)",
+    )
     z_cap: float | None = Field(
         default=None,
         gt=0.0,
@@ -127,7 +134,6 @@ class RobustStream:
     """
 
     def __init__(self, config: DriftConfig) -> None:
-        self.config = config
         self._window: deque[float] = deque(maxlen=config.window)
         self._sorted: list[float] = []  # the window's values in order
         self._warm: list[float] = []
@@ -135,6 +141,12 @@ class RobustStream:
         self.up = 0.0
         self.down = 0.0
         self._split = -1  # the MAD's split at the last update (a hint for the next)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: DriftConfig) -> None:
+        """Score the next values under ``config`` (the same ``window`` and ``scale``: the
+        window and the scale already chosen are kept)."""
+        self.config = config
         # the settings update reads on every record, read once (the config is frozen)
         self._params = (
             config.floor,
@@ -307,6 +319,7 @@ class DriftDetector:
         self.active = False
         self.side: Direction | None = None  # the direction that fired
         self._start_step = 0
+        self._confirmed = 0  # records in a row over the threshold and far from the level
 
     def value(self, obs: Observation) -> float | None:
         value: float | None = getattr(obs, self.field)
@@ -337,6 +350,13 @@ class DriftDetector:
         del score
         return None
 
+    def holds(self, score: Score) -> bool:
+        """Active: whether the shape :meth:`pattern` fired on is still there (the alert then
+        stays on with the watched CUSUM at 0); False here, :class:`~.reward.RewardCollapse`
+        holds while the reward stays collapsed."""
+        del score
+        return False
+
     def update(self, obs: Observation) -> Transition | None:
         x = self.value(obs)
         if x is None or not math.isfinite(x):
@@ -355,10 +375,11 @@ class DriftDetector:
                 and (direction is Direction.DOWN or score.up <= threshold)
                 and (direction is Direction.UP or score.down <= threshold)
             ):
+                self._confirmed = 0
                 return None
             return self._fire(obs, x, score, pattern)
         cusum = score.up if self.side is Direction.UP else score.down
-        if cusum > 0.0:
+        if cusum > 0.0 or self.holds(score):
             return None
         return self._recover(obs, x, score)
 
@@ -376,12 +397,17 @@ class DriftDetector:
         self, obs: Observation, x: float, score: Score, pattern: tuple[Direction, str] | None
     ) -> Transition | None:
         """Not active: the transition that starts the alert, or None (a CUSUM over the
-        threshold, yet not ``min_rise``/``min_fall`` from the level)."""
+        threshold, yet not ``min_rise``/``min_fall`` from the level, or not yet on ``confirm``
+        records in a row)."""
         cfg = self.config
         values = self._values(x, score)
         over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)]
+        self._confirmed = self._confirmed + 1 if over else 0
+        if self._confirmed < cfg.confirm:
+            over = []
         if not over and pattern is None:
             return None
+        self._confirmed = 0
         if over:
             side, cusum = max(over, key=lambda dc: dc[1])
         else:

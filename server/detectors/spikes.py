@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from inversion_monitor.server.detectors.base import AlertName, Observation, Reason
+from inversion_monitor.server.detectors.base import AlertName, Observation, Reason, Transition
 from inversion_monitor.server.detectors.robust import (
     Direction,
     DriftConfig,
@@ -25,10 +25,16 @@ class SpikeConfig(DriftConfig):
 
 
 class LossSpikeConfig(SpikeConfig):
-    """Parameters of :class:`LossSpike` (the log of the loss; a signed loss is taken as is)."""
+    """Parameters of :class:`LossSpike` (the log of the loss; a loss negative in the warm-up
+    is a signed surrogate, taken as is and judged for a sustained shift only: a record adds
+    at most ``signed_z_cap`` robust SDs, so a shift fires on its third record, a lone
+    outlier never)."""
 
     scale: Scale = Scale.AUTO
     min_scale: float = Field(default=0.03, gt=0.0)
+    signed_z_cap: float | None = Field(
+        default=6.0, gt=0.0, description="``z_cap`` for a signed loss (None: no cap)"
+    )
 
 
 class GradNormSpikeConfig(SpikeConfig):
@@ -60,15 +66,23 @@ class KLSurgeConfig(SpikeConfig):
     """Parameters of :class:`KLSurge` (the log of KL + ``floor`` nats: below it KL is ~0).
 
     A surge is sustained: a record adds at most ``z_cap`` robust SDs (healthy RL runs show
-    lone KL records 3-7x their level), so two records 4.5 robust SDs out fire, and only at
-    ``1 + min_rise`` x the level or more. The allowance is a spike detector's: a healthy
+    lone KL records 3-7x their level, a few 10x and more), and the alert fires only on the
+    second record in a row (``confirm``) with the CUSUM over the threshold and KL
+    ``1 + min_rise`` x the level or more: two records ~4 robust SDs out fire. A healthy
+    policy's KL climbs steadily (0.45 -> 1.7 nats over 15 steps in the failure corpus'
+    rl-healthy-s33), faster than a 64-record median follows, so the CUSUM of such a run sits
+    at its bound for tens of records; with ``confirm`` 1 a lone record 3-5x the lagging level
+    then fired (four healthy RL runs: s33, s50, s63, s64). With ``confirm`` 2 and the
+    threshold lowered from 5 to 3.5 to pay for the second record, the corpus' learning-rate
+    jumps fire on the same records as before. The allowance is a spike detector's: a healthy
     policy's KL to its reference keeps growing, by a robust SD or so per record (2.5x over ten
     steps in the GRPO loop; 8x over ten steps in a healthy TRL run of the failure corpus,
     which an allowance of 1.5 added up to an alert).
     """
 
     k: float = Field(default=2.0, ge=0.0)
-    threshold: float = Field(default=5.0, gt=0.0)
+    threshold: float = Field(default=3.5, gt=0.0)
+    confirm: int = Field(default=2, ge=1)
     z_cap: float | None = Field(default=6.0, gt=0.0)
     min_rise: float = Field(default=2.0, ge=0.0)
     floor: float = Field(default=0.01, ge=0.0)
@@ -84,6 +98,11 @@ class LossSpike(DriftDetector):
     >>> losses = [2.0, 1.95, 2.02, 1.9, 1.97, 1.93, 1.99, 1.92] * 2 + [5.0]
     >>> [t.step for s, v in enumerate(losses) if (t := det.update(Observation(s, 0.0, loss=v)))]
     [16]
+    >>> det = LossSpike(LossSpikeConfig())  # a signed policy loss: a lone record never fires
+    >>> losses = [-0.05, 0.04, -0.03, 0.05, -0.04, 0.03, -0.02, 0.05] * 2
+    >>> [t.step for s, v in enumerate(losses + [0.8, 0.0, 0.4, 0.4, 0.4])
+    ...  if (t := det.update(Observation(s, 0.0, loss=v)))]  # the lone 0.8 not, 0.4s do
+    [19]
     """
 
     name = AlertName.LOSS_SPIKE
@@ -92,6 +111,26 @@ class LossSpike(DriftDetector):
     direction = Direction.UP
     summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "Loss spike"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
+
+    def __init__(self, config: LossSpikeConfig) -> None:
+        super().__init__(config)
+        self._signed_config: DriftConfig | None = config.model_copy(
+            update={"z_cap": config.signed_z_cap}
+        )
+
+    def update(self, obs: Observation) -> Transition | None:
+        # a loss negative in the warm-up (the stream chose the linear scale) is a policy-
+        # gradient surrogate, -advantage x ratio (+ beta KL): with group-normalised advantages
+        # it hovers at 0, its values in two clusters (+/- 0.05 in the failure corpus' GRPO
+        # runs) whose robust SD understates the spread, and its lone outliers come with the
+        # grad-norm spikes GradNormSpike reports: a lone healthy record at 0.79, 13 robust
+        # SDs up, fired (rl-healthy-s69). Judged for a sustained shift only (z_cap).
+        signed = self._signed_config
+        if signed is not None and self.stream.log is False:
+            self.config = signed
+            self.stream.reconfigure(signed)
+            self._signed_config = None
+        return super().update(obs)
 
 
 class GradNormSpike(DriftDetector):
