@@ -44,6 +44,7 @@ from inversion_monitor.server.detectors import (
     Severity,
     Transition,
 )
+from inversion_monitor.server.record_values import read_values
 from inversion_monitor.server.schema import StoreError
 from inversion_monitor.server.store import MAX_ALERTS_PER_RUN, Store, StoredAlert
 
@@ -72,7 +73,9 @@ class ViewLike(Protocol):
 
 
 def observation(record: monitor_pb2.StepRecord) -> Observation:
-    """The detector inputs of a record (missing statistics stay None, NaN stays NaN).
+    """The detector inputs of a record (missing statistics stay None, NaN stays NaN): its
+    values (:func:`~.record_values.read_values`), what the ingestor feeds
+    :meth:`AlertEngine.on_values`.
 
     >>> rec = monitor_pb2.StepRecord(step=3, wall_time=1.5)
     >>> rec.inversion.spearman.value = -0.4; rec.inversion.n = 64; rec.entropy.mean = 2.0
@@ -81,50 +84,7 @@ def observation(record: monitor_pb2.StepRecord) -> Observation:
     >>> obs.rho, obs.n, obs.entropy_mean, obs.reward_mean, obs.grad_norm, obs.nonfinite_fields
     (-0.4, 64, 2.0, None, nan, ('grad_norm',))
     """
-    # one call per record and run, so written out; the probe statistics (most often sent
-    # when the inversion is) are read first and asked HasField only when they read 0 (a
-    # value that is not 0, NaN included, was sent: an unset one reads 0), the health
-    # doubles (most often not sent with them) asked HasField first
-    has = record.HasField
-    inv = record.inversion
-    sp = inv.spearman
-    v = sp.value
-    rho = v if (v or sp.HasField("value")) and not inv.insufficient else None
-    en = record.entropy
-    v = en.mean
-    entropy = v if v or en.HasField("mean") else None
-    reward_mean = record.reward_mean if has("reward_mean") else None
-    policy_entropy_mean = record.policy_entropy_mean if has("policy_entropy_mean") else None
-    loss = record.loss if has("loss") else None
-    learning_rate = record.learning_rate if has("learning_rate") else None
-    reward_std = record.reward_std if has("reward_std") else None
-    entropy_covariance = record.entropy_covariance if has("entropy_covariance") else None
-    grad_norm = record.grad_norm if has("grad_norm") else None
-    kl = record.kl if has("kl") else None
-    clip_ratio = record.clip_ratio if has("clip_ratio") else None
-    completion_length_mean = (
-        record.completion_length_mean if has("completion_length_mean") else None
-    )
-    return Observation._make(
-        (
-            record.step,
-            record.wall_time,
-            rho,
-            inv.n,
-            entropy,
-            reward_mean,
-            policy_entropy_mean,
-            loss,
-            learning_rate,
-            reward_std,
-            entropy_covariance,
-            grad_norm,
-            kl,
-            clip_ratio,
-            completion_length_mean,
-            tuple(record.nonfinite_fields),
-        )
-    )
+    return read_values(record)
 
 
 @dataclass
@@ -234,9 +194,14 @@ class AlertEngine:
             del self._runs[run_id]
 
     def on_record(self, run_id: str, display_name: str, record: monitor_pb2.StepRecord) -> None:
+        """:meth:`on_values` of the record's values."""
+        self.on_values(run_id, display_name, read_values(record))
+
+    def on_values(self, run_id: str, display_name: str, obs: Observation) -> None:
+        """Feed the run's detectors one stored record's values (those of its lowest rank)."""
         state = self._runs.get(run_id)
         if state is None:  # a run never announced (no RunListener events): of unknown kind
-            state = _RunAlerts(display_name, RunDetectors(self.config, ""), record.rank, kind="")
+            state = _RunAlerts(display_name, RunDetectors(self.config, ""), obs.rank, kind="")
             with self._lock:
                 self._runs[run_id] = state
         elif state.kind is None:  # made by the stale check: no record fed yet
@@ -246,11 +211,10 @@ class AlertEngine:
             state.detectors.stale = stale
             for alert, _ in state.open.values():  # adopted meanwhile: their detectors fire
                 alert_share.seed(state.detectors, alert.name, alert.start_step, alert.summary)
-        rank = record.rank
+        rank = obs.rank
         if rank > state.rank:
             return
         state.rank = rank
-        obs = observation(record)
         step, last = obs.step, state.last_step
         state.last_step = step if step > last else last  # max(last, step), without the call
         for transition in state.detectors.update(obs):

@@ -351,6 +351,19 @@ def law_inputs(record: monitor_pb2.StepRecord) -> tuple[float, float] | None:
     return record.policy_entropy_mean, record.reward_mean
 
 
+class LawValues(Protocol):
+    """What the law reads of a record's values (:class:`~.detectors.Observation`)."""
+
+    @property
+    def step(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def reward_mean(self) -> float | None: ...
+    @property
+    def policy_entropy_mean(self) -> float | None: ...
+
+
 class _ViewLike(Protocol):
     @property
     def last_activity(self) -> float: ...
@@ -382,22 +395,34 @@ class EntropyLawMonitor:
         inputs = law_inputs(record)
         if inputs is None:
             return
+        self._feed(run_id, display_name, record.rank, record.step, inputs)
+
+    def on_values(self, run_id: str, display_name: str, values: LawValues) -> None:
+        """:meth:`on_record` from the record's values as the server read them once."""
+        entropy, reward = values.policy_entropy_mean, values.reward_mean
+        if entropy is None or reward is None:
+            return
+        self._feed(run_id, display_name, values.rank, values.step, (entropy, reward))
+
+    def _feed(
+        self, run_id: str, display_name: str, rank: int, step: int, inputs: tuple[float, float]
+    ) -> None:
         entry = self._runs.get(run_id)
         if entry is None:
             while len(self._runs) >= self.max_runs:
                 oldest, _ = self._runs.popitem(last=False)
                 with self._lock:
                     self._states.pop(oldest, None)
-            entry = (display_name, record.rank, EntropyLawTracker(**self._tracker_args))
+            entry = (display_name, rank, EntropyLawTracker(**self._tracker_args))
             self._runs[run_id] = entry
         else:
             self._runs.move_to_end(run_id)
-        if record.rank > entry[1]:
+        if rank > entry[1]:
             return
-        if record.rank < entry[1]:  # a lower rank appeared: it drives the run from now on
-            entry = (display_name, record.rank, EntropyLawTracker(**self._tracker_args))
+        if rank < entry[1]:  # a lower rank appeared: it drives the run from now on
+            entry = (display_name, rank, EntropyLawTracker(**self._tracker_args))
             self._runs[run_id] = entry
-        state = entry[2].update(record.step, *inputs)
+        state = entry[2].update(step, *inputs)
         if state is not None:
             with self._lock:
                 self._states[run_id] = (display_name, state)

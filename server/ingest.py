@@ -38,8 +38,7 @@ from inversion_monitor.server.errors import (
     RequestError,
     ResourceExhausted,
 )
-from inversion_monitor.server.limits import RateLimitedLog
-from inversion_monitor.server.listeners import IngestListener, RunListener
+from inversion_monitor.server.listeners import IngestListener, Listeners
 from inversion_monitor.server.names import base_display_name
 from inversion_monitor.server.redact import redact_run_info
 from inversion_monitor.server.series import gauge_values, run_lines
@@ -98,8 +97,9 @@ class Ingestor:
         self._shared = store.shared
         self._config = config
         self._limits = config.limits
-        self._listeners = list(listeners)
-        self._run_listeners = [x for x in self._listeners if isinstance(x, RunListener)]
+        self.counters = Counters()
+        # every listener error is logged (at most one line per 10 s) and counted
+        self._listeners = Listeners(listeners, log, self._listener_failed)
         self._runs: dict[str, RunState] = {}
         self._names: set[str] = set()
         # base display name -> the next suffix to try (keeps OpenRun O(1) for repeated names)
@@ -111,9 +111,6 @@ class Ingestor:
         self.views: dict[str, RunView] = {}
         # display name -> run_id
         self.by_name: dict[str, str] = {}
-        self.counters = Counters()
-        # every listener error is logged, at most one line per 10 s
-        self._listener_log = RateLimitedLog(log)
         self._load()
 
     @property
@@ -210,11 +207,7 @@ class Ingestor:
         self._names.discard(run.display_name)
         self._recent.pop(run.run_id, None)
         self._drop_sessions(run)
-        for listener in self._run_listeners:
-            try:
-                listener.on_run_pruned(run.run_id)
-            except Exception as exc:
-                self._listener_failed(listener, exc)
+        self._listeners.run_pruned(run.run_id)
 
     def _drop_sessions(self, run: RunState) -> None:
         for rank in run.ranks.values():
@@ -625,25 +618,12 @@ class Ingestor:
         for run_id in touched:
             self._publish(runs[run_id])
         if self._listeners and group.stored:
-            self._notify(group.stored)
-
-    def _notify(self, stored: Sequence[tuple[RunState, monitor_pb2.StepRecord]]) -> None:
-        for listener in self._listeners:
-            for run, rec in stored:
-                try:
-                    listener.on_record(run.run_id, run.display_name, rec)
-                except Exception as exc:
-                    self._listener_failed(listener, exc)
+            self._listeners.records(
+                [(run.run_id, run.display_name, rec, values) for run, rec, values in group.stored]
+            )
 
     def _notify_open(self, run: RunState) -> None:
-        for listener in self._run_listeners:
-            try:
-                listener.on_run_open(run.run_id, run.display_name, run.info)
-            except Exception as exc:
-                self._listener_failed(listener, exc)
+        self._listeners.run_open(run.run_id, run.display_name, run.info)
 
-    def _listener_failed(self, listener: object, exc: Exception) -> None:
-        self._listener_log.exception(
-            (id(listener), type(exc)), "ingest listener %r failed", listener
-        )
+    def _listener_failed(self) -> None:
         self.counters.listener_errors += 1

@@ -16,6 +16,7 @@ from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server.auth import Grant
 from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument, PermissionDenied
+from inversion_monitor.server.record_values import Observation
 from inversion_monitor.server.sessions import (
     check_session,
     missing_session,
@@ -25,12 +26,7 @@ from inversion_monitor.server.sessions import (
 )
 from inversion_monitor.server.state import RankState, RunState
 from inversion_monitor.server.store import FencedRank, RecordRow, RejectedRow
-from inversion_monitor.server.validate import (
-    PlainValues,
-    RecordProblem,
-    RejectReason,
-    validate_record,
-)
+from inversion_monitor.server.validate import RecordProblem, RejectReason, validate_record
 
 
 @dataclass(slots=True)
@@ -40,10 +36,8 @@ class Batch:
     run: RunState
     rank_no: int
     rank: RankState
-    # (index in the push, record, its sequence, the row values its check read, or None) to store
-    store: list[tuple[int, monitor_pb2.StepRecord, int, PlainValues | None]] = field(
-        default_factory=list
-    )
+    # (index in the push, record, its sequence, its values read once) to store
+    store: list[tuple[int, monitor_pb2.StepRecord, int, Observation]] = field(default_factory=list)
     # (index, record, problem, keep): keep=True records the sequence as rejected for good
     reject: list[tuple[int, monitor_pb2.StepRecord, RecordProblem, bool]] = field(
         default_factory=list
@@ -72,7 +66,8 @@ class Group:
     added: dict[str, int] = field(default_factory=dict)
     # (run_id, rank) of every valid session that pushed (its activity time moves)
     streams: set[tuple[str, int]] = field(default_factory=set)
-    stored: list[tuple[RunState, monitor_pb2.StepRecord]] = field(default_factory=list)
+    # (run, record, its values read once): what the listeners get
+    stored: list[tuple[RunState, monitor_pb2.StepRecord, Observation]] = field(default_factory=list)
     duplicates: int = 0
     nonfinite: int = 0
     reject_counts: dict[str, int] = field(default_factory=dict)
@@ -178,12 +173,12 @@ def classify(
             continue
         done.add(seq)
         try:
-            nonfinite, plain = validate_record(rec, limits, now)
+            nonfinite, values = validate_record(rec, limits, now)
         except RecordProblem as problem:
             batch.reject.append((i, rec, problem, True))
             continue
         batch.nonfinite += nonfinite
-        batch.store.append((i, rec, seq, plain))
+        batch.store.append((i, rec, seq, values))
     return batch
 
 
@@ -212,33 +207,24 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
     newest_seq = 0
     newest: monitor_pb2.StepRecord | None = None
     ascending = True
-    # an optional double is asked HasField only when it reads 0 (one that is not 0, NaN
-    # included, was sent: an unset one reads 0); a plainly valid record's values come from its
-    # check (read once), the others' from the sanitised record
-    for _, rec, seq, plain in batch.store:
-        if plain is not None:
-            step, wall_time, rho, pearson_rho, entropy_mean, score_mean = plain
-        else:
-            inv = rec.inversion
-            step, wall_time = rec.step, rec.wall_time
-            rho, pearson_rho = inv.spearman.value, inv.pearson.value
-            entropy_mean, score_mean = rec.entropy.mean, rec.score.mean
+    # the values were read once, by the record's check (None: not sent)
+    for _, rec, seq, values in batch.store:
         rows.append(
             (
                 pk,
                 rank_no,
                 seq,
-                step,
-                wall_time,
+                values.step,
+                values.wall_time,
                 now,
-                rho if rho or rec.inversion.spearman.HasField("value") else None,
-                pearson_rho if pearson_rho or rec.inversion.pearson.HasField("value") else None,
-                entropy_mean if entropy_mean or rec.entropy.HasField("mean") else None,
-                score_mean if score_mean or rec.score.HasField("mean") else None,
+                values.spearman,
+                values.pearson,
+                values.entropy_mean,
+                values.score_mean,
                 rec.SerializeToString(),
             )
         )
-        stored.append((run, rec))
+        stored.append((run, rec, values))
         if seq > newest_seq:
             newest_seq, newest = seq, rec
         else:
@@ -261,7 +247,7 @@ def rows(batch: Batch, now: float, group: Group, response: monitor_pb2.PushRespo
 
 
 def _newest_probe(
-    store: list[tuple[int, monitor_pb2.StepRecord, int, PlainValues | None]], ascending: bool
+    store: list[tuple[int, monitor_pb2.StepRecord, int, Observation]], ascending: bool
 ) -> tuple[int, monitor_pb2.StepRecord | None]:
     """The newest stored record with inversion statistics (0, None if none): in a push in
     sequence order (the usual one), the last that has them, else the highest sequence of all."""

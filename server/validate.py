@@ -13,7 +13,6 @@ rejects the record with the field that is wrong.
 from __future__ import annotations
 
 import math
-import sys
 from enum import Enum
 from typing import Any
 
@@ -29,16 +28,20 @@ from inversion_monitor.server.config import Limits
 from inversion_monitor.server.errors import InvalidArgument
 from inversion_monitor.server.jsonsafe import loads_bounded
 from inversion_monitor.server.names import LABEL_KEY_RE, valid_run_id
+from inversion_monitor.server.record_values import (
+    MAX_REASON_LENGTH,
+    WIRE_PROJECTIONS,
+    Observation,
+    plain_values,
+    read_values,
+)
 
 # absolute slack for float round-off at a range boundary; such values are clamped
 _TOL = 1e-6
 _INF = math.inf
 _isfinite = math.isfinite
-_MAX = sys.float_info.max
-MAX_REASON_LENGTH = 256
 # "": not given (older clients)
 _WIRE_KINDS = frozenset(("", *RUN_KINDS))
-_WIRE_PROJECTIONS = frozenset(PROJECTIONS)
 # health field -> (lowest, highest) finite value; non-finite values are kept
 HEALTH_RANGES: dict[str, tuple[float, float]] = {
     "loss": (-_INF, _INF),
@@ -171,7 +174,7 @@ def _components(record: monitor_pb2.StepRecord, limits: Limits) -> int:
         )
     bad = 0
     for j, comp in enumerate(components):
-        if comp.projection not in _WIRE_PROJECTIONS:
+        if comp.projection not in WIRE_PROJECTIONS:
             raise RecordProblem(
                 f"components[{j}].projection",
                 RejectReason.MALFORMED,
@@ -181,98 +184,6 @@ def _components(record: monitor_pb2.StepRecord, limits: Limits) -> int:
         bad += _bounded(comp, "spearman", -1.0, 1.0, f"components[{j}].spearman")
         bad += _bounded(comp, "score_mean", 0.0, _INF, f"components[{j}].score_mean")
     return bad
-
-
-# what a plainly valid record's SQL row takes from it, read once by the check:
-# (step, wall_time, spearman.value, pearson.value, entropy.mean, score.mean)
-PlainValues = tuple[int, float, float, float, float, float]
-
-
-def _plainly_valid(record: monitor_pb2.StepRecord, limits: Limits) -> PlainValues | None:
-    """The row's values when every field is finite and in range, so nothing needs clearing or
-    clamping; None otherwise.
-
-    Unset fields read as 0, which is in every range; a chained comparison is
-    False for NaN, so one test covers finiteness and range. Anything unusual
-    goes to the field-by-field path, which gives the same result (tested).
-    """
-    inv = record.inversion
-    sp = inv.spearman
-    pe = inv.pearson
-    en = record.entropy
-    sc = record.score
-    step = record.step
-    wall_time = record.wall_time
-    rho = sp.value
-    pearson = pe.value
-    entropy_mean = en.mean
-    score_mean = sc.mean
-    if not (
-        step >= 0
-        and 0.0 < wall_time <= _MAX
-        and -1.0 <= rho <= 1.0
-        and -1.0 <= sp.ci_low <= 1.0
-        and -1.0 <= sp.ci_high <= 1.0
-        and -1.0 <= pearson <= 1.0
-        and -1.0 <= pe.ci_low <= 1.0
-        and -1.0 <= pe.ci_high <= 1.0
-        and 0.0 <= inv.confidence < 1.0
-        and len(inv.insufficient_reason) <= MAX_REASON_LENGTH
-        and 0.0 <= entropy_mean <= _MAX
-        and 0.0 <= en.p10 <= _MAX
-        and 0.0 <= en.p50 <= _MAX
-        and 0.0 <= en.p90 <= _MAX
-        and 0.0 <= score_mean <= _MAX
-        and 0.0 <= sc.p10 <= _MAX
-        and 0.0 <= sc.p50 <= _MAX
-        and 0.0 <= sc.p90 <= _MAX
-        and -_MAX <= record.entropy_covariance <= _MAX
-        and -_MAX <= record.loss <= _MAX
-        and 0.0 <= record.learning_rate <= _MAX
-        and 0.0 <= record.probe_seconds <= _MAX
-        and -1.0 <= record.spearman_per_token_type <= 1.0
-        and -_MAX <= record.reward_mean <= _MAX
-        and 0.0 <= record.reward_std <= _MAX
-        and 0.0 <= record.policy_entropy_mean <= _MAX
-        and 0.0 <= record.grad_norm <= _MAX
-        and -_MAX <= record.kl <= _MAX
-        and 0.0 <= record.clip_ratio <= 1.0
-        and 0.0 <= record.completion_length_mean <= _MAX
-        and not record.nonfinite_fields
-        and (not record.HasField("probe_precision") or record.probe_precision in PROBE_PRECISIONS)
-        and _rl_summaries_plain(record)
-        and not record.samples
-    ):
-        return None
-    components = record.components
-    if components:
-        if len(components) > limits.max_components:
-            return None
-        for comp in components:
-            if not (
-                comp.projection in _WIRE_PROJECTIONS
-                and -1.0 <= comp.spearman <= 1.0
-                and 0.0 <= comp.score_mean <= _MAX
-            ):
-                return None
-    return step, wall_time, rho, pearson, entropy_mean, score_mean
-
-
-def _rl_summaries_plain(record: monitor_pb2.StepRecord) -> bool:
-    if not (record.HasField("policy_entropy") or record.HasField("advantage")):
-        return True
-    pe = record.policy_entropy
-    ad = record.advantage
-    return (
-        0.0 <= pe.mean <= _MAX
-        and 0.0 <= pe.p10 <= _MAX
-        and 0.0 <= pe.p50 <= _MAX
-        and 0.0 <= pe.p90 <= _MAX
-        and -_MAX <= ad.mean <= _MAX
-        and -_MAX <= ad.p10 <= _MAX
-        and -_MAX <= ad.p50 <= _MAX
-        and -_MAX <= ad.p90 <= _MAX
-    )
 
 
 def check_record(record: monitor_pb2.StepRecord, limits: Limits, now: float) -> int:
@@ -297,19 +208,22 @@ def check_record(record: monitor_pb2.StepRecord, limits: Limits, now: float) -> 
 
 def validate_record(
     record: monitor_pb2.StepRecord, limits: Limits, now: float
-) -> tuple[int, PlainValues | None]:
-    """:func:`check_record`, and the row's values when the record was plainly valid (read
-    once, as they are: nothing was changed), else None (read them from the sanitised record).
+) -> tuple[int, Observation]:
+    """:func:`check_record`, and the values of the checked record, read once
+    (:mod:`.record_values`): in the check's one pass when the record was plainly valid,
+    else from the sanitised record.
 
     >>> rec = monitor_pb2.StepRecord(run_id="r", sequence=1, step=3, wall_time=5.0)
     >>> rec.entropy.mean = 2.5
-    >>> validate_record(rec, Limits(), now=100.0)
-    (0, (3, 5.0, 0.0, 0.0, 2.5, 0.0))
+    >>> bad, values = validate_record(rec, Limits(), now=100.0)
+    >>> bad, values.step, values.wall_time, values.entropy_mean, values.spearman
+    (0, 3, 5.0, 2.5, None)
     """
-    plain = _plainly_valid(record, limits)
-    if plain is not None:
-        return 0, plain
-    return check_record_slow(record, limits, now), None
+    values = plain_values(record, limits)
+    if values is not None:
+        return 0, values
+    bad = check_record_slow(record, limits, now)
+    return bad, read_values(record)
 
 
 def check_record_slow(record: monitor_pb2.StepRecord, limits: Limits, now: float) -> int:

@@ -141,9 +141,10 @@ def test_robust_stream_matches_the_sorting_reference(scale: Scale, z_cap: float 
 
 
 def _same(a: object, b: object) -> bool:
-    return (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)) or (
-        a == b and type(a) is type(b)
-    )
+    """Equal and of one type; floats by repr (NaN is NaN, -0.0 is not 0.0)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return repr(a) == repr(b)
+    return a == b and type(a) is type(b)
 
 
 def _reference_observation(record: monitor_pb2.StepRecord) -> Observation:
@@ -151,16 +152,22 @@ def _reference_observation(record: monitor_pb2.StepRecord) -> Observation:
         return float(getattr(record, name)) if record.HasField(name) else None
 
     inv = record.inversion
-    rho = None
-    if record.HasField("inversion") and inv.spearman.HasField("value") and not inv.insufficient:
-        rho = inv.spearman.value
+    spearman = pearson = None
+    if record.HasField("inversion") and inv.spearman.HasField("value"):
+        spearman = inv.spearman.value
+    if record.HasField("inversion") and inv.pearson.HasField("value"):
+        pearson = inv.pearson.value
     return Observation(
         step=record.step,
         wall_time=record.wall_time,
-        rho=rho,
+        rho=None if inv.insufficient else spearman,
         n=int(inv.n),
         entropy_mean=record.entropy.mean if record.entropy.HasField("mean") else None,
         nonfinite_fields=tuple(record.nonfinite_fields),
+        rank=record.rank,
+        spearman=spearman,
+        pearson=pearson,
+        score_mean=record.score.mean if record.score.HasField("mean") else None,
         **{name: opt(name) for name in OPTIONAL_DOUBLES},
     )
 
@@ -169,7 +176,9 @@ def test_observation_matches_reading_each_field_by_name() -> None:
     rng = random.Random(5)
     values = [0.0, -0.0, -1.5, 2.5, math.nan, math.inf, -math.inf, 1e-300]
     for _ in range(2000):
-        rec = monitor_pb2.StepRecord(step=rng.randint(0, 10**6), wall_time=rng.random() * 1e9)
+        rec = monitor_pb2.StepRecord(
+            step=rng.randint(0, 10**6), wall_time=rng.random() * 1e9, rank=rng.randint(0, 3)
+        )
         for name in OPTIONAL_DOUBLES:
             if rng.random() < 0.5:
                 setattr(rec, name, rng.choice(values))
@@ -178,8 +187,12 @@ def test_observation_matches_reading_each_field_by_name() -> None:
             rec.inversion.insufficient = rng.random() < 0.2
             if rng.random() < 0.8:
                 rec.inversion.spearman.value = rng.choice([-0.4, 0.0, math.nan])
+            if rng.random() < 0.5:
+                rec.inversion.pearson.value = rng.choice([-0.3, 0.0, -0.0])
         if rng.random() < 0.5:
             rec.entropy.mean = rng.choice(values)
+        if rng.random() < 0.5:
+            rec.score.mean = rng.choice(values)
         if rng.random() < 0.2:
             rec.nonfinite_fields.append("loss")
         got, want = observation(rec), _reference_observation(rec)

@@ -50,8 +50,8 @@ class Reason(str, Enum):
 
 
 class Observation(NamedTuple):
-    """What the detectors read from one record (a named tuple: made once per record per run,
-    it must be cheap to build).
+    """What the detectors and the server read from one record (a named tuple: made once per
+    stored record, it must be cheap to build).
 
     >>> obs = Observation(step=1, wall_time=0.0, rho=-0.5, n=64)
     >>> round(obs.z, 4), round(obs.se, 4)
@@ -77,6 +77,13 @@ class Observation(NamedTuple):
     clip_ratio: float | None = None
     completion_length_mean: float | None = None
     nonfinite_fields: tuple[str, ...] = ()
+    # the rest of what the server reads of a record once (:mod:`..record_values`): the rank,
+    # and the SQL row's statistics as sent (spearman is None only when not sent, rho also
+    # when the inversion is ``insufficient``)
+    rank: int = 0
+    spearman: float | None = None
+    pearson: float | None = None
+    score_mean: float | None = None
 
     @property
     def usable_rho(self) -> bool:
