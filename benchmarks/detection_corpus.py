@@ -90,6 +90,42 @@ PATTERN_LAG = {"grad_spikes_growing": 4}
 _LAG_WHY = "its second spike: growth exists from there; the raw delay is printed"
 
 
+# a fault counts for a detector only where it moved the detector's signal: within the
+# detector's budget after the onset, a value MOVED x (or 1/MOVED x, for a fall) its median
+# before the onset, or non-finite. A learning-rate jump need not move every signal: TRL's
+# took the reward from 0.375 to 0.322 for one record (0.86 x), no collapse to catch.
+MOVED = 1.5
+
+
+def signal_moved(run: CorpusRun, det: str) -> bool:
+    """Whether the fault moved ``det``'s signal past :data:`MOVED` x its pre-onset median
+    within the detector's budget (True where no ratio can tell: a signed or absent level)."""
+    name, direction = SIGNAL[det]
+    if run.onset is None:
+        return False
+    onset = run.onset
+    before = [
+        v
+        for r in run.records
+        if (r["step"] or 0) < onset and (v := r.get(name)) is not None and math.isfinite(v)
+    ]
+    after = [
+        v
+        for r in run.records
+        if onset <= (r["step"] or 0) <= onset + BUDGET[det] and (v := r.get(name)) is not None
+    ]
+    if direction == "nonfinite" or not before or statistics.median(before) <= 0.0:
+        return True
+    level = statistics.median(before)
+    for v in after:
+        up, down = v >= MOVED * level, v <= level / MOVED
+        if not math.isfinite(v) or (direction == "up" and up) or (direction == "down" and down):
+            return True
+        if direction == "both" and (up or down):
+            return True
+    return False
+
+
 def observations(run: CorpusRun) -> list[Observation]:
     """The detectors' inputs of each record (non-finite values named, as on the wire)."""
     out = []
@@ -340,6 +376,8 @@ def evaluate(
         key = ("syn" if run.family.startswith("syn") else run.family, run.fault)
         rules = rules_by_family[run.family]
         for det in EXPECTED[key]:
+            if not signal_moved(run, det):
+                continue
             name, direction = SIGNAL[det]
             static = spike = None
             if direction == "nonfinite":

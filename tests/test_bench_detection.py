@@ -130,3 +130,24 @@ def test_corpus_built_in_two_processes_equals_one_and_keeps_cached_runs(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.json"]
     said.clear()
     assert len(fc.corpus(path, jobs=2, plan=plan, say=said.append)) == 3 and said == []
+
+
+def test_a_fault_counts_for_a_detector_only_where_it_moved_its_signal() -> None:
+    """A fault is judged for a detector only where its signal left MOVED x its pre-onset median
+    within the detector's budget: a reward dip to 0.86 x its level is no collapse to catch, a
+    fall to 0.3 x is; nothing counts as moved on a healthy run."""
+
+    def run(after: list[float], seed: int = 0) -> fc.CorpusRun:
+        rewards = [0.375] * 20 + after + [0.375] * 10
+        records = [{"step": float(i), "reward_mean": v} for i, v in enumerate(rewards)]
+        return fc.CorpusRun(f"trl-lr_jump-s{seed}", "trl", "lr_jump", 20, seed, records)
+
+    assert not dc.signal_moved(run([0.375, 0.322, 0.375]), "RewardCollapse")
+    assert dc.signal_moved(run([0.375, 0.11, 0.375]), "RewardCollapse")
+    # past the detector's budget (5 records): not the fault's move to judge it on
+    assert not dc.signal_moved(run([0.375] * 6 + [0.1]), "RewardCollapse")
+    healthy = run([0.1])
+    assert not dc.signal_moved(fc.CorpusRun("h", "trl", None, None, 0, healthy.records), "KLSurge")
+    outcomes, *_ = dc.evaluate([run([0.375, 0.322, 0.375]), run([0.1, 0.1, 0.1], seed=1)])
+    judged = [o.run for o in outcomes if o.detector == "RewardCollapse"]
+    assert judged == ["trl-lr_jump-s1"]

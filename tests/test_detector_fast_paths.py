@@ -243,8 +243,9 @@ def test_run_detectors_skip_only_what_would_answer_none(kind: str) -> None:
 
 def _state(value: object) -> object:
     """A detector's state as plain data (its settings left out; NaN compares as its repr), to
-    compare two detectors fed differently. LengthDrift's ``_reward_z`` is per update (set at
-    its start, read only within it), so it is left out too."""
+    compare two detectors fed differently. LengthDrift's ``_reward_z``, GradNormSpike's
+    ``_loss_z`` and KLSurge's ``_entropy_z`` are per update (set at its start, read only within
+    it), so they are left out too."""
     if isinstance(value, (list, tuple, deque)):
         return [_state(v) for v in value]
     if isinstance(value, dict):
@@ -252,6 +253,15 @@ def _state(value: object) -> object:
     if isinstance(value, float):
         return repr(value)
     if hasattr(value, "__dict__") and not isinstance(value, (type, BaseModel, Enum)):
-        skip = {"config", "bump_config", "joint", "_reward_z", "_params"}
+        skip = {
+            "config",
+            "bump_config",
+            "kl_config",
+            "joint",
+            "_reward_z",
+            "_loss_z",
+            "_entropy_z",
+            "_params",
+        }
         return {k: _state(v) for k, v in vars(value).items() if k not in skip}
     return value

@@ -380,3 +380,40 @@ def test_recorded_streams_match_the_plain_version(
     assert fast == plain
     fired = Counter((t.name.value, t.firing) for t in fast)
     assert any(firing for _, firing in fired) and any(not firing for _, firing in fired), fired
+
+
+def _jumps_together() -> list[tuple[str, list[Observation]]]:
+    """Two signals jumping on one record (a learning-rate jump): the grad norm with a positive
+    loss, the KL with the policy entropy; the confirmed one-record rules fire on them."""
+    rng = random.Random(25)
+    sft, rl = [], []
+    for step in range(1, 120):
+        jump = step in (60, 61)
+        sft.append(
+            Observation(
+                step,
+                float(step),
+                loss=1.3 * math.exp(rng.gauss(0.0, 0.03)) * (2.5 if jump else 1.0),
+                grad_norm=math.exp(rng.gauss(0.0, 0.25)) * (9.0 if step == 60 else 1.0),
+            )
+        )
+        rl.append(
+            Observation(
+                step,
+                float(step),
+                policy_entropy_mean=1.45 * math.exp(rng.gauss(0.0, 0.03)) * (0.5 if jump else 1),
+                kl=0.15 * math.exp(rng.gauss(0.0, 0.3)) * (20.0 if step == 60 else 1.0),
+            )
+        )
+    return [("sft", sft), ("rl", rl)]
+
+
+@pytest.mark.parametrize("kind, observations", _jumps_together())
+def test_confirmed_one_record_rules_match_the_plain_version(
+    kind: str, observations: list[Observation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = _transitions(kind, observations)
+    monkeypatch.setattr(DriftDetector, "update", plain_drift_update)
+    assert fast == _transitions(kind, observations)
+    words = "with the loss" if kind == "sft" else "with the policy entropy"
+    assert any(t.firing and t.step == 60 and words in t.message for t in fast), fast

@@ -186,3 +186,51 @@ def test_config_files(tmp_path: Path) -> None:
     broken.write_text("weakening: [\n")
     with pytest.raises(ServerConfigError, match="invalid YAML"):
         load_alerts_config(broken)
+
+
+def test_grad_norm_spike_fires_on_one_record_the_loss_confirms() -> None:
+    """A grad norm ~9x its level (robust z ~8, under the threshold of 10) fires on its record
+    when the (positive) loss jumped as far on the same record; alone it does not, nor with a
+    signed policy loss (a surrogate whose outliers follow the grad norm's)."""
+    from inversion_monitor.server.detectors import Observation
+    from inversion_monitor.server.detectors.spikes import GradNormSpike, GradNormSpikeConfig
+
+    rng = random.Random(3)
+    norms = [math.exp(rng.gauss(0.0, 0.25)) for _ in range(40)] + [9.0, 1.0]
+
+    def fired(losses: list[float]) -> list[int]:
+        det = GradNormSpike(GradNormSpikeConfig())
+        return [
+            s
+            for s, (g, v) in enumerate(zip(norms, losses, strict=True))
+            if (t := det.update(Observation(s, 0.0, loss=v, grad_norm=g))) and t.firing
+        ]
+
+    steady = [1.3 * math.exp(rng.gauss(0.0, 0.03)) for _ in range(40)]
+    assert fired([*steady, 3.0, 1.3]) == [40]
+    assert fired([*steady, 1.3, 1.3]) == []
+    signed = [rng.gauss(0.0, 0.05) for _ in range(40)]
+    assert fired([*signed, 3.0, 0.0]) == []
+
+
+def test_kl_surge_fires_on_one_record_the_policy_entropy_confirms() -> None:
+    """One KL record far above its level fires at once when the policy entropy moved ~10 robust
+    SDs on the same record (a learning-rate jump); a lone KL outlier with the entropy at its
+    level waits for a second record, as before."""
+    from inversion_monitor.server.detectors import Observation
+    from inversion_monitor.server.detectors.spikes import KLSurge, KLSurgeConfig
+
+    rng = random.Random(4)
+    kls = [0.15 * math.exp(rng.gauss(0.0, 0.3)) for _ in range(40)] + [3.0, 0.15, 0.15]
+
+    def fired(entropy: list[float]) -> list[int]:
+        det = KLSurge(KLSurgeConfig())
+        return [
+            s
+            for s, (k, h) in enumerate(zip(kls, entropy, strict=True))
+            if (t := det.update(Observation(s, 0.0, policy_entropy_mean=h, kl=k))) and t.firing
+        ]
+
+    steady = [1.45 * math.exp(rng.gauss(0.0, 0.03)) for _ in range(40)]
+    assert fired([*steady, 0.75, 1.45, 1.45]) == [40]
+    assert fired([*steady, 1.45, 1.45, 1.45]) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import ClassVar
 
@@ -12,6 +13,7 @@ from inversion_monitor.server.detectors.robust import (
     Direction,
     DriftConfig,
     DriftDetector,
+    RobustStream,
     Scale,
     Score,
 )
@@ -45,6 +47,13 @@ class GradNormSpikeConfig(SpikeConfig):
     step 13) and a higher threshold: grad norms are heavy-tailed, a healthy run's lone
     record 3-4x its level (robust z ~11) is common, so one record fires at 12 robust SDs
     (e.g. 10x a level whose robust SD is 0.2 in log), two records at 7 each.
+
+    Or one record ``with_loss_z`` robust SDs up when the loss rose as far on the same record,
+    the second signal a person on call looks at: a learning-rate jump takes both at once
+    (the failure corpus' SFT jump: grad norm 8.9x, robust z +8.6; loss robust z +14), while
+    a healthy SFT record's grad-norm outliers come with a loss at its level (the corpus'
+    largest: z +5.6 with the loss at +3.9). A signed loss (a policy-gradient surrogate,
+    whose outliers follow the grad norm's by construction) corroborates nothing.
     """
 
     warmup: int = Field(default=20, ge=3)
@@ -59,6 +68,12 @@ class GradNormSpikeConfig(SpikeConfig):
     bump_window: int = Field(default=8, ge=2, description="records a bump is remembered")
     bump_growth: float = Field(
         default=1.3, gt=1.0, description="a later bump fires at this x the earlier one or more"
+    )
+    with_loss_z: float | None = Field(
+        default=6.0,
+        gt=0.0,
+        description="a record this many robust SDs above the level fires when a positive loss "
+        "(log scale) is this many robust SDs above its own level on the same record (None: off)",
     )
 
 
@@ -78,6 +93,12 @@ class KLSurgeConfig(SpikeConfig):
     policy's KL to its reference keeps growing, by a robust SD or so per record (2.5x over ten
     steps in the GRPO loop; 8x over ten steps in a healthy TRL run of the failure corpus,
     which an allowance of 1.5 added up to an alert).
+
+    A lone record fires at once when the policy entropy confirms it: KL ``with_entropy_kl_z``
+    robust SDs up and the entropy ``with_entropy_z`` robust SDs from its own level (either
+    way) on the same record. A learning-rate jump moves both (the corpus' TRL jump: KL 22x,
+    robust z +6.0, entropy halved, robust z -10); a healthy run's lone KL outliers leave the
+    entropy where it was (the corpus' 40 healthy RL records with KL z >= 4: entropy |z| <= 4).
     """
 
     k: float = Field(default=2.0, ge=0.0)
@@ -87,6 +108,14 @@ class KLSurgeConfig(SpikeConfig):
     min_rise: float = Field(default=2.0, ge=0.0)
     floor: float = Field(default=0.01, ge=0.0)
     min_scale: float = Field(default=0.15, gt=0.0)
+    with_entropy_z: float | None = Field(
+        default=6.0,
+        gt=0.0,
+        description="one record ``with_entropy_kl_z`` robust SDs up and ``1 + min_rise`` x the "
+        "level fires at once when the policy entropy moved this many robust SDs (either way) "
+        "on the same record (None: off)",
+    )
+    with_entropy_kl_z: float = Field(default=5.0, gt=0.0)
 
 
 class LossSpike(DriftDetector):
@@ -157,12 +186,30 @@ class GradNormSpike(DriftDetector):
         self.bump_config = config
         self._bumps: deque[tuple[int, float]] = deque()  # (record index, value) of recent bumps
         self._index = 0
+        # the loss's own level and scale, for a grad-norm spike the loss confirms
+        self._loss = RobustStream(LossSpikeConfig(warmup=config.warmup))
+        self._loss_z: float | None = None  # the loss's robust z on the current record
+
+    def value(self, obs: Observation) -> float | None:
+        loss = obs.loss
+        score = None
+        if loss is not None and math.isfinite(loss) and self.bump_config.with_loss_z is not None:
+            score = self._loss.update(loss)
+        self._loss_z = score.z if score is not None and self._loss.log else None
+        return obs.grad_norm
 
     def pattern(self, score: Score) -> tuple[Direction, str] | None:
         """Growing spikes ("higher and higher"): a bump ``bump_z`` robust SDs or more above
         the level, at ``bump_growth`` x an earlier bump of the last ``bump_window`` records."""
         cfg = self.bump_config
         self._index += 1
+        loss_z = self._loss_z
+        if (
+            cfg.with_loss_z is not None
+            and loss_z is not None
+            and min(score.z, loss_z) >= (cfg.with_loss_z)
+        ):
+            return (Direction.UP, f"with the loss {loss_z:+.1f} robust SDs above its level")
         if cfg.bump_z is None or score.z < cfg.bump_z:
             return None
         while self._bumps and self._index - self._bumps[0][0] > cfg.bump_window:
@@ -196,17 +243,42 @@ class KLSurge(DriftDetector):
     summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "KL surge"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
 
-    # no KL (None): value() returns None and ``_moved`` stays as it is, so update is a no-op
-    idle_without: ClassVar[tuple[str, ...]] = ("kl",)
+    # no KL and no policy entropy (None): value() returns None and changes nothing (``_moved``
+    # and the entropy's stream stay as they are), so update is a no-op
+    idle_without: ClassVar[tuple[str, ...]] = ("kl", "policy_entropy_mean")
 
     def __init__(self, config: KLSurgeConfig) -> None:
         super().__init__(config)
+        self.kl_config = config
         self._moved = False
+        # the policy entropy's own level and scale, for a KL jump the entropy confirms
+        self._entropy = RobustStream(DriftConfig(scale=Scale.LOG, min_scale=0.03))
+        self._entropy_z: float | None = None  # its robust z on the current record
 
     def value(self, obs: Observation) -> float | None:
         # the warm-up starts once the policy has left its reference (KL > 0): a run whose
         # first steps do not move it (all advantages 0) has no KL level to learn yet
         kl = obs.kl
+        h = obs.policy_entropy_mean
+        score = None
+        if h is not None and math.isfinite(h) and self.kl_config.with_entropy_z is not None:
+            score = self._entropy.update(h)
+        self._entropy_z = score.z if score is not None else None
         if kl is not None and not self._moved:
             self._moved = kl > 0.0
         return kl if self._moved else None
+
+    def pattern(self, score: Score) -> tuple[Direction, str] | None:
+        """One KL record ``with_entropy_kl_z`` robust SDs up and ``1 + min_rise`` x its level,
+        with the policy entropy ``with_entropy_z`` robust SDs from its level on that record."""
+        cfg = self.kl_config
+        h = self._entropy_z
+        if (
+            cfg.with_entropy_z is None
+            or h is None
+            or abs(h) < cfg.with_entropy_z
+            or score.z < cfg.with_entropy_kl_z
+            or not self._far(Direction.UP, score)
+        ):
+            return None
+        return (Direction.UP, f"with the policy entropy {h:+.1f} robust SDs from its level")
