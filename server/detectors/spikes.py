@@ -181,6 +181,10 @@ class GradNormSpike(DriftDetector):
     summaries: ClassVar[dict[Direction, str]] = {Direction.UP: "Gradient norm spike"}
     reasons: ClassVar[dict[Direction, Reason]] = {Direction.UP: Reason.ROSE_ABOVE_LEVEL}
 
+    # no grad norm (None): value() returns None and changes nothing (the loss's stream learns
+    # only from records that carry a grad norm), so update is a no-op
+    idle_without: ClassVar[tuple[str, ...]] = ("grad_norm",)
+
     def __init__(self, config: GradNormSpikeConfig) -> None:
         super().__init__(config)
         self.bump_config = config
@@ -191,12 +195,18 @@ class GradNormSpike(DriftDetector):
         self._loss_z: float | None = None  # the loss's robust z on the current record
 
     def value(self, obs: Observation) -> float | None:
-        loss = obs.loss
+        grad_norm, loss = obs.grad_norm, obs.loss
         score = None
-        if loss is not None and math.isfinite(loss) and self.bump_config.with_loss_z is not None:
+        if (
+            grad_norm is not None
+            and math.isfinite(grad_norm)
+            and loss is not None
+            and math.isfinite(loss)
+            and self.bump_config.with_loss_z is not None
+        ):
             score = self._loss.update(loss)
         self._loss_z = score.z if score is not None and self._loss.log else None
-        return obs.grad_norm
+        return grad_norm
 
     def pattern(self, score: Score) -> tuple[Direction, str] | None:
         """Growing spikes ("higher and higher"): a bump ``bump_z`` robust SDs or more above
