@@ -45,6 +45,9 @@ _MAX_COTANGENT_ELEMENTS = 40 << 20
 # so K's and V's of the bench shapes go to one solve, and a [64, 1024, 1024] stack (d 4096,
 # 8 key-value heads) to eight, not one holding ~5 GiB of iterates
 _MAX_SOLVE_BYTES = 1 << 26
+# elements of one fp32 block of a projection's inputs ([B, block, d], input_product): 8 Mi,
+# so no [B, d, T] fp32 copy of them is held (134M elements at d 4096, T 8192, B 4)
+_MAX_INPUT_BLOCK_ELEMENTS = 8 << 20
 
 
 def slot_ranks(rows: torch.Tensor) -> torch.Tensor:
@@ -83,15 +86,23 @@ def rows_independent_flag(tensor: torch.Tensor, projection_output: torch.Tensor)
     noise = torch.randn(tensor.shape, generator=generator, device=tensor.device)
     noise = noise.to(tensor.dtype)  # the [tests, ...] tensors below in the tensor's dtype
     chosen = torch.stack(sides)  # [tests, B]
-    shape = (len(sides), batch) + (1,) * (tensor.ndim - 1)
-    cotangent = noise * chosen.reshape(shape).to(noise.dtype)
+    # the tests in chunks of cotangents under the cap (one chunk at the bench shapes): the
+    # same noise and tests, so the same decision, and no more host syncs (none)
+    per_chunk = _slots_per_chunk(tensor)
+    sizes = []
+    for start in range(0, len(sides), per_chunk):
+        part = chosen[start : start + per_chunk]
+        shape = (part.shape[0], batch) + (1,) * (tensor.ndim - 1)
+        cotangent = noise * part.reshape(shape).to(noise.dtype)
+        (grad,) = torch.autograd.grad(
+            tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
+        )
+        del cotangent
+        # [tests, B]: the largest entry of each, without an [tests, B, T, width] copy
+        sizes.append(torch.linalg.vector_norm(grad.flatten(2), ord=float("inf"), dim=-1))
+        del grad
     del noise
-    (grad,) = torch.autograd.grad(
-        tensor, projection_output, cotangent, retain_graph=True, is_grads_batched=True
-    )
-    del cotangent
-    # [tests, B]: the largest entry of each, without an [tests, B, T, width] copy
-    size = torch.linalg.vector_norm(grad.flatten(2), ord=float("inf"), dim=-1).float()
+    size = (sizes[0] if len(sizes) == 1 else torch.cat(sizes)).float()
     outside = torch.where(chosen, torch.zeros_like(size), size).amax()
     inside = torch.where(chosen, size, torch.zeros_like(size)).amax()
     return outside <= 1e-6 * inside
@@ -253,9 +264,11 @@ class KeyValueRoute:
         if factored:
             assert self.vectors is not None
             return self._factored(unique, norm, factors)
-        picked = self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
+        picked, solved = self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
         if norm != "nuclear":
             return picked
+        if solved:  # past the solve cap alone: solved batch by batch as the matrices came
+            return self.gram_norms(picked)
         grams[self.name] = picked
         return None
 
@@ -269,26 +282,17 @@ class KeyValueRoute:
     def _factored(
         self, unique: UniqueTargets, norm: Norm, factors: dict[tuple[int, ...], torch.Tensor]
     ) -> torch.Tensor:
-        """rank <= H: ``G = sum_h (vector_h)(sum_s weight_hs x_s)^T`` (the inputs in fp32
-        shared with the other route's factor where that is ``X^T`` itself)."""
+        """rank <= H: ``G = sum_h (vector_h)(sum_s weight_hs x_s)^T`` (the inputs taken to
+        fp32 in blocks of positions, :func:`input_product`)."""
         assert self.vectors is not None
-        shared = factors.get(input_key(self.inputs))
-        transposed = self.inputs.shape[0], self.inputs.shape[2], self.inputs.shape[1]
-        if (
-            shared is not None
-            and tuple(shared.shape) == transposed
-            and shared.dtype == torch.float32
-        ):
-            inputs = shared.transpose(1, 2)
-        else:
-            inputs = self.inputs.float()
         weights = self._by_row(self.terms.weights, unique)  # [P, B, H, T]
         packs, batch, heads, length = weights.shape
-        # one [B, P * H, T] @ [B, T, b] product: broadcasting the inputs over the slots
-        # would copy them P times ([P, B, T, b])
+        # one [B, P * H, T] @ [B, T, b] product (as X_b^T-side blocks, input_product):
+        # broadcasting the inputs over the slots would copy them P times ([P, B, T, b])
         rows_first = weights.permute(1, 0, 2, 3).reshape(batch, packs * heads, length)
-        mixed = (rows_first @ inputs).reshape(batch, packs, heads, -1)
-        del inputs
+        del weights
+        mixed = input_product(self.inputs, rows_first.transpose(1, 2)).transpose(1, 2)
+        mixed = mixed.reshape(batch, packs, heads, -1)
         mixed = mixed[unique.rows, unique.slots]  # [U, H, b]
         return outer_sum_norm(select_columns(self.vectors, self.columns), mixed, norm)
 
@@ -298,32 +302,35 @@ class KeyValueRoute:
         norm: Norm,
         rows_apart: bool,
         factors: dict[tuple[int, ...], torch.Tensor],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, bool]:
         """``||R_b Gamma_k||`` for every target ``[U]``; nuclear: the Gram matrices
         ``[N, n, n]`` instead (one per cotangent slot and batch row where rows stay apart,
         the empty ones zero; else one per target, in order), their norms picked by
-        :meth:`gram_norms`. Past one cotangent chunk each chunk's are written into one
-        buffer as they are made (no list of chunks and a copy of it)."""
+        :meth:`gram_norms`. Where those matrices pass :data:`_MAX_SOLVE_BYTES` they are
+        solved in batches of that size as the chunks make them (:class:`_StreamedSolve`),
+        and their norms ``[N]`` come back instead, with ``True``."""
         key = input_key(self.inputs)
         if key not in factors:
             factors[key] = batched_input_factor(self.inputs, norm)
-        factor = factors[key]  # [B, r, T]
+        factor = factors[key]  # [B, r, T], or empty: X_b^T itself (input_product)
         count = unique.t.shape[0]
-        batch = factor.shape[0]
+        batch = self.inputs.shape[0]
         if rows_apart:  # targets of different rows share a product
             slots, packs = unique.slots, unique.packs
         else:
             slots, packs = torch.arange(count, device=unique.t.device), count
         self.gram_rows = (slots, unique.rows) if rows_apart else None
         per_chunk = _slots_per_chunk(self.tensor)
-        grams = None
-        if norm == "nuclear" and packs > per_chunk:
+        stream = None
+        if norm == "nuclear":
             width = self.projection_output.shape[-1]
             if self.columns is not None:
                 width = self.columns.numel()
-            size = min(factor.shape[1], width)
+            rank = factor.shape[1] if factor.numel() else self.inputs.shape[-1]
+            size = min(rank, width)
             held = packs * batch if rows_apart else count
-            grams = factor.new_zeros((held, size, size), dtype=torch.float64)
+            if held * size * size * 8 > _MAX_SOLVE_BYTES:
+                stream = _StreamedSolve(held, size, self.inputs.device)
         parts = []
         for start, grad in zip(
             range(0, packs, per_chunk),
@@ -338,32 +345,37 @@ class KeyValueRoute:
             strict=True,
         ):
             gamma = select_columns(grad, self.columns).float()  # [p, B, T, a]
+            del grad
             # [p, B, r, a]: R_b Gamma (zero rows after t); the slots go into the columns of
             # one product, as broadcasting factor[None] would copy it p times ([p, B, r, T])
             p, _, length, a = gamma.shape
             columns = gamma.permute(1, 2, 0, 3).reshape(batch, length, p * a)
             del gamma
-            product = (factor @ columns).reshape(batch, -1, p, a).permute(2, 0, 1, 3).contiguous()
+            # R_b Gamma, or X_b^T Gamma in blocks of positions where R would not be smaller
+            product = factor @ columns if factor.numel() else input_product(self.inputs, columns)
             del columns
+            product = product.reshape(batch, -1, p, a).permute(2, 0, 1, 3).contiguous()
             if norm == "nuclear":
                 if not rows_apart:  # slot i of this chunk is target start + i, in its own row
                     product = product[
                         torch.arange(p, device=product.device), unique.rows[start:][:p]
                     ]
                 part = _small_gram(product.flatten(0, -3))
-                if grams is None:
+                del product
+                if stream is None:
                     parts.append(part)
                 else:
-                    per_slot = batch if rows_apart else 1
-                    grams[start * per_slot : (start + p) * per_slot] = part
+                    stream.add(part)
             elif norm == "frobenius":
                 parts.append(product.square().sum((-2, -1)).sqrt())
             else:
                 parts.append(product.abs().sum((-2, -1)))
-            del product
+        if stream is not None:
+            return stream.norms(), True
+        values = parts[0] if len(parts) == 1 else torch.cat(parts)
         if norm == "nuclear":
-            return parts[0] if grams is None else grams
-        return torch.cat(parts)[slots, unique.rows]
+            return values, False
+        return values[slots, unique.rows], False
 
     def gram_norms(self, norms: torch.Tensor) -> torch.Tensor:
         """``[U]``: each target's norm from those of :meth:`_gram`'s matrices ``[N]``."""
@@ -422,12 +434,75 @@ def _small_gram(product: torch.Tensor) -> torch.Tensor:
     return a.transpose(-2, -1) @ a
 
 
+class _StreamedSolve:
+    """Nuclear norms of ``count`` float64 ``[size, size]`` Gram matrices added in pieces,
+    solved in batches of :data:`_MAX_SOLVE_BYTES` as they fill (the batches
+    :func:`nuclear_norms_together` would make), so no more than one batch is held.
+
+    >>> solve = _StreamedSolve(3, 2, torch.device("cpu"))
+    >>> solve.add(torch.eye(2, dtype=torch.float64).expand(3, 2, 2))
+    >>> solve.norms().tolist()
+    [2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, count: int, size: int, device: torch.device) -> None:
+        self.count = count
+        self.batch = min(count, max(1, _MAX_SOLVE_BYTES // (size * size * 8)))
+        self.buffer = torch.zeros((self.batch, size, size), dtype=torch.float64, device=device)
+        self.filled = 0
+        self.solved: list[torch.Tensor] = []
+
+    def add(self, grams: torch.Tensor) -> None:
+        """Append ``[n, size, size]`` matrices; solve each batch once it is full."""
+        while grams.shape[0]:
+            take = min(grams.shape[0], self.batch - self.filled)
+            self.buffer[self.filled : self.filled + take] = grams[:take]
+            self.filled += take
+            grams = grams[take:]
+            if self.filled == self.batch:
+                self._solve()
+
+    def _solve(self) -> None:
+        if self.filled:
+            self.solved.append(gram_nuclear_norm(self.buffer[: self.filled]))
+            self.filled = 0
+
+    def norms(self) -> torch.Tensor:
+        """``[count]``: every matrix's nuclear norm, in the order added."""
+        self._solve()
+        norms = self.solved[0] if len(self.solved) == 1 else torch.cat(self.solved)
+        return norms[: self.count]
+
+
+def input_product(inputs: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``X_b^T @ right_b`` in fp32 (``inputs`` ``[B, T, d]`` in any dtype, ``right``
+    ``[B, T, n]``): ``[B, d, n]``, the inputs taken to fp32 in blocks of positions of
+    :data:`_MAX_INPUT_BLOCK_ELEMENTS` (one block at the bench shapes), not all at once.
+
+    >>> x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    >>> torch.allclose(input_product(x, y), x.transpose(1, 2) @ y, atol=1e-6)
+    True
+    """
+    batch, length, width = inputs.shape
+    step = max(1, _MAX_INPUT_BLOCK_ELEMENTS // max(1, batch * width))
+    right = right.float()
+    if step >= length:
+        return inputs.float().transpose(1, 2) @ right
+    total = None
+    for start in range(0, length, step):
+        block = inputs[:, start : start + step].float().transpose(1, 2)
+        part = block @ right[:, start : start + step]
+        total = part if total is None else total.add_(part)
+    assert total is not None
+    return total
+
+
 def batched_input_factor(inputs: torch.Tensor, norm: Norm) -> torch.Tensor:
     """``[B, r, T]``: per batch row, ``R`` of ``X_b^T = Q R`` (nuclear, Frobenius: then
     ``||Gamma^T X_b|| = ||R Gamma||``), one batched QR, where it is smaller than ``X_b^T``
-    (``T < d``); else ``X_b^T`` itself (l1 needs the entries; with ``T >= d`` R is as large
-    as ``X_b^T`` and the Gram matrices are the same)."""
-    x = inputs.float().transpose(1, 2)
-    if norm == "l1" or x.shape[-2] <= x.shape[-1]:
-        return x
-    return qr_factor(x)
+    (``T < d``); else an empty tensor: ``X_b^T`` itself serves, through
+    :func:`input_product` (l1 needs the entries; with ``T >= d`` R is as large as
+    ``X_b^T`` and the Gram matrices are the same), with no fp32 copy of it held."""
+    if norm == "l1" or inputs.shape[1] >= inputs.shape[2]:
+        return inputs.new_empty((0,), dtype=torch.float32)
+    return qr_factor(inputs.float().transpose(1, 2))
