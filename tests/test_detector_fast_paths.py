@@ -19,6 +19,7 @@ import pytest
 from pydantic import BaseModel
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
 from inversion_monitor.server.alerts import observation
 from inversion_monitor.server.detectors.base import Observation
 from inversion_monitor.server.detectors.config import AlertsConfig
@@ -32,18 +33,8 @@ from inversion_monitor.server.detectors.robust import (
 )
 from inversion_monitor.server.detectors.run import RunDetectors
 
-OPTIONAL_DOUBLES = (
-    "reward_mean",
-    "policy_entropy_mean",
-    "loss",
-    "learning_rate",
-    "reward_std",
-    "entropy_covariance",
-    "grad_norm",
-    "kl",
-    "clip_ratio",
-    "completion_length_mean",
-)
+# the health doubles in Observation's order
+OPTIONAL_DOUBLES = tuple(field for field in Observation._fields if field in HEALTH_FIELDS)
 
 
 class ReferenceStream:

@@ -15,6 +15,7 @@ from typing import Any
 from hypothesis import given, settings
 
 from inversion_monitor.proto.v1 import monitor_pb2
+from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
 from inversion_monitor.server.alerts import AlertEngine
 from inversion_monitor.server.config import Limits, ServerConfig
 from inversion_monitor.server.detectors import AlertsConfig
@@ -29,18 +30,8 @@ from inversion_monitor.server.validate import (
 )
 from tests.server_support import plausible_records, step_records
 
-HEALTH = (
-    "reward_mean",
-    "policy_entropy_mean",
-    "loss",
-    "learning_rate",
-    "reward_std",
-    "entropy_covariance",
-    "grad_norm",
-    "kl",
-    "clip_ratio",
-    "completion_length_mean",
-)
+# the health doubles in Observation's order
+HEALTH = tuple(field for field in Observation._fields if field in HEALTH_FIELDS)
 
 
 def _by_name(rec: monitor_pb2.StepRecord) -> tuple[Any, ...]:
