@@ -72,21 +72,6 @@ class ViewLike(Protocol):
     def last_activity(self) -> float: ...
 
 
-def observation(record: monitor_pb2.StepRecord) -> Observation:
-    """The detector inputs of a record (missing statistics stay None, NaN stays NaN): its
-    values (:func:`~.record_values.read_values`), what the ingestor feeds
-    :meth:`AlertEngine.on_values`.
-
-    >>> rec = monitor_pb2.StepRecord(step=3, wall_time=1.5)
-    >>> rec.inversion.spearman.value = -0.4; rec.inversion.n = 64; rec.entropy.mean = 2.0
-    >>> rec.grad_norm = float("nan"); rec.nonfinite_fields.append("grad_norm")
-    >>> obs = observation(rec)
-    >>> obs.rho, obs.n, obs.entropy_mean, obs.reward_mean, obs.grad_norm, obs.nonfinite_fields
-    (-0.4, 64, 2.0, None, nan, ('grad_norm',))
-    """
-    return read_values(record)
-
-
 @dataclass
 class _RunAlerts:
     display_name: str

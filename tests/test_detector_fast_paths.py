@@ -1,6 +1,6 @@
 """The detectors' per-record fast paths against brute-force references.
 
-Every record of every run goes through :func:`~inversion_monitor.server.alerts.observation`
+Every record of every run goes through :func:`~inversion_monitor.server.record_values.read_values`
 and the :class:`~inversion_monitor.server.detectors.robust.RobustStream` of each drift
 detector, so those are written for speed (level and MAD found by bisection, nothing
 re-sorted, the optional fields read in one pass). Here each is checked, value for value,
@@ -20,7 +20,6 @@ from pydantic import BaseModel
 
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.proto.vocabulary import HEALTH_FIELDS
-from inversion_monitor.server.alerts import observation
 from inversion_monitor.server.detectors.base import Observation
 from inversion_monitor.server.detectors.config import AlertsConfig
 from inversion_monitor.server.detectors.robust import (
@@ -32,6 +31,7 @@ from inversion_monitor.server.detectors.robust import (
     _median,
 )
 from inversion_monitor.server.detectors.run import RunDetectors
+from inversion_monitor.server.record_values import read_values
 
 # the health doubles in Observation's order
 OPTIONAL_DOUBLES = tuple(field for field in Observation._fields if field in HEALTH_FIELDS)
@@ -186,7 +186,7 @@ def test_observation_matches_reading_each_field_by_name() -> None:
             rec.score.mean = rng.choice(values)
         if rng.random() < 0.2:
             rec.nonfinite_fields.append("loss")
-        got, want = observation(rec), _reference_observation(rec)
+        got, want = read_values(rec), _reference_observation(rec)
         assert got._fields == want._fields
         assert all(_same(a, b) for a, b in zip(got, want, strict=True)), (got, want)
 

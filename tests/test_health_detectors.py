@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from inversion_monitor.proto.v1 import monitor_pb2
-from inversion_monitor.server.alerts import AlertEngine, observation
+from inversion_monitor.server.alerts import AlertEngine
 from inversion_monitor.server.detectors import (
     AlertsConfig,
     EntropyCollapse,
@@ -28,6 +28,7 @@ from inversion_monitor.server.detectors import (
     RunDetectors,
     Transition,
 )
+from inversion_monitor.server.record_values import read_values
 
 Detector = LossSpike | GradNormSpike | KLSurge | RewardCollapse | EntropySurge | LengthDrift
 
@@ -202,7 +203,7 @@ def test_engine_alerts_on_a_nan_grad_norm_record() -> None:
         engine.on_record("r", "demo", rec)
     bad = monitor_pb2.StepRecord(run_id="r", step=6, loss=2.0, grad_norm=math.nan)
     bad.nonfinite_fields.append("grad_norm")
-    assert math.isnan(observation(bad).grad_norm or 0.0)
+    assert math.isnan(read_values(bad).grad_norm or 0.0)
     engine.on_record("r", "demo", bad)
     (alert,) = engine.active("r")
     assert (alert.name, alert.severity, alert.start_step) == ("NonFiniteTraining", "critical", 6)
