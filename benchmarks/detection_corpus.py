@@ -114,9 +114,9 @@ def signal_moved(run: CorpusRun, det: str) -> bool:
         for r in run.records
         if onset <= (r["step"] or 0) <= onset + BUDGET[det] and (v := r.get(name)) is not None
     ]
-    if direction == "nonfinite" or not before or statistics.median(before) <= 0.0:
+    level = statistics.median(before) if before else 0.0
+    if direction == "nonfinite" or level <= 0.0:
         return True
-    level = statistics.median(before)
     for v in after:
         up, down = v >= MOVED * level, v <= level / MOVED
         if not math.isfinite(v) or (direction == "up" and up) or (direction == "down" and down):
