@@ -1,6 +1,7 @@
 """The probe's small dense solves on torch's threads vs on one thread, quiet and on busy cores.
 
-Usage: python benchmarks/bench_lapack_threads.py [--rounds 3] [--busy-rounds 1] [--skip-busy]
+Usage: python benchmarks/bench_lapack_threads.py [--rounds 3] [--busy-rounds 1] [--busy-per-core 2]
+       [--skip-busy]
 
 Side by side in one run, interleaved: a batch of 76 rank-deficient float64
 eigensolves of 128 x 128 (what the default probe solves on bench_probe.py's
