@@ -444,6 +444,12 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         rules=s_rules,
     )
     print()
+    unseen = dc.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
+    dc.holdout_synthetic(s_rules, s_false, unseen)
+    print("a one-record path as early as the static rule, priced on the real corpus:")
+    for det in ("LossSpike", "GradNormSpike"):
+        dc.one_record_cost(s_rules, syn, runs, det)
+    print()
     dc.rho_lead(runs)
     print(f"\n({time.monotonic() - started:.0f} s)")
     return {k: v and s_goals[k] for k, v in goals.items()}

@@ -26,6 +26,7 @@ import numpy as np
 
 from benchmarks.failure_corpus import CorpusRun
 from inversion_monitor.server.detectors import AlertsConfig, Observation, RunDetectors
+from inversion_monitor.server.detectors.robust import RobustStream
 
 BUDGET = {
     "NonFiniteTraining": 0,
@@ -710,3 +711,131 @@ def holdout_hand_rules(
                 f"  {family:<7} {det:<18} {len(seen):>4} {steps:>12} {mine:>13} {static:>6}"
                 f" {spike if spike is not None else '-':>5}"
             )
+
+
+# ---------------------------------------------------------------- synthetic hand rules unseen
+
+
+def holdout_synthetic(
+    rules: HandRules,
+    false_seen: dict[str, int],
+    unseen: Sequence[CorpusRun],
+    *,
+    config: AlertsConfig | None = None,
+    say: Callable[[str], None] = print,
+    warmup: int = 12,
+) -> dict[str, tuple[int, int, int | None]]:
+    """The synthetic section's hand rules (``rules``, calibrated by :func:`evaluate` on the
+    healthy records of one draw to the detectors' false-alarm counts there, ``false_seen``)
+    judged on ``unseen``: a second draw of the same law. Per detector: (its false alarms on
+    ``unseen``, the static rule's, the spike rule's or None); printed next to the in-sample
+    counts."""
+    healthy = [healthy_part(r) for r in unseen]
+    ours: dict[str, int] = {}
+    for run in unseen:
+        for det, ss in detector_starts(run, config).items():
+            ours[det] = ours.get(det, 0) + _false(ss, run.onset)
+    say(
+        "hand rules fitted on this synthetic draw, judged on a second draw of the same law "
+        f"({sum(len(r.records) for r in healthy)} healthy steps; false alarms after the first "
+        f"{warmup} records of each run):"
+    )
+    say(
+        f"  {'detector':<18} {'in sample: detector':>19} {'static':>6} {'spike':>5}"
+        f"   {'unseen: detector':>16} {'static':>6} {'spike':>5}"
+    )
+    out: dict[str, tuple[int, int, int | None]] = {}
+    for det, (name, direction) in SIGNAL.items():
+        key = next((k for k in rules.static if k.endswith(f":{det}")), None)
+        if key is None:
+            continue
+        static = sum(
+            _after_warmup(static_starts(r, name, direction, rules.static[key]), r, warmup)
+            for r in healthy
+        )
+        spike = (
+            sum(
+                _after_warmup(spike_starts(r, name, direction, rules.spike[key]), r, warmup)
+                for r in healthy
+            )
+            if key in rules.spike
+            else None
+        )
+        out[det] = (ours.get(det, 0), static, spike)
+        say(
+            f"  {det:<18} {false_seen.get(det, 0):>19} {rules.static_false.get(det, 0):>6}"
+            f" {rules.spike_false.get(det, '-')!s:>5}   {ours.get(det, 0):>16} {static:>6}"
+            f" {spike if spike is not None else '-':>5}"
+        )
+    return out
+
+
+def robust_z(
+    run: CorpusRun, det: str, config: AlertsConfig | None = None
+) -> tuple[list[float | None], bool | None]:
+    """Per record of ``run``, the robust z the detector ``det`` (LossSpike or GradNormSpike)
+    scores its value with (None in its warm-up or without a finite value), and whether its
+    stream scored the log (None: never out of the warm-up)."""
+    config = config or AlertsConfig()
+    cfg = config.loss_spike if det == "LossSpike" else config.grad_norm_spike
+    stream = RobustStream(cfg)
+    name = SIGNAL[det][0]
+    out: list[float | None] = []
+    for r in run.records:
+        v = r.get(name)
+        score = stream.update(v) if v is not None and math.isfinite(v) else None
+        out.append(score.z if score is not None else None)
+    return out, stream.log
+
+
+def one_record_cost(
+    rules: HandRules,
+    synthetic: Sequence[CorpusRun],
+    real: Sequence[CorpusRun],
+    det: str,
+    *,
+    config: AlertsConfig | None = None,
+    say: Callable[[str], None] = print,
+) -> tuple[float, int, int] | None:
+    """What catching the synthetic faults on the record the static rule does would cost on the
+    real corpus: the robust z (``det``'s own) of the records where the in-sample static rule
+    (``rules``, from :func:`evaluate` on ``synthetic``) caught a synthetic fault on its onset
+    record, and how many healthy real records (of runs
+    ``det``'s stream scores on the same scale) are that far out or further. Returns (the
+    lowest such z, real records at or past it, real records scored) or None."""
+    key = next((k for k in rules.static if k.endswith(f":{det}")), None)
+    if key is None:
+        return None
+    name, direction = SIGNAL[det]
+    caught: list[float] = []
+    log: bool | None = None
+    for run in synthetic:
+        if run.onset is None or EXPECTED.get(("syn", run.fault or "")) != (det,):
+            continue
+        if first_after(static_starts(run, name, direction, rules.static[key]), run.onset) != 0:
+            continue
+        steps = [int(r["step"] or 0) for r in run.records]
+        zs, log = robust_z(run, det, config)
+        z = zs[steps.index(run.onset)]
+        if z is not None:
+            caught.append(z)
+    if not caught:
+        return None
+    low = min(caught)
+    kind = "signed-loss " if log is False else ""
+    past = scored = 0
+    for run in real:
+        zs, run_log = robust_z(healthy_part(run), det, config)
+        if run_log is not log:  # a signed loss against signed losses, a log against logs
+            continue
+        for z in zs:
+            if z is not None:
+                scored += 1
+                past += z >= low
+    say(
+        f"  {det}: the static rule caught {len(caught)} synthetic faults on their onset record, "
+        f"at robust z {low:+.1f} to {max(caught):+.1f}; a one-record rule at z {low:+.1f} would "
+        f"fire on {past} of the real corpus' {scored} healthy {kind}records "
+        f"({past * 10_000 / max(1, scored):.0f} per 10k)"
+    )
+    return low, past, scored

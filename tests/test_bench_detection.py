@@ -62,6 +62,30 @@ def test_hand_rules_judged_on_unseen_healthy_runs() -> None:
     assert all(row[4].isdigit() and row[5].isdigit() for row in rows)
 
 
+def test_synthetic_hand_rules_judged_on_a_second_draw_of_the_same_law() -> None:
+    """The synthetic section's hand rules, fitted on one draw, are counted on a second draw
+    next to the detectors; the static rule's catches on the onset record are priced as a
+    one-record rule on real healthy streams (here a second synthetic draw stands for them)."""
+    rng = np.random.default_rng(0)
+    seen = dc.synthetic_corpus(2, 2000, rng)
+    unseen = dc.synthetic_corpus(2, 2000, rng)
+    _, false, _, rules = dc.evaluate(seen)
+    lines: list[str] = []
+    out = dc.holdout_synthetic(rules, false, unseen, say=lines.append)
+    assert {"LossSpike", "GradNormSpike", "KLSurge"} <= set(out)
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    for det, (ours, static, spike) in out.items():
+        # in sample: the static rule raised no more than the detector did
+        assert int(rows[det][1]) <= int(rows[det][0]), det
+        assert rows[det][3:] == [str(ours), str(static), str(spike if spike is not None else "-")]
+    # the static rule at the loss' healthy maximum catches the +0.15 step on its onset record
+    got = dc.one_record_cost(rules, seen, unseen, "LossSpike", say=lines.append)
+    assert got is not None
+    low, past, scored = got
+    assert low > 3.0 and scored == 2000 - 12 + 2 * len(dc.SYNTHETIC_FAULTS) * (59 - 12)
+    assert past >= 0 and "one-record rule at z" in lines[-1]
+
+
 def test_hand_rules_calibrated_in_sample_to_the_detectors_false_alarms() -> None:
     """Each hand rule is the most sensitive one that raises no more false alarms than allowed
     on the same healthy streams (after the detectors' warm-up): allowed one, it raises at

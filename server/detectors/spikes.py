@@ -66,8 +66,11 @@ class GradNormSpikeConfig(SpikeConfig):
         "a bump higher than an earlier one within ``bump_window`` records fires (None: off)",
     )
     bump_window: int = Field(default=8, ge=2, description="records a bump is remembered")
+    # 1.2: the synthetic growing spikes (x3 then x7, t5 noise of 0.15 in log) measured a
+    # second spike only 1.25 x the first once in 20 trials (a noisy first spike); 1.15 added a
+    # false alarm on the failure corpus' healthy RL runs, 1.2 none (2 there either way)
     bump_growth: float = Field(
-        default=1.3, gt=1.0, description="a later bump fires at this x the earlier one or more"
+        default=1.2, gt=1.0, description="a later bump fires at this x the earlier one or more"
     )
     with_loss_z: float | None = Field(
         default=6.0,
