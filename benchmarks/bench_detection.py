@@ -45,7 +45,9 @@ record to the server's detectors; per detector the median and worst delay
 (records after the onset), misses and false alarms per 10,000 healthy steps,
 side by side with a static threshold and a running-mean spike rule at an equal
 false-alarm count (:mod:`detection_corpus`), the same hand rules fitted on half
-the healthy seeds and judged on the other half, and rho's lead or lag on the RL
+the healthy seeds and judged on the other half (the synthetic section's on a second
+draw of the same law), what a one-record loss or grad-norm rule as early as the synthetic
+static rule would raise on the real corpus' healthy records, and rho's lead or lag on the RL
 faults. Goals: every fault caught within its budget, <= 1 false alarm per 10k
 healthy steps, no detector later than a hand rule.
 """
