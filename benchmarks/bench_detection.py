@@ -444,6 +444,11 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         rules=s_rules,
     )
     print()
+    unseen = [
+        dc.synthetic_healthy(args.syn_healthy_steps, "syn-rl", np.random.default_rng(args.seed + 1))
+    ]
+    dc.unseen_stream_hand_rules(s_rules, s_false, unseen)
+    print()
     dc.rho_lead(runs)
     print(f"\n({time.monotonic() - started:.0f} s)")
     return {k: v and s_goals[k] for k, v in goals.items()}

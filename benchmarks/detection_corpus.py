@@ -710,3 +710,54 @@ def holdout_hand_rules(
                 f"  {family:<7} {det:<18} {len(seen):>4} {steps:>12} {mine:>13} {static:>6}"
                 f" {spike if spike is not None else '-':>5}"
             )
+
+
+# ---------------------------------------------------------------- hand rules on an unseen stream
+
+
+def unseen_stream_hand_rules(
+    rules: HandRules,
+    seen_false: dict[str, int],
+    unseen: Sequence[CorpusRun],
+    *,
+    config: AlertsConfig | None = None,
+    say: Callable[[str], None] = print,
+    warmup: int = 12,
+) -> dict[str, tuple[int, int | None, int | None]]:
+    """The synthetic section's hand rules (``rules``: calibrated in sample, on the very healthy
+    stream they are judged on, to the detector's false-alarm count there, ``seen_false``) on
+    ``unseen`` healthy streams of the same law, next to the detectors: per detector, the false
+    alarms (detector, static, spike) on the unseen streams, the hand rules' counted after the
+    first ``warmup`` records of each (the detectors warm up on their own)."""
+    steps = sum(len(r.records) for r in unseen)
+    say(f"the synthetic hand rules on {len(unseen)} unseen healthy stream(s) of the same law")
+    say(f"({steps} steps), false alarms in sample / unseen:")
+    say(f"  {'detector':<18} {'detector':>9} {'static':>9} {'spike':>9}")
+    ours = [detector_starts(r, config) for r in unseen]
+
+    def rule_false(
+        found: dict[str, float], det: str, starts: Callable[..., list[int]]
+    ) -> int | None:
+        key = next((k for k in found if k == det or k.endswith(f":{det}")), None)
+        if key is None:
+            return None
+        name, direction = SIGNAL[det]
+        return sum(_after_warmup(starts(r, name, direction, found[key]), r, warmup) for r in unseen)
+
+    def pair(seen: int | None, now: int | None) -> str:
+        return f"{seen if seen is not None else '-'} / {now if now is not None else '-'}"
+
+    out: dict[str, tuple[int, int | None, int | None]] = {}
+    for det in SIGNAL:
+        static = rule_false(rules.static, det, static_starts)
+        spike = rule_false(rules.spike, det, spike_starts)
+        if static is None and spike is None:
+            continue
+        mine = sum(len(s.get(det, [])) for s in ours)
+        out[det] = (mine, static, spike)
+        say(
+            f"  {det:<18} {pair(seen_false.get(det, 0), mine):>9}"
+            f" {pair(rules.static_false.get(det) if static is not None else None, static):>9}"
+            f" {pair(rules.spike_false.get(det) if spike is not None else None, spike):>9}"
+        )
+    return out
