@@ -489,3 +489,63 @@ def test_reward_collapse_on_the_demo_destabilised_run() -> None:
     assert _transitions(RewardCollapse(config), signed) == []
     off = AlertsConfig.model_validate({"reward_collapse": {"collapse": None}}).reward_collapse
     assert _transitions(RewardCollapse(off), DEMO_UNSTABLE_REWARD) == []
+
+
+# ---------------------------------------------------------------- one-record collapse paths
+
+
+def test_reward_sliding_fires_on_its_first_record_at_half_its_level() -> None:
+    """The synthetic reward slide (0.1 a record from ~0.3): its second record, under half the
+    level and 5+ robust SDs below it, fires at once (the CUSUM waited a record more); a reward
+    that goes below 0 on that record has fallen, it does not turn the run signed. A Gaussian
+    reward whose noise is a fifth of its level (under half of it every few hundred records)
+    stays quiet: at most 1 alert in 10,000 records."""
+    for seed in range(20):
+        rng = random.Random(seed)
+        values = [0.3 + rng.gauss(0, 0.02) for _ in range(40)] + [0.2, 0.12, 0.02, 0.0]
+        fired = firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", values)
+        assert fired and fired[0] == 41, (seed, fired)
+        values = [0.3 + rng.gauss(0, 0.02) for _ in range(40)] + [0.2, -0.05, -0.1, -0.1]
+        fired = firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", values)
+        assert fired and fired[0] == 41, (seed, fired)
+    alerts = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        noisy = [max(0.0, 0.25 + rng.gauss(0, 0.05)) for _ in range(500)]
+        alerts += len(firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", noisy))
+    assert alerts <= 1
+
+
+def test_length_halving_every_record_fires_on_the_second_halving() -> None:
+    """A length halving on every record fires at 0.25 x its level (robust z ~-25), a record
+    before the 0.25 x collapse rule, while a healthy halving that stays (0.5 x) is quiet."""
+    for seed in range(20):
+        base = lognormal(40, 0.06, 40, seed)
+        collapse = base + [40 * 0.5**k for k in range(1, 6)]
+        fired = firings(
+            LengthDrift(AlertsConfig().length_drift), "completion_length_mean", collapse
+        )
+        assert fired and fired[0] == 41, (seed, fired)
+        halved = base + lognormal(20, 0.06, 10, seed + 1)
+        assert (
+            firings(LengthDrift(AlertsConfig().length_drift), "completion_length_mean", halved)
+            == []
+        )
+
+
+def test_policy_entropy_halving_fires_on_its_record() -> None:
+    """A policy entropy that halves (0.56 x its level with the record's noise) fires on that
+    record; the failure corpus' lowest healthy record (0.63 x) does not."""
+    for seed in range(20):
+        base = lognormal(1.2, 0.04, 40, seed)
+        level = sorted(base)[20]
+        fired = firings(
+            EntropyCollapse(AlertsConfig().entropy), "policy_entropy_mean", [*base, 0.57 * level]
+        )
+        assert fired == [40], (seed, fired)
+        fired = firings(
+            EntropyCollapse(AlertsConfig().entropy),
+            "policy_entropy_mean",
+            [*base, 0.65 * level, *lognormal(1.2, 0.04, 10, seed + 1)],
+        )
+        assert fired == [], (seed, fired)

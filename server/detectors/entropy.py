@@ -30,7 +30,11 @@ class EntropyDropConfig(DriftConfig):
 
     Two stages. One record at or below ``collapse`` x the level (a fall to ~0, or
     nearly a halving: no healthy run of the failure corpus fell a third in one step)
-    fires on the record that shows it. A steadier fall: the log of policy entropy +
+    fires on the record that shows it, and so does one at ``steep`` x or below that is also
+    ``steep_z`` robust SDs below the level (a halving whose record's noise left it at 0.56 x,
+    robust z -14, the synthetic ``entropy_drop``; the failure corpus' lowest healthy record,
+    rl-healthy-s70's, is 0.63 x at robust z -6.7; the 50,000-step synthetic healthy stream's
+    lowest beyond 0.55 x, 0.67 x at -10.1). A steadier fall: the log of policy entropy +
     ``floor`` nats against the run's own level (:class:`~.robust.RobustStream`,
     downward CUSUM, a record adds at most ``z_cap``) fires when the CUSUM is over the
     threshold and the entropy ``min_drop`` or more below the level on ``confirm``
@@ -57,6 +61,14 @@ class EntropyDropConfig(DriftConfig):
         lt=1.0,
         description="one record at or below this x the level fires at once (None: never)",
     )
+    steep: float | None = Field(
+        default=0.6,
+        gt=0.0,
+        lt=1.0,
+        description="one record at or below this x the level and ``steep_z`` robust SDs below "
+        "it fires at once (None: never)",
+    )
+    steep_z: float = Field(default=10.0, gt=0.0, description="robust SDs below, ``steep``")
 
 
 class EntropySurgeConfig(DriftConfig):
@@ -183,7 +195,9 @@ class EntropyCollapse:
             cfg = self.config.sudden
             level = score.level - cfg.floor
             far = h < (1.0 - cfg.min_drop) * level
-            gone = cfg.collapse is not None and h <= cfg.collapse * level
+            gone = (cfg.collapse is not None and h <= cfg.collapse * level) or (
+                cfg.steep is not None and h <= cfg.steep * level and score.z <= -cfg.steep_z
+            )
             # a fall to ~0 fires on its record; a CUSUM over the threshold on ``confirm``
             # records in a row (far from the level on each); on until the evidence is gone
             self._sudden_run = self._sudden_run + 1 if score.down > cfg.threshold and far else 0

@@ -58,8 +58,14 @@ class LengthDriftConfig(DriftConfig):
     or more, down only at ``1 - min_fall`` x or less, once the CUSUM passes a high threshold
     (values enter the level clipped at ``clip`` robust SDs, so the level does not follow a
     run away); one record at ``collapse`` x the level or less (empty completions) fires at
-    once. What tells a length hack early is the reward rising with the length
-    (``with_reward``): the corpus' hack fires on its fifth record, 16 by the length alone.
+    once, and so does one at ``fast_collapse`` x or less that is also ``fast_collapse_z`` robust
+    SDs below the level: a length halving every record (the synthetic ``length_collapse``) is
+    there on its second halving (0.25-0.29 x, robust z -17 to -28), a record before
+    ``collapse``. No healthy record came within 0.38 x (the failure corpus' 37 healthy RL runs:
+    rl-healthy-s76 at 0.38 x, robust z -4.7; the lowest robust z, -6.7, at 0.41 x; the
+    50,000-step synthetic healthy stream: 0.47 x at z -15). What tells a length hack early is
+    the reward rising with the length (``with_reward``): the corpus' hack fires on its fifth
+    record, 16 by the length alone.
     """
 
     k: float = Field(default=1.0, ge=0.0, description="CUSUM allowance, robust SDs")
@@ -83,6 +89,16 @@ class LengthDriftConfig(DriftConfig):
         gt=0.0,
         lt=1.0,
         description="one record at or below this x the level fires at once (None: never)",
+    )
+    fast_collapse: float | None = Field(
+        default=0.35,
+        gt=0.0,
+        lt=1.0,
+        description="one record at or below this x the level and ``fast_collapse_z`` robust SDs "
+        "below it fires at once (None: never)",
+    )
+    fast_collapse_z: float = Field(
+        default=8.0, gt=0.0, description="robust SDs below the level, ``fast_collapse``"
     )
     min_scale: float = Field(default=0.05, gt=0.0)
     floor: float = Field(default=1.0, ge=0.0, description="tokens: an empty completion is ~1")
@@ -133,6 +149,8 @@ class LengthDrift(DriftDetector):
     def __init__(self, config: LengthDriftConfig) -> None:
         super().__init__(config)
         self.collapse = config.collapse
+        self.fast_collapse = config.fast_collapse
+        self.fast_collapse_z = config.fast_collapse_z
         self.joint = config.with_reward
         self._reward = RobustStream(self.joint) if self.joint.enabled else None
         self._reward_z: float | None = None  # the latest record's reward robust z
@@ -147,11 +165,21 @@ class LengthDrift(DriftDetector):
         return super().update(obs)
 
     def pattern(self, score: Score) -> tuple[Direction, str] | None:
-        """A collapse: one record at ``collapse`` x the level or less; or a rise with the
-        reward (``with_reward``)."""
+        """A collapse: one record at ``collapse`` x the level or less, or at ``fast_collapse`` x
+        and ``fast_collapse_z`` robust SDs below; or a rise with the reward (``with_reward``)."""
         floor = self.config.floor
         if self.collapse is not None and score.value + floor <= self.collapse * score.level:
             return Direction.DOWN, f"collapsed below {self.collapse:g} x its level"
+        fast = self.fast_collapse
+        if (
+            fast is not None
+            and score.z <= -self.fast_collapse_z
+            and score.value + floor <= fast * score.level
+        ):
+            return Direction.DOWN, (
+                f"collapsing: below {fast:g} x its level, {self.fast_collapse_z:g} robust SDs "
+                "or more below it"
+            )
         joint, rz = self.joint, self._reward_z
         together = (
             rz is not None

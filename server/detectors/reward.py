@@ -37,6 +37,17 @@ class RewardCollapseConfig(DriftConfig):
     passed 1. A reward that was never negative and stays at ``collapse`` x its level or lower
     for ``collapse_records`` records in a row is a collapse whatever the run's noise (no
     healthy record of the failure corpus fell below 0.55 x its run's level).
+
+    One record at ``drop`` x its level or lower *and* ``drop_z`` robust SDs below it fires at
+    once: a reward sliding 0.1 a record from ~0.3 (the synthetic ``reward_slide``) is there on
+    its second record in 11 of 20 trials (0.06-0.45 x, robust z -5.0 to -10.7), where the
+    CUSUM took a record more. Both gates are needed: no healthy record of the failure
+    corpus' RL runs came within 0.55 x its level (the lowest, rl-healthy-s76, at robust z
+    -4.1; the lowest z, -5.9, at 0.67 x), and a Gaussian reward whose noise is a fifth of
+    its level or more is under half of it every few hundred records; there ``drop_z`` 4
+    fired 19 times in 60,000 records (a robust SD estimated from 64 records is ~15% off),
+    5 fires 4 (0.7 per 10,000), and the second record of the slide is at -3.9 to -5.0 in
+    the other nine trials.
     """
 
     scale: Scale = Scale.LINEAR
@@ -58,6 +69,14 @@ class RewardCollapseConfig(DriftConfig):
         "records in a row fires, however noisy the run (None: off)",
     )
     collapse_records: int = Field(default=3, ge=1, description="records in a row at ``collapse``")
+    drop: float | None = Field(
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        description="one non-negative record at or below this x its level and ``drop_z`` robust "
+        "SDs below it fires at once (None: off)",
+    )
+    drop_z: float = Field(default=5.0, gt=0.0, description="robust SDs below the level, ``drop``")
 
 
 class RewardCollapse(DriftDetector):
@@ -82,22 +101,39 @@ class RewardCollapse(DriftDetector):
         super().__init__(config)
         self.collapse_config = config
         self._signed = False  # a negative reward seen: no ratio to the level is meaningful
+        self._signed_before = False  # one seen before the current record (``drop`` judges it)
         self._low = 0  # records in a row at ``collapse`` x the level or lower
 
     def value(self, obs: Observation) -> float | None:
         r = obs.reward_mean
+        self._signed_before = self._signed
         if r is not None and r < 0.0:
             self._signed = True
         return r
 
     def pattern(self, score: Score) -> tuple[Direction, str] | None:
         """A non-negative reward at ``collapse`` x its level or lower on ``collapse_records``
-        records in a row (a fall to ~0 that a noisy run's robust SD hides from the CUSUM)."""
+        records in a row (a fall to ~0 that a noisy run's robust SD hides from the CUSUM), or
+        on one record at ``drop`` x its level or lower and ``drop_z`` robust SDs below it."""
         cfg = self.collapse_config
-        if cfg.collapse is None or self._signed or score.level <= 0.0:
+        positive = score.level > 0.0
+        if cfg.collapse is None or self._signed or not positive:
             self._low = 0
-            return None
-        self._low = self._low + 1 if score.value <= cfg.collapse * score.level else 0
+        else:
+            self._low = self._low + 1 if score.value <= cfg.collapse * score.level else 0
+        # ``drop`` judges a run whose rewards were never negative before this record: a reward
+        # that falls below 0 on it has fallen, not shown itself signed
+        if (
+            positive
+            and cfg.drop is not None
+            and not self._signed_before
+            and score.value <= cfg.drop * score.level
+            and score.z <= -cfg.drop_z
+        ):
+            return (
+                Direction.DOWN,
+                f"at {cfg.drop:g} x its level or lower, {cfg.drop_z:g} robust SDs or more below it",
+            )
         if self._low < cfg.collapse_records:
             return None
         return (
