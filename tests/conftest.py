@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from inversion_monitor.toy.corpus import (
 )
 from inversion_monitor.toy.models import ARCHITECTURES, Architecture, tiny_causal_lm
 from inversion_monitor.toy.tokenizer import char_tokenizer
+from tests.deepspeed_ops import EXTENSIONS_DIR, build_shm_op
 from tests.postgres_support import PostgresCluster, TestDatabase
 from tests.server_support import running
 
@@ -61,6 +63,24 @@ def dist_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitorSer
     """A real server on loopback shared by one test module's distributed jobs."""
     with running(tmp_path_factory.mktemp("server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> Iterator[None]:
+    """DeepSpeed's CPU shared-memory op built once (tests/deepspeed_ops.py), and its folder
+    in ``TORCH_EXTENSIONS_DIR`` for the ranks this process spawns: request it before
+    starting DeepSpeed ranks."""
+    try:
+        build_shm_op()
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    previous = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)
+    yield
+    if previous is None:
+        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.multiprocessing as mp
+
 from inversion_monitor.proto.v1 import monitor_pb2
 from inversion_monitor.server import MonitorServer
+from tests.deepspeed_ops import build_environment, clear_stale_locks
 from tests.server_support import free_port, stub_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,25 +117,54 @@ def accelerate_zero3(script: str, out: Path, *args: str) -> list[str]:
 def launch(
     command: list[str], out: Path, *, env: dict[str, str] | None = None, timeout: float = 240
 ) -> DistRun:
-    """Run ``command`` (a 2-process launcher) writing its reports under ``out``."""
+    """Run ``command`` (a 2-process launcher) writing its reports under ``out``. Past
+    ``timeout`` seconds the launcher and every rank it started are killed and the run
+    comes back failed (return code -9) with what they printed."""
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("INVERSION_MONITOR_")},
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
-        "DS_ACCELERATOR": "cpu",
+        **build_environment(),
         "TOKENIZERS_PARALLELISM": "false",
         **(env or {}),
     }
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         command,
         env=full_env,
         cwd=ROOT,  # config files name paths from the repository root
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
+        start_new_session=True,  # one process group: the launcher and its ranks
     )
-    return DistRun(proc, out)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only the launcher
+        stdout, stderr = proc.communicate()
+        clear_stale_locks()
+        stderr += f"\n[tests.dist_runs: killed after {timeout:.0f} s]"
+    return DistRun(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), out)
+
+
+def spawn_ranks(fn: Callable[..., None], args: tuple[Any, ...], timeout: float = 420) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs=2)`` that gives up after ``timeout``
+    seconds: a rank that fails raises here, and no rank outlives the call (a rank left
+    running would hang the test session's exit, which joins its children)."""
+    context = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=min(5.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{fn.__name__}: ranks still running after {timeout:.0f} s")
+    finally:
+        alive = [p for p in context.processes if p.is_alive()]
+        for process in alive:
+            process.kill()
+        for process in alive:
+            process.join(10)
+        if alive:
+            clear_stale_locks()
 
 
 def server_steps(server: MonitorServer, run: str) -> dict[int, list[int]]:

@@ -29,6 +29,7 @@ def reports(out: Path) -> dict[int, dict[str, object]]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_accelerate_zero3_workers_probe_together_and_train_unchanged(tmp_path: Path) -> None:
     launch(accelerate(tmp_path / "without"), tmp_path / "without").ok()
     with running(tmp_path) as server:

@@ -16,7 +16,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer) -> DistRun:
+def job(
+    tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer, deepspeed_ops: None
+) -> DistRun:
     out = tmp_path_factory.mktemp("grpo-zero3")
     command = accelerate_zero3(
         "grpo_zero3_train.py", out, "--steps", str(STEPS), "--scenarios", "none,every"

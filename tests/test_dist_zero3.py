@@ -16,7 +16,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer) -> DistRun:
+def job(
+    tmp_path_factory: pytest.TempPathFactory, dist_server: MonitorServer, deepspeed_ops: None
+) -> DistRun:
     return torchrun(
         "hf_dist_train.py",
         tmp_path_factory.mktemp("zero3"),

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.rl.corrpo import sequence_inversion
 from inversion_monitor.toy.models import tiny_causal_lm
+from tests.dist_runs import spawn_ranks
 from tests.server_support import free_port
 
 RTOL = 1e-4
@@ -151,12 +151,13 @@ def _results(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_fsdp2_probe_equals_unsharded(unsharded, tmp_path):
-    mp.spawn(_fsdp2_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_fsdp2_rank, (str(tmp_path / "store"), str(tmp_path)))
     for got in _results(tmp_path):
         _compare(got, unsharded)
 
 
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_deepspeed_zero3_probe_equals_unsharded(unsharded, tmp_path):
-    mp.spawn(_zero3_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_zero3_rank, (free_port(), str(tmp_path)))
     for got in _results(tmp_path):
         _compare(got, unsharded)
