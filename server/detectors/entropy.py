@@ -21,6 +21,7 @@ from inversion_monitor.server.detectors.robust import (
     DriftConfig,
     DriftDetector,
     RobustStream,
+    far_below,
 )
 from inversion_monitor.server.entropy_law import EntropyLawTracker
 
@@ -195,8 +196,8 @@ class EntropyCollapse:
             cfg = self.config.sudden
             level = score.level - cfg.floor
             far = h < (1.0 - cfg.min_drop) * level
-            gone = (cfg.collapse is not None and h <= cfg.collapse * level) or (
-                cfg.steep is not None and h <= cfg.steep * level and score.z <= -cfg.steep_z
+            gone = (cfg.collapse is not None and h <= cfg.collapse * level) or far_below(
+                h, level, score.z, cfg.steep, cfg.steep_z
             )
             # a fall to ~0 fires on its record; a CUSUM over the threshold on ``confirm``
             # records in a row (far from the level on each); on until the evidence is gone
