@@ -164,8 +164,9 @@ class ExhaustionConfig(DetectorConfig):
 
 
 class EntropyCollapse:
-    """Mean entropy (EWMA) below ``fraction`` x its early level, or falling too fast; in RL
-    runs also a sudden fall of the policy's entropy (``sudden``, fires at once).
+    """Mean entropy (EWMA) below ``fraction`` x its early level (past ``horizon`` steps: x its
+    highest of the last ``horizon`` steps), or falling too fast; in RL runs also a sudden fall
+    of the policy's entropy (``sudden``, fires at once).
 
     >>> det = EntropyCollapse(EntropyConfig(warmup=3, smoothing=1.0, sustain=1))
     >>> _ = [det.update(Observation(s, 0.0, entropy_mean=2.0)) for s in range(3)]
