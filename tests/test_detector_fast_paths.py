@@ -256,3 +256,31 @@ def _state(value: object) -> object:
         }
         return {k: _state(v) for k, v in vars(value).items() if k not in skip}
     return value
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_entropy_windowed_highest_against_brute_force(seed: int) -> None:
+    """EntropyCollapse's reference past ``horizon`` steps (the smoothed entropy's highest per
+    bucket of horizon / 20 steps) against the plain max over the window: at least the max
+    over the last ``horizon`` steps, at most the max over one bucket more."""
+    from inversion_monitor.server.detectors import EntropyCollapse, EntropyConfig, Observation
+
+    rng = random.Random(seed)
+    cfg = EntropyConfig(horizon=200)
+    det, width = EntropyCollapse(cfg), 200 // 20
+    ewmas: dict[int, float] = {}
+    h, step, checked = 1.0, 0, 0
+    for _ in range(3000):
+        step += rng.choice((1, 1, 2, 3))  # steps may skip
+        h *= math.exp(rng.gauss(0.0, 0.01))
+        det.update(Observation(step, 0.0, entropy_mean=h))
+        assert det.ewma is not None
+        ewmas[step] = det.ewma
+        if det.early is None or det._first is None or step - det._first <= 200:
+            continue
+        ref = det._reference(step)
+        exact = max(v for s, v in ewmas.items() if step - 200 <= s <= step)
+        loose = max(v for s, v in ewmas.items() if step - 200 - width < s <= step)
+        assert exact <= ref <= loose
+        checked += 1
+    assert checked > 2000

@@ -12,6 +12,7 @@ from inversion_monitor.server.alert_config import load_alerts_config
 from inversion_monitor.server.detectors import (
     AlertsConfig,
     EntropyCollapse,
+    EntropyConfig,
     InversionLost,
     InversionWeakening,
     MonitorStale,
@@ -123,6 +124,46 @@ def test_entropy_below_fraction() -> None:
     trans = run(EntropyCollapse(cfg.entropy), entropy_stream(levels, 3))
     assert len(trans) == 1 and trans[0].reason is Reason.ENTROPY_BELOW_FRACTION
     assert "0.5 x early level" in trans[0].message
+
+
+def test_entropy_quiet_on_slow_healthy_drift_fires_on_a_real_fall() -> None:
+    """A healthy stream wandering from 1.06 to 0.5 nats over 50k steps (below half its early
+    level after ~30k) never fires; the same drift with a fall to a third over 400 steps
+    (probe entropy: the smoothed path) fires, and a halving of the policy's entropy at 20k
+    steps fires on its record (issue 25)."""
+    n = 50_000
+    drift = [1.06 * (0.5 / 1.06) ** (s / n) for s in range(n)]
+    rng = random.Random(5)
+    noisy = [lv * math.exp(rng.gauss(0.0, 0.05)) for lv in drift]
+    assert (
+        run(EntropyCollapse(), [Observation(s, 0.0, entropy_mean=h) for s, h in enumerate(noisy)])
+        == []
+    )
+    rl = [Observation(s, 0.0, policy_entropy_mean=h) for s, h in enumerate(noisy)]
+    assert run(EntropyCollapse(), rl) == []
+    old = EntropyCollapse(EntropyConfig(horizon=None))  # the early level throughout: fires
+    assert any(t.reason is Reason.ENTROPY_BELOW_FRACTION for t in run(old, rl))
+
+    onset = 20_000
+    fall = (
+        noisy[:onset]
+        + [h * max(1.0 / 3.0, 1.0 - (s - onset) / 600) for s, h in enumerate(noisy) if s >= onset][
+            :3000
+        ]
+    )
+    trans = run(
+        EntropyCollapse(), [Observation(s, 0.0, entropy_mean=h) for s, h in enumerate(fall)]
+    )
+    assert trans and trans[0].firing and trans[0].reason is Reason.ENTROPY_BELOW_FRACTION
+    assert onset < trans[0].step < onset + 800
+    assert "highest over the last 1000 steps" in trans[0].message
+
+    halved = noisy[:onset] + [h * 0.4 for h in noisy[onset : onset + 50]]
+    trans = run(
+        EntropyCollapse(),
+        [Observation(s, 0.0, policy_entropy_mean=h) for s, h in enumerate(halved)],
+    )
+    assert trans and trans[0].firing and onset <= trans[0].step <= onset + 3
 
 
 def test_stale() -> None:

@@ -21,6 +21,7 @@ from inversion_monitor.server.detectors.robust import (
     DriftConfig,
     DriftDetector,
     RobustStream,
+    far_below,
 )
 from inversion_monitor.server.entropy_law import EntropyLawTracker
 
@@ -87,13 +88,29 @@ class EntropySurgeConfig(DriftConfig):
 
 
 class EntropyConfig(DetectorConfig):
-    """Parameters of :class:`EntropyCollapse`."""
+    """Parameters of :class:`EntropyCollapse`.
+
+    ``fraction`` judges the smoothed entropy against its early level for the first
+    ``horizon`` steps and against its highest over the last ``horizon`` steps after: a
+    healthy RL stream wandering slowly (the synthetic healthy stream of
+    ``bench_detection --corpus``'s second draw, 1.23 nats early to ~0.61 after 10,000 steps)
+    crossed half its early level back and forth, 25 false alarms in 50,000 steps, and none
+    against the last 1,000 steps' highest; a collapse falls by half far sooner. The failure
+    corpus' runs are all shorter than ``horizon`` (the early level throughout).
+    """
 
     enabled: bool = True
     severity: Severity = Severity.WARNING
     warmup: int = Field(default=20, ge=1, description="records that establish the early level")
     fraction: float = Field(
         default=0.5, gt=0.0, lt=1.0, description="fire below this x early level"
+    )
+    horizon: int | None = Field(
+        default=1000,
+        ge=100,
+        description="steps: past this many, ``fraction`` judges the smoothed entropy against its "
+        "highest over the last ``horizon`` steps, not the early level (a fall by half within "
+        "it fires, a slower healthy drift does not; None: the early level throughout)",
     )
     max_drop_per_100_steps: float | None = Field(
         default=0.3,
@@ -147,8 +164,9 @@ class ExhaustionConfig(DetectorConfig):
 
 
 class EntropyCollapse:
-    """Mean entropy (EWMA) below ``fraction`` x its early level, or falling too fast; in RL
-    runs also a sudden fall of the policy's entropy (``sudden``, fires at once).
+    """Mean entropy (EWMA) below ``fraction`` x its early level (past ``horizon`` steps: x its
+    highest of the last ``horizon`` steps), or falling too fast; in RL runs also a sudden fall
+    of the policy's entropy (``sudden``, fires at once).
 
     >>> det = EntropyCollapse(EntropyConfig(warmup=3, smoothing=1.0, sustain=1))
     >>> _ = [det.update(Observation(s, 0.0, entropy_mean=2.0)) for s in range(3)]
@@ -178,6 +196,10 @@ class EntropyCollapse:
         self.early: float | None = None
         self.ewma: float | None = None
         self._history: deque[tuple[int, float]] = deque(maxlen=512)
+        self._first: int | None = None  # the first step seen
+        # the smoothed entropy's highest per bucket of ``horizon`` / 20 steps, the last horizon
+        self._peaks: deque[tuple[int, float]] = deque()
+        self._held: float | None = None  # the reference ``low`` judges against while on
         self.active = False
         self._run = 0
         sudden = self.config.sudden
@@ -195,8 +217,8 @@ class EntropyCollapse:
             cfg = self.config.sudden
             level = score.level - cfg.floor
             far = h < (1.0 - cfg.min_drop) * level
-            gone = (cfg.collapse is not None and h <= cfg.collapse * level) or (
-                cfg.steep is not None and h <= cfg.steep * level and score.z <= -cfg.steep_z
+            gone = (cfg.collapse is not None and h <= cfg.collapse * level) or far_below(
+                h, level, score.z, cfg.steep, cfg.steep_z
             )
             # a fall to ~0 fires on its record; a CUSUM over the threshold on ``confirm``
             # records in a row (far from the level on each); on until the evidence is gone
@@ -220,14 +242,41 @@ class EntropyCollapse:
         old = history[0]
         return (old[1] - self.ewma) / self.early * 100.0 / max(1, step - old[0])
 
+    def _track(self, step: int) -> None:
+        """Keep the smoothed entropy's highest per bucket of ``horizon`` / 20 steps, over the
+        last ``horizon`` steps (for :meth:`_reference`)."""
+        horizon, ewma, first = self.config.horizon, self.ewma, self._first
+        if horizon is None or ewma is None or first is None:
+            return
+        peaks, width = self._peaks, max(1, horizon // 20)
+        bucket = step - (step - first) % width
+        if peaks and peaks[-1][0] == bucket:
+            peaks[-1] = (bucket, max(peaks[-1][1], ewma))
+        else:
+            peaks.append((bucket, ewma))
+        while peaks[0][0] + width <= step - horizon:
+            peaks.popleft()
+
+    def _reference(self, step: int) -> float:
+        """The level ``fraction`` judges against: the early level within ``horizon`` steps of
+        the first record, else the smoothed entropy's highest over the last ``horizon`` steps."""
+        assert self.early is not None
+        horizon, first = self.config.horizon, self._first
+        if horizon is None or first is None or step - first <= horizon or not self._peaks:
+            return self.early
+        return max(v for _, v in self._peaks)
+
     def update(self, obs: Observation) -> Transition | None:
         # an RL run's policy entropy (completion tokens, every step) is the collapse signal
         h = obs.policy_entropy_mean if obs.policy_entropy_mean is not None else obs.entropy_mean
         if h is None or not math.isfinite(h):
             return None
         cfg = self.config
+        if self._first is None:
+            self._first = obs.step
         sudden = self._drop(obs)
         self.ewma = h if self.ewma is None else self.ewma + cfg.smoothing * (h - self.ewma)
+        self._track(obs.step)
         if self.early is None:
             self._warm.append(h)
             if len(self._warm) >= cfg.warmup:
@@ -240,7 +289,10 @@ class EntropyCollapse:
         early = self.early if self.early is not None else h
         if early <= 0.0 and not sudden:
             return None
-        low = self.early is not None and self.ewma < cfg.fraction * early
+        reference = self._reference(obs.step) if self.early is not None else early
+        if self.active and self._held is not None:
+            reference = self._held  # while on, the level it fell from (no chatter as it slides)
+        low = self.early is not None and self.ewma < cfg.fraction * reference
         fast = (
             cfg.max_drop_per_100_steps is not None
             and rate is not None
@@ -252,6 +304,7 @@ class EntropyCollapse:
             return None
         self._run = 0
         self.active = bad
+        self._held = reference if bad else None
         values = {
             "entropy_mean": h,
             "entropy_ewma": self.ewma,
@@ -284,6 +337,9 @@ class EntropyCollapse:
                 detail = (
                     f"smoothed mean entropy {self.ewma:.3f} nats < {cfg.fraction:g} x early "
                     f"level {early:.3f}"
+                    if reference == early
+                    else f"smoothed mean entropy {self.ewma:.3f} nats < {cfg.fraction:g} x its "
+                    f"highest over the last {cfg.horizon} steps, {reference:.3f}"
                 )
             else:
                 reason = Reason.ENTROPY_FALLING_FAST

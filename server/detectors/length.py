@@ -15,6 +15,7 @@ from inversion_monitor.server.detectors.robust import (
     RobustStream,
     Scale,
     Score,
+    far_below,
 )
 
 
@@ -171,11 +172,7 @@ class LengthDrift(DriftDetector):
         if self.collapse is not None and score.value + floor <= self.collapse * score.level:
             return Direction.DOWN, f"collapsed below {self.collapse:g} x its level"
         fast = self.fast_collapse
-        if (
-            fast is not None
-            and score.z <= -self.fast_collapse_z
-            and score.value + floor <= fast * score.level
-        ):
+        if far_below(score.value + floor, score.level, score.z, fast, self.fast_collapse_z):
             return Direction.DOWN, (
                 f"collapsing: below {fast:g} x its level, {self.fast_collapse_z:g} robust SDs "
                 "or more below it"

@@ -13,6 +13,7 @@ from inversion_monitor.server.detectors.robust import (
     DriftDetector,
     Scale,
     Score,
+    far_below,
 )
 
 
@@ -125,10 +126,8 @@ class RewardCollapse(DriftDetector):
         # that falls below 0 on it has fallen, not shown itself signed
         if (
             positive
-            and cfg.drop is not None
             and not self._signed_before
-            and score.value <= cfg.drop * score.level
-            and score.z <= -cfg.drop_z
+            and far_below(score.value, score.level, score.z, cfg.drop, cfg.drop_z)
         ):
             return (
                 Direction.DOWN,

@@ -122,6 +122,22 @@ class Score(NamedTuple):
     down: float
 
 
+def far_below(value: float, level: float, z: float, ratio: float | None, min_z: float) -> bool:
+    """The one-record gate of RewardCollapse (``drop``), LengthDrift (``fast_collapse``) and
+    EntropyCollapse (``steep``): ``value`` at ``ratio`` x ``level`` or lower *and* its robust
+    ``z`` ``min_z`` SDs or more below the level (either alone fires on healthy noise: a noisy
+    run's record at half its level, a quiet run's record many SDs yet a few percent down).
+    ``ratio`` None: off. Callers pass the value and the level as their stream compares them
+    (with its ``floor`` where it has one).
+
+    >>> far_below(0.1, 0.4, -6.0, 0.5, 5.0), far_below(0.1, 0.4, -4.0, 0.5, 5.0)
+    (True, False)
+    >>> far_below(0.3, 0.4, -9.0, 0.5, 5.0), far_below(0.1, 0.4, -9.0, None, 5.0)
+    (False, False)
+    """
+    return ratio is not None and value <= ratio * level and z <= -min_z
+
+
 class RobustStream:
     """Robust z-scores and two-sided CUSUM of one stream (pure state, no I/O).
 
