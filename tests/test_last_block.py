@@ -336,3 +336,29 @@ def test_a_values_only_recording_keeps_no_graph_and_stops_the_forward():
     assert ran == [1]  # only the forward that was not stopped ran the output projection
     call.release_query_and_output()
     assert call.query.numel() == call.output.numel() == call.leaves[0].numel() == 0
+
+
+def _saved_bytes(model, ids, positions):
+    """Bytes of every tensor autograd kept for a backward during one probe call."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fast = logit_gradient_norms(model, ids, positions=positions)
+    assert set(fast.paths.values()) == {"last_block"}
+    return total[0]
+
+
+def test_the_first_calls_whole_sequence_check_keeps_no_graph():
+    # the first call checks the targets' rows against the whole forward's logits; that
+    # forward is values only (it kept 8.8x a later call's saved activations at T 512 when
+    # it recorded a graph nothing backpropagated through)
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    ids = torch.randint(4, 100, (1, 512), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 510]])
+    first, steady = (_saved_bytes(model, ids, positions) for _ in range(2))
+    assert steady > 0
+    assert first <= 2 * steady

@@ -146,19 +146,20 @@ class _GradFrom:
     the backward reaches the leaf.
     """
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, *, grad: bool = True) -> None:
         self.leaf: torch.Tensor | None = None
         self._block = block
+        self._grad = grad  # False: values only, the leaf a plain detached tensor
 
     def _pre_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        torch.set_grad_enabled(True)
+        torch.set_grad_enabled(self._grad)
         if args and isinstance(args[0], torch.Tensor):
-            self.leaf = args[0].detach().requires_grad_(True)
+            self.leaf = args[0].detach().requires_grad_(self._grad)
             args = (self.leaf, *args[1:])
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
+            self.leaf = kwargs["hidden_states"].detach().requires_grad_(self._grad)
             kwargs["hidden_states"] = self.leaf
         else:
             raise RuntimeError(f"cannot find the hidden states entering {type(module).__name__}")
@@ -265,16 +266,18 @@ def _run_forward(
     tokens: torch.Tensor,
     prefix: _Prefix | None,
     precision: ProbePrecision | None,
+    grad: bool = True,
 ) -> ForwardPass:
     """The model's own forward of ``input_ids``; entropy and target logit at each (row, t).
 
     ``prefix``: the blocks below ``prefix[0]`` are skipped and that block starts
     from ``prefix[1]`` (the training forward's hidden states of these rows).
     ``precision``: the autocast the model's forward runs under (None: as the caller's).
+    ``grad``: False runs it values only (no graph: nothing is kept for a backward).
     """
     head = _HeadRows(resolved.head, (input_ids.shape[0], input_ids.shape[1]), rows, t)
     extra = {} if position_ids is None else {"position_ids": position_ids}
-    start = _GradFrom(resolved.blocks[lowest_block])
+    start = _GradFrom(resolved.blocks[lowest_block], grad=grad)
     try:
         autocast = nullcontext() if precision is None else precision.forward_context()
         with start.active(), _fed_from(resolved, prefix):  # feeding first, then the leaf
@@ -445,13 +448,19 @@ class ProbePlan:
 
     @contextmanager
     def forward(
-        self, sequences: torch.Tensor, length: int, rows: torch.Tensor, t: torch.Tensor
+        self,
+        sequences: torch.Tensor,
+        length: int,
+        rows: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        grad: bool = True,
     ) -> Iterator[ForwardPass]:
         """The model's own forward of rows ``sequences`` cut to ``length`` tokens, with one
         entry per target (forward row ``rows[k]``, position ``t[k]``); the hooks' captures
-        are released on exit."""
+        are released on exit. ``grad=False``: values only (no graph, no captures)."""
         ids, mask, pos, prefix = self.cut(sequences, length)
-        captures = _Captures(self.modules)
+        captures = _Captures(self.modules if grad else [])
         try:
             yield _run_forward(
                 self.resolved,
@@ -465,6 +474,7 @@ class ProbePlan:
                 tokens=self.input_ids[sequences[rows], t + 1],
                 prefix=prefix,
                 precision=self.precision,
+                grad=grad,
             )
         finally:
             captures.remove()

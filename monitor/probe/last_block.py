@@ -169,8 +169,9 @@ def last_block_norms(
     expected = None
     if key not in _TAIL_VERIFIED.get(block, set()):
         # once per block: the whole forward's target logits, which the targets' rows
-        # alone must reproduce (nothing in the block but its attention mixes positions)
-        with plan.forward(sequences, length, unique.rows, unique.t) as full:
+        # alone must reproduce (nothing in the block but its attention mixes positions);
+        # values only: nothing backpropagates through it, so no graph is kept
+        with plan.forward(sequences, length, unique.rows, unique.t, grad=False) as full:
             expected = full.target_logits.detach()
     # the forward over every position computes values only, except from K's and V's
     # projection outputs to the attention (their routes' vector-Jacobian products), and
