@@ -6,14 +6,16 @@ Why: on a busy machine LAPACK's threads wait for each other inside every small s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 
-from inversion_monitor.metrics.lapack import eigenvalues, one_thread, qr_factor
+from inversion_monitor.metrics.lapack import eigenvalues, one_thread, qr_factor, split_batch
 from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.probe.op_counts import OpCounter
 from inversion_monitor.toy.models import tiny_causal_lm
 
 
@@ -70,3 +72,57 @@ def test_results_equal_torch_linalg_on_all_threads(two_threads: None) -> None:
     )
     x = torch.randn(3, 30, 20, generator=gen)
     torch.testing.assert_close(qr_factor(x), torch.linalg.qr(x, mode="r").R, rtol=1e-5, atol=1e-5)
+
+
+def _grams(count: int) -> torch.Tensor:
+    a = torch.randn(count, 48, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return a @ a.mT  # rank 12 of 48, as the probe's Gram matrices are rank-deficient
+
+
+def test_a_split_batch_gives_the_bits_of_one_call(two_threads: None) -> None:
+    grams = _grams(37)  # parts of unequal size
+    with one_thread(grams):
+        one = torch.linalg.eigvalsh(grams)
+    for threads in (2, 3, 8):
+        assert torch.equal(split_batch(torch.linalg.eigvalsh, grams, threads), one)
+    assert torch.equal(eigenvalues(grams), one)
+    assert torch.get_num_threads() == 2
+
+
+def test_a_split_batch_is_one_call_when_counted_or_small(two_threads: None) -> None:
+    calls: list[int] = []
+    threads: list[int] = []
+
+    def solve(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        threads.append(torch.get_num_threads())
+        return torch.linalg.eigvalsh(batch)
+
+    with one_thread(torch.zeros(1)):
+        split_batch(solve, _grams(40), 2)
+    assert sorted(calls) == [20, 20] and threads == [1, 1]  # each part on one thread
+    calls.clear()
+    split_batch(solve, _grams(5), 2)  # too few matrices to split
+    assert calls == [5]
+    calls.clear()
+    with OpCounter() as counts:  # a dispatch mode is per thread: one call it sees
+        eigenvalues(_grams(40))
+        split_batch(solve, _grams(40), 2)
+    assert calls == [40] and counts.solves == 2
+
+
+def test_an_error_in_a_part_is_raised_by_the_caller(two_threads: None) -> None:
+    before = threading.active_count()
+
+    def solve(batch: torch.Tensor) -> torch.Tensor:
+        if bool((batch[:, 0, 0] < 0).any()):
+            raise ValueError("bad part")
+        return torch.linalg.eigvalsh(batch)
+
+    grams = _grams(40)
+    for bad in (0, 39):  # the caller's own part, and a thread's
+        broken = grams.clone()
+        broken[bad, 0, 0] = -1.0
+        with pytest.raises(ValueError, match="bad part"):
+            split_batch(solve, broken, 2)
+    assert threading.active_count() == before  # every thread joined

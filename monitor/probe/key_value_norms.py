@@ -304,11 +304,11 @@ class KeyValueRoute:
         factors: dict[tuple[int, ...], torch.Tensor],
     ) -> tuple[torch.Tensor, bool]:
         """``||R_b Gamma_k||`` for every target ``[U]``; nuclear: the Gram matrices
-        ``[N, n, n]`` instead (one per cotangent slot and batch row where rows stay apart,
-        the empty ones zero; else one per target, in order), their norms picked by
-        :meth:`gram_norms`. Where those matrices pass :data:`_MAX_SOLVE_BYTES` they are
-        solved in batches of that size as the chunks make them (:class:`_StreamedSolve`),
-        and their norms ``[N]`` come back instead, with ``True``."""
+        ``[U, n, n]`` instead, one per target in order (only the targets' (slot, row)
+        matrices are solved), their norms picked by :meth:`gram_norms`. Where the matrices
+        of every (slot, row) pass :data:`_MAX_SOLVE_BYTES` they are solved in batches of
+        that size as the chunks make them (:class:`_StreamedSolve`), and their norms
+        ``[N]`` come back instead, with ``True``."""
         key = input_key(self.inputs)
         if key not in factors:
             factors[key] = batched_input_factor(self.inputs, norm)
@@ -354,28 +354,34 @@ class KeyValueRoute:
             # R_b Gamma, or X_b^T Gamma in blocks of positions where R would not be smaller
             product = factor @ columns if factor.numel() else input_product(self.inputs, columns)
             del columns
-            product = product.reshape(batch, -1, p, a).permute(2, 0, 1, 3).contiguous()
-            if norm == "nuclear":
-                if not rows_apart:  # slot i of this chunk is target start + i, in its own row
-                    product = product[
-                        torch.arange(p, device=product.device), unique.rows[start:][:p]
-                    ]
-                part = _small_gram(product.flatten(0, -3))
-                del product
-                if stream is None:
-                    parts.append(part)
-                else:
-                    stream.add(part)
-            elif norm == "frobenius":
-                parts.append(product.square().sum((-2, -1)).sqrt())
+            product = product.reshape(batch, -1, p, a)  # [B, r, p, a], a view
+            if norm != "nuclear":  # [p, B] from the view, no [p, B, r, a] copy
+                order = 1 if norm == "l1" else 2
+                parts.append(torch.linalg.vector_norm(product, order, dim=(1, 3)).T)
+                continue
+            product = product.permute(2, 0, 1, 3)  # [p, B, r, a], a view
+            if not rows_apart:  # slot i of this chunk is target start + i, in its own row
+                product = product[torch.arange(p, device=product.device), unique.rows[start:][:p]]
+            elif stream is None and p == packs:  # one chunk: only the targets' matrices
+                product = product[slots, unique.rows]
+                self.gram_rows = None
             else:
-                parts.append(product.abs().sum((-2, -1)))
+                product = product.flatten(0, 1)
+            part = _small_gram(product)
+            del product
+            if stream is None:
+                parts.append(part)
+            else:
+                stream.add(part)
         if stream is not None:
             return stream.norms(), True
         values = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if norm == "nuclear":
-            return values, False
-        return values[slots, unique.rows], False
+        if norm != "nuclear":
+            return values[slots, unique.rows], False
+        if self.gram_rows is not None:  # several chunks: solve only the targets' matrices
+            values = values.view(-1, batch, *values.shape[1:])[slots, unique.rows]
+            self.gram_rows = None
+        return values, False
 
     def gram_norms(self, norms: torch.Tensor) -> torch.Tensor:
         """``[U]``: each target's norm from those of :meth:`_gram`'s matrices ``[N]``."""
@@ -427,11 +433,23 @@ def nuclear_norms_together(grams: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _small_gram(product: torch.Tensor) -> torch.Tensor:
-    """``A^T A`` or ``A A^T``, whichever is smaller, in float64 (``[..., p, q]``)."""
-    a = product.double()
-    if a.shape[-2] < a.shape[-1]:
-        return a @ a.transpose(-2, -1)
-    return a.transpose(-2, -1) @ a
+    """``A^T A`` or ``A A^T``, whichever is smaller, in float64 (``[N, p, q]``): taken to
+    float64 in groups of :data:`_MAX_SOLVE_BYTES`, not as one float64 copy of ``product``.
+
+    >>> _small_gram(torch.tensor([[[1.0, 2.0, 2.0]]])).tolist()
+    [[[9.0]]]
+    """
+    count, rows, cols = product.shape
+    size = min(rows, cols)
+    out = torch.empty((count, size, size), dtype=torch.float64, device=product.device)
+    step = max(1, _MAX_SOLVE_BYTES // (rows * cols * 8))
+    for start in range(0, count, step):
+        a = product[start : start + step].double()
+        if rows < cols:
+            torch.matmul(a, a.transpose(-2, -1), out=out[start : start + step])
+        else:
+            torch.matmul(a.transpose(-2, -1), a, out=out[start : start + step])
+    return out
 
 
 class _StreamedSolve:
