@@ -6,6 +6,7 @@ ports, CPU and, for spawned ranks, the test session's exit, which joins its chil
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,11 +15,11 @@ import pytest
 
 from tests.dist_runs import launch, spawn_ranks
 
-_FOREVER = (
-    "import subprocess, sys, time\n"
-    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+_FOREVER = (  # a launcher and its child, both blocked until a signal ends them
+    "import signal, subprocess, sys\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import signal; signal.pause()'])\n"
     "print(child.pid, flush=True)\n"
-    "time.sleep(600)\n"
+    "signal.pause()\n"
 )
 
 
@@ -68,13 +69,13 @@ def _cmdline(pid: int) -> bytes:
 
 
 def _sleep_forever(rank: int, marker: str) -> None:
-    time.sleep(600)
+    signal.pause()  # until the deadline's kill
 
 
 def _fail_on_rank_one(rank: int, marker: str) -> None:
     if rank == 1:
         raise ValueError("rank 1 broke")
-    time.sleep(600)
+    signal.pause()  # until its peer's failure stops it
 
 
 def test_spawned_ranks_past_their_timeout_are_killed(tmp_path: Path) -> None:
