@@ -9,11 +9,14 @@ import torch
 import transformers
 from transformers.modeling_utils import AttentionInterface
 
+from inversion_monitor.probe import last_block
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.attention_capture import AttentionRecorded, recording_attention
 from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.key_value_norms import rows_independent, slot_ranks
 from inversion_monitor.probe.last_block import last_block_position_refusal
+from inversion_monitor.probe.op_counts import OpCounter
+from inversion_monitor.probe.prefix_capture import PrefixCapture
 from inversion_monitor.probe.reference import reference_norms
 from inversion_monitor.toy.models import tiny_causal_lm
 from tests.test_probe import assert_matches_reference, batch
@@ -362,3 +365,79 @@ def test_the_first_calls_whole_sequence_check_keeps_no_graph():
     first, steady = (_saved_bytes(model, ids, positions) for _ in range(2))
     assert steady > 0
     assert first <= 2 * steady
+
+
+def _first_and_steady_peaks(cut, monkeypatch):
+    """Peak extra bytes (counted) of a block's first captured-prefix probe and of a later
+    one, with the tail check's cut at ``cut`` positions (a wide MLP: [B, T, 512])."""
+    monkeypatch.setattr(last_block, "TAIL_CHECK_POSITIONS", cut)
+    model = tiny_causal_lm("llama", num_layers=2, seed=3, intermediate_size=512)
+    ids = torch.randint(4, 100, (2, 512), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 5], [0, 500], [1, 40], [1, 400]])
+    capture = PrefixCapture(model, -1)  # a prefix is used while its capture is installed
+    model.train()
+    model(input_ids=ids)
+    model.eval()
+    peaks = []
+    for _ in range(2):
+        with OpCounter() as counter:
+            fast = logit_gradient_norms(model, ids, positions=positions, prefix=capture.latest)
+        assert set(fast.paths.values()) == {"last_block"} and fast.prefix == "captured", fast
+        peaks.append(counter.peak_bytes)
+    capture.remove()
+    return peaks
+
+
+def test_the_first_calls_check_covers_a_bounded_cut_of_positions(monkeypatch):
+    # the whole-sequence check runs over the first TAIL_CHECK_POSITIONS positions only, so
+    # its values-only MLP activations ([B, cut, intermediate]) do not grow with T: measured
+    # 2.8x a later probe's peak over all 512 positions, 1.2x over 64 (what is left is the
+    # one-time check of the attention's backward, dz/dq, the size of the prefix)
+    first, steady = _first_and_steady_peaks(64, monkeypatch)
+    assert first <= 1.3 * steady, (first, steady)
+    whole, _ = _first_and_steady_peaks(512, monkeypatch)
+    assert whole >= 2 * steady, (whole, steady)
+
+
+@pytest.mark.parametrize("earliest", [5, 300], ids=["in-cut", "past-cut"])
+def test_the_cut_tail_check_still_refuses_a_block_that_mixes_positions(monkeypatch, earliest):
+    # an MLP that adds a running mean over positions mixes them outside the attention: the
+    # first probe's check on the cut finds it (with targets in the cut, or only the earliest
+    # target past it) and the last block is refused for the general path
+    monkeypatch.setattr(last_block, "TAIL_CHECK_POSITIONS", 64)
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    mlp = resolve_model(model).blocks[-1].mlp
+    plain = mlp.forward
+
+    def mixing(x):
+        counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
+        return plain(x) + 0.5 * x.cumsum(1) / counts
+
+    mlp.forward = mixing
+    ids = torch.randint(4, 100, (1, 400), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, earliest], [0, 390]])
+    result = logit_gradient_norms(model, ids, positions=positions)
+    last = resolve_model(model).num_layers - 1
+    assert {p for (layer, _), p in result.paths.items() if layer == last} == {"general"}
+    assert "mixes positions" in str(last_block._TAIL_REFUSED[resolve_model(model).blocks[-1]])
+
+
+def test_a_failed_factored_premise_is_not_checked_again():
+    # K under RoPE fails the factored form's premise (the same map at every position) on the
+    # first probe; later probes take the Gram route (exact for any map) without checking it:
+    # fewer vector-Jacobian products, the same norms bit for bit. V keeps its factored route.
+    model = tiny_causal_lm("llama", num_layers=2, seed=4)
+    ids, mask = batch(0)
+    sites = resolve_model(model).blocks[-1].self_attn
+    first = logit_gradient_norms(model, ids, attention_mask=mask)
+    assert (str(torch.float32), "cpu") in last_block._NOT_FACTORED[sites.k_proj]
+    assert sites.v_proj not in last_block._NOT_FACTORED
+    with OpCounter() as counter:
+        second = logit_gradient_norms(model, ids, attention_mask=mask)
+    last_block._NOT_FACTORED.pop(sites.k_proj)
+    with OpCounter() as checked:
+        third = logit_gradient_norms(model, ids, attention_mask=mask)
+    assert counter.ops < checked.ops, (counter.ops, checked.ops)
+    for component, values in third.norms.items():  # a block's first probe also checks more
+        assert torch.equal(second.norms[component], values), component
+        torch.testing.assert_close(first.norms[component], values, rtol=1e-6, atol=0.0)

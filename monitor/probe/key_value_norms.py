@@ -198,6 +198,30 @@ def _longest_per_row(unique: UniqueTargets, batch: int) -> torch.Tensor:
     return best.clamp_min(0) % count
 
 
+@dataclass(frozen=True)
+class PendingGrams:
+    """A projection's nuclear norms still to be solved: its Gram matrices ``[N, n, n]``
+    (solved with the other projection's, :func:`nuclear_norms_together`) and where each
+    target's norm lies among theirs: ``pick`` the targets' (slot, row) when the matrices
+    are every (slot, row)'s ``[packs * B]``, None when they are the targets' own, in order.
+
+    >>> grams = PendingGrams(torch.zeros(4, 2, 2), (torch.tensor([1, 0]), torch.tensor([0, 1])), 2)
+    >>> grams.norms(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist()
+    [3.0, 2.0]
+    """
+
+    matrices: torch.Tensor
+    pick: tuple[torch.Tensor, torch.Tensor] | None
+    batch: int
+
+    def norms(self, solved: torch.Tensor) -> torch.Tensor:
+        """``[U]``: each target's norm from the matrices' norms ``solved`` ``[N]``."""
+        if self.pick is None:
+            return solved
+        slots, rows = self.pick
+        return solved.view(-1, self.batch)[slots, rows]
+
+
 @dataclass
 class KeyValueRoute:
     """The route of one projection (K or V): factored (rank <= H) or shared-input Gram.
@@ -214,13 +238,17 @@ class KeyValueRoute:
     columns: torch.Tensor | None
     terms: HeadTerms
     vectors: torch.Tensor | None = None
-    gram_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def decide(self, unique: UniqueTargets, checks: DeferredChecks) -> None:
+    def decide(
+        self, unique: UniqueTargets, checks: DeferredChecks, *, try_factored: bool = True
+    ) -> None:
         """Queue this projection's route decisions (flags ``{name} factored``, ``{name}
-        rows apart``) on ``checks``."""
+        rows apart``) on ``checks``. ``try_factored`` False: the Gram route, exact for any
+        map, without checking the factored form's premise (the caller knows it failed)."""
         tensor, output = self.tensor, self.projection_output
         checks.flag(f"{self.name} rows apart", rows_independent_flag(tensor, output))
+        if not try_factored:
+            return
         if output.ndim != 3 or tuple(output.shape[:2]) != (tensor.shape[0], tensor.shape[2]):
             return
         same_map = _same_map_flag(tensor, output)
@@ -250,13 +278,11 @@ class KeyValueRoute:
         flags: dict[str, bool],
         norm: Norm,
         factors: dict[tuple[int, ...], torch.Tensor],
-        grams: dict[str, torch.Tensor],
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | PendingGrams:
         """``[U]`` norms by the route ``flags`` chose; ``factors`` caches each input
-        tensor's factor (K and V usually share one). ``None`` where the route left nuclear
-        norms' Gram matrices in ``grams`` (K's and V's are solved together by
-        :func:`nuclear_norms_together`; target k's norm is that of its :attr:`gram_rows`
-        ``[k]``)."""
+        tensor's factor (K and V usually share one). Nuclear norms of the Gram route come
+        back as :class:`PendingGrams` (K's and V's are solved together by
+        :func:`nuclear_norms_together`)."""
         factored = flags.get(f"{self.name} factored", False)
         logger.debug(
             "last block %s: %s", self.name, "rank <= H factors" if factored else "shared-input Gram"
@@ -264,13 +290,12 @@ class KeyValueRoute:
         if factored:
             assert self.vectors is not None
             return self._factored(unique, norm, factors)
-        picked, solved = self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
+        values, solved, pick = self._gram(unique, norm, flags[f"{self.name} rows apart"], factors)
         if norm != "nuclear":
-            return picked
-        if solved:  # past the solve cap alone: solved batch by batch as the matrices came
-            return self.gram_norms(picked)
-        grams[self.name] = picked
-        return None
+            return values
+        pending = PendingGrams(values, pick, self.tensor.shape[0])
+        # past the solve cap alone: solved batch by batch as the matrices came
+        return pending.norms(values) if solved else pending
 
     def _by_row(self, values: torch.Tensor, unique: UniqueTargets) -> torch.Tensor:
         """``values`` ``[U, ...]`` placed at (slot, row): ``[packs, B, ...]``, zero elsewhere."""
@@ -302,13 +327,13 @@ class KeyValueRoute:
         norm: Norm,
         rows_apart: bool,
         factors: dict[tuple[int, ...], torch.Tensor],
-    ) -> tuple[torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, bool, tuple[torch.Tensor, torch.Tensor] | None]:
         """``||R_b Gamma_k||`` for every target ``[U]``; nuclear: the Gram matrices
         ``[U, n, n]`` instead, one per target in order (only the targets' (slot, row)
-        matrices are solved), their norms picked by :meth:`gram_norms`. Where the matrices
-        of every (slot, row) pass :data:`_MAX_SOLVE_BYTES` they are solved in batches of
-        that size as the chunks make them (:class:`_StreamedSolve`), and their norms
-        ``[N]`` come back instead, with ``True``."""
+        matrices are solved). Where the matrices of every (slot, row) pass
+        :data:`_MAX_SOLVE_BYTES` they are solved in batches of that size as the chunks make
+        them (:class:`_StreamedSolve`), and their norms ``[packs * B]`` come back instead,
+        with ``True`` and the targets' (slot, row) to pick (:attr:`PendingGrams.pick`)."""
         key = input_key(self.inputs)
         if key not in factors:
             factors[key] = batched_input_factor(self.inputs, norm)
@@ -319,7 +344,6 @@ class KeyValueRoute:
             slots, packs = unique.slots, unique.packs
         else:
             slots, packs = torch.arange(count, device=unique.t.device), count
-        self.gram_rows = (slots, unique.rows) if rows_apart else None
         per_chunk = _slots_per_chunk(self.tensor)
         stream = None
         if norm == "nuclear":
@@ -364,7 +388,6 @@ class KeyValueRoute:
                 product = product[torch.arange(p, device=product.device), unique.rows[start:][:p]]
             elif stream is None and p == packs:  # one chunk: only the targets' matrices
                 product = product[slots, unique.rows]
-                self.gram_rows = None
             else:
                 product = product.flatten(0, 1)
             part = _small_gram(product)
@@ -373,22 +396,14 @@ class KeyValueRoute:
                 parts.append(part)
             else:
                 stream.add(part)
-        if stream is not None:
-            return stream.norms(), True
+        if stream is not None:  # every (slot, row)'s norms, or every target's in order
+            return stream.norms(), True, (slots, unique.rows) if rows_apart else None
         values = parts[0] if len(parts) == 1 else torch.cat(parts)
         if norm != "nuclear":
-            return values[slots, unique.rows], False
-        if self.gram_rows is not None:  # several chunks: solve only the targets' matrices
+            return values[slots, unique.rows], False, None
+        if rows_apart and len(parts) > 1:  # several chunks: solve only the targets' matrices
             values = values.view(-1, batch, *values.shape[1:])[slots, unique.rows]
-            self.gram_rows = None
-        return values, False
-
-    def gram_norms(self, norms: torch.Tensor) -> torch.Tensor:
-        """``[U]``: each target's norm from those of :meth:`_gram`'s matrices ``[N]``."""
-        if self.gram_rows is None:
-            return norms
-        slots, rows = self.gram_rows
-        return norms.view(-1, self.tensor.shape[0])[slots, rows]
+        return values, False, None
 
 
 def _slots_per_chunk(tensor: torch.Tensor) -> int:

@@ -74,6 +74,7 @@ from inversion_monitor.probe.attention_replay import (
 from inversion_monitor.probe.forward import Component, ForwardPass, ProbePlan, Site
 from inversion_monitor.probe.key_value_norms import (
     KeyValueRoute,
+    PendingGrams,
     nuclear_norms_together,
     slot_ranks,
 )
@@ -95,6 +96,17 @@ _TAIL_VERIFIED: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, str, str]]] 
     weakref.WeakKeyDictionary()
 )
 _TAIL_REFUSED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# positions the tail check's whole forward covers (the targets among them are checked): its
+# activations ([B, cut, intermediate] in the MLP) stay bounded at long T, the check as strict
+# (what mixes positions besides the attention shows on the first positions' logits)
+TAIL_CHECK_POSITIONS = 1024
+# K/V projections whose map to the attention's keys or values failed the factored form's
+# premise (the same linear map at every position: RoPE fails it), per parameter dtype and
+# device type: later probes take the Gram route, exact for any map, without the check
+# (three vector-Jacobian products over every position, ~4% of the default probe on CPU)
+_NOT_FACTORED: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def last_block_position_refusal(resolved: ResolvedModel, layer: int) -> str | None:
@@ -166,12 +178,16 @@ def last_block_norms(
         plan.input_ids.device.type,
         repr(plan.precision),
     )
-    expected = None
+    expected, checked = None, None
     if key not in _TAIL_VERIFIED.get(block, set()):
         # once per block: the whole forward's target logits, which the targets' rows
         # alone must reproduce (nothing in the block but its attention mixes positions);
-        # values only: nothing backpropagates through it, so no graph is kept
-        with plan.forward(sequences, length, unique.rows, unique.t, grad=False) as full:
+        # values only: nothing backpropagates through it, so no graph is kept; over the
+        # first positions only (TAIL_CHECK_POSITIONS), so its memory does not grow with T
+        cut, checked = _tail_check_cut(unique.t, length)
+        with plan.forward(
+            sequences, cut, unique.rows[checked], unique.t[checked], grad=False
+        ) as full:
             expected = full.target_logits.detach()
     # the forward over every position computes values only, except from K's and V's
     # projection outputs to the attention (their routes' vector-Jacobian products), and
@@ -197,9 +213,10 @@ def last_block_norms(
                 raise LastBlockRefused(
                     f"the attention function ran {len(recorder.calls) - 1} times in one forward"
                 )
-            if expected is not None:
+            if expected is not None and checked is not None:
                 tolerance = tail_tolerance(parameter, plan.precision)
-                _check_tail(block, key, out.target_logits.detach(), expected, tolerance)
+                got = out.target_logits.detach()[checked]
+                _check_tail(block, key, got, expected, tolerance)
             values = _norms(
                 _Calls(call, recorder.calls[1], output_rows),
                 before=before,
@@ -210,6 +227,20 @@ def last_block_norms(
             )
     entropy = out.entropy[unique.inverse]
     return entropy, {(layer, proj): v[unique.inverse] for proj, v in values.items()}
+
+
+def _tail_check_cut(t: torch.Tensor, length: int) -> tuple[int, torch.Tensor]:
+    """The tail check's cut of positions and the targets inside it (``[U]`` bool): the
+    first :data:`TAIL_CHECK_POSITIONS` positions, or up to the earliest target when none
+    falls there. One host read, on a block's first probe only.
+
+    >>> _tail_check_cut(torch.tensor([3, 5000, 9]), 6000)
+    (1024, tensor([ True, False,  True]))
+    >>> _tail_check_cut(torch.tensor([3000, 5000]), 6000)
+    (3001, tensor([ True, False]))
+    """
+    cut = min(length, max(TAIL_CHECK_POSITIONS, int(t.min()) + 1))
+    return cut, t < cut
 
 
 def tail_tolerance(parameter: torch.Tensor | None, precision: ProbePrecision | None) -> float:
@@ -356,9 +387,14 @@ def _norms(
         for proj, tensor, terms in (("k", call.key, key_terms), ("v", call.value, value_terms))
         if proj in wanted
     ]
+    factored_key = (str(call.key.dtype), call.key.device.type)
     for route in routes:
-        route.decide(unique, checks)
+        known = factored_key in _NOT_FACTORED.get(sites[route.name][0], set())
+        route.decide(unique, checks, try_factored=not known)
     flags = checks.read()  # the replay's checks and every route decision, read together
+    for route in routes:
+        if f"{route.name} factored" in flags and not flags[f"{route.name} factored"]:
+            _NOT_FACTORED.setdefault(sites[route.name][0], set()).add(factored_key)
     for proj in ("k", "v"):
         if flags.get(f"{proj} around"):
             raise LastBlockRefused(
@@ -383,15 +419,15 @@ def _norms(
                 select_columns(grad, columns), out.inputs[module][:, 0], norm
             )
     factors: dict[tuple[int, ...], torch.Tensor] = {}  # K and V usually share their input
-    grams: dict[str, torch.Tensor] = {}  # nuclear norms of K and V: one solve for both
+    pending: dict[str, PendingGrams] = {}  # nuclear norms of K and V: one solve for both
     for route in routes:
-        value = route.norms(unique, flags, norm, factors, grams)
-        if value is not None:
+        value = route.norms(unique, flags, norm, factors)
+        if isinstance(value, PendingGrams):
+            pending[route.name] = value
+        else:
             values[route.name] = value
     factors.clear()  # the fp32 inputs ([B, d, T] at long T) are not needed by the solve
-    solved = nuclear_norms_together(grams)
-    grams.clear()
-    for route in routes:
-        if route.name in solved:
-            values[route.name] = route.gram_norms(solved[route.name])
+    solved = nuclear_norms_together({name: p.matrices for name, p in pending.items()})
+    for name, grams in pending.items():
+        values[name] = grams.norms(solved[name])
     return {proj: values[proj] for proj in wanted}

@@ -27,11 +27,13 @@ def tiny_config(
     num_heads: int = 4,
     max_positions: int = 512,
     attn_implementation: str = "sdpa",
+    intermediate_size: int | None = None,
 ) -> PretrainedConfig:
     """The config of a tiny model of architecture ``arch``.
 
     Llama and Qwen2 get grouped-query attention (half as many KV heads) so the
-    K/V projections are narrower than Q, as in real models.
+    K/V projections are narrower than Q, as in real models. The MLP is
+    ``intermediate_size`` wide (None: twice ``hidden_size``; GPT-2: its own default, 4x).
     """
     import transformers
 
@@ -46,7 +48,7 @@ def tiny_config(
         cls = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
         config = cls(
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
+            intermediate_size=intermediate_size or 2 * hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=max(1, num_heads // 2),
@@ -60,12 +62,13 @@ def tiny_config(
             n_layer=num_layers,
             n_head=num_heads,
             n_positions=max_positions,
+            n_inner=intermediate_size,
             **common,
         )
     elif arch == "gpt_neox":
         config = transformers.GPTNeoXConfig(
             hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
+            intermediate_size=intermediate_size or 2 * hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             max_position_embeddings=max_positions,
@@ -92,6 +95,7 @@ def tiny_causal_lm(
     num_heads: int = 4,
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    intermediate_size: int | None = None,
 ) -> PreTrainedModel:
     """A tiny causal LM of architecture ``arch`` with weights drawn from ``seed``.
 
@@ -108,6 +112,7 @@ def tiny_causal_lm(
         num_layers=num_layers,
         num_heads=num_heads,
         attn_implementation=attn_implementation,
+        intermediate_size=intermediate_size,
     )
     with torch.random.fork_rng(devices=[]):
         # the CPU generator only (restored by the fork); torch.manual_seed would also
