@@ -1,7 +1,7 @@
 """The probe's peak extra memory at issue 30's goal shape, measured directly.
 
 Usage: python benchmarks/bench_memory_goal.py [--device cuda] [--lengths 2048,4096,8192]
-       [--tiny]
+       [--tiny | --stand-in]
 
 Goal (issue 30): a probe's peak extra memory independent of T beyond the
 prefix itself, and <= 1.5 GiB at d 4,096, T 8,192, vocab 128k in bf16. The
@@ -17,7 +17,8 @@ CUDA allocator's peak during the call over what was allocated just before it
 captured last-block path, not a general fallback. ``--tiny`` runs the same
 program at d 64 on the CPU (the peak then comes from the probe's own
 allocation count, ``OpCounter``), to check the wiring
-(``tests/test_bench_gpu.py``).
+(``tests/test_bench_gpu.py``); ``--stand-in`` runs the goal shape's proportions at d 512
+(vocab 16,032) on the CPU in fp32, counted the same way, to see what grows with T.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from inversion_monitor.probe.op_counts import OpCounter
 
 GOAL_SHAPE = Shape("8B layer", 4096, 14336, 32, 8, 1, 128_256, "meta-llama/Meta-Llama-3-8B")
 TINY_SHAPE = Shape("tiny", 64, 128, 4, 2, 1, 512)
+# the goal shape's proportions scaled down 8x in width (GQA 4:1, intermediate 3.5 d, one
+# layer) for a CPU: what grows with T shows without a GPU (``--stand-in``, fp32)
+STAND_IN_SHAPE = Shape("8B layer / 8", 512, 1792, 8, 2, 1, 16_032)
 GOAL_BYTES = 1.5 * 2**30
 
 
@@ -127,9 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--lengths", default="2048,4096,8192")
     parser.add_argument("--tiny", action="store_true", help="d 64 on the CPU, T 64 / 128")
+    parser.add_argument(
+        "--stand-in", action="store_true", help="d 512 on the CPU in fp32, at --lengths"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         return measure(TINY_SHAPE, [64, 128], torch.device("cpu"), torch.float32)
+    if args.stand_in:
+        lengths = [int(t) for t in args.lengths.split(",")]
+        return measure(STAND_IN_SHAPE, lengths, torch.device("cpu"), torch.float32)
     lengths = [int(t) for t in args.lengths.split(",")]
     figures = measure(GOAL_SHAPE, lengths, torch.device(args.device), torch.bfloat16)
     print(json.dumps({k: v for k, v in figures.items() if k != "lengths"}))
