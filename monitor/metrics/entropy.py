@@ -26,6 +26,7 @@ _UNITS = ("nats", "bits")
 # Elements of fp32 scratch per chunk: 2**23 floats = 32 MiB (a few such temporaries live at
 # once); at the 0.5B shape's vocabulary (151,936) 55 target rows per chunk.
 _DEFAULT_CHUNK_ELEMENTS = 1 << 23
+_LOWEST = torch.finfo(torch.float32).min
 
 
 def _check_unit(unit: str) -> None:
@@ -68,11 +69,12 @@ def _entropy_compute(logits: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for start in range(0, flat.shape[0], rows_per_chunk):
         chunk = flat[start : start + rows_per_chunk].float()
-        shifted = chunk - chunk.amax(dim=-1, keepdim=True)
+        # -inf logits (masked tokens) have weight 0 and must add 0 to the moment, not
+        # 0 * -inf: clamped to fp32's lowest, whose weight exp(lowest) is 0 as well
+        shifted = (chunk - chunk.amax(dim=-1, keepdim=True)).clamp_min_(_LOWEST)
         weights = shifted.exp()
         z = weights.sum(dim=-1)
-        # -inf logits (masked tokens) have weight 0: 0 * -inf must count as 0
-        moment = torch.where(weights > 0, weights * shifted, 0.0).sum(dim=-1)
+        moment = (weights * shifted).sum(dim=-1)
         out[start : start + rows_per_chunk] = z.log() - moment / z
         del chunk, shifted, weights
     return out.reshape(logits.shape[:-1])

@@ -460,10 +460,11 @@ def _small_gram(product: torch.Tensor) -> torch.Tensor:
     step = max(1, _MAX_SOLVE_BYTES // (rows * cols * 8))
     for start in range(0, count, step):
         a = product[start : start + step].double()
+        # bmm, not matmul: the same product without matmul's expand/view ops per group
         if rows < cols:
-            torch.matmul(a, a.transpose(-2, -1), out=out[start : start + step])
+            torch.bmm(a, a.mT, out=out[start : start + step])
         else:
-            torch.matmul(a.transpose(-2, -1), a, out=out[start : start + step])
+            torch.bmm(a.mT, a, out=out[start : start + step])
     return out
 
 
