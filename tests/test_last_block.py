@@ -422,22 +422,37 @@ def test_the_cut_tail_check_still_refuses_a_block_that_mixes_positions(monkeypat
     assert "mixes positions" in str(last_block._TAIL_REFUSED[resolve_model(model).blocks[-1]])
 
 
-def test_a_failed_factored_premise_is_not_checked_again():
-    # K under RoPE fails the factored form's premise (the same map at every position) on the
-    # first probe; later probes take the Gram route (exact for any map) without checking it:
-    # fewer vector-Jacobian products, the same norms bit for bit. V keeps its factored route.
+def test_route_decisions_are_checked_on_a_projections_first_probe_only():
+    # K under RoPE fails the factored form's premise (the same map at every position), V
+    # passes it, both keep batch rows apart: decided on the first probe, taken as decided on
+    # later ones (fewer vector-Jacobian products, the same norms bit for bit)
     model = tiny_causal_lm("llama", num_layers=2, seed=4)
     ids, mask = batch(0)
-    sites = resolve_model(model).blocks[-1].self_attn
+    attention = resolve_model(model).blocks[-1].self_attn
     first = logit_gradient_norms(model, ids, attention_mask=mask)
-    assert (str(torch.float32), "cpu") in last_block._NOT_FACTORED[sites.k_proj]
-    assert sites.v_proj not in last_block._NOT_FACTORED
-    with OpCounter() as counter:
+    decisions = last_block._ROUTE_DECISIONS
+    k, v = (decisions[attention.k_proj], decisions[attention.v_proj])
+    assert k[("k", "torch.float32", "cpu")] == {"factored": False, "rows apart": True}
+    assert v[("v", "torch.float32", "cpu")] == {"factored": True, "rows apart": True}
+    with OpCounter() as decided:
         second = logit_gradient_norms(model, ids, attention_mask=mask)
-    last_block._NOT_FACTORED.pop(sites.k_proj)
+    decisions.pop(attention.k_proj)
+    decisions.pop(attention.v_proj)
     with OpCounter() as checked:
         third = logit_gradient_norms(model, ids, attention_mask=mask)
-    assert counter.ops < checked.ops, (counter.ops, checked.ops)
+    assert decided.ops < checked.ops, (decided.ops, checked.ops)
     for component, values in third.norms.items():  # a block's first probe also checks more
         assert torch.equal(second.norms[component], values), component
         torch.testing.assert_close(first.norms[component], values, rtol=1e-6, atol=0.0)
+
+
+def test_rows_apart_is_not_learnt_from_one_row():
+    # with one row the rows check holds trivially: a later batch of several rows checks it
+    model = tiny_causal_lm("llama", num_layers=2, seed=4)
+    ids, mask = batch(0)
+    attention = resolve_model(model).blocks[-1].self_attn
+    logit_gradient_norms(model, ids[:1], attention_mask=mask[:1])
+    key = ("k", str(torch.float32), "cpu")
+    assert "rows apart" not in last_block._ROUTE_DECISIONS[attention.k_proj][key]
+    logit_gradient_norms(model, ids, attention_mask=mask)
+    assert last_block._ROUTE_DECISIONS[attention.k_proj][key]["rows apart"] is True

@@ -75,7 +75,7 @@ def _entropy_compute(logits: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
         weights = shifted.exp()
         z = weights.sum(dim=-1)
         moment = (weights * shifted).sum(dim=-1)
-        out[start : start + rows_per_chunk] = z.log() - moment / z
+        torch.sub(z.log(), moment / z, out=out[start : start + rows_per_chunk])
         del chunk, shifted, weights
     return out.reshape(logits.shape[:-1])
 

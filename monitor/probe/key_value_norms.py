@@ -18,7 +18,7 @@ on the device; they are read back with the replay's checks in one transfer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -240,23 +240,31 @@ class KeyValueRoute:
     vectors: torch.Tensor | None = None
 
     def decide(
-        self, unique: UniqueTargets, checks: DeferredChecks, *, try_factored: bool = True
+        self,
+        unique: UniqueTargets,
+        checks: DeferredChecks,
+        known: Mapping[str, bool] | None = None,
     ) -> None:
         """Queue this projection's route decisions (flags ``{name} factored``, ``{name}
-        rows apart``) on ``checks``. ``try_factored`` False: the Gram route, exact for any
-        map, without checking the factored form's premise (the caller knows it failed)."""
+        rows apart``) on ``checks``; those in ``known`` (by ``"factored"``, ``"rows
+        apart"``: decided on an earlier probe of the same projection) are not checked."""
+        known = {} if known is None else known
         tensor, output = self.tensor, self.projection_output
-        checks.flag(f"{self.name} rows apart", rows_independent_flag(tensor, output))
-        if not try_factored:
+        if "rows apart" not in known:
+            checks.flag(f"{self.name} rows apart", rows_independent_flag(tensor, output))
+        decided = known.get("factored")
+        if decided is False:
             return
         if output.ndim != 3 or tuple(output.shape[:2]) != (tensor.shape[0], tensor.shape[2]):
+            return
+        self.vectors = _packed_vjp(tensor, output, self.terms).float()
+        if decided:
             return
         same_map = _same_map_flag(tensor, output)
         # the premise checked exactly on the longest target of every row, one slot for
         # all rows (a map that mixes rows fails it: the Gram route then runs)
         batch = tensor.shape[0]
         longest = _longest_per_row(unique, batch)
-        self.vectors = _packed_vjp(tensor, output, self.terms).float()
         rows = torch.arange(batch, device=longest.device)
         (full,) = _carried(
             tensor,

@@ -100,13 +100,15 @@ _TAIL_REFUSED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictio
 # activations ([B, cut, intermediate] in the MLP) stay bounded at long T, the check as strict
 # (what mixes positions besides the attention shows on the first positions' logits)
 TAIL_CHECK_POSITIONS = 1024
-# K/V projections whose map to the attention's keys or values failed the factored form's
-# premise (the same linear map at every position: RoPE fails it), per parameter dtype and
-# device type: later probes take the Gram route, exact for any map, without the check
-# (three vector-Jacobian products over every position, ~4% of the default probe on CPU)
-_NOT_FACTORED: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, str]]] = (
-    weakref.WeakKeyDictionary()
-)
+# the route decisions of each K/V projection (``"factored"``, ``"rows apart"``), per
+# projection name, dtype and device type: checked on its first probe, then taken as
+# decided, as the replay's backward is (the map from the projection to the attention's keys
+# or values is the model's code: RoPE fails the factored form's premise on every probe, a
+# map that keeps batch rows apart keeps them on every batch). Rows apart is learnt from a
+# batch of two rows or more
+_ROUTE_DECISIONS: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[str, str, str], dict[str, bool]]
+] = weakref.WeakKeyDictionary()
 
 
 def last_block_position_refusal(resolved: ResolvedModel, layer: int) -> str | None:
@@ -286,6 +288,17 @@ def _check_tail(
     _TAIL_VERIFIED.setdefault(block, set()).add(key)
 
 
+def _route_decisions(sites: Mapping[str, Site], call: AttentionCall) -> dict[str, dict[str, bool]]:
+    """The K/V projections' known route decisions (:data:`_ROUTE_DECISIONS`), by projection;
+    the dicts are the cache's own (what a probe decides is added to them)."""
+    dtype, device = str(call.key.dtype), call.key.device.type
+    return {  # by projection too: a fused QKV module holds K and V (their columns)
+        proj: _ROUTE_DECISIONS.setdefault(sites[proj][0], {}).setdefault((proj, dtype, device), {})
+        for proj in ("k", "v")
+        if proj in sites
+    }
+
+
 def _backward_key(call: AttentionCall) -> tuple[str, torch.dtype, str]:
     return (call.implementation, call.compute_dtype, call.query.device.type)
 
@@ -387,14 +400,18 @@ def _norms(
         for proj, tensor, terms in (("k", call.key, key_terms), ("v", call.value, value_terms))
         if proj in wanted
     ]
-    factored_key = (str(call.key.dtype), call.key.device.type)
+    decided = _route_decisions(sites, call)
     for route in routes:
-        known = factored_key in _NOT_FACTORED.get(sites[route.name][0], set())
-        route.decide(unique, checks, try_factored=not known)
+        route.decide(unique, checks, decided[route.name])
     flags = checks.read()  # the replay's checks and every route decision, read together
-    for route in routes:
-        if f"{route.name} factored" in flags and not flags[f"{route.name} factored"]:
-            _NOT_FACTORED.setdefault(sites[route.name][0], set()).add(factored_key)
+    for route in routes:  # what this probe decided is kept; what was known joins the flags
+        known = decided[route.name]
+        for what in ("factored", "rows apart"):
+            flag = f"{route.name} {what}"
+            if flag in flags and (what == "factored" or route.tensor.shape[0] > 1):
+                known[what] = flags[flag]
+            elif what in known:
+                flags[flag] = known[what]
     for proj in ("k", "v"):
         if flags.get(f"{proj} around"):
             raise LastBlockRefused(
