@@ -342,22 +342,25 @@ class KeyValueRoute:
         :data:`_MAX_SOLVE_BYTES` they are solved in batches of that size as the chunks make
         them (:class:`_StreamedSolve`), and their norms ``[packs * B]`` come back instead,
         with ``True`` and the targets' (slot, row) to pick (:attr:`PendingGrams.pick`)."""
-        key = input_key(self.inputs)
-        if key not in factors:
-            factors[key] = batched_input_factor(self.inputs, norm)
-        factor = factors[key]  # [B, r, T], or empty: X_b^T itself (input_product)
         count = unique.t.shape[0]
         batch = self.inputs.shape[0]
         if rows_apart:  # targets of different rows share a product
             slots, packs = unique.slots, unique.packs
         else:
             slots, packs = torch.arange(count, device=unique.t.device), count
+        width = self.projection_output.shape[-1]
+        if self.columns is not None:
+            width = self.columns.numel()
+        key = input_key(self.inputs)
+        if key not in factors:
+            gram_work = 4 * packs * width * width if norm == "nuclear" else 0
+            factors[key] = batched_input_factor(
+                self.inputs, norm, columns=packs * width, gram_work=gram_work
+            )
+        factor = factors[key]  # [B, r, T], or empty: X_b^T itself (input_product)
         per_chunk = _slots_per_chunk(self.tensor)
         stream = None
         if norm == "nuclear":
-            width = self.projection_output.shape[-1]
-            if self.columns is not None:
-                width = self.columns.numel()
             rank = factor.shape[1] if factor.numel() else self.inputs.shape[-1]
             size = min(rank, width)
             held = packs * batch if rows_apart else count
@@ -539,12 +542,35 @@ def input_product(inputs: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def batched_input_factor(inputs: torch.Tensor, norm: Norm) -> torch.Tensor:
+def batched_input_factor(
+    inputs: torch.Tensor, norm: Norm, *, columns: int = 0, gram_work: int = 0
+) -> torch.Tensor:
     """``[B, r, T]``: per batch row, ``R`` of ``X_b^T = Q R`` (nuclear, Frobenius: then
     ``||Gamma^T X_b|| = ||R Gamma||``), one batched QR, where it is smaller than ``X_b^T``
-    (``T < d``); else an empty tensor: ``X_b^T`` itself serves, through
-    :func:`input_product` (l1 needs the entries; with ``T >= d`` R is as large as
-    ``X_b^T`` and the Gram matrices are the same), with no fp32 copy of it held."""
-    if norm == "l1" or inputs.shape[1] >= inputs.shape[2]:
+    (``T < d``) by enough to pay for itself (:func:`qr_pays`, for ``columns`` of ``Gamma``
+    per row and ``gram_work`` flops of Gram matrices per row of ``R Gamma``); else an empty
+    tensor: ``X_b^T`` itself serves, through :func:`input_product` (l1 needs the entries;
+    with ``T >= d`` R is as large as ``X_b^T`` and the Gram matrices are the same), with no
+    fp32 copy of it held."""
+    _, length, dim = inputs.shape
+    if norm == "l1" or not qr_pays(length, dim, columns, gram_work):
         return inputs.new_empty((0,), dtype=torch.float32)
     return qr_factor(inputs.float().transpose(1, 2))
+
+
+def qr_pays(length: int, dim: int, columns: int, gram_work: int) -> bool:
+    """Whether ``R`` of a ``[dim, length]`` ``X_b^T`` (``length`` rows instead of ``dim``)
+    saves more flops than its QR costs (``2 d T^2 - 2 T^3 / 3``): each of the ``d - T`` rows
+    it removes costs ``2 T`` flops per column of ``Gamma`` in the product and ``gram_work``
+    in the Gram matrices. At T 250, d 256 (the bench shape) R removes 6 rows, ~2% of the work
+    after it, for a QR of ~4% of the probe: not taken; at T 48, d 64 it is.
+
+    >>> qr_pays(250, 256, 19 * 128, 4 * 19 * 128 * 128), qr_pays(48, 64, 96, 4 * 3 * 32 * 32)
+    (False, True)
+    >>> qr_pays(256, 256, 10**6, 0), qr_pays(16, 64, 0, 0)  # never at T >= d; no work to save
+    (False, False)
+    """
+    if length >= dim:
+        return False
+    qr = 2 * dim * length**2 - 2 * length**3 / 3
+    return (dim - length) * (2 * length * columns + gram_work) > qr
