@@ -456,3 +456,21 @@ def test_rows_apart_is_not_learnt_from_one_row():
     assert "rows apart" not in last_block._ROUTE_DECISIONS[attention.k_proj][key]
     logit_gradient_norms(model, ids, attention_mask=mask)
     assert last_block._ROUTE_DECISIONS[attention.k_proj][key]["rows apart"] is True
+
+
+@pytest.mark.parametrize("qr", [True, False], ids=["qr", "inputs"])
+def test_the_gram_route_with_or_without_the_inputs_qr_equals_the_reference(monkeypatch, qr):
+    # qr_pays chooses between R of X_b^T and X_b^T itself by their cost: both are exact
+    from inversion_monitor.probe import key_value_norms
+
+    monkeypatch.setattr(key_value_norms, "qr_pays", lambda *args: qr)
+    factors = []
+    original = key_value_norms.batched_input_factor
+
+    def recorded(*args, **kwargs):
+        factors.append(original(*args, **kwargs))
+        return factors[-1]
+
+    monkeypatch.setattr(key_value_norms, "batched_input_factor", recorded)
+    _compare(tiny_causal_lm("llama", num_layers=2, seed=5))
+    assert factors and all(bool(f.numel()) is qr for f in factors)
