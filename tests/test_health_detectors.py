@@ -136,6 +136,30 @@ def test_reward_collapse_within_five_records_and_quiet_while_the_reward_rises() 
     assert firings(RewardCollapse(AlertsConfig().reward_collapse), "reward_mean", zeros)[0] <= 42
 
 
+# a healthy reward around 0.305 (robust SD ~0.037), then a slide of 0.07, 0.165, 0.265 a record
+SLIDE_BASE = [0.30, 0.34, 0.27, 0.31, 0.35, 0.29, 0.33, 0.28] * 8
+
+
+def test_reward_slide_fires_on_its_second_record() -> None:
+    """The synthetic reward_slide: the first record 2 robust SDs down, the second at 0.46 x
+    and -4.5 (``slide_z``, the record before -2.0) fires there; without ``slide_z`` (the old
+    code) only the third, where the static threshold and the running-mean rule fire on the
+    second."""
+    config = AlertsConfig().reward_collapse
+    slide = [*SLIDE_BASE, 0.23, 0.14, 0.04, 0.0]
+    assert firings(RewardCollapse(config), "reward_mean", slide) == [65]
+    old = config.model_copy(update={"slide_z": None})
+    assert firings(RewardCollapse(old), "reward_mean", slide) == [66]
+
+
+def test_reward_lone_dip_or_shallow_fall_is_quiet() -> None:
+    """The same second record after a record at the level (a lone dip), and a fall that stays
+    above 0.5 x the level (a healthy GRPO dip), do not fire."""
+    config = AlertsConfig().reward_collapse
+    for tail in ([0.31, 0.14, 0.31, 0.30], [0.23, 0.19, 0.21, 0.2]):
+        assert firings(RewardCollapse(config), "reward_mean", SLIDE_BASE + tail) == [], tail
+
+
 def test_drift_alert_ends_when_the_value_is_back() -> None:
     det = GradNormSpike(AlertsConfig().grad_norm_spike)
     values = [*lognormal(1.0, 0.1, 30, 0), 20.0, 18.0, *lognormal(1.0, 0.1, 60, 1)]

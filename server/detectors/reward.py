@@ -49,6 +49,17 @@ class RewardCollapseConfig(DriftConfig):
     fired 19 times in 60,000 records (a robust SD estimated from 64 records is ~15% off),
     5 fires 4 (0.7 per 10,000), and the second record of the slide is at -3.9 to -5.0 in
     the other nine trials.
+
+    A slide's second record fires at ``slide_z`` (4) robust SDs below the level when it is at
+    ``drop`` x the level or lower and the record before it was already ``slide_prev_z`` (1.5)
+    robust SDs down: a fall under way, not a lone dip. The synthetic slide's first record is
+    at -0.9 to -4.4 robust SDs, its second at 0.06-0.53 x and -3.9 to -10.7: the second record
+    fires in 17 of 20 trials (11 with ``drop`` alone), as the static threshold and the
+    running-mean rule do. No healthy record of the failure corpus (RL and TRL runs) nor of two
+    50,000-step synthetic draws meets it, even at gates of 3 and 0 robust SDs (no healthy
+    real record below 0.55 x its level). What it costs is on a reward whose noise is a fifth
+    of its level: there ``drop`` fires 6 times in 100,000 records, with this 10 (gates of
+    3.5 and 1: 27; 4 and 1: 12; 4.2 and 2: 10, catching a trial fewer).
     """
 
     scale: Scale = Scale.LINEAR
@@ -78,6 +89,18 @@ class RewardCollapseConfig(DriftConfig):
         "SDs below it fires at once (None: off)",
     )
     drop_z: float = Field(default=5.0, gt=0.0, description="robust SDs below the level, ``drop``")
+    slide_z: float | None = Field(
+        default=4.0,
+        gt=0.0,
+        description="a slide's second record: one non-negative record at or below ``drop`` x its "
+        "level and this many robust SDs below it fires when the record before was "
+        "``slide_prev_z`` robust SDs below the level or more (None: off)",
+    )
+    slide_prev_z: float = Field(
+        default=1.5,
+        ge=0.0,
+        description="robust SDs below the level, the record before (``slide_z``)",
+    )
 
 
 class RewardCollapse(DriftDetector):
@@ -104,6 +127,7 @@ class RewardCollapse(DriftDetector):
         self._signed = False  # a negative reward seen: no ratio to the level is meaningful
         self._signed_before = False  # one seen before the current record (``drop`` judges it)
         self._low = 0  # records in a row at ``collapse`` x the level or lower
+        self._prev_z = 0.0  # the previous scored record's robust z (``slide_z``)
 
     def value(self, obs: Observation) -> float | None:
         r = obs.reward_mean
@@ -124,15 +148,24 @@ class RewardCollapse(DriftDetector):
             self._low = self._low + 1 if score.value <= cfg.collapse * score.level else 0
         # ``drop`` judges a run whose rewards were never negative before this record: a reward
         # that falls below 0 on it has fallen, not shown itself signed
-        if (
-            positive
-            and not self._signed_before
-            and far_below(score.value, score.level, score.z, cfg.drop, cfg.drop_z)
-        ):
-            return (
-                Direction.DOWN,
-                f"at {cfg.drop:g} x its level or lower, {cfg.drop_z:g} robust SDs or more below it",
-            )
+        prev_z, self._prev_z = self._prev_z, score.z
+        if positive and not self._signed_before:
+            if far_below(score.value, score.level, score.z, cfg.drop, cfg.drop_z):
+                return (
+                    Direction.DOWN,
+                    f"at {cfg.drop:g} x its level or lower, {cfg.drop_z:g} robust SDs or more "
+                    "below it",
+                )
+            if (
+                cfg.slide_z is not None
+                and prev_z <= -cfg.slide_prev_z
+                and far_below(score.value, score.level, score.z, cfg.drop, cfg.slide_z)
+            ):
+                return (
+                    Direction.DOWN,
+                    f"sliding: at {cfg.drop:g} x its level or lower, {cfg.slide_z:g} robust SDs "
+                    f"below it, the record before {prev_z:+.1f}",
+                )
         if self._low < cfg.collapse_records:
             return None
         return (
