@@ -137,10 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.tiny:
         return measure(TINY_SHAPE, [64, 128], torch.device("cpu"), torch.float32)
-    if args.stand_in:
-        lengths = [int(t) for t in args.lengths.split(",")]
-        return measure(STAND_IN_SHAPE, lengths, torch.device("cpu"), torch.float32)
     lengths = [int(t) for t in args.lengths.split(",")]
+    if args.stand_in:
+        return measure(STAND_IN_SHAPE, lengths, torch.device("cpu"), torch.float32)
     figures = measure(GOAL_SHAPE, lengths, torch.device(args.device), torch.bfloat16)
     print(json.dumps({k: v for k, v in figures.items() if k != "lengths"}))
     return figures
