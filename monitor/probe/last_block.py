@@ -180,7 +180,7 @@ def last_block_norms(
         plan.input_ids.device.type,
         repr(plan.precision),
     )
-    expected, checked = None, None
+    tail = None  # the tail check's expected logits and the targets they are of
     if key not in _TAIL_VERIFIED.get(block, set()):
         # once per block: the whole forward's target logits, which the targets' rows
         # alone must reproduce (nothing in the block but its attention mixes positions);
@@ -190,7 +190,7 @@ def last_block_norms(
         with plan.forward(
             sequences, cut, unique.rows[checked], unique.t[checked], grad=False
         ) as full:
-            expected = full.target_logits.detach()
+            tail = full.target_logits.detach(), checked
     # the forward over every position computes values only, except from K's and V's
     # projection outputs to the attention (their routes' vector-Jacobian products), and
     # stops at the attention function, whose own graph is kept only until its backward was
@@ -215,7 +215,8 @@ def last_block_norms(
                 raise LastBlockRefused(
                     f"the attention function ran {len(recorder.calls) - 1} times in one forward"
                 )
-            if expected is not None and checked is not None:
+            if tail is not None:
+                expected, checked = tail
                 tolerance = tail_tolerance(parameter, plan.precision)
                 got = out.target_logits.detach()[checked]
                 _check_tail(block, key, got, expected, tolerance)
