@@ -16,10 +16,10 @@ from inversion_monitor.probe.gradients import logit_gradient_norms
 from inversion_monitor.probe.key_value_norms import rows_independent, slot_ranks
 from inversion_monitor.probe.last_block import last_block_position_refusal
 from inversion_monitor.probe.op_counts import OpCounter
-from inversion_monitor.probe.prefix_capture import PrefixCapture
 from inversion_monitor.probe.reference import reference_norms
 from inversion_monitor.toy.models import tiny_causal_lm
 from tests.test_probe import assert_matches_reference, batch
+from tests.test_probe_counts import _captured
 
 ALL = ("q", "k", "v", "o")
 
@@ -374,17 +374,13 @@ def _first_and_steady_peaks(cut, monkeypatch):
     model = tiny_causal_lm("llama", num_layers=2, seed=3, intermediate_size=512)
     ids = torch.randint(4, 100, (2, 512), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([[0, 5], [0, 500], [1, 40], [1, 400]])
-    capture = PrefixCapture(model, -1)  # a prefix is used while its capture is installed
-    model.train()
-    model(input_ids=ids)
-    model.eval()
     peaks = []
-    for _ in range(2):
-        with OpCounter() as counter:
-            fast = logit_gradient_norms(model, ids, positions=positions, prefix=capture.latest)
-        assert set(fast.paths.values()) == {"last_block"} and fast.prefix == "captured", fast
-        peaks.append(counter.peak_bytes)
-    capture.remove()
+    with _captured(model, ids) as prefix:  # a prefix is used while its capture is installed
+        for _ in range(2):
+            with OpCounter() as counter:
+                fast = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
+            assert set(fast.paths.values()) == {"last_block"} and fast.prefix == "captured", fast
+            peaks.append(counter.peak_bytes)
     return peaks
 
 
