@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers.modeling_utils import AttentionInterface
 
-from inversion_monitor.probe import last_block
+from inversion_monitor.probe import key_value_norms, last_block
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.attention_capture import AttentionRecorded, recording_attention
 from inversion_monitor.probe.gradients import logit_gradient_norms
@@ -470,3 +470,42 @@ def test_the_gram_route_with_or_without_the_inputs_qr_equals_the_reference(monke
     monkeypatch.setattr(key_value_norms, "batched_input_factor", recorded)
     _compare(tiny_causal_lm("llama", num_layers=2, seed=5))
     assert factors and all(bool(f.numel()) is qr for f in factors)
+
+
+def test_the_replays_run_after_the_whole_forwards_query_and_output_are_released(monkeypatch):
+    # the replays take the query and attention output at the targets only; those of every
+    # position (each the size of the prefix, and in a first probe the attention's graph) go
+    # before the replays' per-target copies, which were the peak at the goal shape
+    seen = []
+    replay = last_block.head_terms
+
+    def head_terms(call, target_rows, g, **kwargs):
+        seen.append((call.query.numel(), call.output.numel(), call.leaves[0].numel()))
+        assert target_rows.query.shape[0] == g.shape[0]
+        return replay(call, target_rows, g, **kwargs)
+
+    monkeypatch.setattr(last_block, "head_terms", head_terms)
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    _compare(model)  # the first probe (checks the replayed backward) and a later one
+    assert seen == [(0, 0, 0), (0, 0, 0)]
+
+
+def test_streamed_gram_matrices_hold_one_group_at_a_time(monkeypatch):
+    # every (slot, row)'s matrices from a [slots, B, r, a] view: the same Gram matrices as
+    # one float64 copy of the flattened product, made a group of slots at a time
+    monkeypatch.setattr(key_value_norms, "_MAX_SOLVE_BYTES", 4 * 24 * 8 * 8)
+    product = torch.randn(4, 3, 24, 8).permute(1, 0, 2, 3)  # [3, 4, 24, 8], not flattenable
+    whole = torch.einsum("nra,nrb->nab", *[product.reshape(12, 24, 8).double()] * 2)
+    assert torch.allclose(key_value_norms._small_gram(product), whole)
+    got = []
+
+    class Sink:
+        def add(self, grams):
+            got.append(grams)
+
+    with OpCounter() as counter:
+        assert key_value_norms._small_gram(product, Sink()).numel() == 0
+    assert [g.shape[0] for g in got] == [4, 4, 4]  # one slot (B matrices) per group
+    assert torch.allclose(torch.cat(got), whole)
+    group = 4 * 24 * 8 * 8  # one group's float64 copy
+    assert counter.peak_bytes <= 2 * group, counter.peak_bytes

@@ -210,16 +210,30 @@ def grouped_sum(weights: torch.Tensor, vectors: torch.Tensor, kv_heads: int) -> 
     return w @ v
 
 
+@dataclass(frozen=True)
+class TargetRows:
+    """The whole forward's query ``[U, H, d]`` and attention output ``[U, H, dv]`` at each
+    target's (row, position): all the replays take of them, so the query and output of
+    every position can go before the replays run (:meth:`AttentionCall.release_query_and_output`).
+    """
+
+    query: torch.Tensor
+    output: torch.Tensor
+
+
 def head_terms(
     call: AttentionCall,
+    target_rows: TargetRows,
     g: torch.Tensor,
+    *,
     dq: torch.Tensor | None,
     unique: UniqueTargets,
     checks: DeferredChecks,
 ) -> tuple[HeadTerms, HeadTerms, torch.Tensor]:
     """The key terms (score gradients w, queries q), value terms (probabilities a, g) and
     ``dz/dq`` ``[U, H, d]`` of every target, from ``g`` ``[U, H, dv]``: ``dz_t/do_t`` at the
-    attention function's output of each target.
+    attention function's output of each target (``call``'s keys and values; its query and
+    output at the targets: ``target_rows``).
 
     One replay with one target per batch element (its query row; its sequence's
     keys and values; its mask row), in chunks of bounded size, and one backward
@@ -233,11 +247,12 @@ def head_terms(
     outputs (and, with ``dq``, the recorded ``dz/dq`` of the summed targets) are
     checked through ``checks``.
     """
-    batch, heads, length, dim = call.query.shape
-    kv_heads, dim_v = call.key.shape[1], call.value.shape[-1]
+    batch, kv_heads, length = call.key.shape[:3]
+    heads, dim = target_rows.query.shape[1:]
+    dim_v = call.value.shape[-1]
     groups = heads // kv_heads
     count = unique.t.shape[0]
-    device = call.query.device
+    device = call.key.device
     masks = _mask_rows(call, unique.rows, unique.t)
     one_hot = torch.eye(groups, device=device).repeat(kv_heads, 1)  # [H, G]: head h -> h % G
     per_target = length * kv_heads * (dim + dim_v + 2 * groups)
@@ -247,7 +262,7 @@ def head_terms(
         rows = unique.rows[start : start + per_chunk]
         t = unique.t[start : start + per_chunk]
         n = rows.shape[0]
-        q = call.query[rows, :, t].detach().float()  # [n, H, d]
+        q = target_rows.query[start : start + per_chunk].float()  # [n, H, d]
         q_aug = torch.cat([q, one_hot.expand(n, -1, -1)], -1)[:, :, None].requires_grad_(True)
         zeros = q.new_zeros((n, kv_heads, length, groups))
         # one copy per target (the fp32 temporaries go at once: only the augmented ones stay)
@@ -261,7 +276,7 @@ def head_terms(
                 raise LastBlockRefused(f"replaying the attention function failed: {exc}") from exc
         if tuple(out.shape) != (n, 1, heads, dim_v + groups):
             raise LastBlockRefused(f"the replayed attention returned shape {tuple(out.shape)}")
-        expected = call.output[rows, t].detach().float()  # [n, H, dv]
+        expected = target_rows.output[start : start + per_chunk].float()  # [n, H, dv]
         checks.close(
             out[:, 0],
             _pad(expected, groups),
@@ -283,10 +298,9 @@ def head_terms(
         w.append(dk_aug[..., dim:].permute(0, 1, 3, 2).reshape(n, heads, length))
         a.append(dv_aug[..., dim_v:].permute(0, 1, 3, 2).reshape(n, heads, length))
         del k_aug, v_aug, out, dk_aug, dv_aug  # before the next chunk's copies
-    q_rows = call.query[unique.rows, :, unique.t].detach().float()  # [U, H, d]
     g_rows = g.float()  # [U, H, dv]
     return (
-        HeadTerms(torch.cat(w), q_rows),
+        HeadTerms(torch.cat(w), target_rows.query.float()),
         HeadTerms(torch.cat(a), g_rows),
         torch.cat(query_grads),
     )

@@ -18,6 +18,7 @@ on the device; they are read back with the replay's checks in one transfer.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -399,14 +400,11 @@ class KeyValueRoute:
                 product = product[torch.arange(p, device=product.device), unique.rows[start:][:p]]
             elif stream is None and p == packs:  # one chunk: only the targets' matrices
                 product = product[slots, unique.rows]
-            else:
-                product = product.flatten(0, 1)
-            part = _small_gram(product)
+            # else every (slot, row)'s matrices, in that order, from the [p, B, r, a] view
+            part = _small_gram(product, stream)
             del product
             if stream is None:
                 parts.append(part)
-            else:
-                stream.add(part)
         if stream is not None:  # every (slot, row)'s norms, or every target's in order
             return stream.norms(), True, (slots, unique.rows) if rows_apart else None
         values = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -458,24 +456,31 @@ def nuclear_norms_together(grams: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return dict(zip(grams, torch.split(norms, counts), strict=True))
 
 
-def _small_gram(product: torch.Tensor) -> torch.Tensor:
-    """``A^T A`` or ``A A^T``, whichever is smaller, in float64 (``[N, p, q]``): taken to
-    float64 in groups of :data:`_MAX_SOLVE_BYTES`, not as one float64 copy of ``product``.
+def _small_gram(product: torch.Tensor, sink: _StreamedSolve | None = None) -> torch.Tensor:
+    """``A^T A`` or ``A A^T``, whichever is smaller, in float64, of each matrix ``A`` of
+    ``product`` (``[N, p, q]``, or ``[N, M, p, q]``: ``N * M`` matrices in that order, from a
+    view that need not be flattenable): taken to float64 in groups of
+    :data:`_MAX_SOLVE_BYTES` along the first dimension, so neither a float64 nor a flattened
+    copy of ``product`` is held. With ``sink``, each group's matrices go to it as they are
+    made (only one group is held) and an empty tensor is returned.
 
     >>> _small_gram(torch.tensor([[[1.0, 2.0, 2.0]]])).tolist()
     [[[9.0]]]
     """
-    count, rows, cols = product.shape
+    *lead, rows, cols = product.shape
     size = min(rows, cols)
-    out = torch.empty((count, size, size), dtype=torch.float64, device=product.device)
-    step = max(1, _MAX_SOLVE_BYTES // (rows * cols * 8))
-    for start in range(0, count, step):
-        a = product[start : start + step].double()
+    inner = math.prod(lead[1:])
+    out = product.new_empty((0 if sink else math.prod(lead), size, size), dtype=torch.float64)
+    step = max(1, _MAX_SOLVE_BYTES // (inner * rows * cols * 8))
+    for start in range(0, lead[0], step):
+        a = product[start : start + step].double().reshape(-1, rows, cols)
         # bmm, not matmul: the same product without matmul's expand/view ops per group
-        if rows < cols:
-            torch.bmm(a, a.mT, out=out[start : start + step])
+        left, right = (a, a.mT) if rows < cols else (a.mT, a)
+        if sink is None:
+            torch.bmm(left, right, out=out[start * inner : start * inner + a.shape[0]])
         else:
-            torch.bmm(a.mT, a, out=out[start : start + step])
+            sink.add(torch.bmm(left, right))
+        del a, left, right  # before the next group's float64 copy
     return out
 
 

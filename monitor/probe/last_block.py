@@ -67,6 +67,7 @@ from inversion_monitor.probe.attention_capture import (
 from inversion_monitor.probe.attention_replay import (
     DeferredChecks,
     LastBlockRefused,
+    TargetRows,
     UniqueTargets,
     check_shapes,
     head_terms,
@@ -338,7 +339,7 @@ def _norms(
     the targets' own forward from the attention output on (``out``)."""
     call, rows_call, output_rows = calls.whole, calls.rows, calls.output_rows
     wanted: Sequence[str] = list(sites)
-    batch = call.query.shape[0]
+    batch = call.key.shape[0]
     if rows_call.query.ndim != 4 or rows_call.query.shape[2] != 1:
         raise LastBlockRefused(
             f"the targets' own forward gave queries of shape {tuple(rows_call.query.shape)}"
@@ -365,6 +366,12 @@ def _norms(
         )
         if dq is None:
             raise LastBlockRefused("the attention output does not depend on the queries")
+    # the replays take the whole forward's query and output at the targets only: the rest
+    # (and, after dq, the attention's graph) goes before the replays' per-target copies
+    target_rows = TargetRows(
+        query=call.query.detach()[unique.rows, :, unique.t], output=output_rows.detach()[:, 0]
+    )
+    call.release_query_and_output()
     around = dict(zip(wanted, grads[1:], strict=True))  # paths around attention, [U, 1, w]
     checks = DeferredChecks()
     for proj in ("k", "v"):
@@ -373,22 +380,15 @@ def _norms(
             checks.flag(f"{proj} around", select_columns(other, sites[proj][1]).any())
     # the targets' own forward saw the queries, keys and values the whole forward did
     for what, got, whole in (
-        ("the targets' queries", rows_call.query, call.query),
-        ("the targets' keys", rows_call.key, call.key),
-        ("the targets' values", rows_call.value, call.value),
+        ("the targets' queries", rows_call.query, target_rows.query),
+        ("the targets' keys", rows_call.key, call.key.detach()[unique.rows, :, unique.t]),
+        ("the targets' values", rows_call.value, call.value.detach()[unique.rows, :, unique.t]),
     ):
-        checks.close(
-            got[:, :, 0],
-            whole.detach()[unique.rows, :, unique.t],
-            unique.rows,
-            what,
-            batch=batch,
-            dtype=call.compute_dtype,
-        )
-    key_terms, value_terms, query_grads = head_terms(call, g, dq, unique, checks)
+        checks.close(got[:, :, 0], whole, unique.rows, what, batch=batch, dtype=call.compute_dtype)
+    key_terms, value_terms, query_grads = head_terms(
+        call, target_rows, g, dq=dq, unique=unique, checks=checks
+    )
     backward_key = _backward_key(call)
-    if not verify:  # nothing holds them for a backward: the K/V routes run without them
-        call.release_query_and_output()
     routes = [
         KeyValueRoute(
             name=proj,
