@@ -233,7 +233,8 @@ def head_terms(
     """The key terms (score gradients w, queries q), value terms (probabilities a, g) and
     ``dz/dq`` ``[U, H, d]`` of every target, from ``g`` ``[U, H, dv]``: ``dz_t/do_t`` at the
     attention function's output of each target (``call``'s keys and values; its query and
-    output at the targets: ``target_rows``).
+    output at the targets: ``target_rows``); ``dq`` ``[U, H, d]``, where given, is the
+    model's own backward's ``dz/dq`` at the targets, which the replays' must match.
 
     One replay with one target per batch element (its query row; its sequence's
     keys and values; its mask row), in chunks of bounded size, and one backward
@@ -260,7 +261,6 @@ def head_terms(
     w, a, query_grads = [], [], []
     for start in range(0, count, per_chunk):
         rows = unique.rows[start : start + per_chunk]
-        t = unique.t[start : start + per_chunk]
         n = rows.shape[0]
         q = target_rows.query[start : start + per_chunk].float()  # [n, H, d]
         q_aug = torch.cat([q, one_hot.expand(n, -1, -1)], -1)[:, :, None].requires_grad_(True)
@@ -289,7 +289,7 @@ def head_terms(
         cotangent = torch.cat([g_chunk, one_hot.expand(n, -1, -1)], -1)[:, None]
         dq_aug, dk_aug, dv_aug = torch.autograd.grad(out, (q_aug, k_aug, v_aug), cotangent)
         if dq is not None:
-            recorded_dq = _pad(dq[rows, :, t], groups)
+            recorded_dq = _pad(dq[start : start + per_chunk], groups)
             checks.close(
                 dq_aug[:, :, 0], recorded_dq, rows, "dz/dq", batch=batch, dtype=call.compute_dtype
             )

@@ -361,11 +361,13 @@ def _norms(
     if verify:
         cotangent = torch.zeros_like(call.output)
         cotangent[unique.rows, unique.t] = g.to(call.output.dtype)
-        (dq,) = torch.autograd.grad(
+        (dq_all,) = torch.autograd.grad(
             call.output, call.leaves[0], cotangent, retain_graph=True, allow_unused=True
         )
-        if dq is None:
+        if dq_all is None:
             raise LastBlockRefused("the attention output does not depend on the queries")
+        dq = dq_all[unique.rows, :, unique.t]  # [U, H, d]: every position's goes now
+        del cotangent, dq_all
     # the replays take the whole forward's query and output at the targets only: the rest
     # (and, after dq, the attention's graph) goes before the replays' per-target copies
     target_rows = TargetRows(
