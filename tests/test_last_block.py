@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers.modeling_utils import AttentionInterface
 
-from inversion_monitor.probe import key_value_norms, last_block
+from inversion_monitor.probe import attention_replay, key_value_norms, last_block, split_forward
 from inversion_monitor.probe.architectures import resolve_model
 from inversion_monitor.probe.attention_capture import AttentionRecorded, recording_attention
 from inversion_monitor.probe.gradients import logit_gradient_norms
@@ -510,3 +510,59 @@ def test_streamed_gram_matrices_hold_one_group_at_a_time(monkeypatch):
     assert torch.allclose(torch.cat(got), whole)
     group = 4 * 24 * 8 * 8  # one group's float64 copy
     assert counter.peak_bytes <= 2 * group, counter.peak_bytes
+
+
+def _probe_with_prefix(model, ids, positions):
+    """Two captured-prefix probes (a block's first, then a later one): the later one's
+    result and counted peak extra bytes."""
+    with _captured(model, ids) as prefix:
+        for _ in range(2):
+            with OpCounter() as counter:
+                fast = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
+        assert set(fast.paths.values()) == {"last_block"} and fast.prefix == "captured", fast
+        size = prefix.hidden.numel() * prefix.hidden.element_size()
+    return fast, counter.peak_bytes, size
+
+
+def test_the_embedding_is_stood_in_where_the_block_takes_nothing_from_it(monkeypatch):
+    # fed from a prefix, the embedding's output ([B, T, d]) was held through the forward over
+    # every position for nothing; a zero stand-in holding no memory takes its place once the
+    # block's keyword arguments were seen to come out the same (the same norms, to the bit).
+    # With the replay and cotangent chunks at their least (as at long T, where the forward
+    # over every position is the peak: 6.3x the prefix at the goal shape with the embedding)
+    monkeypatch.setattr(attention_replay, "_MAX_REPLAY_ELEMENTS", 1)
+    monkeypatch.setattr(key_value_norms, "_MAX_COTANGENT_ELEMENTS", 1)
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    ids = torch.randint(4, 100, (2, 1024), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 5], [0, 1000], [1, 40], [1, 600]])
+    stood, peak, size = _probe_with_prefix(model, ids, positions)
+    (key,) = split_forward._STAND_IN_HOLDS[model]
+    assert split_forward._STAND_IN_HOLDS[model] == {key: True}
+    split_forward._STAND_IN_HOLDS[model] = {key: False}
+    real, real_peak, _ = _probe_with_prefix(model, ids, positions)
+    for component, value in real.norms.items():
+        assert torch.equal(stood.norms[component], value), component
+    assert torch.equal(stood.entropy, real.entropy)
+    assert real_peak - peak >= 0.9 * size, (real_peak, peak, size)
+
+
+def test_a_model_whose_blocks_take_values_from_the_embedding_keeps_it():
+    # a model that computes what its blocks receive from the embedding's output (here the
+    # rotary tables, as Gemma-3n's per-layer inputs) must see the real one: the check finds
+    # the difference and the norms still equal the reference
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    rotary = model.model.rotary_emb
+    plain = rotary.forward
+
+    def from_values(x, position_ids):
+        cos, sin = plain(x, position_ids)
+        scale = 1 + x.float().abs().mean(-1, keepdim=True).to(cos.dtype) * 1e-2
+        return cos * scale, sin * scale
+
+    rotary.forward = from_values
+    ids = torch.randint(4, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 5], [0, 60], [1, 40]])
+    fast, _, _ = _probe_with_prefix(model, ids, positions)
+    assert list(split_forward._STAND_IN_HOLDS[model].values()) == [False]
+    reference = reference_norms(model, ids, positions=positions)
+    assert_matches_reference(fast, reference)

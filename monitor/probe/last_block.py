@@ -80,7 +80,12 @@ from inversion_monitor.probe.key_value_norms import (
     slot_ranks,
 )
 from inversion_monitor.probe.precision import ProbePrecision
-from inversion_monitor.probe.split_forward import AttentionPass, forward_attention, forward_rows
+from inversion_monitor.probe.split_forward import (
+    AttentionPass,
+    embedding_stand_in_holds,
+    forward_attention,
+    forward_rows,
+)
 
 __all__ = ["LastBlockRefused", "last_block_norms", "last_block_refusal"]
 
@@ -196,12 +201,25 @@ def last_block_norms(
     # projection outputs to the attention (their routes' vector-Jacobian products), and
     # stops at the attention function, whose own graph is kept only until its backward was
     # checked once (dz/dq)
+    # fed from a prefix, the embedding's output (the prefix's size) need not be held through
+    # the forward over every position, where the model computes nothing its block takes from
+    # it (checked once per model, on the first positions)
+    stand_in = embedding_stand_in_holds(
+        plan, sequences, min(length, TAIL_CHECK_POSITIONS), attention, key
+    )
     grad_from = {id(sites[p][0]): sites[p][0] for p in ("k", "v") if p in sites}
     with (
         recording_attention(
             attention, values_only=_VERIFIED_BACKWARD.get(attention, set()), stop=True
         ) as recorder,
-        forward_attention(plan, sequences, length, attention, list(grad_from.values())) as before,
+        forward_attention(
+            plan,
+            sequences,
+            length,
+            attention,
+            list(grad_from.values()),
+            embedding_stand_in=stand_in,
+        ) as before,
     ):
         if len(recorder.calls) != 1:
             raise LastBlockRefused(

@@ -13,6 +13,7 @@ once per block, and checks the queries, keys and values every time).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -36,7 +37,19 @@ from inversion_monitor.probe.forward import (
 )
 from inversion_monitor.probe.precision import ProbePrecision
 
-__all__ = ["AttentionPass", "forward_attention", "forward_rows"]
+__all__ = [
+    "AttentionPass",
+    "embedding_stand_in_holds",
+    "embedding_stood_in",
+    "forward_attention",
+    "forward_rows",
+]
+
+# per model: for each (parameter dtype, device type, precision), whether the probed block's
+# keyword arguments come out the same with the input embedding stood in for
+_STAND_IN_HOLDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _AttentionDone(Exception):
@@ -87,12 +100,14 @@ def _run_attention(
     grad_from: Sequence[nn.Module],
     prefix: _Prefix | None,
     precision: ProbePrecision | None,
+    embedding_stand_in: bool = False,
 ) -> AttentionPass:
     """The model's own forward of ``input_ids`` until block ``block``'s ``attention`` module
     returns (or its recorder stops it); nothing after it runs. Values only, except from the
     outputs of the ``grad_from`` modules on: each becomes a fresh leaf, so the only graph is
     that of the maps from them to the attention (nothing the norm, the other projections or
-    the block's input would save for a backward is held for every position)."""
+    the block's input would save for a backward is held for every position). With
+    ``embedding_stand_in`` and a ``prefix``: :func:`embedding_stood_in`."""
     received: dict[str, Any] = {}
     hidden: list[torch.Tensor] = []
 
@@ -122,7 +137,8 @@ def _run_attention(
     ]
     try:
         autocast = nullcontext() if precision is None else precision.forward_context()
-        with torch.no_grad(), _fed_from(resolved, prefix), autocast:
+        stand_in = embedding_stood_in(resolved) if embedding_stand_in and prefix else nullcontext()
+        with torch.no_grad(), _fed_from(resolved, prefix), stand_in, autocast:
             try:
                 resolved.model(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
@@ -205,11 +221,15 @@ def forward_attention(
     length: int,
     attention: nn.Module,
     grad_from: Sequence[nn.Module],
+    *,
+    embedding_stand_in: bool = False,
 ) -> Iterator[AttentionPass]:
     """The model's forward of rows ``sequences`` cut to ``length`` tokens, up to the
     lowest probed block's ``attention`` module (nothing after it runs), with a graph only
     from the outputs of ``grad_from`` on (their inputs and outputs are captured); the
-    hooks' captures are released on exit."""
+    hooks' captures are released on exit. ``embedding_stand_in``: fed from the plan's
+    prefix, the input embedding's output is :func:`embedding_stood_in` (only where
+    :func:`embedding_stand_in_holds`)."""
     ids, mask, pos, prefix = plan.cut(sequences, length)
     captures = _Captures(grad_from)
     try:
@@ -224,6 +244,7 @@ def forward_attention(
             grad_from=grad_from,
             prefix=prefix,
             precision=plan.precision,
+            embedding_stand_in=embedding_stand_in,
         )
         captures.stop()  # what runs inside (the targets' own forward) is not captured
         yield before
@@ -266,3 +287,95 @@ def forward_rows(
         )
     finally:
         captures.remove()
+
+
+@contextmanager
+def embedding_stood_in(resolved: ResolvedModel) -> Iterator[None]:
+    """While inside, the model's input embedding returns zeros of its output's shape and
+    dtype that hold no memory (one element, seen through stride-0 dimensions) instead of
+    its output, which goes as soon as it is made.
+
+    For a forward fed from a captured prefix only: the blocks below the prefix's are
+    skipped and the prefix replaces the hidden states entering its block, so at
+    Llama-like models the embedding's output (the size of the prefix, ``[B, T, d]``) is
+    held through the whole forward for nothing. A model may still compute what its blocks
+    receive from it (per-layer inputs): :func:`embedding_stand_in_holds` checks that.
+    """
+    get = getattr(resolved.model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    if not isinstance(embedding, nn.Module):
+        yield
+        return
+
+    def stand_in(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            return output.new_zeros(()).expand(output.shape)
+        return None
+
+    handle = embedding.register_forward_hook(stand_in)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def embedding_stand_in_holds(
+    plan: ProbePlan,
+    sequences: torch.Tensor,
+    length: int,
+    attention: nn.Module,
+    key: tuple[str, ...],
+) -> bool:
+    """Whether :func:`forward_attention` may stand in for the input embedding (fed from
+    ``plan``'s prefix): the probed block's keyword arguments (rotary tables, masks,
+    anything the model computes for its blocks) come out equal, value for value, with
+    and without it. Checked once per model and ``key`` (dtype, device, precision) on the
+    first ``length`` positions (a cut: no more memory than a later forward); a forward
+    that fails with the stand-in (an in-place write to it) counts as a difference.
+    """
+    if plan.prefix is None:
+        return False
+    known = _STAND_IN_HOLDS.setdefault(plan.resolved.model, {})
+    if key not in known:
+        with forward_attention(plan, sequences, length, attention, []) as real:
+            expected = real.block_kwargs
+        try:
+            with forward_attention(
+                plan, sequences, length, attention, [], embedding_stand_in=True
+            ) as stood:
+                got = stood.block_kwargs
+        except RuntimeError:
+            known[key] = False
+        else:
+            known[key] = _same_values(expected, got)
+    return known[key]
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` equal: tensors by shape, dtype and every value; tuples, lists and
+    dicts elementwise; anything else by identity or ``==``.
+
+    >>> _same_values({"x": (torch.ones(2), None)}, {"x": (torch.ones(2), None)})
+    True
+    >>> _same_values([torch.ones(2)], [torch.zeros(2)])
+    False
+    """
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_values, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+    try:
+        return a is b or bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
