@@ -566,3 +566,26 @@ def test_a_model_whose_blocks_take_values_from_the_embedding_keeps_it():
     assert list(split_forward._STAND_IN_HOLDS[model].values()) == [False]
     reference = reference_norms(model, ids, positions=positions)
     assert_matches_reference(fast, reference)
+
+
+def test_a_blocks_first_checks_run_on_a_probe_of_the_first_positions(monkeypatch):
+    # the attention's own backward over every position (checked once: its every-position
+    # cotangent and dz/dq) runs on a probe of the targets within the first
+    # TAIL_CHECK_POSITIONS positions; the probe over every position is then values only
+    monkeypatch.setattr(last_block, "TAIL_CHECK_POSITIONS", 64)
+    seen = []
+    replay = last_block.head_terms
+
+    def head_terms(call, target_rows, g, **kwargs):
+        seen.append((kwargs["dq"] is not None, call.key.shape[2], g.shape[0]))
+        return replay(call, target_rows, g, **kwargs)
+
+    monkeypatch.setattr(last_block, "head_terms", head_terms)
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    ids = torch.randint(4, 100, (2, 400), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 5], [0, 390], [1, 40], [1, 200]])
+    reference = reference_norms(model, ids, positions=positions)
+    for _ in range(2):
+        assert_matches_reference(logit_gradient_norms(model, ids, positions=positions), reference)
+    # the cut's two targets (t 5 and 40: 41 positions) with the check, then every target twice
+    assert seen == [(True, 41, 2), (False, 391, 4), (False, 391, 4)]

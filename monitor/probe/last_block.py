@@ -186,6 +186,17 @@ def last_block_norms(
         plan.input_ids.device.type,
         repr(plan.precision),
     )
+    if key not in _TAIL_VERIFIED.get(block, set()):
+        # a block's first probe: its one-time checks (the attention's own backward over
+        # every position, the tail, the embedding's stand-in, the K/V route decisions) run
+        # on a probe of the targets in the first positions, with their memory; the probe
+        # over every position then holds no more than a later one (the attention backward's
+        # every-position cotangent and dz/dq were 1.03x the goal at d 4,096, T 8,192)
+        cut, _ = _tail_check_cut(targets[:, 1], length)
+        if cut < length:
+            last_block_norms(
+                resolved, layer, sites, targets=targets[targets[:, 1] < cut], norm=norm, plan=plan
+            )
     tail = None  # the tail check's expected logits and the targets they are of
     if key not in _TAIL_VERIFIED.get(block, set()):
         # once per block: the whole forward's target logits, which the targets' rows
