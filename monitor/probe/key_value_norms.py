@@ -473,7 +473,9 @@ def _small_gram(product: torch.Tensor, sink: _StreamedSolve | None = None) -> to
     out = product.new_empty((0 if sink else math.prod(lead), size, size), dtype=torch.float64)
     step = max(1, _MAX_SOLVE_BYTES // (inner * rows * cols * 8))
     for start in range(0, lead[0], step):
-        a = product[start : start + step].double().reshape(-1, rows, cols)
+        a = product[start : start + step].double()
+        if a.ndim == 4:  # [n, M, p, q]: contiguous now, so a view
+            a = a.flatten(0, 1)
         # bmm, not matmul: the same product without matmul's expand/view ops per group
         left, right = (a, a.mT) if rows < cols else (a.mT, a)
         if sink is None:

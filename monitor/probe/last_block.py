@@ -32,7 +32,9 @@ dominates at long T).
 
 Every replay's output rows are checked against the recorded forward, and
 its ``dz/dq`` against the model's own backward the first time an attention
-module is probed (per implementation, dtype and device type); on any
+module is probed (per implementation, dtype and device type; on a probe of the
+targets in the first :data:`TAIL_CHECK_POSITIONS` positions, so that check's
+every-position cotangent and ``dz/dq`` do not grow with T); on any
 mismatch :class:`LastBlockRefused` is raised and the caller uses the
 general path: never a silently wrong value. The hot path has no Python loop
 over targets, heads, rows or positions: the checks and the route decisions of
@@ -208,16 +210,16 @@ def last_block_norms(
             sequences, cut, unique.rows[checked], unique.t[checked], grad=False
         ) as full:
             tail = full.target_logits.detach(), checked
-    # the forward over every position computes values only, except from K's and V's
-    # projection outputs to the attention (their routes' vector-Jacobian products), and
-    # stops at the attention function, whose own graph is kept only until its backward was
-    # checked once (dz/dq)
     # fed from a prefix, the embedding's output (the prefix's size) need not be held through
     # the forward over every position, where the model computes nothing its block takes from
     # it (checked once per model, on the first positions)
     stand_in = embedding_stand_in_holds(
         plan, sequences, min(length, TAIL_CHECK_POSITIONS), attention, key
     )
+    # the forward over every position computes values only, except from K's and V's
+    # projection outputs to the attention (their routes' vector-Jacobian products), and
+    # stops at the attention function, whose own graph is kept only until its backward was
+    # checked once (dz/dq)
     grad_from = {id(sites[p][0]): sites[p][0] for p in ("k", "v") if p in sites}
     with (
         recording_attention(
