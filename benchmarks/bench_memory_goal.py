@@ -10,7 +10,8 @@ model is one Llama-3-8B-shaped decoder layer (d 4,096, intermediate 14,336,
 on the device, bf16 on CUDA). For each T: a training-mode forward of 4 x T
 captures the last block's input (the prefix the monitor keeps anyway), then
 the captured last-block Q/K/V/O probe runs twice on 64 targets (the first
-call also checks its replayed backward once: the larger one). "Extra" is the
+call also runs the block's one-time checks, on a probe of the targets in the
+first 1,024 positions; both count). "Extra" is the
 CUDA allocator's peak during the call over what was allocated just before it
 (model, prefix, ids). Each call records the probe's paths and prefix
 (``result.paths``, ``result.prefix``): the goal counts as met only for the
@@ -18,7 +19,9 @@ captured last-block path, not a general fallback. ``--tiny`` runs the same
 program at d 64 on the CPU (the peak then comes from the probe's own
 allocation count, ``OpCounter``), to check the wiring
 (``tests/test_bench_gpu.py``); ``--stand-in`` runs the goal shape's proportions at d 512
-(vocab 16,032) on the CPU in fp32, counted the same way, to see what grows with T.
+(vocab 16,032) on the CPU in fp32, counted the same way, to see what grows with T;
+``--device cpu`` counts the goal shape itself on the CPU (bf16; ~13 minutes on two
+cores for T 1,024 to 8,192: 0.727 / 0.780 / 1.024 / 1.367 GiB).
 """
 
 from __future__ import annotations
