@@ -589,3 +589,15 @@ def test_a_blocks_first_checks_run_on_a_probe_of_the_first_positions(monkeypatch
         assert_matches_reference(logit_gradient_norms(model, ids, positions=positions), reference)
     # the cut's two targets (t 5 and 40: 41 positions) with the check, then every target twice
     assert seen == [(True, 41, 2), (False, 391, 4), (False, 391, 4)]
+
+
+def test_a_model_that_writes_to_the_embedding_in_place_keeps_it():
+    # the stand-in is one element seen through stride-0 dimensions: a model writing to the
+    # embedding's output in place fails on it, which the check counts as a difference
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    model.model.rotary_emb.register_forward_pre_hook(lambda module, args: args[0].mul_(1.0))
+    ids = torch.randint(4, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 5], [0, 60], [1, 40]])
+    fast, _, _ = _probe_with_prefix(model, ids, positions)
+    assert list(split_forward._STAND_IN_HOLDS[model].values()) == [False]
+    assert_matches_reference(fast, reference_norms(model, ids, positions=positions))

@@ -347,7 +347,7 @@ def embedding_stand_in_holds(
                 plan, sequences, length, attention, [], embedding_stand_in=True
             ) as stood:
                 got = stood.block_kwargs
-        except RuntimeError:
+        except (RuntimeError, ValueError, TypeError):  # e.g. an in-place write to the zeros
             known[key] = False
         else:
             known[key] = _same_values(expected, got)
