@@ -49,8 +49,8 @@ Usage: python benchmarks/bench_scaling.py [--device cpu|cuda] [--full] [--rounds
 
    at T 4,096 (training batch 8 x T, probe 4 x T, 64 targets).
 3. Long context: the first probe (d 256, 1 x T, 64 targets, captured prefix;
-   the first probe of a module also checks its replayed backward once, the
-   largest it gets) at T 4,096 / 8,192 / 16,384 (``--full``: and 2,048) with
+   the first probe of a block also runs its one-time checks, on a probe of the
+   targets in the first 1,024 positions) at T 4,096 / 8,192 / 16,384 (``--full``: and 2,048) with
    its peak memory: on CPU the peak RSS
    above the RSS just before the call, in a fresh subprocess per T with glibc's
    mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=65536: every large tensor is
@@ -69,8 +69,9 @@ error 36%, max 71% (the load: the layer step's time was not monotone in its
 FLOPs); the probe ran at ~7 GFLOP/s, the layer step at ~70. In FLOPs (no
 load in them) the probe is 0.33-0.35 of a layer step at T 4,096 for all four
 real shapes: 1.2 / 1.2 / 0.55 / 0.42% of the decoder's training FLOPs for
-1.5B / 7B / 32B / 70B. Long context: 648 / 1,016 / 1,649 MiB at T 4,096 /
-8,192 / 16,384, bound 82.7 KiB x T + 332 MiB (worst point 1.02x the line).
+1.5B / 7B / 32B / 70B. Long context: 298 / 584 / 830 MiB at T 4,096 /
+8,192 / 16,384, line 42.4 KiB x T + 174 MiB (worst point 1.14x the line: the
+replay and cotangent chunks reach their caps); it was 648 / 1,016 / 1,649 MiB.
 The issue's first measurement (probe / layer 0.79 / 0.73 / 0.48 at d 256 /
 512 / 1,024, T 256) used a lighter load; on this machine's load the ratios
 move by 2-4x between runs.
