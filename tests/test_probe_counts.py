@@ -80,10 +80,11 @@ def test_syncs_and_solves_do_not_grow_with_the_targets() -> None:
         assert many.solves == few.solves, (family, few.solve_ops, many.solve_ops)
         assert many.ops <= 1.1 * few.ops, (family, few.ops, many.ops)
         assert few.syncs <= 16 and few.solves <= 8, (family, few.sync_ops, few.solve_ops)
-        # measured 667 (llama) and 589 (gpt2) ops on the eigh route, the same at 96 targets,
+        # measured 646 (llama) and 568 (gpt2) ops on the eigh route, the same at 96 targets,
         # now that the K/V route decisions are checked on a projection's first probe only
-        # (962 and 843 when every probe checked them): a regression fails here
-        assert few.ops <= {"llama": 680, "gpt2": 600}[family], (family, few.by_op.most_common(12))
+        # (962 and 843 when every probe checked them) and each replay check stacks its error
+        # and scale (667 and 589 before): a regression fails here
+        assert few.ops <= {"llama": 655, "gpt2": 580}[family], (family, few.by_op.most_common(12))
 
 
 def test_the_rank_one_path_reads_its_targets_back_once() -> None:
