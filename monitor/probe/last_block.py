@@ -188,28 +188,29 @@ def last_block_norms(
         plan.input_ids.device.type,
         repr(plan.precision),
     )
+    tail = None  # the tail check's expected logits and the targets they are of
     if key not in _TAIL_VERIFIED.get(block, set()):
-        # a block's first probe: its one-time checks (the attention's own backward over
-        # every position, the tail, the embedding's stand-in, the K/V route decisions) run
-        # on a probe of the targets in the first positions, with their memory; the probe
-        # over every position then holds no more than a later one (the attention backward's
-        # every-position cotangent and dz/dq were 1.03x the goal at d 4,096, T 8,192)
-        cut, _ = _tail_check_cut(targets[:, 1], length)
+        cut, checked = _tail_check_cut(unique.t, length)
         if cut < length:
+            # a block's first probe past the cut: its one-time checks (the attention's own
+            # backward over every position, the tail, the embedding's stand-in, the K/V route
+            # decisions) run on a probe of the targets in the cut, which reaches the branch
+            # below; the probe over every position then holds no more than a later one (that
+            # backward's every-position cotangent and dz/dq took the first probe's peak to
+            # 6.4x the prefix at the goal shape, T 4,096)
             last_block_norms(
                 resolved, layer, sites, targets=targets[targets[:, 1] < cut], norm=norm, plan=plan
             )
-    tail = None  # the tail check's expected logits and the targets they are of
-    if key not in _TAIL_VERIFIED.get(block, set()):
-        # once per block: the whole forward's target logits, which the targets' rows
-        # alone must reproduce (nothing in the block but its attention mixes positions);
-        # values only: nothing backpropagates through it, so no graph is kept; over the
-        # first positions only (TAIL_CHECK_POSITIONS), so its memory does not grow with T
-        cut, checked = _tail_check_cut(unique.t, length)
-        with plan.forward(
-            sequences, cut, unique.rows[checked], unique.t[checked], grad=False
-        ) as full:
-            tail = full.target_logits.detach(), checked
+        else:
+            # once per block: the whole forward's target logits, which the targets' rows
+            # alone must reproduce (nothing in the block but its attention mixes positions);
+            # values only: nothing backpropagates through it, so no graph is kept; over the
+            # first positions only (TAIL_CHECK_POSITIONS, the cut), so its memory does not
+            # grow with T
+            with plan.forward(
+                sequences, cut, unique.rows[checked], unique.t[checked], grad=False
+            ) as full:
+                tail = full.target_logits.detach(), checked
     # fed from a prefix, the embedding's output (the prefix's size) need not be held through
     # the forward over every position, where the model computes nothing its block takes from
     # it (checked once per model, on the first positions)
