@@ -367,13 +367,9 @@ def test_the_first_calls_whole_sequence_check_keeps_no_graph():
     assert first <= 2 * steady
 
 
-def _first_and_steady_peaks(cut, monkeypatch):
-    """Peak extra bytes (counted) of a block's first captured-prefix probe and of a later
-    one, with the tail check's cut at ``cut`` positions (a wide MLP: [B, T, 512])."""
-    monkeypatch.setattr(last_block, "TAIL_CHECK_POSITIONS", cut)
-    model = tiny_causal_lm("llama", num_layers=2, seed=3, intermediate_size=512)
-    ids = torch.randint(4, 100, (2, 512), generator=torch.Generator().manual_seed(0))
-    positions = torch.tensor([[0, 5], [0, 500], [1, 40], [1, 400]])
+def _probe_with_prefix(model, ids, positions):
+    """Two captured-prefix probes (a block's first, then a later one): the later one's
+    result, both probes' counted peak extra bytes and the prefix's bytes."""
     peaks = []
     with _captured(model, ids) as prefix:  # a prefix is used while its capture is installed
         for _ in range(2):
@@ -381,7 +377,18 @@ def _first_and_steady_peaks(cut, monkeypatch):
                 fast = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
             assert set(fast.paths.values()) == {"last_block"} and fast.prefix == "captured", fast
             peaks.append(counter.peak_bytes)
-    return peaks
+        size = prefix.hidden.numel() * prefix.hidden.element_size()
+    return fast, peaks, size
+
+
+def _first_and_steady_peaks(cut, monkeypatch):
+    """Peak extra bytes (counted) of a block's first captured-prefix probe and of a later
+    one, with the tail check's cut at ``cut`` positions (a wide MLP: [B, T, 512])."""
+    monkeypatch.setattr(last_block, "TAIL_CHECK_POSITIONS", cut)
+    model = tiny_causal_lm("llama", num_layers=2, seed=3, intermediate_size=512)
+    ids = torch.randint(4, 100, (2, 512), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 5], [0, 500], [1, 40], [1, 400]])
+    return _probe_with_prefix(model, ids, positions)[1]
 
 
 def test_the_first_calls_check_covers_a_bounded_cut_of_positions(monkeypatch):
@@ -473,19 +480,29 @@ def test_the_gram_route_with_or_without_the_inputs_qr_equals_the_reference(monke
     assert factors and all(bool(f.numel()) is qr for f in factors)
 
 
+def _spy_on_replays(monkeypatch, record):
+    """``record(call, target_rows, g, kwargs)`` on each call of the replays
+    (``last_block.head_terms``), which then run as they would."""
+    replay = last_block.head_terms
+
+    def head_terms(call, target_rows, g, **kwargs):
+        record(call, target_rows, g, kwargs)
+        return replay(call, target_rows, g, **kwargs)
+
+    monkeypatch.setattr(last_block, "head_terms", head_terms)
+
+
 def test_the_replays_run_after_the_whole_forwards_query_and_output_are_released(monkeypatch):
     # the replays take the query and attention output at the targets only; those of every
     # position (each the size of the prefix, and in a first probe the attention's graph) go
     # before the replays' per-target copies, which were the peak at the goal shape
     seen = []
-    replay = last_block.head_terms
 
-    def head_terms(call, target_rows, g, **kwargs):
+    def record(call, target_rows, g, kwargs):
         seen.append((call.query.numel(), call.output.numel(), call.leaves[0].numel()))
         assert target_rows.query.shape[0] == g.shape[0]
-        return replay(call, target_rows, g, **kwargs)
 
-    monkeypatch.setattr(last_block, "head_terms", head_terms)
+    _spy_on_replays(monkeypatch, record)
     model = tiny_causal_lm("llama", num_layers=2, seed=3)
     _compare(model)  # the first probe (checks the replayed backward) and a later one
     assert seen == [(0, 0, 0), (0, 0, 0)]
@@ -512,18 +529,6 @@ def test_streamed_gram_matrices_hold_one_group_at_a_time(monkeypatch):
     assert counter.peak_bytes <= 2 * group, counter.peak_bytes
 
 
-def _probe_with_prefix(model, ids, positions):
-    """Two captured-prefix probes (a block's first, then a later one): the later one's
-    result and counted peak extra bytes."""
-    with _captured(model, ids) as prefix:
-        for _ in range(2):
-            with OpCounter() as counter:
-                fast = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
-        assert set(fast.paths.values()) == {"last_block"} and fast.prefix == "captured", fast
-        size = prefix.hidden.numel() * prefix.hidden.element_size()
-    return fast, counter.peak_bytes, size
-
-
 def test_the_embedding_is_stood_in_where_the_block_takes_nothing_from_it(monkeypatch):
     # fed from a prefix, the embedding's output ([B, T, d]) was held through the forward over
     # every position for nothing; a zero stand-in holding no memory takes its place once the
@@ -535,11 +540,11 @@ def test_the_embedding_is_stood_in_where_the_block_takes_nothing_from_it(monkeyp
     model = tiny_causal_lm("llama", num_layers=2, seed=3)
     ids = torch.randint(4, 100, (2, 1024), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([[0, 5], [0, 1000], [1, 40], [1, 600]])
-    stood, peak, size = _probe_with_prefix(model, ids, positions)
+    stood, (_, peak), size = _probe_with_prefix(model, ids, positions)
     (key,) = split_forward._STAND_IN_HOLDS[model]
     assert split_forward._STAND_IN_HOLDS[model] == {key: True}
     split_forward._STAND_IN_HOLDS[model] = {key: False}
-    real, real_peak, _ = _probe_with_prefix(model, ids, positions)
+    real, (_, real_peak), _ = _probe_with_prefix(model, ids, positions)
     for component, value in real.norms.items():
         assert torch.equal(stood.norms[component], value), component
     assert torch.equal(stood.entropy, real.entropy)
@@ -574,13 +579,12 @@ def test_a_blocks_first_checks_run_on_a_probe_of_the_first_positions(monkeypatch
     # TAIL_CHECK_POSITIONS positions; the probe over every position is then values only
     monkeypatch.setattr(last_block, "TAIL_CHECK_POSITIONS", 64)
     seen = []
-    replay = last_block.head_terms
-
-    def head_terms(call, target_rows, g, **kwargs):
-        seen.append((kwargs["dq"] is not None, call.key.shape[2], g.shape[0]))
-        return replay(call, target_rows, g, **kwargs)
-
-    monkeypatch.setattr(last_block, "head_terms", head_terms)
+    _spy_on_replays(
+        monkeypatch,
+        lambda call, target_rows, g, kwargs: seen.append(
+            (kwargs["dq"] is not None, call.key.shape[2], g.shape[0])
+        ),
+    )
     model = tiny_causal_lm("llama", num_layers=2, seed=3)
     ids = torch.randint(4, 100, (2, 400), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([[0, 5], [0, 390], [1, 40], [1, 200]])
