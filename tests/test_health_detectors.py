@@ -293,6 +293,28 @@ def test_kl_lone_spike_is_quiet_and_a_sustained_surge_is_caught() -> None:
         assert fired and 40 <= fired[0] <= 43, (seed, fired)
 
 
+# KL of the failure corpus' rl-lr_jump-s0, steps 1-29: the learning rate jumps 300x at step 25;
+# KL 4.92 (6.1 x its level, robust z +4.5: CUSUM 2.5, under the threshold) then 18.7
+GRPO_KL_JUMP = [
+    0.0, 0.2039, 0.1389, 0.2582, 0.3794, 0.3866, 0.4049, 0.7921, 0.5734, 0.7904, 0.7101,
+    0.7082, 0.7305, 0.6191, 0.8092, 0.8772, 1.151, 0.8512, 0.9289, 0.9247, 1.152, 0.9026,
+    1.192, 1.301, 1.079, 4.922, 18.7, 6.934, 9.265,
+]  # fmt: skip
+
+
+def test_kl_jump_fires_on_its_second_record() -> None:
+    """Two records in a row far out fire on the second, though the first alone kept the CUSUM
+    under the threshold (with each record over it, the alert came a record later)."""
+    first = GRPO_KL_JUMP.index(4.922)
+    config = AlertsConfig().kl_surge
+    assert firings(KLSurge(config), "kl", GRPO_KL_JUMP) == [first + 1]
+    each_over = config.model_copy(update={"confirm_z": None})
+    assert firings(KLSurge(each_over), "kl", GRPO_KL_JUMP) == [first + 2]
+    # the first record alone, back to the level after it: quiet
+    lone = [*GRPO_KL_JUMP[: first + 1], *GRPO_KL_JUMP[first - 6 : first]]
+    assert firings(KLSurge(config), "kl", lone) == []
+
+
 def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
     """Healthy RL runs of the failure corpus: a mean length halved for ten steps, or at 1.8x
     its level for five (and 1.5-1.8x for up to ~14); a length doubled (to the token cap) that

@@ -94,6 +94,13 @@ class DriftConfig(DetectorConfig):
         "min_rise/min_fall from the level before the alert fires (2: a lone record never "
         "fires it, even after a slow healthy drift has charged the CUSUM)",
     )
+    confirm_z: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="with ``confirm`` > 1: a record counts toward it when it is min_rise/"
+        "min_fall from the level and this many robust SDs out, the CUSUM over the threshold "
+        "on the last of them only (None: the CUSUM over the threshold on each)",
+    )
     z_cap: float | None = Field(
         default=None,
         gt=0.0,
@@ -336,6 +343,7 @@ class DriftDetector:
         self.side: Direction | None = None  # the direction that fired
         self._start_step = 0
         self._confirmed = 0  # records in a row over the threshold and far from the level
+        self._out_run = 0  # records in a row ``confirm_z`` robust SDs out (``confirm_z`` set)
 
     def value(self, obs: Observation) -> float | None:
         value: float | None = getattr(obs, self.field)
@@ -359,6 +367,15 @@ class DriftDetector:
             return ratio >= 1.0 + cfg.min_rise
         return ratio <= 1.0 - cfg.min_fall
 
+    def _out(self, score: Score) -> bool:
+        """Whether the value is ``confirm_z`` robust SDs out and far from the level on a
+        watched side (a record that counts toward ``confirm`` when ``confirm_z`` is set)."""
+        out = self.config.confirm_z or 0.0
+        return any(
+            (score.z >= out if side is Direction.UP else score.z <= -out) and self._far(side, score)
+            for side, _ in self._sides(score)
+        )
+
     def pattern(self, score: Score) -> tuple[Direction, str] | None:
         """A shape that fires the alert besides the CUSUM (its direction and words for it), or
         None: none here; :class:`~.spikes.GradNormSpike` watches for growing spikes,
@@ -380,6 +397,8 @@ class DriftDetector:
         score = self.stream.update(x)
         if score is None:
             return None
+        if self.config.confirm_z is not None:
+            self._out_run = self._out_run + 1 if self._out(score) else 0
         pattern = self.pattern(score)
         if not self.active:
             # the quiet path (almost every record) builds nothing: no watched CUSUM over the
@@ -419,11 +438,12 @@ class DriftDetector:
         values = self._values(x, score)
         over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)]
         self._confirmed = self._confirmed + 1 if over else 0
-        if self._confirmed < cfg.confirm:
+        confirmed = self._confirmed if cfg.confirm_z is None else self._out_run
+        if confirmed < cfg.confirm:
             over = []
         if not over and pattern is None:
             return None
-        self._confirmed = 0
+        self._confirmed = self._out_run = 0
         if over:
             side, cusum = max(over, key=lambda dc: dc[1])
         else:

@@ -99,8 +99,8 @@ class KLSurgeConfig(SpikeConfig):
 
     A surge is sustained: a record adds at most ``z_cap`` robust SDs (healthy RL runs show
     lone KL records 3-7x their level, a few 10x and more), and the alert fires only on the
-    second record in a row (``confirm``) with the CUSUM over the threshold and KL
-    ``1 + min_rise`` x the level or more: two records ~4 robust SDs out fire. A healthy
+    second record in a row ``confirm_z`` robust SDs out and ``1 + min_rise`` x the level or
+    more, with the CUSUM over the threshold on it: two records ~4 robust SDs out fire. A healthy
     policy's KL climbs steadily (0.45 -> 1.7 nats over 15 steps in the failure corpus'
     rl-healthy-s33), faster than a 64-record median follows, so the CUSUM of such a run sits
     at its bound for tens of records; with ``confirm`` 1 a lone record 3-5x the lagging level
@@ -121,6 +121,11 @@ class KLSurgeConfig(SpikeConfig):
     k: float = Field(default=2.0, ge=0.0)
     threshold: float = Field(default=3.5, gt=0.0)
     confirm: int = Field(default=2, ge=1)
+    # 3.5: the failure corpus' GRPO learning-rate jump took KL to 6.1 x its level at robust
+    # z +4.5 (CUSUM 2.5), then 23 x (CUSUM 6.5): each record over the threshold fired on the
+    # third record, one after a static rule; counting the first fires on the second. False
+    # alarms as before (the corpus' healthy runs 1; synthetic healthy streams 0 on four draws)
+    confirm_z: float | None = Field(default=3.5, gt=0.0)
     z_cap: float | None = Field(default=6.0, gt=0.0)
     min_rise: float = Field(default=2.0, ge=0.0)
     floor: float = Field(default=0.01, ge=0.0)
