@@ -450,7 +450,8 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     dc.holdout_synthetic(s_rules, s_false, unseen)
     print("a one-record path as early as the static rule, priced on the real corpus:")
     for det in ("LossSpike", "GradNormSpike"):
-        dc.one_record_cost(s_rules, syn, runs, det)
+        if dc.one_record_cost(s_rules, syn, runs, det) is None:
+            print(f"  {det}: the static rule caught no synthetic fault on its onset record")
     print()
     dc.rho_lead(runs)
     print(f"\n({time.monotonic() - started:.0f} s)")

@@ -564,7 +564,12 @@ def synthetic_healthy(steps: int, family: str, rng: np.random.Generator) -> Corp
         rec["completion_length_mean"] = _lognormal(
             rng, 40.0 * np.exp(0.2 * np.sin(t / 700) + slow), 0.06
         )
-        rec["loss"] = rng.normal(0.0, 0.02, steps)  # a GRPO policy loss: signed, ~0
+        # a GRPO policy loss: signed, ~0, with the tails of every other stream here (the real
+        # corpus' healthy signed losses reach robust z +4.4 on 18 per 10k records): Student t
+        # (5 degrees of freedom) as a normal over sqrt(chi2 / 5), the chi2 from a spawned
+        # generator so the other streams' draws are those of the Gaussian loss before it
+        tails = np.sqrt(rng.spawn(1)[0].chisquare(5, steps) / 5)
+        rec["loss"] = rng.normal(0.0, 0.02 * math.sqrt(3 / 5), steps) / tails
     records = [
         {"step": float(i + 1), **{k: float(v[i]) for k, v in rec.items()}} for i in range(steps)
     ]

@@ -175,3 +175,16 @@ def test_a_fault_counts_for_a_detector_only_where_it_moved_its_signal() -> None:
     outcomes, *_ = dc.evaluate([run([0.375, 0.322, 0.375]), run([0.1, 0.1, 0.1], seed=1)])
     judged = [o.run for o in outcomes if o.detector == "RewardCollapse"]
     assert judged == ["trl-lr_jump-s1"]
+
+
+def test_synthetic_signed_loss_has_the_heavy_tails_of_the_other_streams() -> None:
+    """The GRPO policy loss of the synthetic healthy stream is Student t (5 degrees of freedom,
+    excess kurtosis 6), like the other streams' noise, not Gaussian (0): the real corpus'
+    healthy signed losses are heavy-tailed, and a Gaussian one handed a static rule at its
+    healthy maximum every +0.15 step on its onset record."""
+    run = dc.synthetic_healthy(50_000, "syn-rl", np.random.default_rng(3))
+    loss = np.array([r["loss"] for r in run.records])
+    centred = loss - loss.mean()
+    kurtosis = float((centred**4).mean() / (centred**2).mean() ** 2 - 3.0)
+    assert kurtosis > 2.0, kurtosis
+    assert abs(float(loss.std()) - 0.02) < 0.002  # the spread of the Gaussian it replaced
