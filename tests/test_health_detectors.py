@@ -315,6 +315,20 @@ def test_kl_jump_fires_on_its_second_record() -> None:
     assert firings(KLSurge(config), "kl", lone) == []
 
 
+def test_confirm_z_counts_records_out_on_a_downward_side_too() -> None:
+    """``confirm_z`` is a knob of every drift detector: on a fall (LengthDrift at 0.375x, above
+    its one-record collapse gates) the records before the CUSUM passes the threshold count
+    toward ``confirm`` 2, so the alert comes on the record it passes, not on the next one."""
+    lengths = [*lognormal(40.0, 0.05, 30, 7), *[15.0] * 16]
+    base = AlertsConfig().length_drift.model_copy(update={"confirm": 2})
+    each_over = firings(LengthDrift(base), "completion_length_mean", lengths)
+    counted = firings(
+        LengthDrift(base.model_copy(update={"confirm_z": 2.5})), "completion_length_mean", lengths
+    )
+    passes = firings(LengthDrift(AlertsConfig().length_drift), "completion_length_mean", lengths)
+    assert counted == passes and each_over == [passes[0] + 1], (counted, each_over, passes)
+
+
 def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
     """Healthy RL runs of the failure corpus: a mean length halved for ten steps, or at 1.8x
     its level for five (and 1.5-1.8x for up to ~14); a length doubled (to the token cap) that
