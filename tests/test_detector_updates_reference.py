@@ -50,15 +50,21 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
         "cusum": score.up if self.side is not Direction.DOWN else score.down,
         "threshold": cfg.threshold,
     }
+    if cfg.confirm_z is not None:  # records in a row confirm_z robust SDs out and far
+        out = False
+        for d, _ in self._sides(score):
+            z_out = score.z >= cfg.confirm_z if d is Direction.UP else score.z <= -cfg.confirm_z
+            out = out or (z_out and self._far(d, score))
+        self._out_run = self._out_run + 1 if out else 0
     pattern = self.pattern(score)
     if not self.active:
         over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)]
         self._confirmed = self._confirmed + 1 if over else 0
-        if self._confirmed < cfg.confirm:
+        if (self._confirmed if cfg.confirm_z is None else self._out_run) < cfg.confirm:
             over = []
         if not over and pattern is None:
             return None
-        self._confirmed = 0
+        self._confirmed = self._out_run = 0
         if over:
             side, cusum = max(over, key=lambda dc: dc[1])
         else:
@@ -352,16 +358,19 @@ def test_updates_match_the_plain_versions(kind: str, monkeypatch: pytest.MonkeyP
 def _recorded_streams() -> list[tuple[str, list[float]]]:
     """Recorded corpus and demo streams that reach the paths the random run above does not:
     RewardCollapse's collapse rule (fired by the pattern, held while the reward stays low),
-    KLSurge's confirmation after a drift-charged CUSUM, a signed loss's capped z."""
+    KLSurge's confirmation after a drift-charged CUSUM and its count of records out before the
+    CUSUM passes (``confirm_z``), a signed loss's capped z."""
     from tests.test_health_detectors import (
         DEMO_UNSTABLE_REWARD,
         GRPO_KL_CLIMB,
+        GRPO_KL_JUMP,
         GRPO_SIGNED_LOSS,
     )
 
     return [
         ("reward_mean", DEMO_UNSTABLE_REWARD + DEMO_UNSTABLE_REWARD[:30]),
         ("kl", [*GRPO_KL_CLIMB, 6.0, 7.0, 6.5, *GRPO_KL_CLIMB[60:]]),
+        ("kl", [*GRPO_KL_JUMP, *GRPO_KL_JUMP[5:25] * 3]),
         ("loss", [*GRPO_SIGNED_LOSS, 0.79, *[0.4] * 5, *GRPO_SIGNED_LOSS]),
     ]
 
