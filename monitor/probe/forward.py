@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -429,6 +429,26 @@ class ProbePlan:
             forward.target_logits.sum(), [*outputs, forward.leaf], allow_unused=True
         )
         return dict(zip((id(m) for m in modules), grads[:-1], strict=True))
+
+    def row_range(self, start: int, stop: int) -> ProbePlan:
+        """This plan on its rows ``[start, stop)`` (row ``start`` becomes row 0): views of
+        its ids, mask, position ids and prefix (no copy of the prefix). The targets and the
+        buffers stay this plan's: a probe of the range passes its own."""
+        count = self.input_ids.shape[0]
+
+        def rows(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor[start:stop] if tensor.shape[0] == count else tensor
+
+        prefix = self.prefix
+        if prefix is not None:
+            prefix = replace(prefix, hidden=rows(prefix.hidden))
+        return replace(
+            self,
+            input_ids=rows(self.input_ids),
+            attention_mask=None if self.attention_mask is None else rows(self.attention_mask),
+            position_ids=None if self.position_ids is None else rows(self.position_ids),
+            prefix=prefix,
+        )
 
     def cut(
         self, sequences: torch.Tensor, length: int

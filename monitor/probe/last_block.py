@@ -87,6 +87,7 @@ from inversion_monitor.probe.split_forward import (
     embedding_stand_in_holds,
     forward_attention,
     forward_rows,
+    input_embedding,
 )
 
 __all__ = ["LastBlockRefused", "last_block_norms", "last_block_refusal"]
@@ -108,6 +109,11 @@ _TAIL_REFUSED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictio
 # activations ([B, cut, intermediate] in the MLP) stay bounded at long T, the check as strict
 # (what mixes positions besides the attention shows on the first positions' logits)
 TAIL_CHECK_POSITIONS = 1024
+# the forward over every position peaks near 5.5x its rows' hidden states (the block's norm
+# output, its query and the model's RoPE temporaries at once: the goal shape, d 4,096, bf16,
+# T 8,192, 1.367 GiB in one range); rows whose hidden states pass this many bytes go through
+# the probe a range of rows at a time (0.752 GiB there, one row a range)
+MAX_FORWARD_ROWS_BYTES = 64 << 20
 # the route decisions of each K/V projection (``"factored"``, ``"rows apart"``), per
 # projection name, dtype and device type: checked on its first probe, then taken as
 # decided, as the replay's backward is (the map from the projection to the attention's keys
@@ -158,18 +164,77 @@ def last_block_norms(
     """Entropy ``[N]`` and ``{(layer, proj): [N]}`` for the ``[N, 2]`` ``targets``.
 
     ``sites`` maps the requested projections to their (module, columns); ``plan``
-    runs the two forwards. Duplicate targets are measured once. Raises
-    :class:`LastBlockRefused`.
+    runs the two forwards. Duplicate targets are measured once. Rows whose hidden states
+    (``[rows, T, d]``) pass :data:`MAX_FORWARD_ROWS_BYTES` go through the probe a range of
+    rows at a time (:meth:`ProbePlan.row_range`: views). Raises :class:`LastBlockRefused`.
     """
     reason = last_block_refusal(resolved, layer, sites)
     if reason is not None:
         raise LastBlockRefused(reason)
-    block = resolved.blocks[layer]
-    refused = _TAIL_REFUSED.get(block)
+    refused = _TAIL_REFUSED.get(resolved.blocks[layer])
     if refused is not None:
         raise LastBlockRefused(refused)
     sequences, rows = torch.unique(targets[:, 0], return_inverse=True)
     length = int(targets[:, 1].max()) + 1
+    per_group = max(1, MAX_FORWARD_ROWS_BYTES // max(1, length * _hidden_bytes(resolved, plan)))
+    if sequences.shape[0] <= per_group:
+        whole = (sequences, rows, length)
+        return _one_pass(
+            resolved, layer, sites, targets=targets, norm=norm, plan=plan, rows_and_length=whole
+        )
+    entropy = torch.empty(targets.shape[0], dtype=torch.float32, device=targets.device)
+    norms: dict[Component, torch.Tensor] = {}
+    count = plan.input_ids.shape[0]
+    for first in range(0, count, per_group):  # a range of rows at a time, fed as views
+        last = min(count, first + per_group)
+        index = ((targets[:, 0] >= first) & (targets[:, 0] < last)).nonzero().flatten()
+        if not index.numel():  # a sync per range: its targets
+            continue
+        selected = targets[index] - torch.tensor([first, 0], device=targets.device)
+        part = torch.unique(selected[:, 0], return_inverse=True)
+        length = int(selected[:, 1].max()) + 1
+        got, values = _one_pass(
+            resolved,
+            layer,
+            sites,
+            targets=selected,
+            norm=norm,
+            plan=plan.row_range(first, last),
+            rows_and_length=(*part, length),
+        )
+        entropy[index] = got.to(entropy.device)
+        for component, value in values.items():
+            norms.setdefault(component, value.new_empty(targets.shape[0]))[index] = value
+    return entropy, norms
+
+
+def _hidden_bytes(resolved: ResolvedModel, plan: ProbePlan) -> int:
+    """Bytes of one position's hidden state entering the probed block: the captured
+    prefix's, else the input embedding's width and dtype (0 where neither is known: the
+    rows then go through in one group)."""
+    if plan.prefix is not None:
+        hidden = plan.prefix.hidden
+        return int(hidden.shape[-1]) * hidden.element_size()
+    weight = getattr(input_embedding(resolved), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return 0
+    return int(weight.shape[1]) * weight.element_size()
+
+
+def _one_pass(
+    resolved: ResolvedModel,
+    layer: int,
+    sites: Mapping[str, Site],
+    *,
+    targets: torch.Tensor,
+    norm: Norm,
+    plan: ProbePlan,
+    rows_and_length: tuple[torch.Tensor, torch.Tensor, int],
+) -> tuple[torch.Tensor, dict[Component, torch.Tensor]]:
+    """:func:`last_block_norms` of ``targets`` whose rows (``torch.unique``'s sequences and
+    inverse) and length (its last position + 1) are given, in one forward over every position."""
+    block = resolved.blocks[layer]
+    sequences, rows, length = rows_and_length
     keys = rows * length + targets[:, 1]
     unique_keys, inverse = torch.unique(keys, return_inverse=True)
     unique_rows = unique_keys // length

@@ -43,6 +43,7 @@ __all__ = [
     "embedding_stood_in",
     "forward_attention",
     "forward_rows",
+    "input_embedding",
 ]
 
 # per model: for each (parameter dtype, device type, precision), whether the probed block's
@@ -289,6 +290,16 @@ def forward_rows(
         captures.remove()
 
 
+def input_embedding(resolved: ResolvedModel) -> nn.Module | None:
+    """The model's input embedding (``get_input_embeddings``), or None where it has none."""
+    get = getattr(resolved.model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
 @contextmanager
 def embedding_stood_in(resolved: ResolvedModel) -> Iterator[None]:
     """While inside, the model's input embedding returns zeros of its output's shape and
@@ -301,12 +312,8 @@ def embedding_stood_in(resolved: ResolvedModel) -> Iterator[None]:
     held through the whole forward for nothing. A model may still compute what its blocks
     receive from it (per-layer inputs): :func:`embedding_stand_in_holds` checks that.
     """
-    get = getattr(resolved.model, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        embedding = None
-    if not isinstance(embedding, nn.Module):
+    embedding = input_embedding(resolved)
+    if embedding is None:
         yield
         return
 
