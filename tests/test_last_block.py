@@ -529,6 +529,20 @@ def test_streamed_gram_matrices_hold_one_group_at_a_time(monkeypatch):
     assert counter.peak_bytes <= 2 * group, counter.peak_bytes
 
 
+def test_input_product_in_blocks_accumulates_in_place(monkeypatch):
+    # X_b^T Gamma in blocks of positions: the product of one pass, holding the total and one
+    # block's fp32 inputs (a product-sized part beside the total was the goal shape's peak)
+    monkeypatch.setattr(key_value_norms, "_MAX_INPUT_BLOCK_ELEMENTS", 2 * 64 * 16)  # 16 rows
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 100, 64, generator=gen).bfloat16()
+    gamma = torch.randn(2, 100, 48, generator=gen)
+    with OpCounter() as counter:
+        got = key_value_norms.input_product(x, gamma)
+    torch.testing.assert_close(got, x.float().transpose(1, 2) @ gamma, rtol=1e-5, atol=1e-4)
+    total, block = 2 * 64 * 48 * 4, 2 * 16 * 64 * 4
+    assert counter.peak_bytes <= total + 2 * block, (counter.peak_bytes, total, block)
+
+
 def test_the_embedding_is_stood_in_where_the_block_takes_nothing_from_it(monkeypatch):
     # fed from a prefix, the embedding's output ([B, T, d]) was held through the forward over
     # every position for nothing; a zero stand-in holding no memory takes its place once the
