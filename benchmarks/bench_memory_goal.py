@@ -21,7 +21,8 @@ allocation count, ``OpCounter``), to check the wiring
 (``tests/test_bench_gpu.py``); ``--stand-in`` runs the goal shape's proportions at d 512
 (vocab 16,032) on the CPU in fp32, counted the same way, to see what grows with T;
 ``--device cpu`` counts the goal shape itself on the CPU (bf16; ~13 minutes on two
-cores for T 1,024 to 8,192: 0.727 / 0.780 / 1.024 / 1.367 GiB).
+cores for T 1,024 to 8,192: 0.727 / 0.780 / 0.742 / 0.752 GiB, from 1.024 / 1.367 at
+T 4,096 / 8,192 before the probe went through rows in ranges).
 """
 
 from __future__ import annotations
