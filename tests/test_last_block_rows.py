@@ -25,9 +25,9 @@ def _passes(monkeypatch):
     return passes
 
 
-def test_rows_past_the_forward_budget_go_through_in_groups(monkeypatch):
-    # one row per group (the budget at its least), recomputed from the embeddings with left
-    # padding: each group's forward covers its rows alone, and the norms equal the reference
+def test_rows_past_the_forward_budget_go_through_in_ranges(monkeypatch):
+    # one row per range (the budget at its least), recomputed from the embeddings with left
+    # padding: each range's forward covers its rows alone, and the norms equal the reference
     passes = _passes(monkeypatch)
     monkeypatch.setattr(last_block, "MAX_FORWARD_ROWS_BYTES", 1)
     _compare(tiny_causal_lm("llama", num_layers=2, seed=1), left=True)
@@ -35,10 +35,10 @@ def test_rows_past_the_forward_budget_go_through_in_groups(monkeypatch):
     assert passes[-rows:] == [(1, [0], None)] * rows, passes
 
 
-def test_grouped_rows_hold_one_groups_forward_at_a_time(monkeypatch):
+def test_rows_in_ranges_hold_one_ranges_forward_at_a_time(monkeypatch):
     # fed from a captured prefix with the chunks at their least, so the forward over every
-    # position is the peak: four rows in groups of one give the one pass's norms and hold
-    # a group's forward at a time (measured 1.9x the prefix's bytes against 6.1x)
+    # position is the peak: four rows in ranges of one give the one pass's norms and hold
+    # a range's forward at a time (measured 1.9x the prefix's bytes against 6.1x)
     monkeypatch.setattr(attention_replay, "_MAX_REPLAY_ELEMENTS", 1)
     monkeypatch.setattr(key_value_norms, "_MAX_COTANGENT_ELEMENTS", 1)
     ids = torch.randint(4, 100, (4, 1024), generator=torch.Generator().manual_seed(0))
@@ -48,10 +48,10 @@ def test_grouped_rows_hold_one_groups_forward_at_a_time(monkeypatch):
     passes = _passes(monkeypatch)
     monkeypatch.setattr(last_block, "MAX_FORWARD_ROWS_BYTES", size // 4)  # one row's
     model = tiny_causal_lm("llama", num_layers=2, seed=3)
-    grouped, (_, peak), _ = _probe_with_prefix(model, ids, positions)
+    ranged, (_, peak), _ = _probe_with_prefix(model, ids, positions)
     assert [(n, rows) for n, rows, _ in passes[-4:]] == [(1, [0])] * 4, passes
     assert len({held for *_, held in passes}) == 1  # every range a view of one prefix
     for component, value in whole.norms.items():
-        torch.testing.assert_close(grouped.norms[component], value, rtol=1e-5, atol=0.0)
-    torch.testing.assert_close(grouped.entropy, whole.entropy, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(ranged.norms[component], value, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(ranged.entropy, whole.entropy, rtol=1e-6, atol=0.0)
     assert peak <= 0.4 * whole_peak, (peak, whole_peak, size)

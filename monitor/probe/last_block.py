@@ -176,8 +176,8 @@ def last_block_norms(
         raise LastBlockRefused(refused)
     sequences, rows = torch.unique(targets[:, 0], return_inverse=True)
     length = int(targets[:, 1].max()) + 1
-    per_group = max(1, MAX_FORWARD_ROWS_BYTES // max(1, length * _hidden_bytes(resolved, plan)))
-    if sequences.shape[0] <= per_group:
+    per_range = max(1, MAX_FORWARD_ROWS_BYTES // max(1, length * _hidden_bytes(resolved, plan)))
+    if sequences.shape[0] <= per_range:
         whole = (sequences, rows, length)
         return _one_pass(
             resolved, layer, sites, targets=targets, norm=norm, plan=plan, rows_and_length=whole
@@ -185,8 +185,8 @@ def last_block_norms(
     entropy = torch.empty(targets.shape[0], dtype=torch.float32, device=targets.device)
     norms: dict[Component, torch.Tensor] = {}
     count = plan.input_ids.shape[0]
-    for first in range(0, count, per_group):  # a range of rows at a time, fed as views
-        last = min(count, first + per_group)
+    for first in range(0, count, per_range):  # a range of rows at a time, fed as views
+        last = min(count, first + per_range)
         index = ((targets[:, 0] >= first) & (targets[:, 0] < last)).nonzero().flatten()
         if not index.numel():  # a sync per range: its targets
             continue
@@ -211,7 +211,7 @@ def last_block_norms(
 def _hidden_bytes(resolved: ResolvedModel, plan: ProbePlan) -> int:
     """Bytes of one position's hidden state entering the probed block: the captured
     prefix's, else the input embedding's width and dtype (0 where neither is known: the
-    rows then go through in one group)."""
+    rows then go through in one range)."""
     if plan.prefix is not None:
         hidden = plan.prefix.hidden
         return int(hidden.shape[-1]) * hidden.element_size()
