@@ -190,17 +190,15 @@ def last_block_norms(
         index = ((targets[:, 0] >= first) & (targets[:, 0] < last)).nonzero().flatten()
         if not index.numel():  # a sync per range: its targets
             continue
-        selected = targets[index] - torch.tensor([first, 0], device=targets.device)
-        part = torch.unique(selected[:, 0], return_inverse=True)
-        length = int(selected[:, 1].max()) + 1
-        got, values = _one_pass(
+        # the range's rows fit one range (as many rows or fewer, no longer), so this call
+        # makes one pass
+        got, values = last_block_norms(
             resolved,
             layer,
             sites,
-            targets=selected,
+            targets=targets[index] - torch.tensor([first, 0], device=targets.device),
             norm=norm,
             plan=plan.row_range(first, last),
-            rows_and_length=(*part, length),
         )
         entropy[index] = got.to(entropy.device)
         for component, value in values.items():
