@@ -12,16 +12,19 @@ from tests.test_probe import batch
 
 
 def _passes(monkeypatch):
-    """The rows of each one-pass call a probe makes (a forward over every position each)."""
-    passes, one_pass = [], last_block._one_pass
+    """Each call ``last_block_norms`` makes of itself (one per range of rows, each one forward
+    over every position; a block's first probe also one for its cut): its plan's rows, its
+    targets' rows and its prefix's storage."""
+    passes, probe = [], last_block.last_block_norms
 
     def spy(*args, **kwargs):
         plan = kwargs["plan"]  # a range of rows: views, the prefix's own storage
         held = None if plan.prefix is None else plan.prefix.hidden.untyped_storage().data_ptr()
-        passes.append((plan.input_ids.shape[0], kwargs["rows_and_length"][0].tolist(), held))
-        return one_pass(*args, **kwargs)
+        rows = torch.unique(kwargs["targets"][:, 0]).tolist()
+        passes.append((plan.input_ids.shape[0], rows, held))
+        return probe(*args, **kwargs)
 
-    monkeypatch.setattr(last_block, "_one_pass", spy)
+    monkeypatch.setattr(last_block, "last_block_norms", spy)
     return passes
 
 

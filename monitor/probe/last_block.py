@@ -177,62 +177,30 @@ def last_block_norms(
     sequences, rows = torch.unique(targets[:, 0], return_inverse=True)
     length = int(targets[:, 1].max()) + 1
     per_range = max(1, MAX_FORWARD_ROWS_BYTES // max(1, length * _hidden_bytes(resolved, plan)))
-    if sequences.shape[0] <= per_range:
-        whole = (sequences, rows, length)
-        return _one_pass(
-            resolved, layer, sites, targets=targets, norm=norm, plan=plan, rows_and_length=whole
-        )
-    entropy = torch.empty(targets.shape[0], dtype=torch.float32, device=targets.device)
-    norms: dict[Component, torch.Tensor] = {}
-    count = plan.input_ids.shape[0]
-    for first in range(0, count, per_range):  # a range of rows at a time, fed as views
-        last = min(count, first + per_range)
-        index = ((targets[:, 0] >= first) & (targets[:, 0] < last)).nonzero().flatten()
-        if not index.numel():  # a sync per range: its targets
-            continue
-        # the range's rows fit one range (as many rows or fewer, no longer), so this call
-        # makes one pass
-        got, values = last_block_norms(
-            resolved,
-            layer,
-            sites,
-            targets=targets[index] - torch.tensor([first, 0], device=targets.device),
-            norm=norm,
-            plan=plan.row_range(first, last),
-        )
-        entropy[index] = got.to(entropy.device)
-        for component, value in values.items():
-            norms.setdefault(component, value.new_empty(targets.shape[0]))[index] = value
-    return entropy, norms
-
-
-def _hidden_bytes(resolved: ResolvedModel, plan: ProbePlan) -> int:
-    """Bytes of one position's hidden state entering the probed block: the captured
-    prefix's, else the input embedding's width and dtype (0 where neither is known: the
-    rows then go through in one range)."""
-    if plan.prefix is not None:
-        hidden = plan.prefix.hidden
-        return int(hidden.shape[-1]) * hidden.element_size()
-    weight = getattr(input_embedding(resolved), "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        return 0
-    return int(weight.shape[1]) * weight.element_size()
-
-
-def _one_pass(
-    resolved: ResolvedModel,
-    layer: int,
-    sites: Mapping[str, Site],
-    *,
-    targets: torch.Tensor,
-    norm: Norm,
-    plan: ProbePlan,
-    rows_and_length: tuple[torch.Tensor, torch.Tensor, int],
-) -> tuple[torch.Tensor, dict[Component, torch.Tensor]]:
-    """:func:`last_block_norms` of ``targets`` whose rows (``torch.unique``'s sequences and
-    inverse) and length (its last position + 1) are given, in one forward over every position."""
+    if sequences.shape[0] > per_range:
+        entropy = torch.empty(targets.shape[0], dtype=torch.float32, device=targets.device)
+        ranged: dict[Component, torch.Tensor] = {}
+        count = plan.input_ids.shape[0]
+        for first in range(0, count, per_range):  # a range of rows at a time, fed as views
+            last = min(count, first + per_range)
+            index = ((targets[:, 0] >= first) & (targets[:, 0] < last)).nonzero().flatten()
+            if not index.numel():  # a sync per range: its targets
+                continue
+            # the range's rows fit one range (as many rows or fewer, no longer), so this
+            # call makes one pass
+            part_entropy, part_norms = last_block_norms(
+                resolved,
+                layer,
+                sites,
+                targets=targets[index] - torch.tensor([first, 0], device=targets.device),
+                norm=norm,
+                plan=plan.row_range(first, last),
+            )
+            entropy[index] = part_entropy.to(entropy.device)
+            for component, value in part_norms.items():
+                ranged.setdefault(component, value.new_empty(targets.shape[0]))[index] = value
+        return entropy, ranged
     block = resolved.blocks[layer]
-    sequences, rows, length = rows_and_length
     keys = rows * length + targets[:, 1]
     unique_keys, inverse = torch.unique(keys, return_inverse=True)
     unique_rows = unique_keys // length
@@ -326,6 +294,19 @@ def _one_pass(
             )
     entropy = out.entropy[unique.inverse]
     return entropy, {(layer, proj): v[unique.inverse] for proj, v in values.items()}
+
+
+def _hidden_bytes(resolved: ResolvedModel, plan: ProbePlan) -> int:
+    """Bytes of one position's hidden state entering the probed block: the captured
+    prefix's, else the input embedding's width and dtype (0 where neither is known: the
+    rows then go through in one range)."""
+    if plan.prefix is not None:
+        hidden = plan.prefix.hidden
+        return int(hidden.shape[-1]) * hidden.element_size()
+    weight = getattr(input_embedding(resolved), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return 0
+    return int(weight.shape[1]) * weight.element_size()
 
 
 def _tail_check_cut(t: torch.Tensor, length: int) -> tuple[int, torch.Tensor]:
