@@ -91,11 +91,12 @@ CASES: list[tuple[Callable[[], Detector], str, float, float, float, int]] = [
     (lambda: GradNormSpike(AlertsConfig().grad_norm_spike), "grad_norm", 1.0, 0.15, 4.0, 3),
     (lambda: KLSurge(AlertsConfig().kl_surge), "kl", 0.05, 0.15, 0.3, 3),
     (lambda: EntropySurge(AlertsConfig().entropy_surge), "policy_entropy_mean", 1.0, 0.05, 2.0, 3),
-    # LengthDrift's length-alone path waits for twelve records: healthy GRPO runs of the
-    # failure corpus wandered to 1.5-1.9x their level for up to ~14 (a collapse to empty
-    # completions fires at once; a length hack is caught by the reward rising with it)
-    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 80, 12),
-    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 12, 12),
+    # LengthDrift's length-alone path waits for twenty records: healthy GRPO runs of the
+    # failure corpus wandered to 1.5-1.9x their level, or fell to 0.4x, for up to ~18 (a
+    # collapse to empty completions fires at once; a length hack is caught by the reward
+    # rising with it)
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 80, 20),
+    (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 12, 20),
     (lambda: LengthDrift(AlertsConfig().length_drift), "completion_length_mean", 40, 0.08, 4, 0),
 ]
 
@@ -113,7 +114,7 @@ def test_step_change_caught_within_budget(
     make: Callable[[], Detector], field: str, level: float, sd: float, faulty: float, budget: int
 ) -> None:
     for seed in range(20):
-        values = lognormal(level, sd, 60, seed) + lognormal(faulty, sd, 20, seed + 100)
+        values = lognormal(level, sd, 60, seed) + lognormal(faulty, sd, 30, seed + 100)
         fired = firings(make(), field, values)
         assert fired and 60 <= fired[0] <= 60 + budget, (seed, fired)
 
@@ -316,10 +317,10 @@ def test_kl_jump_fires_on_its_second_record() -> None:
 
 
 def test_confirm_z_counts_records_out_on_a_downward_side_too() -> None:
-    """``confirm_z`` is a knob of every drift detector: on a fall (LengthDrift at 0.375x, above
+    """``confirm_z`` is a knob of every drift detector: on a fall (LengthDrift at 0.35-0.37x, above
     its one-record collapse gates) the records before the CUSUM passes the threshold count
     toward ``confirm`` 2, so the alert comes on the record it passes, not on the next one."""
-    lengths = [*lognormal(40.0, 0.05, 30, 7), *[15.0] * 16]
+    lengths = [*lognormal(40.0, 0.05, 30, 7), *[14.0] * 26]
     base = AlertsConfig().length_drift.model_copy(update={"confirm": 2})
     each_over = firings(LengthDrift(base), "completion_length_mean", lengths)
     counted = firings(
@@ -331,9 +332,9 @@ def test_confirm_z_counts_records_out_on_a_downward_side_too() -> None:
 
 def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
     """Healthy RL runs of the failure corpus: a mean length halved for ten steps, or at 1.8x
-    its level for five (and 1.5-1.8x for up to ~14); a length doubled (to the token cap) that
-    stays is caught by the length alone within twelve records (a length hack sooner, by the
-    reward rising with it)."""
+    its level for five (and 1.5-1.8x, or 0.4x, for up to ~18); a length doubled (to the token
+    cap) that stays is caught by the length alone within twenty records (a length hack sooner,
+    by the reward rising with it)."""
     for seed in range(20):
         base = lognormal(40, 0.08, 30, seed)
         dip = base + lognormal(20, 0.08, 10, seed + 1) + lognormal(40, 0.08, 20, seed + 2)
@@ -341,9 +342,9 @@ def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
         assert firings(LengthDrift(config), "completion_length_mean", dip) == []
         bump = base + lognormal(72, 0.08, 5, seed + 1) + lognormal(40, 0.08, 20, seed + 2)
         assert firings(LengthDrift(config), "completion_length_mean", bump) == []
-        hack = base + lognormal(80, 0.08, 20, seed + 3)
+        hack = base + lognormal(80, 0.08, 30, seed + 3)
         fired = firings(LengthDrift(config), "completion_length_mean", hack)
-        assert fired and 30 <= fired[0] <= 42, (seed, fired)
+        assert fired and 30 <= fired[0] <= 52, (seed, fired)
 
 
 def joint_firings(det: LengthDrift, lengths: list[float], rewards: list[float]) -> list[int]:

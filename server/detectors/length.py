@@ -50,7 +50,7 @@ class RewardWithLengthConfig(DriftConfig):
 class LengthDriftConfig(DriftConfig):
     """Parameters of :class:`LengthDrift` (the log of the mean completion length).
 
-    A drift is sustained: a record adds at most ``z_cap`` robust SDs, so twelve records 3
+    A drift is sustained: a record adds at most ``z_cap`` robust SDs, so twenty records 3
     robust SDs out fire, never fewer. A healthy RL run's mean length wanders widely: in the
     failure corpus' first 37 healthy RL runs (27 GRPO loop, 10 TRL; 3,693 records) it
     halved for ten steps, and rose to 1.7-1.9 x its level for four to six records in four
@@ -66,18 +66,24 @@ class LengthDriftConfig(DriftConfig):
     rl-healthy-s76 at 0.38 x, robust z -4.7; the lowest robust z, -6.7, at 0.41 x; the
     50,000-step synthetic healthy stream: 0.47 x at z -15). What tells a length hack early is
     the reward rising with the length (``with_reward``): the corpus' hack fires on its fifth
-    record, 16 by the length alone.
+    record (seventh in the second build); by the length alone, whose level follows a length
+    pinned at the token cap, on its 25th with a threshold of 24, not in the run's 35 records
+    with 40.
     """
 
     k: float = Field(default=1.0, ge=0.0, description="CUSUM allowance, robust SDs")
     threshold: float = Field(
-        default=24.0,
+        default=40.0,
         gt=0.0,
-        description="CUSUM decision, robust SDs: twelve records at the cap. A healthy GRPO "
-        "run's length wanders to 1.5-1.8 x its level for up to ~14 records (rl-healthy-s23 "
-        "of the failure corpus: CUSUM 15.7 at 1.5 x on a record, a hair under the former 16, "
-        "16.9 at most); a length that runs away stays there (the length hack's CUSUM grows "
-        "by 2 a record), and that hack is caught sooner by ``with_reward``",
+        description="CUSUM decision, robust SDs: twenty records at the cap. A healthy GRPO "
+        "run's length wanders to 1.5-1.8 x its level, or falls to 0.4 x, for up to ~18 "
+        "records: the failure corpus built on a second machine had three healthy runs past the "
+        "former 24 (twelve records): rl-healthy-s12 and s21 wandering to 1.76 x and 1.55 x "
+        "(CUSUM 28.0 and 29.6 at most), rl-healthy-s49 falling back to 0.36 x after 40 steps "
+        "at the token cap had become its level (35.4); the next healthy run reached 19.8 (the "
+        "first build: 16.9). A length that runs away stays there (the CUSUM grows by 2 a "
+        "record); a length hack is caught sooner by ``with_reward``, a collapse to empty "
+        "completions by ``collapse`` and ``fast_collapse``",
     )
     z_cap: float | None = Field(
         default=3.0, gt=0.0, description="a sustained shift, not one record"
@@ -111,10 +117,10 @@ class LengthDrift(DriftDetector):
 
     >>> from inversion_monitor.server.detectors import Observation
     >>> det = LengthDrift(LengthDriftConfig())
-    >>> lengths = [40, 42, 38, 41, 39, 40, 43, 40] * 2 + [50, 62, 80] + [82] * 10
+    >>> lengths = [40, 42, 38, 41, 39, 40, 43, 40] * 2 + [50, 62, 80] + [82] * 20
     >>> [(t.step, t.summary) for s, n in enumerate(lengths)
     ...  if (t := det.update(Observation(s, 0.0, completion_length_mean=n)))]
-    [(28, 'Completion length running away')]
+    [(36, 'Completion length running away')]
 
     The length rising with the reward (a reward that pays for length) fires on the second
     record both are up, far before the length alone:
