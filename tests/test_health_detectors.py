@@ -342,6 +342,12 @@ def test_length_wander_is_quiet_and_running_away_is_caught() -> None:
         assert firings(LengthDrift(config), "completion_length_mean", dip) == []
         bump = base + lognormal(72, 0.08, 5, seed + 1) + lognormal(40, 0.08, 20, seed + 2)
         assert firings(LengthDrift(config), "completion_length_mean", bump) == []
+        # the second build's healthy wanders: ~1.7x its level for fifteen records (which fired
+        # the former threshold of 24)
+        wander = base + lognormal(68.0, 0.08, 15, seed + 4) + lognormal(40, 0.08, 20, 9)
+        assert firings(LengthDrift(config), "completion_length_mean", wander) == []
+        former = config.model_copy(update={"threshold": 24.0})
+        assert firings(LengthDrift(former), "completion_length_mean", wander), seed
         hack = base + lognormal(80, 0.08, 30, seed + 3)
         fired = firings(LengthDrift(config), "completion_length_mean", hack)
         assert fired and 30 <= fired[0] <= 52, (seed, fired)
