@@ -145,8 +145,15 @@ class ExhaustionConfig(DetectorConfig):
         gt=0.0,
         description="the ceiling's standard error must be below this x the remaining gain range",
     )
+    # 80 records (and ``min_drop`` 0.04 per window: the same rate of fall as 0.02 per 40):
+    # on long healthy RL-like streams whose reward has plateaued (the detection benchmark's
+    # synthetic law: heavy-tailed entropy with a slow wander) the least-squares slope over 40
+    # records read a wander, or one outlier near the window's end, as a fall. Eight draws of
+    # 30,000 records: 47 starts over 40 records (42 on one draw), 2 over 80, the law's
+    # exhausting runs (tests/test_entropy_law.py) fired on the same records. The alert fires
+    # no earlier than the window's last record.
     trend_window: int = Field(
-        default=40, ge=3, description="records over which entropy must be falling"
+        default=80, ge=3, description="records over which entropy must be falling"
     )
     falling_t: float = Field(
         default=2.0, gt=0.0, description="fire when the entropy slope is below -this x its SE"
@@ -155,7 +162,7 @@ class ExhaustionConfig(DetectorConfig):
         default=1.0, ge=0.0, description="end when the entropy slope is above -this x its SE"
     )
     min_drop: float = Field(
-        default=0.02,
+        default=0.04,
         ge=0.0,
         description="and entropy must fall by at least this fraction of its early level per "
         "trend window (half of it to stay active): noise on a plateau is not a fall",
