@@ -778,11 +778,15 @@ def holdout_synthetic(
 def robust_z(
     run: CorpusRun, det: str, config: AlertsConfig | None = None
 ) -> tuple[list[float | None], bool | None]:
-    """Per record of ``run``, the robust z the detector ``det`` (LossSpike or GradNormSpike)
-    scores its value with (None in its warm-up or without a finite value), and whether its
-    stream scored the log (None: never out of the warm-up)."""
+    """Per record of ``run``, the robust z the detector ``det`` (LossSpike, GradNormSpike or
+    KLSurge) scores its value with (None in its warm-up or without a finite value), and whether
+    its stream scored the log (None: never out of the warm-up)."""
     config = config or AlertsConfig()
-    cfg = config.loss_spike if det == "LossSpike" else config.grad_norm_spike
+    cfg = {
+        "LossSpike": config.loss_spike,
+        "GradNormSpike": config.grad_norm_spike,
+        "KLSurge": config.kl_surge,
+    }[det]
     stream = RobustStream(cfg)
     name = SIGNAL[det][0]
     out: list[float | None] = []
@@ -799,16 +803,19 @@ def one_record_cost(
     real: Sequence[CorpusRun],
     det: str,
     *,
+    rule: str = "static",
     config: AlertsConfig | None = None,
     say: Callable[[str], None] = print,
 ) -> tuple[float, int, int] | None:
-    """What catching the synthetic faults on the record the static rule does would cost on the
-    real corpus: the robust z (``det``'s own) of the records where the in-sample static rule
-    (``rules``, from :func:`evaluate` on ``synthetic``) caught a synthetic fault on its onset
-    record, and how many healthy real records (of runs
-    ``det``'s stream scores on the same scale) are that far out or further. Returns (the
-    lowest such z, real records at or past it, real records scored) or None."""
-    key = next((k for k in rules.static if k.endswith(f":{det}")), None)
+    """What catching the synthetic faults on the record a hand rule does would cost on the
+    real corpus: the robust z (``det``'s own) of the records where the in-sample ``rule``
+    (``"static"`` or ``"spike"``, the running-mean rule; ``rules``, from :func:`evaluate` on
+    ``synthetic``) caught a synthetic fault on its onset record, and how many healthy real
+    records (of runs ``det``'s stream scores on the same scale) are that far out or further.
+    Returns (the lowest such z, real records at or past it, real records scored) or None."""
+    fitted = rules.static if rule == "static" else rules.spike
+    starts_of = static_starts if rule == "static" else spike_starts
+    key = next((k for k in fitted if k.endswith(f":{det}")), None)
     if key is None:
         return None
     name, direction = SIGNAL[det]
@@ -817,7 +824,7 @@ def one_record_cost(
     for run in synthetic:
         if run.onset is None or EXPECTED.get(("syn", run.fault or "")) != (det,):
             continue
-        if first_after(static_starts(run, name, direction, rules.static[key]), run.onset) != 0:
+        if first_after(starts_of(run, name, direction, fitted[key]), run.onset) != 0:
             continue
         steps = [int(r["step"] or 0) for r in run.records]
         zs, log = robust_z(run, det, config)
@@ -838,7 +845,8 @@ def one_record_cost(
                 scored += 1
                 past += z >= low
     say(
-        f"  {det}: the static rule caught {len(caught)} synthetic faults on their onset record, "
+        f"  {det}: the {'static' if rule == 'static' else 'running-mean'} rule caught "
+        f"{len(caught)} synthetic faults on their onset record, "
         f"at robust z {low:+.1f} to {max(caught):+.1f}; a one-record rule at z {low:+.1f} would "
         f"fire on {past} of the real corpus' {scored} healthy {kind}records "
         f"({past * 10_000 / max(1, scored):.0f} per 10k)"

@@ -84,6 +84,10 @@ def test_synthetic_hand_rules_judged_on_a_second_draw_of_the_same_law() -> None:
     low, past, scored = got
     assert low > 3.0 and scored == 2000 - 12 + 2 * len(dc.SYNTHETIC_FAULTS) * (59 - 12)
     assert past >= 0 and "one-record rule at z" in lines[-1]
+    # the running-mean rule catches the KL surges on their onset record: priced on KLSurge's
+    # own scale, log(KL + 0.01)
+    got = dc.one_record_cost(rules, seen, unseen, "KLSurge", rule="spike", say=lines.append)
+    assert got is not None and got[0] > 6.0 and "running-mean rule caught 2" in lines[-1]
 
 
 def test_hand_rules_calibrated_in_sample_to_the_detectors_false_alarms() -> None:
