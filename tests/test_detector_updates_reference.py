@@ -30,7 +30,7 @@ from inversion_monitor.server.detectors.inversion import (
     _weighted_mean_z,
 )
 from inversion_monitor.server.detectors.nonfinite import NonFiniteTraining
-from inversion_monitor.server.detectors.robust import Direction, DriftDetector
+from inversion_monitor.server.detectors.robust import Direction, DriftDetector, times
 from inversion_monitor.server.detectors.run import RunDetectors
 from tests.test_detector_fast_paths import OPTIONAL_DOUBLES
 
@@ -45,7 +45,7 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
     cfg = self.config
     values = {
         self.field: x,
-        "level": score.level,
+        "level": max(score.level - cfg.floor, 0.0) if self.stream.log else score.level,
         "robust_z": score.z,
         "cusum": score.up if self.side is not Direction.DOWN else score.down,
         "threshold": cfg.threshold,
@@ -73,10 +73,11 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
             cusum = score.up if side is Direction.UP else score.down
         self.active, self.side, self._start_step = True, side, obs.step
         values["cusum"] = cusum
+        level = values["level"]
         ratio = (
-            f"is {x / score.level:.3g} x its level {score.level:.4g}"
-            if self.stream.log and score.level > 0.0
-            else f"vs its level {score.level:.4g}"
+            f"is {times(x / level)} x its level {level:.4g}"
+            if self.stream.log and level > 0.0
+            else f"vs its level {level:.4g}"
         )
         if over:
             why = f"CUSUM {cusum:.1f} > {cfg.threshold:g} robust SDs of this run"
@@ -108,7 +109,7 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
         obs.step,
         obs.wall_time,
         f"{self.what.capitalize()} back at its level",
-        f"{self.what} {x:.4g} back near its level {score.level:.4g} at step {obs.step}; "
+        f"{self.what} {x:.4g} back near its level {values['level']:.4g} at step {obs.step}; "
         f"the {'rise' if ended is Direction.UP else 'fall'} began at step {self._start_step}",
         values,
     )

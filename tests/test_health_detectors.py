@@ -634,3 +634,15 @@ def test_policy_entropy_halving_fires_on_its_record() -> None:
             [*base, 0.65 * level, *lognormal(1.2, 0.04, 10, seed + 1)],
         )
         assert fired == [], (seed, fired)
+
+
+def test_messages_give_the_level_in_the_values_own_units() -> None:
+    """A log stream with a floor scores ``value + floor`` (KL + 0.01, a length + 1 token); the
+    alert's level and ratio are the value's own: a KL level of 0.005 reads 0.005, not 0.015."""
+    kl = [*lognormal(0.005, 0.15, 40, 3), 0.5, 0.5]
+    det = KLSurge(AlertsConfig().kl_surge)
+    fired = [t for s, v in enumerate(kl) if (t := det.update(Observation(s, 0.0, kl=v)))]
+    assert fired and fired[0].firing
+    level = fired[0].values["level"]
+    assert 0.004 < level < 0.006, level
+    assert f"KL 0.5 is {0.5 / level:.0f} x its level {level:.4g}" in fired[0].message

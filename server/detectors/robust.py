@@ -248,6 +248,15 @@ class RobustStream:
         return Score(x, math.exp(level) if log else level, z, up, down)
 
 
+def times(ratio: float) -> str:
+    """A ratio as a message prints it: three significant digits, whole numbers from 100.
+
+    >>> times(1.5312), times(355.3), times(1001.5)
+    ('1.53', '355', '1002')
+    """
+    return f"{ratio:.0f}" if abs(ratio) >= 100.0 else f"{ratio:.3g}"
+
+
 def _median(sorted_values: list[float]) -> float:
     n = len(sorted_values)
     mid = n // 2
@@ -418,11 +427,18 @@ class DriftDetector:
             return None
         return self._recover(obs, x, score)
 
+    def level(self, score: Score) -> float:
+        """The level in the value's own units: a log stream scores ``value + floor``, so its
+        level less the floor (at least 0)."""
+        if self.stream.log:
+            return max(score.level - self.config.floor, 0.0)
+        return score.level
+
     def _values(self, x: float, score: Score) -> dict[str, float]:
         """The transition's values (the CUSUM of the side that fired, else the upward one)."""
         return {
             self.field: x,
-            "level": score.level,
+            "level": self.level(score),
             "robust_z": score.z,
             "cusum": score.up if self.side is not Direction.DOWN else score.down,
             "threshold": self.config.threshold,
@@ -452,10 +468,11 @@ class DriftDetector:
             cusum = score.up if side is Direction.UP else score.down
         self.active, self.side, self._start_step = True, side, obs.step
         values["cusum"] = cusum
+        level = values["level"]
         ratio = (
-            f"is {x / score.level:.3g} x its level {score.level:.4g}"
-            if self.stream.log and score.level > 0.0
-            else f"vs its level {score.level:.4g}"
+            f"is {times(x / level)} x its level {level:.4g}"
+            if self.stream.log and level > 0.0
+            else f"vs its level {level:.4g}"
         )
         if over:
             why = f"CUSUM {cusum:.1f} > {cfg.threshold:g} robust SDs of this run"
@@ -488,7 +505,7 @@ class DriftDetector:
             obs.step,
             obs.wall_time,
             f"{self.what.capitalize()} back at its level",
-            f"{self.what} {x:.4g} back near its level {score.level:.4g} at step {obs.step}; "
+            f"{self.what} {x:.4g} back near its level {values['level']:.4g} at step {obs.step}; "
             f"the {'rise' if ended is Direction.UP else 'fall'} began at step {self._start_step}",
             values,
         )
