@@ -96,15 +96,25 @@ _LAG_WHY = "its second spike: growth exists from there; the raw delay is printed
 # before the onset, or non-finite. A learning-rate jump need not move every signal: TRL's
 # took the reward from 0.375 to 0.322 for one record (0.86 x), no collapse to catch.
 MOVED = 1.5
+# a second signal a detector reads (LengthDrift's joint path: the reward rising with the
+# length): the fault counts where either moved. A reward that pays for length doubles the
+# reward at once while the length climbs over several records (the second build's hack:
+# 1.5 x its level only on its sixth record, past the budget)
+ALSO_READS = {"LengthDrift": ("reward_mean", "up")}
 
 
 def signal_moved(run: CorpusRun, det: str) -> bool:
-    """Whether the fault moved ``det``'s signal past :data:`MOVED` x its pre-onset median
-    within the detector's budget (True where no ratio can tell: a signed or absent level)."""
-    name, direction = SIGNAL[det]
+    """Whether the fault moved ``det``'s signal (or the one :data:`ALSO_READS` names) past
+    :data:`MOVED` x its pre-onset median within the detector's budget (True where no ratio
+    can tell: a signed or absent level)."""
     if run.onset is None:
         return False
-    onset = run.onset
+    signals = [SIGNAL[det], *([ALSO_READS[det]] if det in ALSO_READS else [])]
+    return any(_moved(run, name, direction, BUDGET[det]) for name, direction in signals)
+
+
+def _moved(run: CorpusRun, name: str, direction: str, budget: int) -> bool:
+    onset = run.onset or 0
     before = [
         v
         for r in run.records
@@ -113,7 +123,7 @@ def signal_moved(run: CorpusRun, det: str) -> bool:
     after = [
         v
         for r in run.records
-        if onset <= (r["step"] or 0) <= onset + BUDGET[det] and (v := r.get(name)) is not None
+        if onset <= (r["step"] or 0) <= onset + budget and (v := r.get(name)) is not None
     ]
     level = statistics.median(before) if before else 0.0
     if direction == "nonfinite" or level <= 0.0:

@@ -179,6 +179,16 @@ def test_a_fault_counts_for_a_detector_only_where_it_moved_its_signal() -> None:
     outcomes, *_ = dc.evaluate([run([0.375, 0.322, 0.375]), run([0.1, 0.1, 0.1], seed=1)])
     judged = [o.run for o in outcomes if o.detector == "RewardCollapse"]
     assert judged == ["trl-lr_jump-s1"]
+    # LengthDrift also reads the reward (a reward that pays for length): a length hack counts
+    # where the reward doubled within the budget though the length had not yet moved 1.5 x
+    records = [
+        {"step": float(i), "reward_mean": 0.2 if i < 20 else 0.45, "completion_length_mean": n}
+        for i, n in enumerate([36.0] * 20 + [30.0, 36.0, 42.0, 48.0, 47.0, 52.0, 64.0])
+    ]
+    hack = fc.CorpusRun("rl-length_hack-s0", "rl", "length_hack", 20, 0, records)
+    assert dc.signal_moved(hack, "LengthDrift")
+    level = [{**r, "reward_mean": 0.2} for r in records]
+    assert not dc.signal_moved(fc.CorpusRun("l", "rl", "length_hack", 20, 0, level), "LengthDrift")
 
 
 def test_synthetic_signed_loss_has_the_heavy_tails_of_the_other_streams() -> None:

@@ -38,7 +38,16 @@ class RewardWithLengthConfig(DriftConfig):
     length_rise: float = Field(
         default=0.2, ge=0.0, description="the length at 1.2 x its level or more"
     )
-    length_z: float = Field(default=2.0, ge=0.0, description="and this many robust SDs out")
+    # 1.5: with 2 a noisy run's length counted only from ~1.5 x its level (the GRPO loop's
+    # length noise is ~0.2 in log): the failure corpus' hack, built on a second machine, at
+    # 1.35 x and 1.28 x its level (robust z +2.4, +1.7) on its fifth and sixth records fired
+    # on its eighth, 7 records after the onset, past the budget of 5; with 1.5 on its sixth
+    # (5; tests/test_length_drift_recorded.py). The corpus' healthy runs' false alarms stay
+    # 0 (0 with no z at all). The price, on seeded streams with that length noise (200
+    # each): a run whose reward climbs 0.03 a record (0.21 -> 0.95 in 25) while its length
+    # stays level fires 33 times (8 with 2, 107 with 1; none at 0.01 a record), a noisy
+    # length hack is caught within 5 records 120 times (59 with 2, 170 with 1)
+    length_z: float = Field(default=1.5, ge=0.0, description="and this many robust SDs out")
     reward_z: float = Field(
         default=8.0, gt=0.0, description="while the reward is this many robust SDs up"
     )
