@@ -75,7 +75,7 @@ class LengthDriftConfig(DriftConfig):
     rl-healthy-s76 at 0.38 x, robust z -4.7; the lowest robust z, -6.7, at 0.41 x; the
     50,000-step synthetic healthy stream: 0.47 x at z -15). What tells a length hack early is
     the reward rising with the length (``with_reward``): the corpus' hack fires on its fifth
-    record (seventh in the second build); by the length alone, whose level follows a length
+    record (sixth in the second build); by the length alone, whose level follows a length
     pinned at the token cap, on its 25th with a threshold of 24, not in the run's 35 records
     with 40.
     """
