@@ -6,7 +6,8 @@ detectors, the entropy-law tracker). This drives exactly that path
 (``Ingestor.push`` on a SQLite file, listeners as ``serve`` wires them) with the
 ingest benchmark's records (bench_server's ``_record``: a probe record with 8
 component statistics; ``--vary`` moves every value a little per record, so the
-detectors' windows are not constant) in pushes of ``--batch``.
+detectors' windows are not constant; ``--health --kind rl``: an RL step's health values too, which
+every RL detector reads) in pushes of ``--batch``.
 
 Seconds depend on the machine's load; instructions do not. Run under callgrind
 twice, at two record counts, and take the difference over the records (start-up
@@ -48,8 +49,17 @@ def _requests(monitor_pb2: Any, session: str, run_id: str, args: argparse.Namesp
             rec = request.records.add()
             rec.CopyFrom(template)
             rec.sequence = rec.step = seq
+            w, c = math.sin(seq * 0.7), math.cos(seq * 1.3)
+            if args.health:  # an RL step's health values (the detectors that read them run)
+                v = 1.0 if args.vary else 0.0
+                rec.grad_norm = 1.2 + 0.1 * v * c
+                rec.reward_mean, rec.reward_std = 0.4 + 0.03 * v * w, 0.2
+                rec.policy_entropy_mean = 1.1 + 0.02 * v * c
+                rec.entropy_covariance = 0.01
+                rec.kl = 0.05 + 0.005 * v * w
+                rec.clip_ratio = 0.01
+                rec.completion_length_mean = 300.0 + 10.0 * v * c
             if args.vary:  # deterministic wobble of the fields the record has
-                w, c = math.sin(seq * 0.7), math.cos(seq * 1.3)
                 rec.loss = 2.5 + 0.05 * w
                 rec.inversion.spearman.value = -0.4 + 0.02 * w
                 rec.inversion.pearson.value = -0.3 + 0.02 * c
@@ -125,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", default="", help="RunInfo.kind ('' or 'rl')")
     parser.add_argument("--vary", action="store_true", help="values move from record to record")
     parser.add_argument(
+        "--health",
+        action="store_true",
+        help="records carry an RL step's health values (reward, policy entropy, KL, length, "
+        "grad norm); with --kind rl every RL detector reads them",
+    )
+    parser.add_argument(
         "--listeners",
         default="law,alerts",
         help="the ingest listeners fed ('law,alerts' as serve wires them; '' for none)",
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         rest = ["--batch", str(args.batch), "--components", str(args.components)]
         rest += ["--kind", args.kind, "--listeners", args.listeners]
         rest += ["--vary"] if args.vary else []
+        rest += ["--health"] if args.health else []
         low, high = _callgrind(rest, n1), _callgrind(rest, n2)
         print(f"instructions per record: {(high - low) / (n2 - n1):,.0f} ({n1} vs {n2} records)")
         return 0

@@ -23,6 +23,7 @@ from inversion_monitor.server.detectors.robust import (
     RobustStream,
     far_below,
 )
+from inversion_monitor.server.detectors.trend import SlidingSlope
 from inversion_monitor.server.entropy_law import EntropyLawTracker
 
 
@@ -410,24 +411,9 @@ class EntropyExhaustion:
         self.tracker = EntropyLawTracker(
             min_points=self.config.min_points, min_entropy_range=self.config.min_entropy_range
         )
-        self._recent: deque[tuple[int, float]] = deque(maxlen=self.config.trend_window)
+        self._slope = SlidingSlope(self.config.trend_window)  # entropy per step
         self.active = False
         self._run = 0
-
-    def _trend(self) -> tuple[float, float] | None:
-        """Least-squares slope of entropy per step over the window, and its standard error."""
-        pts = self._recent
-        n = len(pts)
-        if n < self.config.trend_window:
-            return None
-        ms = sum(s for s, _ in pts) / n
-        mh = sum(h for _, h in pts) / n
-        sxx = sum((s - ms) ** 2 for s, _ in pts)
-        if sxx <= 0.0:
-            return None
-        slope = sum((s - ms) * (h - mh) for s, h in pts) / sxx
-        resid = sum((h - mh - slope * (s - ms)) ** 2 for s, h in pts)
-        return slope, math.sqrt(resid / (n - 2) / sxx)
 
     def update(self, obs: Observation) -> Transition | None:
         h, r = obs.policy_entropy_mean, obs.reward_mean
@@ -435,10 +421,10 @@ class EntropyExhaustion:
             return None
         cfg = self.config
         state = self.tracker.update(obs.step, h, r)
-        self._recent.append((obs.step, h))
+        self._slope.add(obs.step, h)
         if state is None:
             return None
-        fit, progress, trend = state.fit, state.progress, self._trend()
+        fit, progress, trend = state.fit, state.progress, self._slope.slope()
         near = falling = confident = False
         if fit is not None and fit.valid and progress is not None and trend is not None:
             gain = fit.ceiling - fit.reward_at(state.entropy_start)
