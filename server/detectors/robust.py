@@ -351,7 +351,7 @@ class DriftDetector:
         self.active = False
         self.side: Direction | None = None  # the direction that fired
         self._start_step = 0
-        self._confirmed = 0  # records in a row over the threshold and far from the level
+        self._confirmed = 0  # records in a row over the threshold and far (``confirm_z`` None)
         self._out_run = 0  # records in a row ``confirm_z`` robust SDs out (``confirm_z`` set)
 
     def value(self, obs: Observation) -> float | None:
@@ -453,8 +453,10 @@ class DriftDetector:
         cfg = self.config
         values = self._values(x, score)
         over = [(d, c) for d, c in self._sides(score) if c > cfg.threshold and self._far(d, score)]
-        self._confirmed = self._confirmed + 1 if over else 0
-        confirmed = self._confirmed if cfg.confirm_z is None else self._out_run
+        if cfg.confirm_z is None:  # records in a row with the CUSUM over, far from the level
+            self._confirmed = confirmed = self._confirmed + 1 if over else 0
+        else:  # records in a row ``confirm_z`` out (counted in update), the CUSUM over on this
+            confirmed = self._out_run
         if confirmed < cfg.confirm:
             over = []
         if not over and pattern is None:
