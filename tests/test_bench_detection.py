@@ -85,9 +85,11 @@ def test_synthetic_hand_rules_judged_on_a_second_draw_of_the_same_law() -> None:
     assert low > 3.0 and scored == 2000 - 12 + 2 * len(dc.SYNTHETIC_FAULTS) * (59 - 12)
     assert past >= 0 and "one-record rule at z" in lines[-1]
     # the running-mean rule catches the KL surges on their onset record: priced on KLSurge's
-    # own scale, log(KL + 0.01)
+    # own scale, log(KL + 0.01), and in the rule's own form, a ratio to the level in KL's units
     got = dc.one_record_cost(rules, seen, unseen, "KLSurge", rule="spike", say=lines.append)
-    assert got is not None and got[0] > 6.0 and "running-mean rule caught 2" in lines[-1]
+    assert got is not None and got[0] > 6.0 and "running-mean rule caught 2" in lines[-2]
+    assert lines[-1].startswith("    as a ratio: the onsets were 2")
+    assert "healthy records reach" in lines[-1]
 
 
 def test_hand_rules_calibrated_in_sample_to_the_detectors_false_alarms() -> None:
@@ -202,3 +204,21 @@ def test_synthetic_signed_loss_has_the_heavy_tails_of_the_other_streams() -> Non
     kurtosis = float((centred**4).mean() / (centred**2).mean() ** 2 - 3.0)
     assert kurtosis > 2.0, kurtosis
     assert abs(float(loss.std()) - 0.02) < 0.002  # the spread of the Gaussian it replaced
+
+
+def test_hill_tail_expects_the_count_a_pareto_law_puts_past_its_sample() -> None:
+    """The tail estimate the KL pricing prints: on 20 seeded samples of a Pareto law of index 2
+    (10,000 values each, P(X >= x) = x^-2), the count past 400, where no value of a sample lies
+    (the truth: 10,000 / 400^2 = 0.0625), has its median within 1.5x of the truth; where the
+    sample reaches the point itself there is no estimate (count instead)."""
+    rng = np.random.default_rng(0)
+    samples = [list(rng.pareto(2.0, 10_000) + 1.0) for _ in range(20)]
+    assert all(max(s) < 400.0 for s in samples)
+    estimates = sorted(dc.hill_tail(s, 400.0, k=50) or 0.0 for s in samples)
+    median = 0.5 * (estimates[9] + estimates[10])
+    assert 0.0625 / 1.5 < median < 0.0625 * 1.5, estimates
+    assert dc.hill_tail(samples[0], 2.0, k=50) is None
+    # the line printed: no healthy record that far, so the estimate per 10k is given
+    line = dc.ratio_cost_line("KLSurge", [450.0, 500.0], samples[0])
+    assert "0 of the real corpus' 10000 healthy records reach 450 x" in line
+    assert "a Pareto tail fitted to the largest 50 expects" in line
