@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 
 from inversion_monitor.probe import attention_replay, key_value_norms, last_block
+from inversion_monitor.probe.gradients import logit_gradient_norms
+from inversion_monitor.probe.op_counts import OpCounter
 from inversion_monitor.toy.models import tiny_causal_lm
 from tests.test_last_block import _compare, _probe_with_prefix
 from tests.test_probe import batch
+from tests.test_probe_counts import _captured
 
 
 def _passes(monkeypatch):
@@ -58,3 +61,24 @@ def test_rows_in_ranges_hold_one_ranges_forward_at_a_time(monkeypatch):
         torch.testing.assert_close(ranged.norms[component], value, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(ranged.entropy, whole.entropy, rtol=1e-6, atol=0.0)
     assert peak <= 0.4 * whole_peak, (peak, whole_peak, size)
+
+
+def _ranged_syncs(monkeypatch, rows: int) -> int:
+    """Host syncs of a later captured-prefix probe of ``rows`` rows, one row a range, with
+    targets in rows 0 and 1 only (the other ranges have none)."""
+    ids = torch.randint(4, 100, (rows, 256), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 5], [0, 200], [1, 40], [1, 250]])
+    model = tiny_causal_lm("llama", num_layers=2, seed=3)
+    monkeypatch.setattr(last_block, "MAX_FORWARD_ROWS_BYTES", 1)
+    with _captured(model, ids) as prefix:
+        for _ in range(2):  # a block's first probe runs its one-time checks; count the next
+            with OpCounter() as counter:
+                fast = logit_gradient_norms(model, ids, positions=positions, prefix=prefix)
+    assert set(fast.paths.values()) == {"last_block"}
+    return counter.syncs
+
+
+def test_ranges_without_targets_cost_no_sync(monkeypatch):
+    # the ranges' targets are found together: eight rows in ranges of one, six of them
+    # without a target, sync as often as two rows (a sync per range before: 6 more)
+    assert _ranged_syncs(monkeypatch, 8) == _ranged_syncs(monkeypatch, 2)

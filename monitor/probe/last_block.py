@@ -181,11 +181,15 @@ def last_block_norms(
         entropy = torch.empty(targets.shape[0], dtype=torch.float32, device=targets.device)
         ranged: dict[Component, torch.Tensor] = {}
         count = plan.input_ids.shape[0]
-        for first in range(0, count, per_range):  # a range of rows at a time, fed as views
-            last = min(count, first + per_range)
-            index = ((targets[:, 0] >= first) & (targets[:, 0] < last)).nonzero().flatten()
-            if not index.numel():  # a sync per range: its targets
+        # every range's targets at once: the targets in order of their row, cut by the count
+        # of each range's (one sync for all ranges)
+        order = torch.argsort(targets[:, 0], stable=True)
+        per = torch.bincount(targets[order, 0] // per_range, minlength=-(-count // per_range))
+        for number, index in enumerate(torch.split(order, per.tolist())):
+            if not index.numel():  # a range without targets
                 continue
+            first = number * per_range  # a range of rows at a time, fed as views
+            last = min(count, first + per_range)
             # the range's rows fit one range (as many rows or fewer, no longer), so this
             # call makes one pass
             part_entropy, part_norms = last_block_norms(
