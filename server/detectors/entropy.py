@@ -216,6 +216,7 @@ class EntropyCollapse:
         self._sudden = RobustStream(sudden) if sudden.enabled else None
         self._sudden_bad = False
         self._sudden_run = 0  # records in a row the CUSUM is over the threshold, far below
+        self._sudden_level = 0.0  # the level (nats) the last record was judged against
 
     def _drop(self, obs: Observation) -> bool:
         """Whether the policy entropy's downward CUSUM is over its threshold (RL runs)."""
@@ -225,7 +226,7 @@ class EntropyCollapse:
         score = self._sudden.update(h)
         if score is not None:
             cfg = self.config.sudden
-            level = score.level - cfg.floor
+            self._sudden_level = level = score.level - cfg.floor
             far = h < (1.0 - cfg.min_drop) * level
             gone = (cfg.collapse is not None and h <= cfg.collapse * level) or far_below(
                 h, level, score.z, cfg.steep, cfg.steep_z
@@ -324,8 +325,7 @@ class EntropyCollapse:
         }
         if bad:
             if sudden and self._sudden is not None:
-                level, _ = self._sudden.level_scale()
-                level = math.exp(level) - self._sudden.config.floor
+                level = self._sudden_level
                 values["sudden_level"] = level
                 values["cusum"] = self._sudden.down
                 reason = Reason.ENTROPY_DROPPED_SUDDENLY
