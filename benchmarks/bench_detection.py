@@ -448,6 +448,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     print()
     unseen = dc.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
     dc.holdout_synthetic(s_rules, s_false, unseen)
+    dc.spike_rules_on(s_rules, [dc.healthy_part(r) for r in runs], false)
     print("a one-record path as early as a hand rule, priced on the real corpus:")
     for det, rule in (("LossSpike", "static"), ("GradNormSpike", "static"), ("KLSurge", "spike")):
         if dc.one_record_cost(s_rules, syn, runs, det, rule=rule) is None:

@@ -222,3 +222,21 @@ def test_hill_tail_expects_the_count_a_pareto_law_puts_past_its_sample() -> None
     line = dc.ratio_cost_line("KLSurge", [450.0, 500.0], samples[0])
     assert "0 of the real corpus' 10000 healthy records reach 450 x" in line
     assert "a Pareto tail fitted to the largest 50 expects" in line
+
+
+def test_synthetic_running_mean_rules_are_counted_on_other_healthy_records() -> None:
+    """The synthetic section's running-mean multipliers, carried to other healthy records (the
+    real corpus' in the benchmark; a noisier draw here): the false alarms each raises there,
+    after the detectors' warm-up, printed beside the detector's own count."""
+    rng = np.random.default_rng(0)
+    seen = dc.synthetic_corpus(1, 2000, rng)
+    _, _, _, rules = dc.evaluate(seen)
+    noisy = dc.synthetic_healthy(2000, "syn-rl", rng)
+    for r in noisy.records:  # KL three times as spread as the law the rules were fitted on
+        r["kl"] = (r["kl"] or 0.0) ** 3 * 400.0
+    lines: list[str] = []
+    out = dc.spike_rules_on(rules, [noisy], {"KLSurge": 7}, say=lines.append)
+    assert set(out) == {k.split(":")[1] for k in rules.spike}
+    m = next(v for k, v in rules.spike.items() if k.endswith(":KLSurge"))
+    assert out["KLSurge"] == dc._after_warmup(dc.spike_starts(noisy, "kl", "up", m), noisy, 12)
+    assert out["KLSurge"] > 0 and f"KLSurge {m:.3g} x: {out['KLSurge']} (7)" in lines[-1]
