@@ -361,7 +361,7 @@ def _recorded_streams() -> list[tuple[str, list[float]]]:
     RewardCollapse's collapse rule (fired by the pattern, held while the reward stays low),
     KLSurge's confirmation after a drift-charged CUSUM and its count of records out before the
     CUSUM passes (``confirm_z``), a signed loss's capped z."""
-    from tests.test_health_detectors import (
+    from tests.health_streams import (
         DEMO_UNSTABLE_REWARD,
         GRPO_KL_CLIMB,
         GRPO_KL_JUMP,

@@ -42,7 +42,7 @@ class RewardWithLengthConfig(DriftConfig):
     # length noise is ~0.2 in log): the failure corpus' hack, built on a second machine, at
     # 1.35 x and 1.28 x its level (robust z +2.4, +1.7) on its fifth and sixth records fired
     # on its eighth, 7 records after the onset, past the budget of 5; with 1.5 on its sixth
-    # (5; tests/test_length_drift_recorded.py). The corpus' healthy runs' false alarms stay
+    # (5; tests/test_length_drift.py). The corpus' healthy runs' false alarms stay
     # 0 (0 with no z at all). The price, on seeded streams with that length noise (200
     # each): a run whose reward climbs 0.03 a record (0.21 -> 0.95 in 25) while its length
     # stays level fires 33 times (8 with 2, 107 with 1; none at 0.01 a record), a noisy

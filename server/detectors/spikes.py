@@ -74,7 +74,7 @@ class GradNormSpikeConfig(SpikeConfig):
     # 6: the failure corpus' healthy RL runs (built on a second machine) raised two growing-
     # spike alarms at bump_z, later bumps at z +5.7 and +5.8 (1.39x and 1.54x an earlier
     # one); the synthetic growing spikes' second spike (x7) is ~13 robust SDs up, and
-    # tests/test_health_detectors.py's x3 then x4.5 (x3.2 then x4) at least +6.6
+    # tests/test_grad_norm_spike.py's x3 then x4.5 (x3.2 then x4) at least +6.6
     bump_fire_z: float = Field(
         default=6.0,
         gt=0.0,
