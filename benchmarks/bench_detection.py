@@ -192,6 +192,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="processes training the corpus")
     parser.add_argument("--syn-trials", type=int, default=20, help="synthetic faults per shape")
     parser.add_argument("--syn-healthy-steps", type=int, default=50_000)
+    parser.add_argument(
+        "--syn-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="more draws of the synthetic streams, a line each (their goals, late faults, most "
+        "false alarms, hand-rule lines by detector); the section above is --seed's draw",
+    )
     args = parser.parse_args()
     if args.corpus:
         corpus_section(args, np.random.default_rng(args.seed))
@@ -449,6 +457,10 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     unseen = dc.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
     dc.holdout_synthetic(s_rules, s_false, unseen)
     dc.spike_rules_on(s_rules, [dc.healthy_part(r) for r in runs], false)
+    if args.syn_seeds:
+        print("the synthetic section on other draws (goals: budget / false alarms / hand rules):")
+        for seed in args.syn_seeds:
+            print(dc.draw_line(dc.summarise_draw(seed, args.syn_trials, args.syn_healthy_steps)))
     print("a one-record path as early as a hand rule, priced on the real corpus:")
     for det, rule in (("LossSpike", "static"), ("GradNormSpike", "static"), ("KLSurge", "spike")):
         if dc.one_record_cost(s_rules, syn, runs, det, rule=rule) is None:

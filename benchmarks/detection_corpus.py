@@ -537,6 +537,57 @@ def report(
     return goals
 
 
+@dataclass
+class DrawSummary:
+    """One synthetic draw's verdict in short (:func:`summarise_draw`)."""
+
+    seed: int
+    goals: dict[str, bool]
+    late: list[str]  # fault runs no detector caught within its budget
+    worst_false: tuple[str, float]  # the detector with the most false alarms, per 10k
+    hand_first: dict[str, int]  # per detector, the lines where a hand rule came first
+
+
+def summarise_draw(
+    seed: int, trials: int, healthy_steps: int, config: AlertsConfig | None = None
+) -> DrawSummary:
+    """The synthetic section on the draw of ``seed`` (the benchmark's own is ``--seed``, 0),
+    reduced to its goals, its late faults, its worst false-alarm rate and its hand-rule
+    lines by detector: one draw's verdict rides on a few records near a gate, so the
+    benchmark can show several."""
+    runs = synthetic_corpus(trials, healthy_steps, np.random.default_rng(seed))
+    outcomes, false, healthy, rules = evaluate(runs, config)
+    watched = watched_steps(runs, config)
+    lines: list[str] = []
+    goals = report(outcomes, false, healthy, say=lines.append, watched=watched, rules=rules)
+    late: list[str] = []
+    for line in lines:  # a per-fault line: "  <run> LATE <detector> <delay> (static ...), ..."
+        if " LATE " in line:
+            run, _, det, delay = line.split()[:4]
+            late.append(f"{run} {det} {delay}")
+    hand_first: dict[str, int] = {}
+    for line in lines:
+        if line.startswith("  syn-") and " vs " in line:
+            det = line.split()[1].rstrip(":")
+            hand_first[det] = hand_first.get(det, 0) + 1
+    rates = {d: v * 10_000 / max(1, watched.get(d, healthy)) for d, v in false.items()}
+    worst = max(rates.items(), key=lambda kv: kv[1]) if rates else ("-", 0.0)
+    return DrawSummary(seed, goals, late, worst, hand_first)
+
+
+def draw_line(summary: DrawSummary) -> str:
+    """:class:`DrawSummary` as the benchmark prints it."""
+    verdict = " / ".join("yes" if v else "NO" for v in summary.goals.values())
+    late = f" (late: {', '.join(summary.late)})" if summary.late else ""
+    first = ", ".join(f"{d} {n}" for d, n in sorted(summary.hand_first.items())) or "none"
+    det, rate = summary.worst_false
+    worst = f"{det} {rate:.2f} per 10k" if rate > 0.0 else "none"
+    return (
+        f"  seed {summary.seed}: {verdict}{late}; most false alarms: {worst}; "
+        f"hand rule first: {first}"
+    )
+
+
 def _hand_false(counts: dict[str, int], det: str) -> str:
     got = [v for k, v in counts.items() if k == det or k.endswith(f":{det}")]
     return str(sum(got)) if got else "-"

@@ -240,3 +240,31 @@ def test_synthetic_running_mean_rules_are_counted_on_other_healthy_records() -> 
     m = next(v for k, v in rules.spike.items() if k.endswith(":KLSurge"))
     assert out["KLSurge"] == dc._after_warmup(dc.spike_starts(noisy, "kl", "up", m), noisy, 12)
     assert out["KLSurge"] > 0 and f"KLSurge {m:.3g} x: {out['KLSurge']} (7)" in lines[-1]
+
+
+def test_other_synthetic_draws_are_summarised_a_line_each() -> None:
+    """``--syn-seeds``: a draw's goals, late faults, most false alarms and hand-rule lines by
+    detector, as the full report of that draw counts them."""
+    summary = dc.summarise_draw(0, 1, 2000)
+    runs = dc.synthetic_corpus(1, 2000, np.random.default_rng(0))
+    outcomes, false, healthy, rules = dc.evaluate(runs)
+    lines: list[str] = []
+    goals = dc.report(
+        outcomes, false, healthy, say=lines.append, watched=dc.watched_steps(runs), rules=rules
+    )
+    assert summary.goals == goals
+    assert sum(summary.hand_first.values()) == sum(" vs " in line for line in lines)
+    assert len(summary.late) == sum(" LATE " in line for line in lines)
+    line = dc.draw_line(
+        dc.DrawSummary(
+            2,
+            {"a": False, "b": True, "c": False},
+            ["syn-grad_spikes_growing-t9 GradNormSpike 8"],
+            ("EntropySurge", 0.5),
+            {"KLSurge": 20, "GradNormSpike": 1},
+        )
+    )
+    assert line == (
+        "  seed 2: NO / yes / NO (late: syn-grad_spikes_growing-t9 GradNormSpike 8); most false "
+        "alarms: EntropySurge 0.50 per 10k; hand rule first: GradNormSpike 1, KLSurge 20"
+    )
