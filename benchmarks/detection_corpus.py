@@ -241,6 +241,16 @@ def _after_warmup(starts: Iterable[int], run: CorpusRun, warmup: int) -> int:
     return sum(1 for x in starts if x > first)
 
 
+def rule_false(
+    runs: Iterable[CorpusRun], name: str, direction: str, rule: str, x: float, *, warmup: int
+) -> int:
+    """The alarms a hand rule (``rule`` ``"static"`` at level ``x``, or ``"spike"`` at
+    multiplier ``x``) starts on ``name`` over ``runs``, after each run's first ``warmup``
+    records (the detectors' warm-up)."""
+    starts_of = static_starts if rule == "static" else spike_starts
+    return sum(_after_warmup(starts_of(r, name, direction, x), r, warmup) for r in runs)
+
+
 @dataclass
 class HandRules:
     """A static threshold and a spike multiplier per detector, calibrated on healthy records."""
@@ -278,7 +288,7 @@ def calibrate(healthy: Sequence[CorpusRun], allowed: dict[str, int], warmup: int
 
         def static_fa(x: float, name: str = name, direction: str = direction) -> int:
             d = "down" if direction == "down" else "up"
-            return sum(_after_warmup(static_starts(r, name, d, x), r, warmup) for r in healthy)
+            return rule_false(healthy, name, d, "static", x, warmup=warmup)
 
         # candidate levels, most extreme first: just past each healthy value
         top = values[::-1] if sign > 0 else values
@@ -296,9 +306,7 @@ def calibrate(healthy: Sequence[CorpusRun], allowed: dict[str, int], warmup: int
             continue  # a signed value has no ratio to its mean
 
         def spike_fa(m: float, name: str = name, direction: str = direction) -> int:
-            return sum(
-                _after_warmup(spike_starts(r, name, direction, m), r, warmup) for r in healthy
-            )
+            return rule_false(healthy, name, direction, "spike", m, warmup=warmup)
 
         # false alarms fall as m grows: bisect the grid for the smallest m allowed
         lo, hi = 0, len(SPIKE_GRID)
@@ -444,6 +452,42 @@ def _later(mine: int | None, hand: int | None) -> bool:
     return hand is not None and (mine is None or hand < mine)
 
 
+def hand_first(outcomes: Sequence[Outcome]) -> list[tuple[Outcome, str, int]]:
+    """The outcomes where a hand rule caught the fault before the detector (or caught what it
+    missed): (the outcome, ``"static"`` or ``"spike"``, the rule's delay), in
+    :data:`BUDGET`'s order of detectors."""
+    out: list[tuple[Outcome, str, int]] = []
+    for det in BUDGET:
+        for o in outcomes:
+            if o.detector != det:
+                continue
+            for rule, hand in (("static", o.static), ("spike", o.spike)):
+                if hand is not None and _later(o.delay, hand):
+                    out.append((o, rule, hand))
+    return out
+
+
+def fault_verdicts(
+    outcomes: Sequence[Outcome],
+) -> dict[tuple[str, str], tuple[bool, list[Outcome]]]:
+    """Per fault run (run, fault): whether one of its detectors caught it within that
+    detector's budget (from record :data:`PATTERN_LAG` after the onset where the fault's shape
+    takes that long to exist), and its outcomes."""
+    by_fault: dict[tuple[str, str], list[Outcome]] = {}
+    for o in outcomes:
+        by_fault.setdefault((o.run, o.fault), []).append(o)
+    return {
+        (run, fault): (
+            any(
+                o.delay is not None and o.delay <= BUDGET[o.detector] + PATTERN_LAG.get(fault, 0)
+                for o in os_
+            ),
+            os_,
+        )
+        for (run, fault), os_ in by_fault.items()
+    }
+
+
 def report(
     outcomes: Sequence[Outcome],
     false: dict[str, int],
@@ -464,8 +508,6 @@ def report(
     say(header)
     say("-" * len(header))
     within = True
-    earlier = True
-    hand_wins: list[str] = []
     for det, budget in BUDGET.items():
         mine = [o for o in outcomes if o.detector == det]
         if not mine:
@@ -480,25 +522,15 @@ def report(
             f" {steps:>6} {fa:>6.2f}   {_fmt([o.static for o in mine]):>17} {sfa:>6}"
             f"   {_fmt([o.spike for o in mine]):>17} {pfa:>5}"
         )
-        for o in mine:
-            for rule, hand in (("static", o.static), ("spike", o.spike)):
-                if _later(o.delay, hand):
-                    earlier = False
-                    hand_wins.append(
-                        f"{o.run} {det}: {o.delay if o.delay is not None else 'miss'}"
-                        f" vs {rule} {hand}"
-                    )
-    by_fault: dict[tuple[str, str], list[Outcome]] = {}
-    for o in outcomes:
-        by_fault.setdefault((o.run, o.fault), []).append(o)
+    hand_wins = [
+        f"{o.run} {o.detector}: {o.delay if o.delay is not None else 'miss'} vs {rule} {hand}"
+        for o, rule, hand in hand_first(outcomes)
+    ]
+    earlier = not hand_wins
     say("")
     say("per fault (caught: one of its detectors within that detector's budget; records):")
     tally: dict[str, list[int]] = {}
-    for (run, fault), os_ in by_fault.items():
-        ok = any(
-            o.delay is not None and o.delay <= BUDGET[o.detector] + PATTERN_LAG.get(fault, 0)
-            for o in os_
-        )
+    for (run, fault), (ok, os_) in fault_verdicts(outcomes).items():
         within = within and ok
         counts = tally.setdefault(fault, [0, 0])
         counts[0] += ok
@@ -558,21 +590,19 @@ def summarise_draw(
     runs = synthetic_corpus(trials, healthy_steps, np.random.default_rng(seed))
     outcomes, false, healthy, rules = evaluate(runs, config)
     watched = watched_steps(runs, config)
-    lines: list[str] = []
-    goals = report(outcomes, false, healthy, say=lines.append, watched=watched, rules=rules)
-    late: list[str] = []
-    for line in lines:  # a per-fault line: "  <run> LATE <detector> <delay> (static ...), ..."
-        if " LATE " in line:
-            run, _, det, delay = line.split()[:4]
-            late.append(f"{run} {det} {delay}")
-    hand_first: dict[str, int] = {}
-    for line in lines:
-        if line.startswith("  syn-") and " vs " in line:
-            det = line.split()[1].rstrip(":")
-            hand_first[det] = hand_first.get(det, 0) + 1
+    goals = report(outcomes, false, healthy, say=lambda _: None, watched=watched, rules=rules)
+    late = [
+        f"{run} "
+        + ", ".join(f"{o.detector} {o.delay if o.delay is not None else 'miss'}" for o in os_)
+        for (run, _), (ok, os_) in fault_verdicts(outcomes).items()
+        if not ok
+    ]
+    by_detector: dict[str, int] = {}
+    for o, _, _ in hand_first(outcomes):
+        by_detector[o.detector] = by_detector.get(o.detector, 0) + 1
     rates = {d: v * 10_000 / max(1, watched.get(d, healthy)) for d, v in false.items()}
     worst = max(rates.items(), key=lambda kv: kv[1]) if rates else ("-", 0.0)
-    return DrawSummary(seed, goals, late, worst, hand_first)
+    return DrawSummary(seed, goals, late, worst, by_detector)
 
 
 def draw_line(summary: DrawSummary) -> str:
@@ -753,22 +783,12 @@ def holdout_hand_rules(
         rules = calibrate(seen, allowed)
         steps = sum(len(r.records) for r in unseen)
 
-        def after_warmup(starts: list[int], run: CorpusRun) -> int:
-            first = int(run.records[min(warmup, len(run.records)) - 1]["step"] or 0)
-            return sum(1 for x in starts if x > first)
-
         for det, (name, direction) in SIGNAL.items():
             if det not in rules.static:
                 continue
-            static = sum(
-                after_warmup(static_starts(r, name, direction, rules.static[det]), r)
-                for r in unseen
-            )
+            static = rule_false(unseen, name, direction, "static", rules.static[det], warmup=warmup)
             spike = (
-                sum(
-                    after_warmup(spike_starts(r, name, direction, rules.spike[det]), r)
-                    for r in unseen
-                )
+                rule_false(unseen, name, direction, "spike", rules.spike[det], warmup=warmup)
                 if det in rules.spike
                 else None
             )
@@ -815,15 +835,9 @@ def holdout_synthetic(
         key = next((k for k in rules.static if k.endswith(f":{det}")), None)
         if key is None:
             continue
-        static = sum(
-            _after_warmup(static_starts(r, name, direction, rules.static[key]), r, warmup)
-            for r in healthy
-        )
+        static = rule_false(healthy, name, direction, "static", rules.static[key], warmup=warmup)
         spike = (
-            sum(
-                _after_warmup(spike_starts(r, name, direction, rules.spike[key]), r, warmup)
-                for r in healthy
-            )
+            rule_false(healthy, name, direction, "spike", rules.spike[key], warmup=warmup)
             if key in rules.spike
             else None
         )
@@ -853,8 +867,7 @@ def spike_rules_on(
     for key, m in rules.spike.items():
         det = key.split(":", 1)[1]
         name, direction = SIGNAL[det]
-        runs = [r for r in healthy if any(x.get(name) is not None for x in r.records)]
-        out[det] = sum(_after_warmup(spike_starts(r, name, direction, m), r, warmup) for r in runs)
+        out[det] = rule_false(healthy, name, direction, "spike", m, warmup=warmup)
     say(
         "the synthetic section's running-mean rules on the real corpus' healthy records "
         "(false alarms: the rule's at its synthetic multiplier, the detector's):"
@@ -895,23 +908,13 @@ def stream_scores(
     return out, stream.log
 
 
-def robust_z(
-    run: CorpusRun, det: str, config: AlertsConfig | None = None
-) -> tuple[list[float | None], bool | None]:
-    """Per record of ``run``, the robust z the detector ``det`` scores its value with (see
-    :func:`stream_scores`), and whether its stream scored the log."""
-    scores, log = stream_scores(run, det, config)
-    return [s.z if s is not None else None for s in scores], log
-
-
 def level_ratios(
-    run: CorpusRun, det: str, config: AlertsConfig | None = None
+    scores: Sequence[Score | None], log: bool | None, floor: float
 ) -> list[float | None]:
-    """Per record of ``run``, its value over the level of ``det``'s log stream in the value's
+    """Per score of a stream (:func:`stream_scores`), its value over the level in the value's
     own units (the stream's ``floor`` taken out, as an alert message gives it): the form of a
-    running-mean rule. None where the stream has no score, scores no log, or the level is 0."""
-    floor = _detector_config(det, config).floor
-    scores, log = stream_scores(run, det, config)
+    running-mean rule. None where there is no score, the stream scores no log, or the level
+    is 0."""
     out: list[float | None] = []
     for s in scores:
         level = s.level - floor if s is not None and log else 0.0
@@ -958,6 +961,7 @@ def one_record_cost(
     if key is None:
         return None
     name, direction = SIGNAL[det]
+    floor = _detector_config(det, config).floor
     caught: list[float] = []
     ratios: list[float] = []
     log: bool | None = None
@@ -967,10 +971,10 @@ def one_record_cost(
         if first_after(starts_of(run, name, direction, fitted[key]), run.onset) != 0:
             continue
         at = [int(r["step"] or 0) for r in run.records].index(run.onset)
-        zs, log = robust_z(run, det, config)
-        if zs[at] is not None:
-            caught.append(zs[at])
-        ratio = level_ratios(run, det, config)[at]
+        scores, log = stream_scores(run, det, config)
+        if scores[at] is not None:
+            caught.append(scores[at].z)
+        ratio = level_ratios(scores[at : at + 1], log, floor)[0]
         if ratio is not None:
             ratios.append(ratio)
     if not caught:
@@ -980,16 +984,15 @@ def one_record_cost(
     past = scored = 0
     real_ratios: list[float] = []
     for run in real:
-        part = healthy_part(run)
-        zs, run_log = robust_z(part, det, config)
+        scores, run_log = stream_scores(healthy_part(run), det, config)
         if run_log is not log:  # a signed loss against signed losses, a log against logs
             continue
-        for z in zs:
-            if z is not None:
+        for score in scores:
+            if score is not None:
                 scored += 1
-                past += z >= low
+                past += score.z >= low
         if rule == "spike":
-            real_ratios += [r for r in level_ratios(part, det, config) if r is not None]
+            real_ratios += [r for r in level_ratios(scores, run_log, floor) if r is not None]
     say(
         f"  {det}: the {'static' if rule == 'static' else 'running-mean'} rule caught "
         f"{len(caught)} synthetic faults on their onset record, "

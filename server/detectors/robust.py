@@ -186,12 +186,6 @@ class RobustStream:
             return math.log(max(x, 0.0) + self.config.floor + 1e-12)
         return x
 
-    def level_scale(self) -> tuple[float, float]:
-        """Median and robust SD (MAD x 1.4826, at least ``min_scale``) of the window."""
-        ys = self._sorted
-        med = _median(ys)
-        return med, max(MAD_TO_SD * _mad(ys, med), self.config.min_scale)
-
     def _push(self, y: float) -> None:
         """Add ``y`` to the window (and its sorted copy), dropping the oldest when full."""
         if len(self._window) == self._window.maxlen:
@@ -210,9 +204,9 @@ class RobustStream:
             for v in self._warm:
                 self._push(self._y(v))
             return None
-        # one call per record and stream: _y, level_scale and _push inlined, and max(a, b) /
-        # min(a, b) written as (b if b > a else a) / (b if b < a else a), what the builtins
-        # return (the same arithmetic, without their calls)
+        # one call per record and stream: _y, the window's median and MAD and _push inlined,
+        # and max(a, b) / min(a, b) written as (b if b > a else a) / (b if b < a else a), what
+        # the builtins return (the same arithmetic, without their calls)
         floor, warmup, min_scale, z_cap, k, clip, cap = self._params
         log = self.log
         y = math.log((0.0 if x < 0.0 else x) + floor + 1e-12) if log else x
