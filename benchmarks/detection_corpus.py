@@ -188,12 +188,14 @@ def _values(run: CorpusRun, name: str) -> list[tuple[int, float | None]]:
 
 
 def static_starts(run: CorpusRun, name: str, direction: str, x: float) -> list[int]:
-    """Steps where the value crosses ``x`` (up: rises above, down: falls below)."""
+    """Steps where the value crosses ``x`` (down: falls below; up, and both, as one level can
+    only watch one side: rises above)."""
     out, over = [], False
+    below = direction == "down"
     for step, v in _values(run, name):
         if v is None:
             continue
-        now = (v > x) if direction == "up" else (v < x)  # NaN: False, as in a comparison
+        now = (v < x) if below else (v > x)  # NaN: False, as in a comparison
         if now and not over:
             out.append(step)
         over = now
@@ -287,8 +289,7 @@ def calibrate(healthy: Sequence[CorpusRun], allowed: dict[str, int], warmup: int
         sign = -1.0 if direction == "down" else 1.0
 
         def static_fa(x: float, name: str = name, direction: str = direction) -> int:
-            d = "down" if direction == "down" else "up"
-            return rule_false(healthy, name, d, "static", x, warmup=warmup)
+            return rule_false(healthy, name, direction, "static", x, warmup=warmup)
 
         # candidate levels, most extreme first: just past each healthy value
         top = values[::-1] if sign > 0 else values

@@ -268,3 +268,16 @@ def test_other_synthetic_draws_are_summarised_a_line_each() -> None:
         "  seed 2: NO / yes / NO (late: syn-grad_spikes_growing-t9 GradNormSpike 8); most false "
         "alarms: EntropySurge 0.50 per 10k; hand rule first: GradNormSpike 1, KLSurge 20"
     )
+
+
+def test_a_static_level_on_a_two_sided_signal_watches_the_side_it_was_fitted_on() -> None:
+    """LengthDrift's signal is two-sided; its one static level is fitted as a rise above the
+    healthy maximum (``calibrate``), so it is judged as one too (it was judged as a fall below
+    it, which a healthy run is from its first record on)."""
+    rng = np.random.default_rng(0)
+    run = dc.synthetic_healthy(300, "syn-rl", rng)
+    lengths = [r["completion_length_mean"] or 0.0 for r in run.records]
+    x = sorted(lengths)[-3]  # two records above it
+    both = dc.static_starts(run, "completion_length_mean", "both", x)
+    assert both == dc.static_starts(run, "completion_length_mean", "up", x)
+    assert 1 <= len(both) <= 2 and int(run.records[0]["step"] or 0) not in both
