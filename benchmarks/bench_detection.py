@@ -44,7 +44,7 @@ healthy over several seeds and with injected faults; built once and cached,
 record to the server's detectors; per detector the median and worst delay
 (records after the onset), misses and false alarms per 10,000 healthy steps,
 side by side with a static threshold and a running-mean spike rule at an equal
-false-alarm count (:mod:`detection_corpus`), the same hand rules fitted on half
+false-alarm count (:mod:`benchmarks.detection`), the same hand rules fitted on half
 the healthy seeds and judged on the other half (the synthetic section's on a second
 draw of the same law), what a one-record loss or grad-norm rule as early as the synthetic
 static rule would raise on the real corpus' healthy records, and rho's lead or lag on the RL
@@ -421,8 +421,15 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    from benchmarks import detection_corpus as dc
     from benchmarks import failure_corpus as fc
+    from benchmarks.detection import (
+        faults,
+        hand_rules,
+        rho_lead,
+        synthetic,
+        tail_price,
+        verdicts,
+    )
 
     started = time.monotonic()
     runs = fc.corpus(args.corpus_path or fc.DEFAULT_PATH, rebuild=args.rebuild, jobs=args.jobs)
@@ -433,41 +440,48 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     )
     print()
     print("real runs (HF Trainer SFT, the demo's GRPO loop, TRL's GRPOTrainer):")
-    outcomes, false, healthy, rules = dc.evaluate(runs)
-    goals = dc.report(outcomes, false, healthy, watched=dc.watched_steps(runs), rules=rules)
+    outcomes, false, healthy, rules = verdicts.evaluate(runs)
+    goals = verdicts.report(
+        outcomes, false, healthy, watched=faults.watched_steps(runs), rules=rules
+    )
     entropy_definitions(runs)
     print()
-    dc.holdout_hand_rules(runs)
+    hand_rules.holdout_hand_rules(runs)
     print()
-    syn = dc.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
+    syn = synthetic.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
     print(
-        f"synthetic streams: {args.syn_trials} trials of {len(dc.SYNTHETIC_FAULTS)} rare shapes, "
-        f"{args.syn_healthy_steps} healthy RL-like steps (heavy-tailed noise, trends, wander):"
+        f"synthetic streams: {args.syn_trials} trials of {len(synthetic.SYNTHETIC_FAULTS)} rare "
+        f"shapes, {args.syn_healthy_steps} healthy RL-like steps (heavy-tailed noise, trends, "
+        "wander):"
     )
-    s_outcomes, s_false, s_healthy, s_rules = dc.evaluate(syn)
-    s_goals = dc.report(
+    s_outcomes, s_false, s_healthy, s_rules = verdicts.evaluate(syn)
+    s_goals = verdicts.report(
         s_outcomes,
         s_false,
         s_healthy,
         say=_quiet_faults(),
-        watched=dc.watched_steps(syn),
+        watched=faults.watched_steps(syn),
         rules=s_rules,
     )
     print()
-    unseen = dc.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
-    dc.holdout_synthetic(s_rules, s_false, unseen)
-    dc.spike_rules_on(s_rules, [dc.healthy_part(r) for r in runs], false)
+    unseen = synthetic.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
+    hand_rules.holdout_synthetic(s_rules, s_false, unseen)
+    hand_rules.spike_rules_on(s_rules, [faults.healthy_part(r) for r in runs], false)
     if args.syn_seeds:
         print("the synthetic section on other draws (goals: budget / false alarms / hand rules):")
         for seed in args.syn_seeds:
-            print(dc.draw_line(dc.summarise_draw(seed, args.syn_trials, args.syn_healthy_steps)))
+            print(
+                verdicts.draw_line(
+                    verdicts.summarise_draw(seed, args.syn_trials, args.syn_healthy_steps)
+                )
+            )
     print("a one-record path as early as a hand rule, priced on the real corpus:")
     for det, rule in (("LossSpike", "static"), ("GradNormSpike", "static"), ("KLSurge", "spike")):
-        if dc.one_record_cost(s_rules, syn, runs, det, rule=rule) is None:
+        if tail_price.one_record_cost(s_rules, syn, runs, det, rule=rule) is None:
             label = "static" if rule == "static" else "running-mean"
             print(f"  {det}: the {label} rule caught no synthetic fault on its onset record")
     print()
-    dc.rho_lead(runs)
+    rho_lead.rho_lead(runs)
     print(f"\n({time.monotonic() - started:.0f} s)")
     return {k: v and s_goals[k] for k, v in goals.items()}
 
@@ -478,7 +492,7 @@ def entropy_definitions(runs: list[CorpusRun], say: Callable[[str], None] = prin
     TRL's GRPOTrainer logs and the GRPO loop sends), which falls on the onset record because
     the temperature fell, and the model's own (temperature 1), whose slower fall is the
     collapse itself (its first records are within a healthy run's wander)."""
-    from benchmarks import detection_corpus as dc
+    from benchmarks.detection import faults
     from benchmarks.failure_corpus import CorpusRun
 
     for run in runs:
@@ -496,10 +510,10 @@ def entropy_definitions(runs: list[CorpusRun], say: Callable[[str], None] = prin
             [{**r, "policy_entropy_mean": r["policy_entropy_unscaled"]} for r in records],
         )
         for label, r in (("sampled (logits / T)", run), ("the model's own (T = 1)", own)):
-            starts = dc.detector_starts(r).get("EntropyCollapse", [])
+            starts = faults.detector_starts(r).get("EntropyCollapse", [])
             say(
                 f"  {run.name}: EntropyCollapse on the entropy {label}: "
-                f"{dc.first_after(starts, run.onset)} records after the onset"
+                f"{faults.first_after(starts, run.onset)} records after the onset"
             )
 
 

@@ -1,4 +1,4 @@
-"""Run every docstring example in the package as a test."""
+"""Run every docstring example in the package (and the detection benchmark's parts) as a test."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ PACKAGES = (
     "inversion_monitor.callbacks",
     "inversion_monitor.server",
     "inversion_monitor.proto",
+    "benchmarks.detection",
 )
 
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from benchmarks.detection_corpus import synthetic_healthy
+from benchmarks.detection.synthetic import synthetic_healthy
 from inversion_monitor.server.detectors import (
     AlertsConfig,
     EntropyExhaustion,
