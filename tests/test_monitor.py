@@ -136,6 +136,31 @@ def test_failure_warns_once_and_disables(make_model, batch):
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())  # hook removed
 
 
+def test_a_probe_failing_on_a_diverged_model_names_its_nan_weights(make_model, batch):
+    """A NaN update (as a NaN batch makes) gives the probe NaN Gram matrices, whose
+    eigensolver fails as "ill-conditioned"; the warning says instead that the weights
+    diverged, naming them, with the solver's error kept as the cause."""
+    model = make_model("llama", num_layers=2).train()
+    monitor = InversionMonitor(MonitorConfig(every_n_steps=1))
+    monitor.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model(**batch).loss.backward()
+    optimizer.step()
+    assert monitor.step_end(1, model) is not None  # a healthy first probe
+    model(**batch).loss.backward()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight.grad[0, 0] = float("nan")
+    optimizer.step()  # one NaN weight, in the probed block
+    with pytest.warns(MonitorWarning) as caught:
+        assert monitor.step_end(2, model) is None
+    message = str(caught[0].message)
+    assert "DivergedModelError: the model's weights hold NaN or inf at step 2" in message
+    assert "(model.layers.1.self_attn.q_proj.weight)" in message
+    assert "the probe's own error:" in message and "stops probing" in message
+    assert monitor.errors == 1 and not monitor.probing
+    assert monitor.step_end(3, model) is None  # training goes on, no second warning
+
+
 def test_continue_policy_keeps_trying(make_model, batch):
     model = make_model("llama", num_layers=2).train()
     monitor = InversionMonitor(MonitorConfig(every_n_steps=1, layers=[5], on_error="continue"))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from inversion_monitor.config import MonitorConfig
+from inversion_monitor.engine.divergence import explain_probe_failure
 from inversion_monitor.metrics.correlation import spearman
 from inversion_monitor.metrics.stats import InversionStats, inversion_stats
 from inversion_monitor.probe.capture import CapturedBatch
@@ -71,19 +72,25 @@ def measure(step: int, plan: ProbePlan, config: MonitorConfig) -> Measured:
     """Run the probe on ``plan`` (a collective when weights are sharded) and its statistics."""
     start = time.perf_counter() - plan.prepare_s
     batch = plan.batch
-    result = logit_gradient_norms(
-        plan.model,
-        batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        positions=plan.positions,
-        layers=config.layers,
-        projections=config.projections,
-        norm=config.norm,
-        chunk_tokens=config.chunk_tokens,
-        prefix=plan.prefix,
-        precision=plan.precision,
-    )
+    try:
+        result = logit_gradient_norms(
+            plan.model,
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            positions=plan.positions,
+            layers=config.layers,
+            projections=config.projections,
+            norm=config.norm,
+            chunk_tokens=config.chunk_tokens,
+            prefix=plan.prefix,
+            precision=plan.precision,
+        )
+    except Exception as exc:  # a diverged model's failure names its NaN weights
+        explained = explain_probe_failure(plan.model, step, exc)
+        if explained is exc:
+            raise
+        raise explained from exc
     if result.prefix == "recomputed" and result.prefix_reason is None:
         result = replace(result, prefix_reason=plan.prefix_note)
     stats = inversion_stats(
