@@ -86,6 +86,19 @@ class HandRules:
     spike_false: dict[str, int] = field(default_factory=dict)
 
 
+def rules_false(
+    runs: Iterable[CorpusRun], rules: HandRules, key: str, det: str, *, warmup: int
+) -> tuple[int, int | None]:
+    """The false alarms of ``rules``' static and spike rule under ``key`` (``det``, or
+    ``"family:det"``) on ``runs`` (:func:`rule_false`); the spike's None where it has none."""
+    runs = list(runs)
+    name, direction = SIGNAL[det]
+    static = rule_false(runs, name, direction, "static", rules.static[key], warmup=warmup)
+    if key not in rules.spike:
+        return static, None
+    return static, rule_false(runs, name, direction, "spike", rules.spike[key], warmup=warmup)
+
+
 # spike multipliers tried, 1.01 to 100 (geometric, 1% apart)
 SPIKE_GRID = tuple(float(round(1.01**i, 6)) for i in range(1, 464))
 
@@ -178,15 +191,10 @@ def holdout_hand_rules(
         rules = calibrate(seen, allowed)
         steps = sum(len(r.records) for r in unseen)
 
-        for det, (name, direction) in SIGNAL.items():
+        for det in SIGNAL:
             if det not in rules.static:
                 continue
-            static = rule_false(unseen, name, direction, "static", rules.static[det], warmup=warmup)
-            spike = (
-                rule_false(unseen, name, direction, "spike", rules.spike[det], warmup=warmup)
-                if det in rules.spike
-                else None
-            )
+            static, spike = rules_false(unseen, rules, det, det, warmup=warmup)
             mine = sum(len(ours[r.name].get(det, [])) for r in unseen)
             say(
                 f"  {family:<7} {det:<18} {len(seen):>4} {steps:>12} {mine:>13} {static:>6}"
@@ -223,16 +231,11 @@ def holdout_synthetic(
         f"   {'unseen: detector':>16} {'static':>6} {'spike':>5}"
     )
     out: dict[str, tuple[int, int, int | None]] = {}
-    for det, (name, direction) in SIGNAL.items():
+    for det in SIGNAL:
         key = next((k for k in rules.static if k.endswith(f":{det}")), None)
         if key is None:
             continue
-        static = rule_false(healthy, name, direction, "static", rules.static[key], warmup=warmup)
-        spike = (
-            rule_false(healthy, name, direction, "spike", rules.spike[key], warmup=warmup)
-            if key in rules.spike
-            else None
-        )
+        static, spike = rules_false(healthy, rules, key, det, warmup=warmup)
         out[det] = (ours.get(det, 0), static, spike)
         say(
             f"  {det:<18} {false_seen.get(det, 0):>19} {rules.static_false.get(det, 0):>6}"
