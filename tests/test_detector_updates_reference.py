@@ -39,7 +39,7 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
     x = self.value(obs)
     if x is None or not math.isfinite(x):
         return None
-    score = self.stream.update(x)
+    score = self.stream.update(x, learn=not self.active)
     if score is None:
         return None
     cfg = self.config
@@ -97,8 +97,15 @@ def plain_drift_update(self: DriftDetector, obs: Observation) -> Transition | No
             values,
         )
     cusum = score.up if self.side is Direction.UP else score.down
-    if cusum > 0.0 or self.holds(score):
+    near = score.z <= cfg.back_z if self.side is Direction.UP else score.z >= -cfg.back_z
+    self._back_run = self._back_run + 1 if near else 0
+    if (cusum > 0.0 and self._back_run < cfg.back_records) or self.holds(score):
         return None
+    self._back_run = 0
+    if self.side is Direction.UP:
+        self.stream.up = 0.0
+    else:
+        self.stream.down = 0.0
     self.active = False
     ended, self.side = self.side, None
     return Transition(
@@ -284,11 +291,15 @@ def _observations(seed: str, steps: int = 2500) -> list[Observation]:
     rng = random.Random(seed)
     levels = {name: rng.uniform(0.5, 5.0) for name in OPTIONAL_DOUBLES}
     rho_level = -0.4
+    shifted, factor = OPTIONAL_DOUBLES[0], 1.0
     out = []
     for step in range(1, steps):
         if step % 150 == 100:
-            name = rng.choice(OPTIONAL_DOUBLES)
-            levels[name] *= rng.choice([0.1, 0.5, 3.0, 10.0])
+            shifted = rng.choice(OPTIONAL_DOUBLES)
+            factor = rng.choice([0.1, 0.5, 3.0, 10.0])
+            levels[shifted] *= factor
+        if step % 150 == 130:  # the fault ends (an alert on it ends when it does)
+            levels[shifted] /= factor
         if step % 400 == 300:
             rho_level = rng.choice([-0.4, -0.1, 0.1, 0.3])
         fields: dict[str, float | None] = {}

@@ -156,7 +156,7 @@ def test_entropy_quiet_on_slow_healthy_drift_fires_on_a_real_fall() -> None:
     )
     assert trans and trans[0].firing and trans[0].reason is Reason.ENTROPY_BELOW_FRACTION
     assert onset < trans[0].step < onset + 800
-    assert "highest over the last 1000 steps" in trans[0].message
+    assert "level over the last 1000 steps" in trans[0].message
 
     halved = noisy[:onset] + [h * 0.4 for h in noisy[onset : onset + 50]]
     trans = run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from typing import ClassVar
 
@@ -92,12 +93,15 @@ class EntropyConfig(DetectorConfig):
     """Parameters of :class:`EntropyCollapse`.
 
     ``fraction`` judges the smoothed entropy against its early level for the first
-    ``horizon`` steps and against its highest over the last ``horizon`` steps after: a
-    healthy RL stream wandering slowly (the synthetic healthy stream of
-    ``bench_detection --corpus``'s second draw, 1.23 nats early to ~0.61 after 10,000 steps)
-    crossed half its early level back and forth, 25 false alarms in 50,000 steps, and none
-    against the last 1,000 steps' highest; a collapse falls by half far sooner. The failure
-    corpus' runs are all shorter than ``horizon`` (the early level throughout).
+    ``horizon`` steps and against its typical level over the last ``horizon`` steps after
+    (the median of its means over twenty stretches of them): a healthy RL stream wandering
+    slowly (the synthetic healthy stream of ``bench_detection --corpus``'s second draw, 1.23
+    nats early to ~0.61 after 10,000 steps) crossed half its early level back and forth, 25
+    false alarms in 50,000 steps, and none against the last 1,000 steps; a collapse falls by
+    half far sooner. Their highest, the reference before, took a surge's peak: an entropy
+    surging to 2.5 x for 30 records and back was "below half its highest" for the next 1,000
+    steps. The failure corpus' runs are all shorter than ``horizon`` (the early level
+    throughout).
     """
 
     enabled: bool = True
@@ -110,8 +114,8 @@ class EntropyConfig(DetectorConfig):
         default=1000,
         ge=100,
         description="steps: past this many, ``fraction`` judges the smoothed entropy against its "
-        "highest over the last ``horizon`` steps, not the early level (a fall by half within "
-        "it fires, a slower healthy drift does not; None: the early level throughout)",
+        "typical level over the last ``horizon`` steps, not the early level (a fall by half "
+        "within them fires, a slower healthy drift does not; None: the early level throughout)",
     )
     max_drop_per_100_steps: float | None = Field(
         default=0.3,
@@ -175,8 +179,8 @@ class ExhaustionConfig(DetectorConfig):
 
 class EntropyCollapse:
     """Mean entropy (EWMA) below ``fraction`` x its early level (past ``horizon`` steps: x its
-    highest of the last ``horizon`` steps), or falling too fast; in RL runs also a sudden fall
-    of the policy's entropy (``sudden``, fires at once).
+    typical level over the last ``horizon`` steps), or falling too fast; in RL runs also a
+    sudden fall of the policy's entropy (``sudden``, fires at once).
 
     >>> det = EntropyCollapse(EntropyConfig(warmup=3, smoothing=1.0, sustain=1))
     >>> _ = [det.update(Observation(s, 0.0, entropy_mean=2.0)) for s in range(3)]
@@ -207,8 +211,9 @@ class EntropyCollapse:
         self.ewma: float | None = None
         self._history: deque[tuple[int, float]] = deque(maxlen=512)
         self._first: int | None = None  # the first step seen
-        # the smoothed entropy's highest per bucket of ``horizon`` / 20 steps, the last horizon
-        self._peaks: deque[tuple[int, float]] = deque()
+        # the smoothed entropy's (bucket start, sum, count) per bucket of ``horizon`` / 20
+        # steps, over the last horizon
+        self._buckets: deque[tuple[int, float, int]] = deque()
         self._held: float | None = None  # the reference ``low`` judges against while on
         self.active = False
         self._run = 0
@@ -241,8 +246,10 @@ class EntropyCollapse:
             )
         return self._sudden_bad
 
-    def _rate(self, step: int) -> float | None:
-        """Drop of the EWMA over the last ~100 steps, as a fraction of the early level."""
+    def _rate(self, step: int, reference: float) -> float | None:
+        """Drop of the EWMA over the last ~100 steps, as a fraction of the early level, counted
+        from ``reference`` at most: an entropy back at its level after a surge above it has not
+        fallen (a surge to 2.5 x for 30 records read "falling fast" ~100 steps later)."""
         assert self.early is not None and self.ewma is not None
         history = self._history
         # steps only grow: keep one entry older than 100 steps, the latest such
@@ -250,32 +257,35 @@ class EntropyCollapse:
             history.popleft()
         if not history or step - history[0][0] <= 100:
             return None
-        old = history[0]
-        return (old[1] - self.ewma) / self.early * 100.0 / max(1, step - old[0])
+        old_step, old = history[0]
+        old = reference if reference < old else old
+        return (old - self.ewma) / self.early * 100.0 / max(1, step - old_step)
 
     def _track(self, step: int) -> None:
-        """Keep the smoothed entropy's highest per bucket of ``horizon`` / 20 steps, over the
-        last ``horizon`` steps (for :meth:`_reference`)."""
+        """Keep the smoothed entropy's mean per bucket of ``horizon`` / 20 steps, over the last
+        ``horizon`` steps (for :meth:`_reference`)."""
         horizon, ewma, first = self.config.horizon, self.ewma, self._first
         if horizon is None or ewma is None or first is None:
             return
-        peaks, width = self._peaks, max(1, horizon // 20)
+        buckets, width = self._buckets, max(1, horizon // 20)
         bucket = step - (step - first) % width
-        if peaks and peaks[-1][0] == bucket:
-            peaks[-1] = (bucket, max(peaks[-1][1], ewma))
+        if buckets and buckets[-1][0] == bucket:
+            last = buckets[-1]
+            buckets[-1] = (bucket, last[1] + ewma, last[2] + 1)
         else:
-            peaks.append((bucket, ewma))
-        while peaks[0][0] + width <= step - horizon:
-            peaks.popleft()
+            buckets.append((bucket, ewma, 1))
+        while buckets[0][0] + width <= step - horizon:
+            buckets.popleft()
 
     def _reference(self, step: int) -> float:
         """The level ``fraction`` judges against: the early level within ``horizon`` steps of
-        the first record, else the smoothed entropy's highest over the last ``horizon`` steps."""
+        the first record, else the median of the smoothed entropy's bucket means over the last
+        ``horizon`` steps (a surge held for under half of them does not lift it)."""
         assert self.early is not None
         horizon, first = self.config.horizon, self._first
-        if horizon is None or first is None or step - first <= horizon or not self._peaks:
+        if horizon is None or first is None or step - first <= horizon or not self._buckets:
             return self.early
-        return max(v for _, v in self._peaks)
+        return statistics.median(total / n for _, total, n in self._buckets)
 
     def update(self, obs: Observation) -> Transition | None:
         # an RL run's policy entropy (completion tokens, every step) is the collapse signal
@@ -295,14 +305,14 @@ class EntropyCollapse:
             self._history.append((obs.step, self.ewma))
             if not (sudden and not self.active):
                 return None
-        rate = self._rate(obs.step) if self.early is not None else None
-        self._history.append((obs.step, self.ewma))
         early = self.early if self.early is not None else h
-        if early <= 0.0 and not sudden:
-            return None
         reference = self._reference(obs.step) if self.early is not None else early
         if self.active and self._held is not None:
             reference = self._held  # while on, the level it fell from (no chatter as it slides)
+        rate = self._rate(obs.step, reference) if self.early is not None else None
+        self._history.append((obs.step, self.ewma))
+        if early <= 0.0 and not sudden:
+            return None
         low = self.early is not None and self.ewma < cfg.fraction * reference
         fast = (
             cfg.max_drop_per_100_steps is not None
@@ -349,7 +359,7 @@ class EntropyCollapse:
                     f"level {early:.3f}"
                     if reference == early
                     else f"smoothed mean entropy {self.ewma:.3f} nats < {cfg.fraction:g} x its "
-                    f"highest over the last {cfg.horizon} steps, {reference:.3f}"
+                    f"level over the last {cfg.horizon} steps, {reference:.3f}"
                 )
             else:
                 reason = Reason.ENTROPY_FALLING_FAST

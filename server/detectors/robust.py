@@ -12,8 +12,12 @@ fires after about ``threshold / (d - k)`` records. ``z_cap`` bounds what one rec
 a given ratio from its level as well (a shift the run's own noise makes plain, yet smaller
 than its healthy wander, does not fire). Values enter the window
 clipped to ``clip`` scales, so a fault does not become the run's new normal
-within a few records, while a slow healthy drift is followed. Nothing is set
-per run: the level and the scale are the run's own.
+within a few records, while a slow healthy drift is followed. While a detector's
+alert is on, its stream scores without learning: the fault is judged against the
+level it left for as long as it lasts, and the alert ends when the value is back
+there (the CUSUM at 0, or ``back_records`` records within ``back_z`` scales), not
+when the window has filled with the fault. Nothing is set per run: the level and
+the scale are the run's own.
 
 Each alert of this kind (:mod:`.spikes`, :mod:`.reward`, :mod:`.length`, the
 surge and fast-collapse parts of :mod:`.entropy`) is a :class:`DriftDetector`
@@ -107,6 +111,16 @@ class DriftConfig(DetectorConfig):
         description="a record adds at most this robust z to the CUSUM: a sustained shift needs "
         "two records or more, a single outlier never fires it (None: no cap, spikes fire)",
     )
+    back_records: int = Field(
+        default=10,
+        ge=1,
+        description="an alert on ends once the watched CUSUM is back at 0, or once this many "
+        "records in a row are within ``back_z`` robust SDs of the level it left (a CUSUM at "
+        "its bound of 2 x ``threshold`` falls by only ``k`` a record)",
+    )
+    back_z: float = Field(
+        default=2.0, gt=0.0, description="robust SDs from the level it left, ``back_records``"
+    )
 
     @model_validator(mode="after")
     def _gates_need_ratios(self) -> DriftConfig:
@@ -193,8 +207,9 @@ class RobustStream:
         self._window.append(y)
         bisect.insort(self._sorted, y)
 
-    def update(self, x: float) -> Score | None:
-        """Score a finite value; None while warming up."""
+    def update(self, x: float, *, learn: bool = True) -> Score | None:
+        """Score a finite value; None while warming up. ``learn`` False: score it without
+        adding it to the window (the level and scale stay those it is judged against)."""
         cfg = self.config
         if self.log is None:
             self._warm.append(x)
@@ -231,6 +246,8 @@ class RobustStream:
         down = self.down - zc - k
         down = down if down > 0.0 else 0.0
         self.down = down = down if down < cap else cap
+        if not learn:
+            return Score(x, math.exp(level) if log else level, z, up, down)
         zw = z if z < clip else clip
         zw = zw if zw > -clip else -clip
         window = self._window
@@ -347,6 +364,7 @@ class DriftDetector:
         self._start_step = 0
         self._confirmed = 0  # records in a row over the threshold and far (``confirm_z`` None)
         self._out_run = 0  # records in a row ``confirm_z`` robust SDs out (``confirm_z`` set)
+        self._back_run = 0  # active: records in a row within ``k`` of the level it left
 
     def value(self, obs: Observation) -> float | None:
         value: float | None = getattr(obs, self.field)
@@ -397,7 +415,10 @@ class DriftDetector:
         x = self.value(obs)
         if x is None or not math.isfinite(x):
             return None
-        score = self.stream.update(x)
+        # while the alert is on, the fault's records are judged against the level it left
+        # and never become it: the alert ends when the value is back there, not when the
+        # window has filled with the fault (a reward at 0 for 64 records read "recovered")
+        score = self.stream.update(x, learn=not self.active)
         if score is None:
             return None
         if self.config.confirm_z is not None:
@@ -416,9 +437,17 @@ class DriftDetector:
                 self._confirmed = 0
                 return None
             return self._fire(obs, x, score, pattern)
-        cusum = score.up if self.side is Direction.UP else score.down
-        if cusum > 0.0 or self.holds(score):
+        up = self.side is Direction.UP
+        cusum = score.up if up else score.down
+        near = self.config.back_z
+        self._back_run = self._back_run + 1 if (score.z <= near if up else score.z >= -near) else 0
+        if (cusum > 0.0 and self._back_run < self.config.back_records) or self.holds(score):
             return None
+        self._back_run = 0
+        if up:  # the evidence ends with the alert: the next fault starts from 0
+            self.stream.up = 0.0
+        else:
+            self.stream.down = 0.0
         return self._recover(obs, x, score)
 
     def level(self, score: Score) -> float:
