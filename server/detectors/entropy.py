@@ -214,6 +214,7 @@ class EntropyCollapse:
         # the smoothed entropy's (bucket start, sum, count) per bucket of ``horizon`` / 20
         # steps, over the last horizon
         self._buckets: deque[tuple[int, float, int]] = deque()
+        self._typical: float | None = None  # their median, closed ones only (None: to compute)
         self._held: float | None = None  # the reference ``low`` judges against while on
         self.active = False
         self._run = 0
@@ -274,18 +275,24 @@ class EntropyCollapse:
             buckets[-1] = (bucket, last[1] + ewma, last[2] + 1)
         else:
             buckets.append((bucket, ewma, 1))
+            self._typical = None
         while buckets[0][0] + width <= step - horizon:
             buckets.popleft()
+            self._typical = None
 
     def _reference(self, step: int) -> float:
         """The level ``fraction`` judges against: the early level within ``horizon`` steps of
-        the first record, else the median of the smoothed entropy's bucket means over the last
-        ``horizon`` steps (a surge held for under half of them does not lift it)."""
+        the first record, else the median of the smoothed entropy's means over the stretches
+        of the last ``horizon`` steps before the current one (a surge held for under half of
+        them does not lift it; computed once a stretch)."""
         assert self.early is not None
-        horizon, first = self.config.horizon, self._first
-        if horizon is None or first is None or step - first <= horizon or not self._buckets:
+        horizon, first, buckets = self.config.horizon, self._first, self._buckets
+        if horizon is None or first is None or step - first <= horizon or len(buckets) < 2:
             return self.early
-        return statistics.median(total / n for _, total, n in self._buckets)
+        if self._typical is None:
+            closed = [total / n for _, total, n in list(buckets)[:-1]]
+            self._typical = statistics.median(closed)
+        return self._typical
 
     def update(self, obs: Observation) -> Transition | None:
         # an RL run's policy entropy (completion tokens, every step) is the collapse signal
