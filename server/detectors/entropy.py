@@ -250,7 +250,7 @@ class EntropyCollapse:
     def _rate(self, step: int, reference: float) -> float | None:
         """Drop of the EWMA over the last ~100 steps, as a fraction of the early level, counted
         from ``reference`` at most: an entropy back at its level after a surge above it has not
-        fallen (a surge to 2.5 x for 30 records read "falling fast" ~100 steps later)."""
+        fallen (a surge to 2.5 x for 30 records read "falling fast" ~70 records later)."""
         assert self.early is not None and self.ewma is not None
         history = self._history
         # steps only grow: keep one entry older than 100 steps, the latest such

@@ -364,7 +364,7 @@ class DriftDetector:
         self._start_step = 0
         self._confirmed = 0  # records in a row over the threshold and far (``confirm_z`` None)
         self._out_run = 0  # records in a row ``confirm_z`` robust SDs out (``confirm_z`` set)
-        self._back_run = 0  # active: records in a row within ``k`` of the level it left
+        self._back_run = 0  # active: records in a row within ``back_z`` of the level it left
 
     def value(self, obs: Observation) -> float | None:
         value: float | None = getattr(obs, self.field)
