@@ -47,7 +47,8 @@ side by side with a static threshold and a running-mean spike rule at an equal
 false-alarm count (:mod:`benchmarks.detection`), the same hand rules fitted on half
 the healthy seeds and judged on the other half (the synthetic section's on a second
 draw of the same law), what a one-record loss or grad-norm rule as early as the synthetic
-static rule would raise on the real corpus' healthy records, and rho's lead or lag on the RL
+static rule would raise on the real corpus' healthy records, the alerts that ended while
+their fault lasted (their value back, or still away), and rho's lead or lag on the RL
 faults. Goals: every fault caught within its budget, <= 1 false alarm per 10k
 healthy steps, no detector later than a hand rule.
 """
@@ -423,6 +424,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         sys.path.insert(0, root)
     from benchmarks import failure_corpus as fc
     from benchmarks.detection import (
+        endings,
         faults,
         hand_rules,
         rho_lead,
@@ -445,6 +447,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         outcomes, false, healthy, watched=faults.watched_steps(runs), rules=rules
     )
     entropy_definitions(runs)
+    print(endings.endings_line(e for r in runs for e in endings.endings(r)))
     print()
     hand_rules.holdout_hand_rules(runs)
     print()
@@ -463,6 +466,7 @@ def corpus_section(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
         watched=faults.watched_steps(syn),
         rules=s_rules,
     )
+    print(endings.endings_line(e for r in syn for e in endings.endings(r)))
     print()
     unseen = synthetic.synthetic_corpus(args.syn_trials, args.syn_healthy_steps, rng)
     hand_rules.holdout_synthetic(s_rules, s_false, unseen)

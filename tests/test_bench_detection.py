@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import failure_corpus as fc
-from benchmarks.detection import faults, hand_rules, synthetic, tail_price, verdicts
+from benchmarks.detection import endings, faults, hand_rules, synthetic, tail_price, verdicts
 
 
 def test_nan_batch_in_a_real_trainer_run_is_caught_on_its_record() -> None:
@@ -287,3 +287,28 @@ def test_a_static_level_on_a_two_sided_signal_watches_the_side_it_was_fitted_on(
     both = hand_rules.static_starts(run, "completion_length_mean", "both", x)
     assert both == hand_rules.static_starts(run, "completion_length_mean", "up", x)
     assert 1 <= len(both) <= 2 and int(run.records[0]["step"] or 0) not in both
+
+
+def test_endings_tell_a_fault_taken_for_the_level_from_a_value_back() -> None:
+    """The synthetic loss step (+0.15 on a signed loss, to the run's end): LossSpike stays on
+    under the default config; one that ends an alert on its first record within 100 robust
+    SDs ends it while the loss is still up, which the benchmark's line counts as still away;
+    a fault that does not last (an inf loss) is not judged."""
+    from inversion_monitor.server.detectors import AlertsConfig
+
+    run = synthetic.synthetic_fault("loss_step", np.random.default_rng(4), 0)
+    assert endings.endings(run) == []
+    quick = AlertsConfig()
+    quick = quick.model_copy(
+        update={
+            "loss_spike": quick.loss_spike.model_copy(update={"back_records": 1, "back_z": 100.0})
+        }
+    )
+    ends = endings.endings(run, quick)
+    assert ends and all(e.detector == "LossSpike" and not e.back for e in ends)
+    assert ends[0].ended == ends[0].fired + 1
+    line = endings.endings_line(ends)
+    assert f"ended while their fault lasted: {len(ends)}; the value back" in line
+    assert line.endswith(f"still away (the fault taken for the run's level): LossSpike {len(ends)}")
+    inf = synthetic.synthetic_fault("inf_loss", np.random.default_rng(4), 0)
+    assert endings.endings(inf, quick) == []

@@ -149,13 +149,14 @@ def observations(run: CorpusRun) -> list[Observation]:
     return out
 
 
-def _kind(run: CorpusRun) -> str:
+def run_kind(run: CorpusRun) -> str:
+    """The detectors' run kind of a corpus family: "rl" (the GRPO loop, TRL, synthetic), "sft"."""
     return "rl" if run.family in ("rl", "trl", "syn-rl") else "sft" if run.family == "sft" else ""
 
 
 def detector_starts(run: CorpusRun, config: AlertsConfig | None = None) -> dict[str, list[int]]:
     """Steps at which each alert started on the run (detectors of the run's kind)."""
-    dets = RunDetectors(config or AlertsConfig(), _kind(run))
+    dets = RunDetectors(config or AlertsConfig(), run_kind(run))
     starts: dict[str, list[int]] = {}
     for obs in observations(run):
         for t in dets.update(obs):
@@ -182,7 +183,7 @@ def watched_steps(runs: Sequence[CorpusRun], config: AlertsConfig | None = None)
     config = config or AlertsConfig()
     out: dict[str, int] = {}
     for run in runs:
-        kind = _kind(run)
+        kind = run_kind(run)
         dets = {type(d).__name__ for d in RunDetectors(config, kind).detectors}
         for det, (name, _) in SIGNAL.items():
             if det not in dets:
