@@ -8,13 +8,12 @@ for the run's new level)."""
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from benchmarks.detection.faults import EXPECTED, SIGNAL, observations, run_kind
+from benchmarks.detection.faults import SIGNAL, answering, detector_spans, robust_level
 from benchmarks.failure_corpus import CorpusRun
-from inversion_monitor.server.detectors import AlertsConfig, RunDetectors
+from inversion_monitor.server.detectors import AlertsConfig
 
 # the faults that last from their onset to the run's end (not a lone NaN batch or inf loss,
 # nor growing spikes, whose alert may end between two spikes)
@@ -57,9 +56,8 @@ def _back(run: CorpusRun, name: str, step: int) -> bool:
     now = next((r.get(name) for r in run.records if (r["step"] or 0) == step), None)
     if len(before) < 5 or now is None or not math.isfinite(now):
         return False
-    med = statistics.median(before)
-    scale = 1.4826 * statistics.median(abs(v - med) for v in before) or 1e-12
-    return abs(now - med) / scale <= BACK_Z
+    med, scale = robust_level(before)
+    return abs(now - med) / (scale or 1e-12) <= BACK_Z
 
 
 def endings(run: CorpusRun, config: AlertsConfig | None = None) -> list[Ending]:
@@ -73,22 +71,16 @@ def endings(run: CorpusRun, config: AlertsConfig | None = None) -> list[Ending]:
     """
     if run.fault not in SUSTAINED or run.onset is None:
         return []
-    family = "syn" if run.family.startswith("syn") else run.family
-    answering = set(EXPECTED[(family, run.fault)])
-    detectors = RunDetectors(config or AlertsConfig(), run_kind(run))
-    on: dict[str, int] = {}
-    out: list[Ending] = []
-    for obs in observations(run):
-        for t in detectors.update(obs):
-            name = t.name.value
-            if t.firing:
-                on[name] = obs.step
-            elif name in on:
-                fired = on.pop(name)
-                if name in answering and fired >= run.onset:
-                    back = _back(run, SIGNAL[name][0], obs.step)
-                    out.append(Ending(run.name, name, fired, obs.step, back))
-    return out
+    answers = answering(run)
+    ended = [
+        (name, fired, end)
+        for name, fired, end in detector_spans(run, config)
+        if end is not None and name in answers and fired >= run.onset
+    ]
+    return [
+        Ending(run.name, name, fired, end, _back(run, SIGNAL[name][0], end))
+        for name, fired, end in sorted(ended, key=lambda span: span[2])
+    ]
 
 
 def endings_line(ends: Iterable[Ending]) -> str:

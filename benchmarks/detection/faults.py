@@ -1,6 +1,6 @@
 """What the detection benchmark judges: each detector's budget and signal, the detectors that
-answer each fault, whether a fault moved a signal, and the detectors' alert starts on a run
-(fed record by record, as the server feeds them)."""
+answer each fault, whether a fault moved a signal, and the detectors' alerts on a run, when
+each started and ended (fed record by record, as the server feeds them)."""
 
 from __future__ import annotations
 
@@ -154,15 +154,50 @@ def run_kind(run: CorpusRun) -> str:
     return "rl" if run.family in ("rl", "trl", "syn-rl") else "sft" if run.family == "sft" else ""
 
 
-def detector_starts(run: CorpusRun, config: AlertsConfig | None = None) -> dict[str, list[int]]:
-    """Steps at which each alert started on the run (detectors of the run's kind)."""
+def answering(run: CorpusRun) -> tuple[str, ...]:
+    """The detectors that answer ``run``'s fault (:data:`EXPECTED`; every synthetic family
+    under ``"syn"``)."""
+    family = "syn" if run.family.startswith("syn") else run.family
+    return EXPECTED[(family, run.fault or "")]
+
+
+def detector_spans(
+    run: CorpusRun, config: AlertsConfig | None = None
+) -> list[tuple[str, int, int | None]]:
+    """Each alert on the run (detectors of the run's kind), in the order they started: its
+    name, the step it started and the step it ended (None: still on at the run's end)."""
     dets = RunDetectors(config or AlertsConfig(), run_kind(run))
-    starts: dict[str, list[int]] = {}
+    spans: list[tuple[str, int, int | None]] = []
+    on: dict[str, int] = {}  # an alert on: its index in ``spans``
     for obs in observations(run):
         for t in dets.update(obs):
+            name = t.name.value
             if t.firing:
-                starts.setdefault(t.name.value, []).append(obs.step)
+                on[name] = len(spans)
+                spans.append((name, obs.step, None))
+            elif name in on:
+                i = on.pop(name)
+                spans[i] = (name, spans[i][1], obs.step)
+    return spans
+
+
+def detector_starts(run: CorpusRun, config: AlertsConfig | None = None) -> dict[str, list[int]]:
+    """Steps at which each alert started on the run (detectors of the run's kind)."""
+    starts: dict[str, list[int]] = {}
+    for name, start, _ in detector_spans(run, config):
+        starts.setdefault(name, []).append(start)
     return starts
+
+
+def robust_level(values: Sequence[float]) -> tuple[float, float]:
+    """The median of ``values`` and their robust SD (1.4826 x the MAD; 0 where half of them
+    are the median): what a value is judged against in robust SDs.
+
+    >>> robust_level([1.0, 2.0, 4.0, 7.0, 11.0])
+    (4.0, 4.4478)
+    """
+    med = statistics.median(values)
+    return med, statistics.median(abs(v - med) for v in values) * 1.4826
 
 
 def alarms_before(starts: Iterable[int], onset: int | None) -> int:

@@ -4,9 +4,9 @@ inversion's lead or lag)."""
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Sequence
 
+from benchmarks.detection.faults import robust_level
 from benchmarks.failure_corpus import CorpusRun
 
 
@@ -15,10 +15,10 @@ def first_move(values: Sequence[float | None], onset_index: int, z: float = 3.0)
     before = [v for v in values[5:onset_index] if v is not None and math.isfinite(v)]
     if len(before) < 5:
         return None
-    med = statistics.median(before)
-    mad = statistics.median(abs(v - med) for v in before) * 1.4826 or 1e-9
+    med, scale = robust_level(before)
+    scale = scale or 1e-9
     for i, v in enumerate(values[onset_index:]):
-        if v is not None and (not math.isfinite(v) or abs(v - med) / mad > z):
+        if v is not None and (not math.isfinite(v) or abs(v - med) / scale > z):
             return i
     return None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from benchmarks.detection.faults import EXPECTED, SIGNAL, first_after, healthy_part
+from benchmarks.detection.faults import SIGNAL, answering, first_after, healthy_part
 from benchmarks.detection.hand_rules import HandRules, spike_starts, static_starts
 from benchmarks.failure_corpus import CorpusRun
 from inversion_monitor.server.detectors import AlertsConfig
@@ -98,7 +98,7 @@ def one_record_cost(
     ratios: list[float] = []
     log: bool | None = None
     for run in synthetic:
-        if run.onset is None or EXPECTED.get(("syn", run.fault or "")) != (det,):
+        if run.onset is None or answering(run) != (det,):
             continue
         if first_after(starts_of(run, name, direction, fitted[key]), run.onset) != 0:
             continue

@@ -25,11 +25,11 @@ import numpy as np
 
 from benchmarks.detection.faults import (
     BUDGET,
-    EXPECTED,
     LAG_WHY,
     PATTERN_LAG,
     SIGNAL,
     alarms_before,
+    answering,
     detector_starts,
     earliest,
     first_after,
@@ -78,9 +78,8 @@ def evaluate(
     for run in runs:
         if run.fault is None or run.onset is None:
             continue
-        key = ("syn" if run.family.startswith("syn") else run.family, run.fault)
         rules = rules_by_family[run.family]
-        for det in EXPECTED[key]:
+        for det in answering(run):
             if not signal_moved(run, det):
                 continue
             name, direction = SIGNAL[det]

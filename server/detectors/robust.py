@@ -246,16 +246,15 @@ class RobustStream:
         down = self.down - zc - k
         down = down if down > 0.0 else 0.0
         self.down = down = down if down < cap else cap
-        if not learn:
-            return Score(x, math.exp(level) if log else level, z, up, down)
-        zw = z if z < clip else clip
-        zw = zw if zw > -clip else -clip
-        window = self._window
-        if len(window) == window.maxlen:
-            del ys[bisect.bisect_left(ys, window[0])]
-        y = level + zw * scale
-        window.append(y)
-        bisect.insort(ys, y)
+        if learn:
+            zw = z if z < clip else clip
+            zw = zw if zw > -clip else -clip
+            window = self._window
+            if len(window) == window.maxlen:
+                del ys[bisect.bisect_left(ys, window[0])]
+            y = level + zw * scale
+            window.append(y)
+            bisect.insort(ys, y)
         return Score(x, math.exp(level) if log else level, z, up, down)
 
 
